@@ -1,0 +1,323 @@
+//! Wire types shared by the gateway and its workers.
+//!
+//! The gateway and the workers never share a database or a process boundary: everything
+//! they agree on is in this crate and travels as JSON, either in a JetStream message
+//! ([`Dispatch`], gateway → worker) or in an HTTP body ([`Report`] and [`ReportAck`],
+//! worker → gateway). Keeping the contract in a crate of its own lets the worker build
+//! without any of the gateway's database code.
+//!
+//! **Architecture invariant:** nothing here knows about PostgreSQL, axum or NATS.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Defines a string-backed enum with `as_str`, `Display`, `FromStr` and a list of all values.
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The value as it appears on the wire and in the database.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = UnknownValue;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                s.parse()
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownValue { what: stringify!($name), value: s.to_owned() }),
+                }
+            }
+        }
+    };
+}
+
+/// A string that names no value of the enum it was parsed as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownValue {
+    /// The enum's name.
+    pub what: &'static str,
+    /// The text that did not match.
+    pub value: String,
+}
+
+impl fmt::Display for UnknownValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown {} {:?}", self.what, self.value)
+    }
+}
+
+impl std::error::Error for UnknownValue {}
+
+string_enum! {
+    /// A backend service: one pool of workers per service and zone.
+    Service {
+        /// Virtual machines.
+        Vm => "vm",
+        /// Bare-metal servers.
+        Bm => "bm",
+        /// Kubernetes clusters.
+        K8s => "k8s",
+        /// Storage volumes.
+        Storage => "storage",
+    }
+}
+
+string_enum! {
+    /// A kind of resource. Each kind is served by exactly one [`Service`].
+    Kind {
+        /// A virtual machine.
+        Vm => "vm",
+        /// A bare-metal server.
+        Bm => "bm",
+        /// A Kubernetes cluster.
+        Cluster => "cluster",
+        /// A storage volume.
+        Volume => "volume",
+    }
+}
+
+impl Kind {
+    /// The service whose workers act on this kind.
+    pub fn service(self) -> Service {
+        match self {
+            Kind::Vm => Service::Vm,
+            Kind::Bm => Service::Bm,
+            Kind::Cluster => Service::K8s,
+            Kind::Volume => Service::Storage,
+        }
+    }
+}
+
+impl Service {
+    /// The kind of resource this service acts on.
+    pub fn kind(self) -> Kind {
+        match self {
+            Service::Vm => Kind::Vm,
+            Service::Bm => Kind::Bm,
+            Service::K8s => Kind::Cluster,
+            Service::Storage => Kind::Volume,
+        }
+    }
+}
+
+string_enum! {
+    /// Where an operation is in its life. See DESIGN.md for the diagram.
+    OperationState {
+        /// Waiting for an earlier operation on the same resource to end.
+        Queued => "queued",
+        /// Its outbox row is written; the relay has not published it yet.
+        Pending => "pending",
+        /// JetStream acknowledged the message; no worker has started it yet.
+        Dispatched => "dispatched",
+        /// A worker reported that it started an attempt.
+        Running => "running",
+        /// Done; the resource reflects it.
+        Succeeded => "succeeded",
+        /// Ended with an error; `error` says why.
+        Failed => "failed",
+        /// Cancelled before it took effect.
+        Cancelled => "cancelled",
+    }
+}
+
+impl OperationState {
+    /// Terminal states never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            OperationState::Succeeded | OperationState::Failed | OperationState::Cancelled
+        )
+    }
+}
+
+string_enum! {
+    /// What an operation does to its resource.
+    Action {
+        /// Provision a new resource.
+        Create => "create",
+        /// Converge the resource on a changed spec.
+        Update => "update",
+        /// Tear the resource down.
+        Delete => "delete",
+        /// Power a VM on.
+        Start => "start",
+        /// Power a VM off.
+        Stop => "stop",
+        /// Restart a VM.
+        Reboot => "reboot",
+        /// Change a VM's flavor or grow a volume.
+        Resize => "resize",
+        /// Power a bare-metal server on.
+        PowerOn => "power_on",
+        /// Power a bare-metal server off.
+        PowerOff => "power_off",
+        /// Reinstall a bare-metal server's image.
+        Reprovision => "reprovision",
+        /// Change a cluster's node count.
+        Scale => "scale",
+        /// Change a cluster's Kubernetes version.
+        Upgrade => "upgrade",
+        /// Attach a volume to a VM.
+        Attach => "attach",
+        /// Detach a volume from its VM.
+        Detach => "detach",
+    }
+}
+
+/// The JetStream subject that carries operations for one service in one zone.
+pub fn ops_subject(prefix: &str, service: Service, zone: &str) -> String {
+    format!("{prefix}.{service}.{zone}")
+}
+
+/// The durable consumer that a pool of workers for one service and zone shares.
+pub fn consumer_name(service: Service, zone: &str) -> String {
+    format!("{service}-{zone}")
+}
+
+/// Header that carries the request ID from the client's request to the worker.
+pub const REQUEST_ID_HEADER: &str = "X-Request-Id";
+/// Header that carries the W3C trace context.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The message a worker receives: everything it needs to act, so that it never has to
+/// ask for the operation itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Dispatch {
+    /// The operation to carry out; drivers use it as their idempotency key.
+    pub operation_id: Uuid,
+    /// Owner of the resource.
+    pub tenant: String,
+    /// The resource acted on.
+    pub resource_id: Uuid,
+    /// Its kind.
+    pub kind: Kind,
+    /// Its zone.
+    pub zone: String,
+    /// Its name, as the tenant gave it.
+    pub name: String,
+    /// What to do.
+    pub action: Action,
+    /// The resource generation whose spec this operation converges on.
+    pub generation: i64,
+    /// The desired spec at that generation.
+    pub spec: serde_json::Value,
+    /// Action arguments (for example the VM a volume attaches to).
+    pub input: serde_json::Value,
+    /// After this instant the gateway fails the operation; a worker should give up.
+    pub deadline: DateTime<Utc>,
+}
+
+/// The state a worker reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportState {
+    /// The worker started attempt `attempt`.
+    Running,
+    /// The driver finished; `status` is the observed state.
+    Succeeded,
+    /// The driver gave up; `error` says why.
+    Failed,
+    /// The worker stopped because the operation's cancellation was requested.
+    Cancelled,
+}
+
+/// An error as operations carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperationError {
+    /// Stable machine-readable code, e.g. `capacity_exhausted`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Whether submitting the same request again may succeed.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// A worker's report on an operation: `POST /v1/operations/{id}/reports`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// The attempt this report is about (the JetStream delivery count).
+    pub attempt: i32,
+    /// The state reached.
+    pub state: ReportState,
+    /// Observed status of the resource, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+    /// Why it failed, on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<OperationError>,
+}
+
+/// The gateway's answer to an accepted report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReportAck {
+    /// The operation reported on.
+    pub operation_id: Uuid,
+    /// Its state after the report.
+    pub state: OperationState,
+    /// Its current attempt.
+    pub attempt: i32,
+    /// A client asked to cancel it: the worker should stop and report `cancelled`.
+    pub cancel_requested: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_round_trip_through_their_text() {
+        for kind in Kind::ALL {
+            assert_eq!(kind.as_str().parse::<Kind>().unwrap(), *kind);
+            assert_eq!(kind.service().kind(), *kind);
+        }
+        for action in Action::ALL {
+            let json = serde_json::to_string(action).unwrap();
+            assert_eq!(json, format!("\"{}\"", action.as_str()));
+        }
+        assert!("nope".parse::<OperationState>().is_err());
+    }
+
+    #[test]
+    fn subjects_and_consumers_are_per_service_and_zone() {
+        assert_eq!(ops_subject("ops", Service::K8s, "zone-b"), "ops.k8s.zone-b");
+        assert_eq!(consumer_name(Service::Storage, "zone-a"), "storage-zone-a");
+    }
+
+    #[test]
+    fn reports_reject_unknown_fields() {
+        let err = serde_json::from_str::<Report>(r#"{"attempt":1,"state":"running","x":1}"#);
+        assert!(err.is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Extractors: the authenticated caller, JSON bodies with clear errors, request metadata.
+
+use super::error::ApiError;
+use super::request::RequestId;
+use super::AppState;
+use crate::auth::{self, Principal, Role};
+use crate::domain::Service;
+use crate::store::principals;
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+/// The authenticated caller, from `Authorization: Bearer <key>`.
+pub struct Caller(pub Principal);
+
+impl<S> FromRequestParts<S> for Caller
+where
+    AppState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let state = AppState::from_ref(state);
+        let unauthenticated =
+            |msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", msg);
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| unauthenticated("send an API key as `Authorization: Bearer <key>`"))?;
+        let row = principals::find_live_by_hash(&state.engine.pool, &auth::hash_key(key))
+            .await?
+            .ok_or_else(|| unauthenticated("the API key is unknown, revoked or expired"))?;
+        let role: Role = row.role.parse().map_err(|e| ApiError::internal(&e))?;
+        let scope = match (row.service, row.zone) {
+            (Some(s), Some(z)) => {
+                Some((s.parse::<Service>().map_err(|e| ApiError::internal(&e))?, z))
+            }
+            _ => None,
+        };
+        Ok(Caller(Principal {
+            id: row.id,
+            name: row.name,
+            role,
+            tenant: row.tenant,
+            scope,
+        }))
+    }
+}
+
+/// Request metadata handlers pass on to operations.
+pub struct Meta {
+    /// `X-Request-Id`.
+    pub request_id: String,
+    /// W3C `traceparent`, if the client sent a well-formed one.
+    pub traceparent: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Meta {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let request_id = parts
+            .extensions
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        let traceparent = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| is_traceparent(v))
+            .map(str::to_owned);
+        Ok(Meta {
+            request_id,
+            traceparent,
+        })
+    }
+}
+
+/// `version-traceid-parentid-flags`, lowercase hex, 2-32-16-2 digits.
+fn is_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    parts.len() == 4
+        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| {
+            p.len() == *n
+                && p.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+/// A JSON body: `415` without a JSON content type, `400 malformed_json` when it does
+/// not parse, `422 invalid_body` when it parses but has the wrong shape (missing or
+/// unknown fields, wrong types).
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("application/json")
+            })
+            .unwrap_or(false);
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as `Content-Type: application/json`",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is too large",
+                )
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a JSON body, sorting syntax errors from shape errors.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                e.to_string(),
+            ),
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("the body is not valid JSON: {e}"),
+            ),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_checked() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
+        ));
+        assert!(!is_traceparent(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+    }
+
+    #[test]
+    fn json_errors_are_sorted() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct T {
+            a: u32,
+        }
+        assert_eq!(parse_json::<T>(b"{").unwrap_err().code, "malformed_json");
+        assert_eq!(
+            parse_json::<T>(b"{\"a\":1,\"b\":2}").unwrap_err().code,
+            "invalid_body"
+        );
+        assert_eq!(
+            parse_json::<T>(b"{\"a\":\"x\"}").unwrap_err().code,
+            "invalid_body"
+        );
+        assert_eq!(parse_json::<T>(b"{\"a\":1}").unwrap().a, 1);
+    }
+}

@@ -1,0 +1,59 @@
+//! `/healthz` (the process answers) and `/readyz` (its dependencies answer too).
+
+use super::AppState;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use std::time::Duration;
+use utoipa::ToSchema;
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// Readiness of each dependency: `ok` or what is wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// PostgreSQL.
+    pub database: String,
+    /// NATS.
+    pub nats: String,
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Alive")))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The database and NATS are reachable; `503` says which is not.
+#[utoipa::path(
+    get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready", body = Readiness),
+    )
+)]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let ping = sqlx::query("SELECT 1").execute(&state.engine.pool);
+    let database = match tokio::time::timeout(Duration::from_secs(2), ping).await {
+        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Err(e)) => format!("unavailable: {e}"),
+        Err(_) => "unavailable: timed out".to_owned(),
+    };
+    let nats = match state.nats.connection_state() {
+        async_nats::connection::State::Connected => "ok".to_owned(),
+        other => format!("unavailable: {other}"),
+    };
+    let status = if database == "ok" && nats == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Readiness { database, nats }))
+}

@@ -1,0 +1,102 @@
+//! The HTTP API. One module per resource group, each exposing `router()`; this module
+//! merges them and adds the layers every request passes through.
+//!
+//! **Architecture invariant:** handlers parse, authorize and shape answers; they call
+//! `lifecycle` for writes and `store` for reads, and hold no business rules.
+
+pub mod catalog;
+pub mod cursor;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod openapi;
+pub mod operations;
+pub mod request;
+pub mod resources;
+pub mod tenants;
+pub mod wire;
+
+use crate::lifecycle::Engine;
+use crate::store::operations::OperationRow;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use error::ApiError;
+use std::time::Duration;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The most items one page holds.
+pub const MAX_PAGE: i64 = 500;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Database, names and the relay's doorbell.
+    pub engine: Engine,
+    /// The NATS connection, for readiness.
+    pub nats: async_nats::Client,
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(resources::router())
+        .merge(operations::router())
+        .merge(tenants::router())
+        .merge(catalog::router())
+        .merge(health::router())
+        .merge(openapi::router())
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(60),
+        ))
+        .layer(axum::middleware::from_fn(request::context))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// `202 Accepted` with the operation, `Location` and `Retry-After`.
+pub fn accepted(op: OperationRow) -> Response {
+    let location = format!("/v1/operations/{}", op.id);
+    let mut res = (StatusCode::ACCEPTED, Json(wire::OperationOut::from(op))).into_response();
+    let headers = res.headers_mut();
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).expect("UUIDs are valid headers"),
+    );
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(operations::POLL_AFTER_SECS),
+    );
+    res
+}
+
+/// `400 invalid_query` for a query string that does not parse.
+pub fn bad_query(e: &axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text())
+}
+
+/// Checks a requested page size.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit.unwrap_or(100) {
+        l @ 1..=MAX_PAGE => Ok(l),
+        l => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_PAGE}, got {l}"),
+        )),
+    }
+}

@@ -1,0 +1,150 @@
+//! Principals and API keys: who is calling, and what their role lets them do.
+//!
+//! Keys are 256 random bits shown once; only their SHA-256 is stored. Lookup is by
+//! hash, so no comparison of secret bytes happens in this process at all (the database
+//! index compares hashes, which leak nothing about the key).
+
+use sha2::{Digest, Sha256};
+use std::str::FromStr;
+use uuid::Uuid;
+
+use crate::domain::Service;
+
+/// What a principal may do.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The platform operator: everything, on every tenant.
+    Admin,
+    /// Everything on one tenant, including its keys.
+    Owner,
+    /// Read and write resources of one tenant.
+    Member,
+    /// Read resources of one tenant.
+    Reader,
+    /// A worker pool's credentials: reports on one service in one zone.
+    Worker,
+}
+
+impl Role {
+    /// The value as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+            Role::Member => "member",
+            Role::Reader => "reader",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "admin" => Role::Admin,
+            "owner" => Role::Owner,
+            "member" => Role::Member,
+            "reader" => Role::Reader,
+            "worker" => Role::Worker,
+            other => anyhow::bail!("unknown role {other:?}"),
+        })
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Its ID, recorded on the operations it submits.
+    pub id: Uuid,
+    /// Its name, for logs.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// The tenant of an owner, member or reader.
+    pub tenant: Option<String>,
+    /// The service and zone of a worker.
+    pub scope: Option<(Service, String)>,
+}
+
+impl Principal {
+    /// Whether it may read `tenant`'s resources and operations.
+    pub fn can_read(&self, tenant: &str) -> bool {
+        match self.role {
+            Role::Admin => true,
+            Role::Owner | Role::Member | Role::Reader => self.tenant.as_deref() == Some(tenant),
+            Role::Worker => false,
+        }
+    }
+
+    /// Whether it may change `tenant`'s resources.
+    pub fn can_write(&self, tenant: &str) -> bool {
+        self.role != Role::Reader && self.can_read(tenant)
+    }
+
+    /// Whether it may report on operations of `service` in `zone`.
+    pub fn can_report(&self, service: Service, zone: &str) -> bool {
+        match (&self.role, &self.scope) {
+            (Role::Admin, _) => true,
+            (Role::Worker, Some((s, z))) => *s == service && z == zone,
+            _ => false,
+        }
+    }
+}
+
+/// SHA-256 of a key, as stored.
+pub fn hash_key(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// A new random key: `gw_` and 64 hex digits (256 bits).
+pub fn generate_key() -> String {
+    format!("gw_{}", hex::encode(rand::random::<[u8; 32]>()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(role: Role, tenant: Option<&str>) -> Principal {
+        Principal {
+            id: Uuid::nil(),
+            name: "p".into(),
+            role,
+            tenant: tenant.map(str::to_owned),
+            scope: None,
+        }
+    }
+
+    #[test]
+    fn tenant_roles_stay_in_their_tenant() {
+        let member = principal(Role::Member, Some("acme"));
+        assert!(member.can_write("acme"));
+        assert!(!member.can_read("globex"));
+        let reader = principal(Role::Reader, Some("acme"));
+        assert!(reader.can_read("acme") && !reader.can_write("acme"));
+        assert!(principal(Role::Admin, None).can_write("anyone"));
+    }
+
+    #[test]
+    fn workers_report_only_on_their_service_and_zone() {
+        let mut w = principal(Role::Worker, None);
+        w.scope = Some((Service::Vm, "zone-a".into()));
+        assert!(w.can_report(Service::Vm, "zone-a"));
+        assert!(!w.can_report(Service::Vm, "zone-b"));
+        assert!(!w.can_report(Service::Storage, "zone-a"));
+        assert!(!w.can_read("acme"));
+    }
+
+    #[test]
+    fn keys_are_random_and_hash_stably() {
+        let (a, b) = (generate_key(), generate_key());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 67);
+        assert_eq!(hash_key(&a), hash_key(&a));
+        assert_ne!(hash_key(&a), hash_key(&b));
+    }
+}

@@ -1,0 +1,70 @@
+//! The domain: resource kinds, their specs and validation, resource phases and the
+//! operation state machine.
+//!
+//! **Architecture invariant:** no axum, no sqlx, no NATS in here. Everything is a pure
+//! function of its inputs, so it is tested without any server.
+
+pub mod names;
+pub mod phase;
+pub mod report;
+pub mod spec;
+
+pub use gateway_proto::{Action, Kind, OperationError, OperationState, ReportState, Service};
+pub use phase::Phase;
+
+/// A request that breaks a rule of the domain; becomes a `422` with `code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// Stable machine-readable code, e.g. `invalid_spec`.
+    pub code: &'static str,
+    /// Dotted path of the offending field, e.g. `spec.node_count`.
+    pub field: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ValidationError {
+    /// A rule broken by one field.
+    pub fn new(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The path segment that names a kind in the API (`/v1/tenants/{t}/vms`).
+pub fn kind_from_path(segment: &str) -> Option<Kind> {
+    match segment {
+        "vms" => Some(Kind::Vm),
+        "bare-metal" => Some(Kind::Bm),
+        "clusters" => Some(Kind::Cluster),
+        "volumes" => Some(Kind::Volume),
+        _ => None,
+    }
+}
+
+/// The inverse of [`kind_from_path`].
+pub fn kind_path(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Vm => "vms",
+        Kind::Bm => "bare-metal",
+        Kind::Cluster => "clusters",
+        Kind::Volume => "volumes",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_path_that_maps_back() {
+        for kind in Kind::ALL {
+            assert_eq!(kind_from_path(kind_path(*kind)), Some(*kind));
+        }
+        assert_eq!(kind_from_path("vm"), None);
+    }
+}

@@ -1,0 +1,40 @@
+//! # Control-plane gateway
+//!
+//! The one front door of a private cloud: clients create, change and delete VMs,
+//! bare-metal servers, Kubernetes clusters and volumes through this API; workers in
+//! each zone do the work and report back through the same API; PostgreSQL holds the
+//! truth. See `README.md` for the picture and `DESIGN.md` for the reasoning.
+//!
+//! ## Code map
+//!
+//! - [`config`]: one `Config` from the environment.
+//! - [`domain`]: kinds, specs and their validation, phases, the report state machine.
+//!   Pure: no I/O.
+//! - [`store`]: every SQL statement, one module per table group.
+//! - [`lifecycle`]: each state change as one transaction (resource + operation +
+//!   outbox row), including the promotion of queued operations.
+//! - [`relay`]: outbox → JetStream; [`jetstream`]: stream and consumer definitions.
+//! - [`reconciler`]: deadlines and lost messages, one active per deployment.
+//! - [`api`]: the HTTP surface (axum), errors, extractors, OpenAPI.
+//! - [`auth`]: keys and roles.
+//! - [`app`]: assembling the processes (`migrate`, `serve`, `relay`, `up`).
+//!
+//! ## Invariants
+//!
+//! 1. A state change and its outbox row commit in the same transaction, or neither does.
+//! 2. Only [`store`] touches PostgreSQL. Workers (crate `workers`) reach the world
+//!    through NATS and this API; they have no database URL.
+//! 3. Every accepted operation reaches a terminal state; terminal states never change.
+//! 4. No answer leaks another tenant's data; a worker acts only on its service and zone.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod jetstream;
+pub mod lifecycle;
+pub mod reconciler;
+pub mod relay;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,69 @@
+//! The lifecycle of resources and operations: every state change, each in one
+//! transaction with the outbox row it causes.
+//!
+//! Lock order, everywhere: the resource row first, then its operation rows. Keeping one
+//! order is what keeps submissions, reports and the reconciler free of deadlocks.
+//!
+//! **Architecture invariant:** a state change and its outbox row commit together or
+//! not at all (DESIGN.md, invariant 1). Nothing here publishes to NATS directly; the
+//! relay does, after commit.
+
+pub mod dispatch;
+pub mod finish;
+pub mod report;
+pub mod submit;
+
+use crate::config::NatsNames;
+use crate::domain::report::Rejection;
+use crate::domain::ValidationError;
+use crate::relay::Wake;
+use sqlx::PgPool;
+use std::time::Duration;
+
+/// What the lifecycle functions need: the database, naming, limits and the relay's
+/// doorbell.
+#[derive(Clone)]
+pub struct Engine {
+    /// The source of truth.
+    pub pool: PgPool,
+    /// JetStream names (subjects of dispatched operations).
+    pub names: NatsNames,
+    /// Deadline given to every new operation.
+    pub operation_timeout: Duration,
+    /// Rung after every commit that wrote an outbox row.
+    pub wake: Wake,
+}
+
+/// Why a lifecycle call did not happen. Nothing was written when one is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// The request breaks a domain rule.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The tenant does not exist (or the caller may not see it).
+    #[error("tenant not found")]
+    TenantNotFound,
+    /// The resource or operation does not exist (or the caller may not see it).
+    #[error("not found")]
+    NotFound,
+    /// A live resource of that kind already has that name.
+    #[error("a {kind} named {name:?} already exists")]
+    NameTaken {
+        /// The kind.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// The tenant already exists.
+    #[error("tenant {0:?} already exists")]
+    TenantExists(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// A worker's report was refused.
+    #[error(transparent)]
+    Report(#[from] Rejection),
+    /// The database failed.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+}

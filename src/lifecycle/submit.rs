@@ -1,0 +1,261 @@
+//! Accepting writes: desired state, operation and outbox row in one transaction.
+
+use super::{dispatch, Engine, LifecycleError};
+use crate::auth::Principal;
+use crate::domain::spec::{self, Category, ValidSpec};
+use crate::domain::{names, Action, Kind, OperationState, Phase, ValidationError};
+use crate::store::operations::{self, NewOperation, OperationRow};
+use crate::store::resources::{self, NewResource, ResourceRow};
+use crate::store::{catalog, tenants};
+use chrono::Utc;
+use serde_json::{json, Value};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// Who asked, for the operation row and the dispatch headers.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestMeta<'a> {
+    /// The caller.
+    pub principal: &'a Principal,
+    /// The request's ID (`X-Request-Id`).
+    pub request_id: &'a str,
+    /// The request's W3C `traceparent`, if it had one.
+    pub traceparent: Option<&'a str>,
+}
+
+/// A create request, as the API received it.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// Resource name.
+    pub name: String,
+    /// Zone.
+    pub zone: String,
+    /// Spec, not yet validated.
+    pub spec: Value,
+}
+
+/// Validates and records a new resource with its `create` operation.
+pub async fn create(
+    engine: &Engine,
+    meta: RequestMeta<'_>,
+    tenant: &str,
+    kind: Kind,
+    req: CreateRequest,
+) -> Result<OperationRow, LifecycleError> {
+    if !meta.principal.can_read(tenant) {
+        return Err(LifecycleError::TenantNotFound);
+    }
+    if !meta.principal.can_write(tenant) {
+        return Err(LifecycleError::Forbidden(
+            "this key may not change resources",
+        ));
+    }
+    names::validate_label("name", &req.name)?;
+    let valid = spec::validate(kind, &req.spec)?;
+    let mut tx = engine.pool.begin().await?;
+    if tenants::get(&mut *tx, tenant).await?.is_none() {
+        return Err(LifecycleError::TenantNotFound);
+    }
+    check_references(&mut tx, tenant, &req.zone, &valid).await?;
+    let resource = resources::insert(
+        &mut tx,
+        &NewResource {
+            id: Uuid::now_v7(),
+            tenant,
+            kind,
+            zone: &req.zone,
+            name: &req.name,
+            spec: &valid.value,
+            phase: Phase::Provisioning,
+        },
+    )
+    .await
+    .map_err(|e| match crate::store::violated_constraint(&e) {
+        Some("resources_live_name") => LifecycleError::NameTaken {
+            kind: kind.as_str(),
+            name: req.name.clone(),
+        },
+        _ => e.into(),
+    })?;
+    let op = start_operation(
+        engine,
+        &mut tx,
+        meta,
+        &resource,
+        Action::Create,
+        &json!({}),
+        true,
+    )
+    .await?;
+    tx.commit().await?;
+    engine.wake.signal().await;
+    Ok(op)
+}
+
+/// Records a `delete` of a live resource. Deleting a resource whose delete is already
+/// under way returns that operation: deletes are idempotent.
+pub async fn delete(
+    engine: &Engine,
+    meta: RequestMeta<'_>,
+    tenant: &str,
+    kind: Kind,
+    id: Uuid,
+) -> Result<OperationRow, LifecycleError> {
+    if !meta.principal.can_read(tenant) {
+        return Err(LifecycleError::NotFound);
+    }
+    if !meta.principal.can_write(tenant) {
+        return Err(LifecycleError::Forbidden(
+            "this key may not change resources",
+        ));
+    }
+    let mut tx = engine.pool.begin().await?;
+    let resource = resources::lock_live(&mut tx, tenant, kind, id)
+        .await?
+        .ok_or(LifecycleError::NotFound)?;
+    let active = operations::active_for_resource(&mut tx, id).await?;
+    if let Some(existing) = active.iter().find(|o| o.action == Action::Delete) {
+        return Ok(existing.clone());
+    }
+    let op = start_operation(
+        engine,
+        &mut tx,
+        meta,
+        &resource,
+        Action::Delete,
+        &json!({}),
+        active.is_empty(),
+    )
+    .await?;
+    tx.commit().await?;
+    engine.wake.signal().await;
+    Ok(op)
+}
+
+/// Inserts an operation on `resource`: `pending` with its outbox row when `run_now`,
+/// else `queued` behind the resource's active operation.
+async fn start_operation(
+    engine: &Engine,
+    conn: &mut PgConnection,
+    meta: RequestMeta<'_>,
+    resource: &ResourceRow,
+    action: Action,
+    input: &Value,
+    run_now: bool,
+) -> Result<OperationRow, LifecycleError> {
+    let deadline = Utc::now()
+        + chrono::Duration::from_std(engine.operation_timeout)
+            .unwrap_or(chrono::Duration::hours(1));
+    let mut op = operations::insert(
+        conn,
+        &NewOperation {
+            id: Uuid::now_v7(),
+            tenant: &resource.tenant,
+            resource_id: resource.id,
+            kind: resource.kind,
+            zone: &resource.zone,
+            action,
+            state: OperationState::Queued,
+            input,
+            target_generation: resource.generation,
+            idempotency_key: None,
+            request_fingerprint: None,
+            requested_by: meta.principal.id,
+            request_id: meta.request_id,
+            traceparent: meta.traceparent,
+            deadline,
+        },
+    )
+    .await?;
+    if run_now {
+        dispatch::enqueue(conn, &engine.names, &op, resource).await?;
+        if action != Action::Create {
+            resources::set_phase(conn, resource.id, Phase::on_start(action)).await?;
+        }
+        op = operations::get(&mut *conn, op.id)
+            .await?
+            .expect("just inserted");
+    }
+    Ok(op)
+}
+
+/// Checks what a spec names against the database: zone, catalog entries, storage-class
+/// bounds and the VM a volume attaches to.
+async fn check_references(
+    conn: &mut PgConnection,
+    tenant: &str,
+    zone: &str,
+    valid: &ValidSpec,
+) -> Result<(), LifecycleError> {
+    if !catalog::zone_exists(&mut *conn, zone).await? {
+        return Err(ValidationError::new(
+            "unknown_zone",
+            "zone",
+            format!("no zone named {zone:?}"),
+        )
+        .into());
+    }
+    let wanted: Vec<(Category, &str)> = valid
+        .refs
+        .iter()
+        .map(|r| (r.category, r.name.as_str()))
+        .collect();
+    let found = catalog::find(&mut *conn, &wanted).await?;
+    for r in &valid.refs {
+        let entry = found
+            .iter()
+            .find(|f| f.category == r.category.as_str() && f.name == r.name)
+            .ok_or_else(|| {
+                ValidationError::new(
+                    "unknown_catalog_item",
+                    r.field,
+                    format!(
+                        "no {} named {:?} in the catalog",
+                        r.category.as_str(),
+                        r.name
+                    ),
+                )
+            })?;
+        if let (Category::StorageClass, Some(size)) = (r.category, valid.size_gb) {
+            let bound = |k: &str| entry.attributes.get(k).and_then(Value::as_u64);
+            let (min, max) = (
+                bound("min_gb").unwrap_or(1),
+                bound("max_gb").unwrap_or(u64::MAX),
+            );
+            if !(min..=max).contains(&u64::from(size)) {
+                return Err(ValidationError::new(
+                    "invalid_spec",
+                    "spec.size_gb",
+                    format!(
+                        "storage class {:?} takes {min} to {max} GB, got {size}",
+                        r.name
+                    ),
+                )
+                .into());
+            }
+        }
+    }
+    if let Some(vm_id) = valid.attach_to {
+        let vm = resources::get_live(&mut *conn, tenant, Kind::Vm, vm_id).await?;
+        match vm {
+            Some(vm) if vm.zone == zone => {}
+            Some(_) => {
+                return Err(ValidationError::new(
+                    "invalid_attachment",
+                    "spec.attached_to",
+                    "the VM is in another zone",
+                )
+                .into())
+            }
+            None => {
+                return Err(ValidationError::new(
+                    "invalid_attachment",
+                    "spec.attached_to",
+                    format!("no VM {vm_id} in this tenant"),
+                )
+                .into())
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The relay: moves outbox rows to JetStream.
+//!
+//! Each pass claims a batch with `FOR UPDATE SKIP LOCKED` (so any number of relays can
+//! run), publishes the whole batch with its acks outstanding at once (the batch size
+//! bounds the window), then deletes the rows JetStream acknowledged and marks their
+//! operations `dispatched` — in the same short transaction. A crash between publish and
+//! delete leaves the rows for the next pass; their fixed `Nats-Msg-Id` makes JetStream
+//! drop the second copy, and the relay counts that duplicate ack as success.
+
+use crate::store::{operations, outbox};
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// The relay's doorbell. Writers ring it after commit, so the relay publishes at once
+/// instead of on its next poll: in-process by a `Notify`, across processes by a core
+/// NATS message. Ringing never blocks or fails the write path.
+#[derive(Clone, Default)]
+pub struct Wake {
+    local: Arc<Notify>,
+    remote: Option<(async_nats::Client, String)>,
+}
+
+impl Wake {
+    /// A doorbell that also rings relays in other processes through `subject`.
+    pub fn with_nats(client: async_nats::Client, subject: String) -> Self {
+        Self {
+            local: Arc::new(Notify::new()),
+            remote: Some((client, subject)),
+        }
+    }
+
+    /// Rings. Best effort: the relay's polling covers a lost ring.
+    pub async fn signal(&self) {
+        self.local.notify_one();
+        if let Some((client, subject)) = &self.remote {
+            if client.connection_state() == async_nats::connection::State::Connected {
+                let publish = client.publish(subject.clone(), bytes::Bytes::new());
+                let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
+            }
+        }
+    }
+}
+
+/// What one relay needs.
+pub struct Relay {
+    /// The outbox's database.
+    pub pool: PgPool,
+    /// Where to publish.
+    pub js: jetstream::Context,
+    /// Rows per pass.
+    pub batch_size: i64,
+    /// Longest sleep without a ring.
+    pub poll_interval: Duration,
+    /// The doorbell.
+    pub wake: Wake,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Rows JetStream acknowledged (including duplicates) and deleted.
+    pub published: usize,
+}
+
+impl Relay {
+    /// Runs passes until `shutdown`; sleeps between them until rung or polled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut remote = match &self.wake.remote {
+            Some((client, subject)) => client.subscribe(subject.clone()).await.ok(),
+            None => None,
+        };
+        let mut failures = 0u32;
+        loop {
+            let pause = match self.pass().await {
+                Ok(p) if p.claimed as i64 == self.batch_size && p.published == p.claimed => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(p) if p.published == p.claimed => {
+                    failures = 0;
+                    self.poll_interval
+                }
+                Ok(p) => {
+                    failures += 1;
+                    tracing::warn!(
+                        claimed = p.claimed,
+                        published = p.published,
+                        "relay: some publishes failed"
+                    );
+                    backoff(failures)
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "relay pass failed");
+                    backoff(failures)
+                }
+            };
+            let rung = async {
+                match remote.as_mut() {
+                    Some(sub) => {
+                        sub.next().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.local.notified(), if failures == 0 => {}
+                _ = rung, if failures == 0 => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Claims, publishes and deletes one batch.
+    pub async fn pass(&self) -> anyhow::Result<Pass> {
+        let mut tx = self.pool.begin().await?;
+        let rows = outbox::claim(&mut tx, self.batch_size).await?;
+        if rows.is_empty() {
+            return Ok(Pass::default());
+        }
+        let publishes = rows.iter().map(|row| {
+            let js = self.js.clone();
+            async move {
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", row.msg_id.as_str());
+                if let Some(extra) = row.headers.as_object() {
+                    for (k, v) in extra {
+                        if let Some(v) = v.as_str() {
+                            headers.insert(k.as_str(), v);
+                        }
+                    }
+                }
+                let body = serde_json::to_vec(&row.payload).expect("JSON serializes");
+                let ack = js
+                    .publish_with_headers(row.subject.clone(), headers, body.into())
+                    .await?
+                    .await?;
+                if ack.duplicate {
+                    tracing::debug!(msg_id = %row.msg_id, "relay: duplicate publish acknowledged");
+                }
+                Ok::<_, async_nats::Error>(())
+            }
+        });
+        let results = futures::future::join_all(publishes).await;
+        let mut done_ids = Vec::with_capacity(rows.len());
+        let mut dispatched = Vec::with_capacity(rows.len());
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    done_ids.push(row.id);
+                    dispatched.extend(row.operation_id);
+                }
+                Err(e) => {
+                    tracing::warn!(msg_id = %row.msg_id, subject = %row.subject, error = %e, "relay: publish failed")
+                }
+            }
+        }
+        outbox::delete(&mut tx, &done_ids).await?;
+        operations::mark_dispatched(&mut tx, &dispatched).await?;
+        tx.commit().await?;
+        Ok(Pass {
+            claimed: rows.len(),
+            published: done_ids.len(),
+        })
+    }
+}
+
+/// Pause after `failures` failed passes in a row: 100 ms doubling to 5 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(super::backoff(1) < super::backoff(2));
+        assert_eq!(super::backoff(30), std::time::Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,143 @@
+//! All SQL lives here, one module per table group.
+//!
+//! Functions that write take `&mut PgConnection`, so callers compose them inside one
+//! transaction (the outbox invariant depends on it); reads take any executor.
+//! Queries are built at run time with `sqlx::query_as` rather than the `query!` macros,
+//! so the build needs neither a database nor committed offline data; every query is
+//! exercised by the integration tests against a real PostgreSQL instead.
+//!
+//! **Architecture invariant:** nothing outside this module writes SQL.
+
+pub mod catalog;
+pub mod operations;
+pub mod outbox;
+pub mod principals;
+pub mod resources;
+pub mod tenants;
+
+use anyhow::Context as _;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Migrations embedded at build time from `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Options every gateway connection gets: short transactions are enforced by the server,
+/// so a stalled relay or handler can never hold locks or bloat tables for long.
+fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(url)
+        .context("DATABASE_URL: not a valid PostgreSQL URL")?
+        .options([
+            ("idle_in_transaction_session_timeout", "30s"),
+            ("statement_timeout", "30s"),
+        ])
+        .application_name("gateway")
+        .log_statements(tracing::log::LevelFilter::Trace))
+}
+
+/// Opens a pool on `url`, creating the database first if it does not exist.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = connect_options(url)?;
+    create_database_if_missing(&options).await?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))
+}
+
+/// Applies the embedded migrations.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("applying migrations")
+}
+
+async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = PgConnection::connect_with(&options.clone().database("postgres"))
+        .await
+        .context(
+            "connecting to PostgreSQL (database `postgres`) to check that the database exists",
+        )?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        let quoted = name.replace('"', "\"\"");
+        match sqlx::query(&format!("CREATE DATABASE \"{quoted}\""))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it between our check and our create.
+            Err(e) if is_unique_violation(&e) || pg_code(&e).as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e).context("creating the database"),
+        }
+    }
+    Ok(())
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn pg_code(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// The constraint a database error violated, if any.
+pub fn violated_constraint(e: &sqlx::Error) -> Option<&str> {
+    match e {
+        sqlx::Error::Database(db) => db.constraint(),
+        _ => None,
+    }
+}
+
+/// Whether `e` is a unique-constraint violation.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Whether `e` means the database could not be reached (as opposed to a bad query).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed
+    ) || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P"))
+}
+
+/// `url` without its password, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

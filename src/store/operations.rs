@@ -1,0 +1,281 @@
+//! Operations: one row per accepted write, driven through its states by reports.
+
+use crate::domain::{Action, Kind, OperationState};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+const COLUMNS: &str = "id, seq, tenant, resource_id, kind, zone, action, state, attempt, \
+    dispatches, input, target_generation, result, error, cancel_requested, idempotency_key, \
+    request_fingerprint, requested_by, request_id, traceparent, created_at, updated_at, \
+    started_at, finished_at, deadline";
+
+/// An operation row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OperationRow {
+    /// Its ID, returned to the client.
+    pub id: Uuid,
+    /// Submission order.
+    pub seq: i64,
+    /// Owner of the resource.
+    pub tenant: String,
+    /// The resource acted on.
+    pub resource_id: Uuid,
+    /// Its kind.
+    #[sqlx(try_from = "String")]
+    pub kind: Kind,
+    /// Its zone.
+    pub zone: String,
+    /// What the operation does.
+    #[sqlx(try_from = "String")]
+    pub action: Action,
+    /// Where it is.
+    #[sqlx(try_from = "String")]
+    pub state: OperationState,
+    /// The latest attempt a worker started (0 before any).
+    pub attempt: i32,
+    /// How many outbox rows were written for it.
+    pub dispatches: i32,
+    /// Action arguments.
+    pub input: Value,
+    /// The resource generation it converges on.
+    pub target_generation: i64,
+    /// The worker's result, on success.
+    pub result: Option<Value>,
+    /// Why it failed.
+    pub error: Option<Value>,
+    /// A client asked to cancel it.
+    pub cancel_requested: bool,
+    /// The client's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// Hash of the request that used that key.
+    pub request_fingerprint: Option<String>,
+    /// The principal that submitted it.
+    pub requested_by: Option<Uuid>,
+    /// The request that submitted it.
+    pub request_id: String,
+    /// W3C trace context of that request.
+    pub traceparent: Option<String>,
+    /// Submission time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// When a worker first started it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// After this the reconciler fails it.
+    pub deadline: DateTime<Utc>,
+}
+
+/// An operation to insert.
+#[derive(Debug, Clone)]
+pub struct NewOperation<'a> {
+    /// Its ID.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant: &'a str,
+    /// Resource acted on.
+    pub resource_id: Uuid,
+    /// Its kind.
+    pub kind: Kind,
+    /// Its zone.
+    pub zone: &'a str,
+    /// What to do.
+    pub action: Action,
+    /// `queued` or `pending`.
+    pub state: OperationState,
+    /// Action arguments.
+    pub input: &'a Value,
+    /// Generation it converges on.
+    pub target_generation: i64,
+    /// Client's idempotency key.
+    pub idempotency_key: Option<&'a str>,
+    /// Hash of the request.
+    pub request_fingerprint: Option<&'a str>,
+    /// Who submitted it.
+    pub requested_by: Uuid,
+    /// Request ID.
+    pub request_id: &'a str,
+    /// Trace context.
+    pub traceparent: Option<&'a str>,
+    /// Deadline.
+    pub deadline: DateTime<Utc>,
+}
+
+/// Inserts an operation.
+pub async fn insert(conn: &mut PgConnection, o: &NewOperation<'_>) -> sqlx::Result<OperationRow> {
+    sqlx::query_as(&format!(
+        "INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, input,
+             target_generation, idempotency_key, request_fingerprint, requested_by, request_id,
+             traceparent, deadline)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(o.id)
+    .bind(o.tenant)
+    .bind(o.resource_id)
+    .bind(o.kind.as_str())
+    .bind(o.zone)
+    .bind(o.action.as_str())
+    .bind(o.state.as_str())
+    .bind(o.input)
+    .bind(o.target_generation)
+    .bind(o.idempotency_key)
+    .bind(o.request_fingerprint)
+    .bind(o.requested_by)
+    .bind(o.request_id)
+    .bind(o.traceparent)
+    .bind(o.deadline)
+    .fetch_one(conn)
+    .await
+}
+
+/// One operation.
+pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<OperationRow>> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+/// Locks one operation for the rest of the transaction.
+pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OperationRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM operations WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// The active (non-terminal) operations of a resource, oldest first.
+pub async fn active_for_resource(
+    conn: &mut PgConnection,
+    resource_id: Uuid,
+) -> sqlx::Result<Vec<OperationRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM operations
+         WHERE resource_id = $1 AND state IN ('queued', 'pending', 'dispatched', 'running')
+         ORDER BY seq"
+    ))
+    .bind(resource_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Marks an operation `pending` with one more dispatch; returns the dispatch number.
+pub async fn set_pending(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<i32> {
+    sqlx::query_scalar(
+        "UPDATE operations SET state = 'pending', dispatches = dispatches + 1, updated_at = now()
+         WHERE id = $1 RETURNING dispatches",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await
+}
+
+/// Marks `pending` operations `dispatched` once JetStream acknowledged their message.
+pub async fn mark_dispatched(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE operations SET state = 'dispatched', updated_at = now()
+         WHERE id = ANY($1) AND state = 'pending'",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// A worker started `attempt`.
+pub async fn start(conn: &mut PgConnection, id: Uuid, attempt: i32) -> sqlx::Result<OperationRow> {
+    sqlx::query_as(&format!(
+        "UPDATE operations SET state = 'running', attempt = $2,
+             started_at = COALESCE(started_at, now()), updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(attempt)
+    .fetch_one(conn)
+    .await
+}
+
+/// Ends an operation in a terminal `state`.
+pub async fn finish(
+    conn: &mut PgConnection,
+    id: Uuid,
+    state: OperationState,
+    attempt: i32,
+    result: Option<&Value>,
+    error: Option<&Value>,
+) -> sqlx::Result<OperationRow> {
+    debug_assert!(state.is_terminal());
+    sqlx::query_as(&format!(
+        "UPDATE operations SET state = $2, attempt = $3, result = $4, error = $5,
+             finished_at = now(), updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(state.as_str())
+    .bind(attempt)
+    .bind(result)
+    .bind(error)
+    .fetch_one(conn)
+    .await
+}
+
+/// One page of a tenant's operations, newest first, strictly before `before_seq`.
+pub async fn list_for_tenant(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    resource_id: Option<Uuid>,
+    before_seq: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<Vec<OperationRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM operations
+         WHERE tenant = $1 AND ($2::uuid IS NULL OR resource_id = $2)
+           AND ($3::bigint IS NULL OR seq < $3)
+         ORDER BY seq DESC LIMIT $4"
+    ))
+    .bind(tenant)
+    .bind(resource_id)
+    .bind(before_seq)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// IDs of active operations past their deadline, oldest deadline first. Not locked:
+/// the caller locks each with its resource, in the usual order, and checks again.
+pub async fn overdue_ids(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT id FROM operations
+         WHERE state IN ('queued', 'pending', 'dispatched', 'running') AND deadline < now()
+         ORDER BY deadline LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// IDs of dispatched operations no worker has reported on for `stale_after_secs` and
+/// that have no message waiting in the outbox: their message may have been lost.
+pub async fn stale_dispatched_ids(
+    db: impl PgExecutor<'_>,
+    stale_after_secs: f64,
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT id FROM operations o
+         WHERE state = 'dispatched'
+           AND updated_at < now() - make_interval(secs => $1)
+           AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.operation_id = o.id)
+         ORDER BY updated_at LIMIT $2",
+    )
+    .bind(stale_after_secs)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}

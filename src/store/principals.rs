@@ -1,0 +1,85 @@
+//! API keys and who they belong to.
+
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+/// A principal as authentication sees it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PrincipalRow {
+    /// Its ID (never the key).
+    pub id: Uuid,
+    /// A unique human-readable name.
+    pub name: String,
+    /// `admin`, `owner`, `member`, `reader` or `worker`.
+    pub role: String,
+    /// The tenant of a tenant-scoped role.
+    pub tenant: Option<String>,
+    /// The service a worker serves.
+    pub service: Option<String>,
+    /// The zone a worker serves.
+    pub zone: Option<String>,
+}
+
+/// The live (unrevoked, unexpired) principal whose key hashes to `key_hash`.
+pub async fn find_live_by_hash(
+    db: impl PgExecutor<'_>,
+    key_hash: &[u8],
+) -> sqlx::Result<Option<PrincipalRow>> {
+    sqlx::query_as(
+        "SELECT id, name, role, tenant, service, zone FROM principals
+         WHERE key_hash = $1 AND revoked_at IS NULL
+           AND (expires_at IS NULL OR expires_at > now())",
+    )
+    .bind(key_hash)
+    .fetch_optional(db)
+    .await
+}
+
+/// What a new or rotated principal is.
+#[derive(Debug, Clone)]
+pub struct NewPrincipal<'a> {
+    /// Unique name; an existing principal of that name gets the new key.
+    pub name: &'a str,
+    /// Its role.
+    pub role: &'a str,
+    /// Tenant of a tenant-scoped role.
+    pub tenant: Option<&'a str>,
+    /// Service of a worker.
+    pub service: Option<&'a str>,
+    /// Zone of a worker.
+    pub zone: Option<&'a str>,
+    /// SHA-256 of the key.
+    pub key_hash: &'a [u8],
+}
+
+/// Creates the principal `p.name`, or gives the existing one the new key, role and
+/// scope (and un-revokes it). Returns its ID.
+pub async fn upsert(conn: &mut PgConnection, p: &NewPrincipal<'_>) -> sqlx::Result<Uuid> {
+    sqlx::query_scalar(
+        "INSERT INTO principals (id, name, role, tenant, service, zone, key_hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (name) DO UPDATE SET
+             role = EXCLUDED.role, tenant = EXCLUDED.tenant, service = EXCLUDED.service,
+             zone = EXCLUDED.zone, key_hash = EXCLUDED.key_hash, revoked_at = NULL
+         RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(p.name)
+    .bind(p.role)
+    .bind(p.tenant)
+    .bind(p.service)
+    .bind(p.zone)
+    .bind(p.key_hash)
+    .fetch_one(conn)
+    .await
+}
+
+/// Whether a live principal named `name` exists.
+pub async fn exists(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM principals WHERE name = $1 AND revoked_at IS NULL)",
+    )
+    .bind(name)
+    .fetch_one(db)
+    .await
+}

@@ -1,0 +1,220 @@
+//! Resources: desired state (`spec`), observed state (`status`) and their generations.
+
+use crate::domain::{Kind, Phase};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+const COLUMNS: &str = "id, tenant, kind, zone, name, spec, status, phase, generation, \
+                       observed_generation, version, created_at, updated_at, deleted_at";
+
+/// A resource row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ResourceRow {
+    /// Its ID.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant: String,
+    /// Kind.
+    #[sqlx(try_from = "String")]
+    pub kind: Kind,
+    /// Zone.
+    pub zone: String,
+    /// Name, unique per tenant and kind among live resources.
+    pub name: String,
+    /// Desired state.
+    pub spec: Value,
+    /// Observed state, as last reported by a worker.
+    pub status: Value,
+    /// What is happening to it.
+    #[sqlx(try_from = "String")]
+    pub phase: Phase,
+    /// Bumped on every spec change.
+    pub generation: i64,
+    /// The generation a worker last converged on.
+    pub observed_generation: i64,
+    /// Bumped on every change of the row; the ETag.
+    pub version: i64,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When its delete succeeded.
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+/// A resource to insert.
+#[derive(Debug, Clone)]
+pub struct NewResource<'a> {
+    /// Its ID.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant: &'a str,
+    /// Kind.
+    pub kind: Kind,
+    /// Zone.
+    pub zone: &'a str,
+    /// Name.
+    pub name: &'a str,
+    /// Validated spec.
+    pub spec: &'a Value,
+    /// Initial phase.
+    pub phase: Phase,
+}
+
+/// Inserts a resource at generation 1.
+pub async fn insert(conn: &mut PgConnection, r: &NewResource<'_>) -> sqlx::Result<ResourceRow> {
+    sqlx::query_as(&format!(
+        "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+    ))
+    .bind(r.id)
+    .bind(r.tenant)
+    .bind(r.kind.as_str())
+    .bind(r.zone)
+    .bind(r.name)
+    .bind(r.spec)
+    .bind(r.phase.as_str())
+    .fetch_one(conn)
+    .await
+}
+
+/// A live resource of `tenant` and `kind`.
+pub async fn get_live(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    kind: Kind,
+    id: Uuid,
+) -> sqlx::Result<Option<ResourceRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM resources
+         WHERE id = $1 AND tenant = $2 AND kind = $3 AND deleted_at IS NULL"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .bind(kind.as_str())
+    .fetch_optional(db)
+    .await
+}
+
+/// Any resource by ID, deleted or not.
+pub async fn get_any(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<ResourceRow>> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM resources WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+/// Locks a live resource of `tenant` and `kind` for the rest of the transaction.
+pub async fn lock_live(
+    conn: &mut PgConnection,
+    tenant: &str,
+    kind: Kind,
+    id: Uuid,
+) -> sqlx::Result<Option<ResourceRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM resources
+         WHERE id = $1 AND tenant = $2 AND kind = $3 AND deleted_at IS NULL FOR UPDATE"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .bind(kind.as_str())
+    .fetch_optional(conn)
+    .await
+}
+
+/// Locks any resource by ID for the rest of the transaction.
+pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<ResourceRow> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM resources WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_one(conn)
+    .await
+}
+
+/// Sets the phase.
+pub async fn set_phase(conn: &mut PgConnection, id: Uuid, phase: Phase) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE resources SET phase = $2, version = version + 1, updated_at = now(),
+             deleted_at = CASE WHEN $2 = 'deleted' THEN now() END
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(phase.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How an operation's end changes a resource's `status`.
+#[derive(Debug, Clone)]
+pub enum StatusChange<'a> {
+    /// The worker observed the whole state: it replaces the old status.
+    Replace(&'a Value),
+    /// Keys to set over the old status (for example `last_error`).
+    Merge(&'a Value),
+}
+
+/// Records the end of an operation that acted on `generation`: the new phase, the
+/// status, and the observed generation, which never moves backwards.
+pub async fn record_outcome(
+    conn: &mut PgConnection,
+    id: Uuid,
+    phase: Phase,
+    status: StatusChange<'_>,
+    generation: i64,
+) -> sqlx::Result<()> {
+    let (replace, value) = match status {
+        StatusChange::Replace(v) => (true, v),
+        StatusChange::Merge(v) => (false, v),
+    };
+    sqlx::query(
+        "UPDATE resources SET
+             phase = $2,
+             status = CASE WHEN $3 THEN $4 ELSE status || $4 END,
+             observed_generation = GREATEST(observed_generation, $5),
+             version = version + 1,
+             updated_at = now(),
+             deleted_at = CASE WHEN $2 = 'deleted' THEN now() END
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(phase.as_str())
+    .bind(replace)
+    .bind(value)
+    .bind(generation)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One page of live resources of `tenant` and `kind`, newest first, strictly after
+/// `after` (the `(created_at, id)` of the last row of the previous page).
+pub async fn list_live(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    kind: Kind,
+    zone: Option<&str>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> sqlx::Result<Vec<ResourceRow>> {
+    let (after_ts, after_id) = after.unzip();
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM resources
+         WHERE tenant = $1 AND kind = $2 AND deleted_at IS NULL
+           AND ($3::text IS NULL OR zone = $3)
+           AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $6"
+    ))
+    .bind(tenant)
+    .bind(kind.as_str())
+    .bind(zone)
+    .bind(after_ts)
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}

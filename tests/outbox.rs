@@ -1,0 +1,196 @@
+//! The outbox invariant and the relay, against real PostgreSQL and NATS.
+
+mod common;
+
+use common::{example_spec, spawn_with, Options};
+use futures::StreamExt;
+use gateway::app::Parts;
+use gateway::relay::{Relay, Wake};
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+fn api_only() -> Options {
+    Options {
+        parts: Parts {
+            api: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn relay_for(app: &common::TestApp) -> Relay {
+    let running = app.running.as_ref().unwrap();
+    Relay {
+        pool: app.pool.clone(),
+        js: running.backends.js.clone(),
+        batch_size: 100,
+        poll_interval: Duration::from_millis(100),
+        wake: Wake::default(),
+    }
+}
+
+#[tokio::test]
+async fn resource_operation_and_outbox_row_commit_together_or_not_at_all() {
+    let app = spawn_with(api_only()).await;
+    let tenant = app.tenant().await;
+    // Make the outbox insert fail, as if the database died at that statement.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'injected outbox failure'; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let body = json!({"name": "web", "zone": "zone-a", "spec": example_spec("vms")});
+    let a = app
+        .post(&format!("/v1/tenants/{tenant}/vms"), body.clone())
+        .await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR, "{:?}", a.body);
+    assert_eq!(a.code(), "internal");
+    assert!(
+        !a.body["message"].as_str().unwrap().contains("injected"),
+        "5xx bodies say nothing internal"
+    );
+    for table in ["resources", "operations", "outbox"] {
+        assert_eq!(app.count(table).await, 0, "{table}: nothing half-written");
+    }
+    sqlx::raw_sql("DROP TRIGGER refuse ON outbox")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let a = app.post(&format!("/v1/tenants/{tenant}/vms"), body).await;
+    assert_eq!(
+        a.status,
+        StatusCode::ACCEPTED,
+        "the name is free: the failed attempt left nothing"
+    );
+    for table in ["resources", "operations", "outbox"] {
+        assert_eq!(app.count(table).await, 1, "{table}");
+    }
+    let row: (String, String) = sqlx::query_as("SELECT subject, msg_id FROM outbox")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        row.0,
+        format!("{}.vm.zone-a", app.config.nats.subject_prefix)
+    );
+    assert_eq!(row.1, format!("{}.1", a.body["id"].as_str().unwrap()));
+}
+
+#[tokio::test]
+async fn the_relay_publishes_deletes_and_marks_operations_dispatched() {
+    let app = spawn_with(api_only()).await;
+    let tenant = app.tenant().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let op = app
+            .create(
+                &tenant,
+                "volumes",
+                &format!("v{i}"),
+                "zone-b",
+                example_spec("volumes"),
+            )
+            .await;
+        assert_eq!(op["state"], "pending");
+        ids.push(op["id"].as_str().unwrap().to_owned());
+    }
+    let pass = relay_for(&app).pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (5, 5));
+    assert_eq!(app.count("outbox").await, 0);
+    for id in &ids {
+        assert_eq!(
+            app.get(&format!("/v1/operations/{id}")).await.body["state"],
+            "dispatched"
+        );
+    }
+    let js = &app.running.as_ref().unwrap().backends.js;
+    let mut stream = js.get_stream(&app.config.nats.stream).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 5);
+    // The message a worker gets carries everything it needs.
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&gateway_proto::consumer_name(
+            gateway_proto::Service::Storage,
+            "zone-b",
+        ))
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let msg = batch.next().await.unwrap().unwrap();
+    let dispatch: gateway_proto::Dispatch = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(dispatch.tenant, tenant);
+    assert_eq!(dispatch.spec["size_gb"], 20);
+    assert_eq!(dispatch.generation, 1);
+    let headers = msg.headers.as_ref().unwrap();
+    assert_eq!(
+        headers.get("Nats-Msg-Id").unwrap().as_str(),
+        format!("{}.1", dispatch.operation_id)
+    );
+    assert!(headers.get("X-Request-Id").is_some());
+}
+
+#[tokio::test]
+async fn a_row_published_twice_is_delivered_once() {
+    // A relay that dies after publishing but before deleting leaves the row behind; the
+    // next pass publishes it again under the same Nats-Msg-Id.
+    let app = spawn_with(api_only()).await;
+    let tenant = app.tenant().await;
+    app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let (subject, msg_id, payload): (String, String, serde_json::Value) =
+        sqlx::query_as("SELECT subject, msg_id, payload FROM outbox")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let js = app.running.as_ref().unwrap().backends.js.clone();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id.as_str());
+    js.publish_with_headers(
+        subject,
+        headers,
+        serde_json::to_vec(&payload).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let pass = relay_for(&app).pass().await.unwrap();
+    assert_eq!(
+        (pass.claimed, pass.published),
+        (1, 1),
+        "a duplicate ack counts as published"
+    );
+    assert_eq!(app.count("outbox").await, 0);
+    let mut stream = js.get_stream(&app.config.nats.stream).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+}
+
+#[tokio::test]
+async fn rows_stay_in_the_outbox_while_jetstream_refuses_them() {
+    let app = spawn_with(api_only()).await;
+    let tenant = app.tenant().await;
+    app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let js = app.running.as_ref().unwrap().backends.js.clone();
+    js.delete_stream(&app.config.nats.stream).await.unwrap();
+    let pass = relay_for(&app).pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (1, 0));
+    assert_eq!(app.count("outbox").await, 1, "nothing is lost");
+    let op_state: String = sqlx::query_scalar("SELECT state FROM operations")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(op_state, "pending");
+    // Once the stream is back, the same row goes out.
+    let zones = vec!["zone-a".to_string(), "zone-b".to_string()];
+    gateway::jetstream::apply(&js, &app.config.nats, &zones)
+        .await
+        .unwrap();
+    let pass = relay_for(&app).pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (1, 1));
+    assert_eq!(app.count("outbox").await, 0);
+}

@@ -1,0 +1,474 @@
+//! Configuration: [`PoolConfig`] for one pool (what [`crate::run_pool`] needs, built by the
+//! `worker` binary or by the gateway's `up`), and [`WorkerConfig`], everything the binary
+//! reads from its environment. A bad value fails at start-up with a message naming the
+//! variable.
+//!
+//! **Architecture invariant:** there is no database URL here. Workers reach the world
+//! through NATS (work in) and the gateway API (everything else).
+
+use crate::drivers::SimConfig;
+use anyhow::{anyhow, bail};
+use gateway_proto::Service;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// One pool: the workers of one service in one zone, sharing one durable consumer.
+#[derive(Clone)]
+pub struct PoolConfig {
+    /// The service whose operations this pool carries out.
+    pub service: Service,
+    /// The zone it serves; with `service`, names the consumer
+    /// ([`gateway_proto::consumer_name`]).
+    pub zone: String,
+    /// The JetStream work-queue stream, e.g. `OPS`, created by `gateway migrate`.
+    pub stream: String,
+    /// Base URL of the gateway API, e.g. `http://127.0.0.1:8080`, where reports go.
+    pub gateway_url: String,
+    /// Bearer key of a worker principal scoped to this service and zone.
+    pub gateway_key: String,
+    /// Most messages in flight in this process for this pool; also how many the pool
+    /// pulls at once, so nothing waits in a local buffer while its AckWait runs.
+    pub concurrency: usize,
+    /// The consumer's `max_deliver`: on that delivery a transient failure fails the
+    /// operation (`retries_exhausted`) instead of handing the message back. Zero or
+    /// less means unlimited.
+    pub max_deliver: i64,
+}
+
+impl fmt::Debug for PoolConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolConfig")
+            .field("service", &self.service)
+            .field("zone", &self.zone)
+            .field("stream", &self.stream)
+            .field("gateway_url", &self.gateway_url)
+            .field("gateway_key", &"<redacted>")
+            .field("concurrency", &self.concurrency)
+            .field("max_deliver", &self.max_deliver)
+            .finish()
+    }
+}
+
+impl PoolConfig {
+    /// Default of [`PoolConfig::max_deliver`].
+    pub const DEFAULT_MAX_DELIVER: i64 = 5;
+    /// Default of [`PoolConfig::concurrency`] in the `worker` binary.
+    pub const DEFAULT_CONCURRENCY: usize = 16;
+
+    /// Checks what [`crate::run_pool`] relies on; errors name the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        token("zone", &self.zone)?;
+        token("stream", &self.stream)?;
+        http_url("gateway_url", &self.gateway_url)?;
+        if self.gateway_key.trim().is_empty() {
+            bail!("gateway_key: must not be empty");
+        }
+        if self.concurrency == 0 {
+            bail!("concurrency: must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Which driver the `worker` binary runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DriverConfig {
+    /// `WORKER_DRIVER=sim`: the simulated driver.
+    Sim {
+        /// Latency and failure rates (`SIM_*`).
+        config: SimConfig,
+        /// `SIM_CAPACITY_PER_ZONE`: live resources a zone holds; unset for unlimited.
+        capacity_per_zone: Option<u32>,
+    },
+    /// `WORKER_DRIVER=exec`: an external program per operation.
+    Exec {
+        /// First word of `WORKER_EXEC_COMMAND`.
+        program: PathBuf,
+        /// The other words.
+        args: Vec<String>,
+    },
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Everything the `worker` binary needs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// `NATS_URL` (default `nats://127.0.0.1:4222`).
+    pub nats_url: String,
+    /// The pool to run: `--service`/`WORKER_SERVICE`, `--zone`/`WORKER_ZONE`,
+    /// `OPS_STREAM` (default `OPS`), `GATEWAY_URL` (default `http://127.0.0.1:8080`),
+    /// `GATEWAY_KEY` (required), `WORKER_CONCURRENCY` (default 16),
+    /// `WORKER_MAX_DELIVER` (default 5).
+    pub pool: PoolConfig,
+    /// `WORKER_DRIVER` (`sim` default, or `exec` with `WORKER_EXEC_COMMAND`), and for the
+    /// simulator `SIM_MIN_LATENCY_MS` (200), `SIM_MAX_LATENCY_MS` (1500),
+    /// `SIM_FAILURE_RATE` (0), `SIM_TRANSIENT_FAILURE_RATE` (0), `SIM_CAPACITY_PER_ZONE`.
+    pub driver: DriverConfig,
+    /// `LOG_FORMAT`: `text` (default) or `json`.
+    pub log_format: LogFormat,
+}
+
+impl WorkerConfig {
+    /// Reads the configuration for the pool of `service` in `zone` from the process
+    /// environment.
+    pub fn from_env(service: Service, zone: String) -> anyhow::Result<Self> {
+        Self::from_lookup(service, zone, |name| {
+            std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+        })
+    }
+
+    /// Reads the configuration from `lookup` (a variable's value, `None` when unset);
+    /// empty values count as unset.
+    pub fn from_lookup(
+        service: Service,
+        zone: String,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Self> {
+        let env = Env(&lookup);
+        let zone = token("WORKER_ZONE (--zone)", &zone)?.to_owned();
+
+        let nats_url = env.string("NATS_URL", "nats://127.0.0.1:4222");
+        let gateway_url = env.string("GATEWAY_URL", "http://127.0.0.1:8080");
+        http_url("GATEWAY_URL", &gateway_url)?;
+        let gateway_key = env.get("GATEWAY_KEY").ok_or_else(|| {
+            anyhow!("GATEWAY_KEY: required: the bearer key of a worker principal for {service} in {zone}")
+        })?;
+        let stream = env.string("OPS_STREAM", "OPS");
+        token("OPS_STREAM", &stream)?;
+        let concurrency: usize =
+            env.parse("WORKER_CONCURRENCY", PoolConfig::DEFAULT_CONCURRENCY)?;
+        if !(1..=1024).contains(&concurrency) {
+            bail!("WORKER_CONCURRENCY: must be between 1 and 1024, got {concurrency}");
+        }
+        let max_deliver: i64 = env.parse("WORKER_MAX_DELIVER", PoolConfig::DEFAULT_MAX_DELIVER)?;
+        if max_deliver < 1 {
+            bail!("WORKER_MAX_DELIVER: must be at least 1 (the consumer's max_deliver), got {max_deliver}");
+        }
+
+        let driver = match env.string("WORKER_DRIVER", "sim").as_str() {
+            "sim" => {
+                let min = env.parse("SIM_MIN_LATENCY_MS", 200u64)?;
+                let max = env.parse("SIM_MAX_LATENCY_MS", 1500u64)?;
+                if min > max {
+                    bail!(
+                        "SIM_MIN_LATENCY_MS: must not exceed SIM_MAX_LATENCY_MS ({max}), got {min}"
+                    );
+                }
+                DriverConfig::Sim {
+                    config: SimConfig {
+                        min_latency: Duration::from_millis(min),
+                        max_latency: Duration::from_millis(max),
+                        failure_rate: env.rate("SIM_FAILURE_RATE")?,
+                        transient_failure_rate: env.rate("SIM_TRANSIENT_FAILURE_RATE")?,
+                    },
+                    capacity_per_zone: env
+                        .get("SIM_CAPACITY_PER_ZONE")
+                        .map(|_| env.parse("SIM_CAPACITY_PER_ZONE", 0u32))
+                        .transpose()?,
+                }
+            }
+            "exec" => {
+                let command = env.get("WORKER_EXEC_COMMAND").ok_or_else(|| {
+                    anyhow!("WORKER_EXEC_COMMAND: required when WORKER_DRIVER=exec (a program and its arguments, split on whitespace)")
+                })?;
+                let mut words = command.split_whitespace().map(str::to_owned);
+                let program = words.next().map(PathBuf::from).unwrap_or_default();
+                DriverConfig::Exec {
+                    program,
+                    args: words.collect(),
+                }
+            }
+            other => bail!("WORKER_DRIVER: must be 'sim' or 'exec', got '{other}'"),
+        };
+
+        let log_format = match env.string("LOG_FORMAT", "text").as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => bail!("LOG_FORMAT: must be 'text' or 'json', got '{other}'"),
+        };
+
+        Ok(Self {
+            nats_url,
+            pool: PoolConfig {
+                service,
+                zone,
+                stream,
+                gateway_url,
+                gateway_key,
+                concurrency,
+                max_deliver,
+            },
+            driver,
+            log_format,
+        })
+    }
+}
+
+/// Typed access to the variables, each error naming its variable.
+struct Env<'a, F>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.get(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T: FromStr>(&self, name: &str, default: T) -> anyhow::Result<T>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|e| anyhow!("{name}: invalid value '{v}': {e}")),
+        }
+    }
+
+    /// A probability: a number between 0 and 1, default 0.
+    fn rate(&self, name: &str) -> anyhow::Result<f64> {
+        match self.get(name) {
+            None => Ok(0.0),
+            Some(v) => match v.parse::<f64>() {
+                Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+                _ => Err(anyhow!(
+                    "{name}: must be a number between 0 and 1, got '{v}'"
+                )),
+            },
+        }
+    }
+}
+
+/// A JetStream name or subject token: letters, digits, `-` and `_`.
+fn token<'a>(name: &str, value: &'a str) -> anyhow::Result<&'a str> {
+    let ok = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(value)
+    } else {
+        Err(anyhow!(
+            "{name}: may hold only letters, digits, '-' and '_', got '{value}'"
+        ))
+    }
+}
+
+/// The worker speaks plain HTTP only (no TLS in this build): refuse anything else now
+/// rather than retry a request that can never succeed.
+fn http_url(name: &str, value: &str) -> anyhow::Result<()> {
+    match value.strip_prefix("http://") {
+        Some(rest) if !rest.is_empty() => Ok(()),
+        _ => Err(anyhow!(
+            "{name}: must be an http:// URL (this worker is built without TLS), got '{value}'"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> anyhow::Result<WorkerConfig> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        WorkerConfig::from_lookup(Service::Vm, "zone-a".into(), |k| vars.get(k).cloned())
+    }
+
+    fn error(vars: &[(&str, &str)]) -> String {
+        format!("{:#}", config(vars).unwrap_err())
+    }
+
+    #[test]
+    fn defaults_need_only_the_gateway_key() {
+        let c = config(&[("GATEWAY_KEY", "wk_123")]).unwrap();
+        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.pool.gateway_url, "http://127.0.0.1:8080");
+        assert_eq!(c.pool.gateway_key, "wk_123");
+        assert_eq!(c.pool.stream, "OPS");
+        assert_eq!(c.pool.concurrency, 16);
+        assert_eq!(c.pool.max_deliver, 5);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(
+            c.driver,
+            DriverConfig::Sim {
+                config: SimConfig::default(),
+                capacity_per_zone: None
+            }
+        );
+        c.pool.validate().unwrap();
+        assert!(
+            !format!("{:?}", c.pool).contains("wk_123"),
+            "the key is redacted"
+        );
+    }
+
+    #[test]
+    fn values_are_read_from_their_variables() {
+        let c = config(&[
+            ("GATEWAY_KEY", "k"),
+            ("GATEWAY_URL", "http://gw:9000/"),
+            ("OPS_STREAM", "OPS_TEST"),
+            ("WORKER_CONCURRENCY", "4"),
+            ("WORKER_MAX_DELIVER", "3"),
+            ("SIM_MIN_LATENCY_MS", "0"),
+            ("SIM_MAX_LATENCY_MS", "10"),
+            ("SIM_FAILURE_RATE", "0.25"),
+            ("SIM_TRANSIENT_FAILURE_RATE", "1"),
+            ("SIM_CAPACITY_PER_ZONE", "7"),
+            ("LOG_FORMAT", "json"),
+        ])
+        .unwrap();
+        assert_eq!(c.pool.concurrency, 4);
+        assert_eq!(c.pool.max_deliver, 3);
+        assert_eq!(c.pool.stream, "OPS_TEST");
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            c.driver,
+            DriverConfig::Sim {
+                config: SimConfig {
+                    min_latency: Duration::ZERO,
+                    max_latency: Duration::from_millis(10),
+                    failure_rate: 0.25,
+                    transient_failure_rate: 1.0,
+                },
+                capacity_per_zone: Some(7),
+            }
+        );
+
+        let c = config(&[
+            ("GATEWAY_KEY", "k"),
+            ("WORKER_DRIVER", "exec"),
+            ("WORKER_EXEC_COMMAND", "/opt/provision --zone a"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.driver,
+            DriverConfig::Exec {
+                program: "/opt/provision".into(),
+                args: vec!["--zone".into(), "a".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_fail_with_a_message_naming_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[], "GATEWAY_KEY: required"),
+            (&[("GATEWAY_KEY", "   ")], "GATEWAY_KEY: required"),
+            (
+                &[("GATEWAY_KEY", "k"), ("SIM_FAILURE_RATE", "x")],
+                "SIM_FAILURE_RATE: must be a number between 0 and 1, got 'x'",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("SIM_TRANSIENT_FAILURE_RATE", "1.5")],
+                "SIM_TRANSIENT_FAILURE_RATE: must be a number between 0 and 1, got '1.5'",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("WORKER_CONCURRENCY", "many")],
+                "WORKER_CONCURRENCY: invalid value 'many'",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("WORKER_CONCURRENCY", "0")],
+                "WORKER_CONCURRENCY: must be between 1",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("WORKER_MAX_DELIVER", "0")],
+                "WORKER_MAX_DELIVER: must be at least 1",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("SIM_MAX_LATENCY_MS", "-1")],
+                "SIM_MAX_LATENCY_MS: invalid value '-1'",
+            ),
+            (
+                &[
+                    ("GATEWAY_KEY", "k"),
+                    ("SIM_MIN_LATENCY_MS", "50"),
+                    ("SIM_MAX_LATENCY_MS", "10"),
+                ],
+                "SIM_MIN_LATENCY_MS: must not exceed SIM_MAX_LATENCY_MS",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("SIM_CAPACITY_PER_ZONE", "lots")],
+                "SIM_CAPACITY_PER_ZONE: invalid value",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("WORKER_DRIVER", "docker")],
+                "WORKER_DRIVER: must be 'sim' or 'exec', got 'docker'",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("WORKER_DRIVER", "exec")],
+                "WORKER_EXEC_COMMAND: required",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("LOG_FORMAT", "xml")],
+                "LOG_FORMAT: must be 'text' or 'json'",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("GATEWAY_URL", "https://gw")],
+                "GATEWAY_URL: must be an http:// URL",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("OPS_STREAM", "OPS.x")],
+                "OPS_STREAM: may hold only",
+            ),
+        ];
+        for (vars, expected) in cases {
+            let message = error(vars);
+            assert!(
+                message.starts_with(expected),
+                "{vars:?}: got {message:?}, want {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_zone_that_cannot_name_a_consumer_is_refused() {
+        let err = WorkerConfig::from_lookup(Service::Vm, "zone.a".into(), |_| Some("k".into()))
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("WORKER_ZONE (--zone): may hold only"));
+    }
+
+    #[test]
+    fn pool_configs_are_checked_before_running() {
+        let pool = config(&[("GATEWAY_KEY", "k")]).unwrap().pool;
+        assert!(PoolConfig {
+            concurrency: 0,
+            ..pool.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(PoolConfig {
+            gateway_key: String::new(),
+            ..pool.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(PoolConfig {
+            zone: "a b".into(),
+            ..pool
+        }
+        .validate()
+        .is_err());
+    }
+}

@@ -1,0 +1,984 @@
+//! The consume loop: pull operations from a pool's durable consumer, run the driver,
+//! report through the gateway, and only then settle the message.
+//!
+//! The loop is split in two so its decisions can be tested without NATS:
+//!
+//! - [`run_pool`] and its helpers speak JetStream: bind the consumer, pull as many
+//!   messages as there are free slots, send `Progress` while work runs, ack / nak / term,
+//!   drain on shutdown;
+//! - `Handler::handle` decides, for one delivery, what to report and how the message is
+//!   settled (`Disposition`), talking to the gateway through a `Reporter`.
+//!
+//! **Architecture invariant:** a message is acked only after the gateway accepted the
+//! operation's terminal report, or told us (`409`) that the operation is not ours to
+//! finish. Anything else — crash, shutdown, unreachable gateway — leaves the message to
+//! JetStream, which delivers it again.
+
+use crate::config::PoolConfig;
+use crate::drivers::{Driver, DriverError};
+use crate::report::{GatewayClient, ReportError, ReportOutcome, Reporter, TraceHeaders};
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use gateway_proto::{
+    consumer_name, Dispatch, OperationError, Report, ReportState, Service, REQUEST_ID_HEADER,
+    TRACEPARENT_HEADER,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{field, info_span, Instrument, Span};
+
+/// How often a worker tells JetStream it is still working on a message (`+WPI`): well
+/// under the consumer's AckWait of 30 s, so a message being worked on is never
+/// redelivered to another worker.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a shutting-down pool waits for in-flight messages before handing the rest
+/// back to JetStream (`-NAK`).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Longest delay asked for when handing a message back after transient failures.
+const MAX_NAK_DELAY: Duration = Duration::from_secs(30);
+
+/// How long to wait for the hand-backs after the grace period, and for the final flush.
+const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long JetStream should wait before delivering a message again after attempt
+/// `attempt` failed transiently: 1 s per attempt, at most 30 s.
+pub fn nak_delay(attempt: i32) -> Duration {
+    let secs = u64::try_from(attempt).unwrap_or(0).max(1);
+    Duration::from_secs(secs).min(MAX_NAK_DELAY)
+}
+
+/// Runs one pool until `shutdown` is cancelled; returns after in-flight messages finished
+/// or were handed back.
+///
+/// Binds to the durable pull consumer [`consumer_name`]`(service, zone)` on `cfg.stream`
+/// (created by `gateway migrate`; while it is missing the pool logs a warning and keeps
+/// trying), and processes up to `cfg.concurrency` messages at once. NATS outages are
+/// logged and outlived, never returned. Errors only for an invalid `cfg`.
+pub async fn run_pool<D: Driver>(
+    js: jetstream::Context,
+    cfg: PoolConfig,
+    driver: D,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let reporter = GatewayClient::new(&cfg.gateway_url, &cfg.gateway_key)?;
+    let handler = Arc::new(Handler {
+        driver,
+        reporter,
+        service: cfg.service,
+        zone: cfg.zone.clone(),
+        max_deliver: cfg.max_deliver,
+        timing: Timing::default(),
+    });
+    let span = info_span!("pool", service = %cfg.service, zone = %cfg.zone);
+    let pool = Pool {
+        js,
+        consumer: consumer_name(cfg.service, &cfg.zone),
+        slots: Arc::new(Semaphore::new(cfg.concurrency)),
+        cfg,
+        handler,
+        hard_stop: CancellationToken::new(),
+        tasks: JoinSet::new(),
+    };
+    pool.run(shutdown).instrument(span).await;
+    Ok(())
+}
+
+/// The JetStream side of one pool.
+struct Pool<D, R> {
+    js: jetstream::Context,
+    cfg: PoolConfig,
+    /// The durable consumer's name.
+    consumer: String,
+    handler: Arc<Handler<D, R>>,
+    /// One permit per message that may be in flight.
+    slots: Arc<Semaphore>,
+    /// Cancelled when the grace period is over: unfinished messages are handed back.
+    hard_stop: CancellationToken,
+    /// The messages in flight.
+    tasks: JoinSet<()>,
+}
+
+impl<D: Driver, R: Reporter> Pool<D, R> {
+    async fn run(mut self, shutdown: CancellationToken) {
+        tracing::info!(
+            stream = %self.cfg.stream,
+            consumer = %self.consumer,
+            concurrency = self.cfg.concurrency,
+            "pool started"
+        );
+        self.pull(&shutdown).await;
+        self.drain().await;
+        // Acks and naks are buffered by the client: make sure they leave before we do.
+        match tokio::time::timeout(HAND_BACK_TIMEOUT, self.js.client().flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not flush the last acks; JetStream will redeliver those messages")
+            }
+            Err(_) => tracing::warn!(
+                "timed out flushing the last acks; JetStream will redeliver those messages"
+            ),
+        }
+        tracing::info!("pool stopped");
+    }
+
+    /// Pulls and dispatches messages until `shutdown`; outlives NATS outages and a
+    /// missing stream or consumer.
+    async fn pull(&mut self, shutdown: &CancellationToken) {
+        let mut backoff = reconnect_backoff();
+        'bind: loop {
+            let bound = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                c = self.js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                    &self.consumer,
+                    &self.cfg.stream,
+                ) => c,
+            };
+            let consumer: PullConsumer = match bound {
+                Ok(consumer) => consumer,
+                Err(e) => {
+                    tracing::warn!(
+                        stream = %self.cfg.stream,
+                        consumer = %self.consumer,
+                        error = %e,
+                        "cannot bind to the consumer (has `gateway migrate` run? is NATS up?); retrying"
+                    );
+                    if !pause(shutdown, &mut backoff).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(consumer = %self.consumer, "bound to the consumer");
+
+            loop {
+                self.reap();
+                // Pull only as many messages as can start now: a message waiting in a
+                // local buffer would see its AckWait run out without any Progress.
+                let Some(mut slots) = self.free_slots(shutdown).await else {
+                    return;
+                };
+                let request = consumer
+                    .batch()
+                    .max_messages(slots.len())
+                    .expires(PULL_EXPIRES)
+                    .messages();
+                let batch = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    b = request => b,
+                };
+                let mut batch = match batch {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pull request failed; binding again");
+                        if !pause(shutdown, &mut backoff).await {
+                            return;
+                        }
+                        continue 'bind;
+                    }
+                };
+                loop {
+                    let next = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return,
+                        n = batch.next() => n,
+                    };
+                    match next {
+                        None => {
+                            backoff = reconnect_backoff();
+                            break;
+                        }
+                        Some(Ok(msg)) => {
+                            backoff = reconnect_backoff();
+                            match slots.pop() {
+                                Some(slot) => self.spawn(msg, slot),
+                                // The batch asks for `slots.len()` messages; should the
+                                // server send more, hand the extra back at once.
+                                None => settle(&msg, Disposition::Nak(None)).await,
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "pulling messages failed; binding again");
+                            if !pause(shutdown, &mut backoff).await {
+                                return;
+                            }
+                            continue 'bind;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for at least one free slot and takes every free one.
+    async fn free_slots(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            p = self.slots.clone().acquire_owned() => p.ok()?,
+        };
+        let mut slots = vec![first];
+        while let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            slots.push(slot);
+        }
+        Some(slots)
+    }
+
+    fn spawn(&mut self, msg: jetstream::Message, slot: OwnedSemaphorePermit) {
+        let handler = self.handler.clone();
+        let hard_stop = self.hard_stop.clone();
+        self.tasks.spawn(async move {
+            work_on(&handler, msg, &hard_stop).await;
+            drop(slot);
+        });
+    }
+
+    /// Collects finished message tasks.
+    fn reap(&mut self) {
+        while let Some(result) = self.tasks.try_join_next() {
+            log_join(result);
+        }
+    }
+
+    /// Waits up to [`SHUTDOWN_GRACE`] for in-flight messages, then hands the rest back.
+    async fn drain(&mut self) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        tracing::info!(
+            in_flight = self.tasks.len(),
+            "shutting down: waiting for in-flight messages"
+        );
+        let tasks = &mut self.tasks;
+        let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(result) = tasks.join_next().await {
+                log_join(result);
+            }
+        })
+        .await;
+        if finished.is_ok() {
+            return;
+        }
+        tracing::warn!(
+            unfinished = self.tasks.len(),
+            "grace period over: handing unfinished messages back to JetStream"
+        );
+        self.hard_stop.cancel();
+        let tasks = &mut self.tasks;
+        let handed_back = tokio::time::timeout(HAND_BACK_TIMEOUT, async {
+            while let Some(result) = tasks.join_next().await {
+                log_join(result);
+            }
+        })
+        .await;
+        if handed_back.is_err() {
+            // JetStream redelivers them after AckWait.
+            self.tasks.abort_all();
+        }
+    }
+}
+
+fn log_join(result: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = result {
+        if e.is_panic() {
+            tracing::error!(error = %e, "a message task panicked; JetStream will deliver the message again");
+        }
+    }
+}
+
+/// Backoff between attempts to bind or pull: 250 ms doubling to 2.5 s, each wait
+/// stretched by up to 100 % jitter (so at most 5 s), without end.
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    seeded(
+        ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_millis(2500))
+            .with_jitter()
+            .without_max_times(),
+    )
+    .build()
+}
+
+/// Sleeps for the next backoff delay; `false` if `shutdown` came first.
+async fn pause(shutdown: &CancellationToken, backoff: &mut impl Iterator<Item = Duration>) -> bool {
+    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// backon seeds its jitter with a constant unless its `std` feature is on; a random seed
+/// keeps workers that failed together from retrying together.
+fn seeded(builder: ExponentialBuilder) -> ExponentialBuilder {
+    builder.with_jitter_seed(rand::random())
+}
+
+/// Handles one message to the end: works on it while telling JetStream it is alive, then
+/// settles it. On hard stop, hands it back.
+async fn work_on<D: Driver, R: Reporter>(
+    handler: &Handler<D, R>,
+    msg: jetstream::Message,
+    hard_stop: &CancellationToken,
+) {
+    let span = info_span!(
+        "message",
+        operation.id = field::Empty,
+        service = %handler.service,
+        zone = %handler.zone,
+        attempt = field::Empty,
+        request_id = field::Empty,
+    );
+    async {
+        let delivery = Delivery::of(&msg);
+        let work = handler.handle(&delivery);
+        tokio::pin!(work);
+        let period = handler.timing.progress_interval;
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let disposition = loop {
+            tokio::select! {
+                biased;
+                _ = hard_stop.cancelled() => {
+                    tracing::warn!("shutting down before the operation finished: handing the message back");
+                    break Disposition::Nak(None);
+                }
+                d = &mut work => break d,
+                _ = progress.tick() => {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::warn!(error = %e, "could not tell JetStream the work is in progress");
+                    }
+                }
+            }
+        };
+        settle(&msg, disposition).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Tells JetStream what became of a message.
+async fn settle(msg: &jetstream::Message, disposition: Disposition) {
+    let result = match disposition {
+        Disposition::Ack => msg.ack().await,
+        Disposition::Term => msg.ack_with(AckKind::Term).await,
+        Disposition::Nak(delay) => msg.ack_with(AckKind::Nak(delay)).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(
+            error = %e,
+            ?disposition,
+            "could not settle the message; JetStream will deliver it again"
+        );
+    }
+}
+
+/// What becomes of a message once handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    /// Done: the gateway accepted the outcome, or said the operation is not ours.
+    Ack,
+    /// Never deliver again: a poison message, a permanent failure (reported), or a
+    /// report the gateway will never accept.
+    Term,
+    /// Deliver again, after the delay if any.
+    Nak(Option<Duration>),
+}
+
+/// One delivery, as far as the handler cares.
+pub(crate) struct Delivery {
+    /// The subject, for logs about messages that are not operations.
+    pub(crate) subject: String,
+    pub(crate) payload: Bytes,
+    /// JetStream's delivery count; `None` if the message has no JetStream metadata.
+    pub(crate) delivered: Option<i64>,
+    pub(crate) trace: TraceHeaders,
+}
+
+impl Delivery {
+    fn of(msg: &jetstream::Message) -> Self {
+        let header = |name: &str| {
+            msg.message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        Self {
+            subject: msg.message.subject.to_string(),
+            payload: msg.message.payload.clone(),
+            delivered: msg.info().ok().map(|info| info.delivered),
+            trace: TraceHeaders {
+                request_id: header(REQUEST_ID_HEADER),
+                traceparent: header(TRACEPARENT_HEADER),
+            },
+        }
+    }
+}
+
+/// Retry and heartbeat timings; tests shrink them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// Between report attempts while the gateway is unavailable; without end.
+    pub(crate) report_retry: ExponentialBuilder,
+    /// Between in-process driver attempts after transient errors.
+    pub(crate) driver_retry: ExponentialBuilder,
+    /// Between `Progress` acks.
+    pub(crate) progress_interval: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            // 100 ms doubling to 2.5 s, jitter up to +100 %: at most 5 s between tries.
+            report_retry: ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_millis(2500))
+                .with_jitter()
+                .without_max_times(),
+            // 3 retries: 100 ms, 200 ms, 400 ms, each with jitter up to +100 %.
+            driver_retry: ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(1))
+                .with_jitter()
+                .with_max_times(3),
+            progress_interval: PROGRESS_INTERVAL,
+        }
+    }
+}
+
+/// Decides, for one delivery, what to report and how to settle it.
+pub(crate) struct Handler<D, R> {
+    pub(crate) driver: D,
+    pub(crate) reporter: R,
+    pub(crate) service: Service,
+    pub(crate) zone: String,
+    pub(crate) max_deliver: i64,
+    pub(crate) timing: Timing,
+}
+
+impl<D: Driver, R: Reporter> Handler<D, R> {
+    /// Handles one delivery. Records the operation's fields on the current span.
+    pub(crate) async fn handle(&self, delivery: &Delivery) -> Disposition {
+        let op: Dispatch = match serde_json::from_slice(&delivery.payload) {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::error!(
+                    subject = %delivery.subject,
+                    error = %e,
+                    "poison message: the payload is not an operation; terminating it"
+                );
+                return Disposition::Term;
+            }
+        };
+        let span = Span::current();
+        span.record("operation.id", field::display(op.operation_id));
+        if let Some(request_id) = &delivery.trace.request_id {
+            span.record("request_id", request_id.as_str());
+        }
+        let Some(delivered) = delivery.delivered else {
+            tracing::error!(subject = %delivery.subject, "message without JetStream metadata; terminating it");
+            return Disposition::Term;
+        };
+        let attempt = i32::try_from(delivered).unwrap_or(i32::MAX);
+        span.record("attempt", attempt);
+        if op.kind.service() != self.service || op.zone != self.zone {
+            tracing::error!(
+                kind = %op.kind,
+                op_zone = %op.zone,
+                "an operation for another pool reached this consumer; terminating it"
+            );
+            return Disposition::Term;
+        }
+        self.process(&op, attempt, &delivery.trace).await
+    }
+
+    async fn process(&self, op: &Dispatch, attempt: i32, trace: &TraceHeaders) -> Disposition {
+        let running = Report {
+            attempt,
+            state: ReportState::Running,
+            status: None,
+            error: None,
+        };
+        let ack = match self.report(op, running, trace).await {
+            Ok(ReportOutcome::Accepted(ack)) => ack,
+            Ok(ReportOutcome::Refused { code, message }) => {
+                tracing::info!(
+                    code = %code,
+                    message = %message,
+                    "the gateway refused the start (operation finished, or not this delivery's); acknowledging"
+                );
+                return Disposition::Ack;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the gateway rejected the start report; terminating the message");
+                return Disposition::Term;
+            }
+        };
+        if ack.cancel_requested {
+            tracing::info!("cancellation requested: not running the driver");
+            let cancelled = Report {
+                attempt,
+                state: ReportState::Cancelled,
+                status: None,
+                error: None,
+            };
+            return self.finish(op, cancelled, trace, Disposition::Ack).await;
+        }
+
+        tracing::info!(action = %op.action, kind = %op.kind, "operation started");
+        match self.run_driver(op).await {
+            Ok(status) => {
+                let succeeded = Report {
+                    attempt,
+                    state: ReportState::Succeeded,
+                    status: Some(status),
+                    error: None,
+                };
+                self.finish(op, succeeded, trace, Disposition::Ack).await
+            }
+            Err(DriverError::Permanent { code, message }) => {
+                tracing::warn!(code = %code, message = %message, "the driver failed");
+                let retryable = retryable(&code);
+                self.finish(
+                    op,
+                    failed(attempt, code, message, retryable),
+                    trace,
+                    Disposition::Term,
+                )
+                .await
+            }
+            Err(DriverError::Transient(message)) if self.is_last(attempt) => {
+                tracing::warn!(error = %message, "the driver failed transiently on the last delivery");
+                let report = failed(attempt, "retries_exhausted".into(), message, true);
+                self.finish(op, report, trace, Disposition::Term).await
+            }
+            Err(DriverError::Transient(message)) => {
+                let delay = nak_delay(attempt);
+                tracing::warn!(
+                    error = %message,
+                    retry_in = ?delay,
+                    "the driver failed transiently; handing the message back"
+                );
+                Disposition::Nak(Some(delay))
+            }
+        }
+    }
+
+    /// Runs the driver, retrying transient errors in process, within the deadline.
+    async fn run_driver(&self, op: &Dispatch) -> Result<serde_json::Value, DriverError> {
+        let Some(remaining) = (op.deadline - Utc::now())
+            .to_std()
+            .ok()
+            .filter(|d| !d.is_zero())
+        else {
+            return Err(deadline_exceeded(op));
+        };
+        let run = (|| self.driver.execute(op))
+            .retry(seeded(self.timing.driver_retry))
+            .when(DriverError::is_transient)
+            .notify(|e, delay| {
+                tracing::info!(error = %e, retry_in = ?delay, "the driver failed transiently; retrying");
+            });
+        tokio::time::timeout(remaining, run)
+            .await
+            .unwrap_or_else(|_| Err(deadline_exceeded(op)))
+    }
+
+    /// Reports a terminal state; on acceptance the message gets `on_accepted`.
+    async fn finish(
+        &self,
+        op: &Dispatch,
+        report: Report,
+        trace: &TraceHeaders,
+        on_accepted: Disposition,
+    ) -> Disposition {
+        let state = report.state;
+        match self.report(op, report, trace).await {
+            Ok(ReportOutcome::Accepted(_)) => {
+                tracing::info!(state = ?state, "operation finished");
+                on_accepted
+            }
+            Ok(ReportOutcome::Refused { code, message }) => {
+                tracing::info!(
+                    code = %code,
+                    message = %message,
+                    "the gateway refused the outcome (operation already ended or moved on); acknowledging"
+                );
+                Disposition::Ack
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the gateway rejected the outcome; terminating the message");
+                Disposition::Term
+            }
+        }
+    }
+
+    /// Sends a report until the gateway gives a verdict; `Err` when it never will.
+    async fn report(
+        &self,
+        op: &Dispatch,
+        report: Report,
+        trace: &TraceHeaders,
+    ) -> Result<ReportOutcome, ReportError> {
+        let state = report.state;
+        (|| self.reporter.report(op.operation_id, &report, trace))
+            .retry(seeded(self.timing.report_retry))
+            .when(ReportError::is_transient)
+            .notify(|e, delay| {
+                tracing::warn!(report = ?state, error = %e, retry_in = ?delay, "report not delivered; retrying");
+            })
+            .await
+    }
+
+    /// Whether this delivery is the consumer's last.
+    fn is_last(&self, attempt: i32) -> bool {
+        self.max_deliver > 0 && i64::from(attempt) >= self.max_deliver
+    }
+}
+
+fn failed(attempt: i32, code: String, message: String, retryable: bool) -> Report {
+    Report {
+        attempt,
+        state: ReportState::Failed,
+        status: None,
+        error: Some(OperationError {
+            code,
+            message,
+            retryable,
+        }),
+    }
+}
+
+/// Whether submitting the same request again may succeed after a driver's permanent
+/// error with `code`: only if time or capacity was what ran out.
+fn retryable(code: &str) -> bool {
+    matches!(code, "deadline_exceeded" | "capacity_exhausted")
+}
+
+fn deadline_exceeded(op: &Dispatch) -> DriverError {
+    DriverError::permanent(
+        "deadline_exceeded",
+        format!(
+            "the operation's deadline {} passed",
+            op.deadline.to_rfc3339()
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drivers::sim::tests::{dispatch, instant};
+    use crate::drivers::{SimConfig, SimDriver};
+    use gateway_proto::{Action, Kind, OperationState, ReportAck};
+    use serde_json::json;
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::sync::Mutex;
+    use uuid::Uuid;
+
+    /// A gateway that answers from a script (then accepts everything) and records what
+    /// it was sent.
+    #[derive(Default)]
+    struct FakeGateway {
+        script: Mutex<VecDeque<Result<ReportOutcome, ReportError>>>,
+        seen: Mutex<Vec<(Uuid, Report, TraceHeaders)>>,
+        cancel_requested: bool,
+    }
+
+    impl Reporter for FakeGateway {
+        fn report(
+            &self,
+            operation: Uuid,
+            report: &Report,
+            trace: &TraceHeaders,
+        ) -> impl Future<Output = Result<ReportOutcome, ReportError>> + Send {
+            self.seen
+                .lock()
+                .unwrap()
+                .push((operation, report.clone(), trace.clone()));
+            let answer =
+                self.script
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or(Ok(ReportOutcome::Accepted(ReportAck {
+                        operation_id: operation,
+                        state: OperationState::Running,
+                        attempt: report.attempt,
+                        cancel_requested: self.cancel_requested,
+                    })));
+            std::future::ready(answer)
+        }
+    }
+
+    fn handler(config: SimConfig, gateway: FakeGateway) -> Handler<SimDriver, FakeGateway> {
+        let tiny = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(1))
+            .with_max_delay(Duration::from_millis(1));
+        Handler {
+            driver: SimDriver::new(config),
+            reporter: gateway,
+            service: Service::Vm,
+            zone: "zone-a".into(),
+            max_deliver: 5,
+            timing: Timing {
+                report_retry: tiny.without_max_times(),
+                driver_retry: tiny.with_max_times(3),
+                progress_interval: Duration::from_millis(1),
+            },
+        }
+    }
+
+    fn vm(name: &str) -> Dispatch {
+        dispatch(
+            Kind::Vm,
+            Action::Create,
+            name,
+            json!({"flavor": "m1.small", "image": "debian-12", "power_state": "running"}),
+        )
+    }
+
+    fn delivery(op: &Dispatch, delivered: i64) -> Delivery {
+        Delivery {
+            subject: "ops.vm.zone-a".into(),
+            payload: serde_json::to_vec(op).unwrap().into(),
+            delivered: Some(delivered),
+            trace: TraceHeaders {
+                request_id: Some("req-1".into()),
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            },
+        }
+    }
+
+    fn states(h: &Handler<SimDriver, FakeGateway>) -> Vec<ReportState> {
+        h.reporter
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, r, _)| r.state)
+            .collect()
+    }
+
+    fn last_report(h: &Handler<SimDriver, FakeGateway>) -> Report {
+        h.reporter.seen.lock().unwrap().last().unwrap().1.clone()
+    }
+
+    fn script(answers: Vec<Result<ReportOutcome, ReportError>>) -> FakeGateway {
+        FakeGateway {
+            script: Mutex::new(answers.into()),
+            ..FakeGateway::default()
+        }
+    }
+
+    fn accepted(op: &Dispatch) -> Result<ReportOutcome, ReportError> {
+        Ok(ReportOutcome::Accepted(ReportAck {
+            operation_id: op.operation_id,
+            state: OperationState::Running,
+            attempt: 1,
+            cancel_requested: false,
+        }))
+    }
+
+    fn refused(code: &str) -> Result<ReportOutcome, ReportError> {
+        Ok(ReportOutcome::Refused {
+            code: code.into(),
+            message: "no".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_success_is_reported_with_its_status_then_acked() {
+        let h = handler(instant(), FakeGateway::default());
+        let op = vm("web-1");
+        assert_eq!(h.handle(&delivery(&op, 2)).await, Disposition::Ack);
+        assert_eq!(states(&h), [ReportState::Running, ReportState::Succeeded]);
+        let seen = h.reporter.seen.lock().unwrap();
+        for (id, report, trace) in seen.iter() {
+            assert_eq!(*id, op.operation_id);
+            assert_eq!(report.attempt, 2, "attempt is the delivery count");
+            assert_eq!(trace.request_id.as_deref(), Some("req-1"));
+        }
+        let status = seen[1].1.status.as_ref().unwrap();
+        assert_eq!(status["flavor"], "m1.small");
+        assert_eq!(status["generation"], 3);
+    }
+
+    #[tokio::test]
+    async fn the_terminal_report_is_retried_until_accepted_and_only_then_acked() {
+        let op = vm("web-1");
+        let outage = || Err(ReportError::Transient("connection refused".into()));
+        let gateway = script(vec![outage(), accepted(&op), outage(), outage(), outage()]);
+        let h = handler(instant(), gateway);
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
+        use ReportState::*;
+        assert_eq!(
+            states(&h),
+            [Running, Running, Succeeded, Succeeded, Succeeded, Succeeded]
+        );
+        assert_eq!(h.driver.executions(op.operation_id), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_operation_is_reported_cancelled_without_running_the_driver() {
+        let gateway = FakeGateway {
+            cancel_requested: true,
+            ..FakeGateway::default()
+        };
+        let h = handler(instant(), gateway);
+        let op = vm("web-1");
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
+        assert_eq!(states(&h), [ReportState::Running, ReportState::Cancelled]);
+        assert_eq!(h.driver.executions(op.operation_id), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_start_is_acked_without_running_the_driver() {
+        for code in [
+            "operation_finished",
+            "stale_attempt",
+            "operation_not_dispatched",
+        ] {
+            let h = handler(instant(), script(vec![refused(code)]));
+            let op = vm("web-1");
+            assert_eq!(
+                h.handle(&delivery(&op, 1)).await,
+                Disposition::Ack,
+                "{code}"
+            );
+            assert_eq!(h.driver.executions(op.operation_id), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_outcome_is_acked() {
+        let op = vm("web-1");
+        let h = handler(
+            instant(),
+            script(vec![accepted(&op), refused("operation_finished")]),
+        );
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
+    }
+
+    #[tokio::test]
+    async fn a_report_the_gateway_will_never_accept_terminates_the_message() {
+        let h = handler(
+            instant(),
+            script(vec![Err(ReportError::Permanent("403 Forbidden".into()))]),
+        );
+        let op = vm("web-1");
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
+        assert_eq!(h.driver.executions(op.operation_id), 0);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_reported_failed_then_terminated() {
+        let h = handler(instant(), FakeGateway::default());
+        let op = vm("fail-web");
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
+        let report = last_report(&h);
+        assert_eq!(report.state, ReportState::Failed);
+        let error = report.error.unwrap();
+        assert_eq!(error.code, "simulated_failure");
+        assert!(!error.retryable);
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_in_process_then_handed_back() {
+        let flaky = SimConfig {
+            transient_failure_rate: 1.0,
+            ..instant()
+        };
+        let h = handler(flaky, FakeGateway::default());
+        let op = vm("web-1");
+        assert_eq!(
+            h.handle(&delivery(&op, 2)).await,
+            Disposition::Nak(Some(Duration::from_secs(2)))
+        );
+        assert_eq!(h.driver.executions(op.operation_id), 4, "1 try + 3 retries");
+        assert_eq!(
+            states(&h),
+            [ReportState::Running],
+            "nothing terminal is reported"
+        );
+    }
+
+    #[tokio::test]
+    async fn transient_failures_on_the_last_delivery_fail_the_operation() {
+        let flaky = SimConfig {
+            transient_failure_rate: 1.0,
+            ..instant()
+        };
+        let h = handler(flaky, FakeGateway::default());
+        let op = vm("web-1");
+        assert_eq!(h.handle(&delivery(&op, 5)).await, Disposition::Term);
+        let error = last_report(&h).error.unwrap();
+        assert_eq!(error.code, "retries_exhausted");
+        assert!(error.message.contains("simulated transient failure"));
+    }
+
+    #[tokio::test]
+    async fn an_operation_past_its_deadline_fails_without_running() {
+        let h = handler(instant(), FakeGateway::default());
+        let mut op = vm("web-1");
+        op.deadline = Utc::now() - chrono::Duration::seconds(1);
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
+        assert_eq!(last_report(&h).error.unwrap().code, "deadline_exceeded");
+        assert_eq!(h.driver.executions(op.operation_id), 0);
+    }
+
+    #[tokio::test]
+    async fn poison_and_misrouted_messages_are_terminated_without_a_report() {
+        let h = handler(instant(), FakeGateway::default());
+        let mut poison = delivery(&vm("web-1"), 1);
+        poison.payload = Bytes::from_static(b"{not json");
+        assert_eq!(h.handle(&poison).await, Disposition::Term);
+
+        let mut elsewhere = vm("web-1");
+        elsewhere.zone = "zone-b".into();
+        assert_eq!(h.handle(&delivery(&elsewhere, 1)).await, Disposition::Term);
+        assert!(states(&h).is_empty());
+    }
+
+    #[test]
+    fn nak_delay_grows_one_second_per_attempt_up_to_thirty() {
+        assert_eq!(nak_delay(0), Duration::from_secs(1));
+        assert_eq!(nak_delay(1), Duration::from_secs(1));
+        assert_eq!(nak_delay(4), Duration::from_secs(4));
+        assert_eq!(nak_delay(30), Duration::from_secs(30));
+        assert_eq!(nak_delay(1000), Duration::from_secs(30));
+        assert_eq!(nak_delay(-3), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn default_timings_send_progress_well_within_ack_wait() {
+        let t = Timing::default();
+        assert!(t.progress_interval * 3 <= Duration::from_secs(30));
+        use backon::BackoffBuilder;
+        let longest = t
+            .report_retry
+            .with_jitter_seed(7)
+            .build()
+            .take(50)
+            .max()
+            .unwrap();
+        assert!(longest <= Duration::from_secs(5), "{longest:?}");
+        assert_eq!(t.driver_retry.build().count(), 3);
+    }
+}

@@ -1,0 +1,39 @@
+//! Zone workers: consume operations from JetStream, run a driver, report through the
+//! gateway API.
+//!
+//! # Code map
+//!
+//! - [`consume`]: [`run_pool`], the consume loop of one pool (service × zone): bind the
+//!   durable pull consumer, pull as many messages as there are free slots, report
+//!   `running`, run the driver with retries, report the outcome, then settle the message.
+//! - [`report`]: [`report::GatewayClient`], the HTTP client for
+//!   `POST /v1/operations/{id}/reports`, and the sorting of the gateway's answers into
+//!   accepted, refused (`409`), retry (`5xx`, `429`, unreachable) and give up.
+//! - [`drivers`]: the [`Driver`] trait; [`SimDriver`], a simulated backend for every
+//!   service; [`ExecDriver`], an external program per operation (JSON in, JSON out).
+//! - [`config`]: [`PoolConfig`] for one pool, and [`config::WorkerConfig`], the `worker`
+//!   binary's environment.
+//!
+//! The wire contract (the `Dispatch` message, `Report`, `ReportAck`, subject and consumer
+//! names, header names) lives in `gateway-proto`, shared with the gateway.
+//!
+//! **Architecture invariant:** workers never touch PostgreSQL; there is no database URL
+//! in this crate. Work comes in through NATS; everything else goes through the gateway
+//! API, with the worker's own scoped key.
+//!
+//! **Architecture invariant:** a message is acknowledged only after the gateway accepted
+//! the operation's terminal report (or answered `409`: the operation is not this
+//! delivery's to finish). A crash at any point leaves the message to JetStream, and
+//! drivers are idempotent per operation ID, so a redelivery never acts twice.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod consume;
+pub mod drivers;
+pub mod report;
+
+pub use config::PoolConfig;
+pub use consume::run_pool;
+pub use drivers::{Driver, DriverError, ExecDriver, SimConfig, SimDriver};
+pub use gateway_proto::Service;

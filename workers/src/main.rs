@@ -1,0 +1,136 @@
+//! `worker --service S --zone Z`: one pool of a zone worker. Reads its configuration from
+//! the environment (see [`workers::config::WorkerConfig`]), runs until Ctrl-C or SIGTERM,
+//! then shuts down gracefully.
+
+use anyhow::Context as _;
+use clap::Parser;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use workers::config::{DriverConfig, LogFormat, WorkerConfig};
+use workers::{run_pool, ExecDriver, Service, SimDriver};
+
+/// Zone worker: carries out operations for one service in one zone.
+///
+/// Other settings come from the environment: NATS_URL, GATEWAY_URL, GATEWAY_KEY
+/// (required), OPS_STREAM, WORKER_CONCURRENCY, WORKER_MAX_DELIVER, WORKER_DRIVER
+/// (sim|exec), WORKER_EXEC_COMMAND, SIM_MIN_LATENCY_MS, SIM_MAX_LATENCY_MS,
+/// SIM_FAILURE_RATE, SIM_TRANSIENT_FAILURE_RATE, SIM_CAPACITY_PER_ZONE, LOG_FORMAT
+/// (text|json), RUST_LOG.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version)]
+struct Args {
+    /// The service to serve: vm, bm, k8s or storage.
+    #[arg(long, env = "WORKER_SERVICE", value_parser = parse_service)]
+    service: Service,
+    /// The zone to serve, e.g. zone-a.
+    #[arg(long, env = "WORKER_ZONE")]
+    zone: String,
+}
+
+fn parse_service(s: &str) -> Result<Service, String> {
+    s.parse().map_err(|_| {
+        let all: Vec<&str> = Service::ALL.iter().map(|s| s.as_str()).collect();
+        format!("must be one of {}", all.join(", "))
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match WorkerConfig::from_env(args.service, args.zone) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: WorkerConfig) -> anyhow::Result<()> {
+    let WorkerConfig {
+        nats_url,
+        pool,
+        driver,
+        ..
+    } = config;
+    // Keep trying in the background if NATS is not up yet: the pool logs and waits.
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("worker {} {}", pool.service, pool.zone))
+        .retry_on_initial_connect()
+        .connect(&nats_url)
+        .await
+        .with_context(|| format!("NATS_URL: cannot connect to {nats_url}"))?;
+    let js = async_nats::jetstream::new(client);
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested");
+            shutdown.cancel();
+        }
+    });
+
+    match driver {
+        DriverConfig::Sim {
+            config,
+            capacity_per_zone,
+        } => {
+            let driver = match capacity_per_zone {
+                Some(per_zone) => SimDriver::with_capacity(config, per_zone),
+                None => SimDriver::new(config),
+            };
+            run_pool(js, pool, driver, shutdown).await
+        }
+        DriverConfig::Exec { program, args } => {
+            run_pool(js, pool, ExecDriver::new(program, args), shutdown).await
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,277 @@
+//! The worker's only way to change anything: `POST /v1/operations/{id}/reports` on the
+//! gateway, and the sorting of its answers into accepted, refused, retry or give up.
+
+use gateway_proto::{Report, ReportAck, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
+use reqwest::header::{HeaderValue, AUTHORIZATION};
+use reqwest::StatusCode;
+use std::future::Future;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// How long one report request may take before it counts as a transient failure.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to the gateway may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Headers a message carried from the client's request, forwarded on every report so
+/// one request can be followed end to end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceHeaders {
+    /// The `X-Request-Id` of the request that created the operation.
+    pub request_id: Option<String>,
+    /// The W3C `traceparent`.
+    pub traceparent: Option<String>,
+}
+
+/// The gateway's verdict on a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// `200`: the report was applied (or repeated one already applied).
+    Accepted(ReportAck),
+    /// `409`: the operation already ended, the attempt is stale or the operation was
+    /// never dispatched: it is not this delivery's to act on any more.
+    Refused {
+        /// The gateway's machine-readable code, e.g. `operation_finished`.
+        code: String,
+        /// Its explanation.
+        message: String,
+    },
+}
+
+/// A report that did not get a verdict.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    /// The gateway is unreachable, overloaded (`429`) or failing (`5xx`): send it again.
+    #[error("gateway unavailable: {0}")]
+    Transient(String),
+    /// The gateway will never accept it (`401`, `403`, `404`, `422`, …).
+    #[error("report rejected: {0}")]
+    Permanent(String),
+}
+
+impl ReportError {
+    /// Whether sending the same report again may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ReportError::Transient(_))
+    }
+}
+
+/// Sends reports; the consume loop is generic over it so its decisions can be tested
+/// without a gateway.
+pub(crate) trait Reporter: Send + Sync + 'static {
+    /// Sends one report, once.
+    fn report(
+        &self,
+        operation: Uuid,
+        report: &Report,
+        trace: &TraceHeaders,
+    ) -> impl Future<Output = Result<ReportOutcome, ReportError>> + Send;
+}
+
+/// HTTP client for the gateway's report endpoint, authenticated as a worker principal.
+#[derive(Clone)]
+pub struct GatewayClient {
+    http: reqwest::Client,
+    /// Base URL without a trailing slash.
+    base_url: String,
+    /// `Bearer {key}`, marked sensitive so it never shows in debug output.
+    authorization: HeaderValue,
+}
+
+impl std::fmt::Debug for GatewayClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayClient")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayClient {
+    /// A client for the gateway at `base_url` (e.g. `http://127.0.0.1:8080`) using the
+    /// bearer key `key`.
+    pub fn new(base_url: &str, key: &str) -> anyhow::Result<Self> {
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+            anyhow::anyhow!("the gateway key holds characters not allowed in a header")
+        })?;
+        authorization.set_sensitive(true);
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("gateway-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            authorization,
+        })
+    }
+
+    /// Sends `report` about `operation` once and sorts the answer.
+    pub async fn send(
+        &self,
+        operation: Uuid,
+        report: &Report,
+        trace: &TraceHeaders,
+    ) -> Result<ReportOutcome, ReportError> {
+        let url = format!("{}/v1/operations/{operation}/reports", self.base_url);
+        let mut request = self
+            .http
+            .post(url)
+            .header(AUTHORIZATION, self.authorization.clone())
+            .json(report);
+        for (name, value) in [
+            (REQUEST_ID_HEADER, &trace.request_id),
+            (TRACEPARENT_HEADER, &trace.traceparent),
+        ] {
+            if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                request = request.header(name, value);
+            }
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ReportError::Transient(error_chain(&e)))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| ReportError::Transient(error_chain(&e)))?;
+        classify(status, &body)
+    }
+}
+
+impl Reporter for GatewayClient {
+    fn report(
+        &self,
+        operation: Uuid,
+        report: &Report,
+        trace: &TraceHeaders,
+    ) -> impl Future<Output = Result<ReportOutcome, ReportError>> + Send {
+        self.send(operation, report, trace)
+    }
+}
+
+/// Sorts the gateway's answer.
+pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Result<ReportOutcome, ReportError> {
+    if status.is_success() {
+        return serde_json::from_slice::<ReportAck>(body)
+            .map(ReportOutcome::Accepted)
+            // A contract violation, not an outage: retrying would not fix it.
+            .map_err(|e| {
+                ReportError::Permanent(format!("{status} with a body that is not a ReportAck: {e}"))
+            });
+    }
+    let (code, message) = error_body(body);
+    match status {
+        StatusCode::CONFLICT => Ok(ReportOutcome::Refused { code, message }),
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => Err(ReportError::Transient(
+            format!("{status}: {code}: {message}"),
+        )),
+        s if s.is_server_error() => Err(ReportError::Transient(format!(
+            "{status}: {code}: {message}"
+        ))),
+        _ => Err(ReportError::Permanent(format!(
+            "{status}: {code}: {message}"
+        ))),
+    }
+}
+
+/// `{code, message}` of an error body, or placeholders when it is not one.
+fn error_body(body: &[u8]) -> (String, String) {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    let code = field("code").unwrap_or_else(|| "unknown".into());
+    let message = field("message").unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(body);
+        text.chars().take(200).collect()
+    });
+    (code, message)
+}
+
+/// An error and its sources on one line (reqwest hides the interesting part in sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_proto::OperationState;
+    use serde_json::json;
+
+    #[test]
+    fn a_200_with_a_report_ack_is_accepted() {
+        let id = Uuid::now_v7();
+        let body =
+            json!({"operation_id": id, "state": "running", "attempt": 2, "cancel_requested": true});
+        let outcome = classify(StatusCode::OK, body.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            outcome,
+            ReportOutcome::Accepted(ReportAck {
+                operation_id: id,
+                state: OperationState::Running,
+                attempt: 2,
+                cancel_requested: true,
+            })
+        );
+        assert!(!classify(StatusCode::OK, b"<html>")
+            .unwrap_err()
+            .is_transient());
+    }
+
+    #[test]
+    fn a_409_is_a_refusal_with_the_gateways_code() {
+        let body =
+            json!({"code": "stale_attempt", "message": "attempt 1 is older", "request_id": "r"});
+        let outcome = classify(StatusCode::CONFLICT, body.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            outcome,
+            ReportOutcome::Refused {
+                code: "stale_attempt".into(),
+                message: "attempt 1 is older".into()
+            }
+        );
+    }
+
+    #[test]
+    fn outages_are_transient_and_refusals_of_the_principal_permanent() {
+        for status in [429, 408, 500, 502, 503, 504] {
+            let err = classify(StatusCode::from_u16(status).unwrap(), b"").unwrap_err();
+            assert!(err.is_transient(), "{status}");
+        }
+        for status in [400, 401, 403, 404, 422] {
+            let body = json!({"code": "forbidden", "message": "not your zone"}).to_string();
+            let err = classify(StatusCode::from_u16(status).unwrap(), body.as_bytes()).unwrap_err();
+            assert!(!err.is_transient(), "{status}");
+            assert!(err.to_string().contains("not your zone"));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_gateway_is_transient() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = GatewayClient::new(&format!("http://127.0.0.1:{port}/"), "k").unwrap();
+        let report = Report {
+            attempt: 1,
+            state: gateway_proto::ReportState::Running,
+            status: None,
+            error: None,
+        };
+        let err = client
+            .send(Uuid::now_v7(), &report, &TraceHeaders::default())
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+    }
+}
