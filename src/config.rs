@@ -1,7 +1,7 @@
 //! Configuration, read once from the environment, with defaults that work on a
 //! developer's machine. A bad value fails at start-up with a message naming the variable.
 
-use anyhow::{anyhow, Context as _};
+use anyhow::anyhow;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
@@ -201,14 +201,6 @@ impl Config {
             log_json: false,
         }
     }
-}
-
-/// Parses `value` as a duration in milliseconds, naming `what` on error.
-pub fn parse_millis(what: &str, value: &str) -> anyhow::Result<Duration> {
-    value
-        .parse::<u64>()
-        .map(Duration::from_millis)
-        .with_context(|| format!("{what}: not a number of milliseconds: {value:?}"))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use crate::domain::OperationState;
 use crate::lifecycle::finish::{self, Outcome};
 use crate::lifecycle::{dispatch, Engine};
-use crate::store::{operations, resources};
+use crate::store::{self, operations, resources};
 use serde_json::json;
 use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
@@ -70,11 +70,7 @@ impl Reconciler {
 
     async fn try_lead(&self) -> Option<PoolConnection<Postgres>> {
         let mut conn = self.engine.pool.acquire().await.ok()?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LOCK_KEY)
-            .fetch_one(&mut *conn)
-            .await
-            .ok()?;
+        let got = store::try_advisory_lock(&mut conn, LOCK_KEY).await.ok()?;
         if got {
             tracing::info!("this process is the active reconciler");
             // Never return a connection that holds the lock to the pool.

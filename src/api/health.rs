@@ -40,9 +40,9 @@ pub async fn healthz() -> &'static str {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let ping = sqlx::query("SELECT 1").execute(&state.engine.pool);
+    let ping = crate::store::ping(&state.engine.pool);
     let database = match tokio::time::timeout(Duration::from_secs(2), ping).await {
-        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Ok(())) => "ok".to_owned(),
         Ok(Err(e)) => format!("unavailable: {e}"),
         Err(_) => "unavailable: timed out".to_owned(),
     };

@@ -83,6 +83,20 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
     Ok(())
 }
 
+/// Checks that the database answers.
+pub async fn ping(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
+}
+
+/// Tries to take the session advisory lock `key` on `conn`; held until the connection
+/// closes.
+pub async fn try_advisory_lock(conn: &mut PgConnection, key: i64) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(conn)
+        .await
+}
+
 /// The SQLSTATE of a database error, if it is one.
 pub fn pg_code(e: &sqlx::Error) -> Option<String> {
     match e {

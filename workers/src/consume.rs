@@ -45,6 +45,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long one pull request waits on the server for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
+/// How long after its expiry a pull request counts as lost.
+const PULL_GRACE: Duration = Duration::from_secs(1);
+
 /// Longest delay asked for when handing a message back after transient failures.
 const MAX_NAK_DELAY: Duration = Duration::from_secs(30);
 
@@ -112,7 +115,7 @@ struct Pool<D, R> {
 
 impl<D: Driver, R: Reporter> Pool<D, R> {
     async fn run(mut self, shutdown: CancellationToken) {
-        tracing::info!(
+        tracing::debug!(
             stream = %self.cfg.stream,
             consumer = %self.consumer,
             concurrency = self.cfg.concurrency,
@@ -130,7 +133,7 @@ impl<D: Driver, R: Reporter> Pool<D, R> {
                 "timed out flushing the last acks; JetStream will redeliver those messages"
             ),
         }
-        tracing::info!("pool stopped");
+        tracing::debug!("pool stopped");
     }
 
     /// Pulls and dispatches messages until `shutdown`; outlives NATS outages and a
@@ -161,7 +164,7 @@ impl<D: Driver, R: Reporter> Pool<D, R> {
                     continue;
                 }
             };
-            tracing::info!(consumer = %self.consumer, "bound to the consumer");
+            tracing::debug!(consumer = %self.consumer, "bound to the consumer");
 
             loop {
                 self.reap();
@@ -190,11 +193,15 @@ impl<D: Driver, R: Reporter> Pool<D, R> {
                         continue 'bind;
                     }
                 };
+                // The server ends a pull at its expiry; if it has not by this time, the
+                // request was lost (NATS restarted) and waiting longer only adds latency.
+                let lost_after = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
                 loop {
                     let next = tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => return,
                         n = batch.next() => n,
+                        _ = tokio::time::sleep_until(lost_after) => None,
                     };
                     match next {
                         None => {

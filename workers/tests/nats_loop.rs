@@ -1,0 +1,355 @@
+//! The consume loop against a real NATS JetStream server (`NATS_URL`, default
+//! `nats://127.0.0.1:4222`) and a stand-in gateway: a few lines of HTTP on a
+//! `TcpListener` that record reports and answer them. Each test uses a stream of its own.
+//!
+//! The full path (gateway, relay, PostgreSQL, workers) is tested in the gateway's tests.
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use chrono::Utc;
+use gateway_proto::{
+    consumer_name, ops_subject, Action, Dispatch, Kind, OperationState, Report, ReportAck,
+    ReportState, REQUEST_ID_HEADER,
+};
+use serde_json::json;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use workers::{run_pool, Driver, DriverError, PoolConfig, Service, SimConfig, SimDriver};
+
+const ZONE: &str = "zone-a";
+
+/// What the stand-in gateway received: operation, report, `X-Request-Id`.
+type Seen = Arc<Mutex<Vec<(Uuid, Report, Option<String>)>>>;
+
+/// A stand-in gateway that accepts every report, after answering `503` to the first
+/// `outage` requests.
+async fn fake_gateway(outage: usize) -> (String, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen: Seen = Arc::default();
+    let failures_left = Arc::new(AtomicUsize::new(outage));
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (seen, failures_left) = (recorded.clone(), failures_left.clone());
+            tokio::spawn(async move {
+                let mut socket = BufReader::new(socket);
+                let mut request_line = String::new();
+                socket.read_line(&mut request_line).await.unwrap();
+                let (mut length, mut request_id) = (0, None);
+                loop {
+                    let mut line = String::new();
+                    socket.read_line(&mut line).await.unwrap();
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    let (name, value) = line.split_once(':').unwrap();
+                    match name.to_ascii_lowercase().as_str() {
+                        "content-length" => length = value.trim().parse().unwrap(),
+                        "x-request-id" => request_id = Some(value.trim().to_owned()),
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0; length];
+                socket.read_exact(&mut body).await.unwrap();
+                let answer = if failures_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    (
+                        "503 Service Unavailable",
+                        json!({"code": "unavailable", "message": "down"}),
+                    )
+                } else {
+                    let id: Uuid = request_line.split('/').nth(3).unwrap().parse().unwrap();
+                    let report: Report = serde_json::from_slice(&body).unwrap();
+                    let ack = ReportAck {
+                        operation_id: id,
+                        state: match report.state {
+                            ReportState::Running => OperationState::Running,
+                            ReportState::Succeeded => OperationState::Succeeded,
+                            ReportState::Failed => OperationState::Failed,
+                            ReportState::Cancelled => OperationState::Cancelled,
+                        },
+                        attempt: report.attempt,
+                        cancel_requested: false,
+                    };
+                    seen.lock().unwrap().push((id, report, request_id));
+                    ("200 OK", serde_json::to_value(ack).unwrap())
+                };
+                let body = answer.1.to_string();
+                let response = format!(
+                    "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    answer.0,
+                    body.len()
+                );
+                socket
+                    .get_mut()
+                    .write_all(response.as_bytes())
+                    .await
+                    .unwrap();
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// A stream and the vm pool's consumer for `ZONE`, as `gateway migrate` would make them.
+async fn create_stream(js: &jetstream::Context, name: &str, prefix: &str, max_deliver: i64) {
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{prefix}.*.*")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(consumer_name(Service::Vm, ZONE)),
+            filter_subject: ops_subject(prefix, Service::Vm, ZONE),
+            ack_wait: Duration::from_secs(30),
+            max_deliver,
+            max_ack_pending: 256,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn connect() -> jetstream::Context {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    jetstream::new(async_nats::connect(url).await.unwrap())
+}
+
+fn dispatch(name: &str) -> Dispatch {
+    Dispatch {
+        operation_id: Uuid::now_v7(),
+        tenant: "acme".into(),
+        resource_id: Uuid::now_v7(),
+        kind: Kind::Vm,
+        zone: ZONE.into(),
+        name: name.into(),
+        action: Action::Create,
+        generation: 1,
+        spec: json!({"flavor": "m1.small", "image": "debian-12", "power_state": "running"}),
+        input: json!({}),
+        deadline: Utc::now() + chrono::Duration::minutes(5),
+    }
+}
+
+async fn publish(js: &jetstream::Context, prefix: &str, op: &Dispatch) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(REQUEST_ID_HEADER, format!("req-{}", op.name).as_str());
+    js.publish_with_headers(
+        ops_subject(prefix, Service::Vm, ZONE),
+        headers,
+        serde_json::to_vec(op).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// Polls `done` every 20 ms until it holds, failing after `within`.
+async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn pool(stream: &str, gateway_url: &str, max_deliver: i64) -> PoolConfig {
+    PoolConfig {
+        service: Service::Vm,
+        zone: ZONE.into(),
+        stream: stream.into(),
+        gateway_url: gateway_url.into(),
+        gateway_key: "wk_test".into(),
+        concurrency: 4,
+        max_deliver,
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", Uuid::new_v4().simple())
+}
+
+#[tokio::test]
+async fn a_pool_started_before_its_stream_reports_and_acks_every_operation_through_an_outage() {
+    let js = connect().await;
+    let (stream_name, prefix) = (unique("WTEST"), unique("wtest"));
+    let (gateway_url, seen) = fake_gateway(3).await;
+    let driver = SimDriver::new(SimConfig {
+        min_latency: Duration::from_millis(1),
+        max_latency: Duration::from_millis(5),
+        failure_rate: 0.0,
+        transient_failure_rate: 0.0,
+    });
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(run_pool(
+        js.clone(),
+        pool(&stream_name, &gateway_url, 5),
+        driver.clone(),
+        shutdown.clone(),
+    ));
+
+    // The pool is up before `migrate` made its stream: it waits for it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    create_stream(&js, &stream_name, &prefix, 5).await;
+    let ops: Vec<Dispatch> = ["web-1", "web-2", "web-3", "web-4", "web-5", "fail-web"]
+        .into_iter()
+        .map(dispatch)
+        .collect();
+    for op in &ops {
+        publish(&js, &prefix, op).await;
+    }
+
+    let terminal = |seen: &Seen| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, r, _)| r.state != ReportState::Running)
+            .map(|(id, r, _)| (*id, r.clone()))
+            .collect::<HashMap<_, _>>()
+    };
+    eventually(
+        Duration::from_secs(15),
+        "every operation has an outcome",
+        || terminal(&seen).len() == ops.len(),
+    )
+    .await;
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(consumer_name(Service::Vm, ZONE), &stream_name)
+        .await
+        .unwrap();
+    let mut settled = false;
+    for _ in 0..100 {
+        let info = consumer.info().await.unwrap();
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(settled, "every message is acked or terminated");
+
+    let outcomes = terminal(&seen);
+    for op in &ops {
+        let report = &outcomes[&op.operation_id];
+        if op.name.starts_with("fail-") {
+            assert_eq!(report.state, ReportState::Failed);
+            assert_eq!(report.error.as_ref().unwrap().code, "simulated_failure");
+        } else {
+            assert_eq!(report.state, ReportState::Succeeded);
+            assert_eq!(report.status.as_ref().unwrap()["flavor"], "m1.small");
+            assert_eq!(driver.effects(op.operation_id), 1);
+        }
+        assert_eq!(report.attempt, 1);
+    }
+    for (id, _, request_id) in seen.lock().unwrap().iter() {
+        let op = ops.iter().find(|op| op.operation_id == *id).unwrap();
+        assert_eq!(
+            request_id.as_deref(),
+            Some(format!("req-{}", op.name).as_str())
+        );
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the pool stops promptly when idle")
+        .unwrap()
+        .unwrap();
+    js.delete_stream(&stream_name).await.unwrap();
+}
+
+/// Fails transiently on its first `failures` executions, then succeeds.
+#[derive(Clone)]
+struct FlakyDriver {
+    executions: Arc<AtomicUsize>,
+    failures: usize,
+}
+
+impl Driver for FlakyDriver {
+    fn execute(
+        &self,
+        _op: &Dispatch,
+    ) -> impl Future<Output = Result<serde_json::Value, DriverError>> + Send {
+        let n = self.executions.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(if n < self.failures {
+            Err(DriverError::Transient(format!("busy ({n})")))
+        } else {
+            Ok(json!({"ok": true}))
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_transient_failure_hands_the_message_back_and_the_next_delivery_finishes_it() {
+    let js = connect().await;
+    let (stream_name, prefix) = (unique("WTEST"), unique("wtest"));
+    create_stream(&js, &stream_name, &prefix, 5).await;
+    let (gateway_url, seen) = fake_gateway(0).await;
+    // One execution plus three in-process retries fail: delivery 1 is handed back.
+    let driver = FlakyDriver {
+        executions: Arc::default(),
+        failures: 4,
+    };
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(run_pool(
+        js.clone(),
+        pool(&stream_name, &gateway_url, 5),
+        driver.clone(),
+        shutdown.clone(),
+    ));
+
+    let op = dispatch("web-1");
+    publish(&js, &prefix, &op).await;
+    eventually(Duration::from_secs(15), "the operation succeeds", || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(_, r, _)| r.state == ReportState::Succeeded)
+    })
+    .await;
+
+    let reports: Vec<(ReportState, i32)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, r, _)| (r.state, r.attempt))
+        .collect();
+    assert_eq!(
+        reports,
+        [
+            (ReportState::Running, 1),
+            (ReportState::Running, 2),
+            (ReportState::Succeeded, 2)
+        ]
+    );
+    assert_eq!(driver.executions.load(Ordering::SeqCst), 5);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the pool stops promptly when idle")
+        .unwrap()
+        .unwrap();
+    js.delete_stream(&stream_name).await.unwrap();
+}
