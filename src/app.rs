@@ -3,6 +3,7 @@
 
 use crate::api::{self, AppState};
 use crate::auth;
+use crate::changes::Changes;
 use crate::config::Config;
 use crate::lifecycle::Engine;
 use crate::reconciler::Reconciler;
@@ -171,11 +172,14 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let wake = Wake::with_nats(backends.nats.clone(), config.nats.wake_subject());
+    let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())));
+    tasks.spawn(changes.clone().listen(shutdown.clone()));
     let engine = Engine {
         pool: backends.pool.clone(),
         names: config.nats.clone(),
         operation_timeout: config.operation_timeout,
         wake: wake.clone(),
+        changes: changes.clone(),
     };
     if let (true, Some(listener)) = (parts.api, listener) {
         let app = api::router(AppState {
@@ -202,6 +206,7 @@ pub async fn start(
             batch_size: config.relay_batch_size,
             poll_interval: config.relay_poll_interval,
             wake: wake.clone(),
+            changes: changes.clone(),
         };
         tasks.spawn(relay.run(shutdown.clone()));
     }

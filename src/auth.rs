@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use std::str::FromStr;
 use uuid::Uuid;
 
-use crate::domain::Service;
+use crate::domain::{Kind, Service};
 
 /// What a principal may do.
 #[derive(
@@ -85,6 +85,19 @@ impl Principal {
         self.role != Role::Reader && self.can_read(tenant)
     }
 
+    /// Whether a worker needs to read a resource of `kind` in `zone` for its work: its
+    /// own kind, and for storage workers the VMs their volumes attach to — in its zone.
+    pub fn reads_for_work(&self, kind: Kind, zone: &str) -> bool {
+        match (&self.role, &self.scope) {
+            (Role::Worker, Some((service, z))) => {
+                z == zone
+                    && (service.kind() == kind
+                        || (*service == Service::Storage && kind == Kind::Vm))
+            }
+            _ => false,
+        }
+    }
+
     /// Whether it may report on operations of `service` in `zone`.
     pub fn can_report(&self, service: Service, zone: &str) -> bool {
         match (&self.role, &self.scope) {
@@ -137,6 +150,12 @@ mod tests {
         assert!(!w.can_report(Service::Vm, "zone-b"));
         assert!(!w.can_report(Service::Storage, "zone-a"));
         assert!(!w.can_read("acme"));
+        assert!(w.reads_for_work(Kind::Vm, "zone-a"));
+        assert!(!w.reads_for_work(Kind::Vm, "zone-b"));
+        assert!(!w.reads_for_work(Kind::Volume, "zone-a"));
+        w.scope = Some((Service::Storage, "zone-a".into()));
+        assert!(w.reads_for_work(Kind::Vm, "zone-a") && w.reads_for_work(Kind::Volume, "zone-a"));
+        assert!(!w.reads_for_work(Kind::Cluster, "zone-a"));
     }
 
     #[test]

@@ -56,6 +56,11 @@ impl NatsNames {
     pub fn wake_subject(&self) -> String {
         format!("_gateway.{}.relay.wake", self.stream)
     }
+
+    /// Core-NATS subject on which replicas announce changed operations.
+    pub fn changes_subject(&self) -> String {
+        format!("_gateway.{}.operations.changed", self.stream)
+    }
 }
 
 impl Default for NatsNames {

@@ -13,6 +13,7 @@
 //! - [`store`]: every SQL statement, one module per table group.
 //! - [`lifecycle`]: each state change as one transaction (resource + operation +
 //!   outbox row), including the promotion of queued operations.
+//! - [`changes`]: operation-change notifications for long-polls.
 //! - [`relay`]: outbox → JetStream; [`jetstream`]: stream and consumer definitions.
 //! - [`reconciler`]: deadlines and lost messages, one active per deployment.
 //! - [`api`]: the HTTP surface (axum), errors, extractors, OpenAPI.
@@ -30,6 +31,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod changes;
 pub mod config;
 pub mod domain;
 pub mod jetstream;

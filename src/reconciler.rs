@@ -118,9 +118,11 @@ impl Reconciler {
         };
         let (_, promoted) = finish::finish(&mut tx, &self.engine.names, &op, outcome).await?;
         tx.commit().await?;
-        if promoted {
+        if promoted.is_some() {
             self.engine.wake.signal().await;
         }
+        let changed: Vec<Uuid> = [Some(id), promoted].into_iter().flatten().collect();
+        self.engine.changes.publish(&changed).await;
         Ok(true)
     }
 
@@ -140,6 +142,7 @@ impl Reconciler {
         dispatch::enqueue(&mut tx, &self.engine.names, &op, &resource).await?;
         tx.commit().await?;
         self.engine.wake.signal().await;
+        self.engine.changes.publish(&[id]).await;
         Ok(true)
     }
 }

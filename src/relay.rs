@@ -59,6 +59,8 @@ pub struct Relay {
     pub poll_interval: Duration,
     /// The doorbell.
     pub wake: Wake,
+    /// Told which operations became `dispatched`.
+    pub changes: crate::changes::Changes,
 }
 
 /// What one pass did.
@@ -167,6 +169,7 @@ impl Relay {
         outbox::delete(&mut tx, &done_ids).await?;
         operations::mark_dispatched(&mut tx, &dispatched).await?;
         tx.commit().await?;
+        self.changes.publish(&dispatched).await;
         Ok(Pass {
             claimed: rows.len(),
             published: done_ids.len(),

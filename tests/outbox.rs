@@ -28,6 +28,7 @@ fn relay_for(app: &common::TestApp) -> Relay {
         batch_size: 100,
         poll_interval: Duration::from_millis(100),
         wake: Wake::default(),
+        changes: Default::default(),
     }
 }
 

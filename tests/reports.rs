@@ -149,3 +149,71 @@ async fn reports_move_operations_forward_only_and_only_for_their_pool() {
         "finished operations need no polling"
     );
 }
+
+#[tokio::test]
+async fn workers_read_only_what_their_work_needs() {
+    let app = spawn_with(Options {
+        parts: Parts {
+            api: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let vm_a = app
+        .create(&tenant, "vms", "a", "zone-a", example_spec("vms"))
+        .await;
+    let vol_a = app
+        .create(&tenant, "volumes", "v", "zone-a", example_spec("volumes"))
+        .await;
+    let path = |kind: &str, op: &Value| {
+        format!(
+            "/v1/tenants/{tenant}/{kind}/{}",
+            op["resource_id"].as_str().unwrap()
+        )
+    };
+    let storage_a = worker_key(&app.pool, Service::Storage, "zone-a")
+        .await
+        .unwrap();
+    let storage_b = worker_key(&app.pool, Service::Storage, "zone-b")
+        .await
+        .unwrap();
+    let vm_key = worker_key(&app.pool, Service::Vm, "zone-a").await.unwrap();
+    let read = |key: &str, p: String| {
+        let app = &app;
+        let key = key.to_owned();
+        async move { app.request(Method::GET, &p, Some(&key), None).await.status }
+    };
+    assert_eq!(
+        read(&storage_a, path("vms", &vm_a)).await,
+        StatusCode::OK,
+        "a volume's VM, same zone"
+    );
+    assert_eq!(
+        read(&storage_a, path("volumes", &vol_a)).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        read(&storage_b, path("vms", &vm_a)).await,
+        StatusCode::NOT_FOUND,
+        "other zone"
+    );
+    assert_eq!(
+        read(&vm_key, path("volumes", &vol_a)).await,
+        StatusCode::NOT_FOUND,
+        "not a VM worker's business"
+    );
+    assert_eq!(
+        app.request(
+            Method::GET,
+            &format!("/v1/tenants/{tenant}/vms"),
+            Some(&storage_a),
+            None
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND,
+        "workers list nothing"
+    );
+}

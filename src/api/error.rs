@@ -141,8 +141,13 @@ impl From<LifecycleError> for ApiError {
     fn from(e: LifecycleError) -> Self {
         match e {
             LifecycleError::Invalid(v) => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, v.code, v.to_string())
-                    .with_details(json!({ "field": v.field }))
+                // A request that is fine in itself but not for the resource's current
+                // state conflicts with it.
+                let status = match v.code {
+                    "invalid_state" => StatusCode::CONFLICT,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                Self::new(status, v.code, v.to_string()).with_details(json!({ "field": v.field }))
             }
             LifecycleError::TenantNotFound => Self::new(
                 StatusCode::NOT_FOUND,
@@ -157,6 +162,24 @@ impl From<LifecycleError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "tenant_exists", e.to_string())
             }
             LifecycleError::Forbidden(why) => Self::forbidden(why),
+            LifecycleError::IdempotencyKeyReused => Self::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                e.to_string(),
+            ),
+            LifecycleError::PreconditionFailed { current } => Self::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                e.to_string(),
+            )
+            .with_details(json!({ "current_etag": format!("\"{current}\"") })),
+            LifecycleError::ResourceDeleting => {
+                Self::new(StatusCode::CONFLICT, "resource_deleting", e.to_string())
+            }
+            LifecycleError::OperationFinished(state) => {
+                Self::new(StatusCode::CONFLICT, "operation_finished", e.to_string())
+                    .with_details(json!({ "state": state }))
+            }
             LifecycleError::Report(r) => {
                 let status = match r {
                     Rejection::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,

@@ -198,3 +198,74 @@ mod tests {
         assert_eq!(parse_json::<T>(b"{\"a\":1}").unwrap().a, 1);
     }
 }
+
+/// Headers of a write: `Idempotency-Key` and `If-Match`.
+pub struct WriteHeaders {
+    /// The client's idempotency key, 1–255 visible ASCII characters.
+    pub idempotency_key: Option<String>,
+    /// The version `If-Match` names (`"7"`); `None` when absent or `*`.
+    pub if_match: Option<i64>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WriteHeaders {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let idempotency_key = match parts.headers.get("idempotency-key") {
+            None => None,
+            Some(v) => {
+                let k = v.to_str().ok().filter(|k| {
+                    !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic())
+                });
+                Some(
+                    k.ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_idempotency_key",
+                            "Idempotency-Key must be 1-255 visible ASCII characters",
+                        )
+                    })?
+                    .to_owned(),
+                )
+            }
+        };
+        let if_match = match parts.headers.get(header::IF_MATCH) {
+            None => None,
+            Some(v) => {
+                let text = v.to_str().unwrap_or("").trim();
+                if text == "*" {
+                    None
+                } else {
+                    let version = text
+                        .trim_start_matches("W/")
+                        .trim_matches('"')
+                        .parse::<i64>()
+                        .map_err(|_| {
+                            ApiError::new(
+                                StatusCode::PRECONDITION_FAILED,
+                                "precondition_failed",
+                                "If-Match names no version of this resource",
+                            )
+                        })?;
+                    Some(version)
+                }
+            }
+        };
+        Ok(WriteHeaders {
+            idempotency_key,
+            if_match,
+        })
+    }
+}
+
+/// The fingerprint an idempotency key is bound to: method, path and body.
+pub fn fingerprint(method: &str, path: &str, body: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(method.as_bytes());
+    h.update(b"\n");
+    h.update(path.as_bytes());
+    h.update(b"\n");
+    h.update(body.to_string().as_bytes());
+    hex::encode(h.finalize())
+}

@@ -13,7 +13,8 @@ use utoipa::{Modify, OpenApi};
     info(title = "Control-plane gateway", description = "One front door for VMs, bare-metal servers, Kubernetes clusters and volumes. Writes answer `202` with an operation to poll."),
     paths(
         resources::create, resources::read, resources::list, resources::delete,
-        operations::read, operations::list, operations::report,
+        resources::patch, resources::action,
+        operations::read, operations::list, operations::report, operations::cancel,
         tenants::create, tenants::list, tenants::read,
         catalog::zones, catalog::entries,
         health::healthz, health::readyz,

@@ -6,6 +6,7 @@ use super::resources::resource_id;
 use super::wire::{OperationOut, Page};
 use super::{cursor, AppState};
 use crate::auth::Principal;
+use crate::domain::{Kind, OperationState};
 use crate::lifecycle::report;
 use crate::store::{operations, operations::OperationRow, tenants};
 use axum::extract::{Path, Query, State};
@@ -15,6 +16,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway_proto::{Report, ReportAck};
 use serde::Deserialize;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
@@ -26,6 +30,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/operations/{id}", get(read))
         .route("/v1/operations/{id}/reports", post(report))
+        .route("/v1/operations/{id}/cancel", post(cancel))
         .route("/v1/tenants/{tenant}/operations", get(list))
 }
 
@@ -34,12 +39,46 @@ fn visible(principal: &Principal, op: &OperationRow) -> bool {
     principal.can_read(&op.tenant) || principal.can_report(op.kind.service(), &op.zone)
 }
 
-/// Read one operation. Unfinished ones carry `Retry-After`.
+/// The longest `wait` a long-poll may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How often a long-poll re-reads even without a notification (a safety net for lost
+/// notifications, not a busy loop).
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// Query of `GET /v1/operations/{id}`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    /// Long-poll: answer as soon as the operation's state changes, or after this long
+    /// (`500ms`, `30s`, `1m`; at most 60 s).
+    pub wait: Option<String>,
+}
+
+/// Parses `500ms`, `30s`, `2m` or a plain number of seconds.
+pub fn parse_wait(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().ok()?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        _ => return None,
+    };
+    Some(d.min(MAX_WAIT))
+}
+
+/// Read one operation; with `?wait=`, wait for it to change state first. Unfinished
+/// ones carry `Retry-After`.
 #[utoipa::path(
     get, path = "/v1/operations/{id}", tag = "operations",
-    params(("id" = Uuid, Path, description = "Operation ID")),
+    params(("id" = Uuid, Path, description = "Operation ID"), ReadQuery),
     responses(
         (status = 200, description = "The operation", body = OperationOut),
+        (status = 400, description = "`invalid_query`: bad wait", body = ErrorBody),
         (status = 404, description = "No such operation visible to this key", body = ErrorBody),
     ),
     security(("api_key" = []))
@@ -48,12 +87,47 @@ pub async fn read(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Path(id): Path<String>,
+    query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| super::bad_query(&e))?;
+    let wait = q
+        .wait
+        .as_deref()
+        .map(|w| {
+            parse_wait(w).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("wait: not a duration: {w:?}"),
+                )
+            })
+        })
+        .transpose()?;
     let id = resource_id(&id).map_err(|_| ApiError::not_found("operation"))?;
-    let op = operations::get(&state.engine.pool, id)
+    // Subscribe before the first read, so no change between the two is missed.
+    let mut changes = state.engine.changes.subscribe();
+    let mut op = operations::get(&state.engine.pool, id)
         .await?
         .filter(|op| visible(&principal, op))
         .ok_or_else(|| ApiError::not_found("operation"))?;
+    if let Some(wait) = wait {
+        let deadline = Instant::now() + wait;
+        let initial = op.state;
+        while !op.state.is_terminal() && op.state == initial && Instant::now() < deadline {
+            let recheck = tokio::time::sleep_until(deadline.min(Instant::now() + RECHECK));
+            tokio::select! {
+                changed = changes.recv() => match changed {
+                    Ok(changed) if changed != id => continue,
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                },
+                _ = recheck => {}
+            }
+            op = operations::get(&state.engine.pool, id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("operation"))?;
+        }
+    }
     let done = op.state.is_terminal();
     let mut res = Json(OperationOut::from(op)).into_response();
     if !done {
@@ -67,8 +141,16 @@ pub async fn read(
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct OperationQuery {
+    /// Only operations in this state.
+    pub state: Option<OperationState>,
+    /// Only operations on resources of this kind (`vm`, `bm`, `cluster`, `volume`).
+    pub kind: Option<Kind>,
+    /// Only operations in this zone.
+    pub zone: Option<String>,
     /// Only operations on this resource.
     pub resource_id: Option<Uuid>,
+    /// Only operations submitted at or after this instant (RFC 3339).
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// Page size, 1–500 (default 100).
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
@@ -102,14 +184,15 @@ pub async fn list(
     }
     let limit = super::page_limit(q.limit)?;
     let before = q.cursor.as_deref().map(cursor::decode_seq).transpose()?;
-    let rows = operations::list_for_tenant(
-        &state.engine.pool,
-        &tenant,
-        q.resource_id,
-        before,
-        limit + 1,
-    )
-    .await?;
+    let filter = operations::OperationFilter {
+        state: q.state,
+        kind: q.kind,
+        zone: q.zone,
+        resource_id: q.resource_id,
+        since: q.since,
+    };
+    let rows = operations::list_for_tenant(&state.engine.pool, &tenant, &filter, before, limit + 1)
+        .await?;
     Ok(Json(cursor::page(
         rows,
         limit,
@@ -147,4 +230,49 @@ pub async fn report(
             e => e.into(),
         })?;
     Ok(Json(ack))
+}
+
+/// Cancel an operation. One that no worker started is cancelled at once; a running one
+/// is asked to stop, and its terminal state says whether it did (`cancelled`) or
+/// finished first.
+#[utoipa::path(
+    post, path = "/v1/operations/{id}/cancel", tag = "operations",
+    params(("id" = Uuid, Path, description = "Operation ID")),
+    responses(
+        (status = 200, description = "Cancelled, or cancellation requested (`cancel_requested`)", body = OperationOut),
+        (status = 403, description = "A read-only key", body = ErrorBody),
+        (status = 404, description = "No such operation visible to this key", body = ErrorBody),
+        (status = 409, description = "`operation_finished`", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<OperationOut>, ApiError> {
+    let id = resource_id(&id).map_err(|_| ApiError::not_found("operation"))?;
+    let op = crate::lifecycle::cancel::cancel(&state.engine, &principal, id)
+        .await
+        .map_err(|e| match e {
+            crate::lifecycle::LifecycleError::NotFound => ApiError::not_found("operation"),
+            e => e.into(),
+        })?;
+    Ok(Json(op.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_parse_with_units_and_are_capped() {
+        assert_eq!(parse_wait("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_wait("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_wait("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_wait("5m"), Some(MAX_WAIT));
+        for bad in ["", "s", "-1s", "1h", "1.5s", "soon"] {
+            assert_eq!(parse_wait(bad), None, "{bad}");
+        }
+    }
 }

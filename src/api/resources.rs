@@ -2,26 +2,62 @@
 //! kinds (`vms`, `bare-metal`, `clusters`, `volumes`).
 
 use super::error::ApiError;
-use super::extract::{Caller, JsonBody, Meta};
+use super::extract::{fingerprint, Caller, JsonBody, Meta, WriteHeaders};
 use super::wire::{CreateResourceIn, OperationOut, Page, ResourceOut};
 use super::{accepted, cursor, AppState};
+use crate::domain::{actions, Phase};
 use crate::domain::{kind_from_path, Kind};
-use crate::lifecycle::submit::{self, CreateRequest, RequestMeta};
+use crate::lifecycle::submit::{self, Change, CreateRequest, Idempotency, RequestMeta};
 use crate::store::{resources, tenants};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::IntoParams;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/tenants/{tenant}/{kind}", get(list).post(create))
-        .route("/v1/tenants/{tenant}/{kind}/{id}", get(read).delete(delete))
+        .route(
+            "/v1/tenants/{tenant}/{kind}/{id}",
+            get(read).delete(delete).patch(patch),
+        )
+        .route(
+            "/v1/tenants/{tenant}/{kind}/{id}/actions/{action}",
+            post(action),
+        )
+}
+
+/// Body of `PATCH /v1/tenants/{tenant}/{kind}/{id}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchIn {
+    /// A JSON merge patch (RFC 7386) of the spec.
+    #[schema(example = json!({"flavor": "m1.large"}))]
+    pub spec: serde_json::Value,
+}
+
+/// Builds the lifecycle's view of a write request.
+fn request_meta<'a>(
+    principal: &'a crate::auth::Principal,
+    meta: &'a Meta,
+    headers: &'a WriteHeaders,
+    fingerprint: &'a str,
+) -> RequestMeta<'a> {
+    RequestMeta {
+        principal,
+        request_id: &meta.request_id,
+        traceparent: meta.traceparent.as_deref(),
+        idempotency: headers
+            .idempotency_key
+            .as_deref()
+            .map(|key| Idempotency { key, fingerprint }),
+    }
 }
 
 fn kind(segment: &str) -> Result<Kind, ApiError> {
@@ -55,15 +91,17 @@ pub async fn create(
     State(state): State<AppState>,
     Caller(principal): Caller,
     meta: Meta,
+    headers: WriteHeaders,
     Path((tenant, kind_segment)): Path<(String, String)>,
     JsonBody(body): JsonBody<CreateResourceIn>,
 ) -> Result<Response, ApiError> {
     let kind = kind(&kind_segment)?;
-    let meta = RequestMeta {
-        principal: &principal,
-        request_id: &meta.request_id,
-        traceparent: meta.traceparent.as_deref(),
-    };
+    let print = fingerprint(
+        "POST",
+        &format!("/v1/tenants/{tenant}/{kind_segment}"),
+        &serde_json::json!({"name": body.name, "zone": body.zone, "spec": body.spec}),
+    );
+    let meta = request_meta(&principal, &meta, &headers, &print);
     let req = CreateRequest {
         name: body.name,
         zone: body.zone,
@@ -73,7 +111,8 @@ pub async fn create(
     Ok(accepted(op))
 }
 
-/// Read one resource.
+/// Read one resource. Workers may read what their work needs: resources of their own
+/// kind in their zone, and (storage workers) the VMs in their zone.
 #[utoipa::path(
     get, path = "/v1/tenants/{tenant}/{kind}/{id}", tag = "resources",
     params(
@@ -94,11 +133,9 @@ pub async fn read(
 ) -> Result<Response, ApiError> {
     let kind = kind(&kind_segment)?;
     let id = resource_id(&id)?;
-    if !principal.can_read(&tenant) {
-        return Err(ApiError::not_found("resource"));
-    }
     let row = resources::get_live(&state.engine.pool, &tenant, kind, id)
         .await?
+        .filter(|r| principal.can_read(&tenant) || principal.reads_for_work(kind, &r.zone))
         .ok_or_else(|| ApiError::not_found("resource"))?;
     let etag = format!("\"{}\"", row.version);
     let mut res = Json(ResourceOut::from(row)).into_response();
@@ -115,6 +152,10 @@ pub async fn read(
 pub struct ListQuery {
     /// Only resources in this zone.
     pub zone: Option<String>,
+    /// Only resources in this phase.
+    pub phase: Option<Phase>,
+    /// Only resources created at or after this instant (RFC 3339).
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// Page size, 1–500 (default 100).
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
@@ -157,15 +198,13 @@ pub async fn list(
         .as_deref()
         .map(cursor::decode_time_id)
         .transpose()?;
-    let rows = resources::list_live(
-        &state.engine.pool,
-        &tenant,
-        kind,
-        q.zone.as_deref(),
-        after,
-        limit + 1,
-    )
-    .await?;
+    let filter = resources::ResourceFilter {
+        zone: q.zone,
+        phase: q.phase,
+        since: q.since,
+    };
+    let rows =
+        resources::list_live(&state.engine.pool, &tenant, kind, &filter, after, limit + 1).await?;
     Ok(Json(cursor::page(
         rows,
         limit,
@@ -193,15 +232,134 @@ pub async fn delete(
     State(state): State<AppState>,
     Caller(principal): Caller,
     meta: Meta,
+    headers: WriteHeaders,
     Path((tenant, kind_segment, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let kind = kind(&kind_segment)?;
     let id = resource_id(&id)?;
-    let meta = RequestMeta {
-        principal: &principal,
-        request_id: &meta.request_id,
-        traceparent: meta.traceparent.as_deref(),
+    let print = fingerprint(
+        "DELETE",
+        &format!("/v1/tenants/{tenant}/{kind_segment}/{id}"),
+        &serde_json::Value::Null,
+    );
+    let meta = request_meta(&principal, &meta, &headers, &print);
+    let op = submit::delete(&state.engine, meta, &tenant, kind, id, headers.if_match).await?;
+    Ok(accepted(op))
+}
+
+/// Change a resource's spec with a JSON merge patch. Bumps `generation`; the answer is
+/// the `update` operation, which runs after the resource's earlier operations.
+#[utoipa::path(
+    patch, path = "/v1/tenants/{tenant}/{kind}/{id}", tag = "resources",
+    params(
+        ("tenant" = String, Path, description = "Tenant ID"),
+        ("kind" = String, Path, description = "`vms`, `bare-metal`, `clusters` or `volumes`"),
+        ("id" = Uuid, Path, description = "Resource ID"),
+        ("If-Match" = Option<String>, Header, description = "The ETag this change is based on"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe"),
+    ),
+    request_body = PatchIn,
+    responses(
+        (status = 202, description = "Accepted; `Location` names the operation", body = OperationOut),
+        (status = 404, description = "No such resource in this tenant", body = super::error::ErrorBody),
+        (status = 409, description = "`resource_deleting` or `idempotency_key_reused`", body = super::error::ErrorBody),
+        (status = 412, description = "`precondition_failed`: If-Match is stale", body = super::error::ErrorBody),
+        (status = 422, description = "The patched spec is invalid", body = super::error::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn patch(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    meta: Meta,
+    headers: WriteHeaders,
+    Path((tenant, kind_segment, id)): Path<(String, String, String)>,
+    JsonBody(body): JsonBody<PatchIn>,
+) -> Result<Response, ApiError> {
+    let kind = kind(&kind_segment)?;
+    let id = resource_id(&id)?;
+    let print = fingerprint(
+        "PATCH",
+        &format!("/v1/tenants/{tenant}/{kind_segment}/{id}"),
+        &body.spec,
+    );
+    let meta = request_meta(&principal, &meta, &headers, &print);
+    let change = Change::Patch(body.spec);
+    let op = submit::update(
+        &state.engine,
+        meta,
+        &tenant,
+        kind,
+        id,
+        change,
+        headers.if_match,
+    )
+    .await?;
+    Ok(accepted(op))
+}
+
+/// Run an action on a resource. vms: `start`, `stop`, `reboot`, `resize {"flavor"}`;
+/// bare-metal: `power_on`, `power_off`, `reprovision {"image"?}`; clusters:
+/// `scale {"node_count"}`, `upgrade {"version"}`; volumes: `resize {"size_gb"}` (grow
+/// only), `attach {"vm_id"}`, `detach`.
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/{kind}/{id}/actions/{action}", tag = "resources",
+    params(
+        ("tenant" = String, Path, description = "Tenant ID"),
+        ("kind" = String, Path, description = "`vms`, `bare-metal`, `clusters` or `volumes`"),
+        ("id" = Uuid, Path, description = "Resource ID"),
+        ("action" = String, Path, description = "An action of the kind"),
+        ("If-Match" = Option<String>, Header, description = "The ETag this change is based on"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe"),
+    ),
+    request_body(content = Object, description = "The action's input; empty or `{}` for actions without one"),
+    responses(
+        (status = 202, description = "Accepted; `Location` names the operation", body = OperationOut),
+        (status = 404, description = "No such resource, or no such action for the kind", body = super::error::ErrorBody),
+        (status = 409, description = "`invalid_state`, `resource_deleting` or `idempotency_key_reused`", body = super::error::ErrorBody),
+        (status = 412, description = "`precondition_failed`", body = super::error::ErrorBody),
+        (status = 422, description = "Invalid input", body = super::error::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn action(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    meta: Meta,
+    headers: WriteHeaders,
+    Path((tenant, kind_segment, id, action)): Path<(String, String, String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let kind = kind(&kind_segment)?;
+    let id = resource_id(&id)?;
+    let action = actions::parse(kind, &action).ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "unknown_action",
+            format!("a {kind} has no action {action:?}"),
+        )
+    })?;
+    let input: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::json!({})
+    } else {
+        super::extract::parse_json(&body)?
     };
-    let op = submit::delete(&state.engine, meta, &tenant, kind, id).await?;
+    let print = fingerprint(
+        "POST",
+        &format!("/v1/tenants/{tenant}/{kind_segment}/{id}/actions/{action}"),
+        &input,
+    );
+    let meta = request_meta(&principal, &meta, &headers, &print);
+    let change = Change::Action(action, input);
+    let op = submit::update(
+        &state.engine,
+        meta,
+        &tenant,
+        kind,
+        id,
+        change,
+        headers.if_match,
+    )
+    .await?;
     Ok(accepted(op))
 }

@@ -4,6 +4,7 @@
 //! **Architecture invariant:** no axum, no sqlx, no NATS in here. Everything is a pure
 //! function of its inputs, so it is tested without any server.
 
+pub mod actions;
 pub mod names;
 pub mod phase;
 pub mod report;

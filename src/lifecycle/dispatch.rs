@@ -18,7 +18,7 @@ pub async fn enqueue(
     op: &OperationRow,
     resource: &ResourceRow,
 ) -> sqlx::Result<()> {
-    let n = operations::set_pending(conn, op.id).await?;
+    let n = operations::set_pending(conn, op.id, resource.generation).await?;
     let payload = Dispatch {
         operation_id: op.id,
         tenant: op.tenant.clone(),

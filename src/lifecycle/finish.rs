@@ -23,14 +23,14 @@ pub struct Outcome<'a> {
 }
 
 /// Ends `op` (whose resource row the caller has locked) and starts the next queued
-/// operation on the same resource, if any. Returns the ended operation and whether an
-/// outbox row was written (the caller rings the relay after commit).
+/// operation on the same resource, if any. Returns the ended operation and the one
+/// promoted, whose outbox row was written (the caller rings the relay after commit).
 pub async fn finish(
     conn: &mut PgConnection,
     names: &NatsNames,
     op: &OperationRow,
     outcome: Outcome<'_>,
-) -> sqlx::Result<(OperationRow, bool)> {
+) -> sqlx::Result<(OperationRow, Option<uuid::Uuid>)> {
     let ended = operations::finish(
         conn,
         op.id,
@@ -42,7 +42,7 @@ pub async fn finish(
     .await?;
     if op.state == OperationState::Queued {
         // It never started: the resource is busy with another operation, untouched.
-        return Ok((ended, false));
+        return Ok((ended, None));
     }
     let phase = Phase::on_end(op.action, outcome.state).expect("terminal states set a phase");
     let empty = json!({});
@@ -70,7 +70,7 @@ async fn promote_next(
     names: &NatsNames,
     resource_id: uuid::Uuid,
     phase: Phase,
-) -> sqlx::Result<bool> {
+) -> sqlx::Result<Option<uuid::Uuid>> {
     let queued = operations::active_for_resource(conn, resource_id).await?;
     if phase == Phase::Deleted {
         for op in queued {
@@ -89,14 +89,14 @@ async fn promote_next(
             )
             .await?;
         }
-        return Ok(false);
+        return Ok(None);
     }
     let Some(next) = queued.into_iter().next() else {
-        return Ok(false);
+        return Ok(None);
     };
     debug_assert_eq!(next.state, OperationState::Queued);
     let resource = resources::lock(conn, resource_id).await?;
     dispatch::enqueue(conn, names, &next, &resource).await?;
     resources::set_phase(conn, resource_id, Phase::on_start(next.action)).await?;
-    Ok(true)
+    Ok(Some(next.id))
 }

@@ -8,11 +8,13 @@
 //! not at all (DESIGN.md, invariant 1). Nothing here publishes to NATS directly; the
 //! relay does, after commit.
 
+pub mod cancel;
 pub mod dispatch;
 pub mod finish;
 pub mod report;
 pub mod submit;
 
+use crate::changes::Changes;
 use crate::config::NatsNames;
 use crate::domain::report::Rejection;
 use crate::domain::ValidationError;
@@ -32,6 +34,8 @@ pub struct Engine {
     pub operation_timeout: Duration,
     /// Rung after every commit that wrote an outbox row.
     pub wake: Wake,
+    /// Told after every commit that changed an operation.
+    pub changes: Changes,
 }
 
 /// Why a lifecycle call did not happen. Nothing was written when one is returned.
@@ -60,6 +64,21 @@ pub enum LifecycleError {
     /// The caller may not do this.
     #[error("{0}")]
     Forbidden(&'static str),
+    /// The same `Idempotency-Key` came with a different request.
+    #[error("this Idempotency-Key was used for a different request")]
+    IdempotencyKeyReused,
+    /// `If-Match` named another version.
+    #[error("the resource is at version {current}, not the one in If-Match")]
+    PreconditionFailed {
+        /// The current version (the ETag without quotes).
+        current: i64,
+    },
+    /// The resource is being deleted; nothing else may be queued on it.
+    #[error("the resource is being deleted")]
+    ResourceDeleting,
+    /// The operation already ended.
+    #[error("the operation already ended as {0}")]
+    OperationFinished(crate::domain::OperationState),
     /// A worker's report was refused.
     #[error(transparent)]
     Report(#[from] Rejection),

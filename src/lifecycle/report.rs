@@ -37,8 +37,8 @@ pub async fn apply(
         cancel_requested: op.cancel_requested,
     };
     let (after, promoted) = match decide(progress, report)? {
-        Transition::Unchanged => (op, false),
-        Transition::Start { attempt } => (operations::start(&mut tx, id, attempt).await?, false),
+        Transition::Unchanged => (op, None),
+        Transition::Start { attempt } => (operations::start(&mut tx, id, attempt).await?, None),
         Transition::Finish { state, attempt } => {
             let outcome = Outcome {
                 state,
@@ -53,9 +53,18 @@ pub async fn apply(
         }
     };
     tx.commit().await?;
-    if promoted {
+    if promoted.is_some() {
         engine.wake.signal().await;
     }
+    engine
+        .changes
+        .publish(
+            &[Some(id), promoted]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+        )
+        .await;
     Ok(ReportAck {
         operation_id: after.id,
         state: after.state,

@@ -2,13 +2,15 @@
 
 use super::{dispatch, Engine, LifecycleError};
 use crate::auth::Principal;
+use crate::domain::actions::{self, Effect};
 use crate::domain::spec::{self, Category, ValidSpec};
 use crate::domain::{names, Action, Kind, OperationState, Phase, ValidationError};
 use crate::store::operations::{self, NewOperation, OperationRow};
 use crate::store::resources::{self, NewResource, ResourceRow};
-use crate::store::{catalog, tenants};
+use crate::store::{self, catalog, tenants};
 use chrono::Utc;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -21,6 +23,46 @@ pub struct RequestMeta<'a> {
     pub request_id: &'a str,
     /// The request's W3C `traceparent`, if it had one.
     pub traceparent: Option<&'a str>,
+    /// The client's `Idempotency-Key` and the fingerprint of the request it came with.
+    pub idempotency: Option<Idempotency<'a>>,
+}
+
+/// An `Idempotency-Key` and what it was sent with.
+#[derive(Debug, Clone, Copy)]
+pub struct Idempotency<'a> {
+    /// The client's key.
+    pub key: &'a str,
+    /// A hash of method, path and body: the same key with another request is refused.
+    pub fingerprint: &'a str,
+}
+
+/// A change to an existing resource.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A JSON merge patch of the spec (`PATCH`).
+    Patch(Value),
+    /// An action with its input (`POST …/actions/{action}`).
+    Action(Action, Value),
+}
+
+/// In a write's transaction: the operation an earlier request with the same
+/// `Idempotency-Key` created, if any. Concurrent requests with one key are serialized
+/// by an advisory lock on the key, so exactly one of them creates anything.
+async fn replay(
+    conn: &mut PgConnection,
+    meta: RequestMeta<'_>,
+) -> Result<Option<OperationRow>, LifecycleError> {
+    let Some(idem) = meta.idempotency else {
+        return Ok(None);
+    };
+    let digest = Sha256::digest(format!("{}\n{}", meta.principal.id, idem.key));
+    let lock = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    store::advisory_xact_lock(conn, lock).await?;
+    match operations::find_by_idempotency_key(conn, meta.principal.id, idem.key).await? {
+        Some(op) if op.request_fingerprint.as_deref() == Some(idem.fingerprint) => Ok(Some(op)),
+        Some(_) => Err(LifecycleError::IdempotencyKeyReused),
+        None => Ok(None),
+    }
 }
 
 /// A create request, as the API received it.
@@ -53,6 +95,9 @@ pub async fn create(
     names::validate_label("name", &req.name)?;
     let valid = spec::validate(kind, &req.spec)?;
     let mut tx = engine.pool.begin().await?;
+    if let Some(op) = replay(&mut tx, meta).await? {
+        return Ok(op);
+    }
     if tenants::get(&mut *tx, tenant).await?.is_none() {
         return Err(LifecycleError::TenantNotFound);
     }
@@ -100,19 +145,13 @@ pub async fn delete(
     tenant: &str,
     kind: Kind,
     id: Uuid,
+    if_match: Option<i64>,
 ) -> Result<OperationRow, LifecycleError> {
-    if !meta.principal.can_read(tenant) {
-        return Err(LifecycleError::NotFound);
-    }
-    if !meta.principal.can_write(tenant) {
-        return Err(LifecycleError::Forbidden(
-            "this key may not change resources",
-        ));
-    }
-    let mut tx = engine.pool.begin().await?;
-    let resource = resources::lock_live(&mut tx, tenant, kind, id)
-        .await?
-        .ok_or(LifecycleError::NotFound)?;
+    let (mut tx, resource) = match lock_for_change(engine, meta, tenant, kind, id, if_match).await?
+    {
+        Locked::Replay(op) => return Ok(op),
+        Locked::Resource(tx, r) => (tx, r),
+    };
     let active = operations::active_for_resource(&mut tx, id).await?;
     if let Some(existing) = active.iter().find(|o| o.action == Action::Delete) {
         return Ok(existing.clone());
@@ -124,6 +163,99 @@ pub async fn delete(
         &resource,
         Action::Delete,
         &json!({}),
+        active.is_empty(),
+    )
+    .await?;
+    tx.commit().await?;
+    engine.wake.signal().await;
+    Ok(op)
+}
+
+enum Locked {
+    Replay(OperationRow),
+    Resource(sqlx::Transaction<'static, sqlx::Postgres>, ResourceRow),
+}
+
+/// Authorizes a change, opens its transaction and locks the live resource, checking
+/// `If-Match`; or finds the earlier operation of a replayed request.
+async fn lock_for_change(
+    engine: &Engine,
+    meta: RequestMeta<'_>,
+    tenant: &str,
+    kind: Kind,
+    id: Uuid,
+    if_match: Option<i64>,
+) -> Result<Locked, LifecycleError> {
+    if !meta.principal.can_read(tenant) {
+        return Err(LifecycleError::NotFound);
+    }
+    if !meta.principal.can_write(tenant) {
+        return Err(LifecycleError::Forbidden(
+            "this key may not change resources",
+        ));
+    }
+    let mut tx = engine.pool.begin().await?;
+    if let Some(op) = replay(&mut tx, meta).await? {
+        return Ok(Locked::Replay(op));
+    }
+    let resource = resources::lock_live(&mut tx, tenant, kind, id)
+        .await?
+        .ok_or(LifecycleError::NotFound)?;
+    if let Some(expected) = if_match {
+        if expected != resource.version {
+            return Err(LifecycleError::PreconditionFailed {
+                current: resource.version,
+            });
+        }
+    }
+    Ok(Locked::Resource(tx, resource))
+}
+
+/// Records a change of a live resource's spec (a patch or an action) and its
+/// operation, which runs after the resource's active operations, in order.
+pub async fn update(
+    engine: &Engine,
+    meta: RequestMeta<'_>,
+    tenant: &str,
+    kind: Kind,
+    id: Uuid,
+    change: Change,
+    if_match: Option<i64>,
+) -> Result<OperationRow, LifecycleError> {
+    let (mut tx, mut resource) =
+        match lock_for_change(engine, meta, tenant, kind, id, if_match).await? {
+            Locked::Replay(op) => return Ok(op),
+            Locked::Resource(tx, r) => (tx, r),
+        };
+    let (action, input, effect) = match change {
+        Change::Patch(patch) => {
+            let merged = actions::merge_patch(&resource.spec, &patch);
+            (Action::Update, json!({}), Effect::NewSpec(merged))
+        }
+        Change::Action(action, input) => {
+            let effect = actions::apply(kind, action, &resource.spec, &input)?;
+            (action, input, effect)
+        }
+    };
+    if let Effect::NewSpec(next) = effect {
+        let valid = spec::validate(kind, &next)?;
+        check_references(&mut tx, tenant, &resource.zone, &valid).await?;
+        if valid.value != resource.spec {
+            resource = resources::update_spec(&mut tx, id, &valid.value).await?;
+        }
+    }
+    let active = operations::active_for_resource(&mut tx, id).await?;
+    if active.iter().any(|o| o.action == Action::Delete) {
+        return Err(LifecycleError::ResourceDeleting);
+    }
+    let input = if input.is_null() { json!({}) } else { input };
+    let op = start_operation(
+        engine,
+        &mut tx,
+        meta,
+        &resource,
+        action,
+        &input,
         active.is_empty(),
     )
     .await?;
@@ -158,8 +290,8 @@ async fn start_operation(
             state: OperationState::Queued,
             input,
             target_generation: resource.generation,
-            idempotency_key: None,
-            request_fingerprint: None,
+            idempotency_key: meta.idempotency.map(|i| i.key),
+            request_fingerprint: meta.idempotency.map(|i| i.fingerprint),
             requested_by: meta.principal.id,
             request_id: meta.request_id,
             traceparent: meta.traceparent,

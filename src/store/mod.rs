@@ -97,6 +97,15 @@ pub async fn try_advisory_lock(conn: &mut PgConnection, key: i64) -> sqlx::Resul
         .await
 }
 
+/// Takes a transaction-scoped advisory lock on `key`, waiting for it.
+pub async fn advisory_xact_lock(conn: &mut PgConnection, key: i64) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(key)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
 /// The SQLSTATE of a database error, if it is one.
 pub fn pg_code(e: &sqlx::Error) -> Option<String> {
     match e {

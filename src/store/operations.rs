@@ -165,12 +165,41 @@ pub async fn active_for_resource(
     .await
 }
 
-/// Marks an operation `pending` with one more dispatch; returns the dispatch number.
-pub async fn set_pending(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<i32> {
+/// Marks an operation `pending` with one more dispatch that converges on `generation`;
+/// returns the dispatch number.
+pub async fn set_pending(conn: &mut PgConnection, id: Uuid, generation: i64) -> sqlx::Result<i32> {
     sqlx::query_scalar(
-        "UPDATE operations SET state = 'pending', dispatches = dispatches + 1, updated_at = now()
+        "UPDATE operations SET state = 'pending', dispatches = dispatches + 1,
+             target_generation = $2, updated_at = now()
          WHERE id = $1 RETURNING dispatches",
     )
+    .bind(id)
+    .bind(generation)
+    .fetch_one(conn)
+    .await
+}
+
+/// The operation `principal` submitted under `key`, if any.
+pub async fn find_by_idempotency_key(
+    conn: &mut PgConnection,
+    principal: Uuid,
+    key: &str,
+) -> sqlx::Result<Option<OperationRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM operations WHERE requested_by = $1 AND idempotency_key = $2"
+    ))
+    .bind(principal)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Records that a client asked to cancel an operation a worker may be running.
+pub async fn request_cancel(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<OperationRow> {
+    sqlx::query_as(&format!(
+        "UPDATE operations SET cancel_requested = true, updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
     .bind(id)
     .fetch_one(conn)
     .await
@@ -225,22 +254,46 @@ pub async fn finish(
     .await
 }
 
+/// Filters of a tenant's operation list.
+#[derive(Debug, Clone, Default)]
+pub struct OperationFilter {
+    /// Only this state.
+    pub state: Option<OperationState>,
+    /// Only this kind.
+    pub kind: Option<Kind>,
+    /// Only this zone.
+    pub zone: Option<String>,
+    /// Only operations on this resource.
+    pub resource_id: Option<Uuid>,
+    /// Only operations submitted at or after this instant.
+    pub since: Option<DateTime<Utc>>,
+}
+
 /// One page of a tenant's operations, newest first, strictly before `before_seq`.
 pub async fn list_for_tenant(
     db: impl PgExecutor<'_>,
     tenant: &str,
-    resource_id: Option<Uuid>,
+    filter: &OperationFilter,
     before_seq: Option<i64>,
     limit: i64,
 ) -> sqlx::Result<Vec<OperationRow>> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM operations
-         WHERE tenant = $1 AND ($2::uuid IS NULL OR resource_id = $2)
-           AND ($3::bigint IS NULL OR seq < $3)
-         ORDER BY seq DESC LIMIT $4"
+         WHERE tenant = $1
+           AND ($2::text IS NULL OR state = $2)
+           AND ($3::text IS NULL OR kind = $3)
+           AND ($4::text IS NULL OR zone = $4)
+           AND ($5::uuid IS NULL OR resource_id = $5)
+           AND ($6::timestamptz IS NULL OR created_at >= $6)
+           AND ($7::bigint IS NULL OR seq < $7)
+         ORDER BY seq DESC LIMIT $8"
     ))
     .bind(tenant)
-    .bind(resource_id)
+    .bind(filter.state.map(OperationState::as_str))
+    .bind(filter.kind.map(Kind::as_str))
+    .bind(filter.zone.as_deref())
+    .bind(filter.resource_id)
+    .bind(filter.since)
     .bind(before_seq)
     .bind(limit)
     .fetch_all(db)

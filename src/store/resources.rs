@@ -134,6 +134,23 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<ResourceRow
     .await
 }
 
+/// Replaces the desired spec: a new generation.
+pub async fn update_spec(
+    conn: &mut PgConnection,
+    id: Uuid,
+    spec: &Value,
+) -> sqlx::Result<ResourceRow> {
+    sqlx::query_as(&format!(
+        "UPDATE resources SET spec = $2, generation = generation + 1, version = version + 1,
+             updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(spec)
+    .fetch_one(conn)
+    .await
+}
+
 /// Sets the phase.
 pub async fn set_phase(conn: &mut PgConnection, id: Uuid, phase: Phase) -> sqlx::Result<()> {
     sqlx::query(
@@ -190,13 +207,24 @@ pub async fn record_outcome(
     Ok(())
 }
 
+/// Filters of a resource list.
+#[derive(Debug, Clone, Default)]
+pub struct ResourceFilter {
+    /// Only this zone.
+    pub zone: Option<String>,
+    /// Only this phase.
+    pub phase: Option<Phase>,
+    /// Only resources created at or after this instant.
+    pub since: Option<DateTime<Utc>>,
+}
+
 /// One page of live resources of `tenant` and `kind`, newest first, strictly after
 /// `after` (the `(created_at, id)` of the last row of the previous page).
 pub async fn list_live(
     db: impl PgExecutor<'_>,
     tenant: &str,
     kind: Kind,
-    zone: Option<&str>,
+    filter: &ResourceFilter,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> sqlx::Result<Vec<ResourceRow>> {
@@ -205,13 +233,17 @@ pub async fn list_live(
         "SELECT {COLUMNS} FROM resources
          WHERE tenant = $1 AND kind = $2 AND deleted_at IS NULL
            AND ($3::text IS NULL OR zone = $3)
-           AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5))
+           AND ($4::text IS NULL OR phase = $4)
+           AND ($5::timestamptz IS NULL OR created_at >= $5)
+           AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7))
          ORDER BY created_at DESC, id DESC
-         LIMIT $6"
+         LIMIT $8"
     ))
     .bind(tenant)
     .bind(kind.as_str())
-    .bind(zone)
+    .bind(filter.zone.as_deref())
+    .bind(filter.phase.map(Phase::as_str))
+    .bind(filter.since)
     .bind(after_ts)
     .bind(after_id)
     .bind(limit)

@@ -1,0 +1,798 @@
+//! The operations API clients can trust: idempotency, per-resource ordering, ETags,
+//! actions, long-polls, cancellation, filters and deadlines.
+
+mod common;
+
+use common::{example_spec, spawn_app, spawn_with, Options, TestApp};
+use gateway::app::{worker_key, Parts};
+use gateway::domain::Service;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+fn no_workers() -> Options {
+    Options {
+        parts: Parts {
+            api: true,
+            relay: true,
+            reconciler: false,
+            workers: None,
+        },
+        ..Default::default()
+    }
+}
+
+async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> common::Answer {
+    let res = app
+        .http
+        .post(format!("{}{path}", app.url))
+        .bearer_auth(&app.admin_key)
+        .header("idempotency-key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    common::Answer {
+        status,
+        headers,
+        body: res.json().await.unwrap_or(Value::Null),
+    }
+}
+
+async fn report(app: &TestApp, key: &str, op: &str, body: Value) -> common::Answer {
+    app.request(
+        Method::POST,
+        &format!("/v1/operations/{op}/reports"),
+        Some(key),
+        Some(&body),
+    )
+    .await
+}
+
+async fn act(
+    app: &TestApp,
+    tenant: &str,
+    kind: &str,
+    res: String,
+    action: &str,
+    body: Value,
+) -> common::Answer {
+    let path = format!("/v1/tenants/{tenant}/{kind}/{res}/actions/{action}");
+    app.request(Method::POST, &path, Some(&app.admin_key), Some(&body))
+        .await
+}
+
+async fn run(
+    app: &TestApp,
+    tenant: &str,
+    kind: &str,
+    res: String,
+    action: &str,
+    body: Value,
+) -> Value {
+    let a = act(app, tenant, kind, res, action, body).await;
+    assert_eq!(
+        a.status,
+        StatusCode::ACCEPTED,
+        "{kind} {action}: {:?}",
+        a.body
+    );
+    assert_eq!(a.body["action"], action);
+    let done = app.wait_done(id(&a.body)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    done
+}
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().unwrap()
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_and_request_return_the_same_operation() {
+    let app = spawn_with(no_workers()).await;
+    let tenant = app.tenant().await;
+    let path = format!("/v1/tenants/{tenant}/vms");
+    let body = json!({"name": "web", "zone": "zone-a", "spec": example_spec("vms")});
+    let first = post_with_key(&app, &path, "create-web-1", &body).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    // The client lost the answer and retries: same operation, nothing new written.
+    let again = post_with_key(&app, &path, "create-web-1", &body).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!(id(&again.body), id(&first.body));
+    assert_eq!(app.count("resources").await, 1);
+    assert_eq!(app.count("operations").await, 1);
+    // The same key with another request is refused.
+    let other = json!({"name": "web-2", "zone": "zone-a", "spec": example_spec("vms")});
+    let reused = post_with_key(&app, &path, "create-web-1", &other).await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (StatusCode::CONFLICT, "idempotency_key_reused")
+    );
+    assert_eq!(app.count("resources").await, 1);
+    let bad = post_with_key(&app, &path, "", &other).await;
+    assert_eq!(
+        (bad.status, bad.code()),
+        (StatusCode::BAD_REQUEST, "invalid_idempotency_key")
+    );
+}
+
+#[tokio::test]
+async fn concurrent_posts_with_one_key_create_exactly_one_resource() {
+    let app = spawn_with(no_workers()).await;
+    let tenant = app.tenant().await;
+    let path = format!("/v1/tenants/{tenant}/clusters");
+    let body = json!({"name": "k", "zone": "zone-b", "spec": example_spec("clusters")});
+    let answers =
+        futures::future::join_all((0..8).map(|_| post_with_key(&app, &path, "one-cluster", &body)))
+            .await;
+    let ids: HashSet<&str> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+            id(&a.body)
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(app.count("resources").await, 1);
+    assert_eq!(app.count("operations").await, 1);
+}
+
+#[tokio::test]
+async fn a_retry_after_completion_returns_the_finished_operation() {
+    let app = spawn_app().await;
+    let tenant = app.tenant().await;
+    let path = format!("/v1/tenants/{tenant}/volumes");
+    let body = json!({"name": "data", "zone": "zone-a", "spec": example_spec("volumes")});
+    let first = post_with_key(&app, &path, "vol-data", &body).await;
+    app.wait_done(id(&first.body)).await;
+    let again = post_with_key(&app, &path, "vol-data", &body).await;
+    assert_eq!(id(&again.body), id(&first.body));
+    assert_eq!(again.body["state"], "succeeded");
+    assert_eq!(app.count("resources").await, 1);
+}
+
+#[tokio::test]
+async fn queued_updates_run_one_at_a_time_in_order_and_the_last_one_wins() {
+    let mut sim = common::fast_sim();
+    sim.min_latency = Duration::from_millis(150);
+    sim.max_latency = Duration::from_millis(200);
+    let app = spawn_with(Options {
+        parts: Parts {
+            api: true,
+            relay: true,
+            reconciler: true,
+            workers: Some(sim),
+        },
+        ..Default::default()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let create = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let path = format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        create["resource_id"].as_str().unwrap()
+    );
+    let mut ops = vec![create.clone()];
+    for flavor in ["m1.medium", "m1.large", "m1.xlarge"] {
+        let a = app
+            .request(
+                Method::PATCH,
+                &path,
+                Some(&app.admin_key),
+                Some(&json!({"spec": {"flavor": flavor}})),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+        assert_eq!(a.body["action"], "update");
+        assert_eq!(a.body["state"], "queued", "the create is still running");
+        ops.push(a.body);
+    }
+    let mut done = Vec::new();
+    for op in &ops {
+        done.push(app.wait_done(id(op)).await);
+    }
+    for pair in done.windows(2) {
+        assert_eq!(pair[1]["state"], "succeeded");
+        assert!(
+            pair[1]["started_at"].as_str() >= pair[0]["finished_at"].as_str(),
+            "ran in order: {pair:?}"
+        );
+    }
+    let vm = app.get(&path).await;
+    assert_eq!(vm.body["spec"]["flavor"], "m1.xlarge");
+    assert_eq!(vm.body["status"]["flavor"], "m1.xlarge");
+    assert_eq!(vm.body["generation"], 4);
+    assert_eq!(vm.body["observed_generation"], 4);
+    assert_eq!(vm.body["phase"], "ready");
+}
+
+#[tokio::test]
+async fn if_match_guards_against_lost_updates() {
+    let app = spawn_app().await;
+    let tenant = app.tenant().await;
+    let create = app
+        .create(&tenant, "clusters", "k", "zone-a", example_spec("clusters"))
+        .await;
+    app.wait_done(id(&create)).await;
+    let path = format!(
+        "/v1/tenants/{tenant}/clusters/{}",
+        create["resource_id"].as_str().unwrap()
+    );
+    let etag = app.get(&path).await.header("etag").unwrap().to_owned();
+    let patch = |etag: String, nodes: u32| {
+        let (app, path) = (&app, path.clone());
+        async move {
+            app.http
+                .patch(format!("{}{path}", app.url))
+                .bearer_auth(&app.admin_key)
+                .header("if-match", etag)
+                .json(&json!({"spec": {"node_count": nodes}}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let ok = patch(etag.clone(), 5).await;
+    assert_eq!(ok.status(), StatusCode::ACCEPTED);
+    let stale = patch(etag.clone(), 7).await;
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+    let body: Value = stale.json().await.unwrap();
+    assert_eq!(body["code"], "precondition_failed");
+    assert_ne!(body["details"]["current_etag"].as_str().unwrap(), etag);
+    let garbage = patch("\"not-a-version\"".into(), 7).await;
+    assert_eq!(garbage.status(), StatusCode::PRECONDITION_FAILED);
+    let bad_spec = app
+        .request(
+            Method::PATCH,
+            &path,
+            Some(&app.admin_key),
+            Some(&json!({"spec": {"node_count": 0}})),
+        )
+        .await;
+    assert_eq!(
+        (bad_spec.status, bad_spec.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec")
+    );
+    let unknown = app
+        .request(
+            Method::PATCH,
+            &path,
+            Some(&app.admin_key),
+            Some(&json!({"spec": {"gpus": 1}})),
+        )
+        .await;
+    assert_eq!(unknown.code(), "invalid_spec");
+    assert_eq!(app.get(&path).await.body["spec"]["node_count"], 5);
+}
+
+#[tokio::test]
+async fn actions_change_the_desired_state_and_workers_converge_on_it() {
+    let app = spawn_app().await;
+    let tenant = app.tenant().await;
+    let vm = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let vol = app
+        .create(
+            &tenant,
+            "volumes",
+            "data",
+            "zone-a",
+            example_spec("volumes"),
+        )
+        .await;
+    let cluster = app
+        .create(
+            &tenant,
+            "clusters",
+            "k",
+            "zone-b",
+            json!({"version": "1.30", "node_count": 3, "node_flavor": "m1.large"}),
+        )
+        .await;
+    let bm = app
+        .create(
+            &tenant,
+            "bare-metal",
+            "metal",
+            "zone-b",
+            example_spec("bare-metal"),
+        )
+        .await;
+    for op in [&vm, &vol, &cluster, &bm] {
+        app.wait_done(id(op)).await;
+    }
+    let rid = |op: &Value| op["resource_id"].as_str().unwrap().to_owned();
+    let t = tenant.as_str();
+    run(&app, t, "vms", rid(&vm), "stop", json!({})).await;
+    let v = app
+        .get(&format!("/v1/tenants/{tenant}/vms/{}", rid(&vm)))
+        .await;
+    assert_eq!(v.body["spec"]["power_state"], "stopped");
+    assert_eq!(v.body["status"]["power_state"], "stopped");
+    assert_eq!(v.body["generation"], 2);
+    let reboot = act(&app, t, "vms", rid(&vm), "reboot", json!({})).await;
+    assert_eq!(
+        (reboot.status, reboot.code()),
+        (StatusCode::CONFLICT, "invalid_state")
+    );
+    run(&app, t, "vms", rid(&vm), "start", json!({})).await;
+    run(&app, t, "vms", rid(&vm), "reboot", json!({})).await;
+    run(
+        &app,
+        t,
+        "vms",
+        rid(&vm),
+        "resize",
+        json!({"flavor": "m1.large"}),
+    )
+    .await;
+    let unknown = act(
+        &app,
+        t,
+        "vms",
+        rid(&vm),
+        "resize",
+        json!({"flavor": "m9.huge"}),
+    )
+    .await;
+    assert_eq!(unknown.code(), "unknown_catalog_item");
+
+    let shrink = act(
+        &app,
+        t,
+        "volumes",
+        rid(&vol),
+        "resize",
+        json!({"size_gb": 10}),
+    )
+    .await;
+    assert_eq!(
+        (shrink.status, shrink.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec")
+    );
+    run(
+        &app,
+        t,
+        "volumes",
+        rid(&vol),
+        "resize",
+        json!({"size_gb": 40}),
+    )
+    .await;
+    let done = run(
+        &app,
+        t,
+        "volumes",
+        rid(&vol),
+        "attach",
+        json!({"vm_id": rid(&vm)}),
+    )
+    .await;
+    assert_eq!(done["result"]["attached_to"], rid(&vm));
+    let elsewhere = act(
+        &app,
+        t,
+        "volumes",
+        rid(&vol),
+        "attach",
+        json!({"vm_id": rid(&bm)}),
+    )
+    .await;
+    assert_eq!(
+        elsewhere.status,
+        StatusCode::CONFLICT,
+        "already attached: {:?}",
+        elsewhere.body
+    );
+    run(&app, t, "volumes", rid(&vol), "detach", json!({})).await;
+    let not_a_vm = act(
+        &app,
+        t,
+        "volumes",
+        rid(&vol),
+        "attach",
+        json!({"vm_id": rid(&bm)}),
+    )
+    .await;
+    assert_eq!(not_a_vm.code(), "invalid_attachment");
+
+    run(
+        &app,
+        t,
+        "clusters",
+        rid(&cluster),
+        "scale",
+        json!({"node_count": 5}),
+    )
+    .await;
+    run(
+        &app,
+        t,
+        "clusters",
+        rid(&cluster),
+        "upgrade",
+        json!({"version": "1.31"}),
+    )
+    .await;
+    let c = app
+        .get(&format!("/v1/tenants/{tenant}/clusters/{}", rid(&cluster)))
+        .await;
+    assert_eq!(c.body["status"]["nodes_ready"], 5);
+    assert_eq!(c.body["status"]["version"], "1.31");
+    run(&app, t, "bare-metal", rid(&bm), "power_off", json!({})).await;
+    run(
+        &app,
+        t,
+        "bare-metal",
+        rid(&bm),
+        "reprovision",
+        json!({"image": "rocky-9"}),
+    )
+    .await;
+
+    let nope = act(&app, t, "vms", rid(&vm), "scale", json!({})).await;
+    assert_eq!(
+        (nope.status, nope.code()),
+        (StatusCode::NOT_FOUND, "unknown_action")
+    );
+    let strict = act(&app, t, "vms", rid(&vm), "stop", json!({"force": true})).await;
+    assert_eq!(
+        (strict.status, strict.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+    );
+}
+
+#[tokio::test]
+async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
+    let app = spawn_with(Options {
+        parts: Parts {
+            api: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let op_id = id(&op).to_owned();
+    let key = worker_key(&app.pool, Service::Vm, "zone-a").await.unwrap();
+    let started = Instant::now();
+    let poll_path = format!("/v1/operations/{op_id}?wait=20s");
+    let poll = app.get(&poll_path);
+    let work = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        report(
+            &app,
+            &key,
+            &op_id,
+            json!({"attempt": 1, "state": "running"}),
+        )
+        .await
+    };
+    let (polled, reported) = tokio::join!(poll, work);
+    assert_eq!(reported.status, StatusCode::OK);
+    assert_eq!(polled.body["state"], "running", "{:?}", polled.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "returned on the change, not after 20 s"
+    );
+    assert_eq!(polled.header("retry-after"), Some("1"));
+    // A finished operation answers at once, wait or not.
+    report(
+        &app,
+        &key,
+        &op_id,
+        json!({"attempt": 1, "state": "succeeded", "status": {}}),
+    )
+    .await;
+    let started = Instant::now();
+    let done = app.get(&format!("/v1/operations/{op_id}?wait=20s")).await;
+    assert_eq!(done.body["state"], "succeeded");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let bad = app
+        .get(&format!("/v1/operations/{op_id}?wait=forever"))
+        .await;
+    assert_eq!(
+        (bad.status, bad.code()),
+        (StatusCode::BAD_REQUEST, "invalid_query")
+    );
+    // A short wait on an unchanging operation ends with the operation as it is.
+    let other = app
+        .create(&tenant, "vms", "idle", "zone-a", example_spec("vms"))
+        .await;
+    let idle = app
+        .get(&format!("/v1/operations/{}?wait=200ms", id(&other)))
+        .await;
+    assert_eq!(idle.body["state"], "pending");
+}
+
+#[tokio::test]
+async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest() {
+    let app = spawn_with(Options {
+        parts: Parts {
+            api: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let key = worker_key(&app.pool, Service::Vm, "zone-a").await.unwrap();
+    let cancel = |op: String| {
+        let app = &app;
+        async move {
+            app.request(
+                Method::POST,
+                &format!("/v1/operations/{op}/cancel"),
+                Some(&app.admin_key),
+                None,
+            )
+            .await
+        }
+    };
+    // A pending create: cancelled at once, and the resource never existed.
+    let a = app
+        .create(&tenant, "vms", "a", "zone-a", example_spec("vms"))
+        .await;
+    let c = cancel(id(&a).into()).await;
+    assert_eq!(c.status, StatusCode::OK, "{:?}", c.body);
+    assert_eq!(c.body["state"], "cancelled");
+    assert_eq!(c.body["error"]["code"], "cancelled");
+    assert_eq!(
+        app.get(&format!(
+            "/v1/tenants/{tenant}/vms/{}",
+            a["resource_id"].as_str().unwrap()
+        ))
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    // Its message may still reach a worker: the gateway tells it the operation is over.
+    let late = report(
+        &app,
+        &key,
+        id(&a),
+        json!({"attempt": 1, "state": "running"}),
+    )
+    .await;
+    assert_eq!(
+        (late.status, late.code()),
+        (StatusCode::CONFLICT, "operation_finished")
+    );
+    let again = cancel(id(&a).into()).await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "operation_finished")
+    );
+
+    // A running create: the worker learns of the request in its next report's answer.
+    let b = app
+        .create(&tenant, "vms", "b", "zone-a", example_spec("vms"))
+        .await;
+    let path = format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        b["resource_id"].as_str().unwrap()
+    );
+    report(
+        &app,
+        &key,
+        id(&b),
+        json!({"attempt": 1, "state": "running"}),
+    )
+    .await;
+    let queued = app
+        .request(
+            Method::POST,
+            &format!("{path}/actions/stop"),
+            Some(&app.admin_key),
+            Some(&json!({})),
+        )
+        .await;
+    assert_eq!(queued.body["state"], "queued");
+    let c = cancel(id(&b).into()).await;
+    assert_eq!(c.body["state"], "running");
+    assert_eq!(c.body["cancel_requested"], true);
+    let ack = report(
+        &app,
+        &key,
+        id(&b),
+        json!({"attempt": 1, "state": "running"}),
+    )
+    .await;
+    assert_eq!(ack.body["cancel_requested"], true);
+    let stopped = report(
+        &app,
+        &key,
+        id(&b),
+        json!({"attempt": 1, "state": "cancelled"}),
+    )
+    .await;
+    assert_eq!(stopped.body["state"], "cancelled");
+    // The queued stop behind it was for a resource that never came to be.
+    let q = app
+        .get(&format!("/v1/operations/{}", id(&queued.body)))
+        .await;
+    assert_eq!(q.body["state"], "cancelled");
+    assert_eq!(q.body["error"]["code"], "resource_deleted");
+
+    // A queued operation is cancelled at once and the one after it moves up.
+    let d = app
+        .create(&tenant, "vms", "d", "zone-a", example_spec("vms"))
+        .await;
+    let path = format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        d["resource_id"].as_str().unwrap()
+    );
+    let stop = app
+        .request(
+            Method::POST,
+            &format!("{path}/actions/stop"),
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    let del = app.delete(&path).await;
+    assert_eq!(
+        cancel(id(&stop.body).into()).await.body["state"],
+        "cancelled"
+    );
+    report(
+        &app,
+        &key,
+        id(&d),
+        json!({"attempt": 1, "state": "succeeded", "status": {}}),
+    )
+    .await;
+    let del = app.get(&format!("/v1/operations/{}", id(&del.body))).await;
+    assert_eq!(
+        del.body["state"], "pending",
+        "the delete moved up past the cancelled stop"
+    );
+}
+
+#[tokio::test]
+async fn lists_filter_and_page_through_every_row_exactly_once_while_rows_are_added() {
+    let app = spawn_with(Options {
+        parts: Parts {
+            api: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let mut before = HashSet::new();
+    for i in 0..24 {
+        let (kind, zone) = if i % 3 == 0 {
+            ("volumes", "zone-b")
+        } else {
+            ("vms", "zone-a")
+        };
+        let op = app
+            .create(&tenant, kind, &format!("r{i}"), zone, example_spec(kind))
+            .await;
+        before.insert(id(&op).to_owned());
+    }
+    let insert_more = async {
+        for i in 0..20 {
+            app.create(
+                &tenant,
+                "vms",
+                &format!("late{i}"),
+                "zone-a",
+                example_spec("vms"),
+            )
+            .await;
+        }
+    };
+    let page_through = async {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/tenants/{tenant}/operations?limit=5");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let page = app.get(&path).await;
+            seen.extend(
+                page.body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| id(o).to_owned()),
+            );
+            match page.body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break seen,
+            }
+        }
+    };
+    let ((), seen) = tokio::join!(insert_more, page_through);
+    let unique: HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no operation twice");
+    assert!(
+        before.is_subset(&unique),
+        "every operation that existed is listed"
+    );
+
+    let vols = app
+        .get(&format!(
+            "/v1/tenants/{tenant}/operations?kind=volume&zone=zone-b&state=pending"
+        ))
+        .await;
+    assert_eq!(
+        vols.body["items"].as_array().unwrap().len(),
+        8,
+        "{:?}",
+        vols.body
+    );
+    let since = chrono::Utc::now() + chrono::Duration::hours(1);
+    let none = app
+        .get(&format!(
+            "/v1/tenants/{tenant}/operations?since={}",
+            since.to_rfc3339().replace('+', "%2B")
+        ))
+        .await;
+    assert_eq!(none.body["items"], json!([]));
+    let bad = app
+        .get(&format!("/v1/tenants/{tenant}/operations?state=sleeping"))
+        .await;
+    assert_eq!(
+        (bad.status, bad.code()),
+        (StatusCode::BAD_REQUEST, "invalid_query")
+    );
+    let provisioning = app
+        .get(&format!("/v1/tenants/{tenant}/volumes?phase=provisioning"))
+        .await;
+    assert_eq!(provisioning.body["items"].as_array().unwrap().len(), 8);
+    let ready = app
+        .get(&format!("/v1/tenants/{tenant}/volumes?phase=ready"))
+        .await;
+    assert_eq!(ready.body["items"], json!([]));
+}
+
+#[tokio::test]
+async fn an_operation_past_its_deadline_fails_with_deadline_exceeded() {
+    let app = spawn_with(Options {
+        parts: Parts {
+            api: true,
+            relay: true,
+            reconciler: true,
+            workers: None,
+        },
+        tweak: |c| {
+            c.operation_timeout = Duration::from_secs(1);
+            c.reconcile_interval = Duration::from_millis(100);
+        },
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(
+            &tenant,
+            "bare-metal",
+            "m",
+            "zone-a",
+            example_spec("bare-metal"),
+        )
+        .await;
+    let done = app.wait_done(id(&op)).await;
+    assert_eq!(done["state"], "failed");
+    assert_eq!(done["error"]["code"], "deadline_exceeded");
+    let r = app
+        .get(&format!(
+            "/v1/tenants/{tenant}/bare-metal/{}",
+            op["resource_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(r.body["phase"], "failed");
+    assert_eq!(r.body["status"]["last_error"]["code"], "deadline_exceeded");
+}
