@@ -182,9 +182,19 @@ pub async fn start(
         changes: changes.clone(),
     };
     if let (true, Some(listener)) = (parts.api, listener) {
+        let limiter = std::sync::Arc::new(api::guard::Limiter::new(config.rate_limits));
+        let idle = (limiter.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let (limiter, stop) = idle;
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            while tokio::select! { _ = stop.cancelled() => false, _ = tick.tick() => true } {
+                limiter.forget_idle();
+            }
+        });
         let app = api::router(AppState {
             engine: engine.clone(),
             nats: backends.nats.clone(),
+            limiter,
         });
         let stop = shutdown.clone();
         tasks.spawn(async move {

@@ -55,6 +55,41 @@ impl FromStr for Role {
     }
 }
 
+/// What a route needs. Every handler asks [`Principal::decide`] for one of these; the
+/// table in [`Role::grants`] is the whole policy (README: "Roles").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Permission {
+    /// Read a tenant, its resources and operations.
+    Read,
+    /// Create, change and delete a tenant's resources; cancel its operations.
+    Write,
+    /// Create, list and revoke a tenant's keys; read its audit log.
+    Manage,
+    /// Platform-wide: create tenants, read the whole audit log, create worker keys.
+    Platform,
+}
+
+impl Permission {
+    /// Every permission.
+    pub const ALL: [Permission; 4] = [
+        Permission::Read,
+        Permission::Write,
+        Permission::Manage,
+        Permission::Platform,
+    ];
+}
+
+/// The answer to "may this principal do that?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Yes.
+    Allow,
+    /// No, and the tenant must look nonexistent to this principal (`404`).
+    Hide,
+    /// No, though the principal may know the tenant exists (`403`).
+    Deny,
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -70,19 +105,45 @@ pub struct Principal {
     pub scope: Option<(Service, String)>,
 }
 
-impl Principal {
-    /// Whether it may read `tenant`'s resources and operations.
-    pub fn can_read(&self, tenant: &str) -> bool {
-        match self.role {
+impl Role {
+    /// The policy: whether the role grants `p` (within its tenant, for tenant roles).
+    pub const fn grants(self, p: Permission) -> bool {
+        match self {
             Role::Admin => true,
-            Role::Owner | Role::Member | Role::Reader => self.tenant.as_deref() == Some(tenant),
+            Role::Owner => !matches!(p, Permission::Platform),
+            Role::Member => matches!(p, Permission::Read | Permission::Write),
+            Role::Reader => matches!(p, Permission::Read),
+            // Workers act through their own scope (`can_report`, `reads_for_work`).
             Role::Worker => false,
         }
+    }
+}
+
+impl Principal {
+    /// Whether it may do `p` on `tenant` (`None` for platform-wide actions).
+    /// Principals of other tenants, and workers, never learn a tenant exists.
+    pub fn decide(&self, p: Permission, tenant: Option<&str>) -> Decision {
+        let own = match (&self.role, tenant) {
+            (Role::Admin, _) => true,
+            (Role::Worker, _) => false,
+            (_, Some(t)) => self.tenant.as_deref() == Some(t),
+            (_, None) => true,
+        };
+        match (own, self.role.grants(p)) {
+            (true, true) => Decision::Allow,
+            (false, _) if tenant.is_some() => Decision::Hide,
+            _ => Decision::Deny,
+        }
+    }
+
+    /// Whether it may read `tenant`'s resources and operations.
+    pub fn can_read(&self, tenant: &str) -> bool {
+        self.decide(Permission::Read, Some(tenant)) == Decision::Allow
     }
 
     /// Whether it may change `tenant`'s resources.
     pub fn can_write(&self, tenant: &str) -> bool {
-        self.role != Role::Reader && self.can_read(tenant)
+        self.decide(Permission::Write, Some(tenant)) == Decision::Allow
     }
 
     /// Whether a worker needs to read a resource of `kind` in `zone` for its work: its
@@ -140,6 +201,44 @@ mod tests {
         let reader = principal(Role::Reader, Some("acme"));
         assert!(reader.can_read("acme") && !reader.can_write("acme"));
         assert!(principal(Role::Admin, None).can_write("anyone"));
+    }
+
+    #[test]
+    fn the_policy_table_is_monotonic_and_tenant_bound() {
+        let owner = principal(Role::Owner, Some("acme"));
+        assert_eq!(
+            owner.decide(Permission::Manage, Some("acme")),
+            Decision::Allow
+        );
+        assert_eq!(
+            owner.decide(Permission::Manage, Some("globex")),
+            Decision::Hide
+        );
+        assert_eq!(owner.decide(Permission::Platform, None), Decision::Deny);
+        let member = principal(Role::Member, Some("acme"));
+        assert_eq!(
+            member.decide(Permission::Manage, Some("acme")),
+            Decision::Deny
+        );
+        // Each role grants everything the role below it grants.
+        let ladder = [Role::Reader, Role::Member, Role::Owner, Role::Admin];
+        for pair in ladder.windows(2) {
+            for p in Permission::ALL {
+                assert!(
+                    !pair[0].grants(p) || pair[1].grants(p),
+                    "{:?} < {:?} on {p:?}",
+                    pair[0],
+                    pair[1]
+                );
+            }
+        }
+        let mut worker = principal(Role::Worker, None);
+        worker.scope = Some((Service::Vm, "zone-a".into()));
+        assert_eq!(
+            worker.decide(Permission::Read, Some("acme")),
+            Decision::Hide
+        );
+        assert_eq!(worker.decide(Permission::Platform, None), Decision::Deny);
     }
 
     #[test]

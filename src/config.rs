@@ -40,6 +40,10 @@ pub struct Config {
     pub redispatch_after: Duration,
     /// `LOG_FORMAT`: `text` (default) or `json`.
     pub log_json: bool,
+    /// `GATEWAY_RATE_LIMIT_PER_SECOND`, `GATEWAY_RATE_LIMIT_BURST` (per principal and
+    /// bucket) and `GATEWAY_RATE_LIMIT_ANONYMOUS_PER_SECOND`,
+    /// `GATEWAY_RATE_LIMIT_ANONYMOUS_BURST` (per source address without a valid key).
+    pub rate_limits: crate::api::guard::RateLimits,
 }
 
 /// Names of the JetStream objects this deployment uses.
@@ -70,6 +74,10 @@ impl Default for NatsNames {
             subject_prefix: "ops".into(),
         }
     }
+}
+
+fn nz(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).expect("a positive constant")
 }
 
 /// Reads `name`, or `default` when unset or empty, parsed as `T`.
@@ -177,6 +185,12 @@ impl Config {
             reconcile_interval: millis("RECONCILE_INTERVAL_MS", 5000)?,
             redispatch_after: secs("RECONCILE_REDISPATCH_AFTER_SECONDS", 300)?,
             log_json,
+            rate_limits: crate::api::guard::RateLimits {
+                per_second: var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
+                burst: var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
+                anonymous_per_second: var("GATEWAY_RATE_LIMIT_ANONYMOUS_PER_SECOND", nz(5))?,
+                anonymous_burst: var("GATEWAY_RATE_LIMIT_ANONYMOUS_BURST", nz(20))?,
+            },
         })
     }
 
@@ -204,6 +218,12 @@ impl Config {
             reconcile_interval: Duration::from_millis(500),
             redispatch_after: Duration::from_secs(300),
             log_json: false,
+            rate_limits: crate::api::guard::RateLimits {
+                per_second: nz(100_000),
+                burst: nz(100_000),
+                anonymous_per_second: nz(100_000),
+                anonymous_burst: nz(100_000),
+            },
         }
     }
 }

@@ -17,7 +17,7 @@
 //! - [`relay`]: outbox → JetStream; [`jetstream`]: stream and consumer definitions.
 //! - [`reconciler`]: deadlines and lost messages, one active per deployment.
 //! - [`api`]: the HTTP surface (axum), errors, extractors, OpenAPI.
-//! - [`auth`]: keys and roles.
+//! - [`auth`]: keys, roles and the permission table; [`audit`]: the hash-chained trail.
 //! - [`app`]: assembling the processes (`migrate`, `serve`, `relay`, `up`).
 //!
 //! ## Invariants
@@ -30,6 +30,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod changes;
 pub mod config;

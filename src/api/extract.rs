@@ -1,12 +1,10 @@
 //! Extractors: the authenticated caller, JSON bodies with clear errors, request metadata.
 
 use super::error::ApiError;
+use super::guard::Authn;
 use super::request::RequestId;
-use super::AppState;
-use crate::auth::{self, Principal, Role};
-use crate::domain::Service;
-use crate::store::principals;
-use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use crate::auth::Principal;
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use bytes::Bytes;
@@ -15,42 +13,21 @@ use serde::de::DeserializeOwned;
 /// The authenticated caller, from `Authorization: Bearer <key>`.
 pub struct Caller(pub Principal);
 
-impl<S> FromRequestParts<S> for Caller
-where
-    AppState: FromRef<S>,
-    S: Send + Sync,
-{
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let state = AppState::from_ref(state);
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let unauthenticated =
             |msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", msg);
-        let key = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| unauthenticated("send an API key as `Authorization: Bearer <key>`"))?;
-        let row = principals::find_live_by_hash(&state.engine.pool, &auth::hash_key(key))
-            .await?
-            .ok_or_else(|| unauthenticated("the API key is unknown, revoked or expired"))?;
-        let role: Role = row.role.parse().map_err(|e| ApiError::internal(&e))?;
-        let scope = match (row.service, row.zone) {
-            (Some(s), Some(z)) => {
-                Some((s.parse::<Service>().map_err(|e| ApiError::internal(&e))?, z))
-            }
-            _ => None,
-        };
-        Ok(Caller(Principal {
-            id: row.id,
-            name: row.name,
-            role,
-            tenant: row.tenant,
-            scope,
-        }))
+        match parts.extensions.get::<Authn>() {
+            Some(Authn::Principal(p)) => Ok(Caller(p.clone())),
+            Some(Authn::Invalid) => Err(unauthenticated(
+                "the API key is unknown, revoked or expired",
+            )),
+            _ => Err(unauthenticated(
+                "send an API key as `Authorization: Bearer <key>`",
+            )),
+        }
     }
 }
 
@@ -142,22 +119,53 @@ where
     }
 }
 
-/// Parses a JSON body, sorting syntax errors from shape errors.
+/// The deepest nesting a body may have.
+pub const MAX_JSON_DEPTH: usize = 16;
+/// The most values (objects, arrays, scalars) a body may hold.
+pub const MAX_JSON_VALUES: usize = 2_000;
+
+/// Depth and number of values of a JSON document.
+fn shape(v: &serde_json::Value) -> (usize, usize) {
+    use serde_json::Value;
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Array(items) => Box::new(items.iter()),
+        Value::Object(map) => Box::new(map.values()),
+        _ => return (1, 1),
+    };
+    children
+        .map(shape)
+        .fold((1, 1), |(d, n), (cd, cn)| (d.max(cd + 1), n + cn))
+}
+
+/// Parses a JSON body, sorting syntax errors (`400 malformed_json`) from bodies too
+/// deep or too large to be a real request (`400 body_too_complex`) and from shape
+/// errors (`422 invalid_body`).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
-                e.to_string(),
+    // serde_json's own recursion limit (128) stops pathological nesting while parsing;
+    // the tighter limits below apply to what parsed.
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let (depth, values) = shape(&value);
+    if depth > MAX_JSON_DEPTH || values > MAX_JSON_VALUES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body_too_complex",
+            format!(
+                "bodies may nest {MAX_JSON_DEPTH} levels and hold {MAX_JSON_VALUES} values at most"
             ),
-            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-                format!("the body is not valid JSON: {e}"),
-            ),
-        }
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            e.to_string(),
+        )
     })
 }
 
@@ -196,6 +204,20 @@ mod tests {
             "invalid_body"
         );
         assert_eq!(parse_json::<T>(b"{\"a\":1}").unwrap().a, 1);
+        let deep = format!("{}{}", "[".repeat(20), "]".repeat(20));
+        assert_eq!(
+            parse_json::<serde_json::Value>(deep.as_bytes())
+                .unwrap_err()
+                .code,
+            "body_too_complex"
+        );
+        let wide = format!("[{}0]", "0,".repeat(3000));
+        assert_eq!(
+            parse_json::<serde_json::Value>(wide.as_bytes())
+                .unwrap_err()
+                .code,
+            "body_too_complex"
+        );
     }
 }
 

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod cursor;
 pub mod error;
 pub mod extract;
+pub mod guard;
 pub mod health;
 pub mod openapi;
 pub mod operations;
@@ -24,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use error::ApiError;
 use std::time::Duration;
-use tower_http::timeout::TimeoutLayer;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
 /// The largest request body accepted.
@@ -39,6 +40,8 @@ pub struct AppState {
     pub engine: Engine,
     /// The NATS connection, for readiness.
     pub nats: async_nats::Client,
+    /// Rate limiters.
+    pub limiter: std::sync::Arc<guard::Limiter>,
 }
 
 /// The whole API.
@@ -62,6 +65,11 @@ pub fn router(state: AppState) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(60),
+        ))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard,
         ))
         .layer(axum::middleware::from_fn(request::context))
         .layer(TraceLayer::new_for_http())

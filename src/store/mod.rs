@@ -8,6 +8,7 @@
 //!
 //! **Architecture invariant:** nothing outside this module writes SQL.
 
+pub mod audit;
 pub mod catalog;
 pub mod operations;
 pub mod outbox;

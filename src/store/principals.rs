@@ -83,3 +83,78 @@ pub async fn exists(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<bool> {
     .fetch_one(db)
     .await
 }
+
+/// A key as listed (never its hash).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyRow {
+    /// Its ID.
+    pub id: Uuid,
+    /// Its unique name.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// Its tenant.
+    pub tenant: Option<String>,
+    /// A worker's service.
+    pub service: Option<String>,
+    /// A worker's zone.
+    pub zone: Option<String>,
+    /// Creation time.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When it stops working.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When it was revoked.
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+const KEY_COLUMNS: &str =
+    "id, name, role, tenant, service, zone, created_at, expires_at, revoked_at";
+
+/// Inserts a new key; `None` if the name is taken.
+pub async fn insert(
+    conn: &mut PgConnection,
+    p: &NewPrincipal<'_>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> sqlx::Result<Option<KeyRow>> {
+    sqlx::query_as(&format!(
+        "INSERT INTO principals (id, name, role, tenant, service, zone, key_hash, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (name) DO NOTHING
+         RETURNING {KEY_COLUMNS}"
+    ))
+    .bind(Uuid::now_v7())
+    .bind(p.name)
+    .bind(p.role)
+    .bind(p.tenant)
+    .bind(p.service)
+    .bind(p.zone)
+    .bind(p.key_hash)
+    .bind(expires_at)
+    .fetch_optional(conn)
+    .await
+}
+
+/// The keys of a tenant (live and revoked), oldest first.
+pub async fn list_for_tenant(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Vec<KeyRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM principals WHERE tenant = $1 ORDER BY created_at, id"
+    ))
+    .bind(tenant)
+    .fetch_all(db)
+    .await
+}
+
+/// Revokes a key; with `tenant`, only a key of that tenant. Returns whether a live key
+/// was revoked.
+pub async fn revoke(conn: &mut PgConnection, id: Uuid, tenant: Option<&str>) -> sqlx::Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE principals SET revoked_at = now()
+         WHERE id = $1 AND revoked_at IS NULL AND ($2::text IS NULL OR tenant = $2)",
+    )
+    .bind(id)
+    .bind(tenant)
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}

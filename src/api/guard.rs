@@ -1,0 +1,274 @@
+//! The front door every API request passes: authentication, rate limiting and the
+//! audit trail, in one middleware so no route can forget any of them.
+//!
+//! - **Authentication** resolves `Authorization: Bearer <key>` to a principal (or notes
+//!   that the key is missing or bad); handlers take it through the `Caller` extractor,
+//!   which answers `401` when there is none.
+//! - **Rate limiting** is a token bucket per principal and class of request (writes,
+//!   reads, and operation polls, so polling cannot starve writes), and a stricter one
+//!   per source address for requests without a valid key. Over the limit: `429` with
+//!   `Retry-After` and code `rate_limited`.
+//! - **Audit**: every mutating request, whatever its outcome, and every denied request
+//!   (`401`, `403`, `429`) appends one row to the hash-chained audit log after it is
+//!   answered.
+
+use super::error::ApiError;
+use super::request::RequestId;
+use super::AppState;
+use crate::audit::{self, Entry};
+use crate::auth::{self, Principal, Role};
+use crate::domain::Service;
+use crate::store::principals;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use uuid::Uuid;
+
+/// What authentication found, for the `Caller` extractor.
+#[derive(Debug, Clone)]
+pub enum Authn {
+    /// A live key.
+    Principal(Principal),
+    /// No `Authorization` header.
+    Missing,
+    /// A key that is unknown, revoked or expired.
+    Invalid,
+}
+
+/// Which bucket a request draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    /// Anything that changes state.
+    Write,
+    /// Reads other than operation polls.
+    Read,
+    /// `GET /v1/operations/{id}`: polling has its own bucket.
+    Poll,
+}
+
+/// Token-bucket settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimits {
+    /// Sustained requests per second per principal and bucket.
+    pub per_second: NonZeroU32,
+    /// Burst per principal and bucket.
+    pub burst: NonZeroU32,
+    /// Sustained requests per second per source address without a valid key.
+    pub anonymous_per_second: NonZeroU32,
+    /// Burst per source address without a valid key.
+    pub anonymous_burst: NonZeroU32,
+}
+
+/// The limiters.
+pub struct Limiter {
+    principals: DefaultKeyedRateLimiter<(Uuid, Bucket)>,
+    anonymous: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl Limiter {
+    /// Limiters with `limits`.
+    pub fn new(limits: RateLimits) -> Self {
+        Self {
+            principals: DefaultKeyedRateLimiter::keyed(
+                Quota::per_second(limits.per_second).allow_burst(limits.burst),
+            ),
+            anonymous: DefaultKeyedRateLimiter::keyed(
+                Quota::per_second(limits.anonymous_per_second).allow_burst(limits.anonymous_burst),
+            ),
+        }
+    }
+
+    /// Forgets buckets that are full again, so memory follows active callers only.
+    pub fn forget_idle(&self) {
+        self.principals.retain_recent();
+        self.anonymous.retain_recent();
+    }
+
+    /// `Err(seconds to wait)` when the caller is over its limit.
+    fn check(&self, authn: &Authn, bucket: Bucket, source: Option<IpAddr>) -> Result<(), u64> {
+        let verdict = match (authn, source) {
+            (Authn::Principal(p), _) => self.principals.check_key(&(p.id, bucket)),
+            (_, Some(ip)) => self.anonymous.check_key(&ip),
+            (_, None) => Ok(()),
+        };
+        verdict.map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
+    }
+}
+
+fn bucket(method: &Method, route: &str) -> Bucket {
+    match *method {
+        Method::GET | Method::HEAD if route == "/v1/operations/{id}" => Bucket::Poll,
+        Method::GET | Method::HEAD => Bucket::Read,
+        _ => Bucket::Write,
+    }
+}
+
+async fn authenticate(state: &AppState, authorization: Option<Vec<u8>>) -> Result<Authn, ApiError> {
+    let Some(value) = authorization else {
+        return Ok(Authn::Missing);
+    };
+    let key = std::str::from_utf8(&value)
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    let Some(key) = key else {
+        return Ok(Authn::Invalid);
+    };
+    let Some(row) = principals::find_live_by_hash(&state.engine.pool, &auth::hash_key(key)).await?
+    else {
+        return Ok(Authn::Invalid);
+    };
+    let role: Role = row.role.parse().map_err(|e| ApiError::internal(&e))?;
+    let scope = match (row.service, row.zone) {
+        (Some(s), Some(z)) => Some((s.parse::<Service>().map_err(|e| ApiError::internal(&e))?, z)),
+        _ => None,
+    };
+    Ok(Authn::Principal(Principal {
+        id: row.id,
+        name: row.name,
+        role,
+        tenant: row.tenant,
+        scope,
+    }))
+}
+
+/// The tenant a request acts on, as far as its path says.
+fn path_tenant(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/tenants/")?;
+    let tenant = rest.split('/').next().filter(|t| !t.is_empty())?;
+    Some(tenant.to_owned())
+}
+
+/// A handler's note for the audit row: the tenant of what it acted on, when the path
+/// does not say (operations are addressed by ID alone).
+#[derive(Debug, Clone)]
+pub struct AuditTenant(pub String);
+
+/// The middleware.
+pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "(unmatched)".to_owned());
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec());
+    let authn = match authenticate(&state, authorization).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    // Probes and scrapes outside the API are never throttled.
+    let limited = if path.starts_with("/v1/") {
+        state.limiter.check(&authn, bucket(&method, &route), source)
+    } else {
+        Ok(())
+    };
+    let response = match limited {
+        Err(wait) => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many requests; retry in {wait} s"),
+            );
+            e.retry_after = Some(wait.max(1));
+            e.into_response()
+        }
+        Ok(()) => {
+            req.extensions_mut().insert(authn.clone());
+            next.run(req).await
+        }
+    };
+    let status = response.status().as_u16();
+    if mutating || matches!(status, 401 | 403 | 429) {
+        let tenant = path_tenant(&path).or_else(|| {
+            response
+                .extensions()
+                .get::<AuditTenant>()
+                .map(|t| t.0.clone())
+        });
+        let entry = Entry {
+            principal: match &authn {
+                Authn::Principal(p) => Some((p.id, p.name.clone())),
+                _ => None,
+            },
+            tenant,
+            action: format!("{method} {route}"),
+            target: path,
+            status,
+            request_id,
+            source: source.map(|ip| ip.to_string()),
+        };
+        if let Err(e) = audit::append(&state.engine.pool, entry).await {
+            tracing::error!(error = %e, "could not write the audit row");
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_reads_and_writes_draw_from_their_own_buckets() {
+        assert_eq!(bucket(&Method::GET, "/v1/operations/{id}"), Bucket::Poll);
+        assert_eq!(
+            bucket(&Method::GET, "/v1/tenants/{tenant}/{kind}"),
+            Bucket::Read
+        );
+        assert_eq!(
+            bucket(&Method::POST, "/v1/operations/{id}/cancel"),
+            Bucket::Write
+        );
+    }
+
+    #[test]
+    fn the_tenant_comes_from_the_path() {
+        assert_eq!(path_tenant("/v1/tenants/acme/vms"), Some("acme".into()));
+        assert_eq!(path_tenant("/v1/tenants"), None);
+        assert_eq!(path_tenant("/v1/operations/x"), None);
+    }
+
+    #[test]
+    fn an_exhausted_bucket_says_how_long_to_wait() {
+        let one = NonZeroU32::new(1).unwrap();
+        let limiter = Limiter::new(RateLimits {
+            per_second: one,
+            burst: one,
+            anonymous_per_second: one,
+            anonymous_burst: one,
+        });
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        assert!(limiter
+            .check(&Authn::Missing, Bucket::Read, Some(ip))
+            .is_ok());
+        assert_eq!(
+            limiter.check(&Authn::Missing, Bucket::Read, Some(ip)),
+            Err(1)
+        );
+    }
+}
