@@ -79,6 +79,31 @@ impl Permission {
     ];
 }
 
+/// The policy as a Markdown table (README "Roles" embeds it; a test keeps them equal).
+pub fn policy_table() -> String {
+    let roles = [
+        Role::Admin,
+        Role::Owner,
+        Role::Member,
+        Role::Reader,
+        Role::Worker,
+    ];
+    let mut out = String::from("| permission |");
+    for r in roles {
+        out.push_str(&format!(" {} |", r.as_str()));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(roles.len()));
+    for p in Permission::ALL {
+        out.push_str(&format!("\n| {p:?} |"));
+        for r in roles {
+            out.push_str(if r.grants(p) { " yes |" } else { " — |" });
+        }
+    }
+    out.push('\n');
+    out
+}
+
 /// The answer to "may this principal do that?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {

@@ -28,6 +28,7 @@
 //! 3. Every accepted operation reaches a terminal state; terminal states never change.
 //! 4. No answer leaks another tenant's data; a worker acts only on its service and zone.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod audit;

@@ -38,6 +38,51 @@ enum Command {
     Relay,
     /// Apply database migrations and JetStream definitions; create the admin key.
     Migrate,
+    /// Administration straight on the database (tenants, keys, the audit chain).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a tenant.
+    CreateTenant {
+        /// Its ID (a DNS label).
+        id: String,
+        /// Free text for humans.
+        #[arg(long, default_value = "")]
+        display_name: String,
+    },
+    /// Create an API key and print it (once).
+    CreateKey {
+        /// admin, owner, member, reader or worker.
+        #[arg(long)]
+        role: String,
+        /// The tenant of an owner, member or reader key.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The service of a worker key (vm, bm, k8s, storage).
+        #[arg(long)]
+        service: Option<String>,
+        /// The zone of a worker key.
+        #[arg(long)]
+        zone: Option<String>,
+        /// A unique name; generated when absent.
+        #[arg(long)]
+        name: Option<String>,
+        /// Expiry (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Revoke an API key by ID.
+    RevokeKey {
+        /// The key's ID.
+        id: uuid::Uuid,
+    },
+    /// Check the audit log's hash chain; exits non-zero at the first broken row.
+    VerifyAudit,
 }
 
 #[tokio::main]
@@ -45,6 +90,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::from_env()?;
     gateway::telemetry::init(config.log_json);
+    if let Command::Admin { command } = cli.command {
+        let pool = gateway::store::connect(&config.database_url, 2).await?;
+        gateway::store::migrate(&pool).await?;
+        return gateway::admin::run(&pool, command.into()).await;
+    }
     let backends = app::connect(&config).await?;
     match cli.command {
         Command::Migrate => {
@@ -77,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Admin { .. } => unreachable!("handled above"),
         Command::Up {
             sim_min_latency_ms,
             sim_max_latency_ms,
@@ -154,4 +205,30 @@ Gateway is up at {url}
   OpenAPI: {url}/v1/openapi.json    Stop: Ctrl-C
 "#
     );
+}
+
+impl From<AdminCommand> for gateway::admin::Command {
+    fn from(c: AdminCommand) -> Self {
+        use gateway::admin::Command as C;
+        match c {
+            AdminCommand::CreateTenant { id, display_name } => C::CreateTenant { id, display_name },
+            AdminCommand::CreateKey {
+                role,
+                tenant,
+                service,
+                zone,
+                name,
+                expires_at,
+            } => C::CreateKey {
+                role,
+                tenant,
+                service,
+                zone,
+                name,
+                expires_at,
+            },
+            AdminCommand::RevokeKey { id } => C::RevokeKey { id },
+            AdminCommand::VerifyAudit => C::VerifyAudit,
+        }
+    }
 }

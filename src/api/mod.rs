@@ -4,12 +4,14 @@
 //! **Architecture invariant:** handlers parse, authorize and shape answers; they call
 //! `lifecycle` for writes and `store` for reads, and hold no business rules.
 
+pub mod audit;
 pub mod catalog;
 pub mod cursor;
 pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod health;
+pub mod keys;
 pub mod openapi;
 pub mod operations;
 pub mod request;
@@ -51,6 +53,8 @@ pub fn router(state: AppState) -> Router {
         .merge(operations::router())
         .merge(tenants::router())
         .merge(catalog::router())
+        .merge(keys::router())
+        .merge(audit::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::not_found("route") })

@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and served at
 //! `GET /v1/openapi.json`.
 
-use super::{catalog, error, health, operations, resources, tenants, wire};
+use super::{audit, catalog, error, health, keys, operations, resources, tenants, wire};
 use axum::routing::get;
 use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -17,6 +17,7 @@ use utoipa::{Modify, OpenApi};
         operations::read, operations::list, operations::report, operations::cancel,
         tenants::create, tenants::list, tenants::read,
         catalog::zones, catalog::entries,
+        keys::create, keys::list, keys::revoke, audit::list,
         health::healthz, health::readyz,
     ),
     components(schemas(

@@ -3,7 +3,7 @@
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, JsonBody};
 use super::AppState;
-use crate::auth::Role;
+use crate::auth::Permission;
 use crate::domain::names;
 use crate::lifecycle::LifecycleError;
 use crate::store::tenants::{self, TenantRow};
@@ -72,9 +72,7 @@ pub async fn create(
     Caller(principal): Caller,
     JsonBody(body): JsonBody<TenantIn>,
 ) -> Result<(StatusCode, Json<TenantOut>), ApiError> {
-    if principal.role != Role::Admin {
-        return Err(ApiError::forbidden("only admins create tenants"));
-    }
+    super::keys::require(&principal, Permission::Platform, None)?;
     names::validate_label("id", &body.id).map_err(LifecycleError::from)?;
     let mut conn = state.engine.pool.acquire().await?;
     let row = tenants::insert(&mut conn, &body.id, &body.display_name)

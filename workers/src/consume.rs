@@ -16,6 +16,7 @@
 
 use crate::config::PoolConfig;
 use crate::drivers::{Driver, DriverError};
+use crate::peers::{LookupError, Peer, Peers};
 use crate::report::{GatewayClient, ReportError, ReportOutcome, Reporter, TraceHeaders};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use backon::{ExponentialBuilder, Retryable};
@@ -113,7 +114,7 @@ struct Pool<D, R> {
     tasks: JoinSet<()>,
 }
 
-impl<D: Driver, R: Reporter> Pool<D, R> {
+impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
     async fn run(mut self, shutdown: CancellationToken) {
         tracing::debug!(
             stream = %self.cfg.stream,
@@ -337,7 +338,7 @@ fn seeded(builder: ExponentialBuilder) -> ExponentialBuilder {
 
 /// Handles one message to the end: works on it while telling JetStream it is alive, then
 /// settles it. On hard stop, hands it back.
-async fn work_on<D: Driver, R: Reporter>(
+async fn work_on<D: Driver, R: Reporter + Peers>(
     handler: &Handler<D, R>,
     msg: jetstream::Message,
     hard_stop: &CancellationToken,
@@ -478,7 +479,7 @@ pub(crate) struct Handler<D, R> {
     pub(crate) timing: Timing,
 }
 
-impl<D: Driver, R: Reporter> Handler<D, R> {
+impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
     /// Handles one delivery. Records the operation's fields on the current span.
     pub(crate) async fn handle(&self, delivery: &Delivery) -> Disposition {
         let op: Dispatch = match serde_json::from_slice(&delivery.payload) {
@@ -548,7 +549,7 @@ impl<D: Driver, R: Reporter> Handler<D, R> {
         }
 
         tracing::info!(action = %op.action, kind = %op.kind, "operation started");
-        match self.run_driver(op).await {
+        match self.run_driver(op, trace).await {
             Ok(status) => {
                 let succeeded = Report {
                     attempt,
@@ -586,8 +587,13 @@ impl<D: Driver, R: Reporter> Handler<D, R> {
         }
     }
 
-    /// Runs the driver, retrying transient errors in process, within the deadline.
-    async fn run_driver(&self, op: &Dispatch) -> Result<serde_json::Value, DriverError> {
+    /// Within the deadline: reads what the operation needs about other resources
+    /// ([`Handler::look_up`]), then runs the driver, retrying transient errors in process.
+    async fn run_driver(
+        &self,
+        op: &Dispatch,
+        trace: &TraceHeaders,
+    ) -> Result<serde_json::Value, DriverError> {
         let Some(remaining) = (op.deadline - Utc::now())
             .to_std()
             .ok()
@@ -595,15 +601,49 @@ impl<D: Driver, R: Reporter> Handler<D, R> {
         else {
             return Err(deadline_exceeded(op));
         };
-        let run = (|| self.driver.execute(op))
-            .retry(seeded(self.timing.driver_retry))
-            .when(DriverError::is_transient)
-            .notify(|e, delay| {
-                tracing::info!(error = %e, retry_in = ?delay, "the driver failed transiently; retrying");
-            });
+        let run = async {
+            let enriched = self.look_up(op, trace).await?;
+            let op = enriched.as_ref().unwrap_or(op);
+            (|| self.driver.execute(op))
+                .retry(seeded(self.timing.driver_retry))
+                .when(DriverError::is_transient)
+                .notify(|e, delay| {
+                    tracing::info!(error = %e, retry_in = ?delay, "the driver failed transiently; retrying");
+                })
+                .await
+        };
         tokio::time::timeout(remaining, run)
             .await
             .unwrap_or_else(|_| Err(deadline_exceeded(op)))
+    }
+
+    /// If `op` depends on another resource ([`Peer::of`]), reads it through the gateway
+    /// and returns the copy of `op` the driver gets, its `input` enriched with what it
+    /// needs; `None` when nothing is needed.
+    ///
+    /// Transient failures (unreachable gateway, `5xx`, `429`) are retried like reports,
+    /// without end: the caller bounds this by the deadline, and on shutdown the message
+    /// is handed back. A peer that is gone, or a read the gateway will never answer, is a
+    /// permanent error.
+    async fn look_up(
+        &self,
+        op: &Dispatch,
+        trace: &TraceHeaders,
+    ) -> Result<Option<Dispatch>, DriverError> {
+        let Some(peer) = Peer::of(self.service, op) else {
+            return Ok(None);
+        };
+        let answer = (|| self.reporter.read(&op.tenant, peer, trace))
+            .retry(seeded(self.timing.report_retry))
+            .when(LookupError::is_transient)
+            .notify(|e, delay| {
+                tracing::warn!(peer = ?peer, error = %e, retry_in = ?delay, "cannot read a resource the operation needs; retrying");
+            })
+            .await
+            .map_err(|e| peer.lookup_failed(&e))?;
+        let value = peer.resolve(op, answer)?;
+        tracing::debug!(peer = ?peer, %value, "read a resource the operation needs");
+        Ok(Some(crate::peers::with_input(op, peer.input_key(), value)))
     }
 
     /// Reports a terminal state; on acceptance the message gets `on_accepted`.
@@ -692,6 +732,7 @@ mod tests {
     use super::*;
     use crate::drivers::sim::tests::{dispatch, instant};
     use crate::drivers::{SimConfig, SimDriver};
+    use crate::peers::PeerAnswer;
     use gateway_proto::{Action, Kind, OperationState, ReportAck};
     use serde_json::json;
     use std::collections::VecDeque;
@@ -699,13 +740,43 @@ mod tests {
     use std::sync::Mutex;
     use uuid::Uuid;
 
-    /// A gateway that answers from a script (then accepts everything) and records what
-    /// it was sent.
+    /// A gateway that answers reports from a script (then accepts everything), reads
+    /// from another script (then answers `404`, or stays down with `peer_outage`), and
+    /// records what it was sent.
     #[derive(Default)]
     struct FakeGateway {
         script: Mutex<VecDeque<Result<ReportOutcome, ReportError>>>,
         seen: Mutex<Vec<(Uuid, Report, TraceHeaders)>>,
         cancel_requested: bool,
+        peer_script: Mutex<VecDeque<Result<PeerAnswer, LookupError>>>,
+        peer_outage: bool,
+        reads: Mutex<Vec<(String, Peer, TraceHeaders)>>,
+    }
+
+    impl Peers for FakeGateway {
+        fn read(
+            &self,
+            tenant: &str,
+            peer: Peer,
+            trace: &TraceHeaders,
+        ) -> impl Future<Output = Result<PeerAnswer, LookupError>> + Send {
+            self.reads
+                .lock()
+                .unwrap()
+                .push((tenant.to_owned(), peer, trace.clone()));
+            let scripted = self.peer_script.lock().unwrap().pop_front();
+            let answer = scripted.unwrap_or_else(|| {
+                if self.peer_outage {
+                    Err(LookupError::Transient("connection refused".into()))
+                } else {
+                    Ok(PeerAnswer::NotFound {
+                        code: "not_found".into(),
+                        message: "resource not found".into(),
+                    })
+                }
+            });
+            std::future::ready(answer)
+        }
     }
 
     impl Reporter for FakeGateway {
@@ -749,6 +820,41 @@ mod tests {
                 driver_retry: tiny.with_max_times(3),
                 progress_interval: Duration::from_millis(1),
             },
+        }
+    }
+
+    fn storage_handler(config: SimConfig, gateway: FakeGateway) -> Handler<SimDriver, FakeGateway> {
+        Handler {
+            service: Service::Storage,
+            ..handler(config, gateway)
+        }
+    }
+
+    /// A volume of `acme` in `zone-a` attached to `vm`.
+    fn attached_volume(action: Action, vm: Uuid) -> Dispatch {
+        dispatch(
+            Kind::Volume,
+            action,
+            "data",
+            json!({"size_gb": 20, "class": "ssd", "attached_to": vm}),
+        )
+    }
+
+    /// The gateway's `200` about a VM of `acme` in `zone-a`.
+    fn found_vm(vm: Uuid, phase: &str, host: Option<&str>) -> Result<PeerAnswer, LookupError> {
+        Ok(PeerAnswer::Found(json!({
+            "id": vm, "tenant": "acme", "kind": "vm", "zone": "zone-a", "name": "db",
+            "spec": {"flavor": "m1.small", "image": "debian-12"},
+            "status": {"power_state": "running", "host": host},
+            "phase": phase, "generation": 1, "observed_generation": 1,
+            "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-01T00:00:00Z",
+        })))
+    }
+
+    fn peer_script(answers: Vec<Result<PeerAnswer, LookupError>>) -> FakeGateway {
+        FakeGateway {
+            peer_script: Mutex::new(answers.into()),
+            ..FakeGateway::default()
         }
     }
 
@@ -961,6 +1067,137 @@ mod tests {
         elsewhere.zone = "zone-b".into();
         assert_eq!(h.handle(&delivery(&elsewhere, 1)).await, Disposition::Term);
         assert!(states(&h).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_attachment_reads_the_vm_through_the_gateway_and_the_driver_sees_its_host() {
+        let vm_id = Uuid::now_v7();
+        let outage = || Err(LookupError::Transient("503 Service Unavailable".into()));
+        let gateway = peer_script(vec![
+            outage(),
+            outage(),
+            found_vm(vm_id, "ready", Some("zone-a-host-3")),
+        ]);
+        let h = storage_handler(instant(), gateway);
+        let op = attached_volume(Action::Attach, vm_id);
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
+        assert_eq!(states(&h), [ReportState::Running, ReportState::Succeeded]);
+        let status = last_report(&h).status.unwrap();
+        assert_eq!(status["attached_to"], vm_id.to_string());
+        assert_eq!(status["attached_host"], "zone-a-host-3");
+        assert_eq!(status["device"], "/dev/vdb");
+        let reads = h.reporter.reads.lock().unwrap();
+        assert_eq!(reads.len(), 3, "two outages, then the answer");
+        for (tenant, peer, trace) in reads.iter() {
+            assert_eq!(tenant, "acme");
+            assert_eq!(*peer, Peer::AttachTarget { vm: vm_id });
+            assert_eq!(trace.request_id.as_deref(), Some("req-1"));
+            assert!(trace.traceparent.is_some());
+        }
+        assert_eq!(h.driver.executions(op.operation_id), 1);
+    }
+
+    #[tokio::test]
+    async fn a_vm_still_provisioning_lends_no_host_but_the_attachment_goes_ahead() {
+        let vm_id = Uuid::now_v7();
+        let gateway = peer_script(vec![found_vm(vm_id, "provisioning", None)]);
+        let h = storage_handler(instant(), gateway);
+        let op = attached_volume(Action::Create, vm_id);
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
+        let status = last_report(&h).status.unwrap();
+        assert_eq!(status["attached_to"], vm_id.to_string());
+        assert_eq!(status["attached_host"], serde_json::Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_dying_vm_fails_the_attachment_without_running_the_driver() {
+        let vm_id = Uuid::now_v7();
+        for (answer, why) in [
+            (
+                Ok(PeerAnswer::NotFound {
+                    code: "not_found".into(),
+                    message: "resource not found".into(),
+                }),
+                "does not exist",
+            ),
+            (
+                found_vm(vm_id, "deleting", Some("zone-a-host-3")),
+                "deleting",
+            ),
+            (found_vm(vm_id, "failed", None), "failed"),
+        ] {
+            let h = storage_handler(instant(), peer_script(vec![answer]));
+            let op = attached_volume(Action::Update, vm_id);
+            assert_eq!(
+                h.handle(&delivery(&op, 1)).await,
+                Disposition::Term,
+                "{why}"
+            );
+            assert_eq!(states(&h), [ReportState::Running, ReportState::Failed]);
+            let error = last_report(&h).error.unwrap();
+            assert_eq!(error.code, "attachment_target_missing");
+            assert!(
+                error.message.contains(&vm_id.to_string()),
+                "{}",
+                error.message
+            );
+            assert!(error.message.contains(why), "{}", error.message);
+            assert!(!error.retryable);
+            assert_eq!(h.driver.executions(op.operation_id), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_the_gateway_refuses_fails_the_operation() {
+        let refused = Err(LookupError::Permanent(
+            "403 Forbidden: forbidden: no".into(),
+        ));
+        let h = storage_handler(instant(), peer_script(vec![refused]));
+        let op = attached_volume(Action::Attach, Uuid::now_v7());
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
+        let error = last_report(&h).error.unwrap();
+        assert_eq!(error.code, "attachment_lookup_failed");
+        assert!(error.message.contains("403"), "{}", error.message);
+        assert_eq!(h.reporter.reads.lock().unwrap().len(), 1, "not retried");
+        assert_eq!(h.driver.executions(op.operation_id), 0);
+    }
+
+    #[tokio::test]
+    async fn reads_are_retried_until_the_deadline() {
+        let gateway = FakeGateway {
+            peer_outage: true,
+            ..FakeGateway::default()
+        };
+        let h = storage_handler(instant(), gateway);
+        let mut op = attached_volume(Action::Attach, Uuid::now_v7());
+        op.deadline = Utc::now() + chrono::Duration::milliseconds(100);
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
+        assert_eq!(last_report(&h).error.unwrap().code, "deadline_exceeded");
+        assert!(h.reporter.reads.lock().unwrap().len() > 1);
+        assert_eq!(h.driver.executions(op.operation_id), 0);
+    }
+
+    #[tokio::test]
+    async fn only_storage_operations_on_attached_volumes_read_peers() {
+        let vm_id = Uuid::now_v7();
+        // Deleting an attached volume, or one with no attachment: nothing to read.
+        let h = storage_handler(instant(), FakeGateway::default());
+        for op in [
+            attached_volume(Action::Delete, vm_id),
+            dispatch(
+                Kind::Volume,
+                Action::Detach,
+                "data",
+                json!({"size_gb": 20, "class": "ssd"}),
+            ),
+        ] {
+            assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
+        }
+        assert!(h.reporter.reads.lock().unwrap().is_empty());
+        // A VM pool never reads anything.
+        let h = handler(instant(), FakeGateway::default());
+        assert_eq!(h.handle(&delivery(&vm("web-1"), 1)).await, Disposition::Ack);
+        assert!(h.reporter.reads.lock().unwrap().is_empty());
     }
 
     #[test]

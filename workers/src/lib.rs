@@ -5,10 +5,14 @@
 //!
 //! - [`consume`]: [`run_pool`], the consume loop of one pool (service × zone): bind the
 //!   durable pull consumer, pull as many messages as there are free slots, report
-//!   `running`, run the driver with retries, report the outcome, then settle the message.
+//!   `running`, look up peers, run the driver with retries, report the outcome, then
+//!   settle the message.
 //! - [`report`]: [`report::GatewayClient`], the HTTP client for
 //!   `POST /v1/operations/{id}/reports`, and the sorting of the gateway's answers into
 //!   accepted, refused (`409`), retry (`5xx`, `429`, unreachable) and give up.
+//! - [`peers`]: what an operation needs to know about other resources (the VM a volume
+//!   attaches to), read through the gateway before the driver runs and handed to the
+//!   driver in the dispatch's `input`.
 //! - [`drivers`]: the [`Driver`] trait; [`SimDriver`], a simulated backend for every
 //!   service; [`ExecDriver`], an external program per operation (JSON in, JSON out).
 //! - [`config`]: [`PoolConfig`] for one pool, and [`config::WorkerConfig`], the `worker`
@@ -31,6 +35,7 @@
 pub mod config;
 pub mod consume;
 pub mod drivers;
+pub mod peers;
 pub mod report;
 
 pub use config::PoolConfig;

@@ -3,7 +3,7 @@
 
 use gateway_proto::{Report, ReportAck, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use reqwest::header::{HeaderValue, AUTHORIZATION};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use std::future::Future;
 use std::time::Duration;
 use uuid::Uuid;
@@ -68,7 +68,8 @@ pub(crate) trait Reporter: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ReportOutcome, ReportError>> + Send;
 }
 
-/// HTTP client for the gateway's report endpoint, authenticated as a worker principal.
+/// HTTP client for the gateway, authenticated as a worker principal: reports, and the
+/// reads of other resources in [`crate::peers`].
 #[derive(Clone)]
 pub struct GatewayClient {
     http: reqwest::Client,
@@ -106,19 +107,23 @@ impl GatewayClient {
         })
     }
 
-    /// Sends `report` about `operation` once and sorts the answer.
-    pub async fn send(
+    /// The gateway's base URL, without a trailing slash.
+    pub(crate) fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// A request to `url` with the worker's key and the forwarded trace headers: what
+    /// every call to the gateway starts from.
+    pub(crate) fn request(
         &self,
-        operation: Uuid,
-        report: &Report,
+        method: Method,
+        url: impl reqwest::IntoUrl,
         trace: &TraceHeaders,
-    ) -> Result<ReportOutcome, ReportError> {
-        let url = format!("{}/v1/operations/{operation}/reports", self.base_url);
+    ) -> reqwest::RequestBuilder {
         let mut request = self
             .http
-            .post(url)
-            .header(AUTHORIZATION, self.authorization.clone())
-            .json(report);
+            .request(method, url)
+            .header(AUTHORIZATION, self.authorization.clone());
         for (name, value) in [
             (REQUEST_ID_HEADER, &trace.request_id),
             (TRACEPARENT_HEADER, &trace.traceparent),
@@ -127,7 +132,20 @@ impl GatewayClient {
                 request = request.header(name, value);
             }
         }
-        let response = request
+        request
+    }
+
+    /// Sends `report` about `operation` once and sorts the answer.
+    pub async fn send(
+        &self,
+        operation: Uuid,
+        report: &Report,
+        trace: &TraceHeaders,
+    ) -> Result<ReportOutcome, ReportError> {
+        let url = format!("{}/v1/operations/{operation}/reports", self.base_url);
+        let response = self
+            .request(Method::POST, url, trace)
+            .json(report)
             .send()
             .await
             .map_err(|e| ReportError::Transient(error_chain(&e)))?;
@@ -177,7 +195,7 @@ pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Result<ReportOutcome,
 }
 
 /// `{code, message}` of an error body, or placeholders when it is not one.
-fn error_body(body: &[u8]) -> (String, String) {
+pub(crate) fn error_body(body: &[u8]) -> (String, String) {
     let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
     let code = field("code").unwrap_or_else(|| "unknown".into());
@@ -189,7 +207,7 @@ fn error_body(body: &[u8]) -> (String, String) {
 }
 
 /// An error and its sources on one line (reqwest hides the interesting part in sources).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

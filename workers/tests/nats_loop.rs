@@ -1,6 +1,7 @@
 //! The consume loop against a real NATS JetStream server (`NATS_URL`, default
 //! `nats://127.0.0.1:4222`) and a stand-in gateway: a few lines of HTTP on a
-//! `TcpListener` that record reports and answer them. Each test uses a stream of its own.
+//! `TcpListener` that record reports and answer them, and answer reads of VMs from a
+//! table. Each test uses a stream of its own.
 //!
 //! The full path (gateway, relay, PostgreSQL, workers) is tested in the gateway's tests.
 
@@ -27,23 +28,54 @@ const ZONE: &str = "zone-a";
 /// What the stand-in gateway received: operation, report, `X-Request-Id`.
 type Seen = Arc<Mutex<Vec<(Uuid, Report, Option<String>)>>>;
 
+/// Reads the stand-in gateway received: path, `X-Request-Id`, `Authorization`.
+type Reads = Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>;
+
 /// A stand-in gateway that accepts every report, after answering `503` to the first
 /// `outage` requests.
 async fn fake_gateway(outage: usize) -> (String, Seen) {
+    let gateway = stand_in(outage, HashMap::new(), 0).await;
+    (gateway.url, gateway.seen)
+}
+
+/// A running stand-in gateway.
+struct StandIn {
+    url: String,
+    seen: Seen,
+    reads: Reads,
+}
+
+/// A stand-in gateway that accepts every report after answering `503` to the first
+/// `outage` requests, and answers `GET /v1/tenants/{t}/vms/{id}` from `vms` (`404` for
+/// any other VM) after answering `503` to the first `read_outage` of those.
+async fn stand_in(
+    outage: usize,
+    vms: HashMap<Uuid, serde_json::Value>,
+    read_outage: usize,
+) -> StandIn {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let seen: Seen = Arc::default();
+    let reads: Reads = Arc::default();
     let failures_left = Arc::new(AtomicUsize::new(outage));
-    let recorded = seen.clone();
+    let read_failures_left = Arc::new(AtomicUsize::new(read_outage));
+    let vms = Arc::new(vms);
+    let (recorded, recorded_reads) = (seen.clone(), reads.clone());
     tokio::spawn(async move {
         loop {
             let (socket, _) = listener.accept().await.unwrap();
-            let (seen, failures_left) = (recorded.clone(), failures_left.clone());
+            let (seen, reads, failures_left, read_failures_left, vms) = (
+                recorded.clone(),
+                recorded_reads.clone(),
+                failures_left.clone(),
+                read_failures_left.clone(),
+                vms.clone(),
+            );
             tokio::spawn(async move {
                 let mut socket = BufReader::new(socket);
                 let mut request_line = String::new();
                 socket.read_line(&mut request_line).await.unwrap();
-                let (mut length, mut request_id) = (0, None);
+                let (mut length, mut request_id, mut authorization) = (0, None, None);
                 loop {
                     let mut line = String::new();
                     socket.read_line(&mut line).await.unwrap();
@@ -55,19 +87,46 @@ async fn fake_gateway(outage: usize) -> (String, Seen) {
                     match name.to_ascii_lowercase().as_str() {
                         "content-length" => length = value.trim().parse().unwrap(),
                         "x-request-id" => request_id = Some(value.trim().to_owned()),
+                        "authorization" => authorization = Some(value.trim().to_owned()),
                         _ => {}
                     }
                 }
                 let mut body = vec![0; length];
                 socket.read_exact(&mut body).await.unwrap();
-                let answer = if failures_left
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok()
-                {
+                let failing = |left: &AtomicUsize| {
+                    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                };
+                let unavailable = || {
                     (
                         "503 Service Unavailable",
                         json!({"code": "unavailable", "message": "down"}),
                     )
+                };
+                let answer = if failing(&failures_left) {
+                    unavailable()
+                } else if let Some(path) = request_line.strip_prefix("GET ") {
+                    let path = path.split_whitespace().next().unwrap().to_owned();
+                    reads
+                        .lock()
+                        .unwrap()
+                        .push((path.clone(), request_id, authorization));
+                    let segments: Vec<&str> = path.split('/').collect();
+                    let vm = match segments[..] {
+                        ["", "v1", "tenants", _, "vms", id] => id.parse::<Uuid>().ok(),
+                        _ => None,
+                    };
+                    if failing(&read_failures_left) {
+                        unavailable()
+                    } else {
+                        match vm.and_then(|id| vms.get(&id)) {
+                            Some(vm) => ("200 OK", vm.clone()),
+                            None => (
+                                "404 Not Found",
+                                json!({"code": "not_found", "message": "resource not found", "request_id": "r"}),
+                            ),
+                        }
+                    }
                 } else {
                     let id: Uuid = request_line.split('/').nth(3).unwrap().parse().unwrap();
                     let report: Report = serde_json::from_slice(&body).unwrap();
@@ -99,11 +158,22 @@ async fn fake_gateway(outage: usize) -> (String, Seen) {
             });
         }
     });
-    (url, seen)
+    StandIn { url, seen, reads }
 }
 
 /// A stream and the vm pool's consumer for `ZONE`, as `gateway migrate` would make them.
 async fn create_stream(js: &jetstream::Context, name: &str, prefix: &str, max_deliver: i64) {
+    create_stream_for(js, name, prefix, max_deliver, Service::Vm).await;
+}
+
+/// A stream and `service`'s consumer for `ZONE`.
+async fn create_stream_for(
+    js: &jetstream::Context,
+    name: &str,
+    prefix: &str,
+    max_deliver: i64,
+    service: Service,
+) {
     let stream = js
         .create_stream(stream::Config {
             name: name.into(),
@@ -116,8 +186,8 @@ async fn create_stream(js: &jetstream::Context, name: &str, prefix: &str, max_de
         .unwrap();
     stream
         .create_consumer(pull::Config {
-            durable_name: Some(consumer_name(Service::Vm, ZONE)),
-            filter_subject: ops_subject(prefix, Service::Vm, ZONE),
+            durable_name: Some(consumer_name(service, ZONE)),
+            filter_subject: ops_subject(prefix, service, ZONE),
             ack_wait: Duration::from_secs(30),
             max_deliver,
             max_ack_pending: 256,
@@ -152,7 +222,7 @@ async fn publish(js: &jetstream::Context, prefix: &str, op: &Dispatch) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(REQUEST_ID_HEADER, format!("req-{}", op.name).as_str());
     js.publish_with_headers(
-        ops_subject(prefix, Service::Vm, ZONE),
+        ops_subject(prefix, op.kind.service(), ZONE),
         headers,
         serde_json::to_vec(op).unwrap().into(),
     )
@@ -177,6 +247,13 @@ async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool
 fn pool(stream: &str, gateway_url: &str, max_deliver: i64) -> PoolConfig {
     PoolConfig {
         service: Service::Vm,
+        ..storage_pool(stream, gateway_url, max_deliver)
+    }
+}
+
+fn storage_pool(stream: &str, gateway_url: &str, max_deliver: i64) -> PoolConfig {
+    PoolConfig {
+        service: Service::Storage,
         zone: ZONE.into(),
         stream: stream.into(),
         gateway_url: gateway_url.into(),
@@ -352,4 +429,122 @@ async fn a_transient_failure_hands_the_message_back_and_the_next_delivery_finish
         .unwrap()
         .unwrap();
     js.delete_stream(&stream_name).await.unwrap();
+}
+
+/// A volume of `acme` in `ZONE` attached to `vm`.
+fn attached_volume(name: &str, vm: Uuid) -> Dispatch {
+    Dispatch {
+        kind: Kind::Volume,
+        spec: json!({"size_gb": 20, "class": "ssd", "attached_to": vm}),
+        ..dispatch(name)
+    }
+}
+
+/// A VM as the gateway shows it: live in `ZONE`, `ready`, on `host`.
+fn vm_resource(id: Uuid, host: &str) -> serde_json::Value {
+    json!({
+        "id": id, "tenant": "acme", "kind": "vm", "zone": ZONE, "name": "db",
+        "spec": {"flavor": "m1.small", "image": "debian-12"},
+        "status": {"power_state": "running", "host": host, "ip": "10.0.0.7", "generation": 1},
+        "phase": "ready", "generation": 1, "observed_generation": 1,
+        "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-01T00:00:00Z",
+    })
+}
+
+/// Runs a storage pool against `gateway` until `op` has a terminal report; returns it
+/// and the reads the gateway received.
+async fn run_storage_op(
+    gateway: StandIn,
+    op: &Dispatch,
+) -> (Report, Vec<(String, Option<String>, Option<String>)>) {
+    let js = connect().await;
+    let (stream_name, prefix) = (unique("WTEST"), unique("wtest"));
+    create_stream_for(&js, &stream_name, &prefix, 5, Service::Storage).await;
+    let driver = SimDriver::new(SimConfig {
+        min_latency: Duration::from_millis(1),
+        max_latency: Duration::from_millis(5),
+        failure_rate: 0.0,
+        transient_failure_rate: 0.0,
+    });
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(run_pool(
+        js.clone(),
+        storage_pool(&stream_name, &gateway.url, 5),
+        driver,
+        shutdown.clone(),
+    ));
+    publish(&js, &prefix, op).await;
+    let terminal = || {
+        gateway
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(id, r, _)| *id == op.operation_id && r.state != ReportState::Running)
+            .map(|(_, r, _)| r.clone())
+    };
+    eventually(
+        Duration::from_secs(15),
+        "the operation has an outcome",
+        || terminal().is_some(),
+    )
+    .await;
+    let report = terminal().unwrap();
+    for (_, _, request_id) in gateway.seen.lock().unwrap().iter() {
+        assert_eq!(
+            request_id.as_deref(),
+            Some(format!("req-{}", op.name).as_str())
+        );
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the pool stops promptly when idle")
+        .unwrap()
+        .unwrap();
+    js.delete_stream(&stream_name).await.unwrap();
+    let reads = gateway.reads.lock().unwrap().clone();
+    (report, reads)
+}
+
+#[tokio::test]
+async fn an_attachment_to_a_vm_the_gateway_does_not_show_fails_with_attachment_target_missing() {
+    let vm = Uuid::now_v7();
+    let gateway = stand_in(0, HashMap::new(), 0).await;
+    let op = attached_volume("data-1", vm);
+    let (report, reads) = run_storage_op(gateway, &op).await;
+
+    assert_eq!(report.state, ReportState::Failed);
+    let error = report.error.unwrap();
+    assert_eq!(error.code, "attachment_target_missing");
+    assert!(error.message.contains(&vm.to_string()), "{}", error.message);
+    assert!(!error.retryable);
+    assert_eq!(reads.len(), 1, "a 404 is an answer: not asked again");
+    let (path, request_id, authorization) = &reads[0];
+    assert_eq!(path, &format!("/v1/tenants/acme/vms/{vm}"));
+    assert_eq!(request_id.as_deref(), Some("req-data-1"));
+    assert_eq!(authorization.as_deref(), Some("Bearer wk_test"));
+}
+
+#[tokio::test]
+async fn an_attachment_reports_the_host_of_its_vm_as_the_gateway_shows_it() {
+    let vm = Uuid::now_v7();
+    let vms = HashMap::from([(vm, vm_resource(vm, "zone-a-host-3"))]);
+    // The first read meets an outage: it is asked again.
+    let gateway = stand_in(0, vms, 1).await;
+    let op = attached_volume("data-2", vm);
+    let (report, reads) = run_storage_op(gateway, &op).await;
+
+    assert_eq!(report.state, ReportState::Succeeded, "{:?}", report.error);
+    let status = report.status.unwrap();
+    assert_eq!(status["attached_to"], vm.to_string());
+    assert_eq!(status["attached_host"], "zone-a-host-3");
+    assert_eq!(status["size_gb"], 20);
+    assert_eq!(reads.len(), 2, "one outage, then the answer");
+    for (path, request_id, authorization) in &reads {
+        assert_eq!(path, &format!("/v1/tenants/acme/vms/{vm}"));
+        assert_eq!(request_id.as_deref(), Some("req-data-2"));
+        assert_eq!(authorization.as_deref(), Some("Bearer wk_test"));
+    }
 }

@@ -3,7 +3,9 @@
 //!
 //! The protocol, for the program's author:
 //!
-//! - stdin: the [`Dispatch`] as one JSON document, then end of file;
+//! - stdin: the [`Dispatch`] as one JSON document, then end of file (for an attached
+//!   volume, its `input` also carries `attach_target`, what the gateway said about the
+//!   VM: see [`crate::peers`]);
 //! - stdout: the observed status as one JSON document (empty output means `{}`);
 //! - exit 0: success; exit 75 (`EX_TEMPFAIL`): transient failure, stderr says why;
 //!   any other exit: permanent failure `exec_failed`, stderr says why;

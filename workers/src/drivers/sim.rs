@@ -6,8 +6,13 @@
 //! - a name starting with `fail-` always fails permanently with code `simulated_failure`,
 //!   whatever the failure rate;
 //! - a name starting with `slow-` takes three times the maximum latency.
+//!
+//! An attached volume's status names the host of its VM (`attached_host`), taken from
+//! the `input.attach_target` the consume loop adds after asking the gateway about the VM
+//! (see [`crate::peers`]).
 
 use super::{Driver, DriverError};
+use crate::peers::ATTACH_TARGET_KEY;
 use gateway_proto::{Action, Dispatch, Kind};
 use rand::Rng;
 use serde_json::{json, Value};
@@ -263,15 +268,23 @@ fn status(op: &Dispatch) -> Value {
         }),
         Kind::Volume => {
             let attached_to = spec("attached_to");
-            let device = if attached_to.is_null() {
-                Value::Null
+            let (device, host) = if attached_to.is_null() {
+                (Value::Null, Value::Null)
             } else {
-                json!("/dev/vdb")
+                // What the consume loop read about the VM (`crate::peers`); the host is
+                // null while the VM has none, or when nobody looked it up.
+                let host = op
+                    .input
+                    .pointer(&format!("/{ATTACH_TARGET_KEY}/host"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                (json!("/dev/vdb"), host)
             };
             json!({
                 "size_gb": spec("size_gb"),
                 "class": spec("class"),
                 "attached_to": attached_to,
+                "attached_host": host,
                 "device": device,
             })
         }
@@ -447,6 +460,14 @@ pub(crate) mod tests {
         assert_eq!(s["class"], "ssd");
         assert_eq!(s["attached_to"], vm_id.to_string());
         assert_eq!(s["device"], "/dev/vdb");
+        assert_eq!(s["attached_host"], Value::Null, "nobody looked the VM up");
+        let mut looked_up = attached.clone();
+        looked_up.input = json!({"vm_id": vm_id, "attach_target": {
+            "id": vm_id, "zone": "zone-a", "host": "zone-a-host-3", "phase": "ready"
+        }});
+        let s = status(&looked_up);
+        assert_eq!(s["attached_host"], "zone-a-host-3");
+        assert_eq!(s["attached_to"], vm_id.to_string());
         let detached = dispatch(
             Kind::Volume,
             Action::Create,
@@ -455,6 +476,7 @@ pub(crate) mod tests {
         );
         assert_eq!(status(&detached)["attached_to"], Value::Null);
         assert_eq!(status(&detached)["device"], Value::Null);
+        assert_eq!(status(&detached)["attached_host"], Value::Null);
 
         let delete = dispatch(
             Kind::Vm,

@@ -1,0 +1,140 @@
+//! `GET /v1/audit`: the audit trail, for admins (everything) and owners (their tenant).
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::Caller;
+use super::wire::Page;
+use super::{cursor, AppState};
+use crate::auth::Role;
+use crate::store::audit::{self, AuditFilter, AuditRow};
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/audit", get(list))
+}
+
+/// One audit entry.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditOut {
+    /// Position in the chain.
+    pub id: i64,
+    /// When the request was answered.
+    pub at: DateTime<Utc>,
+    /// Who asked (absent for requests without a valid key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal_id: Option<Uuid>,
+    /// Their key's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal_name: Option<String>,
+    /// The tenant acted on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Method and route, e.g. `POST /v1/tenants/{tenant}/{kind}`.
+    pub action: String,
+    /// The path requested.
+    pub target: String,
+    /// `allowed`, `denied` or `failed`.
+    pub outcome: String,
+    /// HTTP status answered.
+    pub status: i16,
+    /// The request's ID.
+    pub request_id: String,
+    /// The client's address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// This entry's link in the chain (hex SHA-256).
+    pub hash: String,
+}
+
+impl From<AuditRow> for AuditOut {
+    fn from(r: AuditRow) -> Self {
+        Self {
+            id: r.id,
+            at: r.at,
+            principal_id: r.principal_id,
+            principal_name: r.principal_name,
+            tenant: r.tenant,
+            action: r.action,
+            target: r.target,
+            outcome: r.outcome,
+            status: r.status,
+            request_id: r.request_id,
+            source: r.source,
+            hash: hex::encode(r.hash),
+        }
+    }
+}
+
+/// Filters of the audit list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only this tenant (owners always see only their own).
+    pub tenant: Option<String>,
+    /// Only this principal.
+    pub principal_id: Option<Uuid>,
+    /// Only `allowed`, `denied` or `failed`.
+    pub outcome: Option<String>,
+    /// Only entries at or after this instant (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Page size, 1–500 (default 100).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// List audit entries, newest first.
+#[utoipa::path(
+    get, path = "/v1/audit", tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "One page", body = Page<AuditOut>),
+        (status = 403, description = "Neither an admin nor an owner", body = ErrorBody),
+        (status = 404, description = "An owner asked for another tenant", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Page<AuditOut>>, ApiError> {
+    let Query(q) = query.map_err(|e| super::bad_query(&e))?;
+    let tenant = match principal.role {
+        Role::Admin => q.tenant,
+        // Owners read their own tenant's trail; another tenant looks nonexistent.
+        Role::Owner => {
+            let own = principal.tenant.clone();
+            if q.tenant.is_some() && q.tenant != own {
+                return Err(crate::lifecycle::LifecycleError::TenantNotFound.into());
+            }
+            own
+        }
+        _ => {
+            return Err(ApiError::forbidden(
+                "only admins and owners read the audit log",
+            ))
+        }
+    };
+    let limit = super::page_limit(q.limit)?;
+    let before = q.cursor.as_deref().map(cursor::decode_seq).transpose()?;
+    let filter = AuditFilter {
+        tenant,
+        principal_id: q.principal_id,
+        outcome: q.outcome,
+        since: q.since,
+    };
+    let rows = audit::list(&state.engine.pool, &filter, before, limit + 1).await?;
+    Ok(Json(cursor::page(
+        rows,
+        limit,
+        |r| cursor::encode_seq(r.id),
+        AuditOut::from,
+    )))
+}

@@ -1,0 +1,268 @@
+//! `/v1/tenants/{tenant}/keys`: API keys, created by owners (for their tenant) and
+//! admins. A key is shown once, in the answer that creates it; only its hash is kept.
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Caller, JsonBody};
+use super::AppState;
+use crate::auth::{self, Decision, Permission, Principal, Role};
+use crate::domain::{names, Service};
+use crate::lifecycle::LifecycleError;
+use crate::store::{catalog, principals, tenants};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/tenants/{tenant}/keys", get(list).post(create))
+        .route("/v1/tenants/{tenant}/keys/{id}", delete(revoke))
+}
+
+/// Body of `POST /v1/tenants/{tenant}/keys`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyIn {
+    /// `owner`, `member`, `reader`, or (admins only) `worker`.
+    pub role: Role,
+    /// A worker key's service.
+    #[serde(default)]
+    pub service: Option<Service>,
+    /// A worker key's zone.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// A unique name (DNS label); generated when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// When the key stops working; never when absent.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A key as listed: never the secret.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyOut {
+    /// Its ID (used to revoke it).
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// Its tenant (none for worker keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// A worker key's service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// A worker key's zone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Expiry, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Revocation time, if revoked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<principals::KeyRow> for KeyOut {
+    fn from(k: principals::KeyRow) -> Self {
+        Self {
+            id: k.id,
+            name: k.name,
+            role: k.role,
+            tenant: k.tenant,
+            service: k.service,
+            zone: k.zone,
+            created_at: k.created_at,
+            expires_at: k.expires_at,
+            revoked_at: k.revoked_at,
+        }
+    }
+}
+
+/// A new key: the listing plus the secret, shown this once.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NewKeyOut {
+    /// The key itself. Store it now: it cannot be shown again.
+    pub key: String,
+    /// The rest.
+    #[serde(flatten)]
+    pub info: KeyOut,
+}
+
+/// Turns a policy decision into an answer.
+pub fn require(principal: &Principal, p: Permission, tenant: Option<&str>) -> Result<(), ApiError> {
+    match principal.decide(p, tenant) {
+        Decision::Allow => Ok(()),
+        Decision::Hide => Err(LifecycleError::TenantNotFound.into()),
+        Decision::Deny => Err(ApiError::forbidden("this key's role does not allow this")),
+    }
+}
+
+async fn existing_tenant(state: &AppState, tenant: &str) -> Result<(), ApiError> {
+    match tenants::get(&state.engine.pool, tenant).await? {
+        Some(_) => Ok(()),
+        None => Err(LifecycleError::TenantNotFound.into()),
+    }
+}
+
+/// Create a key. Owners create `owner`, `member` and `reader` keys of their tenant;
+/// admins also create `worker` keys (bound to one service and zone, serving every
+/// tenant).
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/keys", tag = "keys",
+    params(("tenant" = String, Path, description = "Tenant ID")),
+    request_body = KeyIn,
+    responses(
+        (status = 201, description = "Created; `key` is shown only now", body = NewKeyOut),
+        (status = 403, description = "Not an owner of this tenant, or a worker key without admin", body = ErrorBody),
+        (status = 404, description = "`tenant_not_found`", body = ErrorBody),
+        (status = 409, description = "`name_taken`", body = ErrorBody),
+        (status = 422, description = "Invalid role, scope, name or expiry", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(tenant): Path<String>,
+    JsonBody(body): JsonBody<KeyIn>,
+) -> Result<(StatusCode, Json<NewKeyOut>), ApiError> {
+    require(&principal, Permission::Manage, Some(&tenant))?;
+    existing_tenant(&state, &tenant).await?;
+    let invalid = |field: &str, msg: &str| -> ApiError {
+        LifecycleError::from(crate::domain::ValidationError::new(
+            "invalid_key",
+            field,
+            msg,
+        ))
+        .into()
+    };
+    let (key_tenant, scope) = match body.role {
+        Role::Admin => {
+            return Err(invalid(
+                "role",
+                "admin keys are created with `gateway admin create-key`",
+            ))
+        }
+        Role::Worker => {
+            require(&principal, Permission::Platform, None)?;
+            let (Some(service), Some(zone)) = (body.service, body.zone.as_deref()) else {
+                return Err(invalid(
+                    "service",
+                    "a worker key needs a service and a zone",
+                ));
+            };
+            if !catalog::zone_exists(&state.engine.pool, zone).await? {
+                return Err(invalid("zone", "no such zone"));
+            }
+            (None, Some((service, zone.to_owned())))
+        }
+        _ if body.service.is_some() || body.zone.is_some() => {
+            return Err(invalid(
+                "service",
+                "only worker keys have a service and zone",
+            ))
+        }
+        _ => (Some(tenant.as_str()), None),
+    };
+    if body.expires_at.is_some_and(|t| t <= Utc::now()) {
+        return Err(invalid("expires_at", "must be in the future"));
+    }
+    let name = match body.name {
+        Some(n) => {
+            names::validate_label("name", &n).map_err(LifecycleError::from)?;
+            n
+        }
+        None => format!(
+            "{tenant}-{}-{}",
+            body.role.as_str(),
+            &Uuid::new_v4().simple().to_string()[..8]
+        ),
+    };
+    let key = auth::generate_key();
+    let mut conn = state.engine.pool.acquire().await?;
+    let row = principals::insert(
+        &mut conn,
+        &principals::NewPrincipal {
+            name: &name,
+            role: body.role.as_str(),
+            tenant: key_tenant,
+            service: scope.as_ref().map(|(s, _)| s.as_str()),
+            zone: scope.as_ref().map(|(_, z)| z.as_str()),
+            key_hash: &auth::hash_key(&key),
+        },
+        body.expires_at,
+    )
+    .await?
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "name_taken",
+            format!("a key named {name:?} exists"),
+        )
+    })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(NewKeyOut {
+            key,
+            info: row.into(),
+        }),
+    ))
+}
+
+/// List a tenant's keys (never the secrets).
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/keys", tag = "keys",
+    params(("tenant" = String, Path, description = "Tenant ID")),
+    responses(
+        (status = 200, description = "Keys, oldest first", body = Vec<KeyOut>),
+        (status = 403, description = "Not an owner", body = ErrorBody),
+        (status = 404, description = "`tenant_not_found`", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(tenant): Path<String>,
+) -> Result<Json<Vec<KeyOut>>, ApiError> {
+    require(&principal, Permission::Manage, Some(&tenant))?;
+    existing_tenant(&state, &tenant).await?;
+    let rows = principals::list_for_tenant(&state.engine.pool, &tenant).await?;
+    Ok(Json(rows.into_iter().map(KeyOut::from).collect()))
+}
+
+/// Revoke a key of the tenant. It stops working at once.
+#[utoipa::path(
+    delete, path = "/v1/tenants/{tenant}/keys/{id}", tag = "keys",
+    params(("tenant" = String, Path, description = "Tenant ID"), ("id" = Uuid, Path, description = "Key ID")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 403, description = "Not an owner", body = ErrorBody),
+        (status = 404, description = "No live key with that ID in this tenant", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn revoke(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    require(&principal, Permission::Manage, Some(&tenant))?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("key"))?;
+    let mut conn = state.engine.pool.acquire().await?;
+    if principals::revoke(&mut conn, id, Some(&tenant)).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("key"))
+    }
+}
