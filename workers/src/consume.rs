@@ -1124,7 +1124,7 @@ mod tests {
                 found_vm(vm_id, "deleting", Some("zone-a-host-3")),
                 "deleting",
             ),
-            (found_vm(vm_id, "failed", None), "failed"),
+            (found_vm(vm_id, "deleted", None), "deleted"),
         ] {
             let h = storage_handler(instant(), peer_script(vec![answer]));
             let op = attached_volume(Action::Update, vm_id);

@@ -38,8 +38,8 @@ use uuid::Uuid;
 pub const ATTACH_TARGET_KEY: &str = "attach_target";
 
 /// Code of the permanent failure of an operation whose peer is gone: the VM a volume
-/// attaches to does not exist (in the volume's tenant and zone), or is being deleted,
-/// or failed.
+/// attaches to does not exist (in the volume's tenant and zone) or is being deleted.
+/// A VM whose last operation failed still exists, so it can take attachments.
 pub const TARGET_MISSING: &str = "attachment_target_missing";
 
 /// Code of the permanent failure of an operation whose peer could not be read: the
@@ -48,7 +48,7 @@ pub const TARGET_MISSING: &str = "attachment_target_missing";
 pub const LOOKUP_FAILED: &str = "attachment_lookup_failed";
 
 /// VM phases in which nothing can attach to it.
-const GONE_PHASES: &[&str] = &["deleting", "failed", "deleted"];
+const GONE_PHASES: &[&str] = &["deleting", "deleted"];
 
 /// Another resource an operation depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +98,7 @@ impl Peer {
     /// gets under [`Peer::input_key`], or why the operation fails.
     ///
     /// For an attachment: a VM that the gateway does not show (`404`), that is not in
-    /// the volume's tenant and zone, or whose phase is `deleting`, `failed` (or
+    /// the volume's tenant and zone, or whose phase is `deleting` (or
     /// `deleted`) fails the operation with [`TARGET_MISSING`]; an answer that is not a
     /// resource fails it with [`LOOKUP_FAILED`]. Otherwise the driver gets the
     /// [`AttachTarget`].
@@ -434,13 +434,16 @@ mod tests {
         let op = volume(Action::Create, json!({"size_gb": 20, "attached_to": vm}));
         let peer = Peer::AttachTarget { vm };
         let status = json!({"host": "zone-a-host-3"});
-        for phase in ["deleting", "failed", "deleted"] {
+        for phase in ["deleting", "deleted"] {
             let answer = PeerAnswer::Found(vm_json(&op, vm, phase, status.clone()));
             let (code, message) = permanent(peer.resolve(&op, answer).unwrap_err());
             assert_eq!(code, TARGET_MISSING, "{phase}");
             assert!(message.contains(&vm.to_string()), "{message}");
             assert!(message.contains(phase), "{message}");
         }
+        // A VM whose last operation failed still exists: attaching to it is fine.
+        let failed = PeerAnswer::Found(vm_json(&op, vm, "failed", status.clone()));
+        assert!(peer.resolve(&op, failed).is_ok());
 
         let not_found = PeerAnswer::NotFound {
             code: "not_found".into(),
