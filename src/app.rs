@@ -6,6 +6,7 @@ use crate::auth;
 use crate::changes::Changes;
 use crate::config::Config;
 use crate::lifecycle::Engine;
+use crate::metrics::Metrics;
 use crate::reconciler::Reconciler;
 use crate::relay::{Relay, Wake};
 use crate::store::{self, catalog, principals};
@@ -128,7 +129,8 @@ pub struct Parts {
     pub api: bool,
     /// The outbox relay.
     pub relay: bool,
-    /// The reconciler (single active across processes).
+    /// The reconciler (single active across processes) and the dead-letter handler
+    /// (in every process that has it).
     pub reconciler: bool,
     /// Simulated workers for every service×zone, reporting to this process's API.
     pub workers: Option<workers::SimConfig>,
@@ -161,7 +163,8 @@ impl Running {
 }
 
 /// Starts `parts` on `listener` with connected `backends`.
-/// `listener` is needed when `parts.api` is set.
+/// `listener` serves the API when `parts.api` is set, else only `/healthz`, `/readyz`
+/// and `/metrics`.
 pub async fn start(
     config: &Config,
     backends: Backends,
@@ -174,14 +177,46 @@ pub async fn start(
     let wake = Wake::with_nats(backends.nats.clone(), config.nats.wake_subject());
     let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())));
     tasks.spawn(changes.clone().listen(shutdown.clone()));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    // In-process workers report into the same registry; register their families once.
+    let worker_metrics = parts
+        .workers
+        .is_some()
+        .then(|| workers::WorkerMetrics::register(&mut registry));
+    let registry = std::sync::Arc::new(registry);
+    let zones: Vec<String> = catalog::zones(&backends.pool)
+        .await?
+        .into_iter()
+        .map(|z| z.name)
+        .collect();
+    metrics.init_series(&zones);
+    let refresh = (
+        metrics.clone(),
+        backends.clone(),
+        config.nats.stream.clone(),
+        zones.clone(),
+        shutdown.clone(),
+    );
+    let every = config.metrics_refresh;
+    tasks.spawn(async move {
+        let (metrics, b, stream, zones, stop) = refresh;
+        let mut tick = tokio::time::interval(every);
+        while tokio::select! { _ = stop.cancelled() => false, _ = tick.tick() => true } {
+            metrics
+                .refresh(&b.pool, Some((&b.js, stream.as_str())), &zones)
+                .await;
+        }
+    });
     let engine = Engine {
         pool: backends.pool.clone(),
         names: config.nats.clone(),
         operation_timeout: config.operation_timeout,
         wake: wake.clone(),
         changes: changes.clone(),
+        metrics: metrics.clone(),
     };
-    if let (true, Some(listener)) = (parts.api, listener) {
+    if let Some(listener) = listener {
         let limiter = std::sync::Arc::new(api::guard::Limiter::new(config.rate_limits));
         let idle = (limiter.clone(), shutdown.clone());
         tasks.spawn(async move {
@@ -191,11 +226,18 @@ pub async fn start(
                 limiter.forget_idle();
             }
         });
-        let app = api::router(AppState {
+        let state = AppState {
             engine: engine.clone(),
             nats: backends.nats.clone(),
             limiter,
-        });
+            registry: registry.clone(),
+        };
+        // A process without the API (a relay) still serves health and metrics.
+        let app = if parts.api {
+            api::router(state)
+        } else {
+            api::health::router().with_state(state)
+        };
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let served = axum::serve(
@@ -217,6 +259,7 @@ pub async fn start(
             poll_interval: config.relay_poll_interval,
             wake: wake.clone(),
             changes: changes.clone(),
+            metrics: metrics.clone(),
         };
         tasks.spawn(relay.run(shutdown.clone()));
     }
@@ -225,8 +268,15 @@ pub async fn start(
             engine: engine.clone(),
             interval: config.reconcile_interval,
             redispatch_after: config.redispatch_after,
+            js: Some(backends.js.clone()),
         };
         tasks.spawn(reconciler.run(shutdown.clone()));
+        // Dead letters run in every replica: the advisory consumer shares the work.
+        let dead_letters = crate::deadletter::DeadLetters {
+            engine: engine.clone(),
+            js: backends.js.clone(),
+        };
+        tasks.spawn(dead_letters.run(shutdown.clone()));
     }
     let mut driver = None;
     if let Some(sim) = parts.workers {
@@ -237,20 +287,28 @@ pub async fn start(
             (None, Some(addr)) => format!("http://{addr}"),
             (None, None) => config.public_url(),
         };
-        for zone in catalog::zones(&backends.pool).await? {
+        let worker_metrics = worker_metrics.unwrap_or_default();
+        for zone in &zones {
             for service in Service::ALL {
                 let pool_config = workers::PoolConfig {
                     service: *service,
-                    zone: zone.name.clone(),
+                    zone: zone.clone(),
                     stream: config.nats.stream.clone(),
                     gateway_url: url.clone(),
-                    gateway_key: worker_key(&backends.pool, *service, &zone.name).await?,
+                    gateway_key: worker_key(&backends.pool, *service, zone).await?,
                     concurrency: 16,
                     max_deliver,
                 };
-                let (js, d, stop) = (backends.js.clone(), sim_driver.clone(), shutdown.clone());
+                let (js, d, m, stop) = (
+                    backends.js.clone(),
+                    sim_driver.clone(),
+                    worker_metrics.clone(),
+                    shutdown.clone(),
+                );
                 tasks.spawn(async move {
-                    if let Err(e) = workers::run_pool(js, pool_config, d, stop).await {
+                    if let Err(e) =
+                        workers::run_pool_with_metrics(js, pool_config, d, m, stop).await
+                    {
                         tracing::error!(error = %e, "worker pool stopped");
                     }
                 });

@@ -35,8 +35,9 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// `RECONCILE_INTERVAL_MS`: how often the reconciler runs.
     pub reconcile_interval: Duration,
-    /// `RECONCILE_REDISPATCH_AFTER_SECONDS`: a dispatched operation with no report for
-    /// this long is dispatched again (its message may have been lost).
+    /// `RECONCILE_REDISPATCH_AFTER_SECONDS`: a dispatched or running operation with no
+    /// change for this long is checked against JetStream; if its message is gone it is
+    /// dispatched again.
     pub redispatch_after: Duration,
     /// `LOG_FORMAT`: `text` (default) or `json`.
     pub log_json: bool,
@@ -44,6 +45,8 @@ pub struct Config {
     /// bucket) and `GATEWAY_RATE_LIMIT_ANONYMOUS_PER_SECOND`,
     /// `GATEWAY_RATE_LIMIT_ANONYMOUS_BURST` (per source address without a valid key).
     pub rate_limits: crate::api::guard::RateLimits,
+    /// `METRICS_REFRESH_MS`: how often gauges of database and JetStream state refresh.
+    pub metrics_refresh: Duration,
 }
 
 /// Names of the JetStream objects this deployment uses.
@@ -185,6 +188,7 @@ impl Config {
             reconcile_interval: millis("RECONCILE_INTERVAL_MS", 5000)?,
             redispatch_after: secs("RECONCILE_REDISPATCH_AFTER_SECONDS", 300)?,
             log_json,
+            metrics_refresh: millis("METRICS_REFRESH_MS", 5000)?,
             rate_limits: crate::api::guard::RateLimits {
                 per_second: var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
                 burst: var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
@@ -218,6 +222,7 @@ impl Config {
             reconcile_interval: Duration::from_millis(500),
             redispatch_after: Duration::from_secs(300),
             log_json: false,
+            metrics_refresh: Duration::from_millis(100),
             rate_limits: crate::api::guard::RateLimits {
                 per_second: nz(100_000),
                 burst: nz(100_000),

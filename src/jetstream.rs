@@ -2,7 +2,18 @@
 //!
 //! The file is embedded at build time, so the binary needs nothing beside it; it is data
 //! rather than code so operators can read and review what is applied. Applying is
-//! idempotent: existing streams and consumers get the changed settings.
+//! idempotent and updates changed settings: streams through `STREAM.UPDATE`, consumers
+//! by creating the durable again, which the server treats as an update of its editable
+//! settings (ack wait, backoff, `max_deliver`, `max_ack_pending`, …).
+//!
+//! Three objects per deployment:
+//!
+//! - the operations stream (`OPS`), a work queue with one durable pull consumer per
+//!   service×zone, shared by that pool's workers;
+//! - the advisory stream (`OPS-ADVISORIES`), which keeps the server's `MAX_DELIVERIES`
+//!   and `MSG_TERMINATED` advisories about the operations stream until a gateway has
+//!   handled them ([`crate::deadletter`]);
+//! - its durable consumer, shared by every `gateway serve`.
 
 use crate::config::NatsNames;
 use anyhow::Context as _;
@@ -14,38 +25,69 @@ use std::time::Duration;
 /// The definitions file, as shipped.
 pub const DEFINITIONS: &str = include_str!("../nats/streams.json");
 
-#[derive(Debug, Deserialize)]
-struct Definitions {
-    ops_stream: StreamDef,
-    pool_consumer: ConsumerDef,
+/// Everything `nats/streams.json` defines. Fields are public so that tests (and tools)
+/// can change a setting and apply the result.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Definitions {
+    /// The operations stream.
+    pub ops_stream: StreamDef,
+    /// The consumer of every pool (service×zone).
+    pub pool_consumer: ConsumerDef,
+    /// The stream that keeps dead-letter advisories.
+    pub advisory_stream: StreamDef,
+    /// The gateways' consumer of the advisory stream.
+    pub dead_letter_consumer: ConsumerDef,
 }
 
-#[derive(Debug, Deserialize)]
+/// A stream's settings. `${stream}` and `${prefix}` are substituted.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StreamDef {
-    name: String,
-    subjects: Vec<String>,
-    retention: String,
-    storage: String,
-    discard: String,
-    max_bytes: i64,
-    max_message_size: i32,
-    duplicate_window_seconds: u64,
-    replicas: usize,
+pub struct StreamDef {
+    /// Stream name.
+    pub name: String,
+    /// Subjects it captures.
+    pub subjects: Vec<String>,
+    /// `workqueue`, `limits` or `interest`.
+    pub retention: String,
+    /// `file` or `memory`.
+    pub storage: String,
+    /// `new` (refuse writes when full) or `old` (drop the oldest).
+    pub discard: String,
+    /// Size limit.
+    pub max_bytes: i64,
+    /// Largest message.
+    pub max_message_size: i32,
+    /// Oldest message kept, 0 for no limit.
+    #[serde(default)]
+    pub max_age_seconds: u64,
+    /// How long a `Nats-Msg-Id` is remembered for deduplication.
+    pub duplicate_window_seconds: u64,
+    /// Copies in a cluster.
+    pub replicas: usize,
 }
 
-/// A pool consumer's settings, also needed by workers (`max_deliver`).
+/// A durable pull consumer's settings. `${service}`, `${zone}`, `${stream}` and
+/// `${prefix}` are substituted.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerDef {
-    durable_name: String,
-    filter_subject: String,
-    ack_wait_seconds: u64,
-    backoff_seconds: Vec<u64>,
-    /// Deliveries before JetStream gives up on a message.
+    /// Durable name.
+    pub durable_name: String,
+    /// Subject filter (none: the whole stream).
+    #[serde(default)]
+    pub filter_subject: String,
+    /// How long a delivery may go unacknowledged before it is delivered again (when
+    /// `backoff_seconds` is empty).
+    pub ack_wait_seconds: u64,
+    /// The ack wait of the 1st, 2nd, … delivery; the last one repeats.
+    #[serde(default)]
+    pub backoff_seconds: Vec<u64>,
+    /// Deliveries before JetStream gives up on a message (-1: never).
     pub max_deliver: i64,
-    max_ack_pending: i64,
-    max_waiting: i64,
+    /// Deliveries awaiting acknowledgement at once, across all workers of the pool.
+    pub max_ack_pending: i64,
+    /// Pull requests waiting at once.
+    pub max_waiting: i64,
 }
 
 fn substitute(template: &str, names: &NatsNames, pool: Option<(Service, &str)>) -> String {
@@ -60,18 +102,39 @@ fn substitute(template: &str, names: &NatsNames, pool: Option<(Service, &str)>) 
     s
 }
 
-fn definitions() -> anyhow::Result<Definitions> {
-    serde_json::from_str(DEFINITIONS).context("nats/streams.json is not valid")
+impl Definitions {
+    /// The definitions shipped in `nats/streams.json`.
+    pub fn shipped() -> anyhow::Result<Self> {
+        serde_json::from_str(DEFINITIONS).context("nats/streams.json is not valid")
+    }
+
+    /// The operations stream's configuration for `names`.
+    pub fn ops_stream_config(&self, names: &NatsNames) -> anyhow::Result<stream::Config> {
+        stream_config(&self.ops_stream, names)
+    }
+
+    /// The advisory stream's configuration for `names`.
+    pub fn advisory_stream_config(&self, names: &NatsNames) -> anyhow::Result<stream::Config> {
+        stream_config(&self.advisory_stream, names)
+    }
+
+    /// The pull consumer of one pool.
+    pub fn pool_consumer_config(
+        &self,
+        names: &NatsNames,
+        service: Service,
+        zone: &str,
+    ) -> consumer::pull::Config {
+        consumer_config(&self.pool_consumer, names, Some((service, zone)))
+    }
+
+    /// The gateways' consumer of the advisory stream.
+    pub fn dead_letter_consumer_config(&self, names: &NatsNames) -> consumer::pull::Config {
+        consumer_config(&self.dead_letter_consumer, names, None)
+    }
 }
 
-/// The pool consumer definition (shared by all pools).
-pub fn consumer_def() -> anyhow::Result<ConsumerDef> {
-    Ok(definitions()?.pool_consumer)
-}
-
-/// The operations stream's configuration for `names`.
-pub fn ops_stream_config(names: &NatsNames) -> anyhow::Result<stream::Config> {
-    let d = definitions()?.ops_stream;
+fn stream_config(d: &StreamDef, names: &NatsNames) -> anyhow::Result<stream::Config> {
     Ok(stream::Config {
         name: substitute(&d.name, names, None),
         subjects: d
@@ -97,21 +160,19 @@ pub fn ops_stream_config(names: &NatsNames) -> anyhow::Result<stream::Config> {
         },
         max_bytes: d.max_bytes,
         max_message_size: d.max_message_size,
+        max_age: Duration::from_secs(d.max_age_seconds),
         duplicate_window: Duration::from_secs(d.duplicate_window_seconds),
         num_replicas: d.replicas,
         ..Default::default()
     })
 }
 
-/// The pull consumer of one pool.
-pub fn pool_consumer_config(
+fn consumer_config(
+    d: &ConsumerDef,
     names: &NatsNames,
-    service: Service,
-    zone: &str,
-) -> anyhow::Result<consumer::pull::Config> {
-    let d = consumer_def()?;
-    let pool = Some((service, zone));
-    Ok(consumer::pull::Config {
+    pool: Option<(Service, &str)>,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
         durable_name: Some(substitute(&d.durable_name, names, pool)),
         filter_subject: substitute(&d.filter_subject, names, pool),
         ack_policy: consumer::AckPolicy::Explicit,
@@ -125,31 +186,85 @@ pub fn pool_consumer_config(
         max_ack_pending: d.max_ack_pending,
         max_waiting: d.max_waiting,
         ..Default::default()
-    })
+    }
 }
 
-/// Creates or updates the operations stream and one consumer per service×zone.
+/// The pool consumer definition (shared by all pools), as shipped.
+pub fn consumer_def() -> anyhow::Result<ConsumerDef> {
+    Ok(Definitions::shipped()?.pool_consumer)
+}
+
+/// The operations stream's configuration for `names`, as shipped.
+pub fn ops_stream_config(names: &NatsNames) -> anyhow::Result<stream::Config> {
+    Definitions::shipped()?.ops_stream_config(names)
+}
+
+/// The pull consumer of one pool, as shipped.
+pub fn pool_consumer_config(
+    names: &NatsNames,
+    service: Service,
+    zone: &str,
+) -> anyhow::Result<consumer::pull::Config> {
+    Ok(Definitions::shipped()?.pool_consumer_config(names, service, zone))
+}
+
+/// The name of the advisory stream of the deployment named `names`.
+pub fn advisory_stream_name(names: &NatsNames) -> String {
+    Definitions::shipped()
+        .map(|d| substitute(&d.advisory_stream.name, names, None))
+        .unwrap_or_else(|_| format!("{}-ADVISORIES", names.stream))
+}
+
+/// Creates or updates the shipped streams and consumers: the operations stream with one
+/// consumer per service×zone, and the advisory stream with its consumer.
 pub async fn apply(
     js: &jetstream::Context,
     names: &NatsNames,
     zones: &[String],
 ) -> anyhow::Result<()> {
-    let config = ops_stream_config(names)?;
-    js.create_or_update_stream(config.clone())
-        .await
-        .with_context(|| format!("creating or updating JetStream stream {}", config.name))?;
-    let stream = js.get_stream(&config.name).await?;
+    apply_definitions(js, names, zones, &Definitions::shipped()?).await
+}
+
+/// Creates or updates the streams and consumers of `defs`.
+pub async fn apply_definitions(
+    js: &jetstream::Context,
+    names: &NatsNames,
+    zones: &[String],
+    defs: &Definitions,
+) -> anyhow::Result<()> {
+    let ops = create_or_update_stream(js, defs.ops_stream_config(names)?).await?;
     for zone in zones {
         for service in Service::ALL {
-            let c = pool_consumer_config(names, *service, zone)?;
-            let name = c.durable_name.clone().unwrap_or_default();
-            // On NATS 2.9 creating a durable that exists updates its editable settings.
-            stream
-                .create_consumer(c)
-                .await
-                .with_context(|| format!("creating or updating consumer {name}"))?;
+            create_or_update_consumer(&ops, defs.pool_consumer_config(names, *service, zone))
+                .await?;
         }
     }
+    let advisories = create_or_update_stream(js, defs.advisory_stream_config(names)?).await?;
+    create_or_update_consumer(&advisories, defs.dead_letter_consumer_config(names)).await?;
+    Ok(())
+}
+
+async fn create_or_update_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> anyhow::Result<jetstream::stream::Stream> {
+    let name = config.name.clone();
+    js.create_or_update_stream(config)
+        .await
+        .with_context(|| format!("creating or updating JetStream stream {name}"))?;
+    Ok(js.get_stream(&name).await?)
+}
+
+async fn create_or_update_consumer(
+    stream: &jetstream::stream::Stream,
+    config: consumer::pull::Config,
+) -> anyhow::Result<()> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    // Creating a durable that exists updates its editable settings (NATS 2.9 and later).
+    stream
+        .create_consumer(config)
+        .await
+        .with_context(|| format!("creating or updating consumer {name}"))?;
     Ok(())
 }
 
@@ -178,10 +293,56 @@ mod tests {
     }
 
     #[test]
+    fn the_advisory_stream_keeps_only_this_deployments_dead_letters() {
+        let names = NatsNames {
+            stream: "T1".into(),
+            subject_prefix: "t1.ops".into(),
+        };
+        let defs = Definitions::shipped().unwrap();
+        let s = defs.advisory_stream_config(&names).unwrap();
+        assert_eq!(s.name, advisory_stream_name(&names));
+        assert_eq!(
+            s.subjects,
+            vec![
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.T1.>".to_string(),
+                "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.T1.>".to_string(),
+            ]
+        );
+        assert_eq!(s.retention, stream::RetentionPolicy::WorkQueue);
+        assert!(
+            s.max_age > Duration::ZERO,
+            "bounded even if no gateway runs"
+        );
+        let c = defs.dead_letter_consumer_config(&names);
+        assert_eq!(c.max_deliver, -1, "an advisory is retried until handled");
+        assert_eq!(c.filter_subject, "");
+    }
+
+    #[test]
     fn the_duplicate_window_outlasts_the_relays_retry_gap() {
         // The relay retries a failed publish within seconds; a re-publish after a crash
         // happens as soon as another relay claims the row. 15 minutes covers both.
         let s = ops_stream_config(&NatsNames::default()).unwrap();
         assert!(s.duplicate_window >= Duration::from_secs(300));
+    }
+
+    #[test]
+    fn pools_hold_no_more_unacknowledged_messages_than_the_stream_can_redeliver() {
+        // Every pool's workers pull at most their concurrency (16 per process by
+        // default); max_ack_pending bounds what all of a pool's replicas hold at once.
+        let c = consumer_def().unwrap();
+        assert!(c.max_ack_pending >= 16);
+        assert!(c.max_waiting >= c.max_ack_pending);
+        // Workers send Progress well within the shortest ack wait.
+        let shortest = c
+            .backoff_seconds
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(c.ack_wait_seconds);
+        assert!(
+            Duration::from_secs(shortest) >= workers::consume::PROGRESS_INTERVAL * 3,
+            "{shortest}"
+        );
     }
 }

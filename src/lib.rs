@@ -15,7 +15,8 @@
 //!   outbox row), including the promotion of queued operations.
 //! - [`changes`]: operation-change notifications for long-polls.
 //! - [`relay`]: outbox → JetStream; [`jetstream`]: stream and consumer definitions.
-//! - [`reconciler`]: deadlines and lost messages, one active per deployment.
+//! - [`reconciler`]: deadlines, lost messages and unapplied specs, one active per
+//!   deployment; [`deadletter`]: operations whose message JetStream gave up on.
 //! - [`api`]: the HTTP surface (axum), errors, extractors, OpenAPI.
 //! - [`auth`]: keys, roles and the permission table; [`audit`]: the hash-chained trail.
 //! - [`app`]: assembling the processes (`migrate`, `serve`, `relay`, `up`).
@@ -35,9 +36,11 @@ pub mod audit;
 pub mod auth;
 pub mod changes;
 pub mod config;
+pub mod deadletter;
 pub mod domain;
 pub mod jetstream;
 pub mod lifecycle;
+pub mod metrics;
 pub mod reconciler;
 pub mod relay;
 pub mod store;

@@ -167,18 +167,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: &Config, backends: app::Backends, parts: Parts) -> anyhow::Result<()> {
-    let listener = if parts.api {
-        let l = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("GATEWAY_LISTEN: cannot listen on {}", config.listen))?;
-        Some(l)
-    } else {
-        None
-    };
+    let parts_api = parts.api;
+    // The relay serves only health and metrics on it.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("GATEWAY_LISTEN: cannot listen on {}", config.listen))?;
+    let listener = Some(listener);
     let running = app::start(config, backends, listener, parts).await?;
-    match running.addr {
-        Some(addr) => tracing::info!(%addr, "gateway API running"),
-        None => tracing::info!("relay running"),
+    if let Some(addr) = running.addr {
+        tracing::info!(%addr, api = parts_api, "gateway running");
     }
     app::cancel_on_signal(running.shutdown.clone());
     running.wait().await;

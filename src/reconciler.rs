@@ -1,12 +1,36 @@
-//! The reconciler: fails operations past their deadline and re-dispatches operations
-//! whose message was lost. One is active across all gateway replicas, elected with a
-//! PostgreSQL session advisory lock; if its process dies, the lock goes with the
-//! connection and another replica takes over on its next try.
+//! The reconciler: repairs what no single request or report could. One is active across
+//! all gateway replicas, elected with a PostgreSQL session advisory lock; if its process
+//! dies, the lock goes with the connection and another replica takes over on its next
+//! try. Each pass:
+//!
+//! 1. **Deadlines.** Fails active operations past their deadline (`deadline_exceeded`):
+//!    the backstop that makes every operation end.
+//! 2. **Sweep.** Looks at operations `dispatched` or `running` that have been quiet for
+//!    `RECONCILE_REDISPATCH_AFTER_SECONDS` and asks JetStream whether their current
+//!    message still exists (at the stream sequence the relay recorded). If it does,
+//!    JetStream still owns the operation — waiting for a worker, in a worker's hands
+//!    (kept alive by `Progress`, however long it takes), or just dead-lettered — and the
+//!    sweeper leaves it. If it does not, no worker can finish the operation: its message
+//!    was lost (a NATS server lost its disk, the stream was purged) or terminated without
+//!    a report while the dead-letter advisory was missed. The sweeper then dispatches it
+//!    again under a new message ID, up to [`MAX_DISPATCHES`] messages in all, and after
+//!    that fails it with `delivery_exhausted`. Nothing is re-sent while a message is
+//!    alive, so a long outage of a worker pool does not pile up duplicates.
+//! 3. **Converge.** Finds live resources whose `generation` is ahead of
+//!    `observed_generation` with no active operation and no finished attempt at that
+//!    generation (a cancelled update left the new spec unapplied) and enqueues a
+//!    system-requested `update` (no `requested_by`). A failed attempt is not retried by
+//!    itself: the resource shows `failed` until someone changes or deletes it.
+//!
+//! Every repair locks the resource row, then the operation row, and checks its
+//! condition again under the lock.
 
-use crate::domain::OperationState;
+use crate::domain::{Action, OperationState, Phase};
 use crate::lifecycle::finish::{self, Outcome};
 use crate::lifecycle::{dispatch, Engine};
-use crate::store::{self, operations, resources};
+use crate::store::{self, operations, operations::QuietOperation, resources};
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
@@ -18,14 +42,21 @@ use uuid::Uuid;
 const LOCK_KEY: i64 = 0x0067_7772_6563_6f6e;
 /// Operations handled per kind of repair and pass.
 const BATCH: i64 = 100;
+/// Messages an operation gets in all (its first dispatch and the sweeper's) before the
+/// sweeper gives up on it with `delivery_exhausted`.
+pub const MAX_DISPATCHES: i32 = 3;
 
 /// What one pass repaired.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Repairs {
     /// Operations failed with `deadline_exceeded`.
     pub expired: usize,
-    /// Operations dispatched again.
+    /// Operations dispatched again because their message was gone.
     pub redispatched: usize,
+    /// Operations failed with `delivery_exhausted` after [`MAX_DISPATCHES`] lost messages.
+    pub exhausted: usize,
+    /// Converging `update` operations enqueued.
+    pub converged: usize,
 }
 
 /// The reconciler's settings.
@@ -34,8 +65,21 @@ pub struct Reconciler {
     pub engine: Engine,
     /// Pause between passes.
     pub interval: Duration,
-    /// A dispatched operation silent for this long is dispatched again.
+    /// A dispatched or running operation quiet for this long, whose message JetStream
+    /// no longer holds, is dispatched again.
     pub redispatch_after: Duration,
+    /// JetStream, to ask whether a quiet operation's message still exists. Without it
+    /// (or while NATS is unreachable) only operations whose message was never recorded
+    /// are swept.
+    pub js: Option<jetstream::Context>,
+}
+
+/// Whether an operation's current message is still in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Present,
+    Gone,
+    Unknown,
 }
 
 impl Reconciler {
@@ -43,15 +87,18 @@ impl Reconciler {
     /// `interval` while it holds the lock.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut leader: Option<PoolConnection<Postgres>> = None;
+        let mut cursor = None;
         loop {
             if leader.is_none() {
                 leader = self.try_lead().await;
             }
             if leader.is_some() {
-                match self.pass().await {
+                match self.pass_from(&mut cursor).await {
                     Ok(r) if r != Repairs::default() => tracing::info!(
                         expired = r.expired,
                         redispatched = r.redispatched,
+                        exhausted = r.exhausted,
+                        converged = r.converged,
                         "reconciler repaired operations"
                     ),
                     Ok(_) => {}
@@ -80,17 +127,76 @@ impl Reconciler {
         }
     }
 
-    /// One pass of every repair.
+    /// One pass of every repair; the sweep starts from the oldest quiet operation.
     pub async fn pass(&self) -> anyhow::Result<Repairs> {
+        self.pass_from(&mut None).await
+    }
+
+    /// One pass of every repair; the sweep goes on from `cursor` and leaves it where it
+    /// stopped (back at the start once it reached the end), so that operations whose
+    /// message JetStream still holds cannot keep the sweeper from the others.
+    async fn pass_from(
+        &self,
+        cursor: &mut Option<(DateTime<Utc>, Uuid)>,
+    ) -> anyhow::Result<Repairs> {
         let mut repairs = Repairs::default();
         for id in operations::overdue_ids(&self.engine.pool, BATCH).await? {
             repairs.expired += usize::from(self.expire(id).await?);
         }
-        let stale = self.redispatch_after.as_secs_f64();
-        for id in operations::stale_dispatched_ids(&self.engine.pool, stale, BATCH).await? {
-            repairs.redispatched += usize::from(self.redispatch(id).await?);
+        self.sweep(&mut repairs, cursor).await?;
+        for id in operations::unconverged_resource_ids(&self.engine.pool, BATCH).await? {
+            repairs.converged += usize::from(self.converge(id).await?);
         }
+        let metrics = &self.engine.metrics;
+        metrics.repaired("expired", repairs.expired);
+        metrics.repaired("redispatched", repairs.redispatched);
+        metrics.repaired("dead_lettered", repairs.exhausted);
+        metrics.repaired("converged", repairs.converged);
         Ok(repairs)
+    }
+
+    /// Dispatches again (or gives up on) quiet operations whose message is gone.
+    async fn sweep(
+        &self,
+        repairs: &mut Repairs,
+        cursor: &mut Option<(DateTime<Utc>, Uuid)>,
+    ) -> anyhow::Result<()> {
+        let quiet_secs = self.redispatch_after.as_secs_f64();
+        let quiet = operations::quiet_active(&self.engine.pool, quiet_secs, *cursor, BATCH).await?;
+        *cursor = match quiet.last() {
+            Some(last) if quiet.len() as i64 == BATCH => Some((last.updated_at, last.id)),
+            _ => None,
+        };
+        if quiet.is_empty() {
+            return Ok(());
+        }
+        let stream = match &self.js {
+            Some(js)
+                if js.client().connection_state() == async_nats::connection::State::Connected =>
+            {
+                js.get_stream(&self.engine.names.stream).await.ok()
+            }
+            _ => None,
+        };
+        for q in quiet {
+            let presence = match (q.stream_seq, &stream) {
+                (Some(seq), Some(stream)) => presence(stream, seq, &q).await,
+                (Some(_), None) => Presence::Unknown,
+                // Dispatched before sequences were recorded: the message may have been
+                // lost, and a second copy costs only a refused report.
+                (None, _) if q.state == OperationState::Dispatched => Presence::Gone,
+                (None, _) => Presence::Unknown,
+            };
+            if presence != Presence::Gone {
+                continue;
+            }
+            match self.redispatch(&q).await? {
+                Some(true) => repairs.redispatched += 1,
+                Some(false) => repairs.exhausted += 1,
+                None => {}
+            }
+        }
+        Ok(())
     }
 
     async fn expire(&self, id: Uuid) -> anyhow::Result<bool> {
@@ -118,6 +224,11 @@ impl Reconciler {
         };
         let (_, promoted) = finish::finish(&mut tx, &self.engine.names, &op, outcome).await?;
         tx.commit().await?;
+        let age = (chrono::Utc::now() - op.created_at)
+            .to_std()
+            .unwrap_or_default();
+        let failed = OperationState::Failed;
+        (self.engine.metrics).operation_finished(op.action, op.kind, &op.zone, failed, age);
         if promoted.is_some() {
             self.engine.wake.signal().await;
         }
@@ -126,23 +237,124 @@ impl Reconciler {
         Ok(true)
     }
 
-    async fn redispatch(&self, id: Uuid) -> anyhow::Result<bool> {
+    /// Dispatches `q` again if nothing changed since the sweeper looked: `Some(true)`;
+    /// or fails it after [`MAX_DISPATCHES`] messages: `Some(false)`.
+    async fn redispatch(&self, q: &QuietOperation) -> anyhow::Result<Option<bool>> {
         let mut tx = self.engine.pool.begin().await?;
-        let Some(op) = operations::get(&mut *tx, id).await? else {
-            return Ok(false);
+        let Some(op) = operations::get(&mut *tx, q.id).await? else {
+            return Ok(None);
         };
         let resource = resources::lock(&mut tx, op.resource_id).await?;
-        let op = operations::lock(&mut tx, id)
+        let op = operations::lock(&mut tx, q.id)
             .await?
             .expect("operations are never deleted");
-        if op.state != OperationState::Dispatched {
+        if op.state != q.state || op.updated_at != q.updated_at {
+            return Ok(None);
+        }
+        let mut promoted = None;
+        let redispatched = if op.dispatches >= MAX_DISPATCHES {
+            tracing::warn!(operation.id = %op.id, dispatches = op.dispatches,
+                "the operation's message is gone again; giving up");
+            let outcome = Outcome {
+                state: OperationState::Failed,
+                attempt: op.attempt,
+                status: None,
+                error: Some(json!({
+                    "code": "delivery_exhausted",
+                    "message": format!(
+                        "the operation's message was lost or given up on {} times without an outcome",
+                        op.dispatches
+                    ),
+                    "retryable": true,
+                })),
+            };
+            promoted = finish::finish(&mut tx, &self.engine.names, &op, outcome)
+                .await?
+                .1;
+            false
+        } else {
+            tracing::warn!(operation.id = %op.id, state = %op.state,
+                "the operation's message is gone and no outcome came; dispatching it again");
+            operations::forget_delivery(&mut tx, op.id).await?;
+            dispatch::enqueue(&mut tx, &self.engine.names, &op, &resource).await?;
+            true
+        };
+        tx.commit().await?;
+        if !redispatched {
+            let age = (chrono::Utc::now() - op.created_at)
+                .to_std()
+                .unwrap_or_default();
+            let failed = OperationState::Failed;
+            (self.engine.metrics).operation_finished(op.action, op.kind, &op.zone, failed, age);
+        }
+        if redispatched || promoted.is_some() {
+            self.engine.wake.signal().await;
+        }
+        let changed: Vec<Uuid> = [Some(q.id), promoted].into_iter().flatten().collect();
+        self.engine.changes.publish(&changed).await;
+        Ok(Some(redispatched))
+    }
+
+    /// Enqueues a converging `update` of resource `id` if it still needs one.
+    async fn converge(&self, id: Uuid) -> anyhow::Result<bool> {
+        let mut tx = self.engine.pool.begin().await?;
+        let resource = resources::lock(&mut tx, id).await?;
+        if !operations::needs_converge(&mut tx, id).await? {
             return Ok(false);
         }
-        tracing::warn!(operation.id = %op.id, "no report since dispatch; dispatching again");
+        let deadline = chrono::Utc::now()
+            + chrono::Duration::from_std(self.engine.operation_timeout)
+                .unwrap_or(chrono::Duration::hours(1));
+        let op_id = Uuid::now_v7();
+        let request_id = format!("reconciler-converge-{op_id}");
+        let op = operations::insert_system(
+            &mut tx,
+            &operations::SystemOperation {
+                id: op_id,
+                tenant: &resource.tenant,
+                resource_id: id,
+                kind: resource.kind,
+                zone: &resource.zone,
+                action: Action::Update,
+                target_generation: resource.generation,
+                request_id: &request_id,
+                deadline,
+            },
+        )
+        .await?;
         dispatch::enqueue(&mut tx, &self.engine.names, &op, &resource).await?;
+        resources::set_phase(&mut tx, id, Phase::on_start(Action::Update)).await?;
         tx.commit().await?;
+        (self.engine.metrics).operation_created(op.action, op.kind, &op.zone);
+        tracing::info!(resource.id = %id, operation.id = %op_id, generation = resource.generation,
+            observed_generation = resource.observed_generation,
+            "the resource's spec is ahead of what was applied; converging");
         self.engine.wake.signal().await;
-        self.engine.changes.publish(&[id]).await;
+        self.engine.changes.publish(&[op_id]).await;
         Ok(true)
+    }
+}
+
+/// Whether the message of `q`'s current dispatch is still at `seq` in `stream`.
+async fn presence(stream: &jetstream::stream::Stream, seq: i64, q: &QuietOperation) -> Presence {
+    let Ok(seq) = u64::try_from(seq) else {
+        return Presence::Unknown;
+    };
+    match stream.get_raw_message(seq).await {
+        Ok(message) => {
+            let expected = format!("{}.{}", q.id, q.dispatches);
+            match message.headers.get("Nats-Msg-Id") {
+                Some(id) if id.as_str() == expected => Presence::Present,
+                // Another message sits there: the stream was re-created.
+                _ => Presence::Gone,
+            }
+        }
+        Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+            Presence::Gone
+        }
+        Err(e) => {
+            tracing::debug!(operation.id = %q.id, error = %e, "cannot tell whether the message exists");
+            Presence::Unknown
+        }
     }
 }

@@ -2,10 +2,18 @@
 //!
 //! Each pass claims a batch with `FOR UPDATE SKIP LOCKED` (so any number of relays can
 //! run), publishes the whole batch with its acks outstanding at once (the batch size
-//! bounds the window), then deletes the rows JetStream acknowledged and marks their
-//! operations `dispatched` — in the same short transaction. A crash between publish and
-//! delete leaves the rows for the next pass; their fixed `Nats-Msg-Id` makes JetStream
-//! drop the second copy, and the relay counts that duplicate ack as success.
+//! bounds the window), then deletes the rows JetStream acknowledged, marks their
+//! operations `dispatched` and records where JetStream stored each message — in the
+//! same short transaction. A crash between publish and delete leaves the rows for the
+//! next pass; their fixed `Nats-Msg-Id` makes JetStream drop the second copy, and the
+//! relay counts that duplicate ack (which carries the first copy's sequence) as success.
+//!
+//! Transactions stay short: a pass claims nothing while NATS is disconnected (rows
+//! would only sit locked behind a buffered publish), and the publishes of one pass are
+//! bounded by [`PASS_PUBLISH_TIMEOUT`], well under the server's
+//! `idle_in_transaction_session_timeout`. Each ack is also bounded by the JetStream
+//! context's timeout (`NATS_PUBLISH_TIMEOUT_MS`). The outbox stays small: rows live for
+//! one pass and the table is vacuumed eagerly (see the migration).
 
 use crate::store::{operations, outbox};
 use async_nats::jetstream;
@@ -47,6 +55,11 @@ impl Wake {
     }
 }
 
+/// Longest wait for all publishes of one pass: whatever has not been acknowledged by
+/// then counts as failed, and its rows stay for the next pass. Shorter than the 30 s
+/// `idle_in_transaction_session_timeout` of every gateway connection.
+pub const PASS_PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// What one relay needs.
 pub struct Relay {
     /// The outbox's database.
@@ -61,6 +74,8 @@ pub struct Relay {
     pub wake: Wake,
     /// Told which operations became `dispatched`.
     pub changes: crate::changes::Changes,
+    /// Throughput, errors, batch sizes and lag.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// What one pass did.
@@ -122,8 +137,12 @@ impl Relay {
         }
     }
 
-    /// Claims, publishes and deletes one batch.
+    /// Claims, publishes and deletes one batch. Fails without claiming anything while
+    /// NATS is disconnected.
     pub async fn pass(&self) -> anyhow::Result<Pass> {
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            anyhow::bail!("NATS is not connected; the outbox keeps the messages");
+        }
         let mut tx = self.pool.begin().await?;
         let rows = outbox::claim(&mut tx, self.batch_size).await?;
         if rows.is_empty() {
@@ -149,32 +168,54 @@ impl Relay {
                 if ack.duplicate {
                     tracing::debug!(msg_id = %row.msg_id, "relay: duplicate publish acknowledged");
                 }
-                Ok::<_, async_nats::Error>(())
+                Ok::<_, async_nats::Error>(ack.sequence)
             }
         });
-        let results = futures::future::join_all(publishes).await;
-        let mut done_ids = Vec::with_capacity(rows.len());
+        let results =
+            tokio::time::timeout(PASS_PUBLISH_TIMEOUT, futures::future::join_all(publishes))
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::warn!(
+                        rows = rows.len(),
+                        "relay: publishes timed out; retrying them later"
+                    );
+                    rows.iter()
+                        .map(|_| Err("publish timed out".into()))
+                        .collect()
+                });
+        self.metrics.relay_batch_size.observe(rows.len() as f64);
+        let acked_at = chrono::Utc::now();
+        let mut published = Vec::with_capacity(rows.len());
         let mut dispatched = Vec::with_capacity(rows.len());
         for (row, result) in rows.iter().zip(results) {
             match result {
-                Ok(()) => {
-                    done_ids.push(row.id);
+                Ok(seq) => {
+                    let lag = (acked_at - row.created_at).to_std().unwrap_or_default();
+                    self.metrics.relay_lag.observe(lag.as_secs_f64());
+                    published.push((row.id, row.operation_id, dispatch_number(&row.msg_id), seq));
                     dispatched.extend(row.operation_id);
                 }
                 Err(e) => {
+                    self.metrics.outbox_publish_errors.inc();
                     tracing::warn!(msg_id = %row.msg_id, subject = %row.subject, error = %e, "relay: publish failed")
                 }
             }
         }
-        outbox::delete(&mut tx, &done_ids).await?;
+        outbox::delete_published(&mut tx, &published).await?;
         operations::mark_dispatched(&mut tx, &dispatched).await?;
         tx.commit().await?;
+        self.metrics.outbox_published.inc_by(published.len() as u64);
         self.changes.publish(&dispatched).await;
         Ok(Pass {
             claimed: rows.len(),
-            published: done_ids.len(),
+            published: published.len(),
         })
     }
+}
+
+/// The dispatch number `n` of a message ID `{operation}.{n}`.
+fn dispatch_number(msg_id: &str) -> Option<i32> {
+    msg_id.rsplit_once('.').and_then(|(_, n)| n.parse().ok())
 }
 
 /// Pause after `failures` failed passes in a row: 100 ms doubling to 5 s.
@@ -184,6 +225,14 @@ fn backoff(failures: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_dispatch_number_is_the_message_ids_suffix() {
+        let id = "0193a1b2-0000-7000-8000-000000000000";
+        assert_eq!(super::dispatch_number(&format!("{id}.1")), Some(1));
+        assert_eq!(super::dispatch_number(&format!("{id}.12")), Some(12));
+        assert_eq!(super::dispatch_number(id), None);
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         assert!(super::backoff(1) < super::backoff(2));

@@ -29,6 +29,7 @@ fn relay_for(app: &common::TestApp) -> Relay {
         poll_interval: Duration::from_millis(100),
         wake: Wake::default(),
         changes: Default::default(),
+        metrics: Default::default(),
     }
 }
 

@@ -169,58 +169,6 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn traceparents_are_checked() {
-        assert!(is_traceparent(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!is_traceparent(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
-        ));
-        assert!(!is_traceparent(
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
-        ));
-    }
-
-    #[test]
-    fn json_errors_are_sorted() {
-        #[derive(Debug, serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        #[allow(dead_code)]
-        struct T {
-            a: u32,
-        }
-        assert_eq!(parse_json::<T>(b"{").unwrap_err().code, "malformed_json");
-        assert_eq!(
-            parse_json::<T>(b"{\"a\":1,\"b\":2}").unwrap_err().code,
-            "invalid_body"
-        );
-        assert_eq!(
-            parse_json::<T>(b"{\"a\":\"x\"}").unwrap_err().code,
-            "invalid_body"
-        );
-        assert_eq!(parse_json::<T>(b"{\"a\":1}").unwrap().a, 1);
-        let deep = format!("{}{}", "[".repeat(20), "]".repeat(20));
-        assert_eq!(
-            parse_json::<serde_json::Value>(deep.as_bytes())
-                .unwrap_err()
-                .code,
-            "body_too_complex"
-        );
-        let wide = format!("[{}0]", "0,".repeat(3000));
-        assert_eq!(
-            parse_json::<serde_json::Value>(wide.as_bytes())
-                .unwrap_err()
-                .code,
-            "body_too_complex"
-        );
-    }
-}
-
 /// Headers of a write: `Idempotency-Key` and `If-Match`.
 pub struct WriteHeaders {
     /// The client's idempotency key, 1–255 visible ASCII characters.
@@ -290,4 +238,56 @@ pub fn fingerprint(method: &str, path: &str, body: &serde_json::Value) -> String
     h.update(b"\n");
     h.update(body.to_string().as_bytes());
     hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_checked() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
+        ));
+        assert!(!is_traceparent(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+    }
+
+    #[test]
+    fn json_errors_are_sorted() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct T {
+            a: u32,
+        }
+        assert_eq!(parse_json::<T>(b"{").unwrap_err().code, "malformed_json");
+        assert_eq!(
+            parse_json::<T>(b"{\"a\":1,\"b\":2}").unwrap_err().code,
+            "invalid_body"
+        );
+        assert_eq!(
+            parse_json::<T>(b"{\"a\":\"x\"}").unwrap_err().code,
+            "invalid_body"
+        );
+        assert_eq!(parse_json::<T>(b"{\"a\":1}").unwrap().a, 1);
+        let deep = format!("{}{}", "[".repeat(20), "]".repeat(20));
+        assert_eq!(
+            parse_json::<serde_json::Value>(deep.as_bytes())
+                .unwrap_err()
+                .code,
+            "body_too_complex"
+        );
+        let wide = format!("[{}0]", "0,".repeat(3000));
+        assert_eq!(
+            parse_json::<serde_json::Value>(wide.as_bytes())
+                .unwrap_err()
+                .code,
+            "body_too_complex"
+        );
+    }
 }

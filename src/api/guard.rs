@@ -18,6 +18,7 @@ use super::AppState;
 use crate::audit::{self, Entry};
 use crate::auth::{self, Principal, Role};
 use crate::domain::Service;
+use crate::metrics::{BucketLabels, HttpLabels, RouteLabels};
 use crate::store::principals;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
@@ -153,6 +154,22 @@ fn path_tenant(path: &str) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct AuditTenant(pub String);
 
+/// Counts a request in flight until dropped, even when the client goes away mid-way.
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn enter(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The middleware.
 pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
@@ -172,6 +189,9 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
         .map(|r| r.0.clone())
         .unwrap_or_default();
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let started = std::time::Instant::now();
+    let metrics = state.engine.metrics.clone();
+    let _in_flight = InFlight::enter(&metrics.http_in_flight);
 
     let authorization = req
         .headers()
@@ -182,13 +202,26 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
         Err(e) => return e.into_response(),
     };
     // Probes and scrapes outside the API are never throttled.
+    let class = bucket(&method, &route);
     let limited = if path.starts_with("/v1/") {
-        state.limiter.check(&authn, bucket(&method, &route), source)
+        state.limiter.check(&authn, class, source)
     } else {
         Ok(())
     };
     let response = match limited {
         Err(wait) => {
+            let bucket = match (&authn, class) {
+                (Authn::Principal(_), Bucket::Write) => "write",
+                (Authn::Principal(_), Bucket::Read) => "read",
+                (Authn::Principal(_), Bucket::Poll) => "poll",
+                _ => "anonymous",
+            };
+            metrics
+                .rate_limited
+                .get_or_create(&BucketLabels {
+                    bucket: bucket.into(),
+                })
+                .inc();
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -203,6 +236,21 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
         }
     };
     let status = response.status().as_u16();
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route: route.clone(),
+            method: method.to_string(),
+            status: format!("{}xx", status / 100),
+        })
+        .inc();
+    metrics
+        .http_duration
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+            method: method.to_string(),
+        })
+        .observe(started.elapsed().as_secs_f64());
     if mutating || matches!(status, 401 | 403 | 429) {
         let tenant = path_tenant(&path).or_else(|| {
             response
@@ -223,6 +271,7 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
             source: source.map(|ip| ip.to_string()),
         };
         if let Err(e) = audit::append(&state.engine.pool, entry).await {
+            metrics.audit_write_errors.inc();
             tracing::error!(error = %e, "could not write the audit row");
         }
     }

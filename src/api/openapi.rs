@@ -18,7 +18,7 @@ use utoipa::{Modify, OpenApi};
         tenants::create, tenants::list, tenants::read,
         catalog::zones, catalog::entries,
         keys::create, keys::list, keys::revoke, audit::list,
-        health::healthz, health::readyz,
+        health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
         error::ErrorBody, wire::CreateResourceIn, wire::ResourceOut, wire::OperationOut,

@@ -54,6 +54,14 @@ pub async fn cancel(
         _ => (operations::request_cancel(&mut tx, id).await?, None),
     };
     tx.commit().await?;
+    if after.state.is_terminal() {
+        let age = (chrono::Utc::now() - after.created_at)
+            .to_std()
+            .unwrap_or_default();
+        engine
+            .metrics
+            .operation_finished(after.action, after.kind, &after.zone, after.state, age);
+    }
     if promoted.is_some() {
         engine.wake.signal().await;
     }

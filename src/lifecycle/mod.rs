@@ -36,6 +36,8 @@ pub struct Engine {
     pub wake: Wake,
     /// Told after every commit that changed an operation.
     pub changes: Changes,
+    /// Counts operations created and finished.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Why a lifecycle call did not happen. Nothing was written when one is returned.

@@ -36,7 +36,10 @@ pub async fn apply(
         attempt: op.attempt,
         cancel_requested: op.cancel_requested,
     };
-    let (after, promoted) = match decide(progress, report)? {
+    let op_created = op.created_at;
+    let first_start = op.started_at.is_none();
+    let transition = decide(progress, report)?;
+    let (after, promoted) = match transition {
         Transition::Unchanged => (op, None),
         Transition::Start { attempt } => (operations::start(&mut tx, id, attempt).await?, None),
         Transition::Finish { state, attempt } => {
@@ -53,6 +56,22 @@ pub async fn apply(
         }
     };
     tx.commit().await?;
+    let age = (chrono::Utc::now() - op_created)
+        .to_std()
+        .unwrap_or_default();
+    match transition {
+        Transition::Start { .. } if first_start => {
+            engine
+                .metrics
+                .operation_started(after.action, after.kind, age)
+        }
+        Transition::Finish { state, .. } => {
+            engine
+                .metrics
+                .operation_finished(after.action, after.kind, &after.zone, state, age)
+        }
+        _ => {}
+    }
     if promoted.is_some() {
         engine.wake.signal().await;
     }

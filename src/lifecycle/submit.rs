@@ -133,6 +133,9 @@ pub async fn create(
     )
     .await?;
     tx.commit().await?;
+    engine
+        .metrics
+        .operation_created(op.action, op.kind, &op.zone);
     engine.wake.signal().await;
     Ok(op)
 }
@@ -167,6 +170,9 @@ pub async fn delete(
     )
     .await?;
     tx.commit().await?;
+    engine
+        .metrics
+        .operation_created(op.action, op.kind, &op.zone);
     engine.wake.signal().await;
     Ok(op)
 }
@@ -260,6 +266,9 @@ pub async fn update(
     )
     .await?;
     tx.commit().await?;
+    engine
+        .metrics
+        .operation_created(op.action, op.kind, &op.zone);
     engine.wake.signal().await;
     Ok(op)
 }

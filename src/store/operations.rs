@@ -332,3 +332,175 @@ pub async fn stale_dispatched_ids(
     .fetch_all(db)
     .await
 }
+
+/// An active operation that has been quiet, as the reconciler's sweeper sees it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QuietOperation {
+    /// The operation.
+    pub id: Uuid,
+    /// `dispatched` or `running`.
+    #[sqlx(try_from = "String")]
+    pub state: OperationState,
+    /// Outbox rows written for it; its current message ID is `{id}.{dispatches}`.
+    pub dispatches: i32,
+    /// Where JetStream stored its current message, if the relay recorded it.
+    pub stream_seq: Option<i64>,
+    /// Its last change: the sweeper acts only if nothing changed since it looked.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Dispatched or running operations with no change for `quiet_secs` and no message
+/// waiting in the outbox, in `(updated_at, id)` order after `after` (from the oldest when
+/// `None`): a caller that pages through them reaches every one even when the oldest stay
+/// quiet. Not locked: the caller locks each with its resource, in the usual order, and
+/// checks again.
+pub async fn quiet_active(
+    db: impl PgExecutor<'_>,
+    quiet_secs: f64,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> sqlx::Result<Vec<QuietOperation>> {
+    sqlx::query_as(
+        "SELECT id, state, dispatches, stream_seq, updated_at FROM operations o
+         WHERE state IN ('dispatched', 'running')
+           AND updated_at < now() - make_interval(secs => $1)
+           AND ($2::timestamptz IS NULL OR (updated_at, id) > ($2, $3))
+           AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.operation_id = o.id)
+         ORDER BY updated_at, id LIMIT $4",
+    )
+    .bind(quiet_secs)
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// The operations whose current message JetStream stored at `stream_seq`, newest first,
+/// as `(id, state, dispatches)`. More than one only if the stream was re-created.
+pub async fn by_stream_seq(
+    db: impl PgExecutor<'_>,
+    stream_seq: i64,
+) -> sqlx::Result<Vec<(Uuid, String, i32)>> {
+    sqlx::query_as(
+        "SELECT id, state, dispatches FROM operations WHERE stream_seq = $1
+         ORDER BY seq DESC LIMIT 10",
+    )
+    .bind(stream_seq)
+    .fetch_all(db)
+    .await
+}
+
+/// Forgets the delivery of an operation about to be dispatched again: the new message's
+/// deliveries count from 1 (a worker reports them as attempts 1, 2, …), and the old
+/// message's stream sequence no longer names this operation.
+pub async fn forget_delivery(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE operations SET attempt = 0, stream_seq = NULL, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// A system-requested operation (no principal): the reconciler's converging `update`.
+#[derive(Debug, Clone)]
+pub struct SystemOperation<'a> {
+    /// Its ID.
+    pub id: Uuid,
+    /// The resource's owner.
+    pub tenant: &'a str,
+    /// The resource.
+    pub resource_id: Uuid,
+    /// Its kind.
+    pub kind: Kind,
+    /// Its zone.
+    pub zone: &'a str,
+    /// What to do.
+    pub action: Action,
+    /// The generation it converges on.
+    pub target_generation: i64,
+    /// A request ID for logs and the dispatch headers (`reconciler-…`).
+    pub request_id: &'a str,
+    /// Deadline.
+    pub deadline: DateTime<Utc>,
+}
+
+/// Inserts a `queued` operation that no principal requested (`requested_by` is NULL).
+pub async fn insert_system(
+    conn: &mut PgConnection,
+    o: &SystemOperation<'_>,
+) -> sqlx::Result<OperationRow> {
+    sqlx::query_as(&format!(
+        "INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, input,
+             target_generation, requested_by, request_id, deadline)
+         VALUES ($1, $2, $3, $4, $5, $6, 'queued', '{{}}', $7, NULL, $8, $9)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(o.id)
+    .bind(o.tenant)
+    .bind(o.resource_id)
+    .bind(o.kind.as_str())
+    .bind(o.zone)
+    .bind(o.action.as_str())
+    .bind(o.target_generation)
+    .bind(o.request_id)
+    .bind(o.deadline)
+    .fetch_one(conn)
+    .await
+}
+
+/// Live resources whose `generation` is ahead of `observed_generation` with no active
+/// operation and no finished attempt at their current generation: a cancelled update,
+/// say, left the desired spec unapplied. A failed attempt is not retried by itself.
+/// Not locked: the caller locks each resource and asks [`needs_converge`] again.
+pub async fn unconverged_resource_ids(
+    db: impl PgExecutor<'_>,
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT r.id FROM resources r
+         WHERE r.generation > r.observed_generation AND r.deleted_at IS NULL
+           AND NOT EXISTS (
+               SELECT 1 FROM operations o WHERE o.resource_id = r.id
+                 AND (o.state IN ('queued', 'pending', 'dispatched', 'running')
+                      OR (o.state IN ('succeeded', 'failed')
+                          AND o.target_generation >= r.generation)))
+         ORDER BY r.updated_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Whether the (locked) resource still needs a converging operation; see
+/// [`unconverged_resource_ids`].
+pub async fn needs_converge(conn: &mut PgConnection, resource_id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM resources r
+             WHERE r.id = $1 AND r.generation > r.observed_generation
+               AND r.deleted_at IS NULL
+               AND NOT EXISTS (
+                   SELECT 1 FROM operations o WHERE o.resource_id = r.id
+                     AND (o.state IN ('queued', 'pending', 'dispatched', 'running')
+                          OR (o.state IN ('succeeded', 'failed')
+                              AND o.target_generation >= r.generation))))",
+    )
+    .bind(resource_id)
+    .fetch_one(conn)
+    .await
+}
+
+/// How many operations are in each non-terminal state (served by the partial index on
+/// active operations, so it stays cheap however large the history grows).
+pub async fn count_active_by_state(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT state, count(*) FROM operations
+         WHERE state IN ('queued', 'pending', 'dispatched', 'running')
+         GROUP BY state",
+    )
+    .fetch_all(db)
+    .await
+}

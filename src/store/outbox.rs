@@ -20,6 +20,8 @@ pub struct OutboxRow {
     pub headers: Value,
     /// The message body.
     pub payload: Value,
+    /// When it was written (the commit of the change that caused it).
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// A message to write.
@@ -57,7 +59,7 @@ pub async fn insert(conn: &mut PgConnection, m: &NewMessage<'_>) -> sqlx::Result
 /// transaction ends.
 pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as(
-        "SELECT id, operation_id, subject, msg_id, headers, payload FROM outbox
+        "SELECT id, operation_id, subject, msg_id, headers, payload, created_at FROM outbox
          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
@@ -82,4 +84,38 @@ pub async fn backlog(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
     )
     .fetch_one(db)
     .await
+}
+
+/// Deletes published messages and records, for each operation whose current dispatch
+/// (`dispatch`, the `n` of its `{operation}.{n}` message ID) was among them, the stream
+/// sequence JetStream stored it at. `published` holds `(outbox id, operation, dispatch,
+/// stream sequence)`; rows without an operation carry `None`.
+pub async fn delete_published(
+    conn: &mut PgConnection,
+    published: &[(i64, Option<Uuid>, Option<i32>, u64)],
+) -> sqlx::Result<()> {
+    let ids: Vec<i64> = published.iter().map(|p| p.0).collect();
+    delete(conn, &ids).await?;
+    let (mut ops, mut dispatches, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for (_, op, n, seq) in published {
+        if let (Some(op), Some(n)) = (op, n) {
+            ops.push(*op);
+            dispatches.push(*n);
+            seqs.push(i64::try_from(*seq).unwrap_or(i64::MAX));
+        }
+    }
+    if ops.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE operations o SET stream_seq = v.seq
+         FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS v(id, n, seq)
+         WHERE o.id = v.id AND o.dispatches = v.n",
+    )
+    .bind(&ops)
+    .bind(&dispatches)
+    .bind(&seqs)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

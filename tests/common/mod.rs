@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod servers;
+
 use gateway::app::{self, Parts, Running};
 use gateway::config::{Config, NatsNames};
 use reqwest::{Method, StatusCode};
@@ -63,9 +65,9 @@ impl Drop for Cleanup {
                 .unwrap();
             rt.block_on(async move {
                 if let Ok(client) = async_nats::connect(nats_url()).await {
-                    let _ = async_nats::jetstream::new(client)
-                        .delete_stream(&stream)
-                        .await;
+                    let js = async_nats::jetstream::new(client);
+                    let _ = js.delete_stream(&stream).await;
+                    let _ = js.delete_stream(format!("{stream}-ADVISORIES")).await;
                 }
                 if let Ok(pool) = PgPool::connect(&format!("{}/postgres", pg_base())).await {
                     let _ = sqlx::query(&format!(

@@ -10,6 +10,7 @@ use crate::drivers::SimConfig;
 use anyhow::{anyhow, bail};
 use gateway_proto::Service;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -116,6 +117,15 @@ pub struct WorkerConfig {
     pub driver: DriverConfig,
     /// `LOG_FORMAT`: `text` (default) or `json`.
     pub log_format: LogFormat,
+    /// `WORKER_LISTEN` (default `127.0.0.1:9464`): the address of the worker's own
+    /// `GET /metrics`, `/healthz` and `/readyz` ([`crate::http`]); `0.0.0.0:9464` to be
+    /// scraped from other hosts.
+    pub listen: SocketAddr,
+}
+
+impl WorkerConfig {
+    /// Default of [`WorkerConfig::listen`].
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:9464";
 }
 
 impl WorkerConfig {
@@ -196,6 +206,10 @@ impl WorkerConfig {
             "json" => LogFormat::Json,
             other => bail!("LOG_FORMAT: must be 'text' or 'json', got '{other}'"),
         };
+        let listen = env.string("WORKER_LISTEN", Self::DEFAULT_LISTEN);
+        let listen: SocketAddr = listen.parse().map_err(|e| {
+            anyhow!("WORKER_LISTEN: must be an address and port such as 0.0.0.0:9464, got '{listen}': {e}")
+        })?;
 
         Ok(Self {
             nats_url,
@@ -210,6 +224,7 @@ impl WorkerConfig {
             },
             driver,
             log_format,
+            listen,
         })
     }
 }
@@ -307,6 +322,7 @@ mod tests {
         assert_eq!(c.pool.concurrency, 16);
         assert_eq!(c.pool.max_deliver, 5);
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.listen, "127.0.0.1:9464".parse().unwrap());
         assert_eq!(
             c.driver,
             DriverConfig::Sim {
@@ -335,8 +351,10 @@ mod tests {
             ("SIM_TRANSIENT_FAILURE_RATE", "1"),
             ("SIM_CAPACITY_PER_ZONE", "7"),
             ("LOG_FORMAT", "json"),
+            ("WORKER_LISTEN", "0.0.0.0:19464"),
         ])
         .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:19464".parse().unwrap());
         assert_eq!(c.pool.concurrency, 4);
         assert_eq!(c.pool.max_deliver, 3);
         assert_eq!(c.pool.stream, "OPS_TEST");
@@ -429,6 +447,14 @@ mod tests {
             (
                 &[("GATEWAY_KEY", "k"), ("OPS_STREAM", "OPS.x")],
                 "OPS_STREAM: may hold only",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("WORKER_LISTEN", "9464")],
+                "WORKER_LISTEN: must be an address and port such as 0.0.0.0:9464, got '9464'",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("WORKER_LISTEN", "localhost:9464")],
+                "WORKER_LISTEN: must be an address and port",
             ),
         ];
         for (vars, expected) in cases {

@@ -16,7 +16,8 @@
 
 use crate::config::PoolConfig;
 use crate::drivers::{Driver, DriverError};
-use crate::peers::{LookupError, Peer, Peers};
+use crate::metrics::{DriverOutcome, LookupOutcome, MessageOutcome, PoolMetrics, WorkerMetrics};
+use crate::peers::{LookupError, Peer, PeerAnswer, Peers};
 use crate::report::{GatewayClient, ReportError, ReportOutcome, Reporter, TraceHeaders};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use backon::{ExponentialBuilder, Retryable};
@@ -69,10 +70,25 @@ pub fn nak_delay(attempt: i32) -> Duration {
 /// (created by `gateway migrate`; while it is missing the pool logs a warning and keeps
 /// trying), and processes up to `cfg.concurrency` messages at once. NATS outages are
 /// logged and outlived, never returned. Errors only for an invalid `cfg`.
+///
+/// Its metrics are kept but registered nowhere; see [`run_pool_with_metrics`].
 pub async fn run_pool<D: Driver>(
     js: jetstream::Context,
     cfg: PoolConfig,
     driver: D,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_pool_with_metrics(js, cfg, driver, WorkerMetrics::default(), shutdown).await
+}
+
+/// [`run_pool`], counting into `metrics` (usually registered with
+/// [`WorkerMetrics::register`]) under the labels `service` and `zone` of `cfg`. Several
+/// pools may share one `WorkerMetrics`.
+pub async fn run_pool_with_metrics<D: Driver>(
+    js: jetstream::Context,
+    cfg: PoolConfig,
+    driver: D,
+    metrics: WorkerMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
@@ -84,6 +100,7 @@ pub async fn run_pool<D: Driver>(
         zone: cfg.zone.clone(),
         max_deliver: cfg.max_deliver,
         timing: Timing::default(),
+        metrics: metrics.pool(cfg.service, &cfg.zone),
     });
     let span = info_span!("pool", service = %cfg.service, zone = %cfg.zone);
     let pool = Pool {
@@ -215,7 +232,10 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
                                 Some(slot) => self.spawn(msg, slot),
                                 // The batch asks for `slots.len()` messages; should the
                                 // server send more, hand the extra back at once.
-                                None => settle(&msg, Disposition::Nak(None)).await,
+                                None => {
+                                    self.handler.metrics.message(MessageOutcome::HandedBack);
+                                    settle(&msg, Disposition::Nak(None)).await;
+                                }
                             }
                         }
                         Some(Err(e)) => {
@@ -248,9 +268,11 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
     fn spawn(&mut self, msg: jetstream::Message, slot: OwnedSemaphorePermit) {
         let handler = self.handler.clone();
         let hard_stop = self.hard_stop.clone();
+        let in_flight = handler.metrics.in_flight();
         self.tasks.spawn(async move {
             work_on(&handler, msg, &hard_stop).await;
             drop(slot);
+            drop(in_flight);
         });
     }
 
@@ -343,16 +365,9 @@ async fn work_on<D: Driver, R: Reporter + Peers>(
     msg: jetstream::Message,
     hard_stop: &CancellationToken,
 ) {
-    let span = info_span!(
-        "message",
-        operation.id = field::Empty,
-        service = %handler.service,
-        zone = %handler.zone,
-        attempt = field::Empty,
-        request_id = field::Empty,
-    );
+    let delivery = Delivery::of(&msg);
+    let span = handler.span(&delivery);
     async {
-        let delivery = Delivery::of(&msg);
         let work = handler.handle(&delivery);
         tokio::pin!(work);
         let period = handler.timing.progress_interval;
@@ -363,6 +378,7 @@ async fn work_on<D: Driver, R: Reporter + Peers>(
                 biased;
                 _ = hard_stop.cancelled() => {
                     tracing::warn!("shutting down before the operation finished: handing the message back");
+                    handler.metrics.message(MessageOutcome::HandedBack);
                     break Disposition::Nak(None);
                 }
                 d = &mut work => break d,
@@ -477,11 +493,78 @@ pub(crate) struct Handler<D, R> {
     pub(crate) zone: String,
     pub(crate) max_deliver: i64,
     pub(crate) timing: Timing,
+    /// This pool's series of the worker metrics.
+    pub(crate) metrics: PoolMetrics,
+}
+
+/// What became of a delivery: the outcome counted, and how the message is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Handled {
+    outcome: MessageOutcome,
+    disposition: Disposition,
+}
+
+impl Handled {
+    /// Terminated without an accepted report.
+    const POISON: Handled = Handled {
+        outcome: MessageOutcome::Poison,
+        disposition: Disposition::Term,
+    };
+    /// The gateway answered `409`: not this delivery's to finish.
+    const FINISHED_ELSEWHERE: Handled = Handled {
+        outcome: MessageOutcome::FinishedElsewhere,
+        disposition: Disposition::Ack,
+    };
+    /// Reported `succeeded`: acked.
+    const SUCCEEDED: Handled = Handled {
+        outcome: MessageOutcome::Succeeded,
+        disposition: Disposition::Ack,
+    };
+    /// Reported `failed`: terminated.
+    const FAILED: Handled = Handled {
+        outcome: MessageOutcome::Failed,
+        disposition: Disposition::Term,
+    };
+    /// Reported `cancelled`: acked.
+    const CANCELLED: Handled = Handled {
+        outcome: MessageOutcome::Cancelled,
+        disposition: Disposition::Ack,
+    };
+
+    /// Handed back, to be delivered again after `delay`.
+    fn retried(delay: Duration) -> Handled {
+        Handled {
+            outcome: MessageOutcome::Retried,
+            disposition: Disposition::Nak(Some(delay)),
+        }
+    }
 }
 
 impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
-    /// Handles one delivery. Records the operation's fields on the current span.
+    /// The span of one delivery: the pool, and the `X-Request-Id` and `traceparent` the
+    /// message carries from the client's request, so every log line about the message
+    /// can be followed back to it. [`Handler::handle`] adds the operation and attempt.
+    pub(crate) fn span(&self, delivery: &Delivery) -> Span {
+        info_span!(
+            "message",
+            operation.id = field::Empty,
+            service = %self.service,
+            zone = %self.zone,
+            attempt = field::Empty,
+            request_id = delivery.trace.request_id.as_deref(),
+            traceparent = delivery.trace.traceparent.as_deref(),
+        )
+    }
+
+    /// Handles one delivery and counts its outcome. Records the operation's fields on
+    /// the current span (see [`Handler::span`]).
     pub(crate) async fn handle(&self, delivery: &Delivery) -> Disposition {
+        let handled = self.decide(delivery).await;
+        self.metrics.message(handled.outcome);
+        handled.disposition
+    }
+
+    async fn decide(&self, delivery: &Delivery) -> Handled {
         let op: Dispatch = match serde_json::from_slice(&delivery.payload) {
             Ok(op) => op,
             Err(e) => {
@@ -490,17 +573,14 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
                     error = %e,
                     "poison message: the payload is not an operation; terminating it"
                 );
-                return Disposition::Term;
+                return Handled::POISON;
             }
         };
         let span = Span::current();
         span.record("operation.id", field::display(op.operation_id));
-        if let Some(request_id) = &delivery.trace.request_id {
-            span.record("request_id", request_id.as_str());
-        }
         let Some(delivered) = delivery.delivered else {
             tracing::error!(subject = %delivery.subject, "message without JetStream metadata; terminating it");
-            return Disposition::Term;
+            return Handled::POISON;
         };
         let attempt = i32::try_from(delivered).unwrap_or(i32::MAX);
         span.record("attempt", attempt);
@@ -510,12 +590,12 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
                 op_zone = %op.zone,
                 "an operation for another pool reached this consumer; terminating it"
             );
-            return Disposition::Term;
+            return Handled::POISON;
         }
         self.process(&op, attempt, &delivery.trace).await
     }
 
-    async fn process(&self, op: &Dispatch, attempt: i32, trace: &TraceHeaders) -> Disposition {
+    async fn process(&self, op: &Dispatch, attempt: i32, trace: &TraceHeaders) -> Handled {
         let running = Report {
             attempt,
             state: ReportState::Running,
@@ -530,11 +610,11 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
                     message = %message,
                     "the gateway refused the start (operation finished, or not this delivery's); acknowledging"
                 );
-                return Disposition::Ack;
+                return Handled::FINISHED_ELSEWHERE;
             }
             Err(e) => {
                 tracing::error!(error = %e, "the gateway rejected the start report; terminating the message");
-                return Disposition::Term;
+                return Handled::POISON;
             }
         };
         if ack.cancel_requested {
@@ -545,7 +625,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
                 status: None,
                 error: None,
             };
-            return self.finish(op, cancelled, trace, Disposition::Ack).await;
+            return self.finish(op, cancelled, trace, Handled::CANCELLED).await;
         }
 
         tracing::info!(action = %op.action, kind = %op.kind, "operation started");
@@ -557,7 +637,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
                     status: Some(status),
                     error: None,
                 };
-                self.finish(op, succeeded, trace, Disposition::Ack).await
+                self.finish(op, succeeded, trace, Handled::SUCCEEDED).await
             }
             Err(DriverError::Permanent { code, message }) => {
                 tracing::warn!(code = %code, message = %message, "the driver failed");
@@ -566,14 +646,14 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
                     op,
                     failed(attempt, code, message, retryable),
                     trace,
-                    Disposition::Term,
+                    Handled::FAILED,
                 )
                 .await
             }
             Err(DriverError::Transient(message)) if self.is_last(attempt) => {
                 tracing::warn!(error = %message, "the driver failed transiently on the last delivery");
                 let report = failed(attempt, "retries_exhausted".into(), message, true);
-                self.finish(op, report, trace, Disposition::Term).await
+                self.finish(op, report, trace, Handled::FAILED).await
             }
             Err(DriverError::Transient(message)) => {
                 let delay = nak_delay(attempt);
@@ -582,7 +662,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
                     retry_in = ?delay,
                     "the driver failed transiently; handing the message back"
                 );
-                Disposition::Nak(Some(delay))
+                Handled::retried(delay)
             }
         }
     }
@@ -601,20 +681,42 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         else {
             return Err(deadline_exceeded(op));
         };
+        let deadline = tokio::time::Instant::now() + remaining;
         let run = async {
             let enriched = self.look_up(op, trace).await?;
             let op = enriched.as_ref().unwrap_or(op);
-            (|| self.driver.execute(op))
+            (|| self.attempt(op, deadline))
                 .retry(seeded(self.timing.driver_retry))
                 .when(DriverError::is_transient)
                 .notify(|e, delay| {
+                    self.metrics.driver_retry();
                     tracing::info!(error = %e, retry_in = ?delay, "the driver failed transiently; retrying");
                 })
                 .await
         };
-        tokio::time::timeout(remaining, run)
+        tokio::time::timeout_at(deadline, run)
             .await
             .unwrap_or_else(|_| Err(deadline_exceeded(op)))
+    }
+
+    /// One call of the driver, cut short at `deadline`; counted and timed.
+    async fn attempt(
+        &self,
+        op: &Dispatch,
+        deadline: tokio::time::Instant,
+    ) -> Result<serde_json::Value, DriverError> {
+        self.metrics.driver_attempt();
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout_at(deadline, self.driver.execute(op))
+            .await
+            .unwrap_or_else(|_| Err(deadline_exceeded(op)));
+        let outcome = match &result {
+            Ok(_) => DriverOutcome::Ok,
+            Err(DriverError::Transient(_)) => DriverOutcome::Transient,
+            Err(DriverError::Permanent { .. }) => DriverOutcome::Permanent,
+        };
+        self.metrics.driver_finished(outcome, started.elapsed());
+        result
     }
 
     /// If `op` depends on another resource ([`Peer::of`]), reads it through the gateway
@@ -633,7 +735,17 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         let Some(peer) = Peer::of(self.service, op) else {
             return Ok(None);
         };
-        let answer = (|| self.reporter.read(&op.tenant, peer, trace))
+        let read = || async {
+            let answer = self.reporter.read(&op.tenant, peer, trace).await;
+            self.metrics.peer_lookup(match &answer {
+                Ok(PeerAnswer::Found(_)) => LookupOutcome::Found,
+                Ok(PeerAnswer::NotFound { .. }) => LookupOutcome::NotFound,
+                Err(LookupError::Transient(_)) => LookupOutcome::Transient,
+                Err(LookupError::Permanent(_)) => LookupOutcome::Permanent,
+            });
+            answer
+        };
+        let answer = read
             .retry(seeded(self.timing.report_retry))
             .when(LookupError::is_transient)
             .notify(|e, delay| {
@@ -646,14 +758,14 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         Ok(Some(crate::peers::with_input(op, peer.input_key(), value)))
     }
 
-    /// Reports a terminal state; on acceptance the message gets `on_accepted`.
+    /// Reports a terminal state; on acceptance the delivery ends as `on_accepted`.
     async fn finish(
         &self,
         op: &Dispatch,
         report: Report,
         trace: &TraceHeaders,
-        on_accepted: Disposition,
-    ) -> Disposition {
+        on_accepted: Handled,
+    ) -> Handled {
         let state = report.state;
         match self.report(op, report, trace).await {
             Ok(ReportOutcome::Accepted(_)) => {
@@ -666,11 +778,11 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
                     message = %message,
                     "the gateway refused the outcome (operation already ended or moved on); acknowledging"
                 );
-                Disposition::Ack
+                Handled::FINISHED_ELSEWHERE
             }
             Err(e) => {
                 tracing::error!(error = %e, "the gateway rejected the outcome; terminating the message");
-                Disposition::Term
+                Handled::POISON
             }
         }
     }
@@ -687,6 +799,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
             .retry(seeded(self.timing.report_retry))
             .when(ReportError::is_transient)
             .notify(|e, delay| {
+                self.metrics.report_retry();
                 tracing::warn!(report = ?state, error = %e, retry_in = ?delay, "report not delivered; retrying");
             })
             .await
@@ -732,8 +845,10 @@ mod tests {
     use super::*;
     use crate::drivers::sim::tests::{dispatch, instant};
     use crate::drivers::{SimConfig, SimDriver};
-    use crate::peers::PeerAnswer;
+    use crate::metrics::render;
+    use crate::metrics::testing::{message_outcomes, sample};
     use gateway_proto::{Action, Kind, OperationState, ReportAck};
+    use prometheus_client::registry::Registry;
     use serde_json::json;
     use std::collections::VecDeque;
     use std::future::Future;
@@ -805,14 +920,53 @@ mod tests {
         }
     }
 
-    fn handler(config: SimConfig, gateway: FakeGateway) -> Handler<SimDriver, FakeGateway> {
+    /// A handler whose metrics are registered in a registry of its own.
+    struct Tested {
+        handler: Handler<SimDriver, FakeGateway>,
+        registry: Registry,
+    }
+
+    impl std::ops::Deref for Tested {
+        type Target = Handler<SimDriver, FakeGateway>;
+
+        fn deref(&self) -> &Self::Target {
+            &self.handler
+        }
+    }
+
+    impl Tested {
+        /// The `worker_messages_total` outcomes counted so far (non-zero ones).
+        fn outcomes(&self) -> Vec<(String, f64)> {
+            message_outcomes(&render(&self.registry).unwrap())
+        }
+
+        /// The value of `name` for this handler's pool, with `outcome` if given.
+        fn count(&self, name: &str, outcome: Option<&str>) -> f64 {
+            let outcome = outcome.map_or(String::new(), |o| format!(",outcome=\"{o}\""));
+            let series = format!(
+                "{name}{{service=\"{}\",zone=\"zone-a\"{outcome}}}",
+                self.service
+            );
+            let text = render(&self.registry).unwrap();
+            sample(&text, &series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        }
+    }
+
+    /// `outcome` once, as [`Tested::outcomes`] shows it.
+    fn once(outcome: &str) -> Vec<(String, f64)> {
+        vec![(outcome.to_owned(), 1.0)]
+    }
+
+    fn build(service: Service, config: SimConfig, gateway: FakeGateway) -> Tested {
         let tiny = ExponentialBuilder::new()
             .with_min_delay(Duration::from_millis(1))
             .with_max_delay(Duration::from_millis(1));
-        Handler {
+        let mut registry = Registry::default();
+        let metrics = WorkerMetrics::register(&mut registry);
+        let handler = Handler {
             driver: SimDriver::new(config),
             reporter: gateway,
-            service: Service::Vm,
+            service,
             zone: "zone-a".into(),
             max_deliver: 5,
             timing: Timing {
@@ -820,14 +974,17 @@ mod tests {
                 driver_retry: tiny.with_max_times(3),
                 progress_interval: Duration::from_millis(1),
             },
-        }
+            metrics: metrics.pool(service, "zone-a"),
+        };
+        Tested { handler, registry }
     }
 
-    fn storage_handler(config: SimConfig, gateway: FakeGateway) -> Handler<SimDriver, FakeGateway> {
-        Handler {
-            service: Service::Storage,
-            ..handler(config, gateway)
-        }
+    fn handler(config: SimConfig, gateway: FakeGateway) -> Tested {
+        build(Service::Vm, config, gateway)
+    }
+
+    fn storage_handler(config: SimConfig, gateway: FakeGateway) -> Tested {
+        build(Service::Storage, config, gateway)
     }
 
     /// A volume of `acme` in `zone-a` attached to `vm`.
@@ -931,6 +1088,17 @@ mod tests {
         let status = seen[1].1.status.as_ref().unwrap();
         assert_eq!(status["flavor"], "m1.small");
         assert_eq!(status["generation"], 3);
+        drop(seen);
+
+        assert_eq!(h.outcomes(), once("succeeded"));
+        assert_eq!(h.count("worker_driver_attempts_total", None), 1.0);
+        assert_eq!(h.count("worker_driver_retries_total", None), 0.0);
+        assert_eq!(
+            h.count("worker_driver_duration_seconds_count", Some("ok")),
+            1.0
+        );
+        assert_eq!(h.count("worker_report_retries_total", None), 0.0);
+        assert_eq!(h.count("worker_in_flight", None), 0.0);
     }
 
     #[tokio::test]
@@ -946,6 +1114,8 @@ mod tests {
             [Running, Running, Succeeded, Succeeded, Succeeded, Succeeded]
         );
         assert_eq!(h.driver.executions(op.operation_id), 1);
+        assert_eq!(h.count("worker_report_retries_total", None), 4.0);
+        assert_eq!(h.outcomes(), once("succeeded"));
     }
 
     #[tokio::test]
@@ -959,6 +1129,8 @@ mod tests {
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
         assert_eq!(states(&h), [ReportState::Running, ReportState::Cancelled]);
         assert_eq!(h.driver.executions(op.operation_id), 0);
+        assert_eq!(h.outcomes(), once("cancelled"));
+        assert_eq!(h.count("worker_driver_attempts_total", None), 0.0);
     }
 
     #[tokio::test]
@@ -976,6 +1148,7 @@ mod tests {
                 "{code}"
             );
             assert_eq!(h.driver.executions(op.operation_id), 0);
+            assert_eq!(h.outcomes(), once("finished_elsewhere"), "{code}");
         }
     }
 
@@ -987,6 +1160,8 @@ mod tests {
             script(vec![accepted(&op), refused("operation_finished")]),
         );
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
+        assert_eq!(h.outcomes(), once("finished_elsewhere"));
+        assert_eq!(h.count("worker_driver_attempts_total", None), 1.0);
     }
 
     #[tokio::test]
@@ -998,6 +1173,7 @@ mod tests {
         let op = vm("web-1");
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
         assert_eq!(h.driver.executions(op.operation_id), 0);
+        assert_eq!(h.outcomes(), once("poison"), "terminated without a report");
     }
 
     #[tokio::test]
@@ -1010,6 +1186,12 @@ mod tests {
         let error = report.error.unwrap();
         assert_eq!(error.code, "simulated_failure");
         assert!(!error.retryable);
+        assert_eq!(h.outcomes(), once("failed"));
+        assert_eq!(
+            h.count("worker_driver_duration_seconds_count", Some("permanent")),
+            1.0
+        );
+        assert_eq!(h.count("worker_driver_retries_total", None), 0.0);
     }
 
     #[tokio::test]
@@ -1030,6 +1212,13 @@ mod tests {
             [ReportState::Running],
             "nothing terminal is reported"
         );
+        assert_eq!(h.outcomes(), once("retried"));
+        assert_eq!(h.count("worker_driver_attempts_total", None), 4.0);
+        assert_eq!(h.count("worker_driver_retries_total", None), 3.0);
+        assert_eq!(
+            h.count("worker_driver_duration_seconds_count", Some("transient")),
+            4.0
+        );
     }
 
     #[tokio::test]
@@ -1044,6 +1233,7 @@ mod tests {
         let error = last_report(&h).error.unwrap();
         assert_eq!(error.code, "retries_exhausted");
         assert!(error.message.contains("simulated transient failure"));
+        assert_eq!(h.outcomes(), once("failed"));
     }
 
     #[tokio::test]
@@ -1054,6 +1244,30 @@ mod tests {
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
         assert_eq!(last_report(&h).error.unwrap().code, "deadline_exceeded");
         assert_eq!(h.driver.executions(op.operation_id), 0);
+        assert_eq!(h.outcomes(), once("failed"));
+        assert_eq!(h.count("worker_driver_attempts_total", None), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_driver_call_cut_short_by_the_deadline_is_timed_as_permanent() {
+        let slow = SimConfig {
+            min_latency: Duration::from_secs(60),
+            max_latency: Duration::from_secs(60),
+            ..instant()
+        };
+        let h = handler(slow, FakeGateway::default());
+        let mut op = vm("web-1");
+        op.deadline = Utc::now() + chrono::Duration::milliseconds(100);
+        assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
+        assert_eq!(last_report(&h).error.unwrap().code, "deadline_exceeded");
+        assert_eq!(h.outcomes(), once("failed"));
+        assert_eq!(h.count("worker_driver_attempts_total", None), 1.0);
+        assert_eq!(
+            h.count("worker_driver_duration_seconds_count", Some("permanent")),
+            1.0
+        );
+        let took = h.count("worker_driver_duration_seconds_sum", Some("permanent"));
+        assert!((0.05..5.0).contains(&took), "{took}");
     }
 
     #[tokio::test]
@@ -1067,6 +1281,11 @@ mod tests {
         elsewhere.zone = "zone-b".into();
         assert_eq!(h.handle(&delivery(&elsewhere, 1)).await, Disposition::Term);
         assert!(states(&h).is_empty());
+
+        let mut without_metadata = delivery(&vm("web-2"), 1);
+        without_metadata.delivered = None;
+        assert_eq!(h.handle(&without_metadata).await, Disposition::Term);
+        assert_eq!(h.outcomes(), [("poison".to_owned(), 3.0)]);
     }
 
     #[tokio::test]
@@ -1094,7 +1313,11 @@ mod tests {
             assert_eq!(trace.request_id.as_deref(), Some("req-1"));
             assert!(trace.traceparent.is_some());
         }
+        drop(reads);
         assert_eq!(h.driver.executions(op.operation_id), 1);
+        assert_eq!(h.outcomes(), once("succeeded"));
+        assert_eq!(h.count("worker_peer_lookups_total", Some("transient")), 2.0);
+        assert_eq!(h.count("worker_peer_lookups_total", Some("found")), 1.0);
     }
 
     #[tokio::test]
@@ -1144,6 +1367,10 @@ mod tests {
             assert!(error.message.contains(why), "{}", error.message);
             assert!(!error.retryable);
             assert_eq!(h.driver.executions(op.operation_id), 0);
+            assert_eq!(h.outcomes(), once("failed"), "{why}");
+            let lookups = h.count("worker_peer_lookups_total", Some("found"))
+                + h.count("worker_peer_lookups_total", Some("not_found"));
+            assert_eq!(lookups, 1.0, "{why}");
         }
     }
 
@@ -1160,6 +1387,8 @@ mod tests {
         assert!(error.message.contains("403"), "{}", error.message);
         assert_eq!(h.reporter.reads.lock().unwrap().len(), 1, "not retried");
         assert_eq!(h.driver.executions(op.operation_id), 0);
+        assert_eq!(h.count("worker_peer_lookups_total", Some("permanent")), 1.0);
+        assert_eq!(h.outcomes(), once("failed"));
     }
 
     #[tokio::test]
@@ -1173,8 +1402,14 @@ mod tests {
         op.deadline = Utc::now() + chrono::Duration::milliseconds(100);
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
         assert_eq!(last_report(&h).error.unwrap().code, "deadline_exceeded");
-        assert!(h.reporter.reads.lock().unwrap().len() > 1);
+        let reads = h.reporter.reads.lock().unwrap().len();
+        assert!(reads > 1);
         assert_eq!(h.driver.executions(op.operation_id), 0);
+        assert_eq!(
+            h.count("worker_peer_lookups_total", Some("transient")),
+            reads as f64
+        );
+        assert_eq!(h.count("worker_driver_attempts_total", None), 0.0);
     }
 
     #[tokio::test]
@@ -1198,6 +1433,89 @@ mod tests {
         let h = handler(instant(), FakeGateway::default());
         assert_eq!(h.handle(&delivery(&vm("web-1"), 1)).await, Disposition::Ack);
         assert!(h.reporter.reads.lock().unwrap().is_empty());
+    }
+
+    /// Log output kept in memory.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+        type Writer = Logs;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    impl Logs {
+        /// Each JSON line written so far.
+        fn lines(&self) -> Vec<serde_json::Value> {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_json_log_line_about_a_message_carries_its_request_id_and_traceparent() {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(logs.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let h = handler(instant(), FakeGateway::default());
+        let op = vm("web-1");
+        let good = delivery(&op, 1);
+        let mut poison = delivery(&op, 1);
+        poison.payload = Bytes::from_static(b"{not json");
+        for d in [&good, &poison] {
+            h.handle(d).instrument(h.span(d)).await;
+        }
+
+        let lines = logs.lines();
+        let messages: Vec<&str> = lines
+            .iter()
+            .map(|l| l["fields"]["message"].as_str().unwrap())
+            .collect();
+        assert!(messages.contains(&"operation finished"), "{messages:?}");
+        assert!(
+            messages.iter().any(|m| m.starts_with("poison message")),
+            "{messages:?}"
+        );
+        for line in &lines {
+            let span = &line["span"];
+            assert_eq!(span["name"], "message", "{line}");
+            assert_eq!(span["request_id"], "req-1", "{line}");
+            assert_eq!(
+                span["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "{line}"
+            );
+            assert_eq!(span["service"], "vm", "{line}");
+        }
+        let finished = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "operation finished")
+            .unwrap();
+        assert_eq!(
+            finished["span"]["operation.id"],
+            op.operation_id.to_string()
+        );
+        assert_eq!(finished["span"]["attempt"], 1);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - [`consume`]: [`run_pool`], the consume loop of one pool (service × zone): bind the
 //!   durable pull consumer, pull as many messages as there are free slots, report
 //!   `running`, look up peers, run the driver with retries, report the outcome, then
-//!   settle the message.
+//!   settle the message. Each message is handled in a span carrying the client's
+//!   `request_id` and `traceparent` (from the message's headers), which reports and
+//!   peer reads forward to the gateway.
 //! - [`report`]: [`report::GatewayClient`], the HTTP client for
 //!   `POST /v1/operations/{id}/reports`, and the sorting of the gateway's answers into
 //!   accepted, refused (`409`), retry (`5xx`, `429`, unreachable) and give up.
@@ -17,6 +19,11 @@
 //!   service; [`ExecDriver`], an external program per operation (JSON in, JSON out).
 //! - [`config`]: [`PoolConfig`] for one pool, and [`config::WorkerConfig`], the `worker`
 //!   binary's environment.
+//! - [`metrics`]: [`WorkerMetrics`], the Prometheus metrics every pool counts into
+//!   (messages by outcome, driver attempts, retries and latency, report retries, peer
+//!   reads, in-flight); [`run_pool_with_metrics`] takes them, [`run_pool`] keeps them
+//!   to itself.
+//! - [`http`]: the `worker` binary's own `GET /metrics`, `/healthz` and `/readyz`.
 //!
 //! The wire contract (the `Dispatch` message, `Report`, `ReportAck`, subject and consumer
 //! names, header names) lives in `gateway-proto`, shared with the gateway.
@@ -35,10 +42,13 @@
 pub mod config;
 pub mod consume;
 pub mod drivers;
+pub mod http;
+pub mod metrics;
 pub mod peers;
 pub mod report;
 
 pub use config::PoolConfig;
-pub use consume::run_pool;
+pub use consume::{run_pool, run_pool_with_metrics};
 pub use drivers::{Driver, DriverError, ExecDriver, SimConfig, SimDriver};
 pub use gateway_proto::Service;
+pub use metrics::WorkerMetrics;

@@ -1,14 +1,19 @@
 //! `worker --service S --zone Z`: one pool of a zone worker. Reads its configuration from
-//! the environment (see [`workers::config::WorkerConfig`]), runs until Ctrl-C or SIGTERM,
-//! then shuts down gracefully.
+//! the environment (see [`workers::config::WorkerConfig`]), serves `/metrics`, `/healthz`
+//! and `/readyz` on `WORKER_LISTEN`, runs until Ctrl-C or SIGTERM, then shuts down
+//! gracefully.
 
 use anyhow::Context as _;
 use clap::Parser;
+use prometheus_client::registry::Registry;
 use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use workers::config::{DriverConfig, LogFormat, WorkerConfig};
-use workers::{run_pool, ExecDriver, Service, SimDriver};
+use workers::http::HttpState;
+use workers::{run_pool_with_metrics, ExecDriver, Service, SimDriver, WorkerMetrics};
 
 /// Zone worker: carries out operations for one service in one zone.
 ///
@@ -16,7 +21,8 @@ use workers::{run_pool, ExecDriver, Service, SimDriver};
 /// (required), OPS_STREAM, WORKER_CONCURRENCY, WORKER_MAX_DELIVER, WORKER_DRIVER
 /// (sim|exec), WORKER_EXEC_COMMAND, SIM_MIN_LATENCY_MS, SIM_MAX_LATENCY_MS,
 /// SIM_FAILURE_RATE, SIM_TRANSIENT_FAILURE_RATE, SIM_CAPACITY_PER_ZONE, LOG_FORMAT
-/// (text|json), RUST_LOG.
+/// (text|json), RUST_LOG, WORKER_LISTEN (address of /metrics, /healthz and /readyz;
+/// default 127.0.0.1:9464).
 #[derive(Debug, Parser)]
 #[command(name = "worker", version)]
 struct Args {
@@ -60,15 +66,24 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         nats_url,
         pool,
         driver,
+        listen,
         ..
     } = config;
-    // Keep trying in the background if NATS is not up yet: the pool logs and waits.
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("WORKER_LISTEN: cannot listen on {listen}"))?;
+    // Keep trying in the background if NATS is not up yet: the pool logs and waits, and
+    // /readyz says so.
     let client = async_nats::ConnectOptions::new()
         .name(format!("worker {} {}", pool.service, pool.zone))
         .retry_on_initial_connect()
         .connect(&nats_url)
         .await
         .with_context(|| format!("NATS_URL: cannot connect to {nats_url}"))?;
+
+    let mut registry = Registry::default();
+    let metrics = WorkerMetrics::register(&mut registry);
+    let http_state = HttpState::new(Arc::new(registry), client.clone(), &pool.gateway_url)?;
     let js = async_nats::jetstream::new(client);
 
     let shutdown = CancellationToken::new();
@@ -81,7 +96,10 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         }
     });
 
-    match driver {
+    tracing::info!(address = %listen, "serving /metrics, /healthz and /readyz");
+    let http = tokio::spawn(workers::http::serve(listener, http_state, shutdown.clone()));
+
+    let ran = match driver {
         DriverConfig::Sim {
             config,
             capacity_per_zone,
@@ -90,12 +108,21 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
                 Some(per_zone) => SimDriver::with_capacity(config, per_zone),
                 None => SimDriver::new(config),
             };
-            run_pool(js, pool, driver, shutdown).await
+            run_pool_with_metrics(js, pool, driver, metrics, shutdown.clone()).await
         }
         DriverConfig::Exec { program, args } => {
-            run_pool(js, pool, ExecDriver::new(program, args), shutdown).await
+            let driver = ExecDriver::new(program, args);
+            run_pool_with_metrics(js, pool, driver, metrics, shutdown.clone()).await
         }
+    };
+    // The pool is done (or could not start): stop serving too.
+    shutdown.cancel();
+    match http.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the metrics and health endpoints failed"),
+        Err(e) => tracing::error!(error = %e, "the metrics and health endpoints panicked"),
     }
+    ran
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

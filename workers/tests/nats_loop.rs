@@ -1,7 +1,7 @@
 //! The consume loop against a real NATS JetStream server (`NATS_URL`, default
 //! `nats://127.0.0.1:4222`) and a stand-in gateway: a few lines of HTTP on a
-//! `TcpListener` that record reports and answer them, and answer reads of VMs from a
-//! table. Each test uses a stream of its own.
+//! `TcpListener` that record reports and answer them, answer reads of VMs from a
+//! table, and answer `GET /healthz`. Each test uses a stream of its own.
 //!
 //! The full path (gateway, relay, PostgreSQL, workers) is tested in the gateway's tests.
 
@@ -11,6 +11,7 @@ use gateway_proto::{
     consumer_name, ops_subject, Action, Dispatch, Kind, OperationState, Report, ReportAck,
     ReportState, REQUEST_ID_HEADER,
 };
+use prometheus_client::registry::Registry;
 use serde_json::json;
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +22,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use workers::{run_pool, Driver, DriverError, PoolConfig, Service, SimConfig, SimDriver};
+use workers::{
+    run_pool, run_pool_with_metrics, Driver, DriverError, PoolConfig, Service, SimConfig,
+    SimDriver, WorkerMetrics,
+};
 
 const ZONE: &str = "zone-a";
 
@@ -103,7 +107,9 @@ async fn stand_in(
                         json!({"code": "unavailable", "message": "down"}),
                     )
                 };
-                let answer = if failing(&failures_left) {
+                let answer = if request_line.starts_with("GET /healthz ") {
+                    ("200 OK", json!("ok"))
+                } else if failing(&failures_left) {
                     unavailable()
                 } else if let Some(path) = request_line.strip_prefix("GET ") {
                     let path = path.split_whitespace().next().unwrap().to_owned();
@@ -389,12 +395,16 @@ async fn a_transient_failure_hands_the_message_back_and_the_next_delivery_finish
         failures: 4,
     };
     let shutdown = CancellationToken::new();
-    let running = tokio::spawn(run_pool(
+    let mut registry = Registry::default();
+    let metrics = WorkerMetrics::register(&mut registry);
+    let running = tokio::spawn(run_pool_with_metrics(
         js.clone(),
         pool(&stream_name, &gateway_url, 5),
         driver.clone(),
+        metrics,
         shutdown.clone(),
     ));
+    let http = serve_http(registry, &js, &gateway_url, &shutdown).await;
 
     let op = dispatch("web-1");
     publish(&js, &prefix, &op).await;
@@ -422,12 +432,168 @@ async fn a_transient_failure_hands_the_message_back_and_the_next_delivery_finish
     );
     assert_eq!(driver.executions.load(Ordering::SeqCst), 5);
 
+    // The same story, scraped: delivery 1 retried, delivery 2 succeeded; five driver
+    // calls, of which three were in-process retries.
+    let vm = |name: &str, outcome: Option<&str>| series(name, "vm", outcome);
+    let text = scrape_until(&http, "the success is counted", |text| {
+        value(text, &vm("worker_messages_total", Some("succeeded"))) == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(&text, &vm("worker_messages_total", Some("retried"))),
+        1.0
+    );
+    assert_eq!(value(&text, &vm("worker_driver_attempts_total", None)), 5.0);
+    assert_eq!(value(&text, &vm("worker_driver_retries_total", None)), 3.0);
+    assert_eq!(
+        value(
+            &text,
+            &vm("worker_driver_duration_seconds_count", Some("transient"))
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            &vm("worker_driver_duration_seconds_count", Some("ok"))
+        ),
+        1.0
+    );
+    scrape_until(&http, "nothing is in flight", |text| {
+        value(text, &vm("worker_in_flight", None)) == 0.0
+    })
+    .await;
+    let ready = reqwest::get(format!("{http}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap(),
+        json!({"nats": "ok", "gateway": "ok"})
+    );
+
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), running)
         .await
         .expect("the pool stops promptly when idle")
         .unwrap()
         .unwrap();
+    js.delete_stream(&stream_name).await.unwrap();
+}
+
+/// Serves the worker's HTTP endpoints for `registry` on port 0, as the `worker` binary
+/// does; returns the base URL.
+async fn serve_http(
+    registry: Registry,
+    js: &jetstream::Context,
+    gateway_url: &str,
+    shutdown: &CancellationToken,
+) -> String {
+    let state =
+        workers::http::HttpState::new(Arc::new(registry), js.client(), gateway_url).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(workers::http::serve(listener, state, shutdown.clone()));
+    url
+}
+
+/// `name{service=…,zone="zone-a"[,outcome=…]}`.
+fn series(name: &str, service: &str, outcome: Option<&str>) -> String {
+    let outcome = outcome.map_or(String::new(), |o| format!(",outcome=\"{o}\""));
+    format!("{name}{{service=\"{service}\",zone=\"{ZONE}\"{outcome}}}")
+}
+
+/// The value of `series` in the OpenMetrics `text`; fails if it is absent.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Scrapes `{base}/metrics` every 20 ms until `done` holds of the text (at most 10 s).
+async fn scrape_until(base: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_hands_an_unfinished_message_back_and_counts_it() {
+    let js = connect().await;
+    let (stream_name, prefix) = (unique("WTEST"), unique("wtest"));
+    create_stream(&js, &stream_name, &prefix, 5).await;
+    let (gateway_url, seen) = fake_gateway(0).await;
+    let slow = SimDriver::new(SimConfig {
+        min_latency: Duration::from_secs(600),
+        max_latency: Duration::from_secs(600),
+        failure_rate: 0.0,
+        transient_failure_rate: 0.0,
+    });
+    let shutdown = CancellationToken::new();
+    let mut registry = Registry::default();
+    let metrics = WorkerMetrics::register(&mut registry);
+    let running = tokio::spawn(run_pool_with_metrics(
+        js.clone(),
+        pool(&stream_name, &gateway_url, 5),
+        slow,
+        metrics,
+        shutdown.clone(),
+    ));
+    // Served until the end of the test, not the pool's.
+    let http_stop = CancellationToken::new();
+    let http = serve_http(registry, &js, &gateway_url, &http_stop).await;
+
+    publish(&js, &prefix, &dispatch("web-1")).await;
+    let vm = |name: &str, outcome: Option<&str>| series(name, "vm", outcome);
+    scrape_until(&http, "the message is in flight", |text| {
+        value(text, &vm("worker_in_flight", None)) == 1.0
+    })
+    .await;
+
+    shutdown.cancel();
+    tokio::time::timeout(
+        workers::consume::SHUTDOWN_GRACE + Duration::from_secs(5),
+        running,
+    )
+    .await
+    .expect("the pool stops after its grace period")
+    .unwrap()
+    .unwrap();
+    let text = scrape_until(&http, "the hand-back is counted", |text| {
+        value(text, &vm("worker_messages_total", Some("handed_back"))) == 1.0
+    })
+    .await;
+    assert_eq!(value(&text, &vm("worker_in_flight", None)), 0.0);
+    assert_eq!(
+        value(
+            &text,
+            &vm("worker_driver_duration_seconds_count", Some("ok"))
+        ),
+        0.0
+    );
+    let states: Vec<ReportState> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, r, _)| r.state)
+        .collect();
+    assert_eq!(states, [ReportState::Running], "no outcome was reported");
+
+    http_stop.cancel();
     js.delete_stream(&stream_name).await.unwrap();
 }
 

@@ -1,0 +1,545 @@
+//! The gateway's Prometheus metrics, in one place (OpenMetrics text at `GET /metrics`).
+//!
+//! Labels are of bounded cardinality only: service, zone, state, action, outcome, route
+//! template, method, status class — never an ID. Gauges that describe the database or
+//! JetStream (backlogs, active operations, consumer state) are refreshed by
+//! [`Metrics::refresh`] every few seconds rather than at scrape time, so a scrape never
+//! waits on PostgreSQL or NATS.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `gateway_http_requests_total` | counter | route, method, status | answered requests (status class `2xx`…) |
+//! | `gateway_http_request_duration_seconds` | histogram | route, method | time to answer |
+//! | `gateway_http_requests_in_flight` | gauge | | requests being answered |
+//! | `gateway_rate_limited_total` | counter | bucket | requests refused with `429` |
+//! | `gateway_operations_created_total` | counter | action, service, zone | accepted operations |
+//! | `gateway_operations_finished_total` | counter | action, service, zone, outcome | operations that ended, by terminal state |
+//! | `gateway_operation_duration_seconds` | histogram | action, service | submission to terminal state |
+//! | `gateway_operation_wait_seconds` | histogram | action, service | submission to a worker starting it (time queued) |
+//! | `gateway_operations_active` | gauge | state | operations in each non-terminal state |
+//! | `gateway_outbox_pending` | gauge | | rows waiting for the relay |
+//! | `gateway_outbox_oldest_age_seconds` | gauge | | age of the oldest waiting row |
+//! | `gateway_outbox_published_total` | counter | | rows JetStream acknowledged (duplicates included) |
+//! | `gateway_outbox_publish_errors_total` | counter | | publishes that failed or timed out |
+//! | `gateway_relay_batch_size` | histogram | | rows claimed per relay pass |
+//! | `gateway_relay_lag_seconds` | histogram | | outbox row written to JetStream ack |
+//! | `gateway_jetstream_consumer_pending` | gauge | service, zone | messages not yet delivered |
+//! | `gateway_jetstream_consumer_ack_pending` | gauge | service, zone | delivered, not yet acknowledged |
+//! | `gateway_jetstream_consumer_redelivered` | gauge | service, zone | messages redelivered at least once |
+//! | `gateway_jetstream_consumer_waiting` | gauge | service, zone | pull requests waiting |
+//! | `gateway_dead_letters_total` | counter | service, zone | operations failed because JetStream gave up delivering them |
+//! | `gateway_db_connections` | gauge | state | pool connections `in_use` / `idle` |
+//! | `gateway_reconciler_actions_total` | counter | action | repairs (`expired`, `redispatched`, `converged`, …) |
+//! | `gateway_audit_write_errors_total` | counter | | audit rows that could not be written |
+
+use crate::domain::{Action, Kind, OperationState, Service};
+use crate::store;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Route template, method and status class of an answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// Route template, e.g. `/v1/operations/{id}`.
+    pub route: String,
+    /// HTTP method.
+    pub method: String,
+    /// `2xx`, `4xx`, …
+    pub status: String,
+}
+
+/// Route template and method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route template.
+    pub route: String,
+    /// HTTP method.
+    pub method: String,
+}
+
+/// One label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BucketLabels {
+    /// Rate-limit bucket: `write`, `read`, `poll`, `anonymous`.
+    pub bucket: String,
+}
+
+/// What an operation does, where.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// `create`, `delete`, …
+    pub action: String,
+    /// `vm`, `bm`, `k8s`, `storage`.
+    pub service: String,
+    /// Zone.
+    pub zone: String,
+}
+
+/// What an operation does, where, and how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `create`, `delete`, …
+    pub action: String,
+    /// Service.
+    pub service: String,
+    /// Zone.
+    pub zone: String,
+    /// `succeeded`, `failed`, `cancelled`.
+    pub outcome: String,
+}
+
+/// What an operation does, for latency histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `create`, `delete`, …
+    pub action: String,
+    /// Service.
+    pub service: String,
+}
+
+/// One worker pool.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// Service.
+    pub service: String,
+    /// Zone.
+    pub zone: String,
+}
+
+/// One label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// An operation state, or a connection state.
+    pub state: String,
+}
+
+/// One label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    /// What the reconciler did.
+    pub action: String,
+}
+
+/// What the reconciler and the dead-letter handler count in
+/// `gateway_reconciler_actions_total`.
+pub const REPAIRS: &[&str] = &["expired", "redispatched", "converged", "dead_lettered"];
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 1 ms … ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn long_latency() -> Histogram {
+    // 50 ms … ~3.6 h
+    Histogram::new(exponential_buckets(0.05, 2.0, 19))
+}
+
+/// Every metric of the gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+/// The metric families.
+pub struct Inner {
+    /// See the table in the module docs.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// See the table in the module docs.
+    pub http_duration: HistogramFamily<RouteLabels>,
+    /// See the table in the module docs.
+    pub http_in_flight: Gauge,
+    /// See the table in the module docs.
+    pub rate_limited: Family<BucketLabels, Counter>,
+    /// See the table in the module docs.
+    pub operations_created: Family<OperationLabels, Counter>,
+    /// See the table in the module docs.
+    pub operations_finished: Family<OutcomeLabels, Counter>,
+    /// See the table in the module docs.
+    pub operation_duration: HistogramFamily<ActionLabels>,
+    /// See the table in the module docs.
+    pub operation_wait: HistogramFamily<ActionLabels>,
+    /// See the table in the module docs.
+    pub operations_active: Family<StateLabels, Gauge>,
+    /// See the table in the module docs.
+    pub outbox_pending: Gauge,
+    /// See the table in the module docs.
+    pub outbox_oldest_age: Gauge<f64, AtomicU64>,
+    /// See the table in the module docs.
+    pub outbox_published: Counter,
+    /// See the table in the module docs.
+    pub outbox_publish_errors: Counter,
+    /// See the table in the module docs.
+    pub relay_batch_size: Histogram,
+    /// See the table in the module docs.
+    pub relay_lag: Histogram,
+    /// See the table in the module docs.
+    pub consumer_pending: Family<PoolLabels, Gauge>,
+    /// See the table in the module docs.
+    pub consumer_ack_pending: Family<PoolLabels, Gauge>,
+    /// See the table in the module docs.
+    pub consumer_redelivered: Family<PoolLabels, Gauge>,
+    /// See the table in the module docs.
+    pub consumer_waiting: Family<PoolLabels, Gauge>,
+    /// See the table in the module docs.
+    pub dead_letters: Family<PoolLabels, Counter>,
+    /// See the table in the module docs.
+    pub db_connections: Family<StateLabels, Gauge>,
+    /// See the table in the module docs.
+    pub reconciler_actions: Family<RepairLabels, Counter>,
+    /// See the table in the module docs.
+    pub audit_write_errors: Counter,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Default for Metrics {
+    /// Metrics registered nowhere (for tests and tools that do not expose them).
+    fn default() -> Self {
+        Self::register(&mut Registry::default())
+    }
+}
+
+impl Metrics {
+    /// Creates the families and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let inner = Inner {
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(latency),
+            http_in_flight: Gauge::default(),
+            rate_limited: Family::default(),
+            operations_created: Family::default(),
+            operations_finished: Family::default(),
+            operation_duration: Family::new_with_constructor(long_latency),
+            operation_wait: Family::new_with_constructor(long_latency),
+            operations_active: Family::default(),
+            outbox_pending: Gauge::default(),
+            outbox_oldest_age: Gauge::default(),
+            outbox_published: Counter::default(),
+            outbox_publish_errors: Counter::default(),
+            relay_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            relay_lag: latency(),
+            consumer_pending: Family::default(),
+            consumer_ack_pending: Family::default(),
+            consumer_redelivered: Family::default(),
+            consumer_waiting: Family::default(),
+            dead_letters: Family::default(),
+            db_connections: Family::default(),
+            reconciler_actions: Family::default(),
+            audit_write_errors: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("gateway");
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by route template, method and status class",
+            inner.http_requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests",
+            inner.http_duration.clone(),
+        );
+        r.register(
+            "http_requests_in_flight",
+            "HTTP requests being answered",
+            inner.http_in_flight.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused with 429, by bucket",
+            inner.rate_limited.clone(),
+        );
+        r.register(
+            "operations_created",
+            "Operations accepted",
+            inner.operations_created.clone(),
+        );
+        r.register(
+            "operations_finished",
+            "Operations that reached a terminal state, by outcome",
+            inner.operations_finished.clone(),
+        );
+        r.register(
+            "operation_duration_seconds",
+            "Time from submission to a terminal state",
+            inner.operation_duration.clone(),
+        );
+        r.register(
+            "operation_wait_seconds",
+            "Time from submission to a worker starting the operation",
+            inner.operation_wait.clone(),
+        );
+        r.register(
+            "operations_active",
+            "Operations in each non-terminal state",
+            inner.operations_active.clone(),
+        );
+        r.register(
+            "outbox_pending",
+            "Outbox rows waiting for the relay",
+            inner.outbox_pending.clone(),
+        );
+        r.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest outbox row",
+            inner.outbox_oldest_age.clone(),
+        );
+        r.register(
+            "outbox_published",
+            "Outbox rows JetStream acknowledged (duplicates included)",
+            inner.outbox_published.clone(),
+        );
+        r.register(
+            "outbox_publish_errors",
+            "Outbox publishes that failed or timed out",
+            inner.outbox_publish_errors.clone(),
+        );
+        r.register(
+            "relay_batch_size",
+            "Outbox rows claimed per relay pass",
+            inner.relay_batch_size.clone(),
+        );
+        r.register(
+            "relay_lag_seconds",
+            "Time from an outbox row's commit to JetStream's ack",
+            inner.relay_lag.clone(),
+        );
+        r.register(
+            "jetstream_consumer_pending",
+            "Messages not yet delivered to the pool",
+            inner.consumer_pending.clone(),
+        );
+        r.register(
+            "jetstream_consumer_ack_pending",
+            "Messages delivered to the pool and not yet acknowledged",
+            inner.consumer_ack_pending.clone(),
+        );
+        r.register(
+            "jetstream_consumer_redelivered",
+            "Messages of the pool redelivered at least once",
+            inner.consumer_redelivered.clone(),
+        );
+        r.register(
+            "jetstream_consumer_waiting",
+            "Pull requests of the pool waiting for messages",
+            inner.consumer_waiting.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Operations failed because JetStream gave up delivering them",
+            inner.dead_letters.clone(),
+        );
+        r.register(
+            "db_connections",
+            "Database pool connections by state (in_use, idle)",
+            inner.db_connections.clone(),
+        );
+        r.register(
+            "reconciler_actions",
+            "Repairs made by the reconciler, by kind",
+            inner.reconciler_actions.clone(),
+        );
+        r.register(
+            "audit_write_errors",
+            "Audit rows that could not be written",
+            inner.audit_write_errors.clone(),
+        );
+        Metrics(Arc::new(inner))
+    }
+
+    /// Creates, at zero, the series whose label values are known up front, so that
+    /// `increase()` and alerts see them from the first scrape.
+    pub fn init_series(&self, zones: &[String]) {
+        for zone in zones {
+            for service in Service::ALL {
+                let labels = PoolLabels {
+                    service: service.to_string(),
+                    zone: zone.clone(),
+                };
+                let _ = self.dead_letters.get_or_create(&labels);
+            }
+        }
+        for bucket in ["write", "read", "poll", "anonymous"] {
+            let _ = self.rate_limited.get_or_create(&BucketLabels {
+                bucket: bucket.into(),
+            });
+        }
+        for action in REPAIRS {
+            let _ = self.reconciler_actions.get_or_create(&RepairLabels {
+                action: (*action).into(),
+            });
+        }
+    }
+
+    /// An operation was accepted.
+    pub fn operation_created(&self, action: Action, kind: Kind, zone: &str) {
+        self.operations_created
+            .get_or_create(&OperationLabels {
+                action: action.to_string(),
+                service: kind.service().to_string(),
+                zone: zone.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A worker started an operation submitted `waited` ago.
+    pub fn operation_started(&self, action: Action, kind: Kind, waited: Duration) {
+        self.operation_wait
+            .get_or_create(&ActionLabels {
+                action: action.to_string(),
+                service: kind.service().to_string(),
+            })
+            .observe(waited.as_secs_f64());
+    }
+
+    /// An operation submitted `took` ago ended in `state`.
+    pub fn operation_finished(
+        &self,
+        action: Action,
+        kind: Kind,
+        zone: &str,
+        state: OperationState,
+        took: Duration,
+    ) {
+        self.operations_finished
+            .get_or_create(&OutcomeLabels {
+                action: action.to_string(),
+                service: kind.service().to_string(),
+                zone: zone.to_owned(),
+                outcome: state.to_string(),
+            })
+            .inc();
+        self.operation_duration
+            .get_or_create(&ActionLabels {
+                action: action.to_string(),
+                service: kind.service().to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The reconciler (or dead-letter handler) repaired something.
+    pub fn repaired(&self, action: &str, n: usize) {
+        self.reconciler_actions
+            .get_or_create(&RepairLabels {
+                action: action.to_owned(),
+            })
+            .inc_by(n as u64);
+    }
+
+    /// Refreshes the gauges that describe PostgreSQL and JetStream.
+    pub async fn refresh(
+        &self,
+        pool: &PgPool,
+        js: Option<(&async_nats::jetstream::Context, &str)>,
+        zones: &[String],
+    ) {
+        let in_use = pool.size().saturating_sub(pool.num_idle() as u32);
+        self.db_connections
+            .get_or_create(&StateLabels {
+                state: "in_use".into(),
+            })
+            .set(i64::from(in_use));
+        self.db_connections
+            .get_or_create(&StateLabels {
+                state: "idle".into(),
+            })
+            .set(pool.num_idle() as i64);
+        match store::outbox::backlog(pool).await {
+            Ok((n, age)) => {
+                self.outbox_pending.set(n);
+                self.outbox_oldest_age.set(age);
+            }
+            Err(e) => tracing::debug!(error = %e, "metrics: outbox backlog unavailable"),
+        }
+        match store::operations::count_active_by_state(pool).await {
+            Ok(counts) => {
+                for state in OperationState::ALL.iter().filter(|s| !s.is_terminal()) {
+                    let n = counts
+                        .iter()
+                        .find(|(s, _)| s == state.as_str())
+                        .map_or(0, |(_, n)| *n);
+                    self.operations_active
+                        .get_or_create(&StateLabels {
+                            state: state.to_string(),
+                        })
+                        .set(n);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "metrics: operation counts unavailable"),
+        }
+        let Some((js, stream_name)) = js else {
+            return;
+        };
+        let Ok(stream) = js.get_stream_no_info(stream_name).await else {
+            return;
+        };
+        for zone in zones {
+            for service in Service::ALL {
+                let name = gateway_proto::consumer_name(*service, zone);
+                let Ok(info) = stream.consumer_info(&name).await else {
+                    continue;
+                };
+                let labels = PoolLabels {
+                    service: service.to_string(),
+                    zone: zone.clone(),
+                };
+                self.consumer_pending
+                    .get_or_create(&labels)
+                    .set(info.num_pending as i64);
+                self.consumer_ack_pending
+                    .get_or_create(&labels)
+                    .set(info.num_ack_pending as i64);
+                self.consumer_redelivered
+                    .get_or_create(&labels)
+                    .set(info.num_redelivered as i64);
+                self.consumer_waiting
+                    .get_or_create(&labels)
+                    .set(info.num_waiting as i64);
+            }
+        }
+    }
+}
+
+/// Renders `registry` as OpenMetrics text (shared with the workers, whose families
+/// an all-in-one process registers in the same registry).
+pub fn render(registry: &Registry) -> String {
+    workers::metrics::render(registry).expect("writing to a String cannot fail")
+}
+
+pub use workers::metrics::CONTENT_TYPE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_family_with_the_gateway_prefix() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        m.operation_created(Action::Create, Kind::Volume, "zone-a");
+        m.operation_finished(
+            Action::Create,
+            Kind::Volume,
+            "zone-a",
+            OperationState::Succeeded,
+            Duration::from_millis(30),
+        );
+        let text = render(&registry);
+        assert!(text.contains("gateway_operations_created_total{action=\"create\",service=\"storage\",zone=\"zone-a\"} 1"), "{text}");
+        assert!(text.contains("gateway_operation_duration_seconds_bucket{"));
+        assert!(text.trim_end().ends_with("# EOF"));
+        assert!(!text.contains("operation_id"), "no IDs in labels");
+    }
+}

@@ -1,0 +1,236 @@
+//! Operators can see the queues: `/metrics` moves as operations flow, parses with
+//! promtool, and a request ID can be followed end to end.
+
+mod common;
+
+use common::{example_spec, spawn_app, spawn_with, Options, TestApp};
+use gateway::app::Parts;
+use reqwest::StatusCode;
+use serde_json::Value;
+use std::time::Duration;
+
+async fn scrape(app: &TestApp) -> String {
+    let res = app
+        .http
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    res.text().await.unwrap()
+}
+
+/// The value of the sample `name{labels}` (labels given as they appear, sorted as
+/// encoded), or 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// Polls `/metrics` until `pred` holds (10 s at most).
+async fn until(app: &TestApp, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(app).await;
+        if pred(&text) {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `promtool check metrics` on `text`; promtool is installed by scripts/services.sh.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is needed for this test: run scripts/services.sh (installs Debian's prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // promtool exits 1 for lint findings too; only parse errors matter here.
+    assert!(
+        !report.contains("error while linting") && !report.contains("text format parsing error"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn counters_move_as_operations_flow_and_the_exposition_parses() {
+    let app = spawn_app().await;
+    let tenant = app.tenant().await;
+    let before = scrape(&app).await;
+    promtool_check(&before);
+    for i in 0..3 {
+        let op = app
+            .create(
+                &tenant,
+                "clusters",
+                &format!("c{i}"),
+                "zone-b",
+                example_spec("clusters"),
+            )
+            .await;
+        app.wait_done(op["id"].as_str().unwrap()).await;
+    }
+    let failed = app
+        .create(
+            &tenant,
+            "clusters",
+            "fail-c",
+            "zone-b",
+            example_spec("clusters"),
+        )
+        .await;
+    app.wait_done(failed["id"].as_str().unwrap()).await;
+    let text = scrape(&app).await;
+    promtool_check(&text);
+    let created =
+        r#"gateway_operations_created_total{action="create",service="k8s",zone="zone-b"}"#;
+    assert_eq!(sample(&text, created), 4.0, "{text}");
+    let ok = r#"gateway_operations_finished_total{action="create",service="k8s",zone="zone-b",outcome="succeeded"}"#;
+    let bad = r#"gateway_operations_finished_total{action="create",service="k8s",zone="zone-b",outcome="failed"}"#;
+    assert_eq!(sample(&text, ok), 3.0);
+    assert_eq!(sample(&text, bad), 1.0);
+    assert!(
+        sample(
+            &text,
+            r#"gateway_operation_duration_seconds_count{action="create",service="k8s"}"#
+        ) >= 4.0
+    );
+    assert!(
+        sample(
+            &text,
+            r#"gateway_http_requests_total{route="/v1/tenants/{tenant}/{kind}",method="POST",status="2xx"}"#
+        ) >= 4.0,
+        "{text}"
+    );
+    // In-process workers report into the same registry.
+    assert!(text.contains("worker_messages_total"), "{text}");
+}
+
+#[tokio::test]
+async fn the_outbox_backlog_rises_without_a_relay_and_drains_with_one() {
+    let app = spawn_with(Options {
+        parts: Parts {
+            api: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    for i in 0..5 {
+        app.create(
+            &tenant,
+            "vms",
+            &format!("v{i}"),
+            "zone-a",
+            example_spec("vms"),
+        )
+        .await;
+    }
+    until(&app, "backlog of 5", |t| {
+        sample(t, "gateway_outbox_pending") == 5.0
+    })
+    .await;
+    let text = until(&app, "5 pending operations", |t| {
+        sample(t, r#"gateway_operations_active{state="pending"}"#) == 5.0
+    })
+    .await;
+    assert!(sample(&text, "gateway_outbox_oldest_age_seconds") >= 0.0);
+    let running = app.running.as_ref().unwrap();
+    let relay = gateway::relay::Relay {
+        pool: app.pool.clone(),
+        js: running.backends.js.clone(),
+        batch_size: 100,
+        poll_interval: Duration::from_millis(100),
+        wake: Default::default(),
+        changes: Default::default(),
+        metrics: Default::default(),
+    };
+    relay.pass().await.unwrap();
+    let text = until(&app, "drained", |t| {
+        sample(t, "gateway_outbox_pending") == 0.0
+    })
+    .await;
+    assert_eq!(
+        sample(&text, r#"gateway_operations_active{state="dispatched"}"#),
+        5.0
+    );
+    // No consumer runs here: the messages wait in the vm/zone-a pool's consumer.
+    until(&app, "consumer backlog", |t| {
+        sample(
+            t,
+            r#"gateway_jetstream_consumer_pending{service="vm",zone="zone-a"}"#,
+        ) == 5.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_id_travels_from_the_202_through_the_worker_and_back() {
+    let app = spawn_app().await;
+    let tenant = app.tenant().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let res = app
+        .http
+        .post(format!("{}/v1/tenants/{tenant}/volumes", app.url))
+        .bearer_auth(&app.admin_key)
+        .header("x-request-id", "follow-me-0042")
+        .header("traceparent", traceparent)
+        .json(&serde_json::json!({"name": "traced", "zone": "zone-a", "spec": example_spec("volumes")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "follow-me-0042");
+    let op: Value = res.json().await.unwrap();
+    let done = app.wait_done(op["id"].as_str().unwrap()).await;
+    assert_eq!(done["request_id"], "follow-me-0042");
+    // The worker's reports carried the same request ID back to the gateway: the audit
+    // trail shows the `running` and `succeeded` reports under it.
+    let reports: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, principal_name FROM audit_log WHERE request_id = $1 AND action LIKE '%/reports' ORDER BY id",
+    )
+    .bind("follow-me-0042")
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(
+        reports
+            .iter()
+            .all(|(_, who)| who == "worker:storage:zone-a"),
+        "{reports:?}"
+    );
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT traceparent FROM operations WHERE id = $1::uuid")
+            .bind(op["id"].as_str().unwrap())
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.as_deref(), Some(traceparent));
+}
