@@ -141,7 +141,10 @@ async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
     let d = Deployment::new(
         &pg_base(),
         &nats.url(),
-        &[("NATS_PUBLISH_TIMEOUT_MS", "1000")],
+        &[
+            ("NATS_PUBLISH_TIMEOUT_MS", "1000"),
+            ("METRICS_REFRESH_MS", "100"),
+        ],
     )
     .await;
     let api = Gateway::serve(&d.env).await;
@@ -201,6 +204,16 @@ async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
     for id in &during {
         assert_eq!(d.operation(*id).await.0, "pending");
     }
+    // Operators see the backlog on /metrics while NATS is down …
+    let pending = async || d.metric(&api.url(), "gateway_outbox_pending").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pending().await < backlog as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway_outbox_pending never showed {backlog}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     nats.resume();
     d.wait_all_terminal(Duration::from_secs(60)).await;
@@ -212,6 +225,15 @@ async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
     }
     d.wait_outbox_empty(Duration::from_secs(30)).await;
     wait_stream_empty(&d).await;
+    // … and see it drain once NATS is back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pending().await > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway_outbox_pending never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until every message has been acknowledged (acks trail the reports).

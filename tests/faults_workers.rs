@@ -322,4 +322,7 @@ async fn a_message_jetstream_gives_up_on_is_dead_lettered_and_removed() {
         resource,
         ("failed".to_string(), Some("delivery_exhausted".to_string()))
     );
+    // Operators see it: the dead-letter counter of the pool moved.
+    let series = r#"gateway_dead_letters_total{service="vm",zone="zone-a"}"#;
+    assert_eq!(d.metric(&api.url(), series).await, 1.0);
 }

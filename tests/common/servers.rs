@@ -604,6 +604,22 @@ impl Deployment {
         }
     }
 
+    /// The value of one series in `url`'s `/metrics` (0 when absent).
+    pub async fn metric(&self, url: &str, series: &str) -> f64 {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
     /// Waits (at most `timeout`) until the outbox is empty: a relay deletes its rows
     /// only after JetStream's acks, which may trail the workers' reports.
     pub async fn wait_outbox_empty(&self, timeout: Duration) {
