@@ -567,11 +567,10 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
         (late.status, late.code()),
         (StatusCode::CONFLICT, "operation_finished")
     );
+    // A retried cancel gets the same answer.
     let again = cancel(id(&a).into()).await;
-    assert_eq!(
-        (again.status, again.code()),
-        (StatusCode::CONFLICT, "operation_finished")
-    );
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body["state"], "cancelled");
 
     // A running create: the worker learns of the request in its next report's answer.
     let b = app
@@ -656,6 +655,13 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
         del.body["state"], "pending",
         "the delete moved up past the cancelled stop"
     );
+    // A finished operation cannot be cancelled.
+    let done = cancel(id(&d).into()).await;
+    assert_eq!(
+        (done.status, done.code()),
+        (StatusCode::CONFLICT, "operation_finished")
+    );
+    assert_eq!(done.body["details"]["state"], "succeeded");
 }
 
 #[tokio::test]

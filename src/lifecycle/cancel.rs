@@ -4,7 +4,8 @@
 //! message, if already on its way, is refused by the gateway when a worker reports on
 //! it. A `dispatched` or `running` one is marked `cancel_requested`; its worker sees that
 //! in the answer to its next report and stops (`cancelled`), or finishes first
-//! (`succeeded`/`failed`) — the terminal state says which happened.
+//! (`succeeded`/`failed`) — the terminal state says which happened. Cancelling a
+//! cancelled operation answers the same again; cancelling a finished one is a `409`.
 
 use super::finish::{self, Outcome};
 use super::{Engine, LifecycleError};
@@ -36,6 +37,8 @@ pub async fn cancel(
         ));
     }
     let (after, promoted) = match op.state {
+        // Cancelling twice answers the same: a client that lost the first answer retries.
+        OperationState::Cancelled => return Ok(op),
         s if s.is_terminal() => return Err(LifecycleError::OperationFinished(s)),
         OperationState::Queued | OperationState::Pending => {
             let outcome = Outcome {
