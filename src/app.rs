@@ -215,6 +215,7 @@ pub async fn start(
         wake: wake.clone(),
         changes: changes.clone(),
         metrics: metrics.clone(),
+        catalog: crate::cache::CatalogCache::new(metrics.clone()),
     };
     if let Some(listener) = listener {
         let limiter = std::sync::Arc::new(api::guard::Limiter::new(config.rate_limits));

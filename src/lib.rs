@@ -34,6 +34,7 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod cache;
 pub mod changes;
 pub mod config;
 pub mod deadletter;

@@ -31,6 +31,7 @@
 //! | `gateway_db_connections` | gauge | state | pool connections `in_use` / `idle` |
 //! | `gateway_reconciler_actions_total` | counter | action | repairs (`expired`, `redispatched`, `converged`, …) |
 //! | `gateway_audit_write_errors_total` | counter | | audit rows that could not be written |
+//! | `gateway_cache_requests_total` | counter | cache, result | catalog and zone lookups answered from memory (`hit`) or the database (`miss`) |
 
 use crate::domain::{Action, Kind, OperationState, Service};
 use crate::store;
@@ -121,6 +122,15 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// Which cache, and whether it had the answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `catalog` or `zones`.
+    pub cache: String,
+    /// `hit` or `miss`.
+    pub result: String,
+}
+
 /// One label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RepairLabels {
@@ -196,6 +206,8 @@ pub struct Inner {
     pub reconciler_actions: Family<RepairLabels, Counter>,
     /// See the table in the module docs.
     pub audit_write_errors: Counter,
+    /// See the table in the module docs.
+    pub cache_requests: Family<CacheLabels, Counter>,
 }
 
 impl std::ops::Deref for Metrics {
@@ -239,6 +251,7 @@ impl Metrics {
             db_connections: Family::default(),
             reconciler_actions: Family::default(),
             audit_write_errors: Counter::default(),
+            cache_requests: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("gateway");
         r.register(
@@ -356,6 +369,11 @@ impl Metrics {
             "Audit rows that could not be written",
             inner.audit_write_errors.clone(),
         );
+        r.register(
+            "cache_requests",
+            "Cache lookups by cache and result (hit, miss)",
+            inner.cache_requests.clone(),
+        );
         Metrics(Arc::new(inner))
     }
 
@@ -369,6 +387,14 @@ impl Metrics {
                     zone: zone.clone(),
                 };
                 let _ = self.dead_letters.get_or_create(&labels);
+            }
+        }
+        for cache in ["catalog", "zones"] {
+            for result in ["hit", "miss"] {
+                let _ = self.cache_requests.get_or_create(&CacheLabels {
+                    cache: cache.into(),
+                    result: result.into(),
+                });
             }
         }
         for bucket in ["write", "read", "poll", "anonymous"] {

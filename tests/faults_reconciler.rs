@@ -27,6 +27,7 @@ fn reconciler(app: &TestApp) -> Reconciler {
             wake: Wake::default(),
             changes: Default::default(),
             metrics: Default::default(),
+            catalog: Default::default(),
         },
         interval: Duration::from_secs(1),
         redispatch_after: Duration::from_secs(60),

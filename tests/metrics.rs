@@ -128,6 +128,27 @@ async fn counters_move_as_operations_flow_and_the_exposition_parses() {
         ) >= 4.0,
         "{text}"
     );
+    // Four creates checked the same version, flavor and zone: the cache answered most.
+    let hits = sample(
+        &text,
+        r#"gateway_cache_requests_total{cache="catalog",result="hit"}"#,
+    );
+    let misses = sample(
+        &text,
+        r#"gateway_cache_requests_total{cache="catalog",result="miss"}"#,
+    );
+    assert_eq!(
+        misses, 2.0,
+        "one miss per distinct entry (1.31, m1.large)\n{text}"
+    );
+    assert_eq!(hits, 6.0, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"gateway_cache_requests_total{cache="zones",result="hit"}"#
+        ),
+        3.0
+    );
     // In-process workers report into the same registry.
     assert!(text.contains("worker_messages_total"), "{text}");
 }

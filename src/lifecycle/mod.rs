@@ -38,6 +38,8 @@ pub struct Engine {
     pub changes: Changes,
     /// Counts operations created and finished.
     pub metrics: crate::metrics::Metrics,
+    /// The catalog and zones that specs are checked against.
+    pub catalog: crate::cache::CatalogCache,
 }
 
 /// Why a lifecycle call did not happen. Nothing was written when one is returned.

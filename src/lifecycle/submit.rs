@@ -7,7 +7,7 @@ use crate::domain::spec::{self, Category, ValidSpec};
 use crate::domain::{names, Action, Kind, OperationState, Phase, ValidationError};
 use crate::store::operations::{self, NewOperation, OperationRow};
 use crate::store::resources::{self, NewResource, ResourceRow};
-use crate::store::{self, catalog, tenants};
+use crate::store::{self, tenants};
 use chrono::Utc;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -101,7 +101,7 @@ pub async fn create(
     if tenants::get(&mut *tx, tenant).await?.is_none() {
         return Err(LifecycleError::TenantNotFound);
     }
-    check_references(&mut tx, tenant, &req.zone, &valid).await?;
+    check_references(engine, &mut tx, tenant, &req.zone, &valid).await?;
     let resource = resources::insert(
         &mut tx,
         &NewResource {
@@ -245,7 +245,7 @@ pub async fn update(
     };
     if let Effect::NewSpec(next) = effect {
         let valid = spec::validate(kind, &next)?;
-        check_references(&mut tx, tenant, &resource.zone, &valid).await?;
+        check_references(engine, &mut tx, tenant, &resource.zone, &valid).await?;
         if valid.value != resource.spec {
             resource = resources::update_spec(&mut tx, id, &valid.value).await?;
         }
@@ -323,12 +323,13 @@ async fn start_operation(
 /// Checks what a spec names against the database: zone, catalog entries, storage-class
 /// bounds and the VM a volume attaches to.
 async fn check_references(
+    engine: &Engine,
     conn: &mut PgConnection,
     tenant: &str,
     zone: &str,
     valid: &ValidSpec,
 ) -> Result<(), LifecycleError> {
-    if !catalog::zone_exists(&mut *conn, zone).await? {
+    if !engine.catalog.zone_exists(&engine.pool, zone).await? {
         return Err(ValidationError::new(
             "unknown_zone",
             "zone",
@@ -336,16 +337,11 @@ async fn check_references(
         )
         .into());
     }
-    let wanted: Vec<(Category, &str)> = valid
-        .refs
-        .iter()
-        .map(|r| (r.category, r.name.as_str()))
-        .collect();
-    let found = catalog::find(&mut *conn, &wanted).await?;
     for r in &valid.refs {
-        let entry = found
-            .iter()
-            .find(|f| f.category == r.category.as_str() && f.name == r.name)
+        let attributes = engine
+            .catalog
+            .entry(&engine.pool, r.category, &r.name)
+            .await?
             .ok_or_else(|| {
                 ValidationError::new(
                     "unknown_catalog_item",
@@ -358,7 +354,7 @@ async fn check_references(
                 )
             })?;
         if let (Category::StorageClass, Some(size)) = (r.category, valid.size_gb) {
-            let bound = |k: &str| entry.attributes.get(k).and_then(Value::as_u64);
+            let bound = |k: &str| attributes.get(k).and_then(Value::as_u64);
             let (min, max) = (
                 bound("min_gb").unwrap_or(1),
                 bound("max_gb").unwrap_or(u64::MAX),

@@ -1,0 +1,96 @@
+//! A read-through cache of the catalog and the zones: static data every write checks.
+//!
+//! Entries live for [`TTL`]; unknown names are cached too (as absent), so a client
+//! hammering an invalid flavor does not reach the database either. A catalog change made
+//! with SQL is therefore seen within [`TTL`] by every replica. Hits and misses are
+//! counted in `gateway_cache_requests_total{cache, result}`.
+
+use crate::domain::spec::Category;
+use crate::metrics::{CacheLabels, Metrics};
+use crate::store::catalog;
+use moka::future::Cache;
+use serde_json::Value;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an entry is trusted.
+pub const TTL: Duration = Duration::from_secs(60);
+/// Entries kept at most (per cache).
+const CAPACITY: u64 = 10_000;
+
+/// The cache. Cheap to clone.
+#[derive(Clone)]
+pub struct CatalogCache {
+    entries: Cache<(Category, String), Option<Arc<Value>>>,
+    zones: Cache<String, bool>,
+    metrics: Metrics,
+}
+
+impl Default for CatalogCache {
+    /// A cache whose counters are registered nowhere.
+    fn default() -> Self {
+        Self::new(Metrics::default())
+    }
+}
+
+impl CatalogCache {
+    /// An empty cache counting into `metrics`.
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            entries: Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(TTL)
+                .build(),
+            zones: Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(TTL)
+                .build(),
+            metrics,
+        }
+    }
+
+    fn count(&self, cache: &str, hit: bool) {
+        self.metrics
+            .cache_requests
+            .get_or_create(&CacheLabels {
+                cache: cache.to_owned(),
+                result: if hit { "hit" } else { "miss" }.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The attributes of catalog entry `name` in `category`, or `None` if there is none.
+    pub async fn entry(
+        &self,
+        pool: &PgPool,
+        category: Category,
+        name: &str,
+    ) -> sqlx::Result<Option<Arc<Value>>> {
+        let key = (category, name.to_owned());
+        if let Some(found) = self.entries.get(&key).await {
+            self.count("catalog", true);
+            return Ok(found);
+        }
+        self.count("catalog", false);
+        let found = catalog::find(pool, &[(category, name)])
+            .await?
+            .into_iter()
+            .next()
+            .map(|row| Arc::new(row.attributes));
+        self.entries.insert(key, found.clone()).await;
+        Ok(found)
+    }
+
+    /// Whether zone `name` exists.
+    pub async fn zone_exists(&self, pool: &PgPool, name: &str) -> sqlx::Result<bool> {
+        if let Some(found) = self.zones.get(name).await {
+            self.count("zones", true);
+            return Ok(found);
+        }
+        self.count("zones", false);
+        let found = catalog::zone_exists(pool, name).await?;
+        self.zones.insert(name.to_owned(), found).await;
+        Ok(found)
+    }
+}
