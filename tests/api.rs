@@ -145,3 +145,71 @@ async fn pages_return_every_resource_exactly_once() {
     assert_eq!(rest.body["items"].as_array().unwrap().len(), 3);
     let _: Value = rest.body;
 }
+
+#[tokio::test]
+async fn labels_are_validated_stored_and_select_resources() {
+    let app = spawn_with(api_only()).await;
+    let tenant = app.tenant().await;
+    let create = |name: &'static str, labels: Value| {
+        let app = &app;
+        let tenant = tenant.clone();
+        async move {
+            app.post(
+                &format!("/v1/tenants/{tenant}/vms"),
+                serde_json::json!({"name": name, "zone": "zone-a", "spec": example_spec("vms"), "labels": labels}),
+            )
+            .await
+        }
+    };
+    let web = create("web", serde_json::json!({"env": "prod", "team": "web"})).await;
+    assert_eq!(web.status, StatusCode::ACCEPTED);
+    create("db", serde_json::json!({"env": "prod", "team": "db"})).await;
+    create("scratch", serde_json::json!({"env": "dev"})).await;
+    let bad = create("bad", serde_json::json!({"Env": "prod"})).await;
+    assert_eq!(
+        (bad.status, bad.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_label")
+    );
+    assert_eq!(bad.body["details"]["field"], "labels.Env");
+    let typed = create("typed", serde_json::json!({"env": 1})).await;
+    assert_eq!(typed.code(), "invalid_body");
+
+    let vm = app
+        .get(&format!(
+            "/v1/tenants/{tenant}/vms/{}",
+            web.body["resource_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        vm.body["labels"],
+        serde_json::json!({"env": "prod", "team": "web"})
+    );
+    let names = |q: &'static str| {
+        let app = &app;
+        let tenant = tenant.clone();
+        async move {
+            let page = app
+                .get(&format!("/v1/tenants/{tenant}/vms?label={q}"))
+                .await;
+            assert_eq!(page.status, StatusCode::OK, "{:?}", page.body);
+            let mut n: Vec<String> = page.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["name"].as_str().unwrap().to_owned())
+                .collect();
+            n.sort();
+            n
+        }
+    };
+    assert_eq!(names("env=prod").await, ["db", "web"]);
+    assert_eq!(names("env=prod,team=db").await, ["db"]);
+    assert_eq!(names("env=staging").await, Vec::<String>::new());
+    let bad = app
+        .get(&format!("/v1/tenants/{tenant}/vms?label=env"))
+        .await;
+    assert_eq!(
+        (bad.status, bad.code()),
+        (StatusCode::BAD_REQUEST, "invalid_query")
+    );
+}

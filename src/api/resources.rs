@@ -64,6 +64,25 @@ fn kind(segment: &str) -> Result<Kind, ApiError> {
     kind_from_path(segment).ok_or_else(|| ApiError::not_found("route"))
 }
 
+/// Parses a label selector `k=v[,k=v…]` into the JSON object the store matches.
+fn parse_selector(text: &str) -> Result<serde_json::Value, ApiError> {
+    let mut out = serde_json::Map::new();
+    for pair in text.split(',') {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("label: {pair:?} is not key=value"),
+            )
+        })?;
+        out.insert(
+            k.trim().to_owned(),
+            serde_json::Value::String(v.trim().to_owned()),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
 /// A resource ID from the path; a malformed one cannot name anything.
 pub(crate) fn resource_id(segment: &str) -> Result<Uuid, ApiError> {
     segment.parse().map_err(|_| ApiError::not_found("resource"))
@@ -99,13 +118,14 @@ pub async fn create(
     let print = fingerprint(
         "POST",
         &format!("/v1/tenants/{tenant}/{kind_segment}"),
-        &serde_json::json!({"name": body.name, "zone": body.zone, "spec": body.spec}),
+        &serde_json::json!({"name": body.name, "zone": body.zone, "spec": body.spec, "labels": body.labels}),
     );
     let meta = request_meta(&principal, &meta, &headers, &print);
     let req = CreateRequest {
         name: body.name,
         zone: body.zone,
         spec: body.spec,
+        labels: body.labels,
     };
     let op = submit::create(&state.engine, meta, &tenant, kind, req).await?;
     Ok(accepted(op))
@@ -156,6 +176,8 @@ pub struct ListQuery {
     pub phase: Option<Phase>,
     /// Only resources created at or after this instant (RFC 3339).
     pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only resources carrying these labels: `env=prod` or `env=prod,team=db`.
+    pub label: Option<String>,
     /// Page size, 1–500 (default 100).
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
@@ -202,6 +224,7 @@ pub async fn list(
         zone: q.zone,
         phase: q.phase,
         since: q.since,
+        labels: q.label.as_deref().map(parse_selector).transpose()?,
     };
     let rows =
         resources::list_live(&state.engine.pool, &tenant, kind, &filter, after, limit + 1).await?;

@@ -22,6 +22,10 @@ pub struct CreateResourceIn {
     /// The kind's spec: `VmSpec`, `BmSpec`, `ClusterSpec` or `VolumeSpec`.
     #[schema(example = json!({"flavor": "m1.small", "image": "debian-12"}))]
     pub spec: Value,
+    /// Key/value metadata (at most 32; keys and values of up to 63 characters).
+    #[serde(default)]
+    #[schema(example = json!({"env": "prod"}))]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A resource: desired `spec`, observed `status`.
@@ -37,6 +41,8 @@ pub struct ResourceOut {
     pub zone: String,
     /// Name.
     pub name: String,
+    /// Key/value metadata.
+    pub labels: Value,
     /// Desired state.
     pub spec: Value,
     /// Observed state, as last reported by its worker.
@@ -61,6 +67,7 @@ impl From<ResourceRow> for ResourceOut {
             kind: r.kind,
             zone: r.zone,
             name: r.name,
+            labels: r.labels,
             spec: r.spec,
             status: r.status,
             phase: r.phase,

@@ -74,6 +74,8 @@ pub struct CreateRequest {
     pub zone: String,
     /// Spec, not yet validated.
     pub spec: Value,
+    /// Labels, not yet validated.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Validates and records a new resource with its `create` operation.
@@ -93,6 +95,7 @@ pub async fn create(
         ));
     }
     names::validate_label("name", &req.name)?;
+    names::validate_labels(&req.labels)?;
     let valid = spec::validate(kind, &req.spec)?;
     let mut tx = engine.pool.begin().await?;
     if let Some(op) = replay(&mut tx, meta).await? {
@@ -111,6 +114,7 @@ pub async fn create(
             zone: &req.zone,
             name: &req.name,
             spec: &valid.value,
+            labels: &serde_json::to_value(&req.labels).expect("labels serialize"),
             phase: Phase::Provisioning,
         },
     )

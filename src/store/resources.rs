@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-const COLUMNS: &str = "id, tenant, kind, zone, name, spec, status, phase, generation, \
+const COLUMNS: &str = "id, tenant, kind, zone, name, labels, spec, status, phase, generation, \
                        observed_generation, version, created_at, updated_at, deleted_at";
 
 /// A resource row.
@@ -23,6 +23,8 @@ pub struct ResourceRow {
     pub zone: String,
     /// Name, unique per tenant and kind among live resources.
     pub name: String,
+    /// Key/value metadata.
+    pub labels: Value,
     /// Desired state.
     pub spec: Value,
     /// Observed state, as last reported by a worker.
@@ -59,6 +61,8 @@ pub struct NewResource<'a> {
     pub name: &'a str,
     /// Validated spec.
     pub spec: &'a Value,
+    /// Validated labels (a JSON object of strings).
+    pub labels: &'a Value,
     /// Initial phase.
     pub phase: Phase,
 }
@@ -66,8 +70,8 @@ pub struct NewResource<'a> {
 /// Inserts a resource at generation 1.
 pub async fn insert(conn: &mut PgConnection, r: &NewResource<'_>) -> sqlx::Result<ResourceRow> {
     sqlx::query_as(&format!(
-        "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+        "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, labels)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
     ))
     .bind(r.id)
     .bind(r.tenant)
@@ -76,6 +80,7 @@ pub async fn insert(conn: &mut PgConnection, r: &NewResource<'_>) -> sqlx::Resul
     .bind(r.name)
     .bind(r.spec)
     .bind(r.phase.as_str())
+    .bind(r.labels)
     .fetch_one(conn)
     .await
 }
@@ -216,6 +221,8 @@ pub struct ResourceFilter {
     pub phase: Option<Phase>,
     /// Only resources created at or after this instant.
     pub since: Option<DateTime<Utc>>,
+    /// Only resources carrying all these labels (a JSON object of strings).
+    pub labels: Option<Value>,
 }
 
 /// One page of live resources of `tenant` and `kind`, newest first, strictly after
@@ -236,6 +243,7 @@ pub async fn list_live(
            AND ($4::text IS NULL OR phase = $4)
            AND ($5::timestamptz IS NULL OR created_at >= $5)
            AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7))
+           AND ($9::jsonb IS NULL OR labels @> $9)
          ORDER BY created_at DESC, id DESC
          LIMIT $8"
     ))
@@ -247,6 +255,7 @@ pub async fn list_live(
     .bind(after_ts)
     .bind(after_id)
     .bind(limit)
+    .bind(&filter.labels)
     .fetch_all(db)
     .await
 }
