@@ -239,18 +239,12 @@ pub async fn start(
         } else {
             api::health::router().with_state(state)
         };
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        tasks.spawn(crate::serve::serve(
+            listener,
+            app,
+            config.header_timeout,
+            shutdown.clone(),
+        ));
     }
     if parts.relay {
         let relay = Relay {

@@ -47,6 +47,8 @@ pub struct Config {
     pub rate_limits: crate::api::guard::RateLimits,
     /// `METRICS_REFRESH_MS`: how often gauges of database and JetStream state refresh.
     pub metrics_refresh: Duration,
+    /// `GATEWAY_HEADER_TIMEOUT_MS`: how long a client may take to send its headers.
+    pub header_timeout: Duration,
 }
 
 /// Names of the JetStream objects this deployment uses.
@@ -189,6 +191,7 @@ impl Config {
             redispatch_after: secs("RECONCILE_REDISPATCH_AFTER_SECONDS", 300)?,
             log_json,
             metrics_refresh: millis("METRICS_REFRESH_MS", 5000)?,
+            header_timeout: millis("GATEWAY_HEADER_TIMEOUT_MS", 10_000)?,
             rate_limits: crate::api::guard::RateLimits {
                 per_second: var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
                 burst: var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
@@ -223,6 +226,7 @@ impl Config {
             redispatch_after: Duration::from_secs(300),
             log_json: false,
             metrics_refresh: Duration::from_millis(100),
+            header_timeout: Duration::from_secs(10),
             rate_limits: crate::api::guard::RateLimits {
                 per_second: nz(100_000),
                 burst: nz(100_000),

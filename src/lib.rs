@@ -44,5 +44,6 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod reconciler;
 pub mod relay;
+pub mod serve;
 pub mod store;
 pub mod telemetry;

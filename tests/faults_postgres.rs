@@ -58,6 +58,9 @@ async fn postgres_down_refuses_writes_cleanly_and_everything_recovers_by_itself(
         assert!(tokio::time::Instant::now() < deadline, "never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The relay deletes a row after JetStream's ack, which can trail the worker's
+    // `running` report: count once the outbox has settled.
+    d.wait_outbox_empty(Duration::from_secs(10)).await;
     let counts = "SELECT (SELECT count(*) FROM resources) * 1000000
                        + (SELECT count(*) FROM operations) * 1000
                        + (SELECT count(*) FROM outbox)";

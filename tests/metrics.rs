@@ -194,14 +194,12 @@ async fn the_outbox_backlog_rises_without_a_relay_and_drains_with_one() {
         metrics: Default::default(),
     };
     relay.pass().await.unwrap();
-    let text = until(&app, "drained", |t| {
+    // Gauges refresh one after another: wait for both rather than read them at once.
+    until(&app, "drained and dispatched", |t| {
         sample(t, "gateway_outbox_pending") == 0.0
+            && sample(t, r#"gateway_operations_active{state="dispatched"}"#) == 5.0
     })
     .await;
-    assert_eq!(
-        sample(&text, r#"gateway_operations_active{state="dispatched"}"#),
-        5.0
-    );
     // No consumer runs here: the messages wait in the vm/zone-a pool's consumer.
     until(&app, "consumer backlog", |t| {
         sample(
