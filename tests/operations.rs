@@ -157,8 +157,8 @@ async fn a_retry_after_completion_returns_the_finished_operation() {
 #[tokio::test]
 async fn queued_updates_run_one_at_a_time_in_order_and_the_last_one_wins() {
     let mut sim = common::fast_sim();
-    sim.min_latency = Duration::from_millis(150);
-    sim.max_latency = Duration::from_millis(200);
+    sim.min_latency = Duration::from_millis(500);
+    sim.max_latency = Duration::from_millis(600);
     let app = spawn_with(Options {
         parts: Parts {
             api: true,

@@ -253,6 +253,19 @@ impl TestApp {
         }
     }
 
+    /// Waits (10 s at most) until the outbox is empty: the relay deletes a row after
+    /// JetStream's ack, which can trail the worker's reports.
+    pub async fn wait_outbox_empty(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.count("outbox").await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the outbox never drained"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Rows in `table`.
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
