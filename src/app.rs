@@ -227,7 +227,14 @@ pub async fn start(
                 limiter.forget_idle();
             }
         });
+        let (audit, writer) = crate::audit::AuditWriter::new(
+            backends.pool.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(writer);
         let state = AppState {
+            audit,
             engine: engine.clone(),
             nats: backends.nats.clone(),
             limiter,

@@ -1,14 +1,20 @@
 //! The audit trail: one hash-chained row per mutating or denied request.
 //!
 //! Appends are serialized by a transaction-scoped advisory lock, so the chain has one
-//! order across every gateway replica. The hash covers the previous row's hash and every
+//! order across every gateway replica; each process batches its entries through one
+//! [`AuditWriter`] so the lock is taken per batch, not per request. The hash covers the previous row's hash and every
 //! field of the row, encoded unambiguously; `verify` recomputes the chain and names the
 //! first row that does not match.
 
+use crate::metrics::Metrics;
 use crate::store::{self, audit::AuditRow};
 use chrono::{DateTime, SubsecRound, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Advisory-lock key that serializes appends ("gwaudit").
@@ -19,6 +25,8 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// What happened, before it is chained.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// When the request was answered.
+    pub at: DateTime<Utc>,
     /// Who asked, when known.
     pub principal: Option<(Uuid, String)>,
     /// The tenant acted on.
@@ -75,33 +83,117 @@ pub fn row_hash(r: &AuditRow) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// Appends `entry` to the chain.
-pub async fn append(pool: &PgPool, entry: Entry) -> sqlx::Result<i64> {
+/// Appends `entries` to the chain, in order, in one transaction.
+pub async fn append_batch(pool: &PgPool, entries: Vec<Entry>) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
     store::advisory_xact_lock(&mut tx, LOCK_KEY).await?;
-    let prev_hash = store::audit::last_hash(&mut tx)
+    let mut prev_hash = store::audit::last_hash(&mut tx)
         .await?
         .unwrap_or_else(|| GENESIS.to_vec());
-    let at: DateTime<Utc> = Utc::now().trunc_subsecs(6);
-    let mut row = AuditRow {
-        id: 0,
-        at,
-        principal_id: entry.principal.as_ref().map(|p| p.0),
-        principal_name: entry.principal.map(|p| p.1),
-        tenant: entry.tenant,
-        action: entry.action,
-        target: entry.target,
-        outcome: outcome(entry.status).to_owned(),
-        status: entry.status as i16,
-        request_id: entry.request_id,
-        source: entry.source,
-        prev_hash,
-        hash: Vec::new(),
-    };
-    row.hash = row_hash(&row);
-    let id = store::audit::insert(&mut tx, &row).await?;
-    tx.commit().await?;
-    Ok(id)
+    for entry in entries {
+        let mut row = AuditRow {
+            id: 0,
+            at: entry.at.trunc_subsecs(6),
+            principal_id: entry.principal.as_ref().map(|p| p.0),
+            principal_name: entry.principal.map(|p| p.1),
+            tenant: entry.tenant,
+            action: entry.action,
+            target: entry.target,
+            outcome: outcome(entry.status).to_owned(),
+            status: entry.status as i16,
+            request_id: entry.request_id,
+            source: entry.source,
+            prev_hash,
+            hash: Vec::new(),
+        };
+        row.hash = row_hash(&row);
+        store::audit::insert(&mut tx, &row).await?;
+        prev_hash = row.hash;
+    }
+    tx.commit().await
+}
+
+/// Appends one entry.
+pub async fn append(pool: &PgPool, entry: Entry) -> sqlx::Result<()> {
+    append_batch(pool, vec![entry]).await
+}
+
+/// Entries queued before callers wait for the writer.
+const QUEUE: usize = 8_192;
+/// Entries written per transaction at most.
+const BATCH: usize = 512;
+/// How long the writer keeps going after shutdown for requests still finishing.
+const GRACE: Duration = Duration::from_secs(20);
+
+/// Hands audit entries to one writer task per process, which appends them in batches:
+/// one transaction and one turn of the chain's lock per batch instead of per request,
+/// so auditing does not serialize the API. Callers wait only when the queue is full.
+#[derive(Clone)]
+pub struct AuditWriter {
+    queue: mpsc::Sender<Entry>,
+}
+
+impl AuditWriter {
+    /// A writer and the task that drains it into `pool`. The task ends when every
+    /// writer is dropped, or [`GRACE`] after `shutdown`, writing what is queued first.
+    pub fn new(
+        pool: PgPool,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> (Self, impl Future<Output = ()>) {
+        let (queue, mut rx) = mpsc::channel::<Entry>(QUEUE);
+        let task = async move {
+            let hard_stop = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(GRACE).await;
+            };
+            tokio::pin!(hard_stop);
+            loop {
+                let first = tokio::select! {
+                    e = rx.recv() => e,
+                    _ = &mut hard_stop => {
+                        rx.close();
+                        rx.recv().await
+                    }
+                };
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
+                write_with_retries(&pool, &metrics, batch).await;
+            }
+        };
+        (Self { queue }, task)
+    }
+
+    /// Queues `entry`.
+    pub async fn record(&self, entry: Entry) {
+        if self.queue.send(entry).await.is_err() {
+            tracing::error!("the audit writer has stopped; an audit entry was lost");
+        }
+    }
+}
+
+async fn write_with_retries(pool: &PgPool, metrics: &Metrics, batch: Vec<Entry>) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match append_batch(pool, batch.clone()).await {
+            Ok(()) => return,
+            Err(e) if attempt < 5 => {
+                tracing::warn!(error = %e, attempt, "audit batch not written yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                metrics.audit_write_errors.inc_by(batch.len() as u64);
+                tracing::error!(error = %e, rows = batch.len(), "audit rows could not be written");
+            }
+        }
+    }
 }
 
 /// The result of checking the chain.

@@ -10,7 +10,7 @@ use crate::metrics::{CacheLabels, Metrics};
 use crate::store::catalog;
 use moka::future::Cache;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::PgConnection;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,9 +61,12 @@ impl CatalogCache {
     }
 
     /// The attributes of catalog entry `name` in `category`, or `None` if there is none.
+    ///
+    /// A miss reads through `conn`, the caller's connection: taking a second one from the
+    /// pool while holding one could exhaust the pool under load.
     pub async fn entry(
         &self,
-        pool: &PgPool,
+        conn: &mut PgConnection,
         category: Category,
         name: &str,
     ) -> sqlx::Result<Option<Arc<Value>>> {
@@ -73,7 +76,7 @@ impl CatalogCache {
             return Ok(found);
         }
         self.count("catalog", false);
-        let found = catalog::find(pool, &[(category, name)])
+        let found = catalog::find(&mut *conn, &[(category, name)])
             .await?
             .into_iter()
             .next()
@@ -83,13 +86,13 @@ impl CatalogCache {
     }
 
     /// Whether zone `name` exists.
-    pub async fn zone_exists(&self, pool: &PgPool, name: &str) -> sqlx::Result<bool> {
+    pub async fn zone_exists(&self, conn: &mut PgConnection, name: &str) -> sqlx::Result<bool> {
         if let Some(found) = self.zones.get(name).await {
             self.count("zones", true);
             return Ok(found);
         }
         self.count("zones", false);
-        let found = catalog::zone_exists(pool, name).await?;
+        let found = catalog::zone_exists(&mut *conn, name).await?;
         self.zones.insert(name.to_owned(), found).await;
         Ok(found)
     }

@@ -231,6 +231,11 @@ async fn a_request_id_travels_from_the_202_through_the_worker_and_back() {
     assert_eq!(done["request_id"], "follow-me-0042");
     // The worker's reports carried the same request ID back to the gateway: the audit
     // trail shows the `running` and `succeeded` reports under it.
+    app.wait_audit(
+        "request_id = 'follow-me-0042' AND action LIKE '%/reports'",
+        2,
+    )
+    .await;
     let reports: Vec<(String, String)> = sqlx::query_as(
         "SELECT action, principal_name FROM audit_log WHERE request_id = $1 AND action LIKE '%/reports' ORDER BY id",
     )

@@ -9,13 +9,13 @@
 //!   per source address for requests without a valid key. Over the limit: `429` with
 //!   `Retry-After` and code `rate_limited`.
 //! - **Audit**: every mutating request, whatever its outcome, and every denied request
-//!   (`401`, `403`, `429`) appends one row to the hash-chained audit log after it is
-//!   answered.
+//!   (`401`, `403`, `429`) queues one row for the hash-chained audit log as it is
+//!   answered (written in batches by `audit::AuditWriter`).
 
 use super::error::ApiError;
 use super::request::RequestId;
 use super::AppState;
-use crate::audit::{self, Entry};
+use crate::audit::Entry;
 use crate::auth::{self, Principal, Role};
 use crate::domain::Service;
 use crate::metrics::{BucketLabels, HttpLabels, RouteLabels};
@@ -259,6 +259,7 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
                 .map(|t| t.0.clone())
         });
         let entry = Entry {
+            at: chrono::Utc::now(),
             principal: match &authn {
                 Authn::Principal(p) => Some((p.id, p.name.clone())),
                 _ => None,
@@ -270,10 +271,7 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
             request_id,
             source: source.map(|ip| ip.to_string()),
         };
-        if let Err(e) = audit::append(&state.engine.pool, entry).await {
-            metrics.audit_write_errors.inc();
-            tracing::error!(error = %e, "could not write the audit row");
-        }
+        state.audit.record(entry).await;
     }
     response
 }

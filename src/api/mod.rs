@@ -44,6 +44,8 @@ pub struct AppState {
     pub nats: async_nats::Client,
     /// Rate limiters.
     pub limiter: std::sync::Arc<guard::Limiter>,
+    /// Where audit entries go.
+    pub audit: crate::audit::AuditWriter,
     /// Everything `GET /metrics` shows (the gateway's metrics, and in-process workers').
     pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
 }

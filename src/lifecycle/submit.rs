@@ -333,7 +333,7 @@ async fn check_references(
     zone: &str,
     valid: &ValidSpec,
 ) -> Result<(), LifecycleError> {
-    if !engine.catalog.zone_exists(&engine.pool, zone).await? {
+    if !engine.catalog.zone_exists(&mut *conn, zone).await? {
         return Err(ValidationError::new(
             "unknown_zone",
             "zone",
@@ -344,7 +344,7 @@ async fn check_references(
     for r in &valid.refs {
         let attributes = engine
             .catalog
-            .entry(&engine.pool, r.category, &r.name)
+            .entry(&mut *conn, r.category, &r.name)
             .await?
             .ok_or_else(|| {
                 ValidationError::new(

@@ -266,6 +266,24 @@ impl TestApp {
         }
     }
 
+    /// Waits (10 s at most) until the audit log holds `n` rows matching `condition`
+    /// (an SQL boolean over `audit_log`): rows are written in batches just after the
+    /// answers.
+    pub async fn wait_audit(&self, condition: &str, n: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let have = self.count(&format!("audit_log WHERE {condition}")).await;
+            if have >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{have} of {n} audit rows where {condition}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Rows in `table`.
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
