@@ -188,6 +188,7 @@ fn rate(n: usize, d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    gateway::telemetry::init(false);
     let rss_start = rss_mib();
     println!(
         "control-plane gateway benchmark: {OPS} operations, {CONCURRENCY} concurrent clients\n"
@@ -307,6 +308,27 @@ async fn main() {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        let text = b
+            .http
+            .get(format!("{}/metrics", b.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for l in text.lines().filter(|l| {
+            !l.starts_with('#')
+                && (l.contains("_sum")
+                    || l.contains("_count")
+                    || l.contains("messages_total")
+                    || l.contains("retries_total")
+                    || l.contains("redelivered"))
+        }) {
+            println!("  {l}");
+        }
+    }
     b.stop().await;
     println!(
         "\nmemory   RSS {:.0} MiB at start, {:.0} MiB at end",

@@ -6,6 +6,12 @@
 //! so the build needs neither a database nor committed offline data; every query is
 //! exercised by the integration tests against a real PostgreSQL instead.
 //!
+//! Row locks are `FOR NO KEY UPDATE`, never `FOR UPDATE`: no statement changes a
+//! primary key, and the weaker lock does not conflict with the `KEY SHARE` locks that
+//! foreign-key checks take. With `FOR UPDATE`, a report holding its resource row
+//! deadlocked with a relay whose second update of an operation row (in one
+//! transaction) re-checks that row's foreign key to the same resource.
+//!
 //! **Architecture invariant:** nothing outside this module writes SQL.
 
 pub mod audit;

@@ -143,7 +143,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Opera
 /// Locks one operation for the rest of the transaction.
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OperationRow>> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM operations WHERE id = $1 FOR UPDATE"
+        "SELECT {COLUMNS} FROM operations WHERE id = $1 FOR NO KEY UPDATE"
     ))
     .bind(id)
     .fetch_optional(conn)

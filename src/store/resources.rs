@@ -120,7 +120,7 @@ pub async fn lock_live(
 ) -> sqlx::Result<Option<ResourceRow>> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM resources
-         WHERE id = $1 AND tenant = $2 AND kind = $3 AND deleted_at IS NULL FOR UPDATE"
+         WHERE id = $1 AND tenant = $2 AND kind = $3 AND deleted_at IS NULL FOR NO KEY UPDATE"
     ))
     .bind(id)
     .bind(tenant)
@@ -132,7 +132,7 @@ pub async fn lock_live(
 /// Locks any resource by ID for the rest of the transaction.
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<ResourceRow> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM resources WHERE id = $1 FOR UPDATE"
+        "SELECT {COLUMNS} FROM resources WHERE id = $1 FOR NO KEY UPDATE"
     ))
     .bind(id)
     .fetch_one(conn)

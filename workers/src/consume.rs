@@ -184,6 +184,11 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
             };
             tracing::debug!(consumer = %self.consumer, "bound to the consumer");
 
+            // Busy: take what is there now, as slots free up (`fetch` answers at once).
+            // Idle (the last fetch found nothing): wait, server-side, for the next
+            // message, then go back to fetching. A long pull for many messages would
+            // hold every free slot until it filled or expired.
+            let mut idle = false;
             loop {
                 self.reap();
                 // Pull only as many messages as can start now: a message waiting in a
@@ -191,11 +196,18 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
                 let Some(mut slots) = self.free_slots(shutdown).await else {
                     return;
                 };
-                let request = consumer
-                    .batch()
-                    .max_messages(slots.len())
-                    .expires(PULL_EXPIRES)
-                    .messages();
+                let request = async {
+                    if idle {
+                        consumer
+                            .batch()
+                            .max_messages(1)
+                            .expires(PULL_EXPIRES)
+                            .messages()
+                            .await
+                    } else {
+                        consumer.fetch().max_messages(slots.len()).messages().await
+                    }
+                };
                 let batch = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return,
@@ -214,6 +226,7 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
                 // The server ends a pull at its expiry; if it has not by this time, the
                 // request was lost (NATS restarted) and waiting longer only adds latency.
                 let lost_after = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
+                let wanted = slots.len();
                 loop {
                     let next = tokio::select! {
                         biased;
@@ -224,6 +237,8 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
                     match next {
                         None => {
                             backoff = reconnect_backoff();
+                            // Nothing came: wait for work next time.
+                            idle = slots.len() == wanted;
                             break;
                         }
                         Some(Ok(msg)) => {
