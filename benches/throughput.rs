@@ -188,7 +188,9 @@ fn rate(n: usize, d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    gateway::telemetry::init(false);
+    if std::env::var_os("RUST_LOG").is_some() {
+        gateway::telemetry::init(false);
+    }
     let rss_start = rss_mib();
     println!(
         "control-plane gateway benchmark: {OPS} operations, {CONCURRENCY} concurrent clients\n"

@@ -64,6 +64,24 @@ async fn two_gateways_two_relays_and_two_workers_per_pool_run_two_thousand_opera
         assert_eq!(driver.effects(*id), 1, "{id}");
     }
     d.wait_outbox_empty(Duration::from_secs(30)).await;
+    // Contention must never surface as errors: no deadlock, no pool exhaustion, no 5xx
+    // answered to a client or a worker (workers retry, so a pass above proves less).
+    for url in &urls {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let errors: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("gateway_http_requests_total{") && l.contains("status=\"5xx\"")
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum();
+        assert_eq!(errors, 0.0, "{url} answered 5xx under load:\n{text}");
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while d.stream_messages().await > 0 {
         assert!(

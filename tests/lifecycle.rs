@@ -284,3 +284,53 @@ async fn a_volume_attaches_to_a_vm_of_the_same_tenant_and_zone() {
     assert_eq!(done["state"], "succeeded");
     assert_eq!(done["result"]["attached_to"], vm_id);
 }
+
+/// Reports, relay passes and submissions contend for the same rows: none of them may
+/// deadlock or time out (a deadlock surfaces as a 500 to a worker, which retries, so
+/// only the error count shows it).
+#[tokio::test]
+async fn heavy_contention_between_reports_and_the_relay_answers_no_errors() {
+    use futures::StreamExt;
+    let mut instant = common::fast_sim();
+    instant.min_latency = std::time::Duration::ZERO;
+    instant.max_latency = std::time::Duration::ZERO;
+    let app = spawn_with(Options {
+        parts: Parts {
+            api: true,
+            relay: true,
+            reconciler: true,
+            workers: Some(instant),
+        },
+        ..Default::default()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let ids: Vec<String> = futures::stream::iter(0..600)
+        .map(|i| {
+            let (app, tenant) = (&app, &tenant);
+            async move {
+                let zone = if i % 2 == 0 { "zone-a" } else { "zone-b" };
+                let op = app
+                    .create(tenant, "vms", &format!("vm-{i}"), zone, example_spec("vms"))
+                    .await;
+                op["id"].as_str().unwrap().to_owned()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for id in &ids {
+        assert_eq!(app.wait_done(id).await["state"], "succeeded");
+    }
+    let text = reqwest::get(format!("{}/metrics", app.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("gateway_http_requests_total{") && l.contains("status=\"5xx\""))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}

@@ -196,3 +196,45 @@ async fn rows_stay_in_the_outbox_while_jetstream_refuses_them() {
     assert_eq!((pass.claimed, pass.published), (1, 1));
     assert_eq!(app.count("outbox").await, 0);
 }
+
+/// The interleaving that once deadlocked: a report locks its resource row, while the
+/// relay updates the operation row a second time in its transaction (which makes
+/// PostgreSQL re-check the operation's foreign key against that resource row). Resource
+/// locks are `FOR NO KEY UPDATE`, which the foreign-key check does not wait for.
+#[tokio::test]
+async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatched() {
+    use gateway::store::{operations, outbox, resources};
+    let app = spawn_with(api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let op_id: uuid::Uuid = op["id"].as_str().unwrap().parse().unwrap();
+    let resource_id: uuid::Uuid = op["resource_id"].as_str().unwrap().parse().unwrap();
+    let row_id: i64 = sqlx::query_scalar("SELECT id FROM outbox")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+
+    let mut relay = app.pool.begin().await.unwrap();
+    outbox::delete_published(&mut relay, &[(row_id, Some(op_id), Some(1), 1)])
+        .await
+        .unwrap();
+    let mut report = app.pool.begin().await.unwrap();
+    resources::lock(&mut report, resource_id).await.unwrap();
+    let marked = tokio::time::timeout(
+        Duration::from_secs(3),
+        operations::mark_dispatched(&mut relay, &[op_id]),
+    )
+    .await;
+    assert!(
+        marked.is_ok(),
+        "the relay waited for the report's resource lock: a deadlock in the making"
+    );
+    relay.commit().await.unwrap();
+    assert!(operations::lock(&mut report, op_id)
+        .await
+        .unwrap()
+        .is_some());
+    report.commit().await.unwrap();
+}
