@@ -306,10 +306,7 @@ pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Result<PeerAnswer, Lo
     let (code, message) = error_body(body);
     match status {
         StatusCode::NOT_FOUND => Ok(PeerAnswer::NotFound { code, message }),
-        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => Err(LookupError::Transient(
-            format!("{status}: {code}: {message}"),
-        )),
-        s if s.is_server_error() => Err(LookupError::Transient(format!(
+        s if crate::report::retryable(s) => Err(LookupError::Transient(format!(
             "{status}: {code}: {message}"
         ))),
         _ => Err(LookupError::Permanent(format!(

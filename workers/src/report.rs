@@ -169,6 +169,15 @@ impl Reporter for GatewayClient {
     }
 }
 
+/// Whether an error answer of the gateway may go away by itself (timeouts, rate
+/// limits, server errors), so the request is worth sending again.
+pub(crate) fn retryable(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
+    ) || status.is_server_error()
+}
+
 /// Sorts the gateway's answer.
 pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Result<ReportOutcome, ReportError> {
     if status.is_success() {
@@ -182,10 +191,7 @@ pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Result<ReportOutcome,
     let (code, message) = error_body(body);
     match status {
         StatusCode::CONFLICT => Ok(ReportOutcome::Refused { code, message }),
-        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => Err(ReportError::Transient(
-            format!("{status}: {code}: {message}"),
-        )),
-        s if s.is_server_error() => Err(ReportError::Transient(format!(
+        s if retryable(s) => Err(ReportError::Transient(format!(
             "{status}: {code}: {message}"
         ))),
         _ => Err(ReportError::Permanent(format!(
