@@ -135,7 +135,7 @@ pub struct AuditWriter {
 
 impl AuditWriter {
     /// A writer and the task that drains it into `pool`. The task ends when every
-    /// writer is dropped, or [`GRACE`] after `shutdown`, writing what is queued first.
+    /// writer is dropped, or 20 s after `shutdown`, writing what is queued first.
     pub fn new(
         pool: PgPool,
         metrics: Metrics,

@@ -19,7 +19,10 @@
 //!   deployment; [`deadletter`]: operations whose message JetStream gave up on.
 //! - [`api`]: the HTTP surface (axum), errors, extractors, OpenAPI.
 //! - [`auth`]: keys, roles and the permission table; [`audit`]: the hash-chained trail.
-//! - [`app`]: assembling the processes (`migrate`, `serve`, `relay`, `up`).
+//! - [`cache`]: the read-through catalog cache; [`metrics`]: every Prometheus metric.
+//! - [`serve`]: the HTTP accept loop (header timeout, graceful drain).
+//! - [`app`]: assembling the processes (`migrate`, `serve`, `relay`, `up`);
+//!   [`admin`]: `gateway admin …`; [`telemetry`]: logging set-up.
 //!
 //! ## Invariants
 //!
@@ -28,6 +31,10 @@
 //!    through NATS and this API; they have no database URL.
 //! 3. Every accepted operation reaches a terminal state; terminal states never change.
 //! 4. No answer leaks another tenant's data; a worker acts only on its service and zone.
+//! 5. Every mutating or denied request leaves one audit row (written in batches just
+//!    after the answer).
+//! 6. Lock order is resource row, then operation rows; row locks are
+//!    `FOR NO KEY UPDATE`.
 
 pub mod admin;
 pub mod api;

@@ -23,7 +23,7 @@ fn client_request_id(req: &Request) -> Option<String> {
 }
 
 /// Middleware: assigns the request ID, runs the request in a span, echoes the ID and
-/// renders any [`PendingError`] as the JSON error body.
+/// renders any pending `ApiError` as the JSON error body.
 pub async fn context(mut req: Request, next: Next) -> Response {
     let id = client_request_id(&req).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
