@@ -156,9 +156,11 @@ async fn a_retry_after_completion_returns_the_finished_operation() {
 
 #[tokio::test]
 async fn queued_updates_run_one_at_a_time_in_order_and_the_last_one_wins() {
+    // A `slow-` resource takes 3 × 300–400 ms per operation: long enough for the
+    // updates below to arrive while its create still runs, even on a loaded machine.
     let mut sim = common::fast_sim();
-    sim.min_latency = Duration::from_millis(500);
-    sim.max_latency = Duration::from_millis(600);
+    sim.min_latency = Duration::from_millis(300);
+    sim.max_latency = Duration::from_millis(400);
     let app = spawn_with(Options {
         parts: Parts {
             api: true,
@@ -171,7 +173,7 @@ async fn queued_updates_run_one_at_a_time_in_order_and_the_last_one_wins() {
     .await;
     let tenant = app.tenant().await;
     let create = app
-        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .create(&tenant, "vms", "slow-web", "zone-a", example_spec("vms"))
         .await;
     let path = format!(
         "/v1/tenants/{tenant}/vms/{}",
