@@ -874,3 +874,57 @@ async fn a_client_too_slow_to_send_its_headers_is_cut_off() {
         StatusCode::OK
     );
 }
+
+/// Keys never reach the logs, even at the most verbose level: the request log records
+/// method, path and status, never headers, and SQL logging shows statements, not the
+/// bound key hashes.
+#[tokio::test]
+async fn keys_never_appear_in_the_logs_even_at_trace_level() {
+    use common::servers::{Deployment, Gateway};
+    let d = Deployment::new(
+        &common::pg_base(),
+        &common::nats_url(),
+        &[("RUST_LOG", "trace"), ("LOG_FORMAT", "json")],
+    )
+    .await;
+    let api = Gateway::serve(&d.env).await;
+    let tenant = d.tenant(&api.url()).await;
+    // A key made through the API, then used, and a wrong key tried.
+    let (status, body) = d
+        .post(
+            &api.url(),
+            &format!("/v1/tenants/{tenant}/keys"),
+            json!({"role": "member"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let member = body["key"].as_str().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    for key in [
+        member.as_str(),
+        "gw_wrong_but_secret_value",
+        d.env.admin_key.as_str(),
+    ] {
+        http.get(format!("{}/v1/tenants/{tenant}/vms", api.url()))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+    }
+    let log = api.log();
+    assert!(
+        log.contains(&format!("/v1/tenants/{tenant}/vms")),
+        "the requests were logged:\n{log}"
+    );
+    for secret in [
+        member.as_str(),
+        "gw_wrong_but_secret_value",
+        d.env.admin_key.as_str(),
+    ] {
+        assert!(!log.contains(secret), "a key leaked into the log");
+    }
+    assert!(
+        !log.to_lowercase().contains("bearer "),
+        "an Authorization header leaked into the log"
+    );
+}
