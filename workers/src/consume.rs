@@ -183,6 +183,15 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
                 }
             };
             tracing::debug!(consumer = %self.consumer, "bound to the consumer");
+            let server_max = consumer.cached_info().config.max_deliver;
+            if self.cfg.max_deliver > 0 && server_max > 0 && server_max != self.cfg.max_deliver {
+                tracing::warn!(
+                    consumer = %self.consumer,
+                    configured = self.cfg.max_deliver,
+                    consumer_max_deliver = server_max,
+                    "WORKER_MAX_DELIVER differs from the consumer's max_deliver; the last attempt will be misjudged"
+                );
+            }
 
             // Busy: take what is there now, as slots free up (`fetch` answers at once).
             // Idle (the last fetch found nothing): wait, server-side, for the next
