@@ -3,24 +3,13 @@
 mod common;
 
 use common::{example_spec, spawn_with, Options};
-use gateway::app::Parts;
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::collections::HashSet;
 
-fn api_only() -> Options {
-    Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn the_openapi_document_describes_every_route() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let a = app
         .request(reqwest::Method::GET, "/v1/openapi.json", None, None)
         .await;
@@ -56,7 +45,7 @@ async fn the_openapi_document_describes_every_route() {
 
 #[tokio::test]
 async fn health_and_readiness_answer() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let a = app
         .request(reqwest::Method::GET, "/healthz", None, None)
         .await;
@@ -71,7 +60,7 @@ async fn health_and_readiness_answer() {
 
 #[tokio::test]
 async fn zones_and_catalog_are_listed() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let zones = app.get("/v1/zones").await;
     let names: Vec<&str> = zones
         .body
@@ -96,7 +85,7 @@ async fn zones_and_catalog_are_listed() {
 
 #[tokio::test]
 async fn pages_return_every_resource_exactly_once() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let mut created = HashSet::new();
     for i in 0..7 {
@@ -148,7 +137,7 @@ async fn pages_return_every_resource_exactly_once() {
 
 #[tokio::test]
 async fn labels_are_validated_stored_and_select_resources() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let create = |name: &'static str, labels: Value| {
         let app = &app;

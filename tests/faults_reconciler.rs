@@ -35,17 +35,6 @@ fn reconciler(app: &TestApp) -> Reconciler {
     }
 }
 
-fn api_and_relay() -> Options {
-    Options {
-        parts: Parts {
-            api: true,
-            relay: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 async fn ops_stream(app: &TestApp) -> async_nats::jetstream::stream::Stream {
     let js = &app.running.as_ref().unwrap().backends.js;
     js.get_stream(&app.config.nats.stream).await.unwrap()
@@ -88,7 +77,7 @@ fn pool_config(app: &TestApp, key: String) -> workers::PoolConfig {
 
 #[tokio::test]
 async fn a_quiet_operation_is_dispatched_again_only_once_its_message_is_gone() {
-    let app = spawn_with(api_and_relay()).await;
+    let app = spawn_with(Options::api_and_relay()).await;
     let tenant = app.tenant().await;
     let op = app
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
@@ -157,7 +146,7 @@ async fn a_quiet_operation_is_dispatched_again_only_once_its_message_is_gone() {
 
 #[tokio::test]
 async fn an_operation_whose_messages_keep_getting_lost_fails_with_delivery_exhausted() {
-    let app = spawn_with(api_and_relay()).await;
+    let app = spawn_with(Options::api_and_relay()).await;
     let tenant = app.tenant().await;
     let op = app
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
@@ -346,14 +335,7 @@ async fn a_cancelled_update_is_converged_by_the_reconciler_and_a_failed_one_is_n
 
 #[tokio::test]
 async fn reapplying_the_definitions_is_idempotent_and_updates_changed_settings() {
-    let app = spawn_with(Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_with(Options::api_only()).await;
     let js = app.running.as_ref().unwrap().backends.js.clone();
     let names = app.config.nats.clone();
     let zones = vec!["zone-a".to_string(), "zone-b".to_string()];
@@ -419,7 +401,7 @@ async fn reapplying_the_definitions_is_idempotent_and_updates_changed_settings()
 
 #[tokio::test]
 async fn the_sweeper_pages_through_quiet_operations_so_none_is_starved() {
-    let app = spawn_with(api_and_relay()).await;
+    let app = spawn_with(Options::api_and_relay()).await;
     let tenant = app.tenant().await;
     let mut ids = Vec::new();
     for i in 0..5 {

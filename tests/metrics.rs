@@ -4,7 +4,6 @@
 mod common;
 
 use common::{example_spec, spawn_app, spawn_with, Options, TestApp};
-use gateway::app::Parts;
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::time::Duration;
@@ -155,14 +154,7 @@ async fn counters_move_as_operations_flow_and_the_exposition_parses() {
 
 #[tokio::test]
 async fn the_outbox_backlog_rises_without_a_relay_and_drains_with_one() {
-    let app = spawn_with(Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     for i in 0..5 {
         app.create(

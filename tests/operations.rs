@@ -11,18 +11,6 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-fn no_workers() -> Options {
-    Options {
-        parts: Parts {
-            api: true,
-            relay: true,
-            reconciler: false,
-            workers: None,
-        },
-        ..Default::default()
-    }
-}
-
 async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> common::Answer {
     let res = app
         .http
@@ -92,7 +80,7 @@ fn id(v: &Value) -> &str {
 
 #[tokio::test]
 async fn the_same_idempotency_key_and_request_return_the_same_operation() {
-    let app = spawn_with(no_workers()).await;
+    let app = spawn_with(Options::api_and_relay()).await;
     let tenant = app.tenant().await;
     let path = format!("/v1/tenants/{tenant}/vms");
     let body = json!({"name": "web", "zone": "zone-a", "spec": example_spec("vms")});
@@ -121,7 +109,7 @@ async fn the_same_idempotency_key_and_request_return_the_same_operation() {
 
 #[tokio::test]
 async fn concurrent_posts_with_one_key_create_exactly_one_resource() {
-    let app = spawn_with(no_workers()).await;
+    let app = spawn_with(Options::api_and_relay()).await;
     let tenant = app.tenant().await;
     let path = format!("/v1/tenants/{tenant}/clusters");
     let body = json!({"name": "k", "zone": "zone-b", "spec": example_spec("clusters")});
@@ -452,14 +440,7 @@ async fn actions_change_the_desired_state_and_workers_converge_on_it() {
 
 #[tokio::test]
 async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
-    let app = spawn_with(Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let op = app
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
@@ -518,14 +499,7 @@ async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
 
 #[tokio::test]
 async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest() {
-    let app = spawn_with(Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let key = worker_key(&app.pool, Service::Vm, "zone-a").await.unwrap();
     let cancel = |op: String| {
@@ -668,14 +642,7 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
 
 #[tokio::test]
 async fn lists_filter_and_page_through_every_row_exactly_once_while_rows_are_added() {
-    let app = spawn_with(Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let mut before = HashSet::new();
     for i in 0..24 {

@@ -4,21 +4,10 @@ mod common;
 
 use common::{example_spec, spawn_with, Options};
 use futures::StreamExt;
-use gateway::app::Parts;
 use gateway::relay::{Relay, Wake};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
-
-fn api_only() -> Options {
-    Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
 
 fn relay_for(app: &common::TestApp) -> Relay {
     let running = app.running.as_ref().unwrap();
@@ -35,7 +24,7 @@ fn relay_for(app: &common::TestApp) -> Relay {
 
 #[tokio::test]
 async fn resource_operation_and_outbox_row_commit_together_or_not_at_all() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     // Make the outbox insert fail, as if the database died at that statement.
     sqlx::raw_sql(
@@ -85,7 +74,7 @@ async fn resource_operation_and_outbox_row_commit_together_or_not_at_all() {
 
 #[tokio::test]
 async fn the_relay_publishes_deletes_and_marks_operations_dispatched() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -139,7 +128,7 @@ async fn the_relay_publishes_deletes_and_marks_operations_dispatched() {
 async fn a_row_published_twice_is_delivered_once() {
     // A relay that dies after publishing but before deleting leaves the row behind; the
     // next pass publishes it again under the same Nats-Msg-Id.
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
         .await;
@@ -173,7 +162,7 @@ async fn a_row_published_twice_is_delivered_once() {
 
 #[tokio::test]
 async fn rows_stay_in_the_outbox_while_jetstream_refuses_them() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
         .await;
@@ -204,7 +193,7 @@ async fn rows_stay_in_the_outbox_while_jetstream_refuses_them() {
 #[tokio::test]
 async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatched() {
     use gateway::store::{operations, outbox, resources};
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let op = app
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))

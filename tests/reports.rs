@@ -3,21 +3,14 @@
 mod common;
 
 use common::{example_spec, spawn_with, Options};
-use gateway::app::{worker_key, Parts};
+use gateway::app::worker_key;
 use gateway::domain::Service;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 #[tokio::test]
 async fn reports_move_operations_forward_only_and_only_for_their_pool() {
-    let app = spawn_with(Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let op = app
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
@@ -152,14 +145,7 @@ async fn reports_move_operations_forward_only_and_only_for_their_pool() {
 
 #[tokio::test]
 async fn workers_read_only_what_their_work_needs() {
-    let app = spawn_with(Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let vm_a = app
         .create(&tenant, "vms", "a", "zone-a", example_spec("vms"))

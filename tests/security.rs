@@ -11,16 +11,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::num::NonZeroU32;
 
-fn api_only() -> Options {
-    Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 async fn new_key(app: &TestApp, tenant: &str, body: Value) -> String {
     let a = app
         .post(&format!("/v1/tenants/{tenant}/keys"), body.clone())
@@ -48,7 +38,7 @@ fn principal(role: Role, tenant: Option<&str>, scope: Option<(Service, &str)>) -
 
 #[tokio::test]
 async fn every_route_answers_every_role_as_the_policy_table_says() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let a = app.tenant().await;
     let b = app.tenant().await;
     let who = vec![
@@ -255,7 +245,7 @@ async fn every_route_answers_every_role_as_the_policy_table_says() {
 
 #[tokio::test]
 async fn other_tenants_see_nothing_and_learn_nothing() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let a = app.tenant().await;
     let b = app.tenant().await;
     let b_owner = new_key(&app, &b, json!({"role": "owner"})).await;
@@ -332,7 +322,7 @@ async fn other_tenants_see_nothing_and_learn_nothing() {
 
 #[tokio::test]
 async fn keys_are_shown_once_scoped_revocable_and_expire() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let t = app.tenant().await;
     let owner = new_key(&app, &t, json!({"role": "owner", "name": "alice"})).await;
     // An owner makes keys for its tenant, but not worker keys.
@@ -502,7 +492,7 @@ async fn keys_are_shown_once_scoped_revocable_and_expire() {
 
 #[tokio::test]
 async fn every_mutating_or_denied_request_is_audited_exactly_once_in_an_unbreakable_chain() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let t = app.tenant().await;
     let reader = new_key(&app, &t, json!({"role": "reader"})).await;
     let body = json!({"name": "web", "zone": "zone-a", "spec": example_spec("vms")});
@@ -774,7 +764,7 @@ async fn a_burst_over_the_limit_gets_429_and_polls_have_their_own_bucket() {
 
 #[tokio::test]
 async fn oversized_and_deeply_nested_bodies_are_refused_before_anything_is_written() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let t = app.tenant().await;
     let url = format!("{}/v1/tenants/{t}/vms", app.url);
     let post = |body: String| {

@@ -3,23 +3,12 @@
 mod common;
 
 use common::{example_spec, spawn_with, Options};
-use gateway::app::Parts;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-fn api_only() -> Options {
-    Options {
-        parts: Parts {
-            api: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn invalid_creates_are_refused_with_a_code_and_write_nothing() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let vm = |zone: &str, spec: Value| json!({"name": "web", "zone": zone, "spec": spec});
     let cases: Vec<(&str, Value, StatusCode, &str, Option<&str>)> = vec![
@@ -173,7 +162,7 @@ async fn invalid_creates_are_refused_with_a_code_and_write_nothing() {
 
 #[tokio::test]
 async fn malformed_and_mistyped_requests_get_their_own_codes() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let url = format!("{}/v1/tenants/{tenant}/vms", app.url);
     let send = |body: &'static str, content_type: Option<&'static str>| {
@@ -217,7 +206,7 @@ async fn malformed_and_mistyped_requests_get_their_own_codes() {
 
 #[tokio::test]
 async fn unknown_tenants_kinds_ids_and_keys_are_told_apart() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let body = json!({"name": "web", "zone": "zone-a", "spec": example_spec("vms")});
     let a = app.post("/v1/tenants/nobody/vms", body.clone()).await;
@@ -309,7 +298,7 @@ async fn unknown_tenants_kinds_ids_and_keys_are_told_apart() {
 
 #[tokio::test]
 async fn a_client_request_id_is_echoed_and_recorded_on_the_operation() {
-    let app = spawn_with(api_only()).await;
+    let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
     let res = app
         .http

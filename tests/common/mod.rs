@@ -49,6 +49,32 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The API alone: nothing relays, reconciles or works, so tests drive every step.
+    pub fn api_only() -> Self {
+        Self {
+            parts: Parts {
+                api: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// API and relay, no workers: operations wait, dispatched, for a test to play the
+    /// worker through the report API.
+    pub fn api_and_relay() -> Self {
+        Self {
+            parts: Parts {
+                api: true,
+                relay: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+}
+
 /// Drops the test's database and stream when the test ends.
 struct Cleanup {
     database: String,
