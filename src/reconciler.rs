@@ -302,23 +302,26 @@ impl Reconciler {
         if !operations::needs_converge(&mut tx, id).await? {
             return Ok(false);
         }
-        let deadline = chrono::Utc::now()
-            + chrono::Duration::from_std(self.engine.operation_timeout)
-                .unwrap_or(chrono::Duration::hours(1));
         let op_id = Uuid::now_v7();
         let request_id = format!("reconciler-converge-{op_id}");
-        let op = operations::insert_system(
+        let op = operations::insert(
             &mut tx,
-            &operations::SystemOperation {
+            &operations::NewOperation {
                 id: op_id,
                 tenant: &resource.tenant,
                 resource_id: id,
                 kind: resource.kind,
                 zone: &resource.zone,
                 action: Action::Update,
+                state: OperationState::Queued,
+                input: &serde_json::json!({}),
                 target_generation: resource.generation,
+                idempotency_key: None,
+                request_fingerprint: None,
+                requested_by: None,
                 request_id: &request_id,
-                deadline,
+                traceparent: None,
+                deadline: self.engine.deadline(),
             },
         )
         .await?;

@@ -42,6 +42,15 @@ pub struct Engine {
     pub catalog: crate::cache::CatalogCache,
 }
 
+impl Engine {
+    /// The deadline of an operation created now.
+    pub fn deadline(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+            + chrono::Duration::from_std(self.operation_timeout)
+                .unwrap_or(chrono::Duration::hours(1))
+    }
+}
+
 /// Why a lifecycle call did not happen. Nothing was written when one is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {

@@ -8,7 +8,6 @@ use crate::domain::{names, Action, Kind, OperationState, Phase, ValidationError}
 use crate::store::operations::{self, NewOperation, OperationRow};
 use crate::store::resources::{self, NewResource, ResourceRow};
 use crate::store::{self, tenants};
-use chrono::Utc;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
@@ -288,9 +287,7 @@ async fn start_operation(
     input: &Value,
     run_now: bool,
 ) -> Result<OperationRow, LifecycleError> {
-    let deadline = Utc::now()
-        + chrono::Duration::from_std(engine.operation_timeout)
-            .unwrap_or(chrono::Duration::hours(1));
+    let deadline = engine.deadline();
     let mut op = operations::insert(
         conn,
         &NewOperation {
@@ -305,7 +302,7 @@ async fn start_operation(
             target_generation: resource.generation,
             idempotency_key: meta.idempotency.map(|i| i.key),
             request_fingerprint: meta.idempotency.map(|i| i.fingerprint),
-            requested_by: meta.principal.id,
+            requested_by: Some(meta.principal.id),
             request_id: meta.request_id,
             traceparent: meta.traceparent,
             deadline,

@@ -94,8 +94,8 @@ pub struct NewOperation<'a> {
     pub idempotency_key: Option<&'a str>,
     /// Hash of the request.
     pub request_fingerprint: Option<&'a str>,
-    /// Who submitted it.
-    pub requested_by: Uuid,
+    /// Who submitted it; `None` for the reconciler's own operations.
+    pub requested_by: Option<Uuid>,
     /// Request ID.
     pub request_id: &'a str,
     /// Trace context.
@@ -402,53 +402,6 @@ pub async fn forget_delivery(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<
     .execute(conn)
     .await
     .map(|_| ())
-}
-
-/// A system-requested operation (no principal): the reconciler's converging `update`.
-#[derive(Debug, Clone)]
-pub struct SystemOperation<'a> {
-    /// Its ID.
-    pub id: Uuid,
-    /// The resource's owner.
-    pub tenant: &'a str,
-    /// The resource.
-    pub resource_id: Uuid,
-    /// Its kind.
-    pub kind: Kind,
-    /// Its zone.
-    pub zone: &'a str,
-    /// What to do.
-    pub action: Action,
-    /// The generation it converges on.
-    pub target_generation: i64,
-    /// A request ID for logs and the dispatch headers (`reconciler-…`).
-    pub request_id: &'a str,
-    /// Deadline.
-    pub deadline: DateTime<Utc>,
-}
-
-/// Inserts a `queued` operation that no principal requested (`requested_by` is NULL).
-pub async fn insert_system(
-    conn: &mut PgConnection,
-    o: &SystemOperation<'_>,
-) -> sqlx::Result<OperationRow> {
-    sqlx::query_as(&format!(
-        "INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, input,
-             target_generation, requested_by, request_id, deadline)
-         VALUES ($1, $2, $3, $4, $5, $6, 'queued', '{{}}', $7, NULL, $8, $9)
-         RETURNING {COLUMNS}"
-    ))
-    .bind(o.id)
-    .bind(o.tenant)
-    .bind(o.resource_id)
-    .bind(o.kind.as_str())
-    .bind(o.zone)
-    .bind(o.action.as_str())
-    .bind(o.target_generation)
-    .bind(o.request_id)
-    .bind(o.deadline)
-    .fetch_one(conn)
-    .await
 }
 
 /// Live resources whose `generation` is ahead of `observed_generation` with no active
