@@ -121,22 +121,10 @@ fn secs(name: &str, default: u64) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(positive(name, var(name, default)?)?))
 }
 
-/// A JetStream name or subject token: no dots, wildcards or whitespace.
+/// A JetStream name or subject token (see [`gateway_proto::names::check_token`]).
 fn token(name: &str, value: String, allow_dots: bool) -> anyhow::Result<String> {
-    let ok = !value.is_empty()
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (allow_dots && c == '.'))
-        && !value.starts_with('.')
-        && !value.ends_with('.');
-    if ok {
-        Ok(value)
-    } else {
-        Err(anyhow!(
-            "{name}: {value:?} may hold only letters, digits, '-', '_'{}",
-            if allow_dots { " and inner '.'" } else { "" }
-        ))
-    }
+    gateway_proto::names::check_token(name, &value, allow_dots).map_err(|e| anyhow!(e))?;
+    Ok(value)
 }
 
 impl Config {

@@ -8,6 +8,8 @@
 //!
 //! **Architecture invariant:** nothing here knows about PostgreSQL, axum or NATS.
 
+pub mod names;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;

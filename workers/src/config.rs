@@ -269,19 +269,10 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
     }
 }
 
-/// A JetStream name or subject token: letters, digits, `-` and `_`.
+/// A JetStream name or subject token (see [`gateway_proto::names::check_token`]).
 fn token<'a>(name: &str, value: &'a str) -> anyhow::Result<&'a str> {
-    let ok = !value.is_empty()
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(value)
-    } else {
-        Err(anyhow!(
-            "{name}: may hold only letters, digits, '-' and '_', got '{value}'"
-        ))
-    }
+    gateway_proto::names::check_token(name, value, false).map_err(|e| anyhow!(e))?;
+    Ok(value)
 }
 
 /// The worker speaks plain HTTP only (no TLS in this build): refuse anything else now
