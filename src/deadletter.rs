@@ -13,7 +13,7 @@
 //! gone (a terminated message leaves a work queue at once), from the stream sequence the
 //! relay recorded — and, if that message is the operation's current dispatch and the
 //! operation has not ended, fails it with `delivery_exhausted` (resource row, then
-//! operation row, through [`finish::finish`], which also starts the next queued
+//! operation row, through [`repair::fail_if`], which also starts the next queued
 //! operation). Then it deletes the message from the stream, so a dead message neither
 //! lingers nor counts against the stream's limits, and acknowledges the advisory.
 //! Every step is idempotent: a crash anywhere only means the advisory is handled again.
@@ -22,16 +22,15 @@
 //! advisory dropped because its stream was full — the reconciler's sweeper does
 //! ([`crate::reconciler`]).
 
-use crate::domain::OperationState;
-use crate::lifecycle::finish::{self, Outcome};
+use crate::lifecycle::repair::{self, Repair};
 use crate::lifecycle::Engine;
-use crate::store::{operations, resources};
+use crate::store::operations;
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use gateway_proto::Dispatch;
+use gateway_proto::OperationError;
 use serde::Deserialize;
-use serde_json::json;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -67,6 +66,21 @@ pub struct Advisory {
 impl Advisory {
     fn terminated(&self) -> bool {
         self.kind.ends_with(".terminated")
+    }
+
+    /// Why the operation failed, in the operation's error message.
+    fn explain(&self) -> String {
+        if self.terminated() {
+            format!(
+                "a worker of {} gave up on the operation's message after {} deliveries without reporting an outcome",
+                self.consumer, self.deliveries
+            )
+        } else {
+            format!(
+                "JetStream delivered the operation's message {} times to {} without an outcome",
+                self.deliveries, self.consumer
+            )
+        }
     }
 }
 
@@ -265,55 +279,20 @@ impl DeadLetters {
     /// Fails operation `id` with `delivery_exhausted` if dispatch `n` is its current one
     /// and it has not ended.
     async fn fail(&self, id: Uuid, n: Option<i32>, advisory: &Advisory) -> anyhow::Result<Handled> {
-        let mut tx = self.engine.pool.begin().await?;
-        let Some(op) = operations::get(&mut *tx, id).await? else {
-            return Ok(Handled::Ignored);
-        };
-        resources::lock(&mut tx, op.resource_id).await?;
-        let op = operations::lock(&mut tx, id)
-            .await?
-            .expect("operations are never deleted");
-        if op.state.is_terminal() || n.is_some_and(|n| n != op.dispatches) {
-            return Ok(Handled::AlreadySettled(id));
-        }
-        let message = if advisory.terminated() {
-            format!(
-                "a worker of {} gave up on the operation's message after {} deliveries without reporting an outcome",
-                advisory.consumer, advisory.deliveries
-            )
-        } else {
-            format!(
-                "JetStream delivered the operation's message {} times to {} without an outcome",
-                advisory.deliveries, advisory.consumer
-            )
+        let repair = repair::fail_if(
+            &self.engine,
+            id,
+            |op| !op.state.is_terminal() && n.is_none_or(|n| n == op.dispatches),
+            |_| OperationError::new("delivery_exhausted", advisory.explain(), true),
+        )
+        .await?;
+        let op = match repair {
+            Repair::Missing => return Ok(Handled::Ignored),
+            Repair::Skipped(_) => return Ok(Handled::AlreadySettled(id)),
+            Repair::Done(op) => op,
         };
         tracing::warn!(operation.id = %id, consumer = %advisory.consumer,
-            deliveries = advisory.deliveries, "dead letter: failing the operation");
-        let outcome = Outcome {
-            state: OperationState::Failed,
-            attempt: op.attempt,
-            status: None,
-            error: Some(json!({
-                "code": "delivery_exhausted",
-                "message": message,
-                "retryable": true,
-            })),
-        };
-        let (_, promoted) = finish::finish(&mut tx, &self.engine.names, &op, outcome).await?;
-        tx.commit().await?;
-        let age = (Utc::now() - op.created_at).to_std().unwrap_or_default();
-        self.engine.metrics.operation_finished(
-            op.action,
-            op.kind,
-            &op.zone,
-            OperationState::Failed,
-            age,
-        );
-        if promoted.is_some() {
-            self.engine.wake.signal().await;
-        }
-        let changed: Vec<Uuid> = [Some(id), promoted].into_iter().flatten().collect();
-        self.engine.changes.publish(&changed).await;
+            deliveries = advisory.deliveries, "dead letter: failed the operation");
         let pool = crate::metrics::PoolLabels {
             service: op.kind.service().to_string(),
             zone: op.zone.clone(),

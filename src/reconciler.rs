@@ -22,16 +22,17 @@
 //!    system-requested `update` (no `requested_by`). A failed attempt is not retried by
 //!    itself: the resource shows `failed` until someone changes or deletes it.
 //!
-//! Every repair locks the resource row, then the operation row, and checks its
-//! condition again under the lock.
+//! The reconciler decides what to repair; [`crate::lifecycle::repair`] makes each
+//! repair, locking the resource row, then the operation row, and checking the condition
+//! again under the lock.
 
-use crate::domain::{Action, OperationState, Phase};
-use crate::lifecycle::finish::{self, Outcome};
-use crate::lifecycle::{dispatch, Engine};
-use crate::store::{self, operations, operations::QuietOperation, resources};
+use crate::domain::OperationState;
+use crate::lifecycle::repair::{self, Redispatch, Repair};
+use crate::lifecycle::Engine;
+use crate::store::{self, operations, operations::QuietOperation};
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
-use serde_json::json;
+use gateway_proto::OperationError;
 use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
 use std::time::Duration;
@@ -190,151 +191,37 @@ impl Reconciler {
             if presence != Presence::Gone {
                 continue;
             }
-            match self.redispatch(&q).await? {
-                Some(true) => repairs.redispatched += 1,
-                Some(false) => repairs.exhausted += 1,
-                None => {}
+            match repair::redispatch(&self.engine, &q, MAX_DISPATCHES).await? {
+                Redispatch::Sent => repairs.redispatched += 1,
+                Redispatch::Exhausted => repairs.exhausted += 1,
+                Redispatch::Moved => {}
             }
         }
         Ok(())
     }
 
+    /// Fails operation `id` with `deadline_exceeded` if it is still active past its
+    /// deadline.
     async fn expire(&self, id: Uuid) -> anyhow::Result<bool> {
-        let mut tx = self.engine.pool.begin().await?;
-        let Some(op) = operations::get(&mut *tx, id).await? else {
-            return Ok(false);
-        };
-        resources::lock(&mut tx, op.resource_id).await?;
-        let op = operations::lock(&mut tx, id)
-            .await?
-            .expect("operations are never deleted");
-        if op.state.is_terminal() || op.deadline > chrono::Utc::now() {
-            return Ok(false);
-        }
-        let error = json!({
-            "code": "deadline_exceeded",
-            "message": format!("the operation did not finish by its deadline {}", op.deadline.to_rfc3339()),
-            "retryable": true,
-        });
-        let outcome = Outcome {
-            state: OperationState::Failed,
-            attempt: op.attempt,
-            status: None,
-            error: Some(error),
-        };
-        let (_, promoted) = finish::finish(&mut tx, &self.engine.names, &op, outcome).await?;
-        tx.commit().await?;
-        let age = (chrono::Utc::now() - op.created_at)
-            .to_std()
-            .unwrap_or_default();
-        let failed = OperationState::Failed;
-        (self.engine.metrics).operation_finished(op.action, op.kind, &op.zone, failed, age);
-        if promoted.is_some() {
-            self.engine.wake.signal().await;
-        }
-        let changed: Vec<Uuid> = [Some(id), promoted].into_iter().flatten().collect();
-        self.engine.changes.publish(&changed).await;
-        Ok(true)
-    }
-
-    /// Dispatches `q` again if nothing changed since the sweeper looked: `Some(true)`;
-    /// or fails it after [`MAX_DISPATCHES`] messages: `Some(false)`.
-    async fn redispatch(&self, q: &QuietOperation) -> anyhow::Result<Option<bool>> {
-        let mut tx = self.engine.pool.begin().await?;
-        let Some(op) = operations::get(&mut *tx, q.id).await? else {
-            return Ok(None);
-        };
-        let resource = resources::lock(&mut tx, op.resource_id).await?;
-        let op = operations::lock(&mut tx, q.id)
-            .await?
-            .expect("operations are never deleted");
-        if op.state != q.state || op.updated_at != q.updated_at {
-            return Ok(None);
-        }
-        let mut promoted = None;
-        let redispatched = if op.dispatches >= MAX_DISPATCHES {
-            tracing::warn!(operation.id = %op.id, dispatches = op.dispatches,
-                "the operation's message is gone again; giving up");
-            let outcome = Outcome {
-                state: OperationState::Failed,
-                attempt: op.attempt,
-                status: None,
-                error: Some(json!({
-                    "code": "delivery_exhausted",
-                    "message": format!(
-                        "the operation's message was lost or given up on {} times without an outcome",
-                        op.dispatches
-                    ),
-                    "retryable": true,
-                })),
-            };
-            promoted = finish::finish(&mut tx, &self.engine.names, &op, outcome)
-                .await?
-                .1;
-            false
-        } else {
-            tracing::warn!(operation.id = %op.id, state = %op.state,
-                "the operation's message is gone and no outcome came; dispatching it again");
-            operations::forget_delivery(&mut tx, op.id).await?;
-            dispatch::enqueue(&mut tx, &self.engine.names, &op, &resource).await?;
-            true
-        };
-        tx.commit().await?;
-        if !redispatched {
-            let age = (chrono::Utc::now() - op.created_at)
-                .to_std()
-                .unwrap_or_default();
-            let failed = OperationState::Failed;
-            (self.engine.metrics).operation_finished(op.action, op.kind, &op.zone, failed, age);
-        }
-        if redispatched || promoted.is_some() {
-            self.engine.wake.signal().await;
-        }
-        let changed: Vec<Uuid> = [Some(q.id), promoted].into_iter().flatten().collect();
-        self.engine.changes.publish(&changed).await;
-        Ok(Some(redispatched))
+        let repair = repair::fail_if(
+            &self.engine,
+            id,
+            |op| !op.state.is_terminal() && op.deadline <= Utc::now(),
+            |op| {
+                let message = format!(
+                    "the operation did not finish by its deadline {}",
+                    op.deadline.to_rfc3339()
+                );
+                OperationError::new("deadline_exceeded", message, true)
+            },
+        )
+        .await?;
+        Ok(matches!(repair, Repair::Done(_)))
     }
 
     /// Enqueues a converging `update` of resource `id` if it still needs one.
     async fn converge(&self, id: Uuid) -> anyhow::Result<bool> {
-        let mut tx = self.engine.pool.begin().await?;
-        let resource = resources::lock(&mut tx, id).await?;
-        if !operations::needs_converge(&mut tx, id).await? {
-            return Ok(false);
-        }
-        let op_id = Uuid::now_v7();
-        let request_id = format!("reconciler-converge-{op_id}");
-        let op = operations::insert(
-            &mut tx,
-            &operations::NewOperation {
-                id: op_id,
-                tenant: &resource.tenant,
-                resource_id: id,
-                kind: resource.kind,
-                zone: &resource.zone,
-                action: Action::Update,
-                state: OperationState::Queued,
-                input: &serde_json::json!({}),
-                target_generation: resource.generation,
-                idempotency_key: None,
-                request_fingerprint: None,
-                requested_by: None,
-                request_id: &request_id,
-                traceparent: None,
-                deadline: self.engine.deadline(),
-            },
-        )
-        .await?;
-        dispatch::enqueue(&mut tx, &self.engine.names, &op, &resource).await?;
-        resources::set_phase(&mut tx, id, Phase::on_start(Action::Update)).await?;
-        tx.commit().await?;
-        (self.engine.metrics).operation_created(op.action, op.kind, &op.zone);
-        tracing::info!(resource.id = %id, operation.id = %op_id, generation = resource.generation,
-            observed_generation = resource.observed_generation,
-            "the resource's spec is ahead of what was applied; converging");
-        self.engine.wake.signal().await;
-        self.engine.changes.publish(&[op_id]).await;
-        Ok(true)
+        Ok(repair::converge(&self.engine, id).await?.is_some())
     }
 }
 

@@ -15,7 +15,7 @@
 //! context's timeout (`NATS_PUBLISH_TIMEOUT_MS`). The outbox stays small: rows live for
 //! one pass and the table is vacuumed eagerly (see the migration).
 
-use crate::store::{operations, outbox};
+use crate::store::outbox;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use futures::StreamExt;
@@ -201,8 +201,7 @@ impl Relay {
                 }
             }
         }
-        outbox::delete_published(&mut tx, &published).await?;
-        operations::mark_dispatched(&mut tx, &dispatched).await?;
+        crate::lifecycle::dispatch::published(&mut tx, &published, &dispatched).await?;
         tx.commit().await?;
         self.metrics.outbox_published.inc_by(published.len() as u64);
         self.changes.publish(&dispatched).await;

@@ -265,6 +265,17 @@ pub struct OperationError {
     pub retryable: bool,
 }
 
+impl OperationError {
+    /// An error with its code, message and whether retrying may help.
+    pub fn new(code: impl Into<String>, message: impl Into<String>, retryable: bool) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable,
+        }
+    }
+}
+
 /// A worker's report on an operation: `POST /v1/operations/{id}/reports`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

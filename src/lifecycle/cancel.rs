@@ -8,11 +8,11 @@
 //! cancelled operation answers the same again; cancelling a finished one is a `409`.
 
 use super::finish::{self, Outcome};
-use super::{Engine, LifecycleError};
+use super::{lock_operation, Engine, LifecycleError};
 use crate::auth::Principal;
 use crate::domain::OperationState;
-use crate::store::{operations, operations::OperationRow, resources};
-use serde_json::json;
+use crate::store::{operations, operations::OperationRow};
+use gateway_proto::OperationError;
 use uuid::Uuid;
 
 /// Cancels operation `id`, or asks its worker to stop.
@@ -21,22 +21,17 @@ pub async fn cancel(
     principal: &Principal,
     id: Uuid,
 ) -> Result<OperationRow, LifecycleError> {
-    let mut tx = engine.pool.begin().await?;
-    let resource_id = operations::get(&mut *tx, id)
+    let locked = lock_operation(engine, id)
         .await?
-        .filter(|op| principal.can_read(&op.tenant))
-        .ok_or(LifecycleError::NotFound)?
-        .resource_id;
-    resources::lock(&mut tx, resource_id).await?;
-    let op = operations::lock(&mut tx, id)
-        .await?
+        .filter(|l| principal.can_read(&l.op.tenant))
         .ok_or(LifecycleError::NotFound)?;
+    let (mut txn, op) = (locked.txn, locked.op);
     if !principal.can_write(&op.tenant) {
         return Err(LifecycleError::Forbidden(
             "this key may not cancel operations",
         ));
     }
-    let (after, promoted) = match op.state {
+    let after = match op.state {
         // Cancelling twice answers the same: a client that lost the first answer retries.
         OperationState::Cancelled => return Ok(op),
         s if s.is_terminal() => return Err(LifecycleError::OperationFinished(s)),
@@ -45,37 +40,18 @@ pub async fn cancel(
                 state: OperationState::Cancelled,
                 attempt: op.attempt,
                 status: None,
-                error: Some(json!({
-                    "code": "cancelled",
-                    "message": "cancelled before a worker started it",
-                    "retryable": false,
-                })),
+                error: Some(OperationError::new(
+                    "cancelled",
+                    "cancelled before a worker started it",
+                    false,
+                )),
             };
-            finish::finish(&mut tx, &engine.names, &op, outcome).await?
+            finish::finish(&mut txn, &op, outcome).await?
         }
-        _ if op.cancel_requested => (op, None),
-        _ => (operations::request_cancel(&mut tx, id).await?, None),
+        _ if op.cancel_requested => op,
+        _ => operations::request_cancel(&mut txn, id).await?,
     };
-    tx.commit().await?;
-    if after.state.is_terminal() {
-        let age = (chrono::Utc::now() - after.created_at)
-            .to_std()
-            .unwrap_or_default();
-        engine
-            .metrics
-            .operation_finished(after.action, after.kind, &after.zone, after.state, age);
-    }
-    if promoted.is_some() {
-        engine.wake.signal().await;
-    }
-    engine
-        .changes
-        .publish(
-            &[Some(id), promoted]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>(),
-        )
-        .await;
+    txn.changed(id);
+    txn.commit().await?;
     Ok(after)
 }

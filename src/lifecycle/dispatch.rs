@@ -1,24 +1,23 @@
 //! Writing an operation's dispatch message to the outbox.
 
-use crate::config::NatsNames;
+use super::txn::Txn;
 use crate::store::{operations, operations::OperationRow, outbox, resources::ResourceRow};
 use gateway_proto::{Dispatch, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use serde_json::json;
-use sqlx::PgConnection;
 
-/// Makes `op` pending and writes its message, in the caller's transaction.
+/// Makes `op` pending and writes its message, in the caller's transaction (which rings
+/// the relay once it commits).
 ///
 /// The message carries the resource's spec as it is now, at its current generation:
 /// a worker always converges on the latest desired state. Every dispatch gets its own
 /// `Nats-Msg-Id` (`{operation}.{n}`), so a re-publish of the same row is deduplicated
 /// by JetStream while a deliberate re-dispatch is not.
 pub async fn enqueue(
-    conn: &mut PgConnection,
-    names: &NatsNames,
+    txn: &mut Txn<'_>,
     op: &OperationRow,
     resource: &ResourceRow,
 ) -> sqlx::Result<()> {
-    let n = operations::set_pending(conn, op.id, resource.generation).await?;
+    let n = operations::set_pending(txn, op.id, resource.generation).await?;
     let payload = Dispatch {
         operation_id: op.id,
         tenant: op.tenant.clone(),
@@ -36,9 +35,11 @@ pub async fn enqueue(
     if let Some(tp) = &op.traceparent {
         headers[TRACEPARENT_HEADER] = json!(tp);
     }
-    let subject = gateway_proto::ops_subject(&names.subject_prefix, op.kind.service(), &op.zone);
+    let prefix = &txn.engine().names.subject_prefix;
+    let subject = gateway_proto::ops_subject(prefix, op.kind.service(), &op.zone);
+    txn.wrote_outbox();
     outbox::insert(
-        conn,
+        txn,
         &outbox::NewMessage {
             operation_id: Some(op.id),
             subject: &subject,
@@ -48,4 +49,18 @@ pub async fn enqueue(
         },
     )
     .await
+}
+
+/// Records what the relay published, in its transaction: the outbox rows JetStream
+/// acknowledged are deleted (with the stream sequence each message got, as
+/// `(row, operation, dispatch number, sequence)`), and their operations become
+/// `dispatched`.
+pub async fn published(
+    conn: &mut sqlx::PgConnection,
+    rows: &[outbox::Published],
+    operations: &[uuid::Uuid],
+) -> sqlx::Result<()> {
+    outbox::delete_published(conn, rows).await?;
+    operations::mark_dispatched(conn, operations).await?;
+    Ok(())
 }

@@ -2,12 +2,12 @@
 //! promotion of the next queued operation on that resource — one transaction.
 
 use super::dispatch;
-use crate::config::NatsNames;
+use super::txn::Txn;
 use crate::domain::{OperationState, Phase};
 use crate::store::operations::{self, OperationRow};
 use crate::store::resources::{self, StatusChange};
+use gateway_proto::OperationError;
 use serde_json::{json, Value};
-use sqlx::PgConnection;
 
 /// How an operation ends.
 #[derive(Debug, Clone)]
@@ -18,21 +18,42 @@ pub struct Outcome<'a> {
     pub attempt: i32,
     /// Observed status, on success.
     pub status: Option<&'a Value>,
-    /// Error object (`{code, message, retryable}`), on failure or cancellation.
-    pub error: Option<Value>,
+    /// Why it did not succeed, on failure or cancellation.
+    pub error: Option<OperationError>,
+}
+
+impl Outcome<'_> {
+    /// `op` failed with `error`, in its current attempt.
+    pub fn failed(op: &OperationRow, error: OperationError) -> Self {
+        Self {
+            state: OperationState::Failed,
+            attempt: op.attempt,
+            status: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// Fails `op` (locked through [`super::lock_operation`]) with `error`, and starts the
+/// next queued operation on its resource.
+pub async fn fail(
+    txn: &mut Txn<'_>,
+    op: &OperationRow,
+    error: OperationError,
+) -> sqlx::Result<OperationRow> {
+    finish(txn, op, Outcome::failed(op, error)).await
 }
 
 /// Ends `op` (whose resource row the caller has locked) and starts the next queued
-/// operation on the same resource, if any. Returns the ended operation and the one
-/// promoted, whose outbox row was written (the caller rings the relay after commit).
+/// operation on the same resource, if any; returns the ended operation. What changed is
+/// recorded in `txn` and announced when it commits.
 pub async fn finish(
-    conn: &mut PgConnection,
-    names: &NatsNames,
+    txn: &mut Txn<'_>,
     op: &OperationRow,
     outcome: Outcome<'_>,
-) -> sqlx::Result<(OperationRow, Option<uuid::Uuid>)> {
+) -> sqlx::Result<OperationRow> {
     let ended = operations::finish(
-        conn,
+        txn,
         op.id,
         outcome.state,
         outcome.attempt,
@@ -40,9 +61,10 @@ pub async fn finish(
         outcome.error.as_ref(),
     )
     .await?;
+    txn.finished(op, outcome.state);
     if op.state == OperationState::Queued {
         // It never started: the resource is busy with another operation, untouched.
-        return Ok((ended, None));
+        return Ok(ended);
     }
     let phase = Phase::on_end(op.action, outcome.state).expect("terminal states set a phase");
     let empty = json!({});
@@ -57,46 +79,40 @@ pub async fn finish(
         ),
         _ => (StatusChange::Merge(&empty), 0),
     };
-    resources::record_outcome(conn, op.resource_id, phase, status, generation).await?;
-    let promoted = promote_next(conn, names, op.resource_id, phase).await?;
-    Ok((ended, promoted))
+    resources::record_outcome(txn, op.resource_id, phase, status, generation).await?;
+    promote_next(txn, op.resource_id, phase).await?;
+    Ok(ended)
 }
 
 /// Starts the oldest queued operation of a resource whose previous operation just
 /// ended, leaving it in `phase`. A deleted resource has nothing left to act on: its
 /// queued operations are cancelled.
 async fn promote_next(
-    conn: &mut PgConnection,
-    names: &NatsNames,
+    txn: &mut Txn<'_>,
     resource_id: uuid::Uuid,
     phase: Phase,
-) -> sqlx::Result<Option<uuid::Uuid>> {
-    let queued = operations::active_for_resource(conn, resource_id).await?;
+) -> sqlx::Result<()> {
+    let queued = operations::active_for_resource(txn, resource_id).await?;
     if phase == Phase::Deleted {
+        let error = OperationError::new(
+            "resource_deleted",
+            "the resource was deleted before this operation could start",
+            false,
+        );
         for op in queued {
-            let error = json!({
-                "code": "resource_deleted",
-                "message": "the resource was deleted before this operation could start",
-                "retryable": false,
-            });
-            operations::finish(
-                conn,
-                op.id,
-                OperationState::Cancelled,
-                op.attempt,
-                None,
-                Some(&error),
-            )
-            .await?;
+            let state = OperationState::Cancelled;
+            operations::finish(txn, op.id, state, op.attempt, None, Some(&error)).await?;
+            txn.finished(&op, state);
         }
-        return Ok(None);
+        return Ok(());
     }
     let Some(next) = queued.into_iter().next() else {
-        return Ok(None);
+        return Ok(());
     };
     debug_assert_eq!(next.state, OperationState::Queued);
-    let resource = resources::lock(conn, resource_id).await?;
-    dispatch::enqueue(conn, names, &next, &resource).await?;
-    resources::set_phase(conn, resource_id, Phase::on_start(next.action)).await?;
-    Ok(Some(next.id))
+    let resource = resources::lock(txn, resource_id).await?;
+    dispatch::enqueue(txn, &next, &resource).await?;
+    resources::set_phase(txn, resource_id, Phase::on_start(next.action)).await?;
+    txn.changed(next.id);
+    Ok(())
 }

@@ -11,8 +11,12 @@
 pub mod cancel;
 pub mod dispatch;
 pub mod finish;
+pub mod repair;
 pub mod report;
 pub mod submit;
+pub mod txn;
+
+pub use txn::{lock_operation, LockedOperation, Txn};
 
 use crate::changes::Changes;
 use crate::config::NatsNames;

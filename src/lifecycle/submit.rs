@@ -1,5 +1,6 @@
 //! Accepting writes: desired state, operation and outbox row in one transaction.
 
+use super::txn::Txn;
 use super::{dispatch, Engine, LifecycleError};
 use crate::auth::Principal;
 use crate::domain::actions::{self, Effect};
@@ -23,6 +24,27 @@ pub struct RequestMeta<'a> {
     /// The request's W3C `traceparent`, if it had one.
     pub traceparent: Option<&'a str>,
     /// The client's `Idempotency-Key` and the fingerprint of the request it came with.
+    pub idempotency: Option<Idempotency<'a>>,
+}
+
+impl RequestMeta<'_> {
+    fn origin(&self) -> Origin<'_> {
+        Origin {
+            requested_by: Some(self.principal.id),
+            request_id: self.request_id,
+            traceparent: self.traceparent,
+            idempotency: self.idempotency,
+        }
+    }
+}
+
+/// Where a new operation comes from: a client's request, or the system itself (the
+/// reconciler's converging updates have no `requested_by`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Origin<'a> {
+    pub requested_by: Option<Uuid>,
+    pub request_id: &'a str,
+    pub traceparent: Option<&'a str>,
     pub idempotency: Option<Idempotency<'a>>,
 }
 
@@ -96,7 +118,7 @@ pub async fn create(
     names::validate_label("name", &req.name)?;
     names::validate_labels(&req.labels)?;
     let valid = spec::validate(kind, &req.spec)?;
-    let mut tx = engine.pool.begin().await?;
+    let mut tx = Txn::begin(engine).await?;
     if let Some(op) = replay(&mut tx, meta).await? {
         return Ok(op);
     }
@@ -126,9 +148,8 @@ pub async fn create(
         _ => e.into(),
     })?;
     let op = start_operation(
-        engine,
         &mut tx,
-        meta,
+        meta.origin(),
         &resource,
         Action::Create,
         &json!({}),
@@ -136,10 +157,6 @@ pub async fn create(
     )
     .await?;
     tx.commit().await?;
-    engine
-        .metrics
-        .operation_created(op.action, op.kind, &op.zone);
-    engine.wake.signal().await;
     Ok(op)
 }
 
@@ -163,9 +180,8 @@ pub async fn delete(
         return Ok(existing.clone());
     }
     let op = start_operation(
-        engine,
         &mut tx,
-        meta,
+        meta.origin(),
         &resource,
         Action::Delete,
         &json!({}),
@@ -173,28 +189,24 @@ pub async fn delete(
     )
     .await?;
     tx.commit().await?;
-    engine
-        .metrics
-        .operation_created(op.action, op.kind, &op.zone);
-    engine.wake.signal().await;
     Ok(op)
 }
 
-enum Locked {
+enum Locked<'e> {
     Replay(OperationRow),
-    Resource(sqlx::Transaction<'static, sqlx::Postgres>, ResourceRow),
+    Resource(Txn<'e>, ResourceRow),
 }
 
 /// Authorizes a change, opens its transaction and locks the live resource, checking
 /// `If-Match`; or finds the earlier operation of a replayed request.
-async fn lock_for_change(
-    engine: &Engine,
+async fn lock_for_change<'e>(
+    engine: &'e Engine,
     meta: RequestMeta<'_>,
     tenant: &str,
     kind: Kind,
     id: Uuid,
     if_match: Option<i64>,
-) -> Result<Locked, LifecycleError> {
+) -> Result<Locked<'e>, LifecycleError> {
     if !meta.principal.can_read(tenant) {
         return Err(LifecycleError::NotFound);
     }
@@ -203,7 +215,7 @@ async fn lock_for_change(
             "this key may not change resources",
         ));
     }
-    let mut tx = engine.pool.begin().await?;
+    let mut tx = Txn::begin(engine).await?;
     if let Some(op) = replay(&mut tx, meta).await? {
         return Ok(Locked::Replay(op));
     }
@@ -259,9 +271,8 @@ pub async fn update(
     }
     let input = if input.is_null() { json!({}) } else { input };
     let op = start_operation(
-        engine,
         &mut tx,
-        meta,
+        meta.origin(),
         &resource,
         action,
         &input,
@@ -269,27 +280,22 @@ pub async fn update(
     )
     .await?;
     tx.commit().await?;
-    engine
-        .metrics
-        .operation_created(op.action, op.kind, &op.zone);
-    engine.wake.signal().await;
     Ok(op)
 }
 
 /// Inserts an operation on `resource`: `pending` with its outbox row when `run_now`,
 /// else `queued` behind the resource's active operation.
-async fn start_operation(
-    engine: &Engine,
-    conn: &mut PgConnection,
-    meta: RequestMeta<'_>,
+pub(super) async fn start_operation(
+    txn: &mut Txn<'_>,
+    origin: Origin<'_>,
     resource: &ResourceRow,
     action: Action,
     input: &Value,
     run_now: bool,
-) -> Result<OperationRow, LifecycleError> {
-    let deadline = engine.deadline();
+) -> sqlx::Result<OperationRow> {
+    let deadline = txn.engine().deadline();
     let mut op = operations::insert(
-        conn,
+        txn,
         &NewOperation {
             id: Uuid::now_v7(),
             tenant: &resource.tenant,
@@ -300,21 +306,22 @@ async fn start_operation(
             state: OperationState::Queued,
             input,
             target_generation: resource.generation,
-            idempotency_key: meta.idempotency.map(|i| i.key),
-            request_fingerprint: meta.idempotency.map(|i| i.fingerprint),
-            requested_by: Some(meta.principal.id),
-            request_id: meta.request_id,
-            traceparent: meta.traceparent,
+            idempotency_key: origin.idempotency.map(|i| i.key),
+            request_fingerprint: origin.idempotency.map(|i| i.fingerprint),
+            requested_by: origin.requested_by,
+            request_id: origin.request_id,
+            traceparent: origin.traceparent,
             deadline,
         },
     )
     .await?;
+    txn.created(&op);
     if run_now {
-        dispatch::enqueue(conn, &engine.names, &op, resource).await?;
+        dispatch::enqueue(txn, &op, resource).await?;
         if action != Action::Create {
-            resources::set_phase(conn, resource.id, Phase::on_start(action)).await?;
+            resources::set_phase(txn, resource.id, Phase::on_start(action)).await?;
         }
-        op = operations::get(&mut *conn, op.id)
+        op = operations::get(&mut **txn, op.id)
             .await?
             .expect("just inserted");
     }

@@ -237,7 +237,7 @@ pub async fn finish(
     state: OperationState,
     attempt: i32,
     result: Option<&Value>,
-    error: Option<&Value>,
+    error: Option<&gateway_proto::OperationError>,
 ) -> sqlx::Result<OperationRow> {
     debug_assert!(state.is_terminal());
     sqlx::query_as(&format!(
@@ -249,7 +249,7 @@ pub async fn finish(
     .bind(state.as_str())
     .bind(attempt)
     .bind(result)
-    .bind(error)
+    .bind(error.map(sqlx::types::Json))
     .fetch_one(conn)
     .await
 }

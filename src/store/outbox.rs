@@ -86,13 +86,16 @@ pub async fn backlog(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
     .await
 }
 
+/// A published outbox row: `(outbox id, operation, dispatch number, stream sequence)`.
+pub type Published = (i64, Option<Uuid>, Option<i32>, u64);
+
 /// Deletes published messages and records, for each operation whose current dispatch
 /// (`dispatch`, the `n` of its `{operation}.{n}` message ID) was among them, the stream
 /// sequence JetStream stored it at. `published` holds `(outbox id, operation, dispatch,
 /// stream sequence)`; rows without an operation carry `None`.
 pub async fn delete_published(
     conn: &mut PgConnection,
-    published: &[(i64, Option<Uuid>, Option<i32>, u64)],
+    published: &[Published],
 ) -> sqlx::Result<()> {
     let ids: Vec<i64> = published.iter().map(|p| p.0).collect();
     delete(conn, &ids).await?;

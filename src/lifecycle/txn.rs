@@ -1,0 +1,204 @@
+//! A lifecycle transaction: the database transaction of one state change, and the
+//! effects that are due once — and only once — it commits.
+//!
+//! Every state change opens a [`Txn`], records in it what it changed (operations
+//! created, started or ended, outbox rows written, operations whose row changed), and
+//! ends with [`Txn::commit`], which commits and then runs the one after-commit step:
+//! metrics, the relay's doorbell, and the change notification that wakes long-polls on
+//! every replica. A change that returns early rolls back with nothing announced.
+//!
+//! Operations are locked one way only, [`lock_operation`]: the resource row first, then
+//! the operation row.
+
+use super::Engine;
+use crate::domain::{Action, Kind, OperationState};
+use crate::store::operations::{self, OperationRow};
+use crate::store::resources::{self, ResourceRow};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Postgres, Transaction};
+use std::ops::{Deref, DerefMut};
+use uuid::Uuid;
+
+/// A metric event, counted after commit.
+#[derive(Debug)]
+enum Counted {
+    Created {
+        action: Action,
+        kind: Kind,
+        zone: String,
+    },
+    Started {
+        action: Action,
+        kind: Kind,
+        since: DateTime<Utc>,
+    },
+    Finished {
+        action: Action,
+        kind: Kind,
+        zone: String,
+        state: OperationState,
+        since: DateTime<Utc>,
+    },
+}
+
+/// What a transaction changed, announced after it commits.
+#[derive(Debug, Default)]
+struct Effects {
+    changed: Vec<Uuid>,
+    wake_relay: bool,
+    counted: Vec<Counted>,
+}
+
+/// The database transaction of one state change and the effects due after it commits.
+/// Dereferences to the connection, for the `store` functions.
+pub struct Txn<'e> {
+    engine: &'e Engine,
+    tx: Transaction<'static, Postgres>,
+    effects: Effects,
+}
+
+impl<'e> Txn<'e> {
+    /// Opens a transaction on the engine's pool.
+    pub async fn begin(engine: &'e Engine) -> sqlx::Result<Self> {
+        Ok(Self {
+            engine,
+            tx: engine.pool.begin().await?,
+            effects: Effects::default(),
+        })
+    }
+
+    /// The engine the transaction runs on.
+    pub fn engine(&self) -> &'e Engine {
+        self.engine
+    }
+
+    /// The row of operation `id` changed: long-polls on it are woken after commit.
+    pub fn changed(&mut self, id: Uuid) {
+        if !self.effects.changed.contains(&id) {
+            self.effects.changed.push(id);
+        }
+    }
+
+    /// An outbox row was written: the relay is rung after commit.
+    pub fn wrote_outbox(&mut self) {
+        self.effects.wake_relay = true;
+    }
+
+    /// `op` was created.
+    pub fn created(&mut self, op: &OperationRow) {
+        self.effects.counted.push(Counted::Created {
+            action: op.action,
+            kind: op.kind,
+            zone: op.zone.clone(),
+        });
+    }
+
+    /// A worker started `op` for the first time.
+    pub fn started(&mut self, op: &OperationRow) {
+        self.effects.counted.push(Counted::Started {
+            action: op.action,
+            kind: op.kind,
+            since: op.created_at,
+        });
+        self.changed(op.id);
+    }
+
+    /// `op` ended in `state`.
+    pub fn finished(&mut self, op: &OperationRow, state: OperationState) {
+        self.effects.counted.push(Counted::Finished {
+            action: op.action,
+            kind: op.kind,
+            zone: op.zone.clone(),
+            state,
+            since: op.created_at,
+        });
+        self.changed(op.id);
+    }
+
+    /// Commits, then announces what changed. Nothing is announced if the commit fails.
+    pub async fn commit(self) -> sqlx::Result<()> {
+        let Self {
+            engine,
+            tx,
+            effects,
+        } = self;
+        tx.commit().await?;
+        engine.after_commit(effects).await;
+        Ok(())
+    }
+}
+
+impl Deref for Txn<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for Txn<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+}
+
+impl Engine {
+    /// The one after-commit step: metrics, the relay's doorbell, change notifications.
+    async fn after_commit(&self, effects: Effects) {
+        let age = |since: DateTime<Utc>| (Utc::now() - since).to_std().unwrap_or_default();
+        for c in effects.counted {
+            match c {
+                Counted::Created { action, kind, zone } => {
+                    self.metrics.operation_created(action, kind, &zone)
+                }
+                Counted::Started {
+                    action,
+                    kind,
+                    since,
+                } => self.metrics.operation_started(action, kind, age(since)),
+                Counted::Finished {
+                    action,
+                    kind,
+                    zone,
+                    state,
+                    since,
+                } => self
+                    .metrics
+                    .operation_finished(action, kind, &zone, state, age(since)),
+            }
+        }
+        if effects.wake_relay {
+            self.wake.signal().await;
+        }
+        if !effects.changed.is_empty() {
+            self.changes.publish(&effects.changed).await;
+        }
+    }
+}
+
+/// An operation locked for a change, with its resource.
+pub struct LockedOperation<'e> {
+    /// The transaction holding both locks.
+    pub txn: Txn<'e>,
+    /// The operation's resource (locked first).
+    pub resource: ResourceRow,
+    /// The operation, as it is under the lock.
+    pub op: OperationRow,
+}
+
+/// Opens a transaction and locks operation `id` the one way every change does: its
+/// resource row first, then the operation row. Keeping one order is what keeps
+/// submissions, reports, cancellations and repairs free of deadlocks. `None` when there
+/// is no such operation.
+pub async fn lock_operation(engine: &Engine, id: Uuid) -> sqlx::Result<Option<LockedOperation<'_>>> {
+    let mut txn = Txn::begin(engine).await?;
+    // An operation's resource never changes, so an unlocked read finds it.
+    let Some(op) = operations::get(&mut *txn, id).await? else {
+        return Ok(None);
+    };
+    let resource = resources::lock(&mut txn, op.resource_id).await?;
+    let op = operations::lock(&mut txn, id)
+        .await?
+        .expect("operations are never deleted");
+    Ok(Some(LockedOperation { txn, resource, op }))
+}
