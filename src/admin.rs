@@ -1,46 +1,55 @@
 //! `gateway admin …`: administration straight on the database, for bootstrapping and
-//! break-glass work. Each command prints what it did; errors name what was wrong.
+//! break-glass work. The writes are the API's own ([`crate::lifecycle::tenants`],
+//! [`crate::lifecycle::keys`]), with the same rules; only the permission checks are
+//! skipped, since whoever can run this can reach the database. Each command prints
+//! what it did; errors name what was wrong.
 
 use crate::audit::{self, Verdict};
-use crate::auth::{self, Role};
-use crate::domain::{names, Service};
-use crate::store::{principals, tenants};
-use anyhow::{anyhow, bail};
+use crate::domain::{Role, Service};
+use crate::lifecycle::{self, keys::NewKey};
+use anyhow::bail;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// An admin command.
-#[derive(Debug, Clone)]
+/// An admin command (`gateway admin <command>`).
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Create a tenant.
     CreateTenant {
-        /// Its ID.
+        /// Its ID (a DNS label).
         id: String,
-        /// Free text.
+        /// Free text for humans.
+        #[arg(long, default_value = "")]
         display_name: String,
     },
-    /// Create a key.
+    /// Create an API key and print it (once).
     CreateKey {
-        /// Role name.
-        role: String,
-        /// Tenant of a tenant role.
+        /// admin, owner, member, reader or worker.
+        #[arg(long)]
+        role: Role,
+        /// The tenant of an owner, member or reader key.
+        #[arg(long)]
         tenant: Option<String>,
-        /// Service of a worker.
-        service: Option<String>,
-        /// Zone of a worker.
+        /// The service of a worker key (vm, bm, k8s, storage).
+        #[arg(long)]
+        service: Option<Service>,
+        /// The zone of a worker key.
+        #[arg(long)]
         zone: Option<String>,
-        /// Unique name.
+        /// A unique name; generated when absent.
+        #[arg(long)]
         name: Option<String>,
-        /// Expiry.
+        /// Expiry (RFC 3339).
+        #[arg(long)]
         expires_at: Option<DateTime<Utc>>,
     },
-    /// Revoke a key.
+    /// Revoke an API key by ID.
     RevokeKey {
-        /// Its ID.
+        /// The key's ID.
         id: Uuid,
     },
-    /// Check the audit chain.
+    /// Check the audit log's hash chain; exits non-zero at the first broken row.
     VerifyAudit,
 }
 
@@ -48,12 +57,8 @@ pub enum Command {
 pub async fn run(pool: &PgPool, command: Command) -> anyhow::Result<()> {
     match command {
         Command::CreateTenant { id, display_name } => {
-            names::validate_label("id", &id)?;
-            let mut conn = pool.acquire().await?;
-            match tenants::insert(&mut conn, &id, &display_name).await? {
-                Some(t) => println!("created tenant {}", t.id),
-                None => bail!("tenant {id:?} already exists"),
-            }
+            let t = lifecycle::tenants::create(pool, &id, &display_name).await?;
+            println!("created tenant {}", t.id);
         }
         Command::CreateKey {
             role,
@@ -63,53 +68,24 @@ pub async fn run(pool: &PgPool, command: Command) -> anyhow::Result<()> {
             name,
             expires_at,
         } => {
-            let role: Role = role.parse()?;
-            let needs_tenant = matches!(role, Role::Owner | Role::Member | Role::Reader);
-            if needs_tenant != tenant.is_some() {
-                bail!("--tenant is required for owner, member and reader keys, and only for them");
-            }
-            if (role == Role::Worker) != (service.is_some() && zone.is_some()) {
-                bail!("--service and --zone are required for worker keys, and only for them");
-            }
-            if let Some(s) = &service {
-                s.parse::<Service>()
-                    .map_err(|e| anyhow!("--service: {e}"))?;
-            }
-            let name = name.unwrap_or_else(|| {
-                format!(
-                    "{}-{}",
-                    role.as_str(),
-                    &Uuid::new_v4().simple().to_string()[..8]
-                )
-            });
-            names::validate_label("name", &name)?;
-            let key = auth::generate_key();
-            let mut conn = pool.acquire().await?;
-            let row = principals::insert(
-                &mut conn,
-                &principals::NewPrincipal {
-                    name: &name,
-                    role: role.as_str(),
-                    tenant: tenant.as_deref(),
-                    service: service.as_deref(),
-                    zone: zone.as_deref(),
-                    key_hash: &auth::hash_key(&key),
-                },
+            let new = NewKey {
+                role,
+                tenant,
+                service,
+                zone,
+                name,
                 expires_at,
-            )
-            .await?
-            .ok_or_else(|| anyhow!("a key named {name:?} already exists"))?;
+            };
+            let created = lifecycle::keys::create(pool, new).await?;
+            let row = created.row;
             println!("created {} key {} ({})", row.role, row.name, row.id);
-            println!("key: {key}");
+            println!("key: {}", created.key);
         }
-        Command::RevokeKey { id } => {
-            let mut conn = pool.acquire().await?;
-            if principals::revoke(&mut conn, id, None).await? {
-                println!("revoked key {id}");
-            } else {
-                bail!("no live key with ID {id}");
-            }
-        }
+        Command::RevokeKey { id } => match lifecycle::keys::revoke(pool, id, None).await {
+            Ok(()) => println!("revoked key {id}"),
+            Err(lifecycle::LifecycleError::NotFound) => bail!("no live key with ID {id}"),
+            Err(e) => return Err(e.into()),
+        },
         Command::VerifyAudit => match audit::verify(pool).await? {
             Verdict::Intact(n) => println!("audit log intact: {n} entries checked"),
             Verdict::Broken { id, reason } => bail!("audit log broken at entry {id}: {reason}"),

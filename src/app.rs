@@ -5,7 +5,8 @@ use crate::api::{self, AppState};
 use crate::auth;
 use crate::changes::Changes;
 use crate::config::Config;
-use crate::lifecycle::Engine;
+use crate::domain::Role;
+use crate::lifecycle::{self, Engine};
 use crate::metrics::Metrics;
 use crate::reconciler::Reconciler;
 use crate::relay::{Relay, Wake};
@@ -87,38 +88,15 @@ async fn bootstrap_admin(
         None if rotate || !principals::exists(pool, BOOTSTRAP_ADMIN).await? => auth::generate_key(),
         None => return Ok(None),
     };
-    let mut conn = pool.acquire().await?;
-    principals::upsert(
-        &mut conn,
-        &principals::NewPrincipal {
-            name: BOOTSTRAP_ADMIN,
-            role: "admin",
-            tenant: None,
-            service: None,
-            zone: None,
-            key_hash: &auth::hash_key(&key),
-        },
-    )
-    .await?;
+    lifecycle::keys::install(pool, BOOTSTRAP_ADMIN, Role::Admin, None, &key).await?;
     Ok(Some(key))
 }
 
 /// Creates (or rotates) the key of the worker principal for one pool.
 pub async fn worker_key(pool: &PgPool, service: Service, zone: &str) -> anyhow::Result<String> {
     let key = auth::generate_key();
-    let mut conn = pool.acquire().await?;
-    principals::upsert(
-        &mut conn,
-        &principals::NewPrincipal {
-            name: &format!("worker:{service}:{zone}"),
-            role: "worker",
-            tenant: None,
-            service: Some(service.as_str()),
-            zone: Some(zone),
-            key_hash: &auth::hash_key(&key),
-        },
-    )
-    .await?;
+    let name = format!("worker:{service}:{zone}");
+    lifecycle::keys::install(pool, &name, Role::Worker, Some((service, zone)), &key).await?;
     Ok(key)
 }
 

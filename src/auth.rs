@@ -5,55 +5,11 @@
 //! index compares hashes, which leak nothing about the key).
 
 use sha2::{Digest, Sha256};
-use std::str::FromStr;
 use uuid::Uuid;
 
 use crate::domain::{Kind, Service};
 
-/// What a principal may do.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// The platform operator: everything, on every tenant.
-    Admin,
-    /// Everything on one tenant, including its keys.
-    Owner,
-    /// Read and write resources of one tenant.
-    Member,
-    /// Read resources of one tenant.
-    Reader,
-    /// A worker pool's credentials: reports on one service in one zone.
-    Worker,
-}
-
-impl Role {
-    /// The value as stored.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Owner => "owner",
-            Role::Member => "member",
-            Role::Reader => "reader",
-            Role::Worker => "worker",
-        }
-    }
-}
-
-impl FromStr for Role {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "admin" => Role::Admin,
-            "owner" => Role::Owner,
-            "member" => Role::Member,
-            "reader" => Role::Reader,
-            "worker" => Role::Worker,
-            other => anyhow::bail!("unknown role {other:?}"),
-        })
-    }
-}
+pub use crate::domain::Role;
 
 /// What a route needs. Every handler asks [`Principal::decide`] for one of these; the
 /// table in [`Role::grants`] is the whole policy (README: "Roles").

@@ -41,48 +41,8 @@ enum Command {
     /// Administration straight on the database (tenants, keys, the audit chain).
     Admin {
         #[command(subcommand)]
-        command: AdminCommand,
+        command: gateway::admin::Command,
     },
-}
-
-#[derive(Subcommand)]
-enum AdminCommand {
-    /// Create a tenant.
-    CreateTenant {
-        /// Its ID (a DNS label).
-        id: String,
-        /// Free text for humans.
-        #[arg(long, default_value = "")]
-        display_name: String,
-    },
-    /// Create an API key and print it (once).
-    CreateKey {
-        /// admin, owner, member, reader or worker.
-        #[arg(long)]
-        role: String,
-        /// The tenant of an owner, member or reader key.
-        #[arg(long)]
-        tenant: Option<String>,
-        /// The service of a worker key (vm, bm, k8s, storage).
-        #[arg(long)]
-        service: Option<String>,
-        /// The zone of a worker key.
-        #[arg(long)]
-        zone: Option<String>,
-        /// A unique name; generated when absent.
-        #[arg(long)]
-        name: Option<String>,
-        /// Expiry (RFC 3339).
-        #[arg(long)]
-        expires_at: Option<chrono::DateTime<chrono::Utc>>,
-    },
-    /// Revoke an API key by ID.
-    RevokeKey {
-        /// The key's ID.
-        id: uuid::Uuid,
-    },
-    /// Check the audit log's hash chain; exits non-zero at the first broken row.
-    VerifyAudit,
 }
 
 #[tokio::main]
@@ -93,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     if let Command::Admin { command } = cli.command {
         let pool = gateway::store::connect(&config.database_url, 2).await?;
         gateway::store::migrate(&pool).await?;
-        return gateway::admin::run(&pool, command.into()).await;
+        return gateway::admin::run(&pool, command).await;
     }
     let backends = app::connect(&config).await?;
     match cli.command {
@@ -202,30 +162,4 @@ Gateway is up at {url}
   OpenAPI: {url}/v1/openapi.json    Stop: Ctrl-C
 "#
     );
-}
-
-impl From<AdminCommand> for gateway::admin::Command {
-    fn from(c: AdminCommand) -> Self {
-        use gateway::admin::Command as C;
-        match c {
-            AdminCommand::CreateTenant { id, display_name } => C::CreateTenant { id, display_name },
-            AdminCommand::CreateKey {
-                role,
-                tenant,
-                service,
-                zone,
-                name,
-                expires_at,
-            } => C::CreateKey {
-                role,
-                tenant,
-                service,
-                zone,
-                name,
-                expires_at,
-            },
-            AdminCommand::RevokeKey { id } => C::RevokeKey { id },
-            AdminCommand::VerifyAudit => C::VerifyAudit,
-        }
-    }
 }

@@ -112,7 +112,7 @@ pub async fn list(
         Role::Owner => {
             let own = principal.tenant.clone();
             if q.tenant.is_some() && q.tenant != own {
-                return Err(crate::lifecycle::LifecycleError::TenantNotFound.into());
+                return Err(ApiError::tenant_not_found());
             }
             own
         }

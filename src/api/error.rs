@@ -73,6 +73,15 @@ impl ApiError {
         )
     }
 
+    /// `404 tenant_not_found`: no such tenant visible to this key.
+    pub fn tenant_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "tenant_not_found",
+            "tenant not found",
+        )
+    }
+
     /// `403 forbidden`.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
@@ -137,6 +146,12 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::domain::ValidationError> for ApiError {
+    fn from(e: crate::domain::ValidationError) -> Self {
+        LifecycleError::Invalid(e).into()
+    }
+}
+
 impl From<LifecycleError> for ApiError {
     fn from(e: LifecycleError) -> Self {
         match e {
@@ -149,11 +164,7 @@ impl From<LifecycleError> for ApiError {
                 };
                 Self::new(status, v.code, v.to_string()).with_details(json!({ "field": v.field }))
             }
-            LifecycleError::TenantNotFound => Self::new(
-                StatusCode::NOT_FOUND,
-                "tenant_not_found",
-                "tenant not found",
-            ),
+            LifecycleError::TenantNotFound => Self::tenant_not_found(),
             LifecycleError::NotFound => Self::not_found("resource"),
             LifecycleError::NameTaken { .. } => {
                 Self::new(StatusCode::CONFLICT, "name_taken", e.to_string())

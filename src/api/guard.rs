@@ -16,8 +16,7 @@ use super::error::ApiError;
 use super::request::RequestId;
 use super::AppState;
 use crate::audit::Entry;
-use crate::auth::{self, Principal, Role};
-use crate::domain::Service;
+use crate::auth::{self, Principal};
 use crate::metrics::{BucketLabels, HttpLabels, RouteLabels};
 use crate::store::principals;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -128,17 +127,12 @@ async fn authenticate(state: &AppState, authorization: Option<Vec<u8>>) -> Resul
     else {
         return Ok(Authn::Invalid);
     };
-    let role: Role = row.role.parse().map_err(|e| ApiError::internal(&e))?;
-    let scope = match (row.service, row.zone) {
-        (Some(s), Some(z)) => Some((s.parse::<Service>().map_err(|e| ApiError::internal(&e))?, z)),
-        _ => None,
-    };
     Ok(Authn::Principal(Principal {
         id: row.id,
         name: row.name,
-        role,
+        role: row.role,
         tenant: row.tenant,
-        scope,
+        scope: row.scope,
     }))
 }
 

@@ -4,10 +4,10 @@
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, JsonBody};
 use super::AppState;
-use crate::auth::{self, Decision, Permission, Principal, Role};
-use crate::domain::{names, Service};
-use crate::lifecycle::LifecycleError;
-use crate::store::{catalog, principals, tenants};
+use crate::auth::{Decision, Permission, Principal, Role};
+use crate::domain::{Service, ValidationError};
+use crate::lifecycle::{self, keys::NewKey, LifecycleError};
+use crate::store::{principals, tenants};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
@@ -52,13 +52,13 @@ pub struct KeyOut {
     /// Its name.
     pub name: String,
     /// Its role.
-    pub role: String,
+    pub role: Role,
     /// Its tenant (none for worker keys).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     /// A worker key's service.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    pub service: Option<Service>,
     /// A worker key's zone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
@@ -79,8 +79,8 @@ impl From<principals::KeyRow> for KeyOut {
             name: k.name,
             role: k.role,
             tenant: k.tenant,
-            service: k.service,
-            zone: k.zone,
+            service: k.scope.as_ref().map(|(s, _)| *s),
+            zone: k.scope.map(|(_, z)| z),
             created_at: k.created_at,
             expires_at: k.expires_at,
             revoked_at: k.revoked_at,
@@ -102,7 +102,7 @@ pub struct NewKeyOut {
 pub fn require(principal: &Principal, p: Permission, tenant: Option<&str>) -> Result<(), ApiError> {
     match principal.decide(p, tenant) {
         Decision::Allow => Ok(()),
-        Decision::Hide => Err(LifecycleError::TenantNotFound.into()),
+        Decision::Hide => Err(ApiError::tenant_not_found()),
         Decision::Deny => Err(ApiError::forbidden("this key's role does not allow this")),
     }
 }
@@ -110,7 +110,7 @@ pub fn require(principal: &Principal, p: Permission, tenant: Option<&str>) -> Re
 async fn existing_tenant(state: &AppState, tenant: &str) -> Result<(), ApiError> {
     match tenants::get(&state.engine.pool, tenant).await? {
         Some(_) => Ok(()),
-        None => Err(LifecycleError::TenantNotFound.into()),
+        None => Err(ApiError::tenant_not_found()),
     }
 }
 
@@ -138,83 +138,31 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<NewKeyOut>), ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
     existing_tenant(&state, &tenant).await?;
-    let invalid = |field: &str, msg: &str| -> ApiError {
-        LifecycleError::from(crate::domain::ValidationError::new(
-            "invalid_key",
-            field,
-            msg,
-        ))
-        .into()
-    };
-    let (key_tenant, scope) = match body.role {
+    let key_tenant = match body.role {
         Role::Admin => {
-            return Err(invalid(
-                "role",
-                "admin keys are created with `gateway admin create-key`",
-            ))
+            let why = "admin keys are created with `gateway admin create-key`";
+            return Err(ValidationError::new("invalid_key", "role", why).into());
         }
         Role::Worker => {
             require(&principal, Permission::Platform, None)?;
-            let (Some(service), Some(zone)) = (body.service, body.zone.as_deref()) else {
-                return Err(invalid(
-                    "service",
-                    "a worker key needs a service and a zone",
-                ));
-            };
-            if !catalog::zone_exists(&state.engine.pool, zone).await? {
-                return Err(invalid("zone", "no such zone"));
-            }
-            (None, Some((service, zone.to_owned())))
+            None
         }
-        _ if body.service.is_some() || body.zone.is_some() => {
-            return Err(invalid(
-                "service",
-                "only worker keys have a service and zone",
-            ))
-        }
-        _ => (Some(tenant.as_str()), None),
+        _ => Some(tenant),
     };
-    if body.expires_at.is_some_and(|t| t <= Utc::now()) {
-        return Err(invalid("expires_at", "must be in the future"));
-    }
-    let name = match body.name {
-        Some(n) => {
-            names::validate_label("name", &n).map_err(LifecycleError::from)?;
-            n
-        }
-        None => format!(
-            "{tenant}-{}-{}",
-            body.role.as_str(),
-            &Uuid::new_v4().simple().to_string()[..8]
-        ),
+    let new = NewKey {
+        role: body.role,
+        tenant: key_tenant,
+        service: body.service,
+        zone: body.zone,
+        name: body.name,
+        expires_at: body.expires_at,
     };
-    let key = auth::generate_key();
-    let mut conn = state.engine.pool.acquire().await?;
-    let row = principals::insert(
-        &mut conn,
-        &principals::NewPrincipal {
-            name: &name,
-            role: body.role.as_str(),
-            tenant: key_tenant,
-            service: scope.as_ref().map(|(s, _)| s.as_str()),
-            zone: scope.as_ref().map(|(_, z)| z.as_str()),
-            key_hash: &auth::hash_key(&key),
-        },
-        body.expires_at,
-    )
-    .await?
-    .ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "name_taken",
-            format!("a key named {name:?} exists"),
-        )
-    })?;
+    let created = lifecycle::keys::create(&state.engine.pool, new).await?;
     Ok((
         StatusCode::CREATED,
         Json(NewKeyOut {
-            key,
-            info: row.into(),
+            key: created.key,
+            info: created.row.into(),
         }),
     ))
 }
@@ -259,10 +207,9 @@ pub async fn revoke(
 ) -> Result<StatusCode, ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("key"))?;
-    let mut conn = state.engine.pool.acquire().await?;
-    if principals::revoke(&mut conn, id, Some(&tenant)).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_found("key"))
+    match lifecycle::keys::revoke(&state.engine.pool, id, Some(&tenant)).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(LifecycleError::NotFound) => Err(ApiError::not_found("key")),
+        Err(e) => Err(e.into()),
     }
 }

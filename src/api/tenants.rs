@@ -4,8 +4,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, JsonBody};
 use super::AppState;
 use crate::auth::Permission;
-use crate::domain::names;
-use crate::lifecycle::LifecycleError;
+use crate::lifecycle;
 use crate::store::tenants::{self, TenantRow};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -73,11 +72,7 @@ pub async fn create(
     JsonBody(body): JsonBody<TenantIn>,
 ) -> Result<(StatusCode, Json<TenantOut>), ApiError> {
     super::keys::require(&principal, Permission::Platform, None)?;
-    names::validate_label("id", &body.id).map_err(LifecycleError::from)?;
-    let mut conn = state.engine.pool.acquire().await?;
-    let row = tenants::insert(&mut conn, &body.id, &body.display_name)
-        .await?
-        .ok_or(LifecycleError::TenantExists(body.id))?;
+    let row = lifecycle::tenants::create(&state.engine.pool, &body.id, &body.display_name).await?;
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
@@ -121,5 +116,5 @@ pub async fn read(
         None
     };
     row.map(|t| Json(t.into()))
-        .ok_or_else(|| LifecycleError::TenantNotFound.into())
+        .ok_or_else(ApiError::tenant_not_found)
 }

@@ -8,10 +8,12 @@ pub mod actions;
 pub mod names;
 pub mod phase;
 pub mod report;
+pub mod role;
 pub mod spec;
 
 pub use gateway_proto::{Action, Kind, OperationError, OperationState, ReportState, Service};
 pub use phase::Phase;
+pub use role::Role;
 
 /// A request that breaks a rule of the domain; becomes a `422` with `code`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

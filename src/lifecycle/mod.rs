@@ -11,9 +11,11 @@
 pub mod cancel;
 pub mod dispatch;
 pub mod finish;
+pub mod keys;
 pub mod repair;
 pub mod report;
 pub mod submit;
+pub mod tenants;
 pub mod txn;
 
 pub use txn::{lock_operation, LockedOperation, Txn};

@@ -1,23 +1,62 @@
 //! API keys and who they belong to.
 
-use sqlx::{PgConnection, PgExecutor};
+use crate::domain::{Role, Service};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
 /// A principal as authentication sees it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct PrincipalRow {
     /// Its ID (never the key).
     pub id: Uuid,
     /// A unique human-readable name.
     pub name: String,
-    /// `admin`, `owner`, `member`, `reader` or `worker`.
-    pub role: String,
+    /// Its role.
+    pub role: Role,
     /// The tenant of a tenant-scoped role.
     pub tenant: Option<String>,
-    /// The service a worker serves.
-    pub service: Option<String>,
-    /// The zone a worker serves.
-    pub zone: Option<String>,
+    /// The service and zone a worker serves.
+    pub scope: Option<(Service, String)>,
+}
+
+/// Reads a text column holding an enum's value.
+fn parsed<T>(row: &PgRow, column: &str) -> sqlx::Result<Option<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| t.parse::<T>())
+        .transpose()
+        .map_err(|e| sqlx::Error::ColumnDecode {
+            index: column.to_owned(),
+            source: Box::new(e),
+        })
+}
+
+/// The role and the worker scope of a principals row.
+fn role_and_scope(row: &PgRow) -> sqlx::Result<(Role, Option<(Service, String)>)> {
+    let role = parsed::<Role>(row, "role")?.ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: "role".into(),
+        source: "NULL role".into(),
+    })?;
+    let service = parsed::<Service>(row, "service")?;
+    let zone: Option<String> = row.try_get("zone")?;
+    Ok((role, service.zip(zone)))
+}
+
+impl FromRow<'_, PgRow> for PrincipalRow {
+    fn from_row(row: &PgRow) -> sqlx::Result<Self> {
+        let (role, scope) = role_and_scope(row)?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            role,
+            tenant: row.try_get("tenant")?,
+            scope,
+        })
+    }
 }
 
 /// The live (unrevoked, unexpired) principal whose key hashes to `key_hash`.
@@ -41,13 +80,11 @@ pub struct NewPrincipal<'a> {
     /// Unique name; an existing principal of that name gets the new key.
     pub name: &'a str,
     /// Its role.
-    pub role: &'a str,
+    pub role: Role,
     /// Tenant of a tenant-scoped role.
     pub tenant: Option<&'a str>,
-    /// Service of a worker.
-    pub service: Option<&'a str>,
-    /// Zone of a worker.
-    pub zone: Option<&'a str>,
+    /// Service and zone of a worker.
+    pub scope: Option<(Service, &'a str)>,
     /// SHA-256 of the key.
     pub key_hash: &'a [u8],
 }
@@ -65,10 +102,10 @@ pub async fn upsert(conn: &mut PgConnection, p: &NewPrincipal<'_>) -> sqlx::Resu
     )
     .bind(Uuid::now_v7())
     .bind(p.name)
-    .bind(p.role)
+    .bind(p.role.as_str())
     .bind(p.tenant)
-    .bind(p.service)
-    .bind(p.zone)
+    .bind(p.scope.map(|(s, _)| s.as_str()))
+    .bind(p.scope.map(|(_, z)| z))
     .bind(p.key_hash)
     .fetch_one(conn)
     .await
@@ -85,26 +122,40 @@ pub async fn exists(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<bool> {
 }
 
 /// A key as listed (never its hash).
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct KeyRow {
     /// Its ID.
     pub id: Uuid,
     /// Its unique name.
     pub name: String,
     /// Its role.
-    pub role: String,
+    pub role: Role,
     /// Its tenant.
     pub tenant: Option<String>,
-    /// A worker's service.
-    pub service: Option<String>,
-    /// A worker's zone.
-    pub zone: Option<String>,
+    /// A worker's service and zone.
+    pub scope: Option<(Service, String)>,
     /// Creation time.
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// When it stops working.
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When it was revoked.
     pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl FromRow<'_, PgRow> for KeyRow {
+    fn from_row(row: &PgRow) -> sqlx::Result<Self> {
+        let (role, scope) = role_and_scope(row)?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            role,
+            tenant: row.try_get("tenant")?,
+            scope,
+            created_at: row.try_get("created_at")?,
+            expires_at: row.try_get("expires_at")?,
+            revoked_at: row.try_get("revoked_at")?,
+        })
+    }
 }
 
 const KEY_COLUMNS: &str =
@@ -124,10 +175,10 @@ pub async fn insert(
     ))
     .bind(Uuid::now_v7())
     .bind(p.name)
-    .bind(p.role)
+    .bind(p.role.as_str())
     .bind(p.tenant)
-    .bind(p.service)
-    .bind(p.zone)
+    .bind(p.scope.map(|(s, _)| s.as_str()))
+    .bind(p.scope.map(|(_, z)| z))
     .bind(p.key_hash)
     .bind(expires_at)
     .fetch_optional(conn)
