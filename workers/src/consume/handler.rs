@@ -5,14 +5,13 @@
 //! with a fake gateway.
 
 use super::{seeded, Disposition, PROGRESS_INTERVAL};
-use crate::drivers::{Driver, DriverError};
+use crate::drivers::{time_left, Driver, DriverError};
 use crate::metrics::{DriverOutcome, LookupOutcome, MessageOutcome, PoolMetrics};
 use crate::peers::{LookupError, Peer, PeerAnswer, Peers};
 use crate::report::{ReportError, ReportOutcome, Reporter, TraceHeaders};
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
-use chrono::Utc;
-use gateway_proto::{Dispatch, OperationError, Report, ReportState, Service};
+use gateway_proto::{Dispatch, OperationError, Report, ReportAck, ReportState, Service};
 use std::time::Duration;
 use tracing::{field, info_span, Span};
 
@@ -30,9 +29,11 @@ pub fn nak_delay(attempt: i32) -> Duration {
 pub(crate) struct Delivery {
     /// The subject, for logs about messages that are not operations.
     pub(crate) subject: String,
+    /// The message's body: a JSON [`Dispatch`], unless the message is poison.
     pub(crate) payload: Bytes,
     /// JetStream's delivery count; `None` if the message has no JetStream metadata.
     pub(crate) delivered: Option<i64>,
+    /// The client's `X-Request-Id` and `traceparent`, from the message's headers.
     pub(crate) trace: TraceHeaders,
 }
 
@@ -69,11 +70,17 @@ impl Default for Timing {
 
 /// Decides, for one delivery, what to report and how to settle it.
 pub(crate) struct Handler<D, R> {
+    /// What carries the operations out.
     pub(crate) driver: D,
+    /// The gateway: reports, and reads of peers.
     pub(crate) reporter: R,
+    /// The pool's service; operations of another are poison.
     pub(crate) service: Service,
+    /// The pool's zone; operations for another are poison.
     pub(crate) zone: String,
+    /// The consumer's `max_deliver` (see [`crate::PoolConfig::max_deliver`]).
     pub(crate) max_deliver: i64,
+    /// Retry and heartbeat timings.
     pub(crate) timing: Timing,
     /// This pool's series of the worker metrics.
     pub(crate) metrics: PoolMetrics,
@@ -146,6 +153,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         handled.disposition
     }
 
+    /// Terminates what is not an operation of this pool, and processes the rest.
     async fn decide(&self, delivery: &Delivery) -> Handled {
         let op: Dispatch = match serde_json::from_slice(&delivery.payload) {
             Ok(op) => op,
@@ -177,27 +185,12 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         self.process(&op, attempt, &delivery.trace).await
     }
 
+    /// Reports `running`, then runs the driver unless cancellation was requested, and
+    /// reports the outcome.
     async fn process(&self, op: &Dispatch, attempt: i32, trace: &TraceHeaders) -> Handled {
-        let running = Report {
-            attempt,
-            state: ReportState::Running,
-            status: None,
-            error: None,
-        };
-        let ack = match self.report(op, running, trace).await {
-            Ok(ReportOutcome::Accepted(ack)) => ack,
-            Ok(ReportOutcome::Refused { code, message }) => {
-                tracing::info!(
-                    code = %code,
-                    message = %message,
-                    "the gateway refused the start (operation finished, or not this delivery's); acknowledging"
-                );
-                return Handled::FINISHED_ELSEWHERE;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the gateway rejected the start report; terminating the message");
-                return Handled::POISON;
-            }
+        let ack = match self.start(op, attempt, trace).await {
+            Ok(ack) => ack,
+            Err(handled) => return handled,
         };
         if ack.cancel_requested {
             tracing::info!("cancellation requested: not running the driver");
@@ -211,7 +204,51 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         }
 
         tracing::info!(action = %op.action, kind = %op.kind, "operation started");
-        match self.run_driver(op, trace).await {
+        let result = self.run_driver(op, trace).await;
+        self.conclude(op, attempt, trace, result).await
+    }
+
+    /// Reports `running`; the gateway's acknowledgement, or how the delivery ends when
+    /// the gateway will not let it start.
+    async fn start(
+        &self,
+        op: &Dispatch,
+        attempt: i32,
+        trace: &TraceHeaders,
+    ) -> Result<ReportAck, Handled> {
+        let running = Report {
+            attempt,
+            state: ReportState::Running,
+            status: None,
+            error: None,
+        };
+        match self.report(op, running, trace).await {
+            Ok(ReportOutcome::Accepted(ack)) => Ok(ack),
+            Ok(ReportOutcome::Refused { code, message }) => {
+                tracing::info!(
+                    code = %code,
+                    message = %message,
+                    "the gateway refused the start (operation finished, or not this delivery's); acknowledging"
+                );
+                Err(Handled::FINISHED_ELSEWHERE)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the gateway rejected the start report; terminating the message");
+                Err(Handled::POISON)
+            }
+        }
+    }
+
+    /// Reports what the driver's `result` means for the operation, or hands the message
+    /// back after a transient failure that is not on the last delivery.
+    async fn conclude(
+        &self,
+        op: &Dispatch,
+        attempt: i32,
+        trace: &TraceHeaders,
+        result: Result<serde_json::Value, DriverError>,
+    ) -> Handled {
+        match result {
             Ok(status) => {
                 let succeeded = Report {
                     attempt,
@@ -256,13 +293,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         op: &Dispatch,
         trace: &TraceHeaders,
     ) -> Result<serde_json::Value, DriverError> {
-        let Some(remaining) = (op.deadline - Utc::now())
-            .to_std()
-            .ok()
-            .filter(|d| !d.is_zero())
-        else {
-            return Err(deadline_exceeded(op));
-        };
+        let remaining = time_left(op)?;
         let deadline = tokio::time::Instant::now() + remaining;
         let run = async {
             let enriched = self.look_up(op, trace).await?;
@@ -278,7 +309,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         };
         tokio::time::timeout_at(deadline, run)
             .await
-            .unwrap_or_else(|_| Err(deadline_exceeded(op)))
+            .unwrap_or_else(|_| Err(DriverError::deadline_exceeded(op)))
     }
 
     /// One call of the driver, cut short at `deadline`; counted and timed.
@@ -291,7 +322,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         let started = std::time::Instant::now();
         let result = tokio::time::timeout_at(deadline, self.driver.execute(op))
             .await
-            .unwrap_or_else(|_| Err(deadline_exceeded(op)));
+            .unwrap_or_else(|_| Err(DriverError::deadline_exceeded(op)));
         let outcome = match &result {
             Ok(_) => DriverOutcome::Ok,
             Err(DriverError::Transient(_)) => DriverOutcome::Transient,
@@ -393,6 +424,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
     }
 }
 
+/// A `failed` report with the error `code`.
 fn failed(attempt: i32, code: String, message: String, retryable: bool) -> Report {
     Report {
         attempt,
@@ -412,24 +444,15 @@ fn retryable(code: &str) -> bool {
     matches!(code, "deadline_exceeded" | "capacity_exhausted")
 }
 
-fn deadline_exceeded(op: &Dispatch) -> DriverError {
-    DriverError::permanent(
-        "deadline_exceeded",
-        format!(
-            "the operation's deadline {} passed",
-            op.deadline.to_rfc3339()
-        ),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drivers::sim::tests::{dispatch, instant};
+    use crate::drivers::sim::tests::{dispatch, instant, vm};
     use crate::drivers::{SimConfig, SimDriver};
     use crate::metrics::render;
     use crate::metrics::testing::{message_outcomes, sample};
     use crate::metrics::WorkerMetrics;
+    use chrono::Utc;
     use gateway_proto::{Action, Kind, OperationState, ReportAck};
     use prometheus_client::registry::Registry;
     use serde_json::json;
@@ -597,15 +620,6 @@ mod tests {
             peer_script: Mutex::new(answers.into()),
             ..FakeGateway::default()
         }
-    }
-
-    fn vm(name: &str) -> Dispatch {
-        dispatch(
-            Kind::Vm,
-            Action::Create,
-            name,
-            json!({"flavor": "m1.small", "image": "debian-12", "power_state": "running"}),
-        )
     }
 
     fn delivery(op: &Dispatch, delivered: i64) -> Delivery {

@@ -7,10 +7,10 @@
 //!   many messages as there are free slots, send `Progress` while work runs, ack / nak /
 //!   term, drain on shutdown (tested against a real NATS in `workers/tests/nats_loop.rs`);
 //! - `handler`: `Handler::handle` decides, for one delivery, what to report and how the
-//!   message is settled ([`Disposition`]), talking to the gateway through a `Reporter`
+//!   message is settled (`Disposition`), talking to the gateway through a `Reporter`
 //!   (unit-tested with a fake gateway).
 //!
-//! This file holds what both sides share: [`Disposition`], and the seeding of backoffs.
+//! This file holds what both sides share: `Disposition`, and the seeding of backoffs.
 //!
 //! **Architecture invariant:** a message is acked only after the gateway accepted the
 //! operation's terminal report, or told us (`409`) that the operation is not ours to

@@ -1,7 +1,8 @@
 //! The JetStream side of the consume loop: [`run_pool`] binds the pool's durable pull
-//! consumer, pulls as many messages as there are free slots, hands each to the
-//! `Handler` in a task of its own while sending `Progress`, settles it as the handler
-//! decided (ack / nak / term), and on shutdown drains what is in flight.
+//! consumer, pulls as many messages as there are free slots, reads each into a
+//! `Delivery` and hands it to the `Handler` in a task of its own while sending
+//! `Progress`, settles it as the handler decided (ack / nak / term), and on shutdown
+//! drains what is in flight.
 //!
 //! It has no unit tests: it is exercised against a real NATS in
 //! `workers/tests/nats_loop.rs`.
@@ -13,8 +14,9 @@ use crate::drivers::Driver;
 use crate::metrics::{MessageOutcome, WorkerMetrics};
 use crate::peers::Peers;
 use crate::report::{GatewayClient, Reporter, TraceHeaders};
+use async_nats::jetstream::consumer::pull::{Batch, BatchError};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
-use backon::ExponentialBuilder;
+use backon::{ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
 use gateway_proto::{consumer_name, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use std::sync::Arc;
@@ -111,6 +113,7 @@ struct Pool<D, R> {
 }
 
 impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
+    /// Pulls until `shutdown`, drains, then flushes the last acks.
     async fn run(mut self, shutdown: CancellationToken) {
         tracing::debug!(
             stream = %self.cfg.stream,
@@ -137,17 +140,43 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
     /// missing stream or consumer.
     async fn pull(&mut self, shutdown: &CancellationToken) {
         let mut backoff = reconnect_backoff();
-        'bind: loop {
+        loop {
+            let Some(consumer) = self.bind(shutdown, &mut backoff).await else {
+                return;
+            };
+            match self.pull_from(&consumer, shutdown, &mut backoff).await {
+                Pulled::Shutdown => return,
+                Pulled::Failed => {
+                    if !pause(shutdown, &mut backoff).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Binds to the durable consumer, retrying until it exists and NATS answers; `None`
+    /// if `shutdown` came first.
+    async fn bind(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut ExponentialBackoff,
+    ) -> Option<PullConsumer> {
+        loop {
             let bound = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return None,
                 c = self.js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
                     &self.consumer,
                     &self.cfg.stream,
                 ) => c,
             };
-            let consumer: PullConsumer = match bound {
-                Ok(consumer) => consumer,
+            match bound {
+                Ok(consumer) => {
+                    tracing::debug!(consumer = %self.consumer, "bound to the consumer");
+                    self.check_max_deliver(&consumer);
+                    return Some(consumer);
+                }
                 Err(e) => {
                     tracing::warn!(
                         stream = %self.cfg.stream,
@@ -155,100 +184,108 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
                         error = %e,
                         "cannot bind to the consumer (has `gateway migrate` run? is NATS up?); retrying"
                     );
-                    if !pause(shutdown, &mut backoff).await {
-                        return;
+                    if !pause(shutdown, backoff).await {
+                        return None;
                     }
-                    continue;
+                }
+            }
+        }
+    }
+
+    /// Warns when the configured `max_deliver` is not the consumer's: the handler would
+    /// misjudge which delivery is the last.
+    fn check_max_deliver(&self, consumer: &PullConsumer) {
+        let server_max = consumer.cached_info().config.max_deliver;
+        if self.cfg.max_deliver > 0 && server_max > 0 && server_max != self.cfg.max_deliver {
+            tracing::warn!(
+                consumer = %self.consumer,
+                configured = self.cfg.max_deliver,
+                consumer_max_deliver = server_max,
+                "WORKER_MAX_DELIVER differs from the consumer's max_deliver; the last attempt will be misjudged"
+            );
+        }
+    }
+
+    /// Pulls from a bound consumer as slots free up, until `shutdown` or a failure.
+    ///
+    /// Busy: take what is there now, as slots free up (`fetch` answers at once). Idle
+    /// (the last fetch found nothing): wait, server-side, for the next message, then go
+    /// back to fetching. A long pull for many messages would hold every free slot until
+    /// it filled or expired.
+    async fn pull_from(
+        &mut self,
+        consumer: &PullConsumer,
+        shutdown: &CancellationToken,
+        backoff: &mut ExponentialBackoff,
+    ) -> Pulled {
+        let mut idle = false;
+        loop {
+            self.reap();
+            // Pull only as many messages as can start now: a message waiting in a
+            // local buffer would see its AckWait run out without any Progress.
+            let Some(slots) = self.free_slots(shutdown).await else {
+                return Pulled::Shutdown;
+            };
+            let batch = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Pulled::Shutdown,
+                b = request(consumer, idle, slots.len()) => b,
+            };
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pull request failed; binding again");
+                    return Pulled::Failed;
                 }
             };
-            tracing::debug!(consumer = %self.consumer, "bound to the consumer");
-            let server_max = consumer.cached_info().config.max_deliver;
-            if self.cfg.max_deliver > 0 && server_max > 0 && server_max != self.cfg.max_deliver {
-                tracing::warn!(
-                    consumer = %self.consumer,
-                    configured = self.cfg.max_deliver,
-                    consumer_max_deliver = server_max,
-                    "WORKER_MAX_DELIVER differs from the consumer's max_deliver; the last attempt will be misjudged"
-                );
-            }
+            idle = match self.take(batch, slots, shutdown, backoff).await {
+                Taken::Ended { nothing_came } => nothing_came,
+                Taken::Stopped(pulled) => return pulled,
+            };
+        }
+    }
 
-            // Busy: take what is there now, as slots free up (`fetch` answers at once).
-            // Idle (the last fetch found nothing): wait, server-side, for the next
-            // message, then go back to fetching. A long pull for many messages would
-            // hold every free slot until it filled or expired.
-            let mut idle = false;
-            loop {
-                self.reap();
-                // Pull only as many messages as can start now: a message waiting in a
-                // local buffer would see its AckWait run out without any Progress.
-                let Some(mut slots) = self.free_slots(shutdown).await else {
-                    return;
-                };
-                let request = async {
-                    if idle {
-                        consumer
-                            .batch()
-                            .max_messages(1)
-                            .expires(PULL_EXPIRES)
-                            .messages()
-                            .await
-                    } else {
-                        consumer.fetch().max_messages(slots.len()).messages().await
-                    }
-                };
-                let batch = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return,
-                    b = request => b,
-                };
-                let mut batch = match batch {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "pull request failed; binding again");
-                        if !pause(shutdown, &mut backoff).await {
-                            return;
-                        }
-                        continue 'bind;
-                    }
-                };
-                // The server ends a pull at its expiry; if it has not by this time, the
-                // request was lost (NATS restarted) and waiting longer only adds latency.
-                let lost_after = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
-                let wanted = slots.len();
-                loop {
-                    let next = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return,
-                        n = batch.next() => n,
-                        _ = tokio::time::sleep_until(lost_after) => None,
-                    };
-                    match next {
+    /// Starts a task for each message of `batch`, one slot each, until the batch ends.
+    async fn take(
+        &mut self,
+        mut batch: Batch,
+        mut slots: Vec<OwnedSemaphorePermit>,
+        shutdown: &CancellationToken,
+        backoff: &mut ExponentialBackoff,
+    ) -> Taken {
+        // The server ends a pull at its expiry; if it has not by this time, the request
+        // was lost (NATS restarted) and waiting longer only adds latency.
+        let lost_after = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
+        let wanted = slots.len();
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Taken::Stopped(Pulled::Shutdown),
+                n = batch.next() => n,
+                _ = tokio::time::sleep_until(lost_after) => None,
+            };
+            match next {
+                None => {
+                    *backoff = reconnect_backoff();
+                    // Nothing came: wait for work next time.
+                    let nothing_came = slots.len() == wanted;
+                    return Taken::Ended { nothing_came };
+                }
+                Some(Ok(msg)) => {
+                    *backoff = reconnect_backoff();
+                    match slots.pop() {
+                        Some(slot) => self.spawn(msg, slot),
+                        // The batch asks for `slots.len()` messages; should the server
+                        // send more, hand the extra back at once.
                         None => {
-                            backoff = reconnect_backoff();
-                            // Nothing came: wait for work next time.
-                            idle = slots.len() == wanted;
-                            break;
-                        }
-                        Some(Ok(msg)) => {
-                            backoff = reconnect_backoff();
-                            match slots.pop() {
-                                Some(slot) => self.spawn(msg, slot),
-                                // The batch asks for `slots.len()` messages; should the
-                                // server send more, hand the extra back at once.
-                                None => {
-                                    self.handler.metrics.message(MessageOutcome::HandedBack);
-                                    settle(&msg, Disposition::Nak(None)).await;
-                                }
-                            }
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "pulling messages failed; binding again");
-                            if !pause(shutdown, &mut backoff).await {
-                                return;
-                            }
-                            continue 'bind;
+                            self.handler.metrics.message(MessageOutcome::HandedBack);
+                            settle(&msg, Disposition::Nak(None)).await;
                         }
                     }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pulling messages failed; binding again");
+                    return Taken::Stopped(Pulled::Failed);
                 }
             }
         }
@@ -268,6 +305,7 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
         Some(slots)
     }
 
+    /// Works on `msg` in a task of its own, holding `slot` until it is settled.
     fn spawn(&mut self, msg: jetstream::Message, slot: OwnedSemaphorePermit) {
         let handler = self.handler.clone();
         let hard_stop = self.hard_stop.clone();
@@ -295,14 +333,7 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
             in_flight = self.tasks.len(),
             "shutting down: waiting for in-flight messages"
         );
-        let tasks = &mut self.tasks;
-        let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while let Some(result) = tasks.join_next().await {
-                log_join(result);
-            }
-        })
-        .await;
-        if finished.is_ok() {
+        if self.join_within(SHUTDOWN_GRACE).await {
             return;
         }
         tracing::warn!(
@@ -310,20 +341,58 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
             "grace period over: handing unfinished messages back to JetStream"
         );
         self.hard_stop.cancel();
+        if !self.join_within(HAND_BACK_TIMEOUT).await {
+            // JetStream redelivers them after AckWait.
+            self.tasks.abort_all();
+        }
+    }
+
+    /// Waits up to `limit` for every message task to finish; `false` if some did not.
+    async fn join_within(&mut self, limit: Duration) -> bool {
         let tasks = &mut self.tasks;
-        let handed_back = tokio::time::timeout(HAND_BACK_TIMEOUT, async {
+        let joined = tokio::time::timeout(limit, async {
             while let Some(result) = tasks.join_next().await {
                 log_join(result);
             }
         })
         .await;
-        if handed_back.is_err() {
-            // JetStream redelivers them after AckWait.
-            self.tasks.abort_all();
-        }
+        joined.is_ok()
     }
 }
 
+/// Why pulling from a bound consumer stopped.
+enum Pulled {
+    /// `shutdown` was cancelled.
+    Shutdown,
+    /// The pull request or its messages failed: bind again, after a pause.
+    Failed,
+}
+
+/// How taking the messages of one batch ended.
+enum Taken {
+    /// The batch ended (or its request was lost); `nothing_came` if it brought no
+    /// message, so the next pull waits for one.
+    Ended { nothing_came: bool },
+    /// Pulling from this consumer must stop.
+    Stopped(Pulled),
+}
+
+/// One pull request for up to `slots` messages: answered at once, or, when the pool is
+/// `idle`, waiting on the server up to [`PULL_EXPIRES`] for one message.
+async fn request(consumer: &PullConsumer, idle: bool, slots: usize) -> Result<Batch, BatchError> {
+    if idle {
+        consumer
+            .batch()
+            .max_messages(1)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+    } else {
+        consumer.fetch().max_messages(slots).messages().await
+    }
+}
+
+/// Logs a message task that panicked.
 fn log_join(result: Result<(), tokio::task::JoinError>) {
     if let Err(e) = result {
         if e.is_panic() {
@@ -334,7 +403,7 @@ fn log_join(result: Result<(), tokio::task::JoinError>) {
 
 /// Backoff between attempts to bind or pull: 250 ms doubling to 2.5 s, each wait
 /// stretched by up to 100 % jitter (so at most 5 s), without end.
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+fn reconnect_backoff() -> ExponentialBackoff {
     use backon::BackoffBuilder;
     seeded(
         ExponentialBuilder::new()
@@ -410,6 +479,7 @@ async fn settle(msg: &jetstream::Message, disposition: Disposition) {
 
 /// Reading a delivery out of a JetStream message.
 impl Delivery {
+    /// What the handler needs of `msg`.
     fn of(msg: &jetstream::Message) -> Self {
         let header = |name: &str| {
             msg.message
