@@ -146,82 +146,14 @@ impl WorkerConfig {
     ) -> anyhow::Result<Self> {
         let env = Env(&lookup);
         let zone = token("WORKER_ZONE (--zone)", &zone)?.to_owned();
-
         let nats_url = env.string("NATS_URL", "nats://127.0.0.1:4222");
-        let gateway_url = env.string("GATEWAY_URL", "http://127.0.0.1:8080");
-        http_url("GATEWAY_URL", &gateway_url)?;
-        let gateway_key = env.get("GATEWAY_KEY").ok_or_else(|| {
-            anyhow!("GATEWAY_KEY: required: the bearer key of a worker principal for {service} in {zone}")
-        })?;
-        let stream = env.string("OPS_STREAM", "OPS");
-        token("OPS_STREAM", &stream)?;
-        let concurrency: usize =
-            env.parse("WORKER_CONCURRENCY", PoolConfig::DEFAULT_CONCURRENCY)?;
-        if !(1..=1024).contains(&concurrency) {
-            bail!("WORKER_CONCURRENCY: must be between 1 and 1024, got {concurrency}");
-        }
-        let max_deliver: i64 = env.parse("WORKER_MAX_DELIVER", PoolConfig::DEFAULT_MAX_DELIVER)?;
-        if max_deliver < 1 {
-            bail!("WORKER_MAX_DELIVER: must be at least 1 (the consumer's max_deliver), got {max_deliver}");
-        }
-
-        let driver = match env.string("WORKER_DRIVER", "sim").as_str() {
-            "sim" => {
-                let min = env.parse("SIM_MIN_LATENCY_MS", 200u64)?;
-                let max = env.parse("SIM_MAX_LATENCY_MS", 1500u64)?;
-                if min > max {
-                    bail!(
-                        "SIM_MIN_LATENCY_MS: must not exceed SIM_MAX_LATENCY_MS ({max}), got {min}"
-                    );
-                }
-                DriverConfig::Sim {
-                    config: SimConfig {
-                        min_latency: Duration::from_millis(min),
-                        max_latency: Duration::from_millis(max),
-                        failure_rate: env.rate("SIM_FAILURE_RATE")?,
-                        transient_failure_rate: env.rate("SIM_TRANSIENT_FAILURE_RATE")?,
-                    },
-                    capacity_per_zone: env
-                        .get("SIM_CAPACITY_PER_ZONE")
-                        .map(|_| env.parse("SIM_CAPACITY_PER_ZONE", 0u32))
-                        .transpose()?,
-                }
-            }
-            "exec" => {
-                let command = env.get("WORKER_EXEC_COMMAND").ok_or_else(|| {
-                    anyhow!("WORKER_EXEC_COMMAND: required when WORKER_DRIVER=exec (a program and its arguments, split on whitespace)")
-                })?;
-                let mut words = command.split_whitespace().map(str::to_owned);
-                let program = words.next().map(PathBuf::from).unwrap_or_default();
-                DriverConfig::Exec {
-                    program,
-                    args: words.collect(),
-                }
-            }
-            other => bail!("WORKER_DRIVER: must be 'sim' or 'exec', got '{other}'"),
-        };
-
-        let log_format = match env.string("LOG_FORMAT", "text").as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => bail!("LOG_FORMAT: must be 'text' or 'json', got '{other}'"),
-        };
-        let listen = env.string("WORKER_LISTEN", Self::DEFAULT_LISTEN);
-        let listen: SocketAddr = listen.parse().map_err(|e| {
-            anyhow!("WORKER_LISTEN: must be an address and port such as 0.0.0.0:9464, got '{listen}': {e}")
-        })?;
-
+        let pool = env.pool(service, zone)?;
+        let driver = env.driver()?;
+        let log_format = env.log_format()?;
+        let listen = env.listen()?;
         Ok(Self {
             nats_url,
-            pool: PoolConfig {
-                service,
-                zone,
-                stream,
-                gateway_url,
-                gateway_key,
-                concurrency,
-                max_deliver,
-            },
+            pool,
             driver,
             log_format,
             listen,
@@ -266,6 +198,95 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
                 )),
             },
         }
+    }
+}
+
+/// The parts of a [`WorkerConfig`], each read from its variables.
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    /// [`WorkerConfig::pool`] for `service` in `zone` (already checked).
+    fn pool(&self, service: Service, zone: String) -> anyhow::Result<PoolConfig> {
+        let gateway_url = self.string("GATEWAY_URL", "http://127.0.0.1:8080");
+        http_url("GATEWAY_URL", &gateway_url)?;
+        let gateway_key = self.get("GATEWAY_KEY").ok_or_else(|| {
+            anyhow!("GATEWAY_KEY: required: the bearer key of a worker principal for {service} in {zone}")
+        })?;
+        let stream = self.string("OPS_STREAM", "OPS");
+        token("OPS_STREAM", &stream)?;
+        let concurrency: usize =
+            self.parse("WORKER_CONCURRENCY", PoolConfig::DEFAULT_CONCURRENCY)?;
+        if !(1..=1024).contains(&concurrency) {
+            bail!("WORKER_CONCURRENCY: must be between 1 and 1024, got {concurrency}");
+        }
+        let max_deliver: i64 = self.parse("WORKER_MAX_DELIVER", PoolConfig::DEFAULT_MAX_DELIVER)?;
+        if max_deliver < 1 {
+            bail!("WORKER_MAX_DELIVER: must be at least 1 (the consumer's max_deliver), got {max_deliver}");
+        }
+        Ok(PoolConfig {
+            service,
+            zone,
+            stream,
+            gateway_url,
+            gateway_key,
+            concurrency,
+            max_deliver,
+        })
+    }
+
+    /// [`WorkerConfig::driver`].
+    fn driver(&self) -> anyhow::Result<DriverConfig> {
+        match self.string("WORKER_DRIVER", "sim").as_str() {
+            "sim" => self.sim(),
+            "exec" => {
+                let command = self.get("WORKER_EXEC_COMMAND").ok_or_else(|| {
+                    anyhow!("WORKER_EXEC_COMMAND: required when WORKER_DRIVER=exec (a program and its arguments, split on whitespace)")
+                })?;
+                let mut words = command.split_whitespace().map(str::to_owned);
+                let program = words.next().map(PathBuf::from).unwrap_or_default();
+                Ok(DriverConfig::Exec {
+                    program,
+                    args: words.collect(),
+                })
+            }
+            other => bail!("WORKER_DRIVER: must be 'sim' or 'exec', got '{other}'"),
+        }
+    }
+
+    /// [`DriverConfig::Sim`], from the `SIM_*` variables.
+    fn sim(&self) -> anyhow::Result<DriverConfig> {
+        let min = self.parse("SIM_MIN_LATENCY_MS", 200u64)?;
+        let max = self.parse("SIM_MAX_LATENCY_MS", 1500u64)?;
+        if min > max {
+            bail!("SIM_MIN_LATENCY_MS: must not exceed SIM_MAX_LATENCY_MS ({max}), got {min}");
+        }
+        Ok(DriverConfig::Sim {
+            config: SimConfig {
+                min_latency: Duration::from_millis(min),
+                max_latency: Duration::from_millis(max),
+                failure_rate: self.rate("SIM_FAILURE_RATE")?,
+                transient_failure_rate: self.rate("SIM_TRANSIENT_FAILURE_RATE")?,
+            },
+            capacity_per_zone: self
+                .get("SIM_CAPACITY_PER_ZONE")
+                .map(|_| self.parse("SIM_CAPACITY_PER_ZONE", 0u32))
+                .transpose()?,
+        })
+    }
+
+    /// [`WorkerConfig::log_format`].
+    fn log_format(&self) -> anyhow::Result<LogFormat> {
+        match self.string("LOG_FORMAT", "text").as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => bail!("LOG_FORMAT: must be 'text' or 'json', got '{other}'"),
+        }
+    }
+
+    /// [`WorkerConfig::listen`].
+    fn listen(&self) -> anyhow::Result<SocketAddr> {
+        let listen = self.string("WORKER_LISTEN", WorkerConfig::DEFAULT_LISTEN);
+        listen.parse().map_err(|e| {
+            anyhow!("WORKER_LISTEN: must be an address and port such as 0.0.0.0:9464, got '{listen}': {e}")
+        })
     }
 }
 

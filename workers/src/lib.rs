@@ -8,7 +8,8 @@
 //!   `running`, look up peers, run the driver with retries, report the outcome, then
 //!   settle the message. Each message is handled in a span carrying the client's
 //!   `request_id` and `traceparent` (from the message's headers), which reports and
-//!   peer reads forward to the gateway.
+//!   peer reads forward to the gateway. Its `pool` submodule speaks JetStream; its
+//!   `handler` submodule decides what to report and how each message is settled.
 //! - [`report`]: [`report::GatewayClient`], the HTTP client for
 //!   `POST /v1/operations/{id}/reports`, and the sorting of the gateway's answers into
 //!   accepted, refused (`409`), retry (`5xx`, `429`, unreachable) and give up.

@@ -12,13 +12,12 @@
 //! - the program is killed if it runs past the operation's deadline;
 //! - it must be idempotent per `operation_id`: the same operation can arrive again.
 
-use super::{Driver, DriverError};
-use chrono::Utc;
+use super::{time_left, Driver, DriverError};
 use gateway_proto::Dispatch;
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Output, Stdio};
 use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 /// `EX_TEMPFAIL` from `sysexits.h`: the program asks to be run again later.
 pub const EXIT_TEMPFAIL: i32 = 75;
@@ -40,22 +39,10 @@ impl ExecDriver {
     pub fn new(program: PathBuf, args: Vec<String>) -> Self {
         Self { program, args }
     }
-}
 
-impl Driver for ExecDriver {
-    async fn execute(&self, op: &Dispatch) -> Result<serde_json::Value, DriverError> {
-        let Some(remaining) = (op.deadline - Utc::now())
-            .to_std()
-            .ok()
-            .filter(|d| !d.is_zero())
-        else {
-            return Err(deadline_exceeded(op));
-        };
-        let input = serde_json::to_vec(op).map_err(|e| {
-            DriverError::permanent("exec_failed", format!("cannot encode the operation: {e}"))
-        })?;
-
-        let mut child = Command::new(&self.program)
+    /// Starts the program with piped stdin, stdout and stderr, to be killed when dropped.
+    fn spawn(&self) -> Result<Child, DriverError> {
+        Command::new(&self.program)
             .args(&self.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -67,28 +54,11 @@ impl Driver for ExecDriver {
             // and fail the operation with `retries_exhausted` if it never does.
             .map_err(|e| {
                 DriverError::Transient(format!("cannot start {}: {e}", self.program.display()))
-            })?;
+            })
+    }
 
-        let mut stdin = child.stdin.take();
-        let feed = async move {
-            if let Some(stdin) = stdin.as_mut() {
-                // A program that does not read its input closes the pipe early; that is
-                // its business, so a broken pipe is not an error.
-                if let Err(e) = stdin.write_all(&input).await {
-                    tracing::debug!(error = %e, "exec driver: program did not read all of its input");
-                }
-            }
-            drop(stdin);
-        };
-        let run = async { tokio::join!(feed, child.wait_with_output()).1 };
-        let output = match tokio::time::timeout(remaining, run).await {
-            Ok(output) => output.map_err(|e| {
-                DriverError::Transient(format!("waiting for {}: {e}", self.program.display()))
-            })?,
-            // The timeout dropped the child, which kills it.
-            Err(_) => return Err(deadline_exceeded(op)),
-        };
-
+    /// What the program's exit status and output say, as the protocol defines it.
+    fn outcome(&self, output: &Output) -> Result<serde_json::Value, DriverError> {
         let stderr = message(&output.stderr);
         match output.status.code() {
             Some(0) => {
@@ -126,14 +96,38 @@ impl Driver for ExecDriver {
     }
 }
 
-fn deadline_exceeded(op: &Dispatch) -> DriverError {
-    DriverError::permanent(
-        "deadline_exceeded",
-        format!(
-            "the operation's deadline {} passed",
-            op.deadline.to_rfc3339()
-        ),
-    )
+impl Driver for ExecDriver {
+    async fn execute(&self, op: &Dispatch) -> Result<serde_json::Value, DriverError> {
+        let remaining = time_left(op)?;
+        let input = serde_json::to_vec(op).map_err(|e| {
+            DriverError::permanent("exec_failed", format!("cannot encode the operation: {e}"))
+        })?;
+        let child = self.spawn()?;
+        let output = match tokio::time::timeout(remaining, feed_and_wait(child, input)).await {
+            Ok(output) => output.map_err(|e| {
+                DriverError::Transient(format!("waiting for {}: {e}", self.program.display()))
+            })?,
+            // The timeout dropped the child, which kills it.
+            Err(_) => return Err(DriverError::deadline_exceeded(op)),
+        };
+        self.outcome(&output)
+    }
+}
+
+/// Writes `input` to the child's stdin, closes it, and waits for the child to exit.
+async fn feed_and_wait(mut child: Child, input: Vec<u8>) -> std::io::Result<Output> {
+    let mut stdin = child.stdin.take();
+    let feed = async move {
+        if let Some(stdin) = stdin.as_mut() {
+            // A program that does not read its input closes the pipe early; that is its
+            // business, so a broken pipe is not an error.
+            if let Err(e) = stdin.write_all(&input).await {
+                tracing::debug!(error = %e, "exec driver: program did not read all of its input");
+            }
+        }
+        drop(stdin);
+    };
+    tokio::join!(feed, child.wait_with_output()).1
 }
 
 /// Stderr as an error message: trimmed, lossily decoded, cut to a bounded length.
@@ -154,6 +148,7 @@ fn message(stderr: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::drivers::sim::tests::dispatch;
+    use chrono::Utc;
     use gateway_proto::{Action, Kind};
     use serde_json::json;
 

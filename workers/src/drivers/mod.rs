@@ -2,14 +2,18 @@
 //!
 //! The consume loop ([`crate::run_pool`]) owns everything JetStream and the gateway care
 //! about (reports, acks, retries across deliveries); a driver only turns one
-//! [`Dispatch`] into an observed status, or says why it could not.
+//! [`Dispatch`] into an observed status, or says why it could not. The loop and the exec
+//! driver both stop at the operation's deadline (`time_left`), with the same
+//! `deadline_exceeded` error.
 //!
 //! **Contract:** a driver is idempotent per [`Dispatch::operation_id`]. The same operation
 //! can reach it more than once (a redelivery after a crash, a lost ack, a retry after a
 //! transient error), and the effect must happen at most once.
 
+use chrono::Utc;
 use gateway_proto::Dispatch;
 use std::future::Future;
+use std::time::Duration;
 
 pub mod exec;
 pub mod sim;
@@ -63,4 +67,25 @@ impl DriverError {
     pub fn is_transient(&self) -> bool {
         matches!(self, DriverError::Transient(_))
     }
+
+    /// The permanent error `deadline_exceeded`: `op`'s deadline passed before it was
+    /// done.
+    pub(crate) fn deadline_exceeded(op: &Dispatch) -> Self {
+        DriverError::permanent(
+            "deadline_exceeded",
+            format!(
+                "the operation's deadline {} passed",
+                op.deadline.to_rfc3339()
+            ),
+        )
+    }
+}
+
+/// The time left until `op`'s deadline; [`DriverError::deadline_exceeded`] once none is.
+pub(crate) fn time_left(op: &Dispatch) -> Result<Duration, DriverError> {
+    (op.deadline - Utc::now())
+        .to_std()
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| DriverError::deadline_exceeded(op))
 }

@@ -325,7 +325,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn vm(name: &str) -> Dispatch {
+    /// A `create` of the VM `name` (`m1.small`, `debian-12`, running).
+    pub(crate) fn vm(name: &str) -> Dispatch {
         dispatch(
             Kind::Vm,
             Action::Create,

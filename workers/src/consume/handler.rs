@@ -1,60 +1,22 @@
-//! The consume loop: pull operations from a pool's durable consumer, run the driver,
-//! report through the gateway, and only then settle the message.
-//!
-//! The loop is split in two so its decisions can be tested without NATS:
-//!
-//! - [`run_pool`] and its helpers speak JetStream: bind the consumer, pull as many
-//!   messages as there are free slots, send `Progress` while work runs, ack / nak / term,
-//!   drain on shutdown;
-//! - `Handler::handle` decides, for one delivery, what to report and how the message is
-//!   settled (`Disposition`), talking to the gateway through a `Reporter`.
-//!
-//! **Architecture invariant:** a message is acked only after the gateway accepted the
-//! operation's terminal report, or told us (`409`) that the operation is not ours to
-//! finish. Anything else — crash, shutdown, unreachable gateway — leaves the message to
-//! JetStream, which delivers it again.
+//! The decisions of the consume loop, for one delivery: [`Handler::handle`] reports
+//! `running`, looks up peers, runs the driver with retries and deadline, reports the
+//! outcome, and says how the message is to be settled ([`Disposition`]). It talks to
+//! the gateway through a [`Reporter`] and [`Peers`], never to NATS, so it is tested here
+//! with a fake gateway.
 
-use crate::config::PoolConfig;
-use crate::drivers::{Driver, DriverError};
-use crate::metrics::{DriverOutcome, LookupOutcome, MessageOutcome, PoolMetrics, WorkerMetrics};
+use super::{seeded, Disposition, PROGRESS_INTERVAL};
+use crate::drivers::{time_left, Driver, DriverError};
+use crate::metrics::{DriverOutcome, LookupOutcome, MessageOutcome, PoolMetrics};
 use crate::peers::{LookupError, Peer, PeerAnswer, Peers};
-use crate::report::{GatewayClient, ReportError, ReportOutcome, Reporter, TraceHeaders};
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use crate::report::{ReportError, ReportOutcome, Reporter, TraceHeaders};
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
-use chrono::Utc;
-use futures::StreamExt;
-use gateway_proto::{
-    consumer_name, Dispatch, OperationError, Report, ReportState, Service, REQUEST_ID_HEADER,
-    TRACEPARENT_HEADER,
-};
-use std::sync::Arc;
+use gateway_proto::{Dispatch, OperationError, Report, ReportAck, ReportState, Service};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tracing::{field, info_span, Instrument, Span};
-
-/// How often a worker tells JetStream it is still working on a message (`+WPI`): well
-/// under the consumer's AckWait of 30 s, so a message being worked on is never
-/// redelivered to another worker.
-pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How long a shutting-down pool waits for in-flight messages before handing the rest
-/// back to JetStream (`-NAK`).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// How long one pull request waits on the server for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
-
-/// How long after its expiry a pull request counts as lost.
-const PULL_GRACE: Duration = Duration::from_secs(1);
+use tracing::{field, info_span, Span};
 
 /// Longest delay asked for when handing a message back after transient failures.
 const MAX_NAK_DELAY: Duration = Duration::from_secs(30);
-
-/// How long to wait for the hand-backs after the grace period, and for the final flush.
-const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long JetStream should wait before delivering a message again after attempt
 /// `attempt` failed transiently: 1 s per attempt, at most 30 s.
@@ -63,419 +25,16 @@ pub fn nak_delay(attempt: i32) -> Duration {
     Duration::from_secs(secs).min(MAX_NAK_DELAY)
 }
 
-/// Runs one pool until `shutdown` is cancelled; returns after in-flight messages finished
-/// or were handed back.
-///
-/// Binds to the durable pull consumer [`consumer_name`]`(service, zone)` on `cfg.stream`
-/// (created by `gateway migrate`; while it is missing the pool logs a warning and keeps
-/// trying), and processes up to `cfg.concurrency` messages at once. NATS outages are
-/// logged and outlived, never returned. Errors only for an invalid `cfg`.
-///
-/// Its metrics are kept but registered nowhere; see [`run_pool_with_metrics`].
-pub async fn run_pool<D: Driver>(
-    js: jetstream::Context,
-    cfg: PoolConfig,
-    driver: D,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    run_pool_with_metrics(js, cfg, driver, WorkerMetrics::default(), shutdown).await
-}
-
-/// [`run_pool`], counting into `metrics` (usually registered with
-/// [`WorkerMetrics::register`]) under the labels `service` and `zone` of `cfg`. Several
-/// pools may share one `WorkerMetrics`.
-pub async fn run_pool_with_metrics<D: Driver>(
-    js: jetstream::Context,
-    cfg: PoolConfig,
-    driver: D,
-    metrics: WorkerMetrics,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    cfg.validate()?;
-    let reporter = GatewayClient::new(&cfg.gateway_url, &cfg.gateway_key)?;
-    let handler = Arc::new(Handler {
-        driver,
-        reporter,
-        service: cfg.service,
-        zone: cfg.zone.clone(),
-        max_deliver: cfg.max_deliver,
-        timing: Timing::default(),
-        metrics: metrics.pool(cfg.service, &cfg.zone),
-    });
-    let span = info_span!("pool", service = %cfg.service, zone = %cfg.zone);
-    let pool = Pool {
-        js,
-        consumer: consumer_name(cfg.service, &cfg.zone),
-        slots: Arc::new(Semaphore::new(cfg.concurrency)),
-        cfg,
-        handler,
-        hard_stop: CancellationToken::new(),
-        tasks: JoinSet::new(),
-    };
-    pool.run(shutdown).instrument(span).await;
-    Ok(())
-}
-
-/// The JetStream side of one pool.
-struct Pool<D, R> {
-    js: jetstream::Context,
-    cfg: PoolConfig,
-    /// The durable consumer's name.
-    consumer: String,
-    handler: Arc<Handler<D, R>>,
-    /// One permit per message that may be in flight.
-    slots: Arc<Semaphore>,
-    /// Cancelled when the grace period is over: unfinished messages are handed back.
-    hard_stop: CancellationToken,
-    /// The messages in flight.
-    tasks: JoinSet<()>,
-}
-
-impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
-    async fn run(mut self, shutdown: CancellationToken) {
-        tracing::debug!(
-            stream = %self.cfg.stream,
-            consumer = %self.consumer,
-            concurrency = self.cfg.concurrency,
-            "pool started"
-        );
-        self.pull(&shutdown).await;
-        self.drain().await;
-        // Acks and naks are buffered by the client: make sure they leave before we do.
-        match tokio::time::timeout(HAND_BACK_TIMEOUT, self.js.client().flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not flush the last acks; JetStream will redeliver those messages")
-            }
-            Err(_) => tracing::warn!(
-                "timed out flushing the last acks; JetStream will redeliver those messages"
-            ),
-        }
-        tracing::debug!("pool stopped");
-    }
-
-    /// Pulls and dispatches messages until `shutdown`; outlives NATS outages and a
-    /// missing stream or consumer.
-    async fn pull(&mut self, shutdown: &CancellationToken) {
-        let mut backoff = reconnect_backoff();
-        'bind: loop {
-            let bound = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                c = self.js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-                    &self.consumer,
-                    &self.cfg.stream,
-                ) => c,
-            };
-            let consumer: PullConsumer = match bound {
-                Ok(consumer) => consumer,
-                Err(e) => {
-                    tracing::warn!(
-                        stream = %self.cfg.stream,
-                        consumer = %self.consumer,
-                        error = %e,
-                        "cannot bind to the consumer (has `gateway migrate` run? is NATS up?); retrying"
-                    );
-                    if !pause(shutdown, &mut backoff).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            tracing::debug!(consumer = %self.consumer, "bound to the consumer");
-            let server_max = consumer.cached_info().config.max_deliver;
-            if self.cfg.max_deliver > 0 && server_max > 0 && server_max != self.cfg.max_deliver {
-                tracing::warn!(
-                    consumer = %self.consumer,
-                    configured = self.cfg.max_deliver,
-                    consumer_max_deliver = server_max,
-                    "WORKER_MAX_DELIVER differs from the consumer's max_deliver; the last attempt will be misjudged"
-                );
-            }
-
-            // Busy: take what is there now, as slots free up (`fetch` answers at once).
-            // Idle (the last fetch found nothing): wait, server-side, for the next
-            // message, then go back to fetching. A long pull for many messages would
-            // hold every free slot until it filled or expired.
-            let mut idle = false;
-            loop {
-                self.reap();
-                // Pull only as many messages as can start now: a message waiting in a
-                // local buffer would see its AckWait run out without any Progress.
-                let Some(mut slots) = self.free_slots(shutdown).await else {
-                    return;
-                };
-                let request = async {
-                    if idle {
-                        consumer
-                            .batch()
-                            .max_messages(1)
-                            .expires(PULL_EXPIRES)
-                            .messages()
-                            .await
-                    } else {
-                        consumer.fetch().max_messages(slots.len()).messages().await
-                    }
-                };
-                let batch = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return,
-                    b = request => b,
-                };
-                let mut batch = match batch {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "pull request failed; binding again");
-                        if !pause(shutdown, &mut backoff).await {
-                            return;
-                        }
-                        continue 'bind;
-                    }
-                };
-                // The server ends a pull at its expiry; if it has not by this time, the
-                // request was lost (NATS restarted) and waiting longer only adds latency.
-                let lost_after = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
-                let wanted = slots.len();
-                loop {
-                    let next = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return,
-                        n = batch.next() => n,
-                        _ = tokio::time::sleep_until(lost_after) => None,
-                    };
-                    match next {
-                        None => {
-                            backoff = reconnect_backoff();
-                            // Nothing came: wait for work next time.
-                            idle = slots.len() == wanted;
-                            break;
-                        }
-                        Some(Ok(msg)) => {
-                            backoff = reconnect_backoff();
-                            match slots.pop() {
-                                Some(slot) => self.spawn(msg, slot),
-                                // The batch asks for `slots.len()` messages; should the
-                                // server send more, hand the extra back at once.
-                                None => {
-                                    self.handler.metrics.message(MessageOutcome::HandedBack);
-                                    settle(&msg, Disposition::Nak(None)).await;
-                                }
-                            }
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "pulling messages failed; binding again");
-                            if !pause(shutdown, &mut backoff).await {
-                                return;
-                            }
-                            continue 'bind;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waits for at least one free slot and takes every free one.
-    async fn free_slots(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedSemaphorePermit>> {
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return None,
-            p = self.slots.clone().acquire_owned() => p.ok()?,
-        };
-        let mut slots = vec![first];
-        while let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            slots.push(slot);
-        }
-        Some(slots)
-    }
-
-    fn spawn(&mut self, msg: jetstream::Message, slot: OwnedSemaphorePermit) {
-        let handler = self.handler.clone();
-        let hard_stop = self.hard_stop.clone();
-        let in_flight = handler.metrics.in_flight();
-        self.tasks.spawn(async move {
-            work_on(&handler, msg, &hard_stop).await;
-            drop(slot);
-            drop(in_flight);
-        });
-    }
-
-    /// Collects finished message tasks.
-    fn reap(&mut self) {
-        while let Some(result) = self.tasks.try_join_next() {
-            log_join(result);
-        }
-    }
-
-    /// Waits up to [`SHUTDOWN_GRACE`] for in-flight messages, then hands the rest back.
-    async fn drain(&mut self) {
-        if self.tasks.is_empty() {
-            return;
-        }
-        tracing::info!(
-            in_flight = self.tasks.len(),
-            "shutting down: waiting for in-flight messages"
-        );
-        let tasks = &mut self.tasks;
-        let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while let Some(result) = tasks.join_next().await {
-                log_join(result);
-            }
-        })
-        .await;
-        if finished.is_ok() {
-            return;
-        }
-        tracing::warn!(
-            unfinished = self.tasks.len(),
-            "grace period over: handing unfinished messages back to JetStream"
-        );
-        self.hard_stop.cancel();
-        let tasks = &mut self.tasks;
-        let handed_back = tokio::time::timeout(HAND_BACK_TIMEOUT, async {
-            while let Some(result) = tasks.join_next().await {
-                log_join(result);
-            }
-        })
-        .await;
-        if handed_back.is_err() {
-            // JetStream redelivers them after AckWait.
-            self.tasks.abort_all();
-        }
-    }
-}
-
-fn log_join(result: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = result {
-        if e.is_panic() {
-            tracing::error!(error = %e, "a message task panicked; JetStream will deliver the message again");
-        }
-    }
-}
-
-/// Backoff between attempts to bind or pull: 250 ms doubling to 2.5 s, each wait
-/// stretched by up to 100 % jitter (so at most 5 s), without end.
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder;
-    seeded(
-        ExponentialBuilder::new()
-            .with_min_delay(Duration::from_millis(250))
-            .with_max_delay(Duration::from_millis(2500))
-            .with_jitter()
-            .without_max_times(),
-    )
-    .build()
-}
-
-/// Sleeps for the next backoff delay; `false` if `shutdown` came first.
-async fn pause(shutdown: &CancellationToken, backoff: &mut impl Iterator<Item = Duration>) -> bool {
-    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-    tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
-}
-
-/// backon seeds its jitter with a constant unless its `std` feature is on; a random seed
-/// keeps workers that failed together from retrying together.
-fn seeded(builder: ExponentialBuilder) -> ExponentialBuilder {
-    builder.with_jitter_seed(rand::random())
-}
-
-/// Handles one message to the end: works on it while telling JetStream it is alive, then
-/// settles it. On hard stop, hands it back.
-async fn work_on<D: Driver, R: Reporter + Peers>(
-    handler: &Handler<D, R>,
-    msg: jetstream::Message,
-    hard_stop: &CancellationToken,
-) {
-    let delivery = Delivery::of(&msg);
-    let span = handler.span(&delivery);
-    async {
-        let work = handler.handle(&delivery);
-        tokio::pin!(work);
-        let period = handler.timing.progress_interval;
-        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let disposition = loop {
-            tokio::select! {
-                biased;
-                _ = hard_stop.cancelled() => {
-                    tracing::warn!("shutting down before the operation finished: handing the message back");
-                    handler.metrics.message(MessageOutcome::HandedBack);
-                    break Disposition::Nak(None);
-                }
-                d = &mut work => break d,
-                _ = progress.tick() => {
-                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                        tracing::warn!(error = %e, "could not tell JetStream the work is in progress");
-                    }
-                }
-            }
-        };
-        settle(&msg, disposition).await;
-    }
-    .instrument(span)
-    .await
-}
-
-/// Tells JetStream what became of a message.
-async fn settle(msg: &jetstream::Message, disposition: Disposition) {
-    let result = match disposition {
-        Disposition::Ack => msg.ack().await,
-        Disposition::Term => msg.ack_with(AckKind::Term).await,
-        Disposition::Nak(delay) => msg.ack_with(AckKind::Nak(delay)).await,
-    };
-    if let Err(e) = result {
-        tracing::warn!(
-            error = %e,
-            ?disposition,
-            "could not settle the message; JetStream will deliver it again"
-        );
-    }
-}
-
-/// What becomes of a message once handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Disposition {
-    /// Done: the gateway accepted the outcome, or said the operation is not ours.
-    Ack,
-    /// Never deliver again: a poison message, a permanent failure (reported), or a
-    /// report the gateway will never accept.
-    Term,
-    /// Deliver again, after the delay if any.
-    Nak(Option<Duration>),
-}
-
 /// One delivery, as far as the handler cares.
 pub(crate) struct Delivery {
     /// The subject, for logs about messages that are not operations.
     pub(crate) subject: String,
+    /// The message's body: a JSON [`Dispatch`], unless the message is poison.
     pub(crate) payload: Bytes,
     /// JetStream's delivery count; `None` if the message has no JetStream metadata.
     pub(crate) delivered: Option<i64>,
+    /// The client's `X-Request-Id` and `traceparent`, from the message's headers.
     pub(crate) trace: TraceHeaders,
-}
-
-impl Delivery {
-    fn of(msg: &jetstream::Message) -> Self {
-        let header = |name: &str| {
-            msg.message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        Self {
-            subject: msg.message.subject.to_string(),
-            payload: msg.message.payload.clone(),
-            delivered: msg.info().ok().map(|info| info.delivered),
-            trace: TraceHeaders {
-                request_id: header(REQUEST_ID_HEADER),
-                traceparent: header(TRACEPARENT_HEADER),
-            },
-        }
-    }
 }
 
 /// Retry and heartbeat timings; tests shrink them.
@@ -511,11 +70,17 @@ impl Default for Timing {
 
 /// Decides, for one delivery, what to report and how to settle it.
 pub(crate) struct Handler<D, R> {
+    /// What carries the operations out.
     pub(crate) driver: D,
+    /// The gateway: reports, and reads of peers.
     pub(crate) reporter: R,
+    /// The pool's service; operations of another are poison.
     pub(crate) service: Service,
+    /// The pool's zone; operations for another are poison.
     pub(crate) zone: String,
+    /// The consumer's `max_deliver` (see [`crate::PoolConfig::max_deliver`]).
     pub(crate) max_deliver: i64,
+    /// Retry and heartbeat timings.
     pub(crate) timing: Timing,
     /// This pool's series of the worker metrics.
     pub(crate) metrics: PoolMetrics,
@@ -588,6 +153,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         handled.disposition
     }
 
+    /// Terminates what is not an operation of this pool, and processes the rest.
     async fn decide(&self, delivery: &Delivery) -> Handled {
         let op: Dispatch = match serde_json::from_slice(&delivery.payload) {
             Ok(op) => op,
@@ -619,27 +185,12 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         self.process(&op, attempt, &delivery.trace).await
     }
 
+    /// Reports `running`, then runs the driver unless cancellation was requested, and
+    /// reports the outcome.
     async fn process(&self, op: &Dispatch, attempt: i32, trace: &TraceHeaders) -> Handled {
-        let running = Report {
-            attempt,
-            state: ReportState::Running,
-            status: None,
-            error: None,
-        };
-        let ack = match self.report(op, running, trace).await {
-            Ok(ReportOutcome::Accepted(ack)) => ack,
-            Ok(ReportOutcome::Refused { code, message }) => {
-                tracing::info!(
-                    code = %code,
-                    message = %message,
-                    "the gateway refused the start (operation finished, or not this delivery's); acknowledging"
-                );
-                return Handled::FINISHED_ELSEWHERE;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the gateway rejected the start report; terminating the message");
-                return Handled::POISON;
-            }
+        let ack = match self.start(op, attempt, trace).await {
+            Ok(ack) => ack,
+            Err(handled) => return handled,
         };
         if ack.cancel_requested {
             tracing::info!("cancellation requested: not running the driver");
@@ -653,7 +204,51 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         }
 
         tracing::info!(action = %op.action, kind = %op.kind, "operation started");
-        match self.run_driver(op, trace).await {
+        let result = self.run_driver(op, trace).await;
+        self.conclude(op, attempt, trace, result).await
+    }
+
+    /// Reports `running`; the gateway's acknowledgement, or how the delivery ends when
+    /// the gateway will not let it start.
+    async fn start(
+        &self,
+        op: &Dispatch,
+        attempt: i32,
+        trace: &TraceHeaders,
+    ) -> Result<ReportAck, Handled> {
+        let running = Report {
+            attempt,
+            state: ReportState::Running,
+            status: None,
+            error: None,
+        };
+        match self.report(op, running, trace).await {
+            Ok(ReportOutcome::Accepted(ack)) => Ok(ack),
+            Ok(ReportOutcome::Refused { code, message }) => {
+                tracing::info!(
+                    code = %code,
+                    message = %message,
+                    "the gateway refused the start (operation finished, or not this delivery's); acknowledging"
+                );
+                Err(Handled::FINISHED_ELSEWHERE)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the gateway rejected the start report; terminating the message");
+                Err(Handled::POISON)
+            }
+        }
+    }
+
+    /// Reports what the driver's `result` means for the operation, or hands the message
+    /// back after a transient failure that is not on the last delivery.
+    async fn conclude(
+        &self,
+        op: &Dispatch,
+        attempt: i32,
+        trace: &TraceHeaders,
+        result: Result<serde_json::Value, DriverError>,
+    ) -> Handled {
+        match result {
             Ok(status) => {
                 let succeeded = Report {
                     attempt,
@@ -698,13 +293,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         op: &Dispatch,
         trace: &TraceHeaders,
     ) -> Result<serde_json::Value, DriverError> {
-        let Some(remaining) = (op.deadline - Utc::now())
-            .to_std()
-            .ok()
-            .filter(|d| !d.is_zero())
-        else {
-            return Err(deadline_exceeded(op));
-        };
+        let remaining = time_left(op)?;
         let deadline = tokio::time::Instant::now() + remaining;
         let run = async {
             let enriched = self.look_up(op, trace).await?;
@@ -720,7 +309,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         };
         tokio::time::timeout_at(deadline, run)
             .await
-            .unwrap_or_else(|_| Err(deadline_exceeded(op)))
+            .unwrap_or_else(|_| Err(DriverError::deadline_exceeded(op)))
     }
 
     /// One call of the driver, cut short at `deadline`; counted and timed.
@@ -733,7 +322,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         let started = std::time::Instant::now();
         let result = tokio::time::timeout_at(deadline, self.driver.execute(op))
             .await
-            .unwrap_or_else(|_| Err(deadline_exceeded(op)));
+            .unwrap_or_else(|_| Err(DriverError::deadline_exceeded(op)));
         let outcome = match &result {
             Ok(_) => DriverOutcome::Ok,
             Err(DriverError::Transient(_)) => DriverOutcome::Transient,
@@ -835,6 +424,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
     }
 }
 
+/// A `failed` report with the error `code`.
 fn failed(attempt: i32, code: String, message: String, retryable: bool) -> Report {
     Report {
         attempt,
@@ -854,29 +444,22 @@ fn retryable(code: &str) -> bool {
     matches!(code, "deadline_exceeded" | "capacity_exhausted")
 }
 
-fn deadline_exceeded(op: &Dispatch) -> DriverError {
-    DriverError::permanent(
-        "deadline_exceeded",
-        format!(
-            "the operation's deadline {} passed",
-            op.deadline.to_rfc3339()
-        ),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drivers::sim::tests::{dispatch, instant};
+    use crate::drivers::sim::tests::{dispatch, instant, vm};
     use crate::drivers::{SimConfig, SimDriver};
     use crate::metrics::render;
     use crate::metrics::testing::{message_outcomes, sample};
+    use crate::metrics::WorkerMetrics;
+    use chrono::Utc;
     use gateway_proto::{Action, Kind, OperationState, ReportAck};
     use prometheus_client::registry::Registry;
     use serde_json::json;
     use std::collections::VecDeque;
     use std::future::Future;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
+    use tracing::Instrument;
     use uuid::Uuid;
 
     /// A gateway that answers reports from a script (then accepts everything), reads
@@ -1037,15 +620,6 @@ mod tests {
             peer_script: Mutex::new(answers.into()),
             ..FakeGateway::default()
         }
-    }
-
-    fn vm(name: &str) -> Dispatch {
-        dispatch(
-            Kind::Vm,
-            Action::Create,
-            name,
-            json!({"flavor": "m1.small", "image": "debian-12", "power_state": "running"}),
-        )
     }
 
     fn delivery(op: &Dispatch, delivered: i64) -> Delivery {
