@@ -4,7 +4,7 @@
 use crate::api::{self, AppState};
 use crate::auth;
 use crate::changes::Changes;
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::domain::Role;
 use crate::lifecycle::{self, Engine};
 use crate::metrics::Metrics;
@@ -75,7 +75,7 @@ pub async fn migrate(
         .map(|z| z.name)
         .collect();
     crate::jetstream::apply(&b.js, &config.nats, &zones).await?;
-    bootstrap_admin(&b.pool, config.admin_key.as_deref(), rotate).await
+    bootstrap_admin(&b.pool, config.admin_key.as_ref().map(Secret::expose), rotate).await
 }
 
 async fn bootstrap_admin(

@@ -26,7 +26,6 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use uuid::Uuid;
 
 /// What authentication found, for the `Caller` extractor.
@@ -51,18 +50,7 @@ pub enum Bucket {
     Poll,
 }
 
-/// Token-bucket settings.
-#[derive(Debug, Clone, Copy)]
-pub struct RateLimits {
-    /// Sustained requests per second per principal and bucket.
-    pub per_second: NonZeroU32,
-    /// Burst per principal and bucket.
-    pub burst: NonZeroU32,
-    /// Sustained requests per second per source address without a valid key.
-    pub anonymous_per_second: NonZeroU32,
-    /// Burst per source address without a valid key.
-    pub anonymous_burst: NonZeroU32,
-}
+pub use crate::config::RateLimits;
 
 /// The limiters.
 pub struct Limiter {
@@ -273,6 +261,7 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::num::NonZeroU32;
 
     #[test]
     fn polls_reads_and_writes_draw_from_their_own_buckets() {

@@ -53,7 +53,7 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))
+        .with_context(|| format!("connecting to PostgreSQL at {}", crate::config::redact_url(url)))
 }
 
 /// Applies the embedded migrations.
@@ -144,30 +144,4 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed
     ) || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P"))
-}
-
-/// `url` without its password, for messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redact_hides_only_the_password() {
-        assert_eq!(
-            super::redact("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
-        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
-    }
 }
