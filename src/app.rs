@@ -3,13 +3,13 @@
 
 use crate::api::{self, AppState};
 use crate::auth;
-use crate::changes::Changes;
+use crate::changes::{Changes, Wake};
 use crate::config::{Config, Secret};
 use crate::domain::Role;
 use crate::lifecycle::{self, Engine};
 use crate::metrics::Metrics;
 use crate::reconciler::Reconciler;
-use crate::relay::{Relay, Wake};
+use crate::relay::Relay;
 use crate::store::{self, catalog, principals};
 use anyhow::Context as _;
 use async_nats::jetstream;
@@ -75,7 +75,12 @@ pub async fn migrate(
         .map(|z| z.name)
         .collect();
     crate::jetstream::apply(&b.js, &config.nats, &zones).await?;
-    bootstrap_admin(&b.pool, config.admin_key.as_ref().map(Secret::expose), rotate).await
+    bootstrap_admin(
+        &b.pool,
+        config.admin_key.as_ref().map(Secret::expose),
+        rotate,
+    )
+    .await
 }
 
 async fn bootstrap_admin(
@@ -149,12 +154,7 @@ pub async fn start(
     listener: Option<TcpListener>,
     parts: Parts,
 ) -> anyhow::Result<Running> {
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
     let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
-    let wake = Wake::with_nats(backends.nats.clone(), config.nats.wake_subject());
-    let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())));
-    tasks.spawn(changes.clone().listen(shutdown.clone()));
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     // In-process workers report into the same registry; register their families once.
@@ -162,130 +162,205 @@ pub async fn start(
         .workers
         .is_some()
         .then(|| workers::WorkerMetrics::register(&mut registry));
-    let registry = std::sync::Arc::new(registry);
-    let zones: Vec<String> = catalog::zones(&backends.pool)
-        .await?
-        .into_iter()
-        .map(|z| z.name)
-        .collect();
-    metrics.init_series(&zones);
-    let refresh = (
-        metrics.clone(),
-        backends.clone(),
-        config.nats.stream.clone(),
-        zones.clone(),
-        shutdown.clone(),
-    );
-    let every = config.metrics_refresh;
-    tasks.spawn(async move {
-        let (metrics, b, stream, zones, stop) = refresh;
-        let mut tick = tokio::time::interval(every);
-        while tokio::select! { _ = stop.cancelled() => false, _ = tick.tick() => true } {
-            metrics
-                .refresh(&b.pool, Some((&b.js, stream.as_str())), &zones)
-                .await;
-        }
-    });
-    let engine = Engine {
-        pool: backends.pool.clone(),
-        names: config.nats.clone(),
-        operation_timeout: config.operation_timeout,
-        wake: wake.clone(),
-        changes: changes.clone(),
-        metrics: metrics.clone(),
-        catalog: crate::cache::CatalogCache::new(metrics.clone()),
-    };
+    let mut a = Assembly::new(config, backends, metrics, registry).await?;
+    a.spawn_metrics_refresh();
     if let Some(listener) = listener {
-        let limiter = std::sync::Arc::new(api::guard::Limiter::new(config.rate_limits));
-        let idle = (limiter.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            let (limiter, stop) = idle;
+        a.spawn_http(listener, parts.api);
+    }
+    if parts.relay {
+        a.spawn_relay();
+    }
+    if parts.reconciler {
+        a.spawn_repairs();
+    }
+    let driver = match parts.workers {
+        Some(sim) => Some(
+            a.spawn_workers(sim, worker_metrics.unwrap_or_default(), addr)
+                .await?,
+        ),
+        None => None,
+    };
+    Ok(Running {
+        addr,
+        backends: a.backends,
+        driver,
+        shutdown: a.shutdown,
+        tasks: a.tasks,
+    })
+}
+
+/// What the parts of one process share while they are started.
+struct Assembly<'c> {
+    config: &'c Config,
+    backends: Backends,
+    engine: Engine,
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    zones: Vec<String>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl<'c> Assembly<'c> {
+    /// The engine and the change listener every part needs.
+    async fn new(
+        config: &'c Config,
+        backends: Backends,
+        metrics: Metrics,
+        registry: prometheus_client::registry::Registry,
+    ) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())));
+        tasks.spawn(changes.clone().listen(shutdown.clone()));
+        let zones: Vec<String> = catalog::zones(&backends.pool)
+            .await?
+            .into_iter()
+            .map(|z| z.name)
+            .collect();
+        metrics.init_series(&zones);
+        let engine = Engine {
+            pool: backends.pool.clone(),
+            names: config.nats.clone(),
+            operation_timeout: config.operation_timeout,
+            wake: Wake::with_nats(backends.nats.clone(), config.nats.wake_subject()),
+            changes,
+            catalog: crate::cache::CatalogCache::new(metrics.clone()),
+            metrics,
+        };
+        Ok(Self {
+            config,
+            backends,
+            engine,
+            registry: std::sync::Arc::new(registry),
+            zones,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Refreshes the gauges of database and JetStream state every `METRICS_REFRESH_MS`.
+    fn spawn_metrics_refresh(&mut self) {
+        let (metrics, b, stop) = (
+            self.engine.metrics.clone(),
+            self.backends.clone(),
+            self.shutdown.clone(),
+        );
+        let (stream, zones) = (self.config.nats.stream.clone(), self.zones.clone());
+        let every = self.config.metrics_refresh;
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            while tokio::select! { _ = stop.cancelled() => false, _ = tick.tick() => true } {
+                metrics
+                    .refresh(&b.pool, Some((&b.js, stream.as_str())), &zones)
+                    .await;
+            }
+        });
+    }
+
+    /// Serves the API (or, without `api`, only health and metrics) on `listener`, with
+    /// its rate limiter and audit writer.
+    fn spawn_http(&mut self, listener: TcpListener, api: bool) {
+        let limiter = std::sync::Arc::new(api::guard::Limiter::new(self.config.rate_limits));
+        let (idle, stop) = (limiter.clone(), self.shutdown.clone());
+        self.tasks.spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
             while tokio::select! { _ = stop.cancelled() => false, _ = tick.tick() => true } {
-                limiter.forget_idle();
+                idle.forget_idle();
             }
         });
         let (audit, writer) = crate::audit::AuditWriter::new(
-            backends.pool.clone(),
-            metrics.clone(),
-            shutdown.clone(),
+            self.backends.pool.clone(),
+            self.engine.metrics.clone(),
+            self.shutdown.clone(),
         );
-        tasks.spawn(writer);
+        self.tasks.spawn(writer);
         let state = AppState {
             audit,
-            engine: engine.clone(),
-            nats: backends.nats.clone(),
+            engine: self.engine.clone(),
+            nats: self.backends.nats.clone(),
             limiter,
-            registry: registry.clone(),
+            registry: self.registry.clone(),
         };
         // A process without the API (a relay) still serves health and metrics.
-        let app = if parts.api {
+        let app = if api {
             api::router(state)
         } else {
             api::health::router().with_state(state)
         };
-        tasks.spawn(crate::serve::serve(
+        let timeout = self.config.header_timeout;
+        self.tasks.spawn(crate::serve::serve(
             listener,
             app,
-            config.header_timeout,
-            shutdown.clone(),
+            timeout,
+            self.shutdown.clone(),
         ));
     }
-    if parts.relay {
+
+    /// Moves the outbox to JetStream.
+    fn spawn_relay(&mut self) {
         let relay = Relay {
-            pool: backends.pool.clone(),
-            js: backends.js.clone(),
-            batch_size: config.relay_batch_size,
-            poll_interval: config.relay_poll_interval,
-            wake: wake.clone(),
-            changes: changes.clone(),
-            metrics: metrics.clone(),
+            pool: self.backends.pool.clone(),
+            js: self.backends.js.clone(),
+            batch_size: self.config.relay_batch_size,
+            poll_interval: self.config.relay_poll_interval,
+            wake: self.engine.wake.clone(),
+            changes: self.engine.changes.clone(),
+            metrics: self.engine.metrics.clone(),
         };
-        tasks.spawn(relay.run(shutdown.clone()));
+        self.tasks.spawn(relay.run(self.shutdown.clone()));
     }
-    if parts.reconciler {
+
+    /// The reconciler (one active across processes) and the dead-letter handler (in
+    /// every replica: the advisory consumer shares the work).
+    fn spawn_repairs(&mut self) {
         let reconciler = Reconciler {
-            engine: engine.clone(),
-            interval: config.reconcile_interval,
-            redispatch_after: config.redispatch_after,
-            js: Some(backends.js.clone()),
+            engine: self.engine.clone(),
+            interval: self.config.reconcile_interval,
+            redispatch_after: self.config.redispatch_after,
+            js: Some(self.backends.js.clone()),
         };
-        tasks.spawn(reconciler.run(shutdown.clone()));
-        // Dead letters run in every replica: the advisory consumer shares the work.
+        self.tasks.spawn(reconciler.run(self.shutdown.clone()));
         let dead_letters = crate::deadletter::DeadLetters {
-            engine: engine.clone(),
-            js: backends.js.clone(),
+            engine: self.engine.clone(),
+            js: self.backends.js.clone(),
         };
-        tasks.spawn(dead_letters.run(shutdown.clone()));
+        self.tasks.spawn(dead_letters.run(self.shutdown.clone()));
     }
-    let mut driver = None;
-    if let Some(sim) = parts.workers {
-        let sim_driver = workers::SimDriver::new(sim);
+
+    /// Simulated worker pools for every service and zone, each with its own worker key,
+    /// reporting to this process's API (at `addr`, unless `GATEWAY_PUBLIC_URL` says
+    /// otherwise).
+    async fn spawn_workers(
+        &mut self,
+        sim: workers::SimConfig,
+        metrics: workers::WorkerMetrics,
+        addr: Option<SocketAddr>,
+    ) -> anyhow::Result<workers::SimDriver> {
+        let driver = workers::SimDriver::new(sim);
         let max_deliver = crate::jetstream::consumer_def()?.max_deliver;
-        let url = match (&config.public_url, addr) {
+        let url = match (&self.config.public_url, addr) {
             (Some(u), _) => u.clone(),
             (None, Some(addr)) => format!("http://{addr}"),
-            (None, None) => config.public_url(),
+            (None, None) => self.config.public_url(),
         };
-        let worker_metrics = worker_metrics.unwrap_or_default();
-        for zone in &zones {
+        for zone in &self.zones {
             for service in Service::ALL {
                 let pool_config = workers::PoolConfig {
                     service: *service,
                     zone: zone.clone(),
-                    stream: config.nats.stream.clone(),
+                    stream: self.config.nats.stream.clone(),
                     gateway_url: url.clone(),
-                    gateway_key: worker_key(&backends.pool, *service, zone).await?,
+                    gateway_key: worker_key(&self.backends.pool, *service, zone).await?,
                     concurrency: 16,
                     max_deliver,
                 };
                 let (js, d, m, stop) = (
-                    backends.js.clone(),
-                    sim_driver.clone(),
-                    worker_metrics.clone(),
-                    shutdown.clone(),
+                    self.backends.js.clone(),
+                    driver.clone(),
+                    metrics.clone(),
+                    self.shutdown.clone(),
                 );
-                tasks.spawn(async move {
+                self.tasks.spawn(async move {
                     if let Err(e) =
                         workers::run_pool_with_metrics(js, pool_config, d, m, stop).await
                     {
@@ -294,15 +369,8 @@ pub async fn start(
                 });
             }
         }
-        driver = Some(sim_driver);
+        Ok(driver)
     }
-    Ok(Running {
-        addr,
-        backends,
-        driver,
-        shutdown,
-        tasks,
-    })
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.

@@ -113,11 +113,6 @@ pub async fn append_batch(pool: &PgPool, entries: Vec<Entry>) -> sqlx::Result<()
     tx.commit().await
 }
 
-/// Appends one entry.
-pub async fn append(pool: &PgPool, entry: Entry) -> sqlx::Result<()> {
-    append_batch(pool, vec![entry]).await
-}
-
 /// Entries queued before callers wait for the writer.
 const QUEUE: usize = 8_192;
 /// Entries written per transaction at most.

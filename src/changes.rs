@@ -1,4 +1,5 @@
-//! Operation change notifications, for long-polls (`GET /v1/operations/{id}?wait=30s`).
+//! After-commit notifications: operation changes, for long-polls
+//! (`GET /v1/operations/{id}?wait=30s`), and the relay's doorbell ([`Wake`]).
 //!
 //! Whoever commits a change to an operation publishes its ID: to waiters in this
 //! process directly, and to other replicas over a core NATS subject (a report may land
@@ -8,8 +9,10 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -86,6 +89,46 @@ impl Changes {
                     }
                     None => return,
                 },
+            }
+        }
+    }
+}
+
+/// The relay's doorbell. Writers ring it after commit, so the relay publishes at once
+/// instead of on its next poll: in-process by a `Notify`, across processes by a core
+/// NATS message. Ringing never blocks or fails the write path.
+#[derive(Clone, Default)]
+pub struct Wake {
+    local: Arc<Notify>,
+    remote: Option<(async_nats::Client, String)>,
+}
+
+impl Wake {
+    /// A doorbell that also rings relays in other processes through `subject`.
+    pub fn with_nats(client: async_nats::Client, subject: String) -> Self {
+        Self {
+            local: Arc::new(Notify::new()),
+            remote: Some((client, subject)),
+        }
+    }
+
+    /// Resolves when rung in this process.
+    pub async fn rung(&self) {
+        self.local.notified().await
+    }
+
+    /// The NATS client and subject on which other processes ring, if any.
+    pub fn remote(&self) -> Option<&(async_nats::Client, String)> {
+        self.remote.as_ref()
+    }
+
+    /// Rings. Best effort: the relay's polling covers a lost ring.
+    pub async fn signal(&self) {
+        self.local.notify_one();
+        if let Some((client, subject)) = &self.remote {
+            if client.connection_state() == async_nats::connection::State::Connected {
+                let publish = client.publish(subject.clone(), bytes::Bytes::new());
+                let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
             }
         }
     }

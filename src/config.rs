@@ -229,18 +229,14 @@ fn positive<T: PartialOrd + Default + fmt::Display>(name: &str, v: T) -> anyhow:
 impl Config {
     /// Reads the configuration from the process environment.
     pub fn from_env() -> anyhow::Result<Self> {
-        Self::from_lookup(|name| {
-            std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
-        })
+        Self::from_lookup(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
     }
 
     /// Reads the configuration through `lookup` (variable name → value).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let env = Env(lookup);
-        let database_url = env.string(
-            "DATABASE_URL",
-            "postgres://postgres@127.0.0.1:5432/gateway",
-        )?;
+        let database_url =
+            env.string("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/gateway")?;
         if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
             return Err(anyhow!(
                 "DATABASE_URL: must start with postgres:// or postgresql://"
@@ -360,7 +356,10 @@ mod tests {
             ("GATEWAY_PUBLIC_URL", ""),
         ])
         .unwrap();
-        assert_eq!((c.nats.stream.as_str(), c.nats.subject_prefix.as_str()), ("T1", "t1.ops"));
+        assert_eq!(
+            (c.nats.stream.as_str(), c.nats.subject_prefix.as_str()),
+            ("T1", "t1.ops")
+        );
         assert_eq!(c.relay_batch_size, 32);
         assert!(c.log_json);
         assert_eq!(c.rate_limits.burst.get(), 9);
@@ -371,15 +370,33 @@ mod tests {
     fn bad_values_fail_with_a_message_naming_the_variable() {
         for (vars, expected) in [
             (&[("DATABASE_URL", "mysql://x")][..], "DATABASE_URL:"),
-            (&[("RELAY_BATCH_SIZE", "0")][..], "RELAY_BATCH_SIZE: must be greater than zero"),
-            (&[("RELAY_BATCH_SIZE", "many")][..], "RELAY_BATCH_SIZE: invalid value"),
-            (&[("GATEWAY_LISTEN", "8080")][..], "GATEWAY_LISTEN: invalid value"),
+            (
+                &[("RELAY_BATCH_SIZE", "0")][..],
+                "RELAY_BATCH_SIZE: must be greater than zero",
+            ),
+            (
+                &[("RELAY_BATCH_SIZE", "many")][..],
+                "RELAY_BATCH_SIZE: invalid value",
+            ),
+            (
+                &[("GATEWAY_LISTEN", "8080")][..],
+                "GATEWAY_LISTEN: invalid value",
+            ),
             (&[("LOG_FORMAT", "xml")][..], "LOG_FORMAT:"),
             (&[("GATEWAY_ADMIN_KEY", "short")][..], "GATEWAY_ADMIN_KEY:"),
             (&[("OPS_STREAM", "a.b")][..], "OPS_STREAM:"),
-            (&[("OPS_SUBJECT_PREFIX", "ops.>")][..], "OPS_SUBJECT_PREFIX:"),
-            (&[("GATEWAY_RATE_LIMIT_PER_SECOND", "0")][..], "GATEWAY_RATE_LIMIT_PER_SECOND:"),
-            (&[("GATEWAY_HEADER_TIMEOUT_MS", "-1")][..], "GATEWAY_HEADER_TIMEOUT_MS:"),
+            (
+                &[("OPS_SUBJECT_PREFIX", "ops.>")][..],
+                "OPS_SUBJECT_PREFIX:",
+            ),
+            (
+                &[("GATEWAY_RATE_LIMIT_PER_SECOND", "0")][..],
+                "GATEWAY_RATE_LIMIT_PER_SECOND:",
+            ),
+            (
+                &[("GATEWAY_HEADER_TIMEOUT_MS", "-1")][..],
+                "GATEWAY_HEADER_TIMEOUT_MS:",
+            ),
         ] {
             let message = error(vars);
             assert!(message.starts_with(expected), "{vars:?}: got {message:?}");
@@ -396,13 +413,19 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("super-secret"), "{shown}");
         assert!(!shown.contains("db-password"), "{shown}");
-        assert!(shown.contains("postgres://gw:***@db:5432/gateway"), "{shown}");
+        assert!(
+            shown.contains("postgres://gw:***@db:5432/gateway"),
+            "{shown}"
+        );
         assert_eq!(c.admin_key.unwrap().expose(), "gw_super-secret-admin-key");
     }
 
     #[test]
     fn redact_hides_only_the_password() {
-        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

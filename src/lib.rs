@@ -3,7 +3,7 @@
 //! The one front door of a private cloud: clients create, change and delete VMs,
 //! bare-metal servers, Kubernetes clusters and volumes through this API; workers in
 //! each zone do the work and report back through the same API; PostgreSQL holds the
-//! truth. See `README.md` for the picture and `DESIGN.md` for the reasoning.
+//! truth. See `README.md` for the picture and `docs/ARCHITECTURE.md` for the design.
 //!
 //! ## Code map
 //!
@@ -13,7 +13,8 @@
 //! - [`store`]: every SQL statement, one module per table group.
 //! - [`lifecycle`]: each state change as one transaction (resource + operation +
 //!   outbox row), including the promotion of queued operations.
-//! - [`changes`]: operation-change notifications for long-polls.
+//! - [`changes`]: after-commit notifications: operation changes for long-polls, and the
+//!   relay's doorbell.
 //! - [`relay`]: outbox → JetStream; [`jetstream`]: stream and consumer definitions.
 //! - [`reconciler`]: deadlines, lost messages and unapplied specs, one active per
 //!   deployment; [`deadletter`]: operations whose message JetStream gave up on.
@@ -26,15 +27,8 @@
 //!
 //! ## Invariants
 //!
-//! 1. A state change and its outbox row commit in the same transaction, or neither does.
-//! 2. Only [`store`] touches PostgreSQL. Workers (crate `workers`) reach the world
-//!    through NATS and this API; they have no database URL.
-//! 3. Every accepted operation reaches a terminal state; terminal states never change.
-//! 4. No answer leaks another tenant's data; a worker acts only on its service and zone.
-//! 5. Every mutating or denied request leaves one audit row (written in batches just
-//!    after the answer).
-//! 6. Lock order is resource row, then operation rows; row locks are
-//!    `FOR NO KEY UPDATE`.
+//! One numbered list, each with the test that guards it: `docs/ARCHITECTURE.md`,
+//! "Invariants".
 
 pub mod admin;
 pub mod api;

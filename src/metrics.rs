@@ -224,6 +224,136 @@ impl Default for Metrics {
     }
 }
 
+impl Inner {
+    /// The families of HTTP requests and operations.
+    fn register_requests(&self, r: &mut Registry) {
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by route template, method and status class",
+            self.http_requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests",
+            self.http_duration.clone(),
+        );
+        r.register(
+            "http_requests_in_flight",
+            "HTTP requests being answered",
+            self.http_in_flight.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused with 429, by bucket",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "operations_created",
+            "Operations accepted",
+            self.operations_created.clone(),
+        );
+        r.register(
+            "operations_finished",
+            "Operations that reached a terminal state, by outcome",
+            self.operations_finished.clone(),
+        );
+        r.register(
+            "operation_duration_seconds",
+            "Time from submission to a terminal state",
+            self.operation_duration.clone(),
+        );
+        r.register(
+            "operation_wait_seconds",
+            "Time from submission to a worker starting the operation",
+            self.operation_wait.clone(),
+        );
+        r.register(
+            "operations_active",
+            "Operations in each non-terminal state",
+            self.operations_active.clone(),
+        );
+    }
+
+    /// The families of the outbox, the relay, JetStream, repairs and the process.
+    fn register_delivery(&self, r: &mut Registry) {
+        r.register(
+            "outbox_pending",
+            "Outbox rows waiting for the relay",
+            self.outbox_pending.clone(),
+        );
+        r.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest outbox row",
+            self.outbox_oldest_age.clone(),
+        );
+        r.register(
+            "outbox_published",
+            "Outbox rows JetStream acknowledged (duplicates included)",
+            self.outbox_published.clone(),
+        );
+        r.register(
+            "outbox_publish_errors",
+            "Outbox publishes that failed or timed out",
+            self.outbox_publish_errors.clone(),
+        );
+        r.register(
+            "relay_batch_size",
+            "Outbox rows claimed per relay pass",
+            self.relay_batch_size.clone(),
+        );
+        r.register(
+            "relay_lag_seconds",
+            "Time from an outbox row's commit to JetStream's ack",
+            self.relay_lag.clone(),
+        );
+        r.register(
+            "jetstream_consumer_pending",
+            "Messages not yet delivered to the pool",
+            self.consumer_pending.clone(),
+        );
+        r.register(
+            "jetstream_consumer_ack_pending",
+            "Messages delivered to the pool and not yet acknowledged",
+            self.consumer_ack_pending.clone(),
+        );
+        r.register(
+            "jetstream_consumer_redelivered",
+            "Messages of the pool redelivered at least once",
+            self.consumer_redelivered.clone(),
+        );
+        r.register(
+            "jetstream_consumer_waiting",
+            "Pull requests of the pool waiting for messages",
+            self.consumer_waiting.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Operations failed because JetStream gave up delivering them",
+            self.dead_letters.clone(),
+        );
+        r.register(
+            "db_connections",
+            "Database pool connections by state (in_use, idle)",
+            self.db_connections.clone(),
+        );
+        r.register(
+            "reconciler_actions",
+            "Repairs made by the reconciler, by kind",
+            self.reconciler_actions.clone(),
+        );
+        r.register(
+            "audit_write_errors",
+            "Audit rows that could not be written",
+            self.audit_write_errors.clone(),
+        );
+        r.register(
+            "cache_requests",
+            "Cache lookups by cache and result (hit, miss)",
+            self.cache_requests.clone(),
+        );
+    }
+}
+
 impl Metrics {
     /// Creates the families and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
@@ -254,126 +384,8 @@ impl Metrics {
             cache_requests: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("gateway");
-        r.register(
-            "http_requests",
-            "HTTP requests answered, by route template, method and status class",
-            inner.http_requests.clone(),
-        );
-        r.register(
-            "http_request_duration_seconds",
-            "Time to answer HTTP requests",
-            inner.http_duration.clone(),
-        );
-        r.register(
-            "http_requests_in_flight",
-            "HTTP requests being answered",
-            inner.http_in_flight.clone(),
-        );
-        r.register(
-            "rate_limited",
-            "Requests refused with 429, by bucket",
-            inner.rate_limited.clone(),
-        );
-        r.register(
-            "operations_created",
-            "Operations accepted",
-            inner.operations_created.clone(),
-        );
-        r.register(
-            "operations_finished",
-            "Operations that reached a terminal state, by outcome",
-            inner.operations_finished.clone(),
-        );
-        r.register(
-            "operation_duration_seconds",
-            "Time from submission to a terminal state",
-            inner.operation_duration.clone(),
-        );
-        r.register(
-            "operation_wait_seconds",
-            "Time from submission to a worker starting the operation",
-            inner.operation_wait.clone(),
-        );
-        r.register(
-            "operations_active",
-            "Operations in each non-terminal state",
-            inner.operations_active.clone(),
-        );
-        r.register(
-            "outbox_pending",
-            "Outbox rows waiting for the relay",
-            inner.outbox_pending.clone(),
-        );
-        r.register(
-            "outbox_oldest_age_seconds",
-            "Age of the oldest outbox row",
-            inner.outbox_oldest_age.clone(),
-        );
-        r.register(
-            "outbox_published",
-            "Outbox rows JetStream acknowledged (duplicates included)",
-            inner.outbox_published.clone(),
-        );
-        r.register(
-            "outbox_publish_errors",
-            "Outbox publishes that failed or timed out",
-            inner.outbox_publish_errors.clone(),
-        );
-        r.register(
-            "relay_batch_size",
-            "Outbox rows claimed per relay pass",
-            inner.relay_batch_size.clone(),
-        );
-        r.register(
-            "relay_lag_seconds",
-            "Time from an outbox row's commit to JetStream's ack",
-            inner.relay_lag.clone(),
-        );
-        r.register(
-            "jetstream_consumer_pending",
-            "Messages not yet delivered to the pool",
-            inner.consumer_pending.clone(),
-        );
-        r.register(
-            "jetstream_consumer_ack_pending",
-            "Messages delivered to the pool and not yet acknowledged",
-            inner.consumer_ack_pending.clone(),
-        );
-        r.register(
-            "jetstream_consumer_redelivered",
-            "Messages of the pool redelivered at least once",
-            inner.consumer_redelivered.clone(),
-        );
-        r.register(
-            "jetstream_consumer_waiting",
-            "Pull requests of the pool waiting for messages",
-            inner.consumer_waiting.clone(),
-        );
-        r.register(
-            "dead_letters",
-            "Operations failed because JetStream gave up delivering them",
-            inner.dead_letters.clone(),
-        );
-        r.register(
-            "db_connections",
-            "Database pool connections by state (in_use, idle)",
-            inner.db_connections.clone(),
-        );
-        r.register(
-            "reconciler_actions",
-            "Repairs made by the reconciler, by kind",
-            inner.reconciler_actions.clone(),
-        );
-        r.register(
-            "audit_write_errors",
-            "Audit rows that could not be written",
-            inner.audit_write_errors.clone(),
-        );
-        r.register(
-            "cache_requests",
-            "Cache lookups by cache and result (hit, miss)",
-            inner.cache_requests.clone(),
-        );
+        inner.register_requests(r);
+        inner.register_delivery(r);
         Metrics(Arc::new(inner))
     }
 

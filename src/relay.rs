@@ -20,40 +20,10 @@ use async_nats::jetstream;
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use sqlx::PgPool;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// The relay's doorbell. Writers ring it after commit, so the relay publishes at once
-/// instead of on its next poll: in-process by a `Notify`, across processes by a core
-/// NATS message. Ringing never blocks or fails the write path.
-#[derive(Clone, Default)]
-pub struct Wake {
-    local: Arc<Notify>,
-    remote: Option<(async_nats::Client, String)>,
-}
-
-impl Wake {
-    /// A doorbell that also rings relays in other processes through `subject`.
-    pub fn with_nats(client: async_nats::Client, subject: String) -> Self {
-        Self {
-            local: Arc::new(Notify::new()),
-            remote: Some((client, subject)),
-        }
-    }
-
-    /// Rings. Best effort: the relay's polling covers a lost ring.
-    pub async fn signal(&self) {
-        self.local.notify_one();
-        if let Some((client, subject)) = &self.remote {
-            if client.connection_state() == async_nats::connection::State::Connected {
-                let publish = client.publish(subject.clone(), bytes::Bytes::new());
-                let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
-            }
-        }
-    }
-}
+pub use crate::changes::Wake;
 
 /// Longest wait for all publishes of one pass: whatever has not been acknowledged by
 /// then counts as failed, and its rows stay for the next pass. Shorter than the 30 s
@@ -90,7 +60,7 @@ pub struct Pass {
 impl Relay {
     /// Runs passes until `shutdown`; sleeps between them until rung or polled.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut remote = match &self.wake.remote {
+        let mut remote = match self.wake.remote() {
             Some((client, subject)) => client.subscribe(subject.clone()).await.ok(),
             None => None,
         };
@@ -130,7 +100,7 @@ impl Relay {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.wake.local.notified(), if failures == 0 => {}
+                _ = self.wake.rung(), if failures == 0 => {}
                 _ = rung, if failures == 0 => {}
                 _ = tokio::time::sleep(pause) => {}
             }

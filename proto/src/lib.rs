@@ -131,7 +131,7 @@ impl Service {
 }
 
 string_enum! {
-    /// Where an operation is in its life. See DESIGN.md for the diagram.
+    /// Where an operation is in its life. See docs/ARCHITECTURE.md for the diagram.
     OperationState {
         /// Waiting for an earlier operation on the same resource to end.
         Queued => "queued",

@@ -17,7 +17,7 @@ use super::request::RequestId;
 use super::AppState;
 use crate::audit::Entry;
 use crate::auth::{self, Principal};
-use crate::metrics::{BucketLabels, HttpLabels, RouteLabels};
+use crate::metrics::{BucketLabels, HttpLabels, Metrics, RouteLabels};
 use crate::store::principals;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 use uuid::Uuid;
 
 /// What authentication found, for the `Caller` extractor.
@@ -152,6 +153,48 @@ impl Drop for InFlight {
     }
 }
 
+/// `429 rate_limited` with `Retry-After`, counted by bucket.
+fn rate_limited(metrics: &Metrics, authn: &Authn, class: Bucket, wait: u64) -> Response {
+    let bucket = match (authn, class) {
+        (Authn::Principal(_), Bucket::Write) => "write",
+        (Authn::Principal(_), Bucket::Read) => "read",
+        (Authn::Principal(_), Bucket::Poll) => "poll",
+        _ => "anonymous",
+    };
+    metrics
+        .rate_limited
+        .get_or_create(&BucketLabels {
+            bucket: bucket.into(),
+        })
+        .inc();
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("too many requests; retry in {wait} s"),
+    );
+    e.retry_after = Some(wait.max(1));
+    e.into_response()
+}
+
+/// Counts an answered request and its duration by route template.
+fn count(metrics: &Metrics, route: &str, method: &Method, status: u16, started: Instant) {
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route: route.to_owned(),
+            method: method.to_string(),
+            status: format!("{}xx", status / 100),
+        })
+        .inc();
+    metrics
+        .http_duration
+        .get_or_create(&RouteLabels {
+            route: route.to_owned(),
+            method: method.to_string(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+}
+
 /// The middleware.
 pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
@@ -171,7 +214,7 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
         .map(|r| r.0.clone())
         .unwrap_or_default();
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let metrics = state.engine.metrics.clone();
     let _in_flight = InFlight::enter(&metrics.http_in_flight);
 
@@ -191,48 +234,14 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
         Ok(())
     };
     let response = match limited {
-        Err(wait) => {
-            let bucket = match (&authn, class) {
-                (Authn::Principal(_), Bucket::Write) => "write",
-                (Authn::Principal(_), Bucket::Read) => "read",
-                (Authn::Principal(_), Bucket::Poll) => "poll",
-                _ => "anonymous",
-            };
-            metrics
-                .rate_limited
-                .get_or_create(&BucketLabels {
-                    bucket: bucket.into(),
-                })
-                .inc();
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many requests; retry in {wait} s"),
-            );
-            e.retry_after = Some(wait.max(1));
-            e.into_response()
-        }
+        Err(wait) => rate_limited(&metrics, &authn, class, wait),
         Ok(()) => {
             req.extensions_mut().insert(authn.clone());
             next.run(req).await
         }
     };
     let status = response.status().as_u16();
-    metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            route: route.clone(),
-            method: method.to_string(),
-            status: format!("{}xx", status / 100),
-        })
-        .inc();
-    metrics
-        .http_duration
-        .get_or_create(&RouteLabels {
-            route: route.clone(),
-            method: method.to_string(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    count(&metrics, &route, &method, status, started);
     if mutating || matches!(status, 401 | 403 | 429) {
         let tenant = path_tenant(&path).or_else(|| {
             response

@@ -2,7 +2,7 @@
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, JsonBody};
-use super::resources::resource_id;
+use super::resources::path_id;
 use super::wire::{OperationOut, Page};
 use super::{cursor, AppState};
 use crate::auth::Principal;
@@ -103,7 +103,7 @@ pub async fn read(
             })
         })
         .transpose()?;
-    let id = resource_id(&id).map_err(|_| ApiError::not_found("operation"))?;
+    let id = path_id(&id, "operation")?;
     // Subscribe before the first read, so no change between the two is missed.
     let mut changes = state.engine.changes.subscribe();
     let mut op = operations::get(&state.engine.pool, id)
@@ -222,7 +222,7 @@ pub async fn report(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<Report>,
 ) -> Result<Json<ReportAck>, ApiError> {
-    let id = resource_id(&id).map_err(|_| ApiError::not_found("operation"))?;
+    let id = path_id(&id, "operation")?;
     let ack = report::apply(&state.engine, &principal, id, &body)
         .await
         .map_err(|e| match e {
@@ -251,7 +251,7 @@ pub async fn cancel(
     Caller(principal): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<OperationOut>, ApiError> {
-    let id = resource_id(&id).map_err(|_| ApiError::not_found("operation"))?;
+    let id = path_id(&id, "operation")?;
     let op = crate::lifecycle::cancel::cancel(&state.engine, &principal, id)
         .await
         .map_err(|e| match e {

@@ -83,9 +83,10 @@ fn parse_selector(text: &str) -> Result<serde_json::Value, ApiError> {
     Ok(serde_json::Value::Object(out))
 }
 
-/// A resource ID from the path; a malformed one cannot name anything.
-pub(crate) fn resource_id(segment: &str) -> Result<Uuid, ApiError> {
-    segment.parse().map_err(|_| ApiError::not_found("resource"))
+/// An ID from the path: a malformed one cannot name anything, so it is `404` for
+/// `what` (`resource`, `operation`, …) like any unknown ID.
+pub(crate) fn path_id(segment: &str, what: &str) -> Result<Uuid, ApiError> {
+    segment.parse().map_err(|_| ApiError::not_found(what))
 }
 
 /// Create a resource. The answer is the `create` operation; poll it until `done`.
@@ -152,7 +153,7 @@ pub async fn read(
     Path((tenant, kind_segment, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let kind = kind(&kind_segment)?;
-    let id = resource_id(&id)?;
+    let id = path_id(&id, "resource")?;
     let row = resources::get_live(&state.engine.pool, &tenant, kind, id)
         .await?
         .filter(|r| principal.can_read(&tenant) || principal.reads_for_work(kind, &r.zone))
@@ -259,7 +260,7 @@ pub async fn delete(
     Path((tenant, kind_segment, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let kind = kind(&kind_segment)?;
-    let id = resource_id(&id)?;
+    let id = path_id(&id, "resource")?;
     let print = fingerprint(
         "DELETE",
         &format!("/v1/tenants/{tenant}/{kind_segment}/{id}"),
@@ -300,7 +301,7 @@ pub async fn patch(
     JsonBody(body): JsonBody<PatchIn>,
 ) -> Result<Response, ApiError> {
     let kind = kind(&kind_segment)?;
-    let id = resource_id(&id)?;
+    let id = path_id(&id, "resource")?;
     let print = fingerprint(
         "PATCH",
         &format!("/v1/tenants/{tenant}/{kind_segment}/{id}"),
@@ -354,7 +355,7 @@ pub async fn action(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let kind = kind(&kind_segment)?;
-    let id = resource_id(&id)?;
+    let id = path_id(&id, "resource")?;
     let action = actions::parse(kind, &action).ok_or_else(|| {
         ApiError::new(
             axum::http::StatusCode::NOT_FOUND,

@@ -104,19 +104,40 @@ pub fn apply(
     spec: &Value,
     body: &Value,
 ) -> Result<Effect, ValidationError> {
-    let current = |field: &str| spec.get(field).cloned().unwrap_or(Value::Null);
-    Ok(match (kind, action) {
-        (Kind::Vm, Action::Start) => {
+    let effect = match kind {
+        Kind::Vm => vm(action, spec, body)?,
+        Kind::Bm => bare_metal(action, spec, body)?,
+        Kind::Cluster => cluster(action, spec, body)?,
+        Kind::Volume => volume(action, spec, body)?,
+    };
+    effect.ok_or_else(|| {
+        ValidationError::new(
+            "unknown_action",
+            "action",
+            format!("a {kind} has no action {action}"),
+        )
+    })
+}
+
+/// The spec's `field`, or `null`.
+fn current(spec: &Value, field: &str) -> Value {
+    spec.get(field).cloned().unwrap_or(Value::Null)
+}
+
+/// A VM's actions; `None` for an action VMs do not have.
+fn vm(action: Action, spec: &Value, body: &Value) -> Result<Option<Effect>, ValidationError> {
+    Ok(Some(match action {
+        Action::Start => {
             input::<NoInput>(body)?;
             with(spec, "power_state", json!(VmPower::Running))
         }
-        (Kind::Vm, Action::Stop) => {
+        Action::Stop => {
             input::<NoInput>(body)?;
             with(spec, "power_state", json!(VmPower::Stopped))
         }
-        (Kind::Vm, Action::Reboot) => {
+        Action::Reboot => {
             input::<NoInput>(body)?;
-            if current("power_state") == json!(VmPower::Stopped) {
+            if current(spec, "power_state") == json!(VmPower::Stopped) {
                 return Err(ValidationError::new(
                     "invalid_state",
                     "power_state",
@@ -125,29 +146,45 @@ pub fn apply(
             }
             Effect::Imperative
         }
-        (Kind::Vm, Action::Resize) => {
-            with(spec, "flavor", json!(input::<FlavorInput>(body)?.flavor))
-        }
-        (Kind::Bm, Action::PowerOn) => {
+        Action::Resize => with(spec, "flavor", json!(input::<FlavorInput>(body)?.flavor)),
+        _ => return Ok(None),
+    }))
+}
+
+/// A bare-metal server's actions; `None` for an action it does not have.
+fn bare_metal(
+    action: Action,
+    spec: &Value,
+    body: &Value,
+) -> Result<Option<Effect>, ValidationError> {
+    Ok(Some(match action {
+        Action::PowerOn => {
             input::<NoInput>(body)?;
             with(spec, "power_state", json!(BmPower::On))
         }
-        (Kind::Bm, Action::PowerOff) => {
+        Action::PowerOff => {
             input::<NoInput>(body)?;
             with(spec, "power_state", json!(BmPower::Off))
         }
-        (Kind::Bm, Action::Reprovision) => match input::<ImageInput>(body)?.image {
+        Action::Reprovision => match input::<ImageInput>(body)?.image {
             Some(image) => with(spec, "image", json!(image)),
             None => Effect::Imperative,
         },
-        (Kind::Cluster, Action::Scale) => with(
+        _ => return Ok(None),
+    }))
+}
+
+/// A cluster's actions; `None` for an action clusters do not have.
+fn cluster(action: Action, spec: &Value, body: &Value) -> Result<Option<Effect>, ValidationError> {
+    Ok(Some(match action {
+        Action::Scale => with(
             spec,
             "node_count",
             json!(input::<NodeCountInput>(body)?.node_count),
         ),
-        (Kind::Cluster, Action::Upgrade) => {
+        Action::Upgrade => {
             let version = input::<VersionInput>(body)?.version;
-            let from = current("version");
+            let from = current(spec, "version");
             if version_key(&version) <= version_key(from.as_str().unwrap_or("")) {
                 return Err(ValidationError::new(
                     "invalid_spec",
@@ -157,43 +194,29 @@ pub fn apply(
             }
             with(spec, "version", json!(version))
         }
-        (Kind::Volume, Action::Resize) => {
+        _ => return Ok(None),
+    }))
+}
+
+/// A volume's actions; `None` for an action volumes do not have.
+fn volume(action: Action, spec: &Value, body: &Value) -> Result<Option<Effect>, ValidationError> {
+    Ok(Some(match action {
+        Action::Resize => {
             let size = input::<SizeInput>(body)?.size_gb;
-            if u64::from(size) <= current("size_gb").as_u64().unwrap_or(0) {
+            let now = current(spec, "size_gb");
+            if u64::from(size) <= now.as_u64().unwrap_or(0) {
                 return Err(ValidationError::new(
                     "invalid_spec",
                     "size_gb",
-                    format!(
-                        "volumes only grow: {size} GB is not more than {} GB",
-                        current("size_gb")
-                    ),
+                    format!("volumes only grow: {size} GB is not more than {now} GB"),
                 ));
             }
             with(spec, "size_gb", json!(size))
         }
-        (Kind::Volume, Action::Attach) => {
-            let vm = input::<AttachInput>(body)?.vm_id;
-            match current("attached_to") {
-                Value::Null => with(spec, "attached_to", json!(vm)),
-                v if v == json!(vm) => {
-                    return Err(ValidationError::new(
-                        "invalid_state",
-                        "vm_id",
-                        "already attached to this VM",
-                    ))
-                }
-                v => {
-                    return Err(ValidationError::new(
-                        "invalid_state",
-                        "vm_id",
-                        format!("attached to {v}; detach it first"),
-                    ))
-                }
-            }
-        }
-        (Kind::Volume, Action::Detach) => {
+        Action::Attach => attach(spec, input::<AttachInput>(body)?.vm_id)?,
+        Action::Detach => {
             input::<NoInput>(body)?;
-            if current("attached_to").is_null() {
+            if current(spec, "attached_to").is_null() {
                 return Err(ValidationError::new(
                     "invalid_state",
                     "attached_to",
@@ -206,14 +229,25 @@ pub fn apply(
             }
             Effect::NewSpec(next)
         }
-        (kind, action) => {
-            return Err(ValidationError::new(
-                "unknown_action",
-                "action",
-                format!("a {kind} has no action {action}"),
-            ))
-        }
-    })
+        _ => return Ok(None),
+    }))
+}
+
+/// Attaching a volume whose spec is `spec` to `vm`.
+fn attach(spec: &Value, vm: Uuid) -> Result<Effect, ValidationError> {
+    match current(spec, "attached_to") {
+        Value::Null => Ok(with(spec, "attached_to", json!(vm))),
+        v if v == json!(vm) => Err(ValidationError::new(
+            "invalid_state",
+            "vm_id",
+            "already attached to this VM",
+        )),
+        v => Err(ValidationError::new(
+            "invalid_state",
+            "vm_id",
+            format!("attached to {v}; detach it first"),
+        )),
+    }
 }
 
 /// Applies an RFC 7386 JSON merge patch: objects merge recursively, `null` removes a

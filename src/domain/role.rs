@@ -66,4 +66,3 @@ impl std::fmt::Display for Role {
         f.write_str(self.as_str())
     }
 }
-

@@ -54,10 +54,16 @@ fn check(key: &NewKey) -> Result<(), LifecycleError> {
     }
     let worker = key.role == Role::Worker;
     if worker && (key.service.is_none() || key.zone.is_none()) {
-        return Err(invalid("service", "a worker key needs a service and a zone"));
+        return Err(invalid(
+            "service",
+            "a worker key needs a service and a zone",
+        ));
     }
     if !worker && (key.service.is_some() || key.zone.is_some()) {
-        return Err(invalid("service", "only worker keys have a service and zone"));
+        return Err(invalid(
+            "service",
+            "only worker keys have a service and zone",
+        ));
     }
     if key.expires_at.is_some_and(|t| t <= Utc::now()) {
         return Err(invalid("expires_at", "must be in the future"));

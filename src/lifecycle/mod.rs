@@ -5,7 +5,7 @@
 //! order is what keeps submissions, reports and the reconciler free of deadlocks.
 //!
 //! **Architecture invariant:** a state change and its outbox row commit together or
-//! not at all (DESIGN.md, invariant 1). Nothing here publishes to NATS directly; the
+//! not at all (docs/ARCHITECTURE.md, invariant 1). Nothing here publishes to NATS directly; the
 //! relay does, after commit.
 
 pub mod cancel;
@@ -21,10 +21,10 @@ pub mod txn;
 pub use txn::{lock_operation, LockedOperation, Txn};
 
 use crate::changes::Changes;
+use crate::changes::Wake;
 use crate::config::NatsNames;
 use crate::domain::report::Rejection;
 use crate::domain::ValidationError;
-use crate::relay::Wake;
 use sqlx::PgPool;
 use std::time::Duration;
 

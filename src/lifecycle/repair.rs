@@ -113,7 +113,15 @@ pub async fn converge(engine: &Engine, id: Uuid) -> sqlx::Result<Option<Operatio
         traceparent: None,
         idempotency: None,
     };
-    let op = start_operation(&mut txn, origin, &resource, Action::Update, &json!({}), true).await?;
+    let op = start_operation(
+        &mut txn,
+        origin,
+        &resource,
+        Action::Update,
+        &json!({}),
+        true,
+    )
+    .await?;
     txn.changed(op.id);
     txn.commit().await?;
     tracing::info!(resource.id = %id, operation.id = %op.id, generation = resource.generation,

@@ -190,7 +190,10 @@ pub struct LockedOperation<'e> {
 /// resource row first, then the operation row. Keeping one order is what keeps
 /// submissions, reports, cancellations and repairs free of deadlocks. `None` when there
 /// is no such operation.
-pub async fn lock_operation(engine: &Engine, id: Uuid) -> sqlx::Result<Option<LockedOperation<'_>>> {
+pub async fn lock_operation(
+    engine: &Engine,
+    id: Uuid,
+) -> sqlx::Result<Option<LockedOperation<'_>>> {
     let mut txn = Txn::begin(engine).await?;
     // An operation's resource never changes, so an unlocked read finds it.
     let Some(op) = operations::get(&mut *txn, id).await? else {

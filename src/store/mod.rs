@@ -53,7 +53,12 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", crate::config::redact_url(url)))
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                crate::config::redact_url(url)
+            )
+        })
 }
 
 /// Applies the embedded migrations.

@@ -313,26 +313,6 @@ pub async fn overdue_ids(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Ve
     .await
 }
 
-/// IDs of dispatched operations no worker has reported on for `stale_after_secs` and
-/// that have no message waiting in the outbox: their message may have been lost.
-pub async fn stale_dispatched_ids(
-    db: impl PgExecutor<'_>,
-    stale_after_secs: f64,
-    limit: i64,
-) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
-        "SELECT id FROM operations o
-         WHERE state = 'dispatched'
-           AND updated_at < now() - make_interval(secs => $1)
-           AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.operation_id = o.id)
-         ORDER BY updated_at LIMIT $2",
-    )
-    .bind(stale_after_secs)
-    .bind(limit)
-    .fetch_all(db)
-    .await
-}
-
 /// An active operation that has been quiet, as the reconciler's sweeper sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct QuietOperation {

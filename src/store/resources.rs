@@ -103,14 +103,6 @@ pub async fn get_live(
     .await
 }
 
-/// Any resource by ID, deleted or not.
-pub async fn get_any(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<ResourceRow>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM resources WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
-}
-
 /// Locks a live resource of `tenant` and `kind` for the rest of the transaction.
 pub async fn lock_live(
     conn: &mut PgConnection,
