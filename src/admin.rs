@@ -78,7 +78,8 @@ pub async fn run(pool: &PgPool, command: Command) -> anyhow::Result<()> {
             };
             let created = lifecycle::keys::create(pool, new).await?;
             let row = created.row;
-            println!("created {} key {} ({})", row.role, row.name, row.id);
+            let p = row.principal;
+            println!("created {} key {} ({})", p.role, p.name, p.id);
             println!("key: {}", created.key);
         }
         Command::RevokeKey { id } => match lifecycle::keys::revoke(pool, id, None).await {

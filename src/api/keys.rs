@@ -74,13 +74,14 @@ pub struct KeyOut {
 
 impl From<principals::KeyRow> for KeyOut {
     fn from(k: principals::KeyRow) -> Self {
+        let p = k.principal;
         Self {
-            id: k.id,
-            name: k.name,
-            role: k.role,
-            tenant: k.tenant,
-            service: k.scope.as_ref().map(|(s, _)| *s),
-            zone: k.scope.map(|(_, z)| z),
+            id: p.id,
+            name: p.name,
+            role: p.role,
+            tenant: p.tenant,
+            service: p.scope.as_ref().map(|(s, _)| *s),
+            zone: p.scope.map(|(_, z)| z),
             created_at: k.created_at,
             expires_at: k.expires_at,
             revoked_at: k.revoked_at,

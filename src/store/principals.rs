@@ -121,19 +121,11 @@ pub async fn exists(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<bool> {
     .await
 }
 
-/// A key as listed (never its hash).
+/// A key as listed (never its hash): who it is, and its lifetime.
 #[derive(Debug, Clone)]
 pub struct KeyRow {
-    /// Its ID.
-    pub id: Uuid,
-    /// Its unique name.
-    pub name: String,
-    /// Its role.
-    pub role: Role,
-    /// Its tenant.
-    pub tenant: Option<String>,
-    /// A worker's service and zone.
-    pub scope: Option<(Service, String)>,
+    /// The principal.
+    pub principal: PrincipalRow,
     /// Creation time.
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// When it stops working.
@@ -144,13 +136,8 @@ pub struct KeyRow {
 
 impl FromRow<'_, PgRow> for KeyRow {
     fn from_row(row: &PgRow) -> sqlx::Result<Self> {
-        let (role, scope) = role_and_scope(row)?;
         Ok(Self {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            role,
-            tenant: row.try_get("tenant")?,
-            scope,
+            principal: PrincipalRow::from_row(row)?,
             created_at: row.try_get("created_at")?,
             expires_at: row.try_get("expires_at")?,
             revoked_at: row.try_get("revoked_at")?,
