@@ -57,7 +57,7 @@ pub enum Command {
 pub async fn run(pool: &PgPool, command: Command) -> anyhow::Result<()> {
     match command {
         Command::CreateTenant { id, display_name } => {
-            let t = lifecycle::tenants::create(pool, &id, &display_name).await?;
+            let t = lifecycle::tenants::create(pool, &id, &display_name, None).await?;
             println!("created tenant {}", t.id);
         }
         Command::CreateKey {
@@ -76,13 +76,13 @@ pub async fn run(pool: &PgPool, command: Command) -> anyhow::Result<()> {
                 name,
                 expires_at,
             };
-            let created = lifecycle::keys::create(pool, new).await?;
+            let created = lifecycle::keys::create(pool, new, None).await?;
             let row = created.row;
             let p = row.principal;
             println!("created {} key {} ({})", p.role, p.name, p.id);
             println!("key: {}", created.key);
         }
-        Command::RevokeKey { id } => match lifecycle::keys::revoke(pool, id, None).await {
+        Command::RevokeKey { id } => match lifecycle::keys::revoke(pool, id, None, None).await {
             Ok(()) => println!("revoked key {id}"),
             Err(lifecycle::LifecycleError::NotFound) => bail!("no live key with ID {id}"),
             Err(e) => return Err(e.into()),

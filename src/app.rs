@@ -271,9 +271,12 @@ impl<'c> Assembly<'c> {
         let (audit, writer) = crate::audit::AuditWriter::new(
             self.backends.pool.clone(),
             self.engine.metrics.clone(),
+            self.config.audit_spool,
             self.shutdown.clone(),
         );
         self.tasks.spawn(writer);
+        let sealer = crate::audit::run_sealer(self.backends.pool.clone(), self.shutdown.clone());
+        self.tasks.spawn(sealer);
         let state = AppState {
             audit,
             engine: self.engine.clone(),

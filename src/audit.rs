@@ -1,23 +1,36 @@
 //! The audit trail: one hash-chained row per mutating or denied request.
 //!
-//! Appends are serialized by a transaction-scoped advisory lock, so the chain has one
-//! order across every gateway replica; each process batches its entries through one
-//! [`AuditWriter`] so the lock is taken per batch, not per request. The hash covers the previous row's hash and every
-//! field of the row, encoded unambiguously; `verify` recomputes the chain and names the
-//! first row that does not match.
+//! **Nothing a request changed goes unaudited.** A request that changes state writes
+//! its row in the transaction of the change ([`PendingAudit`], taken from the request's
+//! [`AuditSlot`] by the lifecycle): the row commits with the change or not at all, so a
+//! crash right after the answer cannot lose it. Every other row (refused, failed, or a
+//! write that changed nothing) is queued just after the answer to one [`AuditWriter`]
+//! per process, which appends in batches and, while the database is down, keeps the
+//! rows in a bounded spool and retries until it returns; rows beyond the spool are
+//! counted (`gateway_audit_write_errors_total`) and alerted on.
+//!
+//! **The chain.** Rows are inserted unsealed, so writers never wait for a global lock.
+//! The sealer ([`run_sealer`], in every API process; one at a time by a
+//! transaction-scoped advisory lock) chains committed rows in batches: each gets its
+//! place (`chain_seq`), the previous row's hash and its own hash, which covers the
+//! previous hash and every field of the row, encoded unambiguously. [`verify`] seals
+//! the unsealed tail first, then recomputes the whole chain and names the first row
+//! that does not match.
 
 use crate::metrics::Metrics;
 use crate::store::{self, audit::AuditRow};
 use chrono::{DateTime, SubsecRound, Utc};
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Advisory-lock key that serializes appends ("gwaudit").
+/// Advisory-lock key that serializes sealing ("gwaudit").
 const LOCK_KEY: i64 = 0x0067_7761_7564_6974;
 /// The `prev_hash` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -63,10 +76,11 @@ fn field(h: &mut Sha256, value: Option<&[u8]>) {
     }
 }
 
-/// The hash of a row: SHA-256 over its predecessor's hash and its length-prefixed fields.
-pub fn row_hash(r: &AuditRow) -> Vec<u8> {
+/// The hash of a row whose predecessor's hash is `prev_hash`: SHA-256 over that hash
+/// and the row's length-prefixed fields.
+pub fn row_hash(r: &AuditRow, prev_hash: &[u8]) -> Vec<u8> {
     let mut h = Sha256::new();
-    h.update(&r.prev_hash);
+    h.update(prev_hash);
     field(&mut h, Some(&r.at.timestamp_micros().to_be_bytes()));
     field(
         &mut h,
@@ -83,111 +97,283 @@ pub fn row_hash(r: &AuditRow) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// Appends `entries` to the chain, in order, in one transaction.
-pub async fn append_batch(pool: &PgPool, entries: Vec<Entry>) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
-    store::advisory_xact_lock(&mut tx, LOCK_KEY).await?;
-    let mut prev_hash = store::audit::last_hash(&mut tx)
-        .await?
-        .unwrap_or_else(|| GENESIS.to_vec());
-    for entry in entries {
-        let mut row = AuditRow {
+impl Entry {
+    /// The unsealed row of this entry.
+    fn row(self) -> AuditRow {
+        AuditRow {
             id: 0,
-            at: entry.at.trunc_subsecs(6),
-            principal_id: entry.principal.as_ref().map(|p| p.0),
-            principal_name: entry.principal.map(|p| p.1),
-            tenant: entry.tenant,
-            action: entry.action,
-            target: entry.target,
-            outcome: outcome(entry.status).to_owned(),
-            status: entry.status as i16,
-            request_id: entry.request_id,
-            source: entry.source,
-            prev_hash,
-            hash: Vec::new(),
-        };
-        row.hash = row_hash(&row);
-        store::audit::insert(&mut tx, &row).await?;
-        prev_hash = row.hash;
+            at: self.at.trunc_subsecs(6),
+            principal_id: self.principal.as_ref().map(|p| p.0),
+            principal_name: self.principal.map(|p| p.1),
+            tenant: self.tenant,
+            action: self.action,
+            target: self.target,
+            outcome: outcome(self.status).to_owned(),
+            status: self.status as i16,
+            request_id: self.request_id,
+            source: self.source,
+            chain_seq: None,
+            prev_hash: None,
+            hash: None,
+        }
     }
-    tx.commit().await
 }
 
-/// Entries queued before callers wait for the writer.
-const QUEUE: usize = 8_192;
+/// Appends `entries`, unsealed, in one statement.
+pub async fn append_batch(conn: &mut PgConnection, entries: Vec<Entry>) -> sqlx::Result<()> {
+    let rows: Vec<AuditRow> = entries.into_iter().map(Entry::row).collect();
+    store::audit::insert(conn, &rows).await
+}
+
+/// The audit entry of one request, shared by the guard and the handler. A handler
+/// whose write commits records the entry in its transaction ([`PendingAudit::take`]);
+/// the guard writes whatever is left after the answer ([`AuditSlot::remaining`]), so
+/// each request leaves exactly one row.
+#[derive(Debug, Clone, Default)]
+pub struct AuditSlot(Arc<Mutex<Option<Entry>>>);
+
+impl AuditSlot {
+    /// A slot holding `entry` (its status is set when it is written).
+    pub fn new(entry: Entry) -> Self {
+        Self(Arc::new(Mutex::new(Some(entry))))
+    }
+
+    fn take(&self) -> Option<Entry> {
+        self.0.lock().expect("audit slot").take()
+    }
+
+    fn put_back(&self, entry: Entry) {
+        *self.0.lock().expect("audit slot") = Some(entry);
+    }
+
+    /// The entry, unless a committed transaction recorded it.
+    pub fn remaining(&self) -> Option<Entry> {
+        self.take()
+    }
+}
+
+/// An audit entry on its way into a transaction: written with the change it records,
+/// or — if that transaction does not commit — back in its slot for the guard to write
+/// with the answer's real status.
+#[derive(Debug)]
+pub struct PendingAudit {
+    slot: AuditSlot,
+    entry: Option<Entry>,
+}
+
+impl PendingAudit {
+    /// Takes the slot's entry, to be recorded with `status` (the answer a committed
+    /// change gets); `None` when the request is not audited.
+    pub fn take(slot: &AuditSlot, status: u16) -> Option<Self> {
+        let mut entry = slot.take()?;
+        entry.status = status;
+        Some(Self {
+            slot: slot.clone(),
+            entry: Some(entry),
+        })
+    }
+
+    /// Sets the tenant acted on, when the path did not name one (operations).
+    pub fn tenant(&mut self, tenant: &str) {
+        if let Some(e) = self.entry.as_mut().filter(|e| e.tenant.is_none()) {
+            e.tenant = Some(tenant.to_owned());
+        }
+    }
+
+    /// Writes the row in the caller's transaction. Call [`Self::committed`] once the
+    /// transaction has committed.
+    pub async fn write(&self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        match &self.entry {
+            Some(e) => append_batch(conn, vec![e.clone()]).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The transaction committed: the row is written.
+    pub fn committed(mut self) {
+        self.entry = None;
+    }
+}
+
+impl Drop for PendingAudit {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            self.slot.put_back(entry);
+        }
+    }
+}
+
+/// Rows sealed per transaction at most.
+const SEAL_BATCH: i64 = 1_000;
+
+/// Seals one batch of committed, unsealed rows; returns how many.
+pub async fn seal(pool: &PgPool) -> sqlx::Result<usize> {
+    let mut tx = pool.begin().await?;
+    store::advisory_xact_lock(&mut tx, LOCK_KEY).await?;
+    let rows = store::audit::unsealed(&mut tx, SEAL_BATCH).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let (mut seq, mut prev) = store::audit::chain_head(&mut tx)
+        .await?
+        .unwrap_or((0, GENESIS.to_vec()));
+    let mut seals = Vec::with_capacity(rows.len());
+    for r in &rows {
+        seq += 1;
+        let hash = row_hash(r, &prev);
+        seals.push((r.id, seq, prev, hash.clone()));
+        prev = hash;
+    }
+    store::audit::seal(&mut tx, &seals).await?;
+    tx.commit().await?;
+    Ok(rows.len())
+}
+
+/// Seals until nothing is left unsealed.
+pub async fn seal_all(pool: &PgPool) -> sqlx::Result<usize> {
+    let mut total = 0;
+    loop {
+        let n = seal(pool).await?;
+        total += n;
+        if n == 0 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Pause of the sealer when it found nothing left to seal.
+const SEAL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Seals committed rows until `shutdown`, a batch at a time.
+pub async fn run_sealer(pool: PgPool, shutdown: CancellationToken) {
+    loop {
+        let pause = match seal(&pool).await {
+            Ok(n) if n as i64 == SEAL_BATCH => Duration::ZERO,
+            Ok(_) => SEAL_INTERVAL,
+            Err(e) => {
+                tracing::debug!(error = %e, "audit sealer: pass failed; retrying");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
 /// Entries written per transaction at most.
 const BATCH: usize = 512;
 /// How long the writer keeps going after shutdown for requests still finishing.
 const GRACE: Duration = Duration::from_secs(20);
+/// Longest pause between tries while the database is down.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
-/// Hands audit entries to one writer task per process, which appends them in batches:
-/// one transaction and one turn of the chain's lock per batch instead of per request,
-/// so auditing does not serialize the API. Callers wait only when the queue is full.
+/// Hands the audit entries that no transaction recorded to one writer task per process,
+/// which appends them in batches. While the database is down the entries wait in a
+/// bounded spool (`GATEWAY_AUDIT_SPOOL`) and are written when it returns; an entry
+/// that finds the spool full is counted lost. Recording never blocks a request.
 #[derive(Clone)]
 pub struct AuditWriter {
     queue: mpsc::Sender<Entry>,
+    metrics: Metrics,
 }
 
 impl AuditWriter {
-    /// A writer and the task that drains it into `pool`. The task ends when every
-    /// writer is dropped, or 20 s after `shutdown`, writing what is queued first.
+    /// A writer spooling up to `spool` entries, and the task that drains it into
+    /// `pool`. The task ends when every writer is dropped, or 20 s after `shutdown`,
+    /// writing what is queued first.
     pub fn new(
         pool: PgPool,
         metrics: Metrics,
+        spool: usize,
         shutdown: CancellationToken,
     ) -> (Self, impl Future<Output = ()>) {
-        let (queue, mut rx) = mpsc::channel::<Entry>(QUEUE);
-        let task = async move {
-            let hard_stop = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(GRACE).await;
-            };
-            tokio::pin!(hard_stop);
-            loop {
-                let first = tokio::select! {
-                    e = rx.recv() => e,
-                    _ = &mut hard_stop => {
-                        rx.close();
-                        rx.recv().await
-                    }
-                };
-                let Some(first) = first else { return };
-                let mut batch = vec![first];
-                while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(e) => batch.push(e),
-                        Err(_) => break,
-                    }
-                }
-                write_with_retries(&pool, &metrics, batch).await;
-            }
-        };
-        (Self { queue }, task)
+        let (queue, rx) = mpsc::channel::<Entry>(spool.max(1));
+        let task = drain(pool, metrics.clone(), rx, shutdown);
+        (Self { queue, metrics }, task)
     }
 
-    /// Queues `entry`.
-    pub async fn record(&self, entry: Entry) {
-        if self.queue.send(entry).await.is_err() {
-            tracing::error!("the audit writer has stopped; an audit entry was lost");
+    /// Queues `entry`; counts it lost if the spool is full.
+    pub fn record(&self, entry: Entry) {
+        match self.queue.try_send(entry) {
+            Ok(()) => {
+                self.metrics.audit_spooled.inc();
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.audit_write_errors.inc();
+                tracing::error!("the audit spool is full; an audit entry was lost");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.metrics.audit_write_errors.inc();
+                tracing::error!("the audit writer has stopped; an audit entry was lost");
+            }
         }
     }
 }
 
-async fn write_with_retries(pool: &PgPool, metrics: &Metrics, batch: Vec<Entry>) {
+/// The writer task: batches from the spool, each retried until written (or until the
+/// grace period after shutdown ends).
+async fn drain(
+    pool: PgPool,
+    metrics: Metrics,
+    mut rx: mpsc::Receiver<Entry>,
+    shutdown: CancellationToken,
+) {
+    let hard_stop = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(GRACE).await;
+    };
+    tokio::pin!(hard_stop);
+    let mut batch: VecDeque<Entry> = VecDeque::new();
     let mut delay = Duration::from_millis(100);
-    for attempt in 1..=5 {
-        match append_batch(pool, batch.clone()).await {
-            Ok(()) => return,
-            Err(e) if attempt < 5 => {
-                tracing::warn!(error = %e, attempt, "audit batch not written yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(e) => {
-                metrics.audit_write_errors.inc_by(batch.len() as u64);
-                tracing::error!(error = %e, rows = batch.len(), "audit rows could not be written");
+    loop {
+        if batch.is_empty() {
+            let first = tokio::select! {
+                e = rx.recv() => e,
+                _ = &mut hard_stop => return lost(&metrics, &mut rx, batch),
+            };
+            let Some(first) = first else { return };
+            batch.push_back(first);
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(e) => batch.push_back(e),
+                    Err(_) => break,
+                }
             }
         }
+        let written = async {
+            let mut conn = pool.acquire().await?;
+            append_batch(&mut conn, batch.iter().cloned().collect()).await
+        };
+        match written.await {
+            Ok(()) => {
+                metrics.audit_spooled.dec_by(batch.len() as i64);
+                batch.clear();
+                delay = Duration::from_millis(100);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rows = batch.len(), "audit rows not written yet; spooling and retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut hard_stop => return lost(&metrics, &mut rx, batch),
+                }
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+        }
+    }
+}
+
+/// Counts what is still spooled when the writer must stop.
+fn lost(metrics: &Metrics, rx: &mut mpsc::Receiver<Entry>, batch: VecDeque<Entry>) {
+    rx.close();
+    let mut n = batch.len();
+    while rx.try_recv().is_ok() {
+        n += 1;
+    }
+    if n > 0 {
+        metrics.audit_write_errors.inc_by(n as u64);
+        tracing::error!(rows = n, "stopping with audit rows not written");
     }
 }
 
@@ -205,8 +391,9 @@ pub enum Verdict {
     },
 }
 
-/// Recomputes the whole chain.
+/// Seals the unsealed tail, then recomputes the whole chain.
 pub async fn verify(pool: &PgPool) -> sqlx::Result<Verdict> {
+    seal_all(pool).await?;
     let mut prev = GENESIS.to_vec();
     let mut after = 0;
     let mut checked = 0;
@@ -216,20 +403,21 @@ pub async fn verify(pool: &PgPool) -> sqlx::Result<Verdict> {
             return Ok(Verdict::Intact(checked));
         }
         for r in rows {
-            if r.prev_hash != prev {
+            if r.prev_hash.as_deref() != Some(prev.as_slice()) {
                 return Ok(Verdict::Broken {
                     id: r.id,
                     reason: "does not link to the row before it (a row was removed or altered)",
                 });
             }
-            if row_hash(&r) != r.hash {
+            let hash = row_hash(&r, &prev);
+            if r.hash.as_deref() != Some(hash.as_slice()) {
                 return Ok(Verdict::Broken {
                     id: r.id,
                     reason: "its content does not match its hash (the row was altered)",
                 });
             }
-            prev = r.hash;
-            after = r.id;
+            prev = hash;
+            after = r.chain_seq.unwrap_or(after);
             checked += 1;
         }
     }
@@ -252,25 +440,27 @@ mod tests {
             status: 202,
             request_id: "r".into(),
             source: None,
-            prev_hash: GENESIS.to_vec(),
-            hash: vec![],
+            chain_seq: None,
+            prev_hash: None,
+            hash: None,
         }
     }
 
     #[test]
     fn every_field_is_covered_unambiguously() {
-        let base = row_hash(&row());
+        let base = row_hash(&row(), &GENESIS);
         let mut moved = row();
         // Shifting a character between adjacent fields changes the hash.
         moved.principal_name = Some("a".into());
         moved.tenant = Some("bc".into());
-        assert_ne!(row_hash(&moved), base);
+        assert_ne!(row_hash(&moved, &GENESIS), base);
         let mut other = row();
         other.status = 403;
-        assert_ne!(row_hash(&other), base);
+        assert_ne!(row_hash(&other, &GENESIS), base);
         let mut none = row();
         none.tenant = None;
-        assert_ne!(row_hash(&none), base);
+        assert_ne!(row_hash(&none, &GENESIS), base);
+        assert_ne!(row_hash(&row(), &[1; 32]), base);
     }
 
     #[test]

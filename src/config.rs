@@ -56,6 +56,10 @@ pub struct Config {
     pub metrics_refresh: Duration,
     /// `GATEWAY_HEADER_TIMEOUT_MS`: how long a client may take to send its headers.
     pub header_timeout: Duration,
+    /// `GATEWAY_AUDIT_SPOOL`: audit rows kept in memory while the database is down
+    /// (rows of requests that changed nothing; changes are audited in their own
+    /// transaction). Beyond it rows are counted lost.
+    pub audit_spool: usize,
 }
 
 impl fmt::Debug for Config {
@@ -79,6 +83,7 @@ impl fmt::Debug for Config {
             .field("rate_limits", &self.rate_limits)
             .field("metrics_refresh", &self.metrics_refresh)
             .field("header_timeout", &self.header_timeout)
+            .field("audit_spool", &self.audit_spool)
             .finish()
     }
 }
@@ -271,6 +276,7 @@ impl Config {
             log_json,
             metrics_refresh: env.millis("METRICS_REFRESH_MS", 5000)?,
             header_timeout: env.millis("GATEWAY_HEADER_TIMEOUT_MS", 10_000)?,
+            audit_spool: env.positive("GATEWAY_AUDIT_SPOOL", 100_000usize)?,
             rate_limits: RateLimits {
                 per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
                 burst: env.var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
@@ -306,6 +312,7 @@ impl Config {
             log_json: false,
             metrics_refresh: Duration::from_millis(100),
             header_timeout: Duration::from_secs(10),
+            audit_spool: 100_000,
             rate_limits: RateLimits {
                 per_second: nz(100_000),
                 burst: nz(100_000),

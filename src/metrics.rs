@@ -30,7 +30,8 @@
 //! | `gateway_dead_letters_total` | counter | service, zone | operations failed because JetStream gave up delivering them |
 //! | `gateway_db_connections` | gauge | state | pool connections `in_use` / `idle` |
 //! | `gateway_reconciler_actions_total` | counter | action | repairs (`expired`, `redispatched`, `converged`, …) |
-//! | `gateway_audit_write_errors_total` | counter | | audit rows that could not be written |
+//! | `gateway_audit_write_errors_total` | counter | | audit rows lost: the spool was full, or the process stopped with rows unwritten |
+//! | `gateway_audit_spooled` | gauge | | audit rows waiting to be written (while the database is down, the spool) |
 //! | `gateway_cache_requests_total` | counter | cache, result | catalog and zone lookups answered from memory (`hit`) or the database (`miss`) |
 
 use crate::domain::{Action, Kind, OperationState, Service};
@@ -207,6 +208,8 @@ pub struct Inner {
     /// See the table in the module docs.
     pub audit_write_errors: Counter,
     /// See the table in the module docs.
+    pub audit_spooled: Gauge,
+    /// See the table in the module docs.
     pub cache_requests: Family<CacheLabels, Counter>,
 }
 
@@ -225,8 +228,13 @@ impl Default for Metrics {
 }
 
 impl Inner {
-    /// The families of HTTP requests and operations.
+    /// The families of HTTP requests, operations and the audit spool.
     fn register_requests(&self, r: &mut Registry) {
+        r.register(
+            "audit_spooled",
+            "Audit rows waiting to be written",
+            self.audit_spooled.clone(),
+        );
         r.register(
             "http_requests",
             "HTTP requests answered, by route template, method and status class",
@@ -343,7 +351,7 @@ impl Inner {
         );
         r.register(
             "audit_write_errors",
-            "Audit rows that could not be written",
+            "Audit rows lost (spool full, or unwritten at exit)",
             self.audit_write_errors.clone(),
         );
         r.register(
@@ -381,6 +389,7 @@ impl Metrics {
             db_connections: Family::default(),
             reconciler_actions: Family::default(),
             audit_write_errors: Counter::default(),
+            audit_spooled: Gauge::default(),
             cache_requests: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("gateway");

@@ -48,8 +48,10 @@ pub struct AuditOut {
     /// The client's address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// This entry's link in the chain (hex SHA-256).
-    pub hash: String,
+    /// This entry's link in the chain (hex SHA-256); absent for the moments until the
+    /// sealer chains it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 impl From<AuditRow> for AuditOut {
@@ -66,7 +68,7 @@ impl From<AuditRow> for AuditOut {
             status: r.status,
             request_id: r.request_id,
             source: r.source,
-            hash: hex::encode(r.hash),
+            hash: r.hash.map(hex::encode),
         }
     }
 }

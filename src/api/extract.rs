@@ -3,7 +3,9 @@
 use super::error::ApiError;
 use super::guard::Authn;
 use super::request::RequestId;
+use crate::audit::AuditSlot;
 use crate::auth::Principal;
+use crate::lifecycle::Audit;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -37,6 +39,15 @@ pub struct Meta {
     pub request_id: String,
     /// W3C `traceparent`, if the client sent a well-formed one.
     pub traceparent: Option<String>,
+    /// The request's audit entry, for a write to record in its transaction.
+    pub audit: Option<AuditSlot>,
+}
+
+impl Meta {
+    /// The audit entry, to be written with a change whose answer is `status`.
+    pub fn audit(&self, status: StatusCode) -> Audit<'_> {
+        self.audit.as_ref().map(|slot| (slot, status.as_u16()))
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Meta {
@@ -57,6 +68,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Meta {
         Ok(Meta {
             request_id,
             traceparent,
+            audit: parts.extensions.get::<AuditSlot>().cloned(),
         })
     }
 }

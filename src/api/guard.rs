@@ -15,7 +15,7 @@
 use super::error::ApiError;
 use super::request::RequestId;
 use super::AppState;
-use crate::audit::Entry;
+use crate::audit::{AuditSlot, Entry};
 use crate::auth::{self, Principal};
 use crate::metrics::{BucketLabels, HttpLabels, Metrics, RouteLabels};
 use crate::store::principals;
@@ -195,74 +195,106 @@ fn count(metrics: &Metrics, route: &str, method: &Method, status: u16, started: 
         .observe(started.elapsed().as_secs_f64());
 }
 
+/// What the guard knows of a request before it is answered.
+struct Seen {
+    method: Method,
+    path: String,
+    route: String,
+    source: Option<IpAddr>,
+    request_id: String,
+}
+
+impl Seen {
+    fn of(req: &Request) -> Self {
+        let ext = req.extensions();
+        Self {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            route: ext
+                .get::<MatchedPath>()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "(unmatched)".to_owned()),
+            source: ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()),
+            request_id: ext
+                .get::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn mutating(&self) -> bool {
+        !matches!(self.method, Method::GET | Method::HEAD | Method::OPTIONS)
+    }
+
+    /// The request's audit entry, its status to be set when it is written.
+    fn entry(&self, authn: Option<&Authn>) -> Entry {
+        Entry {
+            at: chrono::Utc::now(),
+            principal: match authn {
+                Some(Authn::Principal(p)) => Some((p.id, p.name.clone())),
+                _ => None,
+            },
+            tenant: path_tenant(&self.path),
+            action: format!("{} {}", self.method, self.route),
+            target: self.path.clone(),
+            status: 0,
+            request_id: self.request_id.clone(),
+            source: self.source.map(|ip| ip.to_string()),
+        }
+    }
+}
+
 /// The middleware.
 pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "(unmatched)".to_owned());
-    let source = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
-    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let seen = Seen::of(&req);
     let started = Instant::now();
     let metrics = state.engine.metrics.clone();
     let _in_flight = InFlight::enter(&metrics.http_in_flight);
-
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes().to_vec());
-    let authn = match authenticate(&state, authorization).await {
-        Ok(a) => a,
-        Err(e) => return e.into_response(),
-    };
-    // Probes and scrapes outside the API are never throttled.
-    let class = bucket(&method, &route);
-    let limited = if path.starts_with("/v1/") {
-        state.limiter.check(&authn, class, source)
-    } else {
-        Ok(())
-    };
-    let response = match limited {
-        Err(wait) => rate_limited(&metrics, &authn, class, wait),
-        Ok(()) => {
-            req.extensions_mut().insert(authn.clone());
-            next.run(req).await
+    let (response, slot) = match authenticate(&state, authorization).await {
+        // The database is down: refused, and audited once it is back (the spool).
+        Err(e) => (e.into_response(), AuditSlot::new(seen.entry(None))),
+        Ok(authn) => {
+            let slot = AuditSlot::new(seen.entry(Some(&authn)));
+            // Probes and scrapes outside the API are never throttled.
+            let class = bucket(&seen.method, &seen.route);
+            let limited = if seen.path.starts_with("/v1/") {
+                state.limiter.check(&authn, class, seen.source)
+            } else {
+                Ok(())
+            };
+            let response = match limited {
+                Err(wait) => rate_limited(&metrics, &authn, class, wait),
+                Ok(()) => {
+                    req.extensions_mut().insert(authn);
+                    if seen.mutating() {
+                        // A write that commits records the entry in its transaction.
+                        req.extensions_mut().insert(slot.clone());
+                    }
+                    next.run(req).await
+                }
+            };
+            (response, slot)
         }
     };
     let status = response.status().as_u16();
-    count(&metrics, &route, &method, status, started);
-    if mutating || matches!(status, 401 | 403 | 429) {
-        let tenant = path_tenant(&path).or_else(|| {
-            response
-                .extensions()
-                .get::<AuditTenant>()
-                .map(|t| t.0.clone())
-        });
-        let entry = Entry {
-            at: chrono::Utc::now(),
-            principal: match &authn {
-                Authn::Principal(p) => Some((p.id, p.name.clone())),
-                _ => None,
-            },
-            tenant,
-            action: format!("{method} {route}"),
-            target: path,
-            status,
-            request_id,
-            source: source.map(|ip| ip.to_string()),
-        };
-        state.audit.record(entry).await;
+    count(&metrics, &seen.route, &seen.method, status, started);
+    if seen.mutating() || matches!(status, 401 | 403 | 429) {
+        // Left in the slot unless a committed transaction recorded it.
+        if let Some(mut entry) = slot.remaining() {
+            entry.status = status;
+            entry.at = chrono::Utc::now();
+            if entry.tenant.is_none() {
+                entry.tenant = response
+                    .extensions()
+                    .get::<AuditTenant>()
+                    .map(|t| t.0.clone());
+            }
+            state.audit.record(entry);
+        }
     }
     response
 }

@@ -2,7 +2,7 @@
 //! admins. A key is shown once, in the answer that creates it; only its hash is kept.
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Caller, JsonBody};
+use super::extract::{Caller, JsonBody, Meta};
 use super::AppState;
 use crate::auth::{Decision, Permission, Principal, Role};
 use crate::domain::{Service, ValidationError};
@@ -134,6 +134,7 @@ async fn existing_tenant(state: &AppState, tenant: &str) -> Result<(), ApiError>
 pub async fn create(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    meta: Meta,
     Path(tenant): Path<String>,
     JsonBody(body): JsonBody<KeyIn>,
 ) -> Result<(StatusCode, Json<NewKeyOut>), ApiError> {
@@ -158,7 +159,8 @@ pub async fn create(
         name: body.name,
         expires_at: body.expires_at,
     };
-    let created = lifecycle::keys::create(&state.engine.pool, new).await?;
+    let audit = meta.audit(StatusCode::CREATED);
+    let created = lifecycle::keys::create(&state.engine.pool, new, audit).await?;
     Ok((
         StatusCode::CREATED,
         Json(NewKeyOut {
@@ -204,11 +206,13 @@ pub async fn list(
 pub async fn revoke(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    meta: Meta,
     Path((tenant, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("key"))?;
-    match lifecycle::keys::revoke(&state.engine.pool, id, Some(&tenant)).await {
+    let audit = meta.audit(StatusCode::NO_CONTENT);
+    match lifecycle::keys::revoke(&state.engine.pool, id, Some(&tenant), audit).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
         Err(LifecycleError::NotFound) => Err(ApiError::not_found("key")),
         Err(e) => Err(e.into()),

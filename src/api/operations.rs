@@ -1,7 +1,7 @@
 //! Operations: read one, list a tenant's, and workers' reports.
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Caller, JsonBody};
+use super::extract::{Caller, JsonBody, Meta};
 use super::resources::path_id;
 use super::wire::{OperationOut, Page};
 use super::{cursor, AppState};
@@ -219,11 +219,13 @@ pub async fn list(
 pub async fn report(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    meta: Meta,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<Report>,
 ) -> Result<Json<ReportAck>, ApiError> {
     let id = path_id(&id, "operation")?;
-    let ack = report::apply(&state.engine, &principal, id, &body)
+    let audit = meta.audit(StatusCode::OK);
+    let ack = report::apply(&state.engine, &principal, id, audit, &body)
         .await
         .map_err(|e| match e {
             crate::lifecycle::LifecycleError::NotFound => ApiError::not_found("operation"),
@@ -249,10 +251,12 @@ pub async fn report(
 pub async fn cancel(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    meta: Meta,
     Path(id): Path<String>,
 ) -> Result<Json<OperationOut>, ApiError> {
     let id = path_id(&id, "operation")?;
-    let op = crate::lifecycle::cancel::cancel(&state.engine, &principal, id)
+    let audit = meta.audit(StatusCode::OK);
+    let op = crate::lifecycle::cancel::cancel(&state.engine, &principal, id, audit)
         .await
         .map_err(|e| match e {
             crate::lifecycle::LifecycleError::NotFound => ApiError::not_found("operation"),

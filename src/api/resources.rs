@@ -57,6 +57,7 @@ fn request_meta<'a>(
             .idempotency_key
             .as_deref()
             .map(|key| Idempotency { key, fingerprint }),
+        audit: meta.audit(axum::http::StatusCode::ACCEPTED),
     }
 }
 

@@ -1,7 +1,7 @@
 //! `/v1/tenants`: tenants, created by admins.
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Caller, JsonBody};
+use super::extract::{Caller, JsonBody, Meta};
 use super::AppState;
 use crate::auth::Permission;
 use crate::lifecycle;
@@ -69,10 +69,13 @@ impl From<TenantRow> for TenantOut {
 pub async fn create(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    meta: Meta,
     JsonBody(body): JsonBody<TenantIn>,
 ) -> Result<(StatusCode, Json<TenantOut>), ApiError> {
     super::keys::require(&principal, Permission::Platform, None)?;
-    let row = lifecycle::tenants::create(&state.engine.pool, &body.id, &body.display_name).await?;
+    let audit = meta.audit(StatusCode::CREATED);
+    let row =
+        lifecycle::tenants::create(&state.engine.pool, &body.id, &body.display_name, audit).await?;
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 

@@ -20,12 +20,15 @@ pub async fn cancel(
     engine: &Engine,
     principal: &Principal,
     id: Uuid,
+    audit: super::Audit<'_>,
 ) -> Result<OperationRow, LifecycleError> {
     let locked = lock_operation(engine, id)
         .await?
         .filter(|l| principal.can_read(&l.op.tenant))
         .ok_or(LifecycleError::NotFound)?;
     let (mut txn, op) = (locked.txn, locked.op);
+    txn.audit(audit);
+    txn.audit_tenant(&op.tenant);
     if !principal.can_write(&op.tenant) {
         return Err(LifecycleError::Forbidden(
             "this key may not cancel operations",

@@ -3,7 +3,8 @@
 //! `revoke-key`). Who may ask for which key is the caller's business (the API's
 //! permission checks); what a key may be is decided here.
 
-use super::LifecycleError;
+use super::txn::commit_audited;
+use super::{Audit, LifecycleError};
 use crate::auth;
 use crate::domain::{names, Role, Service, ValidationError};
 use crate::store::principals::{self, KeyRow, NewPrincipal};
@@ -75,8 +76,12 @@ fn check(key: &NewKey) -> Result<(), LifecycleError> {
 }
 
 /// Creates a key after checking its role, scope, name and expiry, and that its tenant
-/// and zone exist.
-pub async fn create(pool: &PgPool, key: NewKey) -> Result<CreatedKey, LifecycleError> {
+/// and zone exist; with the request's audit row.
+pub async fn create(
+    pool: &PgPool,
+    key: NewKey,
+    audit: Audit<'_>,
+) -> Result<CreatedKey, LifecycleError> {
     check(&key)?;
     if let Some(tenant) = &key.tenant {
         if tenants::get(pool, tenant).await?.is_none() {
@@ -94,7 +99,7 @@ pub async fn create(pool: &PgPool, key: NewKey) -> Result<CreatedKey, LifecycleE
         format!("{owner}-{}-{suffix}", key.role)
     });
     let secret = auth::generate_key();
-    let mut conn = pool.acquire().await?;
+    let mut tx = pool.begin().await?;
     let new = NewPrincipal {
         name: &name,
         role: key.role,
@@ -102,9 +107,10 @@ pub async fn create(pool: &PgPool, key: NewKey) -> Result<CreatedKey, LifecycleE
         scope: key.service.zip(key.zone.as_deref()),
         key_hash: &auth::hash_key(&secret),
     };
-    let row = principals::insert(&mut conn, &new, key.expires_at)
+    let row = principals::insert(&mut tx, &new, key.expires_at)
         .await?
         .ok_or(LifecycleError::NameTaken { kind: "key", name })?;
+    commit_audited(tx, audit).await?;
     Ok(CreatedKey { key: secret, row })
 }
 
@@ -131,13 +137,18 @@ pub async fn install(
 
 /// Revokes live key `id`; with `tenant`, only a key of that tenant. It stops working
 /// on its next request.
-pub async fn revoke(pool: &PgPool, id: Uuid, tenant: Option<&str>) -> Result<(), LifecycleError> {
-    let mut conn = pool.acquire().await?;
-    if principals::revoke(&mut conn, id, tenant).await? {
-        Ok(())
-    } else {
-        Err(LifecycleError::NotFound)
+pub async fn revoke(
+    pool: &PgPool,
+    id: Uuid,
+    tenant: Option<&str>,
+    audit: Audit<'_>,
+) -> Result<(), LifecycleError> {
+    let mut tx = pool.begin().await?;
+    if !principals::revoke(&mut tx, id, tenant).await? {
+        return Err(LifecycleError::NotFound);
     }
+    commit_audited(tx, audit).await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub mod submit;
 pub mod tenants;
 pub mod txn;
 
-pub use txn::{lock_operation, LockedOperation, Txn};
+pub use txn::{lock_operation, Audit, LockedOperation, Txn};
 
 use crate::changes::Changes;
 use crate::changes::Wake;

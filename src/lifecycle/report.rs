@@ -14,12 +14,15 @@ pub async fn apply(
     engine: &Engine,
     principal: &Principal,
     id: Uuid,
+    audit: super::Audit<'_>,
     report: &Report,
 ) -> Result<ReportAck, LifecycleError> {
     let locked = lock_operation(engine, id)
         .await?
         .ok_or(LifecycleError::NotFound)?;
     let (mut txn, op) = (locked.txn, locked.op);
+    txn.audit(audit);
+    txn.audit_tenant(&op.tenant);
     if !principal.can_report(op.kind.service(), &op.zone) {
         return Err(LifecycleError::Forbidden(
             "this key may report only on operations of its own service and zone",

@@ -25,6 +25,8 @@ pub struct RequestMeta<'a> {
     pub traceparent: Option<&'a str>,
     /// The client's `Idempotency-Key` and the fingerprint of the request it came with.
     pub idempotency: Option<Idempotency<'a>>,
+    /// The request's audit entry, written with the change.
+    pub audit: super::Audit<'a>,
 }
 
 impl RequestMeta<'_> {
@@ -119,6 +121,7 @@ pub async fn create(
     names::validate_labels(&req.labels)?;
     let valid = spec::validate(kind, &req.spec)?;
     let mut tx = Txn::begin(engine).await?;
+    tx.audit(meta.audit);
     if let Some(op) = replay(&mut tx, meta).await? {
         return Ok(op);
     }
@@ -216,6 +219,7 @@ async fn lock_for_change<'e>(
         ));
     }
     let mut tx = Txn::begin(engine).await?;
+    tx.audit(meta.audit);
     if let Some(op) = replay(&mut tx, meta).await? {
         return Ok(Locked::Replay(op));
     }

@@ -9,8 +9,13 @@
 //!
 //! Operations are locked one way only, [`lock_operation`]: the resource row first, then
 //! the operation row.
+//!
+//! A change made for a request also writes the request's audit row in its transaction
+//! ([`Txn::audit`]): the row commits with the change, or goes back to the request for
+//! the guard to write with the real answer.
 
 use super::Engine;
+use crate::audit::{AuditSlot, PendingAudit};
 use crate::domain::{Action, Kind, OperationState};
 use crate::store::operations::{self, OperationRow};
 use crate::store::resources::{self, ResourceRow};
@@ -55,7 +60,12 @@ pub struct Txn<'e> {
     engine: &'e Engine,
     tx: Transaction<'static, Postgres>,
     effects: Effects,
+    audit: Option<PendingAudit>,
 }
+
+/// The audit entry of the request a change is made for, and the status its answer
+/// gets if the change commits.
+pub type Audit<'a> = Option<(&'a AuditSlot, u16)>;
 
 impl<'e> Txn<'e> {
     /// Opens a transaction on the engine's pool.
@@ -64,7 +74,23 @@ impl<'e> Txn<'e> {
             engine,
             tx: engine.pool.begin().await?,
             effects: Effects::default(),
+            audit: None,
         })
+    }
+
+    /// Records the request's audit entry in this transaction, with the status a
+    /// committed change answers.
+    pub fn audit(&mut self, audit: Audit<'_>) {
+        if let Some((slot, status)) = audit {
+            self.audit = PendingAudit::take(slot, status);
+        }
+    }
+
+    /// The tenant the audited request acted on, when its path did not say.
+    pub fn audit_tenant(&mut self, tenant: &str) {
+        if let Some(a) = self.audit.as_mut() {
+            a.tenant(tenant);
+        }
     }
 
     /// The engine the transaction runs on.
@@ -115,14 +141,22 @@ impl<'e> Txn<'e> {
         self.changed(op.id);
     }
 
-    /// Commits, then announces what changed. Nothing is announced if the commit fails.
+    /// Writes the audit row, commits, then announces what changed. Nothing is
+    /// announced (and the audit entry goes back to its request) if the commit fails.
     pub async fn commit(self) -> sqlx::Result<()> {
         let Self {
             engine,
-            tx,
+            mut tx,
             effects,
+            audit,
         } = self;
+        if let Some(a) = &audit {
+            a.write(&mut tx).await?;
+        }
         tx.commit().await?;
+        if let Some(a) = audit {
+            a.committed();
+        }
         engine.after_commit(effects).await;
         Ok(())
     }
@@ -204,4 +238,21 @@ pub async fn lock_operation(
         .await?
         .expect("operations are never deleted");
     Ok(Some(LockedOperation { txn, resource, op }))
+}
+
+/// Commits a transaction of a write that needs no after-commit step, with the request's
+/// audit row: the row commits with the change, or goes back to the request.
+pub(super) async fn commit_audited(
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    audit: Audit<'_>,
+) -> sqlx::Result<()> {
+    let pending = audit.and_then(|(slot, status)| PendingAudit::take(slot, status));
+    if let Some(a) = &pending {
+        a.write(&mut tx).await?;
+    }
+    tx.commit().await?;
+    if let Some(a) = pending {
+        a.committed();
+    }
+    Ok(())
 }

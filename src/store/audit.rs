@@ -1,4 +1,5 @@
-//! The audit log's rows. The hash chain itself is computed in `crate::audit`.
+//! The audit log's rows. Rows are inserted unsealed and chained afterwards by the
+//! sealer; the hash chain itself is computed in `crate::audit`.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
@@ -7,7 +8,7 @@ use uuid::Uuid;
 /// One audit row.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AuditRow {
-    /// Position in the chain.
+    /// Its ID (insertion order).
     pub id: i64,
     /// When the request was answered (microsecond precision).
     pub at: DateTime<Utc>,
@@ -29,43 +30,81 @@ pub struct AuditRow {
     pub request_id: String,
     /// The client's address.
     pub source: Option<String>,
-    /// The previous row's hash (32 zero bytes for the first row).
-    pub prev_hash: Vec<u8>,
-    /// SHA-256 over `prev_hash` and this row's content.
-    pub hash: Vec<u8>,
+    /// Its place in the chain, once sealed.
+    pub chain_seq: Option<i64>,
+    /// The hash of the row before it in the chain (32 zero bytes for the first), once
+    /// sealed.
+    pub prev_hash: Option<Vec<u8>>,
+    /// SHA-256 over `prev_hash` and this row's content, once sealed.
+    pub hash: Option<Vec<u8>>,
 }
 
 const COLUMNS: &str = "id, at, principal_id, principal_name, tenant, action, target, outcome, \
-                       status, request_id, source, prev_hash, hash";
+                       status, request_id, source, chain_seq, prev_hash, hash";
 
-/// The hash of the last row, if any.
-pub async fn last_hash(conn: &mut PgConnection) -> sqlx::Result<Option<Vec<u8>>> {
-    sqlx::query_scalar("SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1")
-        .fetch_optional(conn)
-        .await
+/// Inserts unsealed rows (their `id`, chain and hashes are ignored); one statement for
+/// the whole batch.
+pub async fn insert(conn: &mut PgConnection, rows: &[AuditRow]) -> sqlx::Result<()> {
+    let column = |f: fn(&AuditRow) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO audit_log (at, principal_id, principal_name, tenant, action, target,
+             outcome, status, request_id, source)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::uuid[], $3::text[], $4::text[],
+             $5::text[], $6::text[], $7::text[], $8::smallint[], $9::text[], $10::text[])",
+    )
+    .bind(rows.iter().map(|r| r.at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.principal_id).collect::<Vec<_>>())
+    .bind(column(|r| r.principal_name.clone()))
+    .bind(column(|r| r.tenant.clone()))
+    .bind(column(|r| Some(r.action.clone())))
+    .bind(column(|r| Some(r.target.clone())))
+    .bind(column(|r| Some(r.outcome.clone())))
+    .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
+    .bind(column(|r| Some(r.request_id.clone())))
+    .bind(column(|r| r.source.clone()))
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
-/// Appends a row (the caller holds the chain's lock and computed the hash).
-pub async fn insert(conn: &mut PgConnection, r: &AuditRow) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "INSERT INTO audit_log (at, principal_id, principal_name, tenant, action, target,
-             outcome, status, request_id, source, prev_hash, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+/// The last sealed row's place in the chain and hash, if any.
+pub async fn chain_head(conn: &mut PgConnection) -> sqlx::Result<Option<(i64, Vec<u8>)>> {
+    sqlx::query_as(
+        "SELECT chain_seq, hash FROM audit_log WHERE chain_seq IS NOT NULL
+         ORDER BY chain_seq DESC LIMIT 1",
     )
-    .bind(r.at)
-    .bind(r.principal_id)
-    .bind(&r.principal_name)
-    .bind(&r.tenant)
-    .bind(&r.action)
-    .bind(&r.target)
-    .bind(&r.outcome)
-    .bind(r.status)
-    .bind(&r.request_id)
-    .bind(&r.source)
-    .bind(&r.prev_hash)
-    .bind(&r.hash)
-    .fetch_one(conn)
+    .fetch_optional(conn)
     .await
+}
+
+/// Committed rows not yet sealed, oldest first.
+pub async fn unsealed(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<AuditRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM audit_log WHERE hash IS NULL ORDER BY id LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Seals rows: `(id, chain_seq, prev_hash, hash)` each, in one statement.
+pub async fn seal(
+    conn: &mut PgConnection,
+    seals: &[(i64, i64, Vec<u8>, Vec<u8>)],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE audit_log a SET chain_seq = s.chain_seq, prev_hash = s.prev_hash, hash = s.hash
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[])
+             AS s(id, chain_seq, prev_hash, hash)
+         WHERE a.id = s.id",
+    )
+    .bind(seals.iter().map(|s| s.0).collect::<Vec<_>>())
+    .bind(seals.iter().map(|s| s.1).collect::<Vec<_>>())
+    .bind(seals.iter().map(|s| s.2.clone()).collect::<Vec<_>>())
+    .bind(seals.iter().map(|s| s.3.clone()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Filters of the audit list.
@@ -107,16 +146,16 @@ pub async fn list(
     .await
 }
 
-/// Rows in chain order, strictly after `after_id`.
+/// Sealed rows in chain order, strictly after place `after_seq`.
 pub async fn chain_page(
     db: impl PgExecutor<'_>,
-    after_id: i64,
+    after_seq: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<AuditRow>> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2"
+        "SELECT {COLUMNS} FROM audit_log WHERE chain_seq > $1 ORDER BY chain_seq LIMIT $2"
     ))
-    .bind(after_id)
+    .bind(after_seq)
     .bind(limit)
     .fetch_all(db)
     .await
