@@ -325,6 +325,8 @@ async fn drain(
         tokio::time::sleep(GRACE).await;
     };
     tokio::pin!(hard_stop);
+    // The batch in hand counts against the spool too: at most twice its size is held.
+    let batch_max = BATCH.min(rx.max_capacity());
     let mut batch: VecDeque<Entry> = VecDeque::new();
     let mut delay = Duration::from_millis(100);
     loop {
@@ -335,7 +337,7 @@ async fn drain(
             };
             let Some(first) = first else { return };
             batch.push_back(first);
-            while batch.len() < BATCH {
+            while batch.len() < batch_max {
                 match rx.try_recv() {
                     Ok(e) => batch.push_back(e),
                     Err(_) => break,
