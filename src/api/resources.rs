@@ -38,8 +38,13 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct PatchIn {
     /// A JSON merge patch (RFC 7386) of the spec.
+    #[serde(default)]
     #[schema(example = json!({"flavor": "m1.large"}))]
-    pub spec: serde_json::Value,
+    pub spec: Option<serde_json::Value>,
+    /// Labels to set (a string) or remove (`null`); the others stay.
+    #[serde(default)]
+    #[schema(example = json!({"env": "prod", "team": null}))]
+    pub labels: Option<std::collections::BTreeMap<String, Option<String>>>,
 }
 
 /// Builds the lifecycle's view of a write request.
@@ -303,13 +308,20 @@ pub async fn patch(
 ) -> Result<Response, ApiError> {
     let kind = kind(&kind_segment)?;
     let id = path_id(&id, "resource")?;
+    if body.spec.is_none() && body.labels.is_none() {
+        let why = "a patch needs `spec`, `labels` or both";
+        return Err(crate::domain::ValidationError::new("invalid_body", "spec", why).into());
+    }
     let print = fingerprint(
         "PATCH",
         &format!("/v1/tenants/{tenant}/{kind_segment}/{id}"),
-        &body.spec,
+        &serde_json::json!({"spec": body.spec, "labels": body.labels}),
     );
     let meta = request_meta(&principal, &meta, &headers, &print);
-    let change = Change::Patch(body.spec);
+    let change = Change::Patch {
+        spec: body.spec.unwrap_or_else(|| serde_json::json!({})),
+        labels: body.labels,
+    };
     let op = submit::update(
         &state.engine,
         meta,

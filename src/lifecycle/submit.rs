@@ -59,11 +59,19 @@ pub struct Idempotency<'a> {
     pub fingerprint: &'a str,
 }
 
+/// A change to labels: a value sets a label, `None` removes it (JSON merge patch).
+pub type LabelPatch = std::collections::BTreeMap<String, Option<String>>;
+
 /// A change to an existing resource.
 #[derive(Debug, Clone)]
 pub enum Change {
-    /// A JSON merge patch of the spec (`PATCH`).
-    Patch(Value),
+    /// A JSON merge patch of the spec, and a patch of the labels (`PATCH`).
+    Patch {
+        /// Merged into the spec (`{}` changes nothing).
+        spec: Value,
+        /// Applied to the labels, if any.
+        labels: Option<LabelPatch>,
+    },
     /// An action with its input (`POST …/actions/{action}`).
     Action(Action, Value),
 }
@@ -253,8 +261,11 @@ pub async fn update(
             Locked::Resource(tx, r) => (tx, r),
         };
     let (action, input, effect) = match change {
-        Change::Patch(patch) => {
-            let merged = actions::merge_patch(&resource.spec, &patch);
+        Change::Patch { spec, labels } => {
+            if let Some(patch) = labels {
+                resource = patch_labels(&mut tx, &resource, patch).await?;
+            }
+            let merged = actions::merge_patch(&resource.spec, &spec);
             (Action::Update, json!({}), Effect::NewSpec(merged))
         }
         Change::Action(action, input) => {
@@ -285,6 +296,25 @@ pub async fn update(
     .await?;
     tx.commit().await?;
     Ok(op)
+}
+
+/// Applies a label patch to a locked resource, checking the labels it leaves.
+async fn patch_labels(
+    txn: &mut Txn<'_>,
+    resource: &ResourceRow,
+    patch: LabelPatch,
+) -> Result<ResourceRow, LifecycleError> {
+    let mut labels: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(resource.labels.clone()).unwrap_or_default();
+    for (key, value) in patch {
+        match value {
+            Some(v) => labels.insert(key, v),
+            None => labels.remove(&key),
+        };
+    }
+    names::validate_labels(&labels)?;
+    let value = serde_json::to_value(&labels).expect("labels serialize");
+    Ok(resources::set_labels(txn, resource.id, &value).await?)
 }
 
 /// Inserts an operation on `resource`: `pending` with its outbox row when `run_now`,

@@ -148,6 +148,22 @@ pub async fn update_spec(
     .await
 }
 
+/// Replaces the labels (metadata: the version moves, the generation does not).
+pub async fn set_labels(
+    conn: &mut PgConnection,
+    id: Uuid,
+    labels: &Value,
+) -> sqlx::Result<ResourceRow> {
+    sqlx::query_as(&format!(
+        "UPDATE resources SET labels = $2, version = version + 1, updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(labels)
+    .fetch_one(conn)
+    .await
+}
+
 /// Sets the phase.
 pub async fn set_phase(conn: &mut PgConnection, id: Uuid, phase: Phase) -> sqlx::Result<()> {
     sqlx::query(
