@@ -12,6 +12,7 @@ pub mod cancel;
 pub mod dispatch;
 pub mod finish;
 pub mod keys;
+pub mod quotas;
 pub mod repair;
 pub mod report;
 pub mod submit;
@@ -98,6 +99,9 @@ pub enum LifecycleError {
     /// The operation already ended.
     #[error("the operation already ended as {0}")]
     OperationFinished(crate::domain::OperationState),
+    /// The write would take the tenant past one of its quota's limits.
+    #[error(transparent)]
+    QuotaExceeded(#[from] crate::domain::quota::Exceeded),
     /// A worker's report was refused.
     #[error(transparent)]
     Report(#[from] Rejection),

@@ -11,6 +11,7 @@
 //! the operation row.
 
 use super::Engine;
+use crate::domain::quota::Dimension;
 use crate::domain::{Action, Kind, OperationState};
 use crate::store::operations::{self, OperationRow};
 use crate::store::resources::{self, ResourceRow};
@@ -38,6 +39,10 @@ enum Counted {
         zone: String,
         state: OperationState,
         since: DateTime<Utc>,
+    },
+    QuotaFilled {
+        dimension: Dimension,
+        ratio: f64,
     },
 }
 
@@ -115,6 +120,13 @@ impl<'e> Txn<'e> {
         self.changed(op.id);
     }
 
+    /// A quota limit in `dimension` is `ratio` full once this write commits.
+    pub fn quota_filled(&mut self, dimension: Dimension, ratio: f64) {
+        self.effects
+            .counted
+            .push(Counted::QuotaFilled { dimension, ratio });
+    }
+
     /// Commits, then announces what changed. Nothing is announced if the commit fails.
     pub async fn commit(self) -> sqlx::Result<()> {
         let Self {
@@ -165,6 +177,9 @@ impl Engine {
                 } => self
                     .metrics
                     .operation_finished(action, kind, &zone, state, age(since)),
+                Counted::QuotaFilled { dimension, ratio } => {
+                    self.metrics.quota_filled(dimension, ratio)
+                }
             }
         }
         if effects.wake_relay {
