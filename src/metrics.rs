@@ -448,6 +448,9 @@ impl Metrics {
             });
         }
         for dimension in Dimension::ALL {
+            let _ = self.quota_usage.get_or_create(&DimensionLabels {
+                dimension: dimension.as_str().into(),
+            });
             for kind in dimension.kinds() {
                 let _ = self
                     .quota_rejections
