@@ -1,8 +1,10 @@
 //! The lifecycle of resources and operations: every state change, each in one
 //! transaction with the outbox row it causes.
 //!
-//! Lock order, everywhere: the resource row first, then its operation rows. Keeping one
-//! order is what keeps submissions, reports and the reconciler free of deadlocks.
+//! Lock order, everywhere: the resource row first, then its operation rows (and, for a
+//! write checked against a quota, the tenant's quota row after the resource row).
+//! Keeping one order is what keeps submissions, reports and the reconciler free of
+//! deadlocks.
 //!
 //! **Architecture invariant:** a state change and its outbox row commit together or
 //! not at all (DESIGN.md, invariant 1). Nothing here publishes to NATS directly; the
