@@ -33,7 +33,10 @@
 //! | `gateway_audit_write_errors_total` | counter | | audit rows lost: the spool was full, or the process stopped with rows unwritten |
 //! | `gateway_audit_spooled` | gauge | | audit rows waiting to be written (while the database is down, the spool) |
 //! | `gateway_cache_requests_total` | counter | cache, result | catalog and zone lookups answered from memory (`hit`) or the database (`miss`) |
+//! | `gateway_quota_rejections_total` | counter | service, dimension | writes refused with `quota_exceeded`, by the dimension of the limit they would pass |
+//! | `gateway_quota_usage_ratio` | histogram | dimension | how full each quota limit a write grows is once the write is accepted (used / limit); no tenant label |
 
+use crate::domain::quota::Dimension;
 use crate::domain::{Action, Kind, OperationState, Service};
 use crate::store;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -132,6 +135,22 @@ pub struct CacheLabels {
     pub result: String,
 }
 
+/// Which service's write a quota refused, and in which dimension.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    /// Service.
+    pub service: String,
+    /// `count`, `vcpus`, `memory_mb`, `nodes`, `storage_gb`.
+    pub dimension: String,
+}
+
+/// One label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DimensionLabels {
+    /// `count`, `vcpus`, `memory_mb`, `nodes`, `storage_gb`.
+    pub dimension: String,
+}
+
 /// One label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RepairLabels {
@@ -148,6 +167,11 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 fn latency() -> Histogram {
     // 1 ms … ~65 s
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn fill_ratio() -> Histogram {
+    // How full a quota limit is: finer towards full.
+    Histogram::new([0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0])
 }
 
 fn long_latency() -> Histogram {
@@ -211,6 +235,10 @@ pub struct Inner {
     pub audit_spooled: Gauge,
     /// See the table in the module docs.
     pub cache_requests: Family<CacheLabels, Counter>,
+    /// See the table in the module docs.
+    pub quota_rejections: Family<QuotaLabels, Counter>,
+    /// See the table in the module docs.
+    pub quota_usage: HistogramFamily<DimensionLabels>,
 }
 
 impl std::ops::Deref for Metrics {
@@ -228,6 +256,20 @@ impl Default for Metrics {
 }
 
 impl Inner {
+    /// The families of tenant quotas.
+    fn register_quotas(&self, r: &mut Registry) {
+        r.register(
+            "quota_rejections",
+            "Writes refused because they would pass a tenant's quota, by service and dimension",
+            self.quota_rejections.clone(),
+        );
+        r.register(
+            "quota_usage_ratio",
+            "How full each quota limit a write grows is once the write is accepted",
+            self.quota_usage.clone(),
+        );
+    }
+
     /// The families of HTTP requests, operations and the audit spool.
     fn register_requests(&self, r: &mut Registry) {
         r.register(
@@ -391,10 +433,13 @@ impl Metrics {
             audit_write_errors: Counter::default(),
             audit_spooled: Gauge::default(),
             cache_requests: Family::default(),
+            quota_rejections: Family::default(),
+            quota_usage: Family::new_with_constructor(fill_ratio),
         };
         let r = registry.sub_registry_with_prefix("gateway");
         inner.register_requests(r);
         inner.register_delivery(r);
+        inner.register_quotas(r);
         Metrics(Arc::new(inner))
     }
 
@@ -428,6 +473,32 @@ impl Metrics {
                 action: (*action).into(),
             });
         }
+        for dimension in Dimension::ALL {
+            let _ = self.quota_usage.get_or_create(&DimensionLabels {
+                dimension: dimension.as_str().into(),
+            });
+            for kind in dimension.kinds() {
+                let _ = self
+                    .quota_rejections
+                    .get_or_create(&quota_labels(*kind, dimension));
+            }
+        }
+    }
+
+    /// A write on a resource of `kind` was refused by a limit in `dimension`.
+    pub fn quota_rejected(&self, kind: Kind, dimension: Dimension) {
+        self.quota_rejections
+            .get_or_create(&quota_labels(kind, dimension))
+            .inc();
+    }
+
+    /// An accepted write left a quota limit in `dimension` `ratio` full.
+    pub fn quota_filled(&self, dimension: Dimension, ratio: f64) {
+        self.quota_usage
+            .get_or_create(&DimensionLabels {
+                dimension: dimension.as_str().into(),
+            })
+            .observe(ratio);
     }
 
     /// An operation was accepted.
@@ -556,6 +627,13 @@ impl Metrics {
                     .set(info.num_waiting as i64);
             }
         }
+    }
+}
+
+fn quota_labels(kind: Kind, dimension: Dimension) -> QuotaLabels {
+    QuotaLabels {
+        service: kind.service().to_string(),
+        dimension: dimension.as_str().into(),
     }
 }
 

@@ -37,12 +37,20 @@ async fn labels_change_by_patch_and_bad_ones_are_refused() {
     app.wait_done(changed.body["id"].as_str().unwrap()).await;
     let after = app.get(&path).await;
     assert_eq!(after.body["labels"], json!({"env": "prod", "tier": "web"}));
-    assert_eq!(after.body["generation"], before.body["generation"], "metadata only");
+    assert_eq!(
+        after.body["generation"], before.body["generation"],
+        "metadata only"
+    );
     assert_ne!(after.header("etag"), before.header("etag"));
     let listed = app
         .get(&format!("/v1/tenants/{t}/vms?label=env=prod"))
         .await;
-    assert_eq!(listed.body["items"].as_array().unwrap().len(), 1, "{:?}", listed.body);
+    assert_eq!(
+        listed.body["items"].as_array().unwrap().len(),
+        1,
+        "{:?}",
+        listed.body
+    );
 
     // Bad labels are refused with the field, and change nothing.
     let bad = patch(json!({"labels": {"Env": "x"}})).await;

@@ -162,6 +162,20 @@ async fn every_route_answers_every_role_as_the_policy_table_says() {
             ),
             (
                 Method::GET,
+                format!("/v1/tenants/{a}/quotas"),
+                None,
+                Permission::Read,
+                t.clone(),
+            ),
+            (
+                Method::PUT,
+                format!("/v1/tenants/{a}/quotas"),
+                Some(json!({"limits": []})),
+                Permission::Platform,
+                t.clone(),
+            ),
+            (
+                Method::GET,
                 format!("/v1/tenants/{a}/keys"),
                 None,
                 Permission::Manage,

@@ -191,6 +191,13 @@ impl From<LifecycleError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "operation_finished", e.to_string())
                     .with_details(json!({ "state": state }))
             }
+            LifecycleError::QuotaExceeded(q) => {
+                // The request is fine in itself; the tenant's usage leaves no room for
+                // it now (a delete may make room), as with other state conflicts.
+                let details = serde_json::to_value(&q).expect("details serialize");
+                Self::new(StatusCode::CONFLICT, "quota_exceeded", q.to_string())
+                    .with_details(details)
+            }
             LifecycleError::Report(r) => {
                 let status = match r {
                     Rejection::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,

@@ -14,6 +14,7 @@ pub mod health;
 pub mod keys;
 pub mod openapi;
 pub mod operations;
+pub mod quotas;
 pub mod request;
 pub mod resources;
 pub mod tenants;
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tenants::router())
         .merge(catalog::router())
         .merge(keys::router())
+        .merge(quotas::router())
         .merge(audit::router())
         .merge(health::router())
         .merge(openapi::router())

@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and served at
 //! `GET /v1/openapi.json`.
 
-use super::{audit, catalog, error, health, keys, operations, resources, tenants, wire};
+use super::{audit, catalog, error, health, keys, operations, quotas, resources, tenants, wire};
 use axum::routing::get;
 use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -18,6 +18,7 @@ use utoipa::{Modify, OpenApi};
         tenants::create, tenants::list, tenants::read,
         catalog::zones, catalog::entries,
         keys::create, keys::list, keys::revoke, audit::list,
+        quotas::read, quotas::replace,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(

@@ -7,6 +7,7 @@
 pub mod actions;
 pub mod names;
 pub mod phase;
+pub mod quota;
 pub mod report;
 pub mod role;
 pub mod spec;

@@ -1,8 +1,10 @@
 //! The lifecycle of resources and operations: every state change, each in one
 //! transaction with the outbox row it causes.
 //!
-//! Lock order, everywhere: the resource row first, then its operation rows. Keeping one
-//! order is what keeps submissions, reports and the reconciler free of deadlocks.
+//! Lock order, everywhere: the resource row first, then its operation rows (and, for a
+//! write checked against a quota, the tenant's quota row after the resource row).
+//! Keeping one order is what keeps submissions, reports and the reconciler free of
+//! deadlocks.
 //!
 //! **Architecture invariant:** a state change and its outbox row commit together or
 //! not at all (docs/ARCHITECTURE.md, invariant 1). Nothing here publishes to NATS directly; the
@@ -12,6 +14,7 @@ pub mod cancel;
 pub mod dispatch;
 pub mod finish;
 pub mod keys;
+pub mod quotas;
 pub mod repair;
 pub mod report;
 pub mod submit;
@@ -98,6 +101,9 @@ pub enum LifecycleError {
     /// The operation already ended.
     #[error("the operation already ended as {0}")]
     OperationFinished(crate::domain::OperationState),
+    /// The write would take the tenant past one of its quota's limits.
+    #[error(transparent)]
+    QuotaExceeded(#[from] crate::domain::quota::Exceeded),
     /// A worker's report was refused.
     #[error(transparent)]
     Report(#[from] Rejection),

@@ -1,9 +1,10 @@
 //! Accepting writes: desired state, operation and outbox row in one transaction.
 
 use super::txn::Txn;
-use super::{dispatch, Engine, LifecycleError};
+use super::{dispatch, quotas, Engine, LifecycleError};
 use crate::auth::Principal;
 use crate::domain::actions::{self, Effect};
+use crate::domain::quota::{self, Amounts};
 use crate::domain::spec::{self, Category, ValidSpec};
 use crate::domain::{names, Action, Kind, OperationState, Phase, ValidationError};
 use crate::store::operations::{self, NewOperation, OperationRow};
@@ -12,6 +13,7 @@ use crate::store::{self, tenants};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Who asked, for the operation row and the dispatch headers.
@@ -136,7 +138,9 @@ pub async fn create(
     if tenants::get(&mut *tx, tenant).await?.is_none() {
         return Err(LifecycleError::TenantNotFound);
     }
-    check_references(engine, &mut tx, tenant, &req.zone, &valid).await?;
+    let found = check_references(engine, &mut tx, tenant, &req.zone, &valid).await?;
+    let footprint = footprint(kind, &valid, &found);
+    quotas::check(&mut tx, tenant, kind, &req.zone, None, &footprint).await?;
     let resource = resources::insert(
         &mut tx,
         &NewResource {
@@ -148,6 +152,7 @@ pub async fn create(
             spec: &valid.value,
             labels: &serde_json::to_value(&req.labels).expect("labels serialize"),
             phase: Phase::Provisioning,
+            footprint,
         },
     )
     .await
@@ -273,16 +278,21 @@ pub async fn update(
             (action, input, effect)
         }
     };
-    if let Effect::NewSpec(next) = effect {
-        let valid = spec::validate(kind, &next)?;
-        check_references(engine, &mut tx, tenant, &resource.zone, &valid).await?;
-        if valid.value != resource.spec {
-            resource = resources::update_spec(&mut tx, id, &valid.value).await?;
+    let next = match effect {
+        Effect::NewSpec(next) => {
+            let valid = spec::validate(kind, &next)?;
+            let found = check_references(engine, &mut tx, tenant, &resource.zone, &valid).await?;
+            (valid.value != resource.spec).then(|| (footprint(kind, &valid, &found), valid.value))
         }
-    }
+        Effect::Imperative => None,
+    };
     let active = operations::active_for_resource(&mut tx, id).await?;
     if active.iter().any(|o| o.action == Action::Delete) {
         return Err(LifecycleError::ResourceDeleting);
+    }
+    if let Some((footprint, spec)) = next {
+        quotas::check(&mut tx, tenant, kind, &resource.zone, Some(id), &footprint).await?;
+        resource = resources::update_spec(&mut tx, id, &spec, &footprint).await?;
     }
     let input = if input.is_null() { json!({}) } else { input };
     let op = start_operation(
@@ -362,15 +372,23 @@ pub(super) async fn start_operation(
     Ok(op)
 }
 
+/// What a resource of `kind` with the spec `valid` consumes; `found` holds the catalog
+/// entries its spec names ([`check_references`]).
+fn footprint(kind: Kind, valid: &ValidSpec, found: &[(Category, Arc<Value>)]) -> Amounts {
+    let flavor = found.iter().find(|(c, _)| *c == Category::Flavor);
+    quota::footprint(kind, &valid.value, flavor.map(|(_, a)| a.as_ref()))
+}
+
 /// Checks what a spec names against the database: zone, catalog entries, storage-class
-/// bounds and the VM a volume attaches to.
+/// bounds and the VM a volume attaches to. Returns the attributes of the catalog
+/// entries it names.
 async fn check_references(
     engine: &Engine,
     conn: &mut PgConnection,
     tenant: &str,
     zone: &str,
     valid: &ValidSpec,
-) -> Result<(), LifecycleError> {
+) -> Result<Vec<(Category, Arc<Value>)>, LifecycleError> {
     if !engine.catalog.zone_exists(&mut *conn, zone).await? {
         return Err(ValidationError::new(
             "unknown_zone",
@@ -379,6 +397,7 @@ async fn check_references(
         )
         .into());
     }
+    let mut found = Vec::with_capacity(valid.refs.len());
     for r in &valid.refs {
         let attributes = engine
             .catalog
@@ -413,6 +432,7 @@ async fn check_references(
                 .into());
             }
         }
+        found.push((r.category, attributes));
     }
     if let Some(vm_id) = valid.attach_to {
         let vm = resources::get_live(&mut *conn, tenant, Kind::Vm, vm_id).await?;
@@ -436,5 +456,5 @@ async fn check_references(
             }
         }
     }
-    Ok(())
+    Ok(found)
 }

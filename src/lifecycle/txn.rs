@@ -16,6 +16,7 @@
 
 use super::Engine;
 use crate::audit::{AuditSlot, PendingAudit};
+use crate::domain::quota::Dimension;
 use crate::domain::{Action, Kind, OperationState};
 use crate::store::operations::{self, OperationRow};
 use crate::store::resources::{self, ResourceRow};
@@ -43,6 +44,10 @@ enum Counted {
         zone: String,
         state: OperationState,
         since: DateTime<Utc>,
+    },
+    QuotaFilled {
+        dimension: Dimension,
+        ratio: f64,
     },
 }
 
@@ -141,6 +146,13 @@ impl<'e> Txn<'e> {
         self.changed(op.id);
     }
 
+    /// A quota limit in `dimension` is `ratio` full once this write commits.
+    pub fn quota_filled(&mut self, dimension: Dimension, ratio: f64) {
+        self.effects
+            .counted
+            .push(Counted::QuotaFilled { dimension, ratio });
+    }
+
     /// Writes the audit row, commits, then announces what changed. Nothing is
     /// announced (and the audit entry goes back to its request) if the commit fails.
     pub async fn commit(self) -> sqlx::Result<()> {
@@ -199,6 +211,9 @@ impl Engine {
                 } => self
                     .metrics
                     .operation_finished(action, kind, &zone, state, age(since)),
+                Counted::QuotaFilled { dimension, ratio } => {
+                    self.metrics.quota_filled(dimension, ratio)
+                }
             }
         }
         if effects.wake_relay {

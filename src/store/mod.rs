@@ -19,6 +19,7 @@ pub mod catalog;
 pub mod operations;
 pub mod outbox;
 pub mod principals;
+pub mod quotas;
 pub mod resources;
 pub mod tenants;
 

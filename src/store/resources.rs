@@ -1,5 +1,6 @@
 //! Resources: desired state (`spec`), observed state (`status`) and their generations.
 
+use crate::domain::quota::Amounts;
 use crate::domain::{Kind, Phase};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -65,13 +66,16 @@ pub struct NewResource<'a> {
     pub labels: &'a Value,
     /// Initial phase.
     pub phase: Phase,
+    /// What it consumes, for quotas (`store::quotas`).
+    pub footprint: Amounts,
 }
 
 /// Inserts a resource at generation 1.
 pub async fn insert(conn: &mut PgConnection, r: &NewResource<'_>) -> sqlx::Result<ResourceRow> {
     sqlx::query_as(&format!(
-        "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, labels)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+        "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, labels,
+             vcpus, memory_mb, nodes, storage_gb)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {COLUMNS}"
     ))
     .bind(r.id)
     .bind(r.tenant)
@@ -81,6 +85,10 @@ pub async fn insert(conn: &mut PgConnection, r: &NewResource<'_>) -> sqlx::Resul
     .bind(r.spec)
     .bind(r.phase.as_str())
     .bind(r.labels)
+    .bind(r.footprint.vcpus)
+    .bind(r.footprint.memory_mb)
+    .bind(r.footprint.nodes)
+    .bind(r.footprint.storage_gb)
     .fetch_one(conn)
     .await
 }
@@ -131,19 +139,24 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<ResourceRow
     .await
 }
 
-/// Replaces the desired spec: a new generation.
+/// Replaces the desired spec, and what the resource consumes with it: a new generation.
 pub async fn update_spec(
     conn: &mut PgConnection,
     id: Uuid,
     spec: &Value,
+    footprint: &Amounts,
 ) -> sqlx::Result<ResourceRow> {
     sqlx::query_as(&format!(
         "UPDATE resources SET spec = $2, generation = generation + 1, version = version + 1,
-             updated_at = now()
+             updated_at = now(), vcpus = $3, memory_mb = $4, nodes = $5, storage_gb = $6
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(spec)
+    .bind(footprint.vcpus)
+    .bind(footprint.memory_mb)
+    .bind(footprint.nodes)
+    .bind(footprint.storage_gb)
     .fetch_one(conn)
     .await
 }

@@ -1,0 +1,109 @@
+//! Quotas: each tenant's limits (one row per tenant that has any), and what its live
+//! resources consume.
+//!
+//! A resource's consumption is kept on its row (`vcpus`, `memory_mb`, `nodes`,
+//! `storage_gb`; `count` is 1 per row), written with its spec by
+//! [`super::resources::insert`] and [`super::resources::update_spec`]. Usage is their
+//! sum over live rows, so a resource stops counting the moment it is deleted.
+
+use crate::domain::quota::{Amounts, Limit, Usage};
+use crate::domain::Kind;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+/// The limits `select` (a query of the `limits` of tenant `$1`) finds.
+async fn limits(
+    db: impl PgExecutor<'_>,
+    select: &str,
+    tenant: &str,
+) -> sqlx::Result<Option<Vec<Limit>>> {
+    let json: Option<serde_json::Value> = sqlx::query_scalar(select)
+        .bind(tenant)
+        .fetch_optional(db)
+        .await?;
+    json.map(|j| serde_json::from_value(j).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+        .transpose()
+}
+
+/// The limits of `tenant`; `None` when it has none.
+pub async fn get(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Option<Vec<Limit>>> {
+    limits(db, "SELECT limits FROM quotas WHERE tenant = $1", tenant).await
+}
+
+/// Locks the quota row of `tenant` for the rest of the transaction and returns its
+/// limits; `None` (and no lock) when it has none. Every write checked against the
+/// quota takes this lock, so the checks of one tenant's writes run one at a time.
+pub async fn lock(conn: &mut PgConnection, tenant: &str) -> sqlx::Result<Option<Vec<Limit>>> {
+    let select = "SELECT limits FROM quotas WHERE tenant = $1 FOR NO KEY UPDATE";
+    limits(conn, select, tenant).await
+}
+
+/// Replaces the limits of `tenant`; with none, removes its row, so its writes take no
+/// quota lock at all.
+pub async fn replace(conn: &mut PgConnection, tenant: &str, limits: &[Limit]) -> sqlx::Result<()> {
+    if limits.is_empty() {
+        sqlx::query("DELETE FROM quotas WHERE tenant = $1")
+            .bind(tenant)
+            .execute(conn)
+            .await?;
+        return Ok(());
+    }
+    let json = serde_json::to_value(limits).expect("limits serialize");
+    sqlx::query(
+        "INSERT INTO quotas (tenant, limits) VALUES ($1, $2)
+         ON CONFLICT (tenant) DO UPDATE SET limits = EXCLUDED.limits, updated_at = now()",
+    )
+    .bind(tenant)
+    .bind(json)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+type UsageRow = (String, String, i64, i64, i64, i64, i64);
+
+/// What the live resources of `tenant` consume, per kind and zone (only those with
+/// resources), by kind and zone.
+pub async fn usage(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Vec<Usage>> {
+    let rows: Vec<UsageRow> = sqlx::query_as(
+        "SELECT kind, zone, count(*), sum(vcpus)::bigint, sum(memory_mb)::bigint,
+                sum(nodes)::bigint, sum(storage_gb)::bigint
+         FROM resources WHERE tenant = $1 AND deleted_at IS NULL
+         GROUP BY kind, zone ORDER BY kind, zone",
+    )
+    .bind(tenant)
+    .fetch_all(db)
+    .await?;
+    rows.into_iter()
+        .map(|(kind, zone, count, vcpus, memory_mb, nodes, storage_gb)| {
+            let kind = Kind::try_from(kind).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            Ok(Usage {
+                kind,
+                zone,
+                amounts: Amounts {
+                    count,
+                    vcpus,
+                    memory_mb,
+                    nodes,
+                    storage_gb,
+                },
+            })
+        })
+        .collect()
+}
+
+/// What resource `id` consumes as recorded (`count` 1).
+pub async fn footprint(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Amounts> {
+    let (vcpus, memory_mb, nodes, storage_gb): (i64, i64, i64, i64) =
+        sqlx::query_as("SELECT vcpus, memory_mb, nodes, storage_gb FROM resources WHERE id = $1")
+            .bind(id)
+            .fetch_one(db)
+            .await?;
+    Ok(Amounts {
+        count: 1,
+        vcpus,
+        memory_mb,
+        nodes,
+        storage_gb,
+    })
+}
