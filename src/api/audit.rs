@@ -3,7 +3,7 @@
 use super::error::{ApiError, ErrorBody};
 use super::extract::Caller;
 use super::wire::Page;
-use super::{cursor, AppState};
+use super::{cursor, params, AppState};
 use crate::auth::Role;
 use crate::store::audit::{self, AuditFilter, AuditRow};
 use axum::extract::{Query, State};
@@ -106,6 +106,12 @@ pub async fn list(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Page<AuditOut>>, ApiError> {
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
+    let q = AuditQuery {
+        tenant: params::label("tenant", q.tenant)?,
+        outcome: params::one_of("outcome", q.outcome, &crate::audit::OUTCOMES)?,
+        since: params::instant("since", q.since)?,
+        ..q
+    };
     let tenant = match principal.role {
         Role::Admin => q.tenant,
         // Owners read their own tenant's trail; another tenant looks nonexistent.

@@ -17,12 +17,13 @@ use super::request::RequestId;
 use super::AppState;
 use crate::audit::Entry;
 use crate::auth::{self, Principal};
-use crate::metrics::{BucketLabels, HttpLabels, RouteLabels};
+use crate::metrics::{BucketLabels, HttpLabels, Metrics, RouteLabels};
 use crate::store::principals;
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::RequestExt;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::net::{IpAddr, SocketAddr};
@@ -136,11 +137,56 @@ async fn authenticate(state: &AppState, authorization: Option<Vec<u8>>) -> Resul
     }))
 }
 
-/// The tenant a request acts on, as far as its path says.
-fn path_tenant(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v1/tenants/")?;
-    let tenant = rest.split('/').next().filter(|t| !t.is_empty())?;
-    Some(tenant.to_owned())
+/// The `{tenant}` segment of the route a request matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathTenant {
+    /// The route has no `{tenant}` segment (or no route matched).
+    Absent,
+    /// A tenant ID as handlers see it: percent-decoded, and a DNS label.
+    Valid(String),
+    /// Something no tenant can be called (not a DNS label once decoded): no such tenant
+    /// exists, and the value must not reach the database.
+    Invalid,
+    /// A path segment does not decode to UTF-8: the path names nothing.
+    Undecodable,
+}
+
+impl PathTenant {
+    /// Reads what the router matched, decoded as the handlers' `Path` extractor sees it
+    /// (never the raw path: `/v1/tenants/%61cme` acts on, and is audited under, `acme`).
+    async fn of(req: &mut Request) -> Self {
+        match req.extract_parts::<RawPathParams>().await {
+            Ok(params) => params
+                .iter()
+                .find(|(name, _)| *name == "tenant")
+                .map_or(Self::Absent, |(_, value)| Self::parse(value)),
+            Err(_) => Self::Undecodable,
+        }
+    }
+
+    fn parse(value: &str) -> Self {
+        match crate::domain::names::validate_label("tenant", value) {
+            Ok(()) => Self::Valid(value.to_owned()),
+            Err(_) => Self::Invalid,
+        }
+    }
+
+    /// The answer for a path that names nothing, before any handler looks it up.
+    fn refusal(&self) -> Option<ApiError> {
+        match self {
+            Self::Invalid => Some(ApiError::tenant_not_found()),
+            Self::Undecodable => Some(ApiError::not_found("route")),
+            Self::Absent | Self::Valid(_) => None,
+        }
+    }
+
+    /// The tenant to audit the request under, when the path names one.
+    fn audited(self) -> Option<String> {
+        match self {
+            Self::Valid(t) => Some(t),
+            Self::Absent | Self::Invalid | Self::Undecodable => None,
+        }
+    }
 }
 
 /// A handler's note for the audit row: the tenant of what it acted on, when the path
@@ -164,110 +210,161 @@ impl Drop for InFlight {
     }
 }
 
+/// What the guard notes of a request before it runs, for metrics and the audit row.
+struct Seen {
+    method: Method,
+    /// The raw path, as the audit row's target.
+    path: String,
+    /// The route template, `(unmatched)` when none matched.
+    route: String,
+    tenant: PathTenant,
+    source: Option<IpAddr>,
+    request_id: String,
+}
+
+impl Seen {
+    async fn of(req: &mut Request) -> Self {
+        Self {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            route: req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "(unmatched)".to_owned()),
+            tenant: PathTenant::of(req).await,
+            source: req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+            request_id: req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether the request is to the API (`/v1/…`), as opposed to probes and scrapes.
+    fn api(&self) -> bool {
+        self.path.starts_with("/v1/")
+    }
+}
+
 /// The middleware.
 pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "(unmatched)".to_owned());
-    let source = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
-    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let seen = Seen::of(&mut req).await;
     let started = std::time::Instant::now();
-    let metrics = state.engine.metrics.clone();
-    let _in_flight = InFlight::enter(&metrics.http_in_flight);
+    let _in_flight = InFlight::enter(&state.engine.metrics.http_in_flight);
+    let (principal, response) = answer(&state, req, next, &seen).await;
+    let note = response.extensions().get::<AuditTenant>().cloned();
+    record(&state, seen, principal, response.status(), note, started).await;
+    response
+}
 
+/// Authenticates, rate-limits and refuses paths that name nothing; else runs the
+/// handler. Returns the caller, when a valid key named one, and the answer.
+async fn answer(
+    state: &AppState,
+    mut req: Request,
+    next: Next,
+    seen: &Seen,
+) -> (Option<Principal>, Response) {
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes().to_vec());
-    let authn = match authenticate(&state, authorization).await {
+    let authn = match authenticate(state, authorization).await {
         Ok(a) => a,
-        Err(e) => return e.into_response(),
+        Err(e) => return (None, e.into_response()),
+    };
+    let principal = match &authn {
+        Authn::Principal(p) => Some(p.clone()),
+        _ => None,
     };
     // Probes and scrapes outside the API are never throttled.
-    let class = bucket(&method, &route);
-    let limited = if path.starts_with("/v1/") {
-        state.limiter.check(&authn, class, source)
-    } else {
-        Ok(())
-    };
-    let response = match limited {
-        Err(wait) => {
-            let bucket = match (&authn, class) {
-                (Authn::Principal(_), Bucket::Write) => "write",
-                (Authn::Principal(_), Bucket::Read) => "read",
-                (Authn::Principal(_), Bucket::Poll) => "poll",
-                _ => "anonymous",
-            };
-            metrics
-                .rate_limited
-                .get_or_create(&BucketLabels {
-                    bucket: bucket.into(),
-                })
-                .inc();
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many requests; retry in {wait} s"),
-            );
-            e.retry_after = Some(wait.max(1));
-            e.into_response()
+    let class = bucket(&seen.method, &seen.route);
+    if seen.api() {
+        if let Err(wait) = state.limiter.check(&authn, class, seen.source) {
+            let response = rate_limited(&state.engine.metrics, &authn, class, wait);
+            return (principal, response);
         }
-        Ok(()) => {
-            req.extensions_mut().insert(authn.clone());
-            next.run(req).await
-        }
+    }
+    // A tenant that cannot exist is not looked up: `404` as for any unknown tenant.
+    // Requests without a valid key still get their `401` from the handler.
+    if let (Some(_), Some(refusal)) = (&principal, seen.tenant.refusal()) {
+        return (principal, refusal.into_response());
+    }
+    req.extensions_mut().insert(authn);
+    (principal, next.run(req).await)
+}
+
+/// `429 rate_limited`, counted by bucket.
+fn rate_limited(metrics: &Metrics, authn: &Authn, class: Bucket, wait: u64) -> Response {
+    let bucket = match (authn, class) {
+        (Authn::Principal(_), Bucket::Write) => "write",
+        (Authn::Principal(_), Bucket::Read) => "read",
+        (Authn::Principal(_), Bucket::Poll) => "poll",
+        _ => "anonymous",
     };
-    let status = response.status().as_u16();
+    metrics
+        .rate_limited
+        .get_or_create(&BucketLabels {
+            bucket: bucket.into(),
+        })
+        .inc();
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("too many requests; retry in {wait} s"),
+    );
+    e.retry_after = Some(wait.max(1));
+    e.into_response()
+}
+
+/// Counts the answer and queues its audit row, when it needs one.
+async fn record(
+    state: &AppState,
+    seen: Seen,
+    principal: Option<Principal>,
+    status: StatusCode,
+    note: Option<AuditTenant>,
+    started: std::time::Instant,
+) {
+    let metrics = &state.engine.metrics;
+    let status = status.as_u16();
     metrics
         .http_requests
         .get_or_create(&HttpLabels {
-            route: route.clone(),
-            method: method.to_string(),
+            route: seen.route.clone(),
+            method: seen.method.to_string(),
             status: format!("{}xx", status / 100),
         })
         .inc();
     metrics
         .http_duration
         .get_or_create(&RouteLabels {
-            route: route.clone(),
-            method: method.to_string(),
+            route: seen.route.clone(),
+            method: seen.method.to_string(),
         })
         .observe(started.elapsed().as_secs_f64());
-    if mutating || matches!(status, 401 | 403 | 429) {
-        let tenant = path_tenant(&path).or_else(|| {
-            response
-                .extensions()
-                .get::<AuditTenant>()
-                .map(|t| t.0.clone())
-        });
-        let entry = Entry {
-            at: chrono::Utc::now(),
-            principal: match &authn {
-                Authn::Principal(p) => Some((p.id, p.name.clone())),
-                _ => None,
-            },
-            tenant,
-            action: format!("{method} {route}"),
-            target: path,
-            status,
-            request_id,
-            source: source.map(|ip| ip.to_string()),
-        };
-        state.audit.record(entry).await;
+    let mutating = !matches!(seen.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if !mutating && !matches!(status, 401 | 403 | 429) {
+        return;
     }
-    response
+    // The tenant the router matched (decoded), or the handler's note.
+    let tenant = seen.tenant.audited().or(note.map(|t| t.0));
+    let entry = Entry {
+        at: chrono::Utc::now(),
+        principal: principal.map(|p| (p.id, p.name)),
+        tenant,
+        action: format!("{} {}", seen.method, seen.route),
+        target: seen.path,
+        status,
+        request_id: seen.request_id,
+        source: seen.source.map(|ip| ip.to_string()),
+    };
+    state.audit.record(entry).await;
 }
 
 #[cfg(test)]
@@ -288,10 +385,12 @@ mod tests {
     }
 
     #[test]
-    fn the_tenant_comes_from_the_path() {
-        assert_eq!(path_tenant("/v1/tenants/acme/vms"), Some("acme".into()));
-        assert_eq!(path_tenant("/v1/tenants"), None);
-        assert_eq!(path_tenant("/v1/operations/x"), None);
+    fn a_path_tenant_is_a_dns_label_or_no_tenant_at_all() {
+        assert_eq!(PathTenant::parse("acme"), PathTenant::Valid("acme".into()));
+        for bad in ["", "Acme", "a\0b", "a/b", "-a"] {
+            assert_eq!(PathTenant::parse(bad), PathTenant::Invalid, "{bad:?}");
+        }
+        assert_eq!(PathTenant::Invalid.audited(), None);
     }
 
     #[test]

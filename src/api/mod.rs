@@ -14,6 +14,7 @@ pub mod health;
 pub mod keys;
 pub mod openapi;
 pub mod operations;
+pub mod params;
 pub mod request;
 pub mod resources;
 pub mod tenants;

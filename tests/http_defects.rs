@@ -1,0 +1,336 @@
+//! Defects an outside probe found at the HTTP door (issue 11, sections 2 and 4), each
+//! tested as a class against real PostgreSQL and NATS.
+
+mod common;
+
+use common::{example_spec, spawn_with, Options, TestApp};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+/// Hex of a cursor's plain text, as the API encodes cursors.
+fn cursor(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hostile query values, each with the code it must get (`None`: a normal `200`).
+/// Every value is sent to every list route that has the parameter.
+fn hostile_values() -> Vec<(&'static str, String, Option<&'static str>)> {
+    let id = uuid::Uuid::nil();
+    let mut v: Vec<(&'static str, String, Option<&'static str>)> = Vec::new();
+    for since in [
+        "-262143-01-01T00:00:00Z",
+        "%2B262142-12-31T23:59:59Z",
+        "-4714-11-23T00:00:00Z",
+        "-0001-01-01T00:00:00Z",
+        "%2B10000-01-01T00:00:00Z",
+        "9999-12-31T23:59:59.999999999-23:59",
+        "2026-13-01T00:00:00Z",
+        "yesterday",
+        "",
+    ] {
+        v.push(("since", since.into(), Some("invalid_query")));
+    }
+    for since in [
+        "0000-01-01T00:00:00Z",
+        "9999-12-31T23:59:59Z",
+        "1970-01-01T00:00:00%2B14:00",
+    ] {
+        v.push(("since", since.into(), None));
+    }
+    for limit in [
+        "0",
+        "-1",
+        "501",
+        "9223372036854775807",
+        "9223372036854775808",
+        "-9223372036854775808",
+        "1e3",
+        "",
+    ] {
+        v.push(("limit", limit.into(), Some("invalid_query")));
+    }
+    v.push(("limit", "500".into(), None));
+    for c in [
+        cursor(&format!("t:-9223372036854775808:{id}")),
+        cursor(&format!("t:9223372036854775807:{id}")),
+        // 5000 BC and 300000 AD: chrono has them, PostgreSQL does not.
+        cursor(&format!("t:-219976934400000000:{id}")),
+        cursor(&format!("t:9466848000000000000:{id}")),
+        // One microsecond before 0000-01-01.
+        cursor(&format!("t:-62167219200000001:{id}")),
+        cursor(&format!("t:0:{id}x")),
+        cursor("t:0"),
+        cursor("s:9223372036854775808"),
+        cursor("s:"),
+        cursor("s:1\u{0}"),
+        cursor("t:\u{0}:\u{0}"),
+        "zz".into(),
+        "abc".into(),
+        "%00".into(),
+        "ff".repeat(3000),
+    ] {
+        v.push(("cursor", c, Some("invalid_cursor")));
+    }
+    for zone in [
+        "%00",
+        "zone-a%00",
+        "Zone-A",
+        "%FF",
+        "a b",
+        &"z".repeat(64),
+        "",
+    ] {
+        v.push(("zone", zone.into(), Some("invalid_query")));
+    }
+    v.push(("zone", "zone-a".into(), None));
+    v.push(("zone", "no-such-zone".into(), None));
+    for id in [
+        "%00",
+        "not-a-uuid",
+        "00000000-0000-0000-0000-00000000000g",
+        "",
+    ] {
+        v.push(("resource_id", id.into(), Some("invalid_query")));
+        v.push(("principal_id", id.into(), Some("invalid_query")));
+    }
+    for label in [
+        "%00=x",
+        "env=%00",
+        "env",
+        "=x",
+        ",",
+        "",
+        "Env=prod",
+        "env=has%20space",
+        "env=a,env=b",
+        &format!("k={}", "v".repeat(64)),
+        &(0..33)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(","),
+    ] {
+        v.push(("label", label.into(), Some("invalid_query")));
+    }
+    v.push(("label", "env=prod,team=db".into(), None));
+    v.push(("label", "env=".into(), None));
+    for bogus in ["%00", "bogus", ""] {
+        v.push(("phase", bogus.into(), Some("invalid_query")));
+        v.push(("state", bogus.into(), Some("invalid_query")));
+        v.push(("kind", bogus.into(), Some("invalid_query")));
+        v.push(("outcome", bogus.into(), Some("invalid_query")));
+    }
+    v.push(("outcome", "denied".into(), None));
+    for tenant in ["%00", "Acme", "a%2Fb", &"t".repeat(64), ""] {
+        v.push(("tenant", tenant.into(), Some("invalid_query")));
+    }
+    v.push(("tenant", "no-such-tenant".into(), None));
+    v.push(("unknown", "x".into(), Some("invalid_query")));
+    v
+}
+
+/// The list routes and the query parameters each takes.
+fn list_routes(tenant: &str) -> Vec<(String, &'static [&'static str])> {
+    let mut routes: Vec<(String, &'static [&'static str])> = common::KINDS
+        .iter()
+        .map(|kind| {
+            let params: &'static [&'static str] = &[
+                "since", "limit", "cursor", "zone", "unknown", "label", "phase",
+            ];
+            (format!("/v1/tenants/{tenant}/{kind}"), params)
+        })
+        .collect();
+    routes.push((
+        format!("/v1/tenants/{tenant}/operations"),
+        &[
+            "since",
+            "limit",
+            "cursor",
+            "zone",
+            "unknown",
+            "resource_id",
+            "state",
+            "kind",
+        ],
+    ));
+    routes.push((
+        "/v1/audit".into(),
+        &[
+            "since",
+            "limit",
+            "cursor",
+            "unknown",
+            "principal_id",
+            "outcome",
+            "tenant",
+        ],
+    ));
+    routes
+}
+
+async fn seed(app: &TestApp, tenant: &str) {
+    for kind in common::KINDS {
+        app.create(tenant, kind, "seed", "zone-a", example_spec(kind))
+            .await;
+    }
+}
+
+/// Issue 11 §2: no query value, however hostile, makes a list answer `5xx`; values out
+/// of range answer `400 invalid_query` or `400 invalid_cursor`, and sane ones `200`.
+#[tokio::test]
+async fn hostile_query_values_answer_400_on_every_list_route_never_5xx() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    seed(&app, &tenant).await;
+    let values = hostile_values();
+    let mut failures = Vec::new();
+    for (path, params) in list_routes(&tenant) {
+        for (param, value, expected) in &values {
+            if !params.contains(param) {
+                continue;
+            }
+            let url = format!("{path}?{param}={value}");
+            let a = app.get(&url).await;
+            let ok = match expected {
+                None => a.status == StatusCode::OK,
+                Some(code) => a.status == StatusCode::BAD_REQUEST && a.code() == *code,
+            };
+            if !ok {
+                failures.push(format!(
+                    "{url}: expected {}, got {} {}",
+                    expected.unwrap_or("200"),
+                    a.status,
+                    a.body
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The long-poll's `wait` is a query value too.
+    let op = app
+        .create(&tenant, "vms", "waited", "zone-a", example_spec("vms"))
+        .await;
+    for wait in [
+        "99999999999999999999",
+        "18446744073709551615m",
+        "-1",
+        "%00",
+        "",
+    ] {
+        let a = app
+            .get(&format!(
+                "/v1/operations/{}?wait={wait}",
+                op["id"].as_str().unwrap()
+            ))
+            .await;
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::BAD_REQUEST, "invalid_query"),
+            "wait={wait}: {:?}",
+            a.body
+        );
+    }
+}
+
+/// Issue 11 §2: a tenant path segment that cannot be a tenant ID (it decodes to
+/// something that is not a DNS label) is a tenant that does not exist, on every route,
+/// never a `5xx`.
+#[tokio::test]
+async fn hostile_tenant_path_segments_answer_404_never_5xx() {
+    let app = spawn_with(Options::api_only()).await;
+    let probe_id = uuid::Uuid::now_v7();
+    for segment in ["%00", "a%00b", "%FF", "A", "a%2Fb", &"t".repeat(300), "-x"] {
+        for (method, path, body) in [
+            (Method::GET, format!("/v1/tenants/{segment}"), None),
+            (Method::GET, format!("/v1/tenants/{segment}/vms"), None),
+            (
+                Method::GET,
+                format!("/v1/tenants/{segment}/vms/{probe_id}"),
+                None,
+            ),
+            (
+                Method::GET,
+                format!("/v1/tenants/{segment}/operations"),
+                None,
+            ),
+            (Method::GET, format!("/v1/tenants/{segment}/keys"), None),
+            (
+                Method::POST,
+                format!("/v1/tenants/{segment}/keys"),
+                Some(json!({"role": "reader"})),
+            ),
+            (
+                Method::DELETE,
+                format!("/v1/tenants/{segment}/keys/{probe_id}"),
+                None,
+            ),
+            (
+                Method::POST,
+                format!("/v1/tenants/{segment}/vms"),
+                Some(json!({"name": "x", "zone": "zone-a", "spec": example_spec("vms")})),
+            ),
+            (
+                Method::DELETE,
+                format!("/v1/tenants/{segment}/vms/{probe_id}"),
+                None,
+            ),
+        ] {
+            let a = app
+                .request(method.clone(), &path, Some(&app.admin_key), body.as_ref())
+                .await;
+            assert!(
+                a.status == StatusCode::NOT_FOUND,
+                "{method} {path}: {} {:?}",
+                a.status,
+                a.body
+            );
+        }
+    }
+}
+
+async fn new_key(app: &TestApp, tenant: &str, body: serde_json::Value) -> serde_json::Value {
+    let a = app
+        .post(&format!("/v1/tenants/{tenant}/keys"), body.clone())
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{body}: {:?}", a.body);
+    a.body
+}
+
+/// Issue 11 §2: a percent-encoded tenant segment is served as the decoded tenant, and
+/// audited under it too (not under the raw segment), so the tenant's own audit view
+/// shows the request.
+#[tokio::test]
+async fn a_percent_encoded_tenant_is_audited_under_the_tenant_it_was_served_as() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let owner = new_key(&app, &tenant, json!({"role": "owner"})).await;
+    let owner = owner["key"].as_str().unwrap();
+    let encoded: String = tenant.bytes().map(|b| format!("%{b:02X}")).collect();
+    let body = json!({"name": "encoded", "zone": "zone-a", "spec": example_spec("vms")});
+    let a = app
+        .request(
+            Method::POST,
+            &format!("/v1/tenants/{encoded}/vms"),
+            Some(owner),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    assert_eq!(
+        a.body["tenant"],
+        json!(tenant),
+        "served as the decoded tenant"
+    );
+    let rid = a.header("x-request-id").unwrap().to_owned();
+    app.wait_audit(&format!("request_id = '{rid}'"), 1).await;
+    let own = app
+        .request(Method::GET, "/v1/audit", Some(owner), None)
+        .await;
+    let row = own.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["request_id"] == json!(rid))
+        .unwrap_or_else(|| panic!("the owner's audit view misses the request: {}", own.body));
+    assert_eq!(row["tenant"], json!(tenant));
+    assert_eq!(row["target"], json!(format!("/v1/tenants/{encoded}/vms")));
+}
