@@ -334,3 +334,122 @@ async fn a_percent_encoded_tenant_is_audited_under_the_tenant_it_was_served_as()
     assert_eq!(row["tenant"], json!(tenant));
     assert_eq!(row["target"], json!(format!("/v1/tenants/{encoded}/vms")));
 }
+
+/// Issue 11 §2: key names are unique per tenant, so a `409` on a name says nothing
+/// about other tenants; platform keys (admins, workers) stay unique among themselves,
+/// and a tenant's key named like a platform key neither shadows nor replaces it.
+#[tokio::test]
+async fn key_names_are_unique_per_tenant_and_platform_names_among_themselves() {
+    let app = spawn_with(Options::api_only()).await;
+    let (a, b) = (app.tenant().await, app.tenant().await);
+    let owner_of = |t: String| {
+        let app = &app;
+        async move {
+            let k = new_key(app, &t, json!({"role": "owner"})).await;
+            k["key"].as_str().unwrap().to_owned()
+        }
+    };
+    let (a_owner, b_owner) = (owner_of(a.clone()).await, owner_of(b.clone()).await);
+    let create = |key: String, tenant: String, body: serde_json::Value| {
+        let app = &app;
+        async move {
+            app.request(
+                Method::POST,
+                &format!("/v1/tenants/{tenant}/keys"),
+                Some(&key),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let alice = json!({"role": "member", "name": "alice"});
+    let b_alice = create(b_owner.clone(), b.clone(), alice.clone()).await;
+    assert_eq!(b_alice.status, StatusCode::CREATED, "{:?}", b_alice.body);
+    let a_alice = create(a_owner.clone(), a.clone(), alice.clone()).await;
+    assert_eq!(
+        a_alice.status,
+        StatusCode::CREATED,
+        "another tenant's key name must not be refused: {:?}",
+        a_alice.body
+    );
+    let again = create(a_owner.clone(), a.clone(), alice).await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "name_taken"),
+        "names stay unique within a tenant"
+    );
+    // Platform names are unique among platform keys.
+    let pool = json!({"role": "worker", "service": "vm", "zone": "zone-a", "name": "pool-a"});
+    assert_eq!(
+        create(app.admin_key.clone(), a.clone(), pool.clone())
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let twice = create(app.admin_key.clone(), b.clone(), pool).await;
+    assert_eq!(
+        (twice.status, twice.code()),
+        (StatusCode::CONFLICT, "name_taken")
+    );
+    // A tenant key named like the bootstrap admin is the tenant's own business.
+    let squatter = create(
+        a_owner.clone(),
+        a.clone(),
+        json!({"role": "reader", "name": gateway::app::BOOTSTRAP_ADMIN}),
+    )
+    .await;
+    assert_eq!(squatter.status, StatusCode::CREATED, "{:?}", squatter.body);
+    let squatter_key = squatter.body["key"].as_str().unwrap().to_owned();
+    // With the bootstrap admin revoked, `migrate` makes a new one: the tenant's
+    // namesake does not count as the platform's.
+    sqlx::query("UPDATE principals SET revoked_at = now() WHERE name = $1 AND tenant IS NULL")
+        .bind(gateway::app::BOOTSTRAP_ADMIN)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let backends = &app.running.as_ref().unwrap().backends;
+    let admin = gateway::app::migrate(&app.config, backends, false)
+        .await
+        .unwrap()
+        .expect("a new bootstrap admin key");
+    assert_eq!(
+        app.request(Method::GET, "/v1/audit", Some(&admin), None)
+            .await
+            .status,
+        StatusCode::OK,
+        "the new key is the platform's admin"
+    );
+    // Rotating a platform key (an upsert on its name) leaves the namesake alone.
+    let rows: Vec<(Option<String>, String)> =
+        sqlx::query_as("SELECT tenant, role FROM principals WHERE name = $1 ORDER BY tenant")
+            .bind(gateway::app::BOOTSTRAP_ADMIN)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![(Some(a.clone()), "reader".into()), (None, "admin".into())]
+    );
+    let squatter_reads = app
+        .request(
+            Method::GET,
+            &format!("/v1/tenants/{a}/vms"),
+            Some(&squatter_key),
+            None,
+        )
+        .await;
+    assert_eq!(squatter_reads.status, StatusCode::OK);
+    let worker = gateway::app::worker_key(&app.pool, gateway::domain::Service::Vm, "zone-b")
+        .await
+        .unwrap();
+    let rotated = gateway::app::worker_key(&app.pool, gateway::domain::Service::Vm, "zone-b")
+        .await
+        .unwrap();
+    assert_ne!(worker, rotated);
+    let workers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM principals WHERE name = 'worker:vm:zone-b'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(workers, 1, "a rotated platform key is the same principal");
+}

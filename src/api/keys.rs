@@ -36,7 +36,7 @@ pub struct KeyIn {
     /// A worker key's zone.
     #[serde(default)]
     pub zone: Option<String>,
-    /// A unique name (DNS label); generated when absent.
+    /// A name (DNS label) unique within the tenant; generated when absent.
     #[serde(default)]
     pub name: Option<String>,
     /// When the key stops working; never when absent.
