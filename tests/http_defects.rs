@@ -453,3 +453,154 @@ async fn key_names_are_unique_per_tenant_and_platform_names_among_themselves() {
             .unwrap();
     assert_eq!(workers, 1, "a rotated platform key is the same principal");
 }
+
+/// Sends `method path` with `key` and an `X-Request-Id`; returns the status.
+async fn send_with_id(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: Option<serde_json::Value>,
+    request_id: &str,
+) -> StatusCode {
+    let mut req = app
+        .http
+        .request(method, format!("{}{path}", app.url))
+        .bearer_auth(key)
+        .header("x-request-id", request_id);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap().status()
+}
+
+/// Issue 11 §2: when a key of tenant A probes tenant B, B's owner sees in its audit
+/// view that attempts happened, not who (key ID or name), from where, or under which
+/// request ID; the same for platform keys. Its own keys' entries stay complete, an owner
+/// cannot find another tenant's key by filtering on its ID, and admins see everything.
+#[tokio::test]
+async fn owners_see_foreign_attempts_in_their_audit_view_but_not_who_made_them() {
+    let app = spawn_with(Options::api_only()).await;
+    let (a, b) = (app.tenant().await, app.tenant().await);
+    let prober = new_key(&app, &a, json!({"role": "owner", "name": "a-prober"})).await;
+    let (prober_key, prober_id) = (
+        prober["key"].as_str().unwrap().to_owned(),
+        prober["id"].as_str().unwrap().to_owned(),
+    );
+    let b_owner = new_key(&app, &b, json!({"role": "owner", "name": "b-owner"})).await;
+    let (b_key, b_id) = (
+        b_owner["key"].as_str().unwrap().to_owned(),
+        b_owner["id"].as_str().unwrap().to_owned(),
+    );
+    let vm = app
+        .create(&b, "vms", "target", "zone-a", example_spec("vms"))
+        .await;
+    let vm_path = format!(
+        "/v1/tenants/{b}/vms/{}",
+        vm["resource_id"].as_str().unwrap()
+    );
+    let create = json!({"name": "x", "zone": "zone-a", "spec": example_spec("vms")});
+    for (method, path, body) in [
+        (Method::DELETE, vm_path.clone(), None),
+        (
+            Method::POST,
+            format!("/v1/tenants/{b}/vms"),
+            Some(create.clone()),
+        ),
+        (
+            Method::POST,
+            format!("/v1/tenants/{b}/keys"),
+            Some(json!({"role": "reader"})),
+        ),
+    ] {
+        let status = send_with_id(&app, method, &path, &prober_key, body, "probe-from-a").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    let own = send_with_id(
+        &app,
+        Method::POST,
+        &format!("/v1/tenants/{b}/vms"),
+        &b_key,
+        Some(json!({"name": "mine", "zone": "zone-a", "spec": example_spec("vms")})),
+        "b-own-write",
+    )
+    .await;
+    assert_eq!(own, StatusCode::ACCEPTED);
+    app.wait_audit("request_id IN ('probe-from-a', 'b-own-write')", 4)
+        .await;
+
+    let view = app
+        .request(Method::GET, "/v1/audit", Some(&b_key), None)
+        .await;
+    assert_eq!(view.status, StatusCode::OK, "{:?}", view.body);
+    let items = view.body["items"].as_array().unwrap();
+    let text = view.body.to_string();
+    for secret in [
+        "a-prober",
+        prober_id.as_str(),
+        "probe-from-a",
+        "bootstrap-admin",
+    ] {
+        assert!(
+            !text.contains(secret),
+            "B's owner learns {secret:?}: {text}"
+        );
+    }
+    let foreign: Vec<_> = items
+        .iter()
+        .filter(|e| e["principal_hidden"] == json!(true))
+        .collect();
+    // Three probes, and the admin's creates of B's owner key and of the target VM.
+    assert_eq!(foreign.len(), 5, "{text}");
+    for e in &foreign {
+        for field in ["principal_id", "principal_name", "source", "request_id"] {
+            assert!(e.get(field).is_none(), "{field} shown: {e}");
+        }
+        assert_eq!(e["tenant"], json!(b));
+    }
+    assert_eq!(
+        foreign
+            .iter()
+            .filter(|e| e["status"] == json!(404) && e["outcome"] == json!("failed"))
+            .count(),
+        3,
+        "that the attempts happened is shown: {text}"
+    );
+    let mine = items
+        .iter()
+        .find(|e| e["request_id"] == json!("b-own-write"))
+        .expect("the owner's own write is listed in full");
+    assert_eq!(mine["principal_id"], json!(b_id));
+    assert_eq!(mine["principal_name"], json!("b-owner"));
+    assert!(mine.get("principal_hidden").is_none());
+
+    // Filtering on another tenant's key finds nothing; on one's own, its entries.
+    let probe = app
+        .request(
+            Method::GET,
+            &format!("/v1/audit?principal_id={prober_id}"),
+            Some(&b_key),
+            None,
+        )
+        .await;
+    assert_eq!(probe.body["items"], json!([]), "{:?}", probe.body);
+    let by_own = app
+        .request(
+            Method::GET,
+            &format!("/v1/audit?principal_id={b_id}"),
+            Some(&b_key),
+            None,
+        )
+        .await;
+    assert_eq!(by_own.body["items"].as_array().unwrap().len(), 1);
+
+    // Admins see who it was.
+    let admin_view = app
+        .get(&format!("/v1/audit?tenant={b}&principal_id={prober_id}"))
+        .await;
+    let rows = admin_view.body["items"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{:?}", admin_view.body);
+    assert!(rows.iter().all(|e| e["principal_name"] == json!("a-prober")
+        && e["request_id"] == json!("probe-from-a")
+        && e.get("principal_hidden").is_none()));
+}
