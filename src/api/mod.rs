@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod catalog;
 pub mod cursor;
+pub mod drain;
 pub mod error;
 pub mod extract;
 pub mod guard;
@@ -82,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn(request::context))
         .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(drain::keep_alive))
         .with_state(state)
 }
 
