@@ -752,3 +752,114 @@ async fn early_answers_keep_the_connection_usable_or_say_connection_close() {
         .unwrap();
     assert_eq!(conn.answer().await.unwrap().status, 200);
 }
+
+/// Issue 11 §2: a worker key made through a tenant's key route is a platform key (it
+/// serves every tenant): the answer's `Location` names `/v1/keys/{id}`, where admins
+/// list and revoke it; the tenant's routes neither list nor revoke it. Only admins use
+/// the platform routes, which revoke any key.
+#[tokio::test]
+async fn worker_keys_made_through_a_tenant_route_are_listed_and_revoked_on_platform_routes() {
+    let app = spawn_with(Options::api_only()).await;
+    let t = app.tenant().await;
+    let owner = new_key(&app, &t, json!({"role": "owner"})).await;
+    let owner = owner["key"].as_str().unwrap().to_owned();
+    let made = app
+        .post(
+            &format!("/v1/tenants/{t}/keys"),
+            json!({"role": "worker", "service": "vm", "zone": "zone-a", "name": "pool-vm-a"}),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    let (worker, id) = (
+        made.body["key"].as_str().unwrap().to_owned(),
+        made.body["id"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        made.header("location"),
+        Some(format!("/v1/keys/{id}").as_str())
+    );
+    // Not the tenant's: not in its list, not revocable through its route.
+    let listed = app.get(&format!("/v1/tenants/{t}/keys")).await;
+    assert!(!listed.body.to_string().contains(&id), "{:?}", listed.body);
+    let via_tenant = app.delete(&format!("/v1/tenants/{t}/keys/{id}")).await;
+    assert_eq!(via_tenant.status, StatusCode::NOT_FOUND);
+    // The platform's: listed (never a secret) for admins only.
+    let platform = app.get("/v1/keys").await;
+    assert_eq!(platform.status, StatusCode::OK, "{:?}", platform.body);
+    let names: Vec<&str> = platform
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"pool-vm-a") && names.contains(&gateway::app::BOOTSTRAP_ADMIN));
+    assert!(platform
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k.get("tenant").is_none()));
+    let text = platform.body.to_string();
+    assert!(!text.contains(&worker) && !text.contains(&app.admin_key) && !text.contains("hash"));
+    for (method, path) in [
+        (Method::GET, "/v1/keys".to_owned()),
+        (Method::DELETE, format!("/v1/keys/{id}")),
+    ] {
+        let a = app.request(method.clone(), &path, Some(&owner), None).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{method} {path}"
+        );
+        let a = app
+            .request(method.clone(), &path, Some(&worker), None)
+            .await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{method} {path}");
+    }
+    // Revoked where Location says; it stops working at once.
+    let zones = |key: String| {
+        let app = &app;
+        async move {
+            app.request(Method::GET, "/v1/zones", Some(&key), None)
+                .await
+                .status
+        }
+    };
+    assert_eq!(zones(worker.clone()).await, StatusCode::OK);
+    assert_eq!(
+        app.delete(&format!("/v1/keys/{id}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(zones(worker).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.delete(&format!("/v1/keys/{id}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let revoked = app.get("/v1/keys").await;
+    let entry = revoked
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == json!(id))
+        .unwrap();
+    assert!(entry["revoked_at"].is_string(), "{entry}");
+    // A tenant key's Location is its tenant's route; admins may revoke it on either.
+    let member = app
+        .post(&format!("/v1/tenants/{t}/keys"), json!({"role": "member"}))
+        .await;
+    let member_id = member.body["id"].as_str().unwrap();
+    assert_eq!(
+        member.header("location"),
+        Some(format!("/v1/tenants/{t}/keys/{member_id}").as_str())
+    );
+    assert_eq!(
+        app.delete(&format!("/v1/keys/{member_id}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        app.delete("/v1/keys/not-a-key").await.status,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -192,10 +192,15 @@ pub async fn insert(
     .await
 }
 
-/// The keys of a tenant (live and revoked), oldest first.
-pub async fn list_for_tenant(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Vec<KeyRow>> {
+/// The keys (live and revoked) of `tenant`, or with `None` the platform's (admins and
+/// workers, which have no tenant), oldest first.
+pub async fn list(db: impl PgExecutor<'_>, tenant: Option<&str>) -> sqlx::Result<Vec<KeyRow>> {
+    let condition = match tenant {
+        Some(_) => "tenant = $1",
+        None => "tenant IS NULL AND $1::text IS NULL",
+    };
     sqlx::query_as(&format!(
-        "SELECT {KEY_COLUMNS} FROM principals WHERE tenant = $1 ORDER BY created_at, id"
+        "SELECT {KEY_COLUMNS} FROM principals WHERE {condition} ORDER BY created_at, id"
     ))
     .bind(tenant)
     .fetch_all(db)
