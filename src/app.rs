@@ -217,6 +217,7 @@ pub async fn start(
             nats: backends.nats.clone(),
             limiter,
             registry: registry.clone(),
+            db: store::health::DbHealth::new(backends.pool.clone()),
         };
         // A process without the API (a relay) still serves health and metrics.
         let app = if parts.api {

@@ -8,11 +8,14 @@
 //!   reads, and operation polls, so polling cannot starve writes), and a stricter one
 //!   per source address for requests without a valid key. Over the limit: `429` with
 //!   `Retry-After` and code `rate_limited`.
+//! - **Database outages**: an answer `503 database_unavailable` makes the database
+//!   suspect (`store::health`); while it is known to be down, API requests with a key
+//!   get that `503` at once.
 //! - **Audit**: every mutating request, whatever its outcome, and every denied request
 //!   (`401`, `403`, `429`) queues one row for the hash-chained audit log as it is
 //!   answered (written in batches by `audit::AuditWriter`).
 
-use super::error::ApiError;
+use super::error::{ApiError, PendingError};
 use super::request::RequestId;
 use super::AppState;
 use crate::audit::Entry;
@@ -257,6 +260,13 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
     let started = std::time::Instant::now();
     let _in_flight = InFlight::enter(&state.engine.metrics.http_in_flight);
     let (principal, response) = answer(&state, req, next, &seen).await;
+    if response
+        .extensions()
+        .get::<PendingError>()
+        .is_some_and(|e| e.0.code == "database_unavailable")
+    {
+        state.db.suspect();
+    }
     let note = response.extensions().get::<AuditTenant>().cloned();
     record(&state, seen, principal, response.status(), note, started).await;
     response
@@ -274,6 +284,12 @@ async fn answer(
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes().to_vec());
+    // Every API request with a key needs the database, where its key is looked up:
+    // while the database is known to be down, answer at once, not after the pool's
+    // acquire timeout. Requests without a key still get their `401`.
+    if authorization.is_some() && seen.api() && state.db.is_down() {
+        return (None, ApiError::database_unavailable().into_response());
+    }
     let authn = match authenticate(state, authorization).await {
         Ok(a) => a,
         Err(e) => return (None, e.into_response()),

@@ -50,6 +50,8 @@ pub struct AppState {
     pub audit: crate::audit::AuditWriter,
     /// Everything `GET /metrics` shows (the gateway's metrics, and in-process workers').
     pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    /// Whether the database is known to be down (API requests then answer `503` at once).
+    pub db: crate::store::health::DbHealth,
 }
 
 /// The whole API.
