@@ -287,12 +287,14 @@ async fn hostile_tenant_path_segments_answer_404_never_5xx() {
     }
 }
 
-async fn new_key(app: &TestApp, tenant: &str, body: serde_json::Value) -> serde_json::Value {
+/// Creates a key of `tenant` with the admin key; returns the key and its ID.
+async fn new_key(app: &TestApp, tenant: &str, body: serde_json::Value) -> (String, String) {
     let a = app
         .post(&format!("/v1/tenants/{tenant}/keys"), body.clone())
         .await;
     assert_eq!(a.status, StatusCode::CREATED, "{body}: {:?}", a.body);
-    a.body
+    let field = |name: &str| a.body[name].as_str().unwrap().to_owned();
+    (field("key"), field("id"))
 }
 
 /// Issue 11 §2: a percent-encoded tenant segment is served as the decoded tenant, and
@@ -302,8 +304,8 @@ async fn new_key(app: &TestApp, tenant: &str, body: serde_json::Value) -> serde_
 async fn a_percent_encoded_tenant_is_audited_under_the_tenant_it_was_served_as() {
     let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
-    let owner = new_key(&app, &tenant, json!({"role": "owner"})).await;
-    let owner = owner["key"].as_str().unwrap();
+    let (owner, _) = new_key(&app, &tenant, json!({"role": "owner"})).await;
+    let owner = owner.as_str();
     let encoded: String = tenant.bytes().map(|b| format!("%{b:02X}")).collect();
     let body = json!({"name": "encoded", "zone": "zone-a", "spec": example_spec("vms")});
     let a = app
@@ -342,14 +344,8 @@ async fn a_percent_encoded_tenant_is_audited_under_the_tenant_it_was_served_as()
 async fn key_names_are_unique_per_tenant_and_platform_names_among_themselves() {
     let app = spawn_with(Options::api_only()).await;
     let (a, b) = (app.tenant().await, app.tenant().await);
-    let owner_of = |t: String| {
-        let app = &app;
-        async move {
-            let k = new_key(app, &t, json!({"role": "owner"})).await;
-            k["key"].as_str().unwrap().to_owned()
-        }
-    };
-    let (a_owner, b_owner) = (owner_of(a.clone()).await, owner_of(b.clone()).await);
+    let (a_owner, _) = new_key(&app, &a, json!({"role": "owner"})).await;
+    let (b_owner, _) = new_key(&app, &b, json!({"role": "owner"})).await;
     let create = |key: String, tenant: String, body: serde_json::Value| {
         let app = &app;
         async move {
@@ -482,16 +478,9 @@ async fn send_with_id(
 async fn owners_see_foreign_attempts_in_their_audit_view_but_not_who_made_them() {
     let app = spawn_with(Options::api_only()).await;
     let (a, b) = (app.tenant().await, app.tenant().await);
-    let prober = new_key(&app, &a, json!({"role": "owner", "name": "a-prober"})).await;
-    let (prober_key, prober_id) = (
-        prober["key"].as_str().unwrap().to_owned(),
-        prober["id"].as_str().unwrap().to_owned(),
-    );
-    let b_owner = new_key(&app, &b, json!({"role": "owner", "name": "b-owner"})).await;
-    let (b_key, b_id) = (
-        b_owner["key"].as_str().unwrap().to_owned(),
-        b_owner["id"].as_str().unwrap().to_owned(),
-    );
+    let (prober_key, prober_id) =
+        new_key(&app, &a, json!({"role": "owner", "name": "a-prober"})).await;
+    let (b_key, b_id) = new_key(&app, &b, json!({"role": "owner", "name": "b-owner"})).await;
     let vm = app
         .create(&b, "vms", "target", "zone-a", example_spec("vms"))
         .await;
@@ -761,8 +750,7 @@ async fn early_answers_keep_the_connection_usable_or_say_connection_close() {
 async fn worker_keys_made_through_a_tenant_route_are_listed_and_revoked_on_platform_routes() {
     let app = spawn_with(Options::api_only()).await;
     let t = app.tenant().await;
-    let owner = new_key(&app, &t, json!({"role": "owner"})).await;
-    let owner = owner["key"].as_str().unwrap().to_owned();
+    let (owner, _) = new_key(&app, &t, json!({"role": "owner"})).await;
     let made = app
         .post(
             &format!("/v1/tenants/{t}/keys"),
