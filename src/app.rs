@@ -283,6 +283,7 @@ impl<'c> Assembly<'c> {
             nats: self.backends.nats.clone(),
             limiter,
             registry: self.registry.clone(),
+            db: store::health::DbHealth::new(self.backends.pool.clone()),
         };
         // A process without the API (a relay) still serves health and metrics.
         let app = if api {

@@ -56,6 +56,9 @@ pub struct Entry {
     pub source: Option<String>,
 }
 
+/// Every outcome an audit row can have.
+pub const OUTCOMES: [&str; 3] = ["allowed", "denied", "failed"];
+
 /// `allowed` (2xx/3xx), `denied` (401, 403, 429) or `failed` (any other error).
 pub fn outcome(status: u16) -> &'static str {
     match status {

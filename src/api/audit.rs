@@ -1,11 +1,17 @@
 //! `GET /v1/audit`: the audit trail, for admins (everything) and owners (their tenant).
+//!
+//! Owners learn that something happened to their tenant, not who in which tenant did
+//! it: on entries of keys other than their tenant's own (another tenant's, or a
+//! platform key's), the principal's ID and name, the source address and the request ID
+//! are left out and `principal_hidden` is set. Requests without a valid key show what
+//! they have (source and request ID): there is no one to hide.
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::Caller;
 use super::wire::Page;
-use super::{cursor, AppState};
-use crate::auth::Role;
-use crate::store::audit::{self, AuditFilter, AuditRow};
+use super::{cursor, params, AppState};
+use crate::auth::{Principal, Role};
+use crate::store::audit::{self, AuditFilter, ListedRow};
 use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -43,31 +49,47 @@ pub struct AuditOut {
     pub outcome: String,
     /// HTTP status answered.
     pub status: i16,
-    /// The request's ID.
-    pub request_id: String,
-    /// The client's address.
+    /// The request's ID (left out with the principal when hidden).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The client's address (left out with the principal when hidden).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Set when a key acted whose identity this caller may not see: an owner sees only
+    /// its own tenant's keys.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub principal_hidden: bool,
     /// This entry's link in the chain (hex SHA-256); absent for the moments until the
     /// sealer chains it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
 }
 
-impl From<AuditRow> for AuditOut {
-    fn from(r: AuditRow) -> Self {
+impl AuditOut {
+    /// An entry as seen by `viewer`: admins see everything; anyone else sees who acted
+    /// (principal, source, request ID) only when it was a key of the viewer's tenant.
+    fn seen_by(listed: ListedRow, viewer: &Principal) -> Self {
+        let ListedRow {
+            row: r,
+            principal_tenant,
+        } = listed;
+        let hidden = r.principal_id.is_some()
+            && viewer.role != Role::Admin
+            && (principal_tenant.is_none() || principal_tenant != viewer.tenant);
+        let unless_hidden = |v: Option<String>| v.filter(|_| !hidden);
         Self {
             id: r.id,
             at: r.at,
-            principal_id: r.principal_id,
-            principal_name: r.principal_name,
+            principal_id: r.principal_id.filter(|_| !hidden),
+            principal_name: unless_hidden(r.principal_name),
             tenant: r.tenant,
             action: r.action,
             target: r.target,
             outcome: r.outcome,
             status: r.status,
-            request_id: r.request_id,
-            source: r.source,
+            request_id: unless_hidden(Some(r.request_id)),
+            source: unless_hidden(r.source),
+            principal_hidden: hidden,
             hash: r.hash.map(hex::encode),
         }
     }
@@ -79,7 +101,7 @@ impl From<AuditRow> for AuditOut {
 pub struct AuditQuery {
     /// Only this tenant (owners always see only their own).
     pub tenant: Option<String>,
-    /// Only this principal.
+    /// Only this principal (for owners: only a key of their tenant).
     pub principal_id: Option<Uuid>,
     /// Only `allowed`, `denied` or `failed`.
     pub outcome: Option<String>,
@@ -108,6 +130,12 @@ pub async fn list(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Page<AuditOut>>, ApiError> {
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
+    let q = AuditQuery {
+        tenant: params::label("tenant", q.tenant)?,
+        outcome: params::one_of("outcome", q.outcome, &crate::audit::OUTCOMES)?,
+        since: params::instant("since", q.since)?,
+        ..q
+    };
     let tenant = match principal.role {
         Role::Admin => q.tenant,
         // Owners read their own tenant's trail; another tenant looks nonexistent.
@@ -127,6 +155,7 @@ pub async fn list(
     let limit = super::page_limit(q.limit)?;
     let before = q.cursor.as_deref().map(cursor::decode_seq).transpose()?;
     let filter = AuditFilter {
+        principals_of: tenant.clone().filter(|_| principal.role != Role::Admin),
         tenant,
         principal_id: q.principal_id,
         outcome: q.outcome,
@@ -136,7 +165,7 @@ pub async fn list(
     Ok(Json(cursor::page(
         rows,
         limit,
-        |r| cursor::encode_seq(r.id),
-        AuditOut::from,
+        |r| cursor::encode_seq(r.row.id),
+        |r| AuditOut::seen_by(r, &principal),
     )))
 }

@@ -29,7 +29,9 @@ pub fn decode_time_id(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     match (parts.next(), parts.next(), parts.next()) {
         (Some("t"), Some(micros), Some(id)) => {
             let micros: i64 = micros.parse().map_err(|_| bad_cursor())?;
-            let at = DateTime::from_timestamp_micros(micros).ok_or_else(bad_cursor)?;
+            let at = DateTime::from_timestamp_micros(micros)
+                .filter(|at| super::params::in_range(*at))
+                .ok_or_else(bad_cursor)?;
             Ok((at, id.parse().map_err(|_| bad_cursor())?))
         }
         _ => Err(bad_cursor()),
@@ -76,7 +78,14 @@ mod tests {
         let id = Uuid::now_v7();
         assert_eq!(decode_time_id(&encode_time_id(at, id)).unwrap(), (at, id));
         assert_eq!(decode_seq(&encode_seq(42)).unwrap(), 42);
-        for bad in ["", "zz", &hex::encode("t:x:y"), &encode_seq(1)] {
+        let far = DateTime::<Utc>::MIN_UTC.timestamp_micros();
+        for bad in [
+            "",
+            "zz",
+            &hex::encode("t:x:y"),
+            &encode_seq(1),
+            &hex::encode(format!("t:{far}:{id}")),
+        ] {
             assert_eq!(decode_time_id(bad).unwrap_err().code, "invalid_cursor");
         }
         assert_eq!(

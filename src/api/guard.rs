@@ -8,21 +8,25 @@
 //!   reads, and operation polls, so polling cannot starve writes), and a stricter one
 //!   per source address for requests without a valid key. Over the limit: `429` with
 //!   `Retry-After` and code `rate_limited`.
+//! - **Database outages**: an answer `503 database_unavailable` makes the database
+//!   suspect (`store::health`); while it is known to be down, API requests with a key
+//!   get that `503` at once.
 //! - **Audit**: every mutating request, whatever its outcome, and every denied request
 //!   (`401`, `403`, `429`) queues one row for the hash-chained audit log as it is
 //!   answered (written in batches by `audit::AuditWriter`).
 
-use super::error::ApiError;
+use super::error::{ApiError, PendingError};
 use super::request::RequestId;
 use super::AppState;
 use crate::audit::{AuditSlot, Entry};
 use crate::auth::{self, Principal};
 use crate::metrics::{BucketLabels, HttpLabels, Metrics, RouteLabels};
 use crate::store::principals;
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::RequestExt;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::net::{IpAddr, SocketAddr};
@@ -125,11 +129,56 @@ async fn authenticate(state: &AppState, authorization: Option<Vec<u8>>) -> Resul
     }))
 }
 
-/// The tenant a request acts on, as far as its path says.
-fn path_tenant(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v1/tenants/")?;
-    let tenant = rest.split('/').next().filter(|t| !t.is_empty())?;
-    Some(tenant.to_owned())
+/// The `{tenant}` segment of the route a request matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathTenant {
+    /// The route has no `{tenant}` segment (or no route matched).
+    Absent,
+    /// A tenant ID as handlers see it: percent-decoded, and a DNS label.
+    Valid(String),
+    /// Something no tenant can be called (not a DNS label once decoded): no such tenant
+    /// exists, and the value must not reach the database.
+    Invalid,
+    /// A path segment does not decode to UTF-8: the path names nothing.
+    Undecodable,
+}
+
+impl PathTenant {
+    /// Reads what the router matched, decoded as the handlers' `Path` extractor sees it
+    /// (never the raw path: `/v1/tenants/%61cme` acts on, and is audited under, `acme`).
+    async fn of(req: &mut Request) -> Self {
+        match req.extract_parts::<RawPathParams>().await {
+            Ok(params) => params
+                .iter()
+                .find(|(name, _)| *name == "tenant")
+                .map_or(Self::Absent, |(_, value)| Self::parse(value)),
+            Err(_) => Self::Undecodable,
+        }
+    }
+
+    fn parse(value: &str) -> Self {
+        match crate::domain::names::validate_label("tenant", value) {
+            Ok(()) => Self::Valid(value.to_owned()),
+            Err(_) => Self::Invalid,
+        }
+    }
+
+    /// The answer for a path that names nothing, before any handler looks it up.
+    fn refusal(&self) -> Option<ApiError> {
+        match self {
+            Self::Invalid => Some(ApiError::tenant_not_found()),
+            Self::Undecodable => Some(ApiError::not_found("route")),
+            Self::Absent | Self::Valid(_) => None,
+        }
+    }
+
+    /// The tenant to audit the request under, when the path names one.
+    fn audited(&self) -> Option<String> {
+        match self {
+            Self::Valid(t) => Some(t.clone()),
+            Self::Absent | Self::Invalid | Self::Undecodable => None,
+        }
+    }
 }
 
 /// A handler's note for the audit row: the tenant of what it acted on, when the path
@@ -153,7 +202,126 @@ impl Drop for InFlight {
     }
 }
 
-/// `429 rate_limited` with `Retry-After`, counted by bucket.
+/// What the guard notes of a request before it runs, for metrics and the audit row.
+struct Seen {
+    method: Method,
+    /// The raw path, as the audit row's target.
+    path: String,
+    /// The route template, `(unmatched)` when none matched.
+    route: String,
+    tenant: PathTenant,
+    source: Option<IpAddr>,
+    request_id: String,
+}
+
+impl Seen {
+    async fn of(req: &mut Request) -> Self {
+        Self {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            route: req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "(unmatched)".to_owned()),
+            tenant: PathTenant::of(req).await,
+            source: req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+            request_id: req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether the request may change something (audited whatever its answer).
+    fn mutating(&self) -> bool {
+        !matches!(self.method, Method::GET | Method::HEAD | Method::OPTIONS)
+    }
+
+    /// Whether the request is to the API (`/v1/…`), as opposed to probes and scrapes.
+    fn api(&self) -> bool {
+        self.path.starts_with("/v1/")
+    }
+}
+
+/// The middleware.
+pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let seen = Seen::of(&mut req).await;
+    let started = Instant::now();
+    let _in_flight = InFlight::enter(&state.engine.metrics.http_in_flight);
+    let (principal, response, slot) = answer(&state, req, next, &seen).await;
+    if response
+        .extensions()
+        .get::<PendingError>()
+        .is_some_and(|e| e.0.code == "database_unavailable")
+    {
+        state.db.suspect();
+    }
+    let note = response.extensions().get::<AuditTenant>().cloned();
+    let audit = Audited {
+        principal,
+        slot,
+        note,
+    };
+    record(&state, seen, audit, response.status(), started);
+    response
+}
+
+/// Authenticates, rate-limits and refuses paths that name nothing; else runs the
+/// handler. Returns the caller, when a valid key named one, the answer, and the audit
+/// slot a write that ran could record its entry in.
+async fn answer(
+    state: &AppState,
+    mut req: Request,
+    next: Next,
+    seen: &Seen,
+) -> (Option<Principal>, Response, Option<AuditSlot>) {
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec());
+    // Every API request with a key needs the database, where its key is looked up:
+    // while the database is known to be down, answer at once, not after the pool's
+    // acquire timeout. Requests without a key still get their `401`.
+    if authorization.is_some() && seen.api() && state.db.is_down() {
+        return (None, ApiError::database_unavailable().into_response(), None);
+    }
+    let authn = match authenticate(state, authorization).await {
+        Ok(a) => a,
+        Err(e) => return (None, e.into_response(), None),
+    };
+    let principal = match &authn {
+        Authn::Principal(p) => Some(p.clone()),
+        _ => None,
+    };
+    // Probes and scrapes outside the API are never throttled.
+    let class = bucket(&seen.method, &seen.route);
+    if seen.api() {
+        if let Err(wait) = state.limiter.check(&authn, class, seen.source) {
+            let response = rate_limited(&state.engine.metrics, &authn, class, wait);
+            return (principal, response, None);
+        }
+    }
+    // A tenant that cannot exist is not looked up: `404` as for any unknown tenant.
+    // Requests without a valid key still get their `401` from the handler.
+    if let (Some(_), Some(refusal)) = (&principal, seen.tenant.refusal()) {
+        return (principal, refusal.into_response(), None);
+    }
+    req.extensions_mut().insert(authn);
+    if seen.mutating() {
+        // A write that commits records this entry in its own transaction.
+        let slot = AuditSlot::new(entry(seen, principal.as_ref(), None));
+        req.extensions_mut().insert(slot.clone());
+        return (principal, next.run(req).await, Some(slot));
+    }
+    (principal, next.run(req).await, None)
+}
+
+/// `429 rate_limited`, counted by bucket.
 fn rate_limited(metrics: &Metrics, authn: &Authn, class: Bucket, wait: u64) -> Response {
     let bucket = match (authn, class) {
         (Authn::Principal(_), Bucket::Write) => "write",
@@ -176,127 +344,67 @@ fn rate_limited(metrics: &Metrics, authn: &Authn, class: Bucket, wait: u64) -> R
     e.into_response()
 }
 
-/// Counts an answered request and its duration by route template.
-fn count(metrics: &Metrics, route: &str, method: &Method, status: u16, started: Instant) {
+/// What the guard knows of a request's audit entry once it is answered.
+struct Audited {
+    /// The caller, when a valid key named one.
+    principal: Option<Principal>,
+    /// The slot a write could record its entry in (see [`AuditSlot`]).
+    slot: Option<AuditSlot>,
+    /// The handler's note of the tenant acted on.
+    note: Option<AuditTenant>,
+}
+
+/// The audit entry of a request, its status set when it is written.
+fn entry(seen: &Seen, principal: Option<&Principal>, note: Option<AuditTenant>) -> Entry {
+    Entry {
+        at: chrono::Utc::now(),
+        principal: principal.map(|p| (p.id, p.name.clone())),
+        // The tenant the router matched (decoded), or the handler's note.
+        tenant: seen.tenant.audited().or(note.map(|t| t.0)),
+        action: format!("{} {}", seen.method, seen.route),
+        target: seen.path.clone(),
+        status: 0,
+        request_id: seen.request_id.clone(),
+        source: seen.source.map(|ip| ip.to_string()),
+    }
+}
+
+/// Counts the answer and queues its audit row, when it needs one and no committed
+/// transaction wrote it.
+fn record(state: &AppState, seen: Seen, audit: Audited, status: StatusCode, started: Instant) {
+    let metrics = &state.engine.metrics;
+    let status = status.as_u16();
     metrics
         .http_requests
         .get_or_create(&HttpLabels {
-            route: route.to_owned(),
-            method: method.to_string(),
+            route: seen.route.clone(),
+            method: seen.method.to_string(),
             status: format!("{}xx", status / 100),
         })
         .inc();
     metrics
         .http_duration
         .get_or_create(&RouteLabels {
-            route: route.to_owned(),
-            method: method.to_string(),
+            route: seen.route.clone(),
+            method: seen.method.to_string(),
         })
         .observe(started.elapsed().as_secs_f64());
-}
-
-/// What the guard knows of a request before it is answered.
-struct Seen {
-    method: Method,
-    path: String,
-    route: String,
-    source: Option<IpAddr>,
-    request_id: String,
-}
-
-impl Seen {
-    fn of(req: &Request) -> Self {
-        let ext = req.extensions();
-        Self {
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            route: ext
-                .get::<MatchedPath>()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_else(|| "(unmatched)".to_owned()),
-            source: ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()),
-            request_id: ext
-                .get::<RequestId>()
-                .map(|r| r.0.clone())
-                .unwrap_or_default(),
-        }
+    if !seen.mutating() && !matches!(status, 401 | 403 | 429) {
+        return;
     }
-
-    fn mutating(&self) -> bool {
-        !matches!(self.method, Method::GET | Method::HEAD | Method::OPTIONS)
-    }
-
-    /// The request's audit entry, its status to be set when it is written.
-    fn entry(&self, authn: Option<&Authn>) -> Entry {
-        Entry {
-            at: chrono::Utc::now(),
-            principal: match authn {
-                Some(Authn::Principal(p)) => Some((p.id, p.name.clone())),
-                _ => None,
-            },
-            tenant: path_tenant(&self.path),
-            action: format!("{} {}", self.method, self.route),
-            target: self.path.clone(),
-            status: 0,
-            request_id: self.request_id.clone(),
-            source: self.source.map(|ip| ip.to_string()),
-        }
-    }
-}
-
-/// The middleware.
-pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let seen = Seen::of(&req);
-    let started = Instant::now();
-    let metrics = state.engine.metrics.clone();
-    let _in_flight = InFlight::enter(&metrics.http_in_flight);
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes().to_vec());
-    let (response, slot) = match authenticate(&state, authorization).await {
-        // The database is down: refused, and audited once it is back (the spool).
-        Err(e) => (e.into_response(), AuditSlot::new(seen.entry(None))),
-        Ok(authn) => {
-            let slot = AuditSlot::new(seen.entry(Some(&authn)));
-            // Probes and scrapes outside the API are never throttled.
-            let class = bucket(&seen.method, &seen.route);
-            let limited = if seen.path.starts_with("/v1/") {
-                state.limiter.check(&authn, class, seen.source)
-            } else {
-                Ok(())
-            };
-            let response = match limited {
-                Err(wait) => rate_limited(&metrics, &authn, class, wait),
-                Ok(()) => {
-                    req.extensions_mut().insert(authn);
-                    if seen.mutating() {
-                        // A write that commits records the entry in its transaction.
-                        req.extensions_mut().insert(slot.clone());
-                    }
-                    next.run(req).await
-                }
-            };
-            (response, slot)
-        }
+    let entry = match &audit.slot {
+        // Empty: the write's transaction recorded it.
+        Some(slot) => slot.remaining(),
+        None => Some(entry(&seen, audit.principal.as_ref(), None)),
     };
-    let status = response.status().as_u16();
-    count(&metrics, &seen.route, &seen.method, status, started);
-    if seen.mutating() || matches!(status, 401 | 403 | 429) {
-        // Left in the slot unless a committed transaction recorded it.
-        if let Some(mut entry) = slot.remaining() {
-            entry.status = status;
-            entry.at = chrono::Utc::now();
-            if entry.tenant.is_none() {
-                entry.tenant = response
-                    .extensions()
-                    .get::<AuditTenant>()
-                    .map(|t| t.0.clone());
-            }
-            state.audit.record(entry);
+    if let Some(mut entry) = entry {
+        entry.status = status;
+        entry.at = chrono::Utc::now();
+        if entry.tenant.is_none() {
+            entry.tenant = audit.note.map(|t| t.0);
         }
+        state.audit.record(entry);
     }
-    response
 }
 
 #[cfg(test)]
@@ -318,10 +426,12 @@ mod tests {
     }
 
     #[test]
-    fn the_tenant_comes_from_the_path() {
-        assert_eq!(path_tenant("/v1/tenants/acme/vms"), Some("acme".into()));
-        assert_eq!(path_tenant("/v1/tenants"), None);
-        assert_eq!(path_tenant("/v1/operations/x"), None);
+    fn a_path_tenant_is_a_dns_label_or_no_tenant_at_all() {
+        assert_eq!(PathTenant::parse("acme"), PathTenant::Valid("acme".into()));
+        for bad in ["", "Acme", "a\0b", "a/b", "-a"] {
+            assert_eq!(PathTenant::parse(bad), PathTenant::Invalid, "{bad:?}");
+        }
+        assert_eq!(PathTenant::Invalid.audited(), None);
     }
 
     #[test]

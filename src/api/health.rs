@@ -53,11 +53,22 @@ pub async fn healthz() -> &'static str {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let ping = crate::store::ping(&state.engine.pool);
-    let database = match tokio::time::timeout(Duration::from_secs(2), ping).await {
-        Ok(Ok(())) => "ok".to_owned(),
-        Ok(Err(e)) => format!("unavailable: {e}"),
-        Err(_) => "unavailable: timed out".to_owned(),
+    let database = if state.db.is_down() {
+        // Known down: the prober says when it is back; no need to wait on the pool.
+        "unavailable: unreachable (probing)".to_owned()
+    } else {
+        let ping = crate::store::ping(&state.engine.pool);
+        match tokio::time::timeout(Duration::from_secs(2), ping).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => {
+                state.db.suspect();
+                format!("unavailable: {e}")
+            }
+            Err(_) => {
+                state.db.suspect();
+                "unavailable: timed out".to_owned()
+            }
+        }
     };
     let nats = match state.nats.connection_state() {
         async_nats::connection::State::Connected => "ok".to_owned(),

@@ -1,5 +1,10 @@
 //! `/v1/tenants/{tenant}/keys`: API keys, created by owners (for their tenant) and
 //! admins. A key is shown once, in the answer that creates it; only its hash is kept.
+//!
+//! `/v1/keys`: the platform's keys (admins and workers, which belong to no tenant),
+//! listed and revoked by admins. Worker keys are created through a tenant's route (the
+//! answer's `Location` names the platform route where they are revoked) or with
+//! `gateway admin create-key`.
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, JsonBody, Meta};
@@ -9,7 +14,7 @@ use crate::domain::{Service, ValidationError};
 use crate::lifecycle::{self, keys::NewKey, LifecycleError};
 use crate::store::{principals, tenants};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderName, StatusCode};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -22,6 +27,8 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/tenants/{tenant}/keys", get(list).post(create))
         .route("/v1/tenants/{tenant}/keys/{id}", delete(revoke))
+        .route("/v1/keys", get(list_platform))
+        .route("/v1/keys/{id}", delete(revoke_any))
 }
 
 /// Body of `POST /v1/tenants/{tenant}/keys`.
@@ -36,7 +43,7 @@ pub struct KeyIn {
     /// A worker key's zone.
     #[serde(default)]
     pub zone: Option<String>,
-    /// A unique name (DNS label); generated when absent.
+    /// A name (DNS label) unique within the tenant; generated when absent.
     #[serde(default)]
     pub name: Option<String>,
     /// When the key stops working; never when absent.
@@ -53,7 +60,7 @@ pub struct KeyOut {
     pub name: String,
     /// Its role.
     pub role: Role,
-    /// Its tenant (none for worker keys).
+    /// Its tenant (none for platform keys: admins and workers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     /// A worker key's service.
@@ -117,13 +124,14 @@ async fn existing_tenant(state: &AppState, tenant: &str) -> Result<(), ApiError>
 
 /// Create a key. Owners create `owner`, `member` and `reader` keys of their tenant;
 /// admins also create `worker` keys (bound to one service and zone, serving every
-/// tenant).
+/// tenant: platform keys, listed at `GET /v1/keys`). `Location` names the route that
+/// revokes the new key.
 #[utoipa::path(
     post, path = "/v1/tenants/{tenant}/keys", tag = "keys",
     params(("tenant" = String, Path, description = "Tenant ID")),
     request_body = KeyIn,
     responses(
-        (status = 201, description = "Created; `key` is shown only now", body = NewKeyOut),
+        (status = 201, description = "Created; `key` is shown only now; `Location` revokes it: `/v1/tenants/{tenant}/keys/{id}`, or `/v1/keys/{id}` for worker keys", body = NewKeyOut),
         (status = 403, description = "Not an owner of this tenant, or a worker key without admin", body = ErrorBody),
         (status = 404, description = "`tenant_not_found`", body = ErrorBody),
         (status = 409, description = "`name_taken`", body = ErrorBody),
@@ -137,7 +145,7 @@ pub async fn create(
     meta: Meta,
     Path(tenant): Path<String>,
     JsonBody(body): JsonBody<KeyIn>,
-) -> Result<(StatusCode, Json<NewKeyOut>), ApiError> {
+) -> Result<(StatusCode, [(HeaderName, String); 1], Json<NewKeyOut>), ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
     existing_tenant(&state, &tenant).await?;
     let key_tenant = match body.role {
@@ -161,8 +169,13 @@ pub async fn create(
     };
     let audit = meta.audit(StatusCode::CREATED);
     let created = lifecycle::keys::create(&state.engine.pool, new, audit).await?;
+    let location = match &created.row.principal.tenant {
+        Some(t) => format!("/v1/tenants/{t}/keys/{}", created.row.principal.id),
+        None => format!("/v1/keys/{}", created.row.principal.id),
+    };
     Ok((
         StatusCode::CREATED,
+        [(header::LOCATION, location)],
         Json(NewKeyOut {
             key: created.key,
             info: created.row.into(),
@@ -188,7 +201,7 @@ pub async fn list(
 ) -> Result<Json<Vec<KeyOut>>, ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
     existing_tenant(&state, &tenant).await?;
-    let rows = principals::list_for_tenant(&state.engine.pool, &tenant).await?;
+    let rows = principals::list(&state.engine.pool, Some(&tenant)).await?;
     Ok(Json(rows.into_iter().map(KeyOut::from).collect()))
 }
 
@@ -210,11 +223,62 @@ pub async fn revoke(
     Path((tenant, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
+    revoke_key(&state, &meta, &id, Some(&tenant)).await
+}
+
+/// Revokes live key `id` (with `tenant`, only one of that tenant): `204`, or `404`.
+async fn revoke_key(
+    state: &AppState,
+    meta: &Meta,
+    id: &str,
+    tenant: Option<&str>,
+) -> Result<StatusCode, ApiError> {
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("key"))?;
     let audit = meta.audit(StatusCode::NO_CONTENT);
-    match lifecycle::keys::revoke(&state.engine.pool, id, Some(&tenant), audit).await {
+    match lifecycle::keys::revoke(&state.engine.pool, id, tenant, audit).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
         Err(LifecycleError::NotFound) => Err(ApiError::not_found("key")),
         Err(e) => Err(e.into()),
     }
+}
+
+/// List the platform's keys: admins and workers, which belong to no tenant (never the
+/// secrets). Admins only.
+#[utoipa::path(
+    get, path = "/v1/keys", tag = "keys",
+    responses(
+        (status = 200, description = "Platform keys, oldest first", body = Vec<KeyOut>),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list_platform(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+) -> Result<Json<Vec<KeyOut>>, ApiError> {
+    require(&principal, Permission::Platform, None)?;
+    let rows = principals::list(&state.engine.pool, None).await?;
+    Ok(Json(rows.into_iter().map(KeyOut::from).collect()))
+}
+
+/// Revoke any key: a platform key (admin or worker), or a tenant's. It stops working at
+/// once. Admins only; `gateway admin revoke-key` does the same on the database.
+#[utoipa::path(
+    delete, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key ID")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No live key with that ID", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn revoke_any(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    meta: Meta,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    require(&principal, Permission::Platform, None)?;
+    revoke_key(&state, &meta, &id, None).await
 }

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod catalog;
 pub mod cursor;
+pub mod drain;
 pub mod error;
 pub mod extract;
 pub mod guard;
@@ -14,6 +15,7 @@ pub mod health;
 pub mod keys;
 pub mod openapi;
 pub mod operations;
+pub mod params;
 pub mod quotas;
 pub mod request;
 pub mod resources;
@@ -49,6 +51,8 @@ pub struct AppState {
     pub audit: crate::audit::AuditWriter,
     /// Everything `GET /metrics` shows (the gateway's metrics, and in-process workers').
     pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    /// Whether the database is known to be down (API requests then answer `503` at once).
+    pub db: crate::store::health::DbHealth,
 }
 
 /// The whole API.
@@ -83,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn(request::context))
         .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(drain::keep_alive))
         .with_state(state)
 }
 

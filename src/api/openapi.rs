@@ -17,8 +17,8 @@ use utoipa::{Modify, OpenApi};
         operations::read, operations::list, operations::report, operations::cancel,
         tenants::create, tenants::list, tenants::read,
         catalog::zones, catalog::entries,
-        keys::create, keys::list, keys::revoke, audit::list,
-        quotas::read, quotas::replace,
+        keys::create, keys::list, keys::revoke, keys::list_platform, keys::revoke_any,
+        audit::list, quotas::read, quotas::replace,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(

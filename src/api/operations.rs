@@ -4,7 +4,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, JsonBody, Meta};
 use super::resources::path_id;
 use super::wire::{OperationOut, Page};
-use super::{cursor, AppState};
+use super::{cursor, params, AppState};
 use crate::auth::Principal;
 use crate::domain::{Kind, OperationState};
 use crate::lifecycle::report;
@@ -187,9 +187,9 @@ pub async fn list(
     let filter = operations::OperationFilter {
         state: q.state,
         kind: q.kind,
-        zone: q.zone,
+        zone: params::label("zone", q.zone)?,
         resource_id: q.resource_id,
-        since: q.since,
+        since: params::instant("since", q.since)?,
     };
     let rows = operations::list_for_tenant(&state.engine.pool, &tenant, &filter, before, limit + 1)
         .await?;

@@ -4,7 +4,7 @@
 use super::error::ApiError;
 use super::extract::{fingerprint, Caller, JsonBody, Meta, WriteHeaders};
 use super::wire::{CreateResourceIn, OperationOut, Page, ResourceOut};
-use super::{accepted, cursor, AppState};
+use super::{accepted, cursor, params, AppState};
 use crate::domain::{actions, Phase};
 use crate::domain::{kind_from_path, Kind};
 use crate::lifecycle::submit::{self, Change, CreateRequest, Idempotency, RequestMeta};
@@ -68,25 +68,6 @@ fn request_meta<'a>(
 
 fn kind(segment: &str) -> Result<Kind, ApiError> {
     kind_from_path(segment).ok_or_else(|| ApiError::not_found("route"))
-}
-
-/// Parses a label selector `k=v[,k=v…]` into the JSON object the store matches.
-fn parse_selector(text: &str) -> Result<serde_json::Value, ApiError> {
-    let mut out = serde_json::Map::new();
-    for pair in text.split(',') {
-        let (k, v) = pair.split_once('=').ok_or_else(|| {
-            ApiError::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "invalid_query",
-                format!("label: {pair:?} is not key=value"),
-            )
-        })?;
-        out.insert(
-            k.trim().to_owned(),
-            serde_json::Value::String(v.trim().to_owned()),
-        );
-    }
-    Ok(serde_json::Value::Object(out))
 }
 
 /// An ID from the path: a malformed one cannot name anything, so it is `404` for
@@ -228,10 +209,10 @@ pub async fn list(
         .map(cursor::decode_time_id)
         .transpose()?;
     let filter = resources::ResourceFilter {
-        zone: q.zone,
+        zone: params::label("zone", q.zone)?,
         phase: q.phase,
-        since: q.since,
-        labels: q.label.as_deref().map(parse_selector).transpose()?,
+        since: params::instant("since", q.since)?,
+        labels: q.label.as_deref().map(params::selector).transpose()?,
     };
     let rows =
         resources::list_live(&state.engine.pool, &tenant, kind, &filter, after, limit + 1).await?;

@@ -24,7 +24,8 @@ pub struct NewKey {
     pub service: Option<Service>,
     /// The zone of a worker key (and only of those).
     pub zone: Option<String>,
-    /// A unique name (a DNS label); generated when absent.
+    /// A name (a DNS label), unique within its tenant or among platform keys;
+    /// generated when absent.
     pub name: Option<String>,
     /// When it stops working; never when absent.
     pub expires_at: Option<DateTime<Utc>>,

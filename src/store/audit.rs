@@ -114,10 +114,24 @@ pub struct AuditFilter {
     pub tenant: Option<String>,
     /// Only this principal.
     pub principal_id: Option<Uuid>,
+    /// With `principal_id`: only when that principal is a key of this tenant, so an
+    /// owner cannot learn where another tenant's keys acted by filtering on their IDs.
+    pub principals_of: Option<String>,
     /// Only this outcome.
     pub outcome: Option<String>,
     /// Only rows at or after this instant.
     pub since: Option<DateTime<Utc>>,
+}
+
+/// An audit row as listed: the row, and the tenant of the key that acted.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ListedRow {
+    /// The row itself.
+    #[sqlx(flatten)]
+    pub row: AuditRow,
+    /// The tenant of the row's principal; none for platform keys (admins, workers) and
+    /// requests without a valid key.
+    pub principal_tenant: Option<String>,
 }
 
 /// A page of rows, newest first, strictly before `before_id`.
@@ -126,11 +140,16 @@ pub async fn list(
     f: &AuditFilter,
     before_id: Option<i64>,
     limit: i64,
-) -> sqlx::Result<Vec<AuditRow>> {
+) -> sqlx::Result<Vec<ListedRow>> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM audit_log
+        "SELECT {COLUMNS},
+                (SELECT p.tenant FROM principals p WHERE p.id = audit_log.principal_id)
+                    AS principal_tenant
+         FROM audit_log
          WHERE ($1::text IS NULL OR tenant = $1)
            AND ($2::uuid IS NULL OR principal_id = $2)
+           AND ($2::uuid IS NULL OR $7::text IS NULL
+                OR EXISTS (SELECT 1 FROM principals p WHERE p.id = $2 AND p.tenant = $7))
            AND ($3::text IS NULL OR outcome = $3)
            AND ($4::timestamptz IS NULL OR at >= $4)
            AND ($5::bigint IS NULL OR id < $5)
@@ -142,6 +161,7 @@ pub async fn list(
     .bind(f.since)
     .bind(before_id)
     .bind(limit)
+    .bind(&f.principals_of)
     .fetch_all(db)
     .await
 }

@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod health;
 pub mod operations;
 pub mod outbox;
 pub mod principals;

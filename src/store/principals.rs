@@ -10,7 +10,7 @@ use uuid::Uuid;
 pub struct PrincipalRow {
     /// Its ID (never the key).
     pub id: Uuid,
-    /// A unique human-readable name.
+    /// A human-readable name, unique within its tenant (or among platform keys).
     pub name: String,
     /// Its role.
     pub role: Role,
@@ -77,7 +77,8 @@ pub async fn find_live_by_hash(
 /// What a new or rotated principal is.
 #[derive(Debug, Clone)]
 pub struct NewPrincipal<'a> {
-    /// Unique name; an existing principal of that name gets the new key.
+    /// Name, unique within the tenant (or among platform keys); for `upsert`, an
+    /// existing principal of that name gets the new key.
     pub name: &'a str,
     /// Its role.
     pub role: Role,
@@ -89,17 +90,21 @@ pub struct NewPrincipal<'a> {
     pub key_hash: &'a [u8],
 }
 
-/// Creates the principal `p.name`, or gives the existing one the new key, role and
-/// scope (and un-revokes it). Returns its ID.
+/// The conflict target of key names: unique per tenant, and among platform keys (no
+/// tenant); the unique index `principals_name_per_tenant` (migration 0006).
+const NAME_CONFLICT: &str = "ON CONFLICT ((COALESCE(tenant, '')), name)";
+
+/// Creates the principal `p.name` (of `p.tenant`, or of the platform), or gives the
+/// existing one the new key, role and scope (and un-revokes it). Returns its ID.
 pub async fn upsert(conn: &mut PgConnection, p: &NewPrincipal<'_>) -> sqlx::Result<Uuid> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(&format!(
         "INSERT INTO principals (id, name, role, tenant, service, zone, key_hash)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (name) DO UPDATE SET
+         {NAME_CONFLICT} DO UPDATE SET
              role = EXCLUDED.role, tenant = EXCLUDED.tenant, service = EXCLUDED.service,
              zone = EXCLUDED.zone, key_hash = EXCLUDED.key_hash, revoked_at = NULL
-         RETURNING id",
-    )
+         RETURNING id"
+    ))
     .bind(Uuid::now_v7())
     .bind(p.name)
     .bind(p.role.as_str())
@@ -111,10 +116,12 @@ pub async fn upsert(conn: &mut PgConnection, p: &NewPrincipal<'_>) -> sqlx::Resu
     .await
 }
 
-/// Whether a live principal named `name` exists.
+/// Whether a live platform principal (one of no tenant) named `name` exists. Tenants'
+/// keys may have the same names as platform keys.
 pub async fn exists(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<bool> {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM principals WHERE name = $1 AND revoked_at IS NULL)",
+        "SELECT EXISTS (SELECT 1 FROM principals
+                        WHERE name = $1 AND tenant IS NULL AND revoked_at IS NULL)",
     )
     .bind(name)
     .fetch_one(db)
@@ -148,7 +155,7 @@ impl FromRow<'_, PgRow> for KeyRow {
 const KEY_COLUMNS: &str =
     "id, name, role, tenant, service, zone, created_at, expires_at, revoked_at";
 
-/// Inserts a new key; `None` if the name is taken.
+/// Inserts a new key; `None` if its tenant (or the platform) has a key of that name.
 pub async fn insert(
     conn: &mut PgConnection,
     p: &NewPrincipal<'_>,
@@ -157,7 +164,7 @@ pub async fn insert(
     sqlx::query_as(&format!(
         "INSERT INTO principals (id, name, role, tenant, service, zone, key_hash, expires_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (name) DO NOTHING
+         {NAME_CONFLICT} DO NOTHING
          RETURNING {KEY_COLUMNS}"
     ))
     .bind(Uuid::now_v7())
@@ -172,10 +179,15 @@ pub async fn insert(
     .await
 }
 
-/// The keys of a tenant (live and revoked), oldest first.
-pub async fn list_for_tenant(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Vec<KeyRow>> {
+/// The keys (live and revoked) of `tenant`, or with `None` the platform's (admins and
+/// workers, which have no tenant), oldest first.
+pub async fn list(db: impl PgExecutor<'_>, tenant: Option<&str>) -> sqlx::Result<Vec<KeyRow>> {
+    let condition = match tenant {
+        Some(_) => "tenant = $1",
+        None => "tenant IS NULL AND $1::text IS NULL",
+    };
     sqlx::query_as(&format!(
-        "SELECT {KEY_COLUMNS} FROM principals WHERE tenant = $1 ORDER BY created_at, id"
+        "SELECT {KEY_COLUMNS} FROM principals WHERE {condition} ORDER BY created_at, id"
     ))
     .bind(tenant)
     .fetch_all(db)
