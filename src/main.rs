@@ -118,7 +118,9 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("GATEWAY_LISTEN: cannot listen on {}", config.listen))?;
             let running = app::start(&config, backends, Some(listener), parts).await?;
-            print_welcome(&config.public_url(), &key);
+            // A key the operator supplied is theirs: it is never printed.
+            let shown = config.admin_key.is_none().then_some(key.as_str());
+            print_welcome(&config.public_url(), shown);
             app::cancel_on_signal(running.shutdown.clone());
             running.wait().await;
             Ok(())
@@ -142,14 +144,23 @@ async fn run(config: &Config, backends: app::Backends, parts: Parts) -> anyhow::
     Ok(())
 }
 
-fn print_welcome(url: &str, key: &str) {
+/// What `up` prints once everything runs: the URL, the admin key when `up` made it
+/// (never one the operator supplied), and first commands.
+fn print_welcome(url: &str, generated_key: Option<&str>) {
+    let key_lines = match generated_key {
+        Some(key) => format!(
+            "  Admin key (shown once; set GATEWAY_ADMIN_KEY to fix it):\n    export GW={url} KEY={key}"
+        ),
+        None => format!(
+            "  Admin key: the one in GATEWAY_ADMIN_KEY (not shown).\n    export GW={url} KEY=\"$GATEWAY_ADMIN_KEY\""
+        ),
+    };
     println!(
         r#"
 Gateway is up at {url}
   API, relay, reconciler and simulated workers for every service and zone are running.
 
-  Admin key (shown once; set GATEWAY_ADMIN_KEY to fix it):
-    export GW={url} KEY={key}
+{key_lines}
 
   Try it:
     curl -s -X POST $GW/v1/tenants -H "Authorization: Bearer $KEY" \

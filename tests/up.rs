@@ -1,0 +1,63 @@
+//! `gateway up` prints an admin key only when it made one (issue 11 §2): a key the
+//! operator supplied through `GATEWAY_ADMIN_KEY` never reaches its output.
+
+mod common;
+
+use common::servers::{free_port, Deployment, GatewayEnv};
+use common::{nats_url, pg_base};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `gateway up` on a deployment's database and stream until it says it is up; returns what it printed.
+fn up_output(env: &GatewayEnv, admin_key: Option<&str>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    cmd.arg("up")
+        .env("DATABASE_URL", &env.database_url)
+        .env("NATS_URL", &env.nats_url)
+        .env("OPS_STREAM", &env.stream)
+        .env("OPS_SUBJECT_PREFIX", &env.subject_prefix)
+        .env("GATEWAY_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env_remove("GATEWAY_ADMIN_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(key) = admin_key {
+        cmd.env("GATEWAY_ADMIN_KEY", key);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut out = String::new();
+    let started = Instant::now();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Some(Ok(line)) = lines.next() {
+        out.push_str(&line);
+        out.push('\n');
+        if line.contains("OpenAPI:") || started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.contains("Gateway is up"), "{out}");
+    out
+}
+
+#[tokio::test]
+async fn up_prints_only_a_key_it_made() {
+    let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
+    let supplied = format!("operator-{}", common::unique());
+    let out = tokio::task::spawn_blocking({
+        let (env, supplied) = (d.env.clone(), supplied.clone());
+        move || up_output(&env, Some(&supplied))
+    })
+    .await
+    .unwrap();
+    assert!(!out.contains(&supplied), "the supplied key was printed:\n{out}");
+    assert!(out.contains("GATEWAY_ADMIN_KEY"), "{out}");
+    let out = tokio::task::spawn_blocking({
+        let env = d.env.clone();
+        move || up_output(&env, None)
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("KEY=gw_"), "a generated key is shown once:\n{out}");
+}
