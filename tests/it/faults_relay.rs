@@ -2,10 +2,8 @@
 //! relay` processes: a relay killed between publish and delete (acceptance 1), and NATS
 //! down for 20 s while clients keep submitting (acceptance 2).
 
-mod common;
-
-use common::servers::{all_pools, Deployment, Gateway, Nats};
-use common::{fast_sim, nats_url, pg_base, KINDS, ZONES};
+use crate::common::servers::{all_pools, Deployment, Gateway, Nats};
+use crate::common::{fast_sim, nats_url, pg_base, KINDS, ZONES};
 use std::time::Duration;
 use uuid::Uuid;
 use workers::SimDriver;

@@ -1,10 +1,8 @@
 //! Acceptance 7: several gateways, relays and workers against one PostgreSQL and one
 //! NATS work together without duplicated effects.
 
-mod common;
-
-use common::servers::{all_pools, Deployment, Gateway};
-use common::{fast_sim, nats_url, pg_base, KINDS, ZONES};
+use crate::common::servers::{all_pools, Deployment, Gateway};
+use crate::common::{fast_sim, nats_url, pg_base, KINDS, ZONES};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 use uuid::Uuid;

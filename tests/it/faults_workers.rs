@@ -3,10 +3,8 @@
 //! killed mid-operation (acceptance 3), the gateway down while a worker reports
 //! (acceptance 4), and poison messages (acceptance 6).
 
-mod common;
-
-use common::servers::{free_port, Deployment, Gateway};
-use common::{fast_sim, nats_url, pg_base};
+use crate::common::servers::{free_port, Deployment, Gateway};
+use crate::common::{fast_sim, nats_url, pg_base};
 use gateway_proto::{Dispatch, Service};
 use serde_json::Value;
 use std::time::Duration;

@@ -1,10 +1,9 @@
 //! Fault injection around PostgreSQL (acceptance 5), with real `gateway serve` and
 //! `gateway relay` processes against a private, throwaway PostgreSQL cluster.
 
-mod common;
-
-use common::servers::{all_pools, Deployment, Gateway, Postgres};
-use common::{nats_url, KINDS};
+use crate::common;
+use crate::common::servers::{all_pools, Deployment, Gateway, Postgres};
+use crate::common::{nats_url, KINDS};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;

@@ -1,9 +1,8 @@
 //! The operations API clients can trust: idempotency, per-resource ordering, ETags,
 //! actions, long-polls, cancellation, filters and deadlines.
 
-mod common;
-
-use common::{example_spec, spawn_app, spawn_with, Options, TestApp};
+use crate::common;
+use crate::common::{example_spec, spawn_app, spawn_with, Options, TestApp};
 use gateway::app::{worker_key, Parts};
 use gateway::domain::Service;
 use reqwest::{Method, StatusCode};

@@ -1,9 +1,7 @@
 //! Operators can see the queues: `/metrics` moves as operations flow, parses with
 //! promtool, and a request ID can be followed end to end.
 
-mod common;
-
-use common::{example_spec, spawn_app, spawn_with, Options, TestApp};
+use crate::common::{example_spec, spawn_app, spawn_with, Options, TestApp};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::time::Duration;
