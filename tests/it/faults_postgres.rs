@@ -2,17 +2,11 @@
 //! `gateway relay` processes against a private, throwaway PostgreSQL cluster.
 
 use crate::common;
-use crate::common::servers::{all_pools, Deployment, Gateway, Postgres};
-use crate::common::{nats_url, KINDS};
+use crate::common::{all_pools, id_of, nats_url, Deployment, Gateway, Postgres, KINDS};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
-use uuid::Uuid;
 use workers::{SimConfig, SimDriver};
-
-fn id_of(op: &serde_json::Value) -> Uuid {
-    op["id"].as_str().unwrap().parse().unwrap()
-}
 
 /// Acceptance 5: PostgreSQL down. Writes answer `503 database_unavailable`, nothing is
 /// half-written, and the system recovers by itself when PostgreSQL returns: no process

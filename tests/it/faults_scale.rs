@@ -1,8 +1,7 @@
 //! Acceptance 7: several gateways, relays and workers against one PostgreSQL and one
 //! NATS work together without duplicated effects.
 
-use crate::common::servers::{all_pools, Deployment, Gateway};
-use crate::common::{fast_sim, nats_url, pg_base, KINDS, ZONES};
+use crate::common::{all_pools, fast_sim, nats_url, pg_base, Deployment, Gateway, KINDS, ZONES};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -80,13 +79,6 @@ async fn two_gateways_two_relays_and_two_workers_per_pool_run_two_thousand_opera
             .sum();
         assert_eq!(errors, 0.0, "{url} answered 5xx under load:\n{text}");
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while d.stream_messages().await > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "messages never acknowledged"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    d.wait_stream_empty(Duration::from_secs(15)).await;
     eprintln!("{OPERATIONS} operations: submitted in {submit_time:?}, all done in {total:?}");
 }

@@ -3,17 +3,12 @@
 //! killed mid-operation (acceptance 3), the gateway down while a worker reports
 //! (acceptance 4), and poison messages (acceptance 6).
 
-use crate::common::servers::{free_port, Deployment, Gateway};
-use crate::common::{fast_sim, nats_url, pg_base};
+use crate::common::{fast_sim, free_port, id_of, nats_url, pg_base, Deployment, Gateway};
 use gateway_proto::{Dispatch, Service};
 use serde_json::Value;
 use std::time::Duration;
 use uuid::Uuid;
 use workers::{Driver, DriverError, SimConfig, SimDriver};
-
-fn id_of(op: &Value) -> Uuid {
-    op["id"].as_str().unwrap().parse().unwrap()
-}
 
 fn latency(max_ms: u64) -> SimConfig {
     SimConfig {

@@ -20,13 +20,7 @@ async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> co
         .send()
         .await
         .unwrap();
-    let status = res.status();
-    let headers = res.headers().clone();
-    common::Answer {
-        status,
-        headers,
-        body: res.json().await.unwrap_or(Value::Null),
-    }
+    common::Answer::read(res).await
 }
 
 async fn report(app: &TestApp, key: &str, op: &str, body: Value) -> common::Answer {
