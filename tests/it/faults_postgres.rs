@@ -2,7 +2,7 @@
 //! `gateway relay` processes against a private, throwaway PostgreSQL cluster.
 
 use crate::common;
-use crate::common::{all_pools, id_of, nats_url, Deployment, Gateway, Postgres, KINDS};
+use crate::common::{all_pools, heavy, id_of, nats_url, Deployment, Gateway, Postgres, KINDS};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use workers::{SimConfig, SimDriver};
 /// again on the same port.
 #[tokio::test]
 async fn postgres_down_refuses_writes_cleanly_and_everything_recovers_by_itself() {
+    let _heavy = heavy().await;
     let mut pg = Postgres::start();
     let d = Deployment::new(&pg.url(), &nats_url(), &[]).await;
     let api = Gateway::serve(&d.env).await;

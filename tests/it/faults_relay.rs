@@ -3,7 +3,7 @@
 //! down for 20 s while clients keep submitting (acceptance 2).
 
 use crate::common::{
-    all_pools, fast_sim, id_of, nats_url, pg_base, Deployment, Gateway, Nats, KINDS, ZONES,
+    all_pools, fast_sim, heavy, id_of, nats_url, pg_base, Deployment, Gateway, Nats, KINDS, ZONES,
 };
 use std::time::Duration;
 use workers::SimDriver;
@@ -24,6 +24,7 @@ use workers::SimDriver;
 /// JetStream drops every copy; each operation is executed exactly once.
 #[tokio::test]
 async fn a_relay_killed_between_publish_and_delete_loses_nothing_and_runs_nothing_twice() {
+    let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
     let database: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&d.pool)
@@ -131,6 +132,7 @@ async fn a_relay_killed_between_publish_and_delete_loses_nothing_and_runs_nothin
 /// reconnect by themselves.
 #[tokio::test]
 async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
+    let _heavy = heavy().await;
     let mut nats = Nats::start();
     let d = Deployment::new(
         &pg_base(),

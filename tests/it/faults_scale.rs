@@ -1,7 +1,9 @@
 //! Acceptance 7: several gateways, relays and workers against one PostgreSQL and one
 //! NATS work together without duplicated effects.
 
-use crate::common::{all_pools, fast_sim, nats_url, pg_base, Deployment, Gateway, KINDS, ZONES};
+use crate::common::{
+    all_pools, fast_sim, heavy_alone, nats_url, pg_base, Deployment, Gateway, KINDS, ZONES,
+};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -15,6 +17,7 @@ const OPERATIONS: usize = 2000;
 /// end empty.
 #[tokio::test]
 async fn two_gateways_two_relays_and_two_workers_per_pool_run_two_thousand_operations_once() {
+    let _heavy = heavy_alone().await;
     let unlimited = [
         ("GATEWAY_RATE_LIMIT_PER_SECOND", "1000000"),
         ("GATEWAY_RATE_LIMIT_BURST", "1000000"),

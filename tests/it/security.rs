@@ -870,6 +870,7 @@ async fn a_client_too_slow_to_send_its_headers_is_cut_off() {
 #[tokio::test]
 async fn keys_never_appear_in_the_logs_even_at_trace_level() {
     use crate::common::{Deployment, Gateway};
+    let _heavy = common::heavy().await;
     let d = Deployment::new(
         &common::pg_base(),
         &common::nats_url(),

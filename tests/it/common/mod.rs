@@ -9,7 +9,8 @@
 //!   [`Gateway`] processes, on the shared servers or on private ones ([`Nats`],
 //!   [`Postgres`]) that a fault-injection test may kill.
 //!
-//! Both speak HTTP through one [`Client`].
+//! Both speak HTTP through one [`Client`]. Tests that run real processes take
+//! [`heavy`] first.
 
 mod servers;
 
@@ -21,6 +22,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::time::Duration;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use uuid::Uuid;
 
 /// Base URL of the PostgreSQL server tests use (a database is appended per test).
@@ -78,6 +80,24 @@ pub fn sample(text: &str, series: &str) -> f64 {
         })
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
+}
+
+/// Slots for tests that run real processes; see [`heavy`].
+static HEAVY: Semaphore = Semaphore::const_new(2);
+
+/// Taken first, and held to the end, by every test that runs real processes (gateways,
+/// relays, a private `nats-server` or PostgreSQL), mostly fault injections with time
+/// limits in their assertions: at most two of them run at once, whatever
+/// `--test-threads` says. Each fault file used to be a binary of its own, run after the
+/// others; in one binary every test may start at once. In-process tests do not take it.
+pub async fn heavy() -> SemaphorePermit<'static> {
+    HEAVY.acquire().await.expect("never closed")
+}
+
+/// [`heavy`], both slots: for a test that loads every core by itself and has a time
+/// budget, so no other heavy test runs beside it.
+pub async fn heavy_alone() -> SemaphorePermit<'static> {
+    HEAVY.acquire_many(2).await.expect("never closed")
 }
 
 /// A test's own database (`gwtest_…`, created by the migration) and JetStream stream,
