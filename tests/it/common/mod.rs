@@ -104,15 +104,15 @@ pub async fn heavy_alone() -> SemaphorePermit<'static> {
 /// advisory stream and subject prefix, on the PostgreSQL at `pg_base` and the NATS at
 /// `nats_url`. Dropping it deletes the streams and drops the database, even when the
 /// test panicked; own it last, so it goes after whatever uses them.
-pub struct Sandbox {
-    pub database: String,
-    pub names: NatsNames,
+struct Sandbox {
+    database: String,
+    names: NatsNames,
     pg_base: String,
     nats_url: String,
 }
 
 impl Sandbox {
-    pub fn new(pg_base: &str, nats_url: &str) -> Self {
+    fn new(pg_base: &str, nats_url: &str) -> Self {
         let id = unique();
         Self {
             database: format!("gwtest_{id}"),
@@ -126,7 +126,7 @@ impl Sandbox {
     }
 
     /// The URL of the sandbox's database.
-    pub fn database_url(&self) -> String {
+    fn database_url(&self) -> String {
         format!("{}/{}", self.pg_base, self.database)
     }
 }
@@ -222,6 +222,20 @@ impl Answer {
     pub fn code(&self) -> &str {
         self.body["code"].as_str().unwrap_or("")
     }
+}
+
+/// The HTTP client under every [`Client`], with a timeout per request if given. Pooled
+/// connections are dropped after 5 s idle: a gateway closes a keep-alive connection that
+/// sends no request within its header timeout (`GATEWAY_HEADER_TIMEOUT_MS`, 10 s), and a
+/// request sent on it just then is reset.
+fn http_client(timeout: Option<Duration>) -> reqwest::Client {
+    let builder = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(5));
+    match timeout {
+        Some(t) => builder.timeout(t),
+        None => builder,
+    }
+    .build()
+    .unwrap()
 }
 
 /// A client of one gateway's API, holding the admin key.
@@ -385,7 +399,7 @@ pub async fn spawn_with(options: Options) -> TestApp {
         client: Client {
             url: format!("http://{}", running.addr.expect("the API runs")),
             admin_key,
-            http: reqwest::Client::new(),
+            http: http_client(None),
         },
         pool,
         config,

@@ -7,7 +7,7 @@
 //! configured by environment, and [`Deployment`] is what they share. Everything is killed
 //! and removed on drop, even when the test panicked, so nothing outlives the test.
 
-use super::{example_spec, sample, unique, Answer, Client, Sandbox, ZONES};
+use super::{example_spec, http_client, sample, unique, Answer, Client, Sandbox, ZONES};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -493,10 +493,7 @@ impl Deployment {
             pool: sqlx::PgPool::connect_lazy(&env.database_url).unwrap(),
             env,
             names,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: http_client(Some(Duration::from_secs(30))),
             _sandbox: sandbox,
         };
         let env = deployment.env.clone();
