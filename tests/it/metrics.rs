@@ -1,9 +1,7 @@
 //! Operators can see the queues: `/metrics` moves as operations flow, parses with
 //! promtool, and a request ID can be followed end to end.
 
-mod common;
-
-use common::{example_spec, spawn_app, spawn_with, Options, TestApp};
+use crate::common::{example_spec, sample, spawn_app, spawn_with, Options, TestApp};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::time::Duration;
@@ -21,18 +19,6 @@ async fn scrape(app: &TestApp) -> String {
         .unwrap()
         .starts_with("application/openmetrics-text"));
     res.text().await.unwrap()
-}
-
-/// The value of the sample `name{labels}` (labels given as they appear, sorted as
-/// encoded), or 0 when absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 /// Polls `/metrics` until `pred` holds (10 s at most).

@@ -4,15 +4,14 @@
 //! starts its own: [`Nats`] (a `nats-server -js` with a store in a temporary directory)
 //! or [`Postgres`] (a throwaway cluster made by `initdb`, run by `pg_ctl`), each on a
 //! free port. [`Gateway`] runs the real `gateway` binary (`serve`, `relay`, `migrate`)
-//! configured by environment. Everything is killed and removed on drop, even when the
-//! test panicked, so nothing outlives the test.
+//! configured by environment, and [`Deployment`] is what they share. Everything is killed
+//! and removed on drop, even when the test panicked, so nothing outlives the test.
 
-#![allow(dead_code)]
-
-use serde_json::{json, Value};
+use super::{example_spec, http_client, sample, unique, Answer, Client, Sandbox, ZONES};
+use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// `nats-server`, from `NATS_SERVER_BIN` or the Debian package's path.
@@ -50,16 +49,16 @@ pub fn free_port() -> u16 {
 }
 
 /// A fresh directory under the system's temporary directory, removed by [`TempDir`]'s drop.
-pub struct TempDir(pub PathBuf);
+struct TempDir(PathBuf);
 
 impl TempDir {
-    pub fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}", super::unique()));
+    fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", unique()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
 
-    pub fn path(&self) -> &Path {
+    fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -94,11 +93,66 @@ fn wait_for_port_closed(port: u16, timeout: Duration, what: &str) {
     }
 }
 
+/// A child process with its output in a log file, killed (`SIGKILL`: a crash, not a
+/// shutdown) on drop.
+struct Process {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Runs `command`, its stdout and stderr appended to `log`.
+    fn spawn(command: &mut Command, log: PathBuf, what: &str) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what} runs: {e}"));
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Kills the process (if it still runs) and reaps it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until the process exits by itself.
+    fn wait(&mut self) -> ExitStatus {
+        self.child.take().expect("running").wait().unwrap()
+    }
+
+    /// The end of what the process wrote so far (the end is what failure messages need).
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A private NATS server with JetStream, on a free port, with its store in a temporary
 /// directory that survives restarts (so streams and messages do).
 pub struct Nats {
     pub port: u16,
-    child: Option<Child>,
+    // Declared before `dir`: the server dies before its store is removed.
+    process: Option<Process>,
     dir: TempDir,
 }
 
@@ -107,7 +161,7 @@ impl Nats {
     pub fn start() -> Self {
         let mut nats = Self {
             port: free_port(),
-            child: None,
+            process: None,
             dir: TempDir::new("gwtest-nats"),
         };
         nats.resume();
@@ -118,46 +172,27 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Whether the server process runs.
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
     /// Kills the server (`SIGKILL`: a crash, not a shutdown) and waits until its port is
     /// closed.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.process.take());
         wait_for_port_closed(self.port, Duration::from_secs(10), "nats-server");
     }
 
     /// Starts the server again on the same port with the same store.
     pub fn resume(&mut self) {
-        assert!(self.child.is_none(), "nats-server already runs");
-        let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
-        let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(self.dir.path().join("store"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("nats-server runs (set NATS_SERVER_BIN)");
-        self.child = Some(child);
+        assert!(self.process.is_none(), "nats-server already runs");
+        let process = Process::spawn(
+            Command::new(nats_server_bin())
+                .args(["-js", "-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string())
+                .arg("-sd")
+                .arg(self.dir.path().join("store")),
+            self.dir.path().join("nats.log"),
+            "nats-server (set NATS_SERVER_BIN)",
+        );
+        self.process = Some(process);
         wait_for_port(self.port, Duration::from_secs(10), "nats-server");
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -305,12 +340,10 @@ impl Drop for Postgres {
 /// A real `gateway` process (`serve`, `relay` or `migrate`), configured by environment.
 /// Its output goes to a log file, printed by [`Gateway::log`] for failure messages.
 pub struct Gateway {
-    child: Option<Child>,
-    pub command: &'static str,
-    pub env: Vec<(String, String)>,
+    // Declared before `_dir`: the process dies before its log is removed.
+    process: Process,
     /// `GATEWAY_LISTEN`'s port (`serve`: the API; `relay`: health and metrics).
     pub port: Option<u16>,
-    log: PathBuf,
     _dir: TempDir,
 }
 
@@ -347,27 +380,21 @@ impl GatewayEnv {
 impl Gateway {
     fn spawn(command: &'static str, env: &GatewayEnv, port: Option<u16>) -> Self {
         let dir = TempDir::new("gwtest-proc");
-        let log = dir.path().join(format!("{command}.log"));
         let mut vars = env.vars();
         if let Some(port) = port {
             vars.push(("GATEWAY_LISTEN".into(), format!("127.0.0.1:{port}")));
         }
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .arg(command)
-            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env_remove("LOG_FORMAT")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("the gateway binary runs");
+        let process = Process::spawn(
+            Command::new(env!("CARGO_BIN_EXE_gateway"))
+                .arg(command)
+                .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .env_remove("LOG_FORMAT"),
+            dir.path().join(format!("{command}.log")),
+            "the gateway binary",
+        );
         Self {
-            child: Some(child),
-            command,
-            env: vars,
+            process,
             port,
-            log,
             _dir: dir,
         }
     }
@@ -375,7 +402,7 @@ impl Gateway {
     /// Runs `gateway migrate` to completion (migrations, JetStream definitions, admin key).
     pub fn migrate(env: &GatewayEnv) {
         let mut g = Self::spawn("migrate", env, None);
-        let status = g.child.take().unwrap().wait().unwrap();
+        let status = g.process.wait();
         assert!(status.success(), "gateway migrate failed:\n{}", g.log());
     }
 
@@ -423,68 +450,37 @@ impl Gateway {
         }
     }
 
-    /// The OS process ID.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
     /// `SIGKILL`: the process dies at once, wherever it is, as in a crash.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
-    /// Whether the process still runs.
-    pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
-            None => false,
-        }
-    }
-
-    /// What the process wrote so far.
+    /// The end of what the process wrote so far.
     pub fn log(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        // Keep failure messages readable: the end is what matters.
-        let tail: Vec<&str> = log.lines().rev().take(80).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        self.process.log()
     }
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One deployment under test: a fresh database, its own stream and subject prefix, and
-/// the shared environment of its gateway processes, migrated by a real `gateway
-/// migrate`. On drop it removes its database and streams (they may live on the shared
-/// servers).
+/// One deployment under test: a [`Sandbox`] on the given servers, migrated by a real
+/// `gateway migrate`, and the environment its gateway processes share.
 pub struct Deployment {
     pub env: GatewayEnv,
     pub names: gateway::config::NatsNames,
     /// The test's own connection to the deployment's database.
     pub pool: sqlx::PgPool,
+    /// An HTTP client for raw requests (pooled connections dropped after 5 s idle).
     pub http: reqwest::Client,
-    database: String,
-    pg_base: String,
+    _sandbox: Sandbox,
 }
 
 impl Deployment {
     /// Migrates a new deployment on the PostgreSQL at `pg_base` (no database in the URL)
     /// and the NATS at `nats_url`. `extra` adds or overrides gateway variables.
     pub async fn new(pg_base: &str, nats_url: &str, extra: &[(&str, &str)]) -> Self {
-        let id = super::unique();
-        let database = format!("gwtest_{id}");
-        let names = gateway::config::NatsNames {
-            stream: format!("T{id}"),
-            subject_prefix: format!("t{id}.ops"),
-        };
+        let sandbox = Sandbox::new(pg_base, nats_url);
+        let names = sandbox.names.clone();
         let env = GatewayEnv {
-            database_url: format!("{pg_base}/{database}"),
+            database_url: sandbox.database_url(),
             nats_url: nats_url.to_owned(),
             admin_key: format!("admin-{}", uuid::Uuid::new_v4().simple()),
             stream: names.stream.clone(),
@@ -498,18 +494,24 @@ impl Deployment {
             pool: sqlx::PgPool::connect_lazy(&env.database_url).unwrap(),
             env,
             names,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
-            database,
-            pg_base: pg_base.to_owned(),
+            http: http_client(Some(Duration::from_secs(30))),
+            _sandbox: sandbox,
         };
         let env = deployment.env.clone();
         tokio::task::spawn_blocking(move || Gateway::migrate(&env))
             .await
             .unwrap();
         deployment
+    }
+
+    /// A client of the API at `url` (one of this deployment's `gateway serve`), with the
+    /// admin key.
+    pub fn client(&self, url: &str) -> Client {
+        Client {
+            url: url.to_owned(),
+            admin_key: self.env.admin_key.clone(),
+            http: self.http.clone(),
+        }
     }
 
     /// A JetStream context on the deployment's NATS.
@@ -526,7 +528,7 @@ impl Deployment {
     ) {
         let mut defs = gateway::jetstream::Definitions::shipped().unwrap();
         tweak(&mut defs);
-        let zones: Vec<String> = super::ZONES.iter().map(|z| z.to_string()).collect();
+        let zones: Vec<String> = ZONES.iter().map(|z| z.to_string()).collect();
         gateway::jetstream::apply_definitions(&self.jetstream().await, &self.names, &zones, &defs)
             .await
             .unwrap();
@@ -534,27 +536,17 @@ impl Deployment {
 
     /// Creates a tenant through the API at `url`.
     pub async fn tenant(&self, url: &str) -> String {
-        let id = format!("t-{}", super::unique());
-        let (status, body) = self.post(url, "/v1/tenants", json!({ "id": id })).await;
-        assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
-        id
+        self.client(url).tenant().await
     }
 
-    /// `POST` with the admin key; the answer's status and JSON body.
+    /// `POST` with the admin key to the API at `url`; the answer's status and JSON body.
     pub async fn post(&self, url: &str, path: &str, body: Value) -> (reqwest::StatusCode, Value) {
-        let res = self
-            .http
-            .post(format!("{url}{path}"))
-            .bearer_auth(&self.env.admin_key)
-            .json(&body)
-            .send()
-            .await
-            .expect("the gateway answers");
-        let status = res.status();
-        (status, res.json().await.unwrap_or(Value::Null))
+        let Answer { status, body, .. } = self.client(url).post(path, body).await;
+        (status, body)
     }
 
-    /// Submits a create of `kind` (an API path segment) and returns the 202's body.
+    /// Submits a create of `kind` (an API path segment) with its example spec through
+    /// the API at `url`, and returns the 202's body.
     pub async fn create(
         &self,
         url: &str,
@@ -563,15 +555,9 @@ impl Deployment {
         name: &str,
         zone: &str,
     ) -> Value {
-        let (status, body) = self
-            .post(
-                url,
-                &format!("/v1/tenants/{tenant}/{kind}"),
-                json!({"name": name, "zone": zone, "spec": super::example_spec(kind)}),
-            )
-            .await;
-        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
-        body
+        self.client(url)
+            .create(tenant, kind, name, zone, example_spec(kind))
+            .await
     }
 
     /// An operation, read from the database: `(state, attempt, error code)`.
@@ -612,29 +598,13 @@ impl Deployment {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+        sample(&text, series)
     }
 
     /// Waits (at most `timeout`) until the outbox is empty: a relay deletes its rows
     /// only after JetStream's acks, which may trail the workers' reports.
     pub async fn wait_outbox_empty(&self, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let left = self.scalar("SELECT count(*) FROM outbox").await;
-            if left == 0 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{left} outbox rows left"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::wait_outbox_empty(&self.pool, timeout).await;
     }
 
     /// Waits (at most `timeout`) until no operation is active; panics with a census.
@@ -665,7 +635,7 @@ impl Deployment {
 
     /// One `bigint` from `sql`.
     pub async fn scalar(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+        super::scalar(&self.pool, sql).await
     }
 
     /// Messages in the operations stream.
@@ -673,6 +643,23 @@ impl Deployment {
         let js = self.jetstream().await;
         let mut stream = js.get_stream(&self.names.stream).await.unwrap();
         stream.info().await.unwrap().state.messages
+    }
+
+    /// Waits (at most `timeout`) until every message of the operations stream has been
+    /// acknowledged (acks trail the reports).
+    pub async fn wait_stream_empty(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = self.stream_messages().await;
+            if left == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{left} messages never acknowledged"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts `replicas` worker pools for each `(service, zone)` of `pools`, replica `i`
@@ -687,6 +674,7 @@ impl Deployment {
         replicas: usize,
         max_deliver: i64,
     ) -> Workers {
+        // Never cancelled: pools end by being killed, as worker processes would.
         let shutdown = tokio_util::sync::CancellationToken::new();
         let mut tasks = Vec::new();
         for (service, zone) in pools {
@@ -715,14 +703,14 @@ impl Deployment {
                 }));
             }
         }
-        Workers { tasks, shutdown }
+        Workers { tasks }
     }
 }
 
 /// Every `(service, zone)` pool.
 pub fn all_pools() -> Vec<(gateway_proto::Service, &'static str)> {
     let mut pools = Vec::new();
-    for zone in super::ZONES {
+    for zone in ZONES {
         for service in gateway_proto::Service::ALL {
             pools.push((*service, zone));
         }
@@ -730,46 +718,9 @@ pub fn all_pools() -> Vec<(gateway_proto::Service, &'static str)> {
     pools
 }
 
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        let (database, stream, nats_url, pg_base) = (
-            self.database.clone(),
-            self.names.stream.clone(),
-            self.env.nats_url.clone(),
-            self.pg_base.clone(),
-        );
-        let advisories = gateway::jetstream::advisory_stream_name(&self.names);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let nats = async_nats::ConnectOptions::new().connect(&nats_url);
-                if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(2), nats).await {
-                    let js = async_nats::jetstream::new(client);
-                    let _ = js.delete_stream(&stream).await;
-                    let _ = js.delete_stream(&advisories).await;
-                }
-                let admin = format!("{pg_base}/postgres");
-                let pg = sqlx::PgPool::connect(&admin);
-                if let Ok(Ok(pool)) = tokio::time::timeout(Duration::from_secs(2), pg).await {
-                    let _ = sqlx::query(&format!(
-                        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-                    ))
-                    .execute(&pool)
-                    .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// In-process worker pools standing in for worker processes.
+/// In-process worker pools standing in for worker processes; killed on drop.
 pub struct Workers {
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Workers {
@@ -779,14 +730,6 @@ impl Workers {
         for t in &self.tasks {
             t.abort();
         }
-        for t in std::mem::take(&mut self.tasks) {
-            let _ = t.await;
-        }
-    }
-
-    /// Stops every pool gracefully.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
         for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }

@@ -1,8 +1,7 @@
 //! The outbox invariant and the relay, against real PostgreSQL and NATS.
 
-mod common;
-
-use common::{example_spec, spawn_with, Options};
+use crate::common;
+use crate::common::{example_spec, spawn_with, Options};
 use futures::StreamExt;
 use gateway::relay::{Relay, Wake};
 use reqwest::StatusCode;

@@ -2,10 +2,9 @@
 //! (lost messages), its converger (unapplied specs), the dead-letter handler (messages a
 //! worker gave up on), and re-applying the JetStream definitions.
 
-mod common;
-
+use crate::common;
+use crate::common::{example_spec, spawn_with, Options, TestApp};
 use async_nats::jetstream::{consumer::PullConsumer, AckKind};
-use common::{example_spec, spawn_with, Options, TestApp};
 use futures::StreamExt;
 use gateway::app::Parts;
 use gateway::lifecycle::Engine;

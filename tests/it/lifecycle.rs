@@ -1,9 +1,8 @@
 //! End to end: submit → outbox → relay → JetStream → worker → report → converged
 //! database, for every kind in every zone, with real PostgreSQL and NATS.
 
-mod common;
-
-use common::{example_spec, spawn_app, spawn_with, Options, KINDS, ZONES};
+use crate::common;
+use crate::common::{example_spec, spawn_app, spawn_with, Options, KINDS, ZONES};
 use gateway::app::Parts;
 use reqwest::{Method, StatusCode};
 use serde_json::json;

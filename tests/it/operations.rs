@@ -1,9 +1,8 @@
 //! The operations API clients can trust: idempotency, per-resource ordering, ETags,
 //! actions, long-polls, cancellation, filters and deadlines.
 
-mod common;
-
-use common::{example_spec, spawn_app, spawn_with, Options, TestApp};
+use crate::common;
+use crate::common::{example_spec, spawn_app, spawn_with, Options, TestApp};
 use gateway::app::{worker_key, Parts};
 use gateway::domain::Service;
 use reqwest::{Method, StatusCode};
@@ -21,13 +20,7 @@ async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> co
         .send()
         .await
         .unwrap();
-    let status = res.status();
-    let headers = res.headers().clone();
-    common::Answer {
-        status,
-        headers,
-        body: res.json().await.unwrap_or(Value::Null),
-    }
+    common::Answer::read(res).await
 }
 
 async fn report(app: &TestApp, key: &str, op: &str, body: Value) -> common::Answer {

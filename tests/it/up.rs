@@ -1,10 +1,8 @@
 //! `gateway up` prints an admin key only when it made one (issue 11 §2): a key the
 //! operator supplied through `GATEWAY_ADMIN_KEY` never reaches its output.
 
-mod common;
-
-use common::servers::{free_port, Deployment, GatewayEnv};
-use common::{nats_url, pg_base};
+use crate::common::{free_port, heavy, Deployment, GatewayEnv};
+use crate::common::{nats_url, pg_base};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,8 +41,9 @@ fn up_output(env: &GatewayEnv, admin_key: Option<&str>) -> String {
 
 #[tokio::test]
 async fn up_prints_only_a_key_it_made() {
+    let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
-    let supplied = format!("operator-{}", common::unique());
+    let supplied = format!("operator-{}", crate::common::unique());
     let out = tokio::task::spawn_blocking({
         let (env, supplied) = (d.env.clone(), supplied.clone());
         move || up_output(&env, Some(&supplied))

@@ -1,9 +1,8 @@
 //! Defects an outside probe found at the HTTP door (issue 11, sections 2 and 4), each
 //! tested as a class against real PostgreSQL and NATS.
 
-mod common;
-
-use common::{example_spec, spawn_with, Options, TestApp};
+use crate::common;
+use crate::common::{example_spec, spawn_with, Options, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -859,7 +858,7 @@ async fn worker_keys_made_through_a_tenant_route_are_listed_and_revoked_on_platf
 /// PostgreSQL returns. A real `gateway serve` against a private PostgreSQL.
 #[tokio::test]
 async fn with_postgres_down_requests_answer_503_at_once_and_service_resumes_by_itself() {
-    use common::servers::{Deployment, Gateway, Postgres};
+    use crate::common::{Deployment, Gateway, Postgres};
     use std::time::{Duration, Instant};
     let mut pg = Postgres::start();
     let d = Deployment::new(&pg.url(), &common::nats_url(), &[]).await;

@@ -1,8 +1,6 @@
 //! The API's contract surface: OpenAPI document, health, readiness, lists.
 
-mod common;
-
-use common::{example_spec, spawn_with, Options};
+use crate::common::{example_spec, spawn_with, Options};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::collections::HashSet;

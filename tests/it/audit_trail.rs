@@ -3,10 +3,8 @@
 //! while PostgreSQL is down wait in a bounded spool and are written when it returns;
 //! the sealer chains rows after they commit, and `verify` covers the unsealed tail.
 
-mod common;
-
-use common::servers::{Deployment, Gateway, Postgres};
-use common::{nats_url, pg_base, spawn_with, Options};
+use crate::common::{heavy, Deployment, Gateway, Postgres};
+use crate::common::{nats_url, pg_base, spawn_with, Options};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
@@ -39,16 +37,17 @@ async fn wait_rows(pool: &sqlx::PgPool, prefix: &str, n: i64) -> i64 {
 
 #[tokio::test]
 async fn a_202_is_audited_even_if_the_gateway_dies_right_after_it() {
+    let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
     let mut api = Gateway::serve(&d.env).await;
     let tenant = d.tenant(&api.url()).await;
-    let request_id = format!("crash-{}", common::unique());
+    let request_id = format!("crash-{}", crate::common::unique());
     let res = d
         .http
         .post(format!("{}/v1/tenants/{tenant}/vms", api.url()))
         .bearer_auth(&d.env.admin_key)
         .header("X-Request-Id", &request_id)
-        .json(&json!({"name": "web", "zone": "zone-a", "spec": common::example_spec("vms")}))
+        .json(&json!({"name": "web", "zone": "zone-a", "spec": crate::common::example_spec("vms")}))
         .send()
         .await
         .unwrap();
@@ -73,6 +72,7 @@ async fn a_202_is_audited_even_if_the_gateway_dies_right_after_it() {
 
 #[tokio::test]
 async fn requests_refused_while_the_database_is_down_are_audited_when_it_returns() {
+    let _heavy = heavy().await;
     let mut pg = Postgres::start();
     let d = Deployment::new(&pg.url(), &nats_url(), &[("GATEWAY_AUDIT_SPOOL", "3")]).await;
     let api = Gateway::serve(&d.env).await;
@@ -85,7 +85,7 @@ async fn requests_refused_while_the_database_is_down_are_audited_when_it_returns
             .post(format!("{}/v1/tenants/{tenant}/vms", api.url()))
             .bearer_auth(&d.env.admin_key)
             .header("X-Request-Id", format!("outage-{i}"))
-            .json(&json!({"name": format!("web-{i}"), "zone": "zone-a", "spec": common::example_spec("vms")}))
+            .json(&json!({"name": format!("web-{i}"), "zone": "zone-a", "spec": crate::common::example_spec("vms")}))
             .send()
             .await
             .unwrap();

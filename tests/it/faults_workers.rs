@@ -3,19 +3,12 @@
 //! killed mid-operation (acceptance 3), the gateway down while a worker reports
 //! (acceptance 4), and poison messages (acceptance 6).
 
-mod common;
-
-use common::servers::{free_port, Deployment, Gateway};
-use common::{fast_sim, nats_url, pg_base};
+use crate::common::{fast_sim, free_port, heavy, id_of, nats_url, pg_base, Deployment, Gateway};
 use gateway_proto::{Dispatch, Service};
 use serde_json::Value;
 use std::time::Duration;
 use uuid::Uuid;
 use workers::{Driver, DriverError, SimConfig, SimDriver};
-
-fn id_of(op: &Value) -> Uuid {
-    op["id"].as_str().unwrap().parse().unwrap()
-}
 
 fn latency(max_ms: u64) -> SimConfig {
     SimConfig {
@@ -60,6 +53,7 @@ async fn pool_backlog(d: &Deployment) -> (usize, u64) {
 /// is shortened (by re-applying the definitions) so the redelivery comes in seconds.
 #[tokio::test]
 async fn a_worker_killed_mid_operation_is_replaced_and_the_operation_completes_once() {
+    let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
     d.apply_definitions(|defs| {
         defs.pool_consumer.ack_wait_seconds = 3;
@@ -112,6 +106,7 @@ async fn a_worker_killed_mid_operation_is_replaced_and_the_operation_completes_o
 /// done.
 #[tokio::test]
 async fn a_report_sent_while_the_gateway_is_down_lands_when_it_returns_and_then_is_acked() {
+    let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
     let port = free_port();
     let mut api = Gateway::serve_on(&d.env, port).await;
@@ -214,6 +209,7 @@ async fn poison_and_others(d: &Deployment, api: &str, others: usize) -> (Uuid, V
 /// terminated-message advisory that follows leaves its outcome alone.
 #[tokio::test]
 async fn a_poison_message_fails_after_max_deliver_while_the_queue_keeps_flowing() {
+    let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
     d.apply_definitions(|defs| {
         defs.pool_consumer.max_deliver = 3;
@@ -278,6 +274,7 @@ async fn a_poison_message_fails_after_max_deliver_while_the_queue_keeps_flowing(
 /// (`delivery_exhausted`) and delete the dead message; the queue flows meanwhile.
 #[tokio::test]
 async fn a_message_jetstream_gives_up_on_is_dead_lettered_and_removed() {
+    let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
     d.apply_definitions(|defs| {
         defs.pool_consumer.max_deliver = 3;

@@ -1,8 +1,6 @@
 //! Workers' reports: scoped keys, forward-only transitions, harmless repeats.
 
-mod common;
-
-use common::{example_spec, spawn_with, Options};
+use crate::common::{example_spec, spawn_with, Options};
 use gateway::app::worker_key;
 use gateway::domain::Service;
 use reqwest::{Method, StatusCode};

@@ -1,9 +1,7 @@
 //! Labels change by `PATCH` (issue 11 §6): set and remove keys with a merge patch,
 //! validated like labels on create; metadata moves the ETag, not the generation.
 
-mod common;
-
-use common::{example_spec, spawn_with, Options};
+use crate::common::{example_spec, spawn_with, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 

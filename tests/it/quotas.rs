@@ -2,9 +2,7 @@
 //! refused in their own transaction, deletes give room back once they succeed, and
 //! owners see their quota and usage.
 
-mod common;
-
-use common::{example_spec, pg_base, spawn_with, unique, Answer, Options, TestApp};
+use crate::common::{example_spec, pg_base, spawn_with, unique, Answer, Options, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 

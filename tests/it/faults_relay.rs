@@ -2,17 +2,11 @@
 //! relay` processes: a relay killed between publish and delete (acceptance 1), and NATS
 //! down for 20 s while clients keep submitting (acceptance 2).
 
-mod common;
-
-use common::servers::{all_pools, Deployment, Gateway, Nats};
-use common::{fast_sim, nats_url, pg_base, KINDS, ZONES};
+use crate::common::{
+    all_pools, fast_sim, heavy, id_of, nats_url, pg_base, Deployment, Gateway, Nats, KINDS, ZONES,
+};
 use std::time::Duration;
-use uuid::Uuid;
 use workers::SimDriver;
-
-fn id_of(op: &serde_json::Value) -> Uuid {
-    op["id"].as_str().unwrap().parse().unwrap()
-}
 
 /// Acceptance 1: kill the relay between publish and delete; every operation still
 /// completes, once.
@@ -30,6 +24,7 @@ fn id_of(op: &serde_json::Value) -> Uuid {
 /// JetStream drops every copy; each operation is executed exactly once.
 #[tokio::test]
 async fn a_relay_killed_between_publish_and_delete_loses_nothing_and_runs_nothing_twice() {
+    let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
     let database: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&d.pool)
@@ -125,7 +120,7 @@ async fn a_relay_killed_between_publish_and_delete_loses_nothing_and_runs_nothin
         0,
         "the second relay recorded where each message went"
     );
-    wait_stream_empty(&d).await;
+    d.wait_stream_empty(Duration::from_secs(15)).await;
 }
 
 /// Acceptance 2: NATS down for 20 s while clients keep submitting. The API keeps
@@ -137,6 +132,7 @@ async fn a_relay_killed_between_publish_and_delete_loses_nothing_and_runs_nothin
 /// reconnect by themselves.
 #[tokio::test]
 async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
+    let _heavy = heavy().await;
     let mut nats = Nats::start();
     let d = Deployment::new(
         &pg_base(),
@@ -224,29 +220,13 @@ async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
         assert_eq!(driver.effects(*id), 1, "{id}");
     }
     d.wait_outbox_empty(Duration::from_secs(30)).await;
-    wait_stream_empty(&d).await;
+    d.wait_stream_empty(Duration::from_secs(15)).await;
     // … and see it drain once NATS is back.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while pending().await > 0.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "gateway_outbox_pending never drained"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until every message has been acknowledged (acks trail the reports).
-async fn wait_stream_empty(d: &Deployment) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let left = d.stream_messages().await;
-        if left == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{left} messages never acknowledged"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -1,7 +1,6 @@
 //! The operator kit in deploy/ is valid and names only metrics the code exports.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;

@@ -1,8 +1,6 @@
 //! Bad input gets a clear 4xx with a stable code, and nothing is written.
 
-mod common;
-
-use common::{example_spec, spawn_with, Options};
+use crate::common::{example_spec, spawn_with, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 

@@ -1,9 +1,8 @@
 //! Security at the front door: every route × every role, tenant isolation, keys,
 //! audit trail, rate limits and input hardening — over HTTP, against real PostgreSQL.
 
-mod common;
-
-use common::{example_spec, spawn_with, unique, Options, TestApp};
+use crate::common;
+use crate::common::{example_spec, spawn_with, unique, Options, TestApp};
 use gateway::app::{worker_key, Parts};
 use gateway::auth::{Decision, Permission, Principal, Role};
 use gateway::domain::Service;
@@ -884,7 +883,8 @@ async fn a_client_too_slow_to_send_its_headers_is_cut_off() {
 /// bound key hashes.
 #[tokio::test]
 async fn keys_never_appear_in_the_logs_even_at_trace_level() {
-    use common::servers::{Deployment, Gateway};
+    use crate::common::{Deployment, Gateway};
+    let _heavy = common::heavy().await;
     let d = Deployment::new(
         &common::pg_base(),
         &common::nats_url(),

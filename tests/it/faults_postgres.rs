@@ -1,19 +1,12 @@
 //! Fault injection around PostgreSQL (acceptance 5), with real `gateway serve` and
 //! `gateway relay` processes against a private, throwaway PostgreSQL cluster.
 
-mod common;
-
-use common::servers::{all_pools, Deployment, Gateway, Postgres};
-use common::{nats_url, KINDS};
+use crate::common;
+use crate::common::{all_pools, heavy, id_of, nats_url, Deployment, Gateway, Postgres, KINDS};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
-use uuid::Uuid;
 use workers::{SimConfig, SimDriver};
-
-fn id_of(op: &serde_json::Value) -> Uuid {
-    op["id"].as_str().unwrap().parse().unwrap()
-}
 
 /// Acceptance 5: PostgreSQL down. Writes answer `503 database_unavailable`, nothing is
 /// half-written, and the system recovers by itself when PostgreSQL returns: no process
@@ -25,6 +18,7 @@ fn id_of(op: &serde_json::Value) -> Uuid {
 /// again on the same port.
 #[tokio::test]
 async fn postgres_down_refuses_writes_cleanly_and_everything_recovers_by_itself() {
+    let _heavy = heavy().await;
     let mut pg = Postgres::start();
     let d = Deployment::new(&pg.url(), &nats_url(), &[]).await;
     let api = Gateway::serve(&d.env).await;

@@ -1,0 +1,463 @@
+//! The test harness, against the real PostgreSQL and NATS.
+//!
+//! Every test works in a [`Sandbox`]: its own database and its own JetStream stream and
+//! subjects, removed on drop even if the test panicked. On top of one:
+//!
+//! - [`TestApp`] ([`spawn_app`], [`spawn_with`]): a whole gateway in this process, on
+//!   port 0, with the parts [`Options`] asks for;
+//! - [`Deployment`]: a deployment migrated by a real `gateway migrate`, run by real
+//!   [`Gateway`] processes, on the shared servers or on private ones ([`Nats`],
+//!   [`Postgres`]) that a fault-injection test may kill.
+//!
+//! Both speak HTTP through one [`Client`]. Tests that run real processes take
+//! [`heavy`] first.
+
+mod servers;
+
+pub use servers::{all_pools, free_port, Deployment, Gateway, GatewayEnv, Nats, Postgres};
+
+use gateway::app::{self, Parts, Running};
+use gateway::config::{Config, NatsNames};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use uuid::Uuid;
+
+/// Base URL of the PostgreSQL server tests use (a database is appended per test).
+pub fn pg_base() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// URL of the NATS server tests use.
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A unique suffix for names.
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// Simulated workers fast enough for tests.
+pub fn fast_sim() -> workers::SimConfig {
+    workers::SimConfig {
+        min_latency: Duration::from_millis(1),
+        max_latency: Duration::from_millis(10),
+        failure_rate: 0.0,
+        transient_failure_rate: 0.0,
+    }
+}
+
+/// The documented example spec of each API kind path.
+pub fn example_spec(kind: &str) -> Value {
+    match kind {
+        "vms" => json!({"flavor": "m1.small", "image": "debian-12"}),
+        "bare-metal" => json!({"machine_class": "bm.standard", "image": "debian-12"}),
+        "clusters" => json!({"version": "1.31", "node_count": 3, "node_flavor": "m1.large"}),
+        "volumes" => json!({"size_gb": 20, "class": "ssd"}),
+        other => panic!("unknown kind {other}"),
+    }
+}
+
+pub const KINDS: [&str; 4] = ["vms", "bare-metal", "clusters", "volumes"];
+pub const ZONES: [&str; 2] = ["zone-a", "zone-b"];
+
+/// The ID of an operation (a 202's body, or a `GET /v1/operations/{id}`).
+pub fn id_of(op: &Value) -> Uuid {
+    op["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// The value of the sample `name{labels}` in a `/metrics` exposition (labels given as
+/// they appear, sorted as encoded), or 0 when absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// Slots for tests that run real processes; see [`heavy`].
+static HEAVY: Semaphore = Semaphore::const_new(2);
+
+/// Taken first, and held to the end, by every test that runs real processes (gateways,
+/// relays, a private `nats-server` or PostgreSQL), mostly fault injections with time
+/// limits in their assertions: at most two of them run at once, whatever
+/// `--test-threads` says. Each fault file used to be a binary of its own, run after the
+/// others; in one binary every test may start at once. In-process tests do not take it.
+pub async fn heavy() -> SemaphorePermit<'static> {
+    HEAVY.acquire().await.expect("never closed")
+}
+
+/// [`heavy`], both slots: for a test that loads every core by itself and has a time
+/// budget, so no other heavy test runs beside it.
+pub async fn heavy_alone() -> SemaphorePermit<'static> {
+    HEAVY.acquire_many(2).await.expect("never closed")
+}
+
+/// A test's own database (`gwtest_…`, created by the migration) and JetStream stream,
+/// advisory stream and subject prefix, on the PostgreSQL at `pg_base` and the NATS at
+/// `nats_url`. Dropping it deletes the streams and drops the database, even when the
+/// test panicked; own it last, so it goes after whatever uses them.
+struct Sandbox {
+    database: String,
+    names: NatsNames,
+    pg_base: String,
+    nats_url: String,
+}
+
+impl Sandbox {
+    fn new(pg_base: &str, nats_url: &str) -> Self {
+        let id = unique();
+        Self {
+            database: format!("gwtest_{id}"),
+            names: NatsNames {
+                stream: format!("T{id}"),
+                subject_prefix: format!("t{id}.ops"),
+            },
+            pg_base: pg_base.to_owned(),
+            nats_url: nats_url.to_owned(),
+        }
+    }
+
+    /// The URL of the sandbox's database.
+    fn database_url(&self) -> String {
+        format!("{}/{}", self.pg_base, self.database)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let (database, nats_url, pg_base) = (
+            self.database.clone(),
+            self.nats_url.clone(),
+            self.pg_base.clone(),
+        );
+        let streams = [
+            self.names.stream.clone(),
+            gateway::jetstream::advisory_stream_name(&self.names),
+        ];
+        // A runtime of its own: drop may run outside one, or inside one that is ending.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // Bounded: the servers may be private ones a test left stopped.
+                let nats = async_nats::ConnectOptions::new().connect(&nats_url);
+                if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(5), nats).await {
+                    let js = async_nats::jetstream::new(client);
+                    for stream in &streams {
+                        let _ = js.delete_stream(stream).await;
+                    }
+                }
+                let admin = format!("{pg_base}/postgres");
+                let pg = PgPool::connect(&admin);
+                if let Ok(Ok(pool)) = tokio::time::timeout(Duration::from_secs(5), pg).await {
+                    let _ = sqlx::query(&format!(
+                        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+                    ))
+                    .execute(&pool)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// One `bigint` from `sql`.
+async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Waits (at most `timeout`) until the outbox is empty: a relay deletes its rows only
+/// after JetStream's acks, which may trail the workers' reports.
+async fn wait_outbox_empty(pool: &PgPool, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = scalar(pool, "SELECT count(*) FROM outbox").await;
+        if left == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} outbox rows left after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An HTTP answer, with the body parsed as JSON (`Value::Null` when empty or not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    /// Reads a whole response.
+    pub async fn read(res: reqwest::Response) -> Self {
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.bytes().await.unwrap_or_default();
+        Self {
+            status,
+            headers,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+}
+
+/// The HTTP client under every [`Client`], with a timeout per request if given. Pooled
+/// connections are dropped after 5 s idle: a gateway closes a keep-alive connection that
+/// sends no request within its header timeout (`GATEWAY_HEADER_TIMEOUT_MS`, 10 s), and a
+/// request sent on it just then is reset.
+fn http_client(timeout: Option<Duration>) -> reqwest::Client {
+    let builder = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(5));
+    match timeout {
+        Some(t) => builder.timeout(t),
+        None => builder,
+    }
+    .build()
+    .unwrap()
+}
+
+/// A client of one gateway's API, holding the admin key.
+#[derive(Clone)]
+pub struct Client {
+    /// The API's base URL (`http://127.0.0.1:…`).
+    pub url: String,
+    pub admin_key: String,
+    pub http: reqwest::Client,
+}
+
+impl Client {
+    /// Sends a request with `key` (if any) and a JSON body (if any).
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> Answer {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        Answer::read(req.send().await.expect("request sent")).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.request(Method::GET, path, Some(&self.admin_key), None)
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.request(Method::POST, path, Some(&self.admin_key), Some(&body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Answer {
+        self.request(Method::DELETE, path, Some(&self.admin_key), None)
+            .await
+    }
+
+    /// Creates a tenant with a unique ID and returns it.
+    pub async fn tenant(&self) -> String {
+        let id = format!("t-{}", unique());
+        let a = self.post("/v1/tenants", json!({ "id": id })).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+        id
+    }
+
+    /// Submits a create and returns the 202's operation.
+    pub async fn create(
+        &self,
+        tenant: &str,
+        kind: &str,
+        name: &str,
+        zone: &str,
+        spec: Value,
+    ) -> Value {
+        let a = self
+            .post(
+                &format!("/v1/tenants/{tenant}/{kind}"),
+                json!({"name": name, "zone": zone, "spec": spec}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+        a.body
+    }
+}
+
+/// What to run.
+pub struct Options {
+    pub parts: Parts,
+    pub tweak: fn(&mut Config),
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            parts: Parts {
+                api: true,
+                relay: true,
+                reconciler: true,
+                workers: Some(fast_sim()),
+            },
+            tweak: |_| {},
+        }
+    }
+}
+
+impl Options {
+    /// The API alone: nothing relays, reconciles or works, so tests drive every step.
+    pub fn api_only() -> Self {
+        Self {
+            parts: Parts {
+                api: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// API and relay, no workers: operations wait, dispatched, for a test to play the
+    /// worker through the report API.
+    pub fn api_and_relay() -> Self {
+        Self {
+            parts: Parts {
+                api: true,
+                relay: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+}
+
+/// A gateway running in this process for one test. It is a [`Client`] of its own API
+/// (`app.url`, `app.get(…)`, …), and holds its database pool, configuration and parts.
+pub struct TestApp {
+    client: Client,
+    pub pool: PgPool,
+    pub config: Config,
+    pub running: Option<Running>,
+    _sandbox: Sandbox,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Everything, with in-process workers: [`Options::default`].
+pub async fn spawn_app() -> TestApp {
+    spawn_with(Options::default()).await
+}
+
+pub async fn spawn_with(options: Options) -> TestApp {
+    let sandbox = Sandbox::new(&pg_base(), &nats_url());
+    let mut config = Config::for_tests(sandbox.database_url(), sandbox.names.clone());
+    config.nats_url = nats_url();
+    (options.tweak)(&mut config);
+    let backends = app::connect(&config)
+        .await
+        .expect("connect to PostgreSQL and NATS");
+    let admin_key = app::migrate(&config, &backends, true)
+        .await
+        .expect("migrate")
+        .expect("rotate yields a key");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pool = backends.pool.clone();
+    let running = app::start(&config, backends, Some(listener), options.parts)
+        .await
+        .expect("start");
+    TestApp {
+        client: Client {
+            url: format!("http://{}", running.addr.expect("the API runs")),
+            admin_key,
+            http: http_client(None),
+        },
+        pool,
+        config,
+        running: Some(running),
+        _sandbox: sandbox,
+    }
+}
+
+impl TestApp {
+    /// Polls an operation until it is done (30 s at most) and returns it.
+    pub async fn wait_done(&self, op_id: &str) -> Value {
+        self.wait_op(op_id, |op| op["done"] == json!(true)).await
+    }
+
+    /// Polls an operation until `pred` holds (30 s at most).
+    pub async fn wait_op(&self, op_id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let a = self.get(&format!("/v1/operations/{op_id}")).await;
+            assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+            if pred(&a.body) {
+                return a.body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "operation {op_id} stuck: {}",
+                a.body
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (10 s at most) until the outbox is empty: the relay deletes a row after
+    /// JetStream's ack, which can trail the worker's reports.
+    pub async fn wait_outbox_empty(&self) {
+        wait_outbox_empty(&self.pool, Duration::from_secs(10)).await;
+    }
+
+    /// Waits (10 s at most) until the audit log holds `n` rows matching `condition`
+    /// (an SQL boolean over `audit_log`): rows are written in batches just after the
+    /// answers.
+    pub async fn wait_audit(&self, condition: &str, n: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let have = self.count(&format!("audit_log WHERE {condition}")).await;
+            if have >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{have} of {n} audit rows where {condition}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rows in `table`.
+    pub async fn count(&self, table: &str) -> i64 {
+        scalar(&self.pool, &format!("SELECT count(*) FROM {table}")).await
+    }
+}

@@ -1,0 +1,29 @@
+//! The gateway's integration tests, in one binary: one link instead of one per file,
+//! and one harness ([`common`]) compiled once.
+//!
+//! Every test runs against the real PostgreSQL and NATS (`TEST_DATABASE_URL`,
+//! `NATS_URL`) in its own database and its own JetStream stream and subjects, so all of
+//! them run in parallel. Run one file's tests with `cargo test --test it api::`.
+
+mod common;
+
+mod api;
+mod architecture;
+mod audit_trail;
+mod deploy;
+mod faults_postgres;
+mod faults_reconciler;
+mod faults_relay;
+mod faults_scale;
+mod faults_workers;
+mod http_defects;
+mod labels;
+mod lifecycle;
+mod metrics;
+mod operations;
+mod outbox;
+mod quotas;
+mod reports;
+mod security;
+mod up;
+mod validation;
