@@ -100,15 +100,23 @@ pub struct Nats {
     pub port: u16,
     child: Option<Child>,
     dir: TempDir,
+    /// A configuration file read besides the flags (e.g. `authorization`).
+    config: Option<PathBuf>,
 }
 
 impl Nats {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// Starts a server that also reads `config` (e.g. an `authorization` block).
+    pub fn start_with_config(config: Option<PathBuf>) -> Self {
         let mut nats = Self {
             port: free_port(),
             child: None,
             dir: TempDir::new("gwtest-nats"),
+            config,
         };
         nats.resume();
         nats
@@ -137,7 +145,11 @@ impl Nats {
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "nats-server already runs");
         let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
-        let child = Command::new(nats_server_bin())
+        let mut command = Command::new(nats_server_bin());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")
@@ -465,6 +477,8 @@ impl Drop for Gateway {
 /// servers).
 pub struct Deployment {
     pub env: GatewayEnv,
+    /// The relays' dispatch signing key (in `env`); workers trust its public half.
+    pub dispatch_key: gateway_proto::signing::SigningKey,
     pub names: gateway::config::NatsNames,
     /// The test's own connection to the deployment's database.
     pub pool: sqlx::PgPool,
@@ -483,20 +497,23 @@ impl Deployment {
             stream: format!("T{id}"),
             subject_prefix: format!("t{id}.ops"),
         };
+        let dispatch_key = gateway_proto::signing::SigningKey::from_seed(rand::random());
+        let key_var = ("GATEWAY_DISPATCH_SIGNING_KEY", dispatch_key.to_text());
         let env = GatewayEnv {
             database_url: format!("{pg_base}/{database}"),
             nats_url: nats_url.to_owned(),
             admin_key: format!("admin-{}", uuid::Uuid::new_v4().simple()),
             stream: names.stream.clone(),
             subject_prefix: names.subject_prefix.clone(),
-            extra: extra
-                .iter()
+            extra: std::iter::once((key_var.0, key_var.1.as_str()))
+                .chain(extra.iter().copied())
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
         let deployment = Self {
             pool: sqlx::PgPool::connect_lazy(&env.database_url).unwrap(),
             env,
+            dispatch_key,
             names,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -707,6 +724,7 @@ impl Deployment {
                     gateway_key: key.clone(),
                     concurrency: 16,
                     max_deliver,
+                    dispatch_keys: self.dispatch_key.public_key().into(),
                 };
                 let (driver, stop) = (driver.clone(), shutdown.clone());
                 tasks.push(tokio::spawn(async move {
