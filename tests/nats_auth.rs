@@ -31,6 +31,11 @@ struct Broker {
 
 impl Broker {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A broker whose configuration also holds `extra` (e.g. a `tls` block).
+    fn start_with(extra: &str) -> Self {
         let id = unique();
         let names = NatsNames {
             stream: format!("T{id}"),
@@ -40,7 +45,7 @@ impl Broker {
         let zones: Vec<String> = common::ZONES.iter().map(|z| z.to_string()).collect();
         credentials::write(dir.path(), &names, &zones, &[]).unwrap();
         let conf = dir.path().join("server.conf");
-        std::fs::write(&conf, "include \"auth.conf\"\n").unwrap();
+        std::fs::write(&conf, format!("include \"auth.conf\"\n{extra}\n")).unwrap();
         let nats = Nats::start_with_config(Some(conf));
         Self {
             logins: RoleLogins {
@@ -641,4 +646,103 @@ async fn forged_and_altered_dispatches_are_terminated_without_running_the_driver
     stop.cancel();
     worker.await.unwrap().unwrap();
     running.stop().await;
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is needed for this test (Debian's openssl package)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.pem`), and certificates it signed for a server at 127.0.0.1
+/// (`server.pem`, `server.key`) and for a client (`client.pem`, `client.key`), in `dir`.
+fn certificates(dir: &std::path::Path) {
+    let run = |command: &str| openssl(dir, &command.split_whitespace().collect::<Vec<_>>());
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    run(&format!(
+        "req -x509 {ec} -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca"
+    ));
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        run(&format!(
+            "req {ec} -keyout {who}.key -out {who}.csr -subj /CN={who}"
+        ));
+        run(&format!(
+            "x509 -req -in {who}.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+             -out {who}.pem -days 1 -extfile {who}.ext"
+        ));
+    }
+}
+
+#[tokio::test]
+async fn tls_logins_verify_the_broker_against_the_configured_ca() {
+    let certs = TempDir::new("gwtest-tls");
+    certificates(certs.path());
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    // The broker requires TLS, and a client certificate from the same CA.
+    let broker = Broker::start_with(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n}}",
+        file("server.pem"),
+        file("server.key"),
+        file("ca.pem"),
+    ));
+    let seed = credentials::seed_path(&broker.logins.dir, GATEWAY)
+        .display()
+        .to_string();
+    let login = |vars: &[(&str, String)]| {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        workers::nats::NatsLogin::from_lookup(|k| vars.get(k).cloned()).unwrap()
+    };
+    let inbox = workers::nats::inbox_prefix(&broker.names().stream, GATEWAY);
+    let connects = |login: workers::nats::NatsLogin| {
+        let (url, inbox) = (broker.nats.url(), inbox.clone());
+        async move {
+            let client = login.connect(&url, GATEWAY, &inbox).await.unwrap();
+            let up = tokio::time::timeout(
+                Duration::from_secs(3),
+                workers::nats::wait_connected(&client, &url),
+            )
+            .await;
+            matches!(up, Ok(Ok(())))
+        }
+    };
+    let seed = ("NATS_NKEY_SEED_FILE", seed);
+    let ca = ("NATS_TLS_CA", file("ca.pem"));
+    let client = [
+        ("NATS_TLS_CERT", file("client.pem")),
+        ("NATS_TLS_KEY", file("client.key")),
+    ];
+    let trusted = login(&[
+        seed.clone(),
+        ca.clone(),
+        client[0].clone(),
+        client[1].clone(),
+    ]);
+    assert!(trusted.tls.required);
+    assert!(
+        connects(trusted).await,
+        "mutual TLS with the broker's CA connects"
+    );
+    let no_client_certificate = login(&[seed.clone(), ca]);
+    assert!(
+        !connects(no_client_certificate).await,
+        "a client without a certificate is refused"
+    );
+    let untrusted = login(&[seed, client[0].clone(), client[1].clone()]);
+    assert!(
+        !connects(untrusted).await,
+        "a broker whose certificate the system's roots do not vouch for is refused"
+    );
 }
