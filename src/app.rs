@@ -116,17 +116,22 @@ pub async fn connect_for_up(
     };
     let pool = store::connect(&config.database_url, config.database_max_connections).await?;
     store::migrate(&pool).await?;
-    let zones: Vec<String> = catalog::zones(&pool)
-        .await?
-        .into_iter()
-        .map(|z| z.name)
-        .collect();
+    let zones: Vec<String> = zone_names(&pool).await?;
     let bin = crate::broker::nats_server_bin(server.as_deref())?;
     let dir = config.data_dir.join("nats");
     let broker = PrivateBroker::start(&dir, bin, port, &config.nats, &zones).await?;
     config.nats_url = broker.url.clone();
     let backends = connect_private(config, pool, broker.logins.clone()).await?;
     Ok((backends, Some(broker)))
+}
+
+/// The names of the deployment's zones (one worker pool per service in each).
+pub async fn zone_names(pool: &PgPool) -> anyhow::Result<Vec<String>> {
+    Ok(catalog::zones(pool)
+        .await?
+        .into_iter()
+        .map(|z| z.name)
+        .collect())
 }
 
 /// Applies database migrations and the JetStream definitions, and makes sure an admin
@@ -138,11 +143,7 @@ pub async fn migrate(
     rotate: bool,
 ) -> anyhow::Result<Option<String>> {
     store::migrate(&b.pool).await?;
-    let zones: Vec<String> = catalog::zones(&b.pool)
-        .await?
-        .into_iter()
-        .map(|z| z.name)
-        .collect();
+    let zones: Vec<String> = zone_names(&b.pool).await?;
     let js = b.jetstream_as(config, credentials::RELAY).await?;
     crate::jetstream::apply(&js, &config.nats, &zones).await?;
     bootstrap_admin(
@@ -282,11 +283,7 @@ impl<'c> Assembly<'c> {
         let mut tasks = JoinSet::new();
         let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())));
         tasks.spawn(changes.clone().listen(shutdown.clone()));
-        let zones: Vec<String> = catalog::zones(&backends.pool)
-            .await?
-            .into_iter()
-            .map(|z| z.name)
-            .collect();
+        let zones: Vec<String> = zone_names(&backends.pool).await?;
         metrics.init_series(&zones);
         let engine = Engine {
             pool: backends.pool.clone(),

@@ -218,11 +218,7 @@ async fn nats_config(
     if zones.is_empty() {
         let pool = gateway::store::connect(&config.database_url, 2).await?;
         gateway::store::migrate(&pool).await?;
-        zones = gateway::store::catalog::zones(&pool)
-            .await?
-            .into_iter()
-            .map(|z| z.name)
-            .collect();
+        zones = app::zone_names(&pool).await?;
     }
     for zone in &zones {
         gateway_proto::names::check_token("--zone", zone, false).map_err(anyhow::Error::msg)?;
