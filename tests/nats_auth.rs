@@ -45,7 +45,13 @@ impl Broker {
         let zones: Vec<String> = common::ZONES.iter().map(|z| z.to_string()).collect();
         credentials::write(dir.path(), &names, &zones, &[]).unwrap();
         let conf = dir.path().join("server.conf");
-        std::fs::write(&conf, format!("include \"auth.conf\"\n{extra}\n")).unwrap();
+        let store = dir.path().join("store");
+        let jetstream = format!("jetstream {{ store_dir: \"{}\" }}", store.display());
+        std::fs::write(
+            &conf,
+            format!("{jetstream}\ninclude \"auth.conf\"\n{extra}\n"),
+        )
+        .unwrap();
         let nats = Nats::start_with_config(Some(conf));
         Self {
             logins: RoleLogins {
@@ -451,6 +457,39 @@ async fn each_user_may_do_only_what_its_role_needs() {
         .connect(broker.nats.url())
         .await
         .is_err());
+}
+
+#[tokio::test]
+async fn a_rotated_user_is_shut_out_on_reload_and_gets_back_in_with_its_new_seed() {
+    let broker = Broker::start();
+    let user = "worker-vm-zone-a";
+    let zones: Vec<String> = common::ZONES.iter().map(|z| z.to_string()).collect();
+    gateway::jetstream::apply(&broker.js(RELAY).await, broker.names(), &zones)
+        .await
+        .unwrap();
+    let old = broker.logins.connect(user).await.unwrap();
+    let rotated =
+        credentials::write(&broker.logins.dir, broker.names(), &zones, &[user.into()]).unwrap();
+    assert_eq!(rotated.created, [user]);
+    broker.nats.reload();
+    eventually("the old key is disconnected", || async {
+        (old.connection_state() != async_nats::connection::State::Connected).then_some(())
+    })
+    .await;
+    let new = jetstream::new(broker.logins.connect(user).await.unwrap());
+    let bound: Result<PullConsumer, _> = new
+        .get_consumer_from_stream("vm-zone-a", &broker.names().stream)
+        .await;
+    assert!(
+        bound.is_ok(),
+        "the new seed has the user's permissions: {bound:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_ne!(
+        old.connection_state(),
+        async_nats::connection::State::Connected,
+        "the old seed stays out"
+    );
 }
 
 /// A gateway (API and relay; no reconciler, no workers) on an authenticated broker, its

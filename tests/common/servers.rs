@@ -100,7 +100,7 @@ pub struct Nats {
     pub port: u16,
     child: Option<Child>,
     dir: TempDir,
-    /// A configuration file read besides the flags (e.g. `authorization`).
+    /// The configuration file to run with instead of the JetStream flags.
     config: Option<PathBuf>,
 }
 
@@ -110,7 +110,9 @@ impl Nats {
         Self::start_with_config(None)
     }
 
-    /// Starts a server that also reads `config` (e.g. an `authorization` block).
+    /// Starts a server with the configuration file `config`, which must enable
+    /// JetStream itself (`jetstream { store_dir: … }`): with JetStream enabled by flags
+    /// only, a reload would shut it down.
     pub fn start_with_config(config: Option<PathBuf>) -> Self {
         let mut nats = Self {
             port: free_port(),
@@ -141,19 +143,33 @@ impl Nats {
         wait_for_port_closed(self.port, Duration::from_secs(10), "nats-server");
     }
 
+    /// Makes the server read its configuration again (`SIGHUP`, as
+    /// `nats-server --signal reload` does).
+    pub fn reload(&self) {
+        let pid = self.child.as_ref().expect("nats-server runs").id();
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP nats-server");
+    }
+
     /// Starts the server again on the same port with the same store.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "nats-server already runs");
         let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
         let mut command = Command::new(nats_server_bin());
-        if let Some(config) = &self.config {
-            command.arg("-c").arg(config);
-        }
+        match &self.config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command
+                .arg("-js")
+                .arg("-sd")
+                .arg(self.dir.path().join("store")),
+        };
         let child = command
-            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .args(["-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(self.dir.path().join("store"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
