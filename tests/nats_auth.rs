@@ -335,6 +335,88 @@ async fn up_runs_operations_end_to_end_on_its_own_authenticated_broker_and_stops
 }
 
 #[tokio::test]
+async fn serve_relay_and_migrate_processes_run_as_their_own_users() {
+    use common::servers::{Gateway, GatewayEnv};
+    let broker = Broker::start();
+    let db = Database::new();
+    let names = broker.names().clone();
+    let seed = |user: &str| {
+        let path = credentials::seed_path(&broker.logins.dir, user);
+        ("NATS_NKEY_SEED_FILE".to_owned(), path.display().to_string())
+    };
+    let key = signing::SigningKey::from_seed(rand::random());
+    let env = |extra: Vec<(String, String)>| GatewayEnv {
+        database_url: db.url(),
+        nats_url: broker.nats.url(),
+        admin_key: format!("admin-{}", Uuid::new_v4().simple()),
+        stream: names.stream.clone(),
+        subject_prefix: names.subject_prefix.clone(),
+        extra,
+    };
+    let signing = ("GATEWAY_DISPATCH_SIGNING_KEY".to_owned(), key.to_text());
+    let relay_env = env(vec![seed(RELAY), signing]);
+    let gateway_env = GatewayEnv {
+        extra: vec![seed(GATEWAY)],
+        ..relay_env.clone()
+    };
+    let migrate_env = relay_env.clone();
+    tokio::task::spawn_blocking(move || Gateway::migrate(&migrate_env))
+        .await
+        .unwrap();
+    let api = Gateway::serve(&gateway_env).await;
+    let relay = Gateway::relay(&relay_env);
+    let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+    let driver = workers::SimDriver::new(common::fast_sim());
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(workers::run_pool(
+        broker.js("worker-vm-zone-a").await,
+        workers::PoolConfig {
+            service: Service::Vm,
+            zone: "zone-a".into(),
+            stream: names.stream.clone(),
+            gateway_url: api.url(),
+            gateway_key: app::worker_key(&pool, Service::Vm, "zone-a").await.unwrap(),
+            concurrency: 4,
+            max_deliver: 5,
+            dispatch_keys: key.public_key().into(),
+        },
+        driver.clone(),
+        stop.clone(),
+    ));
+
+    let tenant = make_tenant(&api.url(), &relay_env.admin_key).await;
+    let op = create_vm(&api.url(), &relay_env.admin_key, &tenant, "web-1").await;
+    eventually("the VM is created", || async {
+        (state(&pool, op).await == "succeeded").then_some(())
+    })
+    .await;
+    assert_eq!(driver.executions(op), 1);
+    for process in [&api, &relay] {
+        assert!(
+            !process.log().contains("Permissions Violation"),
+            "{}:\n{}",
+            process.command,
+            process.log()
+        );
+    }
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+
+    // A relay without the signing key refuses to start.
+    let mut unsigned = Gateway::relay(&env(vec![seed(RELAY)]));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while unsigned.is_running() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", unsigned.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        unsigned.log().contains("GATEWAY_DISPATCH_SIGNING_KEY"),
+        "{}",
+        unsigned.log()
+    );
+}
+
+#[tokio::test]
 async fn each_user_may_do_only_what_its_role_needs() {
     let broker = Broker::start();
     let names = broker.names().clone();
