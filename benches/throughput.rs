@@ -225,6 +225,7 @@ async fn main() {
         wake: Default::default(),
         changes: Default::default(),
         metrics: Default::default(),
+        signer: b.config.dispatch_signing_key.clone().unwrap(),
     };
     let started = Instant::now();
     let mut relayed = 0;

@@ -9,6 +9,8 @@ command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 # promtool checks the metrics exposition and the alert rules in the tests.
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# openssl makes the certificates of the broker's TLS test.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

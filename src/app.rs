@@ -3,8 +3,10 @@
 
 use crate::api::{self, AppState};
 use crate::auth;
+use crate::broker::{PrivateBroker, RoleLogins};
 use crate::changes::{Changes, Wake};
-use crate::config::{Config, Secret};
+use crate::config::{Config, Secret, UpBroker};
+use crate::credentials;
 use crate::domain::Role;
 use crate::lifecycle::{self, Engine};
 use crate::metrics::Metrics;
@@ -19,6 +21,7 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use workers::nats::{inbox_prefix, wait_connected, worker_user};
 
 /// Name of the principal whose key `up` and `migrate` print.
 pub const BOOTSTRAP_ADMIN: &str = "bootstrap-admin";
@@ -28,36 +31,107 @@ pub const BOOTSTRAP_ADMIN: &str = "bootstrap-admin";
 pub struct Backends {
     /// PostgreSQL.
     pub pool: PgPool,
-    /// NATS.
+    /// NATS, logged in as this process's user (`gateway` for `serve` and `up`, `relay`
+    /// for `relay` and `migrate`).
     pub nats: async_nats::Client,
     /// JetStream on that connection, with the configured publish timeout.
     pub js: jetstream::Context,
+    /// On `up`'s private broker, how every other user logs in: then the relay,
+    /// `migrate` and each worker pool use connections of their own, with their own
+    /// permissions. Otherwise every part shares `nats`.
+    pub logins: Option<RoleLogins>,
 }
 
-/// Connects to PostgreSQL (creating the database if needed) and NATS.
-pub async fn connect(config: &Config) -> anyhow::Result<Backends> {
-    let pool = store::connect(&config.database_url, config.database_max_connections).await?;
-    let nats = async_nats::ConnectOptions::new()
-        .name("gateway")
-        .retry_on_initial_connect()
-        .connect(&config.nats_url)
-        .await
-        .with_context(|| format!("NATS_URL: cannot connect to {}", config.nats_url))?;
-    // With retry_on_initial_connect the call returns at once; wait briefly so a wrong
-    // URL is reported at start-up rather than as a silent stall.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while nats.connection_state() != async_nats::connection::State::Connected {
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "NATS_URL: no NATS server answered at {} within 10 s",
-                config.nats_url
-            );
+impl Backends {
+    /// JetStream as `user` (see [`Backends::logins`]), with the configured timeout.
+    pub async fn jetstream_as(
+        &self,
+        config: &Config,
+        user: &str,
+    ) -> anyhow::Result<jetstream::Context> {
+        match &self.logins {
+            None => Ok(self.js.clone()),
+            Some(logins) => Ok(jetstream_on(logins.connect(user).await?, config)),
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let mut js = jetstream::new(nats.clone());
+}
+
+fn jetstream_on(client: async_nats::Client, config: &Config) -> jetstream::Context {
+    let mut js = jetstream::new(client);
     js.set_timeout(config.publish_timeout);
-    Ok(Backends { pool, nats, js })
+    js
+}
+
+/// Connects to PostgreSQL (creating the database if needed) and NATS, as the `gateway`
+/// user.
+pub async fn connect(config: &Config) -> anyhow::Result<Backends> {
+    connect_as(config, credentials::GATEWAY).await
+}
+
+/// Connects to PostgreSQL and to NATS as `user` ([`credentials::GATEWAY`] or
+/// [`credentials::RELAY`]), with the login of `NATS_*` and `user`'s reply inbox.
+pub async fn connect_as(config: &Config, user: &str) -> anyhow::Result<Backends> {
+    let pool = store::connect(&config.database_url, config.database_max_connections).await?;
+    let inbox = inbox_prefix(&config.nats.stream, user);
+    let nats = config
+        .nats_login
+        .connect(&config.nats_url, user, &inbox)
+        .await?;
+    wait_connected(&nats, &config.nats_url).await?;
+    let js = jetstream_on(nats.clone(), config);
+    Ok(Backends {
+        pool,
+        nats,
+        js,
+        logins: None,
+    })
+}
+
+/// Connects as the `gateway` user to `up`'s private broker, every other part to log in
+/// as its own user through `logins`.
+pub async fn connect_private(
+    config: &Config,
+    pool: PgPool,
+    logins: RoleLogins,
+) -> anyhow::Result<Backends> {
+    let nats = logins.connect(credentials::GATEWAY).await?;
+    let js = jetstream_on(nats.clone(), config);
+    Ok(Backends {
+        pool,
+        nats,
+        js,
+        logins: Some(logins),
+    })
+}
+
+/// The backends of `up`: on the broker `NATS_URL` names, as configured; without
+/// `NATS_URL`, on a private authenticated broker started now (its URL replaces
+/// `config.nats_url`), every part logging in as its own user. Applies the database
+/// migrations first when it starts a broker (the zones name the worker users).
+pub async fn connect_for_up(
+    config: &mut Config,
+) -> anyhow::Result<(Backends, Option<PrivateBroker>)> {
+    let UpBroker::Private { port, server } = config.up_broker.clone() else {
+        return Ok((connect(config).await?, None));
+    };
+    let pool = store::connect(&config.database_url, config.database_max_connections).await?;
+    store::migrate(&pool).await?;
+    let zones: Vec<String> = zone_names(&pool).await?;
+    let bin = crate::broker::nats_server_bin(server.as_deref())?;
+    let dir = config.data_dir.join("nats");
+    let broker = PrivateBroker::start(&dir, bin, port, &config.nats, &zones).await?;
+    config.nats_url = broker.url.clone();
+    let backends = connect_private(config, pool, broker.logins.clone()).await?;
+    Ok((backends, Some(broker)))
+}
+
+/// The names of the deployment's zones (one worker pool per service in each).
+pub async fn zone_names(pool: &PgPool) -> anyhow::Result<Vec<String>> {
+    Ok(catalog::zones(pool)
+        .await?
+        .into_iter()
+        .map(|z| z.name)
+        .collect())
 }
 
 /// Applies database migrations and the JetStream definitions, and makes sure an admin
@@ -69,12 +143,9 @@ pub async fn migrate(
     rotate: bool,
 ) -> anyhow::Result<Option<String>> {
     store::migrate(&b.pool).await?;
-    let zones: Vec<String> = catalog::zones(&b.pool)
-        .await?
-        .into_iter()
-        .map(|z| z.name)
-        .collect();
-    crate::jetstream::apply(&b.js, &config.nats, &zones).await?;
+    let zones: Vec<String> = zone_names(&b.pool).await?;
+    let js = b.jetstream_as(config, credentials::RELAY).await?;
+    crate::jetstream::apply(&js, &config.nats, &zones).await?;
     bootstrap_admin(
         &b.pool,
         config.admin_key.as_ref().map(Secret::expose),
@@ -168,7 +239,7 @@ pub async fn start(
         a.spawn_http(listener, parts.api);
     }
     if parts.relay {
-        a.spawn_relay();
+        a.spawn_relay().await?;
     }
     if parts.reconciler {
         a.spawn_repairs();
@@ -212,11 +283,7 @@ impl<'c> Assembly<'c> {
         let mut tasks = JoinSet::new();
         let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())));
         tasks.spawn(changes.clone().listen(shutdown.clone()));
-        let zones: Vec<String> = catalog::zones(&backends.pool)
-            .await?
-            .into_iter()
-            .map(|z| z.name)
-            .collect();
+        let zones: Vec<String> = zone_names(&backends.pool).await?;
         metrics.init_series(&zones);
         let engine = Engine {
             pool: backends.pool.clone(),
@@ -300,18 +367,28 @@ impl<'c> Assembly<'c> {
         ));
     }
 
-    /// Moves the outbox to JetStream.
-    fn spawn_relay(&mut self) {
+    /// Moves the outbox to JetStream, signing every message; as the `relay` user on a
+    /// private broker.
+    async fn spawn_relay(&mut self) -> anyhow::Result<()> {
+        let signer = self.config.dispatch_signing_key.clone().context(
+            "GATEWAY_DISPATCH_SIGNING_KEY: required by the relay (make one with `gateway dispatch-key`)",
+        )?;
+        let js = self
+            .backends
+            .jetstream_as(self.config, credentials::RELAY)
+            .await?;
         let relay = Relay {
             pool: self.backends.pool.clone(),
-            js: self.backends.js.clone(),
+            wake: self.engine.wake.heard_through(js.client()),
+            js,
             batch_size: self.config.relay_batch_size,
             poll_interval: self.config.relay_poll_interval,
-            wake: self.engine.wake.clone(),
             changes: self.engine.changes.clone(),
             metrics: self.engine.metrics.clone(),
+            signer,
         };
         self.tasks.spawn(relay.run(self.shutdown.clone()));
+        Ok(())
     }
 
     /// The reconciler (one active across processes) and the dead-letter handler (in
@@ -331,8 +408,8 @@ impl<'c> Assembly<'c> {
         self.tasks.spawn(dead_letters.run(self.shutdown.clone()));
     }
 
-    /// Simulated worker pools for every service and zone, each with its own worker key,
-    /// reporting to this process's API (at `addr`, unless `GATEWAY_PUBLIC_URL` says
+    /// Simulated worker pools for every service and zone, each with its own worker key
+    /// (and, on a private broker, its own NATS user), reporting to this process's API (at `addr`, unless `GATEWAY_PUBLIC_URL` says
     /// otherwise).
     async fn spawn_workers(
         &mut self,
@@ -357,9 +434,11 @@ impl<'c> Assembly<'c> {
                     gateway_key: worker_key(&self.backends.pool, *service, zone).await?,
                     concurrency: 16,
                     max_deliver,
+                    dispatch_keys: self.config.dispatch_public_keys(),
                 };
+                let user = worker_user(*service, zone);
                 let (js, d, m, stop) = (
-                    self.backends.js.clone(),
+                    self.backends.jetstream_as(self.config, &user).await?,
                     driver.clone(),
                     metrics.clone(),
                     self.shutdown.clone(),

@@ -112,6 +112,18 @@ impl Wake {
         }
     }
 
+    /// The same doorbell, listened to on NATS through `client` (the relay's own
+    /// connection, which may subscribe to the subject when the writers' may not).
+    pub fn heard_through(&self, client: async_nats::Client) -> Self {
+        Self {
+            local: self.local.clone(),
+            remote: self
+                .remote
+                .as_ref()
+                .map(|(_, subject)| (client, subject.clone())),
+        }
+    }
+
     /// Resolves when rung in this process.
     pub async fn rung(&self) {
         self.local.notified().await

@@ -15,7 +15,10 @@
 //!   outbox row), including the promotion of queued operations.
 //! - [`changes`]: after-commit notifications: operation changes for long-polls, and the
 //!   relay's doorbell.
-//! - [`relay`]: outbox → JetStream; [`jetstream`]: stream and consumer definitions.
+//! - [`relay`]: outbox → JetStream, every message signed; [`jetstream`]: stream and
+//!   consumer definitions.
+//! - [`credentials`]: the broker's users and permissions, their NKEYs, the dispatch
+//!   signing key; [`broker`]: `up`'s private, authenticated `nats-server`.
 //! - [`reconciler`]: deadlines, lost messages and unapplied specs, one active per
 //!   deployment; [`deadletter`]: operations whose message JetStream gave up on.
 //! - [`api`]: the HTTP surface (axum), errors, extractors, OpenAPI.
@@ -35,9 +38,11 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod broker;
 pub mod cache;
 pub mod changes;
 pub mod config;
+pub mod credentials;
 pub mod deadletter;
 pub mod domain;
 pub mod jetstream;

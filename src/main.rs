@@ -4,6 +4,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gateway::app::{self, Parts};
 use gateway::config::Config;
+use gateway::credentials;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -43,6 +45,34 @@ enum Command {
         #[command(subcommand)]
         command: gateway::admin::Command,
     },
+    /// Write the broker's users for this deployment: one NKEY seed per user
+    /// (`<user>.nk`: gateway, relay, events-reader, worker-<service>-<zone>) and
+    /// `auth.conf`, the `authorization` block to include in the NATS server's
+    /// configuration. Existing seeds are kept.
+    NatsConfig {
+        /// The directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// A zone to make worker users for (repeat it); default: the database's zones.
+        #[arg(long = "zone")]
+        zones: Vec<String>,
+        /// Give this user a new NKEY (repeat it); then reload the server and restart
+        /// that user's processes.
+        #[arg(long)]
+        rotate: Vec<String>,
+    },
+    /// Write a dispatch signing key (`dispatch-signing.key`, for the relay:
+    /// GATEWAY_DISPATCH_SIGNING_KEY_FILE) and its public half (`dispatch-public.key`, for
+    /// the workers: WORKER_DISPATCH_PUBLIC_KEYS). An existing key is kept unless
+    /// --rotate.
+    DispatchKey {
+        /// The directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Make a new key even if one exists.
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 #[tokio::main]
@@ -50,13 +80,32 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::from_env()?;
     gateway::telemetry::init(config.log_json);
-    if let Command::Admin { command } = cli.command {
-        let pool = gateway::store::connect(&config.database_url, 2).await?;
-        gateway::store::migrate(&pool).await?;
-        return gateway::admin::run(&pool, command).await;
-    }
-    let backends = app::connect(&config).await?;
-    match cli.command {
+    let cli_command = match cli.command {
+        Command::Admin { command } => {
+            let pool = gateway::store::connect(&config.database_url, 2).await?;
+            gateway::store::migrate(&pool).await?;
+            return gateway::admin::run(&pool, command).await;
+        }
+        Command::NatsConfig { out, zones, rotate } => {
+            return nats_config(&config, &out, zones, &rotate).await
+        }
+        Command::DispatchKey { out, rotate } => return dispatch_key(&out, rotate),
+        Command::Up {
+            sim_min_latency_ms,
+            sim_max_latency_ms,
+            sim_failure_rate,
+        } => {
+            let sim = sim_config(sim_min_latency_ms, sim_max_latency_ms, sim_failure_rate)?;
+            return up(config, sim).await;
+        }
+        other => other,
+    };
+    let user = match cli_command {
+        Command::Serve => credentials::GATEWAY,
+        _ => credentials::RELAY,
+    };
+    let backends = app::connect_as(&config, user).await?;
+    match cli_command {
         Command::Migrate => {
             match app::migrate(&config, &backends, false).await? {
                 Some(key) => println!("admin key: {key}"),
@@ -87,45 +136,135 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Admin { .. } => unreachable!("handled above"),
-        Command::Up {
-            sim_min_latency_ms,
-            sim_max_latency_ms,
-            sim_failure_rate,
-        } => {
-            if !(0.0..=1.0).contains(&sim_failure_rate) {
-                anyhow::bail!("SIM_FAILURE_RATE: must be between 0 and 1, got {sim_failure_rate}");
-            }
-            if sim_min_latency_ms > sim_max_latency_ms {
-                anyhow::bail!("SIM_MIN_LATENCY_MS: must not exceed SIM_MAX_LATENCY_MS");
-            }
-            let key = app::migrate(&config, &backends, true)
-                .await?
-                .expect("rotate always yields a key");
-            let sim = workers::SimConfig {
-                min_latency: Duration::from_millis(sim_min_latency_ms),
-                max_latency: Duration::from_millis(sim_max_latency_ms),
-                failure_rate: sim_failure_rate,
-                transient_failure_rate: 0.0,
-            };
-            let parts = Parts {
-                api: true,
-                relay: true,
-                reconciler: true,
-                workers: Some(sim),
-            };
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("GATEWAY_LISTEN: cannot listen on {}", config.listen))?;
-            let running = app::start(&config, backends, Some(listener), parts).await?;
-            // A key the operator supplied is theirs: it is never printed.
-            let shown = config.admin_key.is_none().then_some(key.as_str());
-            print_welcome(&config.public_url(), shown);
-            app::cancel_on_signal(running.shutdown.clone());
-            running.wait().await;
-            Ok(())
-        }
+        _ => unreachable!("handled above"),
     }
+}
+
+/// The simulated driver of `up`'s workers.
+fn sim_config(min_ms: u64, max_ms: u64, failure_rate: f64) -> anyhow::Result<workers::SimConfig> {
+    if !(0.0..=1.0).contains(&failure_rate) {
+        anyhow::bail!("SIM_FAILURE_RATE: must be between 0 and 1, got {failure_rate}");
+    }
+    if min_ms > max_ms {
+        anyhow::bail!("SIM_MIN_LATENCY_MS: must not exceed SIM_MAX_LATENCY_MS");
+    }
+    Ok(workers::SimConfig {
+        min_latency: Duration::from_millis(min_ms),
+        max_latency: Duration::from_millis(max_ms),
+        failure_rate,
+        transient_failure_rate: 0.0,
+    })
+}
+
+/// `up`: everything in one process, on a private authenticated broker unless `NATS_URL`
+/// names one; stops that broker when it stops. Ctrl-C and SIGTERM are heard from the
+/// start, so a stop while starting still stops the broker.
+async fn up(mut config: Config, sim: workers::SimConfig) -> anyhow::Result<()> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    app::cancel_on_signal(stop.clone());
+    let (backends, broker) = app::connect_for_up(&mut config).await?;
+    if config.dispatch_signing_key.is_none() {
+        let (key, _) = credentials::dispatch_key(&config.data_dir, false)?;
+        config.dispatch_signing_key = Some(key);
+    }
+    let ran = run_up(
+        &config,
+        backends,
+        sim,
+        broker.as_ref().map(|b| b.url.as_str()),
+        stop,
+    )
+    .await;
+    if let Some(broker) = broker {
+        broker.stop().await;
+    }
+    ran
+}
+
+/// Migrates, starts every part, and runs until `stop`.
+async fn run_up(
+    config: &Config,
+    backends: app::Backends,
+    sim: workers::SimConfig,
+    broker: Option<&str>,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let key = app::migrate(config, &backends, true)
+        .await?
+        .expect("rotate always yields a key");
+    let parts = Parts {
+        api: true,
+        relay: true,
+        reconciler: true,
+        workers: Some(sim),
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("GATEWAY_LISTEN: cannot listen on {}", config.listen))?;
+    let running = app::start(config, backends, Some(listener), parts).await?;
+    // A key the operator supplied is theirs: it is never printed.
+    let shown = config.admin_key.is_none().then_some(key.as_str());
+    print_welcome(&config.public_url(), shown, broker, config);
+    stop.cancelled().await;
+    running.stop().await;
+    Ok(())
+}
+
+/// `nats-config`: the broker's users, for the zones given or the database's.
+async fn nats_config(
+    config: &Config,
+    out: &Path,
+    mut zones: Vec<String>,
+    rotate: &[String],
+) -> anyhow::Result<()> {
+    if zones.is_empty() {
+        let pool = gateway::store::connect(&config.database_url, 2).await?;
+        gateway::store::migrate(&pool).await?;
+        zones = app::zone_names(&pool).await?;
+    }
+    for zone in &zones {
+        gateway_proto::names::check_token("--zone", zone, false).map_err(anyhow::Error::msg)?;
+    }
+    let written = credentials::write(out, &config.nats, &zones, rotate)?;
+    println!(
+        "wrote {} (users of stream {}, zones {})\n  new NKEYs: {}\n  kept: {}\n\
+         include it in the server's configuration, reload the server (nats-server --signal reload),\n\
+         and give each process its own seed: NATS_NKEY_SEED_FILE={}/<user>.nk",
+        out.join(credentials::AUTH_CONF).display(),
+        config.nats.stream,
+        zones.join(", "),
+        list(&written.created),
+        list(&written.kept),
+        out.display(),
+    );
+    Ok(())
+}
+
+fn list(users: &[String]) -> String {
+    if users.is_empty() {
+        "none".into()
+    } else {
+        users.join(", ")
+    }
+}
+
+/// `dispatch-key`: the relay's signing key and the workers' public key, as files.
+fn dispatch_key(out: &Path, rotate: bool) -> anyhow::Result<()> {
+    let (key, made) = credentials::dispatch_key(out, rotate)?;
+    let private = out.join(credentials::DISPATCH_KEY_FILE);
+    println!(
+        "{} {}\n  relay:   GATEWAY_DISPATCH_SIGNING_KEY_FILE={}\n  \
+         workers: WORKER_DISPATCH_PUBLIC_KEYS={} (also in {})\n\
+         To rotate: give the workers the old and the new public key (comma-separated), restart them,\n\
+         then switch the relays to the new key, and drop the old public key once the stream holds no\n\
+         message signed with it.",
+        if made { "wrote" } else { "kept" },
+        private.display(),
+        private.display(),
+        key.public_key(),
+        out.join(credentials::DISPATCH_PUBLIC_KEY_FILE).display(),
+    );
+    Ok(())
 }
 
 async fn run(config: &Config, backends: app::Backends, parts: Parts) -> anyhow::Result<()> {
@@ -144,9 +283,9 @@ async fn run(config: &Config, backends: app::Backends, parts: Parts) -> anyhow::
     Ok(())
 }
 
-/// What `up` prints once everything runs: the URL, the admin key when `up` made it
-/// (never one the operator supplied), and first commands.
-fn print_welcome(url: &str, generated_key: Option<&str>) {
+/// What `up` prints once everything runs: the URL, the broker, the admin key when `up`
+/// made it (never one the operator supplied), and first commands.
+fn print_welcome(url: &str, generated_key: Option<&str>, broker: Option<&str>, config: &Config) {
     let key_lines = match generated_key {
         Some(key) => format!(
             "  Admin key (shown once; set GATEWAY_ADMIN_KEY to fix it):\n    export GW={url} KEY={key}"
@@ -155,10 +294,18 @@ fn print_welcome(url: &str, generated_key: Option<&str>) {
             "  Admin key: the one in GATEWAY_ADMIN_KEY (not shown).\n    export GW={url} KEY=\"$GATEWAY_ADMIN_KEY\""
         ),
     };
+    let nats = match broker {
+        Some(nats) => format!(
+            "a private NATS at {nats} (authentication on; users and seeds in {})",
+            config.data_dir.join("nats").display()
+        ),
+        None => format!("NATS at {}", gateway::config::redact_url(&config.nats_url)),
+    };
     println!(
         r#"
 Gateway is up at {url}
-  API, relay, reconciler and simulated workers for every service and zone are running.
+  API, relay, reconciler and simulated workers for every service and zone are running,
+  on {nats}.
 
 {key_lines}
 

@@ -14,11 +14,15 @@
 //! `idle_in_transaction_session_timeout`. Each ack is also bounded by the JetStream
 //! context's timeout (`NATS_PUBLISH_TIMEOUT_MS`). The outbox stays small: rows live for
 //! one pass and the table is vacuumed eagerly (see the migration).
+//!
+//! Every message is signed ([`gateway_proto::signing`]) over its subject, `Nats-Msg-Id`
+//! and body, exactly as published: workers act only on messages the relay signed.
 
 use crate::store::outbox;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use futures::StreamExt;
+use gateway_proto::signing::{self, SigningKey};
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +50,8 @@ pub struct Relay {
     pub changes: crate::changes::Changes,
     /// Throughput, errors, batch sizes and lag.
     pub metrics: crate::metrics::Metrics,
+    /// Signs every message, so workers act only on what the gateway decided.
+    pub signer: SigningKey,
 }
 
 /// What one pass did.
@@ -121,16 +127,7 @@ impl Relay {
         let publishes = rows.iter().map(|row| {
             let js = self.js.clone();
             async move {
-                let mut headers = HeaderMap::new();
-                headers.insert("Nats-Msg-Id", row.msg_id.as_str());
-                if let Some(extra) = row.headers.as_object() {
-                    for (k, v) in extra {
-                        if let Some(v) = v.as_str() {
-                            headers.insert(k.as_str(), v);
-                        }
-                    }
-                }
-                let body = serde_json::to_vec(&row.payload).expect("JSON serializes");
+                let (headers, body) = self.message(row);
                 let ack = js
                     .publish_with_headers(row.subject.clone(), headers, body.into())
                     .await?
@@ -179,6 +176,27 @@ impl Relay {
             claimed: rows.len(),
             published: published.len(),
         })
+    }
+}
+
+impl Relay {
+    /// The headers and body of `row`'s message: its ID, its extra headers, and the
+    /// signature over subject, ID and body.
+    fn message(&self, row: &outbox::OutboxRow) -> (HeaderMap, Vec<u8>) {
+        let mut headers = HeaderMap::new();
+        if let Some(extra) = row.headers.as_object() {
+            for (k, v) in extra {
+                if let Some(v) = v.as_str() {
+                    headers.insert(k.as_str(), v);
+                }
+            }
+        }
+        let body = serde_json::to_vec(&row.payload).expect("JSON serializes");
+        headers.insert(signing::MSG_ID_HEADER, row.msg_id.as_str());
+        for (name, value) in self.signer.sign(&row.subject, &row.msg_id, &body) {
+            headers.insert(name, value.as_str());
+        }
+        (headers, body)
     }
 }
 

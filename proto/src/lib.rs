@@ -9,6 +9,7 @@
 //! **Architecture invariant:** nothing here knows about PostgreSQL, axum or NATS.
 
 pub mod names;
+pub mod signing;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

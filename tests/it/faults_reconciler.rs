@@ -71,6 +71,7 @@ fn pool_config(app: &TestApp, key: String) -> workers::PoolConfig {
         gateway_key: key,
         concurrency: 4,
         max_deliver: 5,
+        dispatch_keys: app.config.dispatch_public_keys(),
     }
 }
 

@@ -20,6 +20,7 @@ mod http_defects;
 mod labels;
 mod lifecycle;
 mod metrics;
+mod nats_auth;
 mod operations;
 mod outbox;
 mod quotas;

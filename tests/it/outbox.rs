@@ -18,6 +18,7 @@ fn relay_for(app: &common::TestApp) -> Relay {
         wake: Wake::default(),
         changes: Default::default(),
         metrics: Default::default(),
+        signer: app.config.dispatch_signing_key.clone().unwrap(),
     }
 }
 

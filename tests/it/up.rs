@@ -50,7 +50,10 @@ async fn up_prints_only_a_key_it_made() {
     })
     .await
     .unwrap();
-    assert!(!out.contains(&supplied), "the supplied key was printed:\n{out}");
+    assert!(
+        !out.contains(&supplied),
+        "the supplied key was printed:\n{out}"
+    );
     assert!(out.contains("GATEWAY_ADMIN_KEY"), "{out}");
     let out = tokio::task::spawn_blocking({
         let env = d.env.clone();
@@ -58,5 +61,8 @@ async fn up_prints_only_a_key_it_made() {
     })
     .await
     .unwrap();
-    assert!(out.contains("KEY=gw_"), "a generated key is shown once:\n{out}");
+    assert!(
+        out.contains("KEY=gw_"),
+        "a generated key is shown once:\n{out}"
+    );
 }

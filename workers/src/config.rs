@@ -7,7 +7,9 @@
 //! through NATS (work in) and the gateway API (everything else).
 
 use crate::drivers::SimConfig;
+use crate::nats::NatsLogin;
 use anyhow::{anyhow, bail};
+use gateway_proto::signing::TrustedKeys;
 use gateway_proto::Service;
 use std::fmt;
 use std::net::SocketAddr;
@@ -36,6 +38,32 @@ pub struct PoolConfig {
     /// operation (`retries_exhausted`) instead of handing the message back. Zero or
     /// less means unlimited.
     pub max_deliver: i64,
+    /// The public keys of the gateway's dispatch signing keys: a message not signed by
+    /// one of them is never acted on (see [`gateway_proto::signing`]).
+    pub dispatch_keys: TrustedKeys,
+}
+
+/// A secret setting: shown as `***` in `Debug` output, so a logged configuration never
+/// carries it. (The gateway's configuration uses it too.)
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 impl fmt::Debug for PoolConfig {
@@ -48,6 +76,7 @@ impl fmt::Debug for PoolConfig {
             .field("gateway_key", &"<redacted>")
             .field("concurrency", &self.concurrency)
             .field("max_deliver", &self.max_deliver)
+            .field("dispatch_keys", &self.dispatch_keys)
             .finish()
     }
 }
@@ -68,6 +97,9 @@ impl PoolConfig {
         }
         if self.concurrency == 0 {
             bail!("concurrency: must be at least 1");
+        }
+        if self.dispatch_keys.is_empty() {
+            bail!("dispatch_keys: at least one public key is needed, or every message is refused");
         }
         Ok(())
     }
@@ -106,10 +138,14 @@ pub enum LogFormat {
 pub struct WorkerConfig {
     /// `NATS_URL` (default `nats://127.0.0.1:4222`).
     pub nats_url: String,
+    /// `NATS_CREDS`, `NATS_NKEY_SEED[_FILE]`, `NATS_USER`/`NATS_PASSWORD[_FILE]`,
+    /// `NATS_TLS_*`, `NATS_INBOX_PREFIX` (see [`crate::nats`]).
+    pub nats: NatsLogin,
     /// The pool to run: `--service`/`WORKER_SERVICE`, `--zone`/`WORKER_ZONE`,
     /// `OPS_STREAM` (default `OPS`), `GATEWAY_URL` (default `http://127.0.0.1:8080`),
     /// `GATEWAY_KEY` (required), `WORKER_CONCURRENCY` (default 16),
-    /// `WORKER_MAX_DELIVER` (default 5).
+    /// `WORKER_MAX_DELIVER` (default 5), `WORKER_DISPATCH_PUBLIC_KEYS` (or
+    /// `WORKER_DISPATCH_PUBLIC_KEYS_FILE`; required).
     pub pool: PoolConfig,
     /// `WORKER_DRIVER` (`sim` default, or `exec` with `WORKER_EXEC_COMMAND`), and for the
     /// simulator `SIM_MIN_LATENCY_MS` (200), `SIM_MAX_LATENCY_MS` (1500),
@@ -147,12 +183,14 @@ impl WorkerConfig {
         let env = Env(&lookup);
         let zone = token("WORKER_ZONE (--zone)", &zone)?.to_owned();
         let nats_url = env.string("NATS_URL", "nats://127.0.0.1:4222");
+        let nats = NatsLogin::from_lookup(&lookup)?;
         let pool = env.pool(service, zone)?;
         let driver = env.driver()?;
         let log_format = env.log_format()?;
         let listen = env.listen()?;
         Ok(Self {
             nats_url,
+            nats,
             pool,
             driver,
             log_format,
@@ -229,7 +267,25 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             gateway_key,
             concurrency,
             max_deliver,
+            dispatch_keys: self.dispatch_keys()?,
         })
+    }
+
+    /// [`PoolConfig::dispatch_keys`], from `WORKER_DISPATCH_PUBLIC_KEYS` or the file
+    /// `WORKER_DISPATCH_PUBLIC_KEYS_FILE` names.
+    fn dispatch_keys(&self) -> anyhow::Result<TrustedKeys> {
+        const VAR: &str = "WORKER_DISPATCH_PUBLIC_KEYS";
+        let text = match (self.get(VAR), self.get("WORKER_DISPATCH_PUBLIC_KEYS_FILE")) {
+            (Some(keys), None) => keys,
+            (None, Some(path)) => std::fs::read_to_string(&path).map_err(|e| {
+                anyhow!("WORKER_DISPATCH_PUBLIC_KEYS_FILE: cannot read {path}: {e}")
+            })?,
+            (Some(_), Some(_)) => bail!("{VAR}: set either {VAR} or {VAR}_FILE, not both"),
+            (None, None) => bail!(
+                "{VAR}: required: the public keys (dpk_…) of the gateway's dispatch signing keys"
+            ),
+        };
+        TrustedKeys::from_text(&text).map_err(|e| anyhow!("{VAR}: {e}"))
     }
 
     /// [`WorkerConfig::driver`].
@@ -312,11 +368,22 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// The public key of a fixed test signing key.
+    fn public_key() -> String {
+        gateway_proto::signing::SigningKey::from_seed([5; 32])
+            .public_key()
+            .to_text()
+    }
+
+    /// The configuration from `vars`, with a dispatch public key unless `vars` sets
+    /// `WORKER_DISPATCH_PUBLIC_KEYS` (blank: unset).
     fn config(vars: &[(&str, &str)]) -> anyhow::Result<WorkerConfig> {
-        let vars: HashMap<String, String> = vars
+        let mut vars: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        vars.entry("WORKER_DISPATCH_PUBLIC_KEYS".into())
+            .or_insert_with(public_key);
         WorkerConfig::from_lookup(Service::Vm, "zone-a".into(), |k| vars.get(k).cloned())
     }
 
@@ -342,6 +409,8 @@ mod tests {
                 capacity_per_zone: None
             }
         );
+        assert_eq!(c.pool.dispatch_keys.to_text(), public_key());
+        assert_eq!(c.nats, NatsLogin::default());
         c.pool.validate().unwrap();
         assert!(
             !format!("{:?}", c.pool).contains("wk_123"),
@@ -468,6 +537,21 @@ mod tests {
                 &[("GATEWAY_KEY", "k"), ("WORKER_LISTEN", "localhost:9464")],
                 "WORKER_LISTEN: must be an address and port",
             ),
+            (
+                &[("GATEWAY_KEY", "k"), ("WORKER_DISPATCH_PUBLIC_KEYS", " ")],
+                "WORKER_DISPATCH_PUBLIC_KEYS: required",
+            ),
+            (
+                &[
+                    ("GATEWAY_KEY", "k"),
+                    ("WORKER_DISPATCH_PUBLIC_KEYS", "dsk_x"),
+                ],
+                "WORKER_DISPATCH_PUBLIC_KEYS: a dispatch public key must start with",
+            ),
+            (
+                &[("GATEWAY_KEY", "k"), ("NATS_USER", "worker")],
+                "NATS_PASSWORD: required with NATS_USER",
+            ),
         ];
         for (vars, expected) in cases {
             let message = error(vars);
@@ -498,6 +582,12 @@ mod tests {
         .is_err());
         assert!(PoolConfig {
             gateway_key: String::new(),
+            ..pool.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(PoolConfig {
+            dispatch_keys: Default::default(),
             ..pool.clone()
         }
         .validate()

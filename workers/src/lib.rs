@@ -25,6 +25,8 @@
 //!   reads, in-flight); [`run_pool_with_metrics`] takes them, [`run_pool`] keeps them
 //!   to itself.
 //! - [`http`]: the `worker` binary's own `GET /metrics`, `/healthz` and `/readyz`.
+//! - [`nats`]: [`nats::NatsLogin`], how a process logs in to NATS (credentials, TLS,
+//!   its own reply inbox), read from the `NATS_*` variables; the gateway uses it too.
 //!
 //! The wire contract (the `Dispatch` message, `Report`, `ReportAck`, subject and consumer
 //! names, header names) lives in `gateway-proto`, shared with the gateway.
@@ -32,6 +34,10 @@
 //! **Architecture invariant:** workers never touch PostgreSQL; there is no database URL
 //! in this crate. Work comes in through NATS; everything else goes through the gateway
 //! API, with the worker's own scoped key.
+//!
+//! **Trust:** a message is acted on only if it carries a valid signature by one of the
+//! gateway's dispatch keys ([`PoolConfig::dispatch_keys`], checked before anything else);
+//! anything else is terminated and counted as `forged`, never retried.
 //!
 //! **Architecture invariant:** a message is acknowledged only after the gateway accepted
 //! the operation's terminal report (or answered `409`: the operation is not this
@@ -45,6 +51,7 @@ pub mod consume;
 pub mod drivers;
 pub mod http;
 pub mod metrics;
+pub mod nats;
 pub mod peers;
 pub mod report;
 

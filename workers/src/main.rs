@@ -18,7 +18,10 @@ use workers::{run_pool_with_metrics, ExecDriver, Service, SimDriver, WorkerMetri
 /// Zone worker: carries out operations for one service in one zone.
 ///
 /// Other settings come from the environment: NATS_URL, GATEWAY_URL, GATEWAY_KEY
-/// (required), OPS_STREAM, WORKER_CONCURRENCY, WORKER_MAX_DELIVER, WORKER_DRIVER
+/// (required), WORKER_DISPATCH_PUBLIC_KEYS or WORKER_DISPATCH_PUBLIC_KEYS_FILE
+/// (required), NATS_CREDS, NATS_NKEY_SEED or NATS_NKEY_SEED_FILE, NATS_USER and
+/// NATS_PASSWORD, NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY, NATS_TLS_REQUIRED,
+/// NATS_INBOX_PREFIX, OPS_STREAM, WORKER_CONCURRENCY, WORKER_MAX_DELIVER, WORKER_DRIVER
 /// (sim|exec), WORKER_EXEC_COMMAND, SIM_MIN_LATENCY_MS, SIM_MAX_LATENCY_MS,
 /// SIM_FAILURE_RATE, SIM_TRANSIENT_FAILURE_RATE, SIM_CAPACITY_PER_ZONE, LOG_FORMAT
 /// (text|json), RUST_LOG, WORKER_LISTEN (address of /metrics, /healthz and /readyz;
@@ -64,6 +67,7 @@ async fn main() -> ExitCode {
 async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let WorkerConfig {
         nats_url,
+        nats,
         pool,
         driver,
         listen,
@@ -74,12 +78,9 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("WORKER_LISTEN: cannot listen on {listen}"))?;
     // Keep trying in the background if NATS is not up yet: the pool logs and waits, and
     // /readyz says so.
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("worker {} {}", pool.service, pool.zone))
-        .retry_on_initial_connect()
-        .connect(&nats_url)
-        .await
-        .with_context(|| format!("NATS_URL: cannot connect to {nats_url}"))?;
+    let user = workers::nats::worker_user(pool.service, &pool.zone);
+    let inbox = workers::nats::inbox_prefix(&pool.stream, &user);
+    let client = nats.connect(&nats_url, &user, &inbox).await?;
 
     let mut registry = Registry::default();
     let metrics = WorkerMetrics::register(&mut registry);

@@ -29,6 +29,7 @@
 //! | `finished_elsewhere` | acked | the gateway answered `409`: the operation already ended, or this delivery's attempt is stale or too early |
 //! | `retried` | nakked with a delay | the driver failed transiently (after its in-process retries) before the last delivery |
 //! | `poison` | terminated | no report was accepted: the payload is not an operation, the message belongs to another pool or has no JetStream metadata, or the gateway will never accept the report (`401`, `403`, `422`, …) |
+//! | `forged` | terminated | the message is not signed by a trusted dispatch key (unsigned, unknown key, or a signature that does not match: forged or altered); nothing in it was read or reported, the driver did not run (logged at `warn`) |
 //! | `handed_back` | nakked at once | shutdown came before the operation finished, or the server sent more messages than were asked for |
 
 use gateway_proto::Service;
@@ -104,7 +105,8 @@ impl WorkerMetrics {
             "worker_messages",
             "Deliveries handled by the worker, by outcome: succeeded, failed, cancelled, \
              finished_elsewhere (409 from the gateway), retried (nak for redelivery), \
-             poison (terminated without a report), handed_back (shutdown)",
+             poison (terminated without a report), forged (no valid dispatch signature; \
+             terminated unread), handed_back (shutdown)",
             metrics.messages.clone(),
         );
         registry.register(
@@ -266,6 +268,8 @@ outcomes! {
         Retried => "retried",
         /// Terminated without an accepted report.
         Poison => "poison",
+        /// Not signed by a trusted dispatch key: terminated before anything else.
+        Forged => "forged",
         /// Handed back unfinished (shutdown) or unprocessed.
         HandedBack => "handed_back",
     }

@@ -7,6 +7,7 @@
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use chrono::Utc;
+use gateway_proto::signing::{self, SigningKey, TrustedKeys};
 use gateway_proto::{
     consumer_name, ops_subject, Action, Dispatch, Kind, OperationState, Report, ReportAck,
     ReportState, REQUEST_ID_HEADER,
@@ -224,18 +225,29 @@ fn dispatch(name: &str) -> Dispatch {
     }
 }
 
+/// The gateway's dispatch signing key in these tests.
+fn signing_key() -> SigningKey {
+    SigningKey::from_seed([11; 32])
+}
+
+/// Publishes `op` as the relay does: with a message ID and signed.
 async fn publish(js: &jetstream::Context, prefix: &str, op: &Dispatch) {
+    let subject = ops_subject(prefix, op.kind.service(), ZONE);
+    let (msg_id, body) = (
+        format!("{}.1", op.operation_id),
+        serde_json::to_vec(op).unwrap(),
+    );
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(REQUEST_ID_HEADER, format!("req-{}", op.name).as_str());
-    js.publish_with_headers(
-        ops_subject(prefix, op.kind.service(), ZONE),
-        headers,
-        serde_json::to_vec(op).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    headers.insert(signing::MSG_ID_HEADER, msg_id.as_str());
+    for (name, value) in signing_key().sign(&subject, &msg_id, &body) {
+        headers.insert(name, value.as_str());
+    }
+    js.publish_with_headers(subject, headers, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 /// Polls `done` every 20 ms until it holds, failing after `within`.
@@ -266,6 +278,7 @@ fn storage_pool(stream: &str, gateway_url: &str, max_deliver: i64) -> PoolConfig
         gateway_key: "wk_test".into(),
         concurrency: 4,
         max_deliver,
+        dispatch_keys: TrustedKeys::new(vec![signing_key().public_key()]),
     }
 }
 

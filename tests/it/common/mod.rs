@@ -14,7 +14,7 @@
 
 mod servers;
 
-pub use servers::{all_pools, free_port, Deployment, Gateway, GatewayEnv, Nats, Postgres};
+pub use servers::{all_pools, free_port, Deployment, Gateway, GatewayEnv, Nats, Postgres, TempDir};
 
 use gateway::app::{self, Parts, Running};
 use gateway::config::{Config, NatsNames};

@@ -49,16 +49,18 @@ pub fn free_port() -> u16 {
 }
 
 /// A fresh directory under the system's temporary directory, removed by [`TempDir`]'s drop.
-struct TempDir(PathBuf);
+pub struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new(prefix: &str) -> Self {
+    /// A new directory named `{prefix}-{unique}`.
+    pub fn new(prefix: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("{prefix}-{}", unique()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
 
-    fn path(&self) -> &Path {
+    /// Its path.
+    pub fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -128,6 +130,19 @@ impl Process {
         }
     }
 
+    /// Whether the process still runs.
+    fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// The OS process ID.
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Waits until the process exits by itself.
     fn wait(&mut self) -> ExitStatus {
         self.child.take().expect("running").wait().unwrap()
@@ -154,15 +169,25 @@ pub struct Nats {
     // Declared before `dir`: the server dies before its store is removed.
     process: Option<Process>,
     dir: TempDir,
+    /// The configuration file to run with instead of the JetStream flags.
+    config: Option<PathBuf>,
 }
 
 impl Nats {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// Starts a server with the configuration file `config`, which must enable
+    /// JetStream itself (`jetstream { store_dir: … }`): with JetStream enabled by flags
+    /// only, a reload would shut it down.
+    pub fn start_with_config(config: Option<PathBuf>) -> Self {
         let mut nats = Self {
             port: free_port(),
             process: None,
             dir: TempDir::new("gwtest-nats"),
+            config,
         };
         nats.resume();
         nats
@@ -179,15 +204,33 @@ impl Nats {
         wait_for_port_closed(self.port, Duration::from_secs(10), "nats-server");
     }
 
+    /// Makes the server read its configuration again (`SIGHUP`, as
+    /// `nats-server --signal reload` does).
+    pub fn reload(&self) {
+        let pid = self.process.as_ref().expect("nats-server runs").pid();
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP nats-server");
+    }
+
     /// Starts the server again on the same port with the same store.
     pub fn resume(&mut self) {
         assert!(self.process.is_none(), "nats-server already runs");
-        let process = Process::spawn(
-            Command::new(nats_server_bin())
-                .args(["-js", "-a", "127.0.0.1", "-p"])
-                .arg(self.port.to_string())
+        let mut command = Command::new(nats_server_bin());
+        match &self.config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command
+                .arg("-js")
                 .arg("-sd")
                 .arg(self.dir.path().join("store")),
+        };
+        let process = Process::spawn(
+            command
+                .args(["-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string()),
             self.dir.path().join("nats.log"),
             "nats-server (set NATS_SERVER_BIN)",
         );
@@ -347,6 +390,13 @@ pub struct Gateway {
     _dir: TempDir,
 }
 
+impl Gateway {
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+}
+
 /// The environment every gateway process of one test shares.
 #[derive(Clone, Debug)]
 pub struct GatewayEnv {
@@ -465,6 +515,8 @@ impl Gateway {
 /// `gateway migrate`, and the environment its gateway processes share.
 pub struct Deployment {
     pub env: GatewayEnv,
+    /// The relays' dispatch signing key (in `env`); workers trust its public half.
+    pub dispatch_key: gateway_proto::signing::SigningKey,
     pub names: gateway::config::NatsNames,
     /// The test's own connection to the deployment's database.
     pub pool: sqlx::PgPool,
@@ -479,20 +531,23 @@ impl Deployment {
     pub async fn new(pg_base: &str, nats_url: &str, extra: &[(&str, &str)]) -> Self {
         let sandbox = Sandbox::new(pg_base, nats_url);
         let names = sandbox.names.clone();
+        let dispatch_key = gateway_proto::signing::SigningKey::from_seed(rand::random());
+        let key_var = ("GATEWAY_DISPATCH_SIGNING_KEY", dispatch_key.to_text());
         let env = GatewayEnv {
             database_url: sandbox.database_url(),
             nats_url: nats_url.to_owned(),
             admin_key: format!("admin-{}", uuid::Uuid::new_v4().simple()),
             stream: names.stream.clone(),
             subject_prefix: names.subject_prefix.clone(),
-            extra: extra
-                .iter()
+            extra: std::iter::once((key_var.0, key_var.1.as_str()))
+                .chain(extra.iter().copied())
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
         let deployment = Self {
             pool: sqlx::PgPool::connect_lazy(&env.database_url).unwrap(),
             env,
+            dispatch_key,
             names,
             http: http_client(Some(Duration::from_secs(30))),
             _sandbox: sandbox,
@@ -695,6 +750,7 @@ impl Deployment {
                     gateway_key: key.clone(),
                     concurrency: 16,
                     max_deliver,
+                    dispatch_keys: self.dispatch_key.public_key().into(),
                 };
                 let (driver, stop) = (driver.clone(), shutdown.clone());
                 tasks.push(tokio::spawn(async move {

@@ -11,6 +11,7 @@ use crate::peers::{LookupError, Peer, PeerAnswer, Peers};
 use crate::report::{ReportError, ReportOutcome, Reporter, TraceHeaders};
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
+use gateway_proto::signing::{Signed, TrustedKeys};
 use gateway_proto::{Dispatch, OperationError, Report, ReportAck, ReportState, Service};
 use std::time::Duration;
 use tracing::{field, info_span, Span};
@@ -27,14 +28,26 @@ pub fn nak_delay(attempt: i32) -> Duration {
 
 /// One delivery, as far as the handler cares.
 pub(crate) struct Delivery {
-    /// The subject, for logs about messages that are not operations.
+    /// The subject it was published on: signed, and named in logs about messages that
+    /// are not operations.
     pub(crate) subject: String,
+    /// Its `Nats-Msg-Id`, [`gateway_proto::signing::KEY_HEADER`] and
+    /// [`gateway_proto::signing::SIGNATURE_HEADER`].
+    pub(crate) signature: SignatureHeaders,
     /// The message's body: a JSON [`Dispatch`], unless the message is poison.
     pub(crate) payload: Bytes,
     /// JetStream's delivery count; `None` if the message has no JetStream metadata.
     pub(crate) delivered: Option<i64>,
     /// The client's `X-Request-Id` and `traceparent`, from the message's headers.
     pub(crate) trace: TraceHeaders,
+}
+
+/// The headers a dispatch's signature check reads.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SignatureHeaders {
+    pub(crate) msg_id: Option<String>,
+    pub(crate) key: Option<String>,
+    pub(crate) signature: Option<String>,
 }
 
 /// Retry and heartbeat timings; tests shrink them.
@@ -80,6 +93,8 @@ pub(crate) struct Handler<D, R> {
     pub(crate) zone: String,
     /// The consumer's `max_deliver` (see [`crate::PoolConfig::max_deliver`]).
     pub(crate) max_deliver: i64,
+    /// Whose signatures make a message a dispatch of the gateway.
+    pub(crate) trust: TrustedKeys,
     /// Retry and heartbeat timings.
     pub(crate) timing: Timing,
     /// This pool's series of the worker metrics.
@@ -97,6 +112,11 @@ impl Handled {
     /// Terminated without an accepted report.
     const POISON: Handled = Handled {
         outcome: MessageOutcome::Poison,
+        disposition: Disposition::Term,
+    };
+    /// Not signed by a trusted key: terminated unread, never retried.
+    const FORGED: Handled = Handled {
+        outcome: MessageOutcome::Forged,
         disposition: Disposition::Term,
     };
     /// The gateway answered `409`: not this delivery's to finish.
@@ -153,8 +173,25 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         handled.disposition
     }
 
-    /// Terminates what is not an operation of this pool, and processes the rest.
+    /// Terminates what the gateway did not sign or is not an operation of this pool,
+    /// and processes the rest.
     async fn decide(&self, delivery: &Delivery) -> Handled {
+        let signed = Signed {
+            subject: &delivery.subject,
+            msg_id: delivery.signature.msg_id.as_deref(),
+            key: delivery.signature.key.as_deref(),
+            signature: delivery.signature.signature.as_deref(),
+            body: &delivery.payload,
+        };
+        if let Err(why) = self.trust.verify(&signed) {
+            tracing::warn!(
+                subject = %delivery.subject,
+                msg_id = delivery.signature.msg_id.as_deref(),
+                reason = %why,
+                "refused a message the gateway did not sign: terminating it without reading it"
+            );
+            return Handled::FORGED;
+        }
         let op: Dispatch = match serde_json::from_slice(&delivery.payload) {
             Ok(op) => op,
             Err(e) => {
@@ -453,6 +490,7 @@ mod tests {
     use crate::metrics::testing::{message_outcomes, sample};
     use crate::metrics::WorkerMetrics;
     use chrono::Utc;
+    use gateway_proto::signing;
     use gateway_proto::{Action, Kind, OperationState, ReportAck};
     use prometheus_client::registry::Registry;
     use serde_json::json;
@@ -576,6 +614,7 @@ mod tests {
             service,
             zone: "zone-a".into(),
             max_deliver: 5,
+            trust: TrustedKeys::new(vec![test_key().public_key()]),
             timing: Timing {
                 report_retry: tiny.without_max_times(),
                 driver_retry: tiny.with_max_times(3),
@@ -622,10 +661,27 @@ mod tests {
         }
     }
 
+    /// The dispatch signing key the handlers under test trust.
+    fn test_key() -> signing::SigningKey {
+        signing::SigningKey::from_seed([42; 32])
+    }
+
     fn delivery(op: &Dispatch, delivered: i64) -> Delivery {
+        signed_delivery(serde_json::to_vec(op).unwrap().into(), delivered)
+    }
+
+    /// A delivery of `payload`, signed by [`test_key`] as the relay signs.
+    fn signed_delivery(payload: Bytes, delivered: i64) -> Delivery {
+        let (subject, msg_id) = ("ops.vm.zone-a", "0193a1b2-0000-7000-8000-000000000000.1");
+        let [(_, key), (_, signature)] = test_key().sign(subject, msg_id, &payload);
         Delivery {
-            subject: "ops.vm.zone-a".into(),
-            payload: serde_json::to_vec(op).unwrap().into(),
+            subject: subject.into(),
+            signature: SignatureHeaders {
+                msg_id: Some(msg_id.into()),
+                key: Some(key),
+                signature: Some(signature),
+            },
+            payload,
             delivered: Some(delivered),
             trace: TraceHeaders {
                 request_id: Some("req-1".into()),
@@ -871,8 +927,7 @@ mod tests {
     #[tokio::test]
     async fn poison_and_misrouted_messages_are_terminated_without_a_report() {
         let h = handler(instant(), FakeGateway::default());
-        let mut poison = delivery(&vm("web-1"), 1);
-        poison.payload = Bytes::from_static(b"{not json");
+        let poison = signed_delivery(Bytes::from_static(b"{not json"), 1);
         assert_eq!(h.handle(&poison).await, Disposition::Term);
 
         let mut elsewhere = vm("web-1");
@@ -884,6 +939,47 @@ mod tests {
         without_metadata.delivered = None;
         assert_eq!(h.handle(&without_metadata).await, Disposition::Term);
         assert_eq!(h.outcomes(), [("poison".to_owned(), 3.0)]);
+    }
+
+    #[tokio::test]
+    async fn unsigned_forged_and_altered_messages_are_terminated_unread_and_counted() {
+        let h = handler(instant(), FakeGateway::default());
+        let op = vm("web-1");
+        let genuine = delivery(&op, 1);
+
+        let mut unsigned = delivery(&op, 1);
+        unsigned.signature = SignatureHeaders {
+            msg_id: unsigned.signature.msg_id.clone(),
+            ..SignatureHeaders::default()
+        };
+        let mut by_another_key = delivery(&op, 1);
+        let [(_, key), (_, signature)] = signing::SigningKey::from_seed([7; 32]).sign(
+            &genuine.subject,
+            genuine.signature.msg_id.as_deref().unwrap(),
+            &genuine.payload,
+        );
+        by_another_key.signature.key = Some(key);
+        by_another_key.signature.signature = Some(signature);
+        let mut altered = delivery(&op, 1);
+        let mut changed = op.clone();
+        changed.spec["flavor"] = json!("m1.xlarge");
+        changed.input = json!({"vm_id": Uuid::now_v7()});
+        altered.payload = serde_json::to_vec(&changed).unwrap().into();
+        let mut moved = delivery(&op, 1);
+        moved.subject = "ops.vm.zone-b".into();
+        let mut renumbered = delivery(&op, 1);
+        renumbered.signature.msg_id = Some(format!("{}.9", op.operation_id));
+
+        for d in [&unsigned, &by_another_key, &altered, &moved, &renumbered] {
+            assert_eq!(h.handle(d).await, Disposition::Term);
+        }
+        assert!(states(&h).is_empty(), "nothing was reported");
+        assert_eq!(h.driver.executions(op.operation_id), 0);
+        assert_eq!(h.outcomes(), [("forged".to_owned(), 5.0)]);
+
+        // The genuine message still runs.
+        assert_eq!(h.handle(&genuine).await, Disposition::Ack);
+        assert_eq!(h.driver.executions(op.operation_id), 1);
     }
 
     #[tokio::test]
@@ -1079,9 +1175,10 @@ mod tests {
         let h = handler(instant(), FakeGateway::default());
         let op = vm("web-1");
         let good = delivery(&op, 1);
-        let mut poison = delivery(&op, 1);
-        poison.payload = Bytes::from_static(b"{not json");
-        for d in [&good, &poison] {
+        let poison = signed_delivery(Bytes::from_static(b"{not json"), 1);
+        let mut forged = delivery(&op, 1);
+        forged.signature.signature = None;
+        for d in [&good, &poison, &forged] {
             h.handle(d).instrument(h.span(d)).await;
         }
 
@@ -1094,6 +1191,16 @@ mod tests {
         assert!(
             messages.iter().any(|m| m.starts_with("poison message")),
             "{messages:?}"
+        );
+        // A refused, unsigned message is logged at warn, with why.
+        let refused = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "refused a message the gateway did not sign: terminating it without reading it")
+            .unwrap_or_else(|| panic!("{messages:?}"));
+        assert_eq!(refused["level"], "WARN");
+        assert_eq!(
+            refused["fields"]["reason"],
+            "the message carries no dispatch signature"
         );
         for line in &lines {
             let span = &line["span"];

@@ -7,7 +7,7 @@
 //! It has no unit tests: it is exercised against a real NATS in
 //! `workers/tests/nats_loop.rs`.
 
-use super::handler::{Delivery, Handler, Timing};
+use super::handler::{Delivery, Handler, SignatureHeaders, Timing};
 use super::{seeded, Disposition};
 use crate::config::PoolConfig;
 use crate::drivers::Driver;
@@ -18,6 +18,7 @@ use async_nats::jetstream::consumer::pull::{Batch, BatchError};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use backon::{ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
+use gateway_proto::signing;
 use gateway_proto::{consumer_name, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +81,7 @@ pub async fn run_pool_with_metrics<D: Driver>(
         service: cfg.service,
         zone: cfg.zone.clone(),
         max_deliver: cfg.max_deliver,
+        trust: cfg.dispatch_keys.clone(),
         timing: Timing::default(),
         metrics: metrics.pool(cfg.service, &cfg.zone),
     });
@@ -490,6 +492,11 @@ impl Delivery {
         };
         Self {
             subject: msg.message.subject.to_string(),
+            signature: SignatureHeaders {
+                msg_id: header(signing::MSG_ID_HEADER),
+                key: header(signing::KEY_HEADER),
+                signature: header(signing::SIGNATURE_HEADER),
+            },
             payload: msg.message.payload.clone(),
             delivered: msg.info().ok().map(|info| info.delivered),
             trace: TraceHeaders {

@@ -1,0 +1,171 @@
+//! `up`'s private broker: when `NATS_URL` is unset, `gateway up` runs a `nats-server` of
+//! its own with JetStream and authentication on, so the one-command start has the same
+//! broker security as a deployment.
+//!
+//! Everything lives in `{GATEWAY_DATA_DIR}/nats/`: the credentials ([`credentials::write`]:
+//! one NKEY per user, `auth.conf`), `nats-server.conf` (listen address, JetStream store,
+//! `include "auth.conf"`), the store and the server's log. Seeds are kept across runs, so
+//! messages and consumers survive a restart of `up`. Every part of `up` logs in as its
+//! own user ([`RoleLogins`]). The server is stopped when `up` stops ([`PrivateBroker::stop`],
+//! and killed if `up` dies without stopping it).
+
+use crate::config::NatsNames;
+use crate::credentials;
+use anyhow::Context as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use workers::nats::{inbox_prefix, wait_connected, NatsLogin};
+
+/// How long the private server gets to start listening, and to stop.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where to find `nats-server`: `configured`, else on `PATH`, else where Debian puts it.
+pub fn nats_server_bin(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = configured {
+        return Ok(path.to_owned());
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(["/usr/sbin".into(), "/usr/local/bin".into()])
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file())
+        .context("nats-server: not found on PATH or in /usr/sbin (install it, set NATS_SERVER_BIN, or set NATS_URL to use a running server)")
+}
+
+/// How each user of a deployment logs in to one broker: the URL, and the seeds in a
+/// credentials directory.
+#[derive(Debug, Clone)]
+pub struct RoleLogins {
+    /// The broker.
+    pub url: String,
+    /// The credentials directory ([`credentials::write`]).
+    pub dir: PathBuf,
+    /// The deployment's names (for each user's inbox).
+    pub names: NatsNames,
+}
+
+impl RoleLogins {
+    /// Connects as `user` (e.g. [`credentials::RELAY`], a worker's user); returns once
+    /// connected, or fails after 10 s.
+    pub async fn connect(&self, user: &str) -> anyhow::Result<async_nats::Client> {
+        let login: NatsLogin = credentials::login(&self.dir, user)?;
+        let inbox = inbox_prefix(&self.names.stream, user);
+        let client = login.connect(&self.url, user, &inbox).await?;
+        wait_connected(&client, &self.url).await?;
+        Ok(client)
+    }
+}
+
+/// A running private `nats-server`.
+pub struct PrivateBroker {
+    /// Its URL (`nats://127.0.0.1:{port}`).
+    pub url: String,
+    /// How each user logs in to it.
+    pub logins: RoleLogins,
+    child: tokio::process::Child,
+    bin: PathBuf,
+}
+
+impl PrivateBroker {
+    /// Writes the credentials and configuration for `names` and `zones` under `dir` and
+    /// starts `nats-server` (`bin`) on `port` (0: any free port); returns once it listens.
+    pub async fn start(
+        dir: &Path,
+        bin: PathBuf,
+        port: u16,
+        names: &NatsNames,
+        zones: &[String],
+    ) -> anyhow::Result<Self> {
+        credentials::write(dir, names, zones, &[])?;
+        let port = match port {
+            0 => free_port()?,
+            p => p,
+        };
+        let conf = dir.join("nats-server.conf");
+        let store = dir.join("store");
+        std::fs::write(&conf, server_conf(port, &store))
+            .with_context(|| format!("cannot write {}", conf.display()))?;
+        let log = std::fs::File::create(dir.join("nats-server.log"))?;
+        let child = tokio::process::Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let url = format!("nats://127.0.0.1:{port}");
+        let mut broker = Self {
+            logins: RoleLogins {
+                url: url.clone(),
+                dir: dir.to_owned(),
+                names: names.clone(),
+            },
+            url,
+            child,
+            bin,
+        };
+        broker.wait_listening(port, dir).await?;
+        Ok(broker)
+    }
+
+    async fn wait_listening(&mut self, port: u16, dir: &Path) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
+                anyhow::bail!("nats-server exited ({status}):\n{log}");
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("nats-server did not listen on port {port} within {START_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the server gracefully (`nats-server --signal quit`), killing it if it has
+    /// not stopped within a few seconds.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = tokio::process::Command::new(&self.bin)
+                .arg("--signal")
+                .arg(format!("quit={pid}"))
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(START_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// A TCP port nobody listens on right now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The private server's configuration: loopback only, JetStream, the users of
+/// `auth.conf`.
+fn server_conf(port: u16, store: &Path) -> String {
+    format!(
+        "# Written by `gateway up` for its private broker; rewritten at every start.\n\
+         listen: 127.0.0.1:{port}\n\
+         jetstream {{\n  store_dir: \"{store}\"\n}}\n\
+         include \"{auth}\"\n",
+        store = store.display(),
+        auth = credentials::AUTH_CONF,
+    )
+}
