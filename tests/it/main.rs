@@ -28,3 +28,4 @@ mod reports;
 mod security;
 mod up;
 mod validation;
+mod worker_ready;

@@ -34,9 +34,10 @@ pub struct PoolConfig {
     /// Most messages in flight in this process for this pool; also how many the pool
     /// pulls at once, so nothing waits in a local buffer while its AckWait runs.
     pub concurrency: usize,
-    /// The consumer's `max_deliver`: on that delivery a transient failure fails the
-    /// operation (`retries_exhausted`) instead of handing the message back. Zero or
-    /// less means unlimited.
+    /// The consumer's `max_deliver` until the pool has read it from the consumer (it
+    /// does when it binds): on that delivery a transient failure fails the operation
+    /// (`retries_exhausted`) instead of handing the message back. Zero or less means
+    /// unlimited.
     pub max_deliver: i64,
     /// The public keys of the gateway's dispatch signing keys: a message not signed by
     /// one of them is never acted on (see [`gateway_proto::signing`]).
@@ -144,7 +145,7 @@ pub struct WorkerConfig {
     /// The pool to run: `--service`/`WORKER_SERVICE`, `--zone`/`WORKER_ZONE`,
     /// `OPS_STREAM` (default `OPS`), `GATEWAY_URL` (default `http://127.0.0.1:8080`),
     /// `GATEWAY_KEY` (required), `WORKER_CONCURRENCY` (default 16),
-    /// `WORKER_MAX_DELIVER` (default 5), `WORKER_DISPATCH_PUBLIC_KEYS` (or
+    /// `WORKER_DISPATCH_PUBLIC_KEYS` (or
     /// `WORKER_DISPATCH_PUBLIC_KEYS_FILE`; required).
     pub pool: PoolConfig,
     /// `WORKER_DRIVER` (`sim` default, or `exec` with `WORKER_EXEC_COMMAND`), and for the
@@ -255,10 +256,6 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         if !(1..=1024).contains(&concurrency) {
             bail!("WORKER_CONCURRENCY: must be between 1 and 1024, got {concurrency}");
         }
-        let max_deliver: i64 = self.parse("WORKER_MAX_DELIVER", PoolConfig::DEFAULT_MAX_DELIVER)?;
-        if max_deliver < 1 {
-            bail!("WORKER_MAX_DELIVER: must be at least 1 (the consumer's max_deliver), got {max_deliver}");
-        }
         Ok(PoolConfig {
             service,
             zone,
@@ -266,7 +263,8 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             gateway_url,
             gateway_key,
             concurrency,
-            max_deliver,
+            // Read from the consumer at bind; this default covers only the moments before.
+            max_deliver: PoolConfig::DEFAULT_MAX_DELIVER,
             dispatch_keys: self.dispatch_keys()?,
         })
     }
@@ -425,7 +423,6 @@ mod tests {
             ("GATEWAY_URL", "http://gw:9000/"),
             ("OPS_STREAM", "OPS_TEST"),
             ("WORKER_CONCURRENCY", "4"),
-            ("WORKER_MAX_DELIVER", "3"),
             ("SIM_MIN_LATENCY_MS", "0"),
             ("SIM_MAX_LATENCY_MS", "10"),
             ("SIM_FAILURE_RATE", "0.25"),
@@ -437,7 +434,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "0.0.0.0:19464".parse().unwrap());
         assert_eq!(c.pool.concurrency, 4);
-        assert_eq!(c.pool.max_deliver, 3);
+        // max_deliver is the consumer's, read when the pool binds; no variable sets it.
+        assert_eq!(c.pool.max_deliver, PoolConfig::DEFAULT_MAX_DELIVER);
         assert_eq!(c.pool.stream, "OPS_TEST");
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(
@@ -488,10 +486,6 @@ mod tests {
             (
                 &[("GATEWAY_KEY", "k"), ("WORKER_CONCURRENCY", "0")],
                 "WORKER_CONCURRENCY: must be between 1",
-            ),
-            (
-                &[("GATEWAY_KEY", "k"), ("WORKER_MAX_DELIVER", "0")],
-                "WORKER_MAX_DELIVER: must be at least 1",
             ),
             (
                 &[("GATEWAY_KEY", "k"), ("SIM_MAX_LATENCY_MS", "-1")],

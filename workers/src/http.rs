@@ -2,9 +2,10 @@
 //!
 //! - `GET /metrics`: the registry as OpenMetrics text ([`crate::metrics`]);
 //! - `GET /healthz`: `200 ok` while the process answers;
-//! - `GET /readyz`: `200` when NATS is connected and the gateway answers
-//!   `GET {GATEWAY_URL}/healthz` with `200` within [`GATEWAY_CHECK_TIMEOUT`]; else `503`.
-//!   Either way the body says how each stands, e.g.
+//! - `GET /readyz`: `200` when NATS is connected, the gateway answers
+//!   `GET {GATEWAY_URL}/healthz` with `200` within [`GATEWAY_CHECK_TIMEOUT`], and the
+//!   gateway does not refuse the worker's key (`401` on `GET /v1/zones`: revoked,
+//!   expired or unknown); else `503`. Either way the body says how each stands, e.g.
 //!   `{"nats": "ok", "gateway": "unavailable: connection refused"}`.
 //!
 //! [`serve`] takes a bound listener, so tests serve on `127.0.0.1:0`.
@@ -35,6 +36,10 @@ pub struct HttpState {
     nats: async_nats::Client,
     /// `{GATEWAY_URL}/healthz`, asked by `/readyz`.
     gateway_health_url: String,
+    /// `{GATEWAY_URL}/v1/zones`, asked with the worker's key by `/readyz`.
+    gateway_key_url: String,
+    /// The worker's key.
+    gateway_key: String,
     /// The client asking it, with [`GATEWAY_CHECK_TIMEOUT`].
     http: reqwest::Client,
 }
@@ -48,12 +53,13 @@ impl std::fmt::Debug for HttpState {
 }
 
 impl HttpState {
-    /// Serves `registry`, and reports on `nats` and the gateway at `gateway_url` (e.g.
-    /// `http://127.0.0.1:8080`).
+    /// Serves `registry`, and reports on `nats`, the gateway at `gateway_url` (e.g.
+    /// `http://127.0.0.1:8080`) and whether it takes `gateway_key`.
     pub fn new(
         registry: Arc<Registry>,
         nats: async_nats::Client,
         gateway_url: &str,
+        gateway_key: &str,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(GATEWAY_CHECK_TIMEOUT)
@@ -63,6 +69,8 @@ impl HttpState {
             registry,
             nats,
             gateway_health_url: format!("{}/healthz", gateway_url.trim_end_matches('/')),
+            gateway_key_url: format!("{}/v1/zones", gateway_url.trim_end_matches('/')),
+            gateway_key: gateway_key.to_owned(),
             http,
         })
     }
@@ -116,7 +124,19 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Readiness>)
         async_nats::connection::State::Connected => "ok".to_owned(),
         other => format!("unavailable: {other}"),
     };
-    let gateway = match state.http.get(&state.gateway_health_url).send().await {
+    let health = state.http.get(&state.gateway_health_url).send();
+    let key = state
+        .http
+        .get(&state.gateway_key_url)
+        .bearer_auth(&state.gateway_key)
+        .send();
+    let (health, key) = tokio::join!(health, key);
+    let key_refused = key.is_ok_and(|r| r.status() == StatusCode::UNAUTHORIZED);
+    let gateway = match health {
+        Ok(response) if response.status() == StatusCode::OK && key_refused => {
+            "unavailable: the gateway refuses this worker's key (revoked, expired or unknown)"
+                .to_owned()
+        }
         Ok(response) if response.status() == StatusCode::OK => "ok".to_owned(),
         Ok(response) => format!("unavailable: {}", response.status()),
         Err(e) if e.is_timeout() => format!(
@@ -156,7 +176,7 @@ mod tests {
             .connect(format!("nats://127.0.0.1:{}", closed_port()))
             .await
             .unwrap();
-        let state = HttpState::new(Arc::new(registry), nats, gateway_url).unwrap();
+        let state = HttpState::new(Arc::new(registry), nats, gateway_url, "k").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
@@ -269,6 +289,30 @@ mod tests {
         assert_eq!(response.status(), 503);
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["gateway"], "unavailable: 503 Service Unavailable");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn readyz_fails_when_the_gateway_refuses_the_workers_key() {
+        // A healthy gateway that no longer takes the key (revoked or expired).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway = format!("http://{}", listener.local_addr().unwrap());
+        let revoked = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .fallback(|| async { StatusCode::UNAUTHORIZED });
+        tokio::spawn(async move { axum::serve(listener, revoked).await });
+
+        let (url, shutdown) = spawn(Registry::default(), &gateway).await;
+        let response = reqwest::get(format!("{url}/readyz")).await.unwrap();
+        assert_eq!(response.status(), 503);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["gateway"]
+                .as_str()
+                .unwrap()
+                .contains("refuses this worker's key"),
+            "{body}"
+        );
         shutdown.cancel();
     }
 }

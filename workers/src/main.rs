@@ -21,7 +21,7 @@ use workers::{run_pool_with_metrics, ExecDriver, Service, SimDriver, WorkerMetri
 /// (required), WORKER_DISPATCH_PUBLIC_KEYS or WORKER_DISPATCH_PUBLIC_KEYS_FILE
 /// (required), NATS_CREDS, NATS_NKEY_SEED or NATS_NKEY_SEED_FILE, NATS_USER and
 /// NATS_PASSWORD, NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY, NATS_TLS_REQUIRED,
-/// NATS_INBOX_PREFIX, OPS_STREAM, WORKER_CONCURRENCY, WORKER_MAX_DELIVER, WORKER_DRIVER
+/// NATS_INBOX_PREFIX, OPS_STREAM, WORKER_CONCURRENCY, WORKER_DRIVER
 /// (sim|exec), WORKER_EXEC_COMMAND, SIM_MIN_LATENCY_MS, SIM_MAX_LATENCY_MS,
 /// SIM_FAILURE_RATE, SIM_TRANSIENT_FAILURE_RATE, SIM_CAPACITY_PER_ZONE, LOG_FORMAT
 /// (text|json), RUST_LOG, WORKER_LISTEN (address of /metrics, /healthz and /readyz;
@@ -84,7 +84,12 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = WorkerMetrics::register(&mut registry);
-    let http_state = HttpState::new(Arc::new(registry), client.clone(), &pool.gateway_url)?;
+    let http_state = HttpState::new(
+        Arc::new(registry),
+        client.clone(),
+        &pool.gateway_url,
+        &pool.gateway_key,
+    )?;
     let js = async_nats::jetstream::new(client);
 
     let shutdown = CancellationToken::new();

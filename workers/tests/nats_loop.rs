@@ -492,6 +492,53 @@ async fn a_transient_failure_hands_the_message_back_and_the_next_delivery_finish
     js.delete_stream(&stream_name).await.unwrap();
 }
 
+/// The pool takes `max_deliver` from its consumer, not from its own configuration: with
+/// a consumer that delivers once, the first delivery of a transient failure is the last
+/// and fails the operation (`retries_exhausted`), although the pool was told 5.
+#[tokio::test]
+async fn the_last_delivery_is_the_consumers_max_deliver_not_a_setting() {
+    let js = connect().await;
+    let (stream_name, prefix) = (unique("WTEST"), unique("wtest"));
+    create_stream(&js, &stream_name, &prefix, 1).await;
+    let (gateway_url, seen) = fake_gateway(0).await;
+    let driver = FlakyDriver {
+        executions: Arc::default(),
+        failures: usize::MAX,
+    };
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(run_pool_with_metrics(
+        js.clone(),
+        pool(&stream_name, &gateway_url, 5),
+        driver.clone(),
+        WorkerMetrics::default(),
+        shutdown.clone(),
+    ));
+    publish(&js, &prefix, &dispatch("web-1")).await;
+    eventually(Duration::from_secs(15), "the operation fails", || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(_, r, _)| r.state == ReportState::Failed)
+    })
+    .await;
+    let failed = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, r, _)| r.state == ReportState::Failed)
+        .map(|(_, r, _)| r.clone())
+        .unwrap();
+    assert_eq!(failed.attempt, 1);
+    assert_eq!(failed.error.unwrap().code, "retries_exhausted");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the pool stops promptly when idle")
+        .unwrap()
+        .unwrap();
+    js.delete_stream(&stream_name).await.unwrap();
+}
+
 /// Serves the worker's HTTP endpoints for `registry` on port 0, as the `worker` binary
 /// does; returns the base URL.
 async fn serve_http(
@@ -501,7 +548,7 @@ async fn serve_http(
     shutdown: &CancellationToken,
 ) -> String {
     let state =
-        workers::http::HttpState::new(Arc::new(registry), js.client(), gateway_url).unwrap();
+        workers::http::HttpState::new(Arc::new(registry), js.client(), gateway_url, "k").unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(workers::http::serve(listener, state, shutdown.clone()));

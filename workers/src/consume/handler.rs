@@ -13,6 +13,7 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use gateway_proto::signing::{Signed, TrustedKeys};
 use gateway_proto::{Dispatch, OperationError, Report, ReportAck, ReportState, Service};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use tracing::{field, info_span, Span};
 
@@ -91,8 +92,9 @@ pub(crate) struct Handler<D, R> {
     pub(crate) service: Service,
     /// The pool's zone; operations for another are poison.
     pub(crate) zone: String,
-    /// The consumer's `max_deliver` (see [`crate::PoolConfig::max_deliver`]).
-    pub(crate) max_deliver: i64,
+    /// The consumer's `max_deliver`, read from the consumer when the pool binds (until
+    /// then [`crate::PoolConfig::max_deliver`]).
+    pub(crate) max_deliver: AtomicI64,
     /// Whose signatures make a message a dispatch of the gateway.
     pub(crate) trust: TrustedKeys,
     /// Retry and heartbeat timings.
@@ -457,7 +459,8 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
 
     /// Whether this delivery is the consumer's last.
     fn is_last(&self, attempt: i32) -> bool {
-        self.max_deliver > 0 && i64::from(attempt) >= self.max_deliver
+        let max = self.max_deliver.load(Ordering::Relaxed);
+        max > 0 && i64::from(attempt) >= max
     }
 }
 
@@ -613,7 +616,7 @@ mod tests {
             reporter: gateway,
             service,
             zone: "zone-a".into(),
-            max_deliver: 5,
+            max_deliver: AtomicI64::new(5),
             trust: TrustedKeys::new(vec![test_key().public_key()]),
             timing: Timing {
                 report_retry: tiny.without_max_times(),

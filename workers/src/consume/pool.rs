@@ -20,6 +20,7 @@ use backon::{ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
 use gateway_proto::signing;
 use gateway_proto::{consumer_name, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -80,7 +81,7 @@ pub async fn run_pool_with_metrics<D: Driver>(
         reporter,
         service: cfg.service,
         zone: cfg.zone.clone(),
-        max_deliver: cfg.max_deliver,
+        max_deliver: AtomicI64::new(cfg.max_deliver),
         trust: cfg.dispatch_keys.clone(),
         timing: Timing::default(),
         metrics: metrics.pool(cfg.service, &cfg.zone),
@@ -176,7 +177,7 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
             match bound {
                 Ok(consumer) => {
                     tracing::debug!(consumer = %self.consumer, "bound to the consumer");
-                    self.check_max_deliver(&consumer);
+                    self.adopt_max_deliver(&consumer);
                     return Some(consumer);
                 }
                 Err(e) => {
@@ -194,17 +195,14 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
         }
     }
 
-    /// Warns when the configured `max_deliver` is not the consumer's: the handler would
-    /// misjudge which delivery is the last.
-    fn check_max_deliver(&self, consumer: &PullConsumer) {
+    /// Takes `max_deliver` from the consumer itself, so the handler knows which
+    /// delivery is the last without a second setting that must match.
+    fn adopt_max_deliver(&self, consumer: &PullConsumer) {
         let server_max = consumer.cached_info().config.max_deliver;
-        if self.cfg.max_deliver > 0 && server_max > 0 && server_max != self.cfg.max_deliver {
-            tracing::warn!(
-                consumer = %self.consumer,
-                configured = self.cfg.max_deliver,
-                consumer_max_deliver = server_max,
-                "WORKER_MAX_DELIVER differs from the consumer's max_deliver; the last attempt will be misjudged"
-            );
+        let before = self.handler.max_deliver.swap(server_max, Ordering::Relaxed);
+        if before != server_max {
+            tracing::info!(consumer = %self.consumer, max_deliver = server_max,
+                "using the consumer's max_deliver");
         }
     }
 
