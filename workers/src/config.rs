@@ -36,8 +36,9 @@ pub struct PoolConfig {
     pub concurrency: usize,
     /// The consumer's `max_deliver` until the pool has read it from the consumer (it
     /// does when it binds): on that delivery a transient failure fails the operation
-    /// (`retries_exhausted`) instead of handing the message back. Zero or less means
-    /// unlimited.
+    /// (`retries_exhausted`) instead of handing the message back. Zero or less: the pool
+    /// never judges a delivery last and keeps that (JetStream's dead letters end what
+    /// it cannot finish).
     pub max_deliver: i64,
     /// The public keys of the gateway's dispatch signing keys: a message not signed by
     /// one of them is never acted on (see [`gateway_proto::signing`]).

@@ -196,8 +196,13 @@ impl<D: Driver, R: Reporter + Peers> Pool<D, R> {
     }
 
     /// Takes `max_deliver` from the consumer itself, so the handler knows which
-    /// delivery is the last without a second setting that must match.
+    /// delivery is the last without a second setting that must match. A pool configured
+    /// with none (`max_deliver` ≤ 0) never judges a delivery last: JetStream's dead
+    /// letters end what it cannot finish.
     fn adopt_max_deliver(&self, consumer: &PullConsumer) {
+        if self.cfg.max_deliver <= 0 {
+            return;
+        }
         let server_max = consumer.cached_info().config.max_deliver;
         let before = self.handler.max_deliver.swap(server_max, Ordering::Relaxed);
         if before != server_max {
