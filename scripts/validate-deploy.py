@@ -16,6 +16,8 @@ What `check` does, per overlay:
     validated against the schemas of their CRDs, vendored in deploy/kubernetes/schemas,
     closed (unknown fields are errors, as with kubectl's strict field validation). CEL
     rules (x-kubernetes-validations) are not evaluated;
+  - the NATS configuration, parsed by `nats-server -t` (needs nats-server, which
+    scripts/services.sh installs for the tests);
   - the properties the deployment promises (replicas, probes, disruption budgets,
     spreading, graceful termination, worker keys, migrations, NATS and PostgreSQL
     replication, monitoring), each failure naming the object.
@@ -155,6 +157,26 @@ def validate_object(doc, where, f):
         f.check(False, f"{label}: {path}: {e.message}")
     except kubernetes_validate.SchemaNotFoundError:
         f.check(False, f"{label}: no schema for {api_version} {kind} in Kubernetes {KUBERNETES_VERSION}")
+
+
+def check_nats_config(where, nats, conf_name, conf_text, f):
+    """Parses the NATS configuration with nats-server itself (`-t`: test and exit; unknown
+    fields are errors), with the container's environment for its $VARIABLES."""
+    import shutil
+    import tempfile
+
+    server = shutil.which("nats-server")
+    if not f.check(server, f"{where}: nats-server is needed to check the NATS configuration (scripts/services.sh installs it)"):
+        return False
+    env = {"PATH": os.environ.get("PATH", "")}
+    for e in container(nats, "nats").get("env", []):
+        field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[e["name"]] = e.get("value") or (f"{nats['metadata']['name']}-0" if field == "metadata.name" else "placeholder")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "nats.conf"
+        path.write_text(conf_text)
+        out = subprocess.run([server, "-t", "-c", str(path)], capture_output=True, text=True, env=env)
+    return f.check(out.returncode == 0, f"{where}: ConfigMap/{conf_name} nats.conf: {(out.stdout + out.stderr).strip()}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,7 +443,9 @@ def check_overlay(name, docs, f):
         expected = [f"nats-{i}.{nats['spec']['serviceName']}" for i in range(replicas)]
         f.check(routes == expected, f"{where}: NATS routes {routes} must name every pod {expected}")
         f.check("jetstream" in conf["data"]["nats.conf"] if conf else False, f"{where}: NATS runs JetStream")
+        parsed = bool(conf) and check_nats_config(where, nats, conf["metadata"]["name"], conf["data"]["nats.conf"], f)
         facts["nats"] = {
+            "config_parsed_by_nats_server": parsed,
             "replicas": replicas,
             "routes": routes,
             "pdb": pdbs_for(nats),

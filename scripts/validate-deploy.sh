@@ -9,7 +9,8 @@
 #   scripts/validate-deploy.sh --facts FILE     … and write the checked facts as JSON
 #   scripts/validate-deploy.sh --sync-rules     rewrite the PrometheusRule from alerts.yml
 #
-# Needs kubectl (with kustomize v5) and python3 with venv. The Python packages go into
+# Needs kubectl (with kustomize v5), python3 with venv, and nats-server (it parses the
+# NATS configuration; scripts/services.sh installs it for the tests). The Python packages go into
 # a virtual environment under target/ (made once, ~30 s; reused while the pins below
 # stay the same). No cluster and no Docker engine are needed.
 set -euo pipefail
@@ -24,6 +25,7 @@ fail() { echo "validate-deploy: $*" >&2; exit 1; }
 command -v kubectl >/dev/null 2>&1 || fail "kubectl is not installed. It renders the manifests (kubectl kustomize, kustomize v5). Install kubectl from the Kubernetes apt repository or your distribution (Debian's kubernetes-client 1.20 is too old)."
 kustomize_version=$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\([0-9]*\).*/\1/p')
 [ -n "$kustomize_version" ] && [ "$kustomize_version" -ge 5 ] || fail "kubectl must bundle kustomize v5 or newer; \`kubectl version --client\` says: $(kubectl version --client 2>&1 | tr '\n' ' ')"
+command -v nats-server >/dev/null 2>&1 || fail "nats-server is not installed; it checks the NATS configuration (scripts/services.sh installs it: Debian's nats-server)."
 command -v python3 >/dev/null 2>&1 || fail "python3 is not installed (Debian: apt-get install python3 python3-venv)."
 
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/requirements" 2>/dev/null)" != "$REQUIREMENTS" ]; then

@@ -5,9 +5,9 @@
 //! schemas) and its own checks; it writes what it found as JSON, which this test reads
 //! to assert the promises again, independently, here.
 //!
-//! Needs kubectl (with kustomize v5) and python3 with venv; without them it fails with
-//! the script's message saying what to install. The Python packages are installed once
-//! into target/validate-deploy-venv.
+//! Needs kubectl (with kustomize v5), python3 with venv and nats-server (which parses
+//! the NATS configuration); without them it fails with the script's message saying what
+//! to install. The Python packages are installed once into target/validate-deploy-venv.
 //!
 //! Also here, since it is the deployment's promise: a PostgreSQL failover (module
 //! `failover`), with PostgreSQL's server binaries and the NATS server the other
@@ -135,6 +135,7 @@ fn kubernetes_manifests_and_compose_render_and_validate_with_the_promised_shape(
     // NATS: three JetStream nodes, streams with three replicas
     let nats = &prod["nats"];
     assert_eq!(int(&nats["replicas"]), 3);
+    assert_eq!(nats["config_parsed_by_nats_server"], true, "{nats}");
     assert_eq!(strs(&nats["routes"]).len(), 3, "{nats}");
     assert_eq!(strs(&nats["pdb"]).len(), 1, "{nats}");
     assert_eq!(migrate["stream_replicas"], "3");
