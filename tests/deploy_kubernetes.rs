@@ -400,7 +400,7 @@ mod failover {
         site.start(
             "primary",
             site.primary,
-            "-c wal_level=replica -c synchronous_standby_names=* -c synchronous_commit=on",
+            "-c wal_level=replica -c synchronous_standby_names='*' -c synchronous_commit=on",
         );
         run(
             as_postgres(
