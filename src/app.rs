@@ -145,7 +145,8 @@ pub async fn migrate(
     store::migrate(&b.pool).await?;
     let zones: Vec<String> = zone_names(&b.pool).await?;
     let js = b.jetstream_as(config, credentials::RELAY).await?;
-    crate::jetstream::apply(&js, &config.nats, &zones).await?;
+    let defs = crate::jetstream::Definitions::shipped()?.with_replicas(config.stream_replicas);
+    crate::jetstream::apply_definitions(&js, &config.nats, &zones, &defs).await?;
     bootstrap_admin(
         &b.pool,
         config.admin_key.as_ref().map(Secret::expose),

@@ -79,6 +79,9 @@ pub struct Config {
     /// (rows of requests that changed nothing; changes are audited in their own
     /// transaction). Beyond it rows are counted lost.
     pub audit_spool: usize,
+    /// `NATS_STREAM_REPLICAS`: replicas of the streams `migrate` applies (1 to 5),
+    /// instead of `nats/streams.json`'s; 3 on a three-node JetStream cluster.
+    pub stream_replicas: Option<usize>,
 }
 
 impl fmt::Debug for Config {
@@ -107,6 +110,7 @@ impl fmt::Debug for Config {
             .field("metrics_refresh", &self.metrics_refresh)
             .field("header_timeout", &self.header_timeout)
             .field("audit_spool", &self.audit_spool)
+            .field("stream_replicas", &self.stream_replicas)
             .finish()
     }
 }
@@ -307,6 +311,15 @@ impl Config {
             metrics_refresh: env.millis("METRICS_REFRESH_MS", 5000)?,
             header_timeout: env.millis("GATEWAY_HEADER_TIMEOUT_MS", 10_000)?,
             audit_spool: env.positive("GATEWAY_AUDIT_SPOOL", 100_000usize)?,
+            stream_replicas: match env.var("NATS_STREAM_REPLICAS", 0usize)? {
+                0 => None,
+                n @ 1..=5 => Some(n),
+                n => {
+                    return Err(anyhow!(
+                        "NATS_STREAM_REPLICAS: must be between 1 and 5, got {n}"
+                    ))
+                }
+            },
             rate_limits: RateLimits {
                 per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
                 burst: env.var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
@@ -359,6 +372,7 @@ impl Config {
             metrics_refresh: Duration::from_millis(100),
             header_timeout: Duration::from_secs(10),
             audit_spool: 100_000,
+            stream_replicas: None,
             rate_limits: RateLimits {
                 per_second: nz(100_000),
                 burst: nz(100_000),
@@ -416,6 +430,9 @@ mod tests {
         assert_eq!(c.relay_batch_size, 32);
         assert!(c.log_json);
         assert_eq!(c.rate_limits.burst.get(), 9);
+        assert_eq!(c.stream_replicas, None);
+        let c = config(&[("NATS_STREAM_REPLICAS", "3")]).unwrap();
+        assert_eq!(c.stream_replicas, Some(3));
         assert_eq!(c.public_url, None);
     }
 

@@ -108,6 +108,16 @@ impl Definitions {
         serde_json::from_str(DEFINITIONS).context("nats/streams.json is not valid")
     }
 
+    /// The same definitions with both streams replicated `replicas` times
+    /// (`NATS_STREAM_REPLICAS`).
+    pub fn with_replicas(mut self, replicas: Option<usize>) -> Self {
+        if let Some(r) = replicas {
+            self.ops_stream.replicas = r;
+            self.advisory_stream.replicas = r;
+        }
+        self
+    }
+
     /// The operations stream's configuration for `names`.
     pub fn ops_stream_config(&self, names: &NatsNames) -> anyhow::Result<stream::Config> {
         stream_config(&self.ops_stream, names)
@@ -271,6 +281,21 @@ async fn create_or_update_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_replicas_override_the_shipped_ones() {
+        let names = NatsNames::default();
+        let shipped = Definitions::shipped().unwrap();
+        assert_eq!(shipped.ops_stream_config(&names).unwrap().num_replicas, 1);
+        let three = shipped.with_replicas(Some(3));
+        assert_eq!(three.ops_stream_config(&names).unwrap().num_replicas, 3);
+        assert_eq!(
+            three.advisory_stream_config(&names).unwrap().num_replicas,
+            3
+        );
+        let same = Definitions::shipped().unwrap().with_replicas(None);
+        assert_eq!(same.ops_stream_config(&names).unwrap().num_replicas, 1);
+    }
 
     #[test]
     fn shipped_definitions_parse_and_substitute() {

@@ -108,6 +108,10 @@ async fn main() -> anyhow::Result<()> {
     match cli_command {
         Command::Migrate => {
             match app::migrate(&config, &backends, false).await? {
+                // A key the operator supplied is never printed (it would land in logs).
+                Some(_) if config.admin_key.is_some() => {
+                    println!("migrations and streams applied; the admin key is GATEWAY_ADMIN_KEY")
+                }
                 Some(key) => println!("admin key: {key}"),
                 None => println!("migrations and streams applied; the admin key is unchanged"),
             }

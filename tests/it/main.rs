@@ -11,6 +11,7 @@ mod api;
 mod architecture;
 mod audit_trail;
 mod deploy;
+mod deploy_kubernetes;
 mod faults_postgres;
 mod faults_reconciler;
 mod faults_relay;

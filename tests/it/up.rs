@@ -1,5 +1,6 @@
-//! `gateway up` prints an admin key only when it made one (issue 11 §2): a key the
-//! operator supplied through `GATEWAY_ADMIN_KEY` never reaches its output.
+//! `gateway up` prints an admin key only when it made one (issue 11 §2), and neither
+//! `up` nor `migrate` ever prints a key the operator supplied through
+//! `GATEWAY_ADMIN_KEY`.
 
 use crate::common::{free_port, heavy, Deployment, GatewayEnv};
 use crate::common::{nats_url, pg_base};
@@ -65,4 +66,21 @@ async fn up_prints_only_a_key_it_made() {
         out.contains("KEY=gw_"),
         "a generated key is shown once:\n{out}"
     );
+}
+
+#[tokio::test]
+async fn migrate_never_prints_a_supplied_admin_key() {
+    let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("migrate")
+        .env("DATABASE_URL", &d.env.database_url)
+        .env("NATS_URL", &d.env.nats_url)
+        .env("OPS_STREAM", &d.env.stream)
+        .env("OPS_SUBJECT_PREFIX", &d.env.subject_prefix)
+        .env("GATEWAY_ADMIN_KEY", &d.env.admin_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains(&d.env.admin_key), "{text}");
 }
