@@ -55,7 +55,13 @@ impl Error {
     /// Whether the same request may succeed later: `429` and `503`, where the gateway
     /// wrote nothing.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Api { status: 429 | 503, .. })
+        matches!(
+            self,
+            Error::Api {
+                status: 429 | 503,
+                ..
+            }
+        )
     }
 
     /// The wait `Retry-After` asked for.
@@ -97,7 +103,11 @@ pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Opt
         return Some(Duration::from_secs(secs));
     }
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    Some((at.with_timezone(&chrono::Utc) - now).to_std().unwrap_or_default())
+    Some(
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
@@ -107,7 +117,9 @@ mod tests {
 
     #[test]
     fn retry_after_is_seconds_or_a_date() {
-        let now = chrono::Utc.with_ymd_and_hms(2015, 10, 21, 7, 28, 0).unwrap();
+        let now = chrono::Utc
+            .with_ymd_and_hms(2015, 10, 21, 7, 28, 0)
+            .unwrap();
         assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
         assert_eq!(
@@ -142,7 +154,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let e = Error::from_answer(502, Some(Duration::from_secs(2)), b"<html>bad gateway</html>");
+        let e = Error::from_answer(
+            502,
+            Some(Duration::from_secs(2)),
+            b"<html>bad gateway</html>",
+        );
         assert_eq!(e.code(), Some("http_502"));
         assert_eq!(e.retry_after(), Some(Duration::from_secs(2)));
         assert!(Error::from_answer(503, None, b"{}").is_retryable());

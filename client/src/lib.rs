@@ -117,6 +117,9 @@ impl Client {
             // Long-polls hold a request for up to 60 s.
             .timeout(Duration::from_secs(90))
             .connect_timeout(Duration::from_secs(10))
+            // The gateway closes a kept-alive connection idle past its header timeout
+            // (10 s by default); a request sent on it just then would be reset.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .expect("a client without TLS options builds");
         Self::with_http(http, base_url, key)
@@ -358,7 +361,8 @@ impl Client {
     /// `wait` (the gateway caps it at 60 s).
     pub async fn poll_operation(&self, id: Uuid, wait: Duration) -> Result<Operation> {
         let wait = format!("{}ms", wait.as_millis().max(1));
-        let call = Call::new(Method::GET, format!("/v1/operations/{id}")).query(vec![("wait", wait)]);
+        let call =
+            Call::new(Method::GET, format!("/v1/operations/{id}")).query(vec![("wait", wait)]);
         self.json(call).await
     }
 
@@ -397,24 +401,30 @@ impl Client {
         tenant: &str,
         query: &OperationQuery,
     ) -> Result<Page<Operation>> {
-        let call = Call::new(Method::GET, format!("/v1/tenants/{tenant}/operations"))
-            .query(query.pairs());
+        let call =
+            Call::new(Method::GET, format!("/v1/tenants/{tenant}/operations")).query(query.pairs());
         self.json(call).await
     }
 
     /// `POST /v1/operations/{id}/cancel`: cancelled at once if no worker started it,
     /// else `cancel_requested`.
     pub async fn cancel_operation(&self, id: Uuid) -> Result<Operation> {
-        self.json(Call::new(Method::POST, format!("/v1/operations/{id}/cancel")))
-            .await
+        self.json(Call::new(
+            Method::POST,
+            format!("/v1/operations/{id}/cancel"),
+        ))
+        .await
     }
 
     // --- Quotas, catalog, audit ----------------------------------------------------
 
     /// `GET /v1/tenants/{tenant}/quotas`: limits and usage.
     pub async fn get_quotas(&self, tenant: &str) -> Result<Quotas> {
-        self.json(Call::new(Method::GET, format!("/v1/tenants/{tenant}/quotas")))
-            .await
+        self.json(Call::new(
+            Method::GET,
+            format!("/v1/tenants/{tenant}/quotas"),
+        ))
+        .await
     }
 
     /// `PUT /v1/tenants/{tenant}/quotas`: replaces the limits (admins).

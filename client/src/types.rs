@@ -242,7 +242,11 @@ impl OperationQuery {
         push(&mut q, "state", self.state.map(|s| s.to_string()));
         push(&mut q, "kind", self.kind.map(|k| k.to_string()));
         push(&mut q, "zone", self.zone.clone());
-        push(&mut q, "resource_id", self.resource_id.map(|r| r.to_string()));
+        push(
+            &mut q,
+            "resource_id",
+            self.resource_id.map(|r| r.to_string()),
+        );
         push(&mut q, "since", self.since.map(|s| s.to_rfc3339()));
         push(&mut q, "limit", self.limit.map(|l| l.to_string()));
         push(&mut q, "cursor", self.cursor.clone());
@@ -271,7 +275,11 @@ impl AuditQuery {
     pub(crate) fn pairs(&self) -> Vec<(&'static str, String)> {
         let mut q = Vec::new();
         push(&mut q, "tenant", self.tenant.clone());
-        push(&mut q, "principal_id", self.principal_id.map(|p| p.to_string()));
+        push(
+            &mut q,
+            "principal_id",
+            self.principal_id.map(|p| p.to_string()),
+        );
         push(&mut q, "outcome", self.outcome.clone());
         push(&mut q, "since", self.since.map(|s| s.to_rfc3339()));
         push(&mut q, "limit", self.limit.map(|l| l.to_string()));

@@ -10,6 +10,7 @@ mod common;
 mod api;
 mod architecture;
 mod audit_trail;
+mod cli;
 mod deploy;
 mod faults_postgres;
 mod faults_reconciler;
