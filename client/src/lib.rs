@@ -29,7 +29,7 @@ pub mod error;
 pub mod types;
 
 pub use error::{parse_retry_after, Error};
-pub use gateway_proto::{Action, Kind, OperationError, OperationState, Service};
+pub use gateway_proto::{kind_path, Action, Kind, OperationError, OperationState, Phase, Service};
 pub use types::*;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -260,7 +260,7 @@ impl Client {
     // --- Resources -----------------------------------------------------------------
 
     fn resources(tenant: &str, kind: Kind) -> String {
-        format!("/v1/tenants/{tenant}/{}", types::kind_path(kind))
+        format!("/v1/tenants/{tenant}/{}", kind_path(kind))
     }
 
     fn resource(tenant: &str, kind: Kind, id: Uuid) -> String {

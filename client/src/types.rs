@@ -3,21 +3,11 @@
 //! ignored so that a newer gateway does not break an older client.
 
 use chrono::{DateTime, Utc};
-use gateway_proto::{Action, Kind, OperationError, OperationState, Service};
+use gateway_proto::{Action, Kind, OperationError, OperationState, Phase, Service};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use uuid::Uuid;
-
-/// The path segment of a kind: `vms`, `bare-metal`, `clusters` or `volumes`.
-pub fn kind_path(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Vm => "vms",
-        Kind::Bm => "bare-metal",
-        Kind::Cluster => "clusters",
-        Kind::Volume => "volumes",
-    }
-}
 
 /// One page of a list; pass `next_cursor` as `cursor` for the next page.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,38 +82,6 @@ pub struct Operation {
     pub finished_at: Option<DateTime<Utc>>,
     /// After this the gateway fails it with `deadline_exceeded`.
     pub deadline: DateTime<Utc>,
-}
-
-/// What is happening to a resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Its create operation has not succeeded yet.
-    Provisioning,
-    /// Converged on its spec.
-    Ready,
-    /// An update or action is in progress.
-    Updating,
-    /// Its delete operation is in progress.
-    Deleting,
-    /// The last operation failed.
-    Failed,
-    /// Deleted.
-    Deleted,
-}
-
-impl Phase {
-    /// The wire value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Provisioning => "provisioning",
-            Phase::Ready => "ready",
-            Phase::Updating => "updating",
-            Phase::Deleting => "deleting",
-            Phase::Failed => "failed",
-            Phase::Deleted => "deleted",
-        }
-    }
 }
 
 /// A resource: desired `spec`, observed `status`.
@@ -306,7 +264,8 @@ pub struct Tenant {
     pub created_at: DateTime<Utc>,
 }
 
-/// What a key may do.
+/// What a key may do (the gateway's `domain::role::Role`, which carries the policy and
+/// so stays in the gateway).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -320,6 +279,21 @@ pub enum Role {
     Reader,
     /// A worker pool's credentials.
     Worker,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(Value::String(s.to_owned()))
+            .map_err(|_| format!("unknown role {s:?}: admin, owner, member, reader or worker"))
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = serde_json::to_value(self).expect("serializes");
+        f.write_str(text.as_str().unwrap_or_default())
+    }
 }
 
 /// Body of a key create.

@@ -141,7 +141,7 @@ enum KeyCmd {
     /// Creates a key of the tenant (-t); prints its secret once.
     Create {
         /// owner, member, reader, or (admins) worker.
-        #[arg(long, value_parser = parse_role)]
+        #[arg(long)]
         role: Role,
         /// A name, unique per tenant.
         #[arg(long)]
@@ -211,7 +211,7 @@ enum ResourceCmd {
         #[arg(long)]
         zone: Option<String>,
         /// Only this phase: provisioning, ready, updating, deleting, failed.
-        #[arg(long, value_parser = parse_phase)]
+        #[arg(long)]
         phase: Option<gateway_client::Phase>,
         /// A label selector: k=v,k2=v2.
         #[arg(short, long)]
@@ -885,18 +885,6 @@ fn parse_label_change(text: &str) -> Result<(String, Option<String>), String> {
     }
 }
 
-fn parse_enum<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
-    serde_json::from_value(Value::String(text.to_owned())).map_err(|e| e.to_string())
-}
-
-fn parse_role(text: &str) -> Result<Role, String> {
-    parse_enum(text)
-}
-
-fn parse_phase(text: &str) -> Result<gateway_client::Phase, String> {
-    parse_enum(text)
-}
-
 fn parse_limit(text: &str) -> Result<QuotaLimit, String> {
     let (scope, limit) = text
         .split_once('=')
@@ -941,7 +929,6 @@ mod tests {
         );
         let l = parse_limit("vcpus:*:zone-b=8").unwrap();
         assert_eq!((l.kind, l.zone.as_deref()), (None, Some("zone-b")));
-        assert_eq!(parse_role("owner"), Ok(Role::Owner));
         Cli::command().debug_assert();
     }
 }

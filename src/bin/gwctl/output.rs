@@ -255,11 +255,10 @@ impl Tabular for KeyInfo {
         "ID", "NAME", "ROLE", "TENANT", "SERVICE", "ZONE", "EXPIRES", "REVOKED",
     ];
     fn rows(&self) -> Vec<Vec<String>> {
-        let role = serde_json::to_value(self.role).expect("serializes");
         vec![vec![
             self.id.to_string(),
             self.name.clone(),
-            role.as_str().unwrap_or_default().to_owned(),
+            self.role.to_string(),
             opt(&self.tenant),
             opt(&self.service),
             opt(&self.zone),
