@@ -167,11 +167,8 @@ impl ResourceQuery {
         let mut q = Vec::new();
         push(&mut q, "zone", self.zone.clone());
         push(&mut q, "phase", self.phase.map(|p| p.as_str().to_owned()));
-        push(&mut q, "since", self.since.map(|s| s.to_rfc3339()));
         push(&mut q, "label", self.label.clone());
-        push(&mut q, "limit", self.limit.map(|l| l.to_string()));
-        push(&mut q, "cursor", self.cursor.clone());
-        q
+        window(q, self.since, self.limit, &self.cursor)
     }
 }
 
@@ -205,10 +202,7 @@ impl OperationQuery {
             "resource_id",
             self.resource_id.map(|r| r.to_string()),
         );
-        push(&mut q, "since", self.since.map(|s| s.to_rfc3339()));
-        push(&mut q, "limit", self.limit.map(|l| l.to_string()));
-        push(&mut q, "cursor", self.cursor.clone());
-        q
+        window(q, self.since, self.limit, &self.cursor)
     }
 }
 
@@ -239,11 +233,21 @@ impl AuditQuery {
             self.principal_id.map(|p| p.to_string()),
         );
         push(&mut q, "outcome", self.outcome.clone());
-        push(&mut q, "since", self.since.map(|s| s.to_rfc3339()));
-        push(&mut q, "limit", self.limit.map(|l| l.to_string()));
-        push(&mut q, "cursor", self.cursor.clone());
-        q
+        window(q, self.since, self.limit, &self.cursor)
     }
+}
+
+/// Adds what every list takes: `since`, `limit`, `cursor`.
+fn window(
+    mut q: Vec<(&'static str, String)>,
+    since: Option<DateTime<Utc>>,
+    limit: Option<u32>,
+    cursor: &Option<String>,
+) -> Vec<(&'static str, String)> {
+    push(&mut q, "since", since.map(|s| s.to_rfc3339()));
+    push(&mut q, "limit", limit.map(|l| l.to_string()));
+    push(&mut q, "cursor", cursor.clone());
+    q
 }
 
 fn push(q: &mut Vec<(&'static str, String)>, name: &'static str, value: Option<String>) {

@@ -22,10 +22,10 @@ impl Run {
     }
 }
 
-/// Runs `gwctl` on the app with its admin key, isolated from the environment's settings.
-async fn gwctl(app: &TestApp, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gwctl"))
-        .args(["--url", &app.url, "--key", &app.admin_key])
+/// `gwctl` on the app with its admin key, isolated from the environment's settings.
+fn command(app: &TestApp, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gwctl"));
+    cmd.args(["--url", &app.url, "--key", &app.admin_key])
         .args(args)
         .env_remove("GWCTL_URL")
         .env_remove("GWCTL_KEY")
@@ -33,10 +33,13 @@ async fn gwctl(app: &TestApp, args: &[&str]) -> Run {
         .env_remove("GW")
         .env_remove("KEY")
         .env("GWCTL_CONFIG", "/nonexistent/gwctl-config")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("gwctl runs");
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `gwctl` to its end.
+async fn gwctl(app: &TestApp, args: &[&str]) -> Run {
+    let out = command(app, args).output().await.expect("gwctl runs");
     Run {
         code: out.status.code().expect("gwctl exited"),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -230,15 +233,11 @@ async fn writes_print_the_operation_and_ops_wait_follows_it() {
 async fn watch_shows_changes_as_they_happen() {
     let app = spawn_with(Options::default()).await;
     let t = app.tenant().await;
-    let watch = {
-        let (url, key, t) = (app.url.clone(), app.admin_key.clone(), t.clone());
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_gwctl"))
-            .args(["--url", &url, "--key", &key, "-t", &t])
-            .args(["watch", "--interval", "200ms", "--timeout", "4s"])
-            .env("GWCTL_CONFIG", "/nonexistent/gwctl-config")
-            .kill_on_drop(true)
-            .output()
-    };
+    let watch = command(
+        &app,
+        &["-t", &t, "watch", "--interval", "200ms", "--timeout", "4s"],
+    )
+    .output();
     let watching = tokio::spawn(watch);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let op = app
