@@ -452,3 +452,109 @@ impl Client {
         self.json(call).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-route HTTP server answering from `script` in turn (the last answer again
+    /// once it runs out), recording each request's `Idempotency-Key`.
+    async fn scripted(script: Vec<&'static str>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0; 64 * 1024];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    len += conn.read(&mut buf[len..]).await.unwrap();
+                }
+                let head = String::from_utf8_lossy(&buf[..len]).to_lowercase();
+                let key = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("idempotency-key: "))
+                    .map(|k| k.trim().to_owned());
+                log.lock().unwrap().push(key);
+                let answer = script[n.min(script.len() - 1)];
+                let (status, extra, body) = match answer {
+                    "ok" => (
+                        "200 OK",
+                        "",
+                        r#"{"id":"acme","display_name":"","created_at":"2026-01-01T00:00:00Z"}"#,
+                    ),
+                    "busy" => (
+                        "503 Service Unavailable",
+                        "Retry-After: 1\r\n",
+                        r#"{"code":"database_unavailable","message":"retry","request_id":"r"}"#,
+                    ),
+                    _ => (
+                        "429 Too Many Requests",
+                        "Retry-After: 0\r\n",
+                        r#"{"code":"rate_limited","message":"slow down","request_id":"r"}"#,
+                    ),
+                };
+                let res = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(res.as_bytes()).await.unwrap();
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn busy_answers_are_retried_after_retry_after_with_the_same_idempotency_key() {
+        let (url, seen) = scripted(vec!["busy", "ok"]).await;
+        let gw = Client::new(url, "k");
+        let started = std::time::Instant::now();
+        let new = NewResource {
+            name: "web".into(),
+            zone: "zone-a".into(),
+            spec: serde_json::json!({}),
+            labels: Default::default(),
+        };
+        // The answer is a tenant, not an operation: decoding fails, after the retry.
+        let err = gw
+            .create_resource("acme", Kind::Vm, &new)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Decode(_)), "{err}");
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "Retry-After: 1 honoured"
+        );
+        let keys = seen.lock().unwrap().clone();
+        assert_eq!(keys.len(), 2);
+        assert!(keys[0].is_some());
+        assert_eq!(keys[0], keys[1], "one key across the call's retries");
+
+        let (url, seen) = scripted(vec!["busy", "ok"]).await;
+        let gw = Client::new(url, "k");
+        assert_eq!(gw.get_tenant("acme").await.unwrap().id, "acme");
+        assert_eq!(
+            seen.lock().unwrap().clone(),
+            vec![None, None],
+            "reads send no key"
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded() {
+        let (url, seen) = scripted(vec!["limited"]).await;
+        let gw = Client::new(url, "k").with_retries(2, Duration::from_secs(1));
+        let err = gw.get_tenant("acme").await.unwrap_err();
+        assert_eq!(err.code(), Some("rate_limited"));
+        assert_eq!(err.status(), Some(429));
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            3,
+            "the first try and two retries"
+        );
+    }
+}
