@@ -326,3 +326,37 @@ async fn the_typed_client_covers_a_resource_life() {
     let err = gw.wait(op.id, Duration::from_millis(1)).await.unwrap_err();
     assert!(matches!(err, gateway_client::Error::TimedOut), "{err}");
 }
+
+/// On a terminal, `--wait` rewrites one progress line in place. `script` (util-linux)
+/// gives gwctl a terminal; without it the case is skipped.
+#[tokio::test]
+async fn wait_on_a_terminal_rewrites_one_progress_line() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("no `script`: skipped");
+        return;
+    }
+    let app = spawn_with(Options::default()).await;
+    let t = app.tenant().await;
+    let line = format!(
+        "{} --url {} --key {} -t {t} vms create slow-1 --zone zone-a --spec '{VM_SPEC}' --wait",
+        env!("CARGO_BIN_EXE_gwctl"),
+        app.url,
+        app.admin_key
+    );
+    let out = tokio::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("GWCTL_CONFIG", "/nonexistent/gwctl-config")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("script runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("\r\x1b[K"), "{text:?}");
+    assert!(text.contains("succeeded (attempt 1"), "{text:?}");
+    assert!(text.contains("slow-1"), "the VM: {text:?}");
+}

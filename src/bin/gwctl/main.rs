@@ -604,29 +604,29 @@ impl Ctx {
     async fn follow(&self, id: Uuid, timeout: Duration) -> Result<Operation, Fail> {
         let start = Instant::now();
         let live = std::io::stderr().is_terminal();
-        let last = std::sync::Mutex::new(None::<(OperationState, i32)>);
+        // The latest answer, which the terminal's ticker redraws with the time elapsed.
+        let last = std::sync::Mutex::new(None::<Operation>);
         let progress = |op: &Operation| {
-            let now = (op.state, op.attempt);
-            let mut seen = last.lock().expect("not poisoned");
+            let mut last = last.lock().expect("not poisoned");
+            let changed = last
+                .as_ref()
+                .is_none_or(|l| (l.state, l.attempt) != (op.state, op.attempt));
             if live {
                 eprint!("\r\x1b[K{}", progress_line(op, start.elapsed()));
                 if op.done {
                     eprintln!();
                 }
-            } else if *seen != Some(now) {
+            } else if changed {
                 eprintln!("{}", progress_line(op, start.elapsed()));
             }
-            *seen = Some(now);
+            *last = Some(op.clone());
         };
-        if !live {
-            let done = self.gw.wait_with(id, timeout, progress).await?;
-            return Ok(done);
-        }
-        // On a terminal the elapsed time ticks while the long-poll is out.
         let waiting = self.gw.wait_with(id, timeout, &progress);
+        if !live {
+            return Ok(waiting.await?);
+        }
         tokio::pin!(waiting);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let mut shown: Option<Operation> = None;
         loop {
             tokio::select! {
                 done = &mut waiting => {
@@ -636,10 +636,7 @@ impl Ctx {
                     return Ok(done?);
                 }
                 _ = tick.tick() => {
-                    if shown.is_none() {
-                        shown = self.gw.get_operation(id).await.ok();
-                    }
-                    if let Some(op) = &shown {
+                    if let Some(op) = last.lock().expect("not poisoned").as_ref() {
                         eprint!("\r\x1b[K{}", progress_line(op, start.elapsed()));
                     }
                 }
