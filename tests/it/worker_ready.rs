@@ -44,10 +44,7 @@ async fn a_workers_readyz_fails_once_its_key_is_revoked() {
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert!(
-        body["gateway"]
-            .as_str()
-            .unwrap()
-            .contains("refuses this worker's key"),
+        body["gateway"].as_str().unwrap().contains("refuses this worker's key"),
         "{body}"
     );
     assert_eq!(body["nats"], "ok");
