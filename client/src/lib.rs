@@ -29,7 +29,9 @@ pub mod error;
 pub mod types;
 
 pub use error::{parse_retry_after, Error};
-pub use gateway_proto::{kind_path, Action, Kind, OperationError, OperationState, Phase, Service};
+pub use gateway_proto::{
+    kind_path, Action, Kind, OperationError, OperationState, Phase, Report, ReportAck, Service,
+};
 pub use types::*;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -416,6 +418,14 @@ impl Client {
         .await
     }
 
+    /// `POST /v1/operations/{id}/reports`: a worker's report (worker keys). The gateway's
+    /// own workers report through `workers::report`, which ties retries to the JetStream
+    /// message and forwards the dispatch's request ID and trace context.
+    pub async fn report(&self, id: Uuid, report: &Report) -> Result<ReportAck> {
+        let call = Call::new(Method::POST, format!("/v1/operations/{id}/reports")).body(report)?;
+        self.json(call).await
+    }
+
     // --- Quotas, catalog, audit ----------------------------------------------------
 
     /// `GET /v1/tenants/{tenant}/quotas`: limits and usage.
@@ -444,6 +454,19 @@ impl Client {
     pub async fn catalog(&self, category: &str) -> Result<Vec<CatalogEntry>> {
         self.json(Call::new(Method::GET, format!("/v1/catalog/{category}")))
             .await
+    }
+
+    /// `GET /v1/openapi.json`: the OpenAPI 3.1 document.
+    pub async fn openapi(&self) -> Result<Value> {
+        self.json(Call::new(Method::GET, "/v1/openapi.json".into()))
+            .await
+    }
+
+    /// `GET /readyz`: `Ok` when the gateway is ready (its database and NATS answer), else
+    /// the `503` as an [`Error::Api`] (code `http_503`, the body in `message`).
+    pub async fn ready(&self) -> Result<Value> {
+        let call = Call::new(Method::GET, "/readyz".into());
+        self.once(&call).await?.json()
     }
 
     /// `GET /v1/audit`: one page, newest first (admins; owners see their tenant).

@@ -265,6 +265,8 @@ async fn the_typed_client_covers_a_resource_life() {
     assert!(gw.list_tenants().await.unwrap().iter().any(|x| x.id == t));
     assert!(!gw.zones().await.unwrap().is_empty());
     assert!(!gw.catalog("flavor").await.unwrap().is_empty());
+    assert!(gw.openapi().await.unwrap()["paths"].is_object());
+    assert_eq!(gw.ready().await.unwrap()["database"], "ok");
 
     let new = NewResource {
         name: "web".into(),
