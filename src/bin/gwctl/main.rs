@@ -40,6 +40,33 @@ $GWCTL_CONFIG or ~/.config/gwctl/config with `url = …`, `key = …`, `tenant =
 Exit codes: 0 succeeded, 1 the operation failed or was cancelled, 2 usage error,
 3 API error (code printed), 4 timed out.";
 
+const VMS_HELP: &str = r#"Actions: start, stop, reboot, resize {"flavor"}
+
+Examples:
+  gwctl -t acme vms create web-1 --zone zone-a \
+      --spec '{"flavor": "m1.small", "image": "debian-12"}' --wait
+  gwctl -t acme vms action <id> resize --input '{"flavor": "m1.large"}' --wait"#;
+
+const BARE_METAL_HELP: &str = r#"Actions: power_on, power_off, reprovision {"image"?}
+
+Examples:
+  gwctl -t acme bare-metal create db-1 --zone zone-a \
+      --spec '{"machine_class": "bm.standard", "image": "debian-12"}' --wait
+  gwctl -t acme bare-metal action <id> power_off"#;
+
+const CLUSTERS_HELP: &str = r#"Actions: scale {"node_count"}, upgrade {"version"}
+
+Examples:
+  gwctl -t acme clusters create k1 --zone zone-b \
+      --spec '{"version": "1.31", "node_count": 3, "node_flavor": "m1.large"}'
+  gwctl -t acme clusters action <id> scale --input '{"node_count": 5}' --wait"#;
+
+const VOLUMES_HELP: &str = r#"Actions: resize {"size_gb"}, attach {"vm_id"}, detach
+
+Examples:
+  gwctl -t acme volumes create data --zone zone-a --spec '{"size_gb": 20, "class": "ssd"}'
+  gwctl -t acme volumes action <id> attach --input '{"vm_id": "<vm id>"}' --wait"#;
+
 /// The gateway's command-line client.
 #[derive(Debug, Parser)]
 #[command(name = "gwctl", version, after_help = EXAMPLES)]
@@ -71,26 +98,26 @@ enum Command {
     /// Virtual machines.
     #[command(
         subcommand,
-        after_help = "Actions: start, stop, reboot, resize {\"flavor\"}"
+        after_help = VMS_HELP
     )]
     Vms(ResourceCmd),
     /// Bare-metal servers.
     #[command(
         subcommand,
         name = "bare-metal",
-        after_help = "Actions: power_on, power_off, reprovision {\"image\"?}"
+        after_help = BARE_METAL_HELP
     )]
     BareMetal(ResourceCmd),
     /// Kubernetes clusters.
     #[command(
         subcommand,
-        after_help = "Actions: scale {\"node_count\"}, upgrade {\"version\"}"
+        after_help = CLUSTERS_HELP
     )]
     Clusters(ResourceCmd),
     /// Storage volumes.
     #[command(
         subcommand,
-        after_help = "Actions: resize {\"size_gb\"}, attach {\"vm_id\"}, detach"
+        after_help = VOLUMES_HELP
     )]
     Volumes(ResourceCmd),
     /// Operations: get, list, wait, cancel.
@@ -364,6 +391,16 @@ impl From<Error> for Fail {
         match e {
             Error::TimedOut => Fail(4, "error: timed out".into()),
             Error::Api { code, message, .. } => Fail(3, format!("error: {code}: {message}")),
+            Error::Transport(e) => {
+                // reqwest keeps the telling part (connection refused, …) in the sources.
+                let mut message = format!("error: cannot reach the gateway: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    message.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                Fail(3, message)
+            }
             other => Fail(3, format!("error: {other}")),
         }
     }
