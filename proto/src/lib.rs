@@ -195,6 +195,65 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// Coarse lifecycle of a resource, derived from its operations.
+    Phase {
+        /// Its create operation has not succeeded yet.
+        Provisioning => "provisioning",
+        /// Converged on its spec.
+        Ready => "ready",
+        /// An update or action is in progress.
+        Updating => "updating",
+        /// Its delete operation is in progress.
+        Deleting => "deleting",
+        /// The last operation failed; `status.last_error` says why.
+        Failed => "failed",
+        /// Deleted; kept only for the history of its operations.
+        Deleted => "deleted",
+    }
+}
+
+impl Phase {
+    /// The phase a resource enters when an operation with `action` starts.
+    pub fn on_start(action: Action) -> Phase {
+        match action {
+            Action::Create => Phase::Provisioning,
+            Action::Delete => Phase::Deleting,
+            _ => Phase::Updating,
+        }
+    }
+
+    /// The phase a resource is left in when an operation with `action` ends in `state`,
+    /// or `None` when the phase stays as it was.
+    pub fn on_end(action: Action, state: OperationState) -> Option<Phase> {
+        match (state, action) {
+            (OperationState::Succeeded, Action::Delete) => Some(Phase::Deleted),
+            (OperationState::Succeeded, _) => Some(Phase::Ready),
+            (OperationState::Failed, _) => Some(Phase::Failed),
+            // A cancelled create never provisioned anything: the resource goes away.
+            (OperationState::Cancelled, Action::Create) => Some(Phase::Deleted),
+            // Any other cancellation stopped before it changed anything.
+            (OperationState::Cancelled, _) => Some(Phase::Ready),
+            _ => None,
+        }
+    }
+}
+
+/// The path segment that names a kind in the API (`/v1/tenants/{t}/vms`).
+pub fn kind_from_path(segment: &str) -> Option<Kind> {
+    Kind::ALL.iter().copied().find(|k| kind_path(*k) == segment)
+}
+
+/// The inverse of [`kind_from_path`].
+pub fn kind_path(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Vm => "vms",
+        Kind::Bm => "bare-metal",
+        Kind::Cluster => "clusters",
+        Kind::Volume => "volumes",
+    }
+}
+
 /// The JetStream subject that carries operations for one service in one zone.
 pub fn ops_subject(prefix: &str, service: Service, zone: &str) -> String {
     format!("{prefix}.{service}.{zone}")

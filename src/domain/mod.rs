@@ -12,7 +12,9 @@ pub mod report;
 pub mod role;
 pub mod spec;
 
-pub use gateway_proto::{Action, Kind, OperationError, OperationState, ReportState, Service};
+pub use gateway_proto::{
+    kind_from_path, kind_path, Action, Kind, OperationError, OperationState, ReportState, Service,
+};
 pub use phase::Phase;
 pub use role::Role;
 
@@ -36,27 +38,6 @@ impl ValidationError {
             field: field.into(),
             message: message.into(),
         }
-    }
-}
-
-/// The path segment that names a kind in the API (`/v1/tenants/{t}/vms`).
-pub fn kind_from_path(segment: &str) -> Option<Kind> {
-    match segment {
-        "vms" => Some(Kind::Vm),
-        "bare-metal" => Some(Kind::Bm),
-        "clusters" => Some(Kind::Cluster),
-        "volumes" => Some(Kind::Volume),
-        _ => None,
-    }
-}
-
-/// The inverse of [`kind_from_path`].
-pub fn kind_path(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Vm => "vms",
-        Kind::Bm => "bare-metal",
-        Kind::Cluster => "clusters",
-        Kind::Volume => "volumes",
     }
 }
 

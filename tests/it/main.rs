@@ -10,6 +10,7 @@ mod common;
 mod api;
 mod architecture;
 mod audit_trail;
+mod cli;
 mod deploy;
 mod deploy_kubernetes;
 mod faults_postgres;

@@ -1,0 +1,583 @@
+//! A typed client for the gateway's HTTP API (`/v1`).
+//!
+//! Every route is a method of [`Client`] with typed inputs and outputs ([`types`]).
+//! Failures are an [`Error`]; the API's own carry its `code`. Answers `429` and `503`
+//! (where the gateway wrote nothing) are retried a bounded number of times, after the
+//! delay `Retry-After` asks for (capped), else with exponential backoff. Resource writes
+//! send a fresh `Idempotency-Key` (a UUID v4) that stays the same across that call's
+//! retries, so a retried create never makes a second resource. [`Client::wait`] follows
+//! an operation with the long-poll `GET /v1/operations/{id}?wait=30s` until it ends.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), gateway_client::Error> {
+//! use gateway_client::{Client, Kind, NewResource};
+//! let gw = Client::new("http://127.0.0.1:8080", "gw_…");
+//! let op = gw
+//!     .create_resource("acme", Kind::Vm, &NewResource {
+//!         name: "web-1".into(),
+//!         zone: "zone-a".into(),
+//!         spec: serde_json::json!({"flavor": "m1.small", "image": "debian-12"}),
+//!         labels: Default::default(),
+//!     })
+//!     .await?;
+//! let done = gw.wait(op.id, std::time::Duration::from_secs(300)).await?;
+//! println!("{}", done.state);
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod types;
+
+pub use error::{parse_retry_after, Error};
+pub use gateway_proto::{
+    kind_path, Action, Kind, OperationError, OperationState, Phase, Report, ReportAck, Service,
+};
+pub use types::*;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::header::{HeaderMap, HeaderValue, ETAG, IF_MATCH, RETRY_AFTER};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// A call's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How long one long-poll asks the gateway to hold the request.
+pub const LONG_POLL: Duration = Duration::from_secs(30);
+
+/// A client of one gateway with one key. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    retries: usize,
+    max_retry_wait: Duration,
+}
+
+/// One request, as sent (again, on a retry).
+struct Call<'a> {
+    method: Method,
+    path: String,
+    query: Vec<(&'static str, String)>,
+    body: Option<Value>,
+    idempotency_key: Option<String>,
+    if_match: Option<&'a str>,
+}
+
+impl<'a> Call<'a> {
+    fn new(method: Method, path: String) -> Self {
+        Self {
+            method,
+            path,
+            query: Vec::new(),
+            body: None,
+            idempotency_key: None,
+            if_match: None,
+        }
+    }
+
+    fn body(mut self, body: impl Serialize) -> Result<Self> {
+        self.body = Some(serde_json::to_value(body).map_err(|e| Error::Decode(e.to_string()))?);
+        Ok(self)
+    }
+
+    fn query(mut self, query: Vec<(&'static str, String)>) -> Self {
+        self.query = query;
+        self
+    }
+
+    /// A resource write: a fresh idempotency key, and `If-Match` if given.
+    fn write(mut self, if_match: Option<&'a str>) -> Self {
+        self.idempotency_key = Some(Uuid::new_v4().to_string());
+        self.if_match = if_match;
+        self
+    }
+}
+
+/// A successful answer.
+struct Answer {
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.body).map_err(|e| Error::Decode(e.to_string()))
+    }
+}
+
+impl Client {
+    /// A client of the gateway at `base_url` (for example `http://127.0.0.1:8080`),
+    /// authenticating with `key`.
+    pub fn new(base_url: impl Into<String>, key: impl Into<String>) -> Self {
+        let http = reqwest::Client::builder()
+            // Long-polls hold a request for up to 60 s.
+            .timeout(Duration::from_secs(90))
+            .connect_timeout(Duration::from_secs(10))
+            // The gateway closes a kept-alive connection idle past its header timeout
+            // (10 s by default); a request sent on it just then would be reset.
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a client without TLS options builds");
+        Self::with_http(http, base_url, key)
+    }
+
+    /// A client on a `reqwest::Client` of your own (timeouts, proxies); its timeout must
+    /// exceed [`LONG_POLL`] for [`Client::wait`].
+    pub fn with_http(
+        http: reqwest::Client,
+        base_url: impl Into<String>,
+        key: impl Into<String>,
+    ) -> Self {
+        Self {
+            http,
+            base: base_url.into().trim_end_matches('/').to_owned(),
+            key: key.into(),
+            retries: 4,
+            max_retry_wait: Duration::from_secs(30),
+        }
+    }
+
+    /// How many times `429` and `503` are retried (default 4; 0 turns retries off), and
+    /// the longest a single `Retry-After` is honoured (default 30 s).
+    pub fn with_retries(mut self, retries: usize, max_wait: Duration) -> Self {
+        self.retries = retries;
+        self.max_retry_wait = max_wait;
+        self
+    }
+
+    /// The gateway's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn once(&self, call: &Call<'_>) -> Result<Answer> {
+        let mut req = self
+            .http
+            .request(call.method.clone(), format!("{}{}", self.base, call.path))
+            .bearer_auth(&self.key);
+        if !call.query.is_empty() {
+            req = req.query(&call.query);
+        }
+        if let Some(body) = &call.body {
+            req = req.json(body);
+        }
+        if let Some(key) = &call.idempotency_key {
+            req = req.header("Idempotency-Key", key);
+        }
+        if let Some(tag) = call.if_match {
+            req = req.header(IF_MATCH, tag);
+        }
+        let res = req.send().await?;
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.bytes().await?.to_vec();
+        if status.is_success() {
+            return Ok(Answer { headers, body });
+        }
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+        Err(Error::from_answer(status.as_u16(), retry_after, &body))
+    }
+
+    async fn send(&self, call: Call<'_>) -> Result<Answer> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(self.retries)
+            .with_jitter();
+        let cap = self.max_retry_wait;
+        (|| self.once(&call))
+            .retry(backoff)
+            .when(Error::is_retryable)
+            // Retry-After replaces the backoff's delay, but never extends the number of
+            // tries: `None` (backoff exhausted) stays `None`.
+            .adjust(move |e, delay| delay.map(|d| e.retry_after().map_or(d, |r| r.min(cap))))
+            .await
+    }
+
+    async fn json<T: DeserializeOwned>(&self, call: Call<'_>) -> Result<T> {
+        self.send(call).await?.json()
+    }
+
+    // --- Tenants -----------------------------------------------------------------
+
+    /// `POST /v1/tenants` (admins).
+    pub async fn create_tenant(&self, id: &str, display_name: &str) -> Result<Tenant> {
+        let body = serde_json::json!({"id": id, "display_name": display_name});
+        self.json(Call::new(Method::POST, "/v1/tenants".into()).body(body)?)
+            .await
+    }
+
+    /// `GET /v1/tenants`: the tenants this key may read.
+    pub async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        self.json(Call::new(Method::GET, "/v1/tenants".into()))
+            .await
+    }
+
+    /// `GET /v1/tenants/{tenant}`.
+    pub async fn get_tenant(&self, tenant: &str) -> Result<Tenant> {
+        self.json(Call::new(Method::GET, format!("/v1/tenants/{tenant}")))
+            .await
+    }
+
+    // --- Keys ----------------------------------------------------------------------
+
+    /// `POST /v1/tenants/{tenant}/keys`: the secret is in the answer only.
+    pub async fn create_key(&self, tenant: &str, key: &NewKeyRequest) -> Result<NewKey> {
+        let call = Call::new(Method::POST, format!("/v1/tenants/{tenant}/keys")).body(key)?;
+        self.json(call).await
+    }
+
+    /// `GET /v1/tenants/{tenant}/keys`.
+    pub async fn list_keys(&self, tenant: &str) -> Result<Vec<KeyInfo>> {
+        self.json(Call::new(Method::GET, format!("/v1/tenants/{tenant}/keys")))
+            .await
+    }
+
+    /// `DELETE /v1/tenants/{tenant}/keys/{id}`.
+    pub async fn revoke_key(&self, tenant: &str, id: Uuid) -> Result<()> {
+        let path = format!("/v1/tenants/{tenant}/keys/{id}");
+        self.send(Call::new(Method::DELETE, path)).await.map(drop)
+    }
+
+    /// `GET /v1/keys`: platform keys (admin and worker keys; admins).
+    pub async fn list_platform_keys(&self) -> Result<Vec<KeyInfo>> {
+        self.json(Call::new(Method::GET, "/v1/keys".into())).await
+    }
+
+    /// `DELETE /v1/keys/{id}`: revokes any key (admins).
+    pub async fn revoke_any_key(&self, id: Uuid) -> Result<()> {
+        let call = Call::new(Method::DELETE, format!("/v1/keys/{id}"));
+        self.send(call).await.map(drop)
+    }
+
+    // --- Resources -----------------------------------------------------------------
+
+    fn resources(tenant: &str, kind: Kind) -> String {
+        format!("/v1/tenants/{tenant}/{}", kind_path(kind))
+    }
+
+    fn resource(tenant: &str, kind: Kind, id: Uuid) -> String {
+        format!("{}/{id}", Self::resources(tenant, kind))
+    }
+
+    /// `POST /v1/tenants/{tenant}/{kind}`: the create operation.
+    pub async fn create_resource(
+        &self,
+        tenant: &str,
+        kind: Kind,
+        resource: &NewResource,
+    ) -> Result<Operation> {
+        let call = Call::new(Method::POST, Self::resources(tenant, kind))
+            .body(resource)?
+            .write(None);
+        self.json(call).await
+    }
+
+    /// `GET /v1/tenants/{tenant}/{kind}/{id}`, with its `ETag` in `etag`.
+    pub async fn get_resource(&self, tenant: &str, kind: Kind, id: Uuid) -> Result<Resource> {
+        let answer = self
+            .send(Call::new(Method::GET, Self::resource(tenant, kind, id)))
+            .await?;
+        let mut resource: Resource = answer.json()?;
+        resource.etag = answer
+            .headers
+            .get(ETAG)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::to_owned);
+        Ok(resource)
+    }
+
+    /// `GET /v1/tenants/{tenant}/{kind}`: one page.
+    pub async fn list_resources(
+        &self,
+        tenant: &str,
+        kind: Kind,
+        query: &ResourceQuery,
+    ) -> Result<Page<Resource>> {
+        let call = Call::new(Method::GET, Self::resources(tenant, kind)).query(query.pairs());
+        self.json(call).await
+    }
+
+    /// `PATCH /v1/tenants/{tenant}/{kind}/{id}`: spec merge patch and/or labels;
+    /// conditional on `if_match` (an ETag) if given.
+    pub async fn patch_resource(
+        &self,
+        tenant: &str,
+        kind: Kind,
+        id: Uuid,
+        patch: &ResourcePatch,
+        if_match: Option<&str>,
+    ) -> Result<Operation> {
+        let call = Call::new(Method::PATCH, Self::resource(tenant, kind, id))
+            .body(patch)?
+            .write(if_match);
+        self.json(call).await
+    }
+
+    /// `DELETE /v1/tenants/{tenant}/{kind}/{id}`: the delete operation.
+    pub async fn delete_resource(
+        &self,
+        tenant: &str,
+        kind: Kind,
+        id: Uuid,
+        if_match: Option<&str>,
+    ) -> Result<Operation> {
+        let call = Call::new(Method::DELETE, Self::resource(tenant, kind, id)).write(if_match);
+        self.json(call).await
+    }
+
+    /// `POST /v1/tenants/{tenant}/{kind}/{id}/actions/{action}` with its input (`{}` for
+    /// actions without one).
+    pub async fn action(
+        &self,
+        tenant: &str,
+        kind: Kind,
+        id: Uuid,
+        action: Action,
+        input: &Value,
+        if_match: Option<&str>,
+    ) -> Result<Operation> {
+        let path = format!("{}/actions/{action}", Self::resource(tenant, kind, id));
+        let call = Call::new(Method::POST, path).body(input)?.write(if_match);
+        self.json(call).await
+    }
+
+    // --- Operations ----------------------------------------------------------------
+
+    /// `GET /v1/operations/{id}`.
+    pub async fn get_operation(&self, id: Uuid) -> Result<Operation> {
+        self.json(Call::new(Method::GET, format!("/v1/operations/{id}")))
+            .await
+    }
+
+    /// `GET /v1/operations/{id}?wait=…`: answers when the state changes, or after
+    /// `wait` (the gateway caps it at 60 s).
+    pub async fn poll_operation(&self, id: Uuid, wait: Duration) -> Result<Operation> {
+        let wait = format!("{}ms", wait.as_millis().max(1));
+        let call =
+            Call::new(Method::GET, format!("/v1/operations/{id}")).query(vec![("wait", wait)]);
+        self.json(call).await
+    }
+
+    /// Follows an operation with long-polls until it ends (any final state: check
+    /// `state`), or fails with [`Error::TimedOut`] after `timeout`.
+    pub async fn wait(&self, id: Uuid, timeout: Duration) -> Result<Operation> {
+        self.wait_with(id, timeout, |_| {}).await
+    }
+
+    /// Like [`Client::wait`], calling `seen` with every answer (a state change, or the
+    /// same state again after a long-poll ran out), for progress displays.
+    pub async fn wait_with(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+        mut seen: impl FnMut(&Operation),
+    ) -> Result<Operation> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut op = self.get_operation(id).await?;
+        loop {
+            seen(&op);
+            if op.done {
+                return Ok(op);
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::TimedOut);
+            }
+            op = self.poll_operation(id, left.min(LONG_POLL)).await?;
+        }
+    }
+
+    /// `GET /v1/tenants/{tenant}/operations`: one page, newest first.
+    pub async fn list_operations(
+        &self,
+        tenant: &str,
+        query: &OperationQuery,
+    ) -> Result<Page<Operation>> {
+        let call =
+            Call::new(Method::GET, format!("/v1/tenants/{tenant}/operations")).query(query.pairs());
+        self.json(call).await
+    }
+
+    /// `POST /v1/operations/{id}/cancel`: cancelled at once if no worker started it,
+    /// else `cancel_requested`.
+    pub async fn cancel_operation(&self, id: Uuid) -> Result<Operation> {
+        self.json(Call::new(
+            Method::POST,
+            format!("/v1/operations/{id}/cancel"),
+        ))
+        .await
+    }
+
+    /// `POST /v1/operations/{id}/reports`: a worker's report (worker keys). The gateway's
+    /// own workers report through `workers::report`, which ties retries to the JetStream
+    /// message and forwards the dispatch's request ID and trace context.
+    pub async fn report(&self, id: Uuid, report: &Report) -> Result<ReportAck> {
+        let call = Call::new(Method::POST, format!("/v1/operations/{id}/reports")).body(report)?;
+        self.json(call).await
+    }
+
+    // --- Quotas, catalog, audit ----------------------------------------------------
+
+    /// `GET /v1/tenants/{tenant}/quotas`: limits and usage.
+    pub async fn get_quotas(&self, tenant: &str) -> Result<Quotas> {
+        self.json(Call::new(
+            Method::GET,
+            format!("/v1/tenants/{tenant}/quotas"),
+        ))
+        .await
+    }
+
+    /// `PUT /v1/tenants/{tenant}/quotas`: replaces the limits (admins).
+    pub async fn set_quotas(&self, tenant: &str, limits: &[QuotaLimit]) -> Result<Quotas> {
+        let body = serde_json::json!({ "limits": limits });
+        let call = Call::new(Method::PUT, format!("/v1/tenants/{tenant}/quotas")).body(body)?;
+        self.json(call).await
+    }
+
+    /// `GET /v1/zones`.
+    pub async fn zones(&self) -> Result<Vec<Zone>> {
+        self.json(Call::new(Method::GET, "/v1/zones".into())).await
+    }
+
+    /// `GET /v1/catalog/{category}`: `flavor`, `image`, `machine_class`, `k8s_version`
+    /// or `storage_class`.
+    pub async fn catalog(&self, category: &str) -> Result<Vec<CatalogEntry>> {
+        self.json(Call::new(Method::GET, format!("/v1/catalog/{category}")))
+            .await
+    }
+
+    /// `GET /v1/openapi.json`: the OpenAPI 3.1 document.
+    pub async fn openapi(&self) -> Result<Value> {
+        self.json(Call::new(Method::GET, "/v1/openapi.json".into()))
+            .await
+    }
+
+    /// `GET /readyz`: `Ok` when the gateway is ready (its database and NATS answer), else
+    /// the `503` as an [`Error::Api`] (code `http_503`, the body in `message`).
+    pub async fn ready(&self) -> Result<Value> {
+        let call = Call::new(Method::GET, "/readyz".into());
+        self.once(&call).await?.json()
+    }
+
+    /// `GET /v1/audit`: one page, newest first (admins; owners see their tenant).
+    pub async fn audit(&self, query: &AuditQuery) -> Result<Page<AuditEntry>> {
+        let call = Call::new(Method::GET, "/v1/audit".into()).query(query.pairs());
+        self.json(call).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-route HTTP server answering from `script` in turn (the last answer again
+    /// once it runs out), recording each request's `Idempotency-Key`.
+    async fn scripted(script: Vec<&'static str>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0; 64 * 1024];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    len += conn.read(&mut buf[len..]).await.unwrap();
+                }
+                let head = String::from_utf8_lossy(&buf[..len]).to_lowercase();
+                let key = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("idempotency-key: "))
+                    .map(|k| k.trim().to_owned());
+                log.lock().unwrap().push(key);
+                let answer = script[n.min(script.len() - 1)];
+                let (status, extra, body) = match answer {
+                    "ok" => (
+                        "200 OK",
+                        "",
+                        r#"{"id":"acme","display_name":"","created_at":"2026-01-01T00:00:00Z"}"#,
+                    ),
+                    "busy" => (
+                        "503 Service Unavailable",
+                        "Retry-After: 1\r\n",
+                        r#"{"code":"database_unavailable","message":"retry","request_id":"r"}"#,
+                    ),
+                    _ => (
+                        "429 Too Many Requests",
+                        "Retry-After: 0\r\n",
+                        r#"{"code":"rate_limited","message":"slow down","request_id":"r"}"#,
+                    ),
+                };
+                let res = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(res.as_bytes()).await.unwrap();
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn busy_answers_are_retried_after_retry_after_with_the_same_idempotency_key() {
+        let (url, seen) = scripted(vec!["busy", "ok"]).await;
+        let gw = Client::new(url, "k");
+        let started = std::time::Instant::now();
+        let new = NewResource {
+            name: "web".into(),
+            zone: "zone-a".into(),
+            spec: serde_json::json!({}),
+            labels: Default::default(),
+        };
+        // The answer is a tenant, not an operation: decoding fails, after the retry.
+        let err = gw
+            .create_resource("acme", Kind::Vm, &new)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Decode(_)), "{err}");
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "Retry-After: 1 honoured"
+        );
+        let keys = seen.lock().unwrap().clone();
+        assert_eq!(keys.len(), 2);
+        assert!(keys[0].is_some());
+        assert_eq!(keys[0], keys[1], "one key across the call's retries");
+
+        let (url, seen) = scripted(vec!["busy", "ok"]).await;
+        let gw = Client::new(url, "k");
+        assert_eq!(gw.get_tenant("acme").await.unwrap().id, "acme");
+        assert_eq!(
+            seen.lock().unwrap().clone(),
+            vec![None, None],
+            "reads send no key"
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded() {
+        let (url, seen) = scripted(vec!["limited"]).await;
+        let gw = Client::new(url, "k").with_retries(2, Duration::from_secs(1));
+        let err = gw.get_tenant("acme").await.unwrap_err();
+        assert_eq!(err.code(), Some("rate_limited"));
+        assert_eq!(err.status(), Some(429));
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            3,
+            "the first try and two retries"
+        );
+    }
+}

@@ -1,0 +1,968 @@
+//! `gwctl`: the gateway for people, on the typed client (`gateway-client`).
+//!
+//! Exit codes: 0 succeeded; 1 the operation failed or was cancelled (its error code is
+//! printed); 2 usage error; 3 API error (its code is printed; also a gateway that cannot
+//! be reached); 4 timed out.
+
+mod config;
+mod output;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use gateway_client::{
+    Action, AuditQuery, Client, Error, Kind, NewKeyRequest, NewResource, Operation, OperationQuery,
+    OperationState, QuotaLimit, ResourcePatch, ResourceQuery, Role, Service,
+};
+use output::Format;
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const EXAMPLES: &str = "\
+Examples:
+  export GWCTL_URL=http://127.0.0.1:8080 GWCTL_KEY=<key>
+  gwctl tenants create acme
+  gwctl -t acme vms create web-1 --zone zone-a \\
+      --spec '{\"flavor\": \"m1.small\", \"image\": \"debian-12\"}' --wait
+  gwctl -t acme vms list --label env=prod -o json
+  gwctl -t acme vms patch <id> --spec '{\"flavor\": \"m1.large\"}' --label team- --wait
+  gwctl -t acme vms action <id> stop --wait
+  gwctl -t acme volumes action <id> attach --input '{\"vm_id\": \"<vm id>\"}'
+  gwctl ops wait <operation id> --timeout 5m
+  gwctl -t acme watch
+  gwctl completion bash > /etc/bash_completion.d/gwctl
+
+Configuration: --url/--key, else GWCTL_URL/GWCTL_KEY (or GW/KEY), else the file
+$GWCTL_CONFIG or ~/.config/gwctl/config with `url = …`, `key = …`, `tenant = …` lines.
+
+Exit codes: 0 succeeded, 1 the operation failed or was cancelled, 2 usage error,
+3 API error (code printed), 4 timed out.";
+
+const VMS_HELP: &str = r#"Actions: start, stop, reboot, resize {"flavor"}
+
+Examples:
+  gwctl -t acme vms create web-1 --zone zone-a \
+      --spec '{"flavor": "m1.small", "image": "debian-12"}' --wait
+  gwctl -t acme vms action <id> resize --input '{"flavor": "m1.large"}' --wait"#;
+
+const BARE_METAL_HELP: &str = r#"Actions: power_on, power_off, reprovision {"image"?}
+
+Examples:
+  gwctl -t acme bare-metal create db-1 --zone zone-a \
+      --spec '{"machine_class": "bm.standard", "image": "debian-12"}' --wait
+  gwctl -t acme bare-metal action <id> power_off"#;
+
+const CLUSTERS_HELP: &str = r#"Actions: scale {"node_count"}, upgrade {"version"}
+
+Examples:
+  gwctl -t acme clusters create k1 --zone zone-b \
+      --spec '{"version": "1.31", "node_count": 3, "node_flavor": "m1.large"}'
+  gwctl -t acme clusters action <id> scale --input '{"node_count": 5}' --wait"#;
+
+const VOLUMES_HELP: &str = r#"Actions: resize {"size_gb"}, attach {"vm_id"}, detach
+
+Examples:
+  gwctl -t acme volumes create data --zone zone-a --spec '{"size_gb": 20, "class": "ssd"}'
+  gwctl -t acme volumes action <id> attach --input '{"vm_id": "<vm id>"}' --wait"#;
+
+/// The gateway's command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "gwctl", version, after_help = EXAMPLES)]
+struct Cli {
+    /// The gateway's URL [default: http://127.0.0.1:8080].
+    #[arg(long, global = true, env = "GWCTL_URL")]
+    url: Option<String>,
+    /// The API key.
+    #[arg(long, global = true, env = "GWCTL_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// The tenant resource commands act on.
+    #[arg(short, long, global = true, env = "GWCTL_TENANT")]
+    tenant: Option<String>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Tenants: create (admins), list, get.
+    #[command(subcommand)]
+    Tenants(TenantCmd),
+    /// API keys of a tenant, or (with --platform) admin and worker keys.
+    #[command(subcommand)]
+    Keys(KeyCmd),
+    /// Virtual machines.
+    #[command(
+        subcommand,
+        after_help = VMS_HELP
+    )]
+    Vms(ResourceCmd),
+    /// Bare-metal servers.
+    #[command(
+        subcommand,
+        name = "bare-metal",
+        after_help = BARE_METAL_HELP
+    )]
+    BareMetal(ResourceCmd),
+    /// Kubernetes clusters.
+    #[command(
+        subcommand,
+        after_help = CLUSTERS_HELP
+    )]
+    Clusters(ResourceCmd),
+    /// Storage volumes.
+    #[command(
+        subcommand,
+        after_help = VOLUMES_HELP
+    )]
+    Volumes(ResourceCmd),
+    /// Operations: get, list, wait, cancel.
+    #[command(subcommand)]
+    Ops(OpsCmd),
+    /// A live view of the tenant's operations as they change.
+    Watch(WatchArgs),
+    /// A tenant's quota limits and usage.
+    #[command(subcommand)]
+    Quotas(QuotaCmd),
+    /// The zones.
+    Zones,
+    /// A catalog category: flavor, image, machine_class, k8s_version, storage_class.
+    Catalog {
+        /// The category.
+        category: String,
+    },
+    /// The audit log (admins; owners see their tenant's).
+    Audit(AuditArgs),
+    /// Prints a shell completion script.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCmd {
+    /// Creates a tenant.
+    Create {
+        /// Its ID, a DNS label.
+        id: String,
+        /// A name for people.
+        #[arg(long, default_value = "")]
+        display_name: String,
+    },
+    /// Lists the tenants this key may read.
+    List,
+    /// Shows a tenant.
+    Get {
+        /// Its ID.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCmd {
+    /// Creates a key of the tenant (-t); prints its secret once.
+    Create {
+        /// owner, member, reader, or (admins) worker.
+        #[arg(long)]
+        role: Role,
+        /// A name, unique per tenant.
+        #[arg(long)]
+        name: Option<String>,
+        /// A worker key's service: vm, bm, k8s, storage.
+        #[arg(long)]
+        service: Option<Service>,
+        /// A worker key's zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// When it stops working (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Lists the tenant's keys, or the platform's with --platform.
+    List {
+        /// Admin and worker keys (admins).
+        #[arg(long)]
+        platform: bool,
+    },
+    /// Revokes a key of the tenant, or any key with --platform (admins).
+    Revoke {
+        /// Its ID.
+        id: Uuid,
+        /// Through `/v1/keys/{id}`.
+        #[arg(long)]
+        platform: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Follow the operation until it ends; print the resulting resource.
+    #[arg(short, long)]
+    wait: bool,
+    /// How long --wait waits: 500ms, 30s, 5m, 1h.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum ResourceCmd {
+    /// Creates one; prints the operation.
+    Create {
+        /// Its name, a DNS label.
+        name: String,
+        /// The zone.
+        #[arg(long)]
+        zone: String,
+        /// The spec as JSON, or @file.
+        #[arg(long, value_parser = parse_json)]
+        spec: Value,
+        /// A label key=value (repeatable).
+        #[arg(short, long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Shows one.
+    Get {
+        /// Its ID.
+        id: Uuid,
+    },
+    /// Lists them, newest first.
+    List {
+        /// Only this zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Only this phase: provisioning, ready, updating, deleting, failed.
+        #[arg(long)]
+        phase: Option<gateway_client::Phase>,
+        /// A label selector: k=v,k2=v2.
+        #[arg(short, long)]
+        label: Option<String>,
+        /// Only those changed since (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Changes its spec (JSON merge patch) and/or labels.
+    Patch {
+        /// Its ID.
+        id: Uuid,
+        /// A merge patch of the spec as JSON, or @file.
+        #[arg(long, value_parser = parse_json)]
+        spec: Option<Value>,
+        /// key=value sets a label, key- removes it (repeatable).
+        #[arg(short, long = "label", value_parser = parse_label_change)]
+        labels: Vec<(String, Option<String>)>,
+        /// Only if the resource's ETag is still this.
+        #[arg(long)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Deletes it; prints the operation.
+    Delete {
+        /// Its ID.
+        id: Uuid,
+        /// Only if the resource's ETag is still this.
+        #[arg(long)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Runs an action (see the kind's help for its actions).
+    Action {
+        /// Its ID.
+        id: Uuid,
+        /// The action.
+        action: Action,
+        /// The action's input as JSON, or @file.
+        #[arg(long, value_parser = parse_json)]
+        input: Option<Value>,
+        /// Only if the resource's ETag is still this.
+        #[arg(long)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Paging {
+    /// Page size (1–500).
+    #[arg(long)]
+    limit: Option<u32>,
+    /// The previous page's next cursor.
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum OpsCmd {
+    /// Shows an operation.
+    Get {
+        /// Its ID.
+        id: Uuid,
+    },
+    /// Lists the tenant's operations, newest first.
+    List {
+        /// Only this state.
+        #[arg(long)]
+        state: Option<OperationState>,
+        /// Only this kind: vm, bm, cluster, volume.
+        #[arg(long)]
+        kind: Option<Kind>,
+        /// Only this zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Only this resource's.
+        #[arg(long)]
+        resource: Option<Uuid>,
+        /// Only those submitted since (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Follows an operation until it ends; exits 0 if it succeeded, 1 if not.
+    Wait {
+        /// Its ID.
+        id: Uuid,
+        /// How long to wait: 500ms, 30s, 5m, 1h.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Cancels an operation.
+    Cancel {
+        /// Its ID.
+        id: Uuid,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// How often to look for new operations.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Stop after this long (default: until interrupted).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+enum QuotaCmd {
+    /// Shows the tenant's limits and usage.
+    Get,
+    /// Replaces the tenant's limits (admins): DIMENSION[:KIND[:ZONE]]=LIMIT, `*` for any.
+    Set {
+        /// For example vcpus=64, count:vm=10, storage_gb:volume:zone-a=500.
+        #[arg(value_parser = parse_limit)]
+        limits: Vec<QuotaLimit>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// Only this key.
+    #[arg(long)]
+    principal: Option<Uuid>,
+    /// Only this outcome.
+    #[arg(long)]
+    outcome: Option<String>,
+    /// Only entries since (RFC 3339).
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    #[command(flatten)]
+    paging: Paging,
+}
+
+/// Why `gwctl` stops early: the exit code and what to say.
+struct Fail(u8, String);
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::TimedOut => Fail(4, "error: timed out".into()),
+            Error::Api { code, message, .. } => Fail(3, format!("error: {code}: {message}")),
+            Error::Transport(e) => {
+                // reqwest keeps the telling part (connection refused, …) in the sources.
+                let mut message = format!("error: cannot reach the gateway: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    message.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                Fail(3, message)
+            }
+            other => Fail(3, format!("error: {other}")),
+        }
+    }
+}
+
+type Outcome = Result<(), Fail>;
+
+fn usage(message: impl Into<String>) -> Fail {
+    Fail(2, format!("error: {}", message.into()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, message)) => {
+            eprintln!("{message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Outcome {
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "gwctl", &mut std::io::stdout());
+        return Ok(());
+    }
+    let settings = config::Settings::resolve(cli.url, cli.key, cli.tenant).map_err(usage)?;
+    let gw = Client::new(&settings.url, &settings.key);
+    let ctx = Ctx {
+        gw,
+        tenant: settings.tenant,
+        format: cli.output,
+    };
+    match cli.command {
+        Command::Tenants(cmd) => ctx.tenants(cmd).await,
+        Command::Keys(cmd) => ctx.keys(cmd).await,
+        Command::Vms(cmd) => ctx.resources(Kind::Vm, cmd).await,
+        Command::BareMetal(cmd) => ctx.resources(Kind::Bm, cmd).await,
+        Command::Clusters(cmd) => ctx.resources(Kind::Cluster, cmd).await,
+        Command::Volumes(cmd) => ctx.resources(Kind::Volume, cmd).await,
+        Command::Ops(cmd) => ctx.ops(cmd).await,
+        Command::Watch(args) => ctx.watch(args).await,
+        Command::Quotas(cmd) => ctx.quotas(cmd).await,
+        Command::Zones => {
+            output::many(&ctx.gw.zones().await?, ctx.format);
+            Ok(())
+        }
+        Command::Catalog { category } => {
+            output::many(&ctx.gw.catalog(&category).await?, ctx.format);
+            Ok(())
+        }
+        Command::Audit(args) => ctx.audit(args).await,
+        Command::Completion { .. } => unreachable!("handled above"),
+    }
+}
+
+struct Ctx {
+    gw: Client,
+    tenant: Option<String>,
+    format: Format,
+}
+
+impl Ctx {
+    fn tenant(&self) -> Result<&str, Fail> {
+        self.tenant
+            .as_deref()
+            .ok_or_else(|| usage("this command needs a tenant: -t/--tenant, GWCTL_TENANT or `tenant =` in the config file"))
+    }
+
+    async fn tenants(&self, cmd: TenantCmd) -> Outcome {
+        match cmd {
+            TenantCmd::Create { id, display_name } => output::one(
+                &self.gw.create_tenant(&id, &display_name).await?,
+                self.format,
+            ),
+            TenantCmd::List => output::many(&self.gw.list_tenants().await?, self.format),
+            TenantCmd::Get { id } => output::one(&self.gw.get_tenant(&id).await?, self.format),
+        }
+        Ok(())
+    }
+
+    async fn keys(&self, cmd: KeyCmd) -> Outcome {
+        match cmd {
+            KeyCmd::Create {
+                role,
+                name,
+                service,
+                zone,
+                expires_at,
+            } => {
+                let req = NewKeyRequest {
+                    role,
+                    service,
+                    zone,
+                    name,
+                    expires_at,
+                };
+                let key = self.gw.create_key(self.tenant()?, &req).await?;
+                output::one(&key, self.format);
+            }
+            KeyCmd::List { platform: true } => {
+                output::many(&self.gw.list_platform_keys().await?, self.format)
+            }
+            KeyCmd::List { platform: false } => {
+                output::many(&self.gw.list_keys(self.tenant()?).await?, self.format)
+            }
+            KeyCmd::Revoke { id, platform: true } => self.gw.revoke_any_key(id).await?,
+            KeyCmd::Revoke {
+                id,
+                platform: false,
+            } => self.gw.revoke_key(self.tenant()?, id).await?,
+        }
+        Ok(())
+    }
+
+    async fn resources(&self, kind: Kind, cmd: ResourceCmd) -> Outcome {
+        let t = self.tenant()?;
+        let gw = &self.gw;
+        let (op, wait) = match cmd {
+            ResourceCmd::Get { id } => {
+                output::one(&gw.get_resource(t, kind, id).await?, self.format);
+                return Ok(());
+            }
+            ResourceCmd::List {
+                zone,
+                phase,
+                label,
+                since,
+                paging,
+            } => {
+                let q = ResourceQuery {
+                    zone,
+                    phase,
+                    since,
+                    label,
+                    limit: paging.limit,
+                    cursor: paging.cursor,
+                };
+                output::page(&gw.list_resources(t, kind, &q).await?, self.format);
+                return Ok(());
+            }
+            ResourceCmd::Create {
+                name,
+                zone,
+                spec,
+                labels,
+                wait,
+            } => {
+                let new = NewResource {
+                    name,
+                    zone,
+                    spec,
+                    labels: labels.into_iter().collect(),
+                };
+                (gw.create_resource(t, kind, &new).await?, wait)
+            }
+            ResourceCmd::Patch {
+                id,
+                spec,
+                labels,
+                if_match,
+                wait,
+            } => {
+                if spec.is_none() && labels.is_empty() {
+                    return Err(usage("patch needs --spec, --label or both"));
+                }
+                let patch = ResourcePatch {
+                    spec,
+                    labels: (!labels.is_empty()).then(|| labels.into_iter().collect()),
+                };
+                let op = gw
+                    .patch_resource(t, kind, id, &patch, if_match.as_deref())
+                    .await?;
+                (op, wait)
+            }
+            ResourceCmd::Delete { id, if_match, wait } => (
+                gw.delete_resource(t, kind, id, if_match.as_deref()).await?,
+                wait,
+            ),
+            ResourceCmd::Action {
+                id,
+                action,
+                input,
+                if_match,
+                wait,
+            } => {
+                let input = input.unwrap_or_else(|| serde_json::json!({}));
+                let op = gw
+                    .action(t, kind, id, action, &input, if_match.as_deref())
+                    .await?;
+                (op, wait)
+            }
+        };
+        self.submitted(op, wait).await
+    }
+
+    /// After a write: print the operation, or with --wait follow it and print the
+    /// resource it left (the operation itself for deletes and failures).
+    async fn submitted(&self, op: Operation, wait: WaitArgs) -> Outcome {
+        if !wait.wait {
+            output::one(&op, self.format);
+            return Ok(());
+        }
+        let done = self.follow(op.id, wait.timeout).await?;
+        if done.state == OperationState::Succeeded && done.action != Action::Delete {
+            let resource = self
+                .gw
+                .get_resource(&done.tenant, done.kind, done.resource_id)
+                .await?;
+            output::one(&resource, self.format);
+            return Ok(());
+        }
+        self.finished(done)
+    }
+
+    /// Prints a finished operation; exit 1 unless it succeeded.
+    fn finished(&self, op: Operation) -> Outcome {
+        output::one(&op, self.format);
+        match op.state {
+            OperationState::Succeeded => Ok(()),
+            state => {
+                let (code, message) = op
+                    .error
+                    .map(|e| (e.code, e.message))
+                    .unwrap_or_else(|| (state.to_string(), String::new()));
+                Err(Fail(1, format!("operation {state}: {code}: {message}")))
+            }
+        }
+    }
+
+    /// Waits for an operation, showing progress on stderr: one line rewritten in place
+    /// on a terminal, a line per change when piped.
+    async fn follow(&self, id: Uuid, timeout: Duration) -> Result<Operation, Fail> {
+        let start = Instant::now();
+        let live = std::io::stderr().is_terminal();
+        // The latest answer, which the terminal's ticker redraws with the time elapsed.
+        let last = std::sync::Mutex::new(None::<Operation>);
+        let progress = |op: &Operation| {
+            let mut last = last.lock().expect("not poisoned");
+            let changed = last
+                .as_ref()
+                .is_none_or(|l| (l.state, l.attempt) != (op.state, op.attempt));
+            if live {
+                eprint!("\r\x1b[K{}", progress_line(op, start.elapsed()));
+                if op.done {
+                    eprintln!();
+                }
+            } else if changed {
+                eprintln!("{}", progress_line(op, start.elapsed()));
+            }
+            *last = Some(op.clone());
+        };
+        let waiting = self.gw.wait_with(id, timeout, &progress);
+        if !live {
+            return Ok(waiting.await?);
+        }
+        tokio::pin!(waiting);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                done = &mut waiting => {
+                    if done.is_err() {
+                        eprintln!();
+                    }
+                    return Ok(done?);
+                }
+                _ = tick.tick() => {
+                    if let Some(op) = last.lock().expect("not poisoned").as_ref() {
+                        eprint!("\r\x1b[K{}", progress_line(op, start.elapsed()));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn ops(&self, cmd: OpsCmd) -> Outcome {
+        match cmd {
+            OpsCmd::Get { id } => output::one(&self.gw.get_operation(id).await?, self.format),
+            OpsCmd::List {
+                state,
+                kind,
+                zone,
+                resource,
+                since,
+                paging,
+            } => {
+                let q = OperationQuery {
+                    state,
+                    kind,
+                    zone,
+                    resource_id: resource,
+                    since,
+                    limit: paging.limit,
+                    cursor: paging.cursor,
+                };
+                let page = self.gw.list_operations(self.tenant()?, &q).await?;
+                output::page(&page, self.format);
+            }
+            OpsCmd::Wait { id, timeout } => {
+                let done = self.follow(id, timeout).await?;
+                return self.finished(done);
+            }
+            OpsCmd::Cancel { id, wait } => {
+                let op = self.gw.cancel_operation(id).await?;
+                if !wait.wait {
+                    output::one(&op, self.format);
+                    return Ok(());
+                }
+                let done = self.follow(op.id, wait.timeout).await?;
+                // Cancelling is what was asked for: a cancelled operation is success here.
+                output::one(&done, self.format);
+                if done.state == OperationState::Failed {
+                    return self.finished(done);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn quotas(&self, cmd: QuotaCmd) -> Outcome {
+        let t = self.tenant()?;
+        let q = match cmd {
+            QuotaCmd::Get => self.gw.get_quotas(t).await?,
+            QuotaCmd::Set { limits } => self.gw.set_quotas(t, &limits).await?,
+        };
+        output::one(&q, self.format);
+        Ok(())
+    }
+
+    async fn audit(&self, args: AuditArgs) -> Outcome {
+        let q = AuditQuery {
+            tenant: self.tenant.clone(),
+            principal_id: args.principal,
+            outcome: args.outcome,
+            since: args.since,
+            limit: args.paging.limit,
+            cursor: args.paging.cursor,
+        };
+        output::page(&self.gw.audit(&q).await?, self.format);
+        Ok(())
+    }
+
+    /// Prints each change of the tenant's operations as a line (a JSON line with
+    /// `-o json`): operations submitted since the watch began, and those unfinished
+    /// when it began. Between looks it long-polls an unfinished operation, so changes
+    /// show at once; with none it sleeps `interval`.
+    async fn watch(&self, args: WatchArgs) -> Outcome {
+        let t = self.tenant()?.to_owned();
+        let started = chrono::Utc::now();
+        let stop = args.timeout.map(|d| Instant::now() + d);
+        let mut seen: HashMap<Uuid, (OperationState, i32)> = HashMap::new();
+        let mut tracked: BTreeSet<Uuid> = BTreeSet::new();
+        // The first look lists the unfinished operations of before the watch.
+        let mut first = true;
+        if self.format == Format::Table {
+            println!("{}", watch_header());
+        }
+        loop {
+            let mut ops = Vec::new();
+            let query = OperationQuery {
+                since: (!first).then_some(started - chrono::Duration::seconds(1)),
+                limit: Some(500),
+                ..Default::default()
+            };
+            let page = self.gw.list_operations(&t, &query).await?;
+            ops.extend(page.items.into_iter().filter(|o| !first || !o.done));
+            for id in &tracked {
+                if !ops.iter().any(|o| o.id == *id) {
+                    ops.push(self.gw.get_operation(*id).await?);
+                }
+            }
+            first = false;
+            ops.sort_by_key(|o| o.updated_at);
+            for op in ops {
+                let now = (op.state, op.attempt);
+                if seen.insert(op.id, now) != Some(now) {
+                    self.watch_line(&op);
+                }
+                if op.done {
+                    tracked.remove(&op.id);
+                } else if op.created_at < started {
+                    tracked.insert(op.id);
+                }
+            }
+            let mut pause = args.interval;
+            if let Some(stop) = stop {
+                let left = stop.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(());
+                }
+                pause = pause.min(left);
+            }
+            let unfinished = seen
+                .iter()
+                .find(|(_, (state, _))| !state.is_terminal())
+                .map(|(id, _)| *id);
+            match unfinished {
+                Some(id) => {
+                    self.gw.poll_operation(id, pause).await?;
+                }
+                None => tokio::time::sleep(pause).await,
+            }
+        }
+    }
+
+    fn watch_line(&self, op: &Operation) {
+        match self.format {
+            Format::Table => println!("{}", watch_row(op)),
+            Format::Json => println!("{}", serde_json::to_string(op).expect("serializes")),
+            Format::Yaml => print!(
+                "---\n{}",
+                output::yaml(&serde_json::to_value(op).expect("serializes"))
+            ),
+        }
+    }
+}
+
+/// Columns of `watch` (fixed widths: rows print as they come).
+const WATCH_COLUMNS: [(&str, usize); 8] = [
+    ("TIME", 8),
+    ("KIND", 7),
+    ("ACTION", 11),
+    ("STATE", 10),
+    ("ATTEMPT", 7),
+    ("OPERATION", 36),
+    ("RESOURCE", 36),
+    ("ERROR", 0),
+];
+
+fn watch_header() -> String {
+    let cells = WATCH_COLUMNS.iter().map(|(h, _)| h.to_string()).collect();
+    watch_cells(cells)
+}
+
+fn watch_row(op: &Operation) -> String {
+    watch_cells(vec![
+        op.updated_at.format("%H:%M:%S").to_string(),
+        op.kind.to_string(),
+        op.action.to_string(),
+        op.state.to_string(),
+        op.attempt.to_string(),
+        op.id.to_string(),
+        op.resource_id.to_string(),
+        op.error.as_ref().map_or("-".into(), |e| e.code.clone()),
+    ])
+}
+
+fn watch_cells(cells: Vec<String>) -> String {
+    let padded: Vec<String> = cells
+        .iter()
+        .zip(WATCH_COLUMNS)
+        .map(|(c, (_, w))| format!("{c:<w$}"))
+        .collect();
+    padded.join("  ").trim_end().to_owned()
+}
+
+fn progress_line(op: &Operation, elapsed: Duration) -> String {
+    let mut line = format!(
+        "operation {} {} {}: {} (attempt {}, {:.1}s)",
+        op.id,
+        op.action,
+        op.kind,
+        op.state,
+        op.attempt,
+        elapsed.as_secs_f64()
+    );
+    if let Some(e) = &op.error {
+        line.push_str(&format!(" {}: {}", e.code, e.message));
+    }
+    line
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?} (try 30s, 5m)"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_json(text: &str) -> Result<Value, String> {
+    let text = match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+        None => text.to_owned(),
+    };
+    serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn parse_label_change(text: &str) -> Result<(String, Option<String>), String> {
+    match text.strip_suffix('-') {
+        Some(k) if !text.contains('=') => Ok((k.to_owned(), None)),
+        _ => parse_label(text).map(|(k, v)| (k, Some(v))),
+    }
+}
+
+fn parse_limit(text: &str) -> Result<QuotaLimit, String> {
+    let (scope, limit) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected DIMENSION[:KIND[:ZONE]]=LIMIT, got {text:?}"))?;
+    let limit = limit
+        .parse()
+        .map_err(|_| format!("not a number: {limit:?}"))?;
+    let mut parts = scope.split(':');
+    let dimension = parts.next().unwrap_or_default().to_owned();
+    let any = |p: Option<&str>| p.filter(|p| *p != "*" && !p.is_empty()).map(str::to_owned);
+    let kind = any(parts.next())
+        .map(|k| k.parse::<Kind>().map_err(|e| e.to_string()))
+        .transpose()?;
+    let zone = any(parts.next());
+    Ok(QuotaLimit {
+        dimension,
+        kind,
+        zone,
+        limit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_label_change("team-"), Ok(("team".into(), None)));
+        assert_eq!(
+            parse_label_change("env=a-"),
+            Ok(("env".into(), Some("a-".into())))
+        );
+        let l = parse_limit("storage_gb:volume:zone-a=500").unwrap();
+        assert_eq!(
+            (l.dimension.as_str(), l.kind, l.zone.as_deref(), l.limit),
+            ("storage_gb", Some(Kind::Volume), Some("zone-a"), 500)
+        );
+        let l = parse_limit("vcpus:*:zone-b=8").unwrap();
+        assert_eq!((l.kind, l.zone.as_deref()), (None, Some("zone-b")));
+        Cli::command().debug_assert();
+    }
+}

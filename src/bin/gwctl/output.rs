@@ -1,0 +1,366 @@
+//! How `gwctl` prints things: aligned tables, JSON, or YAML.
+//!
+//! YAML comes from a small emitter over `serde_json::Value` (below) rather than a YAML
+//! crate: the output is a plain tree of maps, lists and scalars, and the maintained YAML
+//! crates either pull a libyaml port or are unmaintained (`serde_yaml` is archived).
+
+use chrono::{DateTime, Utc};
+use gateway_client::{
+    AuditEntry, CatalogEntry, KeyInfo, NewKey, Operation, Page, Quotas, Resource, Tenant, Zone,
+};
+use serde::Serialize;
+use serde_json::Value;
+use std::fmt::Write;
+
+/// The output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// Pretty JSON, the API's own shapes.
+    Json,
+    /// YAML, the API's own shapes.
+    Yaml,
+}
+
+/// Something that prints as rows of a table.
+pub trait Tabular: Serialize {
+    /// Column headers.
+    const HEADERS: &'static [&'static str];
+    /// One row per item (usually one).
+    fn rows(&self) -> Vec<Vec<String>>;
+}
+
+/// Prints one item.
+pub fn one<T: Tabular>(item: &T, format: Format) {
+    print!("{}", render(item, &item.rows(), T::HEADERS, format));
+}
+
+/// Prints a list.
+pub fn many<T: Tabular>(items: &[T], format: Format) {
+    let rows = items.iter().flat_map(Tabular::rows).collect::<Vec<_>>();
+    print!("{}", render(&items, &rows, T::HEADERS, format));
+}
+
+/// Prints a page; in a table the next cursor goes to stderr, so stdout stays the rows.
+pub fn page<T: Tabular>(page: &Page<T>, format: Format) {
+    if format == Format::Table {
+        many(&page.items, format);
+        if let Some(c) = &page.next_cursor {
+            eprintln!("more: --cursor {c}");
+        }
+    } else {
+        print!("{}", render(page, &[], &[], format));
+    }
+}
+
+fn render(value: &impl Serialize, rows: &[Vec<String>], headers: &[&str], f: Format) -> String {
+    match f {
+        Format::Table => table(headers, rows),
+        Format::Json => {
+            let mut s = serde_json::to_string_pretty(value).expect("serializes");
+            s.push('\n');
+            s
+        }
+        Format::Yaml => yaml(&serde_json::to_value(value).expect("serializes")),
+    }
+}
+
+/// Aligned columns, two spaces apart; the last column is not padded.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// YAML for a JSON value: block maps and lists, scalars quoted when plain YAML would
+/// misread them.
+pub fn yaml(value: &Value) -> String {
+    let mut out = String::new();
+    match value {
+        Value::Object(m) if !m.is_empty() => block(&mut out, value, 0),
+        Value::Array(a) if !a.is_empty() => block(&mut out, value, 0),
+        scalar => {
+            out.push_str(&yaml_scalar(scalar));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn block(out: &mut String, value: &Value, indent: usize) {
+    let pad = " ".repeat(indent);
+    match value {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let _ = write!(out, "{pad}{}:", yaml_str(k));
+                nested(out, v, indent + 2, false);
+            }
+        }
+        Value::Array(a) => {
+            for v in a {
+                let _ = write!(out, "{pad}-");
+                nested(out, v, indent + 2, true);
+            }
+        }
+        _ => unreachable!("only containers"),
+    }
+}
+
+fn nested(out: &mut String, v: &Value, indent: usize, in_list: bool) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            if in_list {
+                // The first key goes on the dash's line.
+                let mut first = String::new();
+                block(&mut first, v, indent);
+                out.push(' ');
+                out.push_str(&first[indent..]);
+            } else {
+                out.push('\n');
+                block(out, v, indent);
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            out.push('\n');
+            block(out, v, indent);
+        }
+        scalar => {
+            out.push(' ');
+            out.push_str(&yaml_scalar(scalar));
+            out.push('\n');
+        }
+    }
+}
+
+fn yaml_scalar(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => yaml_str(s),
+        Value::Array(_) => "[]".into(),
+        Value::Object(_) => "{}".into(),
+    }
+}
+
+fn yaml_str(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./@+".contains(c))
+        && !s.starts_with(['-', '.', '@'])
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n" | "~"
+        )
+        && s.parse::<f64>().is_err();
+    if plain {
+        s.to_owned()
+    } else {
+        // A JSON string is a valid double-quoted YAML scalar.
+        serde_json::to_string(s).expect("strings serialize")
+    }
+}
+
+fn time(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".into(), T::to_string)
+}
+
+impl Tabular for Resource {
+    const HEADERS: &'static [&'static str] = &[
+        "ID",
+        "NAME",
+        "ZONE",
+        "PHASE",
+        "GENERATION",
+        "LABELS",
+        "CREATED",
+    ];
+    fn rows(&self) -> Vec<Vec<String>> {
+        let labels = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        vec![vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.zone.clone(),
+            self.phase.as_str().into(),
+            format!("{}/{}", self.observed_generation, self.generation),
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels
+            },
+            time(&self.created_at),
+        ]]
+    }
+}
+
+impl Tabular for Operation {
+    const HEADERS: &'static [&'static str] = &[
+        "ID", "KIND", "ACTION", "STATE", "ATTEMPT", "RESOURCE", "ERROR", "CREATED",
+    ];
+    fn rows(&self) -> Vec<Vec<String>> {
+        vec![vec![
+            self.id.to_string(),
+            self.kind.to_string(),
+            self.action.to_string(),
+            self.state.to_string(),
+            self.attempt.to_string(),
+            self.resource_id.to_string(),
+            opt(&self.error.as_ref().map(|e| e.code.clone())),
+            time(&self.created_at),
+        ]]
+    }
+}
+
+impl Tabular for Tenant {
+    const HEADERS: &'static [&'static str] = &["ID", "DISPLAY NAME", "CREATED"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        vec![vec![
+            self.id.clone(),
+            self.display_name.clone(),
+            time(&self.created_at),
+        ]]
+    }
+}
+
+impl Tabular for KeyInfo {
+    const HEADERS: &'static [&'static str] = &[
+        "ID", "NAME", "ROLE", "TENANT", "SERVICE", "ZONE", "EXPIRES", "REVOKED",
+    ];
+    fn rows(&self) -> Vec<Vec<String>> {
+        vec![vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.role.to_string(),
+            opt(&self.tenant),
+            opt(&self.service),
+            opt(&self.zone),
+            opt(&self.expires_at.as_ref().map(time)),
+            opt(&self.revoked_at.as_ref().map(time)),
+        ]]
+    }
+}
+
+impl Tabular for NewKey {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "ROLE", "KEY"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        let mut row = self.info.rows().remove(0);
+        row.truncate(3);
+        row.push(self.key.clone());
+        vec![row]
+    }
+}
+
+impl Tabular for Quotas {
+    const HEADERS: &'static [&'static str] = &["DIMENSION", "KIND", "ZONE", "LIMIT", "USED"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        self.limits
+            .iter()
+            .map(|l| {
+                vec![
+                    l.limit.dimension.clone(),
+                    l.limit.kind.map_or_else(|| "*".into(), |k| k.to_string()),
+                    l.limit.zone.clone().unwrap_or_else(|| "*".into()),
+                    l.limit.limit.to_string(),
+                    l.used.to_string(),
+                ]
+            })
+            .collect()
+    }
+}
+
+impl Tabular for Zone {
+    const HEADERS: &'static [&'static str] = &["NAME", "DESCRIPTION"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        vec![vec![self.name.clone(), self.description.clone()]]
+    }
+}
+
+impl Tabular for CatalogEntry {
+    const HEADERS: &'static [&'static str] = &["NAME", "ATTRIBUTES"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        vec![vec![self.name.clone(), self.attributes.to_string()]]
+    }
+}
+
+impl Tabular for AuditEntry {
+    const HEADERS: &'static [&'static str] = &[
+        "ID",
+        "AT",
+        "PRINCIPAL",
+        "TENANT",
+        "ACTION",
+        "TARGET",
+        "OUTCOME",
+        "STATUS",
+    ];
+    fn rows(&self) -> Vec<Vec<String>> {
+        vec![vec![
+            self.id.to_string(),
+            time(&self.at),
+            opt(&self.principal_name),
+            opt(&self.tenant),
+            self.action.clone(),
+            self.target.clone(),
+            self.outcome.clone(),
+            self.status.to_string(),
+        ]]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            &["ID", "NAME"],
+            &[
+                vec!["1".into(), "web".into()],
+                vec!["22".into(), "db".into()],
+            ],
+        );
+        assert_eq!(t, "ID  NAME\n1   web\n22  db\n");
+    }
+
+    #[test]
+    fn yaml_nests_and_quotes_what_needs_it() {
+        let v = json!({"id": "abc", "n": 3, "ok": true, "none": null, "empty": {},
+                       "s": "yes", "num": "10", "colon": "a: b",
+                       "list": [{"a": 1, "b": [1, 2]}, "x"], "m": {"k": "v"}});
+        let y = yaml(&v);
+        assert_eq!(
+            y,
+            "colon: \"a: b\"\nempty: {}\nid: abc\nlist:\n  - a: 1\n    b:\n      - 1\n      - 2\n  - x\nm:\n  k: v\n\"n\": 3\nnone: null\nnum: \"10\"\nok: true\ns: \"yes\"\n"
+        );
+    }
+}
