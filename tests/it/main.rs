@@ -10,6 +10,8 @@ mod common;
 mod api;
 mod architecture;
 mod audit_trail;
+mod compat;
+mod contract;
 mod deploy;
 mod faults_postgres;
 mod faults_reconciler;
