@@ -185,6 +185,7 @@ fn complete(doc: &mut Value) {
             "UnsupportedMediaType": error_response("`unsupported_media_type`: the body is not `application/json`", false),
             "Unprocessable": error_response("`invalid_body` and other validation codes; `details.field` names the field", false),
             "RateLimited": error_response("`rate_limited`: over the key's (or the address's) rate", true),
+            "Internal": error_response("`internal`: an unexpected failure, logged with the request ID; nothing is said about it", false),
             "Unavailable": error_response("`database_unavailable`: nothing was written; retry after `Retry-After`", true),
         }),
     );
@@ -204,6 +205,11 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
     let has_body = op.get("requestBody").is_some();
     let is_write = matches!(method, "post" | "put" | "patch" | "delete");
     let operation_write = path.starts_with("/v1/tenants/{tenant}/{kind}");
+    // utoipa names operations after their handlers (`list`, `read`, …), which repeat
+    // across modules; the tag makes them unique.
+    if let (Some(tag), Some(id)) = (op["tags"][0].as_str(), op["operationId"].as_str()) {
+        op["operationId"] = json!(format!("{tag}_{id}"));
+    }
     let mut params: Vec<Value> = op["parameters"].as_array().cloned().unwrap_or_default();
     params.retain(|p| p["in"] != "header");
     for p in params.iter_mut() {
@@ -252,6 +258,7 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
         shared("401", "Unauthenticated");
         shared("403", "Forbidden");
         shared("429", "RateLimited");
+        shared("500", "Internal");
         shared("503", "Unavailable");
         if path.contains('{') {
             shared("404", "NotFound");

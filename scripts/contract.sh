@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Contract checks against a live gateway, with the project's own Python tools:
+#  1. openapi/v1.json validates as OpenAPI 3.1 (openapi-spec-validator);
+#  2. schemathesis runs every check, every phase (examples, coverage, fuzzing,
+#     stateful) against the gateway at $GW_URL with the admin key $GW_KEY, and must
+#     find no failure.
+# $ST_TENANT, $ST_RESOURCE (a VM), $ST_OPERATION and $ST_KEY name things that exist, so
+# routes that need them are reached. The `contract::schemathesis…` integration test
+# starts a gateway, makes them and runs this script; the tools live in a virtual
+# environment this script makes ($CONTRACT_VENV, default target/venv-contract).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${GW_URL:?} ${GW_KEY:?} ${ST_TENANT:?} ${ST_RESOURCE:?} ${ST_OPERATION:?} ${ST_KEY:?}"
+venv="${CONTRACT_VENV:-${CARGO_TARGET_DIR:-target}/venv-contract}"
+pins="schemathesis==4.32.5 openapi-spec-validator==0.9.0"
+if [ ! -x "$venv/bin/st" ] || [ "$(cat "$venv/.pins" 2>/dev/null)" != "$pins" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check $pins
+    echo "$pins" > "$venv/.pins"
+fi
+
+"$venv/bin/openapi-spec-validator" openapi/v1.json
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+# Routes about one thing get the thing this run made (besides what schemathesis makes
+# and finds by itself in its stateful phase).
+cat > "$work/schemathesis.toml" <<TOML
+[[operations]]
+include-path-regex = "^/v1/tenants/\\\\{tenant\\\\}"
+parameters = { "path.tenant" = "${ST_TENANT}" }
+
+[[operations]]
+include-path-regex = "^/v1/tenants/\\\\{tenant\\\\}/\\\\{kind\\\\}/\\\\{id\\\\}"
+parameters = { "path.tenant" = "${ST_TENANT}", "path.kind" = "vms", "path.id" = "${ST_RESOURCE}" }
+
+[[operations]]
+include-path-regex = "^/v1/operations/\\\\{id\\\\}"
+parameters = { "path.id" = "${ST_OPERATION}" }
+
+[[operations]]
+include-path-regex = "keys/\\\\{id\\\\}$"
+parameters = { "path.id" = "${ST_KEY}" }
+TOML
+cat "$work/schemathesis.toml"
+
+"$venv/bin/st" --config-file "$work/schemathesis.toml" run openapi/v1.json \
+    --url "$GW_URL" \
+    -H "Authorization: Bearer $GW_KEY" \
+    --checks all \
+    --phases examples,coverage,fuzzing,stateful \
+    --max-examples "${ST_MAX_EXAMPLES:-25}" \
+    --request-timeout 70 \
+    --workers 1 \
+    --no-color
