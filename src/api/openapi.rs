@@ -60,6 +60,17 @@ impl Modify for BearerAuth {
 
 /// A DNS label, as `domain::names::validate_label` accepts it.
 pub const LABEL_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+/// A label key and value, as `domain::names::validate_labels` accepts them.
+const LABEL_KEY: &str = "[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?";
+const LABEL_VALUE: &str = "[A-Za-z0-9._-]{0,63}";
+/// `?wait=`, as `operations::parse_wait` accepts it.
+const WAIT_PATTERN: &str = "^[0-9]{1,18}(ms|s|m)?$";
+/// `If-Match`: `*` or a version, quoted or not, weak or not.
+const IF_MATCH_PATTERN: &str = "^(\\*|(W/)?\"?[0-9]{1,18}\"?)$";
+/// Cursors of lists ordered by sequence (operations, audit): hex of `s:{seq}`.
+const SEQ_CURSOR: &str = "^733a(3[0-9]){1,18}$";
+/// Cursors of resource lists: hex of `t:{micros}:{uuid}`.
+const TIME_CURSOR: &str = "^743a(2d(3[0-9]){1,16}|(3[0-9]){1,17})3a(3[0-9]|6[1-6]){8}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){12}$";
 /// An `Idempotency-Key`, as `extract::WriteHeaders` accepts it.
 const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
 
@@ -135,6 +146,28 @@ fn complete(doc: &mut Value) {
         schemas[name] = json!({"type": "string", "enum": values, "description": description});
     }
     schemas["ErrorBody"]["properties"]["code"]["pattern"] = json!("^[a-z_]+$");
+    // Bounds the server checks.
+    schemas["Report"]["properties"]["attempt"]["minimum"] = json!(1);
+    schemas["LimitIn"]["properties"]["limit"]["minimum"] = json!(0);
+    // A patch needs `spec` or `labels` (`null` counts as absent).
+    let patch = &mut schemas["PatchIn"];
+    patch["properties"]["spec"]["type"] = json!(["object", "null"]);
+    patch["properties"]["labels"] = json!({
+        "type": ["object", "null"],
+        "description": "Labels to set (a string) or remove (`null`); the others stay.",
+        "propertyNames": {"pattern": format!("^{LABEL_KEY}$")},
+        "additionalProperties": {"type": ["string", "null"], "pattern": format!("^{LABEL_VALUE}$")},
+    });
+    patch["anyOf"] = json!([
+        {"required": ["spec"], "properties": {"spec": {"type": "object"}}},
+        {"required": ["labels"], "properties": {"labels": {"type": "object"}}},
+    ]);
+    let labels = json!({
+        "type": "object", "maxProperties": 32,
+        "propertyNames": {"pattern": format!("^{LABEL_KEY}$")},
+        "additionalProperties": {"type": "string", "pattern": format!("^{LABEL_VALUE}$")},
+    });
+    schemas["CreateResourceIn"]["properties"]["labels"] = labels;
     // Names the server checks as DNS labels (`invalid_name` otherwise).
     for (schema, field) in [
         ("CreateResourceIn", "name"),
@@ -171,7 +204,7 @@ fn complete(doc: &mut Value) {
                 "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}, "example": "5b0c1f9e-create-web-1"},
             "If-Match": {"name": "If-Match", "in": "header", "required": false,
                 "description": "The ETag this change is based on (`\"3\"`), or `*`; a stale one answers `412 precondition_failed`.",
-                "schema": {"type": "string"}, "example": "\"3\""},
+                "schema": {"type": "string", "pattern": IF_MATCH_PATTERN}, "example": "\"3\""},
         }),
     );
     components.insert(
@@ -181,6 +214,7 @@ fn complete(doc: &mut Value) {
             "Unauthenticated": error_response("`unauthenticated`: no key, or an unknown, revoked or expired key", false),
             "Forbidden": error_response("`forbidden`: the key's role does not allow this", false),
             "NotFound": error_response("`not_found`, `tenant_not_found`: nothing visible to this key", false),
+            "PreconditionFailed": error_response("`precondition_failed`: `If-Match` does not name the current version (`details.current_etag`)", false),
             "PayloadTooLarge": error_response("`payload_too_large`: body over 64 KiB", false),
             "UnsupportedMediaType": error_response("`unsupported_media_type`: the body is not `application/json`", false),
             "Unprocessable": error_response("`invalid_body` and other validation codes; `details.field` names the field", false),
@@ -229,6 +263,15 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
         match p["name"].as_str() {
             Some("tenant") => p["schema"]["pattern"] = json!(LABEL_PATTERN),
             Some("outcome") => p["schema"]["enum"] = strings(&crate::audit::OUTCOMES),
+            Some("wait") => p["schema"]["pattern"] = json!(WAIT_PATTERN),
+            Some("label") => {
+                let pair = format!("{LABEL_KEY}={LABEL_VALUE}");
+                p["schema"]["pattern"] = json!(format!("^{pair}(,{pair}){{0,31}}$"));
+            }
+            Some("cursor") if path == "/v1/tenants/{tenant}/{kind}" => {
+                p["schema"]["pattern"] = json!(TIME_CURSOR)
+            }
+            Some("cursor") => p["schema"]["pattern"] = json!(SEQ_CURSOR),
             _ => {}
         }
     }
@@ -242,6 +285,9 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
             params.push(json!({"$ref": "#/components/parameters/If-Match"}));
         }
     }
+    let conditional = params
+        .iter()
+        .any(|p| p["$ref"] == "#/components/parameters/If-Match");
     if params.is_empty() {
         op.as_object_mut().expect("operation").remove("parameters");
     } else {
@@ -258,6 +304,9 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
         shared("401", "Unauthenticated");
         shared("403", "Forbidden");
         shared("429", "RateLimited");
+        if conditional {
+            shared("412", "PreconditionFailed");
+        }
         shared("500", "Internal");
         shared("503", "Unavailable");
         if path.contains('{') {
