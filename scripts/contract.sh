@@ -66,7 +66,7 @@ cat "$work/schemathesis.toml"
     -H "Authorization: Bearer $GW_KEY" \
     --checks all \
     --phases examples,coverage,fuzzing,stateful \
-    --max-examples "${ST_MAX_EXAMPLES:-25}" \
+    --max-examples "${ST_MAX_EXAMPLES:-50}" \
     --request-timeout 70 \
     --workers 1 \
     --no-color

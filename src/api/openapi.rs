@@ -214,6 +214,7 @@ fn complete(doc: &mut Value) {
             "Unauthenticated": error_response("`unauthenticated`: no key, or an unknown, revoked or expired key", false),
             "Forbidden": error_response("`forbidden`: the key's role does not allow this", false),
             "NotFound": error_response("`not_found`, `tenant_not_found`: nothing visible to this key", false),
+            "Conflict": error_response("`idempotency_key_reused`, `resource_deleting`, `invalid_state`, `name_taken` or `quota_exceeded`", false),
             "PreconditionFailed": error_response("`precondition_failed`: `If-Match` does not name the current version (`details.current_etag`)", false),
             "PayloadTooLarge": error_response("`payload_too_large`: body over 64 KiB", false),
             "UnsupportedMediaType": error_response("`unsupported_media_type`: the body is not `application/json`", false),
@@ -276,6 +277,10 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
         }
     }
     let has_query = params.iter().any(|p| p["in"] == "query");
+    if path.ends_with("/actions/{action}") {
+        // Actions without input take an empty body as well as `{}`.
+        op["requestBody"]["required"] = json!(false);
+    }
     if api {
         params.push(json!({"$ref": "#/components/parameters/X-Request-Id"}));
     }
@@ -304,6 +309,9 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
         shared("401", "Unauthenticated");
         shared("403", "Forbidden");
         shared("429", "RateLimited");
+        if operation_write && is_write {
+            shared("409", "Conflict");
+        }
         if conditional {
             shared("412", "PreconditionFailed");
         }
