@@ -33,8 +33,6 @@ pub fn breaking_changes(old: &Value, new: &Value) -> Vec<String> {
                             out.push(format!("{at}: parameter {key} became required"));
                         }
                         compare(
-                            old,
-                            new,
                             &p["schema"],
                             &np["schema"],
                             true,
@@ -61,8 +59,6 @@ pub fn breaking_changes(old: &Value, new: &Value) -> Vec<String> {
         match new["components"]["schemas"].get(name) {
             None => out.push(format!("schema {name}: removed")),
             Some(n) => compare(
-                old,
-                new,
                 schema,
                 n,
                 inputs.contains(name),
@@ -152,15 +148,7 @@ fn types(s: &Value) -> BTreeSet<String> {
 }
 
 /// Compares one schema with its new version; `input` says whether requests carry it.
-fn compare(
-    old_doc: &Value,
-    new_doc: &Value,
-    old: &Value,
-    new: &Value,
-    input: bool,
-    at: &str,
-    out: &mut Vec<String>,
-) {
+fn compare(old: &Value, new: &Value, input: bool, at: &str, out: &mut Vec<String>) {
     if old.get("$ref").is_some() || new.get("$ref").is_some() {
         if old.get("$ref") != new.get("$ref") {
             out.push(format!(
@@ -211,15 +199,7 @@ fn compare(
     for (name, prop) in old_props.into_iter().flatten() {
         match new["properties"].get(name) {
             None => out.push(format!("{at}: field {name} removed")),
-            Some(np) => compare(
-                old_doc,
-                new_doc,
-                prop,
-                np,
-                input,
-                &format!("{at}.{name}"),
-                out,
-            ),
+            Some(np) => compare(prop, np, input, &format!("{at}.{name}"), out),
         }
     }
     if input {
@@ -242,15 +222,7 @@ fn compare(
     }
     for key in ["items", "additionalProperties"] {
         if old[key].is_object() && new[key].is_object() {
-            compare(
-                old_doc,
-                new_doc,
-                &old[key],
-                &new[key],
-                input,
-                &format!("{at}.{key}"),
-                out,
-            );
+            compare(&old[key], &new[key], input, &format!("{at}.{key}"), out);
         }
     }
     for key in ["oneOf", "anyOf", "allOf"] {
