@@ -267,7 +267,9 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
             Some("wait") => p["schema"]["pattern"] = json!(WAIT_PATTERN),
             Some("label") => {
                 let pair = format!("{LABEL_KEY}={LABEL_VALUE}");
-                p["schema"]["pattern"] = json!(format!("^{pair}(,{pair}){{0,31}}$"));
+                // No key twice (a lookahead with a back-reference: ECMA-262 regexes).
+                let twice = r"(?!(?:.*,)?([a-z0-9._-]+)=[^,]*,(?:.*,)?\1=)";
+                p["schema"]["pattern"] = json!(format!("^{twice}{pair}(,{pair}){{0,31}}$"));
             }
             Some("cursor") if path == "/v1/tenants/{tenant}/{kind}" => {
                 p["schema"]["pattern"] = json!(TIME_CURSOR)
