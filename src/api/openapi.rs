@@ -146,6 +146,28 @@ fn complete(doc: &mut Value) {
         schemas[name] = json!({"type": "string", "enum": values, "description": description});
     }
     schemas["ErrorBody"]["properties"]["code"]["pattern"] = json!("^[a-z_]+$");
+    // Examples of the main answers.
+    schemas["OperationOut"]["example"] = json!({
+        "id": "0193a6c2-5b1e-7c3d-9a8b-1f2e3d4c5b6a", "tenant": "acme",
+        "resource_id": "0193a6c2-5b1d-7aa0-8b2c-3d4e5f6a7b8c", "kind": "vm", "zone": "zone-a",
+        "action": "create", "state": "pending", "done": false, "attempt": 0, "input": {},
+        "target_generation": 1, "cancel_requested": false,
+        "request_id": "0193a6c2-5b1c-7f00-a1b2-c3d4e5f6a7b8",
+        "created_at": "2026-11-26T12:00:00Z", "updated_at": "2026-11-26T12:00:00Z",
+        "deadline": "2026-11-26T13:00:00Z",
+    });
+    schemas["ResourceOut"]["example"] = json!({
+        "id": "0193a6c2-5b1d-7aa0-8b2c-3d4e5f6a7b8c", "tenant": "acme", "kind": "vm",
+        "zone": "zone-a", "name": "web-1", "labels": {"env": "prod"},
+        "spec": {"flavor": "m1.small", "image": "debian-12", "power_state": "running"},
+        "status": {"power_state": "running", "ip": "10.0.0.7"}, "phase": "ready",
+        "generation": 1, "observed_generation": 1,
+        "created_at": "2026-11-26T12:00:00Z", "updated_at": "2026-11-26T12:00:02Z",
+    });
+    schemas["ErrorBody"]["example"] = json!({
+        "code": "invalid_name", "message": "name: \"Web_1\" has a character that is not allowed",
+        "details": {"field": "name"}, "request_id": "0193a6c2-5b1c-7f00-a1b2-c3d4e5f6a7b8",
+    });
     // Bounds the server checks.
     schemas["Report"]["properties"]["attempt"]["minimum"] = json!(1);
     schemas["LimitIn"]["properties"]["limit"]["minimum"] = json!(0);

@@ -122,6 +122,21 @@ fn every_reference_resolves_and_every_route_is_described() {
     }
 }
 
+#[test]
+fn every_schema_example_matches_its_schema() {
+    let doc = gateway::api::openapi::document();
+    let mut checked = 0;
+    for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+        if let Some(example) = schema.get("example") {
+            let mut errors = Vec::new();
+            crate::common::schema::validate(schema, example, name, &mut errors);
+            assert!(errors.is_empty(), "{errors:#?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3);
+}
+
 #[tokio::test]
 async fn the_server_serves_the_contract() {
     let app = spawn_app().await;
