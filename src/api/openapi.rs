@@ -131,6 +131,21 @@ fn error_response(description: &str, retry_after: bool) -> Value {
 fn complete(doc: &mut Value) {
     doc["openapi"] = json!("3.1.0");
     let schemas = &mut doc["components"]["schemas"];
+    enums(schemas);
+    examples(schemas);
+    strict(schemas);
+    shared_components(doc["components"].as_object_mut().expect("components"));
+    let paths = doc["paths"].as_object_mut().expect("paths");
+    for (path, item) in paths.iter_mut() {
+        let item = item.as_object_mut().expect("path item");
+        for (method, op) in item.iter_mut() {
+            complete_operation(path, method, op);
+        }
+    }
+}
+
+/// The enums' schemas.
+fn enums(schemas: &mut Value) {
     // The enums of `gateway_proto` rename each variant; utoipa cannot see through the
     // macro that defines them, so their schemas are written from the values themselves.
     for (name, values, description) in [
@@ -146,7 +161,10 @@ fn complete(doc: &mut Value) {
         schemas[name] = json!({"type": "string", "enum": values, "description": description});
     }
     schemas["ErrorBody"]["properties"]["code"]["pattern"] = json!("^[a-z_]+$");
-    // Examples of the main answers.
+}
+
+/// Examples of the main answers.
+fn examples(schemas: &mut Value) {
     schemas["OperationOut"]["example"] = json!({
         "id": "0193a6c2-5b1e-7c3d-9a8b-1f2e3d4c5b6a", "tenant": "acme",
         "resource_id": "0193a6c2-5b1d-7aa0-8b2c-3d4e5f6a7b8c", "kind": "vm", "zone": "zone-a",
@@ -168,7 +186,10 @@ fn complete(doc: &mut Value) {
         "code": "invalid_name", "message": "name: \"Web_1\" has a character that is not allowed",
         "details": {"field": "name"}, "request_id": "0193a6c2-5b1c-7f00-a1b2-c3d4e5f6a7b8",
     });
-    // Bounds the server checks.
+}
+
+/// Bounds and patterns the server checks and utoipa cannot derive.
+fn strict(schemas: &mut Value) {
     schemas["Report"]["properties"]["attempt"]["minimum"] = json!(1);
     schemas["LimitIn"]["properties"]["limit"]["minimum"] = json!(0);
     // A patch needs `spec` or `labels` (`null` counts as absent).
@@ -204,8 +225,10 @@ fn complete(doc: &mut Value) {
         }
         property["pattern"] = json!(LABEL_PATTERN);
     }
+}
 
-    let components = doc["components"].as_object_mut().expect("components");
+/// The headers, parameters and error answers operations share.
+fn shared_components(components: &mut Map<String, Value>) {
     components.insert(
         "headers".into(),
         json!({
@@ -246,22 +269,33 @@ fn complete(doc: &mut Value) {
             "Unavailable": error_response("`database_unavailable`: nothing was written; retry after `Retry-After`", true),
         }),
     );
+}
 
-    let paths = doc["paths"].as_object_mut().expect("paths");
-    for (path, item) in paths.iter_mut() {
-        let item = item.as_object_mut().expect("path item");
-        for (method, op) in item.iter_mut() {
-            complete_operation(path, method, op);
-        }
-    }
+/// What decides an operation's shared parameters and answers.
+struct Shape {
+    api: bool,
+    has_body: bool,
+    has_query: bool,
+    /// A write that makes an operation (`Idempotency-Key`, `409`).
+    operation_write: bool,
+    /// Takes `If-Match`.
+    conditional: bool,
 }
 
 /// Completes one operation: parameters, shared answers, headers.
 fn complete_operation(path: &str, method: &str, op: &mut Value) {
+    let shape = parameters(path, method, op);
+    shared_responses(path, &shape, op);
+    response_headers(path, method, shape.api, op);
+}
+
+/// Fixes the operation's ID and parameters (shapes of path parameters, patterns of
+/// query parameters, the shared headers).
+fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
     let api = path.starts_with("/v1/");
     let has_body = op.get("requestBody").is_some();
     let is_write = matches!(method, "post" | "put" | "patch" | "delete");
-    let operation_write = path.starts_with("/v1/tenants/{tenant}/{kind}");
+    let operation_write = path.starts_with("/v1/tenants/{tenant}/{kind}") && is_write;
     // utoipa names operations after their handlers (`list`, `read`, …), which repeat
     // across modules; the tag makes them unique.
     if let (Some(tag), Some(id)) = (op["tags"][0].as_str(), op["operationId"].as_str()) {
@@ -308,7 +342,7 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
     if api {
         params.push(json!({"$ref": "#/components/parameters/X-Request-Id"}));
     }
-    if operation_write && is_write {
+    if operation_write {
         params.push(json!({"$ref": "#/components/parameters/Idempotency-Key"}));
         if method != "post" || path.ends_with("{action}") {
             params.push(json!({"$ref": "#/components/parameters/If-Match"}));
@@ -322,37 +356,53 @@ fn complete_operation(path: &str, method: &str, op: &mut Value) {
     } else {
         op["parameters"] = Value::Array(params);
     }
+    Shape {
+        api,
+        has_body,
+        has_query,
+        operation_write,
+        conditional,
+    }
+}
 
+/// Adds the answers of the layers in front of the handler.
+fn shared_responses(path: &str, shape: &Shape, op: &mut Value) {
     let responses = op["responses"].as_object_mut().expect("responses");
     let mut shared = |status: &str, name: &str| {
         responses
             .entry(status)
             .or_insert_with(|| json!({"$ref": format!("#/components/responses/{name}")}));
     };
-    if api {
-        shared("401", "Unauthenticated");
-        shared("403", "Forbidden");
-        shared("429", "RateLimited");
-        if operation_write && is_write {
-            shared("409", "Conflict");
-        }
-        if conditional {
-            shared("412", "PreconditionFailed");
-        }
-        shared("500", "Internal");
-        shared("503", "Unavailable");
-        if path.contains('{') {
-            shared("404", "NotFound");
-        }
-        if has_body || has_query || (operation_write && is_write) {
-            shared("400", "BadRequest");
-        }
-        if has_body {
-            shared("413", "PayloadTooLarge");
-            shared("415", "UnsupportedMediaType");
-            shared("422", "Unprocessable");
-        }
+    if !shape.api {
+        return;
     }
+    shared("401", "Unauthenticated");
+    shared("403", "Forbidden");
+    shared("429", "RateLimited");
+    if shape.operation_write {
+        shared("409", "Conflict");
+    }
+    if shape.conditional {
+        shared("412", "PreconditionFailed");
+    }
+    shared("500", "Internal");
+    shared("503", "Unavailable");
+    if path.contains('{') {
+        shared("404", "NotFound");
+    }
+    if shape.has_body || shape.has_query || shape.operation_write {
+        shared("400", "BadRequest");
+    }
+    if shape.has_body {
+        shared("413", "PayloadTooLarge");
+        shared("415", "UnsupportedMediaType");
+        shared("422", "Unprocessable");
+    }
+}
+
+/// Names the headers of each answer the handler describes.
+fn response_headers(path: &str, method: &str, api: bool, op: &mut Value) {
+    let responses = op["responses"].as_object_mut().expect("responses");
     for (status, response) in responses.iter_mut() {
         if response.get("$ref").is_some() {
             continue;
