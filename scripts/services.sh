@@ -11,6 +11,8 @@ command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # openssl makes the certificates of the broker's TLS test.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# scripts/contract.sh makes a Python virtual environment for schemathesis.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

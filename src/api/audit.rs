@@ -97,6 +97,7 @@ impl AuditOut {
 
 /// Filters of the audit list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only this tenant (owners always see only their own).
@@ -108,6 +109,7 @@ pub struct AuditQuery {
     /// Only entries at or after this instant (RFC 3339).
     pub since: Option<DateTime<Utc>>,
     /// Page size, 1–500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

@@ -149,6 +149,16 @@ fn shape(v: &serde_json::Value) -> (usize, usize) {
         .fold((1, 1), |(d, n), (cd, cn)| (d.max(cd + 1), n + cn))
 }
 
+/// Whether a string (or an object key) in `v` holds NUL.
+fn holds_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(holds_nul),
+        serde_json::Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 /// Parses a JSON body, sorting syntax errors (`400 malformed_json`) from bodies too
 /// deep or too large to be a real request (`400 body_too_complex`) and from shape
 /// errors (`422 invalid_body`).
@@ -170,6 +180,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!(
                 "bodies may nest {MAX_JSON_DEPTH} levels and hold {MAX_JSON_VALUES} values at most"
             ),
+        ));
+    }
+    if holds_nul(&value) {
+        // PostgreSQL stores no NUL in `text` or `jsonb`: refuse it here, not with a 500.
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            "strings may not hold NUL (U+0000)",
         ));
     }
     serde_json::from_value(value).map_err(|e| {
@@ -267,6 +285,14 @@ mod tests {
         assert!(!is_traceparent(
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
         ));
+    }
+
+    #[test]
+    fn nul_in_a_string_is_an_invalid_body() {
+        let e = parse_json::<serde_json::Value>(br#"{"display_name": "a\u0000b"}"#).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (422, "invalid_body"));
+        let e = parse_json::<serde_json::Value>(br#"{"a\u0000": 1}"#).unwrap_err();
+        assert_eq!(e.code, "invalid_body");
     }
 
     #[test]

@@ -1,16 +1,31 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and served at
 //! `GET /v1/openapi.json`.
+//!
+//! utoipa describes the routes, bodies and handler-specific answers; [`document`] then
+//! adds what every route shares and the annotations cannot say: the answers of the
+//! layers in front of the handlers (`401`, `429`, `503` from `guard`, `400`/`413`/`415`
+//! from `extract`), the headers (`X-Request-Id` on every answer, `Retry-After`,
+//! `Location`, `ETag`, `Idempotency-Key`, `If-Match`), the wire spelling of the enums
+//! defined in `gateway_proto`, and the path parameters' exact shapes. The committed copy
+//! is `openapi/v1.json` (the `contract` integration tests keep them equal).
 
 use super::{audit, catalog, error, health, keys, operations, quotas, resources, tenants, wire};
+use crate::domain::{Action, Kind, OperationState, Service};
 use axum::routing::get;
 use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use std::sync::OnceLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-/// The API's contract.
+/// The API's contract, as utoipa derives it; [`document`] is the published form.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Control-plane gateway", description = "One front door for VMs, bare-metal servers, Kubernetes clusters and volumes. Writes answer `202` with an operation to poll."),
+    info(
+        title = "Control-plane gateway",
+        version = "1",
+        description = "One front door for VMs, bare-metal servers, Kubernetes clusters and volumes. Writes answer `202` with an operation to poll. `v1` grows only additively: see README, API contract and versioning.",
+    ),
     paths(
         resources::create, resources::read, resources::list, resources::delete,
         resources::patch, resources::action,
@@ -25,7 +40,7 @@ use utoipa::{Modify, OpenApi};
         error::ErrorBody, wire::CreateResourceIn, wire::ResourceOut, wire::OperationOut,
         crate::domain::spec::VmSpec, crate::domain::spec::BmSpec,
         crate::domain::spec::ClusterSpec, crate::domain::spec::VolumeSpec,
-        gateway_proto::Dispatch,
+        crate::domain::spec::Category, crate::domain::Phase, gateway_proto::Dispatch,
     )),
     modifiers(&BearerAuth),
 )]
@@ -43,10 +58,396 @@ impl Modify for BearerAuth {
     }
 }
 
+/// A DNS label, as `domain::names::validate_label` accepts it.
+pub const LABEL_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+/// A label key and value, as `domain::names::validate_labels` accepts them.
+const LABEL_KEY: &str = "[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?";
+const LABEL_VALUE: &str = "[A-Za-z0-9._-]{0,63}";
+/// `?wait=`, as `operations::parse_wait` accepts it.
+const WAIT_PATTERN: &str = "^[0-9]{1,18}(ms|s|m)?$";
+/// `If-Match`: `*` or a version, quoted or not, weak or not.
+const IF_MATCH_PATTERN: &str = "^(\\*|(W/)?\"?[0-9]{1,18}\"?)$";
+/// Cursors of lists ordered by sequence (operations, audit): hex of `s:{seq}`.
+const SEQ_CURSOR: &str = "^733a(3[0-9]){1,18}$";
+/// Cursors of resource lists: hex of `t:{micros}:{uuid}`.
+const TIME_CURSOR: &str = "^743a(2d(3[0-9]){1,16}|(3[0-9]){1,17})3a(3[0-9]|6[1-6]){8}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){12}$";
+/// An `Idempotency-Key`, as `extract::WriteHeaders` accepts it.
+const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
+
+/// The published document: [`ApiDoc`] completed with what every route shares.
+pub fn document() -> &'static Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+        complete(&mut doc);
+        doc
+    })
+}
+
+fn strings<T: std::fmt::Display>(values: &[T]) -> Value {
+    values
+        .iter()
+        .map(|v| Value::String(v.to_string()))
+        .collect()
+}
+
+/// The actions a path may name: all but the ones every kind has.
+fn action_segments() -> Value {
+    let every = [Action::Create, Action::Update, Action::Delete];
+    let named: Vec<Action> = Action::ALL
+        .iter()
+        .copied()
+        .filter(|a| !every.contains(a))
+        .collect();
+    strings(&named)
+}
+
+/// A response header (string or integer) with a description.
+fn header(kind: &str, description: &str) -> Value {
+    json!({"description": description, "schema": {"type": kind}})
+}
+
+/// An error answer: the error body, `X-Request-Id`, and `Retry-After` when given.
+fn error_response(description: &str, retry_after: bool) -> Value {
+    let mut headers = Map::new();
+    headers.insert(
+        "X-Request-Id".into(),
+        json!({"$ref": "#/components/headers/X-Request-Id"}),
+    );
+    if retry_after {
+        headers.insert(
+            "Retry-After".into(),
+            json!({"$ref": "#/components/headers/Retry-After"}),
+        );
+    }
+    json!({
+        "description": description,
+        "headers": headers,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    })
+}
+
+/// Adds to `doc` everything [`ApiDoc`] leaves out (see the module's documentation).
+fn complete(doc: &mut Value) {
+    doc["openapi"] = json!("3.1.0");
+    let schemas = &mut doc["components"]["schemas"];
+    enums(schemas);
+    examples(schemas);
+    strict(schemas);
+    shared_components(doc["components"].as_object_mut().expect("components"));
+    let paths = doc["paths"].as_object_mut().expect("paths");
+    for (path, item) in paths.iter_mut() {
+        let item = item.as_object_mut().expect("path item");
+        for (method, op) in item.iter_mut() {
+            complete_operation(path, method, op);
+        }
+    }
+}
+
+/// The enums' schemas.
+fn enums(schemas: &mut Value) {
+    // The enums of `gateway_proto` rename each variant; utoipa cannot see through the
+    // macro that defines them, so their schemas are written from the values themselves.
+    for (name, values, description) in [
+        ("Kind", strings(Kind::ALL), "A kind of resource."),
+        ("Action", strings(Action::ALL), "What an operation does."),
+        (
+            "OperationState",
+            strings(OperationState::ALL),
+            "Where an operation is.",
+        ),
+        ("Service", strings(Service::ALL), "A backend service."),
+        (
+            "Phase",
+            strings(crate::domain::Phase::ALL),
+            "Coarse lifecycle of a resource, derived from its operations.",
+        ),
+    ] {
+        schemas[name] = json!({"type": "string", "enum": values, "description": description});
+    }
+    schemas["ErrorBody"]["properties"]["code"]["pattern"] = json!("^[a-z_]+$");
+}
+
+/// Examples of the main answers.
+fn examples(schemas: &mut Value) {
+    schemas["OperationOut"]["example"] = json!({
+        "id": "0193a6c2-5b1e-7c3d-9a8b-1f2e3d4c5b6a", "tenant": "acme",
+        "resource_id": "0193a6c2-5b1d-7aa0-8b2c-3d4e5f6a7b8c", "kind": "vm", "zone": "zone-a",
+        "action": "create", "state": "pending", "done": false, "attempt": 0, "input": {},
+        "target_generation": 1, "cancel_requested": false,
+        "request_id": "0193a6c2-5b1c-7f00-a1b2-c3d4e5f6a7b8",
+        "created_at": "2026-11-26T12:00:00Z", "updated_at": "2026-11-26T12:00:00Z",
+        "deadline": "2026-11-26T13:00:00Z",
+    });
+    schemas["ResourceOut"]["example"] = json!({
+        "id": "0193a6c2-5b1d-7aa0-8b2c-3d4e5f6a7b8c", "tenant": "acme", "kind": "vm",
+        "zone": "zone-a", "name": "web-1", "labels": {"env": "prod"},
+        "spec": {"flavor": "m1.small", "image": "debian-12", "power_state": "running"},
+        "status": {"power_state": "running", "ip": "10.0.0.7"}, "phase": "ready",
+        "generation": 1, "observed_generation": 1,
+        "created_at": "2026-11-26T12:00:00Z", "updated_at": "2026-11-26T12:00:02Z",
+    });
+    schemas["ErrorBody"]["example"] = json!({
+        "code": "invalid_name", "message": "name: \"Web_1\" has a character that is not allowed",
+        "details": {"field": "name"}, "request_id": "0193a6c2-5b1c-7f00-a1b2-c3d4e5f6a7b8",
+    });
+}
+
+/// Bounds and patterns the server checks and utoipa cannot derive.
+fn strict(schemas: &mut Value) {
+    schemas["Report"]["properties"]["attempt"]["minimum"] = json!(1);
+    schemas["LimitIn"]["properties"]["limit"]["minimum"] = json!(0);
+    // A patch needs `spec` or `labels` (`null` counts as absent).
+    let patch = &mut schemas["PatchIn"];
+    patch["properties"]["spec"]["type"] = json!(["object", "null"]);
+    patch["properties"]["labels"] = json!({
+        "type": ["object", "null"],
+        "description": "Labels to set (a string) or remove (`null`); the others stay.",
+        "propertyNames": {"pattern": format!("^{LABEL_KEY}$")},
+        "additionalProperties": {"type": ["string", "null"], "pattern": format!("^{LABEL_VALUE}$")},
+    });
+    patch["anyOf"] = json!([
+        {"required": ["spec"], "properties": {"spec": {"type": "object"}}},
+        {"required": ["labels"], "properties": {"labels": {"type": "object"}}},
+    ]);
+    let labels = json!({
+        "type": "object", "maxProperties": 32,
+        "propertyNames": {"pattern": format!("^{LABEL_KEY}$")},
+        "additionalProperties": {"type": "string", "pattern": format!("^{LABEL_VALUE}$")},
+    });
+    schemas["CreateResourceIn"]["properties"]["labels"] = labels;
+    // Names the server checks as DNS labels (`invalid_name` otherwise).
+    for (schema, field) in [
+        ("CreateResourceIn", "name"),
+        ("CreateResourceIn", "zone"),
+        ("TenantIn", "id"),
+        ("KeyIn", "name"),
+        ("KeyIn", "zone"),
+    ] {
+        let property = &mut schemas[schema]["properties"][field];
+        if property["type"].is_array() {
+            property["type"] = json!(["string", "null"]);
+        }
+        property["pattern"] = json!(LABEL_PATTERN);
+    }
+}
+
+/// The headers, parameters and error answers operations share.
+fn shared_components(components: &mut Map<String, Value>) {
+    components.insert(
+        "headers".into(),
+        json!({
+            "X-Request-Id": header("string", "The request's ID: the client's `X-Request-Id` if it sent a sane one, else a new one. Every answer carries it."),
+            "Retry-After": header("integer", "Seconds to wait before retrying or polling again."),
+            "Location": header("string", "Where the created thing (or the operation to poll) is."),
+            "ETag": header("string", "The resource's version, quoted; send it back in `If-Match`."),
+        }),
+    );
+    components.insert(
+        "parameters".into(),
+        json!({
+            "X-Request-Id": {"name": "X-Request-Id", "in": "header", "required": false,
+                "description": "The client's request ID, echoed in the answer and the logs (kept if 1-200 visible ASCII characters).",
+                "schema": {"type": "string"}},
+            "Idempotency-Key": {"name": "Idempotency-Key", "in": "header", "required": false,
+                "description": "Makes retries safe: the same key with the same request returns the same operation; with another request `409 idempotency_key_reused`.",
+                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}, "example": "5b0c1f9e-create-web-1"},
+            "If-Match": {"name": "If-Match", "in": "header", "required": false,
+                "description": "The ETag this change is based on (`\"3\"`), or `*`; a stale one answers `412 precondition_failed`.",
+                "schema": {"type": "string", "pattern": IF_MATCH_PATTERN}, "example": "\"3\""},
+        }),
+    );
+    components.insert(
+        "responses".into(),
+        json!({
+            "BadRequest": error_response("`malformed_json`, `body_too_complex`, `invalid_idempotency_key`, `invalid_query` or `invalid_cursor`", false),
+            "Unauthenticated": error_response("`unauthenticated`: no key, or an unknown, revoked or expired key", false),
+            "Forbidden": error_response("`forbidden`: the key's role does not allow this", false),
+            "NotFound": error_response("`not_found`, `tenant_not_found`: nothing visible to this key", false),
+            "Conflict": error_response("`idempotency_key_reused`, `resource_deleting`, `invalid_state`, `name_taken` or `quota_exceeded`", false),
+            "PreconditionFailed": error_response("`precondition_failed`: `If-Match` does not name the current version (`details.current_etag`)", false),
+            "PayloadTooLarge": error_response("`payload_too_large`: body over 64 KiB", false),
+            "UnsupportedMediaType": error_response("`unsupported_media_type`: the body is not `application/json`", false),
+            "Unprocessable": error_response("`invalid_body` and other validation codes; `details.field` names the field", false),
+            "RateLimited": error_response("`rate_limited`: over the key's (or the address's) rate", true),
+            "Internal": error_response("`internal`: an unexpected failure, logged with the request ID; nothing is said about it", false),
+            "Unavailable": error_response("`database_unavailable`: nothing was written; retry after `Retry-After`", true),
+        }),
+    );
+}
+
+/// What decides an operation's shared parameters and answers.
+struct Shape {
+    api: bool,
+    has_body: bool,
+    has_query: bool,
+    /// A write that makes an operation (`Idempotency-Key`, `409`).
+    operation_write: bool,
+    /// Takes `If-Match`.
+    conditional: bool,
+}
+
+/// Completes one operation: parameters, shared answers, headers.
+fn complete_operation(path: &str, method: &str, op: &mut Value) {
+    let shape = parameters(path, method, op);
+    shared_responses(path, &shape, op);
+    response_headers(path, method, shape.api, op);
+}
+
+/// Fixes the operation's ID and parameters (shapes of path parameters, patterns of
+/// query parameters, the shared headers).
+fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
+    let api = path.starts_with("/v1/");
+    let has_body = op.get("requestBody").is_some();
+    let is_write = matches!(method, "post" | "put" | "patch" | "delete");
+    let operation_write = path.starts_with("/v1/tenants/{tenant}/{kind}") && is_write;
+    // utoipa names operations after their handlers (`list`, `read`, …), which repeat
+    // across modules; the tag makes them unique.
+    if let (Some(tag), Some(id)) = (op["tags"][0].as_str(), op["operationId"].as_str()) {
+        op["operationId"] = json!(format!("{tag}_{id}"));
+    }
+    let mut params: Vec<Value> = op["parameters"].as_array().cloned().unwrap_or_default();
+    params.retain(|p| p["in"] != "header");
+    for p in params.iter_mut() {
+        if p["in"] == "path" {
+            p["schema"] = match p["name"].as_str() {
+                Some("tenant") => json!({"type": "string", "pattern": LABEL_PATTERN}),
+                Some("kind") => {
+                    json!({"type": "string", "enum": ["vms", "bare-metal", "clusters", "volumes"]})
+                }
+                Some("action") => json!({"type": "string", "enum": action_segments()}),
+                Some("category") => json!({"$ref": "#/components/schemas/Category"}),
+                _ => p["schema"].take(),
+            };
+        }
+    }
+    for p in params.iter_mut().filter(|p| p["in"] == "query") {
+        match p["name"].as_str() {
+            Some("tenant") => p["schema"]["pattern"] = json!(LABEL_PATTERN),
+            Some("outcome") => p["schema"]["enum"] = strings(&crate::audit::OUTCOMES),
+            Some("wait") => p["schema"]["pattern"] = json!(WAIT_PATTERN),
+            Some("label") => {
+                let pair = format!("{LABEL_KEY}={LABEL_VALUE}");
+                // No key twice (a lookahead with a back-reference: ECMA-262 regexes).
+                let twice = r"(?!(?:.*,)?([a-z0-9._-]+)=[^,]*,(?:.*,)?\1=)";
+                p["schema"]["pattern"] = json!(format!("^{twice}{pair}(,{pair}){{0,31}}$"));
+            }
+            Some("cursor") if path == "/v1/tenants/{tenant}/{kind}" => {
+                p["schema"]["pattern"] = json!(TIME_CURSOR)
+            }
+            Some("cursor") => p["schema"]["pattern"] = json!(SEQ_CURSOR),
+            _ => {}
+        }
+    }
+    let has_query = params.iter().any(|p| p["in"] == "query");
+    if path.ends_with("/actions/{action}") {
+        // Actions without input take an empty body as well as `{}`.
+        op["requestBody"]["required"] = json!(false);
+    }
+    if api {
+        params.push(json!({"$ref": "#/components/parameters/X-Request-Id"}));
+    }
+    if operation_write {
+        params.push(json!({"$ref": "#/components/parameters/Idempotency-Key"}));
+        if method != "post" || path.ends_with("{action}") {
+            params.push(json!({"$ref": "#/components/parameters/If-Match"}));
+        }
+    }
+    let conditional = params
+        .iter()
+        .any(|p| p["$ref"] == "#/components/parameters/If-Match");
+    if params.is_empty() {
+        op.as_object_mut().expect("operation").remove("parameters");
+    } else {
+        op["parameters"] = Value::Array(params);
+    }
+    Shape {
+        api,
+        has_body,
+        has_query,
+        operation_write,
+        conditional,
+    }
+}
+
+/// Adds the answers of the layers in front of the handler.
+fn shared_responses(path: &str, shape: &Shape, op: &mut Value) {
+    let responses = op["responses"].as_object_mut().expect("responses");
+    let mut shared = |status: &str, name: &str| {
+        responses
+            .entry(status)
+            .or_insert_with(|| json!({"$ref": format!("#/components/responses/{name}")}));
+    };
+    if !shape.api {
+        return;
+    }
+    shared("401", "Unauthenticated");
+    shared("403", "Forbidden");
+    shared("429", "RateLimited");
+    if shape.operation_write {
+        shared("409", "Conflict");
+    }
+    if shape.conditional {
+        shared("412", "PreconditionFailed");
+    }
+    shared("500", "Internal");
+    shared("503", "Unavailable");
+    if path.contains('{') {
+        shared("404", "NotFound");
+    }
+    if shape.has_body || shape.has_query || shape.operation_write {
+        shared("400", "BadRequest");
+    }
+    if shape.has_body {
+        shared("413", "PayloadTooLarge");
+        shared("415", "UnsupportedMediaType");
+        shared("422", "Unprocessable");
+    }
+}
+
+/// Names the headers of each answer the handler describes.
+fn response_headers(path: &str, method: &str, api: bool, op: &mut Value) {
+    let responses = op["responses"].as_object_mut().expect("responses");
+    for (status, response) in responses.iter_mut() {
+        if response.get("$ref").is_some() {
+            continue;
+        }
+        let headers = response
+            .as_object_mut()
+            .expect("response")
+            .entry("headers")
+            .or_insert_with(|| json!({}));
+        let headers = headers.as_object_mut().expect("headers");
+        let mut add = |name: &str| {
+            headers.insert(
+                name.into(),
+                json!({"$ref": format!("#/components/headers/{name}")}),
+            );
+        };
+        if api {
+            add("X-Request-Id");
+        }
+        match (status.as_str(), method) {
+            ("202", _) => {
+                add("Location");
+                add("Retry-After");
+            }
+            ("201", "post") if path.ends_with("/keys") => add("Location"),
+            ("200", "get") if path == "/v1/operations/{id}" => add("Retry-After"),
+            ("200", "get") if path == "/v1/tenants/{tenant}/{kind}/{id}" => add("ETag"),
+            ("503", _) | ("429", _) => add("Retry-After"),
+            _ => {}
+        }
+        if headers.is_empty() {
+            response
+                .as_object_mut()
+                .expect("response")
+                .remove("headers");
+        }
+    }
+}
+
 /// The routes of this module.
 pub fn router() -> Router<super::AppState> {
-    Router::new().route(
-        "/v1/openapi.json",
-        get(|| async { Json(ApiDoc::openapi()) }),
-    )
+    Router::new().route("/v1/openapi.json", get(|| async { Json(document()) }))
 }

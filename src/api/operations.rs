@@ -47,6 +47,7 @@ const RECHECK: Duration = Duration::from_secs(5);
 
 /// Query of `GET /v1/operations/{id}`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReadQuery {
     /// Long-poll: answer as soon as the operation's state changes, or after this long
@@ -139,6 +140,7 @@ pub async fn read(
 
 /// Filters and paging of operation lists.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OperationQuery {
     /// Only operations in this state.
@@ -146,12 +148,14 @@ pub struct OperationQuery {
     /// Only operations on resources of this kind (`vm`, `bm`, `cluster`, `volume`).
     pub kind: Option<Kind>,
     /// Only operations in this zone.
+    #[param(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub zone: Option<String>,
     /// Only operations on this resource.
     pub resource_id: Option<Uuid>,
     /// Only operations submitted at or after this instant (RFC 3339).
     pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// Page size, 1–500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

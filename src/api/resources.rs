@@ -156,9 +156,11 @@ pub async fn read(
 
 /// Filters and paging of resource lists.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only resources in this zone.
+    #[param(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub zone: Option<String>,
     /// Only resources in this phase.
     pub phase: Option<Phase>,
@@ -167,6 +169,7 @@ pub struct ListQuery {
     /// Only resources carrying these labels: `env=prod` or `env=prod,team=db`.
     pub label: Option<String>,
     /// Page size, 1–500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

@@ -11,6 +11,8 @@ mod api;
 mod architecture;
 mod audit_trail;
 mod cli;
+mod compat;
+mod contract;
 mod deploy;
 mod deploy_kubernetes;
 mod faults_postgres;

@@ -12,6 +12,7 @@
 //! Both speak HTTP through one [`Client`]. Tests that run real processes take
 //! [`heavy`] first.
 
+pub mod schema;
 mod servers;
 
 pub use servers::{all_pools, free_port, Deployment, Gateway, GatewayEnv, Nats, Postgres, TempDir};
@@ -256,14 +257,19 @@ impl Client {
         key: Option<&str>,
         body: Option<&Value>,
     ) -> Answer {
-        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.url));
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
         if let Some(b) = body {
             req = req.json(b);
         }
-        Answer::read(req.send().await.expect("request sent")).await
+        let answer = Answer::read(req.send().await.expect("request sent")).await;
+        // Every answer must be one the published contract allows.
+        schema::check(method.as_str(), path, answer.status.as_u16(), &answer.body);
+        answer
     }
 
     pub async fn get(&self, path: &str) -> Answer {
