@@ -287,15 +287,22 @@ impl Client {
             .await
     }
 
+    /// The typed client (crate `gateway-client`) on this connection pool, with the admin
+    /// key: the helpers below talk to the API through it, as the CLI does.
+    pub fn typed(&self) -> gateway_client::Client {
+        gateway_client::Client::with_http(self.http.clone(), &self.url, &self.admin_key)
+    }
+
     /// Creates a tenant with a unique ID and returns it.
     pub async fn tenant(&self) -> String {
         let id = format!("t-{}", unique());
-        let a = self.post("/v1/tenants", json!({ "id": id })).await;
-        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+        let made = self.typed().create_tenant(&id, "").await;
+        assert_eq!(made.expect("the tenant is created").id, id);
         id
     }
 
-    /// Submits a create and returns the 202's operation.
+    /// Submits a create and returns the 202's operation (as JSON, for the tests'
+    /// assertions).
     pub async fn create(
         &self,
         tenant: &str,
@@ -304,14 +311,15 @@ impl Client {
         zone: &str,
         spec: Value,
     ) -> Value {
-        let a = self
-            .post(
-                &format!("/v1/tenants/{tenant}/{kind}"),
-                json!({"name": name, "zone": zone, "spec": spec}),
-            )
-            .await;
-        assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
-        a.body
+        let kind = gateway_proto::kind_from_path(kind).expect("a kind's path segment");
+        let resource = gateway_client::NewResource {
+            name: name.to_owned(),
+            zone: zone.to_owned(),
+            spec,
+            labels: Default::default(),
+        };
+        let op = self.typed().create_resource(tenant, kind, &resource).await;
+        serde_json::to_value(op.expect("the create is accepted")).expect("JSON")
     }
 }
 
