@@ -12,7 +12,7 @@ use super::AppState;
 use crate::auth::{Decision, Permission, Principal, Role};
 use crate::domain::{Service, ValidationError};
 use crate::lifecycle::{self, keys::NewKey, LifecycleError};
-use crate::store::{principals, tenants};
+use crate::store::principals;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderName, StatusCode};
 use axum::routing::{delete, get};
@@ -115,13 +115,6 @@ pub fn require(principal: &Principal, p: Permission, tenant: Option<&str>) -> Re
     }
 }
 
-async fn existing_tenant(state: &AppState, tenant: &str) -> Result<(), ApiError> {
-    match tenants::get(&state.engine.pool, tenant).await? {
-        Some(_) => Ok(()),
-        None => Err(ApiError::tenant_not_found()),
-    }
-}
-
 /// Create a key. Owners create `owner`, `member` and `reader` keys of their tenant;
 /// admins also create `worker` keys (bound to one service and zone, serving every
 /// tenant: platform keys, listed at `GET /v1/keys`). `Location` names the route that
@@ -147,7 +140,7 @@ pub async fn create(
     JsonBody(body): JsonBody<KeyIn>,
 ) -> Result<(StatusCode, [(HeaderName, String); 1], Json<NewKeyOut>), ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
-    existing_tenant(&state, &tenant).await?;
+    super::readable_tenant(&state, &principal, &tenant).await?;
     let key_tenant = match body.role {
         Role::Admin => {
             let why = "admin keys are created with `gateway admin create-key`";
@@ -200,7 +193,7 @@ pub async fn list(
     Path(tenant): Path<String>,
 ) -> Result<Json<Vec<KeyOut>>, ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
-    existing_tenant(&state, &tenant).await?;
+    super::readable_tenant(&state, &principal, &tenant).await?;
     let rows = principals::list(&state.engine.pool, Some(&tenant)).await?;
     Ok(Json(rows.into_iter().map(KeyOut::from).collect()))
 }

@@ -112,6 +112,24 @@ pub fn bad_query(e: &axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text())
 }
 
+/// `404 tenant_not_found` unless `tenant` exists and `principal` may read it (another
+/// tenant's looks exactly like a missing one).
+pub(crate) async fn readable_tenant(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    tenant: &str,
+) -> Result<(), error::ApiError> {
+    if principal.can_read(tenant)
+        && crate::store::tenants::get(&state.engine.pool, tenant)
+            .await?
+            .is_some()
+    {
+        Ok(())
+    } else {
+        Err(error::ApiError::tenant_not_found())
+    }
+}
+
 /// Checks a requested page size.
 pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     match limit.unwrap_or(100) {

@@ -8,7 +8,7 @@ use super::{cursor, params, AppState};
 use crate::auth::Principal;
 use crate::domain::{Kind, OperationState};
 use crate::lifecycle::report;
-use crate::store::{operations, operations::OperationRow, tenants};
+use crate::store::{operations, operations::OperationRow};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -179,13 +179,7 @@ pub async fn list(
     query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Page<OperationOut>>, ApiError> {
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
-    if !principal.can_read(&tenant) || tenants::get(&state.engine.pool, &tenant).await?.is_none() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "tenant_not_found",
-            "tenant not found",
-        ));
-    }
+    super::readable_tenant(&state, &principal, &tenant).await?;
     let limit = super::page_limit(q.limit)?;
     let before = q.cursor.as_deref().map(cursor::decode_seq).transpose()?;
     let filter = operations::OperationFilter {

@@ -10,7 +10,7 @@ use crate::auth::Permission;
 use crate::domain::quota::{Amounts, Limit, LimitIn, Usage};
 use crate::domain::Kind;
 use crate::lifecycle;
-use crate::store::{quotas, tenants};
+use crate::store::quotas;
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -117,11 +117,10 @@ pub async fn read(
     Path(tenant): Path<String>,
 ) -> Result<Json<QuotasOut>, ApiError> {
     require(&principal, Permission::Read, Some(&tenant))?;
-    let pool = &state.engine.pool;
-    if tenants::get(pool, &tenant).await?.is_none() {
-        return Err(ApiError::tenant_not_found());
-    }
-    let limits = quotas::get(pool, &tenant).await?.unwrap_or_default();
+    super::readable_tenant(&state, &principal, &tenant).await?;
+    let limits = quotas::get(&state.engine.pool, &tenant)
+        .await?
+        .unwrap_or_default();
     answer(&state, tenant, limits).await
 }
 

@@ -8,7 +8,7 @@ use super::{accepted, cursor, params, AppState};
 use crate::domain::{actions, Phase};
 use crate::domain::{kind_from_path, Kind};
 use crate::lifecycle::submit::{self, Change, CreateRequest, Idempotency, RequestMeta};
-use crate::store::{resources, tenants};
+use crate::store::resources;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -198,13 +198,7 @@ pub async fn list(
 ) -> Result<Json<Page<ResourceOut>>, ApiError> {
     let kind = kind(&kind_segment)?;
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
-    if !principal.can_read(&tenant) || tenants::get(&state.engine.pool, &tenant).await?.is_none() {
-        return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "tenant_not_found",
-            "tenant not found",
-        ));
-    }
+    super::readable_tenant(&state, &principal, &tenant).await?;
     let limit = super::page_limit(q.limit)?;
     let after = q
         .cursor
