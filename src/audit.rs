@@ -141,17 +141,13 @@ impl AuditSlot {
         Self(Arc::new(Mutex::new(Some(entry))))
     }
 
-    fn take(&self) -> Option<Entry> {
-        self.0.lock().expect("audit slot").take()
-    }
-
     fn put_back(&self, entry: Entry) {
         *self.0.lock().expect("audit slot") = Some(entry);
     }
 
-    /// The entry, unless a committed transaction recorded it.
+    /// The entry, unless a committed transaction recorded it (or took it to).
     pub fn remaining(&self) -> Option<Entry> {
-        self.take()
+        self.0.lock().expect("audit slot").take()
     }
 }
 
@@ -168,7 +164,7 @@ impl PendingAudit {
     /// Takes the slot's entry, to be recorded with `status` (the answer a committed
     /// change gets); `None` when the request is not audited.
     pub fn take(slot: &AuditSlot, status: u16) -> Option<Self> {
-        let mut entry = slot.take()?;
+        let mut entry = slot.remaining()?;
         entry.status = status;
         Some(Self {
             slot: slot.clone(),

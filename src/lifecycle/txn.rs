@@ -158,17 +158,11 @@ impl<'e> Txn<'e> {
     pub async fn commit(self) -> sqlx::Result<()> {
         let Self {
             engine,
-            mut tx,
+            tx,
             effects,
             audit,
         } = self;
-        if let Some(a) = &audit {
-            a.write(&mut tx).await?;
-        }
-        tx.commit().await?;
-        if let Some(a) = audit {
-            a.committed();
-        }
+        commit_with(tx, audit).await?;
         engine.after_commit(effects).await;
         Ok(())
     }
@@ -258,15 +252,24 @@ pub async fn lock_operation(
 /// Commits a transaction of a write that needs no after-commit step, with the request's
 /// audit row: the row commits with the change, or goes back to the request.
 pub(super) async fn commit_audited(
-    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    tx: Transaction<'static, Postgres>,
     audit: Audit<'_>,
 ) -> sqlx::Result<()> {
     let pending = audit.and_then(|(slot, status)| PendingAudit::take(slot, status));
-    if let Some(a) = &pending {
+    commit_with(tx, pending).await
+}
+
+/// Writes the audit row in `tx`, then commits; the entry counts as written only once the
+/// commit succeeded (else it goes back to its request).
+async fn commit_with(
+    mut tx: Transaction<'static, Postgres>,
+    audit: Option<PendingAudit>,
+) -> sqlx::Result<()> {
+    if let Some(a) = &audit {
         a.write(&mut tx).await?;
     }
     tx.commit().await?;
-    if let Some(a) = pending {
+    if let Some(a) = audit {
         a.committed();
     }
     Ok(())
