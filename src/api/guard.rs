@@ -181,11 +181,6 @@ impl PathTenant {
     }
 }
 
-/// A handler's note for the audit row: the tenant of what it acted on, when the path
-/// does not say (operations are addressed by ID alone).
-#[derive(Debug, Clone)]
-pub struct AuditTenant(pub String);
-
 /// Counts a request in flight until dropped, even when the client goes away mid-way.
 struct InFlight(prometheus_client::metrics::gauge::Gauge);
 
@@ -261,12 +256,7 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
     {
         state.db.suspect();
     }
-    let note = response.extensions().get::<AuditTenant>().cloned();
-    let audit = Audited {
-        principal,
-        slot,
-        note,
-    };
+    let audit = Audited { principal, slot };
     record(&state, seen, audit, response.status(), started);
     response
 }
@@ -314,7 +304,7 @@ async fn answer(
     req.extensions_mut().insert(authn);
     if seen.mutating() {
         // A write that commits records this entry in its own transaction.
-        let slot = AuditSlot::new(entry(seen, principal.as_ref(), None));
+        let slot = AuditSlot::new(entry(seen, principal.as_ref()));
         req.extensions_mut().insert(slot.clone());
         return (principal, next.run(req).await, Some(slot));
     }
@@ -348,19 +338,18 @@ fn rate_limited(metrics: &Metrics, authn: &Authn, class: Bucket, wait: u64) -> R
 struct Audited {
     /// The caller, when a valid key named one.
     principal: Option<Principal>,
-    /// The slot a write could record its entry in (see [`AuditSlot`]).
+    /// The slot a write could record its entry in (see [`AuditSlot`]). A write on an
+    /// operation addressed by ID alone records the operation's tenant there.
     slot: Option<AuditSlot>,
-    /// The handler's note of the tenant acted on.
-    note: Option<AuditTenant>,
 }
 
 /// The audit entry of a request, its status set when it is written.
-fn entry(seen: &Seen, principal: Option<&Principal>, note: Option<AuditTenant>) -> Entry {
+fn entry(seen: &Seen, principal: Option<&Principal>) -> Entry {
     Entry {
         at: chrono::Utc::now(),
         principal: principal.map(|p| (p.id, p.name.clone())),
-        // The tenant the router matched (decoded), or the handler's note.
-        tenant: seen.tenant.audited().or(note.map(|t| t.0)),
+        // The tenant the router matched (decoded).
+        tenant: seen.tenant.audited(),
         action: format!("{} {}", seen.method, seen.route),
         target: seen.path.clone(),
         status: 0,
@@ -395,14 +384,11 @@ fn record(state: &AppState, seen: Seen, audit: Audited, status: StatusCode, star
     let entry = match &audit.slot {
         // Empty: the write's transaction recorded it.
         Some(slot) => slot.remaining(),
-        None => Some(entry(&seen, audit.principal.as_ref(), None)),
+        None => Some(entry(&seen, audit.principal.as_ref())),
     };
     if let Some(mut entry) = entry {
         entry.status = status;
         entry.at = chrono::Utc::now();
-        if entry.tenant.is_none() {
-            entry.tenant = audit.note.map(|t| t.0);
-        }
         state.audit.record(entry);
     }
 }
