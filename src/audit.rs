@@ -464,6 +464,35 @@ mod tests {
         assert_ne!(row_hash(&row(), &[1; 32]), base);
     }
 
+    fn entry() -> Entry {
+        Entry {
+            at: Utc::now(),
+            principal: None,
+            tenant: None,
+            action: "POST /v1/tenants".into(),
+            target: "/v1/tenants".into(),
+            status: 0,
+            request_id: "r".into(),
+            source: None,
+        }
+    }
+
+    #[test]
+    fn an_entry_goes_back_to_its_request_unless_its_transaction_committed() {
+        // Not committed (an early return, a failed commit): the guard writes it.
+        let slot = AuditSlot::new(entry());
+        let mut pending = PendingAudit::take(&slot, 202).unwrap();
+        pending.tenant("acme");
+        assert!(PendingAudit::take(&slot, 202).is_none(), "taken once");
+        drop(pending);
+        let back = slot.remaining().expect("back in the slot");
+        assert_eq!(back.tenant.as_deref(), Some("acme"));
+        // Committed: nothing is left for the guard, so the request has one row.
+        let slot = AuditSlot::new(entry());
+        PendingAudit::take(&slot, 202).unwrap().committed();
+        assert!(slot.remaining().is_none());
+    }
+
     #[test]
     fn outcomes_sort_statuses() {
         assert_eq!(outcome(202), "allowed");
