@@ -53,6 +53,7 @@ async fn start(parts: Parts) -> Bench {
     let names = NatsNames {
         stream: format!("B{id}"),
         subject_prefix: format!("b{id}.ops"),
+            events_prefix: format!("b{id}.events"),
     };
     let mut config = Config::for_tests(format!("{base}/gwbench_{id}"), names);
     config.database_max_connections = 40;

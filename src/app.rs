@@ -145,7 +145,9 @@ pub async fn migrate(
     store::migrate(&b.pool).await?;
     let zones: Vec<String> = zone_names(&b.pool).await?;
     let js = b.jetstream_as(config, credentials::RELAY).await?;
-    let defs = crate::jetstream::Definitions::shipped()?.with_replicas(config.stream_replicas);
+    let defs = crate::jetstream::Definitions::shipped()?
+        .with_replicas(config.stream_replicas)
+        .with_event_retention(config.events.max_age, config.events.max_bytes);
     crate::jetstream::apply_definitions(&js, &config.nats, &zones, &defs).await?;
     bootstrap_admin(
         &b.pool,

@@ -82,6 +82,38 @@ pub struct Config {
     /// `NATS_STREAM_REPLICAS`: replicas of the streams `migrate` applies (1 to 5),
     /// instead of `nats/streams.json`'s; 3 on a three-node JetStream cluster.
     pub stream_replicas: Option<usize>,
+    /// The events stream and the watch API.
+    pub events: EventSettings,
+}
+
+/// The events stream's retention and the watch API's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSettings {
+    /// `EVENTS_MAX_AGE_SECONDS`: oldest event kept (default: `nats/streams.json`'s, 7 days).
+    pub max_age: Option<Duration>,
+    /// `EVENTS_MAX_BYTES`: size of the events stream (default: `nats/streams.json`'s, 1 GiB).
+    pub max_bytes: Option<i64>,
+    /// `GATEWAY_WATCH_STREAMS_PER_KEY`: open watch streams per API key on one gateway
+    /// (default 8); beyond it `429 too_many_streams`.
+    pub streams_per_key: usize,
+    /// `GATEWAY_WATCH_KEEPALIVE_MS`: a keep-alive comment after this much silence
+    /// (default 15 s).
+    pub keepalive: Duration,
+    /// `GATEWAY_WATCH_BOOKMARK_MS`: a bookmark event (the current cursor) after this
+    /// much time without an event for the client (default 30 s).
+    pub bookmark_interval: Duration,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            max_age: None,
+            max_bytes: None,
+            streams_per_key: 8,
+            keepalive: Duration::from_secs(15),
+            bookmark_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -111,6 +143,7 @@ impl fmt::Debug for Config {
             .field("header_timeout", &self.header_timeout)
             .field("audit_spool", &self.audit_spool)
             .field("stream_replicas", &self.stream_replicas)
+            .field("events", &self.events)
             .finish()
     }
 }
@@ -151,12 +184,21 @@ pub struct NatsNames {
     pub stream: String,
     /// `OPS_SUBJECT_PREFIX`: subjects are `{prefix}.{service}.{zone}` (default `ops`).
     pub subject_prefix: String,
+    /// `EVENTS_SUBJECT_PREFIX`: events are published on
+    /// `{events_prefix}.{tenant}.{kind}.{zone}` (default `events`), in the stream
+    /// [`NatsNames::events_stream`].
+    pub events_prefix: String,
 }
 
 impl NatsNames {
     /// Core-NATS subject on which writers wake the relays of this deployment.
     pub fn wake_subject(&self) -> String {
         format!("_gateway.{}.relay.wake", self.stream)
+    }
+
+    /// The events stream: `{stream}-EVENTS` (default `OPS-EVENTS`).
+    pub fn events_stream(&self) -> String {
+        format!("{}-EVENTS", self.stream)
     }
 
     /// Core-NATS subject on which replicas announce changed operations.
@@ -170,6 +212,7 @@ impl Default for NatsNames {
         Self {
             stream: "OPS".into(),
             subject_prefix: "ops".into(),
+            events_prefix: "events".into(),
         }
     }
 }
@@ -300,6 +343,7 @@ impl Config {
             nats: NatsNames {
                 stream: env.token("OPS_STREAM", "OPS", false)?,
                 subject_prefix: env.token("OPS_SUBJECT_PREFIX", "ops", true)?,
+                events_prefix: env.token("EVENTS_SUBJECT_PREFIX", "events", true)?,
             },
             operation_timeout: env.secs("GATEWAY_OPERATION_TIMEOUT_SECONDS", 3600)?,
             relay_batch_size: env.positive("RELAY_BATCH_SIZE", 256i64)?,
@@ -319,6 +363,22 @@ impl Config {
                         "NATS_STREAM_REPLICAS: must be between 1 and 5, got {n}"
                     ))
                 }
+            },
+            events: EventSettings {
+                max_age: match env.var("EVENTS_MAX_AGE_SECONDS", 0u64)? {
+                    0 => None,
+                    s => Some(Duration::from_secs(s)),
+                },
+                max_bytes: match env.var("EVENTS_MAX_BYTES", 0i64)? {
+                    0 => None,
+                    b if b < 1 << 20 => {
+                        return Err(anyhow!("EVENTS_MAX_BYTES: at least 1048576, got {b}"))
+                    }
+                    b => Some(b),
+                },
+                streams_per_key: env.positive("GATEWAY_WATCH_STREAMS_PER_KEY", 8usize)?,
+                keepalive: env.millis("GATEWAY_WATCH_KEEPALIVE_MS", 15_000)?,
+                bookmark_interval: env.millis("GATEWAY_WATCH_BOOKMARK_MS", 30_000)?,
             },
             rate_limits: RateLimits {
                 per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
@@ -373,6 +433,7 @@ impl Config {
             header_timeout: Duration::from_secs(10),
             audit_spool: 100_000,
             stream_replicas: None,
+            events: EventSettings::default(),
             rate_limits: RateLimits {
                 per_second: nz(100_000),
                 burst: nz(100_000),

@@ -88,7 +88,8 @@ pub fn users(names: &NatsNames, zones: &[String]) -> anyhow::Result<Vec<User>> {
             crate::jetstream::advisory_stream_name(names),
         ),
         ("${dead_letters}", dead_letters),
-        ("${events}", format!("{}-EVENTS", names.stream)),
+        ("${events}", names.events_stream()),
+        ("${events_prefix}", names.events_prefix.clone()),
     ];
     let user = |name: String, def: &RoleDef, consumer: Option<String>| {
         let mut vars = base.to_vec();
@@ -271,6 +272,7 @@ mod tests {
         NatsNames {
             stream: "T1".into(),
             subject_prefix: "t1.ops".into(),
+            events_prefix: "t1.events".into(),
         }
     }
 

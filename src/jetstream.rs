@@ -37,6 +37,8 @@ pub struct Definitions {
     pub advisory_stream: StreamDef,
     /// The gateways' consumer of the advisory stream.
     pub dead_letter_consumer: ConsumerDef,
+    /// The stream of events (every committed state change).
+    pub events_stream: StreamDef,
 }
 
 /// A stream's settings. `${stream}` and `${prefix}` are substituted.
@@ -93,7 +95,8 @@ pub struct ConsumerDef {
 fn substitute(template: &str, names: &NatsNames, pool: Option<(Service, &str)>) -> String {
     let mut s = template
         .replace("${stream}", &names.stream)
-        .replace("${prefix}", &names.subject_prefix);
+        .replace("${prefix}", &names.subject_prefix)
+        .replace("${events_prefix}", &names.events_prefix);
     if let Some((service, zone)) = pool {
         s = s
             .replace("${service}", service.as_str())
@@ -114,6 +117,19 @@ impl Definitions {
         if let Some(r) = replicas {
             self.ops_stream.replicas = r;
             self.advisory_stream.replicas = r;
+            self.events_stream.replicas = r;
+        }
+        self
+    }
+
+    /// The same definitions with the events stream's retention set
+    /// (`EVENTS_MAX_AGE_SECONDS`, `EVENTS_MAX_BYTES`; `None` keeps the shipped value).
+    pub fn with_event_retention(mut self, max_age: Option<Duration>, max_bytes: Option<i64>) -> Self {
+        if let Some(age) = max_age {
+            self.events_stream.max_age_seconds = age.as_secs();
+        }
+        if let Some(bytes) = max_bytes {
+            self.events_stream.max_bytes = bytes;
         }
         self
     }
@@ -126,6 +142,11 @@ impl Definitions {
     /// The advisory stream's configuration for `names`.
     pub fn advisory_stream_config(&self, names: &NatsNames) -> anyhow::Result<stream::Config> {
         stream_config(&self.advisory_stream, names)
+    }
+
+    /// The events stream's configuration for `names`.
+    pub fn events_stream_config(&self, names: &NatsNames) -> anyhow::Result<stream::Config> {
+        stream_config(&self.events_stream, names)
     }
 
     /// The pull consumer of one pool.
@@ -251,6 +272,7 @@ pub async fn apply_definitions(
     }
     let advisories = create_or_update_stream(js, defs.advisory_stream_config(names)?).await?;
     create_or_update_consumer(&advisories, defs.dead_letter_consumer_config(names)).await?;
+    create_or_update_stream(js, defs.events_stream_config(names)?).await?;
     Ok(())
 }
 
@@ -302,6 +324,7 @@ mod tests {
         let names = NatsNames {
             stream: "T1".into(),
             subject_prefix: "t1.ops".into(),
+            events_prefix: "t1.events".into(),
         };
         let s = ops_stream_config(&names).unwrap();
         assert_eq!(s.name, "T1");
@@ -322,6 +345,7 @@ mod tests {
         let names = NatsNames {
             stream: "T1".into(),
             subject_prefix: "t1.ops".into(),
+            events_prefix: "t1.events".into(),
         };
         let defs = Definitions::shipped().unwrap();
         let s = defs.advisory_stream_config(&names).unwrap();

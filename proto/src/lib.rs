@@ -62,6 +62,8 @@ macro_rules! string_enum {
     };
 }
 
+pub mod events;
+
 /// A string that names no value of the enum it was parsed as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownValue {

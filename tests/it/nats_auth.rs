@@ -39,6 +39,7 @@ impl Broker {
         let names = NatsNames {
             stream: format!("T{id}"),
             subject_prefix: format!("t{id}.ops"),
+            events_prefix: format!("t{id}.events"),
         };
         let dir = TempDir::new("gwtest-creds");
         let zones: Vec<String> = common::ZONES.iter().map(|z| z.to_string()).collect();

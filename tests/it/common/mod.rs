@@ -120,6 +120,7 @@ impl Sandbox {
             names: NatsNames {
                 stream: format!("T{id}"),
                 subject_prefix: format!("t{id}.ops"),
+                events_prefix: format!("t{id}.events"),
             },
             pg_base: pg_base.to_owned(),
             nats_url: nats_url.to_owned(),

@@ -405,6 +405,7 @@ pub struct GatewayEnv {
     pub admin_key: String,
     pub stream: String,
     pub subject_prefix: String,
+    pub events_prefix: String,
     /// Further variables (`RELAY_*`, `RECONCILE_*`, …).
     pub extra: Vec<(String, String)>,
 }
@@ -417,6 +418,7 @@ impl GatewayEnv {
             ("GATEWAY_ADMIN_KEY".to_owned(), self.admin_key.clone()),
             ("OPS_STREAM".to_owned(), self.stream.clone()),
             ("OPS_SUBJECT_PREFIX".to_owned(), self.subject_prefix.clone()),
+            ("EVENTS_SUBJECT_PREFIX".to_owned(), self.events_prefix.clone()),
             ("DATABASE_MAX_CONNECTIONS".to_owned(), "8".to_owned()),
             ("RELAY_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
             ("RECONCILE_INTERVAL_MS".to_owned(), "500".to_owned()),
@@ -539,6 +541,7 @@ impl Deployment {
             admin_key: format!("admin-{}", uuid::Uuid::new_v4().simple()),
             stream: names.stream.clone(),
             subject_prefix: names.subject_prefix.clone(),
+            events_prefix: names.events_prefix.clone(),
             extra: std::iter::once((key_var.0, key_var.1.as_str()))
                 .chain(extra.iter().copied())
                 .map(|(k, v)| (k.to_string(), v.to_string()))
