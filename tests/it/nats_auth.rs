@@ -353,6 +353,7 @@ async fn serve_relay_and_migrate_processes_run_as_their_own_users() {
         admin_key: format!("admin-{}", Uuid::new_v4().simple()),
         stream: names.stream.clone(),
         subject_prefix: names.subject_prefix.clone(),
+        events_prefix: names.events_prefix.clone(),
         extra,
     };
     let signing = ("GATEWAY_DISPATCH_SIGNING_KEY".to_owned(), key.to_text());
