@@ -53,7 +53,7 @@ async fn start(parts: Parts) -> Bench {
     let names = NatsNames {
         stream: format!("B{id}"),
         subject_prefix: format!("b{id}.ops"),
-            events_prefix: format!("b{id}.events"),
+        events_prefix: format!("b{id}.events"),
     };
     let mut config = Config::for_tests(format!("{base}/gwbench_{id}"), names);
     config.database_max_connections = 40;
@@ -227,6 +227,7 @@ async fn main() {
         changes: Default::default(),
         metrics: Default::default(),
         signer: b.config.dispatch_signing_key.clone().unwrap(),
+        events_prefix: b.config.nats.events_prefix.clone(),
     };
     let started = Instant::now();
     let mut relayed = 0;

@@ -389,6 +389,7 @@ impl<'c> Assembly<'c> {
             changes: self.engine.changes.clone(),
             metrics: self.engine.metrics.clone(),
             signer,
+            events_prefix: self.config.nats.events_prefix.clone(),
         };
         self.tasks.spawn(relay.run(self.shutdown.clone()));
         Ok(())

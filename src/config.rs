@@ -104,6 +104,27 @@ pub struct EventSettings {
     pub bookmark_interval: Duration,
 }
 
+impl EventSettings {
+    fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> anyhow::Result<Self> {
+        Ok(Self {
+            max_age: match env.var("EVENTS_MAX_AGE_SECONDS", 0u64)? {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            max_bytes: match env.var("EVENTS_MAX_BYTES", 0i64)? {
+                0 => None,
+                b if b < 1 << 20 => {
+                    return Err(anyhow!("EVENTS_MAX_BYTES: at least 1048576, got {b}"))
+                }
+                b => Some(b),
+            },
+            streams_per_key: env.positive("GATEWAY_WATCH_STREAMS_PER_KEY", 8usize)?,
+            keepalive: env.millis("GATEWAY_WATCH_KEEPALIVE_MS", 15_000)?,
+            bookmark_interval: env.millis("GATEWAY_WATCH_BOOKMARK_MS", 30_000)?,
+        })
+    }
+}
+
 impl Default for EventSettings {
     fn default() -> Self {
         Self {
@@ -364,22 +385,7 @@ impl Config {
                     ))
                 }
             },
-            events: EventSettings {
-                max_age: match env.var("EVENTS_MAX_AGE_SECONDS", 0u64)? {
-                    0 => None,
-                    s => Some(Duration::from_secs(s)),
-                },
-                max_bytes: match env.var("EVENTS_MAX_BYTES", 0i64)? {
-                    0 => None,
-                    b if b < 1 << 20 => {
-                        return Err(anyhow!("EVENTS_MAX_BYTES: at least 1048576, got {b}"))
-                    }
-                    b => Some(b),
-                },
-                streams_per_key: env.positive("GATEWAY_WATCH_STREAMS_PER_KEY", 8usize)?,
-                keepalive: env.millis("GATEWAY_WATCH_KEEPALIVE_MS", 15_000)?,
-                bookmark_interval: env.millis("GATEWAY_WATCH_BOOKMARK_MS", 30_000)?,
-            },
+            events: EventSettings::from_env(&env)?,
             rate_limits: RateLimits {
                 per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
                 burst: env.var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,

@@ -124,7 +124,11 @@ impl Definitions {
 
     /// The same definitions with the events stream's retention set
     /// (`EVENTS_MAX_AGE_SECONDS`, `EVENTS_MAX_BYTES`; `None` keeps the shipped value).
-    pub fn with_event_retention(mut self, max_age: Option<Duration>, max_bytes: Option<i64>) -> Self {
+    pub fn with_event_retention(
+        mut self,
+        max_age: Option<Duration>,
+        max_bytes: Option<i64>,
+    ) -> Self {
         if let Some(age) = max_age {
             self.events_stream.max_age_seconds = age.as_secs();
         }

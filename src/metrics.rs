@@ -23,6 +23,11 @@
 //! | `gateway_outbox_publish_errors_total` | counter | | publishes that failed or timed out |
 //! | `gateway_relay_batch_size` | histogram | | rows claimed per relay pass |
 //! | `gateway_relay_lag_seconds` | histogram | | outbox row written to JetStream ack |
+//! | `gateway_events_pending` | gauge | | events recorded and not yet published |
+//! | `gateway_events_oldest_age_seconds` | gauge | | age of the oldest unpublished event |
+//! | `gateway_events_published_total` | counter | | events JetStream acknowledged |
+//! | `gateway_events_malformed_total` | counter | | event rows that could not be turned into CloudEvents (dropped, logged) |
+//! | `gateway_events_lag_seconds` | histogram | | a change's commit to its event's JetStream ack |
 //! | `gateway_jetstream_consumer_pending` | gauge | service, zone | messages not yet delivered |
 //! | `gateway_jetstream_consumer_ack_pending` | gauge | service, zone | delivered, not yet acknowledged |
 //! | `gateway_jetstream_consumer_redelivered` | gauge | service, zone | messages redelivered at least once |
@@ -216,6 +221,16 @@ pub struct Inner {
     /// See the table in the module docs.
     pub relay_lag: Histogram,
     /// See the table in the module docs.
+    pub events_pending: Gauge,
+    /// See the table in the module docs.
+    pub events_oldest_age: Gauge<f64, AtomicU64>,
+    /// See the table in the module docs.
+    pub events_published: Counter,
+    /// See the table in the module docs.
+    pub events_malformed: Counter,
+    /// See the table in the module docs.
+    pub events_lag: Histogram,
+    /// See the table in the module docs.
     pub consumer_pending: Family<PoolLabels, Gauge>,
     /// See the table in the module docs.
     pub consumer_ack_pending: Family<PoolLabels, Gauge>,
@@ -324,6 +339,35 @@ impl Inner {
         );
     }
 
+    /// The families of the events outbox.
+    fn register_events(&self, r: &mut Registry) {
+        r.register(
+            "events_pending",
+            "Events recorded and not yet published",
+            self.events_pending.clone(),
+        );
+        r.register(
+            "events_oldest_age_seconds",
+            "Age of the oldest unpublished event",
+            self.events_oldest_age.clone(),
+        );
+        r.register(
+            "events_published",
+            "Events JetStream acknowledged",
+            self.events_published.clone(),
+        );
+        r.register(
+            "events_malformed",
+            "Event rows that could not become CloudEvents (dropped and logged)",
+            self.events_malformed.clone(),
+        );
+        r.register(
+            "events_lag_seconds",
+            "Time from a change's commit to its event's JetStream ack",
+            self.events_lag.clone(),
+        );
+    }
+
     /// The families of the outbox, the relay, JetStream, repairs and the process.
     fn register_delivery(&self, r: &mut Registry) {
         r.register(
@@ -356,6 +400,7 @@ impl Inner {
             "Time from an outbox row's commit to JetStream's ack",
             self.relay_lag.clone(),
         );
+        self.register_events(r);
         r.register(
             "jetstream_consumer_pending",
             "Messages not yet delivered to the pool",
@@ -423,6 +468,11 @@ impl Metrics {
             outbox_publish_errors: Counter::default(),
             relay_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             relay_lag: latency(),
+            events_pending: Gauge::default(),
+            events_oldest_age: Gauge::default(),
+            events_published: Counter::default(),
+            events_malformed: Counter::default(),
+            events_lag: latency(),
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
             consumer_redelivered: Family::default(),
@@ -580,6 +630,13 @@ impl Metrics {
                 self.outbox_oldest_age.set(age);
             }
             Err(e) => tracing::debug!(error = %e, "metrics: outbox backlog unavailable"),
+        }
+        match store::events::backlog(pool).await {
+            Ok((n, age)) => {
+                self.events_pending.set(n);
+                self.events_oldest_age.set(age);
+            }
+            Err(e) => tracing::debug!(error = %e, "metrics: events backlog unavailable"),
         }
         match store::operations::count_active_by_state(pool).await {
             Ok(counts) => {

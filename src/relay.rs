@@ -52,6 +52,8 @@ pub struct Relay {
     pub metrics: crate::metrics::Metrics,
     /// Signs every message, so workers act only on what the gateway decided.
     pub signer: SigningKey,
+    /// Events are published on `{events_prefix}.{tenant}.{kind}.{zone}`.
+    pub events_prefix: String,
 }
 
 /// What one pass did.
@@ -72,27 +74,19 @@ impl Relay {
         };
         let mut failures = 0u32;
         loop {
-            let pause = match self.pass().await {
-                Ok(p) if p.claimed as i64 == self.batch_size && p.published == p.claimed => {
+            let ops = self.pass().await.map(|p| (p.claimed, p.published));
+            let events = self.events_pass().await.map(|p| (p.claimed, p.published));
+            let pause = match self.next_step(ops, events) {
+                Step::Again => {
                     failures = 0;
                     continue;
                 }
-                Ok(p) if p.published == p.claimed => {
+                Step::Wait => {
                     failures = 0;
                     self.poll_interval
                 }
-                Ok(p) => {
+                Step::Retry => {
                     failures += 1;
-                    tracing::warn!(
-                        claimed = p.claimed,
-                        published = p.published,
-                        "relay: some publishes failed"
-                    );
-                    backoff(failures)
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, "relay pass failed");
                     backoff(failures)
                 }
             };
@@ -179,7 +173,58 @@ impl Relay {
     }
 }
 
+/// What the relay does after a pass.
+enum Step {
+    /// A batch was full: pass again at once.
+    Again,
+    /// All caught up: wait for a ring or the poll interval.
+    Wait,
+    /// Something failed: back off.
+    Retry,
+}
+
 impl Relay {
+    /// Publishes waiting events (see [`crate::events::publish`]).
+    pub async fn events_pass(&self) -> anyhow::Result<crate::events::publish::EventsPass> {
+        crate::events::publish::EventPublisher {
+            pool: &self.pool,
+            js: &self.js,
+            prefix: &self.events_prefix,
+            batch_size: self.batch_size,
+            timeout: PASS_PUBLISH_TIMEOUT,
+            metrics: &self.metrics,
+        }
+        .pass()
+        .await
+    }
+
+    /// The step after an operations pass and an events pass, each `(claimed, published)`.
+    fn next_step(
+        &self,
+        ops: anyhow::Result<(usize, usize)>,
+        events: anyhow::Result<(usize, usize)>,
+    ) -> Step {
+        let mut step = Step::Wait;
+        for (what, pass) in [("operations", ops), ("events", events)] {
+            match pass {
+                Ok((claimed, published)) if published == claimed => {
+                    if claimed as i64 == self.batch_size && !matches!(step, Step::Retry) {
+                        step = Step::Again;
+                    }
+                }
+                Ok((claimed, published)) => {
+                    tracing::warn!(what, claimed, published, "relay: some publishes failed");
+                    step = Step::Retry;
+                }
+                Err(e) => {
+                    tracing::warn!(what, error = %e, "relay pass failed");
+                    step = Step::Retry;
+                }
+            }
+        }
+        step
+    }
+
     /// The headers and body of `row`'s message: its ID, its extra headers, and the
     /// signature over subject, ID and body.
     fn message(&self, row: &outbox::OutboxRow) -> (HeaderMap, Vec<u8>) {

@@ -1,7 +1,9 @@
 //! Writing an operation's dispatch message to the outbox.
 
 use super::txn::Txn;
-use crate::store::{operations, operations::OperationRow, outbox, resources::ResourceRow};
+use crate::store::{
+    operations, operations::OperationRow, outbox, resources, resources::ResourceRow,
+};
 use gateway_proto::{Dispatch, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use serde_json::json;
 
@@ -55,11 +57,19 @@ pub async fn enqueue(
 /// acknowledged are deleted (with the stream sequence each message got, as
 /// `(row, operation, dispatch number, sequence)`), and their operations become
 /// `dispatched`.
+///
+/// The operations' resources are locked first, as every change locks them: that keeps
+/// the relay free of deadlocks with reports, and each resource's events in commit order.
 pub async fn published(
     conn: &mut sqlx::PgConnection,
     rows: &[outbox::Published],
     operations: &[uuid::Uuid],
 ) -> sqlx::Result<()> {
+    let mut ids: Vec<uuid::Uuid> = rows.iter().filter_map(|r| r.1).collect();
+    ids.extend_from_slice(operations);
+    if !ids.is_empty() {
+        resources::lock_of_operations(conn, &ids).await?;
+    }
     outbox::delete_published(conn, rows).await?;
     operations::mark_dispatched(conn, operations).await?;
     Ok(())

@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod events;
 pub mod health;
 pub mod operations;
 pub mod outbox;

@@ -12,7 +12,7 @@ const COLUMNS: &str = "id, seq, tenant, resource_id, kind, zone, action, state, 
     started_at, finished_at, deadline";
 
 /// An operation row.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct OperationRow {
     /// Its ID, returned to the client.
     pub id: Uuid,

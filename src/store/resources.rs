@@ -11,7 +11,7 @@ const COLUMNS: &str = "id, tenant, kind, zone, name, labels, spec, status, phase
                        observed_generation, version, created_at, updated_at, deleted_at";
 
 /// A resource row.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct ResourceRow {
     /// Its ID.
     pub id: Uuid,
@@ -127,6 +127,21 @@ pub async fn lock_live(
     .bind(kind.as_str())
     .fetch_optional(conn)
     .await
+}
+
+/// Locks the resources of operations `ids`, in ID order, for the rest of the
+/// transaction: the lifecycle's lock order (resource before operation) for a change of
+/// many operations at once.
+pub async fn lock_of_operations(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query(
+        "SELECT r.id FROM resources r
+         WHERE r.id IN (SELECT resource_id FROM operations WHERE id = ANY($1))
+         ORDER BY r.id FOR NO KEY UPDATE",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Locks any resource by ID for the rest of the transaction.

@@ -456,6 +456,10 @@ mod failover {
                 .env("NATS_URL", &nats_url)
                 .env("OPS_STREAM", &stream)
                 .env("OPS_SUBJECT_PREFIX", stream.to_lowercase())
+                .env(
+                    "EVENTS_SUBJECT_PREFIX",
+                    format!("{}-events", stream.to_lowercase()),
+                )
                 .env("GATEWAY_LISTEN", format!("127.0.0.1:{api_port}"))
                 .env("GATEWAY_ADMIN_KEY", admin_key)
                 .env("SIM_MIN_LATENCY_MS", "10")
@@ -649,6 +653,7 @@ mod failover {
             let js = async_nats::jetstream::new(client);
             let _ = js.delete_stream(&stream).await;
             let _ = js.delete_stream(format!("{stream}-ADVISORIES")).await;
+            let _ = js.delete_stream(format!("{stream}-EVENTS")).await;
         }
     }
 }

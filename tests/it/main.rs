@@ -15,6 +15,7 @@ mod compat;
 mod contract;
 mod deploy;
 mod deploy_kubernetes;
+mod events;
 mod faults_postgres;
 mod faults_reconciler;
 mod faults_relay;

@@ -171,6 +171,7 @@ async fn the_outbox_backlog_rises_without_a_relay_and_drains_with_one() {
         changes: Default::default(),
         metrics: Default::default(),
         signer: app.config.dispatch_signing_key.clone().unwrap(),
+        events_prefix: app.config.nats.events_prefix.clone(),
     };
     relay.pass().await.unwrap();
     // Gauges refresh one after another: wait for both rather than read them at once.

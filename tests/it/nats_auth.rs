@@ -433,6 +433,7 @@ async fn each_user_may_do_only_what_its_role_needs() {
         ("NATS_NKEY_SEED_FILE", seed_file.display().to_string()),
         ("OPS_STREAM", names.stream.clone()),
         ("OPS_SUBJECT_PREFIX", names.subject_prefix.clone()),
+        ("EVENTS_SUBJECT_PREFIX", names.events_prefix.clone()),
     ]);
     let config = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let backends = app::connect_as(&config, RELAY).await.unwrap();

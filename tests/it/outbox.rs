@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
 
-fn relay_for(app: &common::TestApp) -> Relay {
+pub fn relay_for(app: &common::TestApp) -> Relay {
     let running = app.running.as_ref().unwrap();
     Relay {
         pool: app.pool.clone(),
@@ -19,6 +19,7 @@ fn relay_for(app: &common::TestApp) -> Relay {
         changes: Default::default(),
         metrics: Default::default(),
         signer: app.config.dispatch_signing_key.clone().unwrap(),
+        events_prefix: app.config.nats.events_prefix.clone(),
     }
 }
 

@@ -16,6 +16,7 @@ fn up_output(env: &GatewayEnv, admin_key: Option<&str>) -> String {
         .env("NATS_URL", &env.nats_url)
         .env("OPS_STREAM", &env.stream)
         .env("OPS_SUBJECT_PREFIX", &env.subject_prefix)
+        .env("EVENTS_SUBJECT_PREFIX", &env.events_prefix)
         .env("GATEWAY_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env_remove("GATEWAY_ADMIN_KEY")
         .stdout(Stdio::piped())
@@ -77,6 +78,7 @@ async fn migrate_never_prints_a_supplied_admin_key() {
         .env("NATS_URL", &d.env.nats_url)
         .env("OPS_STREAM", &d.env.stream)
         .env("OPS_SUBJECT_PREFIX", &d.env.subject_prefix)
+        .env("EVENTS_SUBJECT_PREFIX", &d.env.events_prefix)
         .env("GATEWAY_ADMIN_KEY", &d.env.admin_key)
         .output()
         .unwrap();

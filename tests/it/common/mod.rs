@@ -143,6 +143,7 @@ impl Drop for Sandbox {
         let streams = [
             self.names.stream.clone(),
             gateway::jetstream::advisory_stream_name(&self.names),
+            self.names.events_stream(),
         ];
         // A runtime of its own: drop may run outside one, or inside one that is ending.
         let _ = std::thread::spawn(move || {

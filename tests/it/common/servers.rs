@@ -418,7 +418,10 @@ impl GatewayEnv {
             ("GATEWAY_ADMIN_KEY".to_owned(), self.admin_key.clone()),
             ("OPS_STREAM".to_owned(), self.stream.clone()),
             ("OPS_SUBJECT_PREFIX".to_owned(), self.subject_prefix.clone()),
-            ("EVENTS_SUBJECT_PREFIX".to_owned(), self.events_prefix.clone()),
+            (
+                "EVENTS_SUBJECT_PREFIX".to_owned(),
+                self.events_prefix.clone(),
+            ),
             ("DATABASE_MAX_CONNECTIONS".to_owned(), "8".to_owned()),
             ("RELAY_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
             ("RECONCILE_INTERVAL_MS".to_owned(), "500".to_owned()),

@@ -1,0 +1,68 @@
+//! Events: every committed state change, told to the world.
+//!
+//! The database records an event in the transaction of each change (triggers of
+//! migration 0010 write `event_outbox` rows: no change without its event, no event
+//! without its change). The relay turns each row into a CloudEvent ([`cloud_event`]) and
+//! publishes it ([`publish`]) to the events stream, where the watch API, webhooks and
+//! internal consumers read it.
+
+pub mod publish;
+
+use crate::store::events::EventRow;
+use crate::store::operations::OperationRow;
+use crate::store::resources::ResourceRow;
+use crate::views::{OperationOut, ResourceOut};
+use gateway_proto::events::{CloudEvent, EventType, DATA_CONTENT_TYPE, SPEC_VERSION};
+use gateway_proto::Kind;
+
+/// Why an event row could not become a CloudEvent (a row written by a newer schema, or
+/// corrupted by hand). Such a row is skipped and logged, never retried forever.
+#[derive(Debug, thiserror::Error)]
+pub enum MalformedEvent {
+    /// Unknown type or kind.
+    #[error(transparent)]
+    Unknown(#[from] gateway_proto::UnknownValue),
+    /// The row snapshot does not parse.
+    #[error("row snapshot: {0}")]
+    Row(#[from] serde_json::Error),
+}
+
+/// The CloudEvent of an event row, and the subject it is published on
+/// (`{prefix}.{tenant}.{kind}.{zone}`).
+pub fn cloud_event(row: &EventRow, prefix: &str) -> Result<(String, CloudEvent), MalformedEvent> {
+    let event_type: EventType = row.event_type.parse()?;
+    let kind: Kind = row.kind.parse()?;
+    let (subject, data, generation) = if event_type.is_operation() {
+        let op: OperationRow = serde_json::from_value(row.row.clone())?;
+        let generation = op.target_generation;
+        let data = serde_json::to_value(OperationOut::from(op))?;
+        let id = row.operation_id.unwrap_or(row.resource_id);
+        (format!("operations/{id}"), data, generation)
+    } else {
+        let r: ResourceRow = serde_json::from_value(row.row.clone())?;
+        let generation = r.generation;
+        let data = serde_json::to_value(ResourceOut::from(r))?;
+        let path = gateway_proto::kind_path(kind);
+        (format!("{path}/{}", row.resource_id), data, generation)
+    };
+    let event = CloudEvent {
+        specversion: SPEC_VERSION.into(),
+        id: row.event_id,
+        source: format!("/v1/tenants/{}", row.tenant),
+        event_type,
+        subject,
+        time: row.created_at,
+        datacontenttype: DATA_CONTENT_TYPE.into(),
+        tenant: row.tenant.clone(),
+        kind,
+        zone: row.zone.clone(),
+        resourceid: row.resource_id,
+        operationid: row.operation_id,
+        generation,
+        requestid: row.request_id.clone(),
+        cursor: None,
+        data,
+    };
+    let nats_subject = gateway_proto::events::event_subject(prefix, &row.tenant, kind, &row.zone);
+    Ok((nats_subject, event))
+}

@@ -1,0 +1,337 @@
+//! Events written with their change (issue 10, part 1): a trigger records each change's
+//! event in its transaction, the relay publishes them in commit order per resource,
+//! deduplicated by event ID.
+
+use crate::common::{self, example_spec, id_of, spawn_app, spawn_with, Options, TestApp};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use futures::StreamExt;
+use gateway_proto::events::CloudEvent;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Every event of `tenant` in the events stream, in stream order, once `n` are there
+/// (waits up to 20 s), with their stream sequences.
+async fn events_of(app: &TestApp, tenant: &str, n: usize) -> Vec<(u64, CloudEvent)> {
+    let js = app.running.as_ref().unwrap().backends.js.clone();
+    let stream = js
+        .get_stream(app.config.nats.events_stream())
+        .await
+        .unwrap();
+    let filter = format!("{}.{tenant}.>", app.config.nats.events_prefix);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let consumer = stream
+            .create_consumer(pull::Config {
+                filter_subject: filter.clone(),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut out = Vec::new();
+        if pending > 0 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(pending)
+                .messages()
+                .await
+                .unwrap();
+            while let Some(m) = batch.next().await {
+                let m = m.unwrap();
+                let seq = m.info().unwrap().stream_sequence;
+                out.push((seq, serde_json::from_slice(&m.payload).unwrap()));
+            }
+        }
+        if out.len() >= n {
+            return out;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} events: {:?}",
+            out.len(),
+            out.iter().map(|(_, e)| e.event_type).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn types(events: &[(u64, CloudEvent)]) -> Vec<&'static str> {
+    events.iter().map(|(_, e)| e.event_type.as_str()).collect()
+}
+
+#[tokio::test]
+async fn every_change_of_an_operation_and_its_resource_is_published_in_order_as_cloudevents() {
+    let app = spawn_app().await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let done = app.wait_done(&id_of(&op).to_string()).await;
+    assert_eq!(done["state"], "succeeded");
+    let resource_id = done["resource_id"].as_str().unwrap().to_owned();
+    let events = events_of(&app, &tenant, 7).await;
+    let ops: Vec<_> = types(&events)
+        .into_iter()
+        .filter(|t| t.starts_with("operation."))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            "operation.created",
+            "operation.pending",
+            "operation.dispatched",
+            "operation.running",
+            "operation.succeeded"
+        ],
+        "each state transition once, in order"
+    );
+    assert_eq!(
+        types(&events)[0],
+        "resource.created",
+        "{:?}",
+        types(&events)
+    );
+    let last_resource = events
+        .iter()
+        .rev()
+        .find(|(_, e)| !e.event_type.is_operation())
+        .unwrap();
+    assert_eq!(
+        last_resource.1.event_type.as_str(),
+        "resource.status_changed"
+    );
+    assert_eq!(last_resource.1.data["phase"], "ready");
+    // Stream order is commit order: sequences grow.
+    assert!(events.windows(2).all(|w| w[0].0 < w[1].0));
+    // The CloudEvents attributes, and data exactly as the API shows it.
+    let (_, succeeded) = events
+        .iter()
+        .find(|(_, e)| e.event_type.as_str() == "operation.succeeded")
+        .unwrap();
+    assert_eq!(succeeded.specversion, "1.0");
+    assert_eq!(succeeded.source, format!("/v1/tenants/{tenant}"));
+    assert_eq!(succeeded.subject, format!("operations/{}", id_of(&op)));
+    assert_eq!(succeeded.tenant, tenant);
+    assert_eq!(succeeded.zone, "zone-a");
+    assert_eq!(succeeded.resourceid.to_string(), resource_id);
+    assert_eq!(succeeded.operationid, Some(id_of(&op)));
+    assert_eq!(succeeded.requestid.as_deref(), done["request_id"].as_str());
+    assert_eq!(succeeded.generation, 1);
+    assert!(
+        succeeded.cursor.is_none(),
+        "the cursor is added when served"
+    );
+    assert_eq!(
+        succeeded.data, done,
+        "data is the operation as GET shows it"
+    );
+    let resource = app
+        .get(&format!("/v1/tenants/{tenant}/vms/{resource_id}"))
+        .await;
+    assert_eq!(last_resource.1.data, resource.body);
+    assert_eq!(last_resource.1.subject, format!("vms/{resource_id}"));
+    let created = &events[0].1;
+    assert_eq!(
+        created.operationid,
+        Some(id_of(&op)),
+        "a resource event names the operation whose transaction changed it"
+    );
+    assert_eq!(
+        app.count("event_outbox").await,
+        0,
+        "published rows are deleted"
+    );
+}
+
+#[tokio::test]
+async fn an_event_commits_with_its_change_or_not_at_all_whoever_writes_the_row() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let before = app.count("event_outbox").await;
+    assert_eq!(
+        before, 3,
+        "resource.created, operation.created, operation.pending"
+    );
+    // A change rolled back leaves no event.
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("UPDATE operations SET state = 'running', attempt = 1 WHERE id = $1")
+        .bind(id_of(&op))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(app.count("event_outbox").await, before);
+    // A change made by hand, outside the gateway's code, still records its event.
+    sqlx::query("UPDATE operations SET state = 'running', attempt = 1 WHERE id = $1")
+        .bind(id_of(&op))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.count("event_outbox WHERE type = 'operation.running'")
+            .await,
+        1
+    );
+    // A write that changes no state (bookkeeping) records none.
+    sqlx::query("UPDATE operations SET stream_seq = 42 WHERE id = $1")
+        .bind(id_of(&op))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(app.count("event_outbox").await, before + 1);
+    // A refused request (validation error) records nothing.
+    let a = app
+        .post(
+            &format!("/v1/tenants/{tenant}/vms"),
+            json!({"name": "bad", "zone": "zone-a", "spec": {"flavor": "nope", "image": "debian-12"}}),
+        )
+        .await;
+    assert!(a.status.is_client_error());
+    assert_eq!(app.count("event_outbox").await, before + 1);
+}
+
+#[tokio::test]
+async fn a_relay_that_dies_between_publish_and_delete_publishes_nothing_twice() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    for i in 0..5 {
+        app.create(
+            &tenant,
+            "vms",
+            &format!("vm-{i}"),
+            "zone-a",
+            example_spec("vms"),
+        )
+        .await;
+    }
+    let rows = app.count("event_outbox").await as usize;
+    assert_eq!(rows, 15);
+    // The delete fails after every publish was acknowledged: as if the relay died there.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'injected: relay died'; END $$;
+         CREATE TRIGGER refuse BEFORE DELETE ON event_outbox FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let relay = crate::outbox::relay_for(&app);
+    assert!(relay.events_pass().await.is_err());
+    assert_eq!(
+        app.count("event_outbox").await as usize,
+        rows,
+        "nothing deleted"
+    );
+    sqlx::raw_sql("DROP TRIGGER refuse ON event_outbox")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let pass = relay.events_pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (rows, rows));
+    assert_eq!(app.count("event_outbox").await, 0);
+    let events = events_of(&app, &tenant, rows).await;
+    assert_eq!(events.len(), rows, "each event once in the stream");
+    let mut ids: Vec<_> = events.iter().map(|(_, e)| e.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), rows);
+}
+
+#[tokio::test]
+async fn only_one_relay_publishes_events_at_a_time() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    // Another relay holds the publisher lock in an open transaction.
+    let mut other = app.pool.begin().await.unwrap();
+    let claimed = gateway::store::events::claim(&mut other, 100)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    let relay = crate::outbox::relay_for(&app);
+    let pass = relay.events_pass().await.unwrap();
+    assert_eq!(pass.claimed, 0, "the second relay waits its turn");
+    other.rollback().await.unwrap();
+    assert_eq!(relay.events_pass().await.unwrap().published, 3);
+}
+
+#[tokio::test]
+async fn events_of_many_resources_keep_each_resources_order_under_concurrent_writes() {
+    let _h = common::heavy().await;
+    let app = spawn_app().await;
+    let tenant = app.tenant().await;
+    let mut ops = Vec::new();
+    for i in 0..20 {
+        let op = app
+            .create(
+                &tenant,
+                "vms",
+                &format!("vm-{i}"),
+                "zone-a",
+                example_spec("vms"),
+            )
+            .await;
+        ops.push(id_of(&op).to_string());
+    }
+    // An update queued behind each create: two operations per resource.
+    let mut updates = Vec::new();
+    for op in &ops {
+        let rid = app.get(&format!("/v1/operations/{op}")).await.body["resource_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let a = app
+            .request(
+                reqwest::Method::PATCH,
+                &format!("/v1/tenants/{tenant}/vms/{rid}"),
+                Some(&app.admin_key),
+                Some(&json!({"spec": {"flavor": "m1.large", "image": "debian-12"}})),
+            )
+            .await;
+        assert_eq!(a.status, 202, "{:?}", a.body);
+        updates.push(a.body["id"].as_str().unwrap().to_owned());
+    }
+    for op in ops.iter().chain(&updates) {
+        app.wait_done(op).await;
+    }
+    app.wait_outbox_empty().await;
+    let events = events_of(&app, &tenant, 20 * 14).await;
+    let rank = |t: &str| {
+        [
+            "operation.created",
+            "operation.pending",
+            "operation.dispatched",
+            "operation.running",
+            "operation.succeeded",
+        ]
+        .iter()
+        .position(|x| *x == t)
+        .unwrap()
+    };
+    let mut last: std::collections::HashMap<uuid::Uuid, (usize, i64)> = Default::default();
+    let mut generation: std::collections::HashMap<uuid::Uuid, i64> = Default::default();
+    for (_, e) in &events {
+        if e.event_type.is_operation() {
+            let r = rank(e.event_type.as_str());
+            let prev = last.insert(e.operationid.unwrap(), (r, 0));
+            assert!(prev.map_or(true, |(p, _)| p < r), "{e:?} after {prev:?}");
+        } else {
+            let g = e.data["generation"].as_i64().unwrap();
+            let prev = generation.insert(e.resourceid, g).unwrap_or(0);
+            assert!(g >= prev, "generation went back: {e:?}");
+        }
+    }
+    assert_eq!(last.len(), 40);
+    assert!(
+        last.values().all(|(r, _)| *r == 4),
+        "every operation succeeded"
+    );
+    let value: Value = serde_json::to_value(&events[0].1).unwrap();
+    assert!(value.get("type").is_some());
+}
