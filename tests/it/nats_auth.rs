@@ -538,6 +538,35 @@ async fn each_user_may_do_only_what_its_role_needs() {
     assert!(events.get_stream(&names.stream).await.is_err());
     assert_eq!(pending("vm-zone-a").await, 0);
 
+    // The relay publishes events; the events reader (and the gateway) read them through
+    // consumers of their own; the reader publishes nothing, workers see no events.
+    let event_subject = format!("{}.acme.vm.zone-a", names.events_prefix);
+    relay
+        .publish(event_subject.clone(), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for reader in [events.clone(), broker.js(GATEWAY).await] {
+        let stream = reader.get_stream(names.events_stream()).await.unwrap();
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                filter_subject: format!("{}.acme.>", names.events_prefix),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+        let m = batch.next().await.unwrap().unwrap();
+        assert_eq!(m.subject.as_str(), event_subject);
+        m.ack().await.unwrap();
+    }
+    let (reader, reader_errors) = broker.watched(credentials::EVENTS_READER).await;
+    reader.publish(event_subject.clone(), "{}".into()).await.unwrap();
+    reader.flush().await.unwrap();
+    violation(&reader_errors, &event_subject).await;
+    assert!(worker.get_stream(names.events_stream()).await.is_err());
+
     // And nobody gets in without credentials.
     assert!(async_nats::ConnectOptions::new()
         .connect(broker.nats.url())
