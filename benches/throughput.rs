@@ -8,8 +8,13 @@
 //!    same three INSERTs (resource, operation, outbox) in one transaction with sqlx.
 //! 2. **Relay**: outbox rows to JetStream acks through the relay vs. raw
 //!    `publish_with_headers` of the same messages with the same window.
-//! 3. **End to end**: create → `succeeded` with in-process workers (zero-latency
-//!    simulated driver), operations per second and latency percentiles.
+//! 3. **Reads**: `GET /v1/operations/{id}` and `GET /v1/tenants/{t}/vms/{id}` through
+//!    the gateway vs. the raw primary-key `SELECT` of the same row from sqlx, at the
+//!    same concurrency.
+//! 4. **End to end**: create → `succeeded` with in-process workers (zero-latency
+//!    simulated driver), operations per second and latency percentiles, in a burst and
+//!    then at a steady half of the burst's rate; with the lag from a change's commit to
+//!    its event reaching a reader of the events stream.
 //!
 //! Memory is the process's resident set size before and after.
 //! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
@@ -137,6 +142,7 @@ impl Bench {
         let _ = js
             .delete_stream(format!("{}-ADVISORIES", self.config.nats.stream))
             .await;
+        let _ = js.delete_stream(self.config.nats.events_stream()).await;
         let db = self
             .config
             .database_url
@@ -155,8 +161,28 @@ impl Bench {
     }
 }
 
-/// The raw baseline of a submit: the same three rows in one transaction.
+/// The raw baseline of a submit: the same three rows in one transaction, without the
+/// event triggers (recording events is part of the gateway's work being measured).
 async fn raw_inserts(pool: &sqlx::PgPool, tenant: &str, n: usize) -> Duration {
+    sqlx::raw_sql(
+        "ALTER TABLE resources DISABLE TRIGGER resources_events;
+                   ALTER TABLE operations DISABLE TRIGGER operations_events;",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let elapsed = raw_insert_rows(pool, tenant, n).await;
+    sqlx::raw_sql(
+        "ALTER TABLE resources ENABLE TRIGGER resources_events;
+                   ALTER TABLE operations ENABLE TRIGGER operations_events;",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    elapsed
+}
+
+async fn raw_insert_rows(pool: &sqlx::PgPool, tenant: &str, n: usize) -> Duration {
     let started = Instant::now();
     let chunks: Vec<Vec<usize>> = (0..CONCURRENCY)
         .map(|c| (c..n).step_by(CONCURRENCY).collect())
@@ -181,6 +207,179 @@ async fn raw_inserts(pool: &sqlx::PgPool, tenant: &str, n: usize) -> Duration {
     }))
     .await;
     started.elapsed()
+}
+
+/// `n` requests for `paths` (round robin) from `CONCURRENCY` clients.
+async fn gets(b: &Bench, paths: &[String], n: usize) -> Duration {
+    let started = Instant::now();
+    futures::future::join_all((0..CONCURRENCY).map(|c| async move {
+        for i in (c..n).step_by(CONCURRENCY) {
+            let res = b
+                .http
+                .get(format!("{}{}", b.url, paths[i % paths.len()]))
+                .bearer_auth(&b.key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            res.bytes().await.unwrap();
+        }
+    }))
+    .await;
+    started.elapsed()
+}
+
+/// `n` primary-key `SELECT`s of `ids` (round robin) from `CONCURRENCY` clients.
+async fn raw_selects(pool: &sqlx::PgPool, sql: &str, ids: &[uuid::Uuid], n: usize) -> Duration {
+    let started = Instant::now();
+    futures::future::join_all((0..CONCURRENCY).map(|c| async move {
+        for i in (c..n).step_by(CONCURRENCY) {
+            let row: Option<sqlx::postgres::PgRow> = sqlx::query(sql)
+                .bind(ids[i % ids.len()])
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+            assert!(row.is_some());
+        }
+    }))
+    .await;
+    started.elapsed()
+}
+
+/// Reads through the gateway vs raw primary-key `SELECT`s of the same rows.
+async fn reads(b: &Bench, tenant: &str) {
+    let pool = b.running.backends.pool.clone();
+    let rows: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+        "SELECT o.id, o.resource_id FROM operations o WHERE o.tenant = $1 AND o.request_id <> 'raw'",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let n = OPS * 2;
+    let cases = [
+        (
+            "read op ",
+            rows.iter()
+                .map(|r| format!("/v1/operations/{}", r.0))
+                .collect::<Vec<_>>(),
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            "SELECT * FROM operations WHERE id = $1",
+        ),
+        (
+            "read vm ",
+            rows.iter()
+                .map(|r| format!("/v1/tenants/{tenant}/vms/{}", r.1))
+                .collect(),
+            rows.iter().map(|r| r.1).collect(),
+            "SELECT * FROM resources WHERE id = $1",
+        ),
+    ];
+    for (what, paths, ids, sql) in cases {
+        let raw = raw_selects(&pool, sql, &ids, n).await;
+        let through = gets(b, &paths, n).await;
+        println!(
+            "{what} gateway {:>8.0} req/s   raw sqlx {:>8.0} req/s   ratio {:.2}",
+            rate(n, through),
+            rate(n, raw),
+            raw.as_secs_f64() / through.as_secs_f64()
+        );
+    }
+}
+
+/// Seconds of the steady-load phase.
+const STEADY_SECONDS: f64 = 10.0;
+
+/// Creates operations at `per_second` for [`STEADY_SECONDS`], each followed by a
+/// long-poll until it ends; meanwhile a reader of the events stream measures, for every
+/// event, the lag from its change's commit to its arrival. Prints both percentiles.
+async fn steady(b: &Bench, tenant: &str, per_second: f64) {
+    let events = event_lags(b, tenant).await;
+    let count = (per_second * STEADY_SECONDS) as usize;
+    let started = Instant::now();
+    let tasks = (0..count).map(|i| async move {
+        let at = started + Duration::from_secs_f64(i as f64 / per_second);
+        tokio::time::sleep_until(at.into()).await;
+        let t0 = Instant::now();
+        let res = b.http.post(format!("{}/v1/tenants/{tenant}/vms", b.url)).bearer_auth(&b.key)
+            .json(&json!({"name": format!("steady{i}"), "zone": "zone-a", "spec": {"flavor": "m1.small", "image": "debian-12"}}))
+            .send().await.unwrap();
+        assert_eq!(res.status(), 202);
+        let op: serde_json::Value = res.json().await.unwrap();
+        let mut state = op;
+        while state["done"] != true {
+            let url = format!("{}/v1/operations/{}?wait=30s", b.url, state["id"].as_str().unwrap());
+            state = b.http.get(url).bearer_auth(&b.key).send().await.unwrap().json().await.unwrap();
+        }
+        t0.elapsed()
+    });
+    let mut lat = futures::future::join_all(tasks).await;
+    lat.sort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    events.abort();
+    let mut lags = events.await_lags().await;
+    lags.sort();
+    println!(
+        "steady   {:>8.0} ops/s (half the burst's rate)   submit→succeeded p50 {:?}  p99 {:?}",
+        rate(count, started.elapsed()),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    if !lags.is_empty() {
+        println!(
+            "events   {:>8} events   commit→reader lag p50 {:?}  p99 {:?}",
+            lags.len(),
+            percentile(&lags, 0.5),
+            percentile(&lags, 0.99)
+        );
+    }
+}
+
+/// A reader of `tenant`'s new events, collecting each one's commit-to-arrival lag until
+/// aborted (the lags collected so far are lost then: it returns them through a channel).
+async fn event_lags(b: &Bench, tenant: &str) -> EventLags {
+    let js = b.running.backends.js.clone();
+    let stream = js.get_stream(b.config.nats.events_stream()).await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("{}.{tenant}.>", b.config.nats.events_prefix),
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut messages = consumer.messages().await.unwrap();
+        while let Some(Ok(m)) = messages.next().await {
+            let e: gateway_proto::events::CloudEvent = serde_json::from_slice(&m.payload).unwrap();
+            let lag = (chrono::Utc::now() - e.time).to_std().unwrap_or_default();
+            let _ = tx.send(lag);
+        }
+    });
+    EventLags { task, rx }
+}
+
+/// The event reader of [`steady`].
+struct EventLags {
+    task: tokio::task::JoinHandle<()>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Duration>,
+}
+
+impl EventLags {
+    fn abort(&self) {
+        self.task.abort();
+    }
+
+    async fn await_lags(mut self) -> Vec<Duration> {
+        let _ = (&mut self.task).await;
+        let mut out = Vec::new();
+        while let Ok(l) = self.rx.try_recv() {
+            out.push(l);
+        }
+        out
+    }
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -211,6 +410,7 @@ async fn main() {
     println!("submit   gateway {:>8.0} ops/s   raw sqlx {:>8.0} ops/s   ratio {:.2}   p50 {:?}  p99 {:?}",
         rate(OPS, through), rate(OPS, raw), raw.as_secs_f64() / through.as_secs_f64(),
         percentile(&lat, 0.5), percentile(&lat, 0.99));
+    reads(&b, &tenant).await;
 
     // 2. Relay vs raw publishes (the gateway's outbox now holds OPS rows; the raw rows
     //    too, but the relay drains both: count the gateway's only).
@@ -313,6 +513,7 @@ async fn main() {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
+    steady(&b, &tenant, rate(OPS, e2e) / 2.0).await;
     if std::env::var("BENCH_DEBUG").is_ok() {
         let text = b
             .http

@@ -100,15 +100,20 @@ pub async fn get_live(
     kind: Kind,
     id: Uuid,
 ) -> sqlx::Result<Option<ResourceRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM resources
-         WHERE id = $1 AND tenant = $2 AND kind = $3 AND deleted_at IS NULL"
-    ))
-    .bind(id)
-    .bind(tenant)
-    .bind(kind.as_str())
-    .fetch_optional(db)
-    .await
+    let row: Option<ResourceRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM resources WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(row.filter(|r| is_live_of(r, tenant, kind)))
+}
+
+/// Whether `r` is a live resource of `tenant` and `kind`. Checked on the row rather than
+/// in SQL: with the tenant and kind in the `WHERE` clause, PostgreSQL's generic plan
+/// scans the `(tenant, kind, created_at, id)` list index for the ID — every resource of
+/// the tenant per read — instead of using the primary key.
+fn is_live_of(r: &ResourceRow, tenant: &str, kind: Kind) -> bool {
+    r.tenant == tenant && r.kind == kind && r.deleted_at.is_none()
 }
 
 /// Locks a live resource of `tenant` and `kind` for the rest of the transaction.
@@ -118,15 +123,18 @@ pub async fn lock_live(
     kind: Kind,
     id: Uuid,
 ) -> sqlx::Result<Option<ResourceRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM resources
-         WHERE id = $1 AND tenant = $2 AND kind = $3 AND deleted_at IS NULL FOR NO KEY UPDATE"
-    ))
-    .bind(id)
-    .bind(tenant)
-    .bind(kind.as_str())
-    .fetch_optional(conn)
-    .await
+    // By primary key only (see `is_live_of`). Tenant and kind never change, so they are
+    // checked before locking: no request locks another tenant's row.
+    let owned: Option<(String, String)> =
+        sqlx::query_as("SELECT tenant, kind FROM resources WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if owned.is_none_or(|(t, k)| t != tenant || k != kind.as_str()) {
+        return Ok(None);
+    }
+    let row = lock(conn, id).await?;
+    Ok(Some(row).filter(|r| is_live_of(r, tenant, kind)))
 }
 
 /// Locks the resources of operations `ids`, in ID order, for the rest of the

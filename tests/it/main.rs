@@ -29,6 +29,7 @@ mod nats_auth;
 mod operations;
 mod outbox;
 mod quotas;
+mod reads;
 mod reports;
 mod security;
 mod up;

@@ -562,7 +562,10 @@ async fn each_user_may_do_only_what_its_role_needs() {
         m.ack().await.unwrap();
     }
     let (reader, reader_errors) = broker.watched(credentials::EVENTS_READER).await;
-    reader.publish(event_subject.clone(), "{}".into()).await.unwrap();
+    reader
+        .publish(event_subject.clone(), "{}".into())
+        .await
+        .unwrap();
     reader.flush().await.unwrap();
     violation(&reader_errors, &event_subject).await;
     assert!(worker.get_stream(names.events_stream()).await.is_err());
