@@ -354,6 +354,10 @@ impl<'c> Assembly<'c> {
             limiter,
             registry: self.registry.clone(),
             db: store::health::DbHealth::new(self.backends.pool.clone()),
+            events: crate::eventlog::EventLog::new(self.backends.js.clone(), &self.config.nats),
+            watch_slots: Default::default(),
+            watch_settings: self.config.events.clone(),
+            shutdown: self.shutdown.clone(),
         };
         // A process without the API (a relay) still serves health and metrics.
         let app = if api {

@@ -45,6 +45,7 @@ pub mod config;
 pub mod credentials;
 pub mod deadletter;
 pub mod domain;
+pub mod eventlog;
 pub mod events;
 pub mod jetstream;
 pub mod lifecycle;

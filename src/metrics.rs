@@ -28,6 +28,9 @@
 //! | `gateway_events_published_total` | counter | | events JetStream acknowledged |
 //! | `gateway_events_malformed_total` | counter | | event rows that could not be turned into CloudEvents (dropped, logged) |
 //! | `gateway_events_lag_seconds` | histogram | | a change's commit to its event's JetStream ack |
+//! | `gateway_watch_streams` | gauge | | open watch (server-sent events) streams |
+//! | `gateway_watch_events_sent_total` | counter | | events sent to watch streams |
+//! | `gateway_watch_refused_total` | counter | reason | watch streams refused (`too_many_streams`) |
 //! | `gateway_jetstream_consumer_pending` | gauge | service, zone | messages not yet delivered |
 //! | `gateway_jetstream_consumer_ack_pending` | gauge | service, zone | delivered, not yet acknowledged |
 //! | `gateway_jetstream_consumer_redelivered` | gauge | service, zone | messages redelivered at least once |
@@ -80,6 +83,13 @@ pub struct RouteLabels {
 pub struct BucketLabels {
     /// Rate-limit bucket: `write`, `read`, `poll`, `anonymous`.
     pub bucket: String,
+}
+
+/// Why something was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// A stable code, e.g. `too_many_streams`.
+    pub reason: String,
 }
 
 /// What an operation does, where.
@@ -231,6 +241,12 @@ pub struct Inner {
     /// See the table in the module docs.
     pub events_lag: Histogram,
     /// See the table in the module docs.
+    pub watch_streams: Gauge,
+    /// See the table in the module docs.
+    pub watch_events_sent: Counter,
+    /// See the table in the module docs.
+    pub watch_refused: Family<ReasonLabels, Counter>,
+    /// See the table in the module docs.
     pub consumer_pending: Family<PoolLabels, Gauge>,
     /// See the table in the module docs.
     pub consumer_ack_pending: Family<PoolLabels, Gauge>,
@@ -366,6 +382,21 @@ impl Inner {
             "Time from a change's commit to its event's JetStream ack",
             self.events_lag.clone(),
         );
+        r.register(
+            "watch_streams",
+            "Open watch (server-sent events) streams",
+            self.watch_streams.clone(),
+        );
+        r.register(
+            "watch_events_sent",
+            "Events sent to watch streams",
+            self.watch_events_sent.clone(),
+        );
+        r.register(
+            "watch_refused",
+            "Watch streams refused, by reason",
+            self.watch_refused.clone(),
+        );
     }
 
     /// The families of the outbox, the relay, JetStream, repairs and the process.
@@ -473,6 +504,9 @@ impl Metrics {
             events_published: Counter::default(),
             events_malformed: Counter::default(),
             events_lag: latency(),
+            watch_streams: Gauge::default(),
+            watch_events_sent: Counter::default(),
+            watch_refused: Family::default(),
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
             consumer_redelivered: Family::default(),
@@ -539,6 +573,15 @@ impl Metrics {
     pub fn quota_rejected(&self, kind: Kind, dimension: Dimension) {
         self.quota_rejections
             .get_or_create(&quota_labels(kind, dimension))
+            .inc();
+    }
+
+    /// A watch stream was refused for `reason`.
+    pub fn watch_refused(&self, reason: &str) {
+        self.watch_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
             .inc();
     }
 

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod cursor;
 pub mod drain;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod guard;
 pub mod health;
@@ -53,6 +54,14 @@ pub struct AppState {
     pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
     /// Whether the database is known to be down (API requests then answer `503` at once).
     pub db: crate::store::health::DbHealth,
+    /// The events stream, for the watch API.
+    pub events: crate::eventlog::EventLog,
+    /// Open watch streams per key.
+    pub watch_slots: std::sync::Arc<events::WatchSlots>,
+    /// Watch limits and timings.
+    pub watch_settings: crate::config::EventSettings,
+    /// Cancelled when the process stops: watch streams end so the server can drain.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The whole API.
@@ -64,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .merge(catalog::router())
         .merge(keys::router())
         .merge(quotas::router())
+        .merge(events::router())
         .merge(audit::router())
         .merge(health::router())
         .merge(openapi::router())

@@ -9,7 +9,9 @@
 //! defined in `gateway_proto`, and the path parameters' exact shapes. The committed copy
 //! is `openapi/v1.json` (the `contract` integration tests keep them equal).
 
-use super::{audit, catalog, error, health, keys, operations, quotas, resources, tenants, wire};
+use super::{
+    audit, catalog, error, events, health, keys, operations, quotas, resources, tenants, wire,
+};
 use crate::domain::{Action, Kind, OperationState, Service};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -33,7 +35,7 @@ use utoipa::{Modify, OpenApi};
         tenants::create, tenants::list, tenants::read,
         catalog::zones, catalog::entries,
         keys::create, keys::list, keys::revoke, keys::list_platform, keys::revoke_any,
-        audit::list, quotas::read, quotas::replace,
+        audit::list, quotas::read, quotas::replace, events::events,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
@@ -41,6 +43,7 @@ use utoipa::{Modify, OpenApi};
         crate::domain::spec::VmSpec, crate::domain::spec::BmSpec,
         crate::domain::spec::ClusterSpec, crate::domain::spec::VolumeSpec,
         crate::domain::spec::Category, crate::domain::Phase, gateway_proto::Dispatch,
+        gateway_proto::events::CloudEvent, events::EventPage,
     )),
     modifiers(&BearerAuth),
 )]
@@ -142,6 +145,23 @@ fn complete(doc: &mut Value) {
             complete_operation(path, method, op);
         }
     }
+    event_type_filter(doc);
+}
+
+/// `?type=` of the events route: a comma-separated list of event types.
+fn event_type_filter(doc: &mut Value) {
+    let one = gateway_proto::events::EventType::ALL
+        .iter()
+        .map(|t| t.as_str().replace('.', "\\."))
+        .collect::<Vec<_>>()
+        .join("|");
+    let pattern = format!("^({one})(,({one}))*$");
+    let params = doc["paths"]["/v1/tenants/{tenant}/events"]["get"]["parameters"]
+        .as_array_mut()
+        .expect("the events route has parameters");
+    for p in params.iter_mut().filter(|p| p["name"] == "type") {
+        p["schema"]["pattern"] = json!(pattern);
+    }
 }
 
 /// The enums' schemas.
@@ -157,6 +177,11 @@ fn enums(schemas: &mut Value) {
             "Where an operation is.",
         ),
         ("Service", strings(Service::ALL), "A backend service."),
+        (
+            "EventType",
+            strings(gateway_proto::events::EventType::ALL),
+            "What an event says happened.",
+        ),
         (
             "Phase",
             strings(crate::domain::Phase::ALL),

@@ -16,6 +16,7 @@ mod contract;
 mod deploy;
 mod deploy_kubernetes;
 mod events;
+mod events_watch;
 mod faults_postgres;
 mod faults_reconciler;
 mod faults_relay;

@@ -185,13 +185,18 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
 async fn wait_outbox_empty(pool: &PgPool, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let left = scalar(pool, "SELECT count(*) FROM outbox").await;
+        // Both outboxes: operations, and events (the relay publishes both).
+        let left = scalar(
+            pool,
+            "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_outbox)",
+        )
+        .await;
         if left == 0 {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{left} outbox rows left after {timeout:?}"
+            "{left} outbox and event rows left after {timeout:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
