@@ -481,6 +481,7 @@ async fn main() {
         relay: true,
         reconciler: true,
         workers: Some(sim),
+        webhooks: false,
     })
     .await;
     let tenant = b.tenant().await;

@@ -191,6 +191,8 @@ pub struct Parts {
     pub reconciler: bool,
     /// Simulated workers for every service×zone, reporting to this process's API.
     pub workers: Option<workers::SimConfig>,
+    /// The webhook dispatcher (fan-out of events, deliveries).
+    pub webhooks: bool,
 }
 
 /// A running assembly.
@@ -246,6 +248,9 @@ pub async fn start(
     }
     if parts.reconciler {
         a.spawn_repairs();
+    }
+    if parts.webhooks {
+        a.spawn_webhooks();
     }
     let driver = match parts.workers {
         Some(sim) => Some(
@@ -358,6 +363,8 @@ impl<'c> Assembly<'c> {
             watch_slots: Default::default(),
             watch_settings: self.config.events.clone(),
             shutdown: self.shutdown.clone(),
+            webhook_policy: self.config.webhooks.policy,
+            webhook_secret_grace: self.config.webhooks.secret_grace,
         };
         // A process without the API (a relay) still serves health and metrics.
         let app = if api {
@@ -372,6 +379,17 @@ impl<'c> Assembly<'c> {
             timeout,
             self.shutdown.clone(),
         ));
+    }
+
+    /// The webhook dispatcher, reading events as the `gateway` user.
+    fn spawn_webhooks(&mut self) {
+        let dispatcher = crate::webhooks::Dispatcher::new(
+            self.engine.clone(),
+            self.backends.js.clone(),
+            self.config.nats.clone(),
+            self.config.webhooks.clone(),
+        );
+        self.tasks.spawn(dispatcher.run(self.shutdown.clone()));
     }
 
     /// Moves the outbox to JetStream, signing every message; as the `relay` user on a

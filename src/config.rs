@@ -84,6 +84,66 @@ pub struct Config {
     pub stream_replicas: Option<usize>,
     /// The events stream and the watch API.
     pub events: EventSettings,
+    /// Webhook deliveries.
+    pub webhooks: WebhookSettings,
+}
+
+/// How webhooks are delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookSettings {
+    /// `GATEWAY_WEBHOOK_ALLOW_HTTP`, `GATEWAY_WEBHOOK_ALLOW_PRIVATE`: plain-`http` URLs;
+    /// loopback, private, link-local and metadata addresses (both off by default).
+    pub policy: crate::domain::webhook::UrlPolicy,
+    /// `WEBHOOK_RETRY_SCHEDULE`: waits before the 2nd, 3rd, … attempt (default
+    /// `5s,5m,30m,2h,5h,10h,10h`: eight attempts over about 28 hours).
+    pub schedule: Vec<Duration>,
+    /// `WEBHOOK_DISABLE_AFTER`: failed attempts in a row that disable an endpoint
+    /// (default 50).
+    pub disable_after: i32,
+    /// `WEBHOOK_SECRET_GRACE_SECONDS`: how long a rotated-out secret keeps signing
+    /// (default 86400).
+    pub secret_grace: Duration,
+    /// `WEBHOOK_TIMEOUT_MS`: longest wait for an endpoint's answer (default 10 s).
+    pub timeout: Duration,
+    /// `WEBHOOK_CONCURRENCY`: deliveries in flight per dispatcher (default 32).
+    pub concurrency: usize,
+    /// `WEBHOOK_PER_ENDPOINT`: deliveries in flight per endpoint across dispatchers
+    /// (default 4), so one slow endpoint never holds up the others.
+    pub per_endpoint: i64,
+}
+
+impl WebhookSettings {
+    fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> anyhow::Result<Self> {
+        let schedule = env.string("WEBHOOK_RETRY_SCHEDULE", "5s,5m,30m,2h,5h,10h,10h")?;
+        Ok(Self {
+            policy: crate::domain::webhook::UrlPolicy {
+                allow_http: env.var("GATEWAY_WEBHOOK_ALLOW_HTTP", false)?,
+                allow_private: env.var("GATEWAY_WEBHOOK_ALLOW_PRIVATE", false)?,
+            },
+            schedule: crate::domain::webhook::parse_schedule(&schedule)
+                .map_err(|e| anyhow!("WEBHOOK_RETRY_SCHEDULE: {e}"))?,
+            disable_after: env.positive("WEBHOOK_DISABLE_AFTER", 50i32)?,
+            secret_grace: env.secs("WEBHOOK_SECRET_GRACE_SECONDS", 86_400)?,
+            timeout: env.millis("WEBHOOK_TIMEOUT_MS", 10_000)?,
+            concurrency: env.positive("WEBHOOK_CONCURRENCY", 32usize)?,
+            per_endpoint: env.positive("WEBHOOK_PER_ENDPOINT", 4i64)?,
+        })
+    }
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            policy: Default::default(),
+            schedule: crate::domain::webhook::parse_schedule("5s,5m,30m,2h,5h,10h,10h")
+                .expect("the default schedule parses"),
+            disable_after: 50,
+            secret_grace: Duration::from_secs(86_400),
+            timeout: Duration::from_secs(10),
+            concurrency: 32,
+            per_endpoint: 4,
+        }
+    }
 }
 
 /// The events stream's retention and the watch API's limits.
@@ -165,6 +225,7 @@ impl fmt::Debug for Config {
             .field("audit_spool", &self.audit_spool)
             .field("stream_replicas", &self.stream_replicas)
             .field("events", &self.events)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -386,6 +447,7 @@ impl Config {
                 }
             },
             events: EventSettings::from_env(&env)?,
+            webhooks: WebhookSettings::from_env(&env)?,
             rate_limits: RateLimits {
                 per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
                 burst: env.var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
@@ -440,6 +502,7 @@ impl Config {
             audit_spool: 100_000,
             stream_replicas: None,
             events: EventSettings::default(),
+            webhooks: WebhookSettings::default(),
             rate_limits: RateLimits {
                 per_second: nz(100_000),
                 burst: nz(100_000),

@@ -39,7 +39,12 @@ pub struct Definitions {
     pub dead_letter_consumer: ConsumerDef,
     /// The stream of events (every committed state change).
     pub events_stream: StreamDef,
+    /// The webhook dispatchers' consumer of the events stream.
+    pub webhook_consumer: ConsumerDef,
 }
+
+/// The durable name of the webhook dispatchers' consumer of the events stream.
+pub const WEBHOOK_CONSUMER: &str = "webhooks";
 
 /// A stream's settings. `${stream}` and `${prefix}` are substituted.
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +95,9 @@ pub struct ConsumerDef {
     pub max_ack_pending: i64,
     /// Pull requests waiting at once.
     pub max_waiting: i64,
+    /// Start with the messages published after the consumer is created (else all).
+    #[serde(default)]
+    pub deliver_new: bool,
 }
 
 fn substitute(template: &str, names: &NatsNames, pool: Option<(Service, &str)>) -> String {
@@ -220,6 +228,11 @@ fn consumer_config(
         max_deliver: d.max_deliver,
         max_ack_pending: d.max_ack_pending,
         max_waiting: d.max_waiting,
+        deliver_policy: if d.deliver_new {
+            consumer::DeliverPolicy::New
+        } else {
+            consumer::DeliverPolicy::All
+        },
         ..Default::default()
     }
 }
@@ -276,7 +289,12 @@ pub async fn apply_definitions(
     }
     let advisories = create_or_update_stream(js, defs.advisory_stream_config(names)?).await?;
     create_or_update_consumer(&advisories, defs.dead_letter_consumer_config(names)).await?;
-    create_or_update_stream(js, defs.events_stream_config(names)?).await?;
+    let events = create_or_update_stream(js, defs.events_stream_config(names)?).await?;
+    create_or_update_consumer(
+        &events,
+        consumer_config(&defs.webhook_consumer, names, None),
+    )
+    .await?;
     Ok(())
 }
 

@@ -56,3 +56,4 @@ pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod views;
+pub mod webhooks;

@@ -38,6 +38,9 @@ enum Command {
     Serve,
     /// The outbox relay.
     Relay,
+    /// The webhook dispatcher: fans events out to the tenants' endpoints and delivers
+    /// them (run as many as needed; they share the work).
+    Webhooks,
     /// Apply database migrations and JetStream definitions; create the admin key.
     Migrate,
     /// Administration straight on the database (tenants, keys, the audit chain).
@@ -101,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         other => other,
     };
     let user = match cli_command {
-        Command::Serve => credentials::GATEWAY,
+        Command::Serve | Command::Webhooks => credentials::GATEWAY,
         _ => credentials::RELAY,
     };
     let backends = app::connect_as(&config, user).await?;
@@ -135,6 +138,17 @@ async fn main() -> anyhow::Result<()> {
                 backends,
                 Parts {
                     relay: true,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+        Command::Webhooks => {
+            run(
+                &config,
+                backends,
+                Parts {
+                    webhooks: true,
                     ..Default::default()
                 },
             )
@@ -201,6 +215,7 @@ async fn run_up(
         relay: true,
         reconciler: true,
         workers: Some(sim),
+        webhooks: true,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

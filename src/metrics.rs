@@ -31,6 +31,12 @@
 //! | `gateway_watch_streams` | gauge | | open watch (server-sent events) streams |
 //! | `gateway_watch_events_sent_total` | counter | | events sent to watch streams |
 //! | `gateway_watch_refused_total` | counter | reason | watch streams refused (`too_many_streams`) |
+//! | `gateway_webhook_events_total` | counter | | deliveries created by the fan-out of events to endpoints |
+//! | `gateway_webhook_attempts_total` | counter | outcome | delivery attempts: `delivered`, `retrying`, `failed` (the schedule is spent) |
+//! | `gateway_webhook_attempt_duration_seconds` | histogram | | time to an endpoint's answer (or failure) |
+//! | `gateway_webhook_endpoints_disabled_total` | counter | | endpoints disabled for failing |
+//! | `gateway_webhook_backlog` | gauge | | deliveries waiting (due or scheduled) for enabled endpoints |
+//! | `gateway_webhook_oldest_due_seconds` | gauge | | how long the oldest due delivery has waited |
 //! | `gateway_jetstream_consumer_pending` | gauge | service, zone | messages not yet delivered |
 //! | `gateway_jetstream_consumer_ack_pending` | gauge | service, zone | delivered, not yet acknowledged |
 //! | `gateway_jetstream_consumer_redelivered` | gauge | service, zone | messages redelivered at least once |
@@ -83,6 +89,13 @@ pub struct RouteLabels {
 pub struct BucketLabels {
     /// Rate-limit bucket: `write`, `read`, `poll`, `anonymous`.
     pub bucket: String,
+}
+
+/// An outcome alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeOnly {
+    /// What became of it.
+    pub outcome: String,
 }
 
 /// Why something was refused.
@@ -247,6 +260,18 @@ pub struct Inner {
     /// See the table in the module docs.
     pub watch_refused: Family<ReasonLabels, Counter>,
     /// See the table in the module docs.
+    pub webhook_events: Counter,
+    /// See the table in the module docs.
+    pub webhook_attempts: Family<OutcomeOnly, Counter>,
+    /// See the table in the module docs.
+    pub webhook_latency: Histogram,
+    /// See the table in the module docs.
+    pub webhook_disabled: Counter,
+    /// See the table in the module docs.
+    pub webhook_backlog: Gauge,
+    /// See the table in the module docs.
+    pub webhook_oldest_due: Gauge<f64, AtomicU64>,
+    /// See the table in the module docs.
     pub consumer_pending: Family<PoolLabels, Gauge>,
     /// See the table in the module docs.
     pub consumer_ack_pending: Family<PoolLabels, Gauge>,
@@ -355,6 +380,40 @@ impl Inner {
         );
     }
 
+    /// The families of webhooks.
+    fn register_webhooks(&self, r: &mut Registry) {
+        r.register(
+            "webhook_events",
+            "Deliveries created by the fan-out of events to endpoints",
+            self.webhook_events.clone(),
+        );
+        r.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by outcome (delivered, retrying, failed)",
+            self.webhook_attempts.clone(),
+        );
+        r.register(
+            "webhook_attempt_duration_seconds",
+            "Time to a webhook endpoint's answer or failure",
+            self.webhook_latency.clone(),
+        );
+        r.register(
+            "webhook_endpoints_disabled",
+            "Webhook endpoints disabled for failing",
+            self.webhook_disabled.clone(),
+        );
+        r.register(
+            "webhook_backlog",
+            "Webhook deliveries waiting for enabled endpoints",
+            self.webhook_backlog.clone(),
+        );
+        r.register(
+            "webhook_oldest_due_seconds",
+            "How long the oldest due webhook delivery has waited",
+            self.webhook_oldest_due.clone(),
+        );
+    }
+
     /// The families of the events outbox.
     fn register_events(&self, r: &mut Registry) {
         r.register(
@@ -397,6 +456,7 @@ impl Inner {
             "Watch streams refused, by reason",
             self.watch_refused.clone(),
         );
+        self.register_webhooks(r);
     }
 
     /// The families of the outbox, the relay, JetStream, repairs and the process.
@@ -507,6 +567,12 @@ impl Metrics {
             watch_streams: Gauge::default(),
             watch_events_sent: Counter::default(),
             watch_refused: Family::default(),
+            webhook_events: Counter::default(),
+            webhook_attempts: Family::default(),
+            webhook_latency: latency(),
+            webhook_disabled: Counter::default(),
+            webhook_backlog: Gauge::default(),
+            webhook_oldest_due: Gauge::default(),
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
             consumer_redelivered: Family::default(),
@@ -574,6 +640,16 @@ impl Metrics {
         self.quota_rejections
             .get_or_create(&quota_labels(kind, dimension))
             .inc();
+    }
+
+    /// A webhook delivery attempt ended with `outcome`.
+    pub fn webhook_attempt(&self, outcome: &str, took: Duration) {
+        self.webhook_attempts
+            .get_or_create(&OutcomeOnly {
+                outcome: outcome.into(),
+            })
+            .inc();
+        self.webhook_latency.observe(took.as_secs_f64());
     }
 
     /// A watch stream was refused for `reason`.
@@ -649,6 +725,31 @@ impl Metrics {
             .inc_by(n as u64);
     }
 
+    /// The outbox, events and webhook backlog gauges.
+    async fn refresh_backlogs(&self, pool: &PgPool) {
+        match store::outbox::backlog(pool).await {
+            Ok((n, age)) => {
+                self.outbox_pending.set(n);
+                self.outbox_oldest_age.set(age);
+            }
+            Err(e) => tracing::debug!(error = %e, "metrics: outbox backlog unavailable"),
+        }
+        match store::webhooks::backlog(pool).await {
+            Ok((n, age)) => {
+                self.webhook_backlog.set(n);
+                self.webhook_oldest_due.set(age);
+            }
+            Err(e) => tracing::debug!(error = %e, "metrics: webhook backlog unavailable"),
+        }
+        match store::events::backlog(pool).await {
+            Ok((n, age)) => {
+                self.events_pending.set(n);
+                self.events_oldest_age.set(age);
+            }
+            Err(e) => tracing::debug!(error = %e, "metrics: events backlog unavailable"),
+        }
+    }
+
     /// Refreshes the gauges that describe PostgreSQL and JetStream.
     pub async fn refresh(
         &self,
@@ -667,20 +768,7 @@ impl Metrics {
                 state: "idle".into(),
             })
             .set(pool.num_idle() as i64);
-        match store::outbox::backlog(pool).await {
-            Ok((n, age)) => {
-                self.outbox_pending.set(n);
-                self.outbox_oldest_age.set(age);
-            }
-            Err(e) => tracing::debug!(error = %e, "metrics: outbox backlog unavailable"),
-        }
-        match store::events::backlog(pool).await {
-            Ok((n, age)) => {
-                self.events_pending.set(n);
-                self.events_oldest_age.set(age);
-            }
-            Err(e) => tracing::debug!(error = %e, "metrics: events backlog unavailable"),
-        }
+        self.refresh_backlogs(pool).await;
         match store::operations::count_active_by_state(pool).await {
             Ok(counts) => {
                 for state in OperationState::ALL.iter().filter(|s| !s.is_terminal()) {

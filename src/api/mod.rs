@@ -21,6 +21,7 @@ pub mod quotas;
 pub mod request;
 pub mod resources;
 pub mod tenants;
+pub mod webhooks;
 pub mod wire;
 
 use crate::lifecycle::Engine;
@@ -62,6 +63,10 @@ pub struct AppState {
     pub watch_settings: crate::config::EventSettings,
     /// Cancelled when the process stops: watch streams end so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Which webhook URLs are allowed.
+    pub webhook_policy: crate::domain::webhook::UrlPolicy,
+    /// How long a rotated-out webhook secret keeps signing.
+    pub webhook_secret_grace: std::time::Duration,
 }
 
 /// The whole API.
@@ -74,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::router())
         .merge(quotas::router())
         .merge(events::router())
+        .merge(webhooks::router())
         .merge(audit::router())
         .merge(health::router())
         .merge(openapi::router())

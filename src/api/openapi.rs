@@ -10,7 +10,8 @@
 //! is `openapi/v1.json` (the `contract` integration tests keep them equal).
 
 use super::{
-    audit, catalog, error, events, health, keys, operations, quotas, resources, tenants, wire,
+    audit, catalog, error, events, health, keys, operations, quotas, resources, tenants, webhooks,
+    wire,
 };
 use crate::domain::{Action, Kind, OperationState, Service};
 use axum::routing::get;
@@ -36,6 +37,8 @@ use utoipa::{Modify, OpenApi};
         catalog::zones, catalog::entries,
         keys::create, keys::list, keys::revoke, keys::list_platform, keys::revoke_any,
         audit::list, quotas::read, quotas::replace, events::events,
+        webhooks::create, webhooks::list, webhooks::read, webhooks::change, webhooks::delete,
+        webhooks::rotate, webhooks::deliveries, webhooks::delivery, webhooks::retry,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
@@ -357,7 +360,9 @@ fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
                 let twice = r"(?!(?:.*,)?([a-z0-9._-]+)=[^,]*,(?:.*,)?\1=)";
                 p["schema"]["pattern"] = json!(format!("^{twice}{pair}(,{pair}){{0,31}}$"));
             }
-            Some("cursor") if path == "/v1/tenants/{tenant}/{kind}" => {
+            Some("cursor")
+                if path == "/v1/tenants/{tenant}/{kind}" || path.ends_with("/deliveries") =>
+            {
                 p["schema"]["pattern"] = json!(TIME_CURSOR)
             }
             Some("cursor") => p["schema"]["pattern"] = json!(SEQ_CURSOR),

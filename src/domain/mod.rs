@@ -11,6 +11,7 @@ pub mod quota;
 pub mod report;
 pub mod role;
 pub mod spec;
+pub mod webhook;
 
 pub use gateway_proto::{
     kind_from_path, kind_path, Action, Kind, OperationError, OperationState, ReportState, Service,

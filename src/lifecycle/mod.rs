@@ -20,6 +20,7 @@ pub mod report;
 pub mod submit;
 pub mod tenants;
 pub mod txn;
+pub mod webhooks;
 
 pub use txn::{lock_operation, Audit, LockedOperation, Txn};
 

@@ -24,6 +24,7 @@ pub mod principals;
 pub mod quotas;
 pub mod resources;
 pub mod tenants;
+pub mod webhooks;
 
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

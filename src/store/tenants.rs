@@ -39,6 +39,17 @@ pub async fn get(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<Tenan
         .await
 }
 
+/// Locks one tenant's row for the rest of the transaction (serializing writes that
+/// count something of the tenant, such as its webhooks).
+pub async fn lock(conn: &mut sqlx::PgConnection, id: &str) -> sqlx::Result<Option<TenantRow>> {
+    sqlx::query_as(
+        "SELECT id, display_name, created_at FROM tenants WHERE id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
 /// Every tenant, by ID.
 pub async fn list(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<TenantRow>> {
     sqlx::query_as("SELECT id, display_name, created_at FROM tenants ORDER BY id")

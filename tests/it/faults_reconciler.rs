@@ -194,6 +194,7 @@ async fn a_message_a_worker_terminates_without_a_report_fails_its_operation() {
             relay: true,
             reconciler: true,
             workers: None,
+            webhooks: false,
         },
         ..Default::default()
     })
@@ -248,6 +249,7 @@ async fn a_cancelled_update_is_converged_by_the_reconciler_and_a_failed_one_is_n
                 max_latency: Duration::from_millis(300),
                 ..common::fast_sim()
             }),
+            webhooks: false,
         },
         ..Default::default()
     })

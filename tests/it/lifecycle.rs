@@ -136,6 +136,7 @@ async fn a_delete_behind_a_running_create_waits_its_turn_then_runs() {
             relay: true,
             reconciler: false,
             workers: None,
+            webhooks: false,
         },
         ..Default::default()
     })
@@ -299,6 +300,7 @@ async fn heavy_contention_between_reports_and_the_relay_answers_no_errors() {
             relay: true,
             reconciler: true,
             workers: Some(instant),
+            webhooks: false,
         },
         ..Default::default()
     })

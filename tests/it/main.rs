@@ -35,4 +35,5 @@ mod reports;
 mod security;
 mod up;
 mod validation;
+mod webhooks;
 mod worker_ready;

@@ -148,6 +148,7 @@ async fn queued_updates_run_one_at_a_time_in_order_and_the_last_one_wins() {
             relay: true,
             reconciler: true,
             workers: Some(sim),
+            webhooks: false,
         },
         ..Default::default()
     })
@@ -735,6 +736,7 @@ async fn an_operation_past_its_deadline_fails_with_deadline_exceeded() {
             relay: true,
             reconciler: true,
             workers: None,
+            webhooks: false,
         },
         tweak: |c| {
             c.operation_timeout = Duration::from_secs(1);

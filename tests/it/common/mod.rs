@@ -344,6 +344,7 @@ impl Default for Options {
                 relay: true,
                 reconciler: true,
                 workers: Some(fast_sim()),
+                webhooks: false,
             },
             tweak: |_| {},
         }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Verifies recorded webhook deliveries (a JSON file, see webhook-verify.py) with the
+# Standard Webhooks reference library from PyPI, in a virtual environment this script
+# makes ($WEBHOOK_VENV, default target/venv-webhooks). Used by the `webhooks::` tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${WEBHOOK_VENV:-${CARGO_TARGET_DIR:-target}/venv-webhooks}"
+pins="standardwebhooks==1.0.0"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.pins" 2>/dev/null)" != "$pins" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check $pins
+    echo "$pins" > "$venv/.pins"
+fi
+exec "$venv/bin/python" scripts/webhook-verify.py "$1"

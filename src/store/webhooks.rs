@@ -1,0 +1,438 @@
+//! Webhook endpoints, their deliveries and the attempts of each.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor};
+use std::time::Duration;
+use uuid::Uuid;
+
+const COLUMNS: &str = "id, tenant, url, types, description, secret, previous_secret, \
+    previous_secret_expires_at, failure_streak, disabled_at, disabled_reason, created_at, updated_at";
+
+/// An endpoint.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WebhookRow {
+    /// Its ID.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant: String,
+    /// Where deliveries go.
+    pub url: String,
+    /// Event types it wants (empty: all).
+    pub types: Vec<String>,
+    /// Free text.
+    pub description: String,
+    /// The signing secret.
+    pub secret: String,
+    /// The secret before the last rotation.
+    pub previous_secret: Option<String>,
+    /// Until when the previous secret still signs.
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// Failed attempts in a row.
+    pub failure_streak: i32,
+    /// When it was disabled.
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// Why.
+    pub disabled_reason: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An endpoint to insert.
+#[derive(Debug, Clone)]
+pub struct NewWebhook<'a> {
+    /// Its ID.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant: &'a str,
+    /// URL.
+    pub url: &'a str,
+    /// Event types.
+    pub types: &'a [String],
+    /// Free text.
+    pub description: &'a str,
+    /// Signing secret.
+    pub secret: &'a str,
+}
+
+/// Inserts an endpoint.
+pub async fn insert(conn: &mut PgConnection, w: &NewWebhook<'_>) -> sqlx::Result<WebhookRow> {
+    sqlx::query_as(&format!(
+        "INSERT INTO webhooks (id, tenant, url, types, description, secret)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}"
+    ))
+    .bind(w.id)
+    .bind(w.tenant)
+    .bind(w.url)
+    .bind(w.types)
+    .bind(w.description)
+    .bind(w.secret)
+    .fetch_one(conn)
+    .await
+}
+
+/// An endpoint of `tenant`.
+pub async fn get(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    id: Uuid,
+) -> sqlx::Result<Option<WebhookRow>> {
+    let row: Option<WebhookRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM webhooks WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(row.filter(|w| w.tenant == tenant))
+}
+
+/// Locks an endpoint of `tenant` for the rest of the transaction.
+pub async fn lock(
+    conn: &mut PgConnection,
+    tenant: &str,
+    id: Uuid,
+) -> sqlx::Result<Option<WebhookRow>> {
+    let row: Option<WebhookRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM webhooks WHERE id = $1 AND tenant = $2 FOR NO KEY UPDATE"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row)
+}
+
+/// The endpoints of `tenant`, oldest first.
+pub async fn list(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Vec<WebhookRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM webhooks WHERE tenant = $1 ORDER BY created_at, id"
+    ))
+    .bind(tenant)
+    .fetch_all(db)
+    .await
+}
+
+/// Endpoints a tenant may have.
+pub async fn count(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM webhooks WHERE tenant = $1")
+        .bind(tenant)
+        .fetch_one(db)
+        .await
+}
+
+/// Writes an endpoint's changeable fields back.
+pub async fn update(conn: &mut PgConnection, w: &WebhookRow) -> sqlx::Result<WebhookRow> {
+    sqlx::query_as(&format!(
+        "UPDATE webhooks SET url = $2, types = $3, description = $4, secret = $5,
+             previous_secret = $6, previous_secret_expires_at = $7, failure_streak = $8,
+             disabled_at = $9, disabled_reason = $10, updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(w.id)
+    .bind(&w.url)
+    .bind(&w.types)
+    .bind(&w.description)
+    .bind(&w.secret)
+    .bind(&w.previous_secret)
+    .bind(w.previous_secret_expires_at)
+    .bind(w.failure_streak)
+    .bind(w.disabled_at)
+    .bind(&w.disabled_reason)
+    .fetch_one(conn)
+    .await
+}
+
+/// Deletes an endpoint with its deliveries.
+pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM webhooks WHERE id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Creates the deliveries of one event (which happened at `time`) for every enabled
+/// endpoint of its tenant that existed then and wants its type; an event already fanned
+/// out to an endpoint is not again. Returns how many were created.
+pub async fn fan_out(
+    conn: &mut PgConnection,
+    tenant: &str,
+    event_id: Uuid,
+    event_type: &str,
+    event: &Value,
+    time: DateTime<Utc>,
+) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, event, state)
+         SELECT gen_random_uuid(), w.id, $2, $3, $4, 'pending' FROM webhooks w
+         WHERE w.tenant = $1 AND w.disabled_at IS NULL
+           AND (cardinality(w.types) = 0 OR $3 = ANY (w.types)) AND w.created_at <= $5
+         ON CONFLICT (webhook_id, event_id) DO NOTHING",
+    )
+    .bind(tenant)
+    .bind(event_id)
+    .bind(event_type)
+    .bind(event)
+    .bind(time)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// A delivery leased for sending, with what sending needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Leased {
+    /// The delivery.
+    pub id: Uuid,
+    /// Its endpoint.
+    pub webhook_id: Uuid,
+    /// The event's ID (`webhook-id`).
+    pub event_id: Uuid,
+    /// The event as sent.
+    pub event: Value,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// Where to send it.
+    pub url: String,
+    /// The signing secret.
+    pub secret: String,
+    /// The previous secret, while it still signs.
+    pub previous_secret: Option<String>,
+}
+
+/// Leases up to `limit` due deliveries of enabled endpoints for `lease`, at most
+/// `per_endpoint` of any endpoint in flight at once (across dispatchers), so one slow or
+/// failing endpoint never holds up the others.
+pub async fn lease(
+    conn: &mut PgConnection,
+    limit: i64,
+    per_endpoint: i64,
+    lease: Duration,
+) -> sqlx::Result<Vec<Leased>> {
+    sqlx::query_as(
+        "WITH due AS (
+             SELECT d.id, d.next_attempt_at,
+                    row_number() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at) AS n,
+                    (SELECT count(*) FROM webhook_deliveries x
+                     WHERE x.webhook_id = d.webhook_id AND x.state = 'pending'
+                       AND x.locked_until > now()) AS busy
+             FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+             WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+               AND (d.locked_until IS NULL OR d.locked_until <= now())
+               AND w.disabled_at IS NULL
+             ORDER BY d.next_attempt_at LIMIT 1000),
+         pick AS (SELECT id FROM due WHERE n + busy <= $2 ORDER BY next_attempt_at LIMIT $1)
+         UPDATE webhook_deliveries d
+         SET locked_until = now() + make_interval(secs => $3), updated_at = now()
+         FROM pick, webhooks w
+         WHERE d.id = pick.id AND w.id = d.webhook_id AND d.state = 'pending'
+           AND (d.locked_until IS NULL OR d.locked_until <= now())
+         RETURNING d.id, d.webhook_id, d.event_id, d.event, d.attempts, w.url, w.secret,
+                   CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END
+                       AS previous_secret",
+    )
+    .bind(limit)
+    .bind(per_endpoint)
+    .bind(lease.as_secs_f64())
+    .fetch_all(conn)
+    .await
+}
+
+/// One attempt's outcome, to record.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// The HTTP status, if an answer came.
+    pub status_code: Option<i32>,
+    /// Time to the answer (or the failure).
+    pub latency_ms: i32,
+    /// The start of the answer's body.
+    pub response: String,
+    /// Why it failed without an answer.
+    pub error: Option<String>,
+}
+
+/// Records an attempt of `delivery` and what follows: `Some(at)`, try again then;
+/// `None` with `ok`, delivered; `None` without, failed for good.
+pub async fn record(
+    conn: &mut PgConnection,
+    delivery: Uuid,
+    attempt: &Attempt,
+    ok: bool,
+    retry_at: Option<DateTime<Utc>>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO webhook_attempts (delivery_id, status_code, latency_ms, response, error)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(delivery)
+    .bind(attempt.status_code)
+    .bind(attempt.latency_ms)
+    .bind(&attempt.response)
+    .bind(&attempt.error)
+    .execute(&mut *conn)
+    .await?;
+    let state = match (ok, retry_at) {
+        (true, _) => "succeeded",
+        (false, Some(_)) => "pending",
+        (false, None) => "failed",
+    };
+    sqlx::query(
+        "UPDATE webhook_deliveries SET state = $2, attempts = attempts + 1, locked_until = NULL,
+             next_attempt_at = COALESCE($3, next_attempt_at), updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(delivery)
+    .bind(state)
+    .bind(retry_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves an endpoint's failure streak: reset on success, else one more; disables it
+/// (`failing`) once the streak reaches `disable_after`. Returns whether this disabled it.
+pub async fn streak(
+    conn: &mut PgConnection,
+    webhook: Uuid,
+    ok: bool,
+    disable_after: i32,
+) -> sqlx::Result<bool> {
+    let disabled: Option<bool> = sqlx::query_scalar(
+        "UPDATE webhooks SET
+             failure_streak = CASE WHEN $2 THEN 0 ELSE failure_streak + 1 END,
+             disabled_at = CASE WHEN NOT $2 AND disabled_at IS NULL AND failure_streak + 1 >= $3
+                                THEN now() ELSE disabled_at END,
+             disabled_reason = CASE WHEN NOT $2 AND disabled_at IS NULL AND failure_streak + 1 >= $3
+                                    THEN 'failing' ELSE disabled_reason END
+         WHERE id = $1
+         RETURNING NOT $2 AND disabled_reason = 'failing' AND failure_streak = $3",
+    )
+    .bind(webhook)
+    .bind(ok)
+    .bind(disable_after)
+    .fetch_optional(conn)
+    .await?;
+    Ok(disabled.unwrap_or(false))
+}
+
+/// A delivery as its log shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryRow {
+    /// Its ID.
+    pub id: Uuid,
+    /// Its endpoint.
+    pub webhook_id: Uuid,
+    /// The event's ID.
+    pub event_id: Uuid,
+    /// The event's type.
+    pub event_type: String,
+    /// `pending`, `succeeded` or `failed`.
+    pub state: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// When the next attempt is due (pending deliveries).
+    pub next_attempt_at: DateTime<Utc>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+const DELIVERY_COLUMNS: &str = "id, webhook_id, event_id, event_type, state, attempts, \
+    next_attempt_at, created_at, updated_at";
+
+/// An endpoint's deliveries, newest first, before the `(created_at, id)` of `before`.
+pub async fn deliveries(
+    db: impl PgExecutor<'_>,
+    webhook: Uuid,
+    before: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> sqlx::Result<Vec<DeliveryRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries
+         WHERE webhook_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+         ORDER BY created_at DESC, id DESC LIMIT $4"
+    ))
+    .bind(webhook)
+    .bind(before.map(|b| b.0))
+    .bind(before.map(|b| b.1))
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// One delivery of an endpoint.
+pub async fn delivery(
+    db: impl PgExecutor<'_>,
+    webhook: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<DeliveryRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2"
+    ))
+    .bind(id)
+    .bind(webhook)
+    .fetch_optional(db)
+    .await
+}
+
+/// An attempt as the log shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    /// The delivery.
+    pub delivery_id: Uuid,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The HTTP status, if an answer came.
+    pub status_code: Option<i32>,
+    /// Time to the answer (or the failure).
+    pub latency_ms: i32,
+    /// The start of the answer's body.
+    pub response: String,
+    /// Why it failed without an answer.
+    pub error: Option<String>,
+}
+
+/// The attempts of `deliveries`, oldest first.
+pub async fn attempts(
+    db: impl PgExecutor<'_>,
+    deliveries: &[Uuid],
+) -> sqlx::Result<Vec<AttemptRow>> {
+    sqlx::query_as(
+        "SELECT delivery_id, at, status_code, latency_ms, response, error FROM webhook_attempts
+         WHERE delivery_id = ANY($1) ORDER BY id",
+    )
+    .bind(deliveries)
+    .fetch_all(db)
+    .await
+}
+
+/// Makes a delivery due now again (whatever its state).
+pub async fn requeue(conn: &mut PgConnection, webhook: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = now(),
+             locked_until = NULL, updated_at = now()
+         WHERE id = $1 AND webhook_id = $2",
+    )
+    .bind(id)
+    .bind(webhook)
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Deliveries waiting (due or scheduled) of enabled endpoints, and the age in seconds of
+/// the oldest due one.
+pub async fn backlog(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
+    sqlx::query_as(
+        "SELECT count(*),
+                COALESCE(EXTRACT(EPOCH FROM now() - min(d.next_attempt_at)
+                         FILTER (WHERE d.next_attempt_at <= now()))::float8, 0)
+         FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+         WHERE d.state = 'pending' AND w.disabled_at IS NULL",
+    )
+    .fetch_one(db)
+    .await
+}
