@@ -14,7 +14,8 @@
 //! 4. **End to end**: create → `succeeded` with in-process workers (zero-latency
 //!    simulated driver), operations per second and latency percentiles, in a burst and
 //!    then at a steady half of the burst's rate; with the lag from a change's commit to
-//!    its event reaching a reader of the events stream.
+//!    its event reaching a reader of the events stream (on NATS) and a watch client
+//!    (server-sent events through the gateway's API).
 //!
 //! Memory is the process's resident set size before and after.
 //! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
@@ -295,6 +296,7 @@ const STEADY_SECONDS: f64 = 10.0;
 /// event, the lag from its change's commit to its arrival. Prints both percentiles.
 async fn steady(b: &Bench, tenant: &str, per_second: f64) {
     let events = event_lags(b, tenant).await;
+    let watch = watch_lags(b, tenant).await;
     let count = (per_second * STEADY_SECONDS) as usize;
     let started = Instant::now();
     let tasks = (0..count).map(|i| async move {
@@ -317,17 +319,23 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64) {
     lat.sort();
     tokio::time::sleep(Duration::from_millis(500)).await;
     events.abort();
+    watch.abort();
     let mut lags = events.await_lags().await;
     lags.sort();
+    let mut watched = watch.await_lags().await;
+    watched.sort();
     println!(
         "steady   {:>8.0} ops/s (half the burst's rate)   submit→succeeded p50 {:?}  p99 {:?}",
         rate(count, started.elapsed()),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
-    if !lags.is_empty() {
+    for (what, lags) in [("bus reader", lags), ("watch client", watched)] {
+        if lags.is_empty() {
+            continue;
+        }
         println!(
-            "events   {:>8} events   commit→reader lag p50 {:?}  p99 {:?}",
+            "events   {:>8} events   commit→{what} lag p50 {:?}  p99 {:?}",
             lags.len(),
             percentile(&lags, 0.5),
             percentile(&lags, 0.99)
@@ -356,6 +364,41 @@ async fn event_lags(b: &Bench, tenant: &str) -> EventLags {
             let e: gateway_proto::events::CloudEvent = serde_json::from_slice(&m.payload).unwrap();
             let lag = (chrono::Utc::now() - e.time).to_std().unwrap_or_default();
             let _ = tx.send(lag);
+        }
+    });
+    EventLags { task, rx }
+}
+
+/// A watch client of `tenant`'s events through the gateway's API (server-sent events),
+/// collecting each event's commit-to-arrival lag.
+async fn watch_lags(b: &Bench, tenant: &str) -> EventLags {
+    let mut res = b
+        .http
+        .get(format!("{}/v1/tenants/{tenant}/events", b.url))
+        .bearer_auth(&b.key)
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut buffer = String::new();
+        while let Ok(Some(chunk)) = res.chunk().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                if block.contains("event: bookmark") {
+                    continue;
+                }
+                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                    continue;
+                };
+                if let Ok(e) = serde_json::from_str::<gateway_proto::events::CloudEvent>(data) {
+                    let lag = (chrono::Utc::now() - e.time).to_std().unwrap_or_default();
+                    let _ = tx.send(lag);
+                }
+            }
         }
     });
     EventLags { task, rx }

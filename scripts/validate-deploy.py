@@ -470,6 +470,9 @@ def check_overlay(name, docs, f):
 
         if gw and hpa and relay and job:
             budget = hpa["spec"]["maxReplicas"] * pool(gw, "gateway") + relay["spec"].get("replicas", 1) * pool(relay, "relay") + pool(job, "migrate")
+            hooks = get("Deployment", "webhooks")
+            if hooks:
+                budget += hooks["spec"].get("replicas", 1) * pool(hooks, "webhooks")
             facts["postgres"]["connection_budget"] = budget
             f.check(budget + 20 <= facts["postgres"]["max_connections"], f"{where}: gateways, relays and migrate may open {budget} connections; max_connections {facts['postgres']['max_connections']} leaves under 20 spare")
         if gw:

@@ -618,6 +618,14 @@ impl Metrics {
                 bucket: bucket.into(),
             });
         }
+        for outcome in ["delivered", "retrying", "failed"] {
+            let _ = self.webhook_attempts.get_or_create(&OutcomeOnly {
+                outcome: outcome.into(),
+            });
+        }
+        let _ = self.watch_refused.get_or_create(&ReasonLabels {
+            reason: "too_many_streams".into(),
+        });
         for action in REPAIRS {
             let _ = self.reconciler_actions.get_or_create(&RepairLabels {
                 action: (*action).into(),
