@@ -653,3 +653,93 @@ async fn a_delivery_leased_by_a_dispatcher_that_died_is_sent_once_the_lease_expi
         .await;
     assert_eq!(event_types(&got), ["resource.created"]);
 }
+
+#[tokio::test]
+async fn a_receiver_whose_certificate_does_not_verify_gets_nothing() {
+    let app = app_with_webhooks().await;
+    let tenant = app.tenant().await;
+    // An HTTPS receiver with a self-signed certificate (no CA vouches for it).
+    let dir = common::TempDir::new("gwtest-tls-receiver");
+    let ok = std::process::Command::new("openssl")
+        .current_dir(dir.path())
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok, "openssl makes a certificate");
+    let port = common::free_port();
+    let mut server = std::process::Command::new("openssl")
+        .current_dir(dir.path())
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &port.to_string(),
+            "-cert",
+            "cert.pem",
+            "-key",
+            "key.pem",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{port}/hook");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "s_server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (id, _) = register(&app, &tenant, &url, json!(["resource.created"])).await;
+    app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let log = format!("/v1/tenants/{tenant}/webhooks/{id}/deliveries");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let attempt = loop {
+        let a = app.get(&log).await;
+        if let Some(first) = a.body["items"][0]["attempts"]
+            .as_array()
+            .and_then(|a| a.first())
+        {
+            break first.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no attempt: {}",
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        attempt["status_code"].is_null(),
+        "no answer was taken: {attempt}"
+    );
+    let error = attempt["error"].as_str().unwrap().to_lowercase();
+    assert!(error.contains("certificate"), "{error}");
+}
