@@ -55,7 +55,8 @@ HOST_LABEL = "kubernetes.io/hostname"
 
 # Secrets the manifests use but never contain (README, "Deploying on Kubernetes").
 ADMIN_SECRET = "gateway-admin-key"
-EXTERNAL_SECRETS = {ADMIN_SECRET} | {f"worker-key-{s}-{z}" for s in SERVICES for z in ZONES}
+WEBHOOK_KEY_SECRET = "gateway-webhook-key"
+EXTERNAL_SECRETS = {ADMIN_SECRET, WEBHOOK_KEY_SECRET} | {f"worker-key-{s}-{z}" for s in SERVICES for z in ZONES}
 
 CUSTOM_KINDS = {
     ("postgresql.cnpg.io/v1", "Cluster"): "cluster-postgresql.cnpg.io-v1.json",

@@ -365,6 +365,7 @@ impl<'c> Assembly<'c> {
             shutdown: self.shutdown.clone(),
             webhook_policy: self.config.webhooks.policy,
             webhook_secret_grace: self.config.webhooks.secret_grace,
+            webhook_secret_keys: self.config.webhooks.secret_keys.clone(),
         };
         // A process without the API (a relay) still serves health and metrics.
         let app = if api {

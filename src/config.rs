@@ -110,6 +110,10 @@ pub struct WebhookSettings {
     /// `WEBHOOK_PER_ENDPOINT`: deliveries in flight per endpoint across dispatchers
     /// (default 4), so one slow endpoint never holds up the others.
     pub per_endpoint: i64,
+    /// `WEBHOOK_SECRET_KEY` (32 bytes, base64 or 64 hex digits) and
+    /// `WEBHOOK_SECRET_KEY_PREVIOUS`: seal the endpoints' signing secrets in the
+    /// database (AES-256-GCM); without a key they are stored as they are.
+    pub secret_keys: Option<crate::domain::sealing::SealKeys>,
 }
 
 impl WebhookSettings {
@@ -127,7 +131,27 @@ impl WebhookSettings {
             timeout: env.millis("WEBHOOK_TIMEOUT_MS", 10_000)?,
             concurrency: env.positive("WEBHOOK_CONCURRENCY", 32usize)?,
             per_endpoint: env.positive("WEBHOOK_PER_ENDPOINT", 4i64)?,
+            secret_keys: seal_keys(env)?,
         })
+    }
+}
+
+fn seal_keys<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+) -> anyhow::Result<Option<crate::domain::sealing::SealKeys>> {
+    use crate::domain::sealing::{parse_key, SealKeys};
+    let key = |name: &str| -> anyhow::Result<Option<[u8; 32]>> {
+        env.opt_string(name)?
+            .map(|k| parse_key(&k).map_err(|e| anyhow!("{name}: {e}")))
+            .transpose()
+    };
+    let previous = key("WEBHOOK_SECRET_KEY_PREVIOUS")?;
+    match key("WEBHOOK_SECRET_KEY")? {
+        Some(current) => Ok(Some(SealKeys::new(current, previous))),
+        None if previous.is_some() => Err(anyhow!(
+            "WEBHOOK_SECRET_KEY_PREVIOUS without WEBHOOK_SECRET_KEY"
+        )),
+        None => Ok(None),
     }
 }
 
@@ -142,6 +166,7 @@ impl Default for WebhookSettings {
             timeout: Duration::from_secs(10),
             concurrency: 32,
             per_endpoint: 4,
+            secret_keys: None,
         }
     }
 }
@@ -634,6 +659,29 @@ mod tests {
             "{shown}"
         );
         assert_eq!(c.admin_key.unwrap().expose(), "gw_super-secret-admin-key");
+    }
+
+    #[test]
+    fn webhook_secret_keys_are_32_bytes_and_optional() {
+        assert_eq!(config(&[]).unwrap().webhooks.secret_keys, None);
+        let hex = "ab".repeat(32);
+        let c = config(&[("WEBHOOK_SECRET_KEY", hex.as_str())]).unwrap();
+        let keys = c.webhooks.secret_keys.clone().expect("a key");
+        assert!(!format!("{c:?}").contains(&hex));
+        let id = uuid::Uuid::now_v7();
+        let sealed = keys.seal(id, "whsec_AAAA", [0; 12]);
+        let open = crate::domain::sealing::open(Some(&keys), id, &sealed);
+        assert_eq!(open.as_deref(), Ok("whsec_AAAA"));
+        for vars in [
+            &[("WEBHOOK_SECRET_KEY", "c2hvcnQ=")][..],
+            &[("WEBHOOK_SECRET_KEY_PREVIOUS", hex.as_str())][..],
+        ] {
+            let message = error(vars);
+            assert!(
+                message.contains("WEBHOOK_SECRET_KEY"),
+                "{vars:?}: {message}"
+            );
+        }
     }
 
     #[test]

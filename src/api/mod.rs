@@ -67,6 +67,8 @@ pub struct AppState {
     pub webhook_policy: crate::domain::webhook::UrlPolicy,
     /// How long a rotated-out webhook secret keeps signing.
     pub webhook_secret_grace: std::time::Duration,
+    /// Seal webhook signing secrets in the database (none: stored as they are).
+    pub webhook_secret_keys: Option<crate::domain::sealing::SealKeys>,
 }
 
 /// The whole API.

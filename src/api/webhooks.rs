@@ -272,7 +272,8 @@ pub async fn create(
         enabled: None,
     };
     let audit = meta.audit(StatusCode::CREATED);
-    let w = lifecycle::create(&state.engine, &tenant, change, audit).await?;
+    let keys = state.webhook_secret_keys.as_ref();
+    let w = lifecycle::create(&state.engine, &tenant, change, keys, audit).await?;
     let secret = w.secret.clone();
     let out = WebhookWithSecret {
         webhook: w.into(),
@@ -420,6 +421,7 @@ pub async fn rotate(
         &tenant,
         id,
         state.webhook_secret_grace,
+        state.webhook_secret_keys.as_ref(),
         audit,
     )
     .await?

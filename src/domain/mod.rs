@@ -10,6 +10,7 @@ pub mod phase;
 pub mod quota;
 pub mod report;
 pub mod role;
+pub mod sealing;
 pub mod spec;
 pub mod webhook;
 

@@ -3,6 +3,7 @@
 
 use super::txn::Txn;
 use super::{Audit, Engine, LifecycleError};
+use crate::domain::sealing::{self, SealKeys};
 use crate::domain::webhook::{self, MAX_DESCRIPTION};
 use crate::domain::ValidationError;
 use crate::store::tenants;
@@ -56,12 +57,14 @@ fn check_description(d: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Creates an endpoint of `tenant` with a new secret; returns it (the only time the
-/// secret leaves the gateway besides a rotation).
+/// Creates an endpoint of `tenant` with a new secret, sealed with `keys` when there
+/// are; returns it with the secret in the clear (the only time the secret leaves the
+/// gateway besides a rotation).
 pub async fn create(
     engine: &Engine,
     tenant: &str,
     change: WebhookChange,
+    keys: Option<&SealKeys>,
     audit: Audit<'_>,
 ) -> Result<WebhookRow, LifecycleError> {
     let types = change.types.unwrap_or_default();
@@ -80,20 +83,21 @@ pub async fn create(
         let why = format!("a tenant has at most {MAX_PER_TENANT} webhooks");
         return Err(ValidationError::new("too_many_webhooks", "url", why).into());
     }
-    let secret = webhook::secret_from(rand::random());
-    let row = store::insert(
+    let (id, secret) = (Uuid::now_v7(), webhook::secret_from(rand::random()));
+    let mut row = store::insert(
         &mut txn,
         &NewWebhook {
-            id: Uuid::now_v7(),
+            id,
             tenant,
             url: &url,
             types: &types,
             description: &description,
-            secret: &secret,
+            secret: &sealing::seal(keys, id, &secret, rand::random()),
         },
     )
     .await?;
     txn.commit().await?;
+    row.secret = secret;
     Ok(row)
 }
 
@@ -136,13 +140,14 @@ pub async fn change(
     Ok(Some(w))
 }
 
-/// Gives an endpoint a new secret; the old one keeps signing (beside the new one) for
-/// `grace`. `None` when `tenant` has no such endpoint.
+/// Gives an endpoint a new secret (sealed with `keys` when there are; returned in the
+/// clear); the old one keeps signing (beside the new one) for `grace`. `None` when `tenant` has no such endpoint.
 pub async fn rotate(
     engine: &Engine,
     tenant: &str,
     id: Uuid,
     grace: Duration,
+    keys: Option<&SealKeys>,
     audit: Audit<'_>,
 ) -> Result<Option<WebhookRow>, LifecycleError> {
     let mut txn = Txn::begin(engine).await?;
@@ -150,12 +155,15 @@ pub async fn rotate(
     let Some(mut w) = store::lock(&mut txn, tenant, id).await? else {
         return Ok(None);
     };
-    let old = std::mem::replace(&mut w.secret, webhook::secret_from(rand::random()));
-    w.previous_secret = Some(old);
+    let secret = webhook::secret_from(rand::random());
+    let sealed = sealing::seal(keys, id, &secret, rand::random());
+    // The previous secret stays as it was stored (sealed or not): it only signs.
+    w.previous_secret = Some(std::mem::replace(&mut w.secret, sealed));
     w.previous_secret_expires_at =
         Some(Utc::now() + chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::days(1)));
-    let w = store::update(&mut txn, &w).await?;
+    let mut w = store::update(&mut txn, &w).await?;
     txn.commit().await?;
+    w.secret = secret;
     Ok(Some(w))
 }
 

@@ -22,7 +22,7 @@ pub struct WebhookRow {
     pub types: Vec<String>,
     /// Free text.
     pub description: String,
-    /// The signing secret.
+    /// The signing secret as stored (sealed when `WEBHOOK_SECRET_KEY` is set).
     pub secret: String,
     /// The secret before the last rotation.
     pub previous_secret: Option<String>,
@@ -195,7 +195,7 @@ pub struct Leased {
     pub attempts: i32,
     /// Where to send it.
     pub url: String,
-    /// The signing secret.
+    /// The signing secret as stored (sealed when `WEBHOOK_SECRET_KEY` is set).
     pub secret: String,
     /// The previous secret, while it still signs.
     pub previous_secret: Option<String>,

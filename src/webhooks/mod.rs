@@ -16,7 +16,7 @@
 pub mod target;
 
 use crate::config::{NatsNames, WebhookSettings};
-use crate::domain::webhook;
+use crate::domain::{sealing, webhook};
 use crate::lifecycle::webhooks::{self as lifecycle, Outcome};
 use crate::lifecycle::Engine;
 use crate::store::webhooks::{Attempt, Leased};
@@ -200,13 +200,31 @@ impl Dispatcher {
             })
     }
 
+    /// The delivery's signing secrets, opened. `None` (logged) when one does not open:
+    /// the operator's key is missing or wrong, which is not the endpoint's failure, so
+    /// nothing is recorded and the delivery is tried again once its lease expires.
+    fn secrets(&self, d: &Leased) -> Option<Vec<String>> {
+        let keys = self.settings.secret_keys.as_ref();
+        std::iter::once(&d.secret)
+            .chain(d.previous_secret.as_ref())
+            .map(|s| sealing::open(keys, d.webhook_id, s))
+            .collect::<Result<Vec<_>, _>>()
+            .inspect_err(|e| {
+                tracing::error!(webhook = %d.webhook_id, error = %e, "webhooks: cannot sign");
+            })
+            .ok()
+    }
+
     /// Sends one delivery and records what came of it.
     async fn attempt(&self, d: Leased) {
         let body = serde_json::to_vec(&d.event).expect("JSON serializes");
         let msg_id = d.event_id.to_string();
         let ts = chrono::Utc::now().timestamp();
-        let signatures: Vec<String> = std::iter::once(&d.secret)
-            .chain(d.previous_secret.as_ref())
+        let Some(secrets) = self.secrets(&d) else {
+            return;
+        };
+        let signatures: Vec<String> = secrets
+            .iter()
             .filter_map(|s| webhook::sign(s, &msg_id, ts, &body))
             .collect();
         let headers = vec![

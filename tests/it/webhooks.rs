@@ -6,6 +6,7 @@ use crate::common::{self, example_spec, id_of, spawn_with, Options, TestApp};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use axum::response::IntoResponse;
+use gateway::domain::sealing::{SealKeys, SEALED_PREFIX};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -184,6 +185,24 @@ fn verify_with_reference_library(deliveries: &[(String, Got)]) {
     );
 }
 
+/// The delivery log at `log` once no delivery in it is pending.
+async fn settled_log(app: &TestApp, log: &str) -> common::Answer {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = app.get(log).await;
+        let items = a.body["items"].as_array().unwrap();
+        if items.iter().all(|d| d["state"] != "pending") {
+            return a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deliveries still pending: {}",
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A gateway with the dispatcher, short retries, loopback receivers allowed.
 async fn app_with_webhooks() -> TestApp {
     spawn_with(Options {
@@ -197,6 +216,7 @@ async fn app_with_webhooks() -> TestApp {
             c.webhooks.schedule = vec![Duration::from_millis(200); 4];
             c.webhooks.timeout = Duration::from_millis(1500);
             c.webhooks.disable_after = 6;
+            c.webhooks.secret_keys = Some(SealKeys::new([42; 32], None));
         },
     })
     .await
@@ -397,8 +417,9 @@ async fn every_delivery_verifies_with_the_reference_library_and_waits_out_a_rece
         assert_eq!(e["tenant"], json!(tenant));
         assert!(e["cursor"].is_string());
     }
-    // The log says delivered, with the answer.
-    let a = app.get(&log).await;
+    // The log says delivered, with the answer (the receiver records a request before
+    // the dispatcher records its outcome: wait for the record).
+    let a = settled_log(&app, &log).await;
     for d in a.body["items"].as_array().unwrap() {
         assert_eq!(d["state"], "succeeded", "{d}");
         let last = d["attempts"].as_array().unwrap().last().unwrap().clone();
@@ -742,4 +763,53 @@ async fn a_receiver_whose_certificate_does_not_verify_gets_nothing() {
     );
     let error = attempt["error"].as_str().unwrap().to_lowercase();
     assert!(error.contains("certificate"), "{error}");
+}
+
+/// The stored secret and previous secret of endpoint `id`.
+async fn stored_secrets(app: &TestApp, id: &str) -> (String, Option<String>) {
+    sqlx::query_as("SELECT secret, previous_secret FROM webhooks WHERE id = $1::uuid")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn signing_secrets_are_sealed_in_the_database_and_plain_ones_still_sign() {
+    let app = app_with_webhooks().await;
+    let tenant = app.tenant().await;
+    let receiver = Receiver::start(Mode::Ok).await;
+    let (id, secret) = register(&app, &tenant, &receiver.url(), json!(["resource.created"])).await;
+    let (stored, previous) = stored_secrets(&app, &id).await;
+    assert!(stored.starts_with(SEALED_PREFIX), "{stored}");
+    assert!(!stored.contains(&secret["whsec_".len()..]), "{stored}");
+    assert_eq!(previous, None);
+    let rotated = app
+        .post(
+            &format!("/v1/tenants/{tenant}/webhooks/{id}/rotate-secret"),
+            json!({}),
+        )
+        .await;
+    let new_secret = rotated.body["secret"].as_str().unwrap().to_owned();
+    let (now, previous) = stored_secrets(&app, &id).await;
+    assert!(now.starts_with(SEALED_PREFIX) && now != stored, "{now}");
+    assert!(!now.contains(&new_secret["whsec_".len()..]), "{now}");
+    assert_eq!(previous.as_deref(), Some(stored.as_str()), "kept as stored");
+    // A secret stored before a key was configured (in the clear) still signs.
+    sqlx::query("UPDATE webhooks SET secret = $2, previous_secret = NULL WHERE id = $1::uuid")
+        .bind(&id)
+        .bind(&new_secret)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let got = receiver
+        .wait("the delivery signed with the plain secret", |g| {
+            !g.is_empty()
+        })
+        .await;
+    let sigs = got[0].headers["webhook-signature"].as_str().unwrap();
+    assert_eq!(sigs.split(' ').count(), 1, "{sigs}");
+    verify_with_reference_library(&[(new_secret, got[0].clone())]);
 }
