@@ -323,8 +323,8 @@ fn print_welcome(url: &str, generated_key: Option<&str>, broker: Option<&str>, c
     println!(
         r#"
 Gateway is up at {url}
-  API, relay, reconciler and simulated workers for every service and zone are running,
-  on {nats}.
+  API, relay, reconciler, webhook dispatcher and simulated workers for every service
+  and zone are running, on {nats}.
 
 {key_lines}
 
@@ -335,6 +335,7 @@ Gateway is up at {url}
          -H 'Content-Type: application/json' \
          -d '{{"name": "web-1", "zone": "zone-a", "spec": {{"flavor": "m1.small", "image": "debian-12"}}}}'
     curl -s $GW/v1/operations/<id from the answer> -H "Authorization: Bearer $KEY"
+    curl -sN $GW/v1/tenants/acme/events -H "Authorization: Bearer $KEY" -H 'Accept: text/event-stream'
 
   OpenAPI: {url}/v1/openapi.json    Stop: Ctrl-C
 "#
