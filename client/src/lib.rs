@@ -29,6 +29,7 @@ pub mod error;
 pub mod types;
 
 pub use error::{parse_retry_after, Error};
+pub use gateway_proto::events::{CloudEvent, EventType};
 pub use gateway_proto::{
     kind_path, Action, Kind, OperationError, OperationState, Phase, Report, ReportAck, Service,
 };
@@ -473,6 +474,106 @@ impl Client {
     pub async fn audit(&self, query: &AuditQuery) -> Result<Page<AuditEntry>> {
         let call = Call::new(Method::GET, "/v1/audit".into()).query(query.pairs());
         self.json(call).await
+    }
+
+    // --- Events and webhooks -------------------------------------------------------
+
+    /// `GET /v1/tenants/{tenant}/events` (as JSON): the events after `query.after`, at
+    /// once. Poll with `next_cursor` to follow them.
+    pub async fn events(&self, tenant: &str, query: &EventQuery) -> Result<EventPage> {
+        let call =
+            Call::new(Method::GET, format!("/v1/tenants/{tenant}/events")).query(query.pairs());
+        self.json(call).await
+    }
+
+    fn webhooks(tenant: &str) -> String {
+        format!("/v1/tenants/{tenant}/webhooks")
+    }
+
+    /// `POST /v1/tenants/{tenant}/webhooks`: the secret is in the answer only.
+    pub async fn create_webhook(
+        &self,
+        tenant: &str,
+        hook: &NewWebhook,
+    ) -> Result<WebhookWithSecret> {
+        self.json(Call::new(Method::POST, Self::webhooks(tenant)).body(hook)?)
+            .await
+    }
+
+    /// `GET /v1/tenants/{tenant}/webhooks`.
+    pub async fn list_webhooks(&self, tenant: &str) -> Result<Vec<Webhook>> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            items: Vec<Webhook>,
+        }
+        let list: List = self
+            .json(Call::new(Method::GET, Self::webhooks(tenant)))
+            .await?;
+        Ok(list.items)
+    }
+
+    /// `GET /v1/tenants/{tenant}/webhooks/{id}`.
+    pub async fn get_webhook(&self, tenant: &str, id: Uuid) -> Result<Webhook> {
+        let path = format!("{}/{id}", Self::webhooks(tenant));
+        self.json(Call::new(Method::GET, path)).await
+    }
+
+    /// `PATCH /v1/tenants/{tenant}/webhooks/{id}`.
+    pub async fn update_webhook(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        patch: &WebhookPatch,
+    ) -> Result<Webhook> {
+        let path = format!("{}/{id}", Self::webhooks(tenant));
+        self.json(Call::new(Method::PATCH, path).body(patch)?).await
+    }
+
+    /// `DELETE /v1/tenants/{tenant}/webhooks/{id}`.
+    pub async fn delete_webhook(&self, tenant: &str, id: Uuid) -> Result<()> {
+        let path = format!("{}/{id}", Self::webhooks(tenant));
+        self.send(Call::new(Method::DELETE, path)).await.map(drop)
+    }
+
+    /// `POST /v1/tenants/{tenant}/webhooks/{id}/rotate-secret`: a new secret; the old one
+    /// keeps signing for the grace period.
+    pub async fn rotate_webhook_secret(&self, tenant: &str, id: Uuid) -> Result<WebhookWithSecret> {
+        let path = format!("{}/{id}/rotate-secret", Self::webhooks(tenant));
+        self.json(Call::new(Method::POST, path)).await
+    }
+
+    /// `GET /v1/tenants/{tenant}/webhooks/{id}/deliveries`: one page, newest first.
+    pub async fn list_deliveries(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<Page<Delivery>> {
+        let mut q = Vec::new();
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        if let Some(c) = cursor {
+            q.push(("cursor", c.to_owned()));
+        }
+        let path = format!("{}/{id}/deliveries", Self::webhooks(tenant));
+        self.json(Call::new(Method::GET, path).query(q)).await
+    }
+
+    /// `GET /v1/tenants/{tenant}/webhooks/{id}/deliveries/{delivery}`.
+    pub async fn get_delivery(&self, tenant: &str, id: Uuid, delivery: Uuid) -> Result<Delivery> {
+        let path = format!("{}/{id}/deliveries/{delivery}", Self::webhooks(tenant));
+        self.json(Call::new(Method::GET, path)).await
+    }
+
+    /// `POST …/deliveries/{delivery}/retry`: sends the delivery again now.
+    pub async fn retry_delivery(&self, tenant: &str, id: Uuid, delivery: Uuid) -> Result<Delivery> {
+        let path = format!(
+            "{}/{id}/deliveries/{delivery}/retry",
+            Self::webhooks(tenant)
+        );
+        self.json(Call::new(Method::POST, path)).await
     }
 }
 

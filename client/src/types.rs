@@ -469,3 +469,160 @@ pub struct AuditEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
 }
+
+/// Filters and resume point of `GET /v1/tenants/{tenant}/events` (a page).
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Only this kind.
+    pub kind: Option<Kind>,
+    /// Only this zone.
+    pub zone: Option<String>,
+    /// Only events of this resource.
+    pub resource: Option<Uuid>,
+    /// Only events of this operation.
+    pub operation: Option<Uuid>,
+    /// Only these types (`operation.succeeded`, …).
+    pub types: Vec<String>,
+    /// After this cursor (none: from the oldest event kept).
+    pub after: Option<String>,
+    /// Page size (1–500).
+    pub limit: Option<u32>,
+}
+
+impl EventQuery {
+    pub(crate) fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        push(&mut q, "kind", self.kind.map(|k| k.to_string()));
+        push(&mut q, "zone", self.zone.clone());
+        push(&mut q, "resource", self.resource.map(|r| r.to_string()));
+        push(&mut q, "operation", self.operation.map(|o| o.to_string()));
+        push(
+            &mut q,
+            "type",
+            (!self.types.is_empty()).then(|| self.types.join(",")),
+        );
+        push(&mut q, "after", self.after.clone());
+        push(&mut q, "limit", self.limit.map(|l| l.to_string()));
+        q
+    }
+}
+
+/// A page of events, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventPage {
+    /// The events (CloudEvents, with their `cursor`).
+    pub items: Vec<gateway_proto::events::CloudEvent>,
+    /// Pass it as `after` for the next page; it stays put while there is nothing new.
+    pub next_cursor: String,
+}
+
+/// A webhook endpoint to register.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NewWebhook {
+    /// Where deliveries go (`https`, a public address).
+    pub url: String,
+    /// Event types to receive; empty: all.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// What to change of a webhook endpoint; absent fields stay.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WebhookPatch {
+    /// A new URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// New event types.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub types: Option<Vec<String>>,
+    /// A new description.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Re-enable (`true`) or pause (`false`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// A webhook endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Webhook {
+    /// Its ID.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant: String,
+    /// Where deliveries go.
+    pub url: String,
+    /// Event types (empty: all).
+    pub types: Vec<String>,
+    /// Free text.
+    pub description: String,
+    /// Whether deliveries are sent.
+    pub enabled: bool,
+    /// Why it is disabled.
+    #[serde(default)]
+    pub disabled_reason: Option<String>,
+    /// When it was disabled.
+    #[serde(default)]
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// Failed attempts in a row.
+    pub failure_streak: i32,
+    /// Until when the previous secret still signs.
+    #[serde(default)]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A webhook endpoint with its signing secret (at registration and rotation only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookWithSecret {
+    /// The endpoint.
+    #[serde(flatten)]
+    pub webhook: Webhook,
+    /// `whsec_…`.
+    pub secret: String,
+}
+
+/// One attempt of a webhook delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliveryAttempt {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The endpoint's status, if it answered.
+    #[serde(default)]
+    pub status_code: Option<i32>,
+    /// Time to the answer or failure.
+    pub latency_ms: i32,
+    /// The start of the answer.
+    pub response: String,
+    /// Why there was no answer.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One event's delivery to one endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Its ID.
+    pub id: Uuid,
+    /// The event's ID.
+    pub event_id: Uuid,
+    /// The event's type.
+    pub event_type: String,
+    /// `pending`, `succeeded` or `failed`.
+    pub state: String,
+    /// When the next attempt is due.
+    #[serde(default)]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Attempts, oldest first.
+    pub attempts: Vec<DeliveryAttempt>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}

@@ -362,3 +362,109 @@ async fn wait_on_a_terminal_rewrites_one_progress_line() {
     assert!(text.contains("succeeded (attempt 1"), "{text:?}");
     assert!(text.contains("slow-1"), "the VM: {text:?}");
 }
+
+#[tokio::test]
+async fn events_and_webhooks_through_the_client_and_the_cli() {
+    let app = spawn_with(Options {
+        tweak: |c| {
+            c.webhooks.policy.allow_http = true;
+            c.webhooks.policy.allow_private = true;
+        },
+        ..Default::default()
+    })
+    .await;
+    let t = app.tenant().await;
+    let gw = app.typed();
+    let op = app
+        .create(&t, "vms", "web-1", "zone-a", example_spec("vms"))
+        .await;
+    let op_id: uuid::Uuid = op["id"].as_str().unwrap().parse().unwrap();
+    gw.wait(op_id, Duration::from_secs(30)).await.unwrap();
+    // The client: a page of events, filtered, and its cursor.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let q = gateway_client::EventQuery {
+            operation: Some(op_id),
+            types: vec!["operation.succeeded".into()],
+            ..Default::default()
+        };
+        let page = gw.events(&t, &q).await.unwrap();
+        if !page.items.is_empty() {
+            break page;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no event yet");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(page.items[0].operationid, Some(op_id));
+    let cursor: u64 = page.items[0].cursor.as_deref().unwrap().parse().unwrap();
+    let next: u64 = page.next_cursor.parse().unwrap();
+    assert!(
+        next >= cursor,
+        "the page's cursor passed what it read, filtered or not"
+    );
+    // The CLI: the same events, as JSON lines.
+    let run = gwctl(
+        &app,
+        &[
+            "-t",
+            &t,
+            "-o",
+            "json",
+            "events",
+            "--type",
+            "resource.created",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let lines: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", run.stdout);
+    assert_eq!(lines[0]["type"], "resource.created");
+    // Webhooks: create (the secret shows), list, disable, rotate, delete.
+    let run = gwctl(
+        &app,
+        &[
+            "-t",
+            &t,
+            "-o",
+            "json",
+            "webhooks",
+            "create",
+            "http://127.0.0.1:9/hook",
+            "--type",
+            "operation.failed",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let created = run.json();
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+    let id = created["id"].as_str().unwrap().to_owned();
+    let hooks = gw.list_webhooks(&t).await.unwrap();
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0].types, ["operation.failed"]);
+    let run = gwctl(&app, &["-t", &t, "-o", "json", "webhooks", "disable", &id]).await;
+    assert_eq!(run.json()["enabled"], false);
+    let run = gwctl(
+        &app,
+        &["-t", &t, "-o", "json", "webhooks", "rotate-secret", &id],
+    )
+    .await;
+    assert_ne!(run.json()["secret"], created["secret"]);
+    let run = gwctl(&app, &["-t", &t, "webhooks", "deliveries", &id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = gwctl(
+        &app,
+        &["-t", &t, "webhooks", "create", "ftp://example.com/"],
+    )
+    .await;
+    assert_eq!(run.code, 3, "an API error: {}", run.stderr);
+    assert!(run.stderr.contains("invalid_webhook_url"), "{}", run.stderr);
+    let run = gwctl(&app, &["-t", &t, "webhooks", "delete", &id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(gw.list_webhooks(&t).await.unwrap().is_empty());
+}

@@ -9,8 +9,9 @@ mod output;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use gateway_client::{
-    Action, AuditQuery, Client, Error, Kind, NewKeyRequest, NewResource, Operation, OperationQuery,
-    OperationState, QuotaLimit, ResourcePatch, ResourceQuery, Role, Service,
+    Action, AuditQuery, Client, Error, EventQuery, Kind, NewKeyRequest, NewResource, NewWebhook,
+    Operation, OperationQuery, OperationState, QuotaLimit, ResourcePatch, ResourceQuery, Role,
+    Service, WebhookPatch,
 };
 use output::Format;
 use serde_json::Value;
@@ -137,6 +138,11 @@ enum Command {
     },
     /// The audit log (admins; owners see their tenant's).
     Audit(AuditArgs),
+    /// The tenant's events (CloudEvents), oldest first; --follow keeps printing new ones.
+    Events(EventArgs),
+    /// The tenant's webhook endpoints and their delivery logs (owners).
+    #[command(subcommand)]
+    Webhooks(WebhookCmd),
     /// Prints a shell completion script.
     Completion {
         /// bash, zsh, fish, elvish or powershell.
@@ -356,6 +362,91 @@ struct WatchArgs {
     timeout: Option<Duration>,
 }
 
+#[derive(Debug, Args)]
+struct EventArgs {
+    /// Only this kind (vm, bm, cluster, volume).
+    #[arg(long)]
+    kind: Option<Kind>,
+    /// Only this zone.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Only events of this resource.
+    #[arg(long)]
+    resource: Option<Uuid>,
+    /// Only events of this operation.
+    #[arg(long)]
+    operation: Option<Uuid>,
+    /// Only these types (repeat it), e.g. operation.succeeded.
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// After this cursor (default: the oldest event kept).
+    #[arg(long)]
+    after: Option<String>,
+    /// Keep printing new events (polling every --interval) until interrupted.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// How often --follow looks for new events.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhookCmd {
+    /// Registers an endpoint; prints its signing secret (shown once).
+    Create {
+        /// Its URL (https). (Not `url`: that is the gateway's, a global option.)
+        #[arg(value_name = "URL")]
+        endpoint: String,
+        /// Event types to receive (repeat it; none: all).
+        #[arg(long = "type")]
+        types: Vec<String>,
+        /// A description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Lists the tenant's endpoints.
+    List,
+    /// Shows one endpoint.
+    Get {
+        /// Its ID.
+        id: Uuid,
+    },
+    /// Re-enables an endpoint (clearing its failure streak).
+    Enable {
+        /// Its ID.
+        id: Uuid,
+    },
+    /// Pauses an endpoint.
+    Disable {
+        /// Its ID.
+        id: Uuid,
+    },
+    /// Gives an endpoint a new signing secret (the old one signs too for a grace period).
+    RotateSecret {
+        /// Its ID.
+        id: Uuid,
+    },
+    /// Deletes an endpoint and its delivery log.
+    Delete {
+        /// Its ID.
+        id: Uuid,
+    },
+    /// An endpoint's deliveries, newest first.
+    Deliveries {
+        /// The endpoint's ID.
+        id: Uuid,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Sends a delivery again now.
+    Retry {
+        /// The endpoint's ID.
+        id: Uuid,
+        /// The delivery's ID.
+        delivery: Uuid,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum QuotaCmd {
     /// Shows the tenant's limits and usage.
@@ -458,6 +549,8 @@ async fn run(cli: Cli) -> Outcome {
             Ok(())
         }
         Command::Audit(args) => ctx.audit(args).await,
+        Command::Events(args) => ctx.events(args).await,
+        Command::Webhooks(cmd) => ctx.webhooks(cmd).await,
         Command::Completion { .. } => unreachable!("handled above"),
     }
 }
@@ -732,6 +825,89 @@ impl Ctx {
             QuotaCmd::Set { limits } => self.gw.set_quotas(t, &limits).await?,
         };
         output::one(&q, self.format);
+        Ok(())
+    }
+
+    /// Prints the tenant's events; with `--follow`, polls for new ones with the cursor.
+    async fn events(&self, args: EventArgs) -> Outcome {
+        let t = self.tenant()?.to_owned();
+        let mut query = EventQuery {
+            kind: args.kind,
+            zone: args.zone,
+            resource: args.resource,
+            operation: args.operation,
+            types: args.types,
+            after: args.after,
+            limit: Some(500),
+        };
+        let mut header = self.format == Format::Table;
+        loop {
+            let page = self.gw.events(&t, &query).await?;
+            if header {
+                println!("{}", output::table_header::<gateway_client::CloudEvent>());
+                header = false;
+            }
+            for e in &page.items {
+                output::line(e, self.format);
+            }
+            let moved = query.after.as_deref() != Some(page.next_cursor.as_str());
+            query.after = Some(page.next_cursor);
+            if !args.follow {
+                return Ok(());
+            }
+            if !moved || page.items.is_empty() {
+                tokio::time::sleep(args.interval).await;
+            }
+        }
+    }
+
+    async fn webhooks(&self, cmd: WebhookCmd) -> Outcome {
+        let t = self.tenant()?;
+        let enabled = |id, on| {
+            let patch = WebhookPatch {
+                enabled: Some(on),
+                ..Default::default()
+            };
+            (id, patch)
+        };
+        match cmd {
+            WebhookCmd::Create {
+                endpoint,
+                types,
+                description,
+            } => {
+                let hook = NewWebhook {
+                    url: endpoint,
+                    types,
+                    description,
+                };
+                output::one(&self.gw.create_webhook(t, &hook).await?, self.format);
+            }
+            WebhookCmd::List => output::many(&self.gw.list_webhooks(t).await?, self.format),
+            WebhookCmd::Get { id } => output::one(&self.gw.get_webhook(t, id).await?, self.format),
+            WebhookCmd::Enable { id } => {
+                let (id, patch) = enabled(id, true);
+                output::one(&self.gw.update_webhook(t, id, &patch).await?, self.format);
+            }
+            WebhookCmd::Disable { id } => {
+                let (id, patch) = enabled(id, false);
+                output::one(&self.gw.update_webhook(t, id, &patch).await?, self.format);
+            }
+            WebhookCmd::RotateSecret { id } => {
+                output::one(&self.gw.rotate_webhook_secret(t, id).await?, self.format);
+            }
+            WebhookCmd::Delete { id } => self.gw.delete_webhook(t, id).await?,
+            WebhookCmd::Deliveries { id, paging } => {
+                let page = self
+                    .gw
+                    .list_deliveries(t, id, paging.limit, paging.cursor.as_deref())
+                    .await?;
+                output::page(&page, self.format);
+            }
+            WebhookCmd::Retry { id, delivery } => {
+                output::one(&self.gw.retry_delivery(t, id, delivery).await?, self.format);
+            }
+        }
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 
 use chrono::{DateTime, Utc};
 use gateway_client::{
-    AuditEntry, CatalogEntry, KeyInfo, NewKey, Operation, Page, Quotas, Resource, Tenant, Zone,
+    AuditEntry, CatalogEntry, CloudEvent, Delivery, KeyInfo, NewKey, Operation, Page, Quotas,
+    Resource, Tenant, Webhook, WebhookWithSecret, Zone,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -40,6 +41,27 @@ pub fn one<T: Tabular>(item: &T, format: Format) {
 pub fn many<T: Tabular>(items: &[T], format: Format) {
     let rows = items.iter().flat_map(Tabular::rows).collect::<Vec<_>>();
     print!("{}", render(&items, &rows, T::HEADERS, format));
+}
+
+/// The column headers of `T`, for rows printed one at a time ([`line`]).
+pub fn table_header<T: Tabular>() -> String {
+    T::HEADERS.join("\t")
+}
+
+/// Prints one item as it comes: a tab-separated row, a JSON line, or a YAML document.
+pub fn line<T: Tabular>(item: &T, format: Format) {
+    match format {
+        Format::Table => {
+            for row in item.rows() {
+                println!("{}", row.join("\t"));
+            }
+        }
+        Format::Json => println!("{}", serde_json::to_string(item).expect("serializes")),
+        Format::Yaml => print!(
+            "---\n{}",
+            yaml(&serde_json::to_value(item).expect("serializes"))
+        ),
+    }
 }
 
 /// Prints a page; in a table the next cursor goes to stderr, so stdout stays the rows.
@@ -362,5 +384,83 @@ mod tests {
             y,
             "colon: \"a: b\"\nempty: {}\nid: abc\nlist:\n  - a: 1\n    b:\n      - 1\n      - 2\n  - x\nm:\n  k: v\n\"n\": 3\nnone: null\nnum: \"10\"\nok: true\ns: \"yes\"\n"
         );
+    }
+}
+
+impl Tabular for CloudEvent {
+    const HEADERS: &'static [&'static str] = &["CURSOR", "TIME", "TYPE", "SUBJECT", "ZONE"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        vec![vec![
+            opt(&self.cursor),
+            time(&self.time),
+            self.event_type.to_string(),
+            self.subject.clone(),
+            self.zone.clone(),
+        ]]
+    }
+}
+
+impl Tabular for Webhook {
+    const HEADERS: &'static [&'static str] =
+        &["ID", "URL", "TYPES", "ENABLED", "FAILURES", "DESCRIPTION"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        let enabled = match &self.disabled_reason {
+            Some(why) if !self.enabled => format!("no ({why})"),
+            _ => if self.enabled { "yes" } else { "no" }.to_owned(),
+        };
+        vec![vec![
+            self.id.to_string(),
+            self.url.clone(),
+            if self.types.is_empty() {
+                "*".into()
+            } else {
+                self.types.join(",")
+            },
+            enabled,
+            self.failure_streak.to_string(),
+            self.description.clone(),
+        ]]
+    }
+}
+
+impl Tabular for WebhookWithSecret {
+    const HEADERS: &'static [&'static str] = &["ID", "URL", "SECRET"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        vec![vec![
+            self.webhook.id.to_string(),
+            self.webhook.url.clone(),
+            self.secret.clone(),
+        ]]
+    }
+}
+
+impl Tabular for Delivery {
+    const HEADERS: &'static [&'static str] = &[
+        "ID",
+        "EVENT",
+        "TYPE",
+        "STATE",
+        "ATTEMPTS",
+        "LAST STATUS",
+        "NEXT ATTEMPT",
+    ];
+    fn rows(&self) -> Vec<Vec<String>> {
+        let last = self
+            .attempts
+            .last()
+            .map(|a| match (a.status_code, &a.error) {
+                (Some(code), _) => code.to_string(),
+                (None, Some(e)) => e.chars().take(40).collect(),
+                (None, None) => "-".into(),
+            });
+        vec![vec![
+            self.id.to_string(),
+            self.event_id.to_string(),
+            self.event_type.clone(),
+            self.state.clone(),
+            self.attempts.len().to_string(),
+            opt(&last),
+            opt(&self.next_attempt_at.as_ref().map(time)),
+        ]]
     }
 }
