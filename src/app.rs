@@ -365,6 +365,10 @@ impl<'c> Assembly<'c> {
             shutdown: self.shutdown.clone(),
             webhook_policy: self.config.webhooks.policy,
             webhook_secret_grace: self.config.webhooks.secret_grace,
+            admission: api::admission::Admission::new(
+                self.config.admission,
+                self.engine.metrics.clone(),
+            ),
             webhook_secret_keys: self.config.webhooks.secret_keys.clone(),
         };
         // A process without the API (a relay) still serves health and metrics.
@@ -373,11 +377,15 @@ impl<'c> Assembly<'c> {
         } else {
             api::health::router().with_state(state)
         };
-        let timeout = self.config.header_timeout;
+        let limits = crate::serve::Limits {
+            header_timeout: self.config.header_timeout,
+            max_connections: self.config.max_connections,
+            metrics: self.engine.metrics.clone(),
+        };
         self.tasks.spawn(crate::serve::serve(
             listener,
             app,
-            timeout,
+            limits,
             self.shutdown.clone(),
         ));
     }

@@ -86,6 +86,48 @@ pub struct Config {
     pub events: EventSettings,
     /// Webhook deliveries.
     pub webhooks: WebhookSettings,
+    /// Requests in flight per class (admission control).
+    pub admission: AdmissionLimits,
+    /// `GATEWAY_MAX_CONNECTIONS`: open client connections per gateway (default 4096);
+    /// beyond it a new connection is answered `503 overloaded` and closed.
+    pub max_connections: usize,
+}
+
+/// Requests each class may have in flight on one gateway
+/// (`GATEWAY_MAX_IN_FLIGHT_{WRITES,READS,POLLS,REPORTS}`); beyond, `503 overloaded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionLimits {
+    /// Writes in flight (default 256).
+    pub writes: usize,
+    /// Reads in flight (default 512).
+    pub reads: usize,
+    /// Polls and long-polls of operations in flight (default 2048).
+    pub polls: usize,
+    /// Workers' reports in flight (default 512).
+    pub reports: usize,
+}
+
+impl Default for AdmissionLimits {
+    fn default() -> Self {
+        Self {
+            writes: 256,
+            reads: 512,
+            polls: 2048,
+            reports: 512,
+        }
+    }
+}
+
+impl AdmissionLimits {
+    fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> anyhow::Result<Self> {
+        let d = Self::default();
+        Ok(Self {
+            writes: env.positive("GATEWAY_MAX_IN_FLIGHT_WRITES", d.writes)?,
+            reads: env.positive("GATEWAY_MAX_IN_FLIGHT_READS", d.reads)?,
+            polls: env.positive("GATEWAY_MAX_IN_FLIGHT_POLLS", d.polls)?,
+            reports: env.positive("GATEWAY_MAX_IN_FLIGHT_REPORTS", d.reports)?,
+        })
+    }
 }
 
 /// How webhooks are delivered.
@@ -251,6 +293,8 @@ impl fmt::Debug for Config {
             .field("stream_replicas", &self.stream_replicas)
             .field("events", &self.events)
             .field("webhooks", &self.webhooks)
+            .field("admission", &self.admission)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -473,6 +517,8 @@ impl Config {
             },
             events: EventSettings::from_env(&env)?,
             webhooks: WebhookSettings::from_env(&env)?,
+            admission: AdmissionLimits::from_env(&env)?,
+            max_connections: env.positive("GATEWAY_MAX_CONNECTIONS", 4096usize)?,
             rate_limits: RateLimits {
                 per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
                 burst: env.var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
@@ -528,6 +574,8 @@ impl Config {
             stream_replicas: None,
             events: EventSettings::default(),
             webhooks: WebhookSettings::default(),
+            admission: AdmissionLimits::default(),
+            max_connections: 4096,
             rate_limits: RateLimits {
                 per_second: nz(100_000),
                 burst: nz(100_000),

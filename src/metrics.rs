@@ -12,6 +12,7 @@
 //! | `gateway_http_request_duration_seconds` | histogram | route, method | time to answer |
 //! | `gateway_http_requests_in_flight` | gauge | | requests being answered |
 //! | `gateway_rate_limited_total` | counter | bucket | requests refused with `429` |
+//! | `gateway_overloaded_total` | counter | class | requests (`write`, `read`, `poll`, `report`) and connections (`connection`) refused with `503 overloaded` |
 //! | `gateway_operations_created_total` | counter | action, service, zone | accepted operations |
 //! | `gateway_operations_finished_total` | counter | action, service, zone, outcome | operations that ended, by terminal state |
 //! | `gateway_operation_duration_seconds` | histogram | action, service | submission to terminal state |
@@ -89,6 +90,13 @@ pub struct RouteLabels {
 pub struct BucketLabels {
     /// Rate-limit bucket: `write`, `read`, `poll`, `anonymous`.
     pub bucket: String,
+}
+
+/// A class of requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// `write`, `read`, `poll`, `report` or `connection`.
+    pub class: String,
 }
 
 /// An outcome alone.
@@ -222,6 +230,8 @@ pub struct Inner {
     /// See the table in the module docs.
     pub rate_limited: Family<BucketLabels, Counter>,
     /// See the table in the module docs.
+    pub overloaded: Family<ClassLabels, Counter>,
+    /// See the table in the module docs.
     pub operations_created: Family<OperationLabels, Counter>,
     /// See the table in the module docs.
     pub operations_finished: Family<OutcomeLabels, Counter>,
@@ -352,6 +362,11 @@ impl Inner {
             "rate_limited",
             "Requests refused with 429, by bucket",
             self.rate_limited.clone(),
+        );
+        r.register(
+            "overloaded",
+            "Requests and connections refused with 503 overloaded, by class",
+            self.overloaded.clone(),
         );
         r.register(
             "operations_created",
@@ -548,6 +563,7 @@ impl Metrics {
             http_duration: Family::new_with_constructor(latency),
             http_in_flight: Gauge::default(),
             rate_limited: Family::default(),
+            overloaded: Family::default(),
             operations_created: Family::default(),
             operations_finished: Family::default(),
             operation_duration: Family::new_with_constructor(long_latency),
@@ -618,6 +634,11 @@ impl Metrics {
                 bucket: bucket.into(),
             });
         }
+        for class in ["write", "read", "poll", "report", "connection"] {
+            let _ = self.overloaded.get_or_create(&ClassLabels {
+                class: class.into(),
+            });
+        }
         for outcome in ["delivered", "retrying", "failed"] {
             let _ = self.webhook_attempts.get_or_create(&OutcomeOnly {
                 outcome: outcome.into(),
@@ -658,6 +679,15 @@ impl Metrics {
             })
             .inc();
         self.webhook_latency.observe(took.as_secs_f64());
+    }
+
+    /// A request (or connection) of `class` was refused with `503 overloaded`.
+    pub fn overloaded(&self, class: &str) {
+        self.overloaded
+            .get_or_create(&ClassLabels {
+                class: class.into(),
+            })
+            .inc();
     }
 
     /// A watch stream was refused for `reason`.

@@ -22,13 +22,32 @@ use tokio_util::sync::CancellationToken;
 /// How long shutdown waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How a server is bounded.
+#[derive(Clone)]
+pub struct Limits {
+    /// How long a client may take to send its headers.
+    pub header_timeout: Duration,
+    /// Open connections; beyond, a new one is answered `503 overloaded` and closed.
+    pub max_connections: usize,
+    /// Counts refused connections.
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// The answer to a connection beyond the limit: written straight to the socket, before
+/// reading anything, and the connection is closed.
+const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 82\r\n\r\n\
+{\"code\":\"overloaded\",\"message\":\"too many open connections; retry\",\"request_id\":\"\"}";
+
 /// Serves `app` on `listener` until `shutdown`, then drains.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    header_timeout: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
+    let header_timeout = limits.header_timeout;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -48,6 +67,11 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            limits.metrics.overloaded("connection");
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let service = TowerToHyperService::new(
             app.clone()
                 .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer))),
@@ -58,6 +82,7 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -67,4 +92,15 @@ pub async fn serve(
     {
         tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
     }
+}
+
+/// Answers a connection beyond the limit and closes it (bounded: a client that does
+/// not read its answer is dropped after a second).
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let write = async {
+        stream.write_all(OVERLOADED).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }

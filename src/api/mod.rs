@@ -4,6 +4,7 @@
 //! **Architecture invariant:** handlers parse, authorize and shape answers; they call
 //! `lifecycle` for writes and `store` for reads, and hold no business rules.
 
+pub mod admission;
 pub mod audit;
 pub mod catalog;
 pub mod cursor;
@@ -69,6 +70,8 @@ pub struct AppState {
     pub webhook_secret_grace: std::time::Duration,
     /// Seal webhook signing secrets in the database (none: stored as they are).
     pub webhook_secret_keys: Option<crate::domain::sealing::SealKeys>,
+    /// Requests in flight per class.
+    pub admission: admission::Admission,
 }
 
 /// The whole API.
@@ -102,6 +105,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard::guard,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.admission.clone(),
+            admission::admit,
         ))
         .layer(axum::middleware::from_fn(request::context))
         .layer(TraceLayer::new_for_http())

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod admission;
 mod api;
 mod architecture;
 mod audit_trail;
