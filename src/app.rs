@@ -297,6 +297,7 @@ impl<'c> Assembly<'c> {
             pool: backends.pool.clone(),
             names: config.nats.clone(),
             operation_timeout: config.operation_timeout,
+            idempotency_retention: config.idempotency_retention,
             wake: Wake::with_nats(backends.nats.clone(), config.nats.wake_subject()),
             changes,
             catalog: crate::cache::CatalogCache::new(metrics.clone()),

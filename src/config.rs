@@ -88,6 +88,9 @@ pub struct Config {
     pub webhooks: WebhookSettings,
     /// Requests in flight per class (admission control).
     pub admission: AdmissionLimits,
+    /// `GATEWAY_IDEMPOTENCY_RETENTION_SECONDS`: how long an `Idempotency-Key` is
+    /// remembered (default 86400); then the reconciler forgets it.
+    pub idempotency_retention: Duration,
     /// `GATEWAY_MAX_CONNECTIONS`: open client connections per gateway (default 4096);
     /// beyond it a new connection is answered `503 overloaded` and closed.
     pub max_connections: usize,
@@ -295,6 +298,7 @@ impl fmt::Debug for Config {
             .field("webhooks", &self.webhooks)
             .field("admission", &self.admission)
             .field("max_connections", &self.max_connections)
+            .field("idempotency_retention", &self.idempotency_retention)
             .finish()
     }
 }
@@ -519,6 +523,7 @@ impl Config {
             webhooks: WebhookSettings::from_env(&env)?,
             admission: AdmissionLimits::from_env(&env)?,
             max_connections: env.positive("GATEWAY_MAX_CONNECTIONS", 4096usize)?,
+            idempotency_retention: env.secs("GATEWAY_IDEMPOTENCY_RETENTION_SECONDS", 86_400)?,
             rate_limits: RateLimits {
                 per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
                 burst: env.var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
@@ -576,6 +581,7 @@ impl Config {
             webhooks: WebhookSettings::default(),
             admission: AdmissionLimits::default(),
             max_connections: 4096,
+            idempotency_retention: Duration::from_secs(86_400),
             rate_limits: RateLimits {
                 per_second: nz(100_000),
                 burst: nz(100_000),

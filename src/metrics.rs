@@ -196,7 +196,13 @@ pub struct RepairLabels {
 
 /// What the reconciler and the dead-letter handler count in
 /// `gateway_reconciler_actions_total`.
-pub const REPAIRS: &[&str] = &["expired", "redispatched", "converged", "dead_lettered"];
+pub const REPAIRS: &[&str] = &[
+    "expired",
+    "redispatched",
+    "converged",
+    "dead_lettered",
+    "idempotency_expired",
+];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 

@@ -148,11 +148,17 @@ impl Reconciler {
         for id in operations::unconverged_resource_ids(&self.engine.pool, BATCH).await? {
             repairs.converged += usize::from(self.converge(id).await?);
         }
+        let retention = chrono::Duration::from_std(self.engine.idempotency_retention)
+            .unwrap_or(chrono::Duration::days(1));
+        let forgotten =
+            operations::expire_idempotency_keys(&self.engine.pool, Utc::now() - retention, 1000)
+                .await?;
         let metrics = &self.engine.metrics;
         metrics.repaired("expired", repairs.expired);
         metrics.repaired("redispatched", repairs.redispatched);
         metrics.repaired("dead_lettered", repairs.exhausted);
         metrics.repaired("converged", repairs.converged);
+        metrics.repaired("idempotency_expired", forgotten as usize);
         Ok(repairs)
     }
 

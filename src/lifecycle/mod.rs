@@ -42,6 +42,8 @@ pub struct Engine {
     pub names: NatsNames,
     /// Deadline given to every new operation.
     pub operation_timeout: Duration,
+    /// How long an `Idempotency-Key` is remembered (then it may be used again).
+    pub idempotency_retention: Duration,
     /// Rung after every commit that wrote an outbox row.
     pub wake: Wake,
     /// Told after every commit that changed an operation.

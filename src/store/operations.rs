@@ -437,3 +437,24 @@ pub async fn count_active_by_state(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<
     .fetch_all(db)
     .await
 }
+
+/// Clears the idempotency keys of up to `limit` operations submitted before `before`,
+/// oldest first: the key may be used again, and the operation stays as it is. Returns
+/// how many were cleared.
+pub async fn expire_idempotency_keys(
+    db: impl PgExecutor<'_>,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE operations SET idempotency_key = NULL, request_fingerprint = NULL
+         WHERE id IN (SELECT id FROM operations
+                      WHERE idempotency_key IS NOT NULL AND created_at < $1
+                      ORDER BY created_at LIMIT $2)",
+    )
+    .bind(before)
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
+}

@@ -23,6 +23,7 @@ fn reconciler(app: &TestApp) -> Reconciler {
             pool: app.pool.clone(),
             names: app.config.nats.clone(),
             operation_timeout: Duration::from_secs(600),
+            idempotency_retention: Duration::from_secs(86_400),
             wake: Wake::default(),
             changes: Default::default(),
             metrics: Default::default(),

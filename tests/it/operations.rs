@@ -766,3 +766,50 @@ async fn an_operation_past_its_deadline_fails_with_deadline_exceeded() {
     assert_eq!(r.body["phase"], "failed");
     assert_eq!(r.body["status"]["last_error"]["code"], "deadline_exceeded");
 }
+
+#[tokio::test]
+async fn an_idempotency_key_is_forgotten_after_its_retention_and_may_be_used_again() {
+    let app = spawn_with(Options {
+        tweak: |c| c.idempotency_retention = Duration::from_secs(1),
+        parts: gateway::app::Parts {
+            api: true,
+            reconciler: true,
+            ..Default::default()
+        },
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let path = format!("/v1/tenants/{tenant}/vms");
+    let first = json!({"name": "a", "zone": "zone-a", "spec": common::example_spec("vms")});
+    let a = post_with_key(&app, &path, "once", &first).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    let other = json!({"name": "b", "zone": "zone-a", "spec": common::example_spec("vms")});
+    let b = post_with_key(&app, &path, "once", &other).await;
+    assert_eq!(
+        b.code(),
+        "idempotency_key_reused",
+        "remembered within the retention"
+    );
+    // The reconciler forgets it once the retention has passed; the operation stays.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = app
+            .count("operations WHERE idempotency_key IS NOT NULL")
+            .await;
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the key was never forgotten");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = post_with_key(&app, &path, "once", &other).await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{:?}", c.body);
+    assert_ne!(c.body["id"], a.body["id"], "a new operation");
+    let old = app
+        .get(&format!(
+            "/v1/operations/{}",
+            a.body["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(old.status, StatusCode::OK);
+}
