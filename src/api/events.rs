@@ -65,8 +65,8 @@ pub struct EventQuery {
 pub struct EventPage {
     /// The events.
     pub items: Vec<CloudEvent>,
-    /// Where the next page starts: pass it as `after`. Always present; while it does not
-    /// move, there is nothing new.
+    /// Where the next page starts: pass it as `after`. Always present; a short page's
+    /// moves past other tenants' events too, so it may move while `items` is empty.
     pub next_cursor: String,
 }
 
@@ -242,9 +242,16 @@ async fn page(
         .await
         .map_err(read_error)?;
     let items = reader.page(limit).await.map_err(read_error)?;
+    // A short page read all there was: its cursor may move past other tenants' events
+    // (as a bookmark does), so a quiet tenant's poller keeps up with the retention.
+    let next_cursor = if items.len() < limit {
+        reader.bookmark().await
+    } else {
+        reader.cursor()
+    };
     let page = EventPage {
         items: items.into_iter().filter(|e| filter.matches(e)).collect(),
-        next_cursor: reader.cursor().to_string(),
+        next_cursor: next_cursor.to_string(),
     };
     Ok(Json(page).into_response())
 }
@@ -382,10 +389,13 @@ impl Watcher {
     }
 
     async fn read(&self, mut reader: Reader) -> Option<(Event, Step)> {
+        // One quiet spell for everything this client does not get: events the filters
+        // drop do not put its bookmark off.
+        let quiet_until = tokio::time::Instant::now() + self.quiet;
         loop {
             let next = tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
-                next = tokio::time::timeout(self.quiet, reader.next()) => next,
+                next = tokio::time::timeout_at(quiet_until, reader.next()) => next,
             };
             match next {
                 Err(_) => {

@@ -251,36 +251,90 @@ async fn pages_follow_the_cursor_and_answer_at_once_when_there_is_nothing_new() 
         .map(|e| e["type"].as_str().unwrap())
         .collect();
     assert_eq!(got, ["resource.created", "operation.succeeded"]);
-    let none = app
-        .get(&format!("/v1/tenants/{tenant}/events?zone=zone-b"))
+    // A second resource, in another zone, of another kind.
+    let other = app
+        .create(
+            &tenant,
+            "volumes",
+            "data",
+            "zone-b",
+            example_spec("volumes"),
+        )
         .await;
-    assert_eq!(none.body["items"], json!([]));
-    let by_kind = app
-        .get(&format!("/v1/tenants/{tenant}/events?kind=vm"))
+    app.wait_done(&id_of(&other).to_string()).await;
+    app.wait_outbox_empty().await;
+    let items = |query: String| {
+        let (app, tenant) = (&app, &tenant);
+        async move {
+            let a = app
+                .get(&format!("/v1/tenants/{tenant}/events?after=0&{query}"))
+                .await;
+            assert_eq!(a.status, StatusCode::OK, "{query}: {:?}", a.body);
+            a.body["items"].as_array().unwrap().clone()
+        }
+    };
+    let vm = op["resource_id"].as_str().unwrap().to_owned();
+    let volume = other["resource_id"].as_str().unwrap().to_owned();
+    let only = |got: &[Value], field: &str, want: &str, what: &str| {
+        assert!(!got.is_empty(), "{what}: some events");
+        assert!(
+            got.iter().all(|e| e[field] == want),
+            "{what}: only {want}: {got:?}"
+        );
+    };
+    for (query, resource) in [
+        ("zone=zone-a", &vm),
+        ("zone=zone-b", &volume),
+        ("kind=vm", &vm),
+        ("kind=volume", &volume),
+        ("kind=volume&zone=zone-b", &volume),
+        (&*format!("resource={vm}"), &vm),
+        (&*format!("resource={volume}"), &volume),
+    ] {
+        only(
+            &items(query.to_owned()).await,
+            "resourceid",
+            resource,
+            query,
+        );
+    }
+    assert_eq!(items("kind=volume&zone=zone-a".into()).await.len(), 0);
+    assert_eq!(items("kind=cluster".into()).await.len(), 0);
+    assert_eq!(items(format!("resource={}", Uuid::new_v4())).await.len(), 0);
+    let op_id = id_of(&other).to_string();
+    let by_op = items(format!("operation={op_id}")).await;
+    only(&by_op, "operationid", &op_id, "operation");
+    assert!(by_op.iter().any(|e| e["type"] == "operation.succeeded"));
+    let by_type = items("type=resource.created".into()).await;
+    only(&by_type, "type", "resource.created", "type");
+    assert_eq!(by_type.len(), 2, "one per resource");
+    // An empty page's cursor moves past other tenants' events, so a quiet tenant's
+    // poller does not fall behind the retention.
+    let end = app
+        .get(&format!("/v1/tenants/{tenant}/events?after=0&limit=500"))
         .await;
-    assert_eq!(by_kind.body["items"].as_array().unwrap().len(), all.len());
-    let by_kind = app
-        .get(&format!("/v1/tenants/{tenant}/events?kind=volume"))
+    let end = end.body["next_cursor"].as_str().unwrap().to_owned();
+    let busy = app.tenant().await;
+    let b = app
+        .create(&busy, "vms", "web", "zone-a", example_spec("vms"))
         .await;
-    assert_eq!(by_kind.body["items"], json!([]));
-    let by_op = app
-        .get(&format!(
-            "/v1/tenants/{tenant}/events?operation={}",
-            id_of(&op)
-        ))
-        .await;
-    assert!(by_op.body["items"]
-        .as_array()
+    app.wait_done(&id_of(&b).to_string()).await;
+    app.wait_outbox_empty().await;
+    let busy_end = app.get(&format!("/v1/tenants/{busy}/events?after=0")).await;
+    let busy_end: u64 = busy_end.body["next_cursor"]
+        .as_str()
         .unwrap()
-        .iter()
-        .all(|e| e["operationid"] == json!(id_of(&op))));
-    let by_resource = app
-        .get(&format!(
-            "/v1/tenants/{tenant}/events?resource={}",
-            Uuid::new_v4()
-        ))
+        .parse()
+        .unwrap();
+    let quiet = app
+        .get(&format!("/v1/tenants/{tenant}/events?after={end}"))
         .await;
-    assert_eq!(by_resource.body["items"], json!([]));
+    assert_eq!(quiet.body["items"], json!([]));
+    let moved: u64 = quiet.body["next_cursor"].as_str().unwrap().parse().unwrap();
+    assert!(
+        moved >= busy_end,
+        "{moved} is past the other tenant's {busy_end}"
+    );
 }
 
 #[tokio::test]
@@ -713,4 +767,112 @@ async fn a_watcher_sees_every_event_of_500_operations_once_and_in_order_across_a
         .filter(|e| e["type"] == "resource.created")
         .count();
     assert_eq!(created, OPS);
+}
+
+#[tokio::test]
+async fn a_lost_events_stream_is_a_503_at_once() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let js = app.running.as_ref().unwrap().backends.js.clone();
+    js.delete_stream(app.config.nats.events_stream())
+        .await
+        .unwrap();
+    let page = tokio::time::timeout(
+        Duration::from_secs(10),
+        app.get(&format!("/v1/tenants/{tenant}/events?after=0")),
+    )
+    .await
+    .expect("a prompt answer");
+    assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(page.code(), "events_unavailable");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        Watch::open(&events_url(&app.url, &tenant, ""), &app.admin_key, None),
+    )
+    .await
+    .expect("a prompt answer");
+    let (status, body) = refused.err().expect("refused");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["code"], "events_unavailable");
+}
+
+#[tokio::test]
+async fn open_streams_end_when_the_gateway_drains() {
+    let mut app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let mut w = Watch::open(&events_url(&app.url, &tenant, ""), &app.admin_key, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        w.next(Duration::from_secs(5)).await.unwrap().event,
+        "bookmark"
+    );
+    let started = std::time::Instant::now();
+    let stop = tokio::spawn(app.running.take().unwrap().stop());
+    // Idle: nothing but its end comes (bookmarks are 30 s apart by default).
+    assert!(w.next(Duration::from_secs(9)).await.is_none());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the stream ends with the drain, not at the client's timeout"
+    );
+    tokio::time::timeout(Duration::from_secs(20), stop)
+        .await
+        .expect("the gateway stops with a watch open")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn events_the_filters_drop_do_not_put_off_the_bookmark() {
+    let app = std::sync::Arc::new(
+        spawn_with(Options {
+            tweak: |c| c.events.bookmark_interval = Duration::from_millis(1500),
+            ..Default::default()
+        })
+        .await,
+    );
+    let tenant = app.tenant().await;
+    let mut w = Watch::open(
+        &events_url(&app.url, &tenant, "?type=resource.deleted"),
+        &app.admin_key,
+        None,
+    )
+    .await
+    .unwrap();
+    let first = w.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.event, "bookmark");
+    // The tenant stays busy with events this client does not want.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let busy = {
+        let (app, tenant, stop) = (app.clone(), tenant.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                let op = app
+                    .create(
+                        &tenant,
+                        "vms",
+                        &format!("vm-{n}"),
+                        "zone-a",
+                        example_spec("vms"),
+                    )
+                    .await;
+                app.wait_done(&id_of(&op).to_string()).await;
+                n += 1;
+            }
+            n
+        })
+    };
+    let opened = std::time::Instant::now();
+    let e = w.next(Duration::from_secs(6)).await.expect("a bookmark");
+    let waited = opened.elapsed();
+    stop.cancel();
+    let made = busy.await.unwrap();
+    assert_eq!(e.event, "bookmark", "{e:?}");
+    assert!(made > 1, "the tenant was busy ({made} operations)");
+    assert!(
+        waited < Duration::from_secs(4),
+        "a bookmark after the quiet spell although other events flowed: {waited:?}"
+    );
+    let c: u64 = e.id.unwrap().parse().unwrap();
+    assert!(c >= first.id.unwrap().parse::<u64>().unwrap());
 }
