@@ -353,18 +353,13 @@ impl NatsNames {
 
     /// The events stream: `{stream}-EVENTS` (default `OPS-EVENTS`).
     pub fn events_stream(&self) -> String {
-        events_stream_of(&self.stream)
+        format!("{}-EVENTS", self.stream)
     }
 
     /// Core-NATS subject on which replicas announce changed operations.
     pub fn changes_subject(&self) -> String {
         format!("_gateway.{}.operations.changed", self.stream)
     }
-}
-
-/// The events stream of the deployment whose operations stream is `stream`.
-pub fn events_stream_of(stream: &str) -> String {
-    format!("{stream}-EVENTS")
 }
 
 impl Default for NatsNames {

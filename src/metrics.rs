@@ -38,7 +38,6 @@
 //! | `gateway_webhook_endpoints_disabled_total` | counter | | endpoints disabled for failing |
 //! | `gateway_webhook_backlog` | gauge | | deliveries waiting (due or scheduled) for enabled endpoints |
 //! | `gateway_webhook_oldest_due_seconds` | gauge | | how long the oldest due delivery has waited |
-//! | `gateway_webhook_events_pending` | gauge | | events the webhook dispatchers have not yet fanned out into deliveries |
 //! | `gateway_jetstream_consumer_pending` | gauge | service, zone | messages not yet delivered |
 //! | `gateway_jetstream_consumer_ack_pending` | gauge | service, zone | delivered, not yet acknowledged |
 //! | `gateway_jetstream_consumer_redelivered` | gauge | service, zone | messages redelivered at least once |
@@ -289,8 +288,6 @@ pub struct Inner {
     /// See the table in the module docs.
     pub webhook_oldest_due: Gauge<f64, AtomicU64>,
     /// See the table in the module docs.
-    pub webhook_unfanned: Gauge,
-    /// See the table in the module docs.
     pub consumer_pending: Family<PoolLabels, Gauge>,
     /// See the table in the module docs.
     pub consumer_ack_pending: Family<PoolLabels, Gauge>,
@@ -435,11 +432,6 @@ impl Inner {
             "webhook_oldest_due_seconds",
             "How long the oldest due webhook delivery has waited",
             self.webhook_oldest_due.clone(),
-        );
-        r.register(
-            "webhook_events_pending",
-            "Events the webhook dispatchers have not yet fanned out into deliveries",
-            self.webhook_unfanned.clone(),
         );
     }
 
@@ -603,7 +595,6 @@ impl Metrics {
             webhook_disabled: Counter::default(),
             webhook_backlog: Gauge::default(),
             webhook_oldest_due: Gauge::default(),
-            webhook_unfanned: Gauge::default(),
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
             consumer_redelivered: Family::default(),
@@ -867,23 +858,6 @@ impl Metrics {
                     .get_or_create(&labels)
                     .set(info.num_waiting as i64);
             }
-        }
-        self.refresh_fan_out(js, stream_name).await;
-    }
-
-    /// Events the webhook dispatchers have not yet fanned out (their consumer's pending
-    /// and unacknowledged messages on the events stream `{stream}-EVENTS`).
-    async fn refresh_fan_out(&self, js: &async_nats::jetstream::Context, stream_name: &str) {
-        let events_stream = crate::config::events_stream_of(stream_name);
-        let Ok(events) = js.get_stream_no_info(events_stream).await else {
-            return;
-        };
-        if let Ok(info) = events
-            .consumer_info(crate::jetstream::WEBHOOK_CONSUMER)
-            .await
-        {
-            let waiting = info.num_pending + info.num_ack_pending as u64;
-            self.webhook_unfanned.set(waiting as i64);
         }
     }
 }
