@@ -832,6 +832,12 @@ impl Metrics {
         let Some((js, stream_name)) = js else {
             return;
         };
+        // While NATS is down every request would wait out its timeout, one pool after
+        // another, and hold up the next refresh of the database gauges operators need
+        // most then (the outbox growing): skip JetStream until it is back.
+        if js.client().connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
         let Ok(stream) = js.get_stream_no_info(stream_name).await else {
             return;
         };
