@@ -7,8 +7,8 @@ use crate::store::{
 use gateway_proto::{Dispatch, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use serde_json::json;
 
-/// Makes `op` pending and writes its message, in the caller's transaction (which rings
-/// the relay once it commits).
+/// Makes `op` pending and writes its message, in the caller's transaction (whose commit
+/// rings the relay).
 ///
 /// The message carries the resource's spec as it is now, at its current generation:
 /// a worker always converges on the latest desired state. Every dispatch gets its own
@@ -39,7 +39,6 @@ pub async fn enqueue(
     }
     let prefix = &txn.engine().names.subject_prefix;
     let subject = gateway_proto::ops_subject(prefix, op.kind.service(), &op.zone);
-    txn.wrote_outbox();
     outbox::insert(
         txn,
         &outbox::NewMessage {

@@ -2,7 +2,7 @@
 //! effects that are due once — and only once — it commits.
 //!
 //! Every state change opens a [`Txn`], records in it what it changed (operations
-//! created, started or ended, outbox rows written, operations whose row changed), and
+//! created, started or ended, operations whose row changed), and
 //! ends with [`Txn::commit`], which commits and then runs the one after-commit step:
 //! metrics, the relay's doorbell, and the change notification that wakes long-polls on
 //! every replica. A change that returns early rolls back with nothing announced.
@@ -55,7 +55,6 @@ enum Counted {
 #[derive(Debug, Default)]
 struct Effects {
     changed: Vec<Uuid>,
-    wake_relay: bool,
     counted: Vec<Counted>,
 }
 
@@ -108,11 +107,6 @@ impl<'e> Txn<'e> {
         if !self.effects.changed.contains(&id) {
             self.effects.changed.push(id);
         }
-    }
-
-    /// An outbox row was written: the relay is rung after commit.
-    pub fn wrote_outbox(&mut self) {
-        self.effects.wake_relay = true;
     }
 
     /// `op` was created.
@@ -210,9 +204,11 @@ impl Engine {
                 }
             }
         }
-        if effects.wake_relay {
-            self.wake.signal().await;
-        }
+        // Every state change records events (by trigger), and most write an outbox row:
+        // the relay publishes both, so it is rung after every commit, not only after
+        // those that dispatched something (a report's events would otherwise wait for
+        // the relay's poll interval).
+        self.wake.signal().await;
         if !effects.changed.is_empty() {
             self.changes.publish(&effects.changed).await;
         }

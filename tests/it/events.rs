@@ -335,3 +335,40 @@ async fn events_of_many_resources_keep_each_resources_order_under_concurrent_wri
     let value: Value = serde_json::to_value(&events[0].1).unwrap();
     assert!(value.get("type").is_some());
 }
+
+#[tokio::test]
+async fn a_report_that_dispatches_nothing_still_has_its_event_published_at_once() {
+    // The relay polls only once a minute here: only its doorbell can be in time.
+    let app = spawn_with(Options {
+        tweak: |c| c.relay_poll_interval = Duration::from_secs(60),
+        ..Options::api_and_relay()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let id = id_of(&op).to_string();
+    app.wait_op(&id, |o| o["state"] == "dispatched").await;
+    let key = gateway::app::worker_key(&app.pool, gateway_proto::Service::Vm, "zone-a")
+        .await
+        .unwrap();
+    let a = app
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/operations/{id}/reports"),
+            Some(&key),
+            Some(&json!({"attempt": 1, "state": "running"})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    // The report writes no outbox row, yet its event goes out well within the minute.
+    let started = std::time::Instant::now();
+    let events = events_of(&app, &tenant, 5).await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        types(&events).contains(&"operation.running"),
+        "{:?}",
+        types(&events)
+    );
+}
