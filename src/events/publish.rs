@@ -43,6 +43,11 @@ impl EventPublisher<'_> {
     /// Claims, publishes and deletes one batch of events (nothing when another relay
     /// holds the publisher lock).
     pub async fn pass(&self) -> anyhow::Result<EventsPass> {
+        // As the operations pass: claim nothing while the broker is away, rather than
+        // hold the publisher lock and a transaction while publishes wait in a buffer.
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            anyhow::bail!("NATS is not connected; the events wait in the database");
+        }
         let mut tx = self.pool.begin().await?;
         let rows = events::claim(&mut tx, self.batch_size).await?;
         if rows.is_empty() {
