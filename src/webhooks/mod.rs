@@ -81,31 +81,38 @@ impl Dispatcher {
             .map_err(|e| anyhow::anyhow!("the webhook consumer: {e}"))
     }
 
-    /// The fan-out loop.
+    /// The fan-out loop: batch after batch; after a failure (NATS or PostgreSQL away) it
+    /// binds the consumer again after a pause that grows with failures in a row.
     async fn fan_out(&self, shutdown: CancellationToken) {
         let mut failures = 0u32;
-        while !shutdown.is_cancelled() {
-            let pass = async {
-                let consumer = self.consumer().await?;
-                loop {
-                    self.fan_out_batch(&consumer).await?;
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), anyhow::Error>(())
-            };
-            tokio::select! {
+        let mut consumer = None;
+        loop {
+            let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = pass => if let Err(e) = r {
-                    failures += 1;
-                    tracing::warn!(error = %e, "webhooks: fan-out failed; retrying");
-                }
-            }
+                r = self.fan_out_once(&mut consumer) => r,
+            };
+            let Err(e) = result else {
+                failures = 0;
+                continue;
+            };
+            failures += 1;
+            consumer = None;
+            tracing::warn!(error = %e, "webhooks: fan-out failed; retrying");
             let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    /// One batch, through the consumer (bound first if need be).
+    async fn fan_out_once(&self, consumer: &mut Option<PullConsumer>) -> anyhow::Result<()> {
+        if consumer.is_none() {
+            *consumer = Some(self.consumer().await?);
+        }
+        self.fan_out_batch(consumer.as_ref().expect("bound above"))
+            .await
     }
 
     /// Fans out one batch of events and acknowledges it once the deliveries committed.
