@@ -44,7 +44,7 @@ pub struct Engine {
     pub operation_timeout: Duration,
     /// How long an `Idempotency-Key` is remembered (then it may be used again).
     pub idempotency_retention: Duration,
-    /// Rung after every commit that wrote an outbox row.
+    /// Rung after every lifecycle commit (each writes events, most an outbox row).
     pub wake: Wake,
     /// Told after every commit that changed an operation.
     pub changes: Changes,
