@@ -62,6 +62,10 @@ pub fn parse_wait(text: &str) -> Option<Duration> {
         Some(i) => text.split_at(i),
         None => (text, "s"),
     };
+    // At most 18 digits, as the contract's pattern says; within it every value parses.
+    if number.len() > 18 {
+        return None;
+    }
     let n: u64 = number.parse().ok()?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
@@ -278,7 +282,15 @@ mod tests {
         // overflowed in minutes and answered 400).
         assert_eq!(parse_wait("472631541394091380m"), Some(MAX_WAIT));
         assert_eq!(parse_wait("999999999999999999s"), Some(MAX_WAIT));
-        for bad in ["", "s", "-1s", "1h", "1.5s", "soon"] {
+        for bad in [
+            "",
+            "s",
+            "-1s",
+            "1h",
+            "1.5s",
+            "soon",
+            "18446744073709551615m",
+        ] {
             assert_eq!(parse_wait(bad), None, "{bad}");
         }
     }
