@@ -11,6 +11,7 @@ use crate::domain::Role;
 use crate::lifecycle::{self, Engine};
 use crate::metrics::Metrics;
 use crate::reconciler::Reconciler;
+use crate::registry::Registry;
 use crate::relay::Relay;
 use crate::store::{self, catalog, principals};
 use anyhow::Context as _;
@@ -117,9 +118,10 @@ pub async fn connect_for_up(
     let pool = store::connect(&config.database_url, config.database_max_connections).await?;
     store::migrate(&pool).await?;
     let zones: Vec<String> = zone_names(&pool).await?;
+    let services = service_names(&pool).await?;
     let bin = crate::broker::nats_server_bin(server.as_deref())?;
     let dir = config.data_dir.join("nats");
-    let broker = PrivateBroker::start(&dir, bin, port, &config.nats, &zones).await?;
+    let broker = PrivateBroker::start(&dir, bin, port, &config.nats, &zones, &services).await?;
     config.nats_url = broker.url.clone();
     let backends = connect_private(config, pool, broker.logins.clone()).await?;
     Ok((backends, Some(broker)))
@@ -132,6 +134,18 @@ pub async fn zone_names(pool: &PgPool) -> anyhow::Result<Vec<String>> {
         .into_iter()
         .map(|z| z.name)
         .collect())
+}
+
+/// The services of the registered resource types (one worker pool per zone each).
+pub async fn service_names(pool: &PgPool) -> anyhow::Result<Vec<Service>> {
+    let mut services: Vec<Service> = crate::store::resource_types::all(pool)
+        .await?
+        .into_iter()
+        .filter_map(|r| r.service.parse().ok())
+        .collect();
+    services.sort();
+    services.dedup();
+    Ok(services)
 }
 
 /// Applies database migrations and the JetStream definitions, and makes sure an admin
@@ -148,7 +162,8 @@ pub async fn migrate(
     let defs = crate::jetstream::Definitions::shipped()?
         .with_replicas(config.stream_replicas)
         .with_event_retention(config.events.max_age, config.events.max_bytes);
-    crate::jetstream::apply_definitions(&js, &config.nats, &zones, &defs).await?;
+    let services = service_names(&b.pool).await?;
+    crate::jetstream::apply_definitions(&js, &config.nats, &zones, &services, &defs).await?;
     bootstrap_admin(
         &b.pool,
         config.admin_key.as_ref().map(Secret::expose),
@@ -172,10 +187,10 @@ async fn bootstrap_admin(
 }
 
 /// Creates (or rotates) the key of the worker principal for one pool.
-pub async fn worker_key(pool: &PgPool, service: Service, zone: &str) -> anyhow::Result<String> {
+pub async fn worker_key(pool: &PgPool, service: &Service, zone: &str) -> anyhow::Result<String> {
     let key = auth::generate_key();
     let name = format!("worker:{service}:{zone}");
-    lifecycle::keys::install(pool, &name, Role::Worker, Some((service, zone)), &key).await?;
+    lifecycle::keys::install(pool, &name, Role::Worker, Some((service.clone(), zone)), &key).await?;
     Ok(key)
 }
 
@@ -292,7 +307,9 @@ impl<'c> Assembly<'c> {
         let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())));
         tasks.spawn(changes.clone().listen(shutdown.clone()));
         let zones: Vec<String> = zone_names(&backends.pool).await?;
-        metrics.init_series(&zones);
+        let types = crate::registry::Registry::load(backends.pool.clone()).await?;
+        metrics.init_series(&zones, &types.snapshot());
+        tasks.spawn(types.clone().listen(shutdown.clone()));
         let engine = Engine {
             pool: backends.pool.clone(),
             names: config.nats.clone(),
@@ -302,6 +319,7 @@ impl<'c> Assembly<'c> {
             changes,
             catalog: crate::cache::CatalogCache::new(metrics.clone()),
             metrics,
+            types,
         };
         Ok(Self {
             config,
@@ -322,12 +340,14 @@ impl<'c> Assembly<'c> {
             self.shutdown.clone(),
         );
         let (stream, zones) = (self.config.nats.stream.clone(), self.zones.clone());
+        let types = self.engine.types.clone();
         let every = self.config.metrics_refresh;
         self.tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
             while tokio::select! { _ = stop.cancelled() => false, _ = tick.tick() => true } {
+                let services = types.snapshot().services();
                 metrics
-                    .refresh(&b.pool, Some((&b.js, stream.as_str())), &zones)
+                    .refresh(&b.pool, Some((&b.js, stream.as_str())), &zones, &services)
                     .await;
             }
         });
@@ -424,6 +444,14 @@ impl<'c> Assembly<'c> {
             events_prefix: self.config.nats.events_prefix.clone(),
         };
         self.tasks.spawn(relay.run(self.shutdown.clone()));
+        let js = self
+            .backends
+            .jetstream_as(self.config, credentials::RELAY)
+            .await?;
+        let (names, zones) = (self.config.nats.clone(), self.zones.clone());
+        let (types, stop) = (self.engine.types.clone(), self.shutdown.clone());
+        self.tasks
+            .spawn(consumers_follow_registry(js, names, zones, types, stop));
         Ok(())
     }
 
@@ -460,26 +488,128 @@ impl<'c> Assembly<'c> {
             (None, Some(addr)) => format!("http://{addr}"),
             (None, None) => self.config.public_url(),
         };
+        let pools = SimPools {
+            backends: self.backends.clone(),
+            stream: self.config.nats.stream.clone(),
+            url,
+            max_deliver,
+            dispatch_keys: self.config.dispatch_public_keys(),
+            zones: self.zones.clone(),
+            driver: driver.clone(),
+            metrics,
+        };
+        let types = self.engine.types.clone();
+        self.tasks
+            .spawn(pools.follow(types, self.shutdown.clone(), self.config.clone()));
+        Ok(driver)
+    }
+}
+
+/// Creates the pool consumers of every registered service in every zone, and of each
+/// service registered later (the relay's user may create consumers): a new kind's
+/// workers find their consumer without a `migrate`. Retries what failed (NATS away).
+async fn consumers_follow_registry(
+    js: jetstream::Context,
+    names: crate::config::NatsNames,
+    zones: Vec<String>,
+    types: Registry,
+    shutdown: CancellationToken,
+) {
+    let mut done = std::collections::BTreeSet::new();
+    let mut changed = types.subscribe();
+    loop {
+        let new: Vec<Service> = types
+            .snapshot()
+            .services()
+            .into_iter()
+            .filter(|s| !done.contains(s))
+            .collect();
+        if !new.is_empty() {
+            match crate::jetstream::ensure_pools(&js, &names, &zones, &new).await {
+                Ok(()) => {
+                    tracing::info!(services = ?new, "pool consumers ready");
+                    done.extend(new);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot create pool consumers yet; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// `up`'s simulated worker pools: one per registered service and zone, started for
+/// the services registered at start and for each one registered while `up` runs.
+struct SimPools {
+    backends: Backends,
+    stream: String,
+    url: String,
+    max_deliver: i64,
+    dispatch_keys: gateway_proto::signing::TrustedKeys,
+    zones: Vec<String>,
+    driver: workers::SimDriver,
+    metrics: workers::WorkerMetrics,
+}
+
+impl SimPools {
+    /// Runs pools for every service the registry has, following it until `shutdown`.
+    async fn follow(self, types: Registry, shutdown: CancellationToken, config: Config) {
+        let mut running = std::collections::BTreeSet::new();
+        let mut pools = JoinSet::new();
+        let mut changed = types.subscribe();
+        loop {
+            let new: Vec<Service> = types
+                .snapshot()
+                .services()
+                .into_iter()
+                .filter(|s| !running.contains(s))
+                .collect();
+            if !new.is_empty() {
+                match self.start(&new, &config, &shutdown, &mut pools).await {
+                    Ok(()) => running.extend(new),
+                    Err(e) => tracing::error!(error = %e, "cannot start simulated workers; retrying"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            }
+        }
+        while pools.join_next().await.is_some() {}
+    }
+
+    /// Starts the pools of `services` in every zone, each with its own worker key (and,
+    /// on a private broker, its own NATS user, added to the server first).
+    async fn start(
+        &self,
+        services: &[Service],
+        config: &Config,
+        shutdown: &CancellationToken,
+        pools: &mut JoinSet<()>,
+    ) -> anyhow::Result<()> {
+        if let Some(logins) = &self.backends.logins {
+            let all = service_names(&self.backends.pool).await?;
+            logins.add_pools(&self.zones, &all).await?;
+        }
         for zone in &self.zones {
-            for service in Service::ALL {
+            for service in services {
                 let pool_config = workers::PoolConfig {
-                    service: *service,
+                    service: service.clone(),
                     zone: zone.clone(),
-                    stream: self.config.nats.stream.clone(),
-                    gateway_url: url.clone(),
-                    gateway_key: worker_key(&self.backends.pool, *service, zone).await?,
+                    stream: self.stream.clone(),
+                    gateway_url: self.url.clone(),
+                    gateway_key: worker_key(&self.backends.pool, service, zone).await?,
                     concurrency: 16,
-                    max_deliver,
-                    dispatch_keys: self.config.dispatch_public_keys(),
+                    max_deliver: self.max_deliver,
+                    dispatch_keys: self.dispatch_keys.clone(),
                 };
-                let user = worker_user(*service, zone);
-                let (js, d, m, stop) = (
-                    self.backends.jetstream_as(self.config, &user).await?,
-                    driver.clone(),
-                    metrics.clone(),
-                    self.shutdown.clone(),
-                );
-                self.tasks.spawn(async move {
+                let js = self.backends.jetstream_as(config, &worker_user(service, zone)).await?;
+                let (d, m, stop) = (self.driver.clone(), self.metrics.clone(), shutdown.clone());
+                pools.spawn(async move {
                     if let Err(e) =
                         workers::run_pool_with_metrics(js, pool_config, d, m, stop).await
                     {
@@ -488,7 +618,7 @@ impl<'c> Assembly<'c> {
                 });
             }
         }
-        Ok(driver)
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::domain::{Kind, Service};
+use crate::registry::Snapshot;
 
 pub use crate::domain::Role;
 
@@ -128,23 +129,20 @@ impl Principal {
     }
 
     /// Whether a worker needs to read a resource of `kind` in `zone` for its work: its
-    /// own kind, and for storage workers the VMs their volumes attach to — in its zone.
-    pub fn reads_for_work(&self, kind: Kind, zone: &str) -> bool {
+    /// service's own kinds, and the kinds those name (`x-reference`: the VMs storage
+    /// workers' volumes attach to) — in its zone.
+    pub fn reads_for_work(&self, kind: &Kind, zone: &str, types: &Snapshot) -> bool {
         match (&self.role, &self.scope) {
-            (Role::Worker, Some((service, z))) => {
-                z == zone
-                    && (service.kind() == kind
-                        || (*service == Service::Storage && kind == Kind::Vm))
-            }
+            (Role::Worker, Some((service, z))) => z == zone && types.service_reads(service, kind),
             _ => false,
         }
     }
 
     /// Whether it may report on operations of `service` in `zone`.
-    pub fn can_report(&self, service: Service, zone: &str) -> bool {
+    pub fn can_report(&self, service: &Service, zone: &str) -> bool {
         match (&self.role, &self.scope) {
             (Role::Admin, _) => true,
-            (Role::Worker, Some((s, z))) => *s == service && z == zone,
+            (Role::Worker, Some((s, z))) => s == service && z == zone,
             _ => false,
         }
     }
@@ -214,7 +212,7 @@ mod tests {
             }
         }
         let mut worker = principal(Role::Worker, None);
-        worker.scope = Some((Service::Vm, "zone-a".into()));
+        worker.scope = Some((Service::named("vm"), "zone-a".into()));
         assert_eq!(
             worker.decide(Permission::Read, Some("acme")),
             Decision::Hide
@@ -225,17 +223,15 @@ mod tests {
     #[test]
     fn workers_report_only_on_their_service_and_zone() {
         let mut w = principal(Role::Worker, None);
-        w.scope = Some((Service::Vm, "zone-a".into()));
-        assert!(w.can_report(Service::Vm, "zone-a"));
-        assert!(!w.can_report(Service::Vm, "zone-b"));
-        assert!(!w.can_report(Service::Storage, "zone-a"));
+        w.scope = Some((Service::named("vm"), "zone-a".into()));
+        assert!(w.can_report(&Service::named("vm"), "zone-a"));
+        assert!(!w.can_report(&Service::named("vm"), "zone-b"));
+        assert!(!w.can_report(&Service::named("storage"), "zone-a"));
         assert!(!w.can_read("acme"));
-        assert!(w.reads_for_work(Kind::Vm, "zone-a"));
-        assert!(!w.reads_for_work(Kind::Vm, "zone-b"));
-        assert!(!w.reads_for_work(Kind::Volume, "zone-a"));
-        w.scope = Some((Service::Storage, "zone-a".into()));
-        assert!(w.reads_for_work(Kind::Vm, "zone-a") && w.reads_for_work(Kind::Volume, "zone-a"));
-        assert!(!w.reads_for_work(Kind::Cluster, "zone-a"));
+        // What a worker may read for its work follows the registry: the integration
+        // tests (`security::`, `resource_types::`) check it against real types.
+        let none = Snapshot::default();
+        assert!(!w.reads_for_work(&Kind::named("vm"), "zone-a", &none));
     }
 
     #[test]

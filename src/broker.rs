@@ -14,6 +14,7 @@ use crate::credentials;
 use anyhow::Context as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use gateway_proto::Service;
 use workers::nats::{inbox_prefix, wait_connected, NatsLogin};
 
 /// How long the private server gets to start listening, and to stop.
@@ -45,6 +46,36 @@ pub struct RoleLogins {
     pub dir: PathBuf,
     /// The deployment's names (for each user's inbox).
     pub names: NatsNames,
+    /// The running server, to reload when users are added.
+    pub server: Option<ServerHandle>,
+}
+
+/// How to reach a running private server's process.
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    /// Its `nats-server` binary.
+    pub bin: PathBuf,
+    /// Its process ID.
+    pub pid: u32,
+}
+
+impl RoleLogins {
+    /// Adds the worker users of `services` in `zones` (a service registered while the
+    /// broker runs): writes the credentials again and reloads the server, which keeps
+    /// every connection. Nothing to do on a broker this process did not start.
+    pub async fn add_pools(&self, zones: &[String], services: &[Service]) -> anyhow::Result<()> {
+        let Some(server) = &self.server else {
+            return Ok(());
+        };
+        credentials::write(&self.dir, &self.names, zones, services, &[])?;
+        let status = tokio::process::Command::new(&server.bin)
+            .arg("--signal")
+            .arg(format!("reload={}", server.pid))
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "nats-server --signal reload: {status}");
+        Ok(())
+    }
 }
 
 impl RoleLogins {
@@ -70,16 +101,18 @@ pub struct PrivateBroker {
 }
 
 impl PrivateBroker {
-    /// Writes the credentials and configuration for `names` and `zones` under `dir` and
-    /// starts `nats-server` (`bin`) on `port` (0: any free port); returns once it listens.
+    /// Writes the credentials and configuration for `names`, `zones` and `services`
+    /// under `dir` and starts `nats-server` (`bin`) on `port` (0: any free port); returns
+    /// once it listens.
     pub async fn start(
         dir: &Path,
         bin: PathBuf,
         port: u16,
         names: &NatsNames,
         zones: &[String],
+        services: &[Service],
     ) -> anyhow::Result<Self> {
-        credentials::write(dir, names, zones, &[])?;
+        credentials::write(dir, names, zones, services, &[])?;
         let port = match port {
             0 => free_port()?,
             p => p,
@@ -104,6 +137,10 @@ impl PrivateBroker {
                 url: url.clone(),
                 dir: dir.to_owned(),
                 names: names.clone(),
+                server: child.id().map(|pid| ServerHandle {
+                    bin: bin.clone(),
+                    pid,
+                }),
             },
             url,
             child,

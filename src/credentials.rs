@@ -65,9 +65,13 @@ pub struct User {
     pub subscribe: Vec<String>,
 }
 
-/// Every user of the deployment named `names` with pools in `zones`, its permissions
-/// substituted from `nats/permissions.json`.
-pub fn users(names: &NatsNames, zones: &[String]) -> anyhow::Result<Vec<User>> {
+/// Every user of the deployment named `names` with pools of `services` in `zones`, its
+/// permissions substituted from `nats/permissions.json`.
+pub fn users(
+    names: &NatsNames,
+    zones: &[String],
+    services: &[Service],
+) -> anyhow::Result<Vec<User>> {
     let defs: Permissions =
         serde_json::from_str(PERMISSIONS).context("nats/permissions.json is not valid")?;
     let role = |name: &str| {
@@ -113,10 +117,10 @@ pub fn users(names: &NatsNames, zones: &[String]) -> anyhow::Result<Vec<User>> {
         user(EVENTS_READER.into(), role(EVENTS_READER)?, None),
     ];
     for zone in zones {
-        for service in Service::ALL {
-            let consumer = gateway_proto::consumer_name(*service, zone);
+        for service in services {
+            let consumer = gateway_proto::consumer_name(service, zone);
             users.push(user(
-                worker_user(*service, zone),
+                worker_user(service, zone),
                 role("worker")?,
                 Some(consumer),
             ));
@@ -169,14 +173,16 @@ pub struct Written {
 
 /// Makes sure `dir` holds an NKEY seed for every user of the deployment (making one for
 /// a user that has none, and a new one for each user named in `rotate`), then writes
-/// [`AUTH_CONF`] for exactly these users.
+/// [`AUTH_CONF`] for exactly these users: one worker user per service of `services` in
+/// each zone of `zones`.
 pub fn write(
     dir: &Path,
     names: &NatsNames,
     zones: &[String],
+    services: &[Service],
     rotate: &[String],
 ) -> anyhow::Result<Written> {
-    let users = users(names, zones)?;
+    let users = users(names, zones, services)?;
     if let Some(unknown) = rotate.iter().find(|r| !users.iter().any(|u| &u.name == *r)) {
         anyhow::bail!("--rotate {unknown}: no such user (users: gateway, relay, events-reader, worker-<service>-<zone>)");
     }
@@ -268,6 +274,11 @@ pub fn dispatch_key(dir: &Path, rotate: bool) -> anyhow::Result<(SigningKey, boo
 mod tests {
     use super::*;
 
+    /// The built-in kinds' services.
+    fn services() -> Vec<Service> {
+        ["bm", "k8s", "storage", "vm"].map(Service::named).to_vec()
+    }
+
     fn names() -> NatsNames {
         NatsNames {
             stream: "T1".into(),
@@ -281,7 +292,7 @@ mod tests {
     }
 
     fn user(name: &str) -> User {
-        users(&names(), &zones())
+        users(&names(), &zones(), &services())
             .unwrap()
             .into_iter()
             .find(|u| u.name == name)
@@ -290,12 +301,12 @@ mod tests {
 
     #[test]
     fn every_role_and_every_pool_has_a_user() {
-        let all: Vec<String> = users(&names(), &zones())
+        let all: Vec<String> = users(&names(), &zones(), &services())
             .unwrap()
             .into_iter()
             .map(|u| u.name)
             .collect();
-        assert_eq!(all.len(), 3 + 2 * Service::ALL.len());
+        assert_eq!(all.len(), 3 + 2 * services().len());
         for name in [
             "gateway",
             "relay",
@@ -323,7 +334,7 @@ mod tests {
 
     #[test]
     fn only_the_relay_publishes_operations_and_no_one_deletes_or_purges_streams() {
-        for u in users(&names(), &zones()).unwrap() {
+        for u in users(&names(), &zones(), &services()).unwrap() {
             let publishes_ops = u.publish.iter().any(|s| s.starts_with("t1.ops."));
             assert_eq!(publishes_ops, u.name == "relay", "{u:?}");
             for s in &u.publish {
@@ -359,7 +370,7 @@ mod tests {
     #[test]
     fn seeds_are_kept_unless_rotated_and_the_server_config_names_every_user() {
         let dir = std::env::temp_dir().join(format!("gw-creds-{}", uuid::Uuid::new_v4()));
-        let first = write(&dir, &names(), &zones(), &[]).unwrap();
+        let first = write(&dir, &names(), &zones(), &services(), &[]).unwrap();
         assert_eq!(first.created.len(), 11);
         let seed = std::fs::read_to_string(seed_path(&dir, "relay")).unwrap();
         #[cfg(unix)]
@@ -371,7 +382,7 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0, "seeds are private");
         }
-        let second = write(&dir, &names(), &zones(), &["relay".into()]).unwrap();
+        let second = write(&dir, &names(), &zones(), &services(), &["relay".into()]).unwrap();
         assert_eq!(second.created, ["relay"]);
         assert_eq!(second.kept.len(), 10);
         let rotated = std::fs::read_to_string(seed_path(&dir, "relay")).unwrap();
@@ -383,7 +394,7 @@ mod tests {
         assert!(conf.contains(&public), "{conf}");
         assert_eq!(conf.matches("nkey: \"U").count(), 11);
         assert!(conf.contains("\"$JS.ACK.T1.bm-zone-b.>\""));
-        assert!(write(&dir, &names(), &zones(), &["nobody".into()]).is_err());
+        assert!(write(&dir, &names(), &zones(), &services(), &["nobody".into()]).is_err());
         let login = login(&dir, "gateway").unwrap();
         assert!(matches!(login.auth, workers::nats::NatsAuth::Nkey(_)));
 

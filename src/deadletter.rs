@@ -294,7 +294,7 @@ impl DeadLetters {
         tracing::warn!(operation.id = %id, consumer = %advisory.consumer,
             deliveries = advisory.deliveries, "dead letter: failed the operation");
         let pool = crate::metrics::PoolLabels {
-            service: op.kind.service().to_string(),
+            service: self.engine.service_label(&op.kind).to_string(),
             zone: op.zone.clone(),
         };
         self.engine.metrics.dead_letters.get_or_create(&pool).inc();

@@ -155,7 +155,7 @@ impl EventLog {
                 "{}.{}.{}.{}",
                 self.prefix,
                 scope.tenant,
-                kind.map_or("*", |k| k.as_str()),
+                kind.as_ref().map_or("*", |k| k.as_str()),
                 zone.as_deref().unwrap_or("*")
             ),
         }

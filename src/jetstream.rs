@@ -165,10 +165,10 @@ impl Definitions {
     pub fn pool_consumer_config(
         &self,
         names: &NatsNames,
-        service: Service,
+        service: &Service,
         zone: &str,
     ) -> consumer::pull::Config {
-        consumer_config(&self.pool_consumer, names, Some((service, zone)))
+        consumer_config(&self.pool_consumer, names, Some((service.clone(), zone)))
     }
 
     /// The gateways' consumer of the advisory stream.
@@ -216,7 +216,7 @@ fn consumer_config(
     pool: Option<(Service, &str)>,
 ) -> consumer::pull::Config {
     consumer::pull::Config {
-        durable_name: Some(substitute(&d.durable_name, names, pool)),
+        durable_name: Some(substitute(&d.durable_name, names, pool.clone())),
         filter_subject: substitute(&d.filter_subject, names, pool),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(d.ack_wait_seconds),
@@ -250,7 +250,7 @@ pub fn ops_stream_config(names: &NatsNames) -> anyhow::Result<stream::Config> {
 /// The pull consumer of one pool, as shipped.
 pub fn pool_consumer_config(
     names: &NatsNames,
-    service: Service,
+    service: &Service,
     zone: &str,
 ) -> anyhow::Result<consumer::pull::Config> {
     Ok(Definitions::shipped()?.pool_consumer_config(names, service, zone))
@@ -269,8 +269,32 @@ pub async fn apply(
     js: &jetstream::Context,
     names: &NatsNames,
     zones: &[String],
+    services: &[Service],
 ) -> anyhow::Result<()> {
-    apply_definitions(js, names, zones, &Definitions::shipped()?).await
+    apply_definitions(js, names, zones, services, &Definitions::shipped()?).await
+}
+
+/// Creates the pool consumers of `services` in `zones` that do not exist yet, on the
+/// operations stream (which must exist): what a newly registered service needs. An
+/// existing consumer is left as it is (`migrate` is what applies changed settings).
+pub async fn ensure_pools(
+    js: &jetstream::Context,
+    names: &NatsNames,
+    zones: &[String],
+    services: &[Service],
+) -> anyhow::Result<()> {
+    let defs = Definitions::shipped()?;
+    let ops = js.get_stream(&names.stream).await?;
+    for zone in zones {
+        for service in services {
+            let config = defs.pool_consumer_config(names, service, zone);
+            let name = config.durable_name.clone().unwrap_or_default();
+            ops.get_or_create_consumer(&name, config)
+                .await
+                .with_context(|| format!("consumer {name}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates or updates the streams and consumers of `defs`.
@@ -278,12 +302,13 @@ pub async fn apply_definitions(
     js: &jetstream::Context,
     names: &NatsNames,
     zones: &[String],
+    services: &[Service],
     defs: &Definitions,
 ) -> anyhow::Result<()> {
     let ops = create_or_update_stream(js, defs.ops_stream_config(names)?).await?;
     for zone in zones {
-        for service in Service::ALL {
-            create_or_update_consumer(&ops, defs.pool_consumer_config(names, *service, zone))
+        for service in services {
+            create_or_update_consumer(&ops, defs.pool_consumer_config(names, service, zone))
                 .await?;
         }
     }
@@ -352,12 +377,12 @@ mod tests {
         assert_eq!(s.name, "T1");
         assert_eq!(s.subjects, vec!["t1.ops.*.*".to_string()]);
         assert_eq!(s.discard, stream::DiscardPolicy::New);
-        let c = pool_consumer_config(&names, Service::K8s, "zone-b").unwrap();
+        let c = pool_consumer_config(&names, &Service::named("k8s"), "zone-b").unwrap();
         assert_eq!(c.durable_name.as_deref(), Some("k8s-zone-b"));
         assert_eq!(c.filter_subject, "t1.ops.k8s.zone-b");
         assert_eq!(
             c.durable_name.unwrap(),
-            gateway_proto::consumer_name(Service::K8s, "zone-b")
+            gateway_proto::consumer_name(&Service::named("k8s"), "zone-b")
         );
         assert!(c.backoff.len() as i64 <= c.max_deliver);
     }

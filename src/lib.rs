@@ -51,6 +51,7 @@ pub mod jetstream;
 pub mod lifecycle;
 pub mod metrics;
 pub mod reconciler;
+pub mod registry;
 pub mod relay;
 pub mod serve;
 pub mod store;

@@ -59,6 +59,11 @@ enum Command {
         /// A zone to make worker users for (repeat it); default: the database's zones.
         #[arg(long = "zone")]
         zones: Vec<String>,
+        /// A service to make worker users for (repeat it); default: the services of the
+        /// database's registered resource types. Run it again after registering a type
+        /// with a new service, then reload the server.
+        #[arg(long = "service")]
+        services: Vec<String>,
         /// Give this user a new NKEY (repeat it); then reload the server and restart
         /// that user's processes.
         #[arg(long)]
@@ -89,9 +94,12 @@ async fn main() -> anyhow::Result<()> {
             gateway::store::migrate(&pool).await?;
             return gateway::admin::run(&pool, command).await;
         }
-        Command::NatsConfig { out, zones, rotate } => {
-            return nats_config(&config, &out, zones, &rotate).await
-        }
+        Command::NatsConfig {
+            out,
+            zones,
+            services,
+            rotate,
+        } => return nats_config(&config, &out, zones, services, &rotate).await,
         Command::DispatchKey { out, rotate } => return dispatch_key(&out, rotate),
         Command::Up {
             sim_min_latency_ms,
@@ -109,17 +117,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let backends = app::connect_as(&config, user).await?;
     match cli_command {
-        Command::Migrate => {
-            match app::migrate(&config, &backends, false).await? {
-                // A key the operator supplied is never printed (it would land in logs).
-                Some(_) if config.admin_key.is_some() => {
-                    println!("migrations and streams applied; the admin key is GATEWAY_ADMIN_KEY")
-                }
-                Some(key) => println!("admin key: {key}"),
-                None => println!("migrations and streams applied; the admin key is unchanged"),
-            }
-            Ok(())
-        }
+        Command::Migrate => migrate(&config, &backends).await,
         Command::Serve => {
             run(
                 &config,
@@ -156,6 +154,19 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => unreachable!("handled above"),
     }
+}
+
+/// `migrate`: says where the admin key is, never printing one the operator supplied
+/// (it would land in logs).
+async fn migrate(config: &Config, backends: &app::Backends) -> anyhow::Result<()> {
+    match app::migrate(config, backends, false).await? {
+        Some(_) if config.admin_key.is_some() => {
+            println!("migrations and streams applied; the admin key is GATEWAY_ADMIN_KEY")
+        }
+        Some(key) => println!("admin key: {key}"),
+        None => println!("migrations and streams applied; the admin key is unchanged"),
+    }
+    Ok(())
 }
 
 /// The simulated driver of `up`'s workers.
@@ -234,17 +245,27 @@ async fn nats_config(
     config: &Config,
     out: &Path,
     mut zones: Vec<String>,
+    services: Vec<String>,
     rotate: &[String],
 ) -> anyhow::Result<()> {
-    if zones.is_empty() {
+    let mut services = services
+        .iter()
+        .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--service: {e}")))
+        .collect::<anyhow::Result<Vec<gateway_proto::Service>>>()?;
+    if zones.is_empty() || services.is_empty() {
         let pool = gateway::store::connect(&config.database_url, 2).await?;
         gateway::store::migrate(&pool).await?;
-        zones = app::zone_names(&pool).await?;
+        if zones.is_empty() {
+            zones = app::zone_names(&pool).await?;
+        }
+        if services.is_empty() {
+            services = app::service_names(&pool).await?;
+        }
     }
     for zone in &zones {
         gateway_proto::names::check_token("--zone", zone, false).map_err(anyhow::Error::msg)?;
     }
-    let written = credentials::write(out, &config.nats, &zones, rotate)?;
+    let written = credentials::write(out, &config.nats, &zones, &services, rotate)?;
     println!(
         "wrote {} (users of stream {}, zones {})\n  new NKEYs: {}\n  kept: {}\n\
          include it in the server's configuration, reload the server (nats-server --signal reload),\n\

@@ -52,7 +52,7 @@
 //! | `gateway_quota_usage_ratio` | histogram | dimension | how full each quota limit a write grows is once the write is accepted (used / limit); no tenant label |
 
 use crate::domain::quota::Dimension;
-use crate::domain::{Action, Kind, OperationState, Service};
+use crate::domain::{Action, OperationState, Service};
 use crate::store;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -617,9 +617,10 @@ impl Metrics {
 
     /// Creates, at zero, the series whose label values are known up front, so that
     /// `increase()` and alerts see them from the first scrape.
-    pub fn init_series(&self, zones: &[String]) {
+    pub fn init_series(&self, zones: &[String], types: &crate::registry::Snapshot) {
+        let services = types.services();
         for zone in zones {
-            for service in Service::ALL {
+            for service in &services {
                 let labels = PoolLabels {
                     service: service.to_string(),
                     zone: zone.clone(),
@@ -662,18 +663,18 @@ impl Metrics {
             let _ = self.quota_usage.get_or_create(&DimensionLabels {
                 dimension: dimension.as_str().into(),
             });
-            for kind in dimension.kinds() {
+            for t in types.types().iter().filter(|t| t.dimensions().contains(&dimension)) {
                 let _ = self
                     .quota_rejections
-                    .get_or_create(&quota_labels(*kind, dimension));
+                    .get_or_create(&quota_labels(t.service(), dimension));
             }
         }
     }
 
     /// A write on a resource of `kind` was refused by a limit in `dimension`.
-    pub fn quota_rejected(&self, kind: Kind, dimension: Dimension) {
+    pub fn quota_rejected(&self, service: &Service, dimension: Dimension) {
         self.quota_rejections
-            .get_or_create(&quota_labels(kind, dimension))
+            .get_or_create(&quota_labels(service, dimension))
             .inc();
     }
 
@@ -715,22 +716,22 @@ impl Metrics {
     }
 
     /// An operation was accepted.
-    pub fn operation_created(&self, action: Action, kind: Kind, zone: &str) {
+    pub fn operation_created(&self, action: &Action, service: &Service, zone: &str) {
         self.operations_created
             .get_or_create(&OperationLabels {
                 action: action.to_string(),
-                service: kind.service().to_string(),
+                service: service.to_string(),
                 zone: zone.to_owned(),
             })
             .inc();
     }
 
     /// A worker started an operation submitted `waited` ago.
-    pub fn operation_started(&self, action: Action, kind: Kind, waited: Duration) {
+    pub fn operation_started(&self, action: &Action, service: &Service, waited: Duration) {
         self.operation_wait
             .get_or_create(&ActionLabels {
                 action: action.to_string(),
-                service: kind.service().to_string(),
+                service: service.to_string(),
             })
             .observe(waited.as_secs_f64());
     }
@@ -738,8 +739,8 @@ impl Metrics {
     /// An operation submitted `took` ago ended in `state`.
     pub fn operation_finished(
         &self,
-        action: Action,
-        kind: Kind,
+        action: &Action,
+        service: &Service,
         zone: &str,
         state: OperationState,
         took: Duration,
@@ -747,7 +748,7 @@ impl Metrics {
         self.operations_finished
             .get_or_create(&OutcomeLabels {
                 action: action.to_string(),
-                service: kind.service().to_string(),
+                service: service.to_string(),
                 zone: zone.to_owned(),
                 outcome: state.to_string(),
             })
@@ -755,7 +756,7 @@ impl Metrics {
         self.operation_duration
             .get_or_create(&ActionLabels {
                 action: action.to_string(),
-                service: kind.service().to_string(),
+                service: service.to_string(),
             })
             .observe(took.as_secs_f64());
     }
@@ -800,6 +801,7 @@ impl Metrics {
         pool: &PgPool,
         js: Option<(&async_nats::jetstream::Context, &str)>,
         zones: &[String],
+        services: &[Service],
     ) {
         let in_use = pool.size().saturating_sub(pool.num_idle() as u32);
         self.db_connections
@@ -842,8 +844,8 @@ impl Metrics {
             return;
         };
         for zone in zones {
-            for service in Service::ALL {
-                let name = gateway_proto::consumer_name(*service, zone);
+            for service in services {
+                let name = gateway_proto::consumer_name(service, zone);
                 let Ok(info) = stream.consumer_info(&name).await else {
                     continue;
                 };
@@ -868,9 +870,9 @@ impl Metrics {
     }
 }
 
-fn quota_labels(kind: Kind, dimension: Dimension) -> QuotaLabels {
+fn quota_labels(service: &Service, dimension: Dimension) -> QuotaLabels {
     QuotaLabels {
-        service: kind.service().to_string(),
+        service: service.to_string(),
         dimension: dimension.as_str().into(),
     }
 }
@@ -891,10 +893,10 @@ mod tests {
     fn the_exposition_names_every_family_with_the_gateway_prefix() {
         let mut registry = Registry::default();
         let m = Metrics::register(&mut registry);
-        m.operation_created(Action::Create, Kind::Volume, "zone-a");
+        m.operation_created(&Action::create(), &Service::named("storage"), "zone-a");
         m.operation_finished(
-            Action::Create,
-            Kind::Volume,
+            &Action::create(),
+            &Service::named("storage"),
             "zone-a",
             OperationState::Succeeded,
             Duration::from_millis(30),

@@ -10,10 +10,10 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), gateway_client::Error> {
-//! use gateway_client::{Client, Kind, NewResource};
+//! use gateway_client::{Client, NewResource};
 //! let gw = Client::new("http://127.0.0.1:8080", "gw_…");
 //! let op = gw
-//!     .create_resource("acme", Kind::Vm, &NewResource {
+//!     .create_resource("acme", "vms", &NewResource {
 //!         name: "web-1".into(),
 //!         zone: "zone-a".into(),
 //!         spec: serde_json::json!({"flavor": "m1.small", "image": "debian-12"}),
@@ -31,7 +31,7 @@ pub mod types;
 pub use error::{parse_retry_after, Error};
 pub use gateway_proto::events::{CloudEvent, EventType};
 pub use gateway_proto::{
-    kind_path, Action, Kind, OperationError, OperationState, Phase, Report, ReportAck, Service,
+    Action, Kind, OperationError, OperationState, Phase, Report, ReportAck, Service,
 };
 pub use types::*;
 
@@ -262,31 +262,31 @@ impl Client {
 
     // --- Resources -----------------------------------------------------------------
 
-    fn resources(tenant: &str, kind: Kind) -> String {
-        format!("/v1/tenants/{tenant}/{}", kind_path(kind))
+    fn resources(tenant: &str, plural: &str) -> String {
+        format!("/v1/tenants/{tenant}/{plural}")
     }
 
-    fn resource(tenant: &str, kind: Kind, id: Uuid) -> String {
-        format!("{}/{id}", Self::resources(tenant, kind))
+    fn resource(tenant: &str, plural: &str, id: Uuid) -> String {
+        format!("{}/{id}", Self::resources(tenant, plural))
     }
 
-    /// `POST /v1/tenants/{tenant}/{kind}`: the create operation.
+    /// `POST /v1/tenants/{tenant}/{plural}`: the create operation.
     pub async fn create_resource(
         &self,
         tenant: &str,
-        kind: Kind,
+        plural: &str,
         resource: &NewResource,
     ) -> Result<Operation> {
-        let call = Call::new(Method::POST, Self::resources(tenant, kind))
+        let call = Call::new(Method::POST, Self::resources(tenant, plural))
             .body(resource)?
             .write(None);
         self.json(call).await
     }
 
-    /// `GET /v1/tenants/{tenant}/{kind}/{id}`, with its `ETag` in `etag`.
-    pub async fn get_resource(&self, tenant: &str, kind: Kind, id: Uuid) -> Result<Resource> {
+    /// `GET /v1/tenants/{tenant}/{plural}/{id}`, with its `ETag` in `etag`.
+    pub async fn get_resource(&self, tenant: &str, plural: &str, id: Uuid) -> Result<Resource> {
         let answer = self
-            .send(Call::new(Method::GET, Self::resource(tenant, kind, id)))
+            .send(Call::new(Method::GET, Self::resource(tenant, plural, id)))
             .await?;
         let mut resource: Resource = answer.json()?;
         resource.etag = answer
@@ -297,57 +297,57 @@ impl Client {
         Ok(resource)
     }
 
-    /// `GET /v1/tenants/{tenant}/{kind}`: one page.
+    /// `GET /v1/tenants/{tenant}/{plural}`: one page.
     pub async fn list_resources(
         &self,
         tenant: &str,
-        kind: Kind,
+        plural: &str,
         query: &ResourceQuery,
     ) -> Result<Page<Resource>> {
-        let call = Call::new(Method::GET, Self::resources(tenant, kind)).query(query.pairs());
+        let call = Call::new(Method::GET, Self::resources(tenant, plural)).query(query.pairs());
         self.json(call).await
     }
 
-    /// `PATCH /v1/tenants/{tenant}/{kind}/{id}`: spec merge patch and/or labels;
+    /// `PATCH /v1/tenants/{tenant}/{plural}/{id}`: spec merge patch and/or labels;
     /// conditional on `if_match` (an ETag) if given.
     pub async fn patch_resource(
         &self,
         tenant: &str,
-        kind: Kind,
+        plural: &str,
         id: Uuid,
         patch: &ResourcePatch,
         if_match: Option<&str>,
     ) -> Result<Operation> {
-        let call = Call::new(Method::PATCH, Self::resource(tenant, kind, id))
+        let call = Call::new(Method::PATCH, Self::resource(tenant, plural, id))
             .body(patch)?
             .write(if_match);
         self.json(call).await
     }
 
-    /// `DELETE /v1/tenants/{tenant}/{kind}/{id}`: the delete operation.
+    /// `DELETE /v1/tenants/{tenant}/{plural}/{id}`: the delete operation.
     pub async fn delete_resource(
         &self,
         tenant: &str,
-        kind: Kind,
+        plural: &str,
         id: Uuid,
         if_match: Option<&str>,
     ) -> Result<Operation> {
-        let call = Call::new(Method::DELETE, Self::resource(tenant, kind, id)).write(if_match);
+        let call = Call::new(Method::DELETE, Self::resource(tenant, plural, id)).write(if_match);
         self.json(call).await
     }
 
-    /// `POST /v1/tenants/{tenant}/{kind}/{id}/actions/{action}` with its input (`{}` for
+    /// `POST /v1/tenants/{tenant}/{plural}/{id}/actions/{action}` with its input (`{}` for
     /// actions without one).
     pub async fn action(
         &self,
         tenant: &str,
-        kind: Kind,
+        plural: &str,
         id: Uuid,
         action: Action,
         input: &Value,
         if_match: Option<&str>,
     ) -> Result<Operation> {
-        let path = format!("{}/actions/{action}", Self::resource(tenant, kind, id));
+        let path = format!("{}/actions/{action}", Self::resource(tenant, plural, id));
         let call = Call::new(Method::POST, path).body(input)?.write(if_match);
         self.json(call).await
     }
@@ -443,6 +443,32 @@ impl Client {
         let body = serde_json::json!({ "limits": limits });
         let call = Call::new(Method::PUT, format!("/v1/tenants/{tenant}/quotas")).body(body)?;
         self.json(call).await
+    }
+
+    /// `GET /v1/resource-types`: every registered kind.
+    pub async fn resource_types(&self) -> Result<Vec<ResourceType>> {
+        self.json(Call::new(Method::GET, "/v1/resource-types".into()))
+            .await
+    }
+
+    /// `GET /v1/resource-types/{kind}`.
+    pub async fn resource_type(&self, kind: &str) -> Result<ResourceType> {
+        self.json(Call::new(Method::GET, format!("/v1/resource-types/{kind}")))
+            .await
+    }
+
+    /// `PUT /v1/resource-types/{kind}`: registers the type, or changes it (a change
+    /// may only widen it; else `409 breaking_change`).
+    pub async fn put_resource_type(&self, def: &Value) -> Result<ResourceType> {
+        let kind = def["kind"].as_str().unwrap_or_default();
+        let call = Call::new(Method::PUT, format!("/v1/resource-types/{kind}")).body(def)?;
+        self.json(call).await
+    }
+
+    /// `DELETE /v1/resource-types/{kind}`.
+    pub async fn delete_resource_type(&self, kind: &str) -> Result<()> {
+        let path = format!("/v1/resource-types/{kind}");
+        self.send(Call::new(Method::DELETE, path)).await.map(drop)
     }
 
     /// `GET /v1/zones`.
@@ -645,7 +671,7 @@ mod tests {
         };
         // The answer is a tenant, not an operation: decoding fails, after the retry.
         let err = gw
-            .create_resource("acme", Kind::Vm, &new)
+            .create_resource("acme", "vms", &new)
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Decode(_)), "{err}");

@@ -195,7 +195,7 @@ impl OperationQuery {
     pub(crate) fn pairs(&self) -> Vec<(&'static str, String)> {
         let mut q = Vec::new();
         push(&mut q, "state", self.state.map(|s| s.to_string()));
-        push(&mut q, "kind", self.kind.map(|k| k.to_string()));
+        push(&mut q, "kind", self.kind.as_ref().map(|k| k.to_string()));
         push(&mut q, "zone", self.zone.clone());
         push(
             &mut q,
@@ -422,6 +422,32 @@ pub struct Zone {
     pub description: String,
 }
 
+/// A registered resource type (`/v1/resource-types`), as the gateway shows it. Its
+/// schemas stay JSON: a client needs no release to work with a new kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResourceType {
+    /// The kind (`loadbalancer`).
+    pub kind: Kind,
+    /// Its collection's URL segment (`load-balancers`).
+    pub plural: String,
+    /// The service whose workers act on it.
+    pub service: Service,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema of the spec.
+    pub spec_schema: Value,
+    /// JSON Schema of the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_schema: Option<Value>,
+    /// The actions, by name.
+    #[serde(default)]
+    pub actions: serde_json::Map<String, Value>,
+    /// Its version (only in answers).
+    #[serde(default, skip_serializing)]
+    pub version: i64,
+}
+
 /// One entry of a catalog category.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CatalogEntry {
@@ -492,7 +518,7 @@ pub struct EventQuery {
 impl EventQuery {
     pub(crate) fn pairs(&self) -> Vec<(&'static str, String)> {
         let mut q = Vec::new();
-        push(&mut q, "kind", self.kind.map(|k| k.to_string()));
+        push(&mut q, "kind", self.kind.as_ref().map(|k| k.to_string()));
         push(&mut q, "zone", self.zone.clone());
         push(&mut q, "resource", self.resource.map(|r| r.to_string()));
         push(&mut q, "operation", self.operation.map(|o| o.to_string()));

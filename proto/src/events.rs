@@ -114,7 +114,7 @@ pub struct CloudEvent {
 }
 
 /// The subject of an event's message on the broker.
-pub fn event_subject(prefix: &str, tenant: &str, kind: crate::Kind, zone: &str) -> String {
+pub fn event_subject(prefix: &str, tenant: &str, kind: &crate::Kind, zone: &str) -> String {
     format!("{prefix}.{tenant}.{kind}.{zone}")
 }
 
@@ -142,7 +142,7 @@ mod tests {
             time: Utc::now(),
             datacontenttype: DATA_CONTENT_TYPE.into(),
             tenant: "acme".into(),
-            kind: crate::Kind::Vm,
+            kind: crate::Kind::named("vm"),
             zone: "zone-a".into(),
             resourceid: Uuid::nil(),
             operationid: None,

@@ -81,55 +81,136 @@ impl fmt::Display for UnknownValue {
 
 impl std::error::Error for UnknownValue {}
 
-string_enum! {
-    /// A backend service: one pool of workers per service and zone.
-    Service {
-        /// Virtual machines.
-        Vm => "vm",
-        /// Bare-metal servers.
-        Bm => "bm",
-        /// Kubernetes clusters.
-        K8s => "k8s",
-        /// Storage volumes.
-        Storage => "storage",
-    }
-}
+/// Defines a name registered as data (a kind, a service, an action): a string of 1 to
+/// 32 characters, `[a-z][a-z0-9_]*`, so that it fits a NATS subject token, a consumer
+/// name, a URL segment and a Prometheus label unchanged. Cloning is cheap (`Arc<str>`).
+macro_rules! name_type {
+    ($(#[$meta:meta])* $name:ident, $what:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+        #[serde(try_from = "String", into = "String")]
+        #[schema(value_type = String, pattern = "^[a-z][a-z0-9_]{0,31}$")]
+        pub struct $name(std::sync::Arc<str>);
 
-string_enum! {
-    /// A kind of resource. Each kind is served by exactly one [`Service`].
-    Kind {
-        /// A virtual machine.
-        Vm => "vm",
-        /// A bare-metal server.
-        Bm => "bm",
-        /// A Kubernetes cluster.
-        Cluster => "cluster",
-        /// A storage volume.
-        Volume => "volume",
-    }
-}
+        impl $name {
+            /// The name, checked.
+            pub fn new(name: impl AsRef<str>) -> Result<Self, UnknownValue> {
+                let name = name.as_ref();
+                if is_registered_name(name) {
+                    Ok(Self(name.into()))
+                } else {
+                    Err(UnknownValue { what: $what, value: name.chars().take(64).collect() })
+                }
+            }
 
-impl Kind {
-    /// The service whose workers act on this kind.
-    pub fn service(self) -> Service {
-        match self {
-            Kind::Vm => Service::Vm,
-            Kind::Bm => Service::Bm,
-            Kind::Cluster => Service::K8s,
-            Kind::Volume => Service::Storage,
+            /// A name known to be well formed (a literal); panics otherwise.
+            pub fn named(name: &str) -> Self {
+                Self::new(name).expect("a well-formed name")
+            }
+
+            /// The name as it appears on the wire and in the database.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
         }
-    }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = UnknownValue;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(n: $name) -> String {
+                n.0.to_string()
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                &*self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                &*self.0 == *other
+            }
+        }
+    };
 }
 
-impl Service {
-    /// The kind of resource this service acts on.
-    pub fn kind(self) -> Kind {
-        match self {
-            Service::Vm => Kind::Vm,
-            Service::Bm => Kind::Bm,
-            Service::K8s => Kind::Cluster,
-            Service::Storage => Kind::Volume,
-        }
+/// Whether `name` is a well-formed kind, service or action name.
+pub fn is_registered_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && name.len() <= 32
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+}
+
+name_type! {
+    /// A backend service: one pool of workers per service and zone. Services are named by
+    /// the resource types registered with the gateway (`vm`, `bm`, `k8s`, `storage`, …).
+    Service, "service"
+}
+
+name_type! {
+    /// A kind of resource, registered with the gateway (`vm`, `bm`, `cluster`, `volume`,
+    /// …). Each kind is served by exactly one [`Service`].
+    Kind, "kind"
+}
+
+name_type! {
+    /// What an operation does to its resource: `create`, `update` and `delete`, which
+    /// every kind has, or one of the actions its resource type registers (`reboot`,
+    /// `resize`, …).
+    Action, "action"
+}
+
+impl Action {
+    /// Provision a new resource.
+    pub fn create() -> Action {
+        Action::named("create")
+    }
+
+    /// Converge the resource on a changed spec.
+    pub fn update() -> Action {
+        Action::named("update")
+    }
+
+    /// Tear the resource down.
+    pub fn delete() -> Action {
+        Action::named("delete")
+    }
+
+    /// Whether this is `create`.
+    pub fn is_create(&self) -> bool {
+        self == "create"
+    }
+
+    /// Whether this is `delete`.
+    pub fn is_delete(&self) -> bool {
+        self == "delete"
+    }
+
+    /// Whether this is one of the actions every kind has (`create`, `update`, `delete`),
+    /// which no resource type may register as its own.
+    pub fn is_core(&self) -> bool {
+        matches!(&*self.0, "create" | "update" | "delete")
     }
 }
 
@@ -164,40 +245,6 @@ impl OperationState {
 }
 
 string_enum! {
-    /// What an operation does to its resource.
-    Action {
-        /// Provision a new resource.
-        Create => "create",
-        /// Converge the resource on a changed spec.
-        Update => "update",
-        /// Tear the resource down.
-        Delete => "delete",
-        /// Power a VM on.
-        Start => "start",
-        /// Power a VM off.
-        Stop => "stop",
-        /// Restart a VM.
-        Reboot => "reboot",
-        /// Change a VM's flavor or grow a volume.
-        Resize => "resize",
-        /// Power a bare-metal server on.
-        PowerOn => "power_on",
-        /// Power a bare-metal server off.
-        PowerOff => "power_off",
-        /// Reinstall a bare-metal server's image.
-        Reprovision => "reprovision",
-        /// Change a cluster's node count.
-        Scale => "scale",
-        /// Change a cluster's Kubernetes version.
-        Upgrade => "upgrade",
-        /// Attach a volume to a VM.
-        Attach => "attach",
-        /// Detach a volume from its VM.
-        Detach => "detach",
-    }
-}
-
-string_enum! {
     /// Coarse lifecycle of a resource, derived from its operations.
     Phase {
         /// Its create operation has not succeeded yet.
@@ -217,52 +264,39 @@ string_enum! {
 
 impl Phase {
     /// The phase a resource enters when an operation with `action` starts.
-    pub fn on_start(action: Action) -> Phase {
-        match action {
-            Action::Create => Phase::Provisioning,
-            Action::Delete => Phase::Deleting,
-            _ => Phase::Updating,
+    pub fn on_start(action: &Action) -> Phase {
+        if action.is_create() {
+            Phase::Provisioning
+        } else if action.is_delete() {
+            Phase::Deleting
+        } else {
+            Phase::Updating
         }
     }
 
     /// The phase a resource is left in when an operation with `action` ends in `state`,
     /// or `None` when the phase stays as it was.
-    pub fn on_end(action: Action, state: OperationState) -> Option<Phase> {
-        match (state, action) {
-            (OperationState::Succeeded, Action::Delete) => Some(Phase::Deleted),
-            (OperationState::Succeeded, _) => Some(Phase::Ready),
-            (OperationState::Failed, _) => Some(Phase::Failed),
+    pub fn on_end(action: &Action, state: OperationState) -> Option<Phase> {
+        match state {
+            OperationState::Succeeded if action.is_delete() => Some(Phase::Deleted),
+            OperationState::Succeeded => Some(Phase::Ready),
+            OperationState::Failed => Some(Phase::Failed),
             // A cancelled create never provisioned anything: the resource goes away.
-            (OperationState::Cancelled, Action::Create) => Some(Phase::Deleted),
+            OperationState::Cancelled if action.is_create() => Some(Phase::Deleted),
             // Any other cancellation stopped before it changed anything.
-            (OperationState::Cancelled, _) => Some(Phase::Ready),
+            OperationState::Cancelled => Some(Phase::Ready),
             _ => None,
         }
     }
 }
 
-/// The path segment that names a kind in the API (`/v1/tenants/{t}/vms`).
-pub fn kind_from_path(segment: &str) -> Option<Kind> {
-    Kind::ALL.iter().copied().find(|k| kind_path(*k) == segment)
-}
-
-/// The inverse of [`kind_from_path`].
-pub fn kind_path(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Vm => "vms",
-        Kind::Bm => "bare-metal",
-        Kind::Cluster => "clusters",
-        Kind::Volume => "volumes",
-    }
-}
-
 /// The JetStream subject that carries operations for one service in one zone.
-pub fn ops_subject(prefix: &str, service: Service, zone: &str) -> String {
+pub fn ops_subject(prefix: &str, service: &Service, zone: &str) -> String {
     format!("{prefix}.{service}.{zone}")
 }
 
 /// The durable consumer that a pool of workers for one service and zone shares.
-pub fn consumer_name(service: Service, zone: &str) -> String {
+pub fn consumer_name(service: &Service, zone: &str) -> String {
     format!("{service}-{zone}")
 }
 
@@ -284,6 +318,8 @@ pub struct Dispatch {
     pub resource_id: Uuid,
     /// Its kind.
     pub kind: Kind,
+    /// The service whose workers carry it out (its kind's, when it was submitted).
+    pub service: Service,
     /// Its zone.
     pub zone: String,
     /// Its name, as the tenant gave it.
@@ -373,21 +409,23 @@ mod tests {
 
     #[test]
     fn enums_round_trip_through_their_text() {
-        for kind in Kind::ALL {
-            assert_eq!(kind.as_str().parse::<Kind>().unwrap(), *kind);
-            assert_eq!(kind.service().kind(), *kind);
+        for name in ["vm", "loadbalancer", "power_on", "k8s"] {
+            let kind: Kind = name.parse().unwrap();
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{name}\""));
+            let back: Action = serde_json::from_str(&format!("\"{name}\"")).unwrap();
+            assert_eq!(back.as_str(), name);
         }
-        for action in Action::ALL {
-            let json = serde_json::to_string(action).unwrap();
-            assert_eq!(json, format!("\"{}\"", action.as_str()));
+        for bad in ["", "Vm", "1vm", "load-balancer", "a.b", "x y", &"a".repeat(33)] {
+            assert!(bad.parse::<Kind>().is_err(), "{bad:?}");
+            assert!(serde_json::from_str::<Service>(&format!("{bad:?}")).is_err());
         }
         assert!("nope".parse::<OperationState>().is_err());
     }
 
     #[test]
     fn subjects_and_consumers_are_per_service_and_zone() {
-        assert_eq!(ops_subject("ops", Service::K8s, "zone-b"), "ops.k8s.zone-b");
-        assert_eq!(consumer_name(Service::Storage, "zone-a"), "storage-zone-a");
+        assert_eq!(ops_subject("ops", &Service::named("k8s"), "zone-b"), "ops.k8s.zone-b");
+        assert_eq!(consumer_name(&Service::named("storage"), "zone-a"), "storage-zone-a");
     }
 
     #[test]

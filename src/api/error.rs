@@ -33,7 +33,7 @@ pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub code: std::borrow::Cow<'static, str>,
     /// Human-readable explanation.
     pub message: String,
     /// Structured details.
@@ -48,10 +48,14 @@ pub(crate) struct PendingError(pub ApiError);
 
 impl ApiError {
     /// An error with a status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
             details: None,
             retry_after: None,
@@ -111,7 +115,7 @@ impl ApiError {
     /// The JSON body for `request_id`.
     pub(crate) fn body(&self, request_id: &str) -> ErrorBody {
         ErrorBody {
-            code: self.code.to_owned(),
+            code: self.code.to_string(),
             message: self.message.clone(),
             details: self.details.clone(),
             request_id: request_id.to_owned(),
@@ -158,16 +162,23 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::Invalid(v) => {
                 // A request that is fine in itself but not for the resource's current
                 // state conflicts with it.
-                let status = match v.code {
+                let status = match v.code.as_ref() {
                     "invalid_state" => StatusCode::CONFLICT,
+                    "breaking_change" | "resource_type_in_use" | "resource_type_exists"
+                    | "plural_taken" => StatusCode::CONFLICT,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 };
-                Self::new(status, v.code, v.to_string()).with_details(json!({ "field": v.field }))
+                let details = json!({ "field": v.field, "pointer": v.json_pointer() });
+                let message = v.to_string();
+                Self::new(status, v.code, message).with_details(details)
             }
             LifecycleError::TenantNotFound => Self::tenant_not_found(),
             LifecycleError::NotFound => Self::not_found("resource"),
             LifecycleError::NameTaken { .. } => {
                 Self::new(StatusCode::CONFLICT, "name_taken", e.to_string())
+            }
+            LifecycleError::UnknownAction { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_action", e.to_string())
             }
             LifecycleError::TenantExists(_) => {
                 Self::new(StatusCode::CONFLICT, "tenant_exists", e.to_string())

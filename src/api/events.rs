@@ -37,7 +37,7 @@ pub fn router() -> Router<AppState> {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
-    /// Only events of resources of this kind (`vm`, `bm`, `cluster`, `volume`).
+    /// Only events of resources of this registered kind (`vm`, `bm`, `cluster`, `volume`, …).
     pub kind: Option<Kind>,
     /// Only events in this zone.
     #[param(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
@@ -116,7 +116,7 @@ pub async fn events(
     let after = resume_point(&headers, q.after.as_deref())?;
     let scope = Scope {
         tenant,
-        kind: q.kind,
+        kind: params::registered_kind(&state.engine.types, q.kind)?,
         zone: params::label("zone", q.zone)?,
     };
     if wants_stream(&headers) {

@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn nul_in_a_string_is_an_invalid_body() {
         let e = parse_json::<serde_json::Value>(br#"{"display_name": "a\u0000b"}"#).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (422, "invalid_body"));
+        assert_eq!((e.status.as_u16(), e.code.as_ref()), (422, "invalid_body"));
         let e = parse_json::<serde_json::Value>(br#"{"a\u0000": 1}"#).unwrap_err();
         assert_eq!(e.code, "invalid_body");
     }

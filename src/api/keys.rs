@@ -87,7 +87,7 @@ impl From<principals::KeyRow> for KeyOut {
             name: p.name,
             role: p.role,
             tenant: p.tenant,
-            service: p.scope.as_ref().map(|(s, _)| *s),
+            service: p.scope.as_ref().map(|(s, _)| s.clone()),
             zone: p.scope.map(|(_, z)| z),
             created_at: k.created_at,
             expires_at: k.expires_at,

@@ -20,6 +20,7 @@ pub mod operations;
 pub mod params;
 pub mod quotas;
 pub mod request;
+pub mod resource_types;
 pub mod resources;
 pub mod tenants;
 pub mod webhooks;
@@ -78,6 +79,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(resources::router())
+        .merge(resource_types::router())
         .merge(operations::router())
         .merge(tenants::router())
         .merge(catalog::router())

@@ -10,10 +10,12 @@
 //! is `openapi/v1.json` (the `contract` integration tests keep them equal).
 
 use super::{
-    audit, catalog, error, events, health, keys, operations, quotas, resources, tenants, webhooks,
-    wire,
+    audit, catalog, error, events, health, keys, operations, quotas, resource_types, resources,
+    tenants, webhooks, wire,
 };
-use crate::domain::{Action, Kind, OperationState, Service};
+use crate::domain::resource_type::ResourceType;
+use crate::domain::OperationState;
+use crate::registry::Snapshot;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
@@ -27,7 +29,7 @@ use utoipa::{Modify, OpenApi};
     info(
         title = "Control-plane gateway",
         version = "1",
-        description = "One front door for VMs, bare-metal servers, Kubernetes clusters and volumes. Writes answer `202` with an operation to poll. `v1` grows only additively: see README, API contract and versioning.",
+        description = "One front door for VMs, bare-metal servers, Kubernetes clusters, volumes and every resource type registered at `/v1/resource-types`. Writes answer `202` with an operation to poll. `v1` grows only additively: see README, API contract and versioning. The document served at `/v1/openapi.json` adds, for each registered type, its schemas (`{Kind}Spec`, `{Kind}Status`, `{Kind}{Action}Input`) and its own routes under `/v1/tenants/{tenant}/{plural}`.",
     ),
     paths(
         resources::create, resources::read, resources::list, resources::delete,
@@ -39,12 +41,12 @@ use utoipa::{Modify, OpenApi};
         audit::list, quotas::read, quotas::replace, events::events,
         webhooks::create, webhooks::list, webhooks::read, webhooks::change, webhooks::delete,
         webhooks::rotate, webhooks::deliveries, webhooks::delivery, webhooks::retry,
+        resource_types::list, resource_types::read, resource_types::create,
+        resource_types::replace, resource_types::remove,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
         error::ErrorBody, wire::CreateResourceIn, wire::ResourceOut, wire::OperationOut,
-        crate::domain::spec::VmSpec, crate::domain::spec::BmSpec,
-        crate::domain::spec::ClusterSpec, crate::domain::spec::VolumeSpec,
         crate::domain::spec::Category, crate::domain::Phase, gateway_proto::Dispatch,
         gateway_proto::events::CloudEvent, events::EventPage,
     )),
@@ -77,6 +79,10 @@ const IF_MATCH_PATTERN: &str = "^(\\*|(W/)?\"?[0-9]{1,18}\"?)$";
 const SEQ_CURSOR: &str = "^733a(3[0-9]){1,18}$";
 /// Cursors of resource lists: hex of `t:{micros}:{uuid}`.
 const TIME_CURSOR: &str = "^743a(2d(3[0-9]){1,16}|(3[0-9]){1,17})3a(3[0-9]|6[1-6]){8}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){12}$";
+/// A kind's, service's or action's name (`gateway_proto::is_registered_name`).
+const NAME_PATTERN: &str = "^[a-z][a-z0-9_]{0,31}$";
+/// A kind's plural, as `domain::resource_type` accepts it.
+const PLURAL_PATTERN: &str = crate::domain::resource_type::PLURAL_PATTERN;
 /// An `Idempotency-Key`, as `extract::WriteHeaders` accepts it.
 const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
 
@@ -95,17 +101,6 @@ fn strings<T: std::fmt::Display>(values: &[T]) -> Value {
         .iter()
         .map(|v| Value::String(v.to_string()))
         .collect()
-}
-
-/// The actions a path may name: all but the ones every kind has.
-fn action_segments() -> Value {
-    let every = [Action::Create, Action::Update, Action::Delete];
-    let named: Vec<Action> = Action::ALL
-        .iter()
-        .copied()
-        .filter(|a| !every.contains(a))
-        .collect();
-    strings(&named)
 }
 
 /// A response header (string or integer) with a description.
@@ -171,15 +166,20 @@ fn event_type_filter(doc: &mut Value) {
 fn enums(schemas: &mut Value) {
     // The enums of `gateway_proto` rename each variant; utoipa cannot see through the
     // macro that defines them, so their schemas are written from the values themselves.
+    // Kinds, services and actions are registered as data: any well-formed name.
+    for (name, description) in [
+        ("Kind", "A kind of resource, as registered (`vm`, `bm`, `cluster`, `volume`, …)."),
+        ("Action", "What an operation does: `create`, `update`, `delete`, or an action of the kind."),
+        ("Service", "A backend service, as its resource types name it (`vm`, `k8s`, …)."),
+    ] {
+        schemas[name] = json!({"type": "string", "pattern": NAME_PATTERN, "description": description});
+    }
     for (name, values, description) in [
-        ("Kind", strings(Kind::ALL), "A kind of resource."),
-        ("Action", strings(Action::ALL), "What an operation does."),
         (
             "OperationState",
             strings(OperationState::ALL),
             "Where an operation is.",
         ),
-        ("Service", strings(Service::ALL), "A backend service."),
         (
             "EventType",
             strings(gateway_proto::events::EventType::ALL),
@@ -340,10 +340,11 @@ fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
         if p["in"] == "path" {
             p["schema"] = match p["name"].as_str() {
                 Some("tenant") => json!({"type": "string", "pattern": LABEL_PATTERN}),
-                Some("kind") => {
-                    json!({"type": "string", "enum": ["vms", "bare-metal", "clusters", "volumes"]})
+                Some("kind") if path.starts_with("/v1/resource-types") => {
+                    json!({"type": "string", "pattern": NAME_PATTERN})
                 }
-                Some("action") => json!({"type": "string", "enum": action_segments()}),
+                Some("kind") => json!({"type": "string", "pattern": PLURAL_PATTERN}),
+                Some("action") => json!({"type": "string", "pattern": NAME_PATTERN}),
                 Some("category") => json!({"$ref": "#/components/schemas/Category"}),
                 _ => p["schema"].take(),
             };
@@ -477,7 +478,106 @@ fn response_headers(path: &str, method: &str, api: bool, op: &mut Value) {
     }
 }
 
+/// The document as served: [`document`] with each registered type's schemas and routes.
+pub fn document_for(types: &Snapshot) -> Value {
+    let mut doc = document().clone();
+    for t in types.types() {
+        add_type(&mut doc, &t);
+    }
+    doc
+}
+
+/// `vm` → `Vm`, `load_balancer` → `LoadBalancer`: the prefix of a type's schema names.
+fn pascal(name: &str) -> String {
+    name.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Adds type `t`'s schemas, and its routes (copies of the generic `{kind}` routes with
+/// its plural and its schemas in place).
+fn add_type(doc: &mut Value, t: &ResourceType) {
+    let (name, plural) = (pascal(t.kind().as_str()), t.def.plural.as_str());
+    let schemas = &mut doc["components"]["schemas"];
+    let spec_ref = json!({"$ref": format!("#/components/schemas/{name}Spec")});
+    schemas[format!("{name}Spec")] = t.def.spec_schema.clone();
+    if let Some(status) = &t.def.status_schema {
+        schemas[format!("{name}Status")] = status.clone();
+    }
+    schemas[format!("{name}CreateIn")] = json!({"allOf": [
+        {"$ref": "#/components/schemas/CreateResourceIn"},
+        {"properties": {"spec": spec_ref}},
+    ]});
+    let generic = "/v1/tenants/{tenant}/{kind}";
+    let mut collection = doc["paths"][generic].clone();
+    let mut item = doc["paths"][format!("{generic}/{{id}}")].clone();
+    let action = doc["paths"][format!("{generic}/{{id}}/actions/{{action}}")]["post"].clone();
+    specialize(&mut collection, t, &name);
+    specialize(&mut item, t, &name);
+    collection["post"]["requestBody"]["content"]["application/json"]["schema"] =
+        json!({"$ref": format!("#/components/schemas/{name}CreateIn")});
+    let paths = doc["paths"].as_object_mut().expect("paths");
+    paths.insert(format!("/v1/tenants/{{tenant}}/{plural}"), collection);
+    paths.insert(format!("/v1/tenants/{{tenant}}/{plural}/{{id}}"), item);
+    for (action_name, def) in &t.def.actions {
+        let input = format!("{name}{}Input", pascal(action_name.as_str()));
+        let mut op = json!({"post": action.clone()});
+        specialize(&mut op, t, &name);
+        let post = &mut op["post"];
+        post["operationId"] = json!(format!("{}_{}", t.kind(), action_name));
+        if !def.description.is_empty() {
+            post["summary"] = json!(def.description);
+        }
+        post["parameters"]
+            .as_array_mut()
+            .expect("parameters")
+            .retain(|p| p["name"] != "action");
+        post["requestBody"]["content"]["application/json"]["schema"] =
+            json!({"$ref": format!("#/components/schemas/{input}")});
+        doc["components"]["schemas"][input] = def.input_schema.clone();
+        let path = format!("/v1/tenants/{{tenant}}/{plural}/{{id}}/actions/{action_name}");
+        doc["paths"][path] = op;
+    }
+}
+
+/// Makes a copy of a generic path item about type `t`: no `kind` parameter, its own
+/// operation IDs and tag.
+fn specialize(item: &mut Value, t: &ResourceType, name: &str) {
+    let Some(methods) = item.as_object_mut() else {
+        return;
+    };
+    for (method, op) in methods.iter_mut() {
+        if let Some(params) = op["parameters"].as_array_mut() {
+            params.retain(|p| p["name"] != "kind");
+        }
+        let id = op["operationId"].as_str().unwrap_or(method).replace("resources_", "");
+        op["operationId"] = json!(format!("{}_{id}", t.kind()));
+        op["tags"] = json!([t.def.plural]);
+        if method == "patch" {
+            op["requestBody"]["content"]["application/json"]["schema"] = json!({"allOf": [
+                {"$ref": "#/components/schemas/PatchIn"},
+                {"properties": {"spec": {"description": format!("A JSON merge patch of a {name}Spec.")}}},
+            ]});
+        }
+        if let Some(status) = t.def.status_schema.as_ref().map(|_| name) {
+            op["x-status-schema"] = json!(format!("#/components/schemas/{status}Status"));
+        }
+    }
+}
+
 /// The routes of this module.
 pub fn router() -> Router<super::AppState> {
-    Router::new().route("/v1/openapi.json", get(|| async { Json(document()) }))
+    Router::new().route(
+        "/v1/openapi.json",
+        get(
+            |axum::extract::State(state): axum::extract::State<super::AppState>| async move {
+                Json(document_for(&state.engine.types.snapshot()))
+            },
+        ),
+    )
 }

@@ -35,8 +35,8 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Whether `principal` may see `op`: its tenant's readers, and the workers of its pool.
-fn visible(principal: &Principal, op: &OperationRow) -> bool {
-    principal.can_read(&op.tenant) || principal.can_report(op.kind.service(), &op.zone)
+fn visible(principal: &Principal, op: &OperationRow, engine: &crate::lifecycle::Engine) -> bool {
+    principal.can_read(&op.tenant) || principal.can_report(&engine.service_label(&op.kind), &op.zone)
 }
 
 /// The longest `wait` a long-poll may ask for.
@@ -114,7 +114,7 @@ pub async fn read(
     let mut changes = state.engine.changes.subscribe();
     let mut op = operations::get(&state.engine.pool, id)
         .await?
-        .filter(|op| visible(&principal, op))
+        .filter(|op| visible(&principal, op, &state.engine))
         .ok_or_else(|| ApiError::not_found("operation"))?;
     if let Some(wait) = wait {
         let deadline = Instant::now() + wait;
@@ -189,7 +189,7 @@ pub async fn list(
     let before = q.cursor.as_deref().map(cursor::decode_seq).transpose()?;
     let filter = operations::OperationFilter {
         state: q.state,
-        kind: q.kind,
+        kind: params::registered_kind(&state.engine.types, q.kind)?,
         zone: params::label("zone", q.zone)?,
         resource_id: q.resource_id,
         since: params::instant("since", q.since)?,

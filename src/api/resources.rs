@@ -1,12 +1,13 @@
-//! `/v1/tenants/{tenant}/{kind}`: create, read, list and delete resources of the four
-//! kinds (`vms`, `bare-metal`, `clusters`, `volumes`).
+//! `/v1/tenants/{tenant}/{kind}`: create, read, list, change and delete resources of
+//! every registered kind; `{kind}` is the kind's plural (`vms`, `bare-metal`,
+//! `clusters`, `volumes`, or any registered through `/v1/resource-types`).
 
 use super::error::ApiError;
 use super::extract::{fingerprint, Caller, JsonBody, Meta, WriteHeaders};
 use super::wire::{CreateResourceIn, OperationOut, Page, ResourceOut};
 use super::{accepted, cursor, params, AppState};
-use crate::domain::{actions, Phase};
-use crate::domain::{kind_from_path, Kind};
+use crate::domain::resource_type::ResourceType;
+use crate::domain::{Action, Phase};
 use crate::lifecycle::submit::{self, Change, CreateRequest, Idempotency, RequestMeta};
 use crate::store::resources;
 use axum::extract::{Path, Query, State};
@@ -15,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use std::sync::Arc;
 use utoipa::IntoParams;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -66,8 +68,15 @@ fn request_meta<'a>(
     }
 }
 
-fn kind(segment: &str) -> Result<Kind, ApiError> {
-    kind_from_path(segment).ok_or_else(|| ApiError::not_found("route"))
+/// The registered type whose plural is `segment`; none is a `404` like any unknown
+/// route.
+async fn resource_type(state: &AppState, segment: &str) -> Result<Arc<ResourceType>, ApiError> {
+    state
+        .engine
+        .types
+        .by_plural(segment)
+        .await?
+        .ok_or_else(|| ApiError::not_found("route"))
 }
 
 /// An ID from the path: a malformed one cannot name anything, so it is `404` for
@@ -81,7 +90,7 @@ pub(crate) fn path_id(segment: &str, what: &str) -> Result<Uuid, ApiError> {
     post, path = "/v1/tenants/{tenant}/{kind}", tag = "resources",
     params(
         ("tenant" = String, Path, description = "Tenant ID"),
-        ("kind" = String, Path, description = "`vms`, `bare-metal`, `clusters` or `volumes`"),
+        ("kind" = String, Path, description = "A registered kind's plural: `vms`, `bare-metal`, `clusters`, `volumes`, …"),
     ),
     request_body = CreateResourceIn,
     responses(
@@ -102,7 +111,7 @@ pub async fn create(
     Path((tenant, kind_segment)): Path<(String, String)>,
     JsonBody(body): JsonBody<CreateResourceIn>,
 ) -> Result<Response, ApiError> {
-    let kind = kind(&kind_segment)?;
+    let rt = resource_type(&state, &kind_segment).await?;
     let print = fingerprint(
         "POST",
         &format!("/v1/tenants/{tenant}/{kind_segment}"),
@@ -115,7 +124,7 @@ pub async fn create(
         spec: body.spec,
         labels: body.labels,
     };
-    let op = submit::create(&state.engine, meta, &tenant, kind, req).await?;
+    let op = submit::create(&state.engine, meta, &tenant, &rt, req).await?;
     Ok(accepted(op))
 }
 
@@ -125,7 +134,7 @@ pub async fn create(
     get, path = "/v1/tenants/{tenant}/{kind}/{id}", tag = "resources",
     params(
         ("tenant" = String, Path, description = "Tenant ID"),
-        ("kind" = String, Path, description = "`vms`, `bare-metal`, `clusters` or `volumes`"),
+        ("kind" = String, Path, description = "A registered kind's plural: `vms`, `bare-metal`, `clusters`, `volumes`, …"),
         ("id" = Uuid, Path, description = "Resource ID"),
     ),
     responses(
@@ -139,11 +148,15 @@ pub async fn read(
     Caller(principal): Caller,
     Path((tenant, kind_segment, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let kind = kind(&kind_segment)?;
+    let rt = resource_type(&state, &kind_segment).await?;
+    let kind = rt.kind();
     let id = path_id(&id, "resource")?;
+    let types = state.engine.types.snapshot();
     let row = resources::get_live(&state.engine.pool, &tenant, kind, id)
         .await?
-        .filter(|r| principal.can_read(&tenant) || principal.reads_for_work(kind, &r.zone))
+        .filter(|r| {
+            principal.can_read(&tenant) || principal.reads_for_work(kind, &r.zone, &types)
+        })
         .ok_or_else(|| ApiError::not_found("resource"))?;
     let etag = format!("\"{}\"", row.version);
     let mut res = Json(ResourceOut::from(row)).into_response();
@@ -180,7 +193,7 @@ pub struct ListQuery {
     get, path = "/v1/tenants/{tenant}/{kind}", tag = "resources",
     params(
         ("tenant" = String, Path, description = "Tenant ID"),
-        ("kind" = String, Path, description = "`vms`, `bare-metal`, `clusters` or `volumes`"),
+        ("kind" = String, Path, description = "A registered kind's plural: `vms`, `bare-metal`, `clusters`, `volumes`, …"),
         ListQuery,
     ),
     responses(
@@ -196,7 +209,7 @@ pub async fn list(
     Path((tenant, kind_segment)): Path<(String, String)>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Page<ResourceOut>>, ApiError> {
-    let kind = kind(&kind_segment)?;
+    let rt = resource_type(&state, &kind_segment).await?;
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
     super::readable_tenant(&state, &principal, &tenant).await?;
     let limit = super::page_limit(q.limit)?;
@@ -212,7 +225,8 @@ pub async fn list(
         labels: q.label.as_deref().map(params::selector).transpose()?,
     };
     let rows =
-        resources::list_live(&state.engine.pool, &tenant, kind, &filter, after, limit + 1).await?;
+        resources::list_live(&state.engine.pool, &tenant, rt.kind(), &filter, after, limit + 1)
+            .await?;
     Ok(Json(cursor::page(
         rows,
         limit,
@@ -227,7 +241,7 @@ pub async fn list(
     delete, path = "/v1/tenants/{tenant}/{kind}/{id}", tag = "resources",
     params(
         ("tenant" = String, Path, description = "Tenant ID"),
-        ("kind" = String, Path, description = "`vms`, `bare-metal`, `clusters` or `volumes`"),
+        ("kind" = String, Path, description = "A registered kind's plural: `vms`, `bare-metal`, `clusters`, `volumes`, …"),
         ("id" = Uuid, Path, description = "Resource ID"),
     ),
     responses(
@@ -243,7 +257,7 @@ pub async fn delete(
     headers: WriteHeaders,
     Path((tenant, kind_segment, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let kind = kind(&kind_segment)?;
+    let rt = resource_type(&state, &kind_segment).await?;
     let id = path_id(&id, "resource")?;
     let print = fingerprint(
         "DELETE",
@@ -251,7 +265,7 @@ pub async fn delete(
         &serde_json::Value::Null,
     );
     let meta = request_meta(&principal, &meta, &headers, &print);
-    let op = submit::delete(&state.engine, meta, &tenant, kind, id, headers.if_match).await?;
+    let op = submit::delete(&state.engine, meta, &tenant, &rt, id, headers.if_match).await?;
     Ok(accepted(op))
 }
 
@@ -261,7 +275,7 @@ pub async fn delete(
     patch, path = "/v1/tenants/{tenant}/{kind}/{id}", tag = "resources",
     params(
         ("tenant" = String, Path, description = "Tenant ID"),
-        ("kind" = String, Path, description = "`vms`, `bare-metal`, `clusters` or `volumes`"),
+        ("kind" = String, Path, description = "A registered kind's plural: `vms`, `bare-metal`, `clusters`, `volumes`, …"),
         ("id" = Uuid, Path, description = "Resource ID"),
         ("If-Match" = Option<String>, Header, description = "The ETag this change is based on"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe"),
@@ -284,7 +298,7 @@ pub async fn patch(
     Path((tenant, kind_segment, id)): Path<(String, String, String)>,
     JsonBody(body): JsonBody<PatchIn>,
 ) -> Result<Response, ApiError> {
-    let kind = kind(&kind_segment)?;
+    let rt = resource_type(&state, &kind_segment).await?;
     let id = path_id(&id, "resource")?;
     if body.spec.is_none() && body.labels.is_none() {
         let why = "a patch needs `spec`, `labels` or both";
@@ -304,7 +318,7 @@ pub async fn patch(
         &state.engine,
         meta,
         &tenant,
-        kind,
+        &rt,
         id,
         change,
         headers.if_match,
@@ -313,15 +327,16 @@ pub async fn patch(
     Ok(accepted(op))
 }
 
-/// Run an action on a resource. vms: `start`, `stop`, `reboot`, `resize {"flavor"}`;
-/// bare-metal: `power_on`, `power_off`, `reprovision {"image"?}`; clusters:
-/// `scale {"node_count"}`, `upgrade {"version"}`; volumes: `resize {"size_gb"}` (grow
+/// Run an action on a resource: one its type registers (`GET /v1/resource-types`). The
+/// built-in kinds have: vms `start`, `stop`, `reboot`, `resize {"flavor"}`;
+/// bare-metal `power_on`, `power_off`, `reprovision {"image"?}`; clusters
+/// `scale {"node_count"}`, `upgrade {"version"}`; volumes `resize {"size_gb"}` (grow
 /// only), `attach {"vm_id"}`, `detach`.
 #[utoipa::path(
     post, path = "/v1/tenants/{tenant}/{kind}/{id}/actions/{action}", tag = "resources",
     params(
         ("tenant" = String, Path, description = "Tenant ID"),
-        ("kind" = String, Path, description = "`vms`, `bare-metal`, `clusters` or `volumes`"),
+        ("kind" = String, Path, description = "A registered kind's plural: `vms`, `bare-metal`, `clusters`, `volumes`, …"),
         ("id" = Uuid, Path, description = "Resource ID"),
         ("action" = String, Path, description = "An action of the kind"),
         ("If-Match" = Option<String>, Header, description = "The ETag this change is based on"),
@@ -345,15 +360,19 @@ pub async fn action(
     Path((tenant, kind_segment, id, action)): Path<(String, String, String, String)>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let kind = kind(&kind_segment)?;
+    let rt = resource_type(&state, &kind_segment).await?;
     let id = path_id(&id, "resource")?;
-    let action = actions::parse(kind, &action).ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "unknown_action",
-            format!("a {kind} has no action {action:?}"),
-        )
-    })?;
+    let action = action
+        .parse::<Action>()
+        .ok()
+        .filter(|a| !a.is_core())
+        .ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "unknown_action",
+                format!("a {} has no action {action:?}", rt.kind()),
+            )
+        })?;
     let input: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::json!({})
     } else {
@@ -370,7 +389,7 @@ pub async fn action(
         &state.engine,
         meta,
         &tenant,
-        kind,
+        &rt,
         id,
         change,
         headers.if_match,

@@ -4,19 +4,17 @@
 //! **Architecture invariant:** no axum, no sqlx, no NATS in here. Everything is a pure
 //! function of its inputs, so it is tested without any server.
 
-pub mod actions;
 pub mod names;
 pub mod phase;
 pub mod quota;
 pub mod report;
+pub mod resource_type;
 pub mod role;
 pub mod sealing;
 pub mod spec;
 pub mod webhook;
 
-pub use gateway_proto::{
-    kind_from_path, kind_path, Action, Kind, OperationError, OperationState, ReportState, Service,
-};
+pub use gateway_proto::{Action, Kind, OperationError, OperationState, ReportState, Service};
 pub use phase::Phase;
 pub use role::Role;
 
@@ -25,21 +23,57 @@ pub use role::Role;
 #[error("{field}: {message}")]
 pub struct ValidationError {
     /// Stable machine-readable code, e.g. `invalid_spec`.
-    pub code: &'static str,
+    pub code: std::borrow::Cow<'static, str>,
     /// Dotted path of the offending field, e.g. `spec.node_count`.
     pub field: String,
+    /// The same as a JSON pointer into the request body (`/spec/node_count`), where it
+    /// is known exactly; else it is derived from `field`.
+    pub pointer: Option<String>,
     /// Human-readable explanation.
     pub message: String,
 }
 
 impl ValidationError {
     /// A rule broken by one field.
-    pub fn new(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(
+        code: impl Into<std::borrow::Cow<'static, str>>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
-            code,
+            code: code.into(),
             field: field.into(),
+            pointer: None,
             message: message.into(),
         }
+    }
+
+    /// The same error, naming its field by the JSON pointer `pointer`.
+    pub fn at(mut self, pointer: impl Into<String>) -> Self {
+        self.pointer = Some(pointer.into());
+        self
+    }
+
+    /// The field as a JSON pointer into the request body: the exact one where known,
+    /// else derived from the dotted field (`limits[0].zone`: `/limits/0/zone`).
+    pub fn json_pointer(&self) -> String {
+        if let Some(p) = &self.pointer {
+            return p.clone();
+        }
+        let mut out = String::new();
+        for part in self.field.split('.') {
+            let mut pieces = part.split('[');
+            let name = pieces.next().unwrap_or("");
+            if !name.is_empty() {
+                out.push('/');
+                out.push_str(&name.replace('~', "~0").replace('/', "~1"));
+            }
+            for index in pieces {
+                out.push('/');
+                out.push_str(index.trim_end_matches(']'));
+            }
+        }
+        out
     }
 }
 
@@ -48,10 +82,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_kind_has_a_path_that_maps_back() {
-        for kind in Kind::ALL {
-            assert_eq!(kind_from_path(kind_path(*kind)), Some(*kind));
-        }
-        assert_eq!(kind_from_path("vm"), None);
+    fn fields_become_json_pointers() {
+        let at = |f: &str| ValidationError::new("x", f, "m").json_pointer();
+        assert_eq!(at("spec.node_count"), "/spec/node_count");
+        assert_eq!(at("limits[0].zone"), "/limits/0/zone");
+        assert_eq!(at("limits[1]"), "/limits/1");
+        assert_eq!(at("name"), "/name");
+        let exact = ValidationError::new("x", "spec.a.b", "m").at("/spec/a.b");
+        assert_eq!(exact.json_pointer(), "/spec/a.b");
     }
 }

@@ -10,17 +10,17 @@ mod tests {
 
     #[test]
     fn phases_follow_the_operation() {
-        assert_eq!(Phase::on_start(Action::Create), Phase::Provisioning);
-        assert_eq!(Phase::on_start(Action::Resize), Phase::Updating);
+        assert_eq!(Phase::on_start(&Action::create()), Phase::Provisioning);
+        assert_eq!(Phase::on_start(&Action::named("resize")), Phase::Updating);
         assert_eq!(
-            Phase::on_end(Action::Delete, OperationState::Succeeded),
+            Phase::on_end(&Action::delete(), OperationState::Succeeded),
             Some(Phase::Deleted)
         );
         assert_eq!(
-            Phase::on_end(Action::Create, OperationState::Failed),
+            Phase::on_end(&Action::create(), OperationState::Failed),
             Some(Phase::Failed)
         );
-        assert_eq!(Phase::on_end(Action::Create, OperationState::Running), None);
+        assert_eq!(Phase::on_end(&Action::create(), OperationState::Running), None);
         for p in [Phase::Ready, Phase::Deleted, Phase::Failed] {
             assert_eq!(p.as_str().parse::<Phase>().unwrap(), p);
         }

@@ -11,7 +11,6 @@
 
 use super::{Kind, ValidationError};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::HashSet;
 use utoipa::ToSchema;
 
@@ -58,16 +57,6 @@ impl Dimension {
     pub fn parse(s: &str) -> Option<Dimension> {
         Dimension::ALL.into_iter().find(|d| d.as_str() == s)
     }
-
-    /// The kinds whose resources consume this dimension.
-    pub fn kinds(self) -> &'static [Kind] {
-        match self {
-            Dimension::Count => Kind::ALL,
-            Dimension::Vcpus | Dimension::MemoryMb => &[Kind::Vm, Kind::Cluster],
-            Dimension::Nodes => &[Kind::Cluster],
-            Dimension::StorageGb => &[Kind::Volume],
-        }
-    }
 }
 
 /// An amount in every dimension: what one resource consumes, what a group of
@@ -98,6 +87,18 @@ impl Amounts {
         }
     }
 
+    /// Adds `n` in dimension `d`, saturating.
+    pub fn add(&mut self, d: Dimension, n: i64) {
+        let slot = match d {
+            Dimension::Count => &mut self.count,
+            Dimension::Vcpus => &mut self.vcpus,
+            Dimension::MemoryMb => &mut self.memory_mb,
+            Dimension::Nodes => &mut self.nodes,
+            Dimension::StorageGb => &mut self.storage_gb,
+        };
+        *slot = slot.saturating_add(n);
+    }
+
     /// `self - other`, dimension by dimension: the change from `other` to `self`.
     pub fn minus(&self, other: &Amounts) -> Amounts {
         Amounts {
@@ -108,38 +109,6 @@ impl Amounts {
             storage_gb: self.storage_gb - other.storage_gb,
         }
     }
-}
-
-/// What one live resource of `kind` with the (validated) `spec` consumes. `flavor` is
-/// the catalog attributes of its flavor (VMs) or node flavor (clusters); a missing
-/// `vcpus` or `memory_mb` attribute counts as 0. Bare-metal servers count as one
-/// resource and nothing else: their machines are not shared capacity.
-pub fn footprint(kind: Kind, spec: &Value, flavor: Option<&Value>) -> Amounts {
-    let field = |v: Option<&Value>, name: &str| {
-        v.and_then(|v| v.get(name))
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
-    };
-    let per_unit = |name: &str| field(flavor, name);
-    let mut amounts = Amounts {
-        count: 1,
-        ..Amounts::default()
-    };
-    match kind {
-        Kind::Vm => {
-            amounts.vcpus = per_unit("vcpus");
-            amounts.memory_mb = per_unit("memory_mb");
-        }
-        Kind::Cluster => {
-            let nodes = field(Some(spec), "node_count");
-            amounts.nodes = nodes;
-            amounts.vcpus = nodes.saturating_mul(per_unit("vcpus"));
-            amounts.memory_mb = nodes.saturating_mul(per_unit("memory_mb"));
-        }
-        Kind::Volume => amounts.storage_gb = field(Some(spec), "size_gb"),
-        Kind::Bm => {}
-    }
-    amounts
 }
 
 /// One limit: at most `limit` of `dimension` for the live resources of `kind` (every
@@ -158,21 +127,21 @@ pub struct Limit {
 
 impl Limit {
     /// Whether it covers resources of `kind` in `zone`.
-    pub fn covers(&self, kind: Kind, zone: &str) -> bool {
-        self.kind.is_none_or(|k| k == kind) && self.zone.as_deref().is_none_or(|z| z == zone)
+    pub fn covers(&self, kind: &Kind, zone: &str) -> bool {
+        self.kind.as_ref().is_none_or(|k| k == kind) && self.zone.as_deref().is_none_or(|z| z == zone)
     }
 
     /// How much of its dimension the resources it covers use.
     pub fn used(&self, usage: &[Usage]) -> i64 {
         usage
             .iter()
-            .filter(|u| self.covers(u.kind, &u.zone))
+            .filter(|u| self.covers(&u.kind, &u.zone))
             .map(|u| u.amounts.get(self.dimension))
             .fold(0, i64::saturating_add)
     }
 
     fn scope(&self) -> String {
-        let kind = self.kind.map_or("every kind", |k| k.as_str());
+        let kind = self.kind.as_ref().map_or("every kind", |k| k.as_str());
         let zone = self.zone.as_deref().unwrap_or("every zone");
         format!("{kind} in {zone}")
     }
@@ -203,9 +172,13 @@ fn invalid(i: usize, field: &str, message: impl Into<String>) -> ValidationError
 }
 
 /// Checks a client's limits: known dimensions and kinds, limits of 0 or more, a
-/// dimension the kind consumes, and each (dimension, kind, zone) once. Zones are
+/// dimension the kind consumes, and each (dimension, kind, zone) once. `dimensions_of`
+/// gives the dimensions a registered kind consumes (`None`: no such kind). Zones are
 /// checked against the database by the caller. Keeps the client's order.
-pub fn validate(limits: &[LimitIn]) -> Result<Vec<Limit>, ValidationError> {
+pub fn validate(
+    limits: &[LimitIn],
+    dimensions_of: &dyn Fn(&Kind) -> Option<Vec<Dimension>>,
+) -> Result<Vec<Limit>, ValidationError> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(limits.len());
     for (i, l) in limits.iter().enumerate() {
@@ -220,18 +193,17 @@ pub fn validate(limits: &[LimitIn]) -> Result<Vec<Limit>, ValidationError> {
         })?;
         let kind = match &l.kind {
             None => None,
-            Some(k) => Some(k.parse::<Kind>().map_err(|_| {
-                invalid(
-                    i,
-                    "kind",
-                    format!("{k:?} is not one of vm, bm, cluster, volume"),
-                )
-            })?),
+            Some(k) => {
+                let unknown = || invalid(i, "kind", format!("{k:?} is not a registered kind"));
+                let kind = k.parse::<Kind>().map_err(|_| unknown())?;
+                let consumed = dimensions_of(&kind).ok_or_else(unknown)?;
+                if !consumed.contains(&dimension) {
+                    let why = format!("a {kind} consumes no {}", dimension.as_str());
+                    return Err(invalid(i, "dimension", why));
+                }
+                Some(kind)
+            }
         };
-        if let Some(k) = kind.filter(|k| !dimension.kinds().contains(k)) {
-            let why = format!("a {k} consumes no {}", dimension.as_str());
-            return Err(invalid(i, "dimension", why));
-        }
         if l.limit < 0 {
             return Err(invalid(
                 i,
@@ -245,7 +217,7 @@ pub fn validate(limits: &[LimitIn]) -> Result<Vec<Limit>, ValidationError> {
             zone: l.zone.clone(),
             limit: l.limit,
         };
-        if !seen.insert((dimension, kind, l.zone.clone())) {
+        if !seen.insert((dimension, limit.kind.clone(), l.zone.clone())) {
             let why = format!(
                 "a second {} limit for {}",
                 dimension.as_str(),
@@ -266,7 +238,7 @@ pub fn validate(limits: &[LimitIn]) -> Result<Vec<Limit>, ValidationError> {
 /// every zone before each zone, then by dimension.
 pub fn sort(limits: &mut [Limit]) {
     limits.sort_by(|a, b| {
-        let key = |l: &Limit| (l.kind.map(Kind::as_str), l.zone.clone(), l.dimension);
+        let key = |l: &Limit| (l.kind.clone(), l.zone.clone(), l.dimension);
         key(a).cmp(&key(b))
     });
 }
@@ -303,7 +275,7 @@ impl std::fmt::Display for Exceeded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let limit = Limit {
             dimension: self.dimension,
-            kind: self.kind,
+            kind: self.kind.clone(),
             zone: self.zone.clone(),
             limit: self.limit,
         };
@@ -321,7 +293,7 @@ impl std::fmt::Display for Exceeded {
 
 /// The limits a write adding `delta` to a resource of `kind` in `zone` grows: those
 /// that cover it, in a dimension where `delta` is positive. Only these need checking.
-pub fn grown<'a>(limits: &'a [Limit], kind: Kind, zone: &str, delta: &Amounts) -> Vec<&'a Limit> {
+pub fn grown<'a>(limits: &'a [Limit], kind: &Kind, zone: &str, delta: &Amounts) -> Vec<&'a Limit> {
     limits
         .iter()
         .filter(|l| l.covers(kind, zone) && delta.get(l.dimension) > 0)
@@ -344,7 +316,7 @@ pub fn check(
         if after > l.limit {
             return Err(Exceeded {
                 dimension: l.dimension,
-                kind: l.kind,
+                kind: l.kind.clone(),
                 zone: l.zone.clone(),
                 limit: l.limit,
                 used,
@@ -359,7 +331,19 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    /// What the built-in kinds consume, as their types' `x-quota` say.
+    fn dimensions_of(kind: &Kind) -> Option<Vec<Dimension>> {
+        use Dimension::*;
+        Some(match kind.as_str() {
+            "vm" => vec![Count, Vcpus, MemoryMb],
+            "cluster" => vec![Count, Vcpus, MemoryMb, Nodes],
+            "volume" => vec![Count, StorageGb],
+            "bm" => vec![Count],
+            _ => return None,
+        })
+    }
 
     fn limit(dimension: Dimension, kind: Option<Kind>, zone: Option<&str>, limit: i64) -> Limit {
         Limit {
@@ -370,41 +354,19 @@ mod tests {
         }
     }
 
-    fn raw(value: Value) -> Vec<LimitIn> {
-        serde_json::from_value(value).unwrap()
+    fn validate_all(limits: &[LimitIn]) -> Result<Vec<Limit>, ValidationError> {
+        validate(limits, &dimensions_of)
     }
 
-    #[test]
-    fn footprints_come_from_the_spec_and_the_flavor() {
-        let large = json!({"vcpus": 4, "memory_mb": 8192});
-        let vm = footprint(Kind::Vm, &json!({"flavor": "m1.large"}), Some(&large));
-        assert_eq!((vm.count, vm.vcpus, vm.memory_mb), (1, 4, 8192));
-        let cluster = footprint(
-            Kind::Cluster,
-            &json!({"node_count": 3, "node_flavor": "m1.large"}),
-            Some(&large),
-        );
-        assert_eq!(
-            (cluster.nodes, cluster.vcpus, cluster.memory_mb),
-            (3, 12, 24576)
-        );
-        let volume = footprint(Kind::Volume, &json!({"size_gb": 20}), None);
-        assert_eq!((volume.count, volume.storage_gb, volume.vcpus), (1, 20, 0));
-        let bm = footprint(Kind::Bm, &json!({"machine_class": "bm.gpu"}), None);
-        assert_eq!(
-            bm,
-            Amounts {
-                count: 1,
-                ..Amounts::default()
-            }
-        );
+    fn raw(value: Value) -> Vec<LimitIn> {
+        serde_json::from_value(value).unwrap()
     }
 
     #[test]
     fn limits_cover_their_kind_and_zone_only() {
         let usage = vec![
             Usage {
-                kind: Kind::Vm,
+                kind: Kind::named("vm"),
                 zone: "zone-a".into(),
                 amounts: Amounts {
                     count: 2,
@@ -413,7 +375,7 @@ mod tests {
                 },
             },
             Usage {
-                kind: Kind::Cluster,
+                kind: Kind::named("cluster"),
                 zone: "zone-b".into(),
                 amounts: Amounts {
                     count: 1,
@@ -425,7 +387,7 @@ mod tests {
         ];
         assert_eq!(limit(Dimension::Vcpus, None, None, 0).used(&usage), 15);
         assert_eq!(
-            limit(Dimension::Vcpus, Some(Kind::Vm), None, 0).used(&usage),
+            limit(Dimension::Vcpus, Some(Kind::named("vm")), None, 0).used(&usage),
             3
         );
         assert_eq!(
@@ -433,7 +395,7 @@ mod tests {
             1
         );
         assert_eq!(
-            limit(Dimension::Count, Some(Kind::Vm), Some("zone-b"), 0).used(&usage),
+            limit(Dimension::Count, Some(Kind::named("vm")), Some("zone-b"), 0).used(&usage),
             0
         );
     }
@@ -441,11 +403,11 @@ mod tests {
     #[test]
     fn a_write_is_refused_only_where_it_grows_past_a_limit() {
         let limits = vec![
-            limit(Dimension::Count, Some(Kind::Vm), Some("zone-a"), 2),
+            limit(Dimension::Count, Some(Kind::named("vm")), Some("zone-a"), 2),
             limit(Dimension::Vcpus, None, None, 8),
         ];
         let usage = vec![Usage {
-            kind: Kind::Vm,
+            kind: Kind::named("vm"),
             zone: "zone-a".into(),
             amounts: Amounts {
                 count: 2,
@@ -458,7 +420,7 @@ mod tests {
             vcpus: 1,
             ..Amounts::default()
         };
-        let grown_a = grown(&limits, Kind::Vm, "zone-a", &new_vm);
+        let grown_a = grown(&limits, &Kind::named("vm"), "zone-a", &new_vm);
         let err = check(&grown_a, &usage, &new_vm).unwrap_err();
         assert_eq!(
             (err.dimension, err.limit, err.used, err.requested),
@@ -469,7 +431,7 @@ mod tests {
             json!({"dimension": "count", "kind": "vm", "zone": "zone-a", "limit": 2, "used": 2, "requested": 1})
         );
         // Another zone: only the all-zones vCPU limit applies, and there is room.
-        let grown_b = grown(&limits, Kind::Vm, "zone-b", &new_vm);
+        let grown_b = grown(&limits, &Kind::named("vm"), "zone-b", &new_vm);
         assert_eq!(
             check(&grown_b, &usage, &new_vm).unwrap(),
             vec![(Dimension::Vcpus, 7.0 / 8.0)]
@@ -480,7 +442,7 @@ mod tests {
             vcpus: 3,
             ..Amounts::default()
         };
-        let grown_resize = grown(&limits, Kind::Vm, "zone-a", &bigger);
+        let grown_resize = grown(&limits, &Kind::named("vm"), "zone-a", &bigger);
         assert_eq!(
             check(&grown_resize, &usage, &bigger).unwrap_err().dimension,
             Dimension::Vcpus
@@ -489,7 +451,7 @@ mod tests {
             vcpus: -3,
             ..Amounts::default()
         };
-        assert!(grown(&limits, Kind::Vm, "zone-a", &smaller).is_empty());
+        assert!(grown(&limits, &Kind::named("vm"), "zone-a", &smaller).is_empty());
         assert!(check(&[], &usage, &smaller).unwrap().is_empty());
     }
 
@@ -522,14 +484,14 @@ mod tests {
             ),
         ];
         for (body, field) in cases {
-            let err = validate(&raw(body.clone())).unwrap_err();
+            let err = validate_all(&raw(body.clone())).unwrap_err();
             assert_eq!(
-                (err.code, err.field.as_str()),
+                (err.code.as_ref(), err.field.as_str()),
                 ("invalid_quota", field),
                 "{body}"
             );
         }
-        let ok = validate(&raw(json!([
+        let ok = validate_all(&raw(json!([
             {"dimension": "count", "kind": "vm", "zone": "zone-a", "limit": 0},
             {"dimension": "count", "kind": "vm", "zone": null, "limit": 10},
             {"dimension": "nodes", "limit": 30},
@@ -542,23 +504,23 @@ mod tests {
     #[test]
     fn limits_sort_from_broad_to_narrow() {
         let mut limits = vec![
-            limit(Dimension::Count, Some(Kind::Vm), Some("zone-a"), 1),
+            limit(Dimension::Count, Some(Kind::named("vm")), Some("zone-a"), 1),
             limit(Dimension::Vcpus, None, None, 1),
             limit(Dimension::Count, None, None, 1),
-            limit(Dimension::Count, Some(Kind::Vm), None, 1),
+            limit(Dimension::Count, Some(Kind::named("vm")), None, 1),
         ];
         sort(&mut limits);
         let order: Vec<_> = limits
             .iter()
-            .map(|l| (l.dimension, l.kind, l.zone.as_deref()))
+            .map(|l| (l.dimension, l.kind.clone(), l.zone.as_deref()))
             .collect();
         assert_eq!(
             order,
             [
                 (Dimension::Count, None, None),
                 (Dimension::Vcpus, None, None),
-                (Dimension::Count, Some(Kind::Vm), None),
-                (Dimension::Count, Some(Kind::Vm), Some("zone-a")),
+                (Dimension::Count, Some(Kind::named("vm")), None),
+                (Dimension::Count, Some(Kind::named("vm")), Some("zone-a")),
             ]
         );
     }

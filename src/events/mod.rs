@@ -42,7 +42,8 @@ pub fn cloud_event(row: &EventRow, prefix: &str) -> Result<(String, CloudEvent),
         let r: ResourceRow = serde_json::from_value(row.row.clone())?;
         let generation = r.generation;
         let data = serde_json::to_value(ResourceOut::from(r))?;
-        let path = gateway_proto::kind_path(kind);
+        // The resource's path under the tenant, as the API has it.
+        let path = row.plural.as_deref().unwrap_or("resources");
         (format!("{path}/{}", row.resource_id), data, generation)
     };
     let event = CloudEvent {
@@ -54,7 +55,7 @@ pub fn cloud_event(row: &EventRow, prefix: &str) -> Result<(String, CloudEvent),
         time: row.created_at,
         datacontenttype: DATA_CONTENT_TYPE.into(),
         tenant: row.tenant.clone(),
-        kind,
+        kind: kind.clone(),
         zone: row.zone.clone(),
         resourceid: row.resource_id,
         operationid: row.operation_id,
@@ -63,6 +64,6 @@ pub fn cloud_event(row: &EventRow, prefix: &str) -> Result<(String, CloudEvent),
         cursor: None,
         data,
     };
-    let nats_subject = gateway_proto::events::event_subject(prefix, &row.tenant, kind, &row.zone);
+    let nats_subject = gateway_proto::events::event_subject(prefix, &row.tenant, &kind, &row.zone);
     Ok((nats_subject, event))
 }

@@ -19,15 +19,27 @@ pub async fn enqueue(
     op: &OperationRow,
     resource: &ResourceRow,
 ) -> sqlx::Result<()> {
+    let service = txn
+        .engine()
+        .types
+        .snapshot()
+        .service_of(&resource.kind)
+        .cloned()
+        .ok_or_else(|| {
+            sqlx::Error::Protocol(format!("no resource type {} is registered", resource.kind))
+        })?;
     let n = operations::set_pending(txn, op.id, resource.generation).await?;
+    let prefix = &txn.engine().names.subject_prefix;
+    let subject = gateway_proto::ops_subject(prefix, &service, &op.zone);
     let payload = Dispatch {
         operation_id: op.id,
         tenant: op.tenant.clone(),
         resource_id: resource.id,
-        kind: resource.kind,
+        kind: resource.kind.clone(),
+        service,
         zone: resource.zone.clone(),
         name: resource.name.clone(),
-        action: op.action,
+        action: op.action.clone(),
         generation: resource.generation,
         spec: resource.spec.clone(),
         input: op.input.clone(),
@@ -37,8 +49,6 @@ pub async fn enqueue(
     if let Some(tp) = &op.traceparent {
         headers[TRACEPARENT_HEADER] = json!(tp);
     }
-    let prefix = &txn.engine().names.subject_prefix;
-    let subject = gateway_proto::ops_subject(prefix, op.kind.service(), &op.zone);
     outbox::insert(
         txn,
         &outbox::NewMessage {

@@ -66,7 +66,7 @@ pub async fn finish(
         // It never started: the resource is busy with another operation, untouched.
         return Ok(ended);
     }
-    let phase = Phase::on_end(op.action, outcome.state).expect("terminal states set a phase");
+    let phase = Phase::on_end(&op.action, outcome.state).expect("terminal states set a phase");
     let empty = json!({});
     let (status, generation) = match outcome.state {
         OperationState::Succeeded => (
@@ -112,7 +112,7 @@ async fn promote_next(
     debug_assert_eq!(next.state, OperationState::Queued);
     let resource = resources::lock(txn, resource_id).await?;
     dispatch::enqueue(txn, &next, &resource).await?;
-    resources::set_phase(txn, resource_id, Phase::on_start(next.action)).await?;
+    resources::set_phase(txn, resource_id, Phase::on_start(&next.action)).await?;
     txn.changed(next.id);
     Ok(())
 }

@@ -94,6 +94,15 @@ pub async fn create(
             return Err(invalid("zone", "no such zone"));
         }
     }
+    if let Some(service) = &key.service {
+        let registered = crate::store::resource_types::all(pool)
+            .await?
+            .iter()
+            .any(|t| t.service == service.as_str());
+        if !registered {
+            return Err(invalid("service", "no registered resource type has this service"));
+        }
+    }
     let name = key.name.clone().unwrap_or_else(|| {
         let owner = key.tenant.as_deref().unwrap_or("platform");
         let suffix = &Uuid::new_v4().simple().to_string()[..8];
@@ -110,7 +119,7 @@ pub async fn create(
     };
     let row = principals::insert(&mut tx, &new, key.expires_at)
         .await?
-        .ok_or(LifecycleError::NameTaken { kind: "key", name })?;
+        .ok_or(LifecycleError::NameTaken { kind: "key".into(), name })?;
     commit_audited(tx, audit).await?;
     Ok(CreatedKey { key: secret, row })
 }
@@ -180,7 +189,7 @@ mod tests {
         assert_eq!(field(check(&key(Role::Owner)).unwrap_err()), "tenant");
         assert_eq!(field(check(&key(Role::Worker)).unwrap_err()), "service");
         let worker = NewKey {
-            service: Some(Service::Vm),
+            service: Some(Service::named("vm")),
             zone: Some("zone-a".into()),
             ..key(Role::Worker)
         };

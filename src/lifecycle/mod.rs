@@ -17,6 +17,7 @@ pub mod keys;
 pub mod quotas;
 pub mod repair;
 pub mod report;
+pub mod resource_types;
 pub mod submit;
 pub mod tenants;
 pub mod txn;
@@ -52,9 +53,21 @@ pub struct Engine {
     pub metrics: crate::metrics::Metrics,
     /// The catalog and zones that specs are checked against.
     pub catalog: crate::cache::CatalogCache,
+    /// The registered resource types.
+    pub types: crate::registry::Registry,
 }
 
 impl Engine {
+    /// The service of `kind`, for metrics' labels (`unregistered` for a kind the
+    /// registry no longer has).
+    pub fn service_label(&self, kind: &crate::domain::Kind) -> crate::domain::Service {
+        self.types
+            .snapshot()
+            .service_of(kind)
+            .cloned()
+            .unwrap_or_else(|| crate::domain::Service::named("unregistered"))
+    }
+
     /// The deadline of an operation created now.
     pub fn deadline(&self) -> chrono::DateTime<chrono::Utc> {
         chrono::Utc::now()
@@ -79,9 +92,17 @@ pub enum LifecycleError {
     #[error("a {kind} named {name:?} already exists")]
     NameTaken {
         /// The kind.
-        kind: &'static str,
+        kind: String,
         /// The name.
         name: String,
+    },
+    /// The kind has no action of that name.
+    #[error("a {kind} has no action {action}")]
+    UnknownAction {
+        /// The kind.
+        kind: String,
+        /// The action asked for.
+        action: String,
     },
     /// The tenant already exists.
     #[error("tenant {0:?} already exists")]

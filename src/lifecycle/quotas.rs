@@ -23,7 +23,8 @@ pub async fn set(
     limits: &[LimitIn],
     audit: Audit<'_>,
 ) -> Result<Vec<Limit>, LifecycleError> {
-    let mut limits = quota::validate(limits)?;
+    let types = engine.types.snapshot();
+    let mut limits = quota::validate(limits, &|k| types.get(k).map(|t| t.dimensions()))?;
     let mut conn = Txn::begin(engine).await?;
     conn.audit(audit);
     if tenants::get(&mut *conn, tenant).await?.is_none() {
@@ -50,7 +51,7 @@ pub async fn set(
 pub(super) async fn check(
     txn: &mut Txn<'_>,
     tenant: &str,
-    kind: Kind,
+    kind: &Kind,
     zone: &str,
     before: Option<Uuid>,
     next: &Amounts,
@@ -63,7 +64,7 @@ pub(super) async fn check(
         None => Amounts::default(),
     };
     let delta = next.minus(&before);
-    let grown = quota::grown(&limits, kind, zone, &delta);
+    let grown = quota::grown(&limits, &kind, zone, &delta);
     if grown.is_empty() {
         return Ok(());
     }
@@ -77,7 +78,7 @@ pub(super) async fn check(
         }
         Err(exceeded) => {
             let metrics = &txn.engine().metrics;
-            metrics.quota_rejected(kind, exceeded.dimension);
+            metrics.quota_rejected(&txn.engine().service_label(kind), exceeded.dimension);
             Err(LifecycleError::QuotaExceeded(exceeded))
         }
     }

@@ -117,7 +117,7 @@ pub async fn converge(engine: &Engine, id: Uuid) -> sqlx::Result<Option<Operatio
         &mut txn,
         origin,
         &resource,
-        Action::Update,
+        Action::update(),
         &json!({}),
         true,
     )

@@ -23,7 +23,7 @@ pub async fn apply(
     let (mut txn, op) = (locked.txn, locked.op);
     txn.audit(audit);
     txn.audit_tenant(&op.tenant);
-    if !principal.can_report(op.kind.service(), &op.zone) {
+    if !principal.can_report(&engine.service_label(&op.kind), &op.zone) {
         return Err(LifecycleError::Forbidden(
             "this key may report only on operations of its own service and zone",
         ));

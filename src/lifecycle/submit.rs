@@ -3,16 +3,15 @@
 use super::txn::Txn;
 use super::{dispatch, quotas, Engine, LifecycleError};
 use crate::auth::Principal;
-use crate::domain::actions::{self, Effect};
-use crate::domain::quota::{self, Amounts};
-use crate::domain::spec::{self, Category, ValidSpec};
-use crate::domain::{names, Action, Kind, OperationState, Phase, ValidationError};
+use crate::domain::resource_type::{merge_patch, Effect, ResourceType, ValidSpec};
+use crate::domain::{names, Action, OperationState, Phase, ValidationError};
 use crate::store::operations::{self, NewOperation, OperationRow};
 use crate::store::resources::{self, NewResource, ResourceRow};
 use crate::store::{self, tenants};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -111,12 +110,35 @@ pub struct CreateRequest {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-/// Validates and records a new resource with its `create` operation.
+/// Checks `spec` against `rt` (the next spec of a resource whose spec is `before`, for
+/// an update). A refusal by this process's copy of the type is checked again against
+/// the database's, in case another replica changed the type a moment ago (changes only
+/// widen a type, so a stale copy can only refuse too much). Returns the type the spec
+/// passed.
+async fn validated(
+    engine: &Engine,
+    rt: &Arc<ResourceType>,
+    spec: &Value,
+    before: Option<&Value>,
+) -> Result<(Arc<ResourceType>, ValidSpec), LifecycleError> {
+    match rt.validate_spec(spec, before) {
+        Ok(valid) => Ok((rt.clone(), valid)),
+        Err(e) => match engine.types.fresh(rt).await? {
+            Some(newer) => {
+                let valid = newer.validate_spec(spec, before)?;
+                Ok((newer, valid))
+            }
+            None => Err(e.into()),
+        },
+    }
+}
+
+/// Validates and records a new resource of type `rt` with its `create` operation.
 pub async fn create(
     engine: &Engine,
     meta: RequestMeta<'_>,
     tenant: &str,
-    kind: Kind,
+    rt: &Arc<ResourceType>,
     req: CreateRequest,
 ) -> Result<OperationRow, LifecycleError> {
     if !meta.principal.can_read(tenant) {
@@ -129,7 +151,8 @@ pub async fn create(
     }
     names::validate_label("name", &req.name)?;
     names::validate_labels(&req.labels)?;
-    let valid = spec::validate(kind, &req.spec)?;
+    let (rt, valid) = validated(engine, rt, &req.spec, None).await?;
+    let kind = rt.kind();
     let mut tx = Txn::begin(engine).await?;
     tx.audit(meta.audit);
     if let Some(op) = replay(&mut tx, meta).await? {
@@ -139,14 +162,14 @@ pub async fn create(
         return Err(LifecycleError::TenantNotFound);
     }
     let found = check_references(engine, &mut tx, tenant, &req.zone, &valid).await?;
-    let footprint = footprint(kind, &valid, &found);
-    quotas::check(&mut tx, tenant, kind, &req.zone, None, &footprint).await?;
+    let footprint = rt.footprint(&valid.value, &found);
+    quotas::check(&mut tx, tenant, &kind.clone(), &req.zone, None, &footprint).await?;
     let resource = resources::insert(
         &mut tx,
         &NewResource {
             id: Uuid::now_v7(),
             tenant,
-            kind,
+            kind: kind.clone(),
             zone: &req.zone,
             name: &req.name,
             spec: &valid.value,
@@ -158,7 +181,7 @@ pub async fn create(
     .await
     .map_err(|e| match crate::store::violated_constraint(&e) {
         Some("resources_live_name") => LifecycleError::NameTaken {
-            kind: kind.as_str(),
+            kind: kind.to_string(),
             name: req.name.clone(),
         },
         _ => e.into(),
@@ -167,7 +190,7 @@ pub async fn create(
         &mut tx,
         meta.origin(),
         &resource,
-        Action::Create,
+        Action::create(),
         &json!({}),
         true,
     )
@@ -182,24 +205,24 @@ pub async fn delete(
     engine: &Engine,
     meta: RequestMeta<'_>,
     tenant: &str,
-    kind: Kind,
+    rt: &ResourceType,
     id: Uuid,
     if_match: Option<i64>,
 ) -> Result<OperationRow, LifecycleError> {
-    let (mut tx, resource) = match lock_for_change(engine, meta, tenant, kind, id, if_match).await?
+    let (mut tx, resource) = match lock_for_change(engine, meta, tenant, rt, id, if_match).await?
     {
         Locked::Replay(op) => return Ok(op),
         Locked::Resource(tx, r) => (tx, r),
     };
     let active = operations::active_for_resource(&mut tx, id).await?;
-    if let Some(existing) = active.iter().find(|o| o.action == Action::Delete) {
+    if let Some(existing) = active.iter().find(|o| o.action.is_delete()) {
         return Ok(existing.clone());
     }
     let op = start_operation(
         &mut tx,
         meta.origin(),
         &resource,
-        Action::Delete,
+        Action::delete(),
         &json!({}),
         active.is_empty(),
     )
@@ -219,7 +242,7 @@ async fn lock_for_change<'e>(
     engine: &'e Engine,
     meta: RequestMeta<'_>,
     tenant: &str,
-    kind: Kind,
+    rt: &ResourceType,
     id: Uuid,
     if_match: Option<i64>,
 ) -> Result<Locked<'e>, LifecycleError> {
@@ -236,7 +259,7 @@ async fn lock_for_change<'e>(
     if let Some(op) = replay(&mut tx, meta).await? {
         return Ok(Locked::Replay(op));
     }
-    let resource = resources::lock_live(&mut tx, tenant, kind, id)
+    let resource = resources::lock_live(&mut tx, tenant, &rt.kind().clone(), id)
         .await?
         .ok_or(LifecycleError::NotFound)?;
     if let Some(expected) = if_match {
@@ -249,19 +272,41 @@ async fn lock_for_change<'e>(
     Ok(Locked::Resource(tx, resource))
 }
 
+/// The type `rt`, or a newer one from the database, if either has action `action`.
+async fn with_action(
+    engine: &Engine,
+    rt: &Arc<ResourceType>,
+    action: &Action,
+) -> Result<Arc<ResourceType>, LifecycleError> {
+    if rt.has_action(action) {
+        return Ok(rt.clone());
+    }
+    match engine.types.fresh(rt).await? {
+        Some(newer) if newer.has_action(action) => Ok(newer),
+        _ => Err(LifecycleError::UnknownAction {
+            kind: rt.kind().to_string(),
+            action: action.to_string(),
+        }),
+    }
+}
+
 /// Records a change of a live resource's spec (a patch or an action) and its
 /// operation, which runs after the resource's active operations, in order.
 pub async fn update(
     engine: &Engine,
     meta: RequestMeta<'_>,
     tenant: &str,
-    kind: Kind,
+    rt: &Arc<ResourceType>,
     id: Uuid,
     change: Change,
     if_match: Option<i64>,
 ) -> Result<OperationRow, LifecycleError> {
+    let rt = match &change {
+        Change::Action(action, _) => with_action(engine, rt, action).await?,
+        Change::Patch { .. } => rt.clone(),
+    };
     let (mut tx, mut resource) =
-        match lock_for_change(engine, meta, tenant, kind, id, if_match).await? {
+        match lock_for_change(engine, meta, tenant, &rt, id, if_match).await? {
             Locked::Replay(op) => return Ok(op),
             Locked::Resource(tx, r) => (tx, r),
         };
@@ -270,28 +315,31 @@ pub async fn update(
             if let Some(patch) = labels {
                 resource = patch_labels(&mut tx, &resource, patch).await?;
             }
-            let merged = actions::merge_patch(&resource.spec, &spec);
-            (Action::Update, json!({}), Effect::NewSpec(merged))
+            let merged = merge_patch(&resource.spec, &spec);
+            (Action::update(), json!({}), Effect::NewSpec(merged))
         }
         Change::Action(action, input) => {
-            let effect = actions::apply(kind, action, &resource.spec, &input)?;
+            let effect = rt
+                .apply_action(&action, &resource.spec, &input)
+                .expect("the type has the action")?;
             (action, input, effect)
         }
     };
     let next = match effect {
         Effect::NewSpec(next) => {
-            let valid = spec::validate(kind, &next)?;
+            let (rt, valid) = validated(engine, &rt, &next, Some(&resource.spec)).await?;
             let found = check_references(engine, &mut tx, tenant, &resource.zone, &valid).await?;
-            (valid.value != resource.spec).then(|| (footprint(kind, &valid, &found), valid.value))
+            (valid.value != resource.spec).then(|| (rt.footprint(&valid.value, &found), valid.value))
         }
         Effect::Imperative => None,
     };
     let active = operations::active_for_resource(&mut tx, id).await?;
-    if active.iter().any(|o| o.action == Action::Delete) {
+    if active.iter().any(|o| o.action.is_delete()) {
         return Err(LifecycleError::ResourceDeleting);
     }
     if let Some((footprint, spec)) = next {
-        quotas::check(&mut tx, tenant, kind, &resource.zone, Some(id), &footprint).await?;
+        let (kind, zone) = (&resource.kind, &resource.zone);
+        quotas::check(&mut tx, tenant, &kind.clone(), zone, Some(id), &footprint).await?;
         resource = resources::update_spec(&mut tx, id, &spec, &footprint).await?;
     }
     let input = if input.is_null() { json!({}) } else { input };
@@ -344,9 +392,9 @@ pub(super) async fn start_operation(
             id: Uuid::now_v7(),
             tenant: &resource.tenant,
             resource_id: resource.id,
-            kind: resource.kind,
+            kind: resource.kind.clone(),
             zone: &resource.zone,
-            action,
+            action: action.clone(),
             state: OperationState::Queued,
             input,
             target_generation: resource.generation,
@@ -362,8 +410,8 @@ pub(super) async fn start_operation(
     txn.created(&op);
     if run_now {
         dispatch::enqueue(txn, &op, resource).await?;
-        if action != Action::Create {
-            resources::set_phase(txn, resource.id, Phase::on_start(action)).await?;
+        if !action.is_create() {
+            resources::set_phase(txn, resource.id, Phase::on_start(&action)).await?;
         }
         op = operations::get(&mut **txn, op.id)
             .await?
@@ -372,89 +420,74 @@ pub(super) async fn start_operation(
     Ok(op)
 }
 
-/// What a resource of `kind` with the spec `valid` consumes; `found` holds the catalog
-/// entries its spec names ([`check_references`]).
-fn footprint(kind: Kind, valid: &ValidSpec, found: &[(Category, Arc<Value>)]) -> Amounts {
-    let flavor = found.iter().find(|(c, _)| *c == Category::Flavor);
-    quota::footprint(kind, &valid.value, flavor.map(|(_, a)| a.as_ref()))
-}
-
-/// Checks what a spec names against the database: zone, catalog entries, storage-class
-/// bounds and the VM a volume attaches to. Returns the attributes of the catalog
-/// entries it names.
+/// Checks what a spec names against the database: zone, catalog entries, bounds in
+/// their attributes, and other resources. Returns the attributes of the catalog
+/// entries it names, by field.
 async fn check_references(
     engine: &Engine,
     conn: &mut PgConnection,
     tenant: &str,
     zone: &str,
     valid: &ValidSpec,
-) -> Result<Vec<(Category, Arc<Value>)>, LifecycleError> {
+) -> Result<BTreeMap<String, Value>, LifecycleError> {
     if !engine.catalog.zone_exists(&mut *conn, zone).await? {
-        return Err(ValidationError::new(
-            "unknown_zone",
-            "zone",
-            format!("no zone named {zone:?}"),
-        )
-        .into());
+        let why = format!("no zone named {zone:?}");
+        return Err(ValidationError::new("unknown_zone", "zone", why).into());
     }
-    let mut found = Vec::with_capacity(valid.refs.len());
-    for r in &valid.refs {
+    let mut found = BTreeMap::new();
+    for r in &valid.catalog {
         let attributes = engine
             .catalog
             .entry(&mut *conn, r.category, &r.name)
             .await?
             .ok_or_else(|| {
-                ValidationError::new(
-                    "unknown_catalog_item",
-                    r.field,
-                    format!(
-                        "no {} named {:?} in the catalog",
-                        r.category.as_str(),
-                        r.name
-                    ),
-                )
+                let why = format!("no {} named {:?} in the catalog", r.category.as_str(), r.name);
+                ValidationError::new("unknown_catalog_item", r.field.clone(), why)
             })?;
-        if let (Category::StorageClass, Some(size)) = (r.category, valid.size_gb) {
-            let bound = |k: &str| attributes.get(k).and_then(Value::as_u64);
-            let (min, max) = (
-                bound("min_gb").unwrap_or(1),
-                bound("max_gb").unwrap_or(u64::MAX),
-            );
-            if !(min..=max).contains(&u64::from(size)) {
-                return Err(ValidationError::new(
-                    "invalid_spec",
-                    "spec.size_gb",
-                    format!(
-                        "storage class {:?} takes {min} to {max} GB, got {size}",
-                        r.name
-                    ),
-                )
-                .into());
-            }
-        }
-        found.push((r.category, attributes));
+        found.insert(r.field.clone(), Arc::unwrap_or_clone(attributes));
     }
-    if let Some(vm_id) = valid.attach_to {
-        let vm = resources::get_live(&mut *conn, tenant, Kind::Vm, vm_id).await?;
-        match vm {
-            Some(vm) if vm.zone == zone => {}
-            Some(_) => {
-                return Err(ValidationError::new(
-                    "invalid_attachment",
-                    "spec.attached_to",
-                    "the VM is in another zone",
-                )
-                .into())
-            }
-            None => {
-                return Err(ValidationError::new(
-                    "invalid_attachment",
-                    "spec.attached_to",
-                    format!("no VM {vm_id} in this tenant"),
-                )
-                .into())
-            }
-        }
+    for range in &valid.ranges {
+        check_range(range, &found)?;
+    }
+    for reference in &valid.references {
+        let target = resources::get_live(&mut *conn, tenant, &reference.kind, reference.id).await?;
+        let why = match target {
+            Some(t) if t.zone == zone => continue,
+            Some(_) => format!("the {} is in another zone", reference.kind),
+            None => format!("no {} {} in this tenant", reference.kind, reference.id),
+        };
+        let code = reference.code.clone();
+        return Err(ValidationError::new(code, reference.field.clone(), why).into());
     }
     Ok(found)
+}
+
+/// Checks a number against the bounds its catalog entry's attributes set.
+fn check_range(
+    range: &crate::domain::resource_type::CatalogRange,
+    found: &BTreeMap<String, Value>,
+) -> Result<(), ValidationError> {
+    let Some(entry) = found.get(&range.entry_field) else {
+        return Ok(());
+    };
+    let bound = |attr: &Option<String>| {
+        attr.as_ref()
+            .and_then(|a| entry.get(a))
+            .and_then(Value::as_f64)
+    };
+    let (min, max) = (bound(&range.min), bound(&range.max));
+    let below = min.is_some_and(|m| range.value < m);
+    let above = max.is_some_and(|m| range.value > m);
+    if below || above {
+        let show = |b: Option<f64>| b.map_or("any".into(), |b| b.to_string());
+        let why = format!(
+            "{} takes {} to {}, got {}",
+            range.entry_field,
+            show(min),
+            show(max),
+            range.value
+        );
+        return Err(ValidationError::new("invalid_spec", range.field.clone(), why));
+    }
+    Ok(())
 }

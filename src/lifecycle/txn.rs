@@ -17,7 +17,7 @@
 use super::Engine;
 use crate::audit::{AuditSlot, PendingAudit};
 use crate::domain::quota::Dimension;
-use crate::domain::{Action, Kind, OperationState};
+use crate::domain::{Action, OperationState, Service};
 use crate::store::operations::{self, OperationRow};
 use crate::store::resources::{self, ResourceRow};
 use chrono::{DateTime, Utc};
@@ -30,17 +30,17 @@ use uuid::Uuid;
 enum Counted {
     Created {
         action: Action,
-        kind: Kind,
+        service: Service,
         zone: String,
     },
     Started {
         action: Action,
-        kind: Kind,
+        service: Service,
         since: DateTime<Utc>,
     },
     Finished {
         action: Action,
-        kind: Kind,
+        service: Service,
         zone: String,
         state: OperationState,
         since: DateTime<Utc>,
@@ -112,8 +112,8 @@ impl<'e> Txn<'e> {
     /// `op` was created.
     pub fn created(&mut self, op: &OperationRow) {
         self.effects.counted.push(Counted::Created {
-            action: op.action,
-            kind: op.kind,
+            action: op.action.clone(),
+            service: self.engine.service_label(&op.kind),
             zone: op.zone.clone(),
         });
     }
@@ -121,8 +121,8 @@ impl<'e> Txn<'e> {
     /// A worker started `op` for the first time.
     pub fn started(&mut self, op: &OperationRow) {
         self.effects.counted.push(Counted::Started {
-            action: op.action,
-            kind: op.kind,
+            action: op.action.clone(),
+            service: self.engine.service_label(&op.kind),
             since: op.created_at,
         });
         self.changed(op.id);
@@ -131,8 +131,8 @@ impl<'e> Txn<'e> {
     /// `op` ended in `state`.
     pub fn finished(&mut self, op: &OperationRow, state: OperationState) {
         self.effects.counted.push(Counted::Finished {
-            action: op.action,
-            kind: op.kind,
+            action: op.action.clone(),
+            service: self.engine.service_label(&op.kind),
             zone: op.zone.clone(),
             state,
             since: op.created_at,
@@ -182,23 +182,25 @@ impl Engine {
         let age = |since: DateTime<Utc>| (Utc::now() - since).to_std().unwrap_or_default();
         for c in effects.counted {
             match c {
-                Counted::Created { action, kind, zone } => {
-                    self.metrics.operation_created(action, kind, &zone)
-                }
+                Counted::Created {
+                    action,
+                    service,
+                    zone,
+                } => self.metrics.operation_created(&action, &service, &zone),
                 Counted::Started {
                     action,
-                    kind,
+                    service,
                     since,
-                } => self.metrics.operation_started(action, kind, age(since)),
+                } => self.metrics.operation_started(&action, &service, age(since)),
                 Counted::Finished {
                     action,
-                    kind,
+                    service,
                     zone,
                     state,
                     since,
                 } => self
                     .metrics
-                    .operation_finished(action, kind, &zone, state, age(since)),
+                    .operation_finished(&action, &service, &zone, state, age(since)),
                 Counted::QuotaFilled { dimension, ratio } => {
                     self.metrics.quota_filled(dimension, ratio)
                 }

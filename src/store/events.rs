@@ -20,6 +20,8 @@ pub struct EventRow {
     pub tenant: String,
     /// Resource kind.
     pub kind: String,
+    /// The kind's URL segment, while its type is registered.
+    pub plural: Option<String>,
     /// Zone.
     pub zone: String,
     /// The resource concerned.
@@ -49,9 +51,10 @@ pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Even
         return Ok(Vec::new());
     }
     sqlx::query_as(
-        "SELECT id, event_id, type, tenant, kind, zone, resource_id, operation_id, request_id,
-                row, created_at
-         FROM event_outbox ORDER BY id LIMIT $1",
+        "SELECT e.id, e.event_id, e.type, e.tenant, e.kind, t.plural, e.zone, e.resource_id,
+                e.operation_id, e.request_id, e.row, e.created_at
+         FROM event_outbox e LEFT JOIN resource_types t ON t.kind = e.kind
+         ORDER BY e.id LIMIT $1",
     )
     .bind(limit)
     .fetch_all(conn)

@@ -290,7 +290,7 @@ pub async fn list_for_tenant(
     ))
     .bind(tenant)
     .bind(filter.state.map(OperationState::as_str))
-    .bind(filter.kind.map(Kind::as_str))
+    .bind(filter.kind.as_ref().map(Kind::as_str))
     .bind(filter.zone.as_deref())
     .bind(filter.resource_id)
     .bind(filter.since)

@@ -97,7 +97,7 @@ pub async fn insert(conn: &mut PgConnection, r: &NewResource<'_>) -> sqlx::Resul
 pub async fn get_live(
     db: impl PgExecutor<'_>,
     tenant: &str,
-    kind: Kind,
+    kind: &Kind,
     id: Uuid,
 ) -> sqlx::Result<Option<ResourceRow>> {
     let row: Option<ResourceRow> =
@@ -112,15 +112,15 @@ pub async fn get_live(
 /// in SQL: with the tenant and kind in the `WHERE` clause, PostgreSQL's generic plan
 /// scans the `(tenant, kind, created_at, id)` list index for the ID — every resource of
 /// the tenant per read — instead of using the primary key.
-fn is_live_of(r: &ResourceRow, tenant: &str, kind: Kind) -> bool {
-    r.tenant == tenant && r.kind == kind && r.deleted_at.is_none()
+fn is_live_of(r: &ResourceRow, tenant: &str, kind: &Kind) -> bool {
+    r.tenant == tenant && r.kind == *kind && r.deleted_at.is_none()
 }
 
 /// Locks a live resource of `tenant` and `kind` for the rest of the transaction.
 pub async fn lock_live(
     conn: &mut PgConnection,
     tenant: &str,
-    kind: Kind,
+    kind: &Kind,
     id: Uuid,
 ) -> sqlx::Result<Option<ResourceRow>> {
     // By primary key only (see `is_live_of`). Tenant and kind never change, so they are
@@ -274,7 +274,7 @@ pub struct ResourceFilter {
 pub async fn list_live(
     db: impl PgExecutor<'_>,
     tenant: &str,
-    kind: Kind,
+    kind: &Kind,
     filter: &ResourceFilter,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,

@@ -3,7 +3,7 @@
 
 use crate::common::{example_spec, spawn_with, unique, Options, TestApp};
 use gateway_client::{
-    Action, Client, Kind, NewResource, OperationState, Phase, ResourcePatch, ResourceQuery,
+    Action, Client, NewResource, OperationState, Phase, ResourcePatch, ResourceQuery,
 };
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -274,10 +274,10 @@ async fn the_typed_client_covers_a_resource_life() {
         spec: example_spec("vms"),
         labels: [("env".to_owned(), "dev".to_owned())].into(),
     };
-    let op = gw.create_resource(&t, Kind::Vm, &new).await.unwrap();
+    let op = gw.create_resource(&t, "vms", &new).await.unwrap();
     let done = gw.wait(op.id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(done.state, OperationState::Succeeded);
-    let vm = gw.get_resource(&t, Kind::Vm, op.resource_id).await.unwrap();
+    let vm = gw.get_resource(&t, "vms", op.resource_id).await.unwrap();
     assert_eq!(vm.phase, Phase::Ready);
     let etag = vm.etag.clone().expect("a single read carries its ETag");
 
@@ -287,25 +287,25 @@ async fn the_typed_client_covers_a_resource_life() {
         ..Default::default()
     };
     let op = gw
-        .patch_resource(&t, Kind::Vm, vm.id, &patch, Some(&etag))
+        .patch_resource(&t, "vms", vm.id, &patch, Some(&etag))
         .await
         .unwrap();
     gw.wait(op.id, Duration::from_secs(60)).await.unwrap();
     let stale = gw
-        .patch_resource(&t, Kind::Vm, vm.id, &patch, Some(&etag))
+        .patch_resource(&t, "vms", vm.id, &patch, Some(&etag))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Some("precondition_failed"), "{stale}");
     assert_eq!(stale.status(), Some(412));
 
     let op = gw
-        .action(&t, Kind::Vm, vm.id, Action::Stop, &json!({}), None)
+        .action(&t, "vms", vm.id, Action::named("stop"), &json!({}), None)
         .await
         .unwrap();
     let stopped = gw.wait(op.id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(stopped.state, OperationState::Succeeded);
     let page = gw
-        .list_resources(&t, Kind::Vm, &ResourceQuery::default())
+        .list_resources(&t, "vms", &ResourceQuery::default())
         .await
         .unwrap();
     assert_eq!(page.items.len(), 1);
@@ -314,7 +314,7 @@ async fn the_typed_client_covers_a_resource_life() {
     let missing = gw.get_operation(uuid::Uuid::new_v4()).await.unwrap_err();
     assert_eq!(missing.code(), Some("not_found"));
     let unknown_action = gw
-        .action(&t, Kind::Vm, vm.id, Action::Scale, &json!({}), None)
+        .action(&t, "vms", vm.id, Action::named("scale"), &json!({}), None)
         .await
         .unwrap_err();
     assert_eq!(unknown_action.code(), Some("unknown_action"));
@@ -324,7 +324,7 @@ async fn the_typed_client_covers_a_resource_life() {
         name: "slow-1".into(),
         ..new
     };
-    let op = gw.create_resource(&t, Kind::Vm, &slow).await.unwrap();
+    let op = gw.create_resource(&t, "vms", &slow).await.unwrap();
     let err = gw.wait(op.id, Duration::from_millis(1)).await.unwrap_err();
     assert!(matches!(err, gateway_client::Error::TimedOut), "{err}");
 }

@@ -142,7 +142,29 @@ async fn the_server_serves_the_contract() {
     let app = spawn_app().await;
     let a = app.get("/v1/openapi.json").await;
     assert_eq!(a.status, 200);
-    assert_eq!(&a.body, gateway::api::openapi::document());
+    // The committed contract, and each registered type's schemas and routes.
+    let types = gateway::registry::Registry::load(app.pool.clone()).await.unwrap();
+    assert_eq!(a.body, gateway::api::openapi::document_for(&types.snapshot()));
+    let contract = gateway::api::openapi::document();
+    for (path, item) in contract["paths"].as_object().unwrap() {
+        assert_eq!(&a.body["paths"][path], item, "{path}");
+    }
+    for (name, schema) in contract["components"]["schemas"].as_object().unwrap() {
+        assert_eq!(&a.body["components"]["schemas"][name], schema, "{name}");
+    }
+    for name in ["VmSpec", "BmSpec", "ClusterSpec", "VolumeSpec", "VolumeAttachInput"] {
+        assert!(a.body["components"]["schemas"].get(name).is_some(), "{name}");
+    }
+    let create = &a.body["paths"]["/v1/tenants/{tenant}/vms"]["post"];
+    assert_eq!(
+        create["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/VmCreateIn"
+    );
+    let mut refs_seen = Vec::new();
+    crate::contract::refs(&a.body, String::new(), &mut refs_seen);
+    for (at, r) in refs_seen {
+        assert!(a.body.pointer(r.trim_start_matches('#')).is_some(), "{at}: {r}");
+    }
 }
 
 /// `scripts/contract.sh` against a live gateway: the document validates as OpenAPI 3.1
@@ -166,6 +188,15 @@ async fn schemathesis_finds_no_failure_against_a_live_gateway() {
         )
         .await;
     assert_eq!(key.status, 201, "{:?}", key.body);
+    let widget = serde_json::json!({
+        "kind": "st_widget", "plural": "st-widgets", "service": "st_widgets",
+        "spec_schema": {"type": "object", "properties": {"size": {"type": "integer"}}},
+        "actions": {"poke": {}}
+    });
+    let put = app
+        .request(reqwest::Method::PUT, "/v1/resource-types/st_widget", Some(&app.admin_key), Some(&widget))
+        .await;
+    assert_eq!(put.status, 201, "{:?}", put.body);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/contract.sh");
     let mut command = tokio::process::Command::new(script);
     command
@@ -174,7 +205,8 @@ async fn schemathesis_finds_no_failure_against_a_live_gateway() {
         .env("ST_TENANT", &tenant)
         .env("ST_RESOURCE", &resource)
         .env("ST_OPERATION", &op_id)
-        .env("ST_KEY", key.body["id"].as_str().unwrap());
+        .env("ST_KEY", key.body["id"].as_str().unwrap())
+        .env("ST_KIND", "st_widget");
     let status = command.status().await.expect("scripts/contract.sh runs");
     assert!(
         status.success(),

@@ -350,7 +350,7 @@ async fn a_report_that_dispatches_nothing_still_has_its_event_published_at_once(
         .await;
     let id = id_of(&op).to_string();
     app.wait_op(&id, |o| o["state"] == "dispatched").await;
-    let key = gateway::app::worker_key(&app.pool, gateway_proto::Service::Vm, "zone-a")
+    let key = gateway::app::worker_key(&app.pool, &gateway_proto::Service::named("vm"), "zone-a")
         .await
         .unwrap();
     let a = app

@@ -17,7 +17,7 @@ use std::time::Duration;
 use uuid::Uuid;
 use workers::{SimConfig, SimDriver};
 
-fn reconciler(app: &TestApp) -> Reconciler {
+async fn reconciler(app: &TestApp) -> Reconciler {
     Reconciler {
         engine: Engine {
             pool: app.pool.clone(),
@@ -28,6 +28,7 @@ fn reconciler(app: &TestApp) -> Reconciler {
             changes: Default::default(),
             metrics: Default::default(),
             catalog: Default::default(),
+            types: gateway::registry::Registry::load(app.pool.clone()).await.unwrap(),
         },
         interval: Duration::from_secs(1),
         redispatch_after: Duration::from_secs(60),
@@ -65,7 +66,7 @@ async fn db_op(app: &TestApp, id: &str) -> (String, i32, i32, Option<String>) {
 
 fn pool_config(app: &TestApp, key: String) -> workers::PoolConfig {
     workers::PoolConfig {
-        service: Service::Vm,
+        service: Service::named("vm"),
         zone: "zone-a".into(),
         stream: app.config.nats.stream.clone(),
         gateway_url: app.url.clone(),
@@ -86,7 +87,7 @@ async fn a_quiet_operation_is_dispatched_again_only_once_its_message_is_gone() {
     let id = op["id"].as_str().unwrap();
     app.wait_op(id, |o| o["state"] == "dispatched").await;
     age(&app).await;
-    let r = reconciler(&app);
+    let r = reconciler(&app).await;
     assert_eq!(
         r.pass().await.unwrap(),
         Repairs::default(),
@@ -108,7 +109,7 @@ async fn a_quiet_operation_is_dispatched_again_only_once_its_message_is_gone() {
 
     // A worker started it, then its message was lost: dispatched again, with attempts
     // counted afresh, since the new message's deliveries count from 1.
-    let key = gateway::app::worker_key(&app.pool, Service::Vm, "zone-a")
+    let key = gateway::app::worker_key(&app.pool, &Service::named("vm"), "zone-a")
         .await
         .unwrap();
     let a = app
@@ -160,7 +161,7 @@ async fn an_operation_whose_messages_keep_getting_lost_fails_with_delivery_exhau
     );
     let del = app.delete(&path).await;
     assert_eq!(del.body["state"], "queued");
-    let r = reconciler(&app);
+    let r = reconciler(&app).await;
     for _ in 1..gateway::reconciler::MAX_DISPATCHES {
         app.wait_op(id, |o| o["state"] == "dispatched").await;
         lose_messages(&app).await;
@@ -215,7 +216,7 @@ async fn a_message_a_worker_terminates_without_a_report_fails_its_operation() {
 
     let consumer: PullConsumer = ops_stream(&app)
         .await
-        .get_consumer(&gateway_proto::consumer_name(Service::Vm, "zone-a"))
+        .get_consumer(&gateway_proto::consumer_name(&Service::named("vm"), "zone-a"))
         .await
         .unwrap();
     let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
@@ -321,7 +322,7 @@ async fn a_cancelled_update_is_converged_by_the_reconciler_and_a_failed_one_is_n
         .await;
     let done = app.wait_done(failed["id"].as_str().unwrap()).await;
     assert_eq!(done["state"], "failed");
-    assert_eq!(reconciler(&app).pass().await.unwrap().converged, 0);
+    assert_eq!(reconciler(&app).await.pass().await.unwrap().converged, 0);
     let ops: i64 = sqlx::query_scalar("SELECT count(*) FROM operations WHERE resource_id = $1")
         .bind(
             failed["resource_id"]
@@ -342,7 +343,7 @@ async fn reapplying_the_definitions_is_idempotent_and_updates_changed_settings()
     let js = app.running.as_ref().unwrap().backends.js.clone();
     let names = app.config.nats.clone();
     let zones = vec!["zone-a".to_string(), "zone-b".to_string()];
-    let consumer = gateway_proto::consumer_name(Service::Bm, "zone-b");
+    let consumer = gateway_proto::consumer_name(&Service::named("bm"), "zone-b");
     let settings = || {
         let (js, names, consumer) = (js.clone(), names.clone(), consumer.clone());
         async move {
@@ -374,7 +375,13 @@ async fn reapplying_the_definitions_is_idempotent_and_updates_changed_settings()
     changed.pool_consumer.max_ack_pending = 64;
     changed.ops_stream.max_bytes = 512 * 1024 * 1024;
     for _ in 0..2 {
-        gateway::jetstream::apply_definitions(&js, &names, &zones, &changed)
+        gateway::jetstream::apply_definitions(
+            &js,
+            &names,
+            &zones,
+            &crate::common::builtin_services(),
+            &changed,
+        )
             .await
             .unwrap();
         assert_eq!(
@@ -382,7 +389,7 @@ async fn reapplying_the_definitions_is_idempotent_and_updates_changed_settings()
             (7, Duration::from_secs(45), vec![], 64, 512 * 1024 * 1024)
         );
     }
-    gateway::jetstream::apply(&js, &names, &zones)
+    gateway::jetstream::apply(&js, &names, &zones, &crate::common::builtin_services())
         .await
         .unwrap();
     assert_eq!(settings().await, shipped, "the shipped settings again");

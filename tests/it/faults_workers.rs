@@ -35,7 +35,7 @@ async fn pool_backlog(d: &Deployment) -> (usize, u64) {
     let js = d.jetstream().await;
     let mut stream = js.get_stream(&d.names.stream).await.unwrap();
     let info = stream
-        .consumer_info(gateway_proto::consumer_name(Service::Vm, "zone-a"))
+        .consumer_info(gateway_proto::consumer_name(&Service::named("vm"), "zone-a"))
         .await
         .unwrap();
     (
@@ -64,7 +64,7 @@ async fn a_worker_killed_mid_operation_is_replaced_and_the_operation_completes_o
     let _relay = Gateway::relay(&d.env);
     // `slow-` names take 3 × 400 ms: long enough to be killed in, shorter than ack wait.
     let driver = SimDriver::new(latency(400));
-    let pools = [(Service::Vm, "zone-a")];
+    let pools = [(Service::named("vm"), "zone-a")];
     let doomed = d.workers(&[api.url()], driver.clone(), &pools, 1, 5).await;
     let tenant = d.tenant(&api.url()).await;
     let op = id_of(
@@ -117,7 +117,7 @@ async fn a_report_sent_while_the_gateway_is_down_lands_when_it_returns_and_then_
         .workers(
             &[api.url()],
             driver.clone(),
-            &[(Service::Vm, "zone-a")],
+            &[(Service::named("vm"), "zone-a")],
             1,
             5,
         )
@@ -223,7 +223,7 @@ async fn a_poison_message_fails_after_max_deliver_while_the_queue_keeps_flowing(
         .workers(
             &[api.url()],
             driver.clone(),
-            &[(Service::Vm, "zone-a")],
+            &[(Service::named("vm"), "zone-a")],
             2,
             3,
         )
@@ -289,7 +289,7 @@ async fn a_message_jetstream_gives_up_on_is_dead_lettered_and_removed() {
         .workers(
             &[api.url()],
             driver.clone(),
-            &[(Service::Vm, "zone-a")],
+            &[(Service::named("vm"), "zone-a")],
             2,
             0,
         )

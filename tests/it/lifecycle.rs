@@ -156,7 +156,7 @@ async fn a_delete_behind_a_running_create_waits_its_turn_then_runs() {
     let again = app.delete(&path).await;
     assert_eq!(again.body["id"], del.body["id"]);
 
-    let key = gateway::app::worker_key(&app.pool, gateway::domain::Service::Vm, "zone-a")
+    let key = gateway::app::worker_key(&app.pool, &gateway::domain::Service::named("vm"), "zone-a")
         .await
         .unwrap();
     let report = |id: &str, body: serde_json::Value| {

@@ -33,6 +33,7 @@ mod outbox;
 mod quotas;
 mod reads;
 mod reports;
+mod resource_types;
 mod security;
 mod up;
 mod validation;

@@ -4,6 +4,7 @@
 //! role needs; a forged or altered dispatch is terminated without running the driver.
 
 use crate::common;
+use crate::common::eventually;
 use crate::common::{example_spec, pg_base, unique};
 use crate::common::{free_port, Nats, TempDir};
 use async_nats::jetstream::{self, consumer::PullConsumer, stream::Stream};
@@ -43,7 +44,7 @@ impl Broker {
         };
         let dir = TempDir::new("gwtest-creds");
         let zones: Vec<String> = common::ZONES.iter().map(|z| z.to_string()).collect();
-        credentials::write(dir.path(), &names, &zones, &[]).unwrap();
+        credentials::write(dir.path(), &names, &zones, &crate::common::builtin_services(), &[]).unwrap();
         let conf = dir.path().join("server.conf");
         let store = dir.path().join("store");
         let jetstream = format!("jetstream {{ store_dir: \"{}\" }}", store.display());
@@ -58,6 +59,7 @@ impl Broker {
                 url: nats.url(),
                 dir: dir.path().to_owned(),
                 names,
+                server: None,
             },
             nats,
             _dir: dir,
@@ -194,23 +196,6 @@ async fn make_tenant(url: &str, key: &str) -> String {
     tenant
 }
 
-/// Polls `done` every 50 ms until it returns `Some`, failing after 30 s.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut done: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(t) = done().await {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 async fn up_runs_operations_end_to_end_on_its_own_authenticated_broker_and_stops_it() {
@@ -274,6 +259,7 @@ async fn up_runs_operations_end_to_end_on_its_own_authenticated_broker_and_stops
         url: format!("nats://127.0.0.1:{nats_port}"),
         dir: data.path().join("nats"),
         names: NatsNames::default(),
+        server: None,
     };
     let js = jetstream::new(gateway_user.connect(GATEWAY).await.unwrap());
     eventually("the dead letter is handled", || async {
@@ -374,11 +360,11 @@ async fn serve_relay_and_migrate_processes_run_as_their_own_users() {
     let worker = tokio::spawn(workers::run_pool(
         broker.js("worker-vm-zone-a").await,
         workers::PoolConfig {
-            service: Service::Vm,
+            service: Service::named("vm"),
             zone: "zone-a".into(),
             stream: names.stream.clone(),
             gateway_url: api.url(),
-            gateway_key: app::worker_key(&pool, Service::Vm, "zone-a").await.unwrap(),
+            gateway_key: app::worker_key(&pool, &Service::named("vm"), "zone-a").await.unwrap(),
             concurrency: 4,
             max_deliver: 5,
             dispatch_keys: key.public_key().into(),
@@ -583,12 +569,23 @@ async fn a_rotated_user_is_shut_out_on_reload_and_gets_back_in_with_its_new_seed
     let broker = Broker::start();
     let user = "worker-vm-zone-a";
     let zones: Vec<String> = common::ZONES.iter().map(|z| z.to_string()).collect();
-    gateway::jetstream::apply(&broker.js(RELAY).await, broker.names(), &zones)
+    gateway::jetstream::apply(
+        &broker.js(RELAY).await,
+        broker.names(),
+        &zones,
+        &crate::common::builtin_services(),
+    )
         .await
         .unwrap();
     let old = broker.logins.connect(user).await.unwrap();
     let rotated =
-        credentials::write(&broker.logins.dir, broker.names(), &zones, &[user.into()]).unwrap();
+        credentials::write(
+            &broker.logins.dir,
+            broker.names(),
+            &zones,
+            &crate::common::builtin_services(),
+            &[user.into()],
+        ).unwrap();
     assert_eq!(rotated.created, [user]);
     broker.nats.reload();
     eventually("the old key is disconnected", || async {
@@ -629,7 +626,13 @@ async fn gateway_on(broker: &Broker, db: &Database) -> (app::Running, Config, St
     let mut defs = gateway::jetstream::Definitions::shipped().unwrap();
     defs.ops_stream.duplicate_window_seconds = 1;
     let zones: Vec<String> = common::ZONES.iter().map(|z| z.to_string()).collect();
-    gateway::jetstream::apply_definitions(&broker.js(RELAY).await, broker.names(), &zones, &defs)
+    gateway::jetstream::apply_definitions(
+        &broker.js(RELAY).await,
+        broker.names(),
+        &zones,
+        &crate::common::builtin_services(),
+        &defs,
+    )
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -745,11 +748,11 @@ async fn forged_and_altered_dispatches_are_terminated_without_running_the_driver
     let metrics = workers::WorkerMetrics::register(&mut registry);
     let driver = workers::SimDriver::new(common::fast_sim());
     let pool_config = workers::PoolConfig {
-        service: Service::Vm,
+        service: Service::named("vm"),
         zone: "zone-a".into(),
         stream: broker.names().stream.clone(),
         gateway_url: url.clone(),
-        gateway_key: app::worker_key(&pool, Service::Vm, "zone-a").await.unwrap(),
+        gateway_key: app::worker_key(&pool, &Service::named("vm"), "zone-a").await.unwrap(),
         concurrency: 4,
         max_deliver: 5,
         dispatch_keys: config.dispatch_public_keys(),

@@ -106,7 +106,7 @@ async fn the_relay_publishes_deletes_and_marks_operations_dispatched() {
     // The message a worker gets carries everything it needs.
     let consumer: async_nats::jetstream::consumer::PullConsumer = stream
         .get_consumer(&gateway_proto::consumer_name(
-            gateway_proto::Service::Storage,
+            &gateway_proto::Service::named("storage"),
             "zone-b",
         ))
         .await
@@ -179,7 +179,7 @@ async fn rows_stay_in_the_outbox_while_jetstream_refuses_them() {
     assert_eq!(op_state, "pending");
     // Once the stream is back, the same row goes out.
     let zones = vec!["zone-a".to_string(), "zone-b".to_string()];
-    gateway::jetstream::apply(&js, &app.config.nats, &zones)
+    gateway::jetstream::apply(&js, &app.config.nats, &zones, &crate::common::builtin_services())
         .await
         .unwrap();
     let pass = relay_for(&app).pass().await.unwrap();

@@ -63,8 +63,8 @@ async fn every_route_answers_every_role_as_the_policy_table_says() {
         },
         Who {
             label: "worker",
-            key: Some(worker_key(&app.pool, Service::Vm, "zone-b").await.unwrap()),
-            principal: Some(principal(Role::Worker, None, Some((Service::Vm, "zone-b")))),
+            key: Some(worker_key(&app.pool, &Service::named("vm"), "zone-b").await.unwrap()),
+            principal: Some(principal(Role::Worker, None, Some((Service::named("vm"), "zone-b")))),
         },
         Who {
             label: "other-owner",

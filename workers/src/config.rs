@@ -383,7 +383,7 @@ mod tests {
             .collect();
         vars.entry("WORKER_DISPATCH_PUBLIC_KEYS".into())
             .or_insert_with(public_key);
-        WorkerConfig::from_lookup(Service::Vm, "zone-a".into(), |k| vars.get(k).cloned())
+        WorkerConfig::from_lookup(Service::named("vm"), "zone-a".into(), |k| vars.get(k).cloned())
     }
 
     fn error(vars: &[(&str, &str)]) -> String {
@@ -559,7 +559,7 @@ mod tests {
 
     #[test]
     fn a_zone_that_cannot_name_a_consumer_is_refused() {
-        let err = WorkerConfig::from_lookup(Service::Vm, "zone.a".into(), |_| Some("k".into()))
+        let err = WorkerConfig::from_lookup(Service::named("vm"), "zone.a".into(), |_| Some("k".into()))
             .unwrap_err();
         assert!(err
             .to_string()

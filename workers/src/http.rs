@@ -188,7 +188,7 @@ mod tests {
     async fn metrics_are_served_as_openmetrics_text_that_promtool_accepts() {
         let mut registry = Registry::default();
         let metrics = WorkerMetrics::register(&mut registry);
-        let pool = metrics.pool(Service::Vm, "zone-a");
+        let pool = metrics.pool(&Service::named("vm"), "zone-a");
         pool.message(crate::metrics::MessageOutcome::Succeeded);
         let (url, shutdown) = spawn(registry, "http://127.0.0.1:1").await;
 

@@ -29,7 +29,7 @@ use workers::{run_pool_with_metrics, ExecDriver, Service, SimDriver, WorkerMetri
 #[derive(Debug, Parser)]
 #[command(name = "worker", version)]
 struct Args {
-    /// The service to serve: vm, bm, k8s or storage.
+    /// The service to serve: a registered service, e.g. vm, bm, k8s or storage.
     #[arg(long, env = "WORKER_SERVICE", value_parser = parse_service)]
     service: Service,
     /// The zone to serve, e.g. zone-a.
@@ -39,8 +39,7 @@ struct Args {
 
 fn parse_service(s: &str) -> Result<Service, String> {
     s.parse().map_err(|_| {
-        let all: Vec<&str> = Service::ALL.iter().map(|s| s.as_str()).collect();
-        format!("must be one of {}", all.join(", "))
+        "must be a registered service: 1 to 32 of a-z, 0-9 and _, starting with a letter (vm, bm, k8s, storage, …)".to_owned()
     })
 }
 
@@ -78,7 +77,7 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("WORKER_LISTEN: cannot listen on {listen}"))?;
     // Keep trying in the background if NATS is not up yet: the pool logs and waits, and
     // /readyz says so.
-    let user = workers::nats::worker_user(pool.service, &pool.zone);
+    let user = workers::nats::worker_user(&pool.service, &pool.zone);
     let inbox = workers::nats::inbox_prefix(&pool.stream, &user);
     let client = nats.connect(&nats_url, &user, &inbox).await?;
 

@@ -53,14 +53,14 @@ const DRIVER_BUCKETS: [f64; 15] = [
 /// The labels of a per-pool metric.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
-    service: &'static str,
+    service: String,
     zone: String,
 }
 
 /// The labels of a per-pool metric split by outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
-    service: &'static str,
+    service: String,
     zone: String,
     outcome: &'static str,
 }
@@ -145,13 +145,13 @@ impl WorkerMetrics {
     }
 
     /// The series of the pool of `service` in `zone`, all created now (at zero).
-    pub(crate) fn pool(&self, service: Service, zone: &str) -> PoolMetrics {
+    pub(crate) fn pool(&self, service: &Service, zone: &str) -> PoolMetrics {
         let pool = PoolLabels {
-            service: service.as_str(),
+            service: service.to_string(),
             zone: zone.to_owned(),
         };
         let outcome = |outcome: &'static str| OutcomeLabels {
-            service: pool.service,
+            service: pool.service.clone(),
             zone: pool.zone.clone(),
             outcome,
         };
@@ -346,7 +346,7 @@ mod tests {
     fn every_series_of_a_pool_exists_from_the_start_with_its_labels() {
         let mut registry = Registry::default();
         let metrics = WorkerMetrics::register(&mut registry);
-        metrics.pool(Service::Storage, "zone-b");
+        metrics.pool(&Service::named("storage"), "zone-b");
         let text = render(&registry).unwrap();
         for outcome in MessageOutcome::ALL {
             let series = format!(
@@ -382,8 +382,8 @@ mod tests {
     fn pools_sharing_the_metrics_count_apart_and_in_flight_falls_when_work_ends() {
         let mut registry = Registry::default();
         let metrics = WorkerMetrics::register(&mut registry);
-        let vm_a = metrics.pool(Service::Vm, "zone-a");
-        let vm_b = metrics.clone().pool(Service::Vm, "zone-b");
+        let vm_a = metrics.pool(&Service::named("vm"), "zone-a");
+        let vm_b = metrics.clone().pool(&Service::named("vm"), "zone-b");
         vm_a.message(MessageOutcome::Succeeded);
         vm_a.message(MessageOutcome::Succeeded);
         vm_b.message(MessageOutcome::Poison);
@@ -414,7 +414,7 @@ mod tests {
 
     #[test]
     fn default_metrics_count_without_a_registry() {
-        let pool = WorkerMetrics::default().pool(Service::Bm, "zone-a");
+        let pool = WorkerMetrics::default().pool(&Service::named("bm"), "zone-a");
         pool.message(MessageOutcome::Failed);
         pool.report_retry();
         assert_eq!(pool.messages[MessageOutcome::Failed as usize].get(), 1);

@@ -65,7 +65,7 @@ pub struct NatsLogin {
 }
 
 /// The NATS user name of the workers of one pool: `worker-{service}-{zone}`.
-pub fn worker_user(service: Service, zone: &str) -> String {
+pub fn worker_user(service: &Service, zone: &str) -> String {
     format!("worker-{}", gateway_proto::consumer_name(service, zone))
 }
 
@@ -420,7 +420,7 @@ mod tests {
 
     #[test]
     fn names_of_users_and_inboxes_are_derived_from_the_deployment() {
-        assert_eq!(worker_user(Service::K8s, "zone-b"), "worker-k8s-zone-b");
+        assert_eq!(worker_user(&Service::named("k8s"), "zone-b"), "worker-k8s-zone-b");
         assert_eq!(inbox_prefix("OPS", "relay"), "_INBOX.OPS.relay");
     }
 }

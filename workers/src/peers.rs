@@ -27,7 +27,7 @@
 
 use crate::drivers::DriverError;
 use crate::report::{error_body, error_chain, GatewayClient, TraceHeaders};
-use gateway_proto::{Action, Dispatch, Kind, Service};
+use gateway_proto::{Dispatch, Kind, Service};
 use reqwest::{Method, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -65,8 +65,8 @@ impl Peer {
     ///
     /// A storage operation on a volume whose `spec.attached_to` is a UUID depends on
     /// that VM, unless it deletes the volume. Nothing else depends on anything.
-    pub fn of(service: Service, op: &Dispatch) -> Option<Peer> {
-        if service != Service::Storage || op.kind != Kind::Volume || op.action == Action::Delete {
+    pub fn of(service: &Service, op: &Dispatch) -> Option<Peer> {
+        if *service != "storage" || op.kind != "volume" || op.action.is_delete() {
             return None;
         }
         let vm = op.spec.get("attached_to")?.as_str()?.parse().ok()?;
@@ -76,7 +76,7 @@ impl Peer {
     /// The kind of the resource depended on.
     pub fn kind(self) -> Kind {
         match self {
-            Peer::AttachTarget { .. } => Kind::Vm,
+            Peer::AttachTarget { .. } => Kind::named("vm"),
         }
     }
 
@@ -255,7 +255,7 @@ impl Peers for GatewayClient {
         peer: Peer,
         trace: &TraceHeaders,
     ) -> impl Future<Output = Result<PeerAnswer, LookupError>> + Send {
-        let request = resource_url(self.base_url(), tenant, peer.kind(), peer.id())
+        let request = resource_url(self.base_url(), tenant, &peer.kind(), peer.id())
             .map(|url| self.request(Method::GET, url, trace));
         async move {
             let response = request?
@@ -273,7 +273,7 @@ impl Peers for GatewayClient {
 }
 
 /// `{base}/v1/tenants/{tenant}/{collection}/{id}`, each segment percent-encoded.
-fn resource_url(base: &str, tenant: &str, kind: Kind, id: Uuid) -> Result<Url, LookupError> {
+fn resource_url(base: &str, tenant: &str, kind: &Kind, id: Uuid) -> Result<Url, LookupError> {
     let bad = |why: &str| LookupError::Permanent(format!("gateway URL {base:?} {why}"));
     let mut url = Url::parse(base).map_err(|e| bad(&format!("is not a URL: {e}")))?;
     url.path_segments_mut()
@@ -284,12 +284,15 @@ fn resource_url(base: &str, tenant: &str, kind: Kind, id: Uuid) -> Result<Url, L
 }
 
 /// The path segment of a kind's collection in the API.
-fn collection(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Vm => "vms",
-        Kind::Bm => "bare-metal",
-        Kind::Cluster => "clusters",
-        Kind::Volume => "volumes",
+///
+/// A worker knows the kinds its service depends on; these are the built-in kinds'.
+fn collection(kind: &Kind) -> &str {
+    match kind.as_str() {
+        "vm" => "vms",
+        "bm" => "bare-metal",
+        "cluster" => "clusters",
+        "volume" => "volumes",
+        other => other,
     }
 }
 
@@ -319,10 +322,11 @@ pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Result<PeerAnswer, Lo
 mod tests {
     use super::*;
     use crate::drivers::sim::tests::dispatch;
+    use gateway_proto::Action;
     use serde_json::json;
 
     fn volume(action: Action, spec: Value) -> Dispatch {
-        dispatch(Kind::Volume, action, "data", spec)
+        dispatch(Kind::named("volume"), action, "data", spec)
     }
 
     fn vm_json(op: &Dispatch, vm: Uuid, phase: &str, status: Value) -> Value {
@@ -346,57 +350,57 @@ mod tests {
         let vm = Uuid::now_v7();
         let attached = json!({"size_gb": 20, "class": "ssd", "attached_to": vm});
         for action in [
-            Action::Create,
-            Action::Attach,
-            Action::Update,
-            Action::Resize,
+            Action::create(),
+            Action::named("attach"),
+            Action::update(),
+            Action::named("resize"),
         ] {
             assert_eq!(
-                Peer::of(Service::Storage, &volume(action, attached.clone())),
+                Peer::of(&Service::named("storage"), &volume(action.clone(), attached.clone())),
                 Some(Peer::AttachTarget { vm }),
                 "{action}"
             );
         }
         assert_eq!(
-            Peer::of(Service::Storage, &volume(Action::Delete, attached.clone())),
+            Peer::of(&Service::named("storage"), &volume(Action::delete(), attached.clone())),
             None
         );
         let detached = json!({"size_gb": 20, "class": "ssd"});
         assert_eq!(
-            Peer::of(Service::Storage, &volume(Action::Detach, detached)),
+            Peer::of(&Service::named("storage"), &volume(Action::named("detach"), detached)),
             None
         );
         let not_a_uuid = json!({"size_gb": 20, "attached_to": "web-1"});
         assert_eq!(
-            Peer::of(Service::Storage, &volume(Action::Create, not_a_uuid)),
+            Peer::of(&Service::named("storage"), &volume(Action::create(), not_a_uuid)),
             None
         );
         assert_eq!(
             Peer::of(
-                Service::Storage,
-                &volume(Action::Create, json!({"attached_to": null}))
+                &Service::named("storage"),
+                &volume(Action::create(), json!({"attached_to": null}))
             ),
             None
         );
         // Another pool never looks anything up, whatever the spec says.
         assert_eq!(
-            Peer::of(Service::Vm, &volume(Action::Create, attached.clone())),
+            Peer::of(&Service::named("vm"), &volume(Action::create(), attached.clone())),
             None
         );
-        let vm_op = dispatch(Kind::Vm, Action::Create, "web", attached);
-        assert_eq!(Peer::of(Service::Storage, &vm_op), None);
+        let vm_op = dispatch(Kind::named("vm"), Action::create(), "web", attached);
+        assert_eq!(Peer::of(&Service::named("storage"), &vm_op), None);
 
         let peer = Peer::AttachTarget { vm };
         assert_eq!(
             (peer.kind(), peer.id(), peer.input_key()),
-            (Kind::Vm, vm, "attach_target")
+            (Kind::named("vm"), vm, "attach_target")
         );
     }
 
     #[test]
     fn a_live_vm_becomes_the_attach_target_with_its_host() {
         let vm = Uuid::now_v7();
-        let op = volume(Action::Attach, json!({"size_gb": 20, "attached_to": vm}));
+        let op = volume(Action::named("attach"), json!({"size_gb": 20, "attached_to": vm}));
         let peer = Peer::AttachTarget { vm };
         let status = json!({"power_state": "running", "host": "zone-a-host-3", "ip": "10.0.0.1"});
         let target = peer
@@ -428,7 +432,7 @@ mod tests {
     #[test]
     fn a_vm_that_is_gone_or_going_fails_the_attachment() {
         let vm = Uuid::now_v7();
-        let op = volume(Action::Create, json!({"size_gb": 20, "attached_to": vm}));
+        let op = volume(Action::create(), json!({"size_gb": 20, "attached_to": vm}));
         let peer = Peer::AttachTarget { vm };
         let status = json!({"host": "zone-a-host-3"});
         for phase in ["deleting", "deleted"] {
@@ -475,7 +479,7 @@ mod tests {
     #[test]
     fn the_enriched_dispatch_differs_only_by_the_input_key() {
         let vm = Uuid::now_v7();
-        let mut op = volume(Action::Attach, json!({"size_gb": 20, "attached_to": vm}));
+        let mut op = volume(Action::named("attach"), json!({"size_gb": 20, "attached_to": vm}));
         op.input = json!({"vm_id": vm});
         let target = json!({"id": vm, "zone": "zone-a", "host": null, "phase": "ready"});
         let enriched = with_input(&op, ATTACH_TARGET_KEY, target.clone());
@@ -497,17 +501,17 @@ mod tests {
     #[test]
     fn reads_go_to_the_resource_path_with_segments_encoded() {
         let vm = Uuid::now_v7();
-        let url = resource_url("http://127.0.0.1:8080", "acme", Kind::Vm, vm).unwrap();
+        let url = resource_url("http://127.0.0.1:8080", "acme", &Kind::named("vm"), vm).unwrap();
         assert_eq!(
             url.as_str(),
             format!("http://127.0.0.1:8080/v1/tenants/acme/vms/{vm}")
         );
-        let url = resource_url("http://gw.internal/api/", "a/b c", Kind::Bm, vm).unwrap();
+        let url = resource_url("http://gw.internal/api/", "a/b c", &Kind::named("bm"), vm).unwrap();
         assert_eq!(
             url.as_str(),
             format!("http://gw.internal/api/v1/tenants/a%2Fb%20c/bare-metal/{vm}")
         );
-        assert!(!resource_url("not a url", "acme", Kind::Vm, vm)
+        assert!(!resource_url("not a url", "acme", &Kind::named("vm"), vm)
             .unwrap_err()
             .is_transient());
     }

@@ -170,7 +170,7 @@ async fn stand_in(
 
 /// A stream and the vm pool's consumer for `ZONE`, as `gateway migrate` would make them.
 async fn create_stream(js: &jetstream::Context, name: &str, prefix: &str, max_deliver: i64) {
-    create_stream_for(js, name, prefix, max_deliver, Service::Vm).await;
+    create_stream_for(js, name, prefix, max_deliver, Service::named("vm")).await;
 }
 
 /// A stream and `service`'s consumer for `ZONE`.
@@ -193,8 +193,8 @@ async fn create_stream_for(
         .unwrap();
     stream
         .create_consumer(pull::Config {
-            durable_name: Some(consumer_name(service, ZONE)),
-            filter_subject: ops_subject(prefix, service, ZONE),
+            durable_name: Some(consumer_name(&service, ZONE)),
+            filter_subject: ops_subject(prefix, &service, ZONE),
             ack_wait: Duration::from_secs(30),
             max_deliver,
             max_ack_pending: 256,
@@ -214,10 +214,11 @@ fn dispatch(name: &str) -> Dispatch {
         operation_id: Uuid::now_v7(),
         tenant: "acme".into(),
         resource_id: Uuid::now_v7(),
-        kind: Kind::Vm,
+        kind: Kind::named("vm"),
+        service: Service::named("vm"),
         zone: ZONE.into(),
         name: name.into(),
-        action: Action::Create,
+        action: Action::create(),
         generation: 1,
         spec: json!({"flavor": "m1.small", "image": "debian-12", "power_state": "running"}),
         input: json!({}),
@@ -232,7 +233,7 @@ fn signing_key() -> SigningKey {
 
 /// Publishes `op` as the relay does: with a message ID and signed.
 async fn publish(js: &jetstream::Context, prefix: &str, op: &Dispatch) {
-    let subject = ops_subject(prefix, op.kind.service(), ZONE);
+    let subject = ops_subject(prefix, &op.service, ZONE);
     let (msg_id, body) = (
         format!("{}.1", op.operation_id),
         serde_json::to_vec(op).unwrap(),
@@ -264,14 +265,14 @@ async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool
 
 fn pool(stream: &str, gateway_url: &str, max_deliver: i64) -> PoolConfig {
     PoolConfig {
-        service: Service::Vm,
+        service: Service::named("vm"),
         ..storage_pool(stream, gateway_url, max_deliver)
     }
 }
 
 fn storage_pool(stream: &str, gateway_url: &str, max_deliver: i64) -> PoolConfig {
     PoolConfig {
-        service: Service::Storage,
+        service: Service::named("storage"),
         zone: ZONE.into(),
         stream: stream.into(),
         gateway_url: gateway_url.into(),
@@ -331,7 +332,7 @@ async fn a_pool_started_before_its_stream_reports_and_acks_every_operation_throu
     )
     .await;
     let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream(consumer_name(Service::Vm, ZONE), &stream_name)
+        .get_consumer_from_stream(consumer_name(&Service::named("vm"), ZONE), &stream_name)
         .await
         .unwrap();
     let mut settled = false;
@@ -660,7 +661,8 @@ async fn shutdown_hands_an_unfinished_message_back_and_counts_it() {
 /// A volume of `acme` in `ZONE` attached to `vm`.
 fn attached_volume(name: &str, vm: Uuid) -> Dispatch {
     Dispatch {
-        kind: Kind::Volume,
+        kind: Kind::named("volume"),
+        service: Service::named("storage"),
         spec: json!({"size_gb": 20, "class": "ssd", "attached_to": vm}),
         ..dispatch(name)
     }
@@ -685,7 +687,7 @@ async fn run_storage_op(
 ) -> (Report, Vec<(String, Option<String>, Option<String>)>) {
     let js = connect().await;
     let (stream_name, prefix) = (unique("WTEST"), unique("wtest"));
-    create_stream_for(&js, &stream_name, &prefix, 5, Service::Storage).await;
+    create_stream_for(&js, &stream_name, &prefix, 5, Service::named("storage")).await;
     let driver = SimDriver::new(SimConfig {
         min_latency: Duration::from_millis(1),
         max_latency: Duration::from_millis(5),

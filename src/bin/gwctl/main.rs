@@ -121,6 +121,16 @@ enum Command {
         after_help = VOLUMES_HELP
     )]
     Volumes(ResourceCmd),
+    /// Resources of any registered kind, by its plural: `gwctl resources load-balancers list`.
+    Resources {
+        /// The kind's plural (`gwctl types list` shows them).
+        plural: String,
+        #[command(subcommand)]
+        cmd: ResourceCmd,
+    },
+    /// Resource types: list, get, apply (register or change), delete.
+    #[command(subcommand)]
+    Types(TypesCmd),
     /// Operations: get, list, wait, cancel.
     #[command(subcommand)]
     Ops(OpsCmd),
@@ -306,6 +316,28 @@ struct Paging {
     /// The previous page's next cursor.
     #[arg(long)]
     cursor: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TypesCmd {
+    /// Every registered kind.
+    List,
+    /// One kind's definition.
+    Get {
+        /// The kind, e.g. `vm`.
+        kind: String,
+    },
+    /// Register a kind, or change it, from a JSON file (admins).
+    Apply {
+        /// The definition: kind, plural, service, spec_schema, actions, ….
+        #[arg(short = 'f', long)]
+        file: std::path::PathBuf,
+    },
+    /// Remove a kind that no live resource has (admins).
+    Delete {
+        /// The kind.
+        kind: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -533,10 +565,12 @@ async fn run(cli: Cli) -> Outcome {
     match cli.command {
         Command::Tenants(cmd) => ctx.tenants(cmd).await,
         Command::Keys(cmd) => ctx.keys(cmd).await,
-        Command::Vms(cmd) => ctx.resources(Kind::Vm, cmd).await,
-        Command::BareMetal(cmd) => ctx.resources(Kind::Bm, cmd).await,
-        Command::Clusters(cmd) => ctx.resources(Kind::Cluster, cmd).await,
-        Command::Volumes(cmd) => ctx.resources(Kind::Volume, cmd).await,
+        Command::Vms(cmd) => ctx.resources("vms", cmd).await,
+        Command::BareMetal(cmd) => ctx.resources("bare-metal", cmd).await,
+        Command::Clusters(cmd) => ctx.resources("clusters", cmd).await,
+        Command::Volumes(cmd) => ctx.resources("volumes", cmd).await,
+        Command::Resources { plural, cmd } => ctx.resources(&plural, cmd).await,
+        Command::Types(cmd) => ctx.types(cmd).await,
         Command::Ops(cmd) => ctx.ops(cmd).await,
         Command::Watch(args) => ctx.watch(args).await,
         Command::Quotas(cmd) => ctx.quotas(cmd).await,
@@ -614,7 +648,24 @@ impl Ctx {
         Ok(())
     }
 
-    async fn resources(&self, kind: Kind, cmd: ResourceCmd) -> Outcome {
+    async fn types(&self, cmd: TypesCmd) -> Outcome {
+        let gw = &self.gw;
+        match cmd {
+            TypesCmd::List => output::many(&gw.resource_types().await?, self.format),
+            TypesCmd::Get { kind } => output::one(&gw.resource_type(&kind).await?, self.format),
+            TypesCmd::Apply { file } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| usage(format!("{}: {e}", file.display())))?;
+                let def: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| usage(format!("{}: not JSON: {e}", file.display())))?;
+                output::one(&gw.put_resource_type(&def).await?, self.format);
+            }
+            TypesCmd::Delete { kind } => gw.delete_resource_type(&kind).await?,
+        }
+        Ok(())
+    }
+
+    async fn resources(&self, kind: &str, cmd: ResourceCmd) -> Outcome {
         let t = self.tenant()?;
         let gw = &self.gw;
         let (op, wait) = match cmd {
@@ -692,21 +743,21 @@ impl Ctx {
                 (op, wait)
             }
         };
-        self.submitted(op, wait).await
+        self.submitted(op, wait, kind).await
     }
 
     /// After a write: print the operation, or with --wait follow it and print the
     /// resource it left (the operation itself for deletes and failures).
-    async fn submitted(&self, op: Operation, wait: WaitArgs) -> Outcome {
+    async fn submitted(&self, op: Operation, wait: WaitArgs, plural: &str) -> Outcome {
         if !wait.wait {
             output::one(&op, self.format);
             return Ok(());
         }
         let done = self.follow(op.id, wait.timeout).await?;
-        if done.state == OperationState::Succeeded && done.action != Action::Delete {
+        if done.state == OperationState::Succeeded && !done.action.is_delete() {
             let resource = self
                 .gw
-                .get_resource(&done.tenant, done.kind, done.resource_id)
+                .get_resource(&done.tenant, plural, done.resource_id)
                 .await?;
             output::one(&resource, self.format);
             return Ok(());
@@ -1135,7 +1186,7 @@ mod tests {
         let l = parse_limit("storage_gb:volume:zone-a=500").unwrap();
         assert_eq!(
             (l.dimension.as_str(), l.kind, l.zone.as_deref(), l.limit),
-            ("storage_gb", Some(Kind::Volume), Some("zone-a"), 500)
+            ("storage_gb", Some(Kind::named("volume")), Some("zone-a"), 500)
         );
         let l = parse_limit("vcpus:*:zone-b=8").unwrap();
         assert_eq!((l.kind, l.zone.as_deref()), (None, Some("zone-b")));

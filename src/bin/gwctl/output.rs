@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use gateway_client::{
     AuditEntry, CatalogEntry, CloudEvent, Delivery, KeyInfo, NewKey, Operation, Page, Quotas,
-    Resource, Tenant, Webhook, WebhookWithSecret, Zone,
+    Resource, ResourceType, Tenant, Webhook, WebhookWithSecret, Zone,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -308,7 +308,7 @@ impl Tabular for Quotas {
             .map(|l| {
                 vec![
                     l.limit.dimension.clone(),
-                    l.limit.kind.map_or_else(|| "*".into(), |k| k.to_string()),
+                    l.limit.kind.clone().map_or_else(|| "*".into(), |k| k.to_string()),
                     l.limit.zone.clone().unwrap_or_else(|| "*".into()),
                     l.limit.limit.to_string(),
                     l.used.to_string(),
@@ -322,6 +322,20 @@ impl Tabular for Zone {
     const HEADERS: &'static [&'static str] = &["NAME", "DESCRIPTION"];
     fn rows(&self) -> Vec<Vec<String>> {
         vec![vec![self.name.clone(), self.description.clone()]]
+    }
+}
+
+impl Tabular for ResourceType {
+    const HEADERS: &'static [&'static str] = &["KIND", "PLURAL", "SERVICE", "VERSION", "ACTIONS"];
+    fn rows(&self) -> Vec<Vec<String>> {
+        let actions: Vec<&str> = self.actions.keys().map(String::as_str).collect();
+        vec![vec![
+            self.kind.to_string(),
+            self.plural.clone(),
+            self.service.to_string(),
+            self.version.to_string(),
+            actions.join(","),
+        ]]
     }
 }
 

@@ -53,6 +53,31 @@ pub fn fast_sim() -> workers::SimConfig {
 }
 
 /// The documented example spec of each API kind path.
+/// Polls `done` every 50 ms until it returns `Some`, failing after 30 s.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut done: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(t) = done().await {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The services of the four built-in kinds, as the migration registers them.
+pub fn builtin_services() -> Vec<gateway_proto::Service> {
+    ["bm", "k8s", "storage", "vm"]
+        .map(gateway_proto::Service::named)
+        .to_vec()
+}
+
 pub fn example_spec(kind: &str) -> Value {
     match kind {
         "vms" => json!({"flavor": "m1.small", "image": "debian-12"}),
@@ -318,7 +343,6 @@ impl Client {
         zone: &str,
         spec: Value,
     ) -> Value {
-        let kind = gateway_proto::kind_from_path(kind).expect("a kind's path segment");
         let resource = gateway_client::NewResource {
             name: name.to_owned(),
             zone: zone.to_owned(),

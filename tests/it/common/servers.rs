@@ -590,7 +590,13 @@ impl Deployment {
         let mut defs = gateway::jetstream::Definitions::shipped().unwrap();
         tweak(&mut defs);
         let zones: Vec<String> = ZONES.iter().map(|z| z.to_string()).collect();
-        gateway::jetstream::apply_definitions(&self.jetstream().await, &self.names, &zones, &defs)
+        gateway::jetstream::apply_definitions(
+            &self.jetstream().await,
+            &self.names,
+            &zones,
+            &super::builtin_services(),
+            &defs,
+        )
             .await
             .unwrap();
     }
@@ -739,7 +745,7 @@ impl Deployment {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let mut tasks = Vec::new();
         for (service, zone) in pools {
-            let key = gateway::app::worker_key(&self.pool, *service, zone)
+            let key = gateway::app::worker_key(&self.pool, service, zone)
                 .await
                 .unwrap();
             for replica in 0..replicas {
@@ -749,7 +755,7 @@ impl Deployment {
                     .await
                     .unwrap();
                 let config = workers::PoolConfig {
-                    service: *service,
+                    service: service.clone(),
                     zone: zone.to_string(),
                     stream: self.names.stream.clone(),
                     gateway_url: gateway_urls[replica % gateway_urls.len()].clone(),
@@ -773,8 +779,8 @@ impl Deployment {
 pub fn all_pools() -> Vec<(gateway_proto::Service, &'static str)> {
     let mut pools = Vec::new();
     for zone in ZONES {
-        for service in gateway_proto::Service::ALL {
-            pools.push((*service, zone));
+        for service in super::builtin_services() {
+            pools.push((service, zone));
         }
     }
     pools

@@ -213,7 +213,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         };
         let attempt = i32::try_from(delivered).unwrap_or(i32::MAX);
         span.record("attempt", attempt);
-        if op.kind.service() != self.service || op.zone != self.zone {
+        if op.service != self.service || op.zone != self.zone {
             tracing::error!(
                 kind = %op.kind,
                 op_zone = %op.zone,
@@ -384,7 +384,7 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         op: &Dispatch,
         trace: &TraceHeaders,
     ) -> Result<Option<Dispatch>, DriverError> {
-        let Some(peer) = Peer::of(self.service, op) else {
+        let Some(peer) = Peer::of(&self.service, op) else {
             return Ok(None);
         };
         let read = || async {
@@ -614,7 +614,7 @@ mod tests {
         let handler = Handler {
             driver: SimDriver::new(config),
             reporter: gateway,
-            service,
+            service: service.clone(),
             zone: "zone-a".into(),
             max_deliver: AtomicI64::new(5),
             trust: TrustedKeys::new(vec![test_key().public_key()]),
@@ -623,23 +623,23 @@ mod tests {
                 driver_retry: tiny.with_max_times(3),
                 progress_interval: Duration::from_millis(1),
             },
-            metrics: metrics.pool(service, "zone-a"),
+            metrics: metrics.pool(&service, "zone-a"),
         };
         Tested { handler, registry }
     }
 
     fn handler(config: SimConfig, gateway: FakeGateway) -> Tested {
-        build(Service::Vm, config, gateway)
+        build(Service::named("vm"), config, gateway)
     }
 
     fn storage_handler(config: SimConfig, gateway: FakeGateway) -> Tested {
-        build(Service::Storage, config, gateway)
+        build(Service::named("storage"), config, gateway)
     }
 
     /// A volume of `acme` in `zone-a` attached to `vm`.
     fn attached_volume(action: Action, vm: Uuid) -> Dispatch {
         dispatch(
-            Kind::Volume,
+            Kind::named("volume"),
             action,
             "data",
             json!({"size_gb": 20, "class": "ssd", "attached_to": vm}),
@@ -995,7 +995,7 @@ mod tests {
             found_vm(vm_id, "ready", Some("zone-a-host-3")),
         ]);
         let h = storage_handler(instant(), gateway);
-        let op = attached_volume(Action::Attach, vm_id);
+        let op = attached_volume(Action::named("attach"), vm_id);
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
         assert_eq!(states(&h), [ReportState::Running, ReportState::Succeeded]);
         let status = last_report(&h).status.unwrap();
@@ -1022,7 +1022,7 @@ mod tests {
         let vm_id = Uuid::now_v7();
         let gateway = peer_script(vec![found_vm(vm_id, "provisioning", None)]);
         let h = storage_handler(instant(), gateway);
-        let op = attached_volume(Action::Create, vm_id);
+        let op = attached_volume(Action::create(), vm_id);
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Ack);
         let status = last_report(&h).status.unwrap();
         assert_eq!(status["attached_to"], vm_id.to_string());
@@ -1047,7 +1047,7 @@ mod tests {
             (found_vm(vm_id, "deleted", None), "deleted"),
         ] {
             let h = storage_handler(instant(), peer_script(vec![answer]));
-            let op = attached_volume(Action::Update, vm_id);
+            let op = attached_volume(Action::update(), vm_id);
             assert_eq!(
                 h.handle(&delivery(&op, 1)).await,
                 Disposition::Term,
@@ -1077,7 +1077,7 @@ mod tests {
             "403 Forbidden: forbidden: no".into(),
         ));
         let h = storage_handler(instant(), peer_script(vec![refused]));
-        let op = attached_volume(Action::Attach, Uuid::now_v7());
+        let op = attached_volume(Action::named("attach"), Uuid::now_v7());
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
         let error = last_report(&h).error.unwrap();
         assert_eq!(error.code, "attachment_lookup_failed");
@@ -1095,7 +1095,7 @@ mod tests {
             ..FakeGateway::default()
         };
         let h = storage_handler(instant(), gateway);
-        let mut op = attached_volume(Action::Attach, Uuid::now_v7());
+        let mut op = attached_volume(Action::named("attach"), Uuid::now_v7());
         op.deadline = Utc::now() + chrono::Duration::milliseconds(100);
         assert_eq!(h.handle(&delivery(&op, 1)).await, Disposition::Term);
         assert_eq!(last_report(&h).error.unwrap().code, "deadline_exceeded");
@@ -1115,10 +1115,10 @@ mod tests {
         // Deleting an attached volume, or one with no attachment: nothing to read.
         let h = storage_handler(instant(), FakeGateway::default());
         for op in [
-            attached_volume(Action::Delete, vm_id),
+            attached_volume(Action::delete(), vm_id),
             dispatch(
-                Kind::Volume,
-                Action::Detach,
+                Kind::named("volume"),
+                Action::named("detach"),
                 "data",
                 json!({"size_gb": 20, "class": "ssd"}),
             ),

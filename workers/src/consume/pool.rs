@@ -79,17 +79,17 @@ pub async fn run_pool_with_metrics<D: Driver>(
     let handler = Arc::new(Handler {
         driver,
         reporter,
-        service: cfg.service,
+        service: cfg.service.clone(),
         zone: cfg.zone.clone(),
         max_deliver: AtomicI64::new(cfg.max_deliver),
         trust: cfg.dispatch_keys.clone(),
         timing: Timing::default(),
-        metrics: metrics.pool(cfg.service, &cfg.zone),
+        metrics: metrics.pool(&cfg.service, &cfg.zone),
     });
     let span = info_span!("pool", service = %cfg.service, zone = %cfg.zone);
     let pool = Pool {
         js,
-        consumer: consumer_name(cfg.service, &cfg.zone),
+        consumer: consumer_name(&cfg.service, &cfg.zone),
         slots: Arc::new(Semaphore::new(cfg.concurrency)),
         cfg,
         handler,

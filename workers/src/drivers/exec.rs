@@ -158,8 +158,8 @@ mod tests {
 
     fn op() -> Dispatch {
         dispatch(
-            Kind::Volume,
-            Action::Create,
+            Kind::named("volume"),
+            Action::create(),
             "data",
             json!({"size_gb": 20, "class": "ssd"}),
         )

@@ -13,7 +13,7 @@
 
 use super::{Driver, DriverError};
 use crate::peers::ATTACH_TARGET_KEY;
-use gateway_proto::{Action, Dispatch, Kind};
+use gateway_proto::Dispatch;
 use rand::Rng;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -200,8 +200,8 @@ impl SimDriver {
         }
         let outcome = outcome.and_then(|status| {
             let live = state.live.entry(op.zone.clone()).or_default();
-            match op.action {
-                Action::Create if !live.contains(&op.resource_id) => {
+            match op.action.as_str() {
+                "create" if !live.contains(&op.resource_id) => {
                     if let Some(cap) = self.inner.capacity_per_zone {
                         if live.len() >= cap as usize {
                             return Err(DriverError::permanent(
@@ -212,7 +212,7 @@ impl SimDriver {
                     }
                     live.insert(op.resource_id);
                 }
-                Action::Delete => {
+                "delete" => {
                     live.remove(&op.resource_id);
                 }
                 _ => {}
@@ -236,37 +236,37 @@ impl SimDriver {
 
 /// The observed status after `op` succeeded, derived deterministically from it.
 fn status(op: &Dispatch) -> Value {
-    if op.action == Action::Delete {
+    if op.action.is_delete() {
         return json!({});
     }
     let spec = |key: &str| op.spec.get(key).cloned().unwrap_or(Value::Null);
     // Bytes 10..16 are random in both v4 and v7 UUIDs (the start of a v7 is a timestamp).
     let b = op.resource_id.as_bytes();
-    let mut status = match op.kind {
-        Kind::Vm => json!({
+    let mut status = match op.kind.as_str() {
+        "vm" => json!({
             "power_state": op.spec.get("power_state").cloned().unwrap_or_else(|| {
-                json!(if op.action == Action::Stop { "stopped" } else { "running" })
+                json!(if op.action == "stop" { "stopped" } else { "running" })
             }),
             "flavor": spec("flavor"),
             "image": spec("image"),
             "ip": format!("10.{}.{}.{}", b[13], b[14], b[15] % 254 + 1),
             "host": format!("{}-host-{}", op.zone, b[12] % 16 + 1),
         }),
-        Kind::Bm => json!({
+        "bm" => json!({
             "power_state": op.spec.get("power_state").cloned().unwrap_or_else(|| {
-                json!(if op.action == Action::PowerOff { "off" } else { "on" })
+                json!(if op.action == "power_off" { "off" } else { "on" })
             }),
             "machine_class": spec("machine_class"),
             "image": spec("image"),
             "bmc_address": format!("10.254.{}.{}", b[14], b[15] % 254 + 1),
         }),
-        Kind::Cluster => json!({
+        "cluster" => json!({
             "version": spec("version"),
             "node_count": spec("node_count"),
             "nodes_ready": spec("node_count"),
             "api_endpoint": format!("https://{}.{}.k8s.internal:6443", op.name, op.zone),
         }),
-        Kind::Volume => {
+        "volume" => {
             let attached_to = spec("attached_to");
             let (device, host) = if attached_to.is_null() {
                 (Value::Null, Value::Null)
@@ -288,6 +288,9 @@ fn status(op: &Dispatch) -> Value {
                 "device": device,
             })
         }
+        // A kind this simulator has no model of: it reports the spec as observed, so a
+        // newly registered kind works end to end before its real driver exists.
+        _ => json!({"observed": op.spec}),
     };
     if let Some(map) = status.as_object_mut() {
         map.insert("generation".into(), json!(op.generation));
@@ -298,6 +301,7 @@ fn status(op: &Dispatch) -> Value {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use gateway_proto::{Action, Kind, Service};
     use chrono::Utc;
 
     pub(crate) fn instant() -> SimConfig {
@@ -309,11 +313,21 @@ pub(crate) mod tests {
         }
     }
 
+    /// The service of a built-in kind, as the gateway's registry has it.
+    pub(crate) fn service_of(kind: &Kind) -> Service {
+        Service::named(match kind.as_str() {
+            "cluster" => "k8s",
+            "volume" => "storage",
+            other => other,
+        })
+    }
+
     pub(crate) fn dispatch(kind: Kind, action: Action, name: &str, spec: Value) -> Dispatch {
         Dispatch {
             operation_id: Uuid::now_v7(),
             tenant: "acme".into(),
             resource_id: Uuid::now_v7(),
+            service: service_of(&kind),
             kind,
             zone: "zone-a".into(),
             name: name.into(),
@@ -328,8 +342,8 @@ pub(crate) mod tests {
     /// A `create` of the VM `name` (`m1.small`, `debian-12`, running).
     pub(crate) fn vm(name: &str) -> Dispatch {
         dispatch(
-            Kind::Vm,
-            Action::Create,
+            Kind::named("vm"),
+            Action::create(),
             name,
             json!({"flavor": "m1.small", "image": "debian-12", "power_state": "running"}),
         )
@@ -418,16 +432,16 @@ pub(crate) mod tests {
         assert_eq!(status(&op), s, "derived deterministically");
 
         let stopped = dispatch(
-            Kind::Vm,
-            Action::Stop,
+            Kind::named("vm"),
+            Action::named("stop"),
             "web-2",
             json!({"flavor": "m1.small"}),
         );
         assert_eq!(status(&stopped)["power_state"], "stopped");
 
         let bm = dispatch(
-            Kind::Bm,
-            Action::Create,
+            Kind::named("bm"),
+            Action::create(),
             "metal-1",
             json!({"machine_class": "bm.standard", "image": "debian-12", "power_state": "on"}),
         );
@@ -438,8 +452,8 @@ pub(crate) mod tests {
         assert_eq!(s["generation"], 3);
 
         let cluster = dispatch(
-            Kind::Cluster,
-            Action::Scale,
+            Kind::named("cluster"),
+            Action::named("scale"),
             "prod",
             json!({"version": "1.31", "node_count": 5, "node_flavor": "m1.large"}),
         );
@@ -451,8 +465,8 @@ pub(crate) mod tests {
 
         let vm_id = Uuid::now_v7();
         let attached = dispatch(
-            Kind::Volume,
-            Action::Attach,
+            Kind::named("volume"),
+            Action::named("attach"),
             "data",
             json!({"size_gb": 20, "class": "ssd", "attached_to": vm_id}),
         );
@@ -470,8 +484,8 @@ pub(crate) mod tests {
         assert_eq!(s["attached_host"], "zone-a-host-3");
         assert_eq!(s["attached_to"], vm_id.to_string());
         let detached = dispatch(
-            Kind::Volume,
-            Action::Create,
+            Kind::named("volume"),
+            Action::create(),
             "d",
             json!({"size_gb": 1, "class": "ssd"}),
         );
@@ -480,8 +494,8 @@ pub(crate) mod tests {
         assert_eq!(status(&detached)["attached_host"], Value::Null);
 
         let delete = dispatch(
-            Kind::Vm,
-            Action::Delete,
+            Kind::named("vm"),
+            Action::delete(),
             "web-1",
             json!({"flavor": "m1.small"}),
         );
@@ -497,7 +511,7 @@ pub(crate) mod tests {
         assert!(matches!(err, DriverError::Permanent { code, .. } if code == "capacity_exhausted"));
 
         let mut delete = vm("a");
-        delete.action = Action::Delete;
+        delete.action = Action::delete();
         delete.resource_id = first.resource_id;
         driver.execute(&delete).await.unwrap();
         driver.execute(&vm("c")).await.unwrap();
