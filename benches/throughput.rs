@@ -425,6 +425,47 @@ impl EventLags {
     }
 }
 
+/// What checking a spec against its registered type costs (the JSON Schema, defaults
+/// and `x-` rules, with the compiled type from the registry), beside a raw baseline that
+/// only deserializes the same spec into a typed struct with serde, and beside the time
+/// one submit takes in the burst above.
+async fn validation(b: &Bench, per_submit: Duration) {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct VmSpec {
+        flavor: String,
+        image: String,
+        #[serde(default)]
+        power_state: Option<String>,
+    }
+    const N: usize = 200_000;
+    let types = gateway::registry::Registry::load(b.running.backends.pool.clone())
+        .await
+        .unwrap();
+    let vm = types.get(&gateway_proto::Kind::named("vm")).unwrap();
+    let spec = serde_json::json!({"flavor": "m1.small", "image": "debian-12"});
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(vm.validate_spec(std::hint::black_box(&spec), None).unwrap());
+    }
+    let checked = started.elapsed();
+    let started = Instant::now();
+    for _ in 0..N {
+        let v: VmSpec = serde_json::from_value(std::hint::black_box(spec.clone())).unwrap();
+        std::hint::black_box(v);
+    }
+    let raw = started.elapsed();
+    let each = checked / N as u32;
+    println!(
+        "validate registry {:>8.0} specs/s raw serde {:>8.0} specs/s  ratio {:.2}   {:?} each = {:.2}% of a submit's share of the burst",
+        rate(N, checked),
+        rate(N, raw),
+        raw.as_secs_f64() / checked.as_secs_f64(),
+        each,
+        100.0 * each.as_secs_f64() / per_submit.as_secs_f64()
+    );
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -454,6 +495,7 @@ async fn main() {
         rate(OPS, through), rate(OPS, raw), raw.as_secs_f64() / through.as_secs_f64(),
         percentile(&lat, 0.5), percentile(&lat, 0.99));
     reads(&b, &tenant).await;
+    validation(&b, through / OPS as u32).await;
 
     // 2. Relay vs raw publishes (the gateway's outbox now holds OPS rows; the raw rows
     //    too, but the relay drains both: count the gateway's only).

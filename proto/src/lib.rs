@@ -318,8 +318,6 @@ pub struct Dispatch {
     pub resource_id: Uuid,
     /// Its kind.
     pub kind: Kind,
-    /// The service whose workers carry it out (its kind's, when it was submitted).
-    pub service: Service,
     /// Its zone.
     pub zone: String,
     /// Its name, as the tenant gave it.

@@ -16,7 +16,8 @@ pub struct CreateResourceIn {
     /// A zone from `GET /v1/zones`.
     #[schema(example = "zone-a")]
     pub zone: String,
-    /// The kind's spec: `VmSpec`, `BmSpec`, `ClusterSpec` or `VolumeSpec`.
+    /// The kind's spec, as its registered type's `spec_schema` says (`VmSpec`,
+    /// `BmSpec`, `ClusterSpec`, `VolumeSpec`, … in the served document).
     #[schema(example = json!({"flavor": "m1.small", "image": "debian-12"}))]
     pub spec: Value,
     /// Key/value metadata (at most 32; keys and values of up to 63 characters).

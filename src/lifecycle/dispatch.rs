@@ -36,7 +36,6 @@ pub async fn enqueue(
         tenant: op.tenant.clone(),
         resource_id: resource.id,
         kind: resource.kind.clone(),
-        service,
         zone: resource.zone.clone(),
         name: resource.name.clone(),
         action: op.action.clone(),

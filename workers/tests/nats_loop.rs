@@ -215,7 +215,6 @@ fn dispatch(name: &str) -> Dispatch {
         tenant: "acme".into(),
         resource_id: Uuid::now_v7(),
         kind: Kind::named("vm"),
-        service: Service::named("vm"),
         zone: ZONE.into(),
         name: name.into(),
         action: Action::create(),
@@ -233,7 +232,8 @@ fn signing_key() -> SigningKey {
 
 /// Publishes `op` as the relay does: with a message ID and signed.
 async fn publish(js: &jetstream::Context, prefix: &str, op: &Dispatch) {
-    let subject = ops_subject(prefix, &op.service, ZONE);
+    let service = if op.kind == "volume" { "storage" } else { "vm" };
+    let subject = ops_subject(prefix, &Service::named(service), ZONE);
     let (msg_id, body) = (
         format!("{}.1", op.operation_id),
         serde_json::to_vec(op).unwrap(),
@@ -662,7 +662,6 @@ async fn shutdown_hands_an_unfinished_message_back_and_counts_it() {
 fn attached_volume(name: &str, vm: Uuid) -> Dispatch {
     Dispatch {
         kind: Kind::named("volume"),
-        service: Service::named("storage"),
         spec: json!({"size_gb": 20, "class": "ssd", "attached_to": vm}),
         ..dispatch(name)
     }

@@ -213,7 +213,10 @@ impl<D: Driver, R: Reporter + Peers> Handler<D, R> {
         };
         let attempt = i32::try_from(delivered).unwrap_or(i32::MAX);
         span.record("attempt", attempt);
-        if op.service != self.service || op.zone != self.zone {
+        // The relay publishes on `{prefix}.{service}.{zone}`: this pool's consumer
+        // filters on that subject, and a message for another pool is poison.
+        let ours = format!(".{}.{}", self.service, self.zone);
+        if !delivery.subject.ends_with(&ours) || op.zone != self.zone {
             tracing::error!(
                 kind = %op.kind,
                 op_zone = %op.zone,
@@ -675,7 +678,14 @@ mod tests {
 
     /// A delivery of `payload`, signed by [`test_key`] as the relay signs.
     fn signed_delivery(payload: Bytes, delivered: i64) -> Delivery {
-        let (subject, msg_id) = ("ops.vm.zone-a", "0193a1b2-0000-7000-8000-000000000000.1");
+        // The subject of the pool of the payload's kind, as the relay publishes it.
+        let kind = serde_json::from_slice::<serde_json::Value>(&payload)
+            .ok()
+            .and_then(|v| v["kind"].as_str().and_then(|k| k.parse().ok()))
+            .unwrap_or_else(|| gateway_proto::Kind::named("vm"));
+        let service = crate::drivers::sim::tests::service_of(&kind);
+        let subject = format!("ops.{service}.zone-a");
+        let (subject, msg_id) = (subject.as_str(), "0193a1b2-0000-7000-8000-000000000000.1");
         let [(_, key), (_, signature)] = test_key().sign(subject, msg_id, &payload);
         Delivery {
             subject: subject.into(),

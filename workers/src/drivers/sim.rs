@@ -327,7 +327,6 @@ pub(crate) mod tests {
             operation_id: Uuid::now_v7(),
             tenant: "acme".into(),
             resource_id: Uuid::now_v7(),
-            service: service_of(&kind),
             kind,
             zone: "zone-a".into(),
             name: name.into(),
