@@ -262,6 +262,18 @@ async fn registrations_are_checked_and_only_admins_make_them() {
         assert_eq!(r.code(), code, "{bad}: {:?}", r.body);
         assert!(r.body["details"]["field"].as_str().unwrap_or("").starts_with(field), "{:?}", r.body);
     }
+    // No kind may take the URL segment of another route under a tenant.
+    let contract = gateway::api::openapi::document();
+    for path in contract["paths"].as_object().unwrap().keys() {
+        let Some(rest) = path.strip_prefix("/v1/tenants/{tenant}/") else { continue };
+        let segment = rest.split('/').next().unwrap();
+        if segment.starts_with('{') {
+            continue;
+        }
+        let taken = with(&|d| d["plural"] = json!(segment));
+        let r = app.post("/v1/resource-types", taken).await;
+        assert_eq!(r.code(), "invalid_resource_type", "plural {segment}: {:?}", r.body);
+    }
     assert_eq!(app.post("/v1/resource-types", def.clone()).await.status, StatusCode::CREATED);
     let again = app.post("/v1/resource-types", def.clone()).await;
     assert_eq!((again.status, again.code()), (StatusCode::CONFLICT, "resource_type_exists"));

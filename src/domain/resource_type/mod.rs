@@ -168,8 +168,11 @@ pub struct ResourceType {
 /// A pattern every plural matches: a DNS label.
 pub const PLURAL_PATTERN: &str = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
 
-/// Segments under `/v1/tenants/{t}/` that are not resource collections.
-const RESERVED_PLURALS: &[&str] = &["events", "keys", "quota", "audit", "webhooks", "operations"];
+/// Segments under `/v1/tenants/{t}/` that are not resource collections (the routes of
+/// `api`, and a few kept for the API's own use).
+const RESERVED_PLURALS: &[&str] = &[
+    "events", "keys", "quotas", "audit", "webhooks", "operations", "resource-types",
+];
 
 fn invalid_type(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
     ValidationError::new("invalid_resource_type", field, message)

@@ -187,6 +187,7 @@ fn definitions_that_cannot_work_are_refused_with_the_field() {
     let cases = [
         ("/plural", json!("Load_Balancers"), "plural"),
         ("/plural", json!("events"), "plural"),
+        ("/plural", json!("quotas"), "plural"),
         ("/spec_schema/type", json!("string"), "spec_schema.type"),
         ("/spec_schema/properties/port/minimum", json!("one"), "spec_schema"),
         ("/spec_schema/properties/vm/x-reference", json!({"kind": "router"}), "spec_schema.vm.x-reference.kind"),
