@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Contract checks against a live gateway, with the project's own Python tools:
-#  1. openapi/v1.json validates as OpenAPI 3.1 (openapi-spec-validator);
+#  1. openapi/v1.json, and the document the gateway serves (with the registered
+#     resource types' schemas and routes), validate as OpenAPI 3.1
+#     (openapi-spec-validator);
 #  2. schemathesis runs every check, every phase (examples, coverage, fuzzing,
 #     stateful) against the gateway at $GW_URL with the admin key $GW_KEY, and must
 #     find no failure.
@@ -21,6 +23,17 @@ if [ ! -x "$venv/bin/st" ] || [ "$(cat "$venv/.pins" 2>/dev/null)" != "$pins" ];
 fi
 
 "$venv/bin/openapi-spec-validator" openapi/v1.json
+# The document the gateway serves adds every registered type's schemas and routes: it
+# must be valid OpenAPI 3.1 too.
+served="$(mktemp)"
+"$venv/bin/python" - "$GW_URL/v1/openapi.json" "$served" "$GW_KEY" <<'PY'
+import sys, urllib.request
+request = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[3]})
+with urllib.request.urlopen(request) as r, open(sys.argv[2], "wb") as out:
+    out.write(r.read())
+PY
+"$venv/bin/openapi-spec-validator" "$served"
+rm -f "$served"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -56,6 +56,12 @@ pub async fn put(
                         "plural",
                         format!("another kind already uses the URL segment {:?}", def.plural),
                     ),
+                    // Registered by a concurrent request since the lock above.
+                    Some("resource_types_pkey") => conflict(
+                        "resource_type_exists",
+                        "kind",
+                        format!("a resource type {} exists; PUT changes it", def.kind),
+                    ),
                     _ => e.into(),
                 }
             })?;

@@ -114,6 +114,34 @@ async fn a_registered_kind_works_end_to_end_with_an_exec_worker() {
         app_ref.request(Method::PATCH, &path, Some(&app_ref.admin_key), Some(&body)).await
     };
     done(&app, patch(json!({"port": 8443})).await).await;
+    // The operations semantics every kind has: If-Match, labels, Idempotency-Key.
+    let path = format!("{lbs}/{id}");
+    let stale = app
+        .http
+        .patch(format!("{}{path}", app.url))
+        .bearer_auth(&app.admin_key)
+        .header("If-Match", "\"999\"")
+        .json(&json!({"labels": {"env": "prod"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+    let labelled = app.request(Method::PATCH, &path, Some(&app.admin_key), Some(&json!({"labels": {"env": "prod"}}))).await;
+    done(&app, labelled).await;
+    assert_eq!(app.get(&path).await.body["labels"]["env"], "prod");
+    let keyed = || {
+        app.http
+            .post(format!("{}{lbs}", app.url))
+            .bearer_auth(&app.admin_key)
+            .header("Idempotency-Key", "lb-twice")
+            .json(&json!({"name": "twice", "zone": "zone-a", "spec": {"vm": vm_id, "port": 80}}))
+            .send()
+    };
+    let first: Value = keyed().await.unwrap().json().await.unwrap();
+    let second: Value = keyed().await.unwrap().json().await.unwrap();
+    assert_eq!(first["id"], second["id"], "the same operation, one resource");
+    app.wait_done(first["id"].as_str().unwrap()).await;
+    done(&app, app.delete(&format!("{lbs}/{}", first["resource_id"].as_str().unwrap())).await).await;
     let immutable = patch(json!({"scheme": "public"})).await;
     assert_eq!((immutable.status, immutable.code()), (StatusCode::UNPROCESSABLE_ENTITY, "immutable_field"));
     assert_eq!(immutable.body["details"]["pointer"], "/spec/scheme");
@@ -279,6 +307,19 @@ async fn registrations_are_checked_and_only_admins_make_them() {
     assert_eq!((again.status, again.code()), (StatusCode::CONFLICT, "resource_type_exists"));
     let mismatch = app.request(Method::PUT, "/v1/resource-types/other", Some(&app.admin_key), Some(&def)).await;
     assert_eq!(mismatch.code(), "invalid_body");
+    // Racing registrations of one new kind: one wins, the others are told it exists.
+    let racer = with(&|d| {
+        d["kind"] = json!("racer");
+        d["plural"] = json!("racers");
+    });
+    let posts = (0..8).map(|_| app.post("/v1/resource-types", racer.clone()));
+    let mut statuses: Vec<u16> = futures::future::join_all(posts)
+        .await
+        .iter()
+        .map(|a| a.status.as_u16())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 409, 409, 409, 409, 409, 409, 409]);
     // A worker key names a registered service.
     let key = |service: &str| json!({"role": "worker", "service": service, "zone": "zone-a"});
     assert_eq!(app.post(&format!("/v1/tenants/{t}/keys"), key("network")).await.status, StatusCode::CREATED);
