@@ -373,7 +373,14 @@ impl<'c> Assembly<'c> {
         self.tasks.spawn(writer);
         let sealer = crate::audit::run_sealer(self.backends.pool.clone(), self.shutdown.clone());
         self.tasks.spawn(sealer);
+        let keys = crate::keycache::KeyCache::new(
+            self.backends.pool.clone(),
+            self.config.key_cache_ttl,
+            self.engine.metrics.clone(),
+        );
+        self.tasks.spawn(keys.clone().follow(self.shutdown.clone()));
         let state = AppState {
+            keys,
             audit,
             engine: self.engine.clone(),
             nats: self.backends.nats.clone(),

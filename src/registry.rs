@@ -13,7 +13,6 @@
 use crate::domain::resource_type::ResourceType;
 use crate::domain::{Kind, Service};
 use crate::store::resource_types::{self, TypeRow};
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -175,50 +174,9 @@ impl Registry {
     /// Keeps the registry fresh until `shutdown`: reloads on every notification, after
     /// the listening connection is lost, and every [`RELOAD_EVERY`].
     pub async fn listen(self, shutdown: CancellationToken) {
-        let mut listener: Option<PgListener> = None;
-        loop {
-            if listener.is_none() {
-                listener = self.subscribe_db().await;
-                // Whatever changed while nobody listened.
-                self.reload_logged().await;
-            }
-            let Some(l) = listener.as_mut() else {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(RELOAD_EVERY) => self.reload_logged().await,
-                n = l.try_recv() => match n {
-                    Ok(Some(_)) => self.reload_logged().await,
-                    // Lost: reconnects on the next call; reload what it missed.
-                    Ok(None) => self.reload_logged().await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "resource-type listener failed; reconnecting");
-                        listener = None;
-                    }
-                },
-            }
-        }
-    }
-
-    async fn subscribe_db(&self) -> Option<PgListener> {
-        let mut l = match PgListener::connect_with(&self.pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for resource-type changes; retrying");
-                return None;
-            }
-        };
-        match l.listen(CHANNEL).await {
-            Ok(()) => Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for resource-type changes; retrying");
-                None
-            }
-        }
+        let pool = self.pool.clone();
+        crate::notify::follow(pool, CHANNEL, RELOAD_EVERY, shutdown, || self.reload_logged())
+            .await;
     }
 
     async fn reload_logged(&self) {

@@ -174,10 +174,12 @@ fn invalid_cursor(message: String) -> ApiError {
 /// The cursor to resume after: `Last-Event-ID` or `?after=` (which must agree).
 fn resume_point(headers: &HeaderMap, after: Option<&str>) -> Result<Option<u64>, ApiError> {
     let parse = |what: &str, v: &str| {
+        // Past the largest sequence a stream can have is past its newest event: the
+        // `422` for that, not a `400` for a number the contract allows (19 digits).
         v.trim()
             .parse::<u64>()
             .ok()
-            .filter(|n| *n <= i64::MAX as u64)
+            .map(|n| n.min(i64::MAX as u64))
             .ok_or_else(|| invalid_cursor(format!("{what}: not a cursor: {v:?}")))
     };
     let header = headers

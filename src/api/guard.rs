@@ -21,7 +21,6 @@ use super::AppState;
 use crate::audit::{AuditSlot, Entry};
 use crate::auth::{self, Principal};
 use crate::metrics::{BucketLabels, HttpLabels, Metrics, RouteLabels};
-use crate::store::principals;
 use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -116,16 +115,15 @@ async fn authenticate(state: &AppState, authorization: Option<Vec<u8>>) -> Resul
     let Some(key) = key else {
         return Ok(Authn::Invalid);
     };
-    let Some(row) = principals::find_live_by_hash(&state.engine.pool, &auth::hash_key(key)).await?
-    else {
+    let Some(row) = state.keys.resolve(auth::hash_key(key)).await? else {
         return Ok(Authn::Invalid);
     };
     Ok(Authn::Principal(Principal {
         id: row.id,
-        name: row.name,
+        name: row.name.clone(),
         role: row.role,
-        tenant: row.tenant,
-        scope: row.scope,
+        tenant: row.tenant.clone(),
+        scope: row.scope.clone(),
     }))
 }
 

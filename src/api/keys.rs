@@ -229,7 +229,11 @@ async fn revoke_key(
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("key"))?;
     let audit = meta.audit(StatusCode::NO_CONTENT);
     match lifecycle::keys::revoke(&state.engine.pool, id, tenant, audit).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Ok(()) => {
+            // Here at once; elsewhere on the notification the revocation sends.
+            state.keys.invalidate_all();
+            Ok(StatusCode::NO_CONTENT)
+        }
         Err(LifecycleError::NotFound) => Err(ApiError::not_found("key")),
         Err(e) => Err(e.into()),
     }

@@ -49,6 +49,8 @@ pub struct AppState {
     pub engine: Engine,
     /// The NATS connection, for readiness.
     pub nats: async_nats::Client,
+    /// Resolved API keys, cached (`keycache`).
+    pub keys: crate::keycache::KeyCache,
     /// Rate limiters.
     pub limiter: std::sync::Arc<guard::Limiter>,
     /// Where audit entries go.

@@ -18,6 +18,8 @@ pub struct PrincipalRow {
     pub tenant: Option<String>,
     /// The service and zone a worker serves.
     pub scope: Option<(Service, String)>,
+    /// When its key stops working, if it expires.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Reads a text column holding an enum's value.
@@ -55,6 +57,7 @@ impl FromRow<'_, PgRow> for PrincipalRow {
             role,
             tenant: row.try_get("tenant")?,
             scope,
+            expires_at: row.try_get("expires_at")?,
         })
     }
 }
@@ -65,7 +68,7 @@ pub async fn find_live_by_hash(
     key_hash: &[u8],
 ) -> sqlx::Result<Option<PrincipalRow>> {
     sqlx::query_as(
-        "SELECT id, name, role, tenant, service, zone FROM principals
+        "SELECT id, name, role, tenant, service, zone, expires_at FROM principals
          WHERE key_hash = $1 AND revoked_at IS NULL
            AND (expires_at IS NULL OR expires_at > now())",
     )

@@ -482,17 +482,18 @@ async fn keys_are_shown_once_scoped_revocable_and_expire() {
     .execute(&app.pool)
     .await
     .unwrap();
-    assert_eq!(
-        app.request(
-            Method::GET,
-            &format!("/v1/tenants/{t}/vms"),
-            Some(&reader),
-            None
-        )
-        .await
-        .status,
-        StatusCode::UNAUTHORIZED
-    );
+    // A change made straight on the database reaches the gateway's key cache by
+    // notification: within a second at most (the cache's lifetime).
+    let changed = std::time::Instant::now();
+    crate::common::eventually("the expired key is refused", || async {
+        let status = app
+            .request(Method::GET, &format!("/v1/tenants/{t}/vms"), Some(&reader), None)
+            .await
+            .status;
+        (status == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
+    assert!(changed.elapsed() < std::time::Duration::from_millis(1500));
     // Only the hash is stored.
     let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT key_hash FROM principals")
         .fetch_all(&app.pool)
@@ -930,5 +931,44 @@ async fn keys_never_appear_in_the_logs_even_at_trace_level() {
     assert!(
         !log.to_lowercase().contains("bearer "),
         "an Authorization header leaked into the log"
+    );
+}
+
+/// A key revoked on one gateway stops working on every other within a second (the key
+/// cache's promise), while a key in use is served from the cache.
+#[tokio::test]
+async fn a_key_revoked_on_one_replica_stops_working_on_another_within_a_second() {
+    let d = common::Deployment::new(&common::pg_base(), &common::nats_url(), &[]).await;
+    let (a, b) = (common::Gateway::serve(&d.env).await, common::Gateway::serve(&d.env).await);
+    let (ca, cb) = (d.client(&a.url()), d.client(&b.url()));
+    let t = d.tenant(&a.url()).await;
+    let made = ca.post(&format!("/v1/tenants/{t}/keys"), json!({"role": "reader"})).await;
+    let (key, id) = (
+        made.body["key"].as_str().unwrap().to_owned(),
+        made.body["id"].as_str().unwrap().to_owned(),
+    );
+    let read = |c: &common::Client| {
+        let (c, key, path) = (c.clone(), key.clone(), format!("/v1/tenants/{t}/vms"));
+        async move { c.request(Method::GET, &path, Some(&key), None).await.status }
+    };
+    for _ in 0..20 {
+        assert_eq!(read(&cb).await, StatusCode::OK);
+    }
+    let hits = d
+        .metric(&b.url(), r#"gateway_cache_requests_total{cache="keys",result="hit"}"#)
+        .await;
+    assert!(hits >= 19.0, "repeated uses come from the cache: {hits}");
+    let revoked = ca.request(Method::DELETE, &format!("/v1/tenants/{t}/keys/{id}"), Some(&ca.admin_key), None).await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    assert_eq!(read(&ca).await, StatusCode::UNAUTHORIZED, "at once where it was revoked");
+    let started = std::time::Instant::now();
+    common::eventually("the other replica refuses the key", || async {
+        (read(&cb).await == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
     );
 }
