@@ -8,7 +8,7 @@ use gateway_proto::{Dispatch, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use serde_json::json;
 
 /// Makes `op` pending and writes its message, in the caller's transaction (whose commit
-/// rings the relay).
+/// rings the relay); returns the operation as it is now.
 ///
 /// The message carries the resource's spec as it is now, at its current generation:
 /// a worker always converges on the latest desired state. Every dispatch gets its own
@@ -18,7 +18,7 @@ pub async fn enqueue(
     txn: &mut Txn<'_>,
     op: &OperationRow,
     resource: &ResourceRow,
-) -> sqlx::Result<()> {
+) -> sqlx::Result<OperationRow> {
     let service = txn
         .engine()
         .types
@@ -28,7 +28,8 @@ pub async fn enqueue(
         .ok_or_else(|| {
             sqlx::Error::Protocol(format!("no resource type {} is registered", resource.kind))
         })?;
-    let n = operations::set_pending(txn, op.id, resource.generation).await?;
+    let pending = operations::set_pending(txn, op.id, resource.generation).await?;
+    let n = pending.dispatches;
     let prefix = &txn.engine().names.subject_prefix;
     let subject = gateway_proto::ops_subject(prefix, &service, &op.zone);
     let payload = Dispatch {
@@ -58,7 +59,8 @@ pub async fn enqueue(
             payload: &serde_json::to_value(&payload).expect("dispatch serializes"),
         },
     )
-    .await
+    .await?;
+    Ok(pending)
 }
 
 /// Records what the relay published, in its transaction: the outbox rows JetStream

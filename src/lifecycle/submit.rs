@@ -409,13 +409,11 @@ pub(super) async fn start_operation(
     .await?;
     txn.created(&op);
     if run_now {
-        dispatch::enqueue(txn, &op, resource).await?;
+        // The row as the dispatch left it: no second read.
+        op = dispatch::enqueue(txn, &op, resource).await?;
         if !action.is_create() {
             resources::set_phase(txn, resource.id, Phase::on_start(&action)).await?;
         }
-        op = operations::get(&mut **txn, op.id)
-            .await?
-            .expect("just inserted");
     }
     Ok(op)
 }

@@ -166,13 +166,17 @@ pub async fn active_for_resource(
 }
 
 /// Marks an operation `pending` with one more dispatch that converges on `generation`;
-/// returns the dispatch number.
-pub async fn set_pending(conn: &mut PgConnection, id: Uuid, generation: i64) -> sqlx::Result<i32> {
-    sqlx::query_scalar(
+/// returns it as it is now (`dispatches` is the dispatch number).
+pub async fn set_pending(
+    conn: &mut PgConnection,
+    id: Uuid,
+    generation: i64,
+) -> sqlx::Result<OperationRow> {
+    sqlx::query_as(&format!(
         "UPDATE operations SET state = 'pending', dispatches = dispatches + 1,
              target_generation = $2, updated_at = now()
-         WHERE id = $1 RETURNING dispatches",
-    )
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
     .bind(id)
     .bind(generation)
     .fetch_one(conn)
