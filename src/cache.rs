@@ -1,4 +1,6 @@
-//! A read-through cache of the catalog and the zones: static data every write checks.
+//! A read-through cache of the catalog and the zones: static data every write checks;
+//! and of which tenants exist (positive answers only: tenants are never deleted, and a
+//! tenant made a moment ago on another replica is found by the read a miss makes).
 //!
 //! Entries live for [`TTL`]; unknown names are cached too (as absent), so a client
 //! hammering an invalid flavor does not reach the database either. A catalog change made
@@ -24,6 +26,7 @@ const CAPACITY: u64 = 10_000;
 pub struct CatalogCache {
     entries: Cache<(Category, String), Option<Arc<Value>>>,
     zones: Cache<String, bool>,
+    tenants: Cache<String, ()>,
     metrics: Metrics,
 }
 
@@ -43,6 +46,10 @@ impl CatalogCache {
                 .time_to_live(TTL)
                 .build(),
             zones: Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(TTL)
+                .build(),
+            tenants: Cache::builder()
                 .max_capacity(CAPACITY)
                 .time_to_live(TTL)
                 .build(),
@@ -82,6 +89,25 @@ impl CatalogCache {
             .next()
             .map(|row| Arc::new(row.attributes));
         self.entries.insert(key, found.clone()).await;
+        Ok(found)
+    }
+
+    /// Whether tenant `id` exists. Only answers "yes" are kept, so a tenant created
+    /// since is never missed.
+    pub async fn tenant_exists(
+        &self,
+        db: impl sqlx::PgExecutor<'_>,
+        id: &str,
+    ) -> sqlx::Result<bool> {
+        if self.tenants.get(id).await.is_some() {
+            self.count("tenants", true);
+            return Ok(true);
+        }
+        self.count("tenants", false);
+        let found = crate::store::tenants::get(db, id).await?.is_some();
+        if found {
+            self.tenants.insert(id.to_owned(), ()).await;
+        }
         Ok(found)
     }
 

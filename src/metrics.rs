@@ -628,7 +628,7 @@ impl Metrics {
                 let _ = self.dead_letters.get_or_create(&labels);
             }
         }
-        for cache in ["catalog", "zones", "keys"] {
+        for cache in ["catalog", "zones", "tenants", "keys"] {
             for result in ["hit", "miss"] {
                 let _ = self.cache_requests.get_or_create(&CacheLabels {
                     cache: cache.into(),

@@ -149,9 +149,11 @@ pub(crate) async fn readable_tenant(
     tenant: &str,
 ) -> Result<(), error::ApiError> {
     if principal.can_read(tenant)
-        && crate::store::tenants::get(&state.engine.pool, tenant)
+        && state
+            .engine
+            .catalog
+            .tenant_exists(&state.engine.pool, tenant)
             .await?
-            .is_some()
     {
         Ok(())
     } else {

@@ -7,7 +7,7 @@ use crate::domain::resource_type::{merge_patch, Effect, ResourceType, ValidSpec}
 use crate::domain::{names, Action, OperationState, Phase, ValidationError};
 use crate::store::operations::{self, NewOperation, OperationRow};
 use crate::store::resources::{self, NewResource, ResourceRow};
-use crate::store::{self, tenants};
+use crate::store;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
@@ -158,7 +158,7 @@ pub async fn create(
     if let Some(op) = replay(&mut tx, meta).await? {
         return Ok(op);
     }
-    if tenants::get(&mut *tx, tenant).await?.is_none() {
+    if !engine.catalog.tenant_exists(&mut *tx, tenant).await? {
         return Err(LifecycleError::TenantNotFound);
     }
     let found = check_references(engine, &mut tx, tenant, &req.zone, &valid).await?;
