@@ -568,16 +568,18 @@ impl SimPools {
         let mut pools = JoinSet::new();
         let mut changed = types.subscribe();
         loop {
-            let new: Vec<Service> = types
-                .snapshot()
-                .services()
-                .into_iter()
-                .filter(|s| !running.contains(s))
+            let services = types.snapshot().services();
+            let new: Vec<(Service, String)> = services
+                .iter()
+                .flat_map(|s| self.zones.iter().map(move |z| (s.clone(), z.clone())))
+                .filter(|p| !running.contains(p))
                 .collect();
             if !new.is_empty() {
-                match self.start(&new, &config, &shutdown, &mut pools).await {
-                    Ok(()) => running.extend(new),
-                    Err(e) => tracing::error!(error = %e, "cannot start simulated workers; retrying"),
+                if let Err(e) = self
+                    .start(&new, &config, &shutdown, &mut pools, &mut running)
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot start simulated workers; retrying");
                 }
             }
             tokio::select! {
@@ -589,41 +591,40 @@ impl SimPools {
         while pools.join_next().await.is_some() {}
     }
 
-    /// Starts the pools of `services` in every zone, each with its own worker key (and,
-    /// on a private broker, its own NATS user, added to the server first).
+    /// Starts the pools `new` (service, zone), each with its own worker key (and, on a
+    /// private broker, its own NATS user, added to the server first); records each one
+    /// started in `running`, so a failure part way retries only the others.
     async fn start(
         &self,
-        services: &[Service],
+        new: &[(Service, String)],
         config: &Config,
         shutdown: &CancellationToken,
         pools: &mut JoinSet<()>,
+        running: &mut std::collections::BTreeSet<(Service, String)>,
     ) -> anyhow::Result<()> {
         if let Some(logins) = &self.backends.logins {
             let all = service_names(&self.backends.pool).await?;
             logins.add_pools(&self.zones, &all).await?;
         }
-        for zone in &self.zones {
-            for service in services {
-                let pool_config = workers::PoolConfig {
-                    service: service.clone(),
-                    zone: zone.clone(),
-                    stream: self.stream.clone(),
-                    gateway_url: self.url.clone(),
-                    gateway_key: worker_key(&self.backends.pool, service, zone).await?,
-                    concurrency: 16,
-                    max_deliver: self.max_deliver,
-                    dispatch_keys: self.dispatch_keys.clone(),
-                };
-                let js = self.backends.jetstream_as(config, &worker_user(service, zone)).await?;
-                let (d, m, stop) = (self.driver.clone(), self.metrics.clone(), shutdown.clone());
-                pools.spawn(async move {
-                    if let Err(e) =
-                        workers::run_pool_with_metrics(js, pool_config, d, m, stop).await
-                    {
-                        tracing::error!(error = %e, "worker pool stopped");
-                    }
-                });
-            }
+        for (service, zone) in new {
+            let pool_config = workers::PoolConfig {
+                service: service.clone(),
+                zone: zone.clone(),
+                stream: self.stream.clone(),
+                gateway_url: self.url.clone(),
+                gateway_key: worker_key(&self.backends.pool, service, zone).await?,
+                concurrency: 16,
+                max_deliver: self.max_deliver,
+                dispatch_keys: self.dispatch_keys.clone(),
+            };
+            let js = self.backends.jetstream_as(config, &worker_user(service, zone)).await?;
+            let (d, m, stop) = (self.driver.clone(), self.metrics.clone(), shutdown.clone());
+            pools.spawn(async move {
+                if let Err(e) = workers::run_pool_with_metrics(js, pool_config, d, m, stop).await {
+                    tracing::error!(error = %e, "worker pool stopped");
+                }
+            });
+            running.insert((service.clone(), zone.clone()));
         }
         Ok(())
     }
