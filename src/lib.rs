@@ -8,8 +8,10 @@
 //! ## Code map
 //!
 //! - [`config`]: one `Config` from the environment.
-//! - [`domain`]: kinds, specs and their validation, phases, the report state machine.
-//!   Pure: no I/O.
+//! - [`domain`]: resource types (JSON Schema specs, `x-` rules, actions, safe
+//!   evolution), phases, quotas, the report state machine. Pure: no I/O.
+//! - [`registry`]: the registered resource types each process serves, kept fresh by
+//!   notification ([`notify`]).
 //! - [`store`]: every SQL statement, one module per table group.
 //! - [`lifecycle`]: each state change as one transaction (resource + operation +
 //!   outbox row), including the promotion of queued operations.
@@ -23,7 +25,8 @@
 //!   deployment; [`deadletter`]: operations whose message JetStream gave up on.
 //! - [`api`]: the HTTP surface (axum), errors, extractors, OpenAPI.
 //! - [`auth`]: keys, roles and the permission table; [`audit`]: the hash-chained trail.
-//! - [`cache`]: the read-through catalog cache; [`metrics`]: every Prometheus metric.
+//! - [`cache`]: the read-through catalog cache; [`keycache`]: resolved API keys, dropped
+//!   when a key changes anywhere; [`metrics`]: every Prometheus metric.
 //! - [`serve`]: the HTTP accept loop (header timeout, graceful drain).
 //! - [`app`]: assembling the processes (`migrate`, `serve`, `relay`, `up`);
 //!   [`admin`]: `gateway admin …`; [`telemetry`]: logging set-up.

@@ -1,5 +1,5 @@
-//! The domain: resource kinds, their specs and validation, resource phases and the
-//! operation state machine.
+//! The domain: resource types (what a kind's spec looks like, its actions, how it may
+//! evolve), resource phases, quotas and the operation state machine.
 //!
 //! **Architecture invariant:** no axum, no sqlx, no NATS in here. Everything is a pure
 //! function of its inputs, so it is tested without any server.
