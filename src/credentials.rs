@@ -4,13 +4,13 @@
 //! Each role logs in to NATS as a user of its own, allowed only what it needs
 //! ([`nats/permissions.json`](../nats/permissions.json), embedded as data like the stream
 //! definitions): `gateway` (`serve`), `relay` (`relay`, `migrate`), one
-//! `worker-{service}-{zone}` per pool, and `events-reader`. [`write`] makes (or keeps)
+//! `worker-{service}-{zone}` per pool, and `events-reader`. [`write()`] makes (or keeps)
 //! one NKEY per user in a directory — `{user}.nk`, the seed, readable by its owner only —
 //! and writes `auth.conf`, the server's `authorization` block naming every user by its
 //! public key with its permissions. `gateway nats-config` runs it for an operator; `up`
 //! runs it for its private broker ([`crate::broker`]).
 //!
-//! A user is rotated by making it a new NKEY ([`write`] with the user in `rotate`),
+//! A user is rotated by making it a new NKEY ([`write()`] with the user in `rotate`),
 //! reloading the server (`nats-server --signal reload`) and restarting that user's
 //! processes with the new seed.
 
@@ -34,7 +34,7 @@ pub const RELAY: &str = "relay";
 /// The user of readers of the events stream.
 pub const EVENTS_READER: &str = "events-reader";
 
-/// The name of the server-configuration file [`write`] produces.
+/// The name of the server-configuration file [`write()`] produces.
 pub const AUTH_CONF: &str = "auth.conf";
 
 /// The file of the dispatch signing key, in a credentials directory.
@@ -162,7 +162,7 @@ pub fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// What [`write`] did.
+/// What [`write()`] did.
 #[derive(Debug, Clone, Default)]
 pub struct Written {
     /// Users given a new NKEY (new users, and those rotated).

@@ -3,8 +3,9 @@
 //!
 //! A quota is a set of [`Limit`]s. Each limit caps one [`Dimension`] for resources of
 //! one kind (or all kinds) in one zone (or all zones); what no limit caps is unlimited.
-//! A resource consumes its [`footprint`], computed from its desired spec and its
-//! flavor's catalog attributes; a tenant's usage is the sum over its live resources.
+//! A resource consumes its footprint (`ResourceType::footprint`, from its type's
+//! `x-quota` keywords), computed from its desired spec and the catalog attributes it
+//! names; a tenant's usage is the sum over its live resources.
 //! A write is refused when, for a limit it grows, usage plus the growth would pass the
 //! limit ([`check`]). A write that grows nothing is never refused, even where usage
 //! already passes a limit (limits may be lowered below usage).

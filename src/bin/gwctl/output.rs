@@ -43,7 +43,7 @@ pub fn many<T: Tabular>(items: &[T], format: Format) {
     print!("{}", render(&items, &rows, T::HEADERS, format));
 }
 
-/// The column headers of `T`, for rows printed one at a time ([`line`]).
+/// The column headers of `T`, for rows printed one at a time ([`line()`]).
 pub fn table_header<T: Tabular>() -> String {
     T::HEADERS.join("\t")
 }
