@@ -162,7 +162,7 @@ impl Relay {
                 }
             }
         }
-        crate::lifecycle::dispatch::published(&mut tx, &published, &dispatched).await?;
+        crate::lifecycle::dispatch::published(&mut tx, &published).await?;
         tx.commit().await?;
         self.metrics.outbox_published.inc_by(published.len() as u64);
         self.changes.publish(&dispatched).await;

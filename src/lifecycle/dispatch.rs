@@ -73,14 +73,11 @@ pub async fn enqueue(
 pub async fn published(
     conn: &mut sqlx::PgConnection,
     rows: &[outbox::Published],
-    operations: &[uuid::Uuid],
 ) -> sqlx::Result<()> {
-    let mut ids: Vec<uuid::Uuid> = rows.iter().filter_map(|r| r.1).collect();
-    ids.extend_from_slice(operations);
+    let ids: Vec<uuid::Uuid> = rows.iter().filter_map(|r| r.1).collect();
     if !ids.is_empty() {
         resources::lock_of_operations(conn, &ids).await?;
     }
     outbox::delete_published(conn, rows).await?;
-    operations::mark_dispatched(conn, operations).await?;
     Ok(())
 }

@@ -209,18 +209,6 @@ pub async fn request_cancel(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<O
     .await
 }
 
-/// Marks `pending` operations `dispatched` once JetStream acknowledged their message.
-pub async fn mark_dispatched(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<u64> {
-    Ok(sqlx::query(
-        "UPDATE operations SET state = 'dispatched', updated_at = now()
-         WHERE id = ANY($1) AND state = 'pending'",
-    )
-    .bind(ids)
-    .execute(conn)
-    .await?
-    .rows_affected())
-}
-
 /// A worker started `attempt`.
 pub async fn start(conn: &mut PgConnection, id: Uuid, attempt: i32) -> sqlx::Result<OperationRow> {
     sqlx::query_as(&format!(

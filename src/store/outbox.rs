@@ -89,31 +89,41 @@ pub async fn backlog(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
 /// A published outbox row: `(outbox id, operation, dispatch number, stream sequence)`.
 pub type Published = (i64, Option<Uuid>, Option<i32>, u64);
 
-/// Deletes published messages and records, for each operation whose current dispatch
-/// (`dispatch`, the `n` of its `{operation}.{n}` message ID) was among them, the stream
-/// sequence JetStream stored it at. `published` holds `(outbox id, operation, dispatch,
-/// stream sequence)`; rows without an operation carry `None`.
+/// Deletes published messages and, in one statement for the whole batch, records what
+/// they did to their operations: a `pending` operation becomes `dispatched`, and one
+/// whose current dispatch (`n` of its `{operation}.{n}` message ID) was among them gets
+/// the stream sequence JetStream stored it at. `published` holds `(outbox id,
+/// operation, dispatch, stream sequence)`; rows without an operation carry `None`.
 pub async fn delete_published(
     conn: &mut PgConnection,
     published: &[Published],
 ) -> sqlx::Result<()> {
     let ids: Vec<i64> = published.iter().map(|p| p.0).collect();
     delete(conn, &ids).await?;
-    let (mut ops, mut dispatches, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    // One entry per operation, its latest dispatch in the batch (an `UPDATE … FROM` with
+    // two rows for one operation would pick either).
+    let mut latest: std::collections::BTreeMap<Uuid, (i32, i64)> = Default::default();
     for (_, op, n, seq) in published {
-        if let (Some(op), Some(n)) = (op, n) {
-            ops.push(*op);
-            dispatches.push(*n);
-            seqs.push(i64::try_from(*seq).unwrap_or(i64::MAX));
+        let Some(op) = op else { continue };
+        let entry = (n.unwrap_or(-1), i64::try_from(*seq).unwrap_or(i64::MAX));
+        let slot = latest.entry(*op).or_insert(entry);
+        if entry.0 > slot.0 {
+            *slot = entry;
         }
     }
-    if ops.is_empty() {
+    if latest.is_empty() {
         return Ok(());
     }
+    let ops: Vec<Uuid> = latest.keys().copied().collect();
+    let dispatches: Vec<i32> = latest.values().map(|v| v.0).collect();
+    let seqs: Vec<i64> = latest.values().map(|v| v.1).collect();
     sqlx::query(
-        "UPDATE operations o SET stream_seq = v.seq
+        "UPDATE operations o SET
+             stream_seq = CASE WHEN o.dispatches = v.n THEN v.seq ELSE o.stream_seq END,
+             state = CASE WHEN o.state = 'pending' THEN 'dispatched' ELSE o.state END,
+             updated_at = CASE WHEN o.state = 'pending' THEN now() ELSE o.updated_at END
          FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS v(id, n, seq)
-         WHERE o.id = v.id AND o.dispatches = v.n",
+         WHERE o.id = v.id AND (o.dispatches = v.n OR o.state = 'pending')",
     )
     .bind(&ops)
     .bind(&dispatches)

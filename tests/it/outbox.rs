@@ -207,14 +207,13 @@ async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatch
         .unwrap();
 
     let mut relay = app.pool.begin().await.unwrap();
-    outbox::delete_published(&mut relay, &[(row_id, Some(op_id), Some(1), 1)])
-        .await
-        .unwrap();
     let mut report = app.pool.begin().await.unwrap();
     resources::lock(&mut report, resource_id).await.unwrap();
+    // Deleting the row and marking the operation dispatched (one statement) must not
+    // wait for the resource's lock.
     let marked = tokio::time::timeout(
         Duration::from_secs(3),
-        operations::mark_dispatched(&mut relay, &[op_id]),
+        outbox::delete_published(&mut relay, &[(row_id, Some(op_id), Some(1), 1)]),
     )
     .await;
     assert!(
