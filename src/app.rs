@@ -190,7 +190,14 @@ async fn bootstrap_admin(
 pub async fn worker_key(pool: &PgPool, service: &Service, zone: &str) -> anyhow::Result<String> {
     let key = auth::generate_key();
     let name = format!("worker:{service}:{zone}");
-    lifecycle::keys::install(pool, &name, Role::Worker, Some((service.clone(), zone)), &key).await?;
+    lifecycle::keys::install(
+        pool,
+        &name,
+        Role::Worker,
+        Some((service.clone(), zone)),
+        &key,
+    )
+    .await?;
     Ok(key)
 }
 
@@ -617,7 +624,10 @@ impl SimPools {
                 max_deliver: self.max_deliver,
                 dispatch_keys: self.dispatch_keys.clone(),
             };
-            let js = self.backends.jetstream_as(config, &worker_user(service, zone)).await?;
+            let js = self
+                .backends
+                .jetstream_as(config, &worker_user(service, zone))
+                .await?;
             let (d, m, stop) = (self.driver.clone(), self.metrics.clone(), shutdown.clone());
             pools.spawn(async move {
                 if let Err(e) = workers::run_pool_with_metrics(js, pool_config, d, m, stop).await {

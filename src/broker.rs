@@ -12,9 +12,9 @@
 use crate::config::NatsNames;
 use crate::credentials;
 use anyhow::Context as _;
+use gateway_proto::Service;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use gateway_proto::Service;
 use workers::nats::{inbox_prefix, wait_connected, NatsLogin};
 
 /// How long the private server gets to start listening, and to stop.

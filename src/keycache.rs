@@ -55,7 +55,9 @@ impl KeyCache {
     /// The live principal whose key hashes to `hash`, if any.
     pub async fn resolve(&self, hash: Vec<u8>) -> sqlx::Result<Option<Arc<PrincipalRow>>> {
         let Some(entries) = &self.entries else {
-            return Ok(principals::find_live_by_hash(&self.pool, &hash).await?.map(Arc::new));
+            return Ok(principals::find_live_by_hash(&self.pool, &hash)
+                .await?
+                .map(Arc::new));
         };
         let mut missed = false;
         let found = entries

@@ -663,7 +663,11 @@ impl Metrics {
             let _ = self.quota_usage.get_or_create(&DimensionLabels {
                 dimension: dimension.as_str().into(),
             });
-            for t in types.types().iter().filter(|t| t.dimensions().contains(&dimension)) {
+            for t in types
+                .types()
+                .iter()
+                .filter(|t| t.dimensions().contains(&dimension))
+            {
                 let _ = self
                     .quota_rejections
                     .get_or_create(&quota_labels(t.service(), dimension));

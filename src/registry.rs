@@ -43,14 +43,17 @@ impl Snapshot {
         for row in rows {
             match compile(row, &known) {
                 Ok(t) => snapshot.insert(Arc::new(t)),
-                Err(e) => tracing::error!(kind = %row.kind, error = %e, "a registered type does not compile; it is not served"),
+                Err(e) => {
+                    tracing::error!(kind = %row.kind, error = %e, "a registered type does not compile; it is not served")
+                }
             }
         }
         snapshot
     }
 
     fn insert(&mut self, t: Arc<ResourceType>) {
-        self.by_plural.insert(t.def.plural.clone(), t.kind().clone());
+        self.by_plural
+            .insert(t.def.plural.clone(), t.kind().clone());
         self.by_kind.insert(t.kind().clone(), t);
     }
 
@@ -118,7 +121,10 @@ impl Registry {
 
     /// The types known now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn replace(&self, snapshot: Snapshot) {
@@ -175,8 +181,10 @@ impl Registry {
     /// the listening connection is lost, and every [`RELOAD_EVERY`].
     pub async fn listen(self, shutdown: CancellationToken) {
         let pool = self.pool.clone();
-        crate::notify::follow(pool, CHANNEL, RELOAD_EVERY, shutdown, || self.reload_logged())
-            .await;
+        crate::notify::follow(pool, CHANNEL, RELOAD_EVERY, shutdown, || {
+            self.reload_logged()
+        })
+        .await;
     }
 
     async fn reload_logged(&self) {

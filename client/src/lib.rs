@@ -670,10 +670,7 @@ mod tests {
             labels: Default::default(),
         };
         // The answer is a tenant, not an operation: decoding fails, after the retry.
-        let err = gw
-            .create_resource("acme", "vms", &new)
-            .await
-            .unwrap_err();
+        let err = gw.create_resource("acme", "vms", &new).await.unwrap_err();
         assert!(matches!(err, Error::Decode(_)), "{err}");
         assert!(
             started.elapsed() >= Duration::from_secs(1),

@@ -413,7 +413,15 @@ mod tests {
             let back: Action = serde_json::from_str(&format!("\"{name}\"")).unwrap();
             assert_eq!(back.as_str(), name);
         }
-        for bad in ["", "Vm", "1vm", "load-balancer", "a.b", "x y", &"a".repeat(33)] {
+        for bad in [
+            "",
+            "Vm",
+            "1vm",
+            "load-balancer",
+            "a.b",
+            "x y",
+            &"a".repeat(33),
+        ] {
             assert!(bad.parse::<Kind>().is_err(), "{bad:?}");
             assert!(serde_json::from_str::<Service>(&format!("{bad:?}")).is_err());
         }
@@ -422,8 +430,14 @@ mod tests {
 
     #[test]
     fn subjects_and_consumers_are_per_service_and_zone() {
-        assert_eq!(ops_subject("ops", &Service::named("k8s"), "zone-b"), "ops.k8s.zone-b");
-        assert_eq!(consumer_name(&Service::named("storage"), "zone-a"), "storage-zone-a");
+        assert_eq!(
+            ops_subject("ops", &Service::named("k8s"), "zone-b"),
+            "ops.k8s.zone-b"
+        );
+        assert_eq!(
+            consumer_name(&Service::named("storage"), "zone-a"),
+            "storage-zone-a"
+        );
     }
 
     #[test]

@@ -164,7 +164,9 @@ impl From<LifecycleError> for ApiError {
                 // state conflicts with it.
                 let status = match v.code.as_ref() {
                     "invalid_state" => StatusCode::CONFLICT,
-                    "breaking_change" | "resource_type_in_use" | "resource_type_exists"
+                    "breaking_change"
+                    | "resource_type_in_use"
+                    | "resource_type_exists"
                     | "plural_taken" => StatusCode::CONFLICT,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 };

@@ -168,11 +168,21 @@ fn enums(schemas: &mut Value) {
     // macro that defines them, so their schemas are written from the values themselves.
     // Kinds, services and actions are registered as data: any well-formed name.
     for (name, description) in [
-        ("Kind", "A kind of resource, as registered (`vm`, `bm`, `cluster`, `volume`, …)."),
-        ("Action", "What an operation does: `create`, `update`, `delete`, or an action of the kind."),
-        ("Service", "A backend service, as its resource types name it (`vm`, `k8s`, …)."),
+        (
+            "Kind",
+            "A kind of resource, as registered (`vm`, `bm`, `cluster`, `volume`, …).",
+        ),
+        (
+            "Action",
+            "What an operation does: `create`, `update`, `delete`, or an action of the kind.",
+        ),
+        (
+            "Service",
+            "A backend service, as its resource types name it (`vm`, `k8s`, …).",
+        ),
     ] {
-        schemas[name] = json!({"type": "string", "pattern": NAME_PATTERN, "description": description});
+        schemas[name] =
+            json!({"type": "string", "pattern": NAME_PATTERN, "description": description});
     }
     for (name, values, description) in [
         (
@@ -555,7 +565,10 @@ fn specialize(item: &mut Value, t: &ResourceType, name: &str) {
         if let Some(params) = op["parameters"].as_array_mut() {
             params.retain(|p| p["name"] != "kind");
         }
-        let id = op["operationId"].as_str().unwrap_or(method).replace("resources_", "");
+        let id = op["operationId"]
+            .as_str()
+            .unwrap_or(method)
+            .replace("resources_", "");
         op["operationId"] = json!(format!("{}_{id}", t.kind()));
         op["tags"] = json!([t.def.plural]);
         if method == "patch" {

@@ -36,7 +36,8 @@ pub fn router() -> Router<AppState> {
 
 /// Whether `principal` may see `op`: its tenant's readers, and the workers of its pool.
 fn visible(principal: &Principal, op: &OperationRow, engine: &crate::lifecycle::Engine) -> bool {
-    principal.can_read(&op.tenant) || principal.can_report(&engine.service_label(&op.kind), &op.zone)
+    principal.can_read(&op.tenant)
+        || principal.can_report(&engine.service_label(&op.kind), &op.zone)
 }
 
 /// The longest `wait` a long-poll may ask for.

@@ -154,9 +154,7 @@ pub async fn read(
     let types = state.engine.types.snapshot();
     let row = resources::get_live(&state.engine.pool, &tenant, kind, id)
         .await?
-        .filter(|r| {
-            principal.can_read(&tenant) || principal.reads_for_work(kind, &r.zone, &types)
-        })
+        .filter(|r| principal.can_read(&tenant) || principal.reads_for_work(kind, &r.zone, &types))
         .ok_or_else(|| ApiError::not_found("resource"))?;
     let etag = format!("\"{}\"", row.version);
     let mut res = Json(ResourceOut::from(row)).into_response();
@@ -224,9 +222,15 @@ pub async fn list(
         since: params::instant("since", q.since)?,
         labels: q.label.as_deref().map(params::selector).transpose()?,
     };
-    let rows =
-        resources::list_live(&state.engine.pool, &tenant, rt.kind(), &filter, after, limit + 1)
-            .await?;
+    let rows = resources::list_live(
+        &state.engine.pool,
+        &tenant,
+        rt.kind(),
+        &filter,
+        after,
+        limit + 1,
+    )
+    .await?;
     Ok(Json(cursor::page(
         rows,
         limit,

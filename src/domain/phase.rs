@@ -20,7 +20,10 @@ mod tests {
             Phase::on_end(&Action::create(), OperationState::Failed),
             Some(Phase::Failed)
         );
-        assert_eq!(Phase::on_end(&Action::create(), OperationState::Running), None);
+        assert_eq!(
+            Phase::on_end(&Action::create(), OperationState::Running),
+            None
+        );
         for p in [Phase::Ready, Phase::Deleted, Phase::Failed] {
             assert_eq!(p.as_str().parse::<Phase>().unwrap(), p);
         }

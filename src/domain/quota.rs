@@ -129,7 +129,8 @@ pub struct Limit {
 impl Limit {
     /// Whether it covers resources of `kind` in `zone`.
     pub fn covers(&self, kind: &Kind, zone: &str) -> bool {
-        self.kind.as_ref().is_none_or(|k| k == kind) && self.zone.as_deref().is_none_or(|z| z == zone)
+        self.kind.as_ref().is_none_or(|k| k == kind)
+            && self.zone.as_deref().is_none_or(|z| z == zone)
     }
 
     /// How much of its dimension the resources it covers use.

@@ -100,7 +100,10 @@ pub async fn create(
             .iter()
             .any(|t| t.service == service.as_str());
         if !registered {
-            return Err(invalid("service", "no registered resource type has this service"));
+            return Err(invalid(
+                "service",
+                "no registered resource type has this service",
+            ));
         }
     }
     let name = key.name.clone().unwrap_or_else(|| {
@@ -119,7 +122,10 @@ pub async fn create(
     };
     let row = principals::insert(&mut tx, &new, key.expires_at)
         .await?
-        .ok_or(LifecycleError::NameTaken { kind: "key".into(), name })?;
+        .ok_or(LifecycleError::NameTaken {
+            kind: "key".into(),
+            name,
+        })?;
     commit_audited(tx, audit).await?;
     Ok(CreatedKey { key: secret, row })
 }

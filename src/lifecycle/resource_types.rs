@@ -77,7 +77,10 @@ pub async fn put(
                 (old, Outcome::Unchanged)
             } else {
                 evolution::check(&old_def, &def)?;
-                (resource_types::update(&mut tx, &def).await?, Outcome::Updated)
+                (
+                    resource_types::update(&mut tx, &def).await?,
+                    Outcome::Updated,
+                )
             }
         }
     };
@@ -100,8 +103,12 @@ pub async fn delete(engine: &Engine, kind: &str, audit: Audit<'_>) -> Result<(),
     for row in resource_types::all(&mut *tx).await? {
         let Ok(def) = row.to_def() else { continue };
         let names_it = def.kind != kind
-            && crate::domain::resource_type::rules::FieldRules::parse(&def.spec_schema, &def.kind, &|_| true)
-                .is_ok_and(|r| r.referenced_kinds().any(|k| k == kind));
+            && crate::domain::resource_type::rules::FieldRules::parse(
+                &def.spec_schema,
+                &def.kind,
+                &|_| true,
+            )
+            .is_ok_and(|r| r.referenced_kinds().any(|k| k == kind));
         if names_it {
             let why = format!("the specs of {} name resources of kind {kind}", def.kind);
             return Err(conflict("resource_type_in_use", "kind", why));

@@ -5,9 +5,9 @@ use super::{dispatch, quotas, Engine, LifecycleError};
 use crate::auth::Principal;
 use crate::domain::resource_type::{merge_patch, Effect, ResourceType, ValidSpec};
 use crate::domain::{names, Action, OperationState, Phase, ValidationError};
+use crate::store;
 use crate::store::operations::{self, NewOperation, OperationRow};
 use crate::store::resources::{self, NewResource, ResourceRow};
-use crate::store;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
@@ -209,8 +209,7 @@ pub async fn delete(
     id: Uuid,
     if_match: Option<i64>,
 ) -> Result<OperationRow, LifecycleError> {
-    let (mut tx, resource) = match lock_for_change(engine, meta, tenant, rt, id, if_match).await?
-    {
+    let (mut tx, resource) = match lock_for_change(engine, meta, tenant, rt, id, if_match).await? {
         Locked::Replay(op) => return Ok(op),
         Locked::Resource(tx, r) => (tx, r),
     };
@@ -329,7 +328,8 @@ pub async fn update(
         Effect::NewSpec(next) => {
             let (rt, valid) = validated(engine, &rt, &next, Some(&resource.spec)).await?;
             let found = check_references(engine, &mut tx, tenant, &resource.zone, &valid).await?;
-            (valid.value != resource.spec).then(|| (rt.footprint(&valid.value, &found), valid.value))
+            (valid.value != resource.spec)
+                .then(|| (rt.footprint(&valid.value, &found), valid.value))
         }
         Effect::Imperative => None,
     };
@@ -439,7 +439,11 @@ async fn check_references(
             .entry(&mut *conn, r.category, &r.name)
             .await?
             .ok_or_else(|| {
-                let why = format!("no {} named {:?} in the catalog", r.category.as_str(), r.name);
+                let why = format!(
+                    "no {} named {:?} in the catalog",
+                    r.category.as_str(),
+                    r.name
+                );
                 ValidationError::new("unknown_catalog_item", r.field.clone(), why)
             })?;
         found.insert(r.field.clone(), Arc::unwrap_or_clone(attributes));
@@ -485,7 +489,11 @@ fn check_range(
             show(max),
             range.value
         );
-        return Err(ValidationError::new("invalid_spec", range.field.clone(), why));
+        return Err(ValidationError::new(
+            "invalid_spec",
+            range.field.clone(),
+            why,
+        ));
     }
     Ok(())
 }

@@ -191,7 +191,9 @@ impl Engine {
                     action,
                     service,
                     since,
-                } => self.metrics.operation_started(&action, &service, age(since)),
+                } => self
+                    .metrics
+                    .operation_started(&action, &service, age(since)),
                 Counted::Finished {
                     action,
                     service,

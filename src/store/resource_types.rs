@@ -49,25 +49,31 @@ const COLUMNS: &str = "kind, plural, service, definition, version";
 
 /// Every registered type, by kind.
 pub async fn all(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<TypeRow>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM resource_types ORDER BY kind"))
-        .fetch_all(db)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM resource_types ORDER BY kind"
+    ))
+    .fetch_all(db)
+    .await
 }
 
 /// The type of `kind`.
 pub async fn get(db: impl PgExecutor<'_>, kind: &str) -> sqlx::Result<Option<TypeRow>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM resource_types WHERE kind = $1"))
-        .bind(kind)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM resource_types WHERE kind = $1"
+    ))
+    .bind(kind)
+    .fetch_optional(db)
+    .await
 }
 
 /// The type whose URL segment is `plural`.
 pub async fn by_plural(db: impl PgExecutor<'_>, plural: &str) -> sqlx::Result<Option<TypeRow>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM resource_types WHERE plural = $1"))
-        .bind(plural)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM resource_types WHERE plural = $1"
+    ))
+    .bind(plural)
+    .fetch_optional(db)
+    .await
 }
 
 /// Locks the type of `kind` for the rest of the transaction.

@@ -143,8 +143,13 @@ async fn the_server_serves_the_contract() {
     let a = app.get("/v1/openapi.json").await;
     assert_eq!(a.status, 200);
     // The committed contract, and each registered type's schemas and routes.
-    let types = gateway::registry::Registry::load(app.pool.clone()).await.unwrap();
-    assert_eq!(a.body, gateway::api::openapi::document_for(&types.snapshot()));
+    let types = gateway::registry::Registry::load(app.pool.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        a.body,
+        gateway::api::openapi::document_for(&types.snapshot())
+    );
     let contract = gateway::api::openapi::document();
     for (path, item) in contract["paths"].as_object().unwrap() {
         assert_eq!(&a.body["paths"][path], item, "{path}");
@@ -152,8 +157,17 @@ async fn the_server_serves_the_contract() {
     for (name, schema) in contract["components"]["schemas"].as_object().unwrap() {
         assert_eq!(&a.body["components"]["schemas"][name], schema, "{name}");
     }
-    for name in ["VmSpec", "BmSpec", "ClusterSpec", "VolumeSpec", "VolumeAttachInput"] {
-        assert!(a.body["components"]["schemas"].get(name).is_some(), "{name}");
+    for name in [
+        "VmSpec",
+        "BmSpec",
+        "ClusterSpec",
+        "VolumeSpec",
+        "VolumeAttachInput",
+    ] {
+        assert!(
+            a.body["components"]["schemas"].get(name).is_some(),
+            "{name}"
+        );
     }
     let create = &a.body["paths"]["/v1/tenants/{tenant}/vms"]["post"];
     assert_eq!(
@@ -163,7 +177,10 @@ async fn the_server_serves_the_contract() {
     let mut refs_seen = Vec::new();
     crate::contract::refs(&a.body, String::new(), &mut refs_seen);
     for (at, r) in refs_seen {
-        assert!(a.body.pointer(r.trim_start_matches('#')).is_some(), "{at}: {r}");
+        assert!(
+            a.body.pointer(r.trim_start_matches('#')).is_some(),
+            "{at}: {r}"
+        );
     }
 }
 
@@ -194,7 +211,12 @@ async fn schemathesis_finds_no_failure_against_a_live_gateway() {
         "actions": {"poke": {}}
     });
     let put = app
-        .request(reqwest::Method::PUT, "/v1/resource-types/st_widget", Some(&app.admin_key), Some(&widget))
+        .request(
+            reqwest::Method::PUT,
+            "/v1/resource-types/st_widget",
+            Some(&app.admin_key),
+            Some(&widget),
+        )
         .await;
     assert_eq!(put.status, 201, "{:?}", put.body);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/contract.sh");

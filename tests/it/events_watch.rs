@@ -359,7 +359,12 @@ async fn bad_filters_and_cursors_get_clear_errors() {
     }
     // Past the newest event, up to the 19 digits the contract allows (schemathesis
     // found 9683705309596815639, past i64, answered 400).
-    for after in ["999999", "9223372036854775807", "9683705309596815639", "9999999999999999999"] {
+    for after in [
+        "999999",
+        "9223372036854775807",
+        "9683705309596815639",
+        "9999999999999999999",
+    ] {
         let a = app
             .get(&format!("/v1/tenants/{tenant}/events?after={after}"))
             .await;

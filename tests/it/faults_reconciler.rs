@@ -28,7 +28,9 @@ async fn reconciler(app: &TestApp) -> Reconciler {
             changes: Default::default(),
             metrics: Default::default(),
             catalog: Default::default(),
-            types: gateway::registry::Registry::load(app.pool.clone()).await.unwrap(),
+            types: gateway::registry::Registry::load(app.pool.clone())
+                .await
+                .unwrap(),
         },
         interval: Duration::from_secs(1),
         redispatch_after: Duration::from_secs(60),
@@ -216,7 +218,10 @@ async fn a_message_a_worker_terminates_without_a_report_fails_its_operation() {
 
     let consumer: PullConsumer = ops_stream(&app)
         .await
-        .get_consumer(&gateway_proto::consumer_name(&Service::named("vm"), "zone-a"))
+        .get_consumer(&gateway_proto::consumer_name(
+            &Service::named("vm"),
+            "zone-a",
+        ))
         .await
         .unwrap();
     let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
@@ -382,8 +387,8 @@ async fn reapplying_the_definitions_is_idempotent_and_updates_changed_settings()
             &crate::common::builtin_services(),
             &changed,
         )
-            .await
-            .unwrap();
+        .await
+        .unwrap();
         assert_eq!(
             settings().await,
             (7, Duration::from_secs(45), vec![], 64, 512 * 1024 * 1024)

@@ -35,7 +35,10 @@ async fn pool_backlog(d: &Deployment) -> (usize, u64) {
     let js = d.jetstream().await;
     let mut stream = js.get_stream(&d.names.stream).await.unwrap();
     let info = stream
-        .consumer_info(gateway_proto::consumer_name(&Service::named("vm"), "zone-a"))
+        .consumer_info(gateway_proto::consumer_name(
+            &Service::named("vm"),
+            "zone-a",
+        ))
         .await
         .unwrap();
     (

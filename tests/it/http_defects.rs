@@ -434,12 +434,14 @@ async fn key_names_are_unique_per_tenant_and_platform_names_among_themselves() {
         )
         .await;
     assert_eq!(squatter_reads.status, StatusCode::OK);
-    let worker = gateway::app::worker_key(&app.pool, &gateway::domain::Service::named("vm"), "zone-b")
-        .await
-        .unwrap();
-    let rotated = gateway::app::worker_key(&app.pool, &gateway::domain::Service::named("vm"), "zone-b")
-        .await
-        .unwrap();
+    let worker =
+        gateway::app::worker_key(&app.pool, &gateway::domain::Service::named("vm"), "zone-b")
+            .await
+            .unwrap();
+    let rotated =
+        gateway::app::worker_key(&app.pool, &gateway::domain::Service::named("vm"), "zone-b")
+            .await
+            .unwrap();
     assert_ne!(worker, rotated);
     let workers: i64 =
         sqlx::query_scalar("SELECT count(*) FROM principals WHERE name = 'worker:vm:zone-b'")

@@ -44,7 +44,14 @@ impl Broker {
         };
         let dir = TempDir::new("gwtest-creds");
         let zones: Vec<String> = common::ZONES.iter().map(|z| z.to_string()).collect();
-        credentials::write(dir.path(), &names, &zones, &crate::common::builtin_services(), &[]).unwrap();
+        credentials::write(
+            dir.path(),
+            &names,
+            &zones,
+            &crate::common::builtin_services(),
+            &[],
+        )
+        .unwrap();
         let conf = dir.path().join("server.conf");
         let store = dir.path().join("store");
         let jetstream = format!("jetstream {{ store_dir: \"{}\" }}", store.display());
@@ -195,7 +202,6 @@ async fn make_tenant(url: &str, key: &str) -> String {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     tenant
 }
-
 
 #[tokio::test]
 async fn up_runs_operations_end_to_end_on_its_own_authenticated_broker_and_stops_it() {
@@ -364,7 +370,9 @@ async fn serve_relay_and_migrate_processes_run_as_their_own_users() {
             zone: "zone-a".into(),
             stream: names.stream.clone(),
             gateway_url: api.url(),
-            gateway_key: app::worker_key(&pool, &Service::named("vm"), "zone-a").await.unwrap(),
+            gateway_key: app::worker_key(&pool, &Service::named("vm"), "zone-a")
+                .await
+                .unwrap(),
             concurrency: 4,
             max_deliver: 5,
             dispatch_keys: key.public_key().into(),
@@ -575,17 +583,17 @@ async fn a_rotated_user_is_shut_out_on_reload_and_gets_back_in_with_its_new_seed
         &zones,
         &crate::common::builtin_services(),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     let old = broker.logins.connect(user).await.unwrap();
-    let rotated =
-        credentials::write(
-            &broker.logins.dir,
-            broker.names(),
-            &zones,
-            &crate::common::builtin_services(),
-            &[user.into()],
-        ).unwrap();
+    let rotated = credentials::write(
+        &broker.logins.dir,
+        broker.names(),
+        &zones,
+        &crate::common::builtin_services(),
+        &[user.into()],
+    )
+    .unwrap();
     assert_eq!(rotated.created, [user]);
     broker.nats.reload();
     eventually("the old key is disconnected", || async {
@@ -633,8 +641,8 @@ async fn gateway_on(broker: &Broker, db: &Database) -> (app::Running, Config, St
         &crate::common::builtin_services(),
         &defs,
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let parts = Parts {
         api: true,
@@ -752,7 +760,9 @@ async fn forged_and_altered_dispatches_are_terminated_without_running_the_driver
         zone: "zone-a".into(),
         stream: broker.names().stream.clone(),
         gateway_url: url.clone(),
-        gateway_key: app::worker_key(&pool, &Service::named("vm"), "zone-a").await.unwrap(),
+        gateway_key: app::worker_key(&pool, &Service::named("vm"), "zone-a")
+            .await
+            .unwrap(),
         concurrency: 4,
         max_deliver: 5,
         dispatch_keys: config.dispatch_public_keys(),

@@ -440,7 +440,9 @@ async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
         .await;
     let op_id = id(&op).to_owned();
-    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a").await.unwrap();
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
     let started = Instant::now();
     let poll_path = format!("/v1/operations/{op_id}?wait=20s");
     let poll = app.get(&poll_path);
@@ -495,7 +497,9 @@ async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
 async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest() {
     let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
-    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a").await.unwrap();
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
     let cancel = |op: String| {
         let app = &app;
         async move {

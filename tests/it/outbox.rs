@@ -179,9 +179,14 @@ async fn rows_stay_in_the_outbox_while_jetstream_refuses_them() {
     assert_eq!(op_state, "pending");
     // Once the stream is back, the same row goes out.
     let zones = vec!["zone-a".to_string(), "zone-b".to_string()];
-    gateway::jetstream::apply(&js, &app.config.nats, &zones, &crate::common::builtin_services())
-        .await
-        .unwrap();
+    gateway::jetstream::apply(
+        &js,
+        &app.config.nats,
+        &zones,
+        &crate::common::builtin_services(),
+    )
+    .await
+    .unwrap();
     let pass = relay_for(&app).pass().await.unwrap();
     assert_eq!((pass.claimed, pass.published), (1, 1));
     assert_eq!(app.count("outbox").await, 0);

@@ -15,8 +15,12 @@ async fn reports_move_operations_forward_only_and_only_for_their_pool() {
         .await;
     let id = op["id"].as_str().unwrap();
     let path = format!("/v1/operations/{id}/reports");
-    let vm_a = worker_key(&app.pool, &Service::named("vm"), "zone-a").await.unwrap();
-    let vm_b = worker_key(&app.pool, &Service::named("vm"), "zone-b").await.unwrap();
+    let vm_a = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    let vm_b = worker_key(&app.pool, &Service::named("vm"), "zone-b")
+        .await
+        .unwrap();
     let storage_a = worker_key(&app.pool, &Service::named("storage"), "zone-a")
         .await
         .unwrap();
@@ -163,7 +167,9 @@ async fn workers_read_only_what_their_work_needs() {
     let storage_b = worker_key(&app.pool, &Service::named("storage"), "zone-b")
         .await
         .unwrap();
-    let vm_key = worker_key(&app.pool, &Service::named("vm"), "zone-a").await.unwrap();
+    let vm_key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
     let read = |key: &str, p: String| {
         let app = &app;
         let key = key.to_owned();

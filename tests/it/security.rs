@@ -63,8 +63,16 @@ async fn every_route_answers_every_role_as_the_policy_table_says() {
         },
         Who {
             label: "worker",
-            key: Some(worker_key(&app.pool, &Service::named("vm"), "zone-b").await.unwrap()),
-            principal: Some(principal(Role::Worker, None, Some((Service::named("vm"), "zone-b")))),
+            key: Some(
+                worker_key(&app.pool, &Service::named("vm"), "zone-b")
+                    .await
+                    .unwrap(),
+            ),
+            principal: Some(principal(
+                Role::Worker,
+                None,
+                Some((Service::named("vm"), "zone-b")),
+            )),
         },
         Who {
             label: "other-owner",
@@ -487,7 +495,12 @@ async fn keys_are_shown_once_scoped_revocable_and_expire() {
     let changed = std::time::Instant::now();
     crate::common::eventually("the expired key is refused", || async {
         let status = app
-            .request(Method::GET, &format!("/v1/tenants/{t}/vms"), Some(&reader), None)
+            .request(
+                Method::GET,
+                &format!("/v1/tenants/{t}/vms"),
+                Some(&reader),
+                None,
+            )
             .await
             .status;
         (status == StatusCode::UNAUTHORIZED).then_some(())
@@ -939,10 +952,15 @@ async fn keys_never_appear_in_the_logs_even_at_trace_level() {
 #[tokio::test]
 async fn a_key_revoked_on_one_replica_stops_working_on_another_within_a_second() {
     let d = common::Deployment::new(&common::pg_base(), &common::nats_url(), &[]).await;
-    let (a, b) = (common::Gateway::serve(&d.env).await, common::Gateway::serve(&d.env).await);
+    let (a, b) = (
+        common::Gateway::serve(&d.env).await,
+        common::Gateway::serve(&d.env).await,
+    );
     let (ca, cb) = (d.client(&a.url()), d.client(&b.url()));
     let t = d.tenant(&a.url()).await;
-    let made = ca.post(&format!("/v1/tenants/{t}/keys"), json!({"role": "reader"})).await;
+    let made = ca
+        .post(&format!("/v1/tenants/{t}/keys"), json!({"role": "reader"}))
+        .await;
     let (key, id) = (
         made.body["key"].as_str().unwrap().to_owned(),
         made.body["id"].as_str().unwrap().to_owned(),
@@ -955,12 +973,26 @@ async fn a_key_revoked_on_one_replica_stops_working_on_another_within_a_second()
         assert_eq!(read(&cb).await, StatusCode::OK);
     }
     let hits = d
-        .metric(&b.url(), r#"gateway_cache_requests_total{cache="keys",result="hit"}"#)
+        .metric(
+            &b.url(),
+            r#"gateway_cache_requests_total{cache="keys",result="hit"}"#,
+        )
         .await;
     assert!(hits >= 19.0, "repeated uses come from the cache: {hits}");
-    let revoked = ca.request(Method::DELETE, &format!("/v1/tenants/{t}/keys/{id}"), Some(&ca.admin_key), None).await;
+    let revoked = ca
+        .request(
+            Method::DELETE,
+            &format!("/v1/tenants/{t}/keys/{id}"),
+            Some(&ca.admin_key),
+            None,
+        )
+        .await;
     assert_eq!(revoked.status, StatusCode::NO_CONTENT);
-    assert_eq!(read(&ca).await, StatusCode::UNAUTHORIZED, "at once where it was revoked");
+    assert_eq!(
+        read(&ca).await,
+        StatusCode::UNAUTHORIZED,
+        "at once where it was revoked"
+    );
     let started = std::time::Instant::now();
     common::eventually("the other replica refuses the key", || async {
         (read(&cb).await == StatusCode::UNAUTHORIZED).then_some(())

@@ -383,7 +383,9 @@ mod tests {
             .collect();
         vars.entry("WORKER_DISPATCH_PUBLIC_KEYS".into())
             .or_insert_with(public_key);
-        WorkerConfig::from_lookup(Service::named("vm"), "zone-a".into(), |k| vars.get(k).cloned())
+        WorkerConfig::from_lookup(Service::named("vm"), "zone-a".into(), |k| {
+            vars.get(k).cloned()
+        })
     }
 
     fn error(vars: &[(&str, &str)]) -> String {
@@ -559,8 +561,9 @@ mod tests {
 
     #[test]
     fn a_zone_that_cannot_name_a_consumer_is_refused() {
-        let err = WorkerConfig::from_lookup(Service::named("vm"), "zone.a".into(), |_| Some("k".into()))
-            .unwrap_err();
+        let err =
+            WorkerConfig::from_lookup(Service::named("vm"), "zone.a".into(), |_| Some("k".into()))
+                .unwrap_err();
         assert!(err
             .to_string()
             .starts_with("WORKER_ZONE (--zone): may hold only"));

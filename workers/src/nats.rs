@@ -420,7 +420,10 @@ mod tests {
 
     #[test]
     fn names_of_users_and_inboxes_are_derived_from_the_deployment() {
-        assert_eq!(worker_user(&Service::named("k8s"), "zone-b"), "worker-k8s-zone-b");
+        assert_eq!(
+            worker_user(&Service::named("k8s"), "zone-b"),
+            "worker-k8s-zone-b"
+        );
         assert_eq!(inbox_prefix("OPS", "relay"), "_INBOX.OPS.relay");
     }
 }

@@ -356,23 +356,35 @@ mod tests {
             Action::named("resize"),
         ] {
             assert_eq!(
-                Peer::of(&Service::named("storage"), &volume(action.clone(), attached.clone())),
+                Peer::of(
+                    &Service::named("storage"),
+                    &volume(action.clone(), attached.clone())
+                ),
                 Some(Peer::AttachTarget { vm }),
                 "{action}"
             );
         }
         assert_eq!(
-            Peer::of(&Service::named("storage"), &volume(Action::delete(), attached.clone())),
+            Peer::of(
+                &Service::named("storage"),
+                &volume(Action::delete(), attached.clone())
+            ),
             None
         );
         let detached = json!({"size_gb": 20, "class": "ssd"});
         assert_eq!(
-            Peer::of(&Service::named("storage"), &volume(Action::named("detach"), detached)),
+            Peer::of(
+                &Service::named("storage"),
+                &volume(Action::named("detach"), detached)
+            ),
             None
         );
         let not_a_uuid = json!({"size_gb": 20, "attached_to": "web-1"});
         assert_eq!(
-            Peer::of(&Service::named("storage"), &volume(Action::create(), not_a_uuid)),
+            Peer::of(
+                &Service::named("storage"),
+                &volume(Action::create(), not_a_uuid)
+            ),
             None
         );
         assert_eq!(
@@ -384,7 +396,10 @@ mod tests {
         );
         // Another pool never looks anything up, whatever the spec says.
         assert_eq!(
-            Peer::of(&Service::named("vm"), &volume(Action::create(), attached.clone())),
+            Peer::of(
+                &Service::named("vm"),
+                &volume(Action::create(), attached.clone())
+            ),
             None
         );
         let vm_op = dispatch(Kind::named("vm"), Action::create(), "web", attached);
@@ -400,7 +415,10 @@ mod tests {
     #[test]
     fn a_live_vm_becomes_the_attach_target_with_its_host() {
         let vm = Uuid::now_v7();
-        let op = volume(Action::named("attach"), json!({"size_gb": 20, "attached_to": vm}));
+        let op = volume(
+            Action::named("attach"),
+            json!({"size_gb": 20, "attached_to": vm}),
+        );
         let peer = Peer::AttachTarget { vm };
         let status = json!({"power_state": "running", "host": "zone-a-host-3", "ip": "10.0.0.1"});
         let target = peer
@@ -479,7 +497,10 @@ mod tests {
     #[test]
     fn the_enriched_dispatch_differs_only_by_the_input_key() {
         let vm = Uuid::now_v7();
-        let mut op = volume(Action::named("attach"), json!({"size_gb": 20, "attached_to": vm}));
+        let mut op = volume(
+            Action::named("attach"),
+            json!({"size_gb": 20, "attached_to": vm}),
+        );
         op.input = json!({"vm_id": vm});
         let target = json!({"id": vm, "zone": "zone-a", "host": null, "phase": "ready"});
         let enriched = with_input(&op, ATTACH_TARGET_KEY, target.clone());

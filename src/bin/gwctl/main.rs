@@ -1186,7 +1186,12 @@ mod tests {
         let l = parse_limit("storage_gb:volume:zone-a=500").unwrap();
         assert_eq!(
             (l.dimension.as_str(), l.kind, l.zone.as_deref(), l.limit),
-            ("storage_gb", Some(Kind::named("volume")), Some("zone-a"), 500)
+            (
+                "storage_gb",
+                Some(Kind::named("volume")),
+                Some("zone-a"),
+                500
+            )
         );
         let l = parse_limit("vcpus:*:zone-b=8").unwrap();
         assert_eq!((l.kind, l.zone.as_deref()), (None, Some("zone-b")));

@@ -308,7 +308,10 @@ impl Tabular for Quotas {
             .map(|l| {
                 vec![
                     l.limit.dimension.clone(),
-                    l.limit.kind.clone().map_or_else(|| "*".into(), |k| k.to_string()),
+                    l.limit
+                        .kind
+                        .clone()
+                        .map_or_else(|| "*".into(), |k| k.to_string()),
                     l.limit.zone.clone().unwrap_or_else(|| "*".into()),
                     l.limit.limit.to_string(),
                     l.used.to_string(),

@@ -22,7 +22,10 @@ fn breaking(field: impl Into<String>, message: impl Into<String>) -> ValidationE
 /// Accepts `new` as the next version of `old`, or says why not.
 pub fn check(old: &TypeDef, new: &TypeDef) -> Result<(), ValidationError> {
     if old.plural != new.plural {
-        return Err(breaking("plural", "the URL segment of a kind cannot change"));
+        return Err(breaking(
+            "plural",
+            "the URL segment of a kind cannot change",
+        ));
     }
     if old.service != new.service {
         return Err(breaking("service", "the service of a kind cannot change"));
@@ -37,35 +40,76 @@ pub fn check(old: &TypeDef, new: &TypeDef) -> Result<(), ValidationError> {
             return Err(breaking(field, "an action cannot be removed"));
         };
         if o.patch != n.patch || o.requires != n.requires {
-            return Err(breaking(field, "what an action does cannot change; add another action"));
+            return Err(breaking(
+                field,
+                "what an action does cannot change; add another action",
+            ));
         }
-        widens(&o.input_schema, &n.input_schema, &format!("{field}.input_schema"))?;
+        widens(
+            &o.input_schema,
+            &n.input_schema,
+            &format!("{field}.input_schema"),
+        )?;
     }
     Ok(())
 }
 
 /// Keywords whose value may only loosen in the given direction.
-const LOWER_BOUNDS: &[&str] = &["minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties"];
-const UPPER_BOUNDS: &[&str] = &["maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties"];
+const LOWER_BOUNDS: &[&str] = &[
+    "minimum",
+    "exclusiveMinimum",
+    "minLength",
+    "minItems",
+    "minProperties",
+];
+const UPPER_BOUNDS: &[&str] = &[
+    "maximum",
+    "exclusiveMaximum",
+    "maxLength",
+    "maxItems",
+    "maxProperties",
+];
 /// Keywords handled below, or free to change (annotations).
 const HANDLED: &[&str] = &[
-    "type", "properties", "required", "additionalProperties", "enum", "items", "default",
-    "description", "title", "examples", "deprecated", "readOnly", "writeOnly", "$comment",
-    "x-catalog", "x-catalog-range", "x-immutable", "x-only-grows", "x-reference", "x-quota",
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "enum",
+    "items",
+    "default",
+    "description",
+    "title",
+    "examples",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "$comment",
+    "x-catalog",
+    "x-catalog-range",
+    "x-immutable",
+    "x-only-grows",
+    "x-reference",
+    "x-quota",
     "$schema",
 ];
 
 fn types(s: &Map<String, Value>) -> Option<Vec<String>> {
     match s.get("type")? {
         Value::String(t) => Some(vec![t.clone()]),
-        Value::Array(ts) => Some(ts.iter().filter_map(|t| t.as_str().map(String::from)).collect()),
+        Value::Array(ts) => Some(
+            ts.iter()
+                .filter_map(|t| t.as_str().map(String::from))
+                .collect(),
+        ),
         _ => Some(vec![]),
     }
 }
 
 /// Whether type `t` of the old schema is still accepted by the new types `new`.
 fn type_kept(t: &str, new: &[String]) -> bool {
-    new.iter().any(|n| n == t || (t == "integer" && n == "number"))
+    new.iter()
+        .any(|n| n == t || (t == "integer" && n == "number"))
 }
 
 /// Refuses when `new` accepts less than `old` (at `field`).
@@ -74,7 +118,10 @@ fn widens(old: &Value, new: &Value, field: &str) -> Result<(), ValidationError> 
         return if old == new || new == &Value::Bool(true) {
             Ok(())
         } else {
-            Err(breaking(field, "the schema changed in a way that may refuse what it took"))
+            Err(breaking(
+                field,
+                "the schema changed in a way that may refuse what it took",
+            ))
         };
     };
     if let Some(nt) = types(n) {
@@ -112,12 +159,22 @@ fn widens(old: &Value, new: &Value, field: &str) -> Result<(), ValidationError> 
 }
 
 /// Lower bounds may only go down, upper bounds only up; none may appear.
-fn bounds(o: &Map<String, Value>, n: &Map<String, Value>, field: &str) -> Result<(), ValidationError> {
+fn bounds(
+    o: &Map<String, Value>,
+    n: &Map<String, Value>,
+    field: &str,
+) -> Result<(), ValidationError> {
     for (keys, looser) in [(LOWER_BOUNDS, true), (UPPER_BOUNDS, false)] {
         for k in keys {
-            let Some(nv) = n.get(*k).and_then(Value::as_f64) else { continue };
+            let Some(nv) = n.get(*k).and_then(Value::as_f64) else {
+                continue;
+            };
             let ok = o.get(*k).and_then(Value::as_f64).is_some_and(|ov| {
-                if looser { nv <= ov } else { nv >= ov }
+                if looser {
+                    nv <= ov
+                } else {
+                    nv >= ov
+                }
             });
             if !ok {
                 return Err(breaking(format!("{field}.{k}"), format!("{k} narrowed")));
@@ -129,10 +186,20 @@ fn bounds(o: &Map<String, Value>, n: &Map<String, Value>, field: &str) -> Result
 
 /// No property goes away or narrows; new required ones have a default; closed objects
 /// stay open if they were.
-fn properties(o: &Map<String, Value>, n: &Map<String, Value>, field: &str) -> Result<(), ValidationError> {
+fn properties(
+    o: &Map<String, Value>,
+    n: &Map<String, Value>,
+    field: &str,
+) -> Result<(), ValidationError> {
     let empty = Map::new();
-    let op = o.get("properties").and_then(Value::as_object).unwrap_or(&empty);
-    let np = n.get("properties").and_then(Value::as_object).unwrap_or(&empty);
+    let op = o
+        .get("properties")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let np = n
+        .get("properties")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
     for (name, os) in op {
         let at = format!("{field}.properties.{name}");
         let Some(ns) = np.get(name) else {
@@ -143,7 +210,11 @@ fn properties(o: &Map<String, Value>, n: &Map<String, Value>, field: &str) -> Re
     let required = |m: &Map<String, Value>| -> Vec<String> {
         m.get("required")
             .and_then(Value::as_array)
-            .map(|r| r.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|r| {
+                r.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let old_required = required(o);
@@ -156,7 +227,8 @@ fn properties(o: &Map<String, Value>, n: &Map<String, Value>, field: &str) -> Re
             ));
         }
     }
-    let closed = |m: &Map<String, Value>| m.get("additionalProperties") == Some(&Value::Bool(false));
+    let closed =
+        |m: &Map<String, Value>| m.get("additionalProperties") == Some(&Value::Bool(false));
     if closed(n) && !closed(o) {
         return Err(breaking(
             format!("{field}.additionalProperties"),
@@ -172,16 +244,26 @@ fn properties(o: &Map<String, Value>, n: &Map<String, Value>, field: &str) -> Re
 }
 
 /// `x-` rules may not appear or change; immutability and only-growing may go.
-fn x_rules(o: &Map<String, Value>, n: &Map<String, Value>, field: &str) -> Result<(), ValidationError> {
+fn x_rules(
+    o: &Map<String, Value>,
+    n: &Map<String, Value>,
+    field: &str,
+) -> Result<(), ValidationError> {
     for k in ["x-catalog", "x-catalog-range", "x-reference", "x-quota"] {
         if o.get(k) != n.get(k) {
-            return Err(breaking(format!("{field}.{k}"), format!("{k} cannot change")));
+            return Err(breaking(
+                format!("{field}.{k}"),
+                format!("{k} cannot change"),
+            ));
         }
     }
     for k in ["x-immutable", "x-only-grows"] {
         let on = |m: &Map<String, Value>| m.get(k).is_some_and(|v| v != &Value::Bool(false));
         if on(n) && o.get(k) != n.get(k) {
-            return Err(breaking(format!("{field}.{k}"), format!("{k} cannot be added or changed")));
+            return Err(breaking(
+                format!("{field}.{k}"),
+                format!("{k} cannot be added or changed"),
+            ));
         }
     }
     Ok(())

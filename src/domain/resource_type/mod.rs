@@ -31,7 +31,10 @@ pub struct TypeDef {
     #[schema(value_type = String, pattern = "^[a-z][a-z0-9_]{0,31}$", example = "loadbalancer")]
     pub kind: Kind,
     /// Its collection's URL segment (`load-balancers`): `/v1/tenants/{t}/{plural}`.
-    #[schema(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "load-balancers")]
+    #[schema(
+        pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        example = "load-balancers"
+    )]
     pub plural: String,
     /// The service whose workers act on it; its operations go to `ops.{service}.{zone}`.
     #[schema(value_type = String, pattern = "^[a-z][a-z0-9_]{0,31}$", example = "network")]
@@ -171,7 +174,13 @@ pub const PLURAL_PATTERN: &str = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// Segments under `/v1/tenants/{t}/` that are not resource collections (the routes of
 /// `api`, and a few kept for the API's own use).
 const RESERVED_PLURALS: &[&str] = &[
-    "events", "keys", "quotas", "audit", "webhooks", "operations", "resource-types",
+    "events",
+    "keys",
+    "quotas",
+    "audit",
+    "webhooks",
+    "operations",
+    "resource-types",
 ];
 
 fn invalid_type(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
@@ -328,7 +337,11 @@ impl ResourceType {
         let def = self.def.actions.get(name)?;
         let validator = self.actions.get(name)?;
         // An absent body is an empty object.
-        let input = if input.is_null() { json!({}) } else { input.clone() };
+        let input = if input.is_null() {
+            json!({})
+        } else {
+            input.clone()
+        };
         Some(
             schema_error(validator, &input, "invalid_body", "input")
                 .and_then(|()| run_action(def, spec, &input)),
@@ -358,7 +371,11 @@ fn regex_lite_dns(s: &str) -> bool {
 }
 
 /// Checks an action's patch and requirements when the type is registered.
-fn check_action(action: &ActionDef, field: &str, spec_schema: &Value) -> Result<(), ValidationError> {
+fn check_action(
+    action: &ActionDef,
+    field: &str,
+    spec_schema: &Value,
+) -> Result<(), ValidationError> {
     if let Some(patch) = &action.patch {
         if !patch.is_object() {
             return Err(invalid_type(
@@ -371,12 +388,18 @@ fn check_action(action: &ActionDef, field: &str, spec_schema: &Value) -> Result<
         let at = format!("{field}.requires[{i}]");
         let tests = [r.is_not.is_some(), r.present.is_some(), r.grows.is_some()];
         if tests.iter().filter(|t| **t).count() != 1 {
-            return Err(invalid_type(at, "needs exactly one of is_not, present and grows"));
+            return Err(invalid_type(
+                at,
+                "needs exactly one of is_not, present and grows",
+            ));
         }
         if !r.field.starts_with('/') || rules::schema_at(spec_schema, &r.field).is_none() {
             return Err(invalid_type(
                 format!("{at}.field"),
-                format!("{:?} is not a JSON pointer to a property of the spec", r.field),
+                format!(
+                    "{:?} is not a JSON pointer to a property of the spec",
+                    r.field
+                ),
             ));
         }
         if let Some(code) = &r.code {

@@ -176,7 +176,10 @@ impl FieldRules {
                 if reference.kind != *kind && !known(&reference.kind) {
                     return Err(invalid_type(
                         format!("{at}.x-reference.kind"),
-                        format!("no resource type {:?} is registered", reference.kind.as_str()),
+                        format!(
+                            "no resource type {:?} is registered",
+                            reference.kind.as_str()
+                        ),
                     ));
                 }
             }
@@ -194,7 +197,9 @@ impl FieldRules {
 
     /// The kinds the spec may name.
     pub fn referenced_kinds(&self) -> impl Iterator<Item = &Kind> {
-        self.0.iter().filter_map(|r| r.reference.as_ref().map(|d| &d.kind))
+        self.0
+            .iter()
+            .filter_map(|r| r.reference.as_ref().map(|d| &d.kind))
     }
 
     /// The dimensions `x-quota` counts into.
@@ -202,7 +207,11 @@ impl FieldRules {
         self.0
             .iter()
             .filter_map(|r| r.quota.as_ref())
-            .flat_map(|q| q.dimension.into_iter().chain(q.catalog_attributes.iter().copied()))
+            .flat_map(|q| {
+                q.dimension
+                    .into_iter()
+                    .chain(q.catalog_attributes.iter().copied())
+            })
             .collect()
     }
 

@@ -597,8 +597,8 @@ impl Deployment {
             &super::builtin_services(),
             &defs,
         )
-            .await
-            .unwrap();
+        .await
+        .unwrap();
     }
 
     /// Creates a tenant through the API at `url`.

@@ -301,8 +301,8 @@ fn status(op: &Dispatch) -> Value {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use gateway_proto::{Action, Kind, Service};
     use chrono::Utc;
+    use gateway_proto::{Action, Kind, Service};
 
     pub(crate) fn instant() -> SimConfig {
         SimConfig {
