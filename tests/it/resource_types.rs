@@ -551,6 +551,14 @@ async fn registrations_are_checked_and_only_admins_make_them() {
             "invalid_body",
             "",
         ),
+        (
+            with(&|d| {
+                d["actions"]["drain"]["requires"] =
+                    json!([{"field": "/port", "is_not": 1, "code": "oops", "message": "m"}])
+            }),
+            "invalid_body",
+            "",
+        ),
     ] {
         let r = app.post("/v1/resource-types", bad.clone()).await;
         assert_eq!(r.code(), code, "{bad}: {:?}", r.body);

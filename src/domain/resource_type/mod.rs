@@ -100,9 +100,28 @@ pub struct Requirement {
     /// The error code when it does not hold: `invalid_state` (409, the default for
     /// `is_not` and `present`) or `invalid_spec` (422, the default for `grows`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
+    pub code: Option<RequirementCode>,
     /// The error message.
     pub message: String,
+}
+
+/// The error a broken [`Requirement`] answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequirementCode {
+    /// `409`: the action does not fit the resource's state.
+    InvalidState,
+    /// `422`: the spec the action would make is refused.
+    InvalidSpec,
+}
+
+impl RequirementCode {
+    fn as_str(self) -> &'static str {
+        match self {
+            RequirementCode::InvalidState => "invalid_state",
+            RequirementCode::InvalidSpec => "invalid_spec",
+        }
+    }
 }
 
 /// What an action does to the spec.
@@ -240,8 +259,8 @@ impl ResourceType {
         version: i64,
         known: &dyn Fn(&Kind) -> bool,
     ) -> Result<ResourceType, ValidationError> {
-        let plural_ok = def.plural.len() <= 63
-            && regex_lite_dns(&def.plural)
+        let plural_ok = super::names::validate_label("plural", &def.plural).is_ok()
+            && def.plural.starts_with(|c: char| c.is_ascii_lowercase())
             && !RESERVED_PLURALS.contains(&def.plural.as_str());
         if !plural_ok {
             return Err(invalid_type(
@@ -360,16 +379,6 @@ impl ResourceType {
     }
 }
 
-/// Whether `s` is a DNS label starting with a letter.
-fn regex_lite_dns(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b[0].is_ascii_lowercase()
-        && b[b.len() - 1] != b'-'
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-}
-
 /// Checks an action's patch and requirements when the type is registered.
 fn check_action(
     action: &ActionDef,
@@ -402,14 +411,6 @@ fn check_action(
                 ),
             ));
         }
-        if let Some(code) = &r.code {
-            if !matches!(code.as_str(), "invalid_state" | "invalid_spec") {
-                return Err(invalid_type(
-                    format!("{at}.code"),
-                    "must be invalid_state or invalid_spec",
-                ));
-            }
-        }
     }
     Ok(())
 }
@@ -431,12 +432,8 @@ fn fill_template(template: &Value, input: &Value) -> Option<Value> {
     }
 }
 
-fn requirement_error(r: &Requirement, default: &'static str) -> ValidationError {
-    let code = match r.code.as_deref() {
-        Some("invalid_spec") => "invalid_spec",
-        Some("invalid_state") => "invalid_state",
-        _ => default,
-    };
+fn requirement_error(r: &Requirement, default: RequirementCode) -> ValidationError {
+    let code = r.code.unwrap_or(default).as_str();
     ValidationError::new(code, dotted("spec", &r.field), r.message.clone())
         .at(format!("/spec{}", r.field))
 }
@@ -451,7 +448,7 @@ fn run_action(def: &ActionDef, spec: &Value, input: &Value) -> Result<Effect, Va
             (None, None) => true,
         };
         if !holds {
-            return Err(requirement_error(r, "invalid_state"));
+            return Err(requirement_error(r, RequirementCode::InvalidState));
         }
     }
     let patch = def.patch.as_ref().and_then(|p| fill_template(p, input));
@@ -463,7 +460,7 @@ fn run_action(def: &ActionDef, spec: &Value, input: &Value) -> Result<Effect, Va
         if let Some(growth) = r.grows {
             let (old, new) = (spec.pointer(&r.field), next.pointer(&r.field));
             if !growth.grew(old, new) {
-                return Err(requirement_error(r, "invalid_spec"));
+                return Err(requirement_error(r, RequirementCode::InvalidSpec));
             }
         }
     }

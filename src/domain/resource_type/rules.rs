@@ -173,6 +173,17 @@ impl FieldRules {
                 }
             }
             if let Some(reference) = &r.reference {
+                let code_ok = reference.code.as_deref().is_none_or(|c| {
+                    c.len() <= 64
+                        && c.starts_with(|ch: char| ch.is_ascii_lowercase())
+                        && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                });
+                if !code_ok {
+                    return Err(invalid_type(
+                        format!("{at}.x-reference.code"),
+                        "an error code is 1 to 64 of a-z and _, starting with a letter",
+                    ));
+                }
                 if reference.kind != *kind && !known(&reference.kind) {
                     return Err(invalid_type(
                         format!("{at}.x-reference.kind"),

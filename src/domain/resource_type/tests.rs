@@ -321,6 +321,13 @@ fn definitions_that_cannot_work_are_refused_with_the_field() {
         ("/plural", json!("Load_Balancers"), "plural"),
         ("/plural", json!("events"), "plural"),
         ("/plural", json!("quotas"), "plural"),
+        ("/plural", json!("9lives"), "plural"),
+        ("/plural", json!("lbs-"), "plural"),
+        (
+            "/spec_schema/properties/vm/x-reference",
+            json!({"kind": "vm", "code": "Not Found!"}),
+            "spec_schema.vm.x-reference.code",
+        ),
         ("/spec_schema/type", json!("string"), "spec_schema.type"),
         (
             "/spec_schema/properties/port/minimum",
