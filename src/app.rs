@@ -530,27 +530,18 @@ async fn consumers_follow_registry(
     shutdown: CancellationToken,
 ) {
     let mut done = std::collections::BTreeSet::new();
-    let mut changed = types.subscribe();
-    loop {
-        let new: Vec<Service> = types
-            .snapshot()
-            .services()
-            .into_iter()
-            .filter(|s| !done.contains(s))
-            .collect();
-        if !new.is_empty() {
-            match crate::jetstream::ensure_pools(&js, &names, &zones, &new).await {
-                Ok(()) => {
-                    tracing::info!(services = ?new, "pool consumers ready");
-                    done.extend(new);
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot create pool consumers yet; retrying"),
-            }
+    let mut services = types.follow_services();
+    while let Some(now) = services.next(&shutdown).await {
+        let new: Vec<Service> = now.into_iter().filter(|s| !done.contains(s)).collect();
+        if new.is_empty() {
+            continue;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = changed.changed() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        match crate::jetstream::ensure_pools(&js, &names, &zones, &new).await {
+            Ok(()) => {
+                tracing::info!(services = ?new, "pool consumers ready");
+                done.extend(new);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot create pool consumers yet; retrying"),
         }
     }
 }
@@ -573,26 +564,19 @@ impl SimPools {
     async fn follow(self, types: Registry, shutdown: CancellationToken, config: Config) {
         let mut running = std::collections::BTreeSet::new();
         let mut pools = JoinSet::new();
-        let mut changed = types.subscribe();
-        loop {
-            let services = types.snapshot().services();
-            let new: Vec<(Service, String)> = services
+        let mut services = types.follow_services();
+        while let Some(now) = services.next(&shutdown).await {
+            let new: Vec<(Service, String)> = now
                 .iter()
                 .flat_map(|s| self.zones.iter().map(move |z| (s.clone(), z.clone())))
                 .filter(|p| !running.contains(p))
                 .collect();
-            if !new.is_empty() {
-                if let Err(e) = self
-                    .start(&new, &config, &shutdown, &mut pools, &mut running)
-                    .await
-                {
-                    tracing::error!(error = %e, "cannot start simulated workers; retrying");
-                }
+            if new.is_empty() {
+                continue;
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = changed.changed() => {}
-                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            let started = self.start(&new, &config, &shutdown, &mut pools, &mut running);
+            if let Err(e) = started.await {
+                tracing::error!(error = %e, "cannot start simulated workers; retrying");
             }
         }
         while pools.join_next().await.is_some() {}

@@ -34,13 +34,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Compiles `rows`; a row that does not compile (edited by hand) is logged and left
-    /// out.
-    fn build(rows: &[TypeRow]) -> Snapshot {
+    /// The types of `rows`: those `previous` has at the same version and definition are
+    /// kept as they are (schemas are compiled once per version), the others compiled; a
+    /// row that does not compile (edited by hand) is logged and left out.
+    fn build(rows: &[TypeRow], previous: &Snapshot) -> Snapshot {
         let kinds: BTreeSet<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
         let known = |k: &Kind| kinds.contains(k.as_str());
         let mut snapshot = Snapshot::default();
         for row in rows {
+            let kept = previous
+                .by_kind
+                .values()
+                .find(|t| t.kind() == row.kind.as_str() && t.version == row.version)
+                .filter(|t| row.to_def().is_ok_and(|def| def == t.def));
+            if let Some(t) = kept {
+                snapshot.insert(t.clone());
+                continue;
+            }
             match compile(row, &known) {
                 Ok(t) => snapshot.insert(Arc::new(t)),
                 Err(e) => {
@@ -105,6 +115,8 @@ pub struct Registry {
     pool: PgPool,
     current: Arc<RwLock<Arc<Snapshot>>>,
     changed: Arc<watch::Sender<u64>>,
+    /// Held across a reload's read and replace, so an older read never replaces a newer.
+    reloading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Registry {
@@ -114,6 +126,7 @@ impl Registry {
             pool,
             current: Arc::default(),
             changed: Arc::new(watch::channel(0).0),
+            reloading: Arc::default(),
         };
         registry.reload().await?;
         Ok(registry)
@@ -134,9 +147,27 @@ impl Registry {
 
     /// Reads every type again.
     pub async fn reload(&self) -> sqlx::Result<()> {
+        let _one_at_a_time = self.reloading.lock().await;
         let rows = resource_types::all(&self.pool).await?;
-        self.replace(Snapshot::build(&rows));
+        self.replace(Snapshot::build(&rows, &self.snapshot()));
         Ok(())
+    }
+
+    /// Reads every type again; a failure is logged, and the types known are kept.
+    pub async fn reload_logged(&self) {
+        if let Err(e) = self.reload().await {
+            tracing::warn!(error = %e, "cannot reload the resource types; keeping the ones known");
+        }
+    }
+
+    /// Follows the registered services: how a part takes on services registered while
+    /// it runs (keeping what it has done, and retrying what failed).
+    pub fn follow_services(&self) -> ServiceFollower {
+        ServiceFollower {
+            registry: self.clone(),
+            changed: self.subscribe(),
+            started: false,
+        }
     }
 
     /// Tells of every reload (the value counts them).
@@ -186,10 +217,30 @@ impl Registry {
         })
         .await;
     }
+}
 
-    async fn reload_logged(&self) {
-        if let Err(e) = self.reload().await {
-            tracing::warn!(error = %e, "cannot reload the resource types; keeping the ones known");
+/// The registered services, again and again: see [`Registry::follow_services`].
+pub struct ServiceFollower {
+    registry: Registry,
+    changed: watch::Receiver<u64>,
+    started: bool,
+}
+
+impl ServiceFollower {
+    /// How long a follower waits for a reload before it looks again anyway (to retry).
+    pub const RECHECK: Duration = Duration::from_secs(5);
+
+    /// The services now: at once the first time, then after the next reload (or
+    /// [`Self::RECHECK`]); `None` once `shutdown` is cancelled.
+    pub async fn next(&mut self, shutdown: &CancellationToken) -> Option<Vec<Service>> {
+        if self.started {
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = self.changed.changed() => {}
+                _ = tokio::time::sleep(Self::RECHECK) => {}
+            }
         }
+        self.started = true;
+        (!shutdown.is_cancelled()).then(|| self.registry.snapshot().services())
     }
 }

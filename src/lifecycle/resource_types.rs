@@ -85,7 +85,8 @@ pub async fn put(
         }
     };
     commit_audited(tx, audit).await?;
-    engine.types.reload().await?;
+    // Served here at once; a failed read leaves it to the notification the commit sent.
+    engine.types.reload_logged().await;
     Ok((row, outcome))
 }
 
@@ -116,6 +117,6 @@ pub async fn delete(engine: &Engine, kind: &str, audit: Audit<'_>) -> Result<(),
     }
     resource_types::delete(&mut tx, kind).await?;
     commit_audited(tx, audit).await?;
-    engine.types.reload().await?;
+    engine.types.reload_logged().await;
     Ok(())
 }

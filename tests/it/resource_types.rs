@@ -649,3 +649,29 @@ async fn registrations_are_checked_and_only_admins_make_them() {
     );
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
+
+/// Schemas are compiled once per type version: a reload keeps an unchanged type as it
+/// was compiled, and compiles a changed one.
+#[tokio::test]
+async fn a_reload_compiles_only_the_types_that_changed() {
+    let app = spawn_with(Options::api_only()).await;
+    let types = gateway::registry::Registry::load(app.pool.clone())
+        .await
+        .unwrap();
+    let (vm, bm) = (
+        gateway_proto::Kind::named("vm"),
+        gateway_proto::Kind::named("bm"),
+    );
+    let (vm_before, bm_before) = (types.get(&vm).unwrap(), types.get(&bm).unwrap());
+    types.reload().await.unwrap();
+    assert!(std::sync::Arc::ptr_eq(&vm_before, &types.get(&vm).unwrap()));
+    let mut def = app.get("/v1/resource-types/vm").await.body;
+    def.as_object_mut().unwrap().remove("version");
+    def["spec_schema"]["properties"]["hostname"] = json!({"type": "string"});
+    assert_eq!(put_type(&app, &def).await.status, StatusCode::OK);
+    types.reload().await.unwrap();
+    let vm_after = types.get(&vm).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&vm_before, &vm_after));
+    assert_eq!(vm_after.version, 2);
+    assert!(std::sync::Arc::ptr_eq(&bm_before, &types.get(&bm).unwrap()));
+}
