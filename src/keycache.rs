@@ -10,8 +10,9 @@
 //! - a key's own `expires_at` is checked at every use, cached or not.
 //!
 //! Unknown keys are cached too (as absent), so a client hammering a wrong key does not
-//! reach the database either. Concurrent misses of one key make one query. Hits and
-//! misses are counted in `gateway_cache_requests_total{cache="keys"}`.
+//! reach the database either. A miss reads the database with the request; its error (a
+//! database that is down) is the request's, as without the cache. Hits and misses are
+//! counted in `gateway_cache_requests_total{cache="keys"}`.
 
 use crate::metrics::{CacheLabels, Metrics};
 use crate::store::principals::{self, PrincipalRow};
@@ -59,19 +60,17 @@ impl KeyCache {
                 .await?
                 .map(Arc::new));
         };
-        let mut missed = false;
-        let found = entries
-            .try_get_with(hash.clone(), async {
-                missed = true;
+        let cached = entries.get(&hash).await;
+        self.count(cached.is_some());
+        let found = match cached {
+            Some(found) => found,
+            None => {
                 let row = principals::find_live_by_hash(&self.pool, &hash).await?;
-                Ok::<_, sqlx::Error>(row.map(Arc::new))
-            })
-            .await
-            .map_err(|e| match Arc::try_unwrap(e) {
-                Ok(e) => e,
-                Err(shared) => sqlx::Error::Protocol(shared.to_string()),
-            })?;
-        self.count(!missed);
+                let row = row.map(Arc::new);
+                entries.insert(hash, row.clone()).await;
+                row
+            }
+        };
         let now = chrono::Utc::now();
         Ok(found.filter(|p| p.expires_at.is_none_or(|t| t > now)))
     }
