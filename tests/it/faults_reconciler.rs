@@ -66,19 +66,6 @@ async fn db_op(app: &TestApp, id: &str) -> (String, i32, i32, Option<String>) {
     .unwrap()
 }
 
-fn pool_config(app: &TestApp, key: String) -> workers::PoolConfig {
-    workers::PoolConfig {
-        service: Service::named("vm"),
-        zone: "zone-a".into(),
-        stream: app.config.nats.stream.clone(),
-        gateway_url: app.url.clone(),
-        gateway_key: key,
-        concurrency: 4,
-        max_deliver: 5,
-        dispatch_keys: app.config.dispatch_public_keys(),
-    }
-}
-
 #[tokio::test]
 async fn a_quiet_operation_is_dispatched_again_only_once_its_message_is_gone() {
     let app = spawn_with(Options::api_and_relay()).await;
@@ -136,7 +123,7 @@ async fn a_quiet_operation_is_dispatched_again_only_once_its_message_is_gone() {
     let js = app.running.as_ref().unwrap().backends.js.clone();
     let pool = tokio::spawn(workers::run_pool(
         js,
-        pool_config(&app, key),
+        app.pool_config(Service::named("vm"), key),
         driver.clone(),
         stop.clone(),
     ));

@@ -39,16 +39,7 @@ async fn exec_worker(app: &TestApp, stop: CancellationToken) {
     let key = gateway::app::worker_key(&app.pool, &service, "zone-a")
         .await
         .unwrap();
-    let config = workers::PoolConfig {
-        service,
-        zone: "zone-a".into(),
-        stream: app.config.nats.stream.clone(),
-        gateway_url: app.url.clone(),
-        gateway_key: key,
-        concurrency: 4,
-        max_deliver: 5,
-        dispatch_keys: app.config.dispatch_public_keys(),
-    };
+    let config = app.pool_config(service, key);
     let driver = workers::ExecDriver::new(DRIVER.into(), vec![]);
     let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
     tokio::spawn(async move {

@@ -455,6 +455,20 @@ pub async fn spawn_with(options: Options) -> TestApp {
 }
 
 impl TestApp {
+    /// A worker pool of `service` in `zone-a` reporting to this gateway with `key`.
+    pub fn pool_config(&self, service: gateway_proto::Service, key: String) -> workers::PoolConfig {
+        workers::PoolConfig {
+            service,
+            zone: "zone-a".into(),
+            stream: self.config.nats.stream.clone(),
+            gateway_url: self.url.clone(),
+            gateway_key: key,
+            concurrency: 4,
+            max_deliver: 5,
+            dispatch_keys: self.config.dispatch_public_keys(),
+        }
+    }
+
     /// Polls an operation until it is done (30 s at most) and returns it.
     pub async fn wait_done(&self, op_id: &str) -> Value {
         self.wait_op(op_id, |op| op["done"] == json!(true)).await
