@@ -100,13 +100,14 @@ pub struct Requirement {
     /// The error code when it does not hold: `invalid_state` (409, the default for
     /// `is_not` and `present`) or `invalid_spec` (422, the default for `grows`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub code: Option<RequirementCode>,
     /// The error message.
     pub message: String,
 }
 
 /// The error a broken [`Requirement`] answers with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequirementCode {
     /// `409`: the action does not fit the resource's state.
