@@ -116,22 +116,51 @@ pub async fn connect_for_up(
         return Ok((connect(config).await?, None));
     };
     let pool = store::connect(&config.database_url, config.database_max_connections).await?;
-    store::migrate(&pool).await?;
+    migrate_database(config, &pool).await?;
     let zones: Vec<String> = zone_names(&pool).await?;
     let services = service_names(&pool).await?;
     let bin = crate::broker::nats_server_bin(server.as_deref())?;
     let dir = config.data_dir.join("nats");
-    let broker = PrivateBroker::start(&dir, bin, port, &config.nats, &zones, &services).await?;
+    let broker = PrivateBroker::start(
+        &dir,
+        bin,
+        port,
+        &config.nats,
+        &zones,
+        &services,
+        config.region.as_ref(),
+    )
+    .await?;
     config.nats_url = broker.url.clone();
     let backends = connect_private(config, pool, broker.logins.clone()).await?;
     Ok((backends, Some(broker)))
 }
 
-/// The names of the deployment's zones (one worker pool per service in each).
+/// Applies the database migrations and, with regions, makes the database this region's
+/// (claiming its zones and naming its peers; see [`store::replication::configure`]).
+pub async fn migrate_database(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
+    store::migrate(pool).await?;
+    if let Some(region) = &config.region {
+        let mut conn = pool.acquire().await?;
+        store::replication::configure(
+            &mut conn,
+            &region.name,
+            &config.public_url(),
+            &region.zones,
+            &region.peers,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The names of the zones this installation serves (one worker pool per service in
+/// each): all of them, or with regions, its region's.
 pub async fn zone_names(pool: &PgPool) -> anyhow::Result<Vec<String>> {
     Ok(catalog::zones(pool)
         .await?
         .into_iter()
+        .filter(|z| z.local)
         .map(|z| z.name)
         .collect())
 }
@@ -156,9 +185,12 @@ pub async fn migrate(
     b: &Backends,
     rotate: bool,
 ) -> anyhow::Result<Option<String>> {
-    store::migrate(&b.pool).await?;
+    migrate_database(config, &b.pool).await?;
     let zones: Vec<String> = zone_names(&b.pool).await?;
     let js = b.jetstream_as(config, credentials::RELAY).await?;
+    if let Some(region) = &config.region {
+        crate::replication::ensure_streams(&js, region, config.stream_replicas).await?;
+    }
     let defs = crate::jetstream::Definitions::shipped()?
         .with_replicas(config.stream_replicas)
         .with_event_retention(config.events.max_age, config.events.max_bytes);
@@ -327,6 +359,9 @@ impl<'c> Assembly<'c> {
             catalog: crate::cache::CatalogCache::new(metrics.clone()),
             metrics,
             types,
+            ids: crate::domain::region::IdMaker::for_region(
+                config.region.as_ref().map(|r| r.name.as_str()),
+            ),
         };
         Ok(Self {
             config,
@@ -405,6 +440,10 @@ impl<'c> Assembly<'c> {
                 self.engine.metrics.clone(),
             ),
             webhook_secret_keys: self.config.webhooks.secret_keys.clone(),
+            regions: api::regions::Directory::new(
+                self.config.region.as_ref().map(|r| r.name.as_str()),
+            ),
+            public_base: self.config.public_url.as_deref().map(std::sync::Arc::from),
         };
         // A process without the API (a relay) still serves health and metrics.
         let app = if api {
@@ -466,6 +505,32 @@ impl<'c> Assembly<'c> {
         let (types, stop) = (self.engine.types.clone(), self.shutdown.clone());
         self.tasks
             .spawn(consumers_follow_registry(js, names, zones, types, stop));
+        self.spawn_replication().await
+    }
+
+    /// With regions: publishes this region's changes and applies the peers'.
+    async fn spawn_replication(&mut self) -> anyhow::Result<()> {
+        let Some(region) = &self.config.region else {
+            return Ok(());
+        };
+        let js = self
+            .backends
+            .jetstream_as(self.config, credentials::RELAY)
+            .await?;
+        let publisher = crate::replication::publish::Publisher {
+            pool: self.backends.pool.clone(),
+            js: js.clone(),
+            heartbeat: region.heartbeat,
+            poll: std::time::Duration::from_millis(100),
+            metrics: self.engine.metrics.clone(),
+        };
+        self.tasks.spawn(publisher.run(self.shutdown.clone()));
+        let applier = crate::replication::apply::Applier {
+            pool: self.backends.pool.clone(),
+            js,
+            metrics: self.engine.metrics.clone(),
+        };
+        self.tasks.spawn(applier.run(self.shutdown.clone()));
         Ok(())
     }
 

@@ -9,7 +9,7 @@
 //! own user ([`RoleLogins`]). The server is stopped when `up` stops ([`PrivateBroker::stop`],
 //! and killed if `up` dies without stopping it).
 
-use crate::config::NatsNames;
+use crate::config::{NatsNames, RegionSettings};
 use crate::credentials;
 use anyhow::Context as _;
 use gateway_proto::Service;
@@ -111,6 +111,7 @@ impl PrivateBroker {
         names: &NatsNames,
         zones: &[String],
         services: &[Service],
+        region: Option<&RegionSettings>,
     ) -> anyhow::Result<Self> {
         credentials::write(dir, names, zones, services, &[])?;
         let port = match port {
@@ -119,7 +120,7 @@ impl PrivateBroker {
         };
         let conf = dir.join("nats-server.conf");
         let store = dir.join("store");
-        std::fs::write(&conf, server_conf(port, &store))
+        std::fs::write(&conf, server_conf(port, &store, names, region))
             .with_context(|| format!("cannot write {}", conf.display()))?;
         let log = std::fs::File::create(dir.join("nats-server.log"))?;
         let child = tokio::process::Command::new(&bin)
@@ -195,14 +196,68 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// The private server's configuration: loopback only, JetStream, the users of
-/// `auth.conf`.
-fn server_conf(port: u16, store: &Path) -> String {
-    format!(
+/// `auth.conf`; with regions, the region's JetStream domain and its leaf node links.
+fn server_conf(
+    port: u16,
+    store: &Path,
+    names: &NatsNames,
+    region: Option<&RegionSettings>,
+) -> String {
+    let domain = region.map_or(String::new(), |r| format!("  domain: \"{}\"\n", r.name));
+    let mut conf = format!(
         "# Written by `gateway up` for its private broker; rewritten at every start.\n\
          listen: 127.0.0.1:{port}\n\
-         jetstream {{\n  store_dir: \"{store}\"\n}}\n\
+         jetstream {{\n  store_dir: \"{store}\"\n{domain}}}\n\
          include \"{auth}\"\n",
         store = store.display(),
         auth = credentials::AUTH_CONF,
-    )
+    );
+    if let Some(region) = region {
+        conf.push_str(&leafnodes_conf(names, region));
+    }
+    conf
+}
+
+/// The `leafnodes` block linking this region's server to the others': it accepts them
+/// on `leaf_port` (user `leaf`), and connects to `leaf_remotes`. Only replication crosses
+/// a link: each remote denies this deployment's own subjects both ways, so the regions'
+/// operation and event streams (same names, same subjects) never capture each other's
+/// messages.
+pub fn leafnodes_conf(names: &NatsNames, region: &RegionSettings) -> String {
+    let mut out = String::from("leafnodes {\n");
+    if let (Some(port), Some(password)) = (region.leaf_port, &region.leaf_password) {
+        out.push_str(&format!(
+            "  listen: 127.0.0.1:{port}\n  authorization {{ user: leaf, password: \"{}\" }}\n",
+            password.expose()
+        ));
+    }
+    let local: Vec<String> = local_subjects(names)
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect();
+    let remotes: Vec<String> = region
+        .leaf_remotes
+        .iter()
+        .map(|url| {
+            format!(
+                "    {{ url: \"{url}\", deny_imports: [{l}], deny_exports: [{l}] }}",
+                l = local.join(", ")
+            )
+        })
+        .collect();
+    if !remotes.is_empty() {
+        out.push_str(&format!("  remotes: [\n{}\n  ]\n", remotes.join(",\n")));
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// The subjects of one region's own deployment, which must not cross to another region.
+pub fn local_subjects(names: &NatsNames) -> Vec<String> {
+    vec![
+        format!("{}.>", names.subject_prefix),
+        format!("{}.>", names.events_prefix),
+        "_gateway.>".into(),
+        "$JS.EVENT.>".into(),
+    ]
 }

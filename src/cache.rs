@@ -9,7 +9,7 @@
 
 use crate::domain::spec::Category;
 use crate::metrics::{CacheLabels, Metrics};
-use crate::store::catalog;
+use crate::store::catalog::{self, ZoneRow};
 use moka::future::Cache;
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -18,6 +18,9 @@ use std::time::Duration;
 
 /// How long an entry is trusted.
 pub const TTL: Duration = Duration::from_secs(60);
+/// How long a zone (and where it is served) is trusted: short, since with regions a
+/// zone's row arrives, and may change hands, through replication.
+pub const ZONE_TTL: Duration = Duration::from_secs(5);
 /// Entries kept at most (per cache).
 const CAPACITY: u64 = 10_000;
 
@@ -25,7 +28,7 @@ const CAPACITY: u64 = 10_000;
 #[derive(Clone)]
 pub struct CatalogCache {
     entries: Cache<(Category, String), Option<Arc<Value>>>,
-    zones: Cache<String, bool>,
+    zones: Cache<String, Option<Arc<ZoneRow>>>,
     tenants: Cache<String, ()>,
     metrics: Metrics,
 }
@@ -47,7 +50,7 @@ impl CatalogCache {
                 .build(),
             zones: Cache::builder()
                 .max_capacity(CAPACITY)
-                .time_to_live(TTL)
+                .time_to_live(ZONE_TTL)
                 .build(),
             tenants: Cache::builder()
                 .max_capacity(CAPACITY)
@@ -111,15 +114,39 @@ impl CatalogCache {
         Ok(found)
     }
 
-    /// Whether zone `name` exists.
+    /// Whether zone `name` exists (in any region).
     pub async fn zone_exists(&self, conn: &mut PgConnection, name: &str) -> sqlx::Result<bool> {
+        Ok(self.zone(conn, name).await?.is_some())
+    }
+
+    /// [`Self::zone`] on a connection of `pool`, for callers outside a transaction.
+    pub async fn zone_outside(
+        &self,
+        pool: &sqlx::PgPool,
+        name: &str,
+    ) -> sqlx::Result<Option<Arc<ZoneRow>>> {
+        if let Some(found) = self.zones.get(name).await {
+            self.count("zones", true);
+            return Ok(found);
+        }
+        let mut conn = pool.acquire().await?;
+        self.zone(&mut conn, name).await
+    }
+
+    /// Zone `name` and where it is served, if it exists. An unknown zone is only cached
+    /// for a moment: it may be another region's, on its way here.
+    pub async fn zone(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> sqlx::Result<Option<Arc<ZoneRow>>> {
         if let Some(found) = self.zones.get(name).await {
             self.count("zones", true);
             return Ok(found);
         }
         self.count("zones", false);
-        let found = catalog::zone_exists(&mut *conn, name).await?;
-        self.zones.insert(name.to_owned(), found).await;
+        let found = catalog::zone(&mut *conn, name).await?.map(Arc::new);
+        self.zones.insert(name.to_owned(), found.clone()).await;
         Ok(found)
     }
 }

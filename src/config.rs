@@ -91,6 +91,8 @@ pub struct Config {
     pub webhooks: WebhookSettings,
     /// Requests in flight per class (admission control).
     pub admission: AdmissionLimits,
+    /// This installation's region, when it is one of several (`GATEWAY_REGION`…).
+    pub region: Option<RegionSettings>,
     /// `GATEWAY_IDEMPOTENCY_RETENTION_SECONDS`: how long an `Idempotency-Key` is
     /// remembered (default 86400); then the reconciler forgets it.
     pub idempotency_retention: Duration,
@@ -301,6 +303,7 @@ impl fmt::Debug for Config {
             .field("events", &self.events)
             .field("webhooks", &self.webhooks)
             .field("admission", &self.admission)
+            .field("region", &self.region)
             .field("max_connections", &self.max_connections)
             .field("idempotency_retention", &self.idempotency_retention)
             .finish()
@@ -336,9 +339,89 @@ pub struct RateLimits {
     pub anonymous_burst: NonZeroU32,
 }
 
+/// One region of several (see README, "Regions").
+#[derive(Debug, Clone)]
+pub struct RegionSettings {
+    /// `GATEWAY_REGION`: this region's name (`[a-z][a-z0-9-]{0,31}`); also the JetStream
+    /// domain of its NATS servers.
+    pub name: String,
+    /// `GATEWAY_REGION_ZONES`: the zones this region owns (comma-separated); `migrate`
+    /// claims them.
+    pub zones: Vec<String>,
+    /// `GATEWAY_REGION_PEERS`: the other regions (comma-separated), whose replication
+    /// streams this region's NATS sources through the JetStream domain of each.
+    pub peers: Vec<String>,
+    /// `GATEWAY_REPLICATION_HEARTBEAT_MS`: how often this region tells the others what it
+    /// has applied (default 1000); the lag metric's resolution.
+    pub heartbeat: Duration,
+    /// `GATEWAY_UP_LEAF_PORT`: `up`'s private broker accepts other regions' NATS servers
+    /// on this port (NATS leaf node connections).
+    pub leaf_port: Option<u16>,
+    /// `GATEWAY_UP_LEAF_REMOTES`: `up`'s private broker connects to these regions' NATS
+    /// servers (`nats-leaf://leaf:password@host:port`, comma-separated).
+    pub leaf_remotes: Vec<String>,
+    /// `GATEWAY_UP_LEAF_PASSWORD`: the password other regions' servers log in with as
+    /// user `leaf` (required with `GATEWAY_UP_LEAF_PORT`).
+    pub leaf_password: Option<Secret>,
+}
+
+impl RegionSettings {
+    fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> anyhow::Result<Option<Self>> {
+        let Some(name) = env.opt_string("GATEWAY_REGION")? else {
+            return Ok(None);
+        };
+        crate::domain::region::check_name(&name).map_err(|e| anyhow!("GATEWAY_REGION: {e}"))?;
+        let list = |var: &str| -> anyhow::Result<Vec<String>> {
+            Ok(env
+                .string(var, "")?
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect())
+        };
+        let peers = list("GATEWAY_REGION_PEERS")?;
+        for peer in &peers {
+            crate::domain::region::check_name(peer)
+                .map_err(|e| anyhow!("GATEWAY_REGION_PEERS: {e}"))?;
+            if peer == &name {
+                return Err(anyhow!("GATEWAY_REGION_PEERS: names this region itself"));
+            }
+        }
+        if env.opt_string("GATEWAY_UP_LEAF_PORT")?.is_some()
+            && env.opt_string("GATEWAY_UP_LEAF_PASSWORD")?.is_none()
+        {
+            return Err(anyhow!(
+                "GATEWAY_UP_LEAF_PASSWORD: required with GATEWAY_UP_LEAF_PORT"
+            ));
+        }
+        let zones = list("GATEWAY_REGION_ZONES")?;
+        for zone in &zones {
+            crate::domain::names::validate_label("GATEWAY_REGION_ZONES", zone)
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        Ok(Some(Self {
+            name,
+            zones,
+            peers,
+            heartbeat: env.millis("GATEWAY_REPLICATION_HEARTBEAT_MS", 1000)?,
+            leaf_port: env
+                .opt_string("GATEWAY_UP_LEAF_PORT")?
+                .map(|p| p.parse())
+                .transpose()
+                .map_err(|e| anyhow!("GATEWAY_UP_LEAF_PORT: {e}"))?,
+            leaf_remotes: list("GATEWAY_UP_LEAF_REMOTES")?,
+            leaf_password: env.opt_string("GATEWAY_UP_LEAF_PASSWORD")?.map(Secret::new),
+        }))
+    }
+}
+
 /// Names of the JetStream objects this deployment uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsNames {
+    /// `GATEWAY_REGION`, when set: the relay may also publish and apply replicated
+    /// changes (its permissions gain the `replication` role's).
+    pub region: Option<String>,
     /// `OPS_STREAM`: the work-queue stream (default `OPS`).
     pub stream: String,
     /// `OPS_SUBJECT_PREFIX`: subjects are `{prefix}.{service}.{zone}` (default `ops`).
@@ -369,6 +452,7 @@ impl NatsNames {
 impl Default for NatsNames {
     fn default() -> Self {
         Self {
+            region: None,
             stream: "OPS".into(),
             subject_prefix: "ops".into(),
             events_prefix: "events".into(),
@@ -500,6 +584,7 @@ impl Config {
             admin_key: admin_key.map(Secret::new),
             public_url: env.opt_string("GATEWAY_PUBLIC_URL")?,
             nats: NatsNames {
+                region: env.opt_string("GATEWAY_REGION")?,
                 stream: env.token("OPS_STREAM", "OPS", false)?,
                 subject_prefix: env.token("OPS_SUBJECT_PREFIX", "ops", true)?,
                 events_prefix: env.token("EVENTS_SUBJECT_PREFIX", "events", true)?,
@@ -527,6 +612,7 @@ impl Config {
             events: EventSettings::from_env(&env)?,
             webhooks: WebhookSettings::from_env(&env)?,
             admission: AdmissionLimits::from_env(&env)?,
+            region: RegionSettings::from_env(&env)?,
             max_connections: env.positive("GATEWAY_MAX_CONNECTIONS", 4096usize)?,
             idempotency_retention: env.secs("GATEWAY_IDEMPOTENCY_RETENTION_SECONDS", 86_400)?,
             rate_limits: RateLimits {
@@ -586,6 +672,7 @@ impl Config {
             events: EventSettings::default(),
             webhooks: WebhookSettings::default(),
             admission: AdmissionLimits::default(),
+            region: None,
             max_connections: 4096,
             idempotency_retention: Duration::from_secs(86_400),
             rate_limits: RateLimits {

@@ -111,9 +111,21 @@ pub fn users(
             name,
         }
     };
+    let mut relay = user(RELAY.into(), role(RELAY)?, None);
+    if let Some(region) = &names.region {
+        let extra = user(RELAY.into(), role("replication")?, None);
+        let fill = |s: &String| {
+            s.replace("${region}", region).replace(
+                "${replication_consumer}",
+                crate::replication::APPLY_CONSUMER,
+            )
+        };
+        relay.publish.extend(extra.publish.iter().map(fill));
+        relay.subscribe.extend(extra.subscribe.iter().map(fill));
+    }
     let mut users = vec![
         user(GATEWAY.into(), role(GATEWAY)?, None),
-        user(RELAY.into(), role(RELAY)?, None),
+        relay,
         user(EVENTS_READER.into(), role(EVENTS_READER)?, None),
     ];
     for zone in zones {
@@ -281,6 +293,7 @@ mod tests {
 
     fn names() -> NatsNames {
         NatsNames {
+            region: None,
             stream: "T1".into(),
             subject_prefix: "t1.ops".into(),
             events_prefix: "t1.events".into(),

@@ -369,6 +369,7 @@ mod tests {
     #[test]
     fn shipped_definitions_parse_and_substitute() {
         let names = NatsNames {
+            region: None,
             stream: "T1".into(),
             subject_prefix: "t1.ops".into(),
             events_prefix: "t1.events".into(),
@@ -390,6 +391,7 @@ mod tests {
     #[test]
     fn the_advisory_stream_keeps_only_this_deployments_dead_letters() {
         let names = NatsNames {
+            region: None,
             stream: "T1".into(),
             subject_prefix: "t1.ops".into(),
             events_prefix: "t1.events".into(),

@@ -17,6 +17,8 @@
 //!   outbox row), including the promotion of queued operations.
 //! - [`changes`]: after-commit notifications: operation changes for long-polls, and the
 //!   relay's doorbell.
+//! - [`replication`]: global data (tenants, keys, catalog, quotas, webhooks, types)
+//!   between regions, through JetStream, last writer wins by hybrid logical clock.
 //! - [`relay`]: outbox → JetStream, every message signed; [`jetstream`]: stream and
 //!   consumer definitions.
 //! - [`credentials`]: the broker's users and permissions, their NKEYs, the dispatch
@@ -58,6 +60,7 @@ pub mod notify;
 pub mod reconciler;
 pub mod registry;
 pub mod relay;
+pub mod replication;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

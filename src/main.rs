@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     let cli_command = match cli.command {
         Command::Admin { command } => {
             let pool = gateway::store::connect(&config.database_url, 2).await?;
-            gateway::store::migrate(&pool).await?;
+            app::migrate_database(&config, &pool).await?;
             return gateway::admin::run(&pool, command).await;
         }
         Command::NatsConfig {
@@ -254,7 +254,7 @@ async fn nats_config(
         .collect::<anyhow::Result<Vec<gateway_proto::Service>>>()?;
     if zones.is_empty() || services.is_empty() {
         let pool = gateway::store::connect(&config.database_url, 2).await?;
-        gateway::store::migrate(&pool).await?;
+        app::migrate_database(config, &pool).await?;
         if zones.is_empty() {
             zones = app::zone_names(&pool).await?;
         }

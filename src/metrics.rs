@@ -49,6 +49,11 @@
 //! | `gateway_audit_spooled` | gauge | | audit rows waiting to be written (while the database is down, the spool) |
 //! | `gateway_cache_requests_total` | counter | cache, result | catalog and zone lookups answered from memory (`hit`) or the database (`miss`) |
 //! | `gateway_quota_rejections_total` | counter | service, dimension | writes refused with `quota_exceeded`, by the dimension of the limit they would pass |
+//! | `gateway_replication_lag_seconds` | gauge | peer | how far behind this region's copy of a peer region's global data is: now minus the peer's clock in the newest change or heartbeat applied from it (heartbeats come every second; `+Inf` before the first) |
+//! | `gateway_replication_changes_total` | counter | peer, result | changes from a peer region: `applied`, `stale` (a newer version was here), `parked` (retried later) |
+//! | `gateway_replication_pending` | gauge | | this region's changes not yet published to its replication stream |
+//! | `gateway_replication_parked` | gauge | | peer changes waiting for a parent row or a unique name |
+//! | `gateway_replication_tombstones` | gauge | | deleted rows remembered until every region has seen the deletion |
 //! | `gateway_quota_usage_ratio` | histogram | dimension | how full each quota limit a write grows is once the write is accepted (used / limit); no tenant label |
 
 use crate::domain::quota::Dimension;
@@ -104,6 +109,22 @@ pub struct ClassLabels {
 pub struct OutcomeOnly {
     /// What became of it.
     pub outcome: String,
+}
+
+/// Labels of a peer region.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The peer region.
+    pub peer: String,
+}
+
+/// Labels of changes from a peer region.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerResultLabels {
+    /// The peer region.
+    pub peer: String,
+    /// `applied`, `stale` or `parked`.
+    pub result: String,
 }
 
 /// Why something was refused.
@@ -311,6 +332,16 @@ pub struct Inner {
     pub quota_rejections: Family<QuotaLabels, Counter>,
     /// See the table in the module docs.
     pub quota_usage: HistogramFamily<DimensionLabels>,
+    /// See the table in the module docs.
+    pub replication_lag: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    /// See the table in the module docs.
+    pub replication_changes: Family<PeerResultLabels, Counter>,
+    /// See the table in the module docs.
+    pub replication_pending: Gauge,
+    /// See the table in the module docs.
+    pub replication_parked: Gauge,
+    /// See the table in the module docs.
+    pub replication_tombstones: Gauge,
 }
 
 impl std::ops::Deref for Metrics {
@@ -328,6 +359,35 @@ impl Default for Metrics {
 }
 
 impl Inner {
+    /// The families of replication between regions.
+    fn register_replication(&self, r: &mut Registry) {
+        r.register(
+            "replication_lag_seconds",
+            "How far behind this region's copy of each peer region's global data is",
+            self.replication_lag.clone(),
+        );
+        r.register(
+            "replication_changes",
+            "Changes from peer regions, by result",
+            self.replication_changes.clone(),
+        );
+        r.register(
+            "replication_pending",
+            "This region's changes not yet published to its replication stream",
+            self.replication_pending.clone(),
+        );
+        r.register(
+            "replication_parked",
+            "Peer changes waiting for a parent row or a unique name",
+            self.replication_parked.clone(),
+        );
+        r.register(
+            "replication_tombstones",
+            "Deleted rows remembered until every region has seen the deletion",
+            self.replication_tombstones.clone(),
+        );
+    }
+
     /// The families of tenant quotas.
     fn register_quotas(&self, r: &mut Registry) {
         r.register(
@@ -607,11 +667,17 @@ impl Metrics {
             cache_requests: Family::default(),
             quota_rejections: Family::default(),
             quota_usage: Family::new_with_constructor(fill_ratio),
+            replication_lag: Family::default(),
+            replication_changes: Family::default(),
+            replication_pending: Gauge::default(),
+            replication_parked: Gauge::default(),
+            replication_tombstones: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("gateway");
         inner.register_requests(r);
         inner.register_delivery(r);
         inner.register_quotas(r);
+        inner.register_replication(r);
         Metrics(Arc::new(inner))
     }
 
@@ -797,6 +863,31 @@ impl Metrics {
             }
             Err(e) => tracing::debug!(error = %e, "metrics: events backlog unavailable"),
         }
+        self.refresh_replication(pool).await;
+    }
+
+    /// The replication gauges (nothing in a single-region installation).
+    async fn refresh_replication(&self, pool: &PgPool) {
+        let (peers, pending, parked, tombstones) = match store::replication::state(pool).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics: replication state unavailable");
+                return;
+            }
+        };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for peer in peers {
+            let lag = match peer.applied_hlc {
+                0 => f64::INFINITY,
+                hlc => (now_ms - crate::domain::region::hlc_millis(hlc)).max(0) as f64 / 1000.0,
+            };
+            self.replication_lag
+                .get_or_create(&PeerLabels { peer: peer.region })
+                .set(lag);
+        }
+        self.replication_pending.set(pending);
+        self.replication_parked.set(parked);
+        self.replication_tombstones.set(tombstones);
     }
 
     /// Refreshes the gauges that describe PostgreSQL and JetStream.

@@ -25,6 +25,13 @@ pub struct ZoneOut {
     pub name: String,
     /// Free text for humans.
     pub description: String,
+    /// The region that owns it, when the installation has several; requests about it
+    /// are answered by that region's gateway (`307` to `url` from the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The public URL of its region's gateway, when that is another region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// A catalog entry.
@@ -52,6 +59,8 @@ pub async fn zones(
             .map(|z| ZoneOut {
                 name: z.name,
                 description: z.description,
+                url: if z.local { None } else { z.url },
+                region: z.region,
             })
             .collect(),
     ))

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod operations;
 pub mod params;
 pub mod quotas;
+pub mod regions;
 pub mod request;
 pub mod resource_types;
 pub mod resources;
@@ -75,6 +76,10 @@ pub struct AppState {
     pub webhook_secret_keys: Option<crate::domain::sealing::SealKeys>,
     /// Requests in flight per class.
     pub admission: admission::Admission,
+    /// The other regions, for redirects.
+    pub regions: regions::Directory,
+    /// This gateway's public URL (`GATEWAY_PUBLIC_URL`), for absolute `Location`s.
+    pub public_base: Option<std::sync::Arc<str>>,
 }
 
 /// The whole API.
@@ -100,6 +105,10 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            regions::follow_ids,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -120,9 +129,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `202 Accepted` with the operation, `Location` and `Retry-After`.
-pub fn accepted(op: OperationRow) -> Response {
-    let location = format!("/v1/operations/{}", op.id);
+/// `202 Accepted` with the operation, `Location` (absolute when the gateway knows its
+/// public URL, as every region's does) and `Retry-After`.
+pub fn accepted(state: &AppState, op: OperationRow) -> Response {
+    let base = state.public_base.as_deref().unwrap_or("");
+    let location = format!("{}/v1/operations/{}", base.trim_end_matches('/'), op.id);
     let mut res = (StatusCode::ACCEPTED, Json(wire::OperationOut::from(op))).into_response();
     let headers = res.headers_mut();
     headers.insert(

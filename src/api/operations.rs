@@ -84,6 +84,7 @@ pub fn parse_wait(text: &str) -> Option<Duration> {
     get, path = "/v1/operations/{id}", tag = "operations",
     params(("id" = Uuid, Path, description = "Operation ID"), ReadQuery),
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 200, description = "The operation", body = OperationOut),
         (status = 400, description = "`invalid_query`: bad wait", body = ErrorBody),
         (status = 404, description = "No such operation visible to this key", body = ErrorBody),
@@ -212,6 +213,7 @@ pub async fn list(
     params(("id" = Uuid, Path, description = "Operation ID")),
     request_body = Report,
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 200, description = "Accepted (or a repeat of an accepted report)", body = ReportAck),
         (status = 403, description = "Not this worker's service or zone", body = ErrorBody),
         (status = 404, description = "No such operation", body = ErrorBody),
@@ -245,6 +247,7 @@ pub async fn report(
     post, path = "/v1/operations/{id}/cancel", tag = "operations",
     params(("id" = Uuid, Path, description = "Operation ID")),
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 200, description = "Cancelled, or cancellation requested (`cancel_requested`)", body = OperationOut),
         (status = 403, description = "A read-only key", body = ErrorBody),
         (status = 404, description = "No such operation visible to this key", body = ErrorBody),

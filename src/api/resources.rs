@@ -94,6 +94,7 @@ pub(crate) fn path_id(segment: &str, what: &str) -> Result<Uuid, ApiError> {
     ),
     request_body = CreateResourceIn,
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 202, description = "Accepted; `Location` names the operation", body = OperationOut),
         (status = 400, description = "Malformed JSON", body = super::error::ErrorBody),
         (status = 404, description = "Unknown tenant", body = super::error::ErrorBody),
@@ -108,10 +109,14 @@ pub async fn create(
     Caller(principal): Caller,
     meta: Meta,
     headers: WriteHeaders,
+    uri: axum::http::Uri,
     Path((tenant, kind_segment)): Path<(String, String)>,
     JsonBody(body): JsonBody<CreateResourceIn>,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&state, &kind_segment).await?;
+    if let Some(elsewhere) = super::regions::zone_elsewhere(&state, &body.zone, &uri).await? {
+        return Ok(elsewhere);
+    }
     let print = fingerprint(
         "POST",
         &format!("/v1/tenants/{tenant}/{kind_segment}"),
@@ -125,7 +130,7 @@ pub async fn create(
         labels: body.labels,
     };
     let op = submit::create(&state.engine, meta, &tenant, &rt, req).await?;
-    Ok(accepted(op))
+    Ok(accepted(&state, op))
 }
 
 /// Read one resource. Workers may read what their work needs: resources of their own
@@ -138,6 +143,7 @@ pub async fn create(
         ("id" = Uuid, Path, description = "Resource ID"),
     ),
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 200, description = "The resource; `ETag` is its version", body = ResourceOut),
         (status = 404, description = "No such resource in this tenant", body = super::error::ErrorBody),
     ),
@@ -195,6 +201,7 @@ pub struct ListQuery {
         ListQuery,
     ),
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 200, description = "One page", body = Page<ResourceOut>),
         (status = 400, description = "Bad cursor or limit", body = super::error::ErrorBody),
         (status = 404, description = "Unknown tenant", body = super::error::ErrorBody),
@@ -204,11 +211,17 @@ pub struct ListQuery {
 pub async fn list(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    uri: axum::http::Uri,
     Path((tenant, kind_segment)): Path<(String, String)>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Page<ResourceOut>>, ApiError> {
+) -> Result<Response, ApiError> {
     let rt = resource_type(&state, &kind_segment).await?;
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
+    if let Some(zone) = &q.zone {
+        if let Some(elsewhere) = super::regions::zone_elsewhere(&state, zone, &uri).await? {
+            return Ok(elsewhere);
+        }
+    }
     super::readable_tenant(&state, &principal, &tenant).await?;
     let limit = super::page_limit(q.limit)?;
     let after = q
@@ -236,7 +249,8 @@ pub async fn list(
         limit,
         |r| cursor::encode_time_id(r.created_at, r.id),
         ResourceOut::from,
-    )))
+    ))
+    .into_response())
 }
 
 /// Delete a resource. The answer is the `delete` operation; deleting twice returns the
@@ -249,6 +263,7 @@ pub async fn list(
         ("id" = Uuid, Path, description = "Resource ID"),
     ),
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 202, description = "Accepted; `Location` names the operation", body = OperationOut),
         (status = 404, description = "No such resource in this tenant", body = super::error::ErrorBody),
     ),
@@ -270,7 +285,7 @@ pub async fn delete(
     );
     let meta = request_meta(&principal, &meta, &headers, &print);
     let op = submit::delete(&state.engine, meta, &tenant, &rt, id, headers.if_match).await?;
-    Ok(accepted(op))
+    Ok(accepted(&state, op))
 }
 
 /// Change a resource's spec with a JSON merge patch. Bumps `generation`; the answer is
@@ -286,6 +301,7 @@ pub async fn delete(
     ),
     request_body = PatchIn,
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 202, description = "Accepted; `Location` names the operation", body = OperationOut),
         (status = 404, description = "No such resource in this tenant", body = super::error::ErrorBody),
         (status = 409, description = "`resource_deleting` or `idempotency_key_reused`", body = super::error::ErrorBody),
@@ -328,7 +344,7 @@ pub async fn patch(
         headers.if_match,
     )
     .await?;
-    Ok(accepted(op))
+    Ok(accepted(&state, op))
 }
 
 /// Run an action on a resource: one its type registers (`GET /v1/resource-types`). The
@@ -348,6 +364,7 @@ pub async fn patch(
     ),
     request_body(content = Object, description = "The action's input; empty or `{}` for actions without one"),
     responses(
+        (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 202, description = "Accepted; `Location` names the operation", body = OperationOut),
         (status = 404, description = "No such resource, or no such action for the kind", body = super::error::ErrorBody),
         (status = 409, description = "`invalid_state`, `resource_deleting` or `idempotency_key_reused`", body = super::error::ErrorBody),
@@ -399,5 +416,5 @@ pub async fn action(
         headers.if_match,
     )
     .await?;
-    Ok(accepted(op))
+    Ok(accepted(&state, op))
 }

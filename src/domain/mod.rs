@@ -7,6 +7,7 @@
 pub mod names;
 pub mod phase;
 pub mod quota;
+pub mod region;
 pub mod report;
 pub mod resource_type;
 pub mod role;

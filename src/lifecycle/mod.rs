@@ -55,6 +55,8 @@ pub struct Engine {
     pub catalog: crate::cache::CatalogCache,
     /// The registered resource types.
     pub types: crate::registry::Registry,
+    /// Makes resource and operation IDs (tagged with the region, if any).
+    pub ids: crate::domain::region::IdMaker,
 }
 
 impl Engine {

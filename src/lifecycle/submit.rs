@@ -167,7 +167,7 @@ pub async fn create(
     let resource = resources::insert(
         &mut tx,
         &NewResource {
-            id: Uuid::now_v7(),
+            id: engine.ids.make(),
             tenant,
             kind: kind.clone(),
             zone: &req.zone,
@@ -386,10 +386,11 @@ pub(super) async fn start_operation(
     run_now: bool,
 ) -> sqlx::Result<OperationRow> {
     let deadline = txn.engine().deadline();
+    let id = txn.engine().ids.make();
     let mut op = operations::insert(
         txn,
         &NewOperation {
-            id: Uuid::now_v7(),
+            id,
             tenant: &resource.tenant,
             resource_id: resource.id,
             kind: resource.kind.clone(),

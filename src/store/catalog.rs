@@ -15,14 +15,24 @@ pub struct CatalogRow {
     pub attributes: serde_json::Value,
 }
 
-/// A zone row.
+/// A zone row, with where it is served.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ZoneRow {
     /// Its name.
     pub name: String,
     /// Free text for humans.
     pub description: String,
+    /// The region that owns it (`None` in a single-region installation).
+    pub region: Option<String>,
+    /// Whether this installation serves it (its region is this one's).
+    pub local: bool,
+    /// The public URL of its region's gateway, when another region serves it.
+    pub url: Option<String>,
 }
+
+const ZONES: &str = "SELECT z.name, z.description, z.region,
+        z.region IS NOT DISTINCT FROM c.region AS local, r.url
+   FROM zones z CROSS JOIN replication_clock c LEFT JOIN regions r ON r.name = z.region";
 
 /// The entries named by `(category, name)` pairs that exist; missing ones are absent.
 pub async fn find(
@@ -55,12 +65,20 @@ pub async fn list(db: impl PgExecutor<'_>, category: Category) -> sqlx::Result<V
 
 /// Every zone, by name.
 pub async fn zones(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<ZoneRow>> {
-    sqlx::query_as("SELECT name, description FROM zones ORDER BY name")
+    sqlx::query_as(&format!("{ZONES} ORDER BY z.name"))
         .fetch_all(db)
         .await
 }
 
-/// Whether a zone exists.
+/// One zone, if it exists (in any region).
+pub async fn zone(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<Option<ZoneRow>> {
+    sqlx::query_as(&format!("{ZONES} WHERE z.name = $1"))
+        .bind(name)
+        .fetch_optional(db)
+        .await
+}
+
+/// Whether a zone exists (in any region).
 pub async fn zone_exists(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM zones WHERE name = $1)")
         .bind(name)

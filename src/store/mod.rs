@@ -22,6 +22,7 @@ pub mod operations;
 pub mod outbox;
 pub mod principals;
 pub mod quotas;
+pub mod replication;
 pub mod resource_types;
 pub mod resources;
 pub mod tenants;

@@ -108,7 +108,7 @@ pub async fn upsert(conn: &mut PgConnection, p: &NewPrincipal<'_>) -> sqlx::Resu
              zone = EXCLUDED.zone, key_hash = EXCLUDED.key_hash, revoked_at = NULL
          RETURNING id"
     ))
-    .bind(Uuid::now_v7())
+    .bind(named_id(p.tenant, p.name))
     .bind(p.name)
     .bind(p.role.as_str())
     .bind(p.tenant)
@@ -117,6 +117,17 @@ pub async fn upsert(conn: &mut PgConnection, p: &NewPrincipal<'_>) -> sqlx::Resu
     .bind(p.key_hash)
     .fetch_one(conn)
     .await
+}
+
+/// The ID a principal made by name gets: the same in every region, so that two regions
+/// making `bootstrap-admin` (or a pool's worker) make one principal, not two that
+/// replication would find conflicting.
+fn named_id(tenant: Option<&str>, name: &str) -> Uuid {
+    let namespace = Uuid::from_u128(0x6761_7465_7761_792d_7072_696e_6369_7061);
+    Uuid::new_v5(
+        &namespace,
+        format!("{}/{name}", tenant.unwrap_or("")).as_bytes(),
+    )
 }
 
 /// Whether a live platform principal (one of no tenant) named `name` exists. Tenants'

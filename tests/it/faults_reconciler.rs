@@ -31,6 +31,7 @@ async fn reconciler(app: &TestApp) -> Reconciler {
             types: gateway::registry::Registry::load(app.pool.clone())
                 .await
                 .unwrap(),
+            ids: Default::default(),
         },
         interval: Duration::from_secs(1),
         redispatch_after: Duration::from_secs(60),

@@ -32,6 +32,7 @@ mod operations;
 mod outbox;
 mod quotas;
 mod reads;
+mod regions;
 mod reports;
 mod resource_types;
 mod security;

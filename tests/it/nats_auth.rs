@@ -38,6 +38,7 @@ impl Broker {
     fn start_with(extra: &str) -> Self {
         let id = unique();
         let names = NatsNames {
+            region: None,
             stream: format!("T{id}"),
             subject_prefix: format!("t{id}.ops"),
             events_prefix: format!("t{id}.events"),

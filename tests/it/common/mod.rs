@@ -12,6 +12,7 @@
 //! Both speak HTTP through one [`Client`]. Tests that run real processes take
 //! [`heavy`] first.
 
+pub mod link;
 pub mod schema;
 mod servers;
 
@@ -130,19 +131,20 @@ pub async fn heavy_alone() -> SemaphorePermit<'static> {
 /// advisory stream and subject prefix, on the PostgreSQL at `pg_base` and the NATS at
 /// `nats_url`. Dropping it deletes the streams and drops the database, even when the
 /// test panicked; own it last, so it goes after whatever uses them.
-struct Sandbox {
+pub struct Sandbox {
     database: String,
-    names: NatsNames,
+    pub names: NatsNames,
     pg_base: String,
     nats_url: String,
 }
 
 impl Sandbox {
-    fn new(pg_base: &str, nats_url: &str) -> Self {
+    pub fn new(pg_base: &str, nats_url: &str) -> Self {
         let id = unique();
         Self {
             database: format!("gwtest_{id}"),
             names: NatsNames {
+                region: None,
                 stream: format!("T{id}"),
                 subject_prefix: format!("t{id}.ops"),
                 events_prefix: format!("t{id}.events"),
@@ -153,7 +155,7 @@ impl Sandbox {
     }
 
     /// The URL of the sandbox's database.
-    fn database_url(&self) -> String {
+    pub fn database_url(&self) -> String {
         format!("{}/{}", self.pg_base, self.database)
     }
 }

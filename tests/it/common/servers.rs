@@ -474,6 +474,14 @@ impl Gateway {
         g
     }
 
+    /// Starts `gateway up` (everything: migrations, API, relay, reconciler, simulated
+    /// workers for the zones it serves) on `port` and waits until `/healthz` answers.
+    pub async fn up(env: &GatewayEnv, port: u16) -> Self {
+        let g = Self::spawn("up", env, Some(port));
+        g.wait_healthy().await;
+        g
+    }
+
     /// Starts `gateway relay` (its health and metrics on a free port).
     pub fn relay(env: &GatewayEnv) -> Self {
         Self::spawn("relay", env, Some(free_port()))

@@ -1,0 +1,129 @@
+//! Applies the peers' changes as they arrive on `REPLICATION-IN`.
+//!
+//! One relay applies at a time (a session advisory lock held while it runs), in the
+//! order the stream delivers, one batch per transaction: the peers' heartbeats must be
+//! applied after the changes sent before them, or a tombstone could be dropped while an
+//! older change is still to come. Applying is idempotent, so a batch redelivered after a
+//! crash changes nothing. Malformed messages are logged and dropped.
+
+use crate::domain::region::Change;
+use crate::metrics::{Metrics, PeerResultLabels};
+use crate::store::replication::{self, Applied};
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use sqlx::pool::PoolConnection;
+use sqlx::{Acquire, PgPool, Postgres};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Messages applied per transaction at most.
+const BATCH: usize = 256;
+
+/// The applying side of replication.
+pub struct Applier {
+    /// The region's database.
+    pub pool: PgPool,
+    /// The region's JetStream.
+    pub js: jetstream::Context,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+impl Applier {
+    /// Applies until `shutdown`; waits while another relay holds the applier's lock.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let pause = match self.session(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "replication: applier stopped; retrying");
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Takes the lock, then applies batches until `shutdown` (`Ok`) or a failure.
+    async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        while !replication::try_lock_applier(&mut conn).await? {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        let consumer: jetstream::consumer::Consumer<pull::Config> = self
+            .js
+            .get_stream(super::INBOUND_STREAM)
+            .await?
+            .get_consumer(super::APPLY_CONSUMER)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("replication: no consumer {}: {e}", super::APPLY_CONSUMER)
+            })?;
+        loop {
+            let batch = consumer
+                .fetch()
+                .max_messages(BATCH)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await?;
+            let messages: Vec<_> = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                got = batch.collect::<Vec<_>>() => got,
+            };
+            let messages = messages
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("replication: fetch failed: {e}"))?;
+            if messages.is_empty() {
+                continue;
+            }
+            self.apply_batch(&mut conn, &messages).await?;
+            for m in &messages {
+                m.ack()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("replication: ack failed: {e}"))?;
+            }
+        }
+    }
+
+    /// Applies `messages` in one transaction, then retries parked changes if any landed.
+    async fn apply_batch(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+        messages: &[jetstream::Message],
+    ) -> anyhow::Result<()> {
+        let mut tx = conn.begin().await?;
+        let mut counts: Vec<(String, Applied)> = Vec::with_capacity(messages.len());
+        for m in messages {
+            let change: Change = match serde_json::from_slice(&m.payload) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(subject = %m.subject, error = %e, "replication: malformed change dropped");
+                    continue;
+                }
+            };
+            let applied = replication::apply(&mut tx, &change).await?;
+            counts.push((change.origin, applied));
+        }
+        if counts.iter().any(|(_, a)| *a == Applied::Applied) {
+            replication::retry_parked(&mut tx).await?;
+        }
+        tx.commit().await?;
+        for (peer, applied) in counts {
+            self.metrics
+                .replication_changes
+                .get_or_create(&PeerResultLabels {
+                    peer,
+                    result: applied.as_str().into(),
+                })
+                .inc();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,354 @@
+//! Replication of global data between regions (migration 0015): this region's
+//! configuration, the log of its own changes, applying the others' changes, and what
+//! each side has seen.
+
+use crate::domain::region::{Change, Heartbeat, HEARTBEAT};
+use sqlx::{Acquire, PgConnection, PgExecutor};
+
+/// One of this region's changes, waiting to be published.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LogRow {
+    /// Log order (= clock order: every logged change holds the clock until it commits).
+    pub seq: i64,
+    /// The table, or `_heartbeat`.
+    pub tbl: String,
+    /// Key columns.
+    pub key: serde_json::Value,
+    /// Replicated columns; `None`: deleted.
+    pub row: Option<serde_json::Value>,
+    /// Clock value.
+    pub hlc: i64,
+    /// This region.
+    pub origin: String,
+}
+
+impl From<LogRow> for Change {
+    fn from(r: LogRow) -> Self {
+        Change {
+            table: r.tbl,
+            key: r.key,
+            row: r.row,
+            hlc: r.hlc,
+            origin: r.origin,
+        }
+    }
+}
+
+/// Makes this database region `region`, served at `url`, owner of `zones`, with
+/// `peers` as the other regions. The first time, every row it already has is logged
+/// for the others. Fails if the database already belongs to another region.
+pub async fn configure(
+    conn: &mut PgConnection,
+    region: &str,
+    url: &str,
+    zones: &[String],
+    peers: &[String],
+) -> anyhow::Result<()> {
+    let mut tx = conn.begin().await?;
+    let current: Option<String> =
+        sqlx::query_scalar("SELECT region FROM replication_clock FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?;
+    match current.as_deref() {
+        Some(r) if r != region => {
+            anyhow::bail!("GATEWAY_REGION: this database belongs to region {r:?}, not {region:?}")
+        }
+        Some(_) => {}
+        None => {
+            sqlx::query("UPDATE replication_clock SET region = $1")
+                .bind(region)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT replication_snapshot()")
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO regions (name, url) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url WHERE regions.url <> EXCLUDED.url",
+    )
+    .bind(region)
+    .bind(url)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO zones (name, description, region)
+         SELECT z, '', $2 FROM unnest($1::text[]) AS z
+         ON CONFLICT (name) DO UPDATE SET region = EXCLUDED.region
+             WHERE zones.region IS DISTINCT FROM EXCLUDED.region",
+    )
+    .bind(zones)
+    .bind(region)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO replication_peers (region) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(peers)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// This database's region, if it is one of several.
+pub async fn region(db: impl PgExecutor<'_>) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar("SELECT region FROM replication_clock")
+        .fetch_one(db)
+        .await
+}
+
+/// Claims up to `limit` of the oldest logged changes, in order, if no other relay is
+/// publishing (one publisher at a time keeps the clock order on the stream).
+pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Option<Vec<LogRow>>> {
+    let mine: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('gateway.replication'))")
+            .fetch_one(&mut *conn)
+            .await?;
+    if !mine {
+        return Ok(None);
+    }
+    sqlx::query_as(
+        "SELECT seq, tbl, key, row, hlc, origin FROM replication_log ORDER BY seq LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .map(Some)
+}
+
+/// Removes published changes, up to `seq`.
+pub async fn delete_through(conn: &mut PgConnection, seq: i64) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM replication_log WHERE seq <= $1")
+        .bind(seq)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Logs a heartbeat (what this region has applied from each peer), unless one is
+/// already waiting to be published.
+pub async fn heartbeat(db: impl PgExecutor<'_>) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO replication_log (tbl, key, row, hlc, origin)
+         SELECT $1, '{}', jsonb_build_object('applied',
+                    coalesce((SELECT jsonb_object_agg(region, applied_hlc) FROM replication_peers), '{}')),
+                replication_tick(), region
+           FROM replication_clock
+          WHERE region IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM replication_log WHERE tbl = $1)",
+    )
+    .bind(HEARTBEAT)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// What applying one change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The change is now the row's value (or the row is gone).
+    Applied,
+    /// An equal or newer version was already here.
+    Stale,
+    /// It could not be applied yet (its parent row is missing, or another row holds
+    /// one of its unique names); kept to be retried.
+    Parked,
+}
+
+impl Applied {
+    /// Its name in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Stale => "stale",
+            Self::Parked => "parked",
+        }
+    }
+}
+
+/// Applies one change from region `change.origin` in the caller's transaction (a
+/// heartbeat records what its origin has seen). A change that breaks a constraint is
+/// parked, not failed: the rest of the batch goes on.
+pub async fn apply(conn: &mut PgConnection, change: &Change) -> sqlx::Result<Applied> {
+    record_applied(&mut *conn, &change.origin, change.hlc).await?;
+    if change.table == HEARTBEAT {
+        let beat: Heartbeat = change
+            .row
+            .clone()
+            .and_then(|r| serde_json::from_value(r).ok())
+            .unwrap_or_default();
+        record_acks(conn, &change.origin, &beat).await?;
+        return Ok(Applied::Applied);
+    }
+    apply_row(conn, change, None).await
+}
+
+async fn apply_row(
+    conn: &mut PgConnection,
+    change: &Change,
+    parked: Option<i64>,
+) -> sqlx::Result<Applied> {
+    let mut savepoint = conn.begin().await?;
+    let done: sqlx::Result<String> =
+        sqlx::query_scalar("SELECT replication_apply($1, $2, $3, $4, $5)")
+            .bind(&change.table)
+            .bind(&change.key)
+            .bind(&change.row)
+            .bind(change.hlc)
+            .bind(&change.origin)
+            .fetch_one(&mut *savepoint)
+            .await;
+    match done {
+        Ok(what) => {
+            savepoint.commit().await?;
+            if let Some(id) = parked {
+                sqlx::query("DELETE FROM replication_parked WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(if what == "stale" {
+                Applied::Stale
+            } else {
+                Applied::Applied
+            })
+        }
+        Err(e) if is_constraint(&e) => {
+            savepoint.rollback().await?;
+            if parked.is_none() {
+                sqlx::query(
+                    "INSERT INTO replication_parked (tbl, key, row, hlc, origin, error)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&change.table)
+                .bind(&change.key)
+                .bind(&change.row)
+                .bind(change.hlc)
+                .bind(&change.origin)
+                .bind(e.to_string())
+                .execute(&mut *conn)
+                .await?;
+            }
+            Ok(Applied::Parked)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Class 23 (integrity constraint violation).
+fn is_constraint(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c.starts_with("23"))
+}
+
+/// Tries the parked changes again, oldest first; returns how many were applied.
+pub async fn retry_parked(conn: &mut PgConnection) -> sqlx::Result<usize> {
+    let rows: Vec<(
+        i64,
+        String,
+        serde_json::Value,
+        Option<serde_json::Value>,
+        i64,
+        String,
+    )> = sqlx::query_as(
+        "SELECT id, tbl, key, row, hlc, origin FROM replication_parked ORDER BY id LIMIT 1000",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut done = 0;
+    for (id, table, key, row, hlc, origin) in rows {
+        let change = Change {
+            table,
+            key,
+            row,
+            hlc,
+            origin,
+        };
+        if apply_row(conn, &change, Some(id)).await? != Applied::Parked {
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+async fn record_applied(conn: &mut PgConnection, peer: &str, hlc: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO replication_peers (region, applied_hlc, applied_at) VALUES ($1, $2, now())
+         ON CONFLICT (region) DO UPDATE
+            SET applied_hlc = greatest(replication_peers.applied_hlc, EXCLUDED.applied_hlc),
+                applied_at = now()",
+    )
+    .bind(peer)
+    .bind(hlc)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn record_acks(conn: &mut PgConnection, peer: &str, beat: &Heartbeat) -> sqlx::Result<()> {
+    let (origins, hlcs): (Vec<&str>, Vec<i64>) =
+        beat.applied.iter().map(|(o, h)| (o.as_str(), *h)).unzip();
+    sqlx::query(
+        "INSERT INTO replication_acks (peer, origin, hlc)
+         SELECT $1, o, h FROM unnest($2::text[], $3::bigint[]) AS a(o, h)
+         ON CONFLICT (peer, origin) DO UPDATE SET hlc = greatest(replication_acks.hlc, EXCLUDED.hlc)",
+    )
+    .bind(peer)
+    .bind(&origins)
+    .bind(&hlcs)
+    .execute(&mut *conn)
+    .await?;
+    // A tombstone goes once every other peer has applied its origin up to it.
+    sqlx::query(
+        "DELETE FROM replication_tombstones t
+          WHERE NOT EXISTS (
+                SELECT 1 FROM replication_peers p
+                 WHERE p.region <> t.origin
+                   AND coalesce((SELECT a.hlc FROM replication_acks a
+                                  WHERE a.peer = p.region AND a.origin = t.origin), 0) < t.hlc)",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// What this region has applied from one peer.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PeerState {
+    /// The peer region.
+    pub region: String,
+    /// The newest clock value applied from it (0: nothing yet).
+    pub applied_hlc: i64,
+}
+
+/// Replication state for metrics: each peer, the changes waiting to be published, the
+/// parked changes and the tombstones.
+pub async fn state(db: &sqlx::PgPool) -> sqlx::Result<(Vec<PeerState>, i64, i64, i64)> {
+    let peers = sqlx::query_as("SELECT region, applied_hlc FROM replication_peers ORDER BY region")
+        .fetch_all(db)
+        .await?;
+    let (log, parked, tombstones): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM replication_log), (SELECT count(*) FROM replication_parked),
+                (SELECT count(*) FROM replication_tombstones)",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok((peers, log, parked, tombstones))
+}
+
+/// The regions known here and their gateways' URLs.
+pub async fn regions(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as("SELECT name, url FROM regions ORDER BY name")
+        .fetch_all(db)
+        .await
+}
+
+/// Takes the applier's lock for this session, if no other session holds it.
+pub async fn try_lock_applier(conn: &mut PgConnection) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('gateway.replication.apply'))")
+        .fetch_one(conn)
+        .await
+}

@@ -1,0 +1,495 @@
+//! Two real regions (issue 13 §1): two databases, two NATS servers in JetStream domains
+//! `r1` and `r2` linked as NATS leaf nodes through a [`Link`] the test can cut, and a
+//! `gateway up` in each (API, relay, reconciler, simulated workers for its own zones).
+//! Region 1 owns `zone-a` and `zone-b`, region 2 owns `zone-c`.
+
+use crate::common::link::Link;
+use crate::common::{
+    free_port, heavy_alone, id_of, nats_url, pg_base, sample, unique, Answer, Client, Gateway,
+    GatewayEnv, Nats, Sandbox, TempDir,
+};
+use gateway::config::{NatsNames, RegionSettings};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "regions-admin-key-0123456789";
+
+/// One region: its database, NATS server and `gateway up`.
+struct Region {
+    name: &'static str,
+    client: Client,
+    pool: sqlx::PgPool,
+    // Dropped in this order: the gateway, then NATS, then the database.
+    _up: Gateway,
+    _nats: Nats,
+    _dir: TempDir,
+    _sandbox: Sandbox,
+}
+
+impl Region {
+    /// Starts region `name` owning `zones`, its NATS server configured by `leaf`.
+    async fn start(
+        name: &'static str,
+        zones: &str,
+        peer: &str,
+        names: &NatsNames,
+        leaf: RegionSettings,
+    ) -> Self {
+        let dir = TempDir::new(&format!("gwtest-{name}"));
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "jetstream {{ store_dir: \"{}\", domain: \"{name}\" }}\n{}",
+                dir.path().join("js").display(),
+                gateway::broker::leafnodes_conf(names, &leaf)
+            ),
+        )
+        .unwrap();
+        let nats = Nats::start_with_config(Some(conf));
+        let sandbox = Sandbox::new(&pg_base(), &nats.url());
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let extra = [
+            ("GATEWAY_REGION", name),
+            ("GATEWAY_REGION_ZONES", zones),
+            ("GATEWAY_REGION_PEERS", peer),
+            ("GATEWAY_PUBLIC_URL", &url),
+            ("GATEWAY_REPLICATION_HEARTBEAT_MS", "200"),
+            ("METRICS_REFRESH_MS", "200"),
+            ("SIM_MIN_LATENCY_MS", "5"),
+            ("SIM_MAX_LATENCY_MS", "20"),
+            ("GATEWAY_DATA_DIR", dir.path().to_str().unwrap()),
+        ];
+        let env = GatewayEnv {
+            database_url: sandbox.database_url(),
+            nats_url: nats.url(),
+            admin_key: ADMIN.into(),
+            stream: names.stream.clone(),
+            subject_prefix: names.subject_prefix.clone(),
+            events_prefix: names.events_prefix.clone(),
+            extra: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let up = Gateway::up(&env, port).await;
+        Self {
+            name,
+            client: Client {
+                url,
+                admin_key: ADMIN.into(),
+                http: reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap(),
+            },
+            pool: sqlx::PgPool::connect_lazy(&sandbox.database_url()).unwrap(),
+            _up: up,
+            _nats: nats,
+            _dir: dir,
+            _sandbox: sandbox,
+        }
+    }
+
+    async fn call(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Answer {
+        self.client
+            .request(method, path, Some(key), body.as_ref())
+            .await
+    }
+}
+
+/// Settings of a region's NATS link: region 1 accepts leaf connections on `port`,
+/// region 2 connects to `remote`.
+fn leaf(name: &str, port: Option<u16>, remote: Option<u16>) -> RegionSettings {
+    RegionSettings {
+        name: name.into(),
+        zones: vec![],
+        peers: vec![],
+        heartbeat: Duration::from_secs(1),
+        leaf_port: port,
+        leaf_remotes: remote
+            .map(|p| format!("nats-leaf://leaf:linkpw@127.0.0.1:{p}"))
+            .into_iter()
+            .collect(),
+        leaf_password: Some(gateway::config::Secret::new("linkpw".to_owned())),
+    }
+}
+
+/// Both regions, linked. The same stream and subject names in both, as two copies of
+/// one deployment would have: the link must keep them apart.
+async fn two_regions() -> (Region, Region, Link) {
+    let names = Sandbox::new(&pg_base(), &nats_url()).names.clone();
+    let leaf_port = free_port();
+    let link = Link::start(leaf_port).await;
+    let (r1, r2) = tokio::join!(
+        Region::start(
+            "r1",
+            "zone-a,zone-b",
+            "r2",
+            &names,
+            leaf("r1", Some(leaf_port), None)
+        ),
+        Region::start(
+            "r2",
+            "zone-c",
+            "r1",
+            &names,
+            leaf("r2", None, Some(link.port))
+        ),
+    );
+    (r1, r2, link)
+}
+
+/// Polls `check` every 100 ms until it holds; fails after `limit`. Returns the time taken.
+async fn within<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> Duration {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+/// Follows one `307` by hand (the client under test does not), keeping method and body.
+async fn follow(
+    r: &Region,
+    answer: Answer,
+    method: Method,
+    key: &str,
+    body: Option<Value>,
+) -> Answer {
+    assert_eq!(
+        answer.status,
+        StatusCode::TEMPORARY_REDIRECT,
+        "{:?}",
+        answer.body
+    );
+    assert_eq!(answer.code(), "other_region");
+    let location = answer.header("location").unwrap().to_owned();
+    let res = r
+        .client
+        .http
+        .request(method, &location)
+        .bearer_auth(key)
+        .json(&body.unwrap_or(Value::Null))
+        .send()
+        .await
+        .unwrap();
+    Answer::read(res).await
+}
+
+/// Waits until operation `location` (absolute) ends; returns its state.
+async fn finished(r: &Region, location: &str, key: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let res = r
+            .client
+            .http
+            .get(location)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let a = Answer::read(res).await;
+        let state = a.body["state"].as_str().unwrap_or("").to_owned();
+        if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+            return state;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{location}: {:?}",
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn metric(r: &Region, series: &str) -> f64 {
+    let text = r
+        .client
+        .http
+        .get(format!("{}/metrics", r.client.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    sample(&text, series)
+}
+
+async fn new_owner_key(r: &Region, tenant: &str) -> (String, String) {
+    let a = r
+        .call(
+            Method::POST,
+            &format!("/v1/tenants/{tenant}/keys"),
+            ADMIN,
+            Some(json!({"role": "owner"})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    (
+        a.body["key"].as_str().unwrap().to_owned(),
+        a.body["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn works(r: &Region, tenant: &str, key: &str) -> bool {
+    r.call(Method::GET, &format!("/v1/tenants/{tenant}"), key, None)
+        .await
+        .status
+        == StatusCode::OK
+}
+
+#[tokio::test]
+async fn two_regions_share_tenants_and_keys_and_send_clients_where_things_live() {
+    let _heavy = heavy_alone().await;
+    let (r1, r2, _link) = two_regions().await;
+
+    // Each knows the other's zones, and says which region owns each.
+    for r in [&r1, &r2] {
+        within("zones are replicated", Duration::from_secs(10), || async {
+            let zones = r.call(Method::GET, "/v1/zones", ADMIN, None).await.body;
+            let region_of = |z: &str| {
+                zones
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["name"] == z)
+                    .map(|e| e["region"].clone())
+            };
+            region_of("zone-a") == Some(json!("r1")) && region_of("zone-c") == Some(json!("r2"))
+        })
+        .await;
+    }
+
+    // A tenant and a key made in region 1 work in region 2 within 5 s.
+    let tenant = format!("t-{}", unique());
+    let a = r1
+        .call(
+            Method::POST,
+            "/v1/tenants",
+            ADMIN,
+            Some(json!({"id": tenant})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    let (key, key_id) = new_owner_key(&r1, &tenant).await;
+    let took = within(
+        "a region-1 key works in region 2",
+        Duration::from_secs(5),
+        || works(&r2, &tenant, &key),
+    )
+    .await;
+    eprintln!("key replicated to region 2 in {took:?}");
+
+    // A create of a zone-c VM sent to region 1 is redirected to region 2 (307, method and
+    // body kept, Location absolute) and ends as a ready VM there.
+    let path = format!("/v1/tenants/{tenant}/vms");
+    let body = json!({"name": "far", "zone": "zone-c", "spec": {"flavor": "m1.small", "image": "debian-12"}});
+    let first = r1.call(Method::POST, &path, &key, Some(body.clone())).await;
+    assert_eq!(
+        first.header("location"),
+        Some(format!("{}{path}", r2.client.url).as_str())
+    );
+    let accepted = follow(&r1, first, Method::POST, &key, Some(body)).await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED, "{:?}", accepted.body);
+    let op_location = accepted.header("location").unwrap().to_owned();
+    assert!(op_location.starts_with(&r2.client.url), "{op_location}");
+    assert_eq!(finished(&r2, &op_location, &key).await, "succeeded");
+    let vm_id = accepted.body["resource_id"].as_str().unwrap().to_owned();
+    let vm = r2
+        .call(Method::GET, &format!("{path}/{vm_id}"), &key, None)
+        .await;
+    assert_eq!(vm.body["phase"], "ready", "{:?}", vm.body);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
+        .fetch_one(&r1.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "region 1 holds no copy of region 2's resources");
+
+    // Region 1 sends reads of region 2's VM and operation there too.
+    for p in [
+        format!("{path}/{vm_id}"),
+        format!("/v1/operations/{}", id_of(&accepted.body)),
+    ] {
+        let a = r1.call(Method::GET, &p, &key, None).await;
+        assert_eq!(
+            a.status,
+            StatusCode::TEMPORARY_REDIRECT,
+            "{p}: {:?}",
+            a.body
+        );
+        assert_eq!(
+            a.header("location"),
+            Some(format!("{}{p}", r2.client.url).as_str())
+        );
+    }
+    // And lists of its zone.
+    let a = r1
+        .call(Method::GET, &format!("{path}?zone=zone-c"), &key, None)
+        .await;
+    assert_eq!(a.status, StatusCode::TEMPORARY_REDIRECT);
+
+    // A revocation in region 2 stops the key in region 1 within 5 s.
+    let a = r2
+        .call(
+            Method::DELETE,
+            &format!("/v1/tenants/{tenant}/keys/{key_id}"),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT, "{:?}", a.body);
+    let took = within(
+        "the revocation reaches region 1",
+        Duration::from_secs(5),
+        || async {
+            r1.call(Method::GET, &format!("/v1/tenants/{tenant}"), &key, None)
+                .await
+                .status
+                == StatusCode::UNAUTHORIZED
+        },
+    )
+    .await;
+    eprintln!("revocation replicated to region 1 in {took:?}");
+
+    // Replication lag is on /metrics, per peer.
+    for (r, peer) in [(&r1, "r2"), (&r2, "r1")] {
+        let lag = metric(
+            r,
+            &format!("gateway_replication_lag_seconds{{peer=\"{peer}\"}}"),
+        )
+        .await;
+        assert!(lag < 5.0, "{}: lag {lag}", r.name);
+    }
+}
+
+#[tokio::test]
+async fn while_cut_off_each_region_works_alone_and_after_the_link_returns_they_converge() {
+    let _heavy = heavy_alone().await;
+    let (r1, r2, link) = two_regions().await;
+    let tenant = format!("t-{}", unique());
+    let a = r1
+        .call(
+            Method::POST,
+            "/v1/tenants",
+            ADMIN,
+            Some(json!({"id": tenant})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    let (key, key_id) = new_owner_key(&r1, &tenant).await;
+    within("the key reaches region 2", Duration::from_secs(5), || {
+        works(&r2, &tenant, &key)
+    })
+    .await;
+
+    link.cut();
+    // Region 2 revokes the key; region 1, not knowing, still accepts it, and changes the
+    // same key later (a newer write, by the clock) without the revocation.
+    let a = r2
+        .call(
+            Method::DELETE,
+            &format!("/v1/tenants/{tenant}/keys/{key_id}"),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sqlx::query(
+        "UPDATE principals SET expires_at = now() + interval '30 days' WHERE id = $1::uuid",
+    )
+    .bind(&key_id)
+    .execute(&r1.pool)
+    .await
+    .unwrap();
+    // Conflicting quotas: region 1 first, region 2 later.
+    let quota =
+        |limit: i64| json!({"limits": [{"dimension": "count", "kind": "vm", "limit": limit}]});
+    let quotas = format!("/v1/tenants/{tenant}/quotas");
+    assert_eq!(
+        r1.call(Method::PUT, &quotas, ADMIN, Some(quota(7)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        r2.call(Method::PUT, &quotas, ADMIN, Some(quota(9)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // Both keep accepting and finishing work in their own zones.
+    for (r, zone) in [(&r1, "zone-a"), (&r2, "zone-c")] {
+        let body = json!({"name": format!("cut-{zone}"), "zone": zone, "spec": {"flavor": "m1.small", "image": "debian-12"}});
+        let a = r
+            .call(
+                Method::POST,
+                &format!("/v1/tenants/{tenant}/vms"),
+                ADMIN,
+                Some(body),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{}: {:?}", r.name, a.body);
+        let location = a.header("location").unwrap().to_owned();
+        assert_eq!(
+            finished(r, &location, ADMIN).await,
+            "succeeded",
+            "{}",
+            r.name
+        );
+    }
+    assert!(
+        works(&r1, &tenant, &key).await,
+        "region 1 has not heard of the revocation"
+    );
+    // The cut shows: region 1's view of region 2 grows old.
+    within("region 1's lag grows", Duration::from_secs(10), || async {
+        metric(&r1, "gateway_replication_lag_seconds{peer=\"r2\"}").await > 2.0
+    })
+    .await;
+
+    link.restore();
+    // They converge with no manual step: the later quota everywhere, and the revocation
+    // wins over region 1's newer change of the key (which is kept otherwise).
+    for r in [&r1, &r2] {
+        within("the quotas converge", Duration::from_secs(15), || async {
+            let q = r.call(Method::GET, &quotas, ADMIN, None).await.body;
+            q["limits"][0]["limit"] == 9
+        })
+        .await;
+        within("the revocation wins", Duration::from_secs(15), || async {
+            !works(r, &tenant, &key).await
+        })
+        .await;
+    }
+    let sql = "SELECT revoked_at IS NOT NULL, expires_at IS NOT NULL, hlc, origin FROM principals WHERE id = $1::uuid";
+    let mut rows = Vec::new();
+    for r in [&r1, &r2] {
+        let row: (bool, bool, i64, String) = sqlx::query_as(sql)
+            .bind(&key_id)
+            .fetch_one(&r.pool)
+            .await
+            .unwrap();
+        rows.push(row);
+    }
+    let (a, b) = (rows[0].clone(), rows[1].clone());
+    assert_eq!(a, b, "both regions hold the same key row");
+    assert_eq!((a.0, a.1, a.3.as_str()), (true, true, "r1"));
+    within(
+        "the lag comes back down",
+        Duration::from_secs(10),
+        || async { metric(&r1, "gateway_replication_lag_seconds{peer=\"r2\"}").await < 2.0 },
+    )
+    .await;
+}
