@@ -36,13 +36,17 @@ pub use gateway_proto::{
 pub use types::*;
 
 use backon::{ExponentialBuilder, Retryable};
-use reqwest::header::{HeaderMap, HeaderValue, ETAG, IF_MATCH, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, ETAG, IF_MATCH, LOCATION, RETRY_AFTER};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 use uuid::Uuid;
+
+/// Region redirects followed for one request at most (one is enough: the region that
+/// answers holds the thing).
+const MAX_REGION_REDIRECTS: usize = 3;
 
 /// A call's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -123,13 +127,17 @@ impl Client {
             // The gateway closes a kept-alive connection idle past its header timeout
             // (10 s by default); a request sent on it just then would be reset.
             .pool_idle_timeout(Duration::from_secs(5))
+            // Region redirects are followed by `once`, with the key.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("a client without TLS options builds");
         Self::with_http(http, base_url, key)
     }
 
     /// A client on a `reqwest::Client` of your own (timeouts, proxies); its timeout must
-    /// exceed [`LONG_POLL`] for [`Client::wait`].
+    /// exceed [`LONG_POLL`] for [`Client::wait`], and it should not follow redirects
+    /// (`reqwest::redirect::Policy::none()`): this client follows the gateway's region
+    /// redirects itself, keeping the key that `reqwest` would drop.
     pub fn with_http(
         http: reqwest::Client,
         base_url: impl Into<String>,
@@ -157,13 +165,57 @@ impl Client {
         &self.base
     }
 
+    /// Sends `call` once, following the gateway's `307 other_region` redirects (to the
+    /// region that holds the zone, resource or operation) with the same method, body and
+    /// key. The redirects are followed here rather than by `reqwest`, which drops the
+    /// `Authorization` header when a redirect leaves the origin: every region of one
+    /// installation accepts the same keys.
     async fn once(&self, call: &Call<'_>) -> Result<Answer> {
+        let mut url = format!("{}{}", self.base, call.path);
+        let mut query = Some(&call.query);
+        for _ in 0..=MAX_REGION_REDIRECTS {
+            let res = self.attempt(call, &url, query).await?;
+            let status = res.status();
+            let headers = res.headers().clone();
+            let location = headers
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .filter(|l| l.starts_with("http://") || l.starts_with("https://"));
+            if status == reqwest::StatusCode::TEMPORARY_REDIRECT {
+                if let Some(next) = location {
+                    // The Location already carries the query string.
+                    url = next.to_owned();
+                    query = None;
+                    continue;
+                }
+            }
+            let body = res.bytes().await?.to_vec();
+            if status.is_success() {
+                return Ok(Answer { headers, body });
+            }
+            let retry_after = headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+            return Err(Error::from_answer(status.as_u16(), retry_after, &body));
+        }
+        Err(Error::Decode(format!(
+            "more than {MAX_REGION_REDIRECTS} region redirects, last to {url}"
+        )))
+    }
+
+    async fn attempt(
+        &self,
+        call: &Call<'_>,
+        url: &str,
+        query: Option<&Vec<(&'static str, String)>>,
+    ) -> Result<reqwest::Response> {
         let mut req = self
             .http
-            .request(call.method.clone(), format!("{}{}", self.base, call.path))
+            .request(call.method.clone(), url)
             .bearer_auth(&self.key);
-        if !call.query.is_empty() {
-            req = req.query(&call.query);
+        if let Some(query) = query.filter(|q| !q.is_empty()) {
+            req = req.query(query);
         }
         if let Some(body) = &call.body {
             req = req.json(body);
@@ -174,18 +226,7 @@ impl Client {
         if let Some(tag) = call.if_match {
             req = req.header(IF_MATCH, tag);
         }
-        let res = req.send().await?;
-        let status = res.status();
-        let headers = res.headers().clone();
-        let body = res.bytes().await?.to_vec();
-        if status.is_success() {
-            return Ok(Answer { headers, body });
-        }
-        let retry_after = headers
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
-        Err(Error::from_answer(status.as_u16(), retry_after, &body))
+        Ok(req.send().await?)
     }
 
     async fn send(&self, call: Call<'_>) -> Result<Answer> {

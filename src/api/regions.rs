@@ -42,6 +42,11 @@ impl Directory {
         }
     }
 
+    /// Whether this installation is one region of several.
+    pub fn enabled(&self) -> bool {
+        self.own.is_some()
+    }
+
     /// The other region whose IDs carry `tag`: its name and URL.
     async fn region_of(&self, pool: &PgPool, tag: u16) -> Option<(String, String)> {
         let own = self.own.as_deref()?;
@@ -82,12 +87,16 @@ pub fn redirect(region: &str, base: &str, uri: &Uri) -> Response {
 }
 
 /// Where a request about zone `zone` belongs: `None` here (or nowhere: an unknown zone
-/// is the handler's `422`), else a redirect to the zone's region.
+/// is the handler's `422`; or a single-region installation), else a redirect to the
+/// zone's region.
 pub async fn zone_elsewhere(
     state: &AppState,
     zone: &str,
     uri: &Uri,
 ) -> Result<Option<Response>, ApiError> {
+    if !state.regions.enabled() {
+        return Ok(None);
+    }
     let catalog = &state.engine.catalog;
     let Some(z) = catalog.zone_outside(&state.engine.pool, zone).await? else {
         return Ok(None);
@@ -125,7 +134,7 @@ fn path_id(path: &str) -> Option<Uuid> {
 pub async fn follow_ids(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let uri = req.uri().clone();
     let res = next.run(req).await;
-    if res.status() != StatusCode::NOT_FOUND {
+    if res.status() != StatusCode::NOT_FOUND || !state.regions.enabled() {
         return res;
     }
     let Some(tag) = path_id(uri.path()).and_then(|id| region::tag_in(&id)) else {

@@ -217,7 +217,8 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&state, &kind_segment).await?;
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
-    if let Some(zone) = &q.zone {
+    let zone = params::label("zone", q.zone)?;
+    if let Some(zone) = &zone {
         if let Some(elsewhere) = super::regions::zone_elsewhere(&state, zone, &uri).await? {
             return Ok(elsewhere);
         }
@@ -230,7 +231,7 @@ pub async fn list(
         .map(cursor::decode_time_id)
         .transpose()?;
     let filter = resources::ResourceFilter {
-        zone: params::label("zone", q.zone)?,
+        zone,
         phase: q.phase,
         since: params::instant("since", q.since)?,
         labels: q.label.as_deref().map(params::selector).transpose()?,

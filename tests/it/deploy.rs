@@ -60,12 +60,18 @@ fn prometheus_config_and_alert_rules_pass_promtool() {
 #[tokio::test]
 async fn alerts_and_dashboards_use_only_exported_metrics() {
     let app = common::spawn_app().await;
-    // Families show in the exposition once they have a series: run one operation through.
+    // Families show in the exposition once they have a series: run one operation through,
+    // and give the installation a peer region (whose lag is then reported).
+    sqlx::query("INSERT INTO replication_peers (region) VALUES ('peer')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
     let tenant = app.tenant().await;
     let op = app
         .create(&tenant, "vms", "m", "zone-a", common::example_spec("vms"))
         .await;
     app.wait_done(op["id"].as_str().unwrap()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // a metrics refresh
     let exposition = reqwest::get(format!("{}/metrics", app.url))
         .await
         .unwrap()

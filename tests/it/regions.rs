@@ -493,3 +493,326 @@ async fn while_cut_off_each_region_works_alone_and_after_the_link_returns_they_c
     )
     .await;
 }
+
+/// The script's process: stopped (SIGTERM, which it passes on) when the test ends,
+/// even by a panic.
+struct Script(std::process::Child);
+
+impl Script {
+    fn terminate(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            self.terminate();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `scripts/regions.sh`, as the README runs it: two regions, each with its own
+/// authenticated NATS server (the relay's replication permissions, the leaf node link's
+/// password), a key made in region 1 works in region 2, a zone-c create sent to region 1
+/// ends ready in region 2 through the redirect, and SIGTERM stops everything.
+#[tokio::test]
+async fn the_script_runs_two_linked_regions_and_stops_them() {
+    let _heavy = heavy_alone().await;
+    let dir = TempDir::new("gwtest-regions-script");
+    let (p1, p2, leaf) = (free_port(), free_port(), free_port());
+    let databases = [
+        format!("gwtest_{}", unique()),
+        format!("gwtest_{}", unique()),
+    ];
+    let mut script = Script(
+        std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/regions.sh"))
+            .env("GATEWAY_BIN", env!("CARGO_BIN_EXE_gateway"))
+            .env("REGION_1_LISTEN", format!("127.0.0.1:{p1}"))
+            .env("REGION_2_LISTEN", format!("127.0.0.1:{p2}"))
+            .env("REGION_LEAF_PORT", leaf.to_string())
+            .env("REGIONS_DATA_DIR", dir.path())
+            .env("REGION_1_DATABASE", &databases[0])
+            .env("REGION_2_DATABASE", &databases[1])
+            .env("PG_BASE", pg_base())
+            .env("GATEWAY_ADMIN_KEY", ADMIN)
+            .env("SIM_MIN_LATENCY_MS", "5")
+            .env("SIM_MAX_LATENCY_MS", "20")
+            .env_remove("NATS_URL")
+            .stdout(std::fs::File::create(dir.path().join("out.log")).unwrap())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let (u1, u2) = (
+        format!("http://127.0.0.1:{p1}"),
+        format!("http://127.0.0.1:{p2}"),
+    );
+    for url in [&u1, &u2] {
+        within("the region answers", Duration::from_secs(60), || async {
+            http.get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    }
+    let tenant = format!("t-{}", unique());
+    let made = http
+        .post(format!("{u1}/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": tenant}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), StatusCode::CREATED);
+    let key: Value = http
+        .post(format!("{u1}/v1/tenants/{tenant}/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"role": "owner"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["key"].as_str().unwrap().to_owned();
+    within(
+        "the key works in region 2",
+        Duration::from_secs(10),
+        || async {
+            http.get(format!("{u2}/v1/tenants/{tenant}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == StatusCode::OK
+        },
+    )
+    .await;
+    within(
+        "zone-c is known in region 1",
+        Duration::from_secs(10),
+        || async {
+            let zones: Value = http
+                .get(format!("{u1}/v1/zones"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            zones
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|z| z["name"] == "zone-c" && z["region"] == "r2")
+        },
+    )
+    .await;
+    // The typed client follows the 307 with the same method, body and key (reqwest
+    // alone would drop the key when the redirect leaves the origin), and its wait follows
+    // the operation's ID to region 2 as well.
+    let gw = gateway_client::Client::new(&u1, &key);
+    let resource = gateway_client::NewResource {
+        name: "far".into(),
+        zone: "zone-c".into(),
+        spec: json!({"flavor": "m1.small", "image": "debian-12"}),
+        labels: Default::default(),
+    };
+    let op = gw.create_resource(&tenant, "vms", &resource).await.unwrap();
+    let done = gw.wait(op.id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.state, gateway_client::OperationState::Succeeded);
+    for (db, expected) in [(&databases[0], 0), (&databases[1], 1)] {
+        let pool = sqlx::PgPool::connect(&format!("{}/{db}", pg_base()))
+            .await
+            .unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, expected, "the VM lives in region 2 only");
+    }
+
+    script.terminate();
+    let started = Instant::now();
+    while script.0.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the script did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for port in [p1, p2, leaf] {
+        within(
+            "everything it started has stopped",
+            Duration::from_secs(10),
+            || async move { std::net::TcpStream::connect(("127.0.0.1", port)).is_err() },
+        )
+        .await;
+    }
+    let pool = sqlx::PgPool::connect(&format!("{}/postgres", pg_base()))
+        .await
+        .unwrap();
+    for db in databases {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+}
+
+/// The merge rules on their own (no NATS): the same changes applied in different orders,
+/// as different regions may receive them, leave the same rows.
+#[tokio::test]
+async fn the_same_changes_in_any_order_leave_the_same_rows() {
+    use gateway::domain::region::Change;
+    use gateway::store::replication;
+    let change = |table: &str, key: Value, row: Option<Value>, hlc: i64, origin: &str| Change {
+        table: table.into(),
+        key,
+        row,
+        hlc,
+        origin: origin.into(),
+    };
+    let (t, p) = ("acme", "00000000-0000-7000-8000-000000000001");
+    let key = |revoked: Option<&str>, expires: Option<&str>, hash: &str| {
+        Some(
+            json!({"id": p, "name": "ci", "key_hash": hash, "role": "owner", "tenant": t,
+                    "created_at": "2026-11-01T00:00:00Z", "expires_at": expires, "revoked_at": revoked}),
+        )
+    };
+    let quota = |limit: i64| {
+        Some(
+            json!({"tenant": t, "limits": [{"dimension": "count", "limit": limit}], "updated_at": "2026-11-01T00:00:00Z"}),
+        )
+    };
+    let changes = vec![
+        change(
+            "tenants",
+            json!({"id": t}),
+            Some(json!({"id": t, "display_name": "A", "created_at": "2026-11-01T00:00:00Z"})),
+            10,
+            "r1",
+        ),
+        change(
+            "principals",
+            json!({"id": p}),
+            key(None, None, "\\x01"),
+            11,
+            "r1",
+        ),
+        // r1 revokes; r2, concurrently and later by the clock, changes the same key.
+        change(
+            "principals",
+            json!({"id": p}),
+            key(Some("2026-11-02T00:00:00Z"), None, "\\x01"),
+            15,
+            "r1",
+        ),
+        change(
+            "principals",
+            json!({"id": p}),
+            key(None, Some("2027-01-01T00:00:00Z"), "\\x01"),
+            20,
+            "r2",
+        ),
+        change("quotas", json!({"tenant": t}), quota(5), 12, "r1"),
+        // r2 deletes the quota; an older change from r1 arrives after.
+        change("quotas", json!({"tenant": t}), None, 30, "r2"),
+        change("quotas", json!({"tenant": t}), quota(7), 25, "r1"),
+        // Two regions set the display name at the same clock value: the name decides.
+        change(
+            "tenants",
+            json!({"id": t}),
+            Some(json!({"id": t, "display_name": "from r2", "created_at": "2026-11-01T00:00:00Z"})),
+            40,
+            "r2",
+        ),
+        change(
+            "tenants",
+            json!({"id": t}),
+            Some(json!({"id": t, "display_name": "from r1", "created_at": "2026-11-01T00:00:00Z"})),
+            40,
+            "r1",
+        ),
+    ];
+    let mut orders = vec![changes.clone()];
+    orders.push(changes.iter().rev().cloned().collect());
+    let mut interleaved = changes.clone();
+    interleaved.rotate_left(4);
+    interleaved.swap(0, 3);
+    orders.push(interleaved);
+
+    let mut results = Vec::new();
+    let mut sandboxes = Vec::new();
+    for order in orders {
+        let sandbox = Sandbox::new(&pg_base(), &nats_url());
+        let pool = gateway::store::connect(&sandbox.database_url(), 2)
+            .await
+            .unwrap();
+        gateway::store::migrate(&pool).await.unwrap();
+        sqlx::query("UPDATE replication_clock SET region = 'r3'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        for c in &order {
+            let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+            replication::apply(&mut tx, c).await.unwrap();
+            replication::retry_parked(&mut tx).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        let row: (
+            Option<String>,
+            String,
+            Option<String>,
+            Option<String>,
+            i64,
+            String,
+            i64,
+            i64,
+        ) = sqlx::query_as(
+            "SELECT (SELECT revoked_at::text FROM principals WHERE tenant = 'acme'),
+                    (SELECT display_name FROM tenants WHERE id = 'acme'),
+                    (SELECT expires_at::text FROM principals WHERE tenant = 'acme'),
+                    (SELECT limits::text FROM quotas WHERE tenant = 'acme'),
+                    (SELECT hlc FROM principals WHERE tenant = 'acme'),
+                    (SELECT origin FROM principals WHERE tenant = 'acme'),
+                    (SELECT count(*) FROM replication_parked),
+                    (SELECT count(*) FROM replication_log)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        results.push(row);
+        sandboxes.push(sandbox);
+    }
+    let first = &results[0];
+    assert!(first.0.is_some(), "the revocation sticks: {first:?}");
+    assert!(
+        first.2.is_some(),
+        "the newer change of the key is kept too: {first:?}"
+    );
+    assert_eq!(
+        first.1, "from r2",
+        "equal clocks: the greater region name wins"
+    );
+    assert_eq!(first.3, None, "the deletion wins over the older change");
+    assert_eq!((first.4, first.5.as_str()), (20, "r2"));
+    assert_eq!(
+        (first.6, first.7),
+        (0, 0),
+        "nothing parked, nothing logged again"
+    );
+    for other in &results[1..] {
+        assert_eq!(other, first, "another order, the same rows");
+    }
+}
