@@ -340,7 +340,7 @@ pub struct RateLimits {
 }
 
 /// One region of several (see README, "Regions").
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RegionSettings {
     /// `GATEWAY_REGION`: this region's name (`[a-z][a-z0-9-]{0,31}`); also the JetStream
     /// domain of its NATS servers.
@@ -363,6 +363,22 @@ pub struct RegionSettings {
     /// `GATEWAY_UP_LEAF_PASSWORD`: the password other regions' servers log in with as
     /// user `leaf` (required with `GATEWAY_UP_LEAF_PORT`).
     pub leaf_password: Option<Secret>,
+}
+
+impl fmt::Debug for RegionSettings {
+    /// The leaf remotes' passwords are not shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let remotes: Vec<String> = self.leaf_remotes.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RegionSettings")
+            .field("name", &self.name)
+            .field("zones", &self.zones)
+            .field("peers", &self.peers)
+            .field("heartbeat", &self.heartbeat)
+            .field("leaf_port", &self.leaf_port)
+            .field("leaf_remotes", &remotes)
+            .field("leaf_password", &self.leaf_password)
+            .finish()
+    }
 }
 
 impl RegionSettings {
@@ -712,6 +728,69 @@ mod tests {
         assert_eq!(c.operation_timeout, Duration::from_secs(3600));
         assert_eq!(c.rate_limits.per_second.get(), 200);
         assert!(c.admin_key.is_none() && !c.log_json);
+    }
+
+    #[test]
+    fn a_region_is_read_with_its_zones_peers_and_links_and_checked() {
+        assert!(config(&[]).unwrap().region.is_none());
+        let c = config(&[
+            ("GATEWAY_REGION", "eu-west"),
+            ("GATEWAY_REGION_ZONES", "zone-a, zone-b"),
+            ("GATEWAY_REGION_PEERS", "us-east,ap-south"),
+            ("GATEWAY_UP_LEAF_PORT", "7422"),
+            ("GATEWAY_UP_LEAF_PASSWORD", "hunter2-link"),
+            (
+                "GATEWAY_UP_LEAF_REMOTES",
+                "nats-leaf://leaf:hunter3-link@10.0.0.1:7422",
+            ),
+        ])
+        .unwrap();
+        let r = c.region.clone().unwrap();
+        assert_eq!(r.name, "eu-west");
+        assert_eq!(r.zones, ["zone-a", "zone-b"]);
+        assert_eq!(r.peers, ["us-east", "ap-south"]);
+        assert_eq!(r.leaf_port, Some(7422));
+        assert_eq!(r.heartbeat, Duration::from_secs(1));
+        assert_eq!(c.nats.region.as_deref(), Some("eu-west"));
+        assert_eq!(
+            r.leaf_remotes,
+            ["nats-leaf://leaf:hunter3-link@10.0.0.1:7422"]
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter"),
+            "link passwords are never shown: {shown}"
+        );
+        for (vars, says) in [
+            (vec![("GATEWAY_REGION", "EU")], "GATEWAY_REGION"),
+            (
+                vec![("GATEWAY_REGION", "r1"), ("GATEWAY_REGION_PEERS", "r1")],
+                "itself",
+            ),
+            (
+                vec![("GATEWAY_REGION", "r1"), ("GATEWAY_REGION_PEERS", "r_2")],
+                "GATEWAY_REGION_PEERS",
+            ),
+            (
+                vec![("GATEWAY_REGION", "r1"), ("GATEWAY_REGION_ZONES", "Zone A")],
+                "GATEWAY_REGION_ZONES",
+            ),
+            (
+                vec![("GATEWAY_REGION", "r1"), ("GATEWAY_UP_LEAF_PORT", "7422")],
+                "GATEWAY_UP_LEAF_PASSWORD",
+            ),
+            (
+                vec![
+                    ("GATEWAY_REGION", "r1"),
+                    ("GATEWAY_UP_LEAF_PORT", "x"),
+                    ("GATEWAY_UP_LEAF_PASSWORD", "p"),
+                ],
+                "GATEWAY_UP_LEAF_PORT",
+            ),
+        ] {
+            let e = error(&vars);
+            assert!(e.contains(says), "{vars:?}: {e}");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@
 
 use crate::common::link::Link;
 use crate::common::{
-    free_port, heavy_alone, id_of, nats_url, pg_base, sample, unique, Answer, Client, Gateway,
-    GatewayEnv, Nats, Sandbox, TempDir,
+    free_port, heavy_alone, id_of, nats_url, pg_base, unique, Answer, Client, Gateway, GatewayEnv,
+    Nats, Sandbox, TempDir,
 };
 use gateway::config::{NatsNames, RegionSettings};
 use reqwest::{Method, StatusCode};
@@ -21,6 +21,7 @@ struct Region {
     client: Client,
     pool: sqlx::PgPool,
     // Dropped in this order: the gateway, then NATS, then the database.
+    names: NatsNames,
     _up: Gateway,
     _nats: Nats,
     _dir: TempDir,
@@ -28,6 +29,16 @@ struct Region {
 }
 
 impl Region {
+    /// The subjects of this region's events stream matching `filter`.
+    async fn event_subjects(&self, filter: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        let js = async_nats::jetstream::new(async_nats::connect(self._nats.url()).await.unwrap());
+        let stream = js.get_stream(self.names.events_stream()).await.unwrap();
+        let subjects = stream.info_with_subjects(filter).await.unwrap();
+        let found: Vec<(String, usize)> = subjects.try_collect().await.unwrap();
+        found.into_iter().map(|(s, _)| s).collect()
+    }
+
     /// Starts region `name` owning `zones`, its NATS server configured by `leaf`.
     async fn start(
         name: &'static str,
@@ -87,6 +98,7 @@ impl Region {
                     .unwrap(),
             },
             pool: sqlx::PgPool::connect_lazy(&sandbox.database_url()).unwrap(),
+            names: names.clone(),
             _up: up,
             _nats: nats,
             _dir: dir,
@@ -212,17 +224,7 @@ async fn finished(r: &Region, location: &str, key: &str) -> String {
 }
 
 async fn metric(r: &Region, series: &str) -> f64 {
-    let text = r
-        .client
-        .http
-        .get(format!("{}/metrics", r.client.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    sample(&text, series)
+    crate::common::metric(&r.client.url, series).await
 }
 
 async fn new_owner_key(r: &Region, tenant: &str) -> (String, String) {
@@ -314,6 +316,14 @@ async fn two_regions_share_tenants_and_keys_and_send_clients_where_things_live()
         .await
         .unwrap();
     assert_eq!(rows, 0, "region 1 holds no copy of region 2's resources");
+    // Both regions use the same stream and subject names: the link kept region 2's
+    // events out of region 1's events stream.
+    let zone_c = format!("{}.*.*.zone-c", r1.names.events_prefix);
+    assert!(!r2.event_subjects(&zone_c).await.is_empty());
+    assert!(
+        r1.event_subjects(&zone_c).await.is_empty(),
+        "region 2's events crossed the link"
+    );
 
     // Region 1 sends reads of region 2's VM and operation there too.
     for p in [
@@ -492,6 +502,28 @@ async fn while_cut_off_each_region_works_alone_and_after_the_link_returns_they_c
         || async { metric(&r1, "gateway_replication_lag_seconds{peer=\"r2\"}").await < 2.0 },
     )
     .await;
+
+    // A deletion (no limits: no quota row) reaches the other region, and its tombstone
+    // goes everywhere once the peer has said it applied it.
+    let none = json!({"limits": []});
+    assert_eq!(
+        r1.call(Method::PUT, &quotas, ADMIN, Some(none))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    for r in [&r1, &r2] {
+        within("the deletion and its tombstones are gone", Duration::from_secs(10), || async {
+            let rows: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM quotas) + (SELECT count(*) FROM replication_tombstones)",
+            )
+            .fetch_one(&r.pool)
+            .await
+            .unwrap();
+            rows == 0 && metric(r, "gateway_replication_tombstones").await == 0.0
+        })
+        .await;
+    }
 }
 
 /// The script's process: stopped (SIGTERM, which it passes on) when the test ends,
@@ -683,66 +715,35 @@ async fn the_same_changes_in_any_order_leave_the_same_rows() {
         origin: origin.into(),
     };
     let (t, p) = ("acme", "00000000-0000-7000-8000-000000000001");
-    let key = |revoked: Option<&str>, expires: Option<&str>, hash: &str| {
-        Some(
-            json!({"id": p, "name": "ci", "key_hash": hash, "role": "owner", "tenant": t,
-                    "created_at": "2026-11-01T00:00:00Z", "expires_at": expires, "revoked_at": revoked}),
-        )
+    let key = |revoked: Option<&str>, expires: Option<&str>, hlc: i64, origin: &str| {
+        let row = json!({"id": p, "name": "ci", "key_hash": "\\x01", "role": "owner", "tenant": t,
+                         "created_at": "2026-11-01T00:00:00Z", "expires_at": expires, "revoked_at": revoked});
+        change("principals", json!({"id": p}), Some(row), hlc, origin)
     };
-    let quota = |limit: i64| {
-        Some(
-            json!({"tenant": t, "limits": [{"dimension": "count", "limit": limit}], "updated_at": "2026-11-01T00:00:00Z"}),
-        )
+    let quota = |limit: Option<i64>, hlc: i64, origin: &str| {
+        let row = limit.map(|l| {
+            json!({"tenant": t, "limits": [{"dimension": "count", "limit": l}],
+                                       "updated_at": "2026-11-01T00:00:00Z"})
+        });
+        change("quotas", json!({"tenant": t}), row, hlc, origin)
+    };
+    let tenant = |name: &str, hlc: i64, origin: &str| {
+        let row = json!({"id": t, "display_name": name, "created_at": "2026-11-01T00:00:00Z"});
+        change("tenants", json!({"id": t}), Some(row), hlc, origin)
     };
     let changes = vec![
-        change(
-            "tenants",
-            json!({"id": t}),
-            Some(json!({"id": t, "display_name": "A", "created_at": "2026-11-01T00:00:00Z"})),
-            10,
-            "r1",
-        ),
-        change(
-            "principals",
-            json!({"id": p}),
-            key(None, None, "\\x01"),
-            11,
-            "r1",
-        ),
+        tenant("A", 10, "r1"),
+        key(None, None, 11, "r1"),
         // r1 revokes; r2, concurrently and later by the clock, changes the same key.
-        change(
-            "principals",
-            json!({"id": p}),
-            key(Some("2026-11-02T00:00:00Z"), None, "\\x01"),
-            15,
-            "r1",
-        ),
-        change(
-            "principals",
-            json!({"id": p}),
-            key(None, Some("2027-01-01T00:00:00Z"), "\\x01"),
-            20,
-            "r2",
-        ),
-        change("quotas", json!({"tenant": t}), quota(5), 12, "r1"),
+        key(Some("2026-11-02T00:00:00Z"), None, 15, "r1"),
+        key(None, Some("2027-01-01T00:00:00Z"), 20, "r2"),
+        quota(Some(5), 12, "r1"),
         // r2 deletes the quota; an older change from r1 arrives after.
-        change("quotas", json!({"tenant": t}), None, 30, "r2"),
-        change("quotas", json!({"tenant": t}), quota(7), 25, "r1"),
+        quota(None, 30, "r2"),
+        quota(Some(7), 25, "r1"),
         // Two regions set the display name at the same clock value: the name decides.
-        change(
-            "tenants",
-            json!({"id": t}),
-            Some(json!({"id": t, "display_name": "from r2", "created_at": "2026-11-01T00:00:00Z"})),
-            40,
-            "r2",
-        ),
-        change(
-            "tenants",
-            json!({"id": t}),
-            Some(json!({"id": t, "display_name": "from r1", "created_at": "2026-11-01T00:00:00Z"})),
-            40,
-            "r1",
-        ),
+        tenant("from r2", 40, "r2"),
+        tenant("from r1", 40, "r1"),
     ];
     let mut orders = vec![changes.clone()];
     orders.push(changes.iter().rev().cloned().collect());

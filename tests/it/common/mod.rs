@@ -97,6 +97,17 @@ pub fn id_of(op: &Value) -> Uuid {
     op["id"].as_str().unwrap().parse().unwrap()
 }
 
+/// The value of one series in `url`'s `/metrics` (0 when absent).
+pub async fn metric(url: &str, series: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    sample(&text, series)
+}
+
 /// The value of the sample `name{labels}` in a `/metrics` exposition (labels given as
 /// they appear, sorted as encoded), or 0 when absent.
 pub fn sample(text: &str, series: &str) -> f64 {

@@ -7,7 +7,7 @@
 //! configured by environment, and [`Deployment`] is what they share. Everything is killed
 //! and removed on drop, even when the test panicked, so nothing outlives the test.
 
-use super::{example_spec, http_client, sample, unique, Answer, Client, Sandbox, ZONES};
+use super::{example_spec, http_client, unique, Answer, Client, Sandbox, ZONES};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -667,13 +667,7 @@ impl Deployment {
 
     /// The value of one series in `url`'s `/metrics` (0 when absent).
     pub async fn metric(&self, url: &str, series: &str) -> f64 {
-        let text = reqwest::get(format!("{url}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        sample(&text, series)
+        super::metric(url, series).await
     }
 
     /// Waits (at most `timeout`) until the outbox is empty: a relay deletes its rows
