@@ -443,7 +443,12 @@ impl<'c> Assembly<'c> {
             regions: api::regions::Directory::new(
                 self.config.region.as_ref().map(|r| r.name.as_str()),
             ),
-            public_base: self.config.public_url.as_deref().map(std::sync::Arc::from),
+            // With regions, Locations are always absolute: clients may be elsewhere.
+            public_base: match (&self.config.public_url, &self.config.region) {
+                (Some(url), _) => Some(url.as_str().into()),
+                (None, Some(_)) => Some(self.config.public_url().into()),
+                (None, None) => None,
+            },
         };
         // A process without the API (a relay) still serves health and metrics.
         let app = if api {

@@ -341,11 +341,20 @@ fn print_welcome(url: &str, generated_key: Option<&str>, broker: Option<&str>, c
         ),
         None => format!("NATS at {}", gateway::config::redact_url(&config.nats_url)),
     };
+    let scope = match &config.region {
+        Some(r) => format!(
+            "in its zones ({}) as region {}, replicating with {}",
+            r.zones.join(", "),
+            r.name,
+            r.peers.join(", ")
+        ),
+        None => "and zone".to_owned(),
+    };
     println!(
         r#"
 Gateway is up at {url}
   API, relay, reconciler, webhook dispatcher and simulated workers for every service
-  and zone are running, on {nats}.
+  {scope} are running, on {nats}.
 
 {key_lines}
 
