@@ -28,10 +28,12 @@ ALTER TABLE zones ADD COLUMN region text;
 
 -- This installation's region and its hybrid logical clock: physical milliseconds << 16
 -- plus a 16-bit counter, so it orders like time and never goes backwards.
+-- `applied_seq`: how far the stream of the peers' changes has been applied.
 CREATE TABLE replication_clock (
-    one    boolean PRIMARY KEY DEFAULT true CHECK (one),
-    region text CHECK (region ~ '^[a-z][a-z0-9-]{0,31}$'),
-    hlc    bigint NOT NULL DEFAULT 0
+    one         boolean PRIMARY KEY DEFAULT true CHECK (one),
+    region      text CHECK (region ~ '^[a-z][a-z0-9-]{0,31}$'),
+    hlc         bigint NOT NULL DEFAULT 0,
+    applied_seq bigint NOT NULL DEFAULT 0
 );
 INSERT INTO replication_clock DEFAULT VALUES;
 

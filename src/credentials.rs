@@ -114,12 +114,7 @@ pub fn users(
     let mut relay = user(RELAY.into(), role(RELAY)?, None);
     if let Some(region) = &names.region {
         let extra = user(RELAY.into(), role("replication")?, None);
-        let fill = |s: &String| {
-            s.replace("${region}", region).replace(
-                "${replication_consumer}",
-                crate::replication::APPLY_CONSUMER,
-            )
-        };
+        let fill = |s: &String| s.replace("${region}", region);
         relay.publish.extend(extra.publish.iter().map(fill));
         relay.subscribe.extend(extra.subscribe.iter().map(fill));
     }

@@ -118,13 +118,17 @@ pub async fn zone_elsewhere(
     }
 }
 
-/// The ID a path is about, if it names one: `/v1/operations/{id}…` or
-/// `/v1/tenants/{t}/{plural}/{id}…`.
+/// The tenant collections whose items are global (replicated to every region): a miss
+/// there is a miss everywhere, never a redirect.
+const GLOBAL_COLLECTIONS: [&str; 2] = ["keys", "webhooks"];
+
+/// The ID of a regional thing a path is about, if it names one: `/v1/operations/{id}…`
+/// or `/v1/tenants/{t}/{plural}/{id}…` (a resource).
 fn path_id(path: &str) -> Option<Uuid> {
     let segments: Vec<&str> = path.split('/').collect();
     let id = match segments.as_slice() {
         ["", "v1", "operations", id, ..] => id,
-        ["", "v1", "tenants", _, plural, id, ..] if *plural != "webhooks" => id,
+        ["", "v1", "tenants", _, plural, id, ..] if !GLOBAL_COLLECTIONS.contains(plural) => id,
         _ => return None,
     };
     id.parse().ok()
@@ -164,6 +168,7 @@ mod tests {
         for path in [
             "/v1/tenants/acme/vms".to_string(),
             format!("/v1/tenants/acme/webhooks/{id}"),
+            format!("/v1/tenants/acme/keys/{id}"),
             format!("/v1/keys/{id}"),
             "/v1/operations/not-an-id".into(),
         ] {

@@ -1,15 +1,19 @@
 //! Applies the peers' changes as they arrive on `REPLICATION-IN`.
 //!
-//! One relay applies at a time (a session advisory lock held while it runs), in the
-//! order the stream delivers, one batch per transaction: the peers' heartbeats must be
-//! applied after the changes sent before them, or a tombstone could be dropped while an
-//! older change is still to come. Applying is idempotent, so a batch redelivered after a
-//! crash changes nothing. Malformed messages are logged and dropped.
+//! One relay applies at a time (a session advisory lock held while it runs), in stream
+//! order, one batch per transaction: the peers' heartbeats must be applied after the
+//! changes sent before them, or a tombstone could be dropped while an older change is
+//! still to come. The database keeps how far it got (`replication_clock.applied_seq`,
+//! written in the batch's transaction), and each session reads the stream from there
+//! with an ephemeral consumer of its own: an applier that crashes mid-batch leaves
+//! nothing acknowledged but unapplied, nothing waits out an ack timeout, and the next
+//! one (in this process or another relay) goes on in order from the last commit.
+//! Applying is idempotent anyway. Malformed messages are logged and skipped.
 
 use crate::domain::region::Change;
 use crate::metrics::{Metrics, PeerResultLabels};
 use crate::store::replication::{self, Applied};
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use futures::StreamExt;
 use sqlx::pool::PoolConnection;
 use sqlx::{Acquire, PgPool, Postgres};
@@ -56,15 +60,23 @@ impl Applier {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
-        let consumer: jetstream::consumer::Consumer<pull::Config> = self
-            .js
-            .get_stream(super::INBOUND_STREAM)
-            .await?
-            .get_consumer(super::APPLY_CONSUMER)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("replication: no consumer {}: {e}", super::APPLY_CONSUMER)
-            })?;
+        let mut stream = self.js.get_stream(super::INBOUND_STREAM).await?;
+        let last = stream.info().await?.state.last_sequence;
+        let mut applied = replication::applied_seq(&mut *conn).await?;
+        if applied > last {
+            // The stream was made anew: read it all again (applying is idempotent).
+            applied = 0;
+        }
+        let consumer = stream
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: applied + 1,
+                },
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await?;
         loop {
             let batch = consumer
                 .fetch()
@@ -80,14 +92,8 @@ impl Applier {
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow::anyhow!("replication: fetch failed: {e}"))?;
-            if messages.is_empty() {
-                continue;
-            }
-            self.apply_batch(&mut conn, &messages).await?;
-            for m in &messages {
-                m.ack()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("replication: ack failed: {e}"))?;
+            if !messages.is_empty() {
+                self.apply_batch(&mut conn, &messages).await?;
             }
         }
     }
@@ -113,6 +119,13 @@ impl Applier {
         }
         if counts.iter().any(|(_, a)| *a == Applied::Applied) {
             replication::retry_parked(&mut tx).await?;
+        }
+        if let Some(seq) = messages
+            .last()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.stream_sequence)
+        {
+            replication::set_applied_seq(&mut tx, seq).await?;
         }
         tx.commit().await?;
         for (peer, applied) in counts {

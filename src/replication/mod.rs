@@ -16,15 +16,13 @@ pub mod publish;
 
 use crate::config::RegionSettings;
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use std::time::Duration;
 
 /// The subject prefix of replicated changes.
 pub const SUBJECT_PREFIX: &str = "replication";
 /// The stream every peer's changes are sourced into.
 pub const INBOUND_STREAM: &str = "REPLICATION-IN";
-/// The durable consumer that applies them.
-pub const APPLY_CONSUMER: &str = "apply";
 
 /// The stream of region `region`'s own changes.
 pub fn outbound_stream(region: &str) -> String {
@@ -36,8 +34,9 @@ pub fn subject(region: &str, table: &str, row_token: &str) -> String {
     format!("{SUBJECT_PREFIX}.{region}.{table}.{row_token}")
 }
 
-/// Creates (or updates) this region's outbound stream, the inbound stream sourcing every
-/// peer's, and the consumer that applies them.
+/// Creates (or updates) this region's outbound stream and the inbound stream sourcing
+/// every peer's (the applier reads it with consumers of its own, from where the database
+/// says it got to).
 pub async fn ensure_streams(
     js: &jetstream::Context,
     region: &RegionSettings,
@@ -74,16 +73,5 @@ pub async fn ensure_streams(
             .await
             .with_context(|| format!("creating or updating JetStream stream {name}"))?;
     }
-    js.get_stream(INBOUND_STREAM)
-        .await?
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(APPLY_CONSUMER.into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 1024,
-            ..Default::default()
-        })
-        .await
-        .context("creating the replication consumer")?;
     Ok(())
 }

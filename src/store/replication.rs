@@ -352,3 +352,20 @@ pub async fn try_lock_applier(conn: &mut PgConnection) -> sqlx::Result<bool> {
         .fetch_one(conn)
         .await
 }
+
+/// How far this region has applied `REPLICATION-IN` (its stream sequence).
+pub async fn applied_seq(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
+    let seq: i64 = sqlx::query_scalar("SELECT applied_seq FROM replication_clock")
+        .fetch_one(db)
+        .await?;
+    Ok(seq as u64)
+}
+
+/// Records, in the applying transaction, how far `REPLICATION-IN` has been applied.
+pub async fn set_applied_seq(conn: &mut PgConnection, seq: u64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE replication_clock SET applied_seq = $1")
+        .bind(seq as i64)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

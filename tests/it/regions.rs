@@ -22,7 +22,9 @@ struct Region {
     pool: sqlx::PgPool,
     // Dropped in this order: the gateway, then NATS, then the database.
     names: NatsNames,
-    _up: Gateway,
+    env: GatewayEnv,
+    port: u16,
+    up: Gateway,
     _nats: Nats,
     _dir: TempDir,
     _sandbox: Sandbox,
@@ -99,11 +101,28 @@ impl Region {
             },
             pool: sqlx::PgPool::connect_lazy(&sandbox.database_url()).unwrap(),
             names: names.clone(),
-            _up: up,
+            env,
+            port,
+            up,
             _nats: nats,
             _dir: dir,
             _sandbox: sandbox,
         }
+    }
+
+    /// `SIGKILL`s its `gateway up` (a crash: relay, applier and API die wherever they are)
+    /// and starts it again on the same port.
+    async fn crash_and_restart(&mut self) {
+        self.up.kill();
+        self.up = Gateway::up(&self.env, self.port).await;
+    }
+
+    async fn tenants_like(&self, prefix: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM tenants WHERE id LIKE $1 || '%'")
+            .bind(prefix)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     async fn call(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Answer {
@@ -524,6 +543,48 @@ async fn while_cut_off_each_region_works_alone_and_after_the_link_returns_they_c
         })
         .await;
     }
+}
+
+/// A region that crashes while its changes are being published, or while it applies the
+/// other's, loses nothing: its log is in its database until JetStream has it, and what
+/// it had not applied is still in its stream consumer.
+#[tokio::test]
+async fn a_region_that_crashes_mid_replication_loses_nothing() {
+    let _heavy = heavy_alone().await;
+    let (mut r1, mut r2, _link) = two_regions().await;
+    let prefix = format!("c-{}", &unique()[..6]);
+    let make = |r: &Region, from: usize, to: usize| {
+        let (client, prefix) = (r.client.clone(), prefix.clone());
+        async move {
+            for i in from..to {
+                let body = json!({"id": format!("{prefix}-{i}")});
+                let a = client
+                    .request(Method::POST, "/v1/tenants", Some(ADMIN), Some(&body))
+                    .await;
+                assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+            }
+        }
+    };
+    // Region 1 crashes right after making 40 tenants, its relay publishing them.
+    make(&r1, 0, 40).await;
+    r1.crash_and_restart().await;
+    // Region 2 crashes while the next 40 arrive, its relay applying them.
+    make(&r1, 40, 80).await;
+    r2.crash_and_restart().await;
+    for r in [&r1, &r2] {
+        within(
+            "every tenant reaches both regions",
+            Duration::from_secs(20),
+            || async { r.tenants_like(&prefix).await == 80 },
+        )
+        .await;
+    }
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM replication_log WHERE tbl <> '_heartbeat'")
+            .fetch_one(&r1.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0, "region 1 published its whole log");
 }
 
 /// The script's process: stopped (SIGTERM, which it passes on) when the test ends,
