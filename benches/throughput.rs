@@ -17,6 +17,10 @@
 //!    its event reaching a reader of the events stream (on NATS) and a watch client
 //!    (server-sent events through the gateway's API).
 //!
+//! 5. **Growth** (`BENCH_GROWTH=1`): submit, reads and a list page through the gateway,
+//!    then the same with 1,000,000 (`BENCH_GROWTH_ROWS`) more live resources and
+//!    finished operations in the database; the ratios and the tables' sizes.
+//!
 //! Memory is the process's resident set size before and after.
 //! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
 
@@ -57,6 +61,7 @@ async fn start(parts: Parts) -> Bench {
     let base = std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     let names = NatsNames {
+        region: None,
         stream: format!("B{id}"),
         subject_prefix: format!("b{id}.ops"),
         events_prefix: format!("b{id}.events"),
@@ -88,7 +93,11 @@ async fn start(parts: Parts) -> Bench {
 
 impl Bench {
     async fn tenant(&self) -> String {
-        let t = "bench".to_string();
+        self.tenant_named("bench").await
+    }
+
+    async fn tenant_named(&self, id: &str) -> String {
+        let t = id.to_string();
         self.http
             .post(format!("{}/v1/tenants", self.url))
             .bearer_auth(&self.key)
@@ -286,6 +295,104 @@ async fn reads(b: &Bench, tenant: &str) {
             raw.as_secs_f64() / through.as_secs_f64()
         );
     }
+}
+
+/// Gateway rates of the paths the growth run compares, at `CONCURRENCY` clients.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    submit: f64,
+    read_op: f64,
+    read_vm: f64,
+    list: f64,
+}
+
+/// Submits `OPS` creates into a new tenant `tenant`, then reads each operation and
+/// resource and lists the tenant's VMs (100 a page), all through the gateway.
+async fn rates(b: &Bench, tenant: &str) -> Rates {
+    b.tenant_named(tenant).await;
+    let (submitted, _, _) = b.submit(tenant, "g", OPS).await;
+    let pool = b.running.backends.pool.clone();
+    let rows: Vec<(uuid::Uuid, uuid::Uuid)> =
+        sqlx::query_as("SELECT id, resource_id FROM operations WHERE tenant = $1")
+            .bind(tenant)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let n = OPS * 2;
+    let ops: Vec<String> = rows.iter().map(|r| format!("/v1/operations/{}", r.0)).collect();
+    let vms: Vec<String> = rows
+        .iter()
+        .map(|r| format!("/v1/tenants/{tenant}/vms/{}", r.1))
+        .collect();
+    let list = [format!("/v1/tenants/{tenant}/vms?limit=100")];
+    Rates {
+        submit: rate(OPS, submitted),
+        read_op: rate(n, gets(b, &ops, n).await),
+        read_vm: rate(n, gets(b, &vms, n).await),
+        list: rate(OPS, gets(b, &list, OPS).await),
+    }
+}
+
+/// Adds `rows` live VMs (over 100 other tenants) and as many finished operations, as a
+/// year of use would leave them, straight in SQL (triggers off: no events, no
+/// replication log). Returns how long it took.
+async fn seed(pool: &sqlx::PgPool, rows: i64) -> Duration {
+    let started = Instant::now();
+    let mut conn = pool.acquire().await.unwrap();
+    // A UUID that sorts by `g`, as the gateway's UUIDv7s sort by time.
+    let id = "encode(overlay(uuid_send(gen_random_uuid()) placing substring(int8send(1600000000000 + g) from 3) from 1 for 6), 'hex')::uuid";
+    let sql = format!(
+        "SET session_replication_role = replica;
+         INSERT INTO tenants (id) SELECT 'grow-' || t FROM generate_series(1, 100) t ON CONFLICT DO NOTHING;
+         INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, observed_generation, created_at, updated_at)
+           SELECT {id}, 'grow-' || (g % 100 + 1), 'vm', 'zone-a', 'g' || g,
+                  '{{\"flavor\": \"m1.small\", \"image\": \"debian-12\", \"power_state\": \"running\"}}', 'ready', 1,
+                  now() - interval '365 days' + g * interval '10 ms', now() - interval '1 day'
+             FROM generate_series(1, {rows}) g;
+         INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, attempt, dispatches,
+                                 target_generation, request_id, created_at, updated_at, started_at, finished_at, deadline)
+           SELECT {id}, r.tenant, r.id, 'vm', 'zone-a', 'create', 'succeeded', 1, 1, 1, 'growth',
+                  r.created_at, r.created_at, r.created_at, r.created_at, r.created_at + interval '1 hour'
+             FROM (SELECT row_number() OVER () AS g, * FROM resources WHERE tenant LIKE 'grow-%') r;
+         SET session_replication_role = origin;
+         ANALYZE resources; ANALYZE operations;"
+    );
+    sqlx::raw_sql(&sql).execute(&mut *conn).await.unwrap();
+    started.elapsed()
+}
+
+/// The growth run (`BENCH_GROWTH=1`; `BENCH_GROWTH_ROWS`, default 1,000,000): the
+/// gateway's submit, read and list rates on this database, then again with that many
+/// more live resources and finished operations in it.
+async fn growth(b: &Bench) {
+    let rows: i64 = std::env::var("BENCH_GROWTH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let pool = b.running.backends.pool.clone();
+    let empty = rates(b, "before-growth").await;
+    let took = seed(&pool, rows).await;
+    let grown = rates(b, "after-growth").await;
+    println!("growth   {rows} live resources and {rows} finished operations added in {took:.0?}");
+    for (what, e, g) in [
+        ("submit ", empty.submit, grown.submit),
+        ("read op", empty.read_op, grown.read_op),
+        ("read vm", empty.read_vm, grown.read_vm),
+        ("list   ", empty.list, grown.list),
+    ] {
+        println!("growth   {what} {e:>8.0}/s before   {g:>8.0}/s after   ratio {:.2}", g / e);
+    }
+    let sizes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT t, pg_total_relation_size(t::regclass) FROM unnest(ARRAY['outbox', 'event_outbox', 'operations', 'resources']) t",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let sizes: Vec<String> = sizes
+        .iter()
+        .map(|(t, s)| format!("{t} {:.1} MiB", *s as f64 / 1048576.0))
+        .collect();
+    println!("growth   table sizes: {}", sizes.join(", "));
 }
 
 /// Seconds of the steady-load phase.
@@ -552,6 +659,9 @@ async fn main() {
         rate(OPS, raw_publish),
         raw_publish.as_secs_f64() / relay_time.as_secs_f64()
     );
+    if std::env::var("BENCH_GROWTH").is_ok() {
+        growth(&b).await;
+    }
     b.stop().await;
 
     // 3. End to end with in-process workers and an instant driver.
