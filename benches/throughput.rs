@@ -319,7 +319,10 @@ async fn rates(b: &Bench, tenant: &str) -> Rates {
             .await
             .unwrap();
     let n = OPS * 2;
-    let ops: Vec<String> = rows.iter().map(|r| format!("/v1/operations/{}", r.0)).collect();
+    let ops: Vec<String> = rows
+        .iter()
+        .map(|r| format!("/v1/operations/{}", r.0))
+        .collect();
     let vms: Vec<String> = rows
         .iter()
         .map(|r| format!("/v1/tenants/{tenant}/vms/{}", r.1))
@@ -380,7 +383,10 @@ async fn growth(b: &Bench) {
         ("read vm", empty.read_vm, grown.read_vm),
         ("list   ", empty.list, grown.list),
     ] {
-        println!("growth   {what} {e:>8.0}/s before   {g:>8.0}/s after   ratio {:.2}", g / e);
+        println!(
+            "growth   {what} {e:>8.0}/s before   {g:>8.0}/s after   ratio {:.2}",
+            g / e
+        );
     }
     let sizes: Vec<(String, i64)> = sqlx::query_as(
         "SELECT t, pg_total_relation_size(t::regclass) FROM unnest(ARRAY['outbox', 'event_outbox', 'operations', 'resources']) t",

@@ -82,12 +82,19 @@ pub async fn configure(
     .bind(region)
     .execute(&mut *tx)
     .await?;
+    // The peers are exactly those configured: a region removed from the list no longer
+    // holds tombstones back or shows a lag.
     sqlx::query(
-        "INSERT INTO replication_peers (region) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        "WITH gone AS (DELETE FROM replication_peers WHERE region <> ALL ($1::text[]))
+         INSERT INTO replication_peers (region) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
     )
     .bind(peers)
     .execute(&mut *tx)
     .await?;
+    sqlx::query("DELETE FROM replication_acks WHERE peer <> ALL ($1::text[])")
+        .bind(peers)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(())
 }
