@@ -6,7 +6,7 @@
 use crate::common::link::Link;
 use crate::common::{
     free_port, heavy_alone, id_of, nats_url, pg_base, unique, Answer, Client, Gateway, GatewayEnv,
-    Nats, Sandbox, TempDir,
+    Nats, Postgres, Sandbox, TempDir,
 };
 use gateway::config::{NatsNames, RegionSettings};
 use reqwest::{Method, StatusCode};
@@ -28,6 +28,8 @@ struct Region {
     _nats: Nats,
     _dir: TempDir,
     _sandbox: Sandbox,
+    /// A private PostgreSQL (the region's database server), when the test stops it.
+    pg: Option<Postgres>,
 }
 
 impl Region {
@@ -48,6 +50,7 @@ impl Region {
         peer: &str,
         names: &NatsNames,
         leaf: RegionSettings,
+        pg: Option<Postgres>,
     ) -> Self {
         let dir = TempDir::new(&format!("gwtest-{name}"));
         let conf = dir.path().join("nats.conf");
@@ -61,7 +64,8 @@ impl Region {
         )
         .unwrap();
         let nats = Nats::start_with_config(Some(conf));
-        let sandbox = Sandbox::new(&pg_base(), &nats.url());
+        let pg_server = pg.as_ref().map_or_else(pg_base, Postgres::url);
+        let sandbox = Sandbox::new(&pg_server, &nats.url());
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let extra = [
@@ -107,6 +111,7 @@ impl Region {
             _nats: nats,
             _dir: dir,
             _sandbox: sandbox,
+            pg,
         }
     }
 
@@ -152,6 +157,11 @@ fn leaf(name: &str, port: Option<u16>, remote: Option<u16>) -> RegionSettings {
 /// Both regions, linked. The same stream and subject names in both, as two copies of
 /// one deployment would have: the link must keep them apart.
 async fn two_regions() -> (Region, Region, Link) {
+    two_regions_with(None).await
+}
+
+/// [`two_regions`], region 2's database on `pg` if given.
+async fn two_regions_with(pg: Option<Postgres>) -> (Region, Region, Link) {
     let names = Sandbox::new(&pg_base(), &nats_url()).names.clone();
     let leaf_port = free_port();
     let link = Link::start(leaf_port).await;
@@ -161,14 +171,16 @@ async fn two_regions() -> (Region, Region, Link) {
             "zone-a,zone-b",
             "r2",
             &names,
-            leaf("r1", Some(leaf_port), None)
+            leaf("r1", Some(leaf_port), None),
+            None,
         ),
         Region::start(
             "r2",
             "zone-c",
             "r1",
             &names,
-            leaf("r2", None, Some(link.port))
+            leaf("r2", None, Some(link.port)),
+            pg,
         ),
     );
     (r1, r2, link)
@@ -585,6 +597,41 @@ async fn a_region_that_crashes_mid_replication_loses_nothing() {
             .await
             .unwrap();
     assert_eq!(left, 0, "region 1 published its whole log");
+}
+
+/// A region whose database goes away (a crash, or a failover's gap) while the other's
+/// changes keep coming applies every one of them once it is back, and its own changes
+/// made before the crash still reach the other region.
+#[tokio::test]
+async fn a_region_whose_database_goes_away_catches_up_when_it_is_back() {
+    let _heavy = heavy_alone().await;
+    let (r1, mut r2, _link) = two_regions_with(Some(Postgres::start())).await;
+    let prefix = format!("d-{}", &unique()[..6]);
+    let make = |r: &Region, i: usize| {
+        let (client, id) = (r.client.clone(), format!("{prefix}-{i}"));
+        async move {
+            let body = json!({"id": id});
+            let a = client
+                .request(Method::POST, "/v1/tenants", Some(ADMIN), Some(&body))
+                .await;
+            assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+        }
+    };
+    make(&r2, 0).await;
+    r2.pg.as_mut().unwrap().crash();
+    for i in 1..=10 {
+        make(&r1, i).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    r2.pg.as_mut().unwrap().resume();
+    for r in [&r1, &r2] {
+        within(
+            "every tenant reaches both regions",
+            Duration::from_secs(30),
+            || async { r.tenants_like(&prefix).await == 11 },
+        )
+        .await;
+    }
 }
 
 /// The script's process: stopped (SIGTERM, which it passes on) when the test ends,
