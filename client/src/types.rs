@@ -420,6 +420,12 @@ pub struct Zone {
     /// A description.
     #[serde(default)]
     pub description: String,
+    /// The region that owns it, when the installation has several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Its region's gateway, when that is another region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// A registered resource type (`/v1/resource-types`), as the gateway shows it. Its

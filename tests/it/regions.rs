@@ -761,6 +761,10 @@ async fn the_script_runs_two_linked_regions_and_stops_them() {
     // alone would drop the key when the redirect leaves the origin), and its wait follows
     // the operation's ID to region 2 as well.
     let gw = gateway_client::Client::new(&u1, &key);
+    let zones = gw.zones().await.unwrap();
+    let zone_c = zones.iter().find(|z| z.name == "zone-c").unwrap();
+    assert_eq!(zone_c.region.as_deref(), Some("r2"));
+    assert_eq!(zone_c.url.as_deref(), Some(u2.as_str()));
     let resource = gateway_client::NewResource {
         name: "far".into(),
         zone: "zone-c".into(),

@@ -322,9 +322,10 @@ impl Tabular for Quotas {
 }
 
 impl Tabular for Zone {
-    const HEADERS: &'static [&'static str] = &["NAME", "DESCRIPTION"];
+    const HEADERS: &'static [&'static str] = &["NAME", "REGION", "DESCRIPTION"];
     fn rows(&self) -> Vec<Vec<String>> {
-        vec![vec![self.name.clone(), self.description.clone()]]
+        let region = self.region.clone().unwrap_or_else(|| "-".into());
+        vec![vec![self.name.clone(), region, self.description.clone()]]
     }
 }
 
