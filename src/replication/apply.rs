@@ -14,7 +14,7 @@ use crate::domain::region::Change;
 use crate::metrics::{Metrics, PeerResultLabels};
 use crate::store::replication::{self, Applied};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sqlx::pool::PoolConnection;
 use sqlx::{Acquire, PgPool, Postgres};
 use std::time::Duration;
@@ -77,24 +77,25 @@ impl Applier {
                 ..Default::default()
             })
             .await?;
+        // A continuous pull: messages arrive as the stream gets them; each batch is what
+        // has arrived (up to `BATCH`) when the first of it is there.
+        let mut incoming = consumer.messages().await?;
         loop {
-            let batch = consumer
-                .fetch()
-                .max_messages(BATCH)
-                .expires(Duration::from_secs(1))
-                .messages()
-                .await?;
-            let messages: Vec<_> = tokio::select! {
+            let first = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                got = batch.collect::<Vec<_>>() => got,
+                next = incoming.next() => next,
             };
-            let messages = messages
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| anyhow::anyhow!("replication: fetch failed: {e}"))?;
-            if !messages.is_empty() {
-                self.apply_batch(&mut conn, &messages).await?;
+            let first = first.ok_or_else(|| anyhow::anyhow!("replication: the stream ended"))?;
+            let mut messages = vec![first.map_err(|e| anyhow::anyhow!("replication: {e}"))?];
+            while messages.len() < BATCH {
+                match incoming.next().now_or_never() {
+                    Some(Some(m)) => {
+                        messages.push(m.map_err(|e| anyhow::anyhow!("replication: {e}"))?)
+                    }
+                    _ => break,
+                }
             }
+            self.apply_batch(&mut conn, &messages).await?;
         }
     }
 
