@@ -20,6 +20,9 @@
 //! 5. **Growth** (`BENCH_GROWTH=1`): submit, reads and a list page through the gateway,
 //!    then the same with 1,000,000 (`BENCH_GROWTH_ROWS`) more live resources and
 //!    finished operations in the database; the ratios and the tables' sizes.
+//! 6. **Overload** (`BENCH_OVERLOAD=1`): 1,000 clients, each on its own connection,
+//!    submitting as fast as they can: admitted and refused (`503 overloaded`) rates, the
+//!    admitted requests' latency, and memory.
 //!
 //! Memory is the process's resident set size before and after.
 //! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
@@ -68,6 +71,12 @@ async fn start(parts: Parts) -> Bench {
     };
     let mut config = Config::for_tests(format!("{base}/gwbench_{id}"), names);
     config.database_max_connections = 40;
+    if let Some(writes) = std::env::var("BENCH_MAX_WRITES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.admission.writes = writes;
+    }
     let backends = app::connect(&config).await.expect("PostgreSQL and NATS");
     let key = app::migrate(&config, &backends, true)
         .await
@@ -401,6 +410,71 @@ async fn growth(b: &Bench) {
     println!("growth   table sizes: {}", sizes.join(", "));
 }
 
+/// Clients of the overload phase, each on its own connection.
+const FLOOD_CLIENTS: usize = 1_000;
+/// Seconds of the overload phase.
+const FLOOD_SECONDS: u64 = 5;
+
+/// Overload (`BENCH_OVERLOAD=1`): [`FLOOD_CLIENTS`] clients submit creates as fast as they
+/// can for [`FLOOD_SECONDS`]; the gateway admits what its write limit
+/// (`GATEWAY_MAX_IN_FLIGHT_WRITES`) allows and answers the rest `503 overloaded` at once;
+/// a refused client waits 100 ms (more eager than the `Retry-After` of 1 s) and tries
+/// again. Prints the admitted and refused rates, the admitted requests' latency, and the
+/// process's resident set at the end (gateway and the 1,000 clients together).
+async fn overload(b: &Bench) {
+    let tenant = b.tenant_named("overload").await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(FLOOD_CLIENTS)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(FLOOD_SECONDS);
+    let results = futures::future::join_all((0..FLOOD_CLIENTS).map(|c| {
+        let (http, tenant) = (http.clone(), tenant.clone());
+        async move {
+            let (mut admitted, mut refused, mut other) = (Vec::new(), 0usize, 0usize);
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let res = http
+                    .post(format!("{}/v1/tenants/{tenant}/vms", b.url))
+                    .bearer_auth(&b.key)
+                    .json(&json!({"name": format!("f{c}-{i}"), "zone": "zone-a",
+                                  "spec": {"flavor": "m1.small", "image": "debian-12"}}))
+                    .send()
+                    .await;
+                i += 1;
+                match res.map(|r| r.status().as_u16()) {
+                    Ok(202) => admitted.push(t0.elapsed()),
+                    Ok(503) => {
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    _ => other += 1,
+                }
+            }
+            (admitted, refused, other)
+        }
+    }))
+    .await;
+    let mut admitted: Vec<Duration> = Vec::new();
+    let (mut refused, mut other) = (0, 0);
+    for (a, r, o) in results {
+        admitted.extend(a);
+        refused += r;
+        other += o;
+    }
+    admitted.sort();
+    let secs = FLOOD_SECONDS as f64;
+    println!(
+        "overload {FLOOD_CLIENTS} clients: admitted {:>6.0}/s  p50 {:?}  p99 {:?}   refused 503 {:>6.0}/s   other {other}   RSS {:.0} MiB",
+        admitted.len() as f64 / secs,
+        percentile(&admitted, 0.5),
+        percentile(&admitted, 0.99),
+        refused as f64 / secs,
+        rss_mib()
+    );
+}
+
 /// Seconds of the steady-load phase.
 const STEADY_SECONDS: f64 = 10.0;
 
@@ -667,6 +741,9 @@ async fn main() {
     );
     if std::env::var("BENCH_GROWTH").is_ok() {
         growth(&b).await;
+    }
+    if std::env::var("BENCH_OVERLOAD").is_ok() {
+        overload(&b).await;
     }
     b.stop().await;
 
