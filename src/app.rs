@@ -150,6 +150,15 @@ pub async fn migrate_database(config: &Config, pool: &PgPool) -> anyhow::Result<
             &region.peers,
         )
         .await?;
+        let tag = crate::domain::region::tag_of(&region.name);
+        for (other, _) in store::replication::regions(pool).await? {
+            if other != region.name && crate::domain::region::tag_of(&other) == tag {
+                tracing::warn!(
+                    region = %region.name, other = %other,
+                    "two regions share an ID tag: a request about an ID this region does not have may be sent to the wrong one; rename one of them"
+                );
+            }
+        }
     }
     Ok(())
 }

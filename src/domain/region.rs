@@ -33,8 +33,8 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// The 12-bit tag of a region in the IDs it makes: FNV-1a of its name, in `1..=4095`
-/// (0 is never a tag). Two regions of one installation must not share a tag; `gateway`
-/// warns at start when a known peer does.
+/// (0 is never a tag). Two regions of one installation must not share a tag; `migrate`
+/// warns when a region it knows of does.
 pub fn tag_of(region: &str) -> u16 {
     let mut hash: u32 = 0x811c_9dc5;
     for byte in region.bytes() {
