@@ -122,6 +122,17 @@ impl Region {
         self.up = Gateway::up(&self.env, self.port).await;
     }
 
+    /// Creates a tenant with a unique ID here; returns the ID.
+    async fn new_tenant(&self) -> String {
+        let tenant = format!("t-{}", unique());
+        let body = json!({"id": tenant});
+        let a = self
+            .call(Method::POST, "/v1/tenants", ADMIN, Some(body))
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+        tenant
+    }
+
     async fn tenants_like(&self, prefix: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM tenants WHERE id LIKE $1 || '%'")
             .bind(prefix)
@@ -304,16 +315,7 @@ async fn two_regions_share_tenants_and_keys_and_send_clients_where_things_live()
     }
 
     // A tenant and a key made in region 1 work in region 2 within 5 s.
-    let tenant = format!("t-{}", unique());
-    let a = r1
-        .call(
-            Method::POST,
-            "/v1/tenants",
-            ADMIN,
-            Some(json!({"id": tenant})),
-        )
-        .await;
-    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    let tenant = r1.new_tenant().await;
     let (key, key_id) = new_owner_key(&r1, &tenant).await;
     let took = within(
         "a region-1 key works in region 2",
@@ -417,16 +419,7 @@ async fn two_regions_share_tenants_and_keys_and_send_clients_where_things_live()
 async fn while_cut_off_each_region_works_alone_and_after_the_link_returns_they_converge() {
     let _heavy = heavy_alone().await;
     let (r1, r2, link) = two_regions().await;
-    let tenant = format!("t-{}", unique());
-    let a = r1
-        .call(
-            Method::POST,
-            "/v1/tenants",
-            ADMIN,
-            Some(json!({"id": tenant})),
-        )
-        .await;
-    assert_eq!(a.status, StatusCode::CREATED);
+    let tenant = r1.new_tenant().await;
     let (key, key_id) = new_owner_key(&r1, &tenant).await;
     within("the key reaches region 2", Duration::from_secs(5), || {
         works(&r2, &tenant, &key)
