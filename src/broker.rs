@@ -219,15 +219,21 @@ fn server_conf(
 }
 
 /// The `leafnodes` block linking this region's server to the others': it accepts them
-/// on `leaf_port` (user `leaf`), and connects to `leaf_remotes`. Only replication crosses
+/// on `leaf_port` (user `leaf`), advertising `leaf_advertise` (the address peers reach it
+/// at: a tunnel, a proxy, a load balancer between sites; peers reconnect there, never
+/// straight to the address this server sees itself at), and connects to `leaf_remotes`. Only replication crosses
 /// a link: each remote denies this deployment's own subjects both ways, so the regions'
 /// operation and event streams (same names, same subjects) never capture each other's
 /// messages.
 pub fn leafnodes_conf(names: &NatsNames, region: &RegionSettings) -> String {
     let mut out = String::from("leafnodes {\n");
     if let (Some(port), Some(password)) = (region.leaf_port, &region.leaf_password) {
+        let advertise = match &region.leaf_advertise {
+            Some(address) => format!("advertise: \"{address}\""),
+            None => "no_advertise: true".into(),
+        };
         out.push_str(&format!(
-            "  listen: 127.0.0.1:{port}\n  authorization {{ user: leaf, password: \"{}\" }}\n",
+            "  listen: 127.0.0.1:{port}\n  {advertise}\n  authorization {{ user: leaf, password: \"{}\" }}\n",
             password.expose()
         ));
     }

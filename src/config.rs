@@ -360,6 +360,10 @@ pub struct RegionSettings {
     /// `GATEWAY_UP_LEAF_REMOTES`: `up`'s private broker connects to these regions' NATS
     /// servers (`nats-leaf://leaf:password@host:port`, comma-separated).
     pub leaf_remotes: Vec<String>,
+    /// `GATEWAY_UP_LEAF_ADVERTISE`: the `host:port` other regions' servers reach
+    /// `GATEWAY_UP_LEAF_PORT` at (a tunnel, a proxy, a load balancer between sites); they
+    /// reconnect there, never to the address the server sees itself at.
+    pub leaf_advertise: Option<String>,
     /// `GATEWAY_UP_LEAF_PASSWORD`: the password other regions' servers log in with as
     /// user `leaf` (required with `GATEWAY_UP_LEAF_PORT`).
     pub leaf_password: Option<Secret>,
@@ -376,6 +380,7 @@ impl fmt::Debug for RegionSettings {
             .field("heartbeat", &self.heartbeat)
             .field("leaf_port", &self.leaf_port)
             .field("leaf_remotes", &remotes)
+            .field("leaf_advertise", &self.leaf_advertise)
             .field("leaf_password", &self.leaf_password)
             .finish()
     }
@@ -427,6 +432,7 @@ impl RegionSettings {
                 .transpose()
                 .map_err(|e| anyhow!("GATEWAY_UP_LEAF_PORT: {e}"))?,
             leaf_remotes: list("GATEWAY_UP_LEAF_REMOTES")?,
+            leaf_advertise: env.opt_string("GATEWAY_UP_LEAF_ADVERTISE")?,
             leaf_password: env.opt_string("GATEWAY_UP_LEAF_PASSWORD")?.map(Secret::new),
         }))
     }

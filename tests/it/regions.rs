@@ -122,6 +122,26 @@ impl Region {
         self.up = Gateway::up(&self.env, self.port).await;
     }
 
+    /// Whether this region has applied anything from its peer yet (a heartbeat at least).
+    async fn hears_peer(&self) -> bool {
+        sqlx::query_scalar("SELECT coalesce(max(applied_hlc), 0) > 1 FROM replication_peers")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// What its NATS says of the sourcing of the peer's stream, for failure messages.
+    async fn link_state(&self) -> String {
+        let js = async_nats::jetstream::new(async_nats::connect(self._nats.url()).await.unwrap());
+        match js.get_stream("REPLICATION-IN").await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => format!("{:?} messages {}", info.sources, info.state.messages),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        }
+    }
+
     /// Creates a tenant with a unique ID here; returns the ID.
     async fn new_tenant(&self) -> String {
         let tenant = format!("t-{}", unique());
@@ -149,7 +169,8 @@ impl Region {
 }
 
 /// Settings of a region's NATS link: region 1 accepts leaf connections on `port`,
-/// region 2 connects to `remote`.
+/// region 2 connects to `remote` (the link): region 1 advertises the link, so region 2
+/// reconnects through it too, and cutting the link cuts them off.
 fn leaf(name: &str, port: Option<u16>, remote: Option<u16>) -> RegionSettings {
     RegionSettings {
         name: name.into(),
@@ -162,6 +183,7 @@ fn leaf(name: &str, port: Option<u16>, remote: Option<u16>) -> RegionSettings {
             .into_iter()
             .collect(),
         leaf_password: Some(gateway::config::Secret::new("linkpw".to_owned())),
+        leaf_advertise: None,
     }
 }
 
@@ -182,7 +204,10 @@ async fn two_regions_with(pg: Option<Postgres>) -> (Region, Region, Link) {
             "zone-a,zone-b",
             "r2",
             &names,
-            leaf("r1", Some(leaf_port), None),
+            RegionSettings {
+                leaf_advertise: Some(format!("127.0.0.1:{}", link.port)),
+                ..leaf("r1", Some(leaf_port), None)
+            },
             None,
         ),
         Region::start(
@@ -194,6 +219,19 @@ async fn two_regions_with(pg: Option<Postgres>) -> (Region, Region, Link) {
             pg,
         ),
     );
+    // The link between the regions' NATS servers and the sourcing of each other's streams
+    // come up in a moment (the leaf connection retries, JetStream retries its sources):
+    // every test starts from replication that works.
+    let started = Instant::now();
+    while !(r1.hears_peer().await && r2.hears_peer().await) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "replication did not start within 60 s: r1 {}; r2 {}",
+            r1.link_state().await,
+            r2.link_state().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     (r1, r2, link)
 }
 
@@ -508,18 +546,28 @@ async fn while_cut_off_each_region_works_alone_and_after_the_link_returns_they_c
         .await;
     }
     let sql = "SELECT revoked_at IS NOT NULL, expires_at IS NOT NULL, hlc, origin FROM principals WHERE id = $1::uuid";
-    let mut rows = Vec::new();
-    for r in [&r1, &r2] {
-        let row: (bool, bool, i64, String) = sqlx::query_as(sql)
-            .bind(&key_id)
-            .fetch_one(&r.pool)
-            .await
-            .unwrap();
-        rows.push(row);
-    }
-    let (a, b) = (rows[0].clone(), rows[1].clone());
-    assert_eq!(a, b, "both regions hold the same key row");
-    assert_eq!((a.0, a.1, a.3.as_str()), (true, true, "r1"));
+    let key_row = |r: &Region| {
+        let (pool, key_id) = (r.pool.clone(), key_id.clone());
+        async move {
+            sqlx::query_as::<_, (bool, bool, i64, String)>(sql)
+                .bind(key_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    within(
+        "both regions hold the same key row",
+        Duration::from_secs(15),
+        || async { key_row(&r1).await == key_row(&r2).await },
+    )
+    .await;
+    let a = key_row(&r1).await;
+    assert_eq!(
+        (a.0, a.1, a.3.as_str()),
+        (true, true, "r1"),
+        "revoked, with region 1's later change"
+    );
     within(
         "the lag comes back down",
         Duration::from_secs(10),
