@@ -10,13 +10,14 @@
 //! one (in this process or another relay) goes on in order from the last commit.
 //! Applying is idempotent anyway. Malformed messages are logged and skipped.
 
-use crate::domain::region::Change;
+use crate::domain::region::{Change, HEARTBEAT};
 use crate::metrics::{Metrics, PeerResultLabels};
 use crate::store::replication::{self, Applied};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use futures::{FutureExt, StreamExt};
 use sqlx::pool::PoolConnection;
 use sqlx::{Acquire, PgPool, Postgres};
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -107,6 +108,8 @@ impl Applier {
     ) -> anyhow::Result<()> {
         let mut tx = conn.begin().await?;
         let mut counts: Vec<(String, Applied)> = Vec::with_capacity(messages.len());
+        let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+        let mut rows_applied = false;
         for m in messages {
             let change: Change = match serde_json::from_slice(&m.payload) {
                 Ok(c) => c,
@@ -116,9 +119,16 @@ impl Applier {
                 }
             };
             let applied = replication::apply(&mut tx, &change).await?;
+            rows_applied |= applied == Applied::Applied && change.table != HEARTBEAT;
+            let seen = newest.entry(change.origin.clone()).or_default();
+            *seen = (*seen).max(change.hlc);
             counts.push((change.origin, applied));
         }
-        if counts.iter().any(|(_, a)| *a == Applied::Applied) {
+        for (peer, hlc) in &newest {
+            replication::record_applied(&mut tx, peer, *hlc).await?;
+        }
+        // Parked changes wait for a row: only a batch that brought rows can free them.
+        if rows_applied {
             replication::retry_parked(&mut tx).await?;
         }
         if let Some(seq) = messages

@@ -176,10 +176,10 @@ impl Applied {
 }
 
 /// Applies one change from region `change.origin` in the caller's transaction (a
-/// heartbeat records what its origin has seen). A change that breaks a constraint is
+/// heartbeat records what its origin has seen). The caller records how far it got from
+/// each peer ([`record_applied`]), once per batch. A change that breaks a constraint is
 /// parked, not failed: the rest of the batch goes on.
 pub async fn apply(conn: &mut PgConnection, change: &Change) -> sqlx::Result<Applied> {
-    record_applied(&mut *conn, &change.origin, change.hlc).await?;
     if change.table == HEARTBEAT {
         let beat: Heartbeat = change
             .row
@@ -281,7 +281,9 @@ pub async fn retry_parked(conn: &mut PgConnection) -> sqlx::Result<usize> {
     Ok(done)
 }
 
-async fn record_applied(conn: &mut PgConnection, peer: &str, hlc: i64) -> sqlx::Result<()> {
+/// Records that changes (or a heartbeat) of `peer` up to clock value `hlc` were applied:
+/// what the lag metric and this region's heartbeats report.
+pub async fn record_applied(conn: &mut PgConnection, peer: &str, hlc: i64) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO replication_peers (region, applied_hlc, applied_at) VALUES ($1, $2, now())
          ON CONFLICT (region) DO UPDATE
