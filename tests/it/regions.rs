@@ -142,6 +142,13 @@ impl Region {
         }
     }
 
+    /// Revokes a key of `tenant` here, which must succeed.
+    async fn revoke(&self, tenant: &str, key_id: &str) {
+        let path = format!("/v1/tenants/{tenant}/keys/{key_id}");
+        let a = self.call(Method::DELETE, &path, ADMIN, None).await;
+        assert_eq!(a.status, StatusCode::NO_CONTENT, "{:?}", a.body);
+    }
+
     /// Creates a tenant with a unique ID here; returns the ID.
     async fn new_tenant(&self) -> String {
         let tenant = format!("t-{}", unique());
@@ -420,15 +427,7 @@ async fn two_regions_share_tenants_and_keys_and_send_clients_where_things_live()
     assert_eq!(a.status, StatusCode::TEMPORARY_REDIRECT);
 
     // A revocation in region 2 stops the key in region 1 within 5 s.
-    let a = r2
-        .call(
-            Method::DELETE,
-            &format!("/v1/tenants/{tenant}/keys/{key_id}"),
-            ADMIN,
-            None,
-        )
-        .await;
-    assert_eq!(a.status, StatusCode::NO_CONTENT, "{:?}", a.body);
+    r2.revoke(&tenant, &key_id).await;
     let took = within(
         "the revocation reaches region 1",
         Duration::from_secs(5),
@@ -467,15 +466,7 @@ async fn while_cut_off_each_region_works_alone_and_after_the_link_returns_they_c
     link.cut();
     // Region 2 revokes the key; region 1, not knowing, still accepts it, and changes the
     // same key later (a newer write, by the clock) without the revocation.
-    let a = r2
-        .call(
-            Method::DELETE,
-            &format!("/v1/tenants/{tenant}/keys/{key_id}"),
-            ADMIN,
-            None,
-        )
-        .await;
-    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    r2.revoke(&tenant, &key_id).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     sqlx::query(
         "UPDATE principals SET expires_at = now() + interval '30 days' WHERE id = $1::uuid",
