@@ -686,6 +686,7 @@ impl SimPools {
                 concurrency: 16,
                 max_deliver: self.max_deliver,
                 dispatch_keys: self.dispatch_keys.clone(),
+                report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
             };
             let js = self
                 .backends

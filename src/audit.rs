@@ -158,6 +158,25 @@ impl AuditSlot {
 pub struct PendingAudit {
     slot: AuditSlot,
     entry: Option<Entry>,
+    /// Rows written instead of `entry`, one per part of a request that acts on several
+    /// things at once (a batch of reports).
+    parts: Vec<Entry>,
+}
+
+/// One part of a request that acts on several things, audited as a row of its own:
+/// what the same part would have recorded as a request alone.
+#[derive(Debug, Clone)]
+pub struct AuditPart<'a> {
+    /// The tenant acted on, when known.
+    pub tenant: Option<&'a str>,
+    /// Method and route template of the request the part stands for.
+    pub action: &'a str,
+    /// Its concrete path.
+    pub target: String,
+    /// The status it got.
+    pub status: u16,
+    /// The request ID it carried, if any (else the request's).
+    pub request_id: Option<&'a str>,
 }
 
 impl PendingAudit {
@@ -169,7 +188,25 @@ impl PendingAudit {
         Some(Self {
             slot: slot.clone(),
             entry: Some(entry),
+            parts: Vec::new(),
         })
+    }
+
+    /// Records `part` as a row of its own; once a request has parts, they are written
+    /// instead of its one row.
+    pub fn part(&mut self, part: AuditPart<'_>) {
+        let Some(entry) = &self.entry else {
+            return;
+        };
+        let mut row = entry.clone();
+        row.tenant = part.tenant.map(str::to_owned);
+        row.action = part.action.to_owned();
+        row.target = part.target;
+        row.status = part.status;
+        if let Some(id) = part.request_id {
+            row.request_id = id.to_owned();
+        }
+        self.parts.push(row);
     }
 
     /// Sets the tenant acted on, when the path did not name one (operations).
@@ -183,6 +220,7 @@ impl PendingAudit {
     /// transaction has committed.
     pub async fn write(&self, conn: &mut PgConnection) -> sqlx::Result<()> {
         match &self.entry {
+            Some(_) if !self.parts.is_empty() => append_batch(conn, self.parts.clone()).await,
             Some(e) => append_batch(conn, vec![e.clone()]).await,
             None => Ok(()),
         }

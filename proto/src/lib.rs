@@ -401,6 +401,59 @@ pub struct ReportAck {
     pub cancel_requested: bool,
 }
 
+/// The most reports one `POST /v1/reports` may carry.
+pub const MAX_BATCH_REPORTS: usize = 100;
+
+/// Several reports in one request: `POST /v1/reports`. They are applied in one
+/// transaction, in order, and each is accepted or refused on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportBatch {
+    /// 1 to [`MAX_BATCH_REPORTS`] reports, applied in this order (two on one operation
+    /// apply one after the other).
+    pub reports: Vec<BatchedReport>,
+}
+
+/// One report of a [`ReportBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchedReport {
+    /// The operation reported on.
+    pub operation_id: Uuid,
+    /// The report, as `POST /v1/operations/{id}/reports` takes it.
+    pub report: Report,
+    /// The `X-Request-Id` the report would have carried alone (the operation's request):
+    /// its audit row and log line carry it. 1 to 128 visible ASCII characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// The answer to a [`ReportBatch`]: one result per report, in the request's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReportBatchResult {
+    /// One per report, in order.
+    pub results: Vec<BatchedReportResult>,
+}
+
+/// What became of one report of a batch: `status` is what
+/// `POST /v1/operations/{id}/reports` would have answered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BatchedReportResult {
+    /// The operation reported on.
+    pub operation_id: Uuid,
+    /// `200` accepted; `403`, `404`, `409` or `422` refused, with `code`.
+    pub status: u16,
+    /// The acknowledgement, when accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<ReportAck>,
+    /// The error code, when refused (as the single-report endpoint's error body has it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

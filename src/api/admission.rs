@@ -39,7 +39,11 @@ impl Class {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
         let reading = matches!(*method, Method::GET | Method::HEAD);
         match segments.as_slice() {
-            ["", "v1", "operations", _, "reports"] if *method == Method::POST => Some(Self::Report),
+            ["", "v1", "operations", _, "reports"] | ["", "v1", "reports"]
+                if *method == Method::POST =>
+            {
+                Some(Self::Report)
+            }
             ["", "v1", "operations", _] if reading => Some(Self::Poll),
             ["", "v1", "tenants", _, "events"]
                 if reading && accept.is_some_and(|a| a.contains("text/event-stream")) =>
@@ -140,6 +144,7 @@ mod tests {
             of(Method::POST, &format!("/v1/operations/{id}/reports")),
             Some(Class::Report)
         );
+        assert_eq!(of(Method::POST, "/v1/reports"), Some(Class::Report));
         assert_eq!(
             of(Method::GET, &format!("/v1/operations/{id}")),
             Some(Class::Poll)

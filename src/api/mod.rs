@@ -20,6 +20,7 @@ pub mod operations;
 pub mod params;
 pub mod quotas;
 pub mod regions;
+pub mod reports;
 pub mod request;
 pub mod resource_types;
 pub mod resources;
@@ -88,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .merge(resources::router())
         .merge(resource_types::router())
         .merge(operations::router())
+        .merge(reports::router())
         .merge(tenants::router())
         .merge(catalog::router())
         .merge(keys::router())

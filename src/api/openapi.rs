@@ -10,8 +10,8 @@
 //! is `openapi/v1.json` (the `contract` integration tests keep them equal).
 
 use super::{
-    audit, catalog, error, events, health, keys, operations, quotas, resource_types, resources,
-    tenants, webhooks, wire,
+    audit, catalog, error, events, health, keys, operations, quotas, reports, resource_types,
+    resources, tenants, webhooks, wire,
 };
 use crate::domain::resource_type::ResourceType;
 use crate::domain::OperationState;
@@ -35,6 +35,7 @@ use utoipa::{Modify, OpenApi};
         resources::create, resources::read, resources::list, resources::delete,
         resources::patch, resources::action,
         operations::read, operations::list, operations::report, operations::cancel,
+        reports::reports,
         tenants::create, tenants::list, tenants::read,
         catalog::zones, catalog::entries,
         keys::create, keys::list, keys::revoke, keys::list_platform, keys::revoke_any,
@@ -234,6 +235,10 @@ fn examples(schemas: &mut Value) {
 /// Bounds and patterns the server checks and utoipa cannot derive.
 fn strict(schemas: &mut Value) {
     schemas["Report"]["properties"]["attempt"]["minimum"] = json!(1);
+    let batch = &mut schemas["ReportBatch"]["properties"]["reports"];
+    batch["minItems"] = json!(1);
+    batch["maxItems"] = json!(gateway_proto::MAX_BATCH_REPORTS);
+    schemas["BatchedReport"]["properties"]["request_id"]["pattern"] = json!("^[!-~]{1,128}$");
     schemas["LimitIn"]["properties"]["limit"]["minimum"] = json!(0);
     // A patch needs `spec` or `labels` (`null` counts as absent).
     let patch = &mut schemas["PatchIn"];

@@ -18,8 +18,12 @@ const MAX_REQUEST_ID: usize = 128;
 
 fn client_request_id(req: &Request) -> Option<String> {
     let v = req.headers().get("x-request-id")?.to_str().ok()?;
-    let ok = !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic());
-    ok.then(|| v.to_owned())
+    is_request_id(v).then(|| v.to_owned())
+}
+
+/// Whether a client's request ID is kept: 1 to 128 visible ASCII characters.
+pub fn is_request_id(v: &str) -> bool {
+    !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Middleware: assigns the request ID, runs the request in a span, echoes the ID and

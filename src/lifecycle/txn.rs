@@ -97,6 +97,13 @@ impl<'e> Txn<'e> {
         }
     }
 
+    /// Audits one part of the request (a report of a batch) as a row of its own.
+    pub fn audit_part(&mut self, part: crate::audit::AuditPart<'_>) {
+        if let Some(a) = self.audit.as_mut() {
+            a.part(part);
+        }
+    }
+
     /// The engine the transaction runs on.
     pub fn engine(&self) -> &'e Engine {
         self.engine

@@ -150,6 +150,17 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Oper
     .await
 }
 
+/// Locks the operations `ids` (sorted, so concurrent callers queue in one order) for
+/// the rest of the transaction; unknown IDs are left out.
+pub async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<Vec<OperationRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM operations WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
 /// The active (non-terminal) operations of a resource, oldest first.
 pub async fn active_for_resource(
     conn: &mut PgConnection,

@@ -377,6 +377,7 @@ async fn serve_relay_and_migrate_processes_run_as_their_own_users() {
             concurrency: 4,
             max_deliver: 5,
             dispatch_keys: key.public_key().into(),
+            report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
         },
         driver.clone(),
         stop.clone(),
@@ -767,6 +768,7 @@ async fn forged_and_altered_dispatches_are_terminated_without_running_the_driver
         concurrency: 4,
         max_deliver: 5,
         dispatch_keys: config.dispatch_public_keys(),
+        report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
     };
     let stop = CancellationToken::new();
     let worker = tokio::spawn(workers::run_pool_with_metrics(

@@ -207,3 +207,339 @@ async fn workers_read_only_what_their_work_needs() {
         "workers list nothing"
     );
 }
+
+/// `POST /v1/reports` with `key`: the status and the results, by position.
+async fn batch(
+    app: &crate::common::TestApp,
+    key: &str,
+    reports: Vec<Value>,
+) -> (StatusCode, Value) {
+    let body = json!({ "reports": reports });
+    let a = app
+        .request(Method::POST, "/v1/reports", Some(key), Some(&body))
+        .await;
+    (a.status, a.body)
+}
+
+#[tokio::test]
+async fn a_batch_applies_each_report_on_its_own_in_one_request() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let mut ops = Vec::new();
+    for (name, zone) in [
+        ("a", "zone-a"),
+        ("b", "zone-a"),
+        ("c", "zone-a"),
+        ("d", "zone-b"),
+    ] {
+        let op = app
+            .create(&tenant, "vms", name, zone, example_spec("vms"))
+            .await;
+        ops.push(op["id"].as_str().unwrap().to_owned());
+    }
+    let (a, b, c, d) = (&ops[0], &ops[1], &ops[2], &ops[3]);
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let item = |id: &str, report: Value| json!({"operation_id": id, "report": report});
+    let running = json!({"attempt": 1, "state": "running"});
+    let (status, body) = batch(
+        &app,
+        &key,
+        vec![
+            item(a, running.clone()),
+            item(b, running.clone()),
+            item(
+                a,
+                json!({"attempt": 1, "state": "succeeded", "status": {"ip": "10.0.0.9"}}),
+            ),
+            item(d, running.clone()),
+            item(&unknown, running.clone()),
+            item(b, json!({"attempt": 1, "state": "failed"})),
+            json!({"operation_id": c, "report": running, "request_id": "follow-c-1"}),
+            item(
+                a,
+                json!({"attempt": 1, "state": "failed", "error": {"code": "x", "message": "y"}}),
+            ),
+            item(b, running.clone()),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["results"].as_array().unwrap();
+    let got: Vec<(u64, &str)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_u64().unwrap(),
+                r["code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (200, ""),
+            (200, ""),
+            (200, ""),
+            (403, "forbidden"),
+            (404, "not_found"),
+            (422, "invalid_report"),
+            (200, ""),
+            (409, "operation_finished"),
+            (200, ""),
+        ],
+        "{body}"
+    );
+    for (r, id) in results.iter().zip([a, b, a, d, &unknown, b, c, a, b]) {
+        assert_eq!(r["operation_id"], json!(id));
+    }
+    // Two reports on one operation apply one after the other, as two requests would.
+    assert_eq!(results[2]["ack"]["state"], "succeeded");
+    assert_eq!(
+        results[8]["ack"],
+        json!({"operation_id": b, "state": "running", "attempt": 1, "cancel_requested": false})
+    );
+    let state = |id: String| {
+        let app = &app;
+        async move { app.get(&format!("/v1/operations/{id}")).await.body["state"].clone() }
+    };
+    assert_eq!(state(a.clone()).await, "succeeded");
+    assert_eq!(state(b.clone()).await, "running");
+    assert_eq!(state(c.clone()).await, "running");
+    assert_eq!(
+        state(d.clone()).await,
+        "pending",
+        "the refused report changed nothing"
+    );
+    let vm = app.get(&format!("/v1/operations/{a}")).await.body["resource_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let vm = app
+        .get(&format!("/v1/tenants/{tenant}/vms/{vm}"))
+        .await
+        .body;
+    assert_eq!(vm["status"]["ip"], "10.0.0.9");
+    assert_eq!(vm["phase"], "ready");
+    // Each report is audited as the request it stands for, with the ID it carried.
+    let rows: Vec<(String, Option<String>, i16, String)> = sqlx::query_as(
+        "SELECT target, tenant, status, request_id FROM audit_log
+         WHERE action = 'POST /v1/operations/{id}/reports' ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 9, "{rows:?}");
+    assert_eq!(rows[3].2, 403);
+    assert_eq!(rows[4].1, None, "an unknown operation has no tenant");
+    assert_eq!(rows[6].0, format!("/v1/operations/{c}/reports"));
+    assert_eq!(rows[6].1.as_deref(), Some(tenant.as_str()));
+    assert_eq!(rows[6].3, "follow-c-1");
+    assert_eq!(rows[7].2, 409);
+    let batch_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'POST /v1/reports'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(batch_rows, 0, "the reports' rows stand for the batch");
+}
+
+#[tokio::test]
+async fn a_batch_must_hold_one_to_a_hundred_well_formed_reports() {
+    let app = spawn_with(Options::api_only()).await;
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    let report =
+        json!({"operation_id": uuid::Uuid::now_v7(), "report": {"attempt": 1, "state": "running"}});
+    for (reports, code) in [
+        (vec![], "invalid_batch"),
+        (vec![report.clone(); 101], "invalid_batch"),
+        (
+            vec![json!({"operation_id": "nope", "report": {"attempt": 1, "state": "running"}})],
+            "invalid_body",
+        ),
+        // What the schema forbids refuses the whole batch, as it refuses a lone report.
+        (
+            vec![
+                report.clone(),
+                json!({"operation_id": uuid::Uuid::now_v7(), "report": {"attempt": 0, "state": "running"}}),
+            ],
+            "invalid_report",
+        ),
+        (
+            vec![json!({"report": {"attempt": 1, "state": "running"}})],
+            "invalid_body",
+        ),
+        (
+            vec![
+                json!({"operation_id": uuid::Uuid::now_v7(), "report": {"attempt": 1, "state": "running"}, "request_id": "no spaces"}),
+            ],
+            "invalid_body",
+        ),
+        (
+            vec![
+                json!({"operation_id": uuid::Uuid::now_v7(), "report": {"attempt": 1, "state": "running"}, "extra": 1}),
+            ],
+            "invalid_body",
+        ),
+    ] {
+        let (status, body) = batch(&app, &key, reports).await;
+        assert_eq!(
+            (status, body["code"].as_str().unwrap_or("")),
+            (StatusCode::UNPROCESSABLE_ENTITY, code),
+            "{body}"
+        );
+    }
+    let (status, body) = batch(&app, &key, vec![report.clone(); 100]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"].as_array().unwrap().len(), 100);
+    // No key, no batch; a tenant's key is refused report by report.
+    let a = app
+        .request(
+            Method::POST,
+            "/v1/reports",
+            None,
+            Some(&json!({"reports": [report]})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let owner = app
+        .post(
+            &format!("/v1/tenants/{tenant}/keys"),
+            json!({"role": "owner"}),
+        )
+        .await
+        .body["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = batch(
+        &app,
+        &owner,
+        vec![json!({"operation_id": op["id"], "report": {"attempt": 1, "state": "running"}})],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["results"][0]["status"], 403, "{body}");
+}
+
+#[tokio::test]
+async fn concurrent_batches_over_the_same_operations_in_any_order_all_apply() {
+    // Batches lock resources in ID order, then operations: opposite orders in two
+    // batches, and the relay's own multi-row pass, must not deadlock.
+    let app = spawn_with(Options::api_and_relay()).await;
+    let tenant = app.tenant().await;
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let op = app
+            .create(
+                &tenant,
+                "vms",
+                &format!("vm-{i}"),
+                "zone-a",
+                example_spec("vms"),
+            )
+            .await;
+        ids.push(op["id"].as_str().unwrap().to_owned());
+    }
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    let batches = (0..8).map(|n| {
+        let mut order = ids.clone();
+        if n % 2 == 1 {
+            order.reverse();
+        }
+        order.rotate_left(n * 3);
+        let reports = order
+            .iter()
+            .map(|id| json!({"operation_id": id, "report": {"attempt": 1, "state": "running"}}))
+            .collect();
+        let (app, key) = (&app, &key);
+        async move { batch(app, key, reports).await }
+    });
+    for (status, body) in futures::future::join_all(batches).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for r in body["results"].as_array().unwrap() {
+            assert_eq!(r["status"], 200, "{r}");
+        }
+    }
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM operations WHERE state = 'running'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(running, 24);
+}
+
+#[tokio::test]
+async fn a_workers_reports_ready_at_once_go_in_one_request() {
+    use workers::report::Reporter;
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let op = app
+            .create(
+                &tenant,
+                "vms",
+                &format!("vm-{i}"),
+                "zone-a",
+                example_spec("vms"),
+            )
+            .await;
+        ids.push(crate::common::id_of(&op));
+    }
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    let reporter = workers::batch::BatchReporter::new(
+        workers::report::GatewayClient::new(&app.url, &key).unwrap(),
+        64,
+    );
+    let running = gateway_proto::Report {
+        attempt: 1,
+        state: gateway_proto::ReportState::Running,
+        status: None,
+        error: None,
+    };
+    let trace = workers::report::TraceHeaders::default();
+    // One report alone goes the single-report way, with its trace headers.
+    let first = reporter.report(ids[0], &running, &trace).await.unwrap();
+    assert!(matches!(first, workers::report::ReportOutcome::Accepted(_)));
+    // The test's runtime runs one task at a time: all 29 are queued before the
+    // sender looks, so they leave together.
+    let answers = futures::future::join_all(
+        ids[1..]
+            .iter()
+            .map(|id| reporter.report(*id, &running, &trace)),
+    )
+    .await;
+    for answer in answers {
+        assert!(
+            matches!(answer, Ok(workers::report::ReportOutcome::Accepted(_))),
+            "{answer:?}"
+        );
+    }
+    let count = |route: &str| {
+        let series =
+            format!(r#"gateway_http_requests_total{{route="{route}",method="POST",status="2xx"}}"#);
+        let url = app.url.clone();
+        async move { crate::common::metric(&url, &series).await }
+    };
+    assert_eq!(count("/v1/reports").await, 1.0);
+    assert_eq!(count("/v1/operations/{id}/reports").await, 1.0);
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM operations WHERE state = 'running'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(running, 30);
+}

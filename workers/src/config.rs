@@ -43,6 +43,9 @@ pub struct PoolConfig {
     /// The public keys of the gateway's dispatch signing keys: a message not signed by
     /// one of them is never acted on (see [`gateway_proto::signing`]).
     pub dispatch_keys: TrustedKeys,
+    /// Most reports sent in one `POST /v1/reports` (see [`crate::batch`]); `1` sends
+    /// each on its own.
+    pub report_batch: usize,
 }
 
 /// A secret setting: shown as `***` in `Debug` output, so a logged configuration never
@@ -79,6 +82,7 @@ impl fmt::Debug for PoolConfig {
             .field("concurrency", &self.concurrency)
             .field("max_deliver", &self.max_deliver)
             .field("dispatch_keys", &self.dispatch_keys)
+            .field("report_batch", &self.report_batch)
             .finish()
     }
 }
@@ -88,6 +92,8 @@ impl PoolConfig {
     pub const DEFAULT_MAX_DELIVER: i64 = 5;
     /// Default of [`PoolConfig::concurrency`] in the `worker` binary.
     pub const DEFAULT_CONCURRENCY: usize = 16;
+    /// Default of [`PoolConfig::report_batch`].
+    pub const DEFAULT_REPORT_BATCH: usize = 64;
 
     /// Checks what [`crate::run_pool`] relies on; errors name the field.
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -99,6 +105,12 @@ impl PoolConfig {
         }
         if self.concurrency == 0 {
             bail!("concurrency: must be at least 1");
+        }
+        if !(1..=gateway_proto::MAX_BATCH_REPORTS).contains(&self.report_batch) {
+            bail!(
+                "report_batch: must be between 1 and {}",
+                gateway_proto::MAX_BATCH_REPORTS
+            );
         }
         if self.dispatch_keys.is_empty() {
             bail!("dispatch_keys: at least one public key is needed, or every message is refused");
@@ -257,6 +269,14 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         if !(1..=1024).contains(&concurrency) {
             bail!("WORKER_CONCURRENCY: must be between 1 and 1024, got {concurrency}");
         }
+        let report_batch: usize =
+            self.parse("WORKER_REPORT_BATCH", PoolConfig::DEFAULT_REPORT_BATCH)?;
+        if !(1..=gateway_proto::MAX_BATCH_REPORTS).contains(&report_batch) {
+            bail!(
+                "WORKER_REPORT_BATCH: must be between 1 and {}, got {report_batch}",
+                gateway_proto::MAX_BATCH_REPORTS
+            );
+        }
         Ok(PoolConfig {
             service,
             zone,
@@ -267,6 +287,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             // Read from the consumer at bind; this default covers only the moments before.
             max_deliver: PoolConfig::DEFAULT_MAX_DELIVER,
             dispatch_keys: self.dispatch_keys()?,
+            report_batch,
         })
     }
 
@@ -586,6 +607,12 @@ mod tests {
         .is_err());
         assert!(PoolConfig {
             dispatch_keys: Default::default(),
+            ..pool.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(PoolConfig {
+            report_batch: 0,
             ..pool.clone()
         }
         .validate()

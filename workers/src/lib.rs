@@ -46,6 +46,7 @@
 
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod config;
 pub mod consume;
 pub mod drivers;

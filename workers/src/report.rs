@@ -58,7 +58,7 @@ impl ReportError {
 
 /// Sends reports; the consume loop is generic over it so its decisions can be tested
 /// without a gateway.
-pub(crate) trait Reporter: Send + Sync + 'static {
+pub trait Reporter: Send + Sync + 'static {
     /// Sends one report, once.
     fn report(
         &self,

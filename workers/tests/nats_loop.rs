@@ -280,6 +280,9 @@ fn storage_pool(stream: &str, gateway_url: &str, max_deliver: i64) -> PoolConfig
         concurrency: 4,
         max_deliver,
         dispatch_keys: TrustedKeys::new(vec![signing_key().public_key()]),
+        // The fake gateway here answers single reports only; batches are tested
+        // against the real one (the gateway's `reports::` tests).
+        report_batch: 1,
     }
 }
 

@@ -479,6 +479,7 @@ impl TestApp {
             concurrency: 4,
             max_deliver: 5,
             dispatch_keys: self.config.dispatch_public_keys(),
+            report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
         }
     }
 

@@ -765,6 +765,7 @@ impl Deployment {
                     concurrency: 16,
                     max_deliver,
                     dispatch_keys: self.dispatch_key.public_key().into(),
+                    report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
                 };
                 let (driver, stop) = (driver.clone(), shutdown.clone());
                 tasks.push(tokio::spawn(async move {

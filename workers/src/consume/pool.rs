@@ -9,6 +9,7 @@
 
 use super::handler::{Delivery, Handler, SignatureHeaders, Timing};
 use super::{seeded, Disposition};
+use crate::batch::BatchReporter;
 use crate::config::PoolConfig;
 use crate::drivers::Driver;
 use crate::metrics::{MessageOutcome, WorkerMetrics};
@@ -75,7 +76,10 @@ pub async fn run_pool_with_metrics<D: Driver>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    let reporter = GatewayClient::new(&cfg.gateway_url, &cfg.gateway_key)?;
+    let reporter = BatchReporter::new(
+        GatewayClient::new(&cfg.gateway_url, &cfg.gateway_key)?,
+        cfg.report_batch,
+    );
     let handler = Arc::new(Handler {
         driver,
         reporter,

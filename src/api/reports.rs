@@ -1,0 +1,110 @@
+//! `POST /v1/reports`: a worker's reports in one request and one transaction, each
+//! accepted or refused on its own.
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Caller, JsonBody, Meta};
+use super::AppState;
+use crate::lifecycle::{report, LifecycleError};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use gateway_proto::{BatchedReportResult, ReportBatch, ReportBatchResult, MAX_BATCH_REPORTS};
+
+/// The route.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/reports", post(reports))
+}
+
+/// A worker reports on several operations of its service and zone at once. The reports
+/// apply in order, in one transaction; each result says what
+/// `POST /v1/operations/{id}/reports` would have answered that report alone (`200` with
+/// its acknowledgement, or the refusal's status and code). A refused report changes
+/// nothing; the others still apply.
+#[utoipa::path(
+    post, path = "/v1/reports", tag = "workers",
+    request_body = ReportBatch,
+    responses(
+        (status = 200, description = "Every report's result, in order", body = ReportBatchResult),
+        (status = 422, description = "`invalid_batch` (no reports, or more than 100), `invalid_report` (an attempt below 1) or `invalid_body`", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn reports(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    meta: Meta,
+    JsonBody(body): JsonBody<ReportBatch>,
+) -> Result<Json<ReportBatchResult>, ApiError> {
+    if body.reports.is_empty() || body.reports.len() > MAX_BATCH_REPORTS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_batch",
+            format!(
+                "a batch carries 1 to {MAX_BATCH_REPORTS} reports, not {}",
+                body.reports.len()
+            ),
+        ));
+    }
+    if let Some(i) = body.reports.iter().position(|r| {
+        r.request_id
+            .as_deref()
+            .is_some_and(|id| !super::request::is_request_id(id))
+    }) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("reports[{i}].request_id: 1 to 128 visible ASCII characters"),
+        )
+        .with_details(serde_json::json!({ "field": format!("reports[{i}].request_id") })));
+    }
+    // What the contract's schema forbids fails the whole request, as it does alone.
+    if let Some(i) = body.reports.iter().position(|r| r.report.attempt < 1) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_report",
+            format!("reports[{i}]: attempt must be 1 or more"),
+        )
+        .with_details(serde_json::json!({ "field": format!("reports[{i}].report.attempt") })));
+    }
+    let audit = meta.audit(StatusCode::OK);
+    let refuse = |e: LifecycleError| {
+        let e = match e {
+            LifecycleError::NotFound => ApiError::not_found("operation"),
+            e => ApiError::from(e),
+        };
+        (e.status.as_u16(), e)
+    };
+    let outcomes =
+        report::apply_batch(&state.engine, &principal, audit, &body.reports, refuse).await?;
+    let results = body
+        .reports
+        .iter()
+        .zip(outcomes)
+        .map(|(item, outcome)| result(item.operation_id, outcome))
+        .collect();
+    Ok(Json(ReportBatchResult { results }))
+}
+
+/// One report's result, as the single-report endpoint would have answered it.
+fn result(
+    operation_id: uuid::Uuid,
+    outcome: Result<gateway_proto::ReportAck, ApiError>,
+) -> BatchedReportResult {
+    match outcome {
+        Ok(ack) => BatchedReportResult {
+            operation_id,
+            status: StatusCode::OK.as_u16(),
+            ack: Some(ack),
+            code: None,
+            message: None,
+        },
+        Err(e) => BatchedReportResult {
+            operation_id,
+            status: e.status.as_u16(),
+            ack: None,
+            code: Some(e.code.into_owned()),
+            message: Some(e.message),
+        },
+    }
+}

@@ -1,0 +1,267 @@
+//! Coalescing reports: the reports a pool has ready at the same moment go to the gateway
+//! in one `POST /v1/reports`, applied there in one transaction and each still accepted or
+//! refused on its own.
+//!
+//! Nothing waits for a batch to fill. A report is sent as soon as a sender is free, with
+//! whatever else queued while every sender was busy: one report alone goes through
+//! `POST /v1/operations/{id}/reports` with its trace headers, exactly as without
+//! batching, and under load the batches grow by themselves. Each report keeps its own
+//! answer, so the handler's retries and decisions do not change.
+
+use crate::peers::{LookupError, Peer, PeerAnswer, Peers};
+use crate::report::{
+    error_body, error_chain, retryable, GatewayClient, ReportError, ReportOutcome, Reporter,
+    TraceHeaders,
+};
+use gateway_proto::{BatchedReport, BatchedReportResult, Report, ReportBatch, ReportBatchResult};
+use reqwest::{Method, StatusCode};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use uuid::Uuid;
+
+/// How many requests of batches may be in flight at once, per pool.
+const SENDERS: usize = 4;
+
+/// A report waiting to be sent, and where its answer goes.
+struct Queued {
+    operation: Uuid,
+    report: Report,
+    trace: TraceHeaders,
+    answer: oneshot::Sender<Result<ReportOutcome, ReportError>>,
+}
+
+/// A [`Reporter`] that coalesces concurrent reports into batches of at most `max`.
+/// Cheap to clone; its sending task ends when the last clone is dropped.
+#[derive(Clone)]
+pub struct BatchReporter {
+    client: GatewayClient,
+    queue: mpsc::UnboundedSender<Queued>,
+}
+
+impl BatchReporter {
+    /// Starts the sending task (on the current Tokio runtime) for batches of at most
+    /// `max` reports (`1` sends every report on its own).
+    pub fn new(client: GatewayClient, max: usize) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(send_batches(client.clone(), rx, max.max(1)));
+        Self { client, queue }
+    }
+}
+
+/// Takes what is queued, up to `max`, whenever a sender is free.
+async fn send_batches(client: GatewayClient, mut rx: mpsc::UnboundedReceiver<Queued>, max: usize) {
+    let senders = Arc::new(Semaphore::new(SENDERS));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = senders.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            send(&client, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Sends `batch` and hands every report its answer.
+async fn send(client: &GatewayClient, batch: Vec<Queued>) {
+    if let [one] = batch.as_slice() {
+        let outcome = client.send(one.operation, &one.report, &one.trace).await;
+        let one = batch.into_iter().next().expect("one report");
+        let _ = one.answer.send(outcome);
+        return;
+    }
+    let body = ReportBatch {
+        reports: batch
+            .iter()
+            .map(|q| BatchedReport {
+                operation_id: q.operation,
+                report: q.report.clone(),
+                request_id: q.trace.request_id.clone(),
+            })
+            .collect(),
+    };
+    match post(client, &body).await {
+        Ok(results) => {
+            for (queued, result) in batch.into_iter().zip(results) {
+                let _ = queued.answer.send(outcome(result));
+            }
+        }
+        Err(e) => {
+            for queued in batch {
+                let _ = queued.answer.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// `POST /v1/reports`: one result per report, in order, or why there are none.
+async fn post(
+    client: &GatewayClient,
+    body: &ReportBatch,
+) -> Result<Vec<BatchedReportResult>, ReportError> {
+    let url = format!("{}/v1/reports", client.base_url());
+    let response = client
+        .request(Method::POST, url, &TraceHeaders::default())
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| ReportError::Transient(error_chain(&e)))?;
+    let status = response.status();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| ReportError::Transient(error_chain(&e)))?;
+    if !status.is_success() {
+        let (code, message) = error_body(&bytes);
+        let text = format!("{status}: {code}: {message}");
+        return Err(if retryable(status) {
+            ReportError::Transient(text)
+        } else {
+            ReportError::Permanent(text)
+        });
+    }
+    match serde_json::from_slice::<ReportBatchResult>(&bytes) {
+        Ok(r) if r.results.len() == body.reports.len() => Ok(r.results),
+        Ok(r) => Err(ReportError::Permanent(format!(
+            "{} results for {} reports",
+            r.results.len(),
+            body.reports.len()
+        ))),
+        Err(e) => Err(ReportError::Permanent(format!(
+            "{status} with a body that is not a ReportBatchResult: {e}"
+        ))),
+    }
+}
+
+/// One report's result, sorted as [`crate::report::classify`] sorts a single answer.
+fn outcome(r: BatchedReportResult) -> Result<ReportOutcome, ReportError> {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = r.code.unwrap_or_else(|| "unknown".into());
+    let message = r.message.unwrap_or_default();
+    match (status, r.ack) {
+        (StatusCode::OK, Some(ack)) => Ok(ReportOutcome::Accepted(ack)),
+        (StatusCode::CONFLICT, _) => Ok(ReportOutcome::Refused { code, message }),
+        (s, _) if retryable(s) => Err(ReportError::Transient(format!("{s}: {code}: {message}"))),
+        (s, _) => Err(ReportError::Permanent(format!("{s}: {code}: {message}"))),
+    }
+}
+
+impl Reporter for BatchReporter {
+    fn report(
+        &self,
+        operation: Uuid,
+        report: &Report,
+        trace: &TraceHeaders,
+    ) -> impl Future<Output = Result<ReportOutcome, ReportError>> + Send {
+        let (answer, answered) = oneshot::channel();
+        let queued = self.queue.send(Queued {
+            operation,
+            report: report.clone(),
+            trace: trace.clone(),
+            answer,
+        });
+        async move {
+            if queued.is_err() {
+                return Err(ReportError::Transient(
+                    "the report sender has stopped".into(),
+                ));
+            }
+            answered
+                .await
+                .unwrap_or_else(|_| Err(ReportError::Transient("the report was dropped".into())))
+        }
+    }
+}
+
+impl Peers for BatchReporter {
+    fn read(
+        &self,
+        tenant: &str,
+        peer: Peer,
+        trace: &TraceHeaders,
+    ) -> impl Future<Output = Result<PeerAnswer, LookupError>> + Send {
+        self.client.read(tenant, peer, trace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_proto::{OperationState, ReportAck};
+
+    fn result(status: u16, code: Option<&str>) -> BatchedReportResult {
+        let id = Uuid::now_v7();
+        BatchedReportResult {
+            operation_id: id,
+            status,
+            ack: (status == 200).then_some(ReportAck {
+                operation_id: id,
+                state: OperationState::Running,
+                attempt: 1,
+                cancel_requested: false,
+            }),
+            code: code.map(Into::into),
+            message: code.map(|_| "why".into()),
+        }
+    }
+
+    #[test]
+    fn each_result_is_sorted_like_a_single_answer() {
+        assert!(matches!(
+            outcome(result(200, None)),
+            Ok(ReportOutcome::Accepted(_))
+        ));
+        assert_eq!(
+            outcome(result(409, Some("stale_attempt"))).unwrap(),
+            ReportOutcome::Refused {
+                code: "stale_attempt".into(),
+                message: "why".into()
+            }
+        );
+        for status in [403, 404, 422] {
+            let err = outcome(result(status, Some("forbidden"))).unwrap_err();
+            assert!(!err.is_transient(), "{status}");
+        }
+        assert!(outcome(result(503, Some("unavailable")))
+            .unwrap_err()
+            .is_transient());
+        // A 200 without its acknowledgement breaks the contract: not retried.
+        let mut broken = result(200, None);
+        broken.ack = None;
+        assert!(!outcome(broken).unwrap_err().is_transient());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_gateway_fails_every_report_of_a_batch_transiently() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = GatewayClient::new(&format!("http://127.0.0.1:{port}"), "k").unwrap();
+        let reporter = BatchReporter::new(client, 16);
+        let report = Report {
+            attempt: 1,
+            state: gateway_proto::ReportState::Running,
+            status: None,
+            error: None,
+        };
+        let trace = TraceHeaders::default();
+        let answers = futures::future::join_all(
+            (0..20).map(|_| reporter.report(Uuid::now_v7(), &report, &trace)),
+        )
+        .await;
+        for answer in answers {
+            assert!(answer.unwrap_err().is_transient());
+        }
+    }
+}
