@@ -20,9 +20,10 @@
 //! 5. **Growth** (`BENCH_GROWTH=1`): submit, reads and a list page through the gateway,
 //!    then the same with 1,000,000 (`BENCH_GROWTH_ROWS`) more live resources and
 //!    finished operations in the database; the ratios and the tables' sizes.
-//! 6. **Overload** (`BENCH_OVERLOAD=1`): 1,000 clients, each on its own connection,
-//!    submitting as fast as they can: admitted and refused (`503 overloaded`) rates, the
-//!    admitted requests' latency, and memory.
+//! 6. **Overload** (`BENCH_OVERLOAD=1`): a `gateway serve` process of its own, and
+//!    1,000 clients, each on its own connection, submitting as fast as they can: admitted
+//!    and refused (`503 overloaded`) rates, the admitted requests' latency (seen by the
+//!    clients, and measured by the gateway), and the gateway's peak memory.
 //!
 //! Memory is the process's resident set size before and after.
 //! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
@@ -36,11 +37,16 @@ const OPS: usize = 2_000;
 const CONCURRENCY: usize = 32;
 
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_status_mib("/proc/self/status", "VmRSS:")
+}
+
+/// A memory figure (`VmRSS:`, `VmHWM:`) of a `/proc/…/status` file, in MiB.
+fn proc_status_mib(path: &str, field: &str) -> f64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
         })
         .and_then(|kb| kb.parse::<f64>().ok())
@@ -60,6 +66,11 @@ struct Bench {
 }
 
 async fn start(parts: Parts) -> Bench {
+    start_with(parts, |_| {}).await
+}
+
+/// [`start`], with `tweak` applied to the configuration first.
+async fn start_with(parts: Parts, tweak: impl FnOnce(&mut Config)) -> Bench {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let base = std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
@@ -77,6 +88,7 @@ async fn start(parts: Parts) -> Bench {
     {
         config.admission.writes = writes;
     }
+    tweak(&mut config);
     let backends = app::connect(&config).await.expect("PostgreSQL and NATS");
     let key = app::migrate(&config, &backends, true)
         .await
@@ -415,28 +427,36 @@ const FLOOD_CLIENTS: usize = 1_000;
 /// Seconds of the overload phase.
 const FLOOD_SECONDS: u64 = 5;
 
-/// Overload (`BENCH_OVERLOAD=1`): [`FLOOD_CLIENTS`] clients submit creates as fast as they
-/// can for [`FLOOD_SECONDS`]; the gateway admits what its write limit
-/// (`GATEWAY_MAX_IN_FLIGHT_WRITES`) allows and answers the rest `503 overloaded` at once;
-/// a refused client waits 100 ms (more eager than the `Retry-After` of 1 s) and tries
-/// again. Prints the admitted and refused rates, the admitted requests' latency, and the
-/// process's resident set at the end (gateway and the 1,000 clients together).
+/// Overload (`BENCH_OVERLOAD=1`): a `gateway serve` process of its own (so its memory and
+/// its own latency histogram are the gateway's alone), and [`FLOOD_CLIENTS`] clients in
+/// this process submitting creates as fast as they can for [`FLOOD_SECONDS`]. The gateway
+/// admits what its write limit (`GATEWAY_MAX_IN_FLIGHT_WRITES`, `BENCH_MAX_WRITES`)
+/// allows and answers the rest `503 overloaded` at once; a refused client waits 100 ms
+/// (more eager than the `Retry-After` of 1 s) and tries again. Prints the admitted and
+/// refused rates, the admitted requests' latency as the clients saw it and as the
+/// gateway measured it (`gateway_http_request_duration_seconds`, interpolated in its
+/// buckets as `histogram_quantile` does), and the gateway's peak resident set.
 async fn overload(b: &Bench) {
     let tenant = b.tenant_named("overload").await;
+    let server = Server::start(b);
+    server.ready(&b.http).await;
+    let url = server.url.clone();
+    let route = r#"route="/v1/tenants/{tenant}/{kind}",method="POST""#;
+    let before = histogram(&b.http, &url, route).await;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(FLOOD_CLIENTS)
         .build()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(FLOOD_SECONDS);
     let results = futures::future::join_all((0..FLOOD_CLIENTS).map(|c| {
-        let (http, tenant) = (http.clone(), tenant.clone());
+        let (http, tenant, url) = (http.clone(), tenant.clone(), url.clone());
         async move {
             let (mut admitted, mut refused, mut other) = (Vec::new(), 0usize, 0usize);
             let mut i = 0;
             while Instant::now() < deadline {
                 let t0 = Instant::now();
                 let res = http
-                    .post(format!("{}/v1/tenants/{tenant}/vms", b.url))
+                    .post(format!("{url}/v1/tenants/{tenant}/vms"))
                     .bearer_auth(&b.key)
                     .json(&json!({"name": format!("f{c}-{i}"), "zone": "zone-a",
                                   "spec": {"flavor": "m1.small", "image": "debian-12"}}))
@@ -456,6 +476,9 @@ async fn overload(b: &Bench) {
         }
     }))
     .await;
+    let after = histogram(&b.http, &url, route).await;
+    let peak = server.peak_rss_mib();
+    drop(server);
     let mut admitted: Vec<Duration> = Vec::new();
     let (mut refused, mut other) = (0, 0);
     for (a, r, o) in results {
@@ -465,14 +488,136 @@ async fn overload(b: &Bench) {
     }
     admitted.sort();
     let secs = FLOOD_SECONDS as f64;
+    // The family appears with the first request, so `before` may have no buckets.
+    let served: Vec<(f64, f64)> = after
+        .iter()
+        .enumerate()
+        .map(|(i, (le, n))| (*le, n - before.get(i).map_or(0.0, |b| b.1)))
+        .collect();
     println!(
-        "overload {FLOOD_CLIENTS} clients: admitted {:>6.0}/s  p50 {:?}  p99 {:?}   refused 503 {:>6.0}/s   other {other}   RSS {:.0} MiB",
+        "overload {FLOOD_CLIENTS} clients: admitted {:>6.0}/s   refused 503 {:>6.0}/s   other {other}\n\
+         overload   admitted latency seen by the clients   p50 {:?}  p99 {:?}\n\
+         overload   admitted latency in the gateway        p50 {:.1}ms  p99 {:.1}ms\n\
+         overload   gateway peak RSS {peak:.0} MiB",
         admitted.len() as f64 / secs,
+        refused as f64 / secs,
         percentile(&admitted, 0.5),
         percentile(&admitted, 0.99),
-        refused as f64 / secs,
-        rss_mib()
+        quantile(&served, 0.5) * 1e3,
+        quantile(&served, 0.99) * 1e3,
     );
+}
+
+/// A `gateway serve` process on the bench's database and NATS names, killed on drop.
+struct Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Server {
+    fn start(b: &Bench) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let names = &b.config.nats;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"));
+        command
+            .arg("serve")
+            .env("DATABASE_URL", &b.config.database_url)
+            .env("NATS_URL", &b.config.nats_url)
+            .env("OPS_STREAM", &names.stream)
+            .env("OPS_SUBJECT_PREFIX", &names.subject_prefix)
+            .env("EVENTS_SUBJECT_PREFIX", &names.events_prefix)
+            .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DATABASE_MAX_CONNECTIONS", "40")
+            .env(
+                "GATEWAY_MAX_IN_FLIGHT_WRITES",
+                b.config.admission.writes.to_string(),
+            )
+            .env("GATEWAY_RATE_LIMIT_PER_SECOND", "1000000")
+            .env("GATEWAY_RATE_LIMIT_BURST", "1000000")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create("/tmp/gateway-bench-serve.log").unwrap());
+        Self {
+            child: command.spawn().expect("the gateway binary runs"),
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn ready(&self, http: &reqwest::Client) {
+        for _ in 0..300 {
+            if let Ok(r) = http.get(format!("{}/readyz", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("gateway serve did not get ready; see /tmp/gateway-bench-serve.log");
+    }
+
+    /// The process's peak resident set (`VmHWM`), in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        proc_status_mib(&format!("/proc/{}/status", self.child.id()), "VmHWM:")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The cumulative buckets `(le, count)` of `gateway_http_request_duration_seconds` for
+/// `labels` at `url`'s `/metrics`.
+async fn histogram(http: &reqwest::Client, url: &str, labels: &str) -> Vec<(f64, f64)> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("gateway_http_request_duration_seconds_bucket{"))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("le=\"")?;
+            let (le, _) = rest.split_once('"')?;
+            let (_, value) = l.rsplit_once(' ')?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of cumulative buckets, linear within a bucket (as Prometheus'
+/// `histogram_quantile`); the highest finite bound if it falls in `+Inf`.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let Some(&(_, total)) = buckets.last() else {
+        return f64::NAN;
+    };
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lower;
+            }
+            return lower + (le - lower) * (rank - below) / (count - below).max(1.0);
+        }
+        (lower, below) = (le, count);
+    }
+    lower
 }
 
 /// Seconds of the steady-load phase.
@@ -754,13 +899,23 @@ async fn main() {
         failure_rate: 0.0,
         transient_failure_rate: 0.0,
     };
-    let b = start(Parts {
-        api: true,
-        relay: true,
-        reconciler: true,
-        workers: Some(sim),
-        webhooks: false,
-    })
+    let b = start_with(
+        Parts {
+            api: true,
+            relay: true,
+            reconciler: true,
+            workers: Some(sim),
+            webhooks: false,
+        },
+        |c| {
+            if let Some(n) = std::env::var("BENCH_REPORT_BATCH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                c.worker_report_batch = n;
+            }
+        },
+    )
     .await;
     let tenant = b.tenant().await;
     let started = Instant::now();

@@ -587,6 +587,7 @@ impl<'c> Assembly<'c> {
             url,
             max_deliver,
             dispatch_keys: self.config.dispatch_public_keys(),
+            report_batch: self.config.worker_report_batch,
             zones: self.zones.clone(),
             driver: driver.clone(),
             metrics,
@@ -633,6 +634,7 @@ struct SimPools {
     url: String,
     max_deliver: i64,
     dispatch_keys: gateway_proto::signing::TrustedKeys,
+    report_batch: usize,
     zones: Vec<String>,
     driver: workers::SimDriver,
     metrics: workers::WorkerMetrics,
@@ -686,7 +688,7 @@ impl SimPools {
                 concurrency: 16,
                 max_deliver: self.max_deliver,
                 dispatch_keys: self.dispatch_keys.clone(),
-                report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
+                report_batch: self.report_batch,
             };
             let js = self
                 .backends

@@ -55,6 +55,10 @@ pub struct Config {
     /// `RELAY_BATCH_SIZE`: outbox rows claimed per relay transaction (= the window of
     /// unacknowledged publishes).
     pub relay_batch_size: i64,
+    /// `WORKER_REPORT_BATCH`: most reports `up`'s in-process workers send in one
+    /// `POST /v1/reports` (1–100, default 64; `1` sends each alone), as for the `worker`
+    /// binary.
+    pub worker_report_batch: usize,
     /// `RELAY_POLL_INTERVAL_MS`: how often the relay looks without being woken.
     pub relay_poll_interval: Duration,
     /// `NATS_PUBLISH_TIMEOUT_MS`: how long the relay waits for a JetStream ack.
@@ -289,6 +293,7 @@ impl fmt::Debug for Config {
             .field("nats", &self.nats)
             .field("operation_timeout", &self.operation_timeout)
             .field("relay_batch_size", &self.relay_batch_size)
+            .field("worker_report_batch", &self.worker_report_batch)
             .field("relay_poll_interval", &self.relay_poll_interval)
             .field("publish_timeout", &self.publish_timeout)
             .field("reconcile_interval", &self.reconcile_interval)
@@ -521,6 +526,21 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         positive(name, self.var(name, default)?)
     }
 
+    /// `WORKER_REPORT_BATCH`, within what `POST /v1/reports` takes.
+    fn report_batch(&self) -> anyhow::Result<usize> {
+        let n = self.positive(
+            "WORKER_REPORT_BATCH",
+            workers::PoolConfig::DEFAULT_REPORT_BATCH,
+        )?;
+        if n > gateway_proto::MAX_BATCH_REPORTS {
+            anyhow::bail!(
+                "WORKER_REPORT_BATCH: must be between 1 and {}, got {n}",
+                gateway_proto::MAX_BATCH_REPORTS
+            );
+        }
+        Ok(n)
+    }
+
     fn millis(&self, name: &str, default: u64) -> anyhow::Result<Duration> {
         Ok(Duration::from_millis(self.positive(name, default)?))
     }
@@ -613,6 +633,7 @@ impl Config {
             },
             operation_timeout: env.secs("GATEWAY_OPERATION_TIMEOUT_SECONDS", 3600)?,
             relay_batch_size: env.positive("RELAY_BATCH_SIZE", 256i64)?,
+            worker_report_batch: env.report_batch()?,
             relay_poll_interval: env.millis("RELAY_POLL_INTERVAL_MS", 1000)?,
             publish_timeout: env.millis("NATS_PUBLISH_TIMEOUT_MS", 5000)?,
             reconcile_interval: env.millis("RECONCILE_INTERVAL_MS", 5000)?,
@@ -681,6 +702,7 @@ impl Config {
             nats,
             operation_timeout: Duration::from_secs(600),
             relay_batch_size: 256,
+            worker_report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
             relay_poll_interval: Duration::from_millis(200),
             publish_timeout: Duration::from_secs(5),
             reconcile_interval: Duration::from_millis(500),
@@ -815,6 +837,7 @@ mod tests {
             ("T1", "t1.ops")
         );
         assert_eq!(c.relay_batch_size, 32);
+        assert_eq!(c.worker_report_batch, 64);
         assert!(c.log_json);
         assert_eq!(c.rate_limits.burst.get(), 9);
         assert_eq!(c.stream_replicas, None);
@@ -834,6 +857,10 @@ mod tests {
             (
                 &[("RELAY_BATCH_SIZE", "many")][..],
                 "RELAY_BATCH_SIZE: invalid value",
+            ),
+            (
+                &[("WORKER_REPORT_BATCH", "101")][..],
+                "WORKER_REPORT_BATCH: must be between 1 and 100, got 101",
             ),
             (
                 &[("GATEWAY_LISTEN", "8080")][..],

@@ -395,6 +395,18 @@ impl Gateway {
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
     }
+
+    /// The process's resident set, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.process.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
 }
 
 /// The environment every gateway process of one test shares.
