@@ -109,7 +109,8 @@ pub struct Config {
 /// (`GATEWAY_MAX_IN_FLIGHT_{WRITES,READS,POLLS,REPORTS}`); beyond, `503 overloaded`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdmissionLimits {
-    /// Writes in flight (default 256).
+    /// Writes in flight (default 32: a little more than the default pool of 20
+    /// connections; more only queue for one, and wait longer).
     pub writes: usize,
     /// Reads in flight (default 512).
     pub reads: usize,
@@ -122,7 +123,7 @@ pub struct AdmissionLimits {
 impl Default for AdmissionLimits {
     fn default() -> Self {
         Self {
-            writes: 256,
+            writes: 32,
             reads: 512,
             polls: 2048,
             reports: 512,
@@ -715,7 +716,11 @@ impl Config {
             stream_replicas: None,
             events: EventSettings::default(),
             webhooks: WebhookSettings::default(),
-            admission: AdmissionLimits::default(),
+            // Tests fire more concurrent writes at one gateway than it admits by default.
+            admission: AdmissionLimits {
+                writes: 256,
+                ..AdmissionLimits::default()
+            },
             region: None,
             max_connections: 4096,
             idempotency_retention: Duration::from_secs(86_400),
