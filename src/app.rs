@@ -430,7 +430,7 @@ impl<'c> Assembly<'c> {
             self.engine.metrics.clone(),
         );
         self.tasks.spawn(keys.clone().follow(self.shutdown.clone()));
-        let state = AppState {
+        let state = AppState::new(api::Shared {
             keys,
             audit,
             engine: self.engine.clone(),
@@ -458,7 +458,7 @@ impl<'c> Assembly<'c> {
                 (None, Some(_)) => Some(self.config.public_url().into()),
                 (None, None) => None,
             },
-        };
+        });
         // A process without the API (a relay) still serves health and metrics.
         let app = if api {
             api::router(state)
