@@ -536,8 +536,12 @@ impl Server {
             .env("DATABASE_MAX_CONNECTIONS", "40")
             .env(
                 "GATEWAY_MAX_IN_FLIGHT_WRITES",
-                std::env::var("BENCH_MAX_WRITES")
-                    .unwrap_or_else(|_| b.config.admission.writes.to_string()),
+                // The shipped default, not the test configuration's higher bound.
+                std::env::var("BENCH_MAX_WRITES").unwrap_or_else(|_| {
+                    gateway::config::AdmissionLimits::default()
+                        .writes
+                        .to_string()
+                }),
             )
             .env("GATEWAY_RATE_LIMIT_PER_SECOND", "1000000")
             .env("GATEWAY_RATE_LIMIT_BURST", "1000000")
