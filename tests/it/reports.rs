@@ -208,6 +208,24 @@ async fn workers_read_only_what_their_work_needs() {
     );
 }
 
+/// Creates `n` VMs in zone-a; their operations' IDs.
+async fn create_vms(app: &crate::common::TestApp, tenant: &str, n: usize) -> Vec<uuid::Uuid> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let op = app
+            .create(
+                tenant,
+                "vms",
+                &format!("vm-{i}"),
+                "zone-a",
+                example_spec("vms"),
+            )
+            .await;
+        ids.push(crate::common::id_of(&op));
+    }
+    ids
+}
+
 /// `POST /v1/reports` with `key`: the status and the results, by position.
 async fn batch(
     app: &crate::common::TestApp,
@@ -436,19 +454,11 @@ async fn concurrent_batches_over_the_same_operations_in_any_order_all_apply() {
     // batches, and the relay's own multi-row pass, must not deadlock.
     let app = spawn_with(Options::api_and_relay()).await;
     let tenant = app.tenant().await;
-    let mut ids = Vec::new();
-    for i in 0..24 {
-        let op = app
-            .create(
-                &tenant,
-                "vms",
-                &format!("vm-{i}"),
-                "zone-a",
-                example_spec("vms"),
-            )
-            .await;
-        ids.push(op["id"].as_str().unwrap().to_owned());
-    }
+    let ids: Vec<String> = create_vms(&app, &tenant, 24)
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
         .await
         .unwrap();
@@ -484,19 +494,7 @@ async fn a_workers_reports_ready_at_once_go_in_one_request() {
     use workers::report::Reporter;
     let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
-    let mut ids = Vec::new();
-    for i in 0..30 {
-        let op = app
-            .create(
-                &tenant,
-                "vms",
-                &format!("vm-{i}"),
-                "zone-a",
-                example_spec("vms"),
-            )
-            .await;
-        ids.push(crate::common::id_of(&op));
-    }
+    let ids = create_vms(&app, &tenant, 30).await;
     let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
         .await
         .unwrap();

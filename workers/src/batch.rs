@@ -10,11 +10,10 @@
 
 use crate::peers::{LookupError, Peer, PeerAnswer, Peers};
 use crate::report::{
-    error_body, error_chain, retryable, GatewayClient, ReportError, ReportOutcome, Reporter,
-    TraceHeaders,
+    error_body, retryable, GatewayClient, ReportError, ReportOutcome, Reporter, TraceHeaders,
 };
 use gateway_proto::{BatchedReport, BatchedReportResult, Report, ReportBatch, ReportBatchResult};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -109,17 +108,7 @@ async fn post(
     body: &ReportBatch,
 ) -> Result<Vec<BatchedReportResult>, ReportError> {
     let url = format!("{}/v1/reports", client.base_url());
-    let response = client
-        .request(Method::POST, url, &TraceHeaders::default())
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| ReportError::Transient(error_chain(&e)))?;
-    let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| ReportError::Transient(error_chain(&e)))?;
+    let (status, bytes) = client.post(url, body, &TraceHeaders::default()).await?;
     if !status.is_success() {
         let (code, message) = error_body(&bytes);
         let text = format!("{status}: {code}: {message}");

@@ -143,18 +143,30 @@ impl GatewayClient {
         trace: &TraceHeaders,
     ) -> Result<ReportOutcome, ReportError> {
         let url = format!("{}/v1/operations/{operation}/reports", self.base_url);
+        let (status, body) = self.post(url, report, trace).await?;
+        classify(status, &body)
+    }
+
+    /// POSTs `body` as JSON to `url` with the worker's key and `trace`; the answer's
+    /// status and body, or a transient error if there was no answer.
+    pub(crate) async fn post(
+        &self,
+        url: String,
+        body: &impl serde::Serialize,
+        trace: &TraceHeaders,
+    ) -> Result<(StatusCode, bytes::Bytes), ReportError> {
         let response = self
             .request(Method::POST, url, trace)
-            .json(report)
+            .json(body)
             .send()
             .await
             .map_err(|e| ReportError::Transient(error_chain(&e)))?;
         let status = response.status();
-        let body = response
+        let bytes = response
             .bytes()
             .await
             .map_err(|e| ReportError::Transient(error_chain(&e)))?;
-        classify(status, &body)
+        Ok((status, bytes))
     }
 }
 
