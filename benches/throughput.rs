@@ -846,6 +846,7 @@ async fn main() {
         pool: pool.clone(),
         js: b.running.backends.js.clone(),
         batch_size: b.config.relay_batch_size,
+        concurrent_passes: b.config.relay_concurrent_passes,
         poll_interval: Duration::from_millis(100),
         wake: Default::default(),
         changes: Default::default(),
@@ -856,7 +857,7 @@ async fn main() {
     let started = Instant::now();
     let mut relayed = 0;
     while relayed < OPS {
-        relayed += relay.pass().await.unwrap().published;
+        relayed += relay.passes().await.unwrap().published;
     }
     let relay_time = started.elapsed();
     let js = b.running.backends.js.clone();

@@ -504,6 +504,7 @@ impl<'c> Assembly<'c> {
             wake: self.engine.wake.heard_through(js.client()),
             js,
             batch_size: self.config.relay_batch_size,
+            concurrent_passes: self.config.relay_concurrent_passes,
             poll_interval: self.config.relay_poll_interval,
             changes: self.engine.changes.clone(),
             metrics: self.engine.metrics.clone(),

@@ -55,6 +55,9 @@ pub struct Config {
     /// `RELAY_BATCH_SIZE`: outbox rows claimed per relay transaction (= the window of
     /// unacknowledged publishes).
     pub relay_batch_size: i64,
+    /// `RELAY_CONCURRENT_PASSES`: operation passes a relay runs at once (default 2,
+    /// at most 16), so one's database work overlaps another's publishing.
+    pub relay_concurrent_passes: usize,
     /// `WORKER_REPORT_BATCH`: most reports `up`'s in-process workers send in one
     /// `POST /v1/reports` (1–100, default 64; `1` sends each alone), as for the `worker`
     /// binary.
@@ -294,6 +297,7 @@ impl fmt::Debug for Config {
             .field("nats", &self.nats)
             .field("operation_timeout", &self.operation_timeout)
             .field("relay_batch_size", &self.relay_batch_size)
+            .field("relay_concurrent_passes", &self.relay_concurrent_passes)
             .field("worker_report_batch", &self.worker_report_batch)
             .field("relay_poll_interval", &self.relay_poll_interval)
             .field("publish_timeout", &self.publish_timeout)
@@ -527,6 +531,15 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         positive(name, self.var(name, default)?)
     }
 
+    /// `RELAY_CONCURRENT_PASSES`, 1 to 16.
+    fn concurrent_passes(&self) -> anyhow::Result<usize> {
+        let n = self.positive("RELAY_CONCURRENT_PASSES", 2usize)?;
+        if n > 16 {
+            anyhow::bail!("RELAY_CONCURRENT_PASSES: must be between 1 and 16, got {n}");
+        }
+        Ok(n)
+    }
+
     /// `WORKER_REPORT_BATCH`, within what `POST /v1/reports` takes.
     fn report_batch(&self) -> anyhow::Result<usize> {
         let n = self.positive(
@@ -634,6 +647,7 @@ impl Config {
             },
             operation_timeout: env.secs("GATEWAY_OPERATION_TIMEOUT_SECONDS", 3600)?,
             relay_batch_size: env.positive("RELAY_BATCH_SIZE", 256i64)?,
+            relay_concurrent_passes: env.concurrent_passes()?,
             worker_report_batch: env.report_batch()?,
             relay_poll_interval: env.millis("RELAY_POLL_INTERVAL_MS", 1000)?,
             publish_timeout: env.millis("NATS_PUBLISH_TIMEOUT_MS", 5000)?,
@@ -703,6 +717,7 @@ impl Config {
             nats,
             operation_timeout: Duration::from_secs(600),
             relay_batch_size: 256,
+            relay_concurrent_passes: 2,
             worker_report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
             relay_poll_interval: Duration::from_millis(200),
             publish_timeout: Duration::from_secs(5),
@@ -843,6 +858,7 @@ mod tests {
         );
         assert_eq!(c.relay_batch_size, 32);
         assert_eq!(c.worker_report_batch, 64);
+        assert_eq!(c.relay_concurrent_passes, 2);
         assert!(c.log_json);
         assert_eq!(c.rate_limits.burst.get(), 9);
         assert_eq!(c.stream_replicas, None);
@@ -862,6 +878,10 @@ mod tests {
             (
                 &[("RELAY_BATCH_SIZE", "many")][..],
                 "RELAY_BATCH_SIZE: invalid value",
+            ),
+            (
+                &[("RELAY_CONCURRENT_PASSES", "17")][..],
+                "RELAY_CONCURRENT_PASSES: must be between 1 and 16, got 17",
             ),
             (
                 &[("WORKER_REPORT_BATCH", "101")][..],

@@ -166,6 +166,7 @@ async fn the_outbox_backlog_rises_without_a_relay_and_drains_with_one() {
         pool: app.pool.clone(),
         js: running.backends.js.clone(),
         batch_size: 100,
+        concurrent_passes: 1,
         poll_interval: Duration::from_millis(100),
         wake: Default::default(),
         changes: Default::default(),

@@ -14,6 +14,7 @@ pub fn relay_for(app: &common::TestApp) -> Relay {
         pool: app.pool.clone(),
         js: running.backends.js.clone(),
         batch_size: 100,
+        concurrent_passes: 1,
         poll_interval: Duration::from_millis(100),
         wake: Wake::default(),
         changes: Default::default(),
@@ -231,4 +232,53 @@ async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatch
         .unwrap()
         .is_some());
     report.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_passes_publish_every_row_exactly_once() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..90 {
+        let zone = if i % 2 == 0 { "zone-a" } else { "zone-b" };
+        let op = app
+            .create(
+                &tenant,
+                "vms",
+                &format!("vm-{i}"),
+                zone,
+                example_spec("vms"),
+            )
+            .await;
+        ids.insert(op["id"].as_str().unwrap().to_owned());
+    }
+    let relay = Relay {
+        batch_size: 8,
+        concurrent_passes: 4,
+        ..relay_for(&app)
+    };
+    let mut published = 0;
+    for _ in 0..20 {
+        let pass = relay.passes().await.unwrap();
+        assert_eq!(pass.claimed, pass.published);
+        assert!(pass.claimed <= 32, "each pass claims at most its batch");
+        published += pass.published;
+        if pass.claimed == 0 {
+            break;
+        }
+    }
+    assert_eq!(published, 90, "no row twice, none left out");
+    assert_eq!(app.count("outbox").await, 0);
+    let dispatched: Vec<(String, Option<i64>)> =
+        sqlx::query_as("SELECT id::text, stream_seq FROM operations WHERE state = 'dispatched'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(dispatched.len(), 90);
+    assert!(dispatched
+        .iter()
+        .all(|(id, seq)| ids.contains(id) && seq.is_some()));
+    let js = &app.running.as_ref().unwrap().backends.js;
+    let mut stream = js.get_stream(&app.config.nats.stream).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 90);
 }
