@@ -436,7 +436,7 @@ async fn overload(b: &Bench) {
     server.ready(&b.http).await;
     let url = server.url.clone();
     let route = r#"route="/v1/tenants/{tenant}/{kind}",method="POST""#;
-    let before = histogram(&b.http, &url, route).await;
+    let before = histogram(&b.http, &url, DURATION, route).await;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(FLOOD_CLIENTS)
         .build()
@@ -478,7 +478,7 @@ async fn overload(b: &Bench) {
         }
     }))
     .await;
-    let after = histogram(&b.http, &url, route).await;
+    let after = histogram(&b.http, &url, DURATION, route).await;
     let peak = server.peak_rss_mib();
     drop(server);
     let mut admitted: Vec<Duration> = Vec::new();
@@ -490,12 +490,7 @@ async fn overload(b: &Bench) {
     }
     admitted.sort();
     let secs = FLOOD_SECONDS as f64;
-    // The family appears with the first request, so `before` may have no buckets.
-    let served: Vec<(f64, f64)> = after
-        .iter()
-        .enumerate()
-        .map(|(i, (le, n))| (*le, n - before.get(i).map_or(0.0, |b| b.1)))
-        .collect();
+    let served = increase(&before, &after);
     println!(
         "overload {FLOOD_CLIENTS} clients: admitted {:>6.0}/s   refused 503 {:>6.0}/s   other {other}\n\
          overload   admitted latency seen by the clients   p50 {:?}  p99 {:?}\n\
@@ -508,6 +503,21 @@ async fn overload(b: &Bench) {
         quantile(&served, 0.5) * 1e3,
         quantile(&served, 0.99) * 1e3,
     );
+}
+
+/// The gateway's request latency histogram.
+const DURATION: &str = "gateway_http_request_duration_seconds";
+/// The relay's lag from an outbox row's transaction to JetStream's ack.
+const RELAY_LAG: &str = "gateway_relay_lag_seconds";
+
+/// The buckets' increase from `before` to `after` (the family may have had no
+/// buckets before its first observation).
+fn increase(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .enumerate()
+        .map(|(i, (le, n))| (*le, n - before.get(i).map_or(0.0, |b| b.1)))
+        .collect()
 }
 
 /// A `gateway serve` process on the bench's database and NATS names, killed on drop.
@@ -579,9 +589,9 @@ impl Drop for Server {
     }
 }
 
-/// The cumulative buckets `(le, count)` of `gateway_http_request_duration_seconds` for
-/// `labels` at `url`'s `/metrics`.
-async fn histogram(http: &reqwest::Client, url: &str, labels: &str) -> Vec<(f64, f64)> {
+/// The cumulative buckets `(le, count)` of the histogram `name` for `labels` (as they
+/// appear in the exposition; `""` for none) at `url`'s `/metrics`.
+async fn histogram(http: &reqwest::Client, url: &str, name: &str, labels: &str) -> Vec<(f64, f64)> {
     let text = http
         .get(format!("{url}/metrics"))
         .send()
@@ -591,7 +601,7 @@ async fn histogram(http: &reqwest::Client, url: &str, labels: &str) -> Vec<(f64,
         .await
         .unwrap();
     text.lines()
-        .filter(|l| l.starts_with("gateway_http_request_duration_seconds_bucket{"))
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
         .filter(|l| l.contains(labels))
         .filter_map(|l| {
             let (_, rest) = l.split_once("le=\"")?;
@@ -636,6 +646,7 @@ const STEADY_SECONDS: f64 = 10.0;
 async fn steady(b: &Bench, tenant: &str, per_second: f64) {
     let events = event_lags(b, tenant).await;
     let watch = watch_lags(b, tenant).await;
+    let relay_before = histogram(&b.http, &b.url, RELAY_LAG, "").await;
     let count = (per_second * STEADY_SECONDS) as usize;
     let started = Instant::now();
     let tasks = (0..count).map(|i| async move {
@@ -656,6 +667,10 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64) {
     });
     let mut lat = futures::future::join_all(tasks).await;
     lat.sort();
+    let relay = increase(
+        &relay_before,
+        &histogram(&b.http, &b.url, RELAY_LAG, "").await,
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     events.abort();
     watch.abort();
@@ -668,6 +683,11 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64) {
         rate(count, started.elapsed()),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
+    );
+    println!(
+        "relay lag  outbox row → JetStream ack, as the relay measured it   p50 {:.1}ms  p99 {:.1}ms",
+        quantile(&relay, 0.5) * 1e3,
+        quantile(&relay, 0.99) * 1e3
     );
     for (what, lags) in [("bus reader", lags), ("watch client", watched)] {
         if lags.is_empty() {
