@@ -6,11 +6,12 @@
 //! whatever else queued while every sender was busy: one report alone goes through
 //! `POST /v1/operations/{id}/reports` with its trace headers, exactly as without
 //! batching, and under load the batches grow by themselves. Each report keeps its own
-//! answer, so the handler's retries and decisions do not change.
+//! answer, so the handler's retries and decisions do not change. A gateway without the
+//! batch route (an older one, during a rolling upgrade) gets each report on its own.
 
 use crate::peers::{LookupError, Peer, PeerAnswer, Peers};
 use crate::report::{
-    error_body, retryable, GatewayClient, ReportError, ReportOutcome, Reporter, TraceHeaders,
+    error_body, refusal, GatewayClient, ReportError, ReportOutcome, Reporter, TraceHeaders,
 };
 use gateway_proto::{BatchedReport, BatchedReportResult, Report, ReportBatch, ReportBatchResult};
 use reqwest::StatusCode;
@@ -89,10 +90,18 @@ async fn send(client: &GatewayClient, batch: Vec<Queued>) {
             .collect(),
     };
     match post(client, &body).await {
-        Ok(results) => {
+        Ok(Some(results)) => {
             for (queued, result) in batch.into_iter().zip(results) {
                 let _ = queued.answer.send(outcome(result));
             }
+        }
+        // A gateway older than batches (during a rolling upgrade): each on its own.
+        Ok(None) => {
+            futures::future::join_all(batch.into_iter().map(|q| async move {
+                let outcome = client.send(q.operation, &q.report, &q.trace).await;
+                let _ = q.answer.send(outcome);
+            }))
+            .await;
         }
         Err(e) => {
             for queued in batch {
@@ -102,24 +111,30 @@ async fn send(client: &GatewayClient, batch: Vec<Queued>) {
     }
 }
 
-/// `POST /v1/reports`: one result per report, in order, or why there are none.
+/// `POST /v1/reports`: one result per report, in order; `None` when the gateway has no
+/// such route (`404`, `405`); or why there are no results.
 async fn post(
     client: &GatewayClient,
     body: &ReportBatch,
-) -> Result<Vec<BatchedReportResult>, ReportError> {
+) -> Result<Option<Vec<BatchedReportResult>>, ReportError> {
     let url = format!("{}/v1/reports", client.base_url());
     let (status, bytes) = client.post(url, body, &TraceHeaders::default()).await?;
+    if matches!(
+        status,
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+    ) {
+        return Ok(None);
+    }
     if !status.is_success() {
         let (code, message) = error_body(&bytes);
-        let text = format!("{status}: {code}: {message}");
-        return Err(if retryable(status) {
-            ReportError::Transient(text)
-        } else {
-            ReportError::Permanent(text)
+        return Err(match refusal(status, code, message) {
+            // A batch is never refused as a whole with a 409; were it, nothing applied.
+            Ok(_) => ReportError::Permanent(format!("{status} for a whole batch")),
+            Err(e) => e,
         });
     }
     match serde_json::from_slice::<ReportBatchResult>(&bytes) {
-        Ok(r) if r.results.len() == body.reports.len() => Ok(r.results),
+        Ok(r) if r.results.len() == body.reports.len() => Ok(Some(r.results)),
         Ok(r) => Err(ReportError::Permanent(format!(
             "{} results for {} reports",
             r.results.len(),
@@ -138,9 +153,10 @@ fn outcome(r: BatchedReportResult) -> Result<ReportOutcome, ReportError> {
     let message = r.message.unwrap_or_default();
     match (status, r.ack) {
         (StatusCode::OK, Some(ack)) => Ok(ReportOutcome::Accepted(ack)),
-        (StatusCode::CONFLICT, _) => Ok(ReportOutcome::Refused { code, message }),
-        (s, _) if retryable(s) => Err(ReportError::Transient(format!("{s}: {code}: {message}"))),
-        (s, _) => Err(ReportError::Permanent(format!("{s}: {code}: {message}"))),
+        (StatusCode::OK, None) => Err(ReportError::Permanent(
+            "200 for a report without its acknowledgement".into(),
+        )),
+        (s, _) => refusal(s, code, message),
     }
 }
 
@@ -227,6 +243,51 @@ mod tests {
         let mut broken = result(200, None);
         broken.ack = None;
         assert!(!outcome(broken).unwrap_err().is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_gateway_without_the_batch_route_gets_each_report_on_its_own() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let singles = Arc::new(AtomicUsize::new(0));
+        let counted = singles.clone();
+        let app = axum::Router::new().route(
+            "/v1/operations/{id}/reports",
+            axum::routing::post(move |axum::extract::Path(id): axum::extract::Path<Uuid>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    axum::Json(ReportAck {
+                        operation_id: id,
+                        state: OperationState::Running,
+                        attempt: 1,
+                        cancel_requested: false,
+                    })
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let reporter = BatchReporter::new(GatewayClient::new(&url, "k").unwrap(), 16);
+        let report = Report {
+            attempt: 1,
+            state: gateway_proto::ReportState::Running,
+            status: None,
+            error: None,
+        };
+        let trace = TraceHeaders::default();
+        // One task at a time: all ten are queued before the sender looks, so they leave
+        // as one batch, which this gateway answers 404.
+        let ids: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+        let answers =
+            futures::future::join_all(ids.iter().map(|id| reporter.report(*id, &report, &trace)))
+                .await;
+        for (id, answer) in ids.iter().zip(answers) {
+            match answer {
+                Ok(ReportOutcome::Accepted(ack)) => assert_eq!(ack.operation_id, *id),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(singles.load(Ordering::SeqCst), 10);
     }
 
     #[tokio::test]

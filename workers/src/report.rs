@@ -201,6 +201,16 @@ pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Result<ReportOutcome,
             });
     }
     let (code, message) = error_body(body);
+    refusal(status, code, message)
+}
+
+/// Sorts an answer that accepted nothing: `409` is a refusal, what may go away by itself
+/// a transient error, anything else permanent.
+pub(crate) fn refusal(
+    status: StatusCode,
+    code: String,
+    message: String,
+) -> Result<ReportOutcome, ReportError> {
     match status {
         StatusCode::CONFLICT => Ok(ReportOutcome::Refused { code, message }),
         s if retryable(s) => Err(ReportError::Transient(format!(
