@@ -228,7 +228,8 @@ impl Relay {
         for (what, pass) in [("operations", ops), ("events", events)] {
             match pass {
                 Ok((claimed, published)) if published == claimed => {
-                    // A full batch (of any of the concurrent passes) may have left more.
+                    // At least a batch's worth claimed (by the concurrent passes together):
+                    // more may wait. At worst the next round finds nothing.
                     if claimed as i64 >= self.batch_size && !matches!(step, Step::Retry) {
                         step = Step::Again;
                     }

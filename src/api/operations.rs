@@ -34,6 +34,15 @@ pub fn router() -> Router<AppState> {
         .route("/v1/tenants/{tenant}/operations", get(list))
 }
 
+/// A lifecycle error about an operation addressed by ID: a missing one is
+/// `404 not_found` ("operation not found").
+pub(super) fn operation_error(e: crate::lifecycle::LifecycleError) -> ApiError {
+    match e {
+        crate::lifecycle::LifecycleError::NotFound => ApiError::not_found("operation"),
+        e => e.into(),
+    }
+}
+
 /// Whether `principal` may see `op`: its tenant's readers, and the workers of its pool.
 fn visible(principal: &Principal, op: &OperationRow, engine: &crate::lifecycle::Engine) -> bool {
     principal.can_read(&op.tenant)
@@ -233,10 +242,7 @@ pub async fn report(
     let audit = meta.audit(StatusCode::OK);
     let ack = report::apply(&state.engine, &principal, id, audit, &body)
         .await
-        .map_err(|e| match e {
-            crate::lifecycle::LifecycleError::NotFound => ApiError::not_found("operation"),
-            e => e.into(),
-        })?;
+        .map_err(operation_error)?;
     Ok(Json(ack))
 }
 
@@ -265,10 +271,7 @@ pub async fn cancel(
     let audit = meta.audit(StatusCode::OK);
     let op = crate::lifecycle::cancel::cancel(&state.engine, &principal, id, audit)
         .await
-        .map_err(|e| match e {
-            crate::lifecycle::LifecycleError::NotFound => ApiError::not_found("operation"),
-            e => e.into(),
-        })?;
+        .map_err(operation_error)?;
     Ok(Json(op.into()))
 }
 

@@ -46,33 +46,31 @@ pub async fn reports(
             ),
         ));
     }
-    if let Some(i) = body.reports.iter().position(|r| {
-        r.request_id
+    // What the contract's schema forbids fails the whole request, as it does alone.
+    for (i, r) in body.reports.iter().enumerate() {
+        if r.request_id
             .as_deref()
             .is_some_and(|id| !super::request::is_request_id(id))
-    }) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            format!("reports[{i}].request_id: 1 to 128 visible ASCII characters"),
-        )
-        .with_details(serde_json::json!({ "field": format!("reports[{i}].request_id") })));
-    }
-    // What the contract's schema forbids fails the whole request, as it does alone.
-    if let Some(i) = body.reports.iter().position(|r| r.report.attempt < 1) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_report",
-            format!("reports[{i}]: attempt must be 1 or more"),
-        )
-        .with_details(serde_json::json!({ "field": format!("reports[{i}].report.attempt") })));
+        {
+            return Err(invalid_item(
+                i,
+                "invalid_body",
+                "request_id",
+                "1 to 128 visible ASCII characters",
+            ));
+        }
+        if r.report.attempt < 1 {
+            return Err(invalid_item(
+                i,
+                "invalid_report",
+                "report.attempt",
+                "must be 1 or more",
+            ));
+        }
     }
     let audit = meta.audit(StatusCode::OK);
     let refuse = |e: LifecycleError| {
-        let e = match e {
-            LifecycleError::NotFound => ApiError::not_found("operation"),
-            e => ApiError::from(e),
-        };
+        let e = super::operations::operation_error(e);
         (e.status.as_u16(), e)
     };
     let outcomes =
@@ -84,6 +82,17 @@ pub async fn reports(
         .map(|(item, outcome)| result(item.operation_id, outcome))
         .collect();
     Ok(Json(ReportBatchResult { results }))
+}
+
+/// `422 {code}` about `field` of the batch's report `i`.
+fn invalid_item(i: usize, code: &'static str, field: &str, rule: &str) -> ApiError {
+    let field = format!("reports[{i}].{field}");
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        code,
+        format!("{field}: {rule}"),
+    )
+    .with_details(serde_json::json!({ "field": field }))
 }
 
 /// One report's result, as the single-report endpoint would have answered it.
