@@ -589,19 +589,24 @@ impl Drop for Server {
     }
 }
 
-/// The cumulative buckets `(le, count)` of the histogram `name` for `labels` (as they
-/// appear in the exposition; `""` for none) at `url`'s `/metrics`.
-async fn histogram(http: &reqwest::Client, url: &str, name: &str, labels: &str) -> Vec<(f64, f64)> {
-    let text = http
-        .get(format!("{url}/metrics"))
+/// `url`'s `/metrics` exposition.
+async fn metrics_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(format!("{url}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The cumulative buckets `(le, count)` of the histogram `name` for `labels` (as they
+/// appear in the exposition; `""` for none) at `url`'s `/metrics`.
+async fn histogram(http: &reqwest::Client, url: &str, name: &str, labels: &str) -> Vec<(f64, f64)> {
+    let text = metrics_text(http, url).await;
+    let bucket = format!("{name}_bucket{{");
     text.lines()
-        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .filter(|l| l.starts_with(&bucket))
         .filter(|l| l.contains(labels))
         .filter_map(|l| {
             let (_, rest) = l.split_once("le=\"")?;
@@ -977,15 +982,7 @@ async fn main() {
     );
     steady(&b, &tenant, rate(OPS, e2e) / 2.0).await;
     if std::env::var("BENCH_DEBUG").is_ok() {
-        let text = b
-            .http
-            .get(format!("{}/metrics", b.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&b.http, &b.url).await;
         for l in text.lines().filter(|l| {
             !l.starts_with('#')
                 && (l.contains("_sum")
