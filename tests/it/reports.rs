@@ -541,3 +541,74 @@ async fn a_workers_reports_ready_at_once_go_in_one_request() {
             .unwrap();
     assert_eq!(running, 30);
 }
+
+#[tokio::test]
+async fn a_batch_the_database_fails_midway_writes_nothing_of_it() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let ids = create_vms(&app, &tenant, 2).await;
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    // The second report's write fails, as if the database died at that statement.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'injected report failure'; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON operations FOR EACH ROW
+         WHEN (NEW.id = '{}' AND NEW.state = 'succeeded') EXECUTE FUNCTION refuse();",
+        ids[1]
+    ))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let running = json!({"attempt": 1, "state": "running"});
+    let (status, body) = batch(
+        &app,
+        &key,
+        vec![
+            json!({"operation_id": ids[0], "report": running, "request_id": "first"}),
+            json!({"operation_id": ids[1], "report": {"attempt": 1, "state": "succeeded", "status": {}}}),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")),
+        "{body}"
+    );
+    let states: Vec<String> = sqlx::query_scalar("SELECT state FROM operations ORDER BY id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        states,
+        ["pending", "pending"],
+        "the first report went back too"
+    );
+    // The request is audited once, as failed; no report's row was kept.
+    app.wait_audit("action = 'POST /v1/reports' AND status = 500", 1)
+        .await;
+    let parts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'POST /v1/operations/{id}/reports'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(parts, 0);
+    // Without the failure, the same batch applies whole.
+    sqlx::raw_sql("DROP TRIGGER refuse ON operations")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (status, body) = batch(
+        &app,
+        &key,
+        vec![
+            json!({"operation_id": ids[0], "report": running}),
+            json!({"operation_id": ids[1], "report": {"attempt": 1, "state": "succeeded", "status": {}}}),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][1]["ack"]["state"], "succeeded");
+}
