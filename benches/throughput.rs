@@ -4,8 +4,10 @@
 //! PostgreSQL and NATS, and prints the ratio, so numbers from different machines compare:
 //!
 //! 1. **Submit**: `POST /v1/tenants/{t}/vms` through the whole gateway (auth, rate limit,
-//!    validation, idempotency, one transaction, audit row) vs. the raw baseline of the
-//!    same three INSERTs (resource, operation, outbox) in one transaction with sqlx.
+//!    validation, idempotency, group commit, audit row) vs. the raw baseline of the
+//!    same three INSERTs (resource, operation, outbox) in one transaction with sqlx, at
+//!    8 and at 32 clients. `BENCH_WRITE_BATCH` sets the gateway's `GATEWAY_WRITE_BATCH`
+//!    (`1`: a transaction per create, as before the group commit).
 //! 2. **Relay**: outbox rows to JetStream acks through the relay vs. raw
 //!    `publish_with_headers` of the same messages with the same window.
 //! 3. **Reads**: `GET /v1/operations/{id}` and `GET /v1/tenants/{t}/vms/{id}` through
@@ -65,11 +67,18 @@ struct Bench {
     http: reqwest::Client,
 }
 
-async fn start(parts: Parts) -> Bench {
-    start_with(parts, |_| {}).await
+/// `BENCH_WRITE_BATCH`, if set, as the gateway's `GATEWAY_WRITE_BATCH`.
+fn write_batch(c: &mut Config) {
+    if let Some(n) = std::env::var("BENCH_WRITE_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.write_batch = n;
+    }
 }
 
-/// [`start`], with `tweak` applied to the configuration first.
+/// Starts the parts asked for on a database and streams of their own, with `tweak`
+/// applied to the configuration first.
 async fn start_with(parts: Parts, tweak: impl FnOnce(&mut Config)) -> Bench {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let base = std::env::var("TEST_DATABASE_URL")
@@ -130,9 +139,20 @@ impl Bench {
         prefix: &str,
         n: usize,
     ) -> (Duration, Vec<Duration>, Vec<String>) {
+        self.submit_from(CONCURRENCY, tenant, prefix, n).await
+    }
+
+    /// [`Self::submit`] from `clients` clients.
+    async fn submit_from(
+        &self,
+        clients: usize,
+        tenant: &str,
+        prefix: &str,
+        n: usize,
+    ) -> (Duration, Vec<Duration>, Vec<String>) {
         let started = Instant::now();
-        let chunks: Vec<Vec<usize>> = (0..CONCURRENCY)
-            .map(|c| (c..n).step_by(CONCURRENCY).collect())
+        let chunks: Vec<Vec<usize>> = (0..clients)
+            .map(|c| (c..n).step_by(clients).collect())
             .collect();
         let results = futures::future::join_all(chunks.into_iter().map(|idx| async move {
             let mut out = Vec::new();
@@ -188,7 +208,7 @@ impl Bench {
 
 /// The raw baseline of a submit: the same three rows in one transaction, without the
 /// event triggers (recording events is part of the gateway's work being measured).
-async fn raw_inserts(pool: &sqlx::PgPool, tenant: &str, n: usize) -> Duration {
+async fn raw_inserts(pool: &sqlx::PgPool, clients: usize, tenant: &str, n: usize) -> Duration {
     sqlx::raw_sql(
         "ALTER TABLE resources DISABLE TRIGGER resources_events;
                    ALTER TABLE operations DISABLE TRIGGER operations_events;",
@@ -196,7 +216,7 @@ async fn raw_inserts(pool: &sqlx::PgPool, tenant: &str, n: usize) -> Duration {
     .execute(pool)
     .await
     .unwrap();
-    let elapsed = raw_insert_rows(pool, tenant, n).await;
+    let elapsed = raw_insert_rows(pool, clients, tenant, n).await;
     sqlx::raw_sql(
         "ALTER TABLE resources ENABLE TRIGGER resources_events;
                    ALTER TABLE operations ENABLE TRIGGER operations_events;",
@@ -207,10 +227,10 @@ async fn raw_inserts(pool: &sqlx::PgPool, tenant: &str, n: usize) -> Duration {
     elapsed
 }
 
-async fn raw_insert_rows(pool: &sqlx::PgPool, tenant: &str, n: usize) -> Duration {
+async fn raw_insert_rows(pool: &sqlx::PgPool, clients: usize, tenant: &str, n: usize) -> Duration {
     let started = Instant::now();
-    let chunks: Vec<Vec<usize>> = (0..CONCURRENCY)
-        .map(|c| (c..n).step_by(CONCURRENCY).collect())
+    let chunks: Vec<Vec<usize>> = (0..clients)
+        .map(|c| (c..n).step_by(clients).collect())
         .collect();
     futures::future::join_all(chunks.into_iter().map(|idx| async move {
         for i in idx {
@@ -553,6 +573,11 @@ impl Server {
                         .to_string()
                 }),
             )
+            .env(
+                "GATEWAY_WRITE_BATCH",
+                std::env::var("BENCH_WRITE_BATCH")
+                    .unwrap_or_else(|_| gateway::config::DEFAULT_WRITE_BATCH.to_string()),
+            )
             .env("GATEWAY_RATE_LIMIT_PER_SECOND", "1000000")
             .env("GATEWAY_RATE_LIMIT_BURST", "1000000")
             .env("RUST_LOG", "warn")
@@ -844,20 +869,28 @@ async fn main() {
         "control-plane gateway benchmark: {OPS} operations, {CONCURRENCY} concurrent clients\n"
     );
 
-    // 1. Submit vs raw inserts.
-    let b = start(Parts {
-        api: true,
-        ..Default::default()
-    })
+    // 1. Submit vs raw inserts, at 8 clients and at CONCURRENCY.
+    let b = start_with(
+        Parts {
+            api: true,
+            ..Default::default()
+        },
+        write_batch,
+    )
     .await;
     let tenant = b.tenant().await;
     let pool = b.running.backends.pool.clone();
-    let raw = raw_inserts(&pool, &tenant, OPS).await;
-    let (through, mut lat, _) = b.submit(&tenant, "vm", OPS).await;
-    lat.sort();
-    println!("submit   gateway {:>8.0} ops/s   raw sqlx {:>8.0} ops/s   ratio {:.2}   p50 {:?}  p99 {:?}",
-        rate(OPS, through), rate(OPS, raw), raw.as_secs_f64() / through.as_secs_f64(),
-        percentile(&lat, 0.5), percentile(&lat, 0.99));
+    let mut through = Duration::ZERO;
+    for clients in [8, CONCURRENCY] {
+        let raw = raw_inserts(&pool, clients, &tenant, OPS).await;
+        let prefix = format!("vm{clients}-");
+        let (took, mut lat, _) = b.submit_from(clients, &tenant, &prefix, OPS).await;
+        lat.sort();
+        println!("submit{clients:<3}gateway {:>8.0} ops/s   raw sqlx {:>8.0} ops/s   ratio {:.2}   p50 {:?}  p99 {:?}",
+            rate(OPS, took), rate(OPS, raw), raw.as_secs_f64() / took.as_secs_f64(),
+            percentile(&lat, 0.5), percentile(&lat, 0.99));
+        through = took;
+    }
     reads(&b, &tenant).await;
     validation(&b, through / OPS as u32).await;
 
@@ -941,6 +974,7 @@ async fn main() {
             webhooks: false,
         },
         |c| {
+            write_batch(c);
             if let Some(n) = std::env::var("BENCH_REPORT_BATCH")
                 .ok()
                 .and_then(|v| v.parse().ok())

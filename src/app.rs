@@ -371,6 +371,9 @@ impl<'c> Assembly<'c> {
             ids: crate::domain::region::IdMaker::for_region(
                 config.region.as_ref().map(|r| r.name.as_str()),
             ),
+            group: std::sync::Arc::new(crate::lifecycle::group::GroupCommit::new(
+                config.write_batch,
+            )),
         };
         Ok(Self {
             config,

@@ -216,13 +216,13 @@ impl PendingAudit {
         }
     }
 
-    /// Writes the row in the caller's transaction. Call [`Self::committed`] once the
-    /// transaction has committed.
-    pub async fn write(&self, conn: &mut PgConnection) -> sqlx::Result<()> {
+    /// The rows to write in the caller's transaction (with those of other requests
+    /// the transaction records). Call [`Self::committed`] once it has committed.
+    pub fn rows(&self) -> Vec<Entry> {
         match &self.entry {
-            Some(_) if !self.parts.is_empty() => append_batch(conn, self.parts.clone()).await,
-            Some(e) => append_batch(conn, vec![e.clone()]).await,
-            None => Ok(()),
+            Some(_) if !self.parts.is_empty() => self.parts.clone(),
+            Some(e) => vec![e.clone()],
+            None => Vec::new(),
         }
     }
 

@@ -18,6 +18,9 @@ pub use workers::config::Secret;
 pub use workers::nats::redact_url;
 use workers::nats::NatsLogin;
 
+/// Creates the group commit records in one transaction at most, by default.
+pub const DEFAULT_WRITE_BATCH: usize = 32;
+
 /// Everything the gateway's processes need to know.
 #[derive(Clone)]
 pub struct Config {
@@ -62,6 +65,9 @@ pub struct Config {
     /// `POST /v1/reports` (1–100, default 64; `1` sends each alone), as for the `worker`
     /// binary.
     pub worker_report_batch: usize,
+    /// `GATEWAY_WRITE_BATCH`: most creates recorded in one transaction by the group
+    /// commit (1–256, default 32; `1` gives each create a transaction of its own).
+    pub write_batch: usize,
     /// `RELAY_POLL_INTERVAL_MS`: how often the relay looks without being woken.
     pub relay_poll_interval: Duration,
     /// `NATS_PUBLISH_TIMEOUT_MS`: how long the relay waits for a JetStream ack.
@@ -299,6 +305,7 @@ impl fmt::Debug for Config {
             .field("relay_batch_size", &self.relay_batch_size)
             .field("relay_concurrent_passes", &self.relay_concurrent_passes)
             .field("worker_report_batch", &self.worker_report_batch)
+            .field("write_batch", &self.write_batch)
             .field("relay_poll_interval", &self.relay_poll_interval)
             .field("publish_timeout", &self.publish_timeout)
             .field("reconcile_interval", &self.reconcile_interval)
@@ -531,26 +538,11 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         positive(name, self.var(name, default)?)
     }
 
-    /// `RELAY_CONCURRENT_PASSES`, 1 to 16.
-    fn concurrent_passes(&self) -> anyhow::Result<usize> {
-        let n = self.positive("RELAY_CONCURRENT_PASSES", 2usize)?;
-        if n > 16 {
-            anyhow::bail!("RELAY_CONCURRENT_PASSES: must be between 1 and 16, got {n}");
-        }
-        Ok(n)
-    }
-
-    /// `WORKER_REPORT_BATCH`, within what `POST /v1/reports` takes.
-    fn report_batch(&self) -> anyhow::Result<usize> {
-        let n = self.positive(
-            "WORKER_REPORT_BATCH",
-            workers::PoolConfig::DEFAULT_REPORT_BATCH,
-        )?;
-        if n > gateway_proto::MAX_BATCH_REPORTS {
-            anyhow::bail!(
-                "WORKER_REPORT_BATCH: must be between 1 and {}, got {n}",
-                gateway_proto::MAX_BATCH_REPORTS
-            );
+    /// A count from 1 to `max`.
+    fn at_most(&self, name: &str, default: usize, max: usize) -> anyhow::Result<usize> {
+        let n = self.positive(name, default)?;
+        if n > max {
+            anyhow::bail!("{name}: must be between 1 and {max}, got {n}");
         }
         Ok(n)
     }
@@ -647,8 +639,13 @@ impl Config {
             },
             operation_timeout: env.secs("GATEWAY_OPERATION_TIMEOUT_SECONDS", 3600)?,
             relay_batch_size: env.positive("RELAY_BATCH_SIZE", 256i64)?,
-            relay_concurrent_passes: env.concurrent_passes()?,
-            worker_report_batch: env.report_batch()?,
+            relay_concurrent_passes: env.at_most("RELAY_CONCURRENT_PASSES", 2, 16)?,
+            worker_report_batch: env.at_most(
+                "WORKER_REPORT_BATCH",
+                workers::PoolConfig::DEFAULT_REPORT_BATCH,
+                gateway_proto::MAX_BATCH_REPORTS,
+            )?,
+            write_batch: env.at_most("GATEWAY_WRITE_BATCH", DEFAULT_WRITE_BATCH, 256)?,
             relay_poll_interval: env.millis("RELAY_POLL_INTERVAL_MS", 1000)?,
             publish_timeout: env.millis("NATS_PUBLISH_TIMEOUT_MS", 5000)?,
             reconcile_interval: env.millis("RECONCILE_INTERVAL_MS", 5000)?,
@@ -660,12 +657,7 @@ impl Config {
             audit_spool: env.positive("GATEWAY_AUDIT_SPOOL", 100_000usize)?,
             stream_replicas: match env.var("NATS_STREAM_REPLICAS", 0usize)? {
                 0 => None,
-                n @ 1..=5 => Some(n),
-                n => {
-                    return Err(anyhow!(
-                        "NATS_STREAM_REPLICAS: must be between 1 and 5, got {n}"
-                    ))
-                }
+                _ => Some(env.at_most("NATS_STREAM_REPLICAS", 1, 5)?),
             },
             events: EventSettings::from_env(&env)?,
             webhooks: WebhookSettings::from_env(&env)?,
@@ -719,6 +711,7 @@ impl Config {
             relay_batch_size: 256,
             relay_concurrent_passes: 2,
             worker_report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
+            write_batch: DEFAULT_WRITE_BATCH,
             relay_poll_interval: Duration::from_millis(200),
             publish_timeout: Duration::from_secs(5),
             reconcile_interval: Duration::from_millis(500),
@@ -859,6 +852,7 @@ mod tests {
         assert_eq!(c.relay_batch_size, 32);
         assert_eq!(c.worker_report_batch, 64);
         assert_eq!(c.relay_concurrent_passes, 2);
+        assert_eq!(c.write_batch, 32);
         assert!(c.log_json);
         assert_eq!(c.rate_limits.burst.get(), 9);
         assert_eq!(c.stream_replicas, None);
@@ -886,6 +880,14 @@ mod tests {
             (
                 &[("WORKER_REPORT_BATCH", "101")][..],
                 "WORKER_REPORT_BATCH: must be between 1 and 100, got 101",
+            ),
+            (
+                &[("GATEWAY_WRITE_BATCH", "257")][..],
+                "GATEWAY_WRITE_BATCH: must be between 1 and 256, got 257",
+            ),
+            (
+                &[("GATEWAY_WRITE_BATCH", "0")][..],
+                "GATEWAY_WRITE_BATCH: must be greater than zero",
             ),
             (
                 &[("GATEWAY_LISTEN", "8080")][..],

@@ -24,6 +24,8 @@
 //! | `gateway_outbox_publish_errors_total` | counter | | publishes that failed or timed out |
 //! | `gateway_relay_batch_size` | histogram | | rows claimed per relay pass |
 //! | `gateway_relay_lag_seconds` | histogram | | outbox row written to JetStream ack |
+//! | `gateway_write_batch_size` | histogram | | creates recorded per group-commit transaction |
+//! | `gateway_write_batch_failures_total` | counter | | group-commit transactions that failed, whose creates were then recorded one by one |
 //! | `gateway_events_pending` | gauge | | events recorded and not yet published |
 //! | `gateway_events_oldest_age_seconds` | gauge | | age of the oldest unpublished event |
 //! | `gateway_events_published_total` | counter | | events JetStream acknowledged |
@@ -280,6 +282,10 @@ pub struct Inner {
     pub relay_batch_size: Histogram,
     /// See the table in the module docs.
     pub relay_lag: Histogram,
+    /// See the table in the module docs.
+    pub write_batch_size: Histogram,
+    /// See the table in the module docs.
+    pub write_batch_failures: Counter,
     /// See the table in the module docs.
     pub events_pending: Gauge,
     /// See the table in the module docs.
@@ -540,6 +546,20 @@ impl Inner {
         self.register_webhooks(r);
     }
 
+    /// The families of the group commit.
+    fn register_writes(&self, r: &mut Registry) {
+        r.register(
+            "write_batch_size",
+            "Creates recorded per group-commit transaction",
+            self.write_batch_size.clone(),
+        );
+        r.register(
+            "write_batch_failures",
+            "Group-commit transactions that failed (their creates were recorded one by one)",
+            self.write_batch_failures.clone(),
+        );
+    }
+
     /// The families of the outbox, the relay, JetStream, repairs and the process.
     fn register_delivery(&self, r: &mut Registry) {
         r.register(
@@ -641,6 +661,8 @@ impl Metrics {
             outbox_publish_errors: Counter::default(),
             relay_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             relay_lag: latency(),
+            write_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            write_batch_failures: Counter::default(),
             events_pending: Gauge::default(),
             events_oldest_age: Gauge::default(),
             events_published: Counter::default(),
@@ -676,6 +698,7 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("gateway");
         inner.register_requests(r);
         inner.register_delivery(r);
+        inner.register_writes(r);
         inner.register_quotas(r);
         inner.register_replication(r);
         Metrics(Arc::new(inner))
@@ -746,6 +769,16 @@ impl Metrics {
         self.quota_rejections
             .get_or_create(&quota_labels(service, dimension))
             .inc();
+    }
+
+    /// A group commit took `n` creates.
+    pub fn write_batch(&self, n: usize) {
+        self.write_batch_size.observe(n as f64);
+    }
+
+    /// A group commit's transaction failed; its creates are recorded one by one.
+    pub fn write_batch_failed(&self) {
+        self.write_batch_failures.inc();
     }
 
     /// A webhook delivery attempt ended with `outcome`.

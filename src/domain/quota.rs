@@ -256,6 +256,25 @@ pub struct Usage {
     pub amounts: Amounts,
 }
 
+/// Adds what a write of a resource of `kind` in `zone` adds (`delta`) to `usage`: the
+/// usage the next write checked in the same transaction sees.
+pub fn add_usage(usage: &mut Vec<Usage>, kind: &Kind, zone: &str, delta: &Amounts) {
+    let at = match usage.iter().position(|u| u.kind == *kind && u.zone == zone) {
+        Some(at) => at,
+        None => {
+            usage.push(Usage {
+                kind: kind.clone(),
+                zone: zone.to_owned(),
+                amounts: Amounts::default(),
+            });
+            usage.len() - 1
+        }
+    };
+    for d in Dimension::ALL {
+        usage[at].amounts.add(d, delta.get(d));
+    }
+}
+
 /// A write that would take more than a limit allows. Serializes as the error's details.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 pub struct Exceeded {

@@ -19,8 +19,38 @@ pub async fn enqueue(
     op: &OperationRow,
     resource: &ResourceRow,
 ) -> sqlx::Result<OperationRow> {
-    let service = txn
-        .engine()
+    let mut pending = enqueue_many(txn, &[(op, resource)]).await?;
+    Ok(pending.pop().expect("one operation enqueued"))
+}
+
+/// [`enqueue`] of several operations, each with its resource, in two statements;
+/// returns the operations as they are now, in submission order.
+pub async fn enqueue_many(
+    txn: &mut Txn<'_>,
+    ops: &[(&OperationRow, &ResourceRow)],
+) -> sqlx::Result<Vec<OperationRow>> {
+    let generations: Vec<_> = ops.iter().map(|(o, r)| (o.id, r.generation)).collect();
+    let pending = operations::set_pending_many(txn, &generations).await?;
+    let mut messages = Vec::with_capacity(pending.len());
+    for op in &pending {
+        let resource = ops
+            .iter()
+            .find(|(o, _)| o.id == op.id)
+            .map(|(_, r)| *r)
+            .ok_or(sqlx::Error::RowNotFound)?;
+        messages.push(message(txn.engine(), op, resource)?);
+    }
+    outbox::insert_many(txn, &messages).await?;
+    Ok(pending)
+}
+
+/// The dispatch message of `op` (just made pending) on `resource`.
+fn message(
+    engine: &super::Engine,
+    op: &OperationRow,
+    resource: &ResourceRow,
+) -> sqlx::Result<outbox::NewMessage> {
+    let service = engine
         .types
         .snapshot()
         .service_of(&resource.kind)
@@ -28,10 +58,7 @@ pub async fn enqueue(
         .ok_or_else(|| {
             sqlx::Error::Protocol(format!("no resource type {} is registered", resource.kind))
         })?;
-    let pending = operations::set_pending(txn, op.id, resource.generation).await?;
-    let n = pending.dispatches;
-    let prefix = &txn.engine().names.subject_prefix;
-    let subject = gateway_proto::ops_subject(prefix, &service, &op.zone);
+    let subject = gateway_proto::ops_subject(&engine.names.subject_prefix, &service, &op.zone);
     let payload = Dispatch {
         operation_id: op.id,
         tenant: op.tenant.clone(),
@@ -49,18 +76,13 @@ pub async fn enqueue(
     if let Some(tp) = &op.traceparent {
         headers[TRACEPARENT_HEADER] = json!(tp);
     }
-    outbox::insert(
-        txn,
-        &outbox::NewMessage {
-            operation_id: Some(op.id),
-            subject: &subject,
-            msg_id: &format!("{}.{n}", op.id),
-            headers: &headers,
-            payload: &serde_json::to_value(&payload).expect("dispatch serializes"),
-        },
-    )
-    .await?;
-    Ok(pending)
+    Ok(outbox::NewMessage {
+        operation_id: Some(op.id),
+        subject,
+        msg_id: format!("{}.{}", op.id, op.dispatches),
+        headers,
+        payload: serde_json::to_value(&payload).expect("dispatch serializes"),
+    })
 }
 
 /// Records what the relay published, in its transaction: the outbox rows JetStream

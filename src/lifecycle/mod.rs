@@ -11,8 +11,10 @@
 //! relay does, after commit.
 
 pub mod cancel;
+mod creates;
 pub mod dispatch;
 pub mod finish;
+pub mod group;
 pub mod keys;
 pub mod quotas;
 pub mod repair;
@@ -57,6 +59,8 @@ pub struct Engine {
     pub types: crate::registry::Registry,
     /// Makes resource and operation IDs (tagged with the region, if any).
     pub ids: crate::domain::region::IdMaker,
+    /// Where creates wait to share a transaction.
+    pub group: std::sync::Arc<group::GroupCommit>,
 }
 
 impl Engine {

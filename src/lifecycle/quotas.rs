@@ -9,9 +9,10 @@
 
 use super::txn::Txn;
 use super::{Audit, Engine, LifecycleError};
-use crate::domain::quota::{self, Amounts, Limit, LimitIn};
+use crate::domain::quota::{self, Amounts, Limit, LimitIn, Usage};
 use crate::domain::{Kind, ValidationError};
 use crate::store::{quotas, tenants};
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// Replaces the limits of `tenant` with `limits` (none: the tenant is unlimited) and
@@ -63,23 +64,76 @@ pub(super) async fn check(
         Some(id) => quotas::footprint(&mut **txn, id).await?,
         None => Amounts::default(),
     };
-    let delta = next.minus(&before);
-    let grown = quota::grown(&limits, &kind, zone, &delta);
-    if grown.is_empty() {
-        return Ok(());
+    let mut ledger = Ledger {
+        tenant: tenant.to_owned(),
+        limits,
+        usage: None,
+    };
+    ledger.admit(txn, kind, zone, &next.minus(&before)).await
+}
+
+/// A tenant's limits, locked in a write's transaction, and its usage as the writes
+/// checked so far in that transaction leave it.
+pub(super) struct Ledger {
+    tenant: String,
+    limits: Vec<Limit>,
+    /// Read on the first write that grows a limited dimension.
+    usage: Option<Vec<Usage>>,
+}
+
+impl Ledger {
+    /// Locks the quota rows of `tenants` (sorted) and returns the ledgers of those that
+    /// have limits.
+    pub async fn lock_many(
+        txn: &mut Txn<'_>,
+        tenants: &[&str],
+    ) -> sqlx::Result<BTreeMap<String, Ledger>> {
+        Ok(quotas::lock_many(txn, tenants)
+            .await?
+            .into_iter()
+            .map(|(tenant, limits)| {
+                let ledger = Ledger {
+                    tenant: tenant.clone(),
+                    limits,
+                    usage: None,
+                };
+                (tenant, ledger)
+            })
+            .collect())
     }
-    let usage = quotas::usage(&mut **txn, tenant).await?;
-    match quota::check(&grown, &usage, &delta) {
-        Ok(fill) => {
-            for (dimension, ratio) in fill {
-                txn.quota_filled(dimension, ratio);
-            }
-            Ok(())
+
+    /// Refuses a write that adds `delta` to a resource of `kind` in `zone` if it passes
+    /// a limit; else counts it, for the next write checked.
+    pub async fn admit(
+        &mut self,
+        txn: &mut Txn<'_>,
+        kind: &Kind,
+        zone: &str,
+        delta: &Amounts,
+    ) -> Result<(), LifecycleError> {
+        let grown = quota::grown(&self.limits, kind, zone, delta);
+        if grown.is_empty() {
+            return Ok(());
         }
-        Err(exceeded) => {
-            let metrics = &txn.engine().metrics;
-            metrics.quota_rejected(&txn.engine().service_label(kind), exceeded.dimension);
-            Err(LifecycleError::QuotaExceeded(exceeded))
+        let usage = match &mut self.usage {
+            Some(usage) => usage,
+            None => self
+                .usage
+                .insert(quotas::usage(&mut **txn, &self.tenant).await?),
+        };
+        match quota::check(&grown, usage, delta) {
+            Ok(fill) => {
+                for (dimension, ratio) in fill {
+                    txn.quota_filled(dimension, ratio);
+                }
+                quota::add_usage(usage, kind, zone, delta);
+                Ok(())
+            }
+            Err(exceeded) => {
+                let metrics = &txn.engine().metrics;
+                metrics.quota_rejected(&txn.engine().service_label(kind), exceeded.dimension);
+                Err(LifecycleError::QuotaExceeded(exceeded))
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 use super::txn::Txn;
 use super::{dispatch, quotas, Engine, LifecycleError};
 use crate::auth::Principal;
+use crate::domain::quota::Amounts;
 use crate::domain::resource_type::{merge_patch, Effect, ResourceType, ValidSpec};
 use crate::domain::{names, Action, OperationState, Phase, ValidationError};
 use crate::store;
@@ -82,15 +83,30 @@ pub enum Change {
 /// by an advisory lock on the key, so exactly one of them creates anything.
 async fn replay(
     conn: &mut PgConnection,
-    meta: RequestMeta<'_>,
+    principal: Uuid,
+    idempotency: Option<Idempotency<'_>>,
 ) -> Result<Option<OperationRow>, LifecycleError> {
-    let Some(idem) = meta.idempotency else {
+    let Some(idem) = idempotency else {
         return Ok(None);
     };
-    let digest = Sha256::digest(format!("{}\n{}", meta.principal.id, idem.key));
-    let lock = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
-    store::advisory_xact_lock(conn, lock).await?;
-    match operations::find_by_idempotency_key(conn, meta.principal.id, idem.key).await? {
+    store::advisory_xact_lock(conn, idempotency_lock(principal, idem.key)).await?;
+    let found = operations::find_by_idempotency_key(conn, principal, idem.key).await?;
+    Ok(replayed(found, idem)?)
+}
+
+/// The advisory lock that serializes the requests of `principal` with `key`.
+pub(super) fn idempotency_lock(principal: Uuid, key: &str) -> i64 {
+    let digest = Sha256::digest(format!("{principal}\n{key}"));
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// What a request with `idem` gets when `found` is the operation its key names, if any:
+/// that operation again, or a refusal if the key came with another request.
+pub(super) fn replayed(
+    found: Option<OperationRow>,
+    idem: Idempotency<'_>,
+) -> Result<Option<OperationRow>, LifecycleError> {
+    match found {
         Some(op) if op.request_fingerprint.as_deref() == Some(idem.fingerprint) => Ok(Some(op)),
         Some(_) => Err(LifecycleError::IdempotencyKeyReused),
         None => Ok(None),
@@ -134,6 +150,8 @@ async fn validated(
 }
 
 /// Validates and records a new resource of type `rt` with its `create` operation.
+/// Concurrent creates share a transaction (see [`super::group`]); each is answered on
+/// its own.
 pub async fn create(
     engine: &Engine,
     meta: RequestMeta<'_>,
@@ -152,43 +170,120 @@ pub async fn create(
     names::validate_label("name", &req.name)?;
     names::validate_labels(&req.labels)?;
     let (rt, valid) = validated(engine, rt, &req.spec, None).await?;
-    let kind = rt.kind();
-    let mut tx = Txn::begin(engine).await?;
-    tx.audit(meta.audit);
-    if let Some(op) = replay(&mut tx, meta).await? {
-        return Ok(op);
+    let ready = ReadyCreate {
+        tenant: tenant.to_owned(),
+        rt,
+        valid,
+        name: req.name,
+        zone: req.zone,
+        labels: serde_json::to_value(&req.labels).expect("labels serialize"),
+        principal: meta.principal.id,
+        request_id: meta.request_id.to_owned(),
+        traceparent: meta.traceparent.map(str::to_owned),
+        idempotency: meta
+            .idempotency
+            .map(|i| (i.key.to_owned(), i.fingerprint.to_owned())),
+        audit: meta.audit.map(|(slot, status)| (slot.clone(), status)),
+    };
+    engine.group.create(engine, ready).await
+}
+
+/// A create that passed every check that needs no database, owned, so that it can wait
+/// for a group commit.
+#[derive(Debug)]
+pub(super) struct ReadyCreate {
+    pub tenant: String,
+    pub rt: Arc<ResourceType>,
+    pub valid: ValidSpec,
+    pub name: String,
+    pub zone: String,
+    /// Validated labels, as a JSON object.
+    pub labels: Value,
+    pub principal: Uuid,
+    pub request_id: String,
+    pub traceparent: Option<String>,
+    /// The `Idempotency-Key` and the request's fingerprint.
+    pub idempotency: Option<(String, String)>,
+    pub audit: Option<(crate::audit::AuditSlot, u16)>,
+}
+
+impl ReadyCreate {
+    pub fn idempotency(&self) -> Option<Idempotency<'_>> {
+        self.idempotency
+            .as_ref()
+            .map(|(key, fingerprint)| Idempotency { key, fingerprint })
     }
-    if !engine.catalog.tenant_exists(&mut *tx, tenant).await? {
-        return Err(LifecycleError::TenantNotFound);
+
+    pub fn origin(&self) -> Origin<'_> {
+        Origin {
+            requested_by: Some(self.principal),
+            request_id: &self.request_id,
+            traceparent: self.traceparent.as_deref(),
+            idempotency: self.idempotency(),
+        }
     }
-    let found = check_references(engine, &mut tx, tenant, &req.zone, &valid).await?;
-    let footprint = rt.footprint(&valid.value, &found);
-    quotas::check(&mut tx, tenant, &kind.clone(), &req.zone, None, &footprint).await?;
-    let resource = resources::insert(
-        &mut tx,
-        &NewResource {
-            id: engine.ids.make(),
-            tenant,
-            kind: kind.clone(),
-            zone: &req.zone,
-            name: &req.name,
-            spec: &valid.value,
-            labels: &serde_json::to_value(&req.labels).expect("labels serialize"),
+
+    pub fn audit(&self) -> super::Audit<'_> {
+        self.audit.as_ref().map(|(slot, status)| (slot, *status))
+    }
+
+    /// The resource row to insert, with what it consumes.
+    pub fn resource(&self, id: Uuid, footprint: Amounts) -> NewResource<'_> {
+        NewResource {
+            id,
+            tenant: &self.tenant,
+            kind: self.rt.kind().clone(),
+            zone: &self.zone,
+            name: &self.name,
+            spec: &self.valid.value,
+            labels: &self.labels,
             phase: Phase::Provisioning,
             footprint,
-        },
-    )
-    .await
-    .map_err(|e| match crate::store::violated_constraint(&e) {
-        Some("resources_live_name") => LifecycleError::NameTaken {
-            kind: kind.to_string(),
-            name: req.name.clone(),
-        },
-        _ => e.into(),
-    })?;
+        }
+    }
+
+    /// In the transaction: checks what needs the database but takes no lock (the
+    /// tenant, the zone, catalog entries, referenced resources); returns what the new
+    /// resource consumes.
+    pub async fn admit(&self, txn: &mut Txn<'_>) -> Result<Amounts, LifecycleError> {
+        let engine = txn.engine();
+        if !engine
+            .catalog
+            .tenant_exists(&mut **txn, &self.tenant)
+            .await?
+        {
+            return Err(LifecycleError::TenantNotFound);
+        }
+        let found = check_references(engine, txn, &self.tenant, &self.zone, &self.valid).await?;
+        Ok(self.rt.footprint(&self.valid.value, &found))
+    }
+}
+
+/// Records one create in a transaction of its own.
+pub(super) async fn create_alone(
+    engine: &Engine,
+    c: &ReadyCreate,
+) -> Result<OperationRow, LifecycleError> {
+    let mut tx = Txn::begin(engine).await?;
+    tx.audit(c.audit());
+    if let Some(op) = replay(&mut tx, c.principal, c.idempotency()).await? {
+        return Ok(op);
+    }
+    let footprint = c.admit(&mut tx).await?;
+    let kind = c.rt.kind().clone();
+    quotas::check(&mut tx, &c.tenant, &kind, &c.zone, None, &footprint).await?;
+    let resource = resources::insert(&mut tx, &c.resource(engine.ids.make(), footprint))
+        .await
+        .map_err(|e| match crate::store::violated_constraint(&e) {
+            Some("resources_live_name") => LifecycleError::NameTaken {
+                kind: kind.to_string(),
+                name: c.name.clone(),
+            },
+            _ => e.into(),
+        })?;
     let op = start_operation(
         &mut tx,
-        meta.origin(),
+        c.origin(),
         &resource,
         Action::create(),
         &json!({}),
@@ -255,7 +350,7 @@ async fn lock_for_change<'e>(
     }
     let mut tx = Txn::begin(engine).await?;
     tx.audit(meta.audit);
-    if let Some(op) = replay(&mut tx, meta).await? {
+    if let Some(op) = replay(&mut tx, meta.principal.id, meta.idempotency).await? {
         return Ok(Locked::Replay(op));
     }
     let resource = resources::lock_live(&mut tx, tenant, &rt.kind().clone(), id)
@@ -385,29 +480,8 @@ pub(super) async fn start_operation(
     input: &Value,
     run_now: bool,
 ) -> sqlx::Result<OperationRow> {
-    let deadline = txn.engine().deadline();
-    let id = txn.engine().ids.make();
-    let mut op = operations::insert(
-        txn,
-        &NewOperation {
-            id,
-            tenant: &resource.tenant,
-            resource_id: resource.id,
-            kind: resource.kind.clone(),
-            zone: &resource.zone,
-            action: action.clone(),
-            state: OperationState::Queued,
-            input,
-            target_generation: resource.generation,
-            idempotency_key: origin.idempotency.map(|i| i.key),
-            request_fingerprint: origin.idempotency.map(|i| i.fingerprint),
-            requested_by: origin.requested_by,
-            request_id: origin.request_id,
-            traceparent: origin.traceparent,
-            deadline,
-        },
-    )
-    .await?;
+    let new = new_operation(txn.engine(), origin, resource, action.clone(), input);
+    let mut op = operations::insert(txn, &new).await?;
     txn.created(&op);
     if run_now {
         // The row as the dispatch left it: no second read.
@@ -417,6 +491,33 @@ pub(super) async fn start_operation(
         }
     }
     Ok(op)
+}
+
+/// A new `queued` operation on `resource`, at its generation.
+pub(super) fn new_operation<'a>(
+    engine: &Engine,
+    origin: Origin<'a>,
+    resource: &'a ResourceRow,
+    action: Action,
+    input: &'a Value,
+) -> NewOperation<'a> {
+    NewOperation {
+        id: engine.ids.make(),
+        tenant: &resource.tenant,
+        resource_id: resource.id,
+        kind: resource.kind.clone(),
+        zone: &resource.zone,
+        action,
+        state: OperationState::Queued,
+        input,
+        target_generation: resource.generation,
+        idempotency_key: origin.idempotency.map(|i| i.key),
+        request_fingerprint: origin.idempotency.map(|i| i.fingerprint),
+        requested_by: origin.requested_by,
+        request_id: origin.request_id,
+        traceparent: origin.traceparent,
+        deadline: engine.deadline(),
+    }
 }
 
 /// Checks what a spec names against the database: zone, catalog entries, bounds in

@@ -64,7 +64,7 @@ pub struct Txn<'e> {
     engine: &'e Engine,
     tx: Transaction<'static, Postgres>,
     effects: Effects,
-    audit: Option<PendingAudit>,
+    audits: Vec<PendingAudit>,
 }
 
 /// The audit entry of the request a change is made for, and the status its answer
@@ -78,28 +78,29 @@ impl<'e> Txn<'e> {
             engine,
             tx: engine.pool.begin().await?,
             effects: Effects::default(),
-            audit: None,
+            audits: Vec::new(),
         })
     }
 
     /// Records the request's audit entry in this transaction, with the status a
-    /// committed change answers.
+    /// committed change answers. A transaction that records the changes of several
+    /// requests (a group commit) records each one's entry.
     pub fn audit(&mut self, audit: Audit<'_>) {
         if let Some((slot, status)) = audit {
-            self.audit = PendingAudit::take(slot, status);
+            self.audits.extend(PendingAudit::take(slot, status));
         }
     }
 
     /// The tenant the audited request acted on, when its path did not say.
     pub fn audit_tenant(&mut self, tenant: &str) {
-        if let Some(a) = self.audit.as_mut() {
+        if let Some(a) = self.audits.last_mut() {
             a.tenant(tenant);
         }
     }
 
     /// Audits one part of the request (a report of a batch) as a row of its own.
     pub fn audit_part(&mut self, part: crate::audit::AuditPart<'_>) {
-        if let Some(a) = self.audit.as_mut() {
+        if let Some(a) = self.audits.last_mut() {
             a.part(part);
         }
     }
@@ -161,9 +162,9 @@ impl<'e> Txn<'e> {
             engine,
             tx,
             effects,
-            audit,
+            audits,
         } = self;
-        commit_with(tx, audit).await?;
+        commit_with(tx, audits).await?;
         engine.after_commit(effects).await;
         Ok(())
     }
@@ -263,20 +264,21 @@ pub(super) async fn commit_audited(
     audit: Audit<'_>,
 ) -> sqlx::Result<()> {
     let pending = audit.and_then(|(slot, status)| PendingAudit::take(slot, status));
-    commit_with(tx, pending).await
+    commit_with(tx, pending.into_iter().collect()).await
 }
 
-/// Writes the audit row in `tx`, then commits; the entry counts as written only once the
-/// commit succeeded (else it goes back to its request).
+/// Writes the audit rows in `tx` (in one statement), then commits; the entries count as
+/// written only once the commit succeeded (else each goes back to its request).
 async fn commit_with(
     mut tx: Transaction<'static, Postgres>,
-    audit: Option<PendingAudit>,
+    audits: Vec<PendingAudit>,
 ) -> sqlx::Result<()> {
-    if let Some(a) = &audit {
-        a.write(&mut tx).await?;
+    let rows: Vec<_> = audits.iter().flat_map(PendingAudit::rows).collect();
+    if !rows.is_empty() {
+        crate::audit::append_batch(&mut tx, rows).await?;
     }
     tx.commit().await?;
-    if let Some(a) = audit {
+    for a in audits {
         a.committed();
     }
     Ok(())

@@ -124,6 +124,17 @@ pub async fn advisory_xact_lock(conn: &mut PgConnection, key: i64) -> sqlx::Resu
         .map(|_| ())
 }
 
+/// Takes the transaction-scoped advisory locks `keys`, one after another in the order
+/// given (callers sort them, so that two transactions never wait on each other in a
+/// cycle), in one statement.
+pub async fn advisory_xact_locks(conn: &mut PgConnection, keys: &[i64]) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM UNNEST($1::bigint[]) AS k")
+        .bind(keys)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
 /// The SQLSTATE of a database error, if it is one.
 pub fn pg_code(e: &sqlx::Error) -> Option<String> {
     match e {

@@ -106,30 +106,49 @@ pub struct NewOperation<'a> {
 
 /// Inserts an operation.
 pub async fn insert(conn: &mut PgConnection, o: &NewOperation<'_>) -> sqlx::Result<OperationRow> {
-    sqlx::query_as(&format!(
+    let mut rows = insert_many(conn, std::slice::from_ref(o)).await?;
+    Ok(rows.pop().expect("one row inserted"))
+}
+
+/// Inserts operations in one statement, in the order given (their `seq` follows it);
+/// returns their rows in that order.
+pub async fn insert_many<'a>(
+    conn: &mut PgConnection,
+    os: &[NewOperation<'a>],
+) -> sqlx::Result<Vec<OperationRow>> {
+    let text =
+        |f: for<'x> fn(&'x NewOperation<'a>) -> &'x str| os.iter().map(f).collect::<Vec<_>>();
+    let maybe = |f: for<'x> fn(&'x NewOperation<'a>) -> Option<&'x str>| {
+        os.iter().map(f).collect::<Vec<_>>()
+    };
+    let mut rows: Vec<OperationRow> = sqlx::query_as(&format!(
         "INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, input,
              target_generation, idempotency_key, request_fingerprint, requested_by, request_id,
              traceparent, deadline)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+             $6::text[], $7::text[], $8::jsonb[], $9::bigint[], $10::text[], $11::text[],
+             $12::uuid[], $13::text[], $14::text[], $15::timestamptz[])
          RETURNING {COLUMNS}"
     ))
-    .bind(o.id)
-    .bind(o.tenant)
-    .bind(o.resource_id)
-    .bind(o.kind.as_str())
-    .bind(o.zone)
-    .bind(o.action.as_str())
-    .bind(o.state.as_str())
-    .bind(o.input)
-    .bind(o.target_generation)
-    .bind(o.idempotency_key)
-    .bind(o.request_fingerprint)
-    .bind(o.requested_by)
-    .bind(o.request_id)
-    .bind(o.traceparent)
-    .bind(o.deadline)
-    .fetch_one(conn)
-    .await
+    .bind(os.iter().map(|o| o.id).collect::<Vec<_>>())
+    .bind(text(|o| o.tenant))
+    .bind(os.iter().map(|o| o.resource_id).collect::<Vec<_>>())
+    .bind(text(|o| o.kind.as_str()))
+    .bind(text(|o| o.zone))
+    .bind(text(|o| o.action.as_str()))
+    .bind(text(|o| o.state.as_str()))
+    .bind(os.iter().map(|o| o.input).collect::<Vec<_>>())
+    .bind(os.iter().map(|o| o.target_generation).collect::<Vec<_>>())
+    .bind(maybe(|o| o.idempotency_key))
+    .bind(maybe(|o| o.request_fingerprint))
+    .bind(os.iter().map(|o| o.requested_by).collect::<Vec<_>>())
+    .bind(text(|o| o.request_id))
+    .bind(maybe(|o| o.traceparent))
+    .bind(os.iter().map(|o| o.deadline).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    rows.sort_by_key(|r| r.seq);
+    Ok(rows)
 }
 
 /// One operation.
@@ -183,14 +202,54 @@ pub async fn set_pending(
     id: Uuid,
     generation: i64,
 ) -> sqlx::Result<OperationRow> {
-    sqlx::query_as(&format!(
-        "UPDATE operations SET state = 'pending', dispatches = dispatches + 1,
-             target_generation = $2, updated_at = now()
-         WHERE id = $1 RETURNING {COLUMNS}"
+    let mut rows = set_pending_many(conn, &[(id, generation)]).await?;
+    rows.pop().ok_or(sqlx::Error::RowNotFound)
+}
+
+/// [`set_pending`] of several operations (each with its generation) in one statement;
+/// returns their rows in submission order.
+pub async fn set_pending_many(
+    conn: &mut PgConnection,
+    ops: &[(Uuid, i64)],
+) -> sqlx::Result<Vec<OperationRow>> {
+    let mut rows: Vec<OperationRow> = sqlx::query_as(&format!(
+        "UPDATE operations o SET state = 'pending', dispatches = dispatches + 1,
+             target_generation = p.generation, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::bigint[]) AS p (id, generation)
+         WHERE o.id = p.id RETURNING {}",
+        qualified("o")
     ))
-    .bind(id)
-    .bind(generation)
-    .fetch_one(conn)
+    .bind(ops.iter().map(|o| o.0).collect::<Vec<_>>())
+    .bind(ops.iter().map(|o| o.1).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    rows.sort_by_key(|r| r.seq);
+    Ok(rows)
+}
+
+/// [`COLUMNS`], each qualified by the table alias `alias`.
+fn qualified(alias: &str) -> String {
+    COLUMNS
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The operations principals submitted under keys: `(principal, key)` pairs.
+pub async fn find_by_idempotency_keys(
+    conn: &mut PgConnection,
+    keys: &[(Uuid, &str)],
+) -> sqlx::Result<Vec<OperationRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {} FROM operations o
+         JOIN UNNEST($1::uuid[], $2::text[]) AS k (principal, key)
+           ON o.requested_by = k.principal AND o.idempotency_key = k.key",
+        qualified("o")
+    ))
+    .bind(keys.iter().map(|k| k.0).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
+    .fetch_all(conn)
     .await
 }
 

@@ -26,30 +26,37 @@ pub struct OutboxRow {
 
 /// A message to write.
 #[derive(Debug, Clone)]
-pub struct NewMessage<'a> {
+pub struct NewMessage {
     /// The operation it dispatches.
     pub operation_id: Option<Uuid>,
     /// Subject.
-    pub subject: &'a str,
+    pub subject: String,
     /// `Nats-Msg-Id`.
-    pub msg_id: &'a str,
+    pub msg_id: String,
     /// Headers, a JSON object of strings.
-    pub headers: &'a Value,
+    pub headers: Value,
     /// Body.
-    pub payload: &'a Value,
+    pub payload: Value,
 }
 
 /// Writes a message in the caller's transaction.
-pub async fn insert(conn: &mut PgConnection, m: &NewMessage<'_>) -> sqlx::Result<()> {
+pub async fn insert(conn: &mut PgConnection, m: &NewMessage) -> sqlx::Result<()> {
+    insert_many(conn, std::slice::from_ref(m)).await
+}
+
+/// Writes messages in the caller's transaction, in one statement, in the order given
+/// (the relay publishes in that order).
+pub async fn insert_many(conn: &mut PgConnection, ms: &[NewMessage]) -> sqlx::Result<()> {
+    let col = |f: fn(&NewMessage) -> &Value| ms.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO outbox (operation_id, subject, msg_id, headers, payload)
-         VALUES ($1, $2, $3, $4, $5)",
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[])",
     )
-    .bind(m.operation_id)
-    .bind(m.subject)
-    .bind(m.msg_id)
-    .bind(m.headers)
-    .bind(m.payload)
+    .bind(ms.iter().map(|m| m.operation_id).collect::<Vec<_>>())
+    .bind(ms.iter().map(|m| m.subject.as_str()).collect::<Vec<_>>())
+    .bind(ms.iter().map(|m| m.msg_id.as_str()).collect::<Vec<_>>())
+    .bind(col(|m| &m.headers))
+    .bind(col(|m| &m.payload))
     .execute(conn)
     .await?;
     Ok(())

@@ -38,6 +38,28 @@ pub async fn lock(conn: &mut PgConnection, tenant: &str) -> sqlx::Result<Option<
     limits(conn, select, tenant).await
 }
 
+/// [`lock`] of several tenants in one statement, in the order given (callers sort them,
+/// so two transactions lock shared tenants in one order): the limits of those that
+/// have any.
+pub async fn lock_many(
+    conn: &mut PgConnection,
+    tenants: &[&str],
+) -> sqlx::Result<Vec<(String, Vec<Limit>)>> {
+    let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT q.tenant, q.limits FROM UNNEST($1::text[]) WITH ORDINALITY AS t (id, n)
+         JOIN quotas q ON q.tenant = t.id ORDER BY t.n FOR NO KEY UPDATE OF q",
+    )
+    .bind(tenants)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(t, j)| {
+            let limits = serde_json::from_value(j).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            Ok((t, limits))
+        })
+        .collect()
+}
+
 /// Replaces the limits of `tenant`; with none, removes its row, so its writes take no
 /// quota lock at all.
 pub async fn replace(conn: &mut PgConnection, tenant: &str, limits: &[Limit]) -> sqlx::Result<()> {

@@ -1,6 +1,6 @@
 //! Resources: desired state (`spec`), observed state (`status`) and their generations.
 
-use crate::domain::quota::Amounts;
+use crate::domain::quota::{Amounts, Dimension};
 use crate::domain::{Kind, Phase};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -72,24 +72,48 @@ pub struct NewResource<'a> {
 
 /// Inserts a resource at generation 1.
 pub async fn insert(conn: &mut PgConnection, r: &NewResource<'_>) -> sqlx::Result<ResourceRow> {
+    let mut rows = insert_many(conn, std::slice::from_ref(r)).await?;
+    Ok(rows.pop().expect("one row inserted"))
+}
+
+/// Inserts resources at generation 1 in one statement, in `(tenant, kind, name)` order:
+/// two transactions inserting names the other also inserts then wait on each other's
+/// names in one order, never in a cycle. Returns the rows in that order.
+pub async fn insert_many<'a>(
+    conn: &mut PgConnection,
+    rs: &[NewResource<'a>],
+) -> sqlx::Result<Vec<ResourceRow>> {
+    let mut rs: Vec<&NewResource> = rs.iter().collect();
+    rs.sort_by(|a, b| {
+        (a.tenant, a.kind.as_str(), a.name).cmp(&(b.tenant, b.kind.as_str(), b.name))
+    });
+    let text =
+        |f: for<'x> fn(&'x NewResource<'a>) -> &'x str| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let json = |f: for<'x> fn(&'x NewResource<'a>) -> &'x Value| {
+        rs.iter().map(|r| f(r)).collect::<Vec<_>>()
+    };
+    let amount = |d: Dimension| rs.iter().map(|r| r.footprint.get(d)).collect::<Vec<i64>>();
     sqlx::query_as(&format!(
         "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, labels,
              vcpus, memory_mb, nodes, storage_gb)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {COLUMNS}"
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+             $6::jsonb[], $7::text[], $8::jsonb[], $9::bigint[], $10::bigint[], $11::bigint[],
+             $12::bigint[])
+         RETURNING {COLUMNS}"
     ))
-    .bind(r.id)
-    .bind(r.tenant)
-    .bind(r.kind.as_str())
-    .bind(r.zone)
-    .bind(r.name)
-    .bind(r.spec)
-    .bind(r.phase.as_str())
-    .bind(r.labels)
-    .bind(r.footprint.vcpus)
-    .bind(r.footprint.memory_mb)
-    .bind(r.footprint.nodes)
-    .bind(r.footprint.storage_gb)
-    .fetch_one(conn)
+    .bind(rs.iter().map(|r| r.id).collect::<Vec<Uuid>>())
+    .bind(text(|r| r.tenant))
+    .bind(text(|r| r.kind.as_str()))
+    .bind(text(|r| r.zone))
+    .bind(text(|r| r.name))
+    .bind(json(|r| r.spec))
+    .bind(text(|r| r.phase.as_str()))
+    .bind(json(|r| r.labels))
+    .bind(amount(Dimension::Vcpus))
+    .bind(amount(Dimension::MemoryMb))
+    .bind(amount(Dimension::Nodes))
+    .bind(amount(Dimension::StorageGb))
+    .fetch_all(conn)
     .await
 }
 

@@ -32,6 +32,7 @@ async fn reconciler(app: &TestApp) -> Reconciler {
                 .await
                 .unwrap(),
             ids: Default::default(),
+            group: std::sync::Arc::new(gateway::lifecycle::group::GroupCommit::new(1)),
         },
         interval: Duration::from_secs(1),
         redispatch_after: Duration::from_secs(60),

@@ -23,6 +23,7 @@ mod faults_reconciler;
 mod faults_relay;
 mod faults_scale;
 mod faults_workers;
+mod group_commit;
 mod http_defects;
 mod labels;
 mod lifecycle;

@@ -1,0 +1,175 @@
+//! Group commit: creates that arrive together share one transaction and one commit.
+//!
+//! A create that has passed its in-process checks joins a queue. One of a few *lanes*
+//! (a semaphore; [`LANES`]) takes everything queued, up to the configured batch size,
+//! and records it in one transaction ([`super::creates::together`]): one statement per
+//! table for the whole batch instead of a round trip per row. Nothing waits for a batch
+//! to fill: a create that finds a lane free goes at once, alone; batches form from the
+//! creates that arrive while every lane is busy, so their size follows the load.
+//!
+//! **Each create is still answered on its own.** A refusal that the batch can tell
+//! (unknown tenant, zone or catalog entry, quota, a replayed `Idempotency-Key`) answers
+//! that create and leaves its neighbours alone. Any other failure of the batch's
+//! transaction — a name another write took, a tenant deleted meanwhile, a lost
+//! connection — rolls all of it back, and each of its creates is then recorded alone
+//! ([`super::submit::create_alone`]), so only the one at fault is refused.
+//!
+//! **Who does the work.** The waiting requests themselves: a create that finds its
+//! entry still queued and a lane free takes the queue and spawns the batch as a task of
+//! its own (so a client hanging up cannot abort its neighbours' transaction), then
+//! waits for its answer. A request dropped while its create is still queued withdraws
+//! it: as with a single transaction, a create whose client left before it began is not
+//! recorded.
+
+use super::submit::{create_alone, ReadyCreate};
+use super::{creates, Engine, LifecycleError};
+use crate::store::operations::OperationRow;
+use futures::StreamExt;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+/// Batches recorded at once, at most (each holds a database connection).
+pub const LANES: usize = 4;
+
+/// What a create gets.
+type Answer = Result<OperationRow, LifecycleError>;
+
+/// A create waiting for a lane.
+struct Queued {
+    ticket: u64,
+    create: ReadyCreate,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// The queue of creates and the lanes that record them.
+pub struct GroupCommit {
+    queue: Mutex<VecDeque<Queued>>,
+    lanes: Arc<Semaphore>,
+    max_batch: usize,
+    tickets: AtomicU64,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    /// Batches of up to `max_batch` creates (`1`: every create in a transaction of its
+    /// own).
+    pub fn new(max_batch: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            lanes: Arc::new(Semaphore::new(LANES)),
+            max_batch: max_batch.max(1),
+            tickets: AtomicU64::new(0),
+        }
+    }
+
+    /// Records `create`, with others that arrive meanwhile, and answers it.
+    pub(super) async fn create(&self, engine: &Engine, create: ReadyCreate) -> Answer {
+        if self.max_batch == 1 {
+            return create_alone(engine, &create).await;
+        }
+        let (reply, mut answer) = oneshot::channel();
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        self.lock().push_back(Queued {
+            ticket,
+            create,
+            reply,
+        });
+        let _withdraw = Withdraw {
+            group: self,
+            ticket,
+        };
+        loop {
+            tokio::select! {
+                biased;
+                got = &mut answer => return got.unwrap_or_else(|_| Err(lost())),
+                lane = self.lanes.clone().acquire_owned() => {
+                    let lane = lane.expect("the lanes are never closed");
+                    let batch = self.take();
+                    if batch.is_empty() {
+                        // Ours is in a batch already: wait for its answer.
+                        break;
+                    }
+                    tokio::spawn(run(engine.clone(), batch, lane));
+                }
+            }
+        }
+        answer.await.unwrap_or_else(|_| Err(lost()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
+        self.queue.lock().expect("group commit queue")
+    }
+
+    /// The oldest queued creates, up to a batch.
+    fn take(&self) -> Vec<Queued> {
+        let mut queue = self.lock();
+        let n = queue.len().min(self.max_batch);
+        queue.drain(..n).collect()
+    }
+}
+
+/// Withdraws a create whose request was dropped while it was still queued.
+struct Withdraw<'a> {
+    group: &'a GroupCommit,
+    ticket: u64,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        self.group.lock().retain(|q| q.ticket != self.ticket);
+    }
+}
+
+/// The answer of a create whose batch task ended without answering (it panicked).
+fn lost() -> LifecycleError {
+    LifecycleError::Database(sqlx::Error::Protocol(
+        "the group commit recording this create stopped".into(),
+    ))
+}
+
+/// Records `batch` and answers each create; the lane is free again when it returns.
+async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
+    engine.metrics.write_batch(batch.len());
+    let alone = if batch.len() == 1 {
+        batch
+    } else {
+        let all: Vec<&ReadyCreate> = batch.iter().map(|q| &q.create).collect();
+        match creates::together(&engine, &all).await {
+            Ok(outcomes) => {
+                let mut alone = Vec::new();
+                for (q, outcome) in batch.into_iter().zip(outcomes) {
+                    match outcome {
+                        Some(answer) => {
+                            let _ = q.reply.send(answer);
+                        }
+                        None => alone.push(q),
+                    }
+                }
+                alone
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, creates = batch.len(), "group commit failed; recording each create alone");
+                engine.metrics.write_batch_failed();
+                batch
+            }
+        }
+    };
+    futures::stream::iter(alone)
+        .for_each_concurrent(LANES, |q| {
+            let engine = &engine;
+            async move {
+                let answer = create_alone(engine, &q.create).await;
+                let _ = q.reply.send(answer);
+            }
+        })
+        .await;
+}

@@ -1,0 +1,357 @@
+//! Group commit: concurrent creates share one transaction, and each is still answered,
+//! audited and evented exactly as it would be alone.
+//!
+//! The tests make batches form deterministically: a test transaction holds the
+//! tenant's quota row, so every lane's transaction (which locks it) waits, and the
+//! creates that arrive meanwhile queue up; releasing the row lets them go in batches.
+
+use crate::common::{example_spec, metric, spawn_with, Answer, Options, TestApp};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use sqlx::{Postgres, Transaction};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+/// Batches at once (`gateway::lifecycle::group::LANES`).
+const LANES: i64 = gateway::lifecycle::group::LANES as i64;
+
+/// A tenant with a quota (count of VMs limited to `limit`).
+async fn tenant_with_quota(app: &TestApp, limit: i64) -> String {
+    let t = app.tenant().await;
+    let body = json!({"limits": [{"dimension": "count", "kind": "vm", "limit": limit}]});
+    let path = format!("/v1/tenants/{t}/quotas");
+    let a = app
+        .request(Method::PUT, &path, Some(&app.admin_key), Some(&body))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    t
+}
+
+/// Holds `tenant`'s quota row, so every create of it waits in its lane.
+async fn hold_quota(app: &TestApp, tenant: &str) -> Transaction<'static, Postgres> {
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM quotas WHERE tenant = $1 FOR UPDATE")
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// Waits until every lane waits on a row lock and `requests` requests are in flight
+/// besides those before: the rest of them are queued.
+async fn until_queued(app: &TestApp, before: f64, requests: usize) {
+    let waiting =
+        format!("pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let lanes = scalar(&app.pool, &format!("SELECT count(*) FROM {waiting}")).await;
+        let in_flight = metric(&app.url, "gateway_http_requests_in_flight").await - before;
+        if lanes == LANES && in_flight >= requests as f64 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{lanes} lanes waiting, {in_flight} requests in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// A create of a VM named `name`, with an `Idempotency-Key` if given.
+async fn create(app: &TestApp, tenant: &str, name: &str, key: Option<&str>) -> Answer {
+    let mut req = app
+        .http
+        .post(format!("{}/v1/tenants/{tenant}/vms", app.url))
+        .bearer_auth(&app.admin_key)
+        .json(&json!({"name": name, "zone": "zone-a", "spec": example_spec("vms")}));
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    Answer::read(req.send().await.unwrap()).await
+}
+
+/// Sends `names` as concurrent creates while the tenant's quota row is held, waits
+/// until all but `unblocked` of them (replays, which lock no quota) are queued or
+/// waiting, then lets them go; returns the answers, in the order of `names`.
+async fn burst(
+    app: &TestApp,
+    tenant: &str,
+    names: &[(String, Option<String>)],
+    unblocked: usize,
+) -> Vec<Answer> {
+    let before = metric(&app.url, "gateway_http_requests_in_flight").await;
+    let held = hold_quota(app, tenant).await;
+    let sent = futures::future::join_all(
+        names
+            .iter()
+            .map(|(name, key)| create(app, tenant, name, key.as_deref())),
+    );
+    let release = async {
+        until_queued(app, before, names.len() - unblocked).await;
+        held.rollback().await.unwrap();
+    };
+    let (answers, ()) = tokio::join!(sent, release);
+    answers
+}
+
+/// The event types each operation of `tenant` recorded, sorted.
+async fn events_by_operation(app: &TestApp, tenant: &str) -> BTreeMap<String, Vec<String>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT o.id::text, e.type FROM operations o
+         JOIN event_outbox e ON e.resource_id = o.resource_id
+         WHERE o.tenant = $1 ORDER BY e.id",
+    )
+    .bind(tenant)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let mut by_op: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (op, t) in rows {
+        by_op.entry(op).or_default().push(t);
+    }
+    by_op
+}
+
+fn names(prefix: &str, n: usize) -> Vec<(String, Option<String>)> {
+    (0..n).map(|i| (format!("{prefix}-{i}"), None)).collect()
+}
+
+#[tokio::test]
+async fn queued_creates_share_transactions_and_each_is_answered_audited_and_evented_alone() {
+    let app = spawn_with(Options::api_only()).await;
+    let t = tenant_with_quota(&app, 30).await;
+    // One create alone first: what every create of the burst must record too.
+    let alone = create(&app, &t, "alone", None).await;
+    assert_eq!(alone.status, StatusCode::ACCEPTED, "{:?}", alone.body);
+    let batches_before = metric(&app.url, "gateway_write_batch_size_count").await;
+    let answers = burst(&app, &t, &names("vm", 40), 0).await;
+
+    // 29 fit beside the first; each of the others is refused on its own.
+    let accepted: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .collect();
+    assert_eq!(accepted.len(), 29);
+    for a in answers.iter().filter(|a| a.status != StatusCode::ACCEPTED) {
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::CONFLICT, "quota_exceeded")
+        );
+        assert_eq!(a.body["details"]["used"], 30, "{:?}", a.body);
+    }
+    let ids: HashSet<&str> = accepted
+        .iter()
+        .map(|a| a.body["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 29);
+    assert_eq!(
+        app.count(&format!("resources WHERE tenant = '{t}'")).await,
+        30
+    );
+    assert_eq!(
+        app.count(&format!(
+            "outbox o JOIN operations p ON p.id = o.operation_id WHERE p.tenant = '{t}'"
+        ))
+        .await,
+        30
+    );
+
+    // They went in batches: fewer transactions than creates, some of several.
+    let all = metric(&app.url, "gateway_write_batch_size_count").await;
+    let ones = metric(&app.url, "gateway_write_batch_size_bucket{le=\"1.0\"}").await;
+    assert!(all - batches_before < 40.0, "{all} batches for 40 creates");
+    assert!(ones < all, "every batch held one create");
+    assert_eq!(
+        metric(&app.url, "gateway_write_batch_failures_total").await,
+        0.0
+    );
+
+    // Each operation is pending with the events a create alone records.
+    let events = events_by_operation(&app, &t).await;
+    let model = &events[alone.body["id"].as_str().unwrap()];
+    assert!(model.iter().any(|e| e == "operation.pending"), "{model:?}");
+    for a in &accepted {
+        assert_eq!(a.body["state"], "pending", "{:?}", a.body);
+        let id = a.body["id"].as_str().unwrap();
+        assert_eq!(&events[id], model, "events of {id}");
+    }
+
+    // One audit row per request, with its own request ID and status.
+    for a in &answers {
+        let request = a.header("x-request-id").unwrap().to_owned();
+        let status = a.status.as_u16();
+        app.wait_audit(
+            &format!("request_id = '{request}' AND status = {status}"),
+            1,
+        )
+        .await;
+        let rows = app
+            .count(&format!("audit_log WHERE request_id = '{request}'"))
+            .await;
+        assert_eq!(rows, 1, "audit rows of {request}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_whose_transaction_fails_records_each_of_its_creates_alone() {
+    let app = spawn_with(Options::api_only()).await;
+    let t = tenant_with_quota(&app, 1000).await;
+    // Twelve creates of one name among eight others: a batch holding two of them (or
+    // one, once the name is taken) fails on the unique name as a whole.
+    let mut sent = names("other", 8);
+    sent.extend((0..12).map(|_| ("same".to_owned(), None)));
+    let answers = burst(&app, &t, &sent, 0).await;
+    let (others, same) = answers.split_at(8);
+    assert!(
+        others.iter().all(|a| a.status == StatusCode::ACCEPTED),
+        "{others:?}"
+    );
+    let won: Vec<_> = same
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .collect();
+    assert_eq!(won.len(), 1, "{same:?}");
+    for a in same.iter().filter(|a| a.status != StatusCode::ACCEPTED) {
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::CONFLICT, "name_taken"),
+            "{:?}",
+            a.body
+        );
+    }
+    assert!(metric(&app.url, "gateway_write_batch_failures_total").await >= 1.0);
+    assert_eq!(
+        app.count(&format!("resources WHERE tenant = '{t}'")).await,
+        9
+    );
+    assert_eq!(
+        app.count(&format!("operations WHERE tenant = '{t}'")).await,
+        9
+    );
+    for a in &answers {
+        let request = a.header("x-request-id").unwrap().to_owned();
+        let status = a.status.as_u16();
+        app.wait_audit(
+            &format!("request_id = '{request}' AND status = {status}"),
+            1,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_honoured_within_and_across_batches() {
+    let app = spawn_with(Options::api_only()).await;
+    let t = tenant_with_quota(&app, 1000).await;
+    let earlier = create(&app, &t, "earlier", Some("key-0")).await;
+    assert_eq!(earlier.status, StatusCode::ACCEPTED);
+    let key = |k: &str| Some(k.to_owned());
+    let mut sent = vec![
+        ("earlier".to_owned(), key("key-0")),
+        ("twice".to_owned(), key("key-1")),
+        ("twice".to_owned(), key("key-1")),
+        ("twice".to_owned(), key("key-1")),
+        ("not-twice".to_owned(), key("key-1")),
+    ];
+    sent.extend((0..6).map(|i| (format!("keyed-{i}"), key(&format!("key-x{i}")))));
+    // The replay of key-0 locks no quota row: it may be answered at once.
+    let answers = burst(&app, &t, &sent, 1).await;
+
+    assert_eq!(answers[0].status, StatusCode::ACCEPTED);
+    assert_eq!(
+        answers[0].body["id"], earlier.body["id"],
+        "a replay of key-0"
+    );
+    // key-1: whichever body came first made the operation; the others with that body
+    // get it again, those with the other body are refused.
+    let winner = answers[1..5]
+        .iter()
+        .zip(&sent[1..5])
+        .find(|(a, _)| a.status == StatusCode::ACCEPTED)
+        .map(|(a, s)| (a.body["id"].clone(), s.0.clone()))
+        .expect("one key-1 create is accepted");
+    for (a, (name, _)) in answers[1..5].iter().zip(&sent[1..5]) {
+        if *name == winner.1 {
+            assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+            assert_eq!(a.body["id"], winner.0);
+        } else {
+            assert_eq!(a.code(), "idempotency_key_reused", "{:?}", a.body);
+        }
+    }
+    assert!(answers[5..]
+        .iter()
+        .all(|a| a.status == StatusCode::ACCEPTED));
+    // earlier, key-1's one, and six others.
+    assert_eq!(
+        app.count(&format!("operations WHERE tenant = '{t}'")).await,
+        8
+    );
+}
+
+#[tokio::test]
+async fn a_create_whose_client_leaves_while_it_is_queued_is_not_recorded() {
+    let app = spawn_with(Options::api_only()).await;
+    let t = tenant_with_quota(&app, 1000).await;
+    let before = metric(&app.url, "gateway_http_requests_in_flight").await;
+    let held = hold_quota(&app, &t).await;
+    let lanes = futures::future::join_all((0..LANES).map(|i| {
+        let (app, t) = (&app, &t);
+        async move { create(app, t, &format!("lane-{i}"), None).await }
+    }));
+    let leaver = async {
+        until_queued(&app, before, LANES as usize).await;
+        // Every lane waits: this one queues, and its client gives up.
+        let gone = app
+            .http
+            .post(format!("{}/v1/tenants/{t}/vms", app.url))
+            .bearer_auth(&app.admin_key)
+            .timeout(Duration::from_millis(300))
+            .json(&json!({"name": "gone", "zone": "zone-a", "spec": example_spec("vms")}))
+            .send()
+            .await;
+        assert!(gone.unwrap_err().is_timeout());
+        // The server notices the hang-up and drops the request.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metric(&app.url, "gateway_http_requests_in_flight").await - before > LANES as f64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the request stays in flight"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        held.rollback().await.unwrap();
+    };
+    let (answers, ()) = tokio::join!(lanes, leaver);
+    assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        app.count(&format!("resources WHERE tenant = '{t}'")).await,
+        LANES
+    );
+    assert_eq!(app.count("resources WHERE name = 'gone'").await, 0);
+}
+
+#[tokio::test]
+async fn with_a_batch_of_one_every_create_has_a_transaction_of_its_own() {
+    let app = spawn_with(Options {
+        tweak: |c| c.write_batch = 1,
+        ..Options::api_only()
+    })
+    .await;
+    let t = app.tenant().await;
+    let answers = futures::future::join_all((0..10).map(|i| {
+        let (app, t) = (&app, &t);
+        async move { create(app, t, &format!("vm-{i}"), None).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED));
+    assert_eq!(
+        metric(&app.url, "gateway_write_batch_size_count").await,
+        0.0
+    );
+}
