@@ -239,7 +239,7 @@ async fn raw_insert_rows(pool: &sqlx::PgPool, clients: usize, tenant: &str, n: u
             let oid = uuid::Uuid::now_v7();
             let spec = json!({"flavor": "m1.small", "image": "debian-12", "power_state": "running"});
             sqlx::query("INSERT INTO resources (id, tenant, kind, zone, name, spec, phase) VALUES ($1, $2, 'vm', 'zone-a', $3, $4, 'provisioning')")
-                .bind(rid).bind(tenant).bind(format!("raw{i}")).bind(&spec)
+                .bind(rid).bind(tenant).bind(format!("raw{clients}-{i}")).bind(&spec)
                 .execute(&mut *tx).await.unwrap();
             sqlx::query("INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, target_generation, request_id, deadline) VALUES ($1, $2, $3, 'vm', 'zone-a', 'create', 'pending', 1, 'raw', now() + interval '1 hour')")
                 .bind(oid).bind(tenant).bind(rid)

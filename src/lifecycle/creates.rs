@@ -6,8 +6,8 @@
 //! zone, catalog, references); the quota rows of the batch's tenants (locked in tenant
 //! order) and the quota check of each create, in queue order, each seeing the usage of
 //! the creates accepted before it; then one insert of the resources, one of the
-//! operations, one update making them `pending`, one insert of their outbox rows and
-//! one of their audit rows; then the commit. The rows, events and audit entries are
+//! operations (`pending`), one of their outbox rows and one of their audit rows; then
+//! the commit. The rows, events and audit entries are
 //! exactly those a create alone writes.
 
 use super::quotas::Ledger;
@@ -176,6 +176,7 @@ async fn record(
             resource,
             Action::create(),
             &input,
+            true,
         ));
     }
     let ops = operations::insert_many(tx, &new_ops).await?;
@@ -184,9 +185,9 @@ async fn record(
         tx.created(op);
         pairs.push((op, resource_of(&op.resource_id)?));
     }
-    let pending = dispatch::enqueue_many(tx, &pairs).await?;
+    dispatch::write_messages(tx, &pairs).await?;
     for ((i, _), id) in accepted.iter().zip(&ids) {
-        let op = pending
+        let op = ops
             .iter()
             .find(|o| o.resource_id == *id)
             .ok_or(sqlx::Error::RowNotFound)?;

@@ -19,29 +19,22 @@ pub async fn enqueue(
     op: &OperationRow,
     resource: &ResourceRow,
 ) -> sqlx::Result<OperationRow> {
-    let mut pending = enqueue_many(txn, &[(op, resource)]).await?;
-    Ok(pending.pop().expect("one operation enqueued"))
+    let pending = operations::set_pending(txn, op.id, resource.generation).await?;
+    write_messages(txn, &[(&pending, resource)]).await?;
+    Ok(pending)
 }
 
-/// [`enqueue`] of several operations, each with its resource, in two statements;
-/// returns the operations as they are now, in submission order.
-pub async fn enqueue_many(
+/// Writes the current message of each operation (already `pending`, with its
+/// `dispatches` counting this message) on its resource, in one statement.
+pub async fn write_messages(
     txn: &mut Txn<'_>,
     ops: &[(&OperationRow, &ResourceRow)],
-) -> sqlx::Result<Vec<OperationRow>> {
-    let generations: Vec<_> = ops.iter().map(|(o, r)| (o.id, r.generation)).collect();
-    let pending = operations::set_pending_many(txn, &generations).await?;
-    let mut messages = Vec::with_capacity(pending.len());
-    for op in &pending {
-        let resource = ops
-            .iter()
-            .find(|(o, _)| o.id == op.id)
-            .map(|(_, r)| *r)
-            .ok_or(sqlx::Error::RowNotFound)?;
-        messages.push(message(txn.engine(), op, resource)?);
-    }
-    outbox::insert_many(txn, &messages).await?;
-    Ok(pending)
+) -> sqlx::Result<()> {
+    let messages = ops
+        .iter()
+        .map(|(op, resource)| message(txn.engine(), op, resource))
+        .collect::<sqlx::Result<Vec<_>>>()?;
+    outbox::insert_many(txn, &messages).await
 }
 
 /// The dispatch message of `op` (just made pending) on `resource`.

@@ -470,7 +470,8 @@ async fn patch_labels(
     Ok(resources::set_labels(txn, resource.id, &value).await?)
 }
 
-/// Inserts an operation on `resource`: `pending` with its outbox row when `run_now`,
+/// Inserts an operation on `resource`: `pending` with its outbox row when `run_now`
+/// (its events are still `operation.created` then `operation.pending`: migration 0016),
 /// else `queued` behind the resource's active operation.
 pub(super) async fn start_operation(
     txn: &mut Txn<'_>,
@@ -480,12 +481,18 @@ pub(super) async fn start_operation(
     input: &Value,
     run_now: bool,
 ) -> sqlx::Result<OperationRow> {
-    let new = new_operation(txn.engine(), origin, resource, action.clone(), input);
-    let mut op = operations::insert(txn, &new).await?;
+    let new = new_operation(
+        txn.engine(),
+        origin,
+        resource,
+        action.clone(),
+        input,
+        run_now,
+    );
+    let op = operations::insert(txn, &new).await?;
     txn.created(&op);
     if run_now {
-        // The row as the dispatch left it: no second read.
-        op = dispatch::enqueue(txn, &op, resource).await?;
+        dispatch::write_messages(txn, &[(&op, resource)]).await?;
         if !action.is_create() {
             resources::set_phase(txn, resource.id, Phase::on_start(&action)).await?;
         }
@@ -493,14 +500,20 @@ pub(super) async fn start_operation(
     Ok(op)
 }
 
-/// A new `queued` operation on `resource`, at its generation.
+/// A new operation on `resource`, at its generation: `pending` with its first message
+/// when it runs at once (`run_now`), else `queued`.
 pub(super) fn new_operation<'a>(
     engine: &Engine,
     origin: Origin<'a>,
     resource: &'a ResourceRow,
     action: Action,
     input: &'a Value,
+    run_now: bool,
 ) -> NewOperation<'a> {
+    let (state, dispatches) = match run_now {
+        true => (OperationState::Pending, 1),
+        false => (OperationState::Queued, 0),
+    };
     NewOperation {
         id: engine.ids.make(),
         tenant: &resource.tenant,
@@ -508,7 +521,8 @@ pub(super) fn new_operation<'a>(
         kind: resource.kind.clone(),
         zone: &resource.zone,
         action,
-        state: OperationState::Queued,
+        state,
+        dispatches,
         input,
         target_generation: resource.generation,
         idempotency_key: origin.idempotency.map(|i| i.key),

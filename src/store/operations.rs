@@ -84,8 +84,10 @@ pub struct NewOperation<'a> {
     pub zone: &'a str,
     /// What to do.
     pub action: Action,
-    /// `queued` or `pending`.
+    /// `queued`, or `pending` for one that runs at once (with its first message).
     pub state: OperationState,
+    /// Messages written for it with it: 0 when `queued`, 1 when `pending`.
+    pub dispatches: i32,
     /// Action arguments.
     pub input: &'a Value,
     /// Generation it converges on.
@@ -124,10 +126,10 @@ pub async fn insert_many<'a>(
     let mut rows: Vec<OperationRow> = sqlx::query_as(&format!(
         "INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, input,
              target_generation, idempotency_key, request_fingerprint, requested_by, request_id,
-             traceparent, deadline)
+             traceparent, deadline, dispatches)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
              $6::text[], $7::text[], $8::jsonb[], $9::bigint[], $10::text[], $11::text[],
-             $12::uuid[], $13::text[], $14::text[], $15::timestamptz[])
+             $12::uuid[], $13::text[], $14::text[], $15::timestamptz[], $16::int[])
          RETURNING {COLUMNS}"
     ))
     .bind(os.iter().map(|o| o.id).collect::<Vec<_>>())
@@ -145,6 +147,7 @@ pub async fn insert_many<'a>(
     .bind(text(|o| o.request_id))
     .bind(maybe(|o| o.traceparent))
     .bind(os.iter().map(|o| o.deadline).collect::<Vec<_>>())
+    .bind(os.iter().map(|o| o.dispatches).collect::<Vec<_>>())
     .fetch_all(conn)
     .await?;
     rows.sort_by_key(|r| r.seq);
@@ -202,29 +205,15 @@ pub async fn set_pending(
     id: Uuid,
     generation: i64,
 ) -> sqlx::Result<OperationRow> {
-    let mut rows = set_pending_many(conn, &[(id, generation)]).await?;
-    rows.pop().ok_or(sqlx::Error::RowNotFound)
-}
-
-/// [`set_pending`] of several operations (each with its generation) in one statement;
-/// returns their rows in submission order.
-pub async fn set_pending_many(
-    conn: &mut PgConnection,
-    ops: &[(Uuid, i64)],
-) -> sqlx::Result<Vec<OperationRow>> {
-    let mut rows: Vec<OperationRow> = sqlx::query_as(&format!(
-        "UPDATE operations o SET state = 'pending', dispatches = dispatches + 1,
-             target_generation = p.generation, updated_at = now()
-         FROM UNNEST($1::uuid[], $2::bigint[]) AS p (id, generation)
-         WHERE o.id = p.id RETURNING {}",
-        qualified("o")
+    sqlx::query_as(&format!(
+        "UPDATE operations SET state = 'pending', dispatches = dispatches + 1,
+             target_generation = $2, updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
     ))
-    .bind(ops.iter().map(|o| o.0).collect::<Vec<_>>())
-    .bind(ops.iter().map(|o| o.1).collect::<Vec<_>>())
-    .fetch_all(conn)
-    .await?;
-    rows.sort_by_key(|r| r.seq);
-    Ok(rows)
+    .bind(id)
+    .bind(generation)
+    .fetch_one(conn)
+    .await
 }
 
 /// [`COLUMNS`], each qualified by the table alias `alias`.
