@@ -65,6 +65,9 @@ pub struct Config {
     /// `POST /v1/reports` (1–100, default 64; `1` sends each alone), as for the `worker`
     /// binary.
     pub worker_report_batch: usize,
+    /// `WORKER_CONCURRENCY`: messages each of `up`'s in-process worker pools handles at
+    /// once (1–1024, default 16), as for the `worker` binary.
+    pub worker_concurrency: usize,
     /// `GATEWAY_WRITE_BATCH`: most creates recorded in one transaction by the group
     /// commit (1–256, default 32; `1` gives each create a transaction of its own).
     pub write_batch: usize,
@@ -306,6 +309,7 @@ impl fmt::Debug for Config {
             .field("relay_concurrent_passes", &self.relay_concurrent_passes)
             .field("worker_report_batch", &self.worker_report_batch)
             .field("write_batch", &self.write_batch)
+            .field("worker_concurrency", &self.worker_concurrency)
             .field("relay_poll_interval", &self.relay_poll_interval)
             .field("publish_timeout", &self.publish_timeout)
             .field("reconcile_interval", &self.reconcile_interval)
@@ -646,6 +650,11 @@ impl Config {
                 gateway_proto::MAX_BATCH_REPORTS,
             )?,
             write_batch: env.at_most("GATEWAY_WRITE_BATCH", DEFAULT_WRITE_BATCH, 256)?,
+            worker_concurrency: env.at_most(
+                "WORKER_CONCURRENCY",
+                workers::PoolConfig::DEFAULT_CONCURRENCY,
+                1024,
+            )?,
             relay_poll_interval: env.millis("RELAY_POLL_INTERVAL_MS", 1000)?,
             publish_timeout: env.millis("NATS_PUBLISH_TIMEOUT_MS", 5000)?,
             reconcile_interval: env.millis("RECONCILE_INTERVAL_MS", 5000)?,
@@ -712,6 +721,7 @@ impl Config {
             relay_concurrent_passes: 2,
             worker_report_batch: workers::PoolConfig::DEFAULT_REPORT_BATCH,
             write_batch: DEFAULT_WRITE_BATCH,
+            worker_concurrency: workers::PoolConfig::DEFAULT_CONCURRENCY,
             relay_poll_interval: Duration::from_millis(200),
             publish_timeout: Duration::from_secs(5),
             reconcile_interval: Duration::from_millis(500),
@@ -853,6 +863,7 @@ mod tests {
         assert_eq!(c.worker_report_batch, 64);
         assert_eq!(c.relay_concurrent_passes, 2);
         assert_eq!(c.write_batch, 32);
+        assert_eq!(c.worker_concurrency, 16);
         assert!(c.log_json);
         assert_eq!(c.rate_limits.burst.get(), 9);
         assert_eq!(c.stream_replicas, None);
