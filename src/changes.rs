@@ -5,25 +5,40 @@
 //! process directly, and to other replicas over a core NATS subject (a report may land
 //! on any replica while the client waits on another). A notification only says "look
 //! again": waiters re-read the database, so a duplicate costs one read and a lost one
-//! costs at most the waiter's safety re-check.
+//! costs at most the waiter's safety re-check. Only the waiters of the changed
+//! operation are woken.
 
 use bytes::Bytes;
 use futures::StreamExt;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::broadcast;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Capacity of the in-process channel; a waiter that falls this far behind re-reads.
-const CAPACITY: usize = 4096;
+/// The first line of an announcement on NATS: `from <process>`, so a process skips its
+/// own (its waiters were told directly). Other lines are operation IDs; a receiver that
+/// does not know this line ignores it as it ignores anything that is not an ID.
+const FROM: &str = "from ";
 
 /// The notifier. Cheap to clone.
+///
+/// Waiters register their interest in one operation ([`Changes::interest`]); an
+/// announcement wakes the waiters of that operation only, so its cost does not grow with
+/// the number of long-polls open on other operations.
 #[derive(Clone)]
 pub struct Changes {
-    local: broadcast::Sender<Uuid>,
+    waiters: Arc<Mutex<HashMap<Uuid, Waiting>>>,
     remote: Option<(async_nats::Client, String)>,
+    /// This process, in its announcements on NATS.
+    origin: Arc<str>,
+}
+
+/// The waiters of one operation.
+struct Waiting {
+    notify: Arc<Notify>,
+    count: usize,
 }
 
 impl Default for Changes {
@@ -36,21 +51,43 @@ impl Changes {
     /// A notifier; with `remote`, also across processes through that NATS subject.
     pub fn new(remote: Option<(async_nats::Client, String)>) -> Self {
         Self {
-            local: broadcast::channel(CAPACITY).0,
+            waiters: Arc::default(),
             remote,
+            origin: Uuid::new_v4().simple().to_string().into(),
         }
     }
 
-    /// Receives the IDs of operations that changed from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
-        self.local.subscribe()
+    /// Registers interest in operation `id` until the returned [`Interest`] is dropped.
+    pub fn interest(&self, id: Uuid) -> Interest {
+        let mut waiters = self.waiters.lock().expect("change waiters");
+        let entry = waiters.entry(id).or_insert_with(|| Waiting {
+            notify: Arc::new(Notify::new()),
+            count: 0,
+        });
+        entry.count += 1;
+        Interest {
+            id,
+            notify: entry.notify.clone(),
+            waiters: self.waiters.clone(),
+        }
+    }
+
+    /// Wakes this process's waiters of `ids`.
+    fn wake(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let waiters = self.waiters.lock().expect("change waiters");
+        if waiters.is_empty() {
+            return;
+        }
+        for id in ids {
+            if let Some(w) = waiters.get(&id) {
+                w.notify.notify_waiters();
+            }
+        }
     }
 
     /// Announces that `ids` changed. Best effort; never blocks the caller for long.
     pub async fn publish(&self, ids: &[Uuid]) {
-        for id in ids {
-            let _ = self.local.send(*id);
-        }
+        self.wake(ids.iter().copied());
         if let Some((client, subject)) = &self.remote {
             if client.connection_state() != async_nats::connection::State::Connected {
                 return;
@@ -58,8 +95,12 @@ impl Changes {
             if ids.is_empty() {
                 return;
             }
-            let body: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-            let publish = client.publish(subject.clone(), Bytes::from(body.join("\n")));
+            let mut body = format!("{FROM}{}", self.origin);
+            for id in ids {
+                body.push('\n');
+                body.push_str(&id.to_string());
+            }
+            let publish = client.publish(subject.clone(), Bytes::from(body));
             let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
         }
     }
@@ -83,12 +124,42 @@ impl Changes {
                 msg = sub.next() => match msg {
                     Some(m) => {
                         let text = std::str::from_utf8(&m.payload).unwrap_or_default();
-                        for id in text.lines().filter_map(|l| l.parse().ok()) {
-                            let _ = self.local.send(id);
+                        let mut lines = text.lines().peekable();
+                        if lines.peek().and_then(|l| l.strip_prefix(FROM)) == Some(&*self.origin) {
+                            continue;
                         }
+                        self.wake(lines.filter_map(|l| l.parse().ok()));
                     }
                     None => return,
                 },
+            }
+        }
+    }
+}
+
+/// A waiter's interest in one operation's changes (see [`Changes::interest`]).
+pub struct Interest {
+    id: Uuid,
+    notify: Arc<Notify>,
+    waiters: Arc<Mutex<HashMap<Uuid, Waiting>>>,
+}
+
+impl Interest {
+    /// A future that resolves at the next announcement of the operation. Enable it
+    /// (`Notified::enable`) before reading the operation, so that a change announced
+    /// between the read and the wait is not missed.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        let mut waiters = self.waiters.lock().expect("change waiters");
+        if let Some(w) = waiters.get_mut(&self.id) {
+            w.count -= 1;
+            if w.count == 0 {
+                waiters.remove(&self.id);
             }
         }
     }
@@ -143,5 +214,50 @@ impl Wake {
                 let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_announcement_wakes_the_waiters_of_its_operation_only() {
+        let changes = Changes::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let (on_a, on_b) = (changes.interest(a), changes.interest(b));
+        let (woken_a, woken_b) = (on_a.notified(), on_b.notified());
+        tokio::pin!(woken_a, woken_b);
+        woken_a.as_mut().enable();
+        woken_b.as_mut().enable();
+        changes.publish(&[a]).await;
+        let quick = Duration::from_millis(50);
+        assert!(tokio::time::timeout(quick, woken_a).await.is_ok());
+        assert!(tokio::time::timeout(quick, woken_b).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_announcement_between_the_read_and_the_wait_is_not_lost() {
+        let changes = Changes::default();
+        let id = Uuid::new_v4();
+        let interest = changes.interest(id);
+        let woken = interest.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        // (the waiter reads the operation here; the change lands meanwhile)
+        changes.publish(&[id]).await;
+        let quick = Duration::from_millis(50);
+        assert!(tokio::time::timeout(quick, woken).await.is_ok());
+    }
+
+    #[test]
+    fn the_last_waiter_to_leave_removes_its_operation() {
+        let changes = Changes::default();
+        let id = Uuid::new_v4();
+        let (first, second) = (changes.interest(id), changes.interest(id));
+        drop(first);
+        assert_eq!(changes.waiters.lock().unwrap().len(), 1);
+        drop(second);
+        assert!(changes.waiters.lock().unwrap().is_empty());
     }
 }

@@ -17,7 +17,6 @@ use axum::{Json, Router};
 use gateway_proto::{Report, ReportAck};
 use serde::Deserialize;
 use std::time::Duration;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use utoipa::IntoParams;
 use uuid::Uuid;
@@ -121,28 +120,25 @@ pub async fn read(
         })
         .transpose()?;
     let id = path_id(&id, "operation")?;
-    // Subscribe before the first read, so no change between the two is missed.
-    let mut changes = state.engine.changes.subscribe();
-    let mut op = operations::get(&state.engine.pool, id)
-        .await?
-        .filter(|op| visible(&principal, op, &state.engine))
-        .ok_or_else(|| ApiError::not_found("operation"))?;
-    if let Some(wait) = wait {
+    // Interest before the first read, so no change between the two is missed.
+    let interest = wait.map(|_| state.engine.changes.interest(id));
+    let mut op = read_visible(&state, &principal, id).await?;
+    if let (Some(wait), Some(interest)) = (wait, interest) {
         let deadline = Instant::now() + wait;
         let initial = op.state;
-        while !op.state.is_terminal() && op.state == initial && Instant::now() < deadline {
+        loop {
+            let changed = interest.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if op.state.is_terminal() || op.state != initial || Instant::now() >= deadline {
+                break;
+            }
             let recheck = tokio::time::sleep_until(deadline.min(Instant::now() + RECHECK));
             tokio::select! {
-                changed = changes.recv() => match changed {
-                    Ok(changed) if changed != id => continue,
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => break,
-                },
+                _ = changed => {}
                 _ = recheck => {}
             }
-            op = operations::get(&state.engine.pool, id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("operation"))?;
+            op = read_visible(&state, &principal, id).await?;
         }
     }
     let done = op.state.is_terminal();
@@ -152,6 +148,18 @@ pub async fn read(
             .insert(header::RETRY_AFTER, HeaderValue::from(POLL_AFTER_SECS));
     }
     Ok(res)
+}
+
+/// Operation `id`, if `principal` may see it.
+async fn read_visible(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    id: Uuid,
+) -> Result<OperationRow, ApiError> {
+    operations::get(&state.engine.pool, id)
+        .await?
+        .filter(|op| visible(principal, op, &state.engine))
+        .ok_or_else(|| ApiError::not_found("operation"))
 }
 
 /// Filters and paging of operation lists.
