@@ -360,6 +360,17 @@ pub struct RateLimits {
     pub anonymous_burst: NonZeroU32,
 }
 
+impl RateLimits {
+    fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> anyhow::Result<Self> {
+        Ok(Self {
+            per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
+            burst: env.var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
+            anonymous_per_second: env.var("GATEWAY_RATE_LIMIT_ANONYMOUS_PER_SECOND", nz(5))?,
+            anonymous_burst: env.var("GATEWAY_RATE_LIMIT_ANONYMOUS_BURST", nz(20))?,
+        })
+    }
+}
+
 /// One region of several (see README, "Regions").
 #[derive(Clone)]
 pub struct RegionSettings {
@@ -674,12 +685,7 @@ impl Config {
             region: RegionSettings::from_env(&env)?,
             max_connections: env.positive("GATEWAY_MAX_CONNECTIONS", 4096usize)?,
             idempotency_retention: env.secs("GATEWAY_IDEMPOTENCY_RETENTION_SECONDS", 86_400)?,
-            rate_limits: RateLimits {
-                per_second: env.var("GATEWAY_RATE_LIMIT_PER_SECOND", nz(200))?,
-                burst: env.var("GATEWAY_RATE_LIMIT_BURST", nz(400))?,
-                anonymous_per_second: env.var("GATEWAY_RATE_LIMIT_ANONYMOUS_PER_SECOND", nz(5))?,
-                anonymous_burst: env.var("GATEWAY_RATE_LIMIT_ANONYMOUS_BURST", nz(20))?,
-            },
+            rate_limits: RateLimits::from_env(&env)?,
         })
     }
 
