@@ -119,6 +119,20 @@ async fn events_by_operation(app: &TestApp, tenant: &str) -> BTreeMap<String, Ve
     by_op
 }
 
+/// Each request answered left one audit row, with its own request ID and its status.
+async fn audited_once_each(app: &TestApp, answers: &[Answer]) {
+    for a in answers {
+        let request = a.header("x-request-id").unwrap().to_owned();
+        let status = a.status.as_u16();
+        let row = format!("request_id = '{request}' AND status = {status}");
+        app.wait_audit(&row, 1).await;
+        let rows = app
+            .count(&format!("audit_log WHERE request_id = '{request}'"))
+            .await;
+        assert_eq!(rows, 1, "audit rows of {request}");
+    }
+}
+
 fn names(prefix: &str, n: usize) -> Vec<(String, Option<String>)> {
     (0..n).map(|i| (format!("{prefix}-{i}"), None)).collect()
 }
@@ -190,20 +204,7 @@ async fn queued_creates_share_transactions_and_each_is_answered_audited_and_even
         assert_eq!(&events[id], model, "events of {id}");
     }
 
-    // One audit row per request, with its own request ID and status.
-    for a in &answers {
-        let request = a.header("x-request-id").unwrap().to_owned();
-        let status = a.status.as_u16();
-        app.wait_audit(
-            &format!("request_id = '{request}' AND status = {status}"),
-            1,
-        )
-        .await;
-        let rows = app
-            .count(&format!("audit_log WHERE request_id = '{request}'"))
-            .await;
-        assert_eq!(rows, 1, "audit rows of {request}");
-    }
+    audited_once_each(&app, &answers).await;
 }
 
 #[tokio::test]
@@ -242,15 +243,7 @@ async fn a_batch_whose_transaction_fails_records_each_of_its_creates_alone() {
         app.count(&format!("operations WHERE tenant = '{t}'")).await,
         9
     );
-    for a in &answers {
-        let request = a.header("x-request-id").unwrap().to_owned();
-        let status = a.status.as_u16();
-        app.wait_audit(
-            &format!("request_id = '{request}' AND status = {status}"),
-            1,
-        )
-        .await;
-    }
+    audited_once_each(&app, &answers).await;
 }
 
 #[tokio::test]

@@ -437,11 +437,7 @@ async fn actions_change_the_desired_state_and_workers_converge_on_it() {
 #[tokio::test]
 async fn a_long_poll_on_one_replica_returns_on_a_change_made_on_another() {
     let d = common::Deployment::new(&common::pg_base(), &common::nats_url(), &[]).await;
-    let (a, b) = (
-        common::Gateway::serve(&d.env).await,
-        common::Gateway::serve(&d.env).await,
-    );
-    let (ca, cb) = (d.client(&a.url()), d.client(&b.url()));
+    let [(a, ca), (_b, cb)] = d.two_replicas().await;
     let t = d.tenant(&a.url()).await;
     let op = ca
         .create(&t, "vms", "web", "zone-a", example_spec("vms"))

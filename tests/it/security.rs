@@ -952,11 +952,7 @@ async fn keys_never_appear_in_the_logs_even_at_trace_level() {
 #[tokio::test]
 async fn a_key_revoked_on_one_replica_stops_working_on_another_within_a_second() {
     let d = common::Deployment::new(&common::pg_base(), &common::nats_url(), &[]).await;
-    let (a, b) = (
-        common::Gateway::serve(&d.env).await,
-        common::Gateway::serve(&d.env).await,
-    );
-    let (ca, cb) = (d.client(&a.url()), d.client(&b.url()));
+    let [(a, ca), (b, cb)] = d.two_replicas().await;
     let t = d.tenant(&a.url()).await;
     let made = ca
         .post(&format!("/v1/tenants/{t}/keys"), json!({"role": "reader"}))

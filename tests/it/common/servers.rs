@@ -585,6 +585,16 @@ impl Deployment {
         deployment
     }
 
+    /// Two `gateway serve` replicas of this deployment, and an admin client of each.
+    pub async fn two_replicas(&self) -> [(Gateway, Client); 2] {
+        let (a, b) = (
+            Gateway::serve(&self.env).await,
+            Gateway::serve(&self.env).await,
+        );
+        let (ca, cb) = (self.client(&a.url()), self.client(&b.url()));
+        [(a, ca), (b, cb)]
+    }
+
     /// A client of the API at `url` (one of this deployment's `gateway serve`), with the
     /// admin key.
     pub fn client(&self, url: &str) -> Client {
