@@ -466,7 +466,7 @@ impl<'c> Assembly<'c> {
         let app = if api {
             api::router(state)
         } else {
-            api::health::router().with_state(state)
+            api::health::router_needing_nats().with_state(state)
         };
         let limits = crate::serve::Limits {
             header_timeout: self.config.header_timeout,

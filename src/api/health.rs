@@ -9,11 +9,27 @@ use serde::Serialize;
 use std::time::Duration;
 use utoipa::ToSchema;
 
-/// The routes of this module.
+/// The routes of this module, for a process serving the API: ready while the database
+/// answers. With NATS down it still serves reads and takes writes into the outbox, so
+/// `/readyz` says so in its body and stays `200`: taking every replica out of its load
+/// balancer for a broker outage would turn a delay into an outage.
 pub fn router() -> Router<AppState> {
+    routes(false)
+}
+
+/// The routes of this module, for a process without the API (a relay), whose work needs
+/// NATS: `/readyz` fails while either is down.
+pub fn router_needing_nats() -> Router<AppState> {
+    routes(true)
+}
+
+fn routes(needs_nats: bool) -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route(
+            "/readyz",
+            get(move |state: State<AppState>| readiness(state, needs_nats)),
+        )
         .route("/metrics", get(metrics))
 }
 
@@ -44,15 +60,25 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// The database and NATS are reachable; `503` says which is not.
+/// The database is reachable (`503` otherwise); the body also says whether NATS is. A
+/// gateway with NATS down stays ready: it serves reads and takes writes into the outbox,
+/// which the relay publishes once NATS is back.
 #[utoipa::path(
     get, path = "/readyz", tag = "health",
     responses(
-        (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "Not ready", body = Readiness),
+        (status = 200, description = "Ready: the database answers (`nats` may say `unavailable`: writes wait in the outbox)", body = Readiness),
+        (status = 503, description = "Not ready: the database does not answer", body = Readiness),
     )
 )]
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+pub async fn readyz(state: State<AppState>) -> (StatusCode, Json<Readiness>) {
+    readiness(state, false).await
+}
+
+/// Readiness: the database, and NATS too when `needs_nats`.
+async fn readiness(
+    State(state): State<AppState>,
+    needs_nats: bool,
+) -> (StatusCode, Json<Readiness>) {
     let database = if state.db.is_down() {
         // Known down: the prober says when it is back; no need to wait on the pool.
         "unavailable: unreachable (probing)".to_owned()
@@ -74,7 +100,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         async_nats::connection::State::Connected => "ok".to_owned(),
         other => format!("unavailable: {other}"),
     };
-    let status = if database == "ok" && nats == "ok" {
+    let status = if database == "ok" && (nats == "ok" || !needs_nats) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

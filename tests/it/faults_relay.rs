@@ -211,8 +211,29 @@ async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The API stays ready (it takes writes) and says NATS is down; the relay, whose
+    // work needs NATS, is not ready.
+    let ready = |url: String| {
+        let http = d.http.clone();
+        async move {
+            let res = http.get(format!("{url}/readyz")).send().await.unwrap();
+            (res.status(), res.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, body) = ready(api.url()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["database"], "ok", "{body}");
+    assert!(
+        body["nats"].as_str().unwrap().starts_with("unavailable"),
+        "{body}"
+    );
+    let (status, body) = ready(relay.url()).await;
+    assert_eq!(status, 503, "{body}");
+
     nats.resume();
     d.wait_all_terminal(Duration::from_secs(60)).await;
+    let (status, body) = ready(relay.url()).await;
+    assert_eq!(status, 200, "the relay is ready again: {body}");
     for id in during.iter().chain([&before]) {
         let (state, ..) = d.operation(*id).await;
         assert_eq!(state, "succeeded", "{id}\nrelay:\n{}", relay.log());
