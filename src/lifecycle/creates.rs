@@ -6,7 +6,7 @@
 //! zone, catalog, references); the quota rows of the batch's tenants (locked in tenant
 //! order) and the quota check of each create, in queue order, each seeing the usage of
 //! the creates accepted before it; then one insert of the resources, one of the
-//! operations (`pending`), one of their outbox rows and one of their audit rows; then
+//! operations (`pending`) with their outbox rows, and one of their audit rows; then
 //! the commit. The rows, events and audit entries are
 //! exactly those a create alone writes.
 
@@ -167,6 +167,7 @@ async fn record(
     };
     let input = serde_json::json!({});
     let mut new_ops = Vec::with_capacity(accepted.len());
+    let mut on = Vec::with_capacity(accepted.len());
     for ((i, _), id) in accepted.iter().zip(&ids) {
         let resource = resource_of(id)?;
         let origin = creates[*i].origin();
@@ -178,14 +179,12 @@ async fn record(
             &input,
             true,
         ));
+        on.push(resource);
     }
-    let ops = operations::insert_many(tx, &new_ops).await?;
-    let mut pairs = Vec::with_capacity(ops.len());
+    let ops = dispatch::insert_dispatched(tx, &new_ops, &on).await?;
     for op in &ops {
         tx.created(op);
-        pairs.push((op, resource_of(&op.resource_id)?));
     }
-    dispatch::write_messages(tx, &pairs).await?;
     for ((i, _), id) in accepted.iter().zip(&ids) {
         let op = ops
             .iter()

@@ -1,11 +1,14 @@
 //! Writing an operation's dispatch message to the outbox.
 
 use super::txn::Txn;
-use crate::store::{
-    operations, operations::OperationRow, outbox, resources, resources::ResourceRow,
-};
+use crate::domain::Action;
+use crate::store::operations::{self, NewOperation, OperationRow};
+use crate::store::{outbox, resources, resources::ResourceRow};
+use chrono::{DateTime, Utc};
 use gateway_proto::{Dispatch, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use serde_json::json;
+use serde_json::Value;
+use uuid::Uuid;
 
 /// Makes `op` pending and writes its message, in the caller's transaction (whose commit
 /// rings the relay); returns the operation as it is now.
@@ -32,15 +35,77 @@ pub async fn write_messages(
 ) -> sqlx::Result<()> {
     let messages = ops
         .iter()
-        .map(|(op, resource)| message(txn.engine(), op, resource))
+        .map(|(op, resource)| message(txn.engine(), About::from(*op), resource))
         .collect::<sqlx::Result<Vec<_>>>()?;
     outbox::insert_many(txn, &messages).await
 }
 
-/// The dispatch message of `op` (just made pending) on `resource`.
+/// Inserts new operations that run at once (`pending`, their first message counted),
+/// each on the resource at the same place in `resources`, with their messages, in one
+/// statement; returns their rows in submission order.
+pub async fn insert_dispatched(
+    txn: &mut Txn<'_>,
+    ops: &[NewOperation<'_>],
+    resources: &[&ResourceRow],
+) -> sqlx::Result<Vec<OperationRow>> {
+    let messages = ops
+        .iter()
+        .zip(resources)
+        .map(|(op, resource)| message(txn.engine(), About::from(op), resource))
+        .collect::<sqlx::Result<Vec<_>>>()?;
+    operations::insert_many_dispatched(txn, ops, &messages).await
+}
+
+/// What a dispatch message says of its operation.
+struct About<'a> {
+    id: Uuid,
+    tenant: &'a str,
+    zone: &'a str,
+    action: &'a Action,
+    input: &'a Value,
+    deadline: DateTime<Utc>,
+    request_id: &'a str,
+    traceparent: Option<&'a str>,
+    /// The message's number: its `Nats-Msg-Id` is `{id}.{dispatches}`.
+    dispatches: i32,
+}
+
+impl<'a> From<&'a OperationRow> for About<'a> {
+    fn from(op: &'a OperationRow) -> Self {
+        Self {
+            id: op.id,
+            tenant: &op.tenant,
+            zone: &op.zone,
+            action: &op.action,
+            input: &op.input,
+            deadline: op.deadline,
+            request_id: &op.request_id,
+            traceparent: op.traceparent.as_deref(),
+            dispatches: op.dispatches,
+        }
+    }
+}
+
+impl<'a> From<&'a NewOperation<'a>> for About<'a> {
+    fn from(op: &'a NewOperation<'a>) -> Self {
+        Self {
+            id: op.id,
+            tenant: op.tenant,
+            zone: op.zone,
+            action: &op.action,
+            input: op.input,
+            deadline: op.deadline,
+            request_id: op.request_id,
+            traceparent: op.traceparent,
+            dispatches: op.dispatches,
+        }
+    }
+}
+
+/// The dispatch message of operation `op` (just made pending) on `resource`.
 fn message(
     engine: &super::Engine,
-    op: &OperationRow,
+    op: About<'_>,
     resource: &ResourceRow,
 ) -> sqlx::Result<outbox::NewMessage> {
     let service = engine
@@ -51,10 +116,10 @@ fn message(
         .ok_or_else(|| {
             sqlx::Error::Protocol(format!("no resource type {} is registered", resource.kind))
         })?;
-    let subject = gateway_proto::ops_subject(&engine.names.subject_prefix, &service, &op.zone);
+    let subject = gateway_proto::ops_subject(&engine.names.subject_prefix, &service, op.zone);
     let payload = Dispatch {
         operation_id: op.id,
-        tenant: op.tenant.clone(),
+        tenant: op.tenant.to_owned(),
         resource_id: resource.id,
         kind: resource.kind.clone(),
         zone: resource.zone.clone(),
@@ -66,7 +131,7 @@ fn message(
         deadline: op.deadline,
     };
     let mut headers = json!({ REQUEST_ID_HEADER: op.request_id });
-    if let Some(tp) = &op.traceparent {
+    if let Some(tp) = op.traceparent {
         headers[TRACEPARENT_HEADER] = json!(tp);
     }
     Ok(outbox::NewMessage {

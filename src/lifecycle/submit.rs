@@ -489,10 +489,14 @@ pub(super) async fn start_operation(
         input,
         run_now,
     );
-    let op = operations::insert(txn, &new).await?;
+    let op = if run_now {
+        let mut ops = dispatch::insert_dispatched(txn, &[new], &[resource]).await?;
+        ops.pop().expect("one operation inserted")
+    } else {
+        operations::insert(txn, &new).await?
+    };
     txn.created(&op);
     if run_now {
-        dispatch::write_messages(txn, &[(&op, resource)]).await?;
         if !action.is_create() {
             resources::set_phase(txn, resource.id, Phase::on_start(&action)).await?;
         }

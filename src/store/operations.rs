@@ -114,44 +114,99 @@ pub async fn insert(conn: &mut PgConnection, o: &NewOperation<'_>) -> sqlx::Resu
 
 /// Inserts operations in one statement, in the order given (their `seq` follows it);
 /// returns their rows in that order.
-pub async fn insert_many<'a>(
+pub async fn insert_many(
     conn: &mut PgConnection,
-    os: &[NewOperation<'a>],
+    os: &[NewOperation<'_>],
 ) -> sqlx::Result<Vec<OperationRow>> {
-    let text =
-        |f: for<'x> fn(&'x NewOperation<'a>) -> &'x str| os.iter().map(f).collect::<Vec<_>>();
-    let maybe = |f: for<'x> fn(&'x NewOperation<'a>) -> Option<&'x str>| {
-        os.iter().map(f).collect::<Vec<_>>()
-    };
-    let mut rows: Vec<OperationRow> = sqlx::query_as(&format!(
+    let sql = format!("{} RETURNING {COLUMNS}", insert_sql(1));
+    let mut rows: Vec<OperationRow> = bind_all(sqlx::query_as(&sql), os).fetch_all(conn).await?;
+    rows.sort_by_key(|r| r.seq);
+    Ok(rows)
+}
+
+/// [`insert_many`] of operations made `pending` at once, with their first messages
+/// (`messages`, in the order the relay is to publish them), in one statement.
+pub async fn insert_many_dispatched(
+    conn: &mut PgConnection,
+    os: &[NewOperation<'_>],
+    messages: &[super::outbox::NewMessage],
+) -> sqlx::Result<Vec<OperationRow>> {
+    let sql = format!(
+        "WITH m AS ({}) {} RETURNING {COLUMNS}",
+        super::outbox::insert_sql(INSERT_PARAMS + 1),
+        insert_sql(1)
+    );
+    let query = bind_all(sqlx::query_as(&sql), os);
+    let mut rows: Vec<OperationRow> = super::outbox::bind_all(query, messages)
+        .fetch_all(conn)
+        .await?;
+    rows.sort_by_key(|r| r.seq);
+    Ok(rows)
+}
+
+/// The parameters of [`insert_sql`].
+const INSERT_PARAMS: usize = 16;
+
+/// The insert of operations from arrays bound from `$first` on ([`bind_all`]).
+fn insert_sql(first: usize) -> String {
+    let types = [
+        "uuid",
+        "text",
+        "uuid",
+        "text",
+        "text",
+        "text",
+        "text",
+        "jsonb",
+        "bigint",
+        "text",
+        "text",
+        "uuid",
+        "text",
+        "text",
+        "timestamptz",
+        "int",
+    ];
+    let arrays: Vec<String> = (first..)
+        .zip(types)
+        .map(|(n, t)| format!("${n}::{t}[]"))
+        .collect();
+    format!(
         "INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, input,
              target_generation, idempotency_key, request_fingerprint, requested_by, request_id,
              traceparent, deadline, dispatches)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-             $6::text[], $7::text[], $8::jsonb[], $9::bigint[], $10::text[], $11::text[],
-             $12::uuid[], $13::text[], $14::text[], $15::timestamptz[], $16::int[])
-         RETURNING {COLUMNS}"
-    ))
-    .bind(os.iter().map(|o| o.id).collect::<Vec<_>>())
-    .bind(text(|o| o.tenant))
-    .bind(os.iter().map(|o| o.resource_id).collect::<Vec<_>>())
-    .bind(text(|o| o.kind.as_str()))
-    .bind(text(|o| o.zone))
-    .bind(text(|o| o.action.as_str()))
-    .bind(text(|o| o.state.as_str()))
-    .bind(os.iter().map(|o| o.input).collect::<Vec<_>>())
-    .bind(os.iter().map(|o| o.target_generation).collect::<Vec<_>>())
-    .bind(maybe(|o| o.idempotency_key))
-    .bind(maybe(|o| o.request_fingerprint))
-    .bind(os.iter().map(|o| o.requested_by).collect::<Vec<_>>())
-    .bind(text(|o| o.request_id))
-    .bind(maybe(|o| o.traceparent))
-    .bind(os.iter().map(|o| o.deadline).collect::<Vec<_>>())
-    .bind(os.iter().map(|o| o.dispatches).collect::<Vec<_>>())
-    .fetch_all(conn)
-    .await?;
-    rows.sort_by_key(|r| r.seq);
-    Ok(rows)
+         SELECT * FROM UNNEST({})",
+        arrays.join(", ")
+    )
+}
+
+/// Binds the column arrays of `os`, in [`insert_sql`]'s order.
+fn bind_all<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    os: &'q [NewOperation<'_>],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    let text =
+        |f: for<'x> fn(&'x NewOperation<'_>) -> &'x str| os.iter().map(f).collect::<Vec<_>>();
+    let maybe = |f: for<'x> fn(&'x NewOperation<'_>) -> Option<&'x str>| {
+        os.iter().map(f).collect::<Vec<_>>()
+    };
+    query
+        .bind(os.iter().map(|o| o.id).collect::<Vec<_>>())
+        .bind(text(|o| o.tenant))
+        .bind(os.iter().map(|o| o.resource_id).collect::<Vec<_>>())
+        .bind(text(|o| o.kind.as_str()))
+        .bind(text(|o| o.zone))
+        .bind(text(|o| o.action.as_str()))
+        .bind(text(|o| o.state.as_str()))
+        .bind(os.iter().map(|o| o.input).collect::<Vec<_>>())
+        .bind(os.iter().map(|o| o.target_generation).collect::<Vec<_>>())
+        .bind(maybe(|o| o.idempotency_key))
+        .bind(maybe(|o| o.request_fingerprint))
+        .bind(os.iter().map(|o| o.requested_by).collect::<Vec<_>>())
+        .bind(text(|o| o.request_id))
+        .bind(maybe(|o| o.traceparent))
+        .bind(os.iter().map(|o| o.deadline).collect::<Vec<_>>())
+        .bind(os.iter().map(|o| o.dispatches).collect::<Vec<_>>())
 }
 
 /// One operation.

@@ -47,19 +47,38 @@ pub async fn insert(conn: &mut PgConnection, m: &NewMessage) -> sqlx::Result<()>
 /// Writes messages in the caller's transaction, in one statement, in the order given
 /// (the relay publishes in that order).
 pub async fn insert_many(conn: &mut PgConnection, ms: &[NewMessage]) -> sqlx::Result<()> {
-    let col = |f: fn(&NewMessage) -> &Value| ms.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
-        "INSERT INTO outbox (operation_id, subject, msg_id, headers, payload)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[])",
-    )
-    .bind(ms.iter().map(|m| m.operation_id).collect::<Vec<_>>())
-    .bind(ms.iter().map(|m| m.subject.as_str()).collect::<Vec<_>>())
-    .bind(ms.iter().map(|m| m.msg_id.as_str()).collect::<Vec<_>>())
-    .bind(col(|m| &m.headers))
-    .bind(col(|m| &m.payload))
-    .execute(conn)
-    .await?;
+    let sql = insert_sql(1);
+    // No rows come back: the row type is never decoded.
+    let _: Vec<(i64,)> = bind_all(sqlx::query_as(&sql), ms).fetch_all(conn).await?;
     Ok(())
+}
+
+/// The insert of messages from arrays bound from `$first` on ([`bind_all`]).
+pub(super) fn insert_sql(first: usize) -> String {
+    let n = |i: usize| first + i;
+    format!(
+        "INSERT INTO outbox (operation_id, subject, msg_id, headers, payload)
+         SELECT * FROM UNNEST(${}::uuid[], ${}::text[], ${}::text[], ${}::jsonb[], ${}::jsonb[])",
+        n(0),
+        n(1),
+        n(2),
+        n(3),
+        n(4)
+    )
+}
+
+/// Binds the column arrays of `ms`, in [`insert_sql`]'s order.
+pub(super) fn bind_all<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ms: &'q [NewMessage],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    let col = |f: fn(&NewMessage) -> &Value| ms.iter().map(f).collect::<Vec<_>>();
+    query
+        .bind(ms.iter().map(|m| m.operation_id).collect::<Vec<_>>())
+        .bind(ms.iter().map(|m| m.subject.as_str()).collect::<Vec<_>>())
+        .bind(ms.iter().map(|m| m.msg_id.as_str()).collect::<Vec<_>>())
+        .bind(col(|m| &m.headers))
+        .bind(col(|m| &m.payload))
 }
 
 /// Claims up to `limit` of the oldest messages; other relays skip them until the
