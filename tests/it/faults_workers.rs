@@ -130,10 +130,13 @@ async fn a_report_sent_while_the_gateway_is_down_lands_when_it_returns_and_then_
         &d.create(&api.url(), &tenant, "vms", "slow-web", "zone-a")
             .await,
     );
+    // Running in the database is not enough: the gateway commits before it answers, and
+    // a kill in between leaves the worker retrying its `running` report instead of
+    // driving. The driver starting means the worker has its answer.
     until(
         Duration::from_secs(20),
-        "the worker reports running",
-        || async { d.operation(op).await.0 == "running" },
+        "the worker reports running and its driver starts",
+        || async { d.operation(op).await.0 == "running" && driver.executions(op) == 1 },
     )
     .await;
     api.kill();
