@@ -245,6 +245,16 @@ mod tests {
         assert!(!outcome(broken).unwrap_err().is_transient());
     }
 
+    /// A first attempt's `running` report.
+    fn running() -> Report {
+        Report {
+            attempt: 1,
+            state: gateway_proto::ReportState::Running,
+            status: None,
+            error: None,
+        }
+    }
+
     #[tokio::test]
     async fn a_gateway_without_the_batch_route_gets_each_report_on_its_own() {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -268,12 +278,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         let reporter = BatchReporter::new(GatewayClient::new(&url, "k").unwrap(), 16);
-        let report = Report {
-            attempt: 1,
-            state: gateway_proto::ReportState::Running,
-            status: None,
-            error: None,
-        };
+        let report = running();
         let trace = TraceHeaders::default();
         // One task at a time: all ten are queued before the sender looks, so they leave
         // as one batch, which this gateway answers 404.
@@ -299,12 +304,7 @@ mod tests {
             .port();
         let client = GatewayClient::new(&format!("http://127.0.0.1:{port}"), "k").unwrap();
         let reporter = BatchReporter::new(client, 16);
-        let report = Report {
-            attempt: 1,
-            state: gateway_proto::ReportState::Running,
-            status: None,
-            error: None,
-        };
+        let report = running();
         let trace = TraceHeaders::default();
         let answers = futures::future::join_all(
             (0..20).map(|_| reporter.report(Uuid::now_v7(), &report, &trace)),
