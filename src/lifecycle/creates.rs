@@ -124,7 +124,7 @@ async fn within_quotas(
         .collect();
     tenants.sort_unstable();
     tenants.dedup();
-    let mut ledgers: BTreeMap<String, Ledger> = Ledger::lock_many(tx, &tenants).await?;
+    let mut ledgers: BTreeMap<String, Ledger> = Ledger::lock(tx, &tenants).await?;
     if ledgers.is_empty() {
         return Ok(admitted);
     }

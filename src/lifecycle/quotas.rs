@@ -57,17 +57,12 @@ pub(super) async fn check(
     before: Option<Uuid>,
     next: &Amounts,
 ) -> Result<(), LifecycleError> {
-    let Some(limits) = quotas::lock(txn, tenant).await? else {
+    let Some(mut ledger) = Ledger::lock(txn, &[tenant]).await?.remove(tenant) else {
         return Ok(());
     };
     let before = match before {
         Some(id) => quotas::footprint(&mut **txn, id).await?,
         None => Amounts::default(),
-    };
-    let mut ledger = Ledger {
-        tenant: tenant.to_owned(),
-        limits,
-        usage: None,
     };
     ledger.admit(txn, kind, zone, &next.minus(&before)).await
 }
@@ -84,11 +79,11 @@ pub(super) struct Ledger {
 impl Ledger {
     /// Locks the quota rows of `tenants` (sorted) and returns the ledgers of those that
     /// have limits.
-    pub async fn lock_many(
+    pub async fn lock(
         txn: &mut Txn<'_>,
         tenants: &[&str],
     ) -> sqlx::Result<BTreeMap<String, Ledger>> {
-        Ok(quotas::lock_many(txn, tenants)
+        Ok(quotas::lock(txn, tenants)
             .await?
             .into_iter()
             .map(|(tenant, limits)| {

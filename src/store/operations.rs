@@ -4,6 +4,7 @@ use crate::domain::{Action, Kind, OperationState};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor};
+use std::sync::LazyLock;
 use uuid::Uuid;
 
 const COLUMNS: &str = "id, seq, tenant, resource_id, kind, zone, action, state, attempt, \
@@ -118,8 +119,9 @@ pub async fn insert_many(
     conn: &mut PgConnection,
     os: &[NewOperation<'_>],
 ) -> sqlx::Result<Vec<OperationRow>> {
-    let sql = format!("{} RETURNING {COLUMNS}", insert_sql(1));
-    let mut rows: Vec<OperationRow> = bind_all(sqlx::query_as(&sql), os).fetch_all(conn).await?;
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("{} RETURNING {COLUMNS}", insert_sql(1)));
+    let mut rows: Vec<OperationRow> = bind_all(sqlx::query_as(&SQL), os).fetch_all(conn).await?;
     rows.sort_by_key(|r| r.seq);
     Ok(rows)
 }
@@ -131,12 +133,14 @@ pub async fn insert_many_dispatched(
     os: &[NewOperation<'_>],
     messages: &[super::outbox::NewMessage],
 ) -> sqlx::Result<Vec<OperationRow>> {
-    let sql = format!(
-        "WITH m AS ({}) {} RETURNING {COLUMNS}",
-        super::outbox::insert_sql(INSERT_PARAMS + 1),
-        insert_sql(1)
-    );
-    let query = bind_all(sqlx::query_as(&sql), os);
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH m AS ({}) {} RETURNING {COLUMNS}",
+            super::outbox::insert_sql(INSERT_PARAMS + 1),
+            insert_sql(1)
+        )
+    });
+    let query = bind_all(sqlx::query_as(&SQL), os);
     let mut rows: Vec<OperationRow> = super::outbox::bind_all(query, messages)
         .fetch_all(conn)
         .await?;
@@ -271,25 +275,14 @@ pub async fn set_pending(
     .await
 }
 
-/// [`COLUMNS`], each qualified by the table alias `alias`.
-fn qualified(alias: &str) -> String {
-    COLUMNS
-        .split(", ")
-        .map(|c| format!("{alias}.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// The operations principals submitted under keys: `(principal, key)` pairs.
 pub async fn find_by_idempotency_keys(
     conn: &mut PgConnection,
     keys: &[(Uuid, &str)],
 ) -> sqlx::Result<Vec<OperationRow>> {
     sqlx::query_as(&format!(
-        "SELECT {} FROM operations o
-         JOIN UNNEST($1::uuid[], $2::text[]) AS k (principal, key)
-           ON o.requested_by = k.principal AND o.idempotency_key = k.key",
-        qualified("o")
+        "SELECT {COLUMNS} FROM operations WHERE (requested_by, idempotency_key) IN
+             (SELECT * FROM UNNEST($1::uuid[], $2::text[]))"
     ))
     .bind(keys.iter().map(|k| k.0).collect::<Vec<_>>())
     .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
@@ -303,13 +296,9 @@ pub async fn find_by_idempotency_key(
     principal: Uuid,
     key: &str,
 ) -> sqlx::Result<Option<OperationRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM operations WHERE requested_by = $1 AND idempotency_key = $2"
-    ))
-    .bind(principal)
-    .bind(key)
-    .fetch_optional(conn)
-    .await
+    Ok(find_by_idempotency_keys(conn, &[(principal, key)])
+        .await?
+        .pop())
 }
 
 /// Records that a client asked to cancel an operation a worker may be running.

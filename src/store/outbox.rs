@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor};
+use std::sync::LazyLock;
 use uuid::Uuid;
 
 /// A message waiting to be published.
@@ -47,9 +48,9 @@ pub async fn insert(conn: &mut PgConnection, m: &NewMessage) -> sqlx::Result<()>
 /// Writes messages in the caller's transaction, in one statement, in the order given
 /// (the relay publishes in that order).
 pub async fn insert_many(conn: &mut PgConnection, ms: &[NewMessage]) -> sqlx::Result<()> {
-    let sql = insert_sql(1);
+    static SQL: LazyLock<String> = LazyLock::new(|| insert_sql(1));
     // No rows come back: the row type is never decoded.
-    let _: Vec<(i64,)> = bind_all(sqlx::query_as(&sql), ms).fetch_all(conn).await?;
+    let _: Vec<(i64,)> = bind_all(sqlx::query_as(&SQL), ms).fetch_all(conn).await?;
     Ok(())
 }
 

@@ -21,8 +21,12 @@ async fn limits(
         .bind(tenant)
         .fetch_optional(db)
         .await?;
-    json.map(|j| serde_json::from_value(j).map_err(|e| sqlx::Error::Decode(Box::new(e))))
-        .transpose()
+    json.map(decode).transpose()
+}
+
+/// Limits as stored (a JSON array).
+fn decode(json: serde_json::Value) -> sqlx::Result<Vec<Limit>> {
+    serde_json::from_value(json).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
 /// The limits of `tenant`; `None` when it has none.
@@ -30,18 +34,12 @@ pub async fn get(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Option<V
     limits(db, "SELECT limits FROM quotas WHERE tenant = $1", tenant).await
 }
 
-/// Locks the quota row of `tenant` for the rest of the transaction and returns its
-/// limits; `None` (and no lock) when it has none. Every write checked against the
-/// quota takes this lock, so the checks of one tenant's writes run one at a time.
-pub async fn lock(conn: &mut PgConnection, tenant: &str) -> sqlx::Result<Option<Vec<Limit>>> {
-    let select = "SELECT limits FROM quotas WHERE tenant = $1 FOR NO KEY UPDATE";
-    limits(conn, select, tenant).await
-}
-
-/// [`lock`] of several tenants in one statement, in the order given (callers sort them,
-/// so two transactions lock shared tenants in one order): the limits of those that
-/// have any.
-pub async fn lock_many(
+/// Locks the quota rows of `tenants` for the rest of the transaction, in the order
+/// given (callers sort them, so two transactions lock shared tenants in one order), and
+/// returns the limits of those that have any; a tenant without limits has no row and
+/// takes no lock. Every write checked against the quota takes this lock, so the checks
+/// of one tenant's writes run one at a time.
+pub async fn lock(
     conn: &mut PgConnection,
     tenants: &[&str],
 ) -> sqlx::Result<Vec<(String, Vec<Limit>)>> {
@@ -52,12 +50,7 @@ pub async fn lock_many(
     .bind(tenants)
     .fetch_all(conn)
     .await?;
-    rows.into_iter()
-        .map(|(t, j)| {
-            let limits = serde_json::from_value(j).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-            Ok((t, limits))
-        })
-        .collect()
+    rows.into_iter().map(|(t, j)| Ok((t, decode(j)?))).collect()
 }
 
 /// Replaces the limits of `tenant`; with none, removes its row, so its writes take no
