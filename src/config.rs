@@ -664,7 +664,7 @@ impl Config {
             worker_concurrency: env.at_most(
                 "WORKER_CONCURRENCY",
                 workers::PoolConfig::DEFAULT_CONCURRENCY,
-                1024,
+                workers::PoolConfig::MAX_CONCURRENCY,
             )?,
             relay_poll_interval: env.millis("RELAY_POLL_INTERVAL_MS", 1000)?,
             publish_timeout: env.millis("NATS_PUBLISH_TIMEOUT_MS", 5000)?,
@@ -897,6 +897,10 @@ mod tests {
             (
                 &[("WORKER_REPORT_BATCH", "101")][..],
                 "WORKER_REPORT_BATCH: must be between 1 and 100, got 101",
+            ),
+            (
+                &[("WORKER_CONCURRENCY", "1025")][..],
+                "WORKER_CONCURRENCY: must be between 1 and 1024, got 1025",
             ),
             (
                 &[("GATEWAY_WRITE_BATCH", "257")][..],

@@ -14,22 +14,19 @@ use utoipa::ToSchema;
 /// `/readyz` says so in its body and stays `200`: taking every replica out of its load
 /// balancer for a broker outage would turn a delay into an outage.
 pub fn router() -> Router<AppState> {
-    routes(false)
+    liveness().route("/readyz", get(readyz))
 }
 
 /// The routes of this module, for a process without the API (a relay), whose work needs
 /// NATS: `/readyz` fails while either is down.
 pub fn router_needing_nats() -> Router<AppState> {
-    routes(true)
+    liveness().route("/readyz", get(|state| readiness(state, true)))
 }
 
-fn routes(needs_nats: bool) -> Router<AppState> {
+/// `/healthz` and `/metrics`.
+fn liveness() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
-        .route(
-            "/readyz",
-            get(move |state: State<AppState>| readiness(state, needs_nats)),
-        )
         .route("/metrics", get(metrics))
 }
 

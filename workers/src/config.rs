@@ -92,6 +92,8 @@ impl PoolConfig {
     pub const DEFAULT_MAX_DELIVER: i64 = 5;
     /// Default of [`PoolConfig::concurrency`] in the `worker` binary.
     pub const DEFAULT_CONCURRENCY: usize = 16;
+    /// Most of [`PoolConfig::concurrency`] (`WORKER_CONCURRENCY`).
+    pub const MAX_CONCURRENCY: usize = 1024;
     /// Default of [`PoolConfig::report_batch`].
     pub const DEFAULT_REPORT_BATCH: usize = 64;
 
@@ -266,8 +268,11 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         token("OPS_STREAM", &stream)?;
         let concurrency: usize =
             self.parse("WORKER_CONCURRENCY", PoolConfig::DEFAULT_CONCURRENCY)?;
-        if !(1..=1024).contains(&concurrency) {
-            bail!("WORKER_CONCURRENCY: must be between 1 and 1024, got {concurrency}");
+        if !(1..=PoolConfig::MAX_CONCURRENCY).contains(&concurrency) {
+            bail!(
+                "WORKER_CONCURRENCY: must be between 1 and {}, got {concurrency}",
+                PoolConfig::MAX_CONCURRENCY
+            );
         }
         let report_batch: usize =
             self.parse("WORKER_REPORT_BATCH", PoolConfig::DEFAULT_REPORT_BATCH)?;
