@@ -21,9 +21,13 @@ use crate::store::resources::{self, ResourceRow};
 use std::collections::{BTreeMap, HashSet};
 use uuid::Uuid;
 
-/// What becomes of one create of a batch: its answer, or `None` when it must be recorded
-/// alone after the batch (its `Idempotency-Key` came twice in the batch).
-pub(super) type Outcome = Option<Result<OperationRow, LifecycleError>>;
+/// What becomes of one create of a batch.
+pub(super) enum Outcome {
+    /// Its answer.
+    Answer(Result<OperationRow, LifecycleError>),
+    /// To be recorded alone after the batch (its `Idempotency-Key` came twice in it).
+    Alone,
+}
 
 /// Records `creates` in one transaction. `Err` when the transaction failed: then nothing
 /// of it was written and every create is to be recorded alone.
@@ -42,7 +46,7 @@ pub(super) async fn together(
         match c.admit(&mut tx).await {
             Ok(footprint) => admitted.push((i, footprint)),
             Err(LifecycleError::Database(e)) => return Err(e),
-            Err(refused) => out[i] = Some(Some(Err(refused))),
+            Err(refused) => out[i] = Some(Outcome::Answer(Err(refused))),
         }
     }
     let accepted = within_quotas(&mut tx, creates, admitted, &mut out).await?;
@@ -74,7 +78,7 @@ async fn replays(
         if seen.insert((c.principal, idem.key)) {
             keyed.push(i);
         } else {
-            out[i] = Some(None);
+            out[i] = Some(Outcome::Alone);
         }
     }
     if keyed.is_empty() {
@@ -103,8 +107,8 @@ async fn replays(
         let idem = creates[i].idempotency().expect("keyed");
         match replayed(op.cloned(), idem) {
             Ok(None) => {}
-            Ok(Some(op)) => out[i] = Some(Some(Ok(op))),
-            Err(refused) => out[i] = Some(Some(Err(refused))),
+            Ok(Some(op)) => out[i] = Some(Outcome::Answer(Ok(op))),
+            Err(refused) => out[i] = Some(Outcome::Answer(Err(refused))),
         }
     }
     Ok(())
@@ -138,7 +142,7 @@ async fn within_quotas(
         match ledger.admit(tx, c.rt.kind(), &c.zone, &footprint).await {
             Ok(()) => accepted.push((i, footprint)),
             Err(LifecycleError::Database(e)) => return Err(e),
-            Err(refused) => out[i] = Some(Some(Err(refused))),
+            Err(refused) => out[i] = Some(Outcome::Answer(Err(refused))),
         }
     }
     Ok(accepted)
@@ -190,7 +194,7 @@ async fn record(
             .iter()
             .find(|o| o.resource_id == *id)
             .ok_or(sqlx::Error::RowNotFound)?;
-        out[*i] = Some(Some(Ok(op.clone())));
+        out[*i] = Some(Outcome::Answer(Ok(op.clone())));
         tx.audit(creates[*i].audit());
     }
     Ok(())

@@ -152,10 +152,10 @@ async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
                 let mut alone = Vec::new();
                 for (q, outcome) in batch.into_iter().zip(outcomes) {
                     match outcome {
-                        Some(answer) => {
+                        creates::Outcome::Answer(answer) => {
                             let _ = q.reply.send(answer);
                         }
-                        None => alone.push(q),
+                        creates::Outcome::Alone => alone.push(q),
                     }
                 }
                 alone
