@@ -13,7 +13,7 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -166,20 +166,32 @@ impl Drop for Interest {
 }
 
 /// The relay's doorbell. Writers ring it after commit, so the relay publishes at once
-/// instead of on its next poll: in-process by a `Notify`, across processes by a core
-/// NATS message. Ringing never blocks or fails the write path.
-#[derive(Clone, Default)]
+/// instead of on its next poll: in-process by a `watch` channel, across processes by a
+/// core NATS message. Ringing never blocks or fails the write path.
+///
+/// Every listener ([`Wake::listen`]) hears every ring, including one that came while
+/// it was busy, so the relay's loops (operations and events) each wake on their own.
+#[derive(Clone)]
 pub struct Wake {
-    local: Arc<Notify>,
+    local: Arc<watch::Sender<()>>,
     remote: Option<(async_nats::Client, String)>,
+}
+
+impl Default for Wake {
+    fn default() -> Self {
+        Self {
+            local: Arc::new(watch::channel(()).0),
+            remote: None,
+        }
+    }
 }
 
 impl Wake {
     /// A doorbell that also rings relays in other processes through `subject`.
     pub fn with_nats(client: async_nats::Client, subject: String) -> Self {
         Self {
-            local: Arc::new(Notify::new()),
             remote: Some((client, subject)),
+            ..Self::default()
         }
     }
 
@@ -195,24 +207,55 @@ impl Wake {
         }
     }
 
-    /// Resolves when rung in this process.
-    pub async fn rung(&self) {
-        self.local.notified().await
-    }
-
-    /// The NATS client and subject on which other processes ring, if any.
-    pub fn remote(&self) -> Option<&(async_nats::Client, String)> {
-        self.remote.as_ref()
+    /// A listener that hears the rings from now on, in this process and (if the
+    /// subscription succeeds) from others.
+    pub async fn listen(&self) -> Doorbell {
+        let remote = match &self.remote {
+            Some((client, subject)) => client.subscribe(subject.clone()).await.ok(),
+            None => None,
+        };
+        Doorbell {
+            local: self.local.subscribe(),
+            remote,
+        }
     }
 
     /// Rings. Best effort: the relay's polling covers a lost ring.
     pub async fn signal(&self) {
-        self.local.notify_one();
+        self.local.send_replace(());
         if let Some((client, subject)) = &self.remote {
             if client.connection_state() == async_nats::connection::State::Connected {
                 let publish = client.publish(subject.clone(), bytes::Bytes::new());
                 let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
             }
+        }
+    }
+}
+
+/// One listener of a [`Wake`].
+pub struct Doorbell {
+    local: watch::Receiver<()>,
+    remote: Option<async_nats::Subscriber>,
+}
+
+impl Doorbell {
+    /// Resolves at the next ring, or at once if one came since the last call returned.
+    pub async fn rung(&mut self) {
+        let (local, remote) = (&mut self.local, &mut self.remote);
+        let heard = async {
+            match remote.as_mut() {
+                Some(sub) => sub.next().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        let closed = tokio::select! {
+            // The sender lives as long as the `Wake` the listener came from.
+            Ok(()) = local.changed() => false,
+            alive = heard => !alive,
+        };
+        if closed {
+            // The subscription ended: polling and local rings remain.
+            self.remote = None;
         }
     }
 }

@@ -21,7 +21,6 @@
 use crate::store::outbox;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
-use futures::StreamExt;
 use gateway_proto::signing::{self, SigningKey};
 use sqlx::PgPool;
 use std::time::Duration;
@@ -68,17 +67,35 @@ pub struct Pass {
 }
 
 impl Relay {
-    /// Runs passes until `shutdown`; sleeps between them until rung or polled.
+    /// Runs until `shutdown`: operations and events in loops of their own, so a slow or
+    /// failing events pass (a full or missing events stream) never delays a dispatch.
+    /// Each loop sleeps between passes until rung or polled, and backs off after a
+    /// failure.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut remote = match self.wake.remote() {
-            Some((client, subject)) => client.subscribe(subject.clone()).await.ok(),
-            None => None,
-        };
+        let (ops_bell, events_bell) = (self.wake.listen().await, self.wake.listen().await);
+        let operations = self.cycle("operations", ops_bell, &shutdown, || async {
+            self.passes().await.map(|p| (p.claimed, p.published))
+        });
+        let events = self.cycle("events", events_bell, &shutdown, || async {
+            self.events_pass().await.map(|p| (p.claimed, p.published))
+        });
+        tokio::join!(operations, events);
+    }
+
+    /// Runs `pass` (which answers `(claimed, published)`) until `shutdown`.
+    async fn cycle<F, P>(
+        &self,
+        what: &'static str,
+        mut bell: crate::changes::Doorbell,
+        shutdown: &CancellationToken,
+        pass: P,
+    ) where
+        P: Fn() -> F,
+        F: std::future::Future<Output = anyhow::Result<(usize, usize)>>,
+    {
         let mut failures = 0u32;
         loop {
-            let ops = self.passes().await.map(|p| (p.claimed, p.published));
-            let events = self.events_pass().await.map(|p| (p.claimed, p.published));
-            let pause = match self.next_step(ops, events) {
+            let pause = match self.next_step(what, pass().await) {
                 Step::Again => {
                     failures = 0;
                     continue;
@@ -92,18 +109,9 @@ impl Relay {
                     backoff(failures)
                 }
             };
-            let rung = async {
-                match remote.as_mut() {
-                    Some(sub) => {
-                        sub.next().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.wake.rung(), if failures == 0 => {}
-                _ = rung, if failures == 0 => {}
+                _ = bell.rung(), if failures == 0 => {}
                 _ = tokio::time::sleep(pause) => {}
             }
         }
@@ -218,33 +226,27 @@ impl Relay {
         .await
     }
 
-    /// The step after an operations pass and an events pass, each `(claimed, published)`.
-    fn next_step(
-        &self,
-        ops: anyhow::Result<(usize, usize)>,
-        events: anyhow::Result<(usize, usize)>,
-    ) -> Step {
-        let mut step = Step::Wait;
-        for (what, pass) in [("operations", ops), ("events", events)] {
-            match pass {
-                Ok((claimed, published)) if published == claimed => {
-                    // At least a batch's worth claimed (by the concurrent passes together):
-                    // more may wait. At worst the next round finds nothing.
-                    if claimed as i64 >= self.batch_size && !matches!(step, Step::Retry) {
-                        step = Step::Again;
-                    }
-                }
-                Ok((claimed, published)) => {
-                    tracing::warn!(what, claimed, published, "relay: some publishes failed");
-                    step = Step::Retry;
-                }
-                Err(e) => {
-                    tracing::warn!(what, error = %e, "relay pass failed");
-                    step = Step::Retry;
+    /// The step after a pass of `what` that answered `(claimed, published)`.
+    fn next_step(&self, what: &str, pass: anyhow::Result<(usize, usize)>) -> Step {
+        match pass {
+            // At least a batch's worth claimed (by the concurrent passes together): more
+            // may wait. At worst the next round finds nothing.
+            Ok((claimed, published)) if published == claimed => {
+                if claimed as i64 >= self.batch_size {
+                    Step::Again
+                } else {
+                    Step::Wait
                 }
             }
+            Ok((claimed, published)) => {
+                tracing::warn!(what, claimed, published, "relay: some publishes failed");
+                Step::Retry
+            }
+            Err(e) => {
+                tracing::warn!(what, error = %e, "relay pass failed");
+                Step::Retry
+            }
         }
-        step
     }
 
     /// The headers and body of `row`'s message: its ID, its extra headers, and the

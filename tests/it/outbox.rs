@@ -282,3 +282,43 @@ async fn concurrent_passes_publish_every_row_exactly_once() {
     let mut stream = js.get_stream(&app.config.nats.stream).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 90);
 }
+
+/// Operations and events are relayed by loops of their own: while every events pass
+/// fails (the events stream is gone, and the events loop backs off towards 5 s), a new
+/// operation is still dispatched as soon as it commits.
+#[tokio::test]
+async fn a_failing_events_stream_does_not_delay_dispatch() {
+    let app = spawn_with(Options::api_and_relay()).await;
+    let tenant = app.tenant().await;
+    let js = app.running.as_ref().unwrap().backends.js.clone();
+    js.delete_stream(app.config.nats.events_stream())
+        .await
+        .unwrap();
+    let first = app
+        .create(&tenant, "vms", "first", "zone-a", example_spec("vms"))
+        .await;
+    app.wait_op(first["id"].as_str().unwrap(), |op| {
+        op["state"] == "dispatched"
+    })
+    .await;
+    // Long enough for the events loop's backoff to pass 3 s between tries.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let second = app
+        .create(&tenant, "vms", "second", "zone-a", example_spec("vms"))
+        .await;
+    let started = tokio::time::Instant::now();
+    app.wait_op(second["id"].as_str().unwrap(), |op| {
+        op["state"] == "dispatched"
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "dispatch waited {:?} behind the failing events passes",
+        started.elapsed()
+    );
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(waiting > 0, "the events wait in their outbox, none lost");
+}
