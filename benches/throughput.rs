@@ -696,7 +696,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64) {
         tokio::time::sleep_until(at.into()).await;
         let t0 = Instant::now();
         let res = b.http.post(format!("{}/v1/tenants/{tenant}/vms", b.url)).bearer_auth(&b.key)
-            .json(&json!({"name": format!("steady{i}"), "zone": "zone-a", "spec": {"flavor": "m1.small", "image": "debian-12"}}))
+            .json(&json!({"name": format!("steady{i}"), "zone": if i % 2 == 0 { "zone-a" } else { "zone-b" }, "spec": {"flavor": "m1.small", "image": "debian-12"}}))
             .send().await.unwrap();
         assert_eq!(res.status(), 202);
         let op: serde_json::Value = res.json().await.unwrap();
@@ -730,6 +730,14 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64) {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
+    let split = steady_split(&b.running.backends.pool).await;
+    println!(
+        "steady     submit→running p50 {:.1}ms  p99 {:.1}ms   running→succeeded p50 {:.1}ms  p99 {:.1}ms",
+        split[0] * 1e3,
+        split[1] * 1e3,
+        split[2] * 1e3,
+        split[3] * 1e3
+    );
     println!(
         "relay lag  outbox row → JetStream ack, as the relay measured it   p50 {:.1}ms  p99 {:.1}ms",
         quantile(&relay, 0.5) * 1e3,
@@ -746,6 +754,28 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64) {
             percentile(&lags, 0.99)
         );
     }
+}
+
+/// Where the steady phase's operations spent their time, as their rows record it: p50
+/// and p99 of submit → `running` (relay, JetStream, the worker taking the message and
+/// its first report), then of `running` → `succeeded`.
+async fn steady_split(pool: &sqlx::PgPool) -> [f64; 4] {
+    let (a, b, c, d): (f64, f64, f64, f64) = sqlx::query_as(
+        "WITH t AS (
+             SELECT EXTRACT(EPOCH FROM o.started_at - o.created_at)::float8 AS queued,
+                    EXTRACT(EPOCH FROM o.finished_at - o.started_at)::float8 AS ran
+             FROM operations o JOIN resources r ON r.id = o.resource_id
+             WHERE r.name LIKE 'steady%')
+         SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY queued),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY queued),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY ran),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY ran)
+         FROM t",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    [a, b, c, d]
 }
 
 /// A reader of `tenant`'s new events, collecting each one's commit-to-arrival lag until
