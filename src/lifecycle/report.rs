@@ -6,10 +6,11 @@ use super::{lock_operation, Engine, LifecycleError};
 use crate::audit::AuditPart;
 use crate::auth::Principal;
 use crate::domain::report::{decide, Progress, Transition};
+use crate::domain::OperationState;
 use crate::store::operations::{self, OperationRow};
 use crate::store::resources;
 use gateway_proto::{BatchedReport, Report, ReportAck};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 /// Applies a worker's report on operation `id`, in one transaction with whatever it
@@ -62,13 +63,14 @@ pub async fn apply_batch<R>(
         .into_iter()
         .map(|op| (op.id, op))
         .collect();
+    let mut starts = Starts::default();
     let mut results = Vec::with_capacity(reports.len());
     for item in reports {
         let op = ops.get(&item.operation_id).cloned();
         let tenant = op.as_ref().map(|op| op.tenant.clone());
         let outcome = match op {
             None => Err(LifecycleError::NotFound),
-            Some(op) => match apply_locked(&mut txn, principal, op, &item.report).await {
+            Some(op) => match apply_in_batch(&mut txn, principal, &mut starts, op, item).await {
                 Ok(after) => {
                     let acked = ack(&after);
                     ops.insert(after.id, after);
@@ -94,8 +96,62 @@ pub async fn apply_batch<R>(
         });
         results.push(result);
     }
+    starts.record(&mut txn).await?;
     txn.commit().await?;
     Ok(results)
+}
+
+/// The starts of a batch not yet written: `(operation, attempt)`, written together in
+/// one statement ([`Starts::record`]) at the end of the batch, or before anything else
+/// writes to one of their operations.
+#[derive(Default)]
+struct Starts(BTreeMap<Uuid, i32>);
+
+impl Starts {
+    /// Writes the starts held, and forgets them.
+    async fn record(&mut self, txn: &mut Txn<'_>) -> sqlx::Result<()> {
+        if !self.0.is_empty() {
+            let starts: Vec<(Uuid, i32)> = std::mem::take(&mut self.0).into_iter().collect();
+            operations::start_many(txn, &starts).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies one report of a batch to `op` (locked with its resource): as
+/// [`apply_locked`], except that a start is held in `starts` and `op` is answered as it
+/// will be once the starts are written.
+///
+/// Holding a start cannot reorder writes that matter: another operation of the same
+/// resource is `queued` while this one is active, and a queued operation cannot start.
+async fn apply_in_batch(
+    txn: &mut Txn<'_>,
+    principal: &Principal,
+    starts: &mut Starts,
+    mut op: OperationRow,
+    item: &BatchedReport,
+) -> Result<OperationRow, LifecycleError> {
+    match plan(txn, principal, &op, &item.report)? {
+        Transition::Start { attempt } => {
+            if op.started_at.is_none() {
+                txn.started(&op);
+            }
+            txn.changed(op.id);
+            starts.0.insert(op.id, attempt);
+            let now = chrono::Utc::now();
+            op.state = OperationState::Running;
+            op.attempt = attempt;
+            op.started_at.get_or_insert(now);
+            op.updated_at = now;
+            Ok(op)
+        }
+        transition => {
+            if starts.0.contains_key(&op.id) {
+                starts.record(txn).await?;
+            }
+            write(txn, op, transition, &item.report).await
+        }
+    }
 }
 
 /// Applies `report` to `op`, locked with its resource in `txn`. A refusal writes
@@ -106,6 +162,17 @@ async fn apply_locked(
     op: OperationRow,
     report: &Report,
 ) -> Result<OperationRow, LifecycleError> {
+    let transition = plan(txn, principal, &op, report)?;
+    write(txn, op, transition, report).await
+}
+
+/// What `report` does to `op`, or why it is refused: every check, no write.
+fn plan(
+    txn: &Txn<'_>,
+    principal: &Principal,
+    op: &OperationRow,
+    report: &Report,
+) -> Result<Transition, LifecycleError> {
     let engine = txn.engine();
     if !principal.can_report(&engine.service_label(&op.kind), &op.zone) {
         return Err(LifecycleError::Forbidden(
@@ -117,8 +184,18 @@ async fn apply_locked(
         attempt: op.attempt,
         cancel_requested: op.cancel_requested,
     };
+    Ok(decide(progress, report)?)
+}
+
+/// Writes `transition` of `op` (what [`plan`] decided for `report`).
+async fn write(
+    txn: &mut Txn<'_>,
+    op: OperationRow,
+    transition: Transition,
+    report: &Report,
+) -> Result<OperationRow, LifecycleError> {
     let id = op.id;
-    let after = match decide(progress, report)? {
+    let after = match transition {
         Transition::Unchanged => op,
         Transition::Start { attempt } => {
             let started = operations::start(txn, id, attempt).await?;

@@ -325,6 +325,22 @@ pub async fn start(conn: &mut PgConnection, id: Uuid, attempt: i32) -> sqlx::Res
     .await
 }
 
+/// Starts several operations in one statement: each `(id, attempt)` becomes `running`
+/// in that attempt, as [`start`] does one. Answers nothing: the caller knows the rows.
+pub async fn start_many(conn: &mut PgConnection, starts: &[(Uuid, i32)]) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE operations o SET state = 'running', attempt = v.attempt,
+             started_at = COALESCE(o.started_at, now()), updated_at = now()
+         FROM UNNEST($1::uuid[], $2::int[]) AS v(id, attempt)
+         WHERE o.id = v.id",
+    )
+    .bind(starts.iter().map(|s| s.0).collect::<Vec<_>>())
+    .bind(starts.iter().map(|s| s.1).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Ends an operation in a terminal `state`.
 pub async fn finish(
     conn: &mut PgConnection,

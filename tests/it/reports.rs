@@ -331,6 +331,36 @@ async fn a_batch_applies_each_report_on_its_own_in_one_request() {
         "pending",
         "the refused report changed nothing"
     );
+    // Starts in a batch are written together, and before anything else touches their
+    // operation: `a` ran, then succeeded, and its events say so in that order.
+    let events: Vec<String> = sqlx::query_scalar(
+        "SELECT type FROM event_outbox WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
+    )
+    .bind(a)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        events,
+        [
+            "operation.created",
+            "operation.pending",
+            "operation.running",
+            "operation.succeeded"
+        ]
+    );
+    let started: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM operations WHERE id = ANY($1::uuid[]) AND started_at IS NOT NULL",
+    )
+    .bind(vec![
+        a.parse::<uuid::Uuid>().unwrap(),
+        b.parse().unwrap(),
+        c.parse().unwrap(),
+    ])
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(started, 3, "every start is recorded");
     let vm = app.get(&format!("/v1/operations/{a}")).await.body["resource_id"]
         .as_str()
         .unwrap()
