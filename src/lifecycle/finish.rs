@@ -52,47 +52,96 @@ pub async fn finish(
     op: &OperationRow,
     outcome: Outcome<'_>,
 ) -> sqlx::Result<OperationRow> {
-    let ended = operations::finish(
-        txn,
-        op.id,
-        outcome.state,
-        outcome.attempt,
-        outcome.status,
-        outcome.error.as_ref(),
-    )
-    .await?;
-    txn.finished(op, outcome.state);
-    if op.state == OperationState::Queued {
-        // It never started: the resource is busy with another operation, untouched.
-        return Ok(ended);
-    }
-    let phase = Phase::on_end(&op.action, outcome.state).expect("terminal states set a phase");
+    let mut ended = finish_many(txn, &[(op, outcome)]).await?;
+    ended.pop().ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Ends several operations, each as [`finish`] ends one, with one statement per table
+/// (plus one per resource that has a queued operation to start); returns the ended
+/// operations in the order given. Their resources are distinct (a resource has one
+/// active operation at a time) and locked by the caller.
+pub async fn finish_many(
+    txn: &mut Txn<'_>,
+    ends: &[(&OperationRow, Outcome<'_>)],
+) -> sqlx::Result<Vec<OperationRow>> {
+    let rows: Vec<operations::End> = ends
+        .iter()
+        .map(|(op, outcome)| operations::End {
+            id: op.id,
+            state: outcome.state,
+            attempt: outcome.attempt,
+            result: outcome.status,
+            error: outcome.error.as_ref(),
+        })
+        .collect();
+    let ended = operations::finish_many(txn, &rows).await?;
+    // It never started: the resource is busy with another operation, untouched.
+    let acted: Vec<_> = ends
+        .iter()
+        .inspect(|(op, outcome)| txn.finished(op, outcome.state))
+        .filter(|(op, _)| op.state != OperationState::Queued)
+        .collect();
     let empty = json!({});
-    let (status, generation) = match outcome.state {
-        OperationState::Succeeded => (
-            StatusChange::Replace(outcome.status.unwrap_or(&empty)),
-            op.target_generation,
-        ),
-        OperationState::Failed => (
-            StatusChange::Merge(&json!({ "last_error": outcome.error })),
-            0,
-        ),
-        _ => (StatusChange::Merge(&empty), 0),
-    };
-    resources::record_outcome(txn, op.resource_id, phase, status, generation).await?;
-    promote_next(txn, op.resource_id, phase).await?;
+    let merged: Vec<Value> = acted
+        .iter()
+        .map(|(_, outcome)| match outcome.state {
+            OperationState::Failed => json!({ "last_error": outcome.error }),
+            _ => json!({}),
+        })
+        .collect();
+    let outcomes: Vec<resources::Outcome> = acted
+        .iter()
+        .zip(&merged)
+        .map(|((op, outcome), merge)| {
+            let (status, generation) = match outcome.state {
+                OperationState::Succeeded => (
+                    StatusChange::Replace(outcome.status.unwrap_or(&empty)),
+                    op.target_generation,
+                ),
+                _ => (StatusChange::Merge(merge), 0),
+            };
+            resources::Outcome {
+                id: op.resource_id,
+                phase: Phase::on_end(&op.action, outcome.state)
+                    .expect("terminal states set a phase"),
+                status,
+                generation,
+            }
+        })
+        .collect();
+    if !outcomes.is_empty() {
+        resources::record_outcomes(txn, &outcomes).await?;
+        promote_next(txn, &outcomes).await?;
+    }
     Ok(ended)
 }
 
-/// Starts the oldest queued operation of a resource whose previous operation just
-/// ended, leaving it in `phase`. A deleted resource has nothing left to act on: its
-/// queued operations are cancelled.
-async fn promote_next(
+/// Starts the oldest queued operation of each resource whose previous operation just
+/// ended, leaving it in the outcome's phase. A deleted resource has nothing left to act
+/// on: its queued operations are cancelled.
+async fn promote_next(txn: &mut Txn<'_>, ended: &[resources::Outcome<'_>]) -> sqlx::Result<()> {
+    let ids: Vec<uuid::Uuid> = ended.iter().map(|o| o.id).collect();
+    let active = operations::active_for_resources(txn, &ids).await?;
+    for outcome in ended {
+        let queued: Vec<&OperationRow> = active
+            .iter()
+            .filter(|op| op.resource_id == outcome.id)
+            .collect();
+        if !queued.is_empty() {
+            promote(txn, outcome.id, outcome.phase, queued).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts the first of `queued`, the queued operations of `resource_id` (or cancels them
+/// all when the resource is `Deleted`).
+async fn promote(
     txn: &mut Txn<'_>,
     resource_id: uuid::Uuid,
     phase: Phase,
+    queued: Vec<&OperationRow>,
 ) -> sqlx::Result<()> {
-    let queued = operations::active_for_resource(txn, resource_id).await?;
     if phase == Phase::Deleted {
         let error = OperationError::new(
             "resource_deleted",

@@ -63,14 +63,14 @@ pub async fn apply_batch<R>(
         .into_iter()
         .map(|op| (op.id, op))
         .collect();
-    let mut starts = Starts::default();
+    let mut held = Held::default();
     let mut results = Vec::with_capacity(reports.len());
     for item in reports {
         let op = ops.get(&item.operation_id).cloned();
         let tenant = op.as_ref().map(|op| op.tenant.clone());
         let outcome = match op {
             None => Err(LifecycleError::NotFound),
-            Some(op) => match apply_in_batch(&mut txn, principal, &mut starts, op, item).await {
+            Some(op) => match apply_in_batch(&mut txn, principal, &mut held, op, item).await {
                 Ok(after) => {
                     let acked = ack(&after);
                     ops.insert(after.id, after);
@@ -96,62 +96,100 @@ pub async fn apply_batch<R>(
         });
         results.push(result);
     }
-    starts.record(&mut txn).await?;
+    held.record(&mut txn).await?;
     txn.commit().await?;
     Ok(results)
 }
 
-/// The starts of a batch not yet written: `(operation, attempt)`, written together in
-/// one statement ([`Starts::record`]) at the end of the batch, or before anything else
-/// writes to one of their operations.
+/// The starts and ends of a batch's operations not yet written. They are written
+/// together, one statement per table ([`Held::record`]), at the end of the batch or
+/// before anything else is written for one of their operations.
+///
+/// Holding them cannot reorder writes that matter: each resource has one active
+/// operation at a time (the others are `queued`, and a report cannot start or end a
+/// queued operation), so what is held for one operation touches no other's rows.
 #[derive(Default)]
-struct Starts(BTreeMap<Uuid, i32>);
+struct Held<'r> {
+    starts: BTreeMap<Uuid, i32>,
+    ends: Vec<(OperationRow, Outcome<'r>)>,
+}
 
-impl Starts {
-    /// Writes the starts held, and forgets them.
+impl Held<'_> {
+    /// Whether something is held for operation `id`.
+    fn holds(&self, id: Uuid) -> bool {
+        self.starts.contains_key(&id) || self.ends.iter().any(|(op, _)| op.id == id)
+    }
+
+    /// Writes what is held, starts first, and forgets it.
     async fn record(&mut self, txn: &mut Txn<'_>) -> sqlx::Result<()> {
-        if !self.0.is_empty() {
-            let starts: Vec<(Uuid, i32)> = std::mem::take(&mut self.0).into_iter().collect();
+        if !self.starts.is_empty() {
+            let starts: Vec<(Uuid, i32)> = std::mem::take(&mut self.starts).into_iter().collect();
             operations::start_many(txn, &starts).await?;
+        }
+        if !self.ends.is_empty() {
+            let ends = std::mem::take(&mut self.ends);
+            let ends: Vec<(&OperationRow, Outcome)> = ends
+                .iter()
+                .map(|(op, outcome)| (op, outcome.clone()))
+                .collect();
+            finish::finish_many(txn, &ends).await?;
         }
         Ok(())
     }
 }
 
-/// Applies one report of a batch to `op` (locked with its resource): as
-/// [`apply_locked`], except that a start is held in `starts` and `op` is answered as it
-/// will be once the starts are written.
-///
-/// Holding a start cannot reorder writes that matter: another operation of the same
-/// resource is `queued` while this one is active, and a queued operation cannot start.
-async fn apply_in_batch(
+/// Applies one report of a batch to `op` (locked with its resource), as
+/// [`apply_locked`] does, except that a start or an end is held in `held` and `op` is
+/// answered as it will be once they are written.
+async fn apply_in_batch<'r>(
     txn: &mut Txn<'_>,
     principal: &Principal,
-    starts: &mut Starts,
+    held: &mut Held<'r>,
     mut op: OperationRow,
-    item: &BatchedReport,
+    item: &'r BatchedReport,
 ) -> Result<OperationRow, LifecycleError> {
-    match plan(txn, principal, &op, &item.report)? {
+    let transition = plan(txn, principal, &op, &item.report)?;
+    if matches!(transition, Transition::Unchanged) {
+        txn.changed(op.id);
+        return Ok(op);
+    }
+    if held.holds(op.id) {
+        held.record(txn).await?;
+    }
+    let now = chrono::Utc::now();
+    op.updated_at = now;
+    match transition {
         Transition::Start { attempt } => {
             if op.started_at.is_none() {
                 txn.started(&op);
             }
-            txn.changed(op.id);
-            starts.0.insert(op.id, attempt);
-            let now = chrono::Utc::now();
+            held.starts.insert(op.id, attempt);
             op.state = OperationState::Running;
             op.attempt = attempt;
             op.started_at.get_or_insert(now);
-            op.updated_at = now;
-            Ok(op)
         }
-        transition => {
-            if starts.0.contains_key(&op.id) {
-                starts.record(txn).await?;
-            }
-            write(txn, op, transition, &item.report).await
+        Transition::Finish { state, attempt } => {
+            let outcome = Outcome {
+                state,
+                attempt,
+                status: item.report.status.as_ref(),
+                error: item.report.error.clone(),
+            };
+            held.ends.push((op.clone(), outcome));
+            op.state = state;
+            op.attempt = attempt;
+            op.result = item.report.status.clone();
+            op.error = item
+                .report
+                .error
+                .as_ref()
+                .and_then(|e| serde_json::to_value(e).ok());
+            op.finished_at = Some(now);
         }
+        Transition::Unchanged => {}
     }
+    txn.changed(op.id);
+    Ok(op)
 }
 
 /// Applies `report` to `op`, locked with its resource in `txn`. A refusal writes

@@ -247,12 +247,21 @@ pub async fn active_for_resource(
     conn: &mut PgConnection,
     resource_id: Uuid,
 ) -> sqlx::Result<Vec<OperationRow>> {
+    active_for_resources(conn, &[resource_id]).await
+}
+
+/// The active (non-terminal) operations of several resources, each resource's oldest
+/// first.
+pub async fn active_for_resources(
+    conn: &mut PgConnection,
+    resource_ids: &[Uuid],
+) -> sqlx::Result<Vec<OperationRow>> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM operations
-         WHERE resource_id = $1 AND state IN ('queued', 'pending', 'dispatched', 'running')
-         ORDER BY seq"
+         WHERE resource_id = ANY($1) AND state IN ('queued', 'pending', 'dispatched', 'running')
+         ORDER BY resource_id, seq"
     ))
-    .bind(resource_id)
+    .bind(resource_ids)
     .fetch_all(conn)
     .await
 }
@@ -341,6 +350,21 @@ pub async fn start_many(conn: &mut PgConnection, starts: &[(Uuid, i32)]) -> sqlx
     Ok(())
 }
 
+/// How an operation ends, for [`finish_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct End<'a> {
+    /// The operation.
+    pub id: Uuid,
+    /// A terminal state.
+    pub state: OperationState,
+    /// The attempt that ended it.
+    pub attempt: i32,
+    /// Observed status, on success.
+    pub result: Option<&'a Value>,
+    /// Why it did not succeed.
+    pub error: Option<&'a gateway_proto::OperationError>,
+}
+
 /// Ends an operation in a terminal `state`.
 pub async fn finish(
     conn: &mut PgConnection,
@@ -350,19 +374,56 @@ pub async fn finish(
     result: Option<&Value>,
     error: Option<&gateway_proto::OperationError>,
 ) -> sqlx::Result<OperationRow> {
-    debug_assert!(state.is_terminal());
-    sqlx::query_as(&format!(
-        "UPDATE operations SET state = $2, attempt = $3, result = $4, error = $5,
-             finished_at = now(), updated_at = now()
-         WHERE id = $1 RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(state.as_str())
-    .bind(attempt)
-    .bind(result)
-    .bind(error.map(sqlx::types::Json))
-    .fetch_one(conn)
-    .await
+    let end = End {
+        id,
+        state,
+        attempt,
+        result,
+        error,
+    };
+    let mut ended = finish_many(conn, &[end]).await?;
+    ended.pop().ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Ends several operations in one statement; answers their rows in the order given.
+pub async fn finish_many(
+    conn: &mut PgConnection,
+    ends: &[End<'_>],
+) -> sqlx::Result<Vec<OperationRow>> {
+    debug_assert!(ends.iter().all(|e| e.state.is_terminal()));
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let columns = COLUMNS
+            .split(',')
+            .map(|c| format!("o.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "UPDATE operations o SET state = v.state, attempt = v.attempt, result = v.result,
+                 error = v.error, finished_at = now(), updated_at = now()
+             FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::jsonb[])
+                 AS v(id, state, attempt, result, error)
+             WHERE o.id = v.id RETURNING {columns}"
+        )
+    });
+    let errors: Vec<Option<Value>> = ends
+        .iter()
+        .map(|e| {
+            e.error
+                .map(|e| serde_json::to_value(e).expect("errors serialize"))
+        })
+        .collect();
+    let mut rows: Vec<OperationRow> = sqlx::query_as(&SQL)
+        .bind(ends.iter().map(|e| e.id).collect::<Vec<_>>())
+        .bind(ends.iter().map(|e| e.state.as_str()).collect::<Vec<_>>())
+        .bind(ends.iter().map(|e| e.attempt).collect::<Vec<_>>())
+        .bind(ends.iter().map(|e| e.result).collect::<Vec<_>>())
+        .bind(errors)
+        .fetch_all(conn)
+        .await?;
+    let order: std::collections::HashMap<Uuid, usize> =
+        ends.iter().enumerate().map(|(i, e)| (e.id, i)).collect();
+    rows.sort_by_key(|r| order.get(&r.id).copied());
+    Ok(rows)
 }
 
 /// Filters of a tenant's operation list.

@@ -247,6 +247,19 @@ pub enum StatusChange<'a> {
     Merge(&'a Value),
 }
 
+/// The end of an operation, as it changes its resource ([`record_outcomes`]).
+#[derive(Debug, Clone)]
+pub struct Outcome<'a> {
+    /// The resource.
+    pub id: Uuid,
+    /// Its new phase.
+    pub phase: Phase,
+    /// How its status changes.
+    pub status: StatusChange<'a>,
+    /// The generation the operation acted on (`0`: none).
+    pub generation: i64,
+}
+
 /// Records the end of an operation that acted on `generation`: the new phase, the
 /// status, and the observed generation, which never moves backwards.
 pub async fn record_outcome(
@@ -256,25 +269,50 @@ pub async fn record_outcome(
     status: StatusChange<'_>,
     generation: i64,
 ) -> sqlx::Result<()> {
-    let (replace, value) = match status {
-        StatusChange::Replace(v) => (true, v),
-        StatusChange::Merge(v) => (false, v),
+    let outcome = Outcome {
+        id,
+        phase,
+        status,
+        generation,
     };
+    record_outcomes(conn, &[outcome]).await
+}
+
+/// Records the ends of several operations on their (distinct) resources, as
+/// [`record_outcome`] does one, in one statement.
+pub async fn record_outcomes(
+    conn: &mut PgConnection,
+    outcomes: &[Outcome<'_>],
+) -> sqlx::Result<()> {
+    let (replace, status): (Vec<bool>, Vec<&Value>) = outcomes
+        .iter()
+        .map(|o| match o.status {
+            StatusChange::Replace(v) => (true, v),
+            StatusChange::Merge(v) => (false, v),
+        })
+        .unzip();
     sqlx::query(
-        "UPDATE resources SET
-             phase = $2,
-             status = CASE WHEN $3 THEN $4 ELSE status || $4 END,
-             observed_generation = GREATEST(observed_generation, $5),
-             version = version + 1,
+        "UPDATE resources r SET
+             phase = v.phase,
+             status = CASE WHEN v.replace THEN v.status ELSE r.status || v.status END,
+             observed_generation = GREATEST(r.observed_generation, v.generation),
+             version = r.version + 1,
              updated_at = now(),
-             deleted_at = CASE WHEN $2 = 'deleted' THEN now() END
-         WHERE id = $1",
+             deleted_at = CASE WHEN v.phase = 'deleted' THEN now() END
+         FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::jsonb[], $5::bigint[])
+             AS v(id, phase, replace, status, generation)
+         WHERE r.id = v.id",
     )
-    .bind(id)
-    .bind(phase.as_str())
+    .bind(outcomes.iter().map(|o| o.id).collect::<Vec<_>>())
+    .bind(
+        outcomes
+            .iter()
+            .map(|o| o.phase.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(replace)
-    .bind(value)
-    .bind(generation)
+    .bind(status)
+    .bind(outcomes.iter().map(|o| o.generation).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

@@ -642,3 +642,129 @@ async fn a_batch_the_database_fails_midway_writes_nothing_of_it() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["results"][1]["ack"]["state"], "succeeded");
 }
+
+/// The ends of a batch are written together: each operation ends as it would alone,
+/// each resource records its own outcome, and what waited behind one starts.
+#[tokio::test]
+async fn ends_in_one_batch_record_each_resource_and_start_what_waits_behind_it() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let mut ops = Vec::new();
+    for name in ["x", "y", "z"] {
+        let op = app
+            .create(&tenant, "vms", name, "zone-a", example_spec("vms"))
+            .await;
+        ops.push((
+            op["id"].as_str().unwrap().to_owned(),
+            op["resource_id"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let ((x, vm_x), (y, vm_y), (z, vm_z)) = (&ops[0], &ops[1], &ops[2]);
+    let delete_x = app
+        .delete(&format!("/v1/tenants/{tenant}/vms/{vm_x}"))
+        .await;
+    assert_eq!(delete_x.body["state"], "queued", "{}", delete_x.body);
+    let delete_x = delete_x.body["id"].as_str().unwrap().to_owned();
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    let item = |id: &str, report: Value| json!({"operation_id": id, "report": report});
+    let running = json!({"attempt": 1, "state": "running"});
+    let (status, body) = batch(
+        &app,
+        &key,
+        vec![
+            item(x, running.clone()),
+            item(y, running.clone()),
+            item(z, running),
+            item(x, json!({"attempt": 1, "state": "succeeded", "status": {"ip": "10.0.0.1"}})),
+            item(
+                y,
+                json!({"attempt": 1, "state": "failed", "error": {"code": "no_capacity", "message": "full"}}),
+            ),
+            item(z, json!({"attempt": 1, "state": "succeeded", "status": {"ip": "10.0.0.3"}})),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let states: Vec<(u64, &str)> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_u64().unwrap(),
+                r["ack"]["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (200, "running"),
+            (200, "running"),
+            (200, "running"),
+            (200, "succeeded"),
+            (200, "failed"),
+            (200, "succeeded")
+        ]
+    );
+    let op = |id: String| {
+        let app = &app;
+        async move { app.get(&format!("/v1/operations/{id}")).await.body }
+    };
+    let vm = |id: String| {
+        let (app, tenant) = (&app, &tenant);
+        async move {
+            app.get(&format!("/v1/tenants/{tenant}/vms/{id}"))
+                .await
+                .body
+        }
+    };
+    assert_eq!(op(x.clone()).await["state"], "succeeded");
+    let failed = op(y.clone()).await;
+    assert_eq!(failed["state"], "failed");
+    assert_eq!(failed["error"]["code"], "no_capacity");
+    // x's delete waited behind its create and starts in the same transaction.
+    assert_eq!(op(delete_x.clone()).await["state"], "pending");
+    let message: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE msg_id = $1")
+        .bind(format!("{delete_x}.1"))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(message, 1, "the promoted delete has its message");
+    let (vx, vy, vz) = (
+        vm(vm_x.clone()).await,
+        vm(vm_y.clone()).await,
+        vm(vm_z.clone()).await,
+    );
+    assert_eq!(vx["phase"], "deleting", "{vx}");
+    assert_eq!(vx["status"]["ip"], "10.0.0.1");
+    assert_eq!(vy["status"]["last_error"]["code"], "no_capacity", "{vy}");
+    assert_eq!(vz["phase"], "ready", "{vz}");
+    assert_eq!(vz["status"]["ip"], "10.0.0.3");
+    assert_eq!(vz["observed_generation"], 1, "{vz}");
+    // Each operation's events, in order, as if it had been reported alone.
+    for (id, last) in [
+        (x, "operation.succeeded"),
+        (y, "operation.failed"),
+        (z, "operation.succeeded"),
+    ] {
+        let events: Vec<String> = sqlx::query_scalar(
+            "SELECT type FROM event_outbox WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            events,
+            [
+                "operation.created",
+                "operation.pending",
+                "operation.running",
+                last
+            ]
+        );
+    }
+}
