@@ -41,7 +41,7 @@ pub struct Relay {
     pub js: jetstream::Context,
     /// Rows per pass.
     pub batch_size: i64,
-    /// Operation passes run at once ([`Relay::passes`]).
+    /// Operations loops (and passes of [`Relay::passes`]) running at once.
     pub concurrent_passes: usize,
     /// Longest sleep without a ring.
     pub poll_interval: Duration,
@@ -67,19 +67,48 @@ pub struct Pass {
 }
 
 impl Relay {
-    /// Runs until `shutdown`: operations and events in loops of their own, so a slow or
-    /// failing events pass (a full or missing events stream) never delays a dispatch.
-    /// Each loop sleeps between passes until rung or polled, and backs off after a
-    /// failure.
+    /// Runs until `shutdown`: [`Relay::concurrent_passes`] operations loops and one events
+    /// loop, each a task of its own, so a slow or failing events pass (a full or missing events stream) never
+    /// delays a dispatch. Each loop sleeps between passes until rung or polled, and backs
+    /// off after a failure.
+    ///
+    /// The operations loops run passes independently, each on rows of its own (`SKIP
+    /// LOCKED`): while one records what it published, another is free to claim what was
+    /// committed meanwhile, so a new row waits for a free loop, not for a whole round.
+    /// This does not reorder what matters: a resource has one dispatch waiting at a time
+    /// (its next operation is queued until the current one ends), and a message published
+    /// twice is dropped by its `Nats-Msg-Id`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let (ops_bell, events_bell) = (self.wake.listen().await, self.wake.listen().await);
-        let operations = self.cycle("operations", ops_bell, &shutdown, || async {
-            self.passes().await.map(|p| (p.claimed, p.published))
+        let relay = std::sync::Arc::new(self);
+        let mut loops = tokio::task::JoinSet::new();
+        for _ in 0..relay.concurrent_passes.max(1) {
+            let (relay, shutdown) = (relay.clone(), shutdown.clone());
+            loops.spawn(async move {
+                let bell = relay.wake.listen().await;
+                relay
+                    .cycle("operations", bell, &shutdown, || async {
+                        relay.pass().await.map(|p| (p.claimed, p.published))
+                    })
+                    .await
+            });
+        }
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        loops.spawn(async move {
+            let bell = relay.wake.listen().await;
+            relay
+                .cycle("events", bell, &shutdown, || async {
+                    relay.events_pass().await.map(|p| (p.claimed, p.published))
+                })
+                .await
         });
-        let events = self.cycle("events", events_bell, &shutdown, || async {
-            self.events_pass().await.map(|p| (p.claimed, p.published))
-        });
-        tokio::join!(operations, events);
+        while let Some(done) = loops.join_next().await {
+            // A loop that panicked takes the relay down with it, as one loop did.
+            if let Err(e) = done {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
     }
 
     /// Runs `pass` (which answers `(claimed, published)`) until `shutdown`.
@@ -117,13 +146,9 @@ impl Relay {
         }
     }
 
-    /// Runs [`Relay::concurrent_passes`] passes at once and adds them up. Each claims
-    /// rows of its own (`SKIP LOCKED`), so one pass's database work overlaps another's
-    /// signing and publishing. Fails if any pass failed; what the others did stands.
-    ///
-    /// Running passes side by side does not reorder what matters: a resource has one
-    /// dispatch waiting at a time (its next operation is queued until the current one
-    /// ends), and a message published twice is dropped by its `Nats-Msg-Id`.
+    /// Runs [`Relay::concurrent_passes`] passes at once and adds them up (each on rows of
+    /// its own, as [`Relay::run`]'s loops do). Fails if any pass failed; what the others
+    /// did stands.
     pub async fn passes(&self) -> anyhow::Result<Pass> {
         let runs = (0..self.concurrent_passes.max(1)).map(|_| self.pass());
         let mut total = Pass::default();
@@ -229,8 +254,7 @@ impl Relay {
     /// The step after a pass of `what` that answered `(claimed, published)`.
     fn next_step(&self, what: &str, pass: anyhow::Result<(usize, usize)>) -> Step {
         match pass {
-            // At least a batch's worth claimed (by the concurrent passes together): more
-            // may wait. At worst the next round finds nothing.
+            // A whole batch claimed: more may wait. At worst the next pass finds nothing.
             Ok((claimed, published)) if published == claimed => {
                 if claimed as i64 >= self.batch_size {
                     Step::Again

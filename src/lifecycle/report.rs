@@ -110,6 +110,8 @@ pub async fn apply_batch<R>(
 /// queued operation), so what is held for one operation touches no other's rows.
 #[derive(Default)]
 struct Held<'r> {
+    /// Operations still `pending` when reported on: marked `dispatched` first.
+    undispatched: Vec<Uuid>,
     starts: BTreeMap<Uuid, i32>,
     ends: Vec<(OperationRow, Outcome<'r>)>,
 }
@@ -117,11 +119,16 @@ struct Held<'r> {
 impl Held<'_> {
     /// Whether something is held for operation `id`.
     fn holds(&self, id: Uuid) -> bool {
-        self.starts.contains_key(&id) || self.ends.iter().any(|(op, _)| op.id == id)
+        self.undispatched.contains(&id)
+            || self.starts.contains_key(&id)
+            || self.ends.iter().any(|(op, _)| op.id == id)
     }
 
-    /// Writes what is held, starts first, and forgets it.
+    /// Writes what is held (dispatches, then starts, then ends), and forgets it.
     async fn record(&mut self, txn: &mut Txn<'_>) -> sqlx::Result<()> {
+        if !self.undispatched.is_empty() {
+            operations::mark_dispatched(txn, &std::mem::take(&mut self.undispatched)).await?;
+        }
         if !self.starts.is_empty() {
             let starts: Vec<(Uuid, i32)> = std::mem::take(&mut self.starts).into_iter().collect();
             operations::start_many(txn, &starts).await?;
@@ -155,6 +162,9 @@ async fn apply_in_batch<'r>(
     }
     if held.holds(op.id) {
         held.record(txn).await?;
+    }
+    if op.state == OperationState::Pending {
+        held.undispatched.push(op.id);
     }
     let now = chrono::Utc::now();
     op.updated_at = now;
@@ -233,6 +243,9 @@ async fn write(
     report: &Report,
 ) -> Result<OperationRow, LifecycleError> {
     let id = op.id;
+    if op.state == OperationState::Pending && !matches!(transition, Transition::Unchanged) {
+        operations::mark_dispatched(txn, &[id]).await?;
+    }
     let after = match transition {
         Transition::Unchanged => op,
         Transition::Start { attempt } => {

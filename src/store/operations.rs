@@ -334,6 +334,20 @@ pub async fn start(conn: &mut PgConnection, id: Uuid, attempt: i32) -> sqlx::Res
     .await
 }
 
+/// Marks `pending` operations `dispatched`: a worker reporting on one holds its message,
+/// so JetStream has it even if the relay has not recorded that yet. Others are left
+/// alone.
+pub async fn mark_dispatched(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE operations SET state = 'dispatched', updated_at = now()
+         WHERE id = ANY($1) AND state = 'pending'",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Starts several operations in one statement: each `(id, attempt)` becomes `running`
 /// in that attempt, as [`start`] does one. Answers nothing: the caller knows the rows.
 pub async fn start_many(conn: &mut PgConnection, starts: &[(Uuid, i32)]) -> sqlx::Result<()> {

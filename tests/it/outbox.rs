@@ -322,3 +322,57 @@ async fn a_failing_events_stream_does_not_delay_dispatch() {
         .unwrap();
     assert!(waiting > 0, "the events wait in their outbox, none lost");
 }
+
+/// A worker can report before the relay has recorded the dispatch (it receives the
+/// message as soon as JetStream has it). Its report shows the dispatch: the operation
+/// goes `pending` → `dispatched` → `running`, and the relay's late record then only
+/// adds the stream sequence.
+#[tokio::test]
+async fn a_report_that_overtakes_the_relays_record_still_shows_the_dispatch() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let id = op["id"].as_str().unwrap().to_owned();
+    let key = gateway::app::worker_key(&app.pool, &gateway::domain::Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    let report = app
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/operations/{id}/reports"),
+            Some(&key),
+            Some(&json!({"attempt": 1, "state": "running"})),
+        )
+        .await;
+    assert_eq!(report.status, StatusCode::OK, "{:?}", report.body);
+    assert_eq!(relay_for(&app).pass().await.unwrap().published, 1);
+    let (state, seq): (String, Option<i64>) =
+        sqlx::query_as("SELECT state, stream_seq FROM operations WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "running");
+    assert!(
+        seq.is_some(),
+        "the relay still records where JetStream stored it"
+    );
+    let events: Vec<String> = sqlx::query_scalar(
+        "SELECT type FROM event_outbox WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
+    )
+    .bind(&id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        events,
+        [
+            "operation.created",
+            "operation.pending",
+            "operation.dispatched",
+            "operation.running"
+        ]
+    );
+}

@@ -332,7 +332,8 @@ async fn a_batch_applies_each_report_on_its_own_in_one_request() {
         "the refused report changed nothing"
     );
     // Starts in a batch are written together, and before anything else touches their
-    // operation: `a` ran, then succeeded, and its events say so in that order.
+    // operation: `a` ran, then succeeded, and its events say so in that order. No relay
+    // runs here: a report on a `pending` operation shows that it was dispatched.
     let events: Vec<String> = sqlx::query_scalar(
         "SELECT type FROM event_outbox WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
     )
@@ -345,6 +346,7 @@ async fn a_batch_applies_each_report_on_its_own_in_one_request() {
         [
             "operation.created",
             "operation.pending",
+            "operation.dispatched",
             "operation.running",
             "operation.succeeded"
         ]
@@ -762,6 +764,7 @@ async fn ends_in_one_batch_record_each_resource_and_start_what_waits_behind_it()
             [
                 "operation.created",
                 "operation.pending",
+                "operation.dispatched",
                 "operation.running",
                 last
             ]
