@@ -68,9 +68,9 @@ impl Publisher {
         let Some(rows) = replication::claim(&mut tx, BATCH).await? else {
             return Ok(0);
         };
-        let Some(last) = rows.last().map(|r| r.seq) else {
+        if rows.is_empty() {
             return Ok(0);
-        };
+        }
         let mut acks = Vec::with_capacity(rows.len());
         for row in &rows {
             // In order, on one connection: the stream stores them in log order.
@@ -79,7 +79,8 @@ impl Publisher {
         tokio::time::timeout(ACK_TIMEOUT, futures::future::try_join_all(acks))
             .await
             .map_err(|_| anyhow::anyhow!("replication: acknowledgements timed out"))??;
-        replication::delete_through(&mut tx, last).await?;
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        replication::delete(&mut tx, &seqs).await?;
         tx.commit().await?;
         Ok(rows.len())
     }

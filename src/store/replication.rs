@@ -125,10 +125,12 @@ pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Option<V
     .map(Some)
 }
 
-/// Removes published changes, up to `seq`.
-pub async fn delete_through(conn: &mut PgConnection, seq: i64) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM replication_log WHERE seq <= $1")
-        .bind(seq)
+/// Removes published changes: exactly those claimed, by `seq`. Not "everything up to
+/// the last one": a transaction that took a lower `seq` can commit after the claim, and
+/// its change would be deleted unpublished.
+pub async fn delete(conn: &mut PgConnection, seqs: &[i64]) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM replication_log WHERE seq = ANY($1)")
+        .bind(seqs)
         .execute(conn)
         .await?;
     Ok(())

@@ -975,3 +975,45 @@ async fn the_same_changes_in_any_order_leave_the_same_rows() {
         assert_eq!(other, first, "another order, the same rows");
     }
 }
+
+/// A change whose transaction took a lower `seq` but committed after the publisher's
+/// claim stays in the log for the next pass. The publisher used to delete everything up
+/// to the last `seq` it had claimed, and with it such a change, unpublished (found by
+/// `a_region_that_crashes_mid_replication_loses_nothing`: 79 of 80 tenants, once).
+#[tokio::test]
+async fn a_change_committed_after_a_claim_is_not_deleted_unpublished() {
+    use gateway::store::replication;
+    let app = crate::common::spawn_with(crate::common::Options::api_only()).await;
+    let insert = "INSERT INTO replication_log (tbl, key, row, hlc, origin)
+                  VALUES ('tenants', $1, '{}', 1, 'r1') RETURNING seq";
+    let mut slow = app.pool.begin().await.unwrap();
+    let low: i64 = sqlx::query_scalar(insert)
+        .bind(json!({"id": "slow"}))
+        .fetch_one(&mut *slow)
+        .await
+        .unwrap();
+    let high: i64 = sqlx::query_scalar(insert)
+        .bind(json!({"id": "quick"}))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(low < high);
+    let mut publisher = app.pool.begin().await.unwrap();
+    let claimed = replication::claim(&mut publisher, 256)
+        .await
+        .unwrap()
+        .expect("the publisher's lock");
+    let seqs: Vec<i64> = claimed.iter().map(|r| r.seq).collect();
+    assert!(seqs.contains(&high) && !seqs.contains(&low), "{seqs:?}");
+    // The slow transaction commits while the claimed rows are being published.
+    slow.commit().await.unwrap();
+    replication::delete(&mut publisher, &seqs).await.unwrap();
+    publisher.commit().await.unwrap();
+    let left: Vec<i64> = sqlx::query_scalar(
+        "SELECT seq FROM replication_log WHERE key->>'id' IN ('slow', 'quick') ORDER BY seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, [low], "the late change waits for the next pass");
+}
