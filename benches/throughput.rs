@@ -35,11 +35,6 @@ use gateway::config::{Config, NatsNames};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// The allocator the shipped `gateway` and `worker` binaries use, so the gateway in
-/// this process runs as it does in production.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const OPS: usize = 2_000;
 const CONCURRENCY: usize = 32;
 

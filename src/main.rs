@@ -8,12 +8,6 @@ use gateway::credentials;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// mimalloc instead of the system allocator: the gateway allocates small, short-lived
-/// buffers on every request, and glibc's malloc took about a fifth of its CPU in the
-/// end-to-end benchmark (see the README's Performance section).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "gateway",

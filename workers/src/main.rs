@@ -15,12 +15,6 @@ use workers::config::{DriverConfig, LogFormat, WorkerConfig};
 use workers::http::HttpState;
 use workers::{run_pool_with_metrics, ExecDriver, Service, SimDriver, WorkerMetrics};
 
-/// mimalloc instead of the system allocator: the gateway allocates small, short-lived
-/// buffers on every request, and glibc's malloc took about a fifth of its CPU in the
-/// end-to-end benchmark (see the README's Performance section).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Zone worker: carries out operations for one service in one zone.
 ///
 /// Other settings come from the environment: NATS_URL, GATEWAY_URL, GATEWAY_KEY
