@@ -529,6 +529,17 @@ fn nz(n: u32) -> NonZeroU32 {
 struct Env<F>(F);
 
 impl<F: Fn(&str) -> Option<String>> Env<F> {
+    /// `DATABASE_URL`, which must name PostgreSQL.
+    fn database_url(&self) -> anyhow::Result<String> {
+        let url = self.string("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/gateway")?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(anyhow!(
+                "DATABASE_URL: must start with postgres:// or postgresql://"
+            ));
+        }
+        Ok(url)
+    }
+
     /// `name`, parsed as `T`, or `default`.
     fn var<T: FromStr>(&self, name: &str, default: T) -> anyhow::Result<T>
     where
@@ -618,13 +629,7 @@ impl Config {
     /// Reads the configuration through `lookup` (variable name → value).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let env = Env(lookup);
-        let database_url =
-            env.string("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/gateway")?;
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            return Err(anyhow!(
-                "DATABASE_URL: must start with postgres:// or postgresql://"
-            ));
-        }
+        let database_url = env.database_url()?;
         let log_json = match env.string("LOG_FORMAT", "text")?.as_str() {
             "text" => false,
             "json" => true,
