@@ -350,16 +350,8 @@ async fn a_report_that_dispatches_nothing_still_has_its_event_published_at_once(
         .await;
     let id = id_of(&op).to_string();
     app.wait_op(&id, |o| o["state"] == "dispatched").await;
-    let key = gateway::app::worker_key(&app.pool, &gateway_proto::Service::named("vm"), "zone-a")
-        .await
-        .unwrap();
     let a = app
-        .request(
-            reqwest::Method::POST,
-            &format!("/v1/operations/{id}/reports"),
-            Some(&key),
-            Some(&json!({"attempt": 1, "state": "running"})),
-        )
+        .report_as_vm_worker(&id, json!({"attempt": 1, "state": "running"}))
         .await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     // The report writes no outbox row, yet its event goes out well within the minute.

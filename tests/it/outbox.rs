@@ -335,16 +335,8 @@ async fn a_report_that_overtakes_the_relays_record_still_shows_the_dispatch() {
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
         .await;
     let id = op["id"].as_str().unwrap().to_owned();
-    let key = gateway::app::worker_key(&app.pool, &gateway::domain::Service::named("vm"), "zone-a")
-        .await
-        .unwrap();
     let report = app
-        .request(
-            reqwest::Method::POST,
-            &format!("/v1/operations/{id}/reports"),
-            Some(&key),
-            Some(&json!({"attempt": 1, "state": "running"})),
-        )
+        .report_as_vm_worker(&id, json!({"attempt": 1, "state": "running"}))
         .await;
     assert_eq!(report.status, StatusCode::OK, "{:?}", report.body);
     assert_eq!(relay_for(&app).pass().await.unwrap().published, 1);
@@ -359,13 +351,7 @@ async fn a_report_that_overtakes_the_relays_record_still_shows_the_dispatch() {
         seq.is_some(),
         "the relay still records where JetStream stored it"
     );
-    let events: Vec<String> = sqlx::query_scalar(
-        "SELECT type FROM event_outbox WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
-    )
-    .bind(&id)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
+    let events = app.operation_events(&id).await;
     assert_eq!(
         events,
         [

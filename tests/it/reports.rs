@@ -334,13 +334,7 @@ async fn a_batch_applies_each_report_on_its_own_in_one_request() {
     // Starts in a batch are written together, and before anything else touches their
     // operation: `a` ran, then succeeded, and its events say so in that order. No relay
     // runs here: a report on a `pending` operation shows that it was dispatched.
-    let events: Vec<String> = sqlx::query_scalar(
-        "SELECT type FROM event_outbox WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
-    )
-    .bind(a)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
+    let events = app.operation_events(a).await;
     assert_eq!(
         events,
         [
@@ -752,13 +746,7 @@ async fn ends_in_one_batch_record_each_resource_and_start_what_waits_behind_it()
         (y, "operation.failed"),
         (z, "operation.succeeded"),
     ] {
-        let events: Vec<String> = sqlx::query_scalar(
-            "SELECT type FROM event_outbox WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
-        )
-        .bind(id)
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
+        let events = app.operation_events(id).await;
         assert_eq!(
             events,
             [

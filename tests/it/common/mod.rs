@@ -534,4 +534,26 @@ impl TestApp {
     pub async fn count(&self, table: &str) -> i64 {
         scalar(&self.pool, &format!("SELECT count(*) FROM {table}")).await
     }
+
+    /// The types of operation `id`'s events waiting in the events outbox, in order.
+    pub async fn operation_events(&self, id: &str) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT type FROM event_outbox
+             WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Reports `report` on operation `id` with a worker key of the `vm` pool of zone-a.
+    pub async fn report_as_vm_worker(&self, id: &str, report: Value) -> Answer {
+        let key = app::worker_key(&self.pool, &gateway_proto::Service::named("vm"), "zone-a")
+            .await
+            .unwrap();
+        let path = format!("/v1/operations/{id}/reports");
+        self.request(Method::POST, &path, Some(&key), Some(&report))
+            .await
+    }
 }
