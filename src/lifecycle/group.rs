@@ -160,6 +160,18 @@ async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
                 }
                 alone
             }
+            Err(e) if crate::store::is_unavailable(&e) => {
+                // Alone, each would wait for the database in turn (the pool's acquire
+                // timeout each, two at a time): answer them all now, as a create alone
+                // is answered while the database is away. A batch whose commit went
+                // through unanswered is found again by its creates' Idempotency-Keys.
+                tracing::warn!(error = %e, creates = batch.len(), "group commit: database unavailable");
+                engine.metrics.write_batch_failed();
+                for q in batch {
+                    let _ = q.reply.send(Err(unavailable(&e)));
+                }
+                Vec::new()
+            }
             Err(e) => {
                 tracing::debug!(error = %e, creates = batch.len(), "group commit failed; recording each create alone");
                 engine.metrics.write_batch_failed();
@@ -176,4 +188,12 @@ async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
             }
         })
         .await;
+}
+
+/// The answer of each create of a batch the database failed under: `e` again (a
+/// `sqlx::Error` is not `Clone`), still a connection failure, so each is answered
+/// `503 database_unavailable`.
+fn unavailable(e: &sqlx::Error) -> LifecycleError {
+    let io = std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string());
+    LifecycleError::Database(sqlx::Error::Io(io))
 }

@@ -128,3 +128,105 @@ async fn postgres_down_refuses_writes_cleanly_and_everything_recovers_by_itself(
     d.wait_outbox_empty(Duration::from_secs(30)).await;
     assert_eq!(driver.executions(in_flight), 1);
 }
+
+/// Group commit through a crash: creates that share transactions when PostgreSQL
+/// crashes are each answered on their own, `202` (committed) or `503` (not), and once
+/// it is back their clients' retries with the same `Idempotency-Key` leave exactly one
+/// resource, operation and message per name: nothing half-written, nothing twice (a
+/// batch whose commit went through unanswered is found by its keys).
+#[tokio::test]
+async fn creates_batched_when_postgres_crashes_end_recorded_once_each_after_retries() {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _heavy = heavy().await;
+    let mut pg = Postgres::start();
+    let d = Deployment::new(&pg.url(), &nats_url(), &[]).await;
+    let api = Gateway::serve(&d.env).await;
+    let tenant = d.tenant(&api.url()).await;
+    const N: usize = 200;
+    let create = |i: usize| {
+        let (d, url, tenant) = (&d, api.url(), &tenant);
+        async move {
+            d.http
+                .post(format!("{url}/v1/tenants/{tenant}/vms"))
+                .bearer_auth(&d.env.admin_key)
+                .header("Idempotency-Key", format!("batch-{i}"))
+                .json(&json!({"name": format!("b{i}"), "zone": "zone-a",
+                              "spec": common::example_spec("vms")}))
+                .send()
+                .await
+                .expect("the gateway answers")
+                .status()
+        }
+    };
+    let answered = AtomicUsize::new(0);
+    let submit = futures::stream::iter(0..N)
+        .map(|i| {
+            let (create, answered) = (&create, &answered);
+            async move {
+                let status = create(i).await;
+                answered.fetch_add(1, Ordering::SeqCst);
+                (i, status)
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>();
+    let crash = async {
+        while answered.load(Ordering::SeqCst) < 40 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        pg.crash();
+    };
+    let (first, ()) = tokio::join!(submit, crash);
+    let refused: Vec<usize> = first
+        .iter()
+        .filter(|(_, s)| *s != StatusCode::ACCEPTED)
+        .map(|(i, _)| *i)
+        .collect();
+    for (i, status) in &first {
+        assert!(
+            [StatusCode::ACCEPTED, StatusCode::SERVICE_UNAVAILABLE].contains(status),
+            "create {i}: {status}"
+        );
+    }
+    assert!(
+        !refused.is_empty() && refused.len() < N,
+        "{} refused",
+        refused.len()
+    );
+    let batches = common::metric(&api.url(), "gateway_write_batch_size_count").await;
+    let batched = common::metric(&api.url(), "gateway_write_batch_size_sum").await;
+    assert!(
+        batched > batches,
+        "creates shared transactions: {batched} in {batches}"
+    );
+
+    pg.resume();
+    for i in refused {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while create(i).await != StatusCode::ACCEPTED {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "create {i} never recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let counts: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM resources WHERE name LIKE 'b%'),
+                (SELECT count(DISTINCT name) FROM resources WHERE name LIKE 'b%'),
+                (SELECT count(*) FROM operations o JOIN resources r ON r.id = o.resource_id
+                  WHERE r.name LIKE 'b%'),
+                (SELECT count(*) FROM outbox)",
+    )
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    let n = N as i64;
+    assert_eq!(
+        counts,
+        (n, n, n, n),
+        "one resource, operation and message each\n{}",
+        api.log()
+    );
+}
