@@ -978,8 +978,7 @@ async fn the_same_changes_in_any_order_leave_the_same_rows() {
 
 /// A change whose transaction took a lower `seq` but committed after the publisher's
 /// claim stays in the log for the next pass. The publisher used to delete everything up
-/// to the last `seq` it had claimed, and with it such a change, unpublished (found by
-/// `a_region_that_crashes_mid_replication_loses_nothing`: 79 of 80 tenants, once).
+/// to the last `seq` it had claimed, and with it such a change, unpublished.
 #[tokio::test]
 async fn a_change_committed_after_a_claim_is_not_deleted_unpublished() {
     use gateway::store::replication;
