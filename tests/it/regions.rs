@@ -627,10 +627,22 @@ async fn a_region_that_crashes_mid_replication_loses_nothing() {
                 .fetch_one(&r.pool)
                 .await
                 .unwrap();
+                let have: Vec<String> =
+                    sqlx::query_scalar("SELECT id FROM tenants WHERE id LIKE $1 || '-%'")
+                        .bind(&prefix)
+                        .fetch_all(&r.pool)
+                        .await
+                        .unwrap();
+                let missing: Vec<String> = (0..80)
+                    .map(|i| format!("{prefix}-{i}"))
+                    .filter(|t| !have.contains(t))
+                    .collect();
                 panic!(
-                    "{}: {} of 80 tenants after 20 s; applied_seq, log, parked: {state:?}\n{}",
+                    "{}: {} of 80 tenants after 20 s (missing {missing:?}); applied_seq, log, \
+                     parked: {state:?}; inbound stream: {}\n{}",
                     r.name,
-                    r.tenants_like(&prefix).await,
+                    have.len(),
+                    r.link_state().await,
                     r.up.log()
                 );
             }
