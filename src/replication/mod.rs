@@ -69,9 +69,90 @@ pub async fn ensure_streams(
     };
     for config in [outbound, inbound] {
         let name = config.name.clone();
+        // An unchanged stream is left alone: on the nats-server this project tests with
+        // (2.9), updating `REPLICATION-IN`, even to the same configuration, could leave
+        // its sourcing stalled (lag 0, no longer active), so a restarted region stopped
+        // receiving its peers' changes (`regions::a_region_that_crashes_mid_replication_loses_nothing`).
+        if let Ok(mut existing) = js.get_stream(&name).await {
+            if existing
+                .info()
+                .await
+                .is_ok_and(|i| unchanged(&i.config, &config))
+            {
+                continue;
+            }
+        }
         js.create_or_update_stream(config)
             .await
             .with_context(|| format!("creating or updating JetStream stream {name}"))?;
     }
     Ok(())
+}
+
+/// Whether `existing` already has everything [`ensure_streams`] sets in `wanted` (the
+/// server fills in the rest, and names a source's domain by its API prefix).
+fn unchanged(existing: &stream::Config, wanted: &stream::Config) -> bool {
+    let sources = |c: &stream::Config| {
+        let mut named: Vec<(String, Option<String>)> = c
+            .sources
+            .iter()
+            .flatten()
+            .map(|s| {
+                let domain = s.domain.clone().or_else(|| {
+                    s.external.as_ref().map(|e| {
+                        let api = e.api_prefix.trim_start_matches("$JS.");
+                        api.trim_end_matches(".API").to_owned()
+                    })
+                });
+                (s.name.clone(), domain)
+            })
+            .collect();
+        named.sort();
+        named
+    };
+    existing.subjects == wanted.subjects
+        && existing.max_messages_per_subject == wanted.max_messages_per_subject
+        && existing.num_replicas == wanted.num_replicas
+        && (wanted.duplicate_window.is_zero()
+            || existing.duplicate_window == wanted.duplicate_window)
+        && sources(existing) == sources(wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_as_the_server_reports_it_is_unchanged_until_a_peer_changes() {
+        let wanted = stream::Config {
+            name: INBOUND_STREAM.into(),
+            sources: Some(vec![stream::Source {
+                name: outbound_stream("r1"),
+                domain: Some("r1".into()),
+                ..Default::default()
+            }]),
+            max_messages_per_subject: 1,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        // The server names the domain by its API prefix and fills in defaults.
+        let mut reported = wanted.clone();
+        reported.sources = Some(vec![stream::Source {
+            name: outbound_stream("r1"),
+            external: Some(stream::External {
+                api_prefix: "$JS.r1.API".into(),
+                delivery_prefix: None,
+            }),
+            ..Default::default()
+        }]);
+        reported.duplicate_window = Duration::from_secs(120);
+        assert!(unchanged(&reported, &wanted));
+        let mut more = wanted.clone();
+        more.sources.as_mut().unwrap().push(stream::Source {
+            name: outbound_stream("r3"),
+            domain: Some("r3".into()),
+            ..Default::default()
+        });
+        assert!(!unchanged(&reported, &more));
+    }
 }
