@@ -68,9 +68,9 @@ pub struct Pass {
 
 impl Relay {
     /// Runs until `shutdown`: [`Relay::concurrent_passes`] operations loops and one events
-    /// loop, each a task of its own, so a slow or failing events pass (a full or missing events stream) never
-    /// delays a dispatch. Each loop sleeps between passes until rung or polled, and backs
-    /// off after a failure.
+    /// loop, each a task of its own, so a slow or failing events pass (a full or missing
+    /// events stream) never delays a dispatch. Each loop sleeps between passes until rung
+    /// or polled, and backs off after a failure.
     ///
     /// The operations loops run passes independently, each on rows of its own (`SKIP
     /// LOCKED`): while one records what it published, another is free to claim what was
@@ -80,27 +80,12 @@ impl Relay {
     /// twice is dropped by its `Nats-Msg-Id`.
     pub async fn run(self, shutdown: CancellationToken) {
         let relay = std::sync::Arc::new(self);
+        let operations = std::iter::repeat_n(Work::Operations, relay.concurrent_passes.max(1));
         let mut loops = tokio::task::JoinSet::new();
-        for _ in 0..relay.concurrent_passes.max(1) {
+        for work in operations.chain([Work::Events]) {
             let (relay, shutdown) = (relay.clone(), shutdown.clone());
-            loops.spawn(async move {
-                let bell = relay.wake.listen().await;
-                relay
-                    .cycle("operations", bell, &shutdown, || async {
-                        relay.pass().await.map(|p| (p.claimed, p.published))
-                    })
-                    .await
-            });
+            loops.spawn(async move { relay.cycle(work, &shutdown).await });
         }
-        let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        loops.spawn(async move {
-            let bell = relay.wake.listen().await;
-            relay
-                .cycle("events", bell, &shutdown, || async {
-                    relay.events_pass().await.map(|p| (p.claimed, p.published))
-                })
-                .await
-        });
         while let Some(done) = loops.join_next().await {
             // A loop that panicked takes the relay down with it, as one loop did.
             if let Err(e) = done {
@@ -111,20 +96,16 @@ impl Relay {
         }
     }
 
-    /// Runs `pass` (which answers `(claimed, published)`) until `shutdown`.
-    async fn cycle<F, P>(
-        &self,
-        what: &'static str,
-        mut bell: crate::changes::Doorbell,
-        shutdown: &CancellationToken,
-        pass: P,
-    ) where
-        P: Fn() -> F,
-        F: std::future::Future<Output = anyhow::Result<(usize, usize)>>,
-    {
+    /// Runs passes of `work` until `shutdown`.
+    async fn cycle(&self, work: Work, shutdown: &CancellationToken) {
+        let mut bell = self.wake.listen().await;
         let mut failures = 0u32;
         loop {
-            let pause = match self.next_step(what, pass().await) {
+            let pass = match work {
+                Work::Operations => self.pass().await.map(|p| (p.claimed, p.published)),
+                Work::Events => self.events_pass().await.map(|p| (p.claimed, p.published)),
+            };
+            let pause = match self.next_step(work, pass) {
                 Step::Again => {
                     failures = 0;
                     continue;
@@ -226,6 +207,25 @@ impl Relay {
     }
 }
 
+/// What a relay loop publishes.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    /// Outbox rows: dispatches.
+    Operations,
+    /// Event rows.
+    Events,
+}
+
+impl Work {
+    /// Its name in logs.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Operations => "operations",
+            Self::Events => "events",
+        }
+    }
+}
+
 /// What the relay does after a pass.
 enum Step {
     /// A batch was full: pass again at once.
@@ -251,8 +251,9 @@ impl Relay {
         .await
     }
 
-    /// The step after a pass of `what` that answered `(claimed, published)`.
-    fn next_step(&self, what: &str, pass: anyhow::Result<(usize, usize)>) -> Step {
+    /// The step after a pass of `work` that answered `(claimed, published)`.
+    fn next_step(&self, work: Work, pass: anyhow::Result<(usize, usize)>) -> Step {
+        let what = work.name();
         match pass {
             // A whole batch claimed: more may wait. At worst the next pass finds nothing.
             Ok((claimed, published)) if published == claimed => {
