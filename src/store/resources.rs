@@ -260,26 +260,9 @@ pub struct Outcome<'a> {
     pub generation: i64,
 }
 
-/// Records the end of an operation that acted on `generation`: the new phase, the
-/// status, and the observed generation, which never moves backwards.
-pub async fn record_outcome(
-    conn: &mut PgConnection,
-    id: Uuid,
-    phase: Phase,
-    status: StatusChange<'_>,
-    generation: i64,
-) -> sqlx::Result<()> {
-    let outcome = Outcome {
-        id,
-        phase,
-        status,
-        generation,
-    };
-    record_outcomes(conn, &[outcome]).await
-}
-
-/// Records the ends of several operations on their (distinct) resources, as
-/// [`record_outcome`] does one, in one statement.
+/// Records the ends of operations on their (distinct) resources, in one statement: each
+/// resource's new phase, its status, and the observed generation, which never moves
+/// backwards.
 pub async fn record_outcomes(
     conn: &mut PgConnection,
     outcomes: &[Outcome<'_>],
