@@ -11,9 +11,9 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -165,23 +165,48 @@ impl Drop for Interest {
     }
 }
 
+/// What a ring of the relay's doorbell is for: which of the relay's loops have work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bell {
+    /// Outbox rows were committed: the operations loops have dispatches to publish.
+    Dispatches,
+    /// State changed (events are recorded by trigger): the events loop has events.
+    Events,
+}
+
+impl Bell {
+    /// Its name on NATS.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Dispatches => "dispatches",
+            Self::Events => "events",
+        }
+    }
+}
+
 /// The relay's doorbell. Writers ring it after commit, so the relay publishes at once
-/// instead of on its next poll: in-process by a `watch` channel, across processes by a
-/// core NATS message. Ringing never blocks or fails the write path.
+/// instead of on its next poll: in-process directly, across processes by a core NATS
+/// message (which the ringing process itself ignores: it was rung directly).
 ///
-/// Every listener ([`Wake::listen`]) hears every ring, including one that came while
-/// it was busy, so the relay's loops (operations and events) each wake on their own.
+/// Listeners come in groups ([`Wake::doorbell`]): the relay's operations loops are one
+/// group, its events loop another. A ring wakes **one** idle member of each group it is
+/// for, or, if all are busy, the next to wait: a ring is never lost, and a commit costs
+/// one pass, not one pass per loop (a busy loop that finds a full batch passes the ring
+/// on, [`Doorbell::pass_on`], so a burst still recruits every loop).
 #[derive(Clone)]
 pub struct Wake {
-    local: Arc<watch::Sender<()>>,
+    groups: Arc<Mutex<Vec<(Bell, Weak<Notify>)>>>,
     remote: Option<(async_nats::Client, String)>,
+    /// This process, in its rings on NATS.
+    origin: Arc<str>,
 }
 
 impl Default for Wake {
     fn default() -> Self {
         Self {
-            local: Arc::new(watch::channel(()).0),
+            groups: Arc::default(),
             remote: None,
+            origin: Uuid::new_v4().simple().to_string().into(),
         }
     }
 }
@@ -199,64 +224,114 @@ impl Wake {
     /// connection, which may subscribe to the subject when the writers' may not).
     pub fn heard_through(&self, client: async_nats::Client) -> Self {
         Self {
-            local: self.local.clone(),
+            groups: self.groups.clone(),
             remote: self
                 .remote
                 .as_ref()
                 .map(|(_, subject)| (client, subject.clone())),
+            origin: self.origin.clone(),
         }
     }
 
-    /// A listener that hears the rings from now on, in this process and (if the
-    /// subscription succeeds) from others.
-    pub async fn listen(&self) -> Doorbell {
-        let remote = match &self.remote {
-            Some((client, subject)) => client.subscribe(subject.clone()).await.ok(),
-            None => None,
-        };
-        Doorbell {
-            local: self.local.subscribe(),
-            remote,
-        }
+    /// A new group of listeners of `bell`: clone the returned doorbell for each member.
+    /// The group hears the rings from now on, for as long as a member lives.
+    pub fn doorbell(&self, bell: Bell) -> Doorbell {
+        let notify = Arc::new(Notify::new());
+        self.lock().push((bell, Arc::downgrade(&notify)));
+        Doorbell(notify)
     }
 
-    /// Rings. Best effort: the relay's polling covers a lost ring.
-    pub async fn signal(&self) {
-        self.local.send_replace(());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Bell, Weak<Notify>)>> {
+        self.groups.lock().expect("doorbell groups")
+    }
+
+    /// Rings `bells` in this process only.
+    pub fn ring_here(&self, bells: &[Bell]) {
+        self.lock().retain(|(bell, group)| match group.upgrade() {
+            Some(notify) => {
+                if bells.contains(bell) {
+                    notify.notify_one();
+                }
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Rings `bells`, here and in other processes. Best effort: the relay's polling
+    /// covers a lost ring.
+    pub async fn signal(&self, bells: &[Bell]) {
+        self.ring_here(bells);
         if let Some((client, subject)) = &self.remote {
             if client.connection_state() == async_nats::connection::State::Connected {
-                let publish = client.publish(subject.clone(), bytes::Bytes::new());
+                let mut body = format!("{FROM}{}", self.origin);
+                for bell in bells {
+                    body.push('\n');
+                    body.push_str(bell.name());
+                }
+                let publish = client.publish(subject.clone(), Bytes::from(body));
                 let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
             }
         }
     }
-}
 
-/// One listener of a [`Wake`].
-pub struct Doorbell {
-    local: watch::Receiver<()>,
-    remote: Option<async_nats::Subscriber>,
-}
-
-impl Doorbell {
-    /// Resolves at the next ring, or at once if one came since the last call returned.
-    pub async fn rung(&mut self) {
-        let (local, remote) = (&mut self.local, &mut self.remote);
-        let heard = async {
-            match remote.as_mut() {
-                Some(sub) => sub.next().await.is_some(),
-                None => std::future::pending().await,
+    /// Forwards other processes' rings to this process's doorbells until `shutdown`.
+    /// A ring that names no bell (from an older gateway) rings them all.
+    pub async fn listen(self, shutdown: CancellationToken) {
+        let Some((client, subject)) = self.remote.clone() else {
+            return;
+        };
+        let mut sub = match client.subscribe(subject).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to the relay's doorbell; the relay polls");
+                return;
             }
         };
-        let closed = tokio::select! {
-            // The sender lives as long as the `Wake` the listener came from.
-            Ok(()) = local.changed() => false,
-            alive = heard => !alive,
-        };
-        if closed {
-            // The subscription ended: polling and local rings remain.
-            self.remote = None;
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                msg = sub.next() => match msg {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let text = std::str::from_utf8(&msg.payload).unwrap_or_default();
+            let mut lines = text.lines().peekable();
+            if lines.peek().and_then(|l| l.strip_prefix(FROM)) == Some(&*self.origin) {
+                continue;
+            }
+            let bells: Vec<Bell> = lines
+                .filter_map(|l| {
+                    [Bell::Dispatches, Bell::Events]
+                        .into_iter()
+                        .find(|b| b.name() == l)
+                })
+                .collect();
+            if bells.is_empty() {
+                self.ring_here(&[Bell::Dispatches, Bell::Events]);
+            } else {
+                self.ring_here(&bells);
+            }
         }
+    }
+}
+
+/// The members of one group of listeners of a [`Wake`] (clones share the group).
+#[derive(Clone)]
+pub struct Doorbell(Arc<Notify>);
+
+impl Doorbell {
+    /// Resolves at the next ring this member is woken by, or at once if a ring came
+    /// while every member was busy and no other member has taken it since.
+    pub async fn rung(&self) {
+        self.0.notified().await;
+    }
+
+    /// Passes a ring on to another member of the group (an idle one, or the next to
+    /// wait).
+    pub fn pass_on(&self) {
+        self.0.notify_one();
     }
 }
 
@@ -291,6 +366,50 @@ mod tests {
         changes.publish(&[id]).await;
         let quick = Duration::from_millis(50);
         assert!(tokio::time::timeout(quick, woken).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_ring_wakes_one_idle_member_of_each_group_it_is_for() {
+        let wake = Wake::default();
+        let dispatches = wake.doorbell(Bell::Dispatches);
+        let events = wake.doorbell(Bell::Events);
+        let quick = Duration::from_millis(50);
+        let (a, b) = (dispatches.clone(), dispatches.clone());
+        let (first, second) = (a.rung(), b.rung());
+        tokio::pin!(first, second);
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        wake.signal(&[Bell::Dispatches]).await;
+        assert!(tokio::time::timeout(quick, first).await.is_ok());
+        assert!(tokio::time::timeout(quick, second.as_mut()).await.is_err());
+        assert!(tokio::time::timeout(quick, events.rung()).await.is_err());
+        wake.signal(&[Bell::Events]).await;
+        assert!(tokio::time::timeout(quick, events.rung()).await.is_ok());
+        assert!(tokio::time::timeout(quick, second).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_ring_while_every_member_is_busy_wakes_the_next_to_wait() {
+        let wake = Wake::default();
+        let bell = wake.doorbell(Bell::Dispatches);
+        // (every member is in a pass: none waits)
+        wake.signal(&[Bell::Dispatches, Bell::Events]).await;
+        wake.signal(&[Bell::Dispatches]).await;
+        let quick = Duration::from_millis(50);
+        assert!(tokio::time::timeout(quick, bell.rung()).await.is_ok());
+        // Rings that came together are one pass's work.
+        assert!(tokio::time::timeout(quick, bell.rung()).await.is_err());
+        bell.pass_on();
+        assert!(tokio::time::timeout(quick, bell.rung()).await.is_ok());
+    }
+
+    #[test]
+    fn a_group_whose_members_are_gone_is_forgotten() {
+        let wake = Wake::default();
+        drop(wake.doorbell(Bell::Events));
+        let _kept = wake.doorbell(Bell::Dispatches);
+        wake.ring_here(&[Bell::Events]);
+        assert_eq!(wake.lock().len(), 1);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! | `gateway_outbox_publish_errors_total` | counter | | publishes that failed or timed out |
 //! | `gateway_relay_batch_size` | histogram | | rows claimed per relay pass |
 //! | `gateway_relay_lag_seconds` | histogram | | outbox row written to JetStream ack |
+//! | `gateway_relay_empty_passes_total` | counter | | relay passes for dispatches that found nothing to publish (a ring another loop answered, a poll); idle work, not a fault |
 //! | `gateway_write_batch_size` | histogram | | creates recorded per group-commit transaction |
 //! | `gateway_write_batch_failures_total` | counter | | group-commit transactions that failed, whose creates were then recorded one by one |
 //! | `gateway_events_pending` | gauge | | events recorded and not yet published |
@@ -282,6 +283,8 @@ pub struct Inner {
     pub relay_batch_size: Histogram,
     /// See the table in the module docs.
     pub relay_lag: Histogram,
+    /// See the table in the module docs.
+    pub relay_empty_passes: Counter,
     /// See the table in the module docs.
     pub write_batch_size: Histogram,
     /// See the table in the module docs.
@@ -588,6 +591,11 @@ impl Inner {
             self.relay_batch_size.clone(),
         );
         r.register(
+            "relay_empty_passes",
+            "Relay passes for dispatches that found nothing to publish",
+            self.relay_empty_passes.clone(),
+        );
+        r.register(
             "relay_lag_seconds",
             "Time from an outbox row's commit to JetStream's ack",
             self.relay_lag.clone(),
@@ -659,6 +667,7 @@ impl Metrics {
             outbox_oldest_age: Gauge::default(),
             outbox_published: Counter::default(),
             outbox_publish_errors: Counter::default(),
+            relay_empty_passes: Counter::default(),
             relay_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             relay_lag: latency(),
             write_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),

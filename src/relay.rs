@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::changes::Wake;
+pub use crate::changes::{Bell, Doorbell, Wake};
 
 /// Longest wait for all publishes of one pass: whatever has not been acknowledged by
 /// then counts as failed, and its rows stay for the next pass. Shorter than the 30 s
@@ -80,11 +80,17 @@ impl Relay {
     /// twice is dropped by its `Nats-Msg-Id`.
     pub async fn run(self, shutdown: CancellationToken) {
         let relay = std::sync::Arc::new(self);
-        let operations = std::iter::repeat_n(Work::Operations, relay.concurrent_passes.max(1));
+        let dispatches = relay.wake.doorbell(Bell::Dispatches);
+        let events = relay.wake.doorbell(Bell::Events);
+        let operations = std::iter::repeat_n(
+            (Work::Operations, dispatches),
+            relay.concurrent_passes.max(1),
+        );
         let mut loops = tokio::task::JoinSet::new();
-        for work in operations.chain([Work::Events]) {
+        loops.spawn(relay.wake.clone().listen(shutdown.clone()));
+        for (work, bell) in operations.chain([(Work::Events, events)]) {
             let (relay, shutdown) = (relay.clone(), shutdown.clone());
-            loops.spawn(async move { relay.cycle(work, &shutdown).await });
+            loops.spawn(async move { relay.cycle(work, bell, &shutdown).await });
         }
         while let Some(done) = loops.join_next().await {
             // A loop that panicked takes the relay down with it, as one loop did.
@@ -97,16 +103,21 @@ impl Relay {
     }
 
     /// Runs passes of `work` until `shutdown`.
-    async fn cycle(&self, work: Work, shutdown: &CancellationToken) {
-        let mut bell = self.wake.listen().await;
+    async fn cycle(&self, work: Work, bell: Doorbell, shutdown: &CancellationToken) {
         let mut failures = 0u32;
         loop {
             let pass = match work {
                 Work::Operations => self.pass().await.map(|p| (p.claimed, p.published)),
                 Work::Events => self.events_pass().await.map(|p| (p.claimed, p.published)),
             };
+            if work == Work::Operations && matches!(pass, Ok((_, published)) if published > 0) {
+                // Marking them `dispatched` recorded events (by trigger).
+                self.wake.ring_here(&[Bell::Events]);
+            }
             let pause = match self.next_step(work, pass) {
                 Step::Again => {
+                    // More may wait: another idle loop may take a batch meanwhile.
+                    bell.pass_on();
                     failures = 0;
                     continue;
                 }
@@ -150,6 +161,7 @@ impl Relay {
         let mut tx = self.pool.begin().await?;
         let rows = outbox::claim(&mut tx, self.batch_size).await?;
         if rows.is_empty() {
+            self.metrics.relay_empty_passes.inc();
             return Ok(Pass::default());
         }
         let publishes = rows.iter().map(|row| {
@@ -208,7 +220,7 @@ impl Relay {
 }
 
 /// What a relay loop publishes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Work {
     /// Outbox rows: dispatches.
     Operations,

@@ -37,6 +37,7 @@ pub async fn write_messages(
         .iter()
         .map(|(op, resource)| message(txn.engine(), About::from(*op), resource))
         .collect::<sqlx::Result<Vec<_>>>()?;
+    txn.dispatching();
     outbox::insert_many(txn, &messages).await
 }
 
@@ -53,6 +54,7 @@ pub async fn insert_dispatched(
         .zip(resources)
         .map(|(op, resource)| message(txn.engine(), About::from(op), resource))
         .collect::<sqlx::Result<Vec<_>>>()?;
+    txn.dispatching();
     operations::insert_many_dispatched(txn, ops, &messages).await
 }
 

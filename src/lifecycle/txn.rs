@@ -16,6 +16,7 @@
 
 use super::Engine;
 use crate::audit::{AuditSlot, PendingAudit};
+use crate::changes::Bell;
 use crate::domain::quota::Dimension;
 use crate::domain::{Action, OperationState, Service};
 use crate::store::operations::{self, OperationRow};
@@ -56,6 +57,8 @@ enum Counted {
 struct Effects {
     changed: Vec<Uuid>,
     counted: Vec<Counted>,
+    /// Outbox rows were written.
+    dispatching: bool,
 }
 
 /// The database transaction of one state change and the effects due after it commits.
@@ -108,6 +111,12 @@ impl<'e> Txn<'e> {
     /// The engine the transaction runs on.
     pub fn engine(&self) -> &'e Engine {
         self.engine
+    }
+
+    /// Dispatch messages were written to the outbox: the relay's operations loops are
+    /// rung after commit (its events loop is rung after every commit).
+    pub fn dispatching(&mut self) {
+        self.effects.dispatching = true;
     }
 
     /// The row of operation `id` changed: long-polls on it are woken after commit.
@@ -216,11 +225,15 @@ impl Engine {
                 }
             }
         }
-        // Every state change records events (by trigger), and most write an outbox row:
-        // the relay publishes both, so it is rung after every commit, not only after
-        // those that dispatched something (a report's events would otherwise wait for
-        // the relay's poll interval).
-        self.wake.signal().await;
+        // Every state change records events (by trigger): the relay's events loop is
+        // rung after every commit; its operations loops only when there is something
+        // to dispatch (a report, most commits, writes no outbox row).
+        let bells: &[Bell] = if effects.dispatching {
+            &[Bell::Dispatches, Bell::Events]
+        } else {
+            &[Bell::Events]
+        };
+        self.wake.signal(bells).await;
         if !effects.changed.is_empty() {
             self.changes.publish(&effects.changed).await;
         }

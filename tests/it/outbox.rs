@@ -362,3 +362,96 @@ async fn a_report_that_overtakes_the_relays_record_still_shows_the_dispatch() {
         ]
     );
 }
+
+/// A commit wakes one of the relay's operations loops, not all of them, and not again
+/// through its own ring on NATS (before, each commit cost every loop an empty pass, and
+/// then each again for the NATS echo). The relay's record of a dispatch rings its
+/// events loop: the dispatch's event goes out without waiting for the next commit.
+#[tokio::test]
+async fn a_commit_wakes_one_relay_pass_and_a_dispatch_rings_the_events_loop() {
+    // The relay polls only once a minute here: every pass below was rung.
+    let app = spawn_with(Options {
+        tweak: |c| {
+            c.relay_poll_interval = Duration::from_secs(60);
+            c.relay_concurrent_passes = 4;
+        },
+        ..Options::api_and_relay()
+    })
+    .await;
+    let tenant = app.tenant().await;
+    app.wait_outbox_empty().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let empty = || common::metric(&app.url, "gateway_relay_empty_passes_total");
+    let before = empty().await;
+    for i in 0..20 {
+        let op = app
+            .create(
+                &tenant,
+                "vms",
+                &format!("vm-{i}"),
+                "zone-a",
+                example_spec("vms"),
+            )
+            .await;
+        let started = tokio::time::Instant::now();
+        app.wait_op(op["id"].as_str().unwrap(), |op| op["state"] == "dispatched")
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "rung, not polled"
+        );
+    }
+    let wasted = empty().await - before;
+    assert!(
+        wasted <= 5.0,
+        "{wasted} empty relay passes for 20 commits: a ring woke more than one loop"
+    );
+    common::eventually("the last dispatch's event is published", || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+}
+
+/// A commit in one process rings the relay in another, over NATS.
+#[tokio::test]
+async fn a_commit_in_one_process_rings_the_relay_in_another() {
+    let d = common::Deployment::new(
+        &common::pg_base(),
+        &common::nats_url(),
+        &[("RELAY_POLL_INTERVAL_MS", "60000")],
+    )
+    .await;
+    let api = common::Gateway::serve(&d.env).await;
+    let client = d.client(&api.url());
+    let _relay = common::Gateway::relay(&d.env);
+    let tenant = d.tenant(&api.url()).await;
+    // The relay's first passes (at start) and its subscription to the doorbell.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        let op = client
+            .create(
+                &tenant,
+                "vms",
+                &format!("vm-{i}"),
+                "zone-a",
+                example_spec("vms"),
+            )
+            .await;
+        let id = common::id_of(&op);
+        let started = tokio::time::Instant::now();
+        common::eventually("the relay dispatches it", || async {
+            let (state, _, _) = d.operation(id).await;
+            (state == "dispatched").then_some(())
+        })
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "rung across processes, not polled: {:?}",
+            started.elapsed()
+        );
+    }
+}
