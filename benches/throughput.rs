@@ -698,7 +698,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64) {
         let mut state = op;
         let id = state["id"].as_str().unwrap().to_owned();
         while state["done"] != true {
-            let url = format!("{}/v1/operations/{id}?wait=30s", b.url);
+            let url = format!("{}/v1/operations/{id}?wait=30s&until=done", b.url);
             let res = b.http.get(url).bearer_auth(&b.key).send().await.unwrap();
             let status = res.status();
             state = res.json().await.unwrap();

@@ -410,10 +410,36 @@ impl Client {
         self.json(call).await
     }
 
-    /// Follows an operation with long-polls until it ends (any final state: check
-    /// `state`), or fails with [`Error::TimedOut`] after `timeout`.
+    /// `GET /v1/operations/{id}?wait=…&until=done`: answers when the operation has
+    /// ended, or after `wait` (the gateway caps it at 60 s) with the operation as it is.
+    pub async fn poll_until_done(&self, id: Uuid, wait: Duration) -> Result<Operation> {
+        let wait = format!("{}ms", wait.as_millis().max(1));
+        let call = Call::new(Method::GET, format!("/v1/operations/{id}"))
+            .query(vec![("wait", wait), ("until", "done".to_owned())]);
+        self.json(call).await
+    }
+
+    /// Follows an operation with long-polls (`until=done`: one request per
+    /// [`LONG_POLL`], not one per state) until it ends (any final state: check `state`),
+    /// or fails with [`Error::TimedOut`] after `timeout`. Against a gateway that does not
+    /// know `until` (older than this client), it follows every change instead.
     pub async fn wait(&self, id: Uuid, timeout: Duration) -> Result<Operation> {
-        self.wait_with(id, timeout, |_| {}).await
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let op = match self.poll_until_done(id, left.min(LONG_POLL)).await {
+                Err(e) if e.code() == Some("invalid_query") => {
+                    return self.wait_with(id, left, |_| {}).await;
+                }
+                answer => answer?,
+            };
+            if op.done {
+                return Ok(op);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::TimedOut);
+            }
+        }
     }
 
     /// Like [`Client::wait`], calling `seen` with every answer (a state change, or the
@@ -650,12 +676,30 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Each request a [`scripted`] server took: its `Idempotency-Key`, and its request
+    /// line's target (path and query).
+    type Seen = Arc<Mutex<Vec<(Option<String>, String)>>>;
+
+    /// The `Idempotency-Key`s of `seen`.
+    fn keys(seen: &Seen) -> Vec<Option<String>> {
+        seen.lock().unwrap().iter().map(|s| s.0.clone()).collect()
+    }
+
+    /// An operation in `state`, as the gateway answers it.
+    fn operation(state: &str, done: bool) -> String {
+        let at = "2026-01-01T00:00:00Z";
+        format!(
+            r#"{{"id":"{id}","tenant":"acme","resource_id":"{id}","kind":"vm","zone":"zone-a","action":"create","state":"{state}","done":{done},"attempt":1,"target_generation":1,"cancel_requested":false,"request_id":"r","created_at":"{at}","updated_at":"{at}","deadline":"{at}"}}"#,
+            id = Uuid::nil()
+        )
+    }
+
     /// A one-route HTTP server answering from `script` in turn (the last answer again
-    /// once it runs out), recording each request's `Idempotency-Key`.
-    async fn scripted(script: Vec<&'static str>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    /// once it runs out), recording each request's `Idempotency-Key` and target.
+    async fn scripted(script: Vec<&'static str>) -> (String, Seen) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Seen::default();
         let log = seen.clone();
         tokio::spawn(async move {
             for n in 0.. {
@@ -670,23 +714,32 @@ mod tests {
                     .lines()
                     .find_map(|l| l.strip_prefix("idempotency-key: "))
                     .map(|k| k.trim().to_owned());
-                log.lock().unwrap().push(key);
+                let target = head.split(' ').nth(1).unwrap_or_default().to_owned();
+                log.lock().unwrap().push((key, target));
                 let answer = script[n.min(script.len() - 1)];
                 let (status, extra, body) = match answer {
                     "ok" => (
                         "200 OK",
                         "",
-                        r#"{"id":"acme","display_name":"","created_at":"2026-01-01T00:00:00Z"}"#,
+                        r#"{"id":"acme","display_name":"","created_at":"2026-01-01T00:00:00Z"}"#.to_owned(),
                     ),
                     "busy" => (
                         "503 Service Unavailable",
                         "Retry-After: 1\r\n",
-                        r#"{"code":"database_unavailable","message":"retry","request_id":"r"}"#,
+                        r#"{"code":"database_unavailable","message":"retry","request_id":"r"}"#.to_owned(),
                     ),
+                    // A gateway older than `until`.
+                    "old" => (
+                        "400 Bad Request",
+                        "",
+                        r#"{"code":"invalid_query","message":"unknown field `until`","request_id":"r"}"#.to_owned(),
+                    ),
+                    "running" => ("200 OK", "Retry-After: 1\r\n", operation("running", false)),
+                    "succeeded" => ("200 OK", "", operation("succeeded", true)),
                     _ => (
                         "429 Too Many Requests",
                         "Retry-After: 0\r\n",
-                        r#"{"code":"rate_limited","message":"slow down","request_id":"r"}"#,
+                        r#"{"code":"rate_limited","message":"slow down","request_id":"r"}"#.to_owned(),
                     ),
                 };
                 let res = format!(
@@ -717,19 +770,15 @@ mod tests {
             started.elapsed() >= Duration::from_secs(1),
             "Retry-After: 1 honoured"
         );
-        let keys = seen.lock().unwrap().clone();
-        assert_eq!(keys.len(), 2);
-        assert!(keys[0].is_some());
-        assert_eq!(keys[0], keys[1], "one key across the call's retries");
+        let sent = keys(&seen);
+        assert_eq!(sent.len(), 2);
+        assert!(sent[0].is_some());
+        assert_eq!(sent[0], sent[1], "one key across the call's retries");
 
         let (url, seen) = scripted(vec!["busy", "ok"]).await;
         let gw = Client::new(url, "k");
         assert_eq!(gw.get_tenant("acme").await.unwrap().id, "acme");
-        assert_eq!(
-            seen.lock().unwrap().clone(),
-            vec![None, None],
-            "reads send no key"
-        );
+        assert_eq!(keys(&seen), vec![None, None], "reads send no key");
     }
 
     #[tokio::test]
@@ -743,6 +792,34 @@ mod tests {
             seen.lock().unwrap().len(),
             3,
             "the first try and two retries"
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_long_polls_until_done_and_follows_every_change_on_an_older_gateway() {
+        let (url, seen) = scripted(vec!["running", "succeeded"]).await;
+        let gw = Client::new(url, "k");
+        let done = gw.wait(Uuid::nil(), Duration::from_secs(5)).await.unwrap();
+        assert!(done.done);
+        let targets: Vec<String> = seen.lock().unwrap().iter().map(|s| s.1.clone()).collect();
+        assert_eq!(targets.len(), 2, "{targets:?}");
+        assert!(
+            targets
+                .iter()
+                .all(|t| t.contains("until=done") && t.contains("wait=")),
+            "{targets:?}"
+        );
+
+        // A gateway that refuses `until`: the same wait, one long-poll per change.
+        let (url, seen) = scripted(vec!["old", "running", "running", "succeeded"]).await;
+        let gw = Client::new(url, "k");
+        let done = gw.wait(Uuid::nil(), Duration::from_secs(5)).await.unwrap();
+        assert!(done.done);
+        let targets: Vec<String> = seen.lock().unwrap().iter().map(|s| s.1.clone()).collect();
+        assert_eq!(targets.len(), 4, "{targets:?}");
+        assert!(
+            targets[1..].iter().all(|t| !t.contains("until")),
+            "{targets:?}"
         );
     }
 }

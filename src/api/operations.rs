@@ -59,9 +59,27 @@ const RECHECK: Duration = Duration::from_secs(5);
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReadQuery {
-    /// Long-poll: answer as soon as the operation's state changes, or after this long
-    /// (`500ms`, `30s`, `1m`; at most 60 s).
+    /// Long-poll: answer as soon as the operation's state changes (or, with
+    /// `until=done`, as soon as it ends), or after this long (`500ms`, `30s`, `1m`; at
+    /// most 60 s).
     pub wait: Option<String>,
+    /// What `wait` waits for (without `wait`, nothing: the operation is read at once).
+    /// `changed` (the default): any change of state, for progress displays. `done`: the
+    /// end (`succeeded`, `failed` or `cancelled`), so a client waiting for the outcome
+    /// makes one request instead of one per state.
+    #[param(inline)]
+    pub until: Option<Until>,
+}
+
+/// What a long-poll waits for (`GET /v1/operations/{id}?wait=…&until=…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Until {
+    /// Any change of state.
+    #[default]
+    Changed,
+    /// A final state.
+    Done,
 }
 
 /// Parses `500ms`, `30s`, `2m` or a plain number of seconds.
@@ -86,15 +104,15 @@ pub fn parse_wait(text: &str) -> Option<Duration> {
     Some(d.min(MAX_WAIT))
 }
 
-/// Read one operation; with `?wait=`, wait for it to change state first. Unfinished
-/// ones carry `Retry-After`.
+/// Read one operation; with `?wait=`, wait for it to change state first (with
+/// `&until=done`, for it to end). Unfinished ones carry `Retry-After`.
 #[utoipa::path(
     get, path = "/v1/operations/{id}", tag = "operations",
     params(("id" = Uuid, Path, description = "Operation ID"), ReadQuery),
     responses(
         (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 200, description = "The operation", body = OperationOut),
-        (status = 400, description = "`invalid_query`: bad wait", body = ErrorBody),
+        (status = 400, description = "`invalid_query`: bad wait or until", body = ErrorBody),
         (status = 404, description = "No such operation visible to this key", body = ErrorBody),
     ),
     security(("api_key" = []))
@@ -126,11 +144,13 @@ pub async fn read(
     if let (Some(wait), Some(interest)) = (wait, interest) {
         let deadline = Instant::now() + wait;
         let initial = op.state;
+        let until = q.until.unwrap_or_default();
         loop {
             let changed = interest.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if op.state.is_terminal() || op.state != initial || Instant::now() >= deadline {
+            let moved = until == Until::Changed && op.state != initial;
+            if op.state.is_terminal() || moved || Instant::now() >= deadline {
                 break;
             }
             let recheck = tokio::time::sleep_until(deadline.min(Instant::now() + RECHECK));

@@ -527,6 +527,96 @@ async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
     assert_eq!(idle.body["state"], "pending");
 }
 
+/// `until=done`: one long-poll follows the operation through every state to its end,
+/// instead of answering at the first change.
+#[tokio::test]
+async fn a_long_poll_until_done_answers_at_the_end_not_at_the_first_change() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let op_id = id(&op).to_owned();
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let path = format!("/v1/operations/{op_id}?wait=20s&until=done");
+    let poll = app.get(&path);
+    let work = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let running = json!({"attempt": 1, "state": "running"});
+        let a = report(&app, &key, &op_id, running).await;
+        assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let done = json!({"attempt": 1, "state": "succeeded", "status": {}});
+        let b = report(&app, &key, &op_id, done).await;
+        assert_eq!(b.status, StatusCode::OK, "{:?}", b.body);
+    };
+    let (polled, ()) = tokio::join!(poll, work);
+    assert_eq!(polled.status, StatusCode::OK, "{:?}", polled.body);
+    assert_eq!(polled.body["state"], "succeeded", "{:?}", polled.body);
+    assert_eq!(polled.body["done"], true);
+    assert_eq!(polled.header("retry-after"), None, "a finished operation");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "woken by the end, not by a re-check: {:?}",
+        started.elapsed()
+    );
+    // Finished: answered at once.
+    let started = Instant::now();
+    let again = app
+        .get(&format!("/v1/operations/{op_id}?wait=20s&until=done"))
+        .await;
+    assert_eq!(again.body["state"], "succeeded");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // An operation that does not end in time is answered as it is, when the wait is up.
+    let other = app
+        .create(&tenant, "vms", "idle", "zone-a", example_spec("vms"))
+        .await;
+    let other_id = id(&other).to_owned();
+    let running = json!({"attempt": 1, "state": "running"});
+    let path = format!("/v1/operations/{other_id}?wait=1500ms&until=done");
+    let poll = app.get(&path);
+    let work = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        report(&app, &key, &other_id, running).await
+    };
+    let started = Instant::now();
+    let (idle, reported) = tokio::join!(poll, work);
+    assert_eq!(reported.status, StatusCode::OK);
+    assert_eq!(idle.body["state"], "running", "{:?}", idle.body);
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    assert_eq!(idle.header("retry-after"), Some("1"));
+}
+
+#[tokio::test]
+async fn a_bad_until_is_refused_and_until_alone_reads_at_once() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let op_id = id(&op).to_owned();
+    for query in ["wait=1s&until=never", "until=sometime", "wait=1s&until="] {
+        let a = app.get(&format!("/v1/operations/{op_id}?{query}")).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::BAD_REQUEST, "invalid_query"),
+            "{query}: {:?}",
+            a.body
+        );
+    }
+    for query in ["wait=1ms&until=changed", "until=done"] {
+        // Without `wait`, `until` changes nothing: the operation is read at once.
+        let started = Instant::now();
+        let a = app.get(&format!("/v1/operations/{op_id}?{query}")).await;
+        assert_eq!(a.status, StatusCode::OK, "{query}: {:?}", a.body);
+        assert_eq!(a.body["state"], "pending");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
+
 #[tokio::test]
 async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest() {
     let app = spawn_with(Options::api_only()).await;
