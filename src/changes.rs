@@ -195,7 +195,7 @@ impl Bell {
 /// on, [`Doorbell::pass_on`], so a burst still recruits every loop).
 #[derive(Clone)]
 pub struct Wake {
-    groups: Arc<Mutex<Vec<(Bell, Weak<Notify>)>>>,
+    groups: Arc<Mutex<Groups>>,
     remote: Option<(async_nats::Client, String)>,
     /// This process, in its rings on NATS.
     origin: Arc<str>,
@@ -241,7 +241,7 @@ impl Wake {
         Doorbell(notify)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Bell, Weak<Notify>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Groups> {
         self.groups.lock().expect("doorbell groups")
     }
 
@@ -316,6 +316,10 @@ impl Wake {
         }
     }
 }
+
+/// The groups listening to a [`Wake`]: what each listens for, and its members' shared
+/// `Notify` (gone when the last member is).
+type Groups = Vec<(Bell, Weak<Notify>)>;
 
 /// The members of one group of listeners of a [`Wake`] (clones share the group).
 #[derive(Clone)]

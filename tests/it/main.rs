@@ -31,6 +31,7 @@ mod metrics;
 mod nats_auth;
 mod operations;
 mod outbox;
+mod postgres_tls;
 mod quotas;
 mod reads;
 mod regions;

@@ -15,6 +15,7 @@
 pub mod link;
 pub mod schema;
 mod servers;
+pub mod tls;
 
 pub use servers::{all_pools, free_port, Deployment, Gateway, GatewayEnv, Nats, Postgres, TempDir};
 

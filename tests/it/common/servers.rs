@@ -246,6 +246,8 @@ pub struct Postgres {
     pub port: u16,
     dir: TempDir,
     running: bool,
+    /// Started with `ssl=on` ([`Postgres::start_tls`]).
+    ssl: bool,
 }
 
 fn is_root() -> bool {
@@ -259,6 +261,51 @@ fn is_root() -> bool {
 impl Postgres {
     /// Creates and starts a cluster; waits until it accepts connections.
     pub fn start() -> Self {
+        let mut pg = Self::create();
+        pg.resume();
+        pg
+    }
+
+    /// [`Postgres::start`], with a cluster that accepts TLS connections only: its
+    /// certificate and key are `server.pem` and `server.key` of `certs`
+    /// ([`super::tls::certificates`]), and a connection without TLS is rejected.
+    pub fn start_tls(certs: &Path) -> Self {
+        let mut pg = Self::create();
+        let data = pg.dir.path().join("data");
+        for (from, to) in [("server.pem", "server.crt"), ("server.key", "server.key")] {
+            std::fs::copy(certs.join(from), data.join(to)).unwrap();
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
+        let key = data.join("server.key").display().to_string();
+        let owner = ["server.crt", "server.key", "pg_hba.conf"].map(|f| data.join(f));
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres:postgres")
+                .args(&owner)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the TLS files to postgres");
+        }
+        let ok = Command::new("chmod")
+            .args(["600", &key])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chmod of the server key");
+        pg.ssl = true;
+        pg.resume();
+        pg
+    }
+
+    /// A new cluster, not started.
+    fn create() -> Self {
         let dir = TempDir::new("gwtest-pg");
         if is_root() {
             let ok = Command::new("chown")
@@ -289,13 +336,12 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut pg = Self {
+        Self {
             port: free_port(),
             dir,
             running: false,
-        };
-        pg.resume();
-        pg
+            ssl: false,
+        }
     }
 
     fn command(program: &Path, args: &[&str]) -> Command {
@@ -322,9 +368,10 @@ impl Postgres {
     /// Starts the cluster (again) on the same port; waits until it accepts connections.
     pub fn resume(&mut self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 -c ssl={}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.ssl { "on" } else { "off" }
         );
         let log = self.dir.path().join("postgres.log");
         let data = self.data();
