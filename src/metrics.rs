@@ -563,8 +563,8 @@ impl Inner {
         );
     }
 
-    /// The families of the outbox, the relay, JetStream, repairs and the process.
-    fn register_delivery(&self, r: &mut Registry) {
+    /// The families of the outbox and the relay.
+    fn register_relay(&self, r: &mut Registry) {
         r.register(
             "outbox_pending",
             "Outbox rows waiting for the relay",
@@ -600,6 +600,11 @@ impl Inner {
             "Time from an outbox row's commit to JetStream's ack",
             self.relay_lag.clone(),
         );
+    }
+
+    /// The families of the outbox, the relay, JetStream, repairs and the process.
+    fn register_delivery(&self, r: &mut Registry) {
+        self.register_relay(r);
         self.register_events(r);
         r.register(
             "jetstream_consumer_pending",

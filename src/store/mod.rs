@@ -166,4 +166,44 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed
     ) || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P"))
+        || is_refused_tls_request(e)
+}
+
+/// Whether `e` is sqlx's answer to a connection closed before the server said whether
+/// it speaks TLS: a proxy or load balancer in front of a database that is gone accepts
+/// the connection and closes it, and sqlx reads that end of stream as the byte 0
+/// ("unexpected response from SSLRequest: 0x00"), a protocol error, not an I/O one.
+fn is_refused_tls_request(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Protocol(m) if m.starts_with("unexpected response from SSLRequest"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `deploy_kubernetes::failover`: behind a proxy whose database had just
+    /// died, two creates were answered `500` instead of `503 database_unavailable`.
+    #[tokio::test]
+    async fn a_connection_closed_by_a_proxy_before_the_tls_answer_is_unavailable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = listener.accept().await {
+                // As a proxy does: it takes what the client sent, finds no database
+                // to pass it to, and closes the connection.
+                let mut request = [0u8; 8];
+                let _ = conn.read_exact(&mut request).await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        let pool = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/gone"))
+            .unwrap();
+        let e = sqlx::query("SELECT 1").execute(&pool).await.unwrap_err();
+        assert!(is_unavailable(&e), "{e:?}");
+        let bug = sqlx::Error::Protocol("no resource type x is registered".into());
+        assert!(!is_unavailable(&bug), "other protocol errors stay internal");
+    }
 }
