@@ -156,7 +156,9 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// Whether `e` means the database could not be reached (as opposed to a bad query).
+/// Whether `e` means the database could not be reached (as opposed to a bad query), or
+/// cannot take writes for now: a server that is read-only (`25006`), as a standby or a
+/// demoted primary is while a failover moves the writable address.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     matches!(
         e,
@@ -165,7 +167,7 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed
-    ) || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P"))
+    ) || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P") || c == "25006")
         || is_refused_tls_request(e)
 }
 

@@ -238,3 +238,89 @@ async fn creates_batched_when_postgres_crashes_end_recorded_once_each_after_retr
         api.log()
     );
 }
+
+/// A database that takes no writes for a while (a standby, or a primary demoted during a
+/// failover, behind the writable address): writes are answered `503
+/// database_unavailable` with `Retry-After`, as when it is away, not `500`; reads go on;
+/// nothing is half-written; and writes are accepted again once it takes them.
+#[tokio::test]
+async fn a_read_only_database_refuses_writes_with_503_and_serves_reads() {
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let first = app
+        .create(
+            &tenant,
+            "vms",
+            "first",
+            "zone-a",
+            common::example_spec("vms"),
+        )
+        .await;
+    // On a connection of its own: a session setting on one of the gateway's pooled
+    // connections would outlive this and be used by the gateway.
+    let read_only = |on: bool| {
+        let url = app.config.database_url.clone();
+        async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query("SET default_transaction_read_only = off")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let db: String = sqlx::query_scalar("SELECT current_database()")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            let change = if on {
+                format!("ALTER DATABASE \"{db}\" SET default_transaction_read_only = on")
+            } else {
+                format!("ALTER DATABASE \"{db}\" RESET default_transaction_read_only")
+            };
+            sqlx::query(&change).execute(&mut conn).await.unwrap();
+            // Every other session of the database starts again, with the new setting.
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+        }
+    };
+    read_only(true).await;
+    let counts = || async {
+        let mut conn = app.pool.acquire().await.unwrap();
+        sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT (SELECT count(*) FROM resources), (SELECT count(*) FROM operations),
+                    (SELECT count(*) FROM outbox)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+    };
+    let before = counts().await;
+    let body = json!({"name": "second", "zone": "zone-a", "spec": common::example_spec("vms")});
+    let path = format!("/v1/tenants/{tenant}/vms");
+    // The first try may meet a session the termination just ended (also a 503).
+    for _ in 0..3 {
+        let refused = app.post(&path, body.clone()).await;
+        assert_eq!(
+            (refused.status, refused.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            "{:?}",
+            refused.body
+        );
+        assert!(refused.header("retry-after").is_some());
+    }
+    assert_eq!(counts().await, before, "nothing half-written");
+    let read = app.get(&format!("/v1/operations/{}", id_of(&first))).await;
+    assert_eq!(read.status, StatusCode::OK, "reads go on: {:?}", read.body);
+
+    read_only(false).await;
+    common::eventually("writes are accepted again", || async {
+        let a = app.post(&path, body.clone()).await;
+        (a.status == StatusCode::ACCEPTED).then_some(())
+    })
+    .await;
+}
