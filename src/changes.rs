@@ -95,13 +95,13 @@ impl Changes {
             if ids.is_empty() {
                 return;
             }
-            let mut body = format!("{FROM}{}", self.origin);
-            for id in ids {
-                body.push('\n');
-                body.push_str(&id.to_string());
-            }
-            let publish = client.publish(subject.clone(), Bytes::from(body));
-            let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
+            announce(
+                client,
+                subject,
+                &self.origin,
+                ids.iter().map(Uuid::to_string),
+            )
+            .await;
         }
     }
 
@@ -111,29 +111,11 @@ impl Changes {
         let Some((client, subject)) = self.remote.clone() else {
             return;
         };
-        let mut sub = match client.subscribe(subject).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to operation changes; long-polls fall back to re-checks");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                msg = sub.next() => match msg {
-                    Some(m) => {
-                        let text = std::str::from_utf8(&m.payload).unwrap_or_default();
-                        let mut lines = text.lines().peekable();
-                        if lines.peek().and_then(|l| l.strip_prefix(FROM)) == Some(&*self.origin) {
-                            continue;
-                        }
-                        self.wake(lines.filter_map(|l| l.parse().ok()));
-                    }
-                    None => return,
-                },
-            }
-        }
+        let what = "operation changes; long-polls fall back to re-checks";
+        hear(client, subject, &self.origin, shutdown, what, |lines| {
+            self.wake(lines.filter_map(|l| l.parse().ok()));
+        })
+        .await;
     }
 }
 
@@ -264,13 +246,13 @@ impl Wake {
         self.ring_here(bells);
         if let Some((client, subject)) = &self.remote {
             if client.connection_state() == async_nats::connection::State::Connected {
-                let mut body = format!("{FROM}{}", self.origin);
-                for bell in bells {
-                    body.push('\n');
-                    body.push_str(bell.name());
-                }
-                let publish = client.publish(subject.clone(), Bytes::from(body));
-                let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
+                announce(
+                    client,
+                    subject,
+                    &self.origin,
+                    bells.iter().map(|b| b.name()),
+                )
+                .await;
             }
         }
     }
@@ -281,26 +263,8 @@ impl Wake {
         let Some((client, subject)) = self.remote.clone() else {
             return;
         };
-        let mut sub = match client.subscribe(subject).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to the relay's doorbell; the relay polls");
-                return;
-            }
-        };
-        loop {
-            let msg = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                msg = sub.next() => match msg {
-                    Some(m) => m,
-                    None => return,
-                },
-            };
-            let text = std::str::from_utf8(&msg.payload).unwrap_or_default();
-            let mut lines = text.lines().peekable();
-            if lines.peek().and_then(|l| l.strip_prefix(FROM)) == Some(&*self.origin) {
-                continue;
-            }
+        let what = "the relay's doorbell; the relay polls";
+        hear(client, subject, &self.origin, shutdown, what, |lines| {
             let bells: Vec<Bell> = lines
                 .filter_map(|l| {
                     [Bell::Dispatches, Bell::Events]
@@ -313,7 +277,65 @@ impl Wake {
             } else {
                 self.ring_here(&bells);
             }
+        })
+        .await;
+    }
+}
+
+/// Publishes `from <origin>`, then `lines`, one per line, on `subject`. Best effort: a
+/// publish that does not go out within 50 ms is given up.
+async fn announce<L: AsRef<str>>(
+    client: &async_nats::Client,
+    subject: &str,
+    origin: &str,
+    lines: impl IntoIterator<Item = L>,
+) {
+    let mut body = format!("{FROM}{origin}");
+    for line in lines {
+        body.push('\n');
+        body.push_str(line.as_ref());
+    }
+    let publish = client.publish(subject.to_owned(), Bytes::from(body));
+    let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
+}
+
+/// Hands `heard` the lines after the first of every message on `subject` that another
+/// process announced ([`announce`]; this process's own, from `origin`, are skipped),
+/// until `shutdown` or the subscription's end. `what` names, in the warning, what is
+/// lost when the subscription cannot be made.
+async fn hear(
+    client: async_nats::Client,
+    subject: String,
+    origin: &str,
+    shutdown: CancellationToken,
+    what: &str,
+    mut heard: impl FnMut(&mut dyn Iterator<Item = &str>),
+) {
+    let mut sub = match client.subscribe(subject).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot subscribe to {what}");
+            return;
         }
+    };
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            msg = sub.next() => match msg {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let text = std::str::from_utf8(&msg.payload).unwrap_or_default();
+        let mut lines = text.lines().peekable();
+        match lines.peek().and_then(|l| l.strip_prefix(FROM)) {
+            Some(from) if from == origin => continue,
+            Some(_) => {
+                lines.next();
+            }
+            None => {}
+        }
+        heard(&mut lines);
     }
 }
 
