@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import jsonschema
@@ -208,6 +209,31 @@ def secret_ref(e):
     return (ref["name"], ref["key"]) if ref else None
 
 
+def database_url(doc, name):
+    """How container `name` of `doc` reaches PostgreSQL: the (Secret, key) its
+    DATABASE_URL comes from (directly, or as `$(VAR)?params` with VAR from a Secret and
+    defined before it, as Kubernetes expands it), the `sslmode` it asks for, and the
+    Secret mounted where its `sslrootcert` points."""
+    c = container(doc, name)
+    env = c.get("env", [])
+    names = [e["name"] for e in env]
+    e = env_of(c).get("DATABASE_URL")
+    if e is None:
+        return None
+    ref, params = secret_ref(e), {}
+    m = re.fullmatch(r"\$\((\w+)\)(?:\?(.*))?", e.get("value") or "")
+    if m and m.group(1) in names and names.index(m.group(1)) < names.index("DATABASE_URL"):
+        ref = secret_ref(env_of(c).get(m.group(1)))
+        params = dict(urllib.parse.parse_qsl(m.group(2) or ""))
+    root, ca = params.get("sslrootcert"), None
+    if root:
+        volumes = {v["name"]: v for v in pod_spec(doc).get("volumes", [])}
+        for mount in c.get("volumeMounts", []):
+            if root.startswith(mount["mountPath"].rstrip("/") + "/"):
+                ca = volumes.get(mount["name"], {}).get("secret", {}).get("secretName")
+    return {"secret": list(ref) if ref else None, "sslmode": params.get("sslmode"), "ca_secret": ca}
+
+
 def labels_match(selector, labels):
     return all(labels.get(k) == v for k, v in (selector or {}).items())
 
@@ -362,7 +388,7 @@ def check_overlay(name, docs, f):
             "termination_grace": grace,
             "hard_spread": sorted(spread_keys(spec, True)),
             "spread": sorted(spread_keys(spec, False)),
-            "database_secret": secret_ref(env_of(c).get("DATABASE_URL")),
+            "database": database_url(gw, "gateway"),
         }
         ing = get("Ingress", "gateway")
         if ing:
@@ -476,8 +502,16 @@ def check_overlay(name, docs, f):
                 budget += hooks["spec"].get("replicas", 1) * pool(hooks, "webhooks")
             facts["postgres"]["connection_budget"] = budget
             f.check(budget + 20 <= facts["postgres"]["max_connections"], f"{where}: gateways, relays and migrate may open {budget} connections; max_connections {facts['postgres']['max_connections']} leaves under 20 spare")
-        if gw:
-            f.check(facts["gateway"]["database_secret"] == (facts["postgres"]["app_secret"], "uri"), f"{where}: DATABASE_URL must be the `uri` of {facts['postgres']['app_secret']} (the -rw Service)")
+        # Every process that reaches PostgreSQL: the -rw Service's URL, over TLS verified
+        # against the operator's CA.
+        ca_secret = f"{cnpg['metadata']['name']}-ca"
+        facts["postgres"]["ca_secret"] = ca_secret
+        for doc, name in [(gw, "gateway"), (relay, "relay"), (job, "migrate"), (get("Deployment", "webhooks"), "webhooks")]:
+            if not doc:
+                continue
+            db = database_url(doc, name)
+            f.check(db is not None and db["secret"] == [facts["postgres"]["app_secret"], "uri"], f"{where}: {name}: DATABASE_URL must be the `uri` of {facts['postgres']['app_secret']} (the -rw Service), directly or as $(VAR) defined before it: {db}")
+            f.check(db is not None and db["sslmode"] == "verify-full" and db["ca_secret"] == ca_secret, f"{where}: {name}: DATABASE_URL must ask for sslmode=verify-full with sslrootcert in a mounted {ca_secret} Secret: {db}")
 
     # --- monitoring
     rule = get("PrometheusRule", "gateway")

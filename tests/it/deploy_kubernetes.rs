@@ -145,10 +145,15 @@ fn kubernetes_manifests_and_compose_render_and_validate_with_the_promised_shape(
     assert_eq!(int(&pg["instances"]), 3);
     assert!(int(&pg["synchronous"]["number"]) >= 1, "{pg}");
     assert_eq!(pg["synchronous"]["dataDurability"], "required");
+    // ... over TLS verified against the operator's CA (every process that reaches
+    // PostgreSQL is checked by the script; the gateway's facts are shown here).
     assert_eq!(
-        gw["database_secret"],
-        serde_json::json!([pg["app_secret"], "uri"])
+        gw["database"],
+        serde_json::json!({"secret": [pg["app_secret"], "uri"], "sslmode": "verify-full",
+                           "ca_secret": pg["ca_secret"]}),
+        "{gw}"
     );
+    assert_eq!(pg["ca_secret"], "postgres-ca");
     assert!(
         int(&pg["connection_budget"]) < int(&pg["max_connections"]),
         "{pg}"
