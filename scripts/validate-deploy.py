@@ -57,7 +57,12 @@ HOST_LABEL = "kubernetes.io/hostname"
 # Secrets the manifests use but never contain (README, "Deploying on Kubernetes").
 ADMIN_SECRET = "gateway-admin-key"
 WEBHOOK_KEY_SECRET = "gateway-webhook-key"
-EXTERNAL_SECRETS = {ADMIN_SECRET, WEBHOOK_KEY_SECRET} | {f"worker-key-{s}-{z}" for s in SERVICES for z in ZONES}
+# The relays' dispatch signing key, and its public half for the workers (made by
+# `gateway dispatch-key`).
+SIGNING_KEY_SECRET = "dispatch-signing-key"
+PUBLIC_KEYS_CONFIGMAP = "dispatch-public-keys"
+EXTERNAL_SECRETS = {ADMIN_SECRET, WEBHOOK_KEY_SECRET, SIGNING_KEY_SECRET} | {f"worker-key-{s}-{z}" for s in SERVICES for z in ZONES}
+EXTERNAL_CONFIGMAPS = {PUBLIC_KEYS_CONFIGMAP}
 
 CUSTOM_KINDS = {
     ("postgresql.cnpg.io/v1", "Cluster"): "cluster-postgresql.cnpg.io-v1.json",
@@ -328,6 +333,9 @@ def check_overlay(name, docs, f):
                 ref = secret_ref(e)
                 if ref:
                     f.check(ref[0] in EXTERNAL_SECRETS | {cnpg_secret}, f"{label}: Secret {ref[0]} is neither made by CloudNativePG nor documented")
+                cm = e.get("valueFrom", {}).get("configMapKeyRef")
+                if cm:
+                    f.check(cm["name"] in configmaps | EXTERNAL_CONFIGMAPS, f"{label}: ConfigMap {cm['name']} is neither rendered nor documented")
         for v in spec.get("volumes", []):
             if "configMap" in v:
                 f.check(v["configMap"]["name"] in configmaps, f"{label}: ConfigMap {v['configMap']['name']} is not rendered")
@@ -401,7 +409,10 @@ def check_overlay(name, docs, f):
     if relay:
         c = container(relay, "relay")
         f.check(c["args"] == ["relay"], f"{where}: relay runs `relay`")
+        signing = env_of(c).get("GATEWAY_DISPATCH_SIGNING_KEY")
+        f.check(secret_ref(signing) == (SIGNING_KEY_SECRET, "key"), f"{where}: the relay signs dispatches with GATEWAY_DISPATCH_SIGNING_KEY from Secret {SIGNING_KEY_SECRET} (it does not start without one)")
         facts["relay"] = {
+            "signing_key_secret": list(secret_ref(signing) or []),
             "replicas": relay["spec"].get("replicas", 1),
             "pdb": pdbs_for(relay),
             "readiness_path": probe_path(c, "readinessProbe"),
@@ -426,6 +437,9 @@ def check_overlay(name, docs, f):
         f.check(node_zone == zone or (node_zone is None and not production), f"{label}: runs on nodes of its zone {zone}, nodeSelector says {node_zone}")
         f.check(key == (f"worker-key-{service}-{zone}", "key"), f"{label}: GATEWAY_KEY must come from Secret worker-key-{service}-{zone}, got {key}")
         f.check("GATEWAY_ADMIN_KEY" not in env, f"{label}: a worker must not get the admin key")
+        public = env.get("WORKER_DISPATCH_PUBLIC_KEYS", {}).get("valueFrom", {}).get("configMapKeyRef", {})
+        f.check((public.get("name"), public.get("key")) == (PUBLIC_KEYS_CONFIGMAP, "keys"), f"{label}: WORKER_DISPATCH_PUBLIC_KEYS must come from ConfigMap {PUBLIC_KEYS_CONFIGMAP} (a worker does not start without it)")
+        f.check("GATEWAY_DISPATCH_SIGNING_KEY" not in env and SIGNING_KEY_SECRET not in json.dumps(spec), f"{label}: a worker must not get the dispatch signing key")
         f.check(env.get("GATEWAY_URL", {}).get("value", "").startswith("http://gateway:"), f"{label}: reports to the gateway Service")
         workers.append({
             "name": d["metadata"]["name"],
@@ -433,6 +447,7 @@ def check_overlay(name, docs, f):
             "zone": zone,
             "node_zone": node_zone,
             "key_secret": key[0] if key else None,
+            "public_keys": public.get("name"),
             "replicas": d["spec"].get("replicas", 1),
             "pdb": pdbs_for(d),
         })

@@ -101,6 +101,12 @@ fn kubernetes_manifests_and_compose_render_and_validate_with_the_promised_shape(
     let relay = &prod["relay"];
     assert!(int(&relay["replicas"]) >= 2, "{relay}");
     assert_eq!(strs(&relay["pdb"]).len(), 1, "{relay}");
+    // The relay cannot start without its dispatch signing key.
+    assert_eq!(
+        relay["signing_key_secret"],
+        serde_json::json!(["dispatch-signing-key", "key"]),
+        "{relay}"
+    );
 
     // one worker pool per service and zone, pinned to its zone, with its own key
     let workers = prod["workers"].as_array().unwrap();
@@ -112,6 +118,8 @@ fn kubernetes_manifests_and_compose_render_and_validate_with_the_promised_shape(
         let key = w["key_secret"].as_str().unwrap();
         assert_eq!(key, format!("worker-key-{service}-{zone}"), "{w}");
         assert_ne!(key, "gateway-admin-key");
+        // ... and the public half of the relays' key, which it checks every message with.
+        assert_eq!(w["public_keys"], "dispatch-public-keys", "{w}");
         assert_eq!(strs(&w["pdb"]).len(), 1, "{w}");
         pools.insert((service.to_owned(), zone.to_owned()));
         keys.insert(key.to_owned());
