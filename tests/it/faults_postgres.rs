@@ -289,13 +289,18 @@ async fn a_read_only_database_refuses_writes_with_503_and_serves_reads() {
         }
     };
     read_only(true).await;
+    // On a connection of its own too: the gateway's pool may still hold a connection
+    // the termination ended, which fails its first use (answered 503 in the gateway).
     let counts = || async {
-        let mut conn = app.pool.acquire().await.unwrap();
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&app.config.database_url)
+            .await
+            .unwrap();
         sqlx::query_as::<_, (i64, i64, i64)>(
             "SELECT (SELECT count(*) FROM resources), (SELECT count(*) FROM operations),
                     (SELECT count(*) FROM outbox)",
         )
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut conn)
         .await
         .unwrap()
     };
