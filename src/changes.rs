@@ -112,7 +112,10 @@ impl Changes {
             return;
         };
         let what = "operation changes; long-polls fall back to re-checks";
-        hear(client, subject, &self.origin, shutdown, what, |lines| {
+        let Some(sub) = subscribe(&client, subject, what).await else {
+            return;
+        };
+        hear(sub, &self.origin, shutdown, |lines| {
             self.wake(lines.filter_map(|l| l.parse().ok()));
         })
         .await;
@@ -257,28 +260,41 @@ impl Wake {
         }
     }
 
-    /// Forwards other processes' rings to this process's doorbells until `shutdown`.
-    /// A ring that names no bell (from an older gateway) rings them all.
-    pub async fn listen(self, shutdown: CancellationToken) {
-        let Some((client, subject)) = self.remote.clone() else {
-            return;
-        };
-        let what = "the relay's doorbell; the relay polls";
-        hear(client, subject, &self.origin, shutdown, what, |lines| {
-            let bells: Vec<Bell> = lines
-                .filter_map(|l| {
-                    [Bell::Dispatches, Bell::Events]
-                        .into_iter()
-                        .find(|b| b.name() == l)
-                })
-                .collect();
-            if bells.is_empty() {
-                self.ring_here(&[Bell::Dispatches, Bell::Events]);
-            } else {
-                self.ring_here(&bells);
+    /// Subscribes to other processes' rings, so that none rung after this returns is
+    /// missed, and returns the task that forwards them to this process's doorbells until
+    /// `shutdown` (nothing to do without NATS, or if the subscription failed). A ring
+    /// that names no bell (from an older gateway) rings them all.
+    pub async fn listen(
+        self,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let sub = match &self.remote {
+            Some((client, subject)) => {
+                let what = "the relay's doorbell; the relay polls";
+                subscribe(client, subject.clone(), what).await
             }
-        })
-        .await;
+            None => None,
+        };
+        async move {
+            let Some(sub) = sub else {
+                return;
+            };
+            hear(sub, &self.origin.clone(), shutdown, |lines| {
+                let bells: Vec<Bell> = lines
+                    .filter_map(|l| {
+                        [Bell::Dispatches, Bell::Events]
+                            .into_iter()
+                            .find(|b| b.name() == l)
+                    })
+                    .collect();
+                if bells.is_empty() {
+                    self.ring_here(&[Bell::Dispatches, Bell::Events]);
+                } else {
+                    self.ring_here(&bells);
+                }
+            })
+            .await;
+        }
     }
 }
 
@@ -299,25 +315,31 @@ async fn announce<L: AsRef<str>>(
     let _ = tokio::time::timeout(Duration::from_millis(50), publish).await;
 }
 
-/// Hands `heard` the lines after the first of every message on `subject` that another
-/// process announced ([`announce`]; this process's own, from `origin`, are skipped),
-/// until `shutdown` or the subscription's end. `what` names, in the warning, what is
-/// lost when the subscription cannot be made.
-async fn hear(
-    client: async_nats::Client,
+/// A subscription to `subject`, or `None` (with a warning that `what` is lost) if it
+/// cannot be made.
+async fn subscribe(
+    client: &async_nats::Client,
     subject: String,
-    origin: &str,
-    shutdown: CancellationToken,
     what: &str,
-    mut heard: impl FnMut(&mut dyn Iterator<Item = &str>),
-) {
-    let mut sub = match client.subscribe(subject).await {
-        Ok(s) => s,
+) -> Option<async_nats::Subscriber> {
+    match client.subscribe(subject).await {
+        Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "cannot subscribe to {what}");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Hands `heard` the lines after the first of every message on `sub` that another
+/// process announced ([`announce`]; this process's own, from `origin`, are skipped),
+/// until `shutdown` or the subscription's end.
+async fn hear(
+    mut sub: async_nats::Subscriber,
+    origin: &str,
+    shutdown: CancellationToken,
+    mut heard: impl FnMut(&mut dyn Iterator<Item = &str>),
+) {
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -87,7 +87,8 @@ impl Relay {
             relay.concurrent_passes.max(1),
         );
         let mut loops = tokio::task::JoinSet::new();
-        loops.spawn(relay.wake.clone().listen(shutdown.clone()));
+        // Subscribed before the loops' first passes: a ring after them is heard.
+        loops.spawn(relay.wake.clone().listen(shutdown.clone()).await);
         for (work, bell) in operations.chain([(Work::Events, events)]) {
             let (relay, shutdown) = (relay.clone(), shutdown.clone());
             loops.spawn(async move { relay.cycle(work, bell, &shutdown).await });
