@@ -160,12 +160,20 @@ pub enum Bell {
 }
 
 impl Bell {
+    /// Every bell.
+    const ALL: [Bell; 2] = [Bell::Dispatches, Bell::Events];
+
     /// Its name on NATS.
     fn name(self) -> &'static str {
         match self {
             Self::Dispatches => "dispatches",
             Self::Events => "events",
         }
+    }
+
+    /// The bell named `name` on NATS.
+    fn named(name: &str) -> Option<Bell> {
+        Self::ALL.into_iter().find(|b| b.name() == name)
     }
 }
 
@@ -279,19 +287,9 @@ impl Wake {
             let Some(sub) = sub else {
                 return;
             };
-            hear(sub, &self.origin.clone(), shutdown, |lines| {
-                let bells: Vec<Bell> = lines
-                    .filter_map(|l| {
-                        [Bell::Dispatches, Bell::Events]
-                            .into_iter()
-                            .find(|b| b.name() == l)
-                    })
-                    .collect();
-                if bells.is_empty() {
-                    self.ring_here(&[Bell::Dispatches, Bell::Events]);
-                } else {
-                    self.ring_here(&bells);
-                }
+            hear(sub, &self.origin, shutdown, |lines| {
+                let bells: Vec<Bell> = lines.filter_map(Bell::named).collect();
+                self.ring_here(if bells.is_empty() { &Bell::ALL } else { &bells });
             })
             .await;
         }
