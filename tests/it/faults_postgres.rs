@@ -329,3 +329,34 @@ async fn a_read_only_database_refuses_writes_with_503_and_serves_reads() {
     })
     .await;
 }
+
+/// The pool checks a connection before handing it out only once it has been idle for
+/// `store::PING_IF_IDLE_FOR` (a round trip saved on every busy acquire). Those are the
+/// connections a database restart or an idle timeout may have ended: one ended while
+/// idle is replaced before use, and the query on it goes through.
+#[tokio::test]
+async fn a_connection_ended_while_idle_is_replaced_before_it_is_used() {
+    use sqlx::Connection;
+    let sandbox = common::Sandbox::new(&common::pg_base(), &nats_url());
+    let url = sandbox.database_url();
+    // One connection, so the query below can only run on the one that was ended.
+    let pool = gateway::store::connect(&url, 1).await.unwrap();
+    let before: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(before)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(ended);
+    tokio::time::sleep(gateway::store::PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
+    let after: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("the ended connection was replaced before use");
+    assert_ne!(after, before);
+    pool.close().await;
+}
