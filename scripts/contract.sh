@@ -78,7 +78,7 @@ parameters = { "path.kind" = "${ST_KIND}" }
 include-path-regex = '^/v1/tenants/\{tenant\}/\{kind\}/\{id\}'
 parameters = { "path.tenant" = "${ST_TENANT}", "path.kind" = "vms", "path.id" = "${ST_RESOURCE}" }
 
-# `?kind=` must name a registered kind (else 400 invalid_query, like any filter value
+# "?kind=" must name a registered kind (else 400 invalid_query, like any filter value
 # that can match nothing); the pattern alone cannot say which kinds are registered.
 [[operations]]
 include-path-regex = '^/v1/tenants/\{tenant\}/(events|operations)$'

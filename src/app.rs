@@ -352,7 +352,9 @@ impl<'c> Assembly<'c> {
     ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())));
+        let reads = crate::readcache::ReadCache::new(config.read_cache_ttl, metrics.clone());
+        let changes = Changes::new(Some((backends.nats.clone(), config.nats.changes_subject())))
+            .with_cache(reads);
         tasks.spawn(changes.clone().listen(shutdown.clone()));
         let zones: Vec<String> = zone_names(&backends.pool).await?;
         let types = crate::registry::Registry::load(backends.pool.clone()).await?;

@@ -1,13 +1,16 @@
 //! After-commit notifications: operation changes, for long-polls
 //! (`GET /v1/operations/{id}?wait=30s`), and the relay's doorbell ([`Wake`]).
 //!
-//! Whoever commits a change to an operation publishes its ID: to waiters in this
+//! Whoever commits a change to an operation or a resource publishes its ID: to this
 //! process directly, and to other replicas over a core NATS subject (a report may land
-//! on any replica while the client waits on another). A notification only says "look
-//! again": waiters re-read the database, so a duplicate costs one read and a lost one
-//! costs at most the waiter's safety re-check. Only the waiters of the changed
-//! operation are woken.
+//! on any replica while the client waits on another). Each process first drops the
+//! changed rows from its read cache ([`crate::readcache`]), then wakes the waiters of
+//! those operations. A notification only says "look again": waiters re-read, so a
+//! duplicate costs one read and a lost one costs at most the waiter's safety re-check
+//! (and, for the cache, an entry kept to the end of its short life). Only the waiters
+//! of the changed operation are woken.
 
+use crate::readcache::ReadCache;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -33,6 +36,8 @@ pub struct Changes {
     remote: Option<(async_nats::Client, String)>,
     /// This process, in its announcements on NATS.
     origin: Arc<str>,
+    /// Rows read by ID, dropped here when they change.
+    cache: ReadCache,
 }
 
 /// The waiters of one operation.
@@ -54,6 +59,27 @@ impl Changes {
             waiters: Arc::default(),
             remote,
             origin: Uuid::new_v4().simple().to_string().into(),
+            cache: ReadCache::default(),
+        }
+    }
+
+    /// The same notifier, dropping the changed rows' entries from `cache` (before it
+    /// wakes anyone) on every change it announces or hears.
+    pub fn with_cache(mut self, cache: ReadCache) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// The read cache, while this process hears other replicas' changes (its NATS
+    /// connection is up); an uncached one otherwise.
+    pub fn reads(&self) -> ReadCache {
+        match &self.remote {
+            Some((client, _))
+                if client.connection_state() != async_nats::connection::State::Connected =>
+            {
+                ReadCache::default()
+            }
+            _ => self.cache.clone(),
         }
     }
 
@@ -72,8 +98,9 @@ impl Changes {
         }
     }
 
-    /// Wakes this process's waiters of `ids`.
-    fn wake(&self, ids: impl IntoIterator<Item = Uuid>) {
+    /// Drops the cached rows of `ids`, then wakes this process's waiters of them.
+    fn wake(&self, ids: impl IntoIterator<Item = Uuid> + Clone) {
+        self.cache.invalidate(ids.clone());
         let waiters = self.waiters.lock().expect("change waiters");
         if waiters.is_empty() {
             return;
@@ -116,7 +143,8 @@ impl Changes {
             return;
         };
         hear(sub, &self.origin, shutdown, |lines| {
-            self.wake(lines.filter_map(|l| l.parse().ok()));
+            let ids: Vec<Uuid> = lines.filter_map(|l| l.parse().ok()).collect();
+            self.wake(ids);
         })
         .await;
     }

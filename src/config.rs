@@ -100,6 +100,10 @@ pub struct Config {
     /// `GATEWAY_KEY_CACHE_MS`: how long a resolved API key is cached at most (0: not
     /// at all); a change of a key drops every gateway's cache at once (`keycache`).
     pub key_cache_ttl: Duration,
+    /// `GATEWAY_READ_CACHE_MS`: how long an operation or resource read by ID is cached
+    /// at most (0: not at all); every change drops its rows on every gateway at once
+    /// (`readcache`).
+    pub read_cache_ttl: Duration,
     /// `GATEWAY_AUDIT_SPOOL`: audit rows kept in memory while the database is down
     /// (rows of requests that changed nothing; changes are audited in their own
     /// transaction). Beyond it rows are counted lost.
@@ -324,6 +328,7 @@ impl fmt::Debug for Config {
             .field("rate_limits", &self.rate_limits)
             .field("metrics_refresh", &self.metrics_refresh)
             .field("key_cache_ttl", &self.key_cache_ttl)
+            .field("read_cache_ttl", &self.read_cache_ttl)
             .field("header_timeout", &self.header_timeout)
             .field("audit_spool", &self.audit_spool)
             .field("stream_replicas", &self.stream_replicas)
@@ -689,6 +694,7 @@ impl Config {
             metrics_refresh: env.millis("METRICS_REFRESH_MS", 5000)?,
             header_timeout: env.millis("GATEWAY_HEADER_TIMEOUT_MS", 10_000)?,
             key_cache_ttl: env.millis("GATEWAY_KEY_CACHE_MS", 1000)?,
+            read_cache_ttl: env.millis("GATEWAY_READ_CACHE_MS", 1000)?,
             audit_spool: env.positive("GATEWAY_AUDIT_SPOOL", 100_000usize)?,
             stream_replicas: match env.var("NATS_STREAM_REPLICAS", 0usize)? {
                 0 => None,
@@ -751,6 +757,7 @@ impl Config {
             metrics_refresh: Duration::from_millis(100),
             header_timeout: Duration::from_secs(10),
             key_cache_ttl: Duration::from_secs(1),
+            read_cache_ttl: Duration::from_secs(1),
             audit_spool: 100_000,
             stream_replicas: None,
             events: EventSettings::default(),

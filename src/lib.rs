@@ -28,7 +28,8 @@
 //! - [`api`]: the HTTP surface (axum), errors, extractors, OpenAPI.
 //! - [`auth`]: keys, roles and the permission table; [`audit`]: the hash-chained trail.
 //! - [`cache`]: the read-through catalog cache; [`keycache`]: resolved API keys, dropped
-//!   when a key changes anywhere; [`metrics`]: every Prometheus metric.
+//!   when a key changes anywhere; [`readcache`]: operations and resources read by ID,
+//!   dropped when they change anywhere; [`metrics`]: every Prometheus metric.
 //! - [`serve`]: the HTTP accept loop (header timeout, graceful drain).
 //! - [`app`]: assembling the processes (`migrate`, `serve`, `relay`, `up`);
 //!   [`admin`]: `gateway admin …`; [`telemetry`]: logging set-up.
@@ -57,6 +58,7 @@ pub mod keycache;
 pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
+pub mod readcache;
 pub mod reconciler;
 pub mod registry;
 pub mod relay;

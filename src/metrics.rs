@@ -50,7 +50,7 @@
 //! | `gateway_reconciler_actions_total` | counter | action | repairs (`expired`, `redispatched`, `converged`, …) |
 //! | `gateway_audit_write_errors_total` | counter | | audit rows lost: the spool was full, or the process stopped with rows unwritten |
 //! | `gateway_audit_spooled` | gauge | | audit rows waiting to be written (while the database is down, the spool) |
-//! | `gateway_cache_requests_total` | counter | cache, result | catalog and zone lookups answered from memory (`hit`) or the database (`miss`) |
+//! | `gateway_cache_requests_total` | counter | cache, result | lookups of the catalog, zones, tenants, API keys and of operations and resources read by ID, answered from memory (`hit`) or the database (`miss`) |
 //! | `gateway_quota_rejections_total` | counter | service, dimension | writes refused with `quota_exceeded`, by the dimension of the limit they would pass |
 //! | `gateway_replication_lag_seconds` | gauge | peer | how far behind this region's copy of a peer region's global data is: now minus the peer's clock in the newest change or heartbeat applied from it (heartbeats come every second; `+Inf` before the first) |
 //! | `gateway_replication_changes_total` | counter | peer, result | changes from a peer region: `applied`, `stale` (a newer version was here), `parked` (retried later) |
@@ -189,7 +189,7 @@ pub struct StateLabels {
 /// Which cache, and whether it had the answer.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
-    /// `catalog` or `zones`.
+    /// `catalog`, `zones`, `tenants`, `keys`, `operations` or `resources`.
     pub cache: String,
     /// `hit` or `miss`.
     pub result: String,
@@ -731,7 +731,14 @@ impl Metrics {
                 let _ = self.dead_letters.get_or_create(&labels);
             }
         }
-        for cache in ["catalog", "zones", "tenants", "keys"] {
+        for cache in [
+            "catalog",
+            "zones",
+            "tenants",
+            "keys",
+            "operations",
+            "resources",
+        ] {
             for result in ["hit", "miss"] {
                 let _ = self.cache_requests.get_or_create(&CacheLabels {
                     cache: cache.into(),

@@ -169,6 +169,32 @@ pub fn accepted(state: &AppState, op: OperationRow) -> Response {
     res
 }
 
+/// The cache a read by ID goes through: none when the request says
+/// `Cache-Control: no-cache` (or `no-store`, or `max-age=0`), or `Pragma: no-cache`,
+/// as a client that must see a write just made through another replica does.
+pub(crate) fn read_cache(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> crate::readcache::ReadCache {
+    let says = |name, what: &[&str]| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|d| what.contains(&d.trim().to_ascii_lowercase().as_str()))
+            })
+        })
+    };
+    if says(
+        header::CACHE_CONTROL,
+        &["no-cache", "no-store", "max-age=0"],
+    ) || says(header::PRAGMA, &["no-cache"])
+    {
+        crate::readcache::ReadCache::default()
+    } else {
+        state.engine.changes.reads()
+    }
+}
+
 /// `400 invalid_query` for a query string that does not parse.
 pub fn bad_query(e: &axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text())

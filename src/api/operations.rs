@@ -8,9 +8,10 @@ use super::{cursor, params, AppState};
 use crate::auth::Principal;
 use crate::domain::{Kind, OperationState};
 use crate::lifecycle::report;
+use crate::readcache::ReadCache;
 use crate::store::{operations, operations::OperationRow};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -121,6 +122,7 @@ pub async fn read(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
@@ -140,7 +142,7 @@ pub async fn read(
     let id = path_id(&id, "operation")?;
     // Interest before the first read, so no change between the two is missed.
     let interest = wait.map(|_| state.engine.changes.interest(id));
-    let mut op = read_visible(&state, &principal, id).await?;
+    let mut op = read_visible(&state, &super::read_cache(&state, &headers), &principal, id).await?;
     if let (Some(wait), Some(interest)) = (wait, interest) {
         let deadline = Instant::now() + wait;
         let initial = op.state;
@@ -158,7 +160,8 @@ pub async fn read(
                 _ = changed => {}
                 _ = recheck => {}
             }
-            op = read_visible(&state, &principal, id).await?;
+            // A re-read after a change (or the safety re-check) reads the database.
+            op = read_visible(&state, &ReadCache::default(), &principal, id).await?;
         }
     }
     let done = op.state.is_terminal();
@@ -170,15 +173,18 @@ pub async fn read(
     Ok(res)
 }
 
-/// Operation `id`, if `principal` may see it.
+/// Operation `id` (through `cache`), if `principal` may see it.
 async fn read_visible(
     state: &AppState,
+    cache: &ReadCache,
     principal: &crate::auth::Principal,
     id: Uuid,
 ) -> Result<OperationRow, ApiError> {
-    operations::get(&state.engine.pool, id)
+    cache
+        .operation(&state.engine.pool, id)
         .await?
         .filter(|op| visible(principal, op, &state.engine))
+        .map(std::sync::Arc::unwrap_or_clone)
         .ok_or_else(|| ApiError::not_found("operation"))
 }
 

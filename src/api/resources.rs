@@ -153,14 +153,17 @@ pub async fn read(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Path((tenant, kind_segment, id)): Path<(String, String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&state, &kind_segment).await?;
     let kind = rt.kind();
     let id = path_id(&id, "resource")?;
     let types = state.engine.types.snapshot();
-    let row = resources::get_live(&state.engine.pool, &tenant, kind, id)
+    let row = super::read_cache(&state, &headers)
+        .resource(&state.engine.pool, &tenant, kind, id)
         .await?
         .filter(|r| principal.can_read(&tenant) || principal.reads_for_work(kind, &r.zone, &types))
+        .map(std::sync::Arc::unwrap_or_clone)
         .ok_or_else(|| ApiError::not_found("resource"))?;
     let etag = format!("\"{}\"", row.version);
     let mut res = Json(ResourceOut::from(row)).into_response();

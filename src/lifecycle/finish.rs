@@ -163,5 +163,6 @@ async fn promote(
     dispatch::enqueue(txn, &next, &resource).await?;
     resources::set_phase(txn, resource_id, Phase::on_start(&next.action)).await?;
     txn.changed(next.id);
+    txn.changed(resource_id);
     Ok(())
 }

@@ -467,6 +467,7 @@ async fn patch_labels(
     }
     names::validate_labels(&labels)?;
     let value = serde_json::to_value(&labels).expect("labels serialize");
+    txn.changed(resource.id);
     Ok(resources::set_labels(txn, resource.id, &value).await?)
 }
 

@@ -119,20 +119,25 @@ impl<'e> Txn<'e> {
         self.effects.dispatching = true;
     }
 
-    /// The row of operation `id` changed: long-polls on it are woken after commit.
+    /// The row of operation or resource `id` changed: after commit, every replica drops
+    /// its cached reads of it and wakes the long-polls on it.
     pub fn changed(&mut self, id: Uuid) {
         if !self.effects.changed.contains(&id) {
             self.effects.changed.push(id);
         }
     }
 
-    /// `op` was created.
+    /// `op` was created. Unless it creates its resource, the resource changed with it
+    /// (its spec, or its phase); a new resource has no cached reads to drop.
     pub fn created(&mut self, op: &OperationRow) {
         self.effects.counted.push(Counted::Created {
             action: op.action.clone(),
             service: self.engine.service_label(&op.kind),
             zone: op.zone.clone(),
         });
+        if !op.action.is_create() {
+            self.changed(op.resource_id);
+        }
     }
 
     /// A worker started `op` for the first time.
@@ -143,6 +148,7 @@ impl<'e> Txn<'e> {
             since: op.created_at,
         });
         self.changed(op.id);
+        self.changed(op.resource_id);
     }
 
     /// `op` ended in `state`.
@@ -155,6 +161,7 @@ impl<'e> Txn<'e> {
             since: op.created_at,
         });
         self.changed(op.id);
+        self.changed(op.resource_id);
     }
 
     /// A quota limit in `dimension` is `ratio` full once this write commits.

@@ -124,19 +124,22 @@ pub async fn get_live(
     kind: &Kind,
     id: Uuid,
 ) -> sqlx::Result<Option<ResourceRow>> {
-    let row: Option<ResourceRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM resources WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(db)
-            .await?;
-    Ok(row.filter(|r| is_live_of(r, tenant, kind)))
+    Ok(get(db, id).await?.filter(|r| is_live_of(r, tenant, kind)))
+}
+
+/// Resource `id`, live or deleted, of whichever tenant.
+pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<ResourceRow>> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM resources WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
 }
 
 /// Whether `r` is a live resource of `tenant` and `kind`. Checked on the row rather than
 /// in SQL: with the tenant and kind in the `WHERE` clause, PostgreSQL's generic plan
 /// scans the `(tenant, kind, created_at, id)` list index for the ID — every resource of
 /// the tenant per read — instead of using the primary key.
-fn is_live_of(r: &ResourceRow, tenant: &str, kind: &Kind) -> bool {
+pub fn is_live_of(r: &ResourceRow, tenant: &str, kind: &Kind) -> bool {
     r.tenant == tenant && r.kind == *kind && r.deleted_at.is_none()
 }
 

@@ -25,7 +25,12 @@ async fn reconciler(app: &TestApp) -> Reconciler {
             operation_timeout: Duration::from_secs(600),
             idempotency_retention: Duration::from_secs(86_400),
             wake: Wake::default(),
-            changes: Default::default(),
+            // Announced over NATS, as a reconciler in a process of its own does: the
+            // gateway drops its cached reads of what the repairs change.
+            changes: gateway::changes::Changes::new(Some((
+                app.running.as_ref().unwrap().backends.nats.clone(),
+                app.config.nats.changes_subject(),
+            ))),
             metrics: Default::default(),
             catalog: Default::default(),
             types: gateway::registry::Registry::load(app.pool.clone())

@@ -16,7 +16,12 @@ async fn scans(pool: &sqlx::PgPool, index: &str) -> i64 {
 
 #[tokio::test]
 async fn resource_reads_and_locks_use_the_primary_key_not_the_tenants_list_index() {
-    let app = spawn_with(Options::api_only()).await;
+    // Every read reaches the database: the read cache is off.
+    let app = spawn_with(Options {
+        tweak: |c| c.read_cache_ttl = std::time::Duration::ZERO,
+        ..Options::api_only()
+    })
+    .await;
     let tenant = app.tenant().await;
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -89,4 +94,108 @@ async fn resource_reads_and_locks_use_the_primary_key_not_the_tenants_list_index
     // second): a few scans, never one per read as when reads used the list index.
     let list = scans(&app.pool, "resources_list").await - list_before;
     assert!(list < 5, "{list} scans of the list index for 30 reads");
+}
+
+/// A second gateway (API only) on `app`'s database and NATS, as a second replica.
+async fn replica(app: &crate::common::TestApp) -> (gateway::app::Running, String) {
+    let backends = gateway::app::connect(&app.config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let parts = gateway::app::Parts {
+        api: true,
+        ..Default::default()
+    };
+    let running = gateway::app::start(&app.config, backends, Some(listener), parts)
+        .await
+        .unwrap();
+    let url = format!("http://{}", running.addr.unwrap());
+    (running, url)
+}
+
+/// `GET url` with the admin key (and `Cache-Control: no-cache` when `fresh`).
+async fn read(app: &crate::common::TestApp, url: &str, fresh: bool) -> serde_json::Value {
+    let mut req = app.http.get(url).bearer_auth(&app.admin_key);
+    if fresh {
+        req = req.header("cache-control", "no-cache");
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_change_through_one_replica_drops_every_replicas_cached_reads() {
+    // Entries would live a minute: only the change notifications can refresh them.
+    let app = spawn_with(Options {
+        tweak: |c| c.read_cache_ttl = std::time::Duration::from_secs(60),
+        ..Options::api_only()
+    })
+    .await;
+    let (other, other_url) = replica(&app).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "cached", "zone-a", example_spec("vms"))
+        .await;
+    let vm = format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        op["resource_id"].as_str().unwrap()
+    );
+    let op_path = format!("/v1/operations/{}", op["id"].as_str().unwrap());
+    let on_other = |path: &str| format!("{other_url}{path}");
+    let misses = || {
+        crate::common::metric(
+            &other_url,
+            r#"gateway_cache_requests_total{cache="resources",result="miss"}"#,
+        )
+    };
+
+    // The other replica caches both reads.
+    assert_eq!(read(&app, &on_other(&vm), false).await["labels"], json!({}));
+    assert_eq!(
+        read(&app, &on_other(&op_path), false).await["state"],
+        "pending"
+    );
+    let missed = misses().await;
+    assert!(missed >= 1.0);
+    read(&app, &on_other(&vm), false).await;
+    assert_eq!(misses().await, missed, "a hit");
+
+    // Proof that it serves from memory: a change made behind the gateway's back (SQL)
+    // is not seen, unless the request asks for a fresh read.
+    sqlx::query("UPDATE resources SET labels = '{\"by\": \"sql\"}' WHERE id = $1::uuid")
+        .bind(op["resource_id"].as_str().unwrap())
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(read(&app, &on_other(&vm), false).await["labels"], json!({}));
+    assert_eq!(
+        read(&app, &on_other(&vm), true).await["labels"],
+        json!({"by": "sql"}),
+        "Cache-Control: no-cache reads the database"
+    );
+
+    // A change through this replica: seen here at once, and there within moments
+    // (a notification on NATS), not after the entries' minute.
+    let patch = app
+        .request(
+            reqwest::Method::PATCH,
+            &vm,
+            Some(&app.admin_key),
+            Some(&json!({"labels": {"env": "prod"}})),
+        )
+        .await;
+    assert_eq!(patch.status, StatusCode::ACCEPTED, "{:?}", patch.body);
+    assert_eq!(app.get(&vm).await.body["labels"]["env"], "prod");
+    let id = op["id"].as_str().unwrap();
+    let started = app
+        .report_as_vm_worker(id, json!({"attempt": 1, "state": "running"}))
+        .await;
+    assert_eq!(started.status, StatusCode::OK, "{:?}", started.body);
+    assert_eq!(app.get(&op_path).await.body["state"], "running");
+    crate::common::eventually("the other replica serves the changed rows", || async {
+        let vm = read(&app, &on_other(&vm), false).await;
+        let op = read(&app, &on_other(&op_path), false).await;
+        (vm["labels"]["env"] == "prod" && op["state"] == "running").then_some(())
+    })
+    .await;
+    other.stop().await;
 }
