@@ -12,7 +12,10 @@
 //!    `publish_with_headers` of the same messages with the same window.
 //! 3. **Reads**: `GET /v1/operations/{id}` and `GET /v1/tenants/{t}/vms/{id}` through
 //!    the gateway vs. the raw primary-key `SELECT` of the same row from sqlx, at the
-//!    same concurrency.
+//!    same concurrency: 10,000 reads round robin over the 4,000 rows the submits made
+//!    (each read two or three times, as polls repeat; the share the read cache answered
+//!    is printed), then again with `Cache-Control: no-cache`, every read from the
+//!    database.
 //! 4. **End to end**: create → `succeeded` with in-process workers (zero-latency
 //!    simulated driver), operations per second and latency percentiles, in a burst and
 //!    then at a steady quarter and half of the burst's rate; with the lag from a change's commit to
@@ -272,16 +275,22 @@ async fn raw_insert_rows(pool: &sqlx::PgPool, clients: usize, tenant: &str, n: u
 
 /// `n` requests for `paths` (round robin) from `CONCURRENCY` clients.
 async fn gets(b: &Bench, paths: &[String], n: usize) -> Duration {
+    gets_with(b, paths, n, false).await
+}
+
+/// [`gets`]; with `fresh`, each asks for a database read (`Cache-Control: no-cache`).
+async fn gets_with(b: &Bench, paths: &[String], n: usize, fresh: bool) -> Duration {
     let started = Instant::now();
     futures::future::join_all((0..CONCURRENCY).map(|c| async move {
         for i in (c..n).step_by(CONCURRENCY) {
-            let res = b
+            let mut req = b
                 .http
                 .get(format!("{}{}", b.url, paths[i % paths.len()]))
-                .bearer_auth(&b.key)
-                .send()
-                .await
-                .unwrap();
+                .bearer_auth(&b.key);
+            if fresh {
+                req = req.header("cache-control", "no-cache");
+            }
+            let res = req.send().await.unwrap();
             assert_eq!(res.status(), 200);
             res.bytes().await.unwrap();
         }
@@ -339,14 +348,32 @@ async fn reads(b: &Bench, tenant: &str) {
     ];
     for (what, paths, ids, sql) in cases {
         let raw = raw_selects(&pool, sql, &ids, n).await;
+        let hits = || cache_hits(b, if what.contains("op") { "operations" } else { "resources" });
+        let before = hits().await;
         let through = gets(b, &paths, n).await;
+        let hit = (hits().await - before) / n as f64;
+        let fresh = gets_with(b, &paths, n, true).await;
         println!(
-            "{what} gateway {:>8.0} req/s   raw sqlx {:>8.0} req/s   ratio {:.2}",
+            "{what} gateway {:>8.0} req/s   raw sqlx {:>8.0} req/s   ratio {:.2}   ({:.0} % from the read cache; every read from the database: {:.0} req/s, ratio {:.2})",
             rate(n, through),
             rate(n, raw),
-            raw.as_secs_f64() / through.as_secs_f64()
+            raw.as_secs_f64() / through.as_secs_f64(),
+            hit * 100.0,
+            rate(n, fresh),
+            raw.as_secs_f64() / fresh.as_secs_f64()
         );
     }
+}
+
+/// Reads of the read cache `cache` (`operations`, `resources`) it answered so far.
+async fn cache_hits(b: &Bench, cache: &str) -> f64 {
+    let series = format!("gateway_cache_requests_total{{cache=\"{cache}\",result=\"hit\"}} ");
+    metrics_text(&b.http, &b.url)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Gateway rates of the paths the growth run compares, at `CONCURRENCY` clients.
