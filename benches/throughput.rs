@@ -348,7 +348,16 @@ async fn reads(b: &Bench, tenant: &str) {
     ];
     for (what, paths, ids, sql) in cases {
         let raw = raw_selects(&pool, sql, &ids, n).await;
-        let hits = || cache_hits(b, if what.contains("op") { "operations" } else { "resources" });
+        let hits = || {
+            cache_hits(
+                b,
+                if what.contains("op") {
+                    "operations"
+                } else {
+                    "resources"
+                },
+            )
+        };
         let before = hits().await;
         let through = gets(b, &paths, n).await;
         let hit = (hits().await - before) / n as f64;

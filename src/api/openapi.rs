@@ -295,6 +295,9 @@ fn shared_components(components: &mut Map<String, Value>) {
             "Idempotency-Key": {"name": "Idempotency-Key", "in": "header", "required": false,
                 "description": "Makes retries safe: the same key with the same request returns the same operation; with another request `409 idempotency_key_reused`.",
                 "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}, "example": "5b0c1f9e-create-web-1"},
+            "Cache-Control": {"name": "Cache-Control", "in": "header", "required": false,
+                "description": "`no-cache` (or `no-store`, `max-age=0`): read the database rather than this gateway's read cache, whose entries every change drops on every gateway within about a millisecond and which live `GATEWAY_READ_CACHE_MS` at most.",
+                "schema": {"type": "string"}, "example": "no-cache"},
             "If-Match": {"name": "If-Match", "in": "header", "required": false,
                 "description": "The ETag this change is based on (`\"3\"`), or `*`; a stale one answers `412 precondition_failed`.",
                 "schema": {"type": "string", "pattern": IF_MATCH_PATTERN}, "example": "\"3\""},
@@ -318,6 +321,9 @@ fn shared_components(components: &mut Map<String, Value>) {
         }),
     );
 }
+
+/// The reads answered through the read cache (`readcache`), which take `Cache-Control`.
+const READ_CACHED: [&str; 2] = ["/v1/operations/{id}", "/v1/tenants/{tenant}/{kind}/{id}"];
 
 /// What decides an operation's shared parameters and answers.
 struct Shape {
@@ -392,6 +398,9 @@ fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
     }
     if api {
         params.push(json!({"$ref": "#/components/parameters/X-Request-Id"}));
+    }
+    if method == "get" && READ_CACHED.contains(&path) {
+        params.push(json!({"$ref": "#/components/parameters/Cache-Control"}));
     }
     if operation_write {
         params.push(json!({"$ref": "#/components/parameters/Idempotency-Key"}));
