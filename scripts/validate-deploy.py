@@ -61,7 +61,12 @@ WEBHOOK_KEY_SECRET = "gateway-webhook-key"
 # `gateway dispatch-key`).
 SIGNING_KEY_SECRET = "dispatch-signing-key"
 PUBLIC_KEYS_CONFIGMAP = "dispatch-public-keys"
-EXTERNAL_SECRETS = {ADMIN_SECRET, WEBHOOK_KEY_SECRET, SIGNING_KEY_SECRET} | {f"worker-key-{s}-{z}" for s in SERVICES for z in ZONES}
+# The broker's users file and each user's NKEY seed (made by `gateway nats-config`).
+NATS_AUTH_SECRET = "nats-auth"
+NATS_USERS = ["gateway", "relay"] + [f"worker-{s}-{z}" for s in SERVICES for z in ZONES]
+EXTERNAL_SECRETS = ({ADMIN_SECRET, WEBHOOK_KEY_SECRET, SIGNING_KEY_SECRET, NATS_AUTH_SECRET}
+                    | {f"worker-key-{s}-{z}" for s in SERVICES for z in ZONES}
+                    | {f"nats-seed-{u}" for u in NATS_USERS})
 EXTERNAL_CONFIGMAPS = {PUBLIC_KEYS_CONFIGMAP}
 
 CUSTOM_KINDS = {
@@ -182,6 +187,9 @@ def check_nats_config(where, nats, conf_name, conf_text, f):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "nats.conf"
         path.write_text(conf_text)
+        # The users file is the nats-auth Secret's (`gateway nats-config` writes it; the
+        # nats_auth tests run servers with it): a stand-in users block lets the rest parse.
+        (Path(tmp) / "auth.conf").write_text('authorization { users = [ { user: "check", password: "placeholder" } ] }\n')
         out = subprocess.run([server, "-t", "-c", str(path)], capture_output=True, text=True, env=env)
     return f.check(out.returncode == 0, f"{where}: ConfigMap/{conf_name} nats.conf: {(out.stdout + out.stderr).strip()}")
 
@@ -212,6 +220,26 @@ def env_of(c):
 def secret_ref(e):
     ref = (e or {}).get("valueFrom", {}).get("secretKeyRef")
     return (ref["name"], ref["key"]) if ref else None
+
+
+def nats_user(c):
+    """The broker user container `c` logs in as: `u` when its NATS_NKEY_SEED comes from
+    key `seed` of Secret `nats-seed-u`, else None."""
+    ref = secret_ref(env_of(c).get("NATS_NKEY_SEED"))
+    if ref and ref[1] == "seed" and ref[0].startswith("nats-seed-"):
+        return ref[0][len("nats-seed-"):]
+    return None
+
+
+def check_nats_login(where, label, c, user, f):
+    """Every process that connects to NATS logs in as its own user (the broker refuses
+    anyone else): NATS_NKEY_SEED from Secret nats-seed-<user>, and no other kind of
+    NATS credentials beside it."""
+    got = nats_user(c)
+    f.check(got == user, f"{where}: {label}: must log in to NATS as `{user}` (NATS_NKEY_SEED from key `seed` of Secret nats-seed-{user}), got {got}")
+    others = {"NATS_NKEY_SEED_FILE", "NATS_CREDS", "NATS_USER", "NATS_PASSWORD"} & set(env_of(c))
+    f.check(not others, f"{where}: {label}: give NATS_NKEY_SEED only, not also {sorted(others)}")
+    return got
 
 
 def database_url(doc, name):
@@ -397,6 +425,7 @@ def check_overlay(name, docs, f):
             "hard_spread": sorted(spread_keys(spec, True)),
             "spread": sorted(spread_keys(spec, False)),
             "database": database_url(gw, "gateway"),
+            "nats_user": check_nats_login(where, "gateway", c, "gateway", f),
         }
         ing = get("Ingress", "gateway")
         if ing:
@@ -413,6 +442,7 @@ def check_overlay(name, docs, f):
         f.check(secret_ref(signing) == (SIGNING_KEY_SECRET, "key"), f"{where}: the relay signs dispatches with GATEWAY_DISPATCH_SIGNING_KEY from Secret {SIGNING_KEY_SECRET} (it does not start without one)")
         facts["relay"] = {
             "signing_key_secret": list(secret_ref(signing) or []),
+            "nats_user": check_nats_login(where, "relay", c, "relay", f),
             "replicas": relay["spec"].get("replicas", 1),
             "pdb": pdbs_for(relay),
             "readiness_path": probe_path(c, "readinessProbe"),
@@ -448,6 +478,7 @@ def check_overlay(name, docs, f):
             "node_zone": node_zone,
             "key_secret": key[0] if key else None,
             "public_keys": public.get("name"),
+            "nats_user": check_nats_login(where, label, c, f"worker-{service}-{zone}", f),
             "replicas": d["spec"].get("replicas", 1),
             "pdb": pdbs_for(d),
         })
@@ -473,14 +504,28 @@ def check_overlay(name, docs, f):
             "wave": wave,
             "admin_key_secret": secret_ref(env_of(c).get("GATEWAY_ADMIN_KEY")),
             "stream_replicas": env_of(c).get("NATS_STREAM_REPLICAS", {}).get("value"),
+            # It creates and updates the streams: the relay's user may, no other.
+            "nats_user": check_nats_login(where, "migrate", c, "relay", f),
         }
+    hooks = get("Deployment", "webhooks")
+    if hooks:
+        # The dispatcher reads the events stream through its consumer, as gateways do.
+        facts["webhooks"] = {"nats_user": check_nats_login(where, "webhooks", container(hooks, "webhooks"), "gateway", f)}
 
     # --- NATS
     nats = get("StatefulSet", "nats")
     if nats:
         replicas = nats["spec"].get("replicas", 1)
         conf_volume = next(v for v in pod_spec(nats)["volumes"] if v["name"] == "config")
-        conf = objs.get(("ConfigMap", conf_volume["configMap"]["name"]))
+        # nats.conf and the users file it includes, projected into one directory.
+        sources = conf_volume.get("projected", {}).get("sources", [{"configMap": conf_volume.get("configMap")}])
+        conf_map = next((src["configMap"]["name"] for src in sources if src.get("configMap")), None)
+        conf = objs.get(("ConfigMap", conf_map))
+        auth = [(src["secret"]["name"], item["key"], item["path"]) for src in sources if src.get("secret")
+                for item in src["secret"].get("items", [])]
+        f.check((NATS_AUTH_SECRET, "auth.conf", "auth.conf") in auth, f"{where}: NATS must get the users file beside nats.conf (key auth.conf of Secret {NATS_AUTH_SECRET}, projected into its config volume), got {auth}")
+        includes_auth = bool(conf) and re.search(r'^\s*include\s+"?auth\.conf"?\s*$', conf["data"]["nats.conf"], re.M) is not None
+        f.check(includes_auth, f"{where}: nats.conf must include \"auth.conf\": the broker requires a login")
         routes = re.findall(r"nats-route://([\w.-]+):6222", conf["data"]["nats.conf"]) if conf else []
         expected = [f"nats-{i}.{nats['spec']['serviceName']}" for i in range(replicas)]
         f.check(routes == expected, f"{where}: NATS routes {routes} must name every pod {expected}")
@@ -488,6 +533,8 @@ def check_overlay(name, docs, f):
         parsed = bool(conf) and check_nats_config(where, nats, conf["metadata"]["name"], conf["data"]["nats.conf"], f)
         facts["nats"] = {
             "config_parsed_by_nats_server": parsed,
+            "users_file": [a for a in auth if a[0] == NATS_AUTH_SECRET][:1],
+            "includes_users_file": includes_auth,
             "replicas": replicas,
             "routes": routes,
             "pdb": pdbs_for(nats),

@@ -120,6 +120,8 @@ fn kubernetes_manifests_and_compose_render_and_validate_with_the_promised_shape(
         assert_ne!(key, "gateway-admin-key");
         // ... and the public half of the relays' key, which it checks every message with.
         assert_eq!(w["public_keys"], "dispatch-public-keys", "{w}");
+        // ... and logs in to NATS as its pool's own user.
+        assert_eq!(w["nats_user"], format!("worker-{service}-{zone}"), "{w}");
         assert_eq!(strs(&w["pdb"]).len(), 1, "{w}");
         pools.insert((service.to_owned(), zone.to_owned()));
         keys.insert(key.to_owned());
@@ -144,6 +146,18 @@ fn kubernetes_manifests_and_compose_render_and_validate_with_the_promised_shape(
     let nats = &prod["nats"];
     assert_eq!(int(&nats["replicas"]), 3);
     assert_eq!(nats["config_parsed_by_nats_server"], true, "{nats}");
+    // ... requiring a login: the users file from the nats-auth Secret, beside nats.conf,
+    // and every process with its own user (workers above).
+    assert_eq!(nats["includes_users_file"], true, "{nats}");
+    assert_eq!(
+        nats["users_file"],
+        serde_json::json!([["nats-auth", "auth.conf", "auth.conf"]]),
+        "{nats}"
+    );
+    assert_eq!(gw["nats_user"], "gateway", "{gw}");
+    assert_eq!(relay["nats_user"], "relay", "{relay}");
+    assert_eq!(migrate["nats_user"], "relay", "{migrate}");
+    assert_eq!(prod["webhooks"]["nats_user"], "gateway");
     assert_eq!(strs(&nats["routes"]).len(), 3, "{nats}");
     assert_eq!(strs(&nats["pdb"]).len(), 1, "{nats}");
     assert_eq!(migrate["stream_replicas"], "3");
