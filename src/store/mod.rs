@@ -177,8 +177,11 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 /// Whether `e` means the database could not be reached (as opposed to a bad query), or
-/// cannot take writes for now: a server that is read-only (`25006`), as a standby or a
-/// demoted primary is while a failover moves the writable address.
+/// cannot do the work for now: a server that is read-only (`25006`), as a standby or a
+/// demoted primary is while a failover moves the writable address; a statement it
+/// cancelled (`57014`: the `statement_timeout` ran out, say waiting for a lock, or an
+/// operator cancelled it; the transaction is rolled back); a server out of resources
+/// (class `53`: too many connections, disk full, out of memory).
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     matches!(
         e,
@@ -187,7 +190,8 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed
-    ) || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P") || c == "25006")
+    ) || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P")
+            || c.starts_with("53") || c == "57014" || c == "25006")
         || is_refused_tls_request(e)
 }
 

@@ -360,3 +360,95 @@ async fn a_connection_ended_while_idle_is_replaced_before_it_is_used() {
     assert_ne!(after, before);
     pool.close().await;
 }
+
+/// A statement the database cancels — its `statement_timeout` (30 s) ran out, or an
+/// operator cancelled it — is the database not answering in time: `503
+/// database_unavailable` with `Retry-After`, nothing written, as for an outage (it was
+/// `500 internal`).
+#[tokio::test]
+async fn a_statement_the_database_cancels_is_answered_503_and_writes_nothing() {
+    use sqlx::Connection;
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(
+            &tenant,
+            "vms",
+            "held",
+            "zone-a",
+            common::example_spec("vms"),
+        )
+        .await;
+    let id = op["resource_id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/tenants/{tenant}/vms/{id}");
+    // Another session holds the resource's row lock, so the gateway's change waits.
+    let mut holder = sqlx::PgConnection::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let mut held = sqlx::Connection::begin(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM resources WHERE id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let patch = {
+        let app = common::Client::clone(&app);
+        let path = path.clone();
+        tokio::spawn(async move {
+            app.request(
+                reqwest::Method::PATCH,
+                &path,
+                Some(&app.admin_key),
+                Some(&json!({"labels": {"env": "prod"}})),
+            )
+            .await
+        })
+    };
+    // Cancel the gateway's statement once it waits for the lock.
+    let url = app.config.database_url.clone();
+    let cancelled = common::eventually("the gateway's change waits for the lock", || {
+        let url = url.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM (SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'gateway'
+                   AND wait_event_type = 'Lock') c",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            (n > 0).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(cancelled, 1);
+    let answer = patch.await.unwrap();
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        answer.body
+    );
+    assert_eq!(answer.code(), "database_unavailable");
+    assert!(answer.header("retry-after").is_some());
+    held.rollback().await.unwrap();
+    // Nothing was written: no label, no second operation.
+    let fresh = app
+        .http
+        .get(format!("{}{path}", app.url))
+        .bearer_auth(&app.admin_key)
+        .header("cache-control", "no-cache")
+        .send()
+        .await
+        .unwrap();
+    let vm: Value = fresh.json().await.unwrap();
+    assert_eq!(vm["labels"], json!({}));
+    let ops: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM operations WHERE resource_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(ops, 1);
+}
