@@ -8,7 +8,7 @@
 //! counted in `gateway_cache_requests_total{cache, result}`.
 
 use crate::domain::spec::Category;
-use crate::metrics::{CacheLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::store::catalog::{self, ZoneRow};
 use moka::future::Cache;
 use serde_json::Value;
@@ -60,16 +60,6 @@ impl CatalogCache {
         }
     }
 
-    fn count(&self, cache: &str, hit: bool) {
-        self.metrics
-            .cache_requests
-            .get_or_create(&CacheLabels {
-                cache: cache.to_owned(),
-                result: if hit { "hit" } else { "miss" }.to_owned(),
-            })
-            .inc();
-    }
-
     /// The attributes of catalog entry `name` in `category`, or `None` if there is none.
     ///
     /// A miss reads through `conn`, the caller's connection: taking a second one from the
@@ -82,10 +72,10 @@ impl CatalogCache {
     ) -> sqlx::Result<Option<Arc<Value>>> {
         let key = (category, name.to_owned());
         if let Some(found) = self.entries.get(&key).await {
-            self.count("catalog", true);
+            self.metrics.cache_lookup("catalog", true);
             return Ok(found);
         }
-        self.count("catalog", false);
+        self.metrics.cache_lookup("catalog", false);
         let found = catalog::find(&mut *conn, &[(category, name)])
             .await?
             .into_iter()
@@ -103,10 +93,10 @@ impl CatalogCache {
         id: &str,
     ) -> sqlx::Result<bool> {
         if self.tenants.get(id).await.is_some() {
-            self.count("tenants", true);
+            self.metrics.cache_lookup("tenants", true);
             return Ok(true);
         }
-        self.count("tenants", false);
+        self.metrics.cache_lookup("tenants", false);
         let found = crate::store::tenants::get(db, id).await?.is_some();
         if found {
             self.tenants.insert(id.to_owned(), ()).await;
@@ -126,7 +116,7 @@ impl CatalogCache {
         name: &str,
     ) -> sqlx::Result<Option<Arc<ZoneRow>>> {
         if let Some(found) = self.zones.get(name).await {
-            self.count("zones", true);
+            self.metrics.cache_lookup("zones", true);
             return Ok(found);
         }
         let mut conn = pool.acquire().await?;
@@ -141,10 +131,10 @@ impl CatalogCache {
         name: &str,
     ) -> sqlx::Result<Option<Arc<ZoneRow>>> {
         if let Some(found) = self.zones.get(name).await {
-            self.count("zones", true);
+            self.metrics.cache_lookup("zones", true);
             return Ok(found);
         }
-        self.count("zones", false);
+        self.metrics.cache_lookup("zones", false);
         let found = catalog::zone(&mut *conn, name).await?.map(Arc::new);
         self.zones.insert(name.to_owned(), found.clone()).await;
         Ok(found)

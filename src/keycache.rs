@@ -14,7 +14,7 @@
 //! database that is down) is the request's, as without the cache. Hits and misses are
 //! counted in `gateway_cache_requests_total{cache="keys"}`.
 
-use crate::metrics::{CacheLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::store::principals::{self, PrincipalRow};
 use moka::future::Cache;
 use sqlx::PgPool;
@@ -61,7 +61,7 @@ impl KeyCache {
                 .map(Arc::new));
         };
         let cached = entries.get(&hash).await;
-        self.count(cached.is_some());
+        self.metrics.cache_lookup("keys", cached.is_some());
         let found = match cached {
             Some(found) => found,
             None => {
@@ -73,16 +73,6 @@ impl KeyCache {
         };
         let now = chrono::Utc::now();
         Ok(found.filter(|p| p.expires_at.is_none_or(|t| t > now)))
-    }
-
-    fn count(&self, hit: bool) {
-        self.metrics
-            .cache_requests
-            .get_or_create(&CacheLabels {
-                cache: "keys".to_owned(),
-                result: if hit { "hit" } else { "miss" }.to_owned(),
-            })
-            .inc();
     }
 
     /// Drops every cached key: the next use of each reads the database.

@@ -830,6 +830,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one lookup of in-memory cache `cache`: answered from memory (`hit`) or
+    /// not.
+    pub fn cache_lookup(&self, cache: &str, hit: bool) {
+        self.cache_requests
+            .get_or_create(&CacheLabels {
+                cache: cache.to_owned(),
+                result: if hit { "hit" } else { "miss" }.to_owned(),
+            })
+            .inc();
+    }
+
     /// An accepted write left a quota limit in `dimension` `ratio` full.
     pub fn quota_filled(&self, dimension: Dimension, ratio: f64) {
         self.quota_usage

@@ -25,7 +25,7 @@
 //! otherwise store the old row after the change dropped it).
 
 use crate::domain::Kind;
-use crate::metrics::{CacheLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::store::operations::{self, OperationRow};
 use crate::store::resources::{self, ResourceRow};
 use moka::sync::Cache;
@@ -161,10 +161,10 @@ impl Inner {
         T: Send + Sync + 'static,
     {
         if let Some(hit) = table.get(&id) {
-            self.count(name, true);
+            self.metrics.cache_lookup(name, true);
             return Ok(Some(hit));
         }
-        self.count(name, false);
+        self.metrics.cache_lookup(name, false);
         let seen = *self.stripe(id).lock().expect("read cache stripe");
         let Some(row) = load.await?.map(Arc::new) else {
             return Ok(None);
@@ -174,16 +174,6 @@ impl Inner {
             table.insert(id, row.clone());
         }
         Ok(Some(row))
-    }
-
-    fn count(&self, cache: &'static str, hit: bool) {
-        self.metrics
-            .cache_requests
-            .get_or_create(&CacheLabels {
-                cache: cache.to_owned(),
-                result: if hit { "hit" } else { "miss" }.to_owned(),
-            })
-            .inc();
     }
 }
 
