@@ -14,6 +14,7 @@ use crate::readcache::ReadCache;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -38,6 +39,9 @@ pub struct Changes {
     origin: Arc<str>,
     /// Rows read by ID, dropped here when they change.
     cache: ReadCache,
+    /// The NATS client's connection count the cache's entries were heard under: after a
+    /// reconnection (announcements may have been missed meanwhile) it starts afresh.
+    cache_connects: Arc<AtomicU64>,
 }
 
 /// The waiters of one operation.
@@ -60,6 +64,7 @@ impl Changes {
             remote,
             origin: Uuid::new_v4().simple().to_string().into(),
             cache: ReadCache::default(),
+            cache_connects: Arc::default(),
         }
     }
 
@@ -71,16 +76,23 @@ impl Changes {
     }
 
     /// The read cache, while this process hears other replicas' changes (its NATS
-    /// connection is up); an uncached one otherwise.
+    /// connection is up); an uncached one otherwise. After the connection was lost and
+    /// made again, whatever changed meanwhile was not heard: the cache is emptied first.
     pub fn reads(&self) -> ReadCache {
-        match &self.remote {
-            Some((client, _))
-                if client.connection_state() != async_nats::connection::State::Connected =>
-            {
-                ReadCache::default()
-            }
-            _ => self.cache.clone(),
+        let Some((client, _)) = &self.remote else {
+            return self.cache.clone();
+        };
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return ReadCache::default();
         }
+        let connects = client.statistics().connects.load(Ordering::Acquire);
+        if self.cache_connects.load(Ordering::Acquire) != connects {
+            // Emptied before the new count is kept: a read that sees the new count
+            // comes after an emptying.
+            self.cache.invalidate_all();
+            self.cache_connects.store(connects, Ordering::Release);
+        }
+        self.cache.clone()
     }
 
     /// Registers interest in operation `id` until the returned [`Interest`] is dropped.

@@ -199,3 +199,43 @@ async fn a_change_through_one_replica_drops_every_replicas_cached_reads() {
     .await;
     other.stop().await;
 }
+
+/// Changes announced while a replica's NATS connection was down are never heard: once
+/// it is connected again, the replica forgets everything it cached before.
+#[tokio::test]
+async fn a_replica_that_lost_nats_forgets_what_it_cached_before() {
+    let mut nats = crate::common::Nats::start();
+    let d = crate::common::Deployment::new(
+        &crate::common::pg_base(),
+        &nats.url(),
+        // Entries would live a minute: only forgetting them can make the read fresh.
+        &[("GATEWAY_READ_CACHE_MS", "60000")],
+    )
+    .await;
+    let [(a, ca), (_b, cb)] = d.two_replicas().await;
+    let tenant = d.tenant(&a.url()).await;
+    let op = ca
+        .create(&tenant, "vms", "kept", "zone-a", example_spec("vms"))
+        .await;
+    let vm = format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        op["resource_id"].as_str().unwrap()
+    );
+    assert_eq!(cb.get(&vm).await.body["labels"], json!({}));
+    // NATS goes away; a change made meanwhile is announced to no one.
+    nats.kill();
+    let patch = ca
+        .request(
+            reqwest::Method::PATCH,
+            &vm,
+            Some(&ca.admin_key),
+            Some(&json!({"labels": {"env": "prod"}})),
+        )
+        .await;
+    assert_eq!(patch.status, StatusCode::ACCEPTED, "{:?}", patch.body);
+    nats.resume();
+    crate::common::eventually("the other replica reads the change", || async {
+        (cb.get(&vm).await.body["labels"]["env"] == "prod").then_some(())
+    })
+    .await;
+}
