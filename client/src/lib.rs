@@ -62,6 +62,7 @@ pub struct Client {
     key: String,
     retries: usize,
     max_retry_wait: Duration,
+    fresh_reads: bool,
 }
 
 /// One request, as sent (again, on a retry).
@@ -72,6 +73,8 @@ struct Call<'a> {
     body: Option<Value>,
     idempotency_key: Option<String>,
     if_match: Option<&'a str>,
+    /// Asks for a read from the database (`Cache-Control: no-cache`).
+    fresh: bool,
 }
 
 impl<'a> Call<'a> {
@@ -83,6 +86,7 @@ impl<'a> Call<'a> {
             body: None,
             idempotency_key: None,
             if_match: None,
+            fresh: false,
         }
     }
 
@@ -93,6 +97,13 @@ impl<'a> Call<'a> {
 
     fn query(mut self, query: Vec<(&'static str, String)>) -> Self {
         self.query = query;
+        self
+    }
+
+    /// A read by ID: from the database itself if `fresh` (else the gateway may answer
+    /// from its read cache).
+    fn read(mut self, fresh: bool) -> Self {
+        self.fresh = fresh;
         self
     }
 
@@ -149,7 +160,18 @@ impl Client {
             key: key.into(),
             retries: 4,
             max_retry_wait: Duration::from_secs(30),
+            fresh_reads: false,
         }
+    }
+
+    /// Whether reads of one resource or operation ask the gateway for its database's
+    /// answer (`Cache-Control: no-cache`) rather than its read cache (default: no). A
+    /// gateway sees its own writes at once and other gateways' within about a
+    /// millisecond; ask for fresh reads when you write through one gateway and must read
+    /// the result through another at once (behind a load balancer, say).
+    pub fn with_fresh_reads(mut self, fresh: bool) -> Self {
+        self.fresh_reads = fresh;
+        self
     }
 
     /// How many times `429` and `503` are retried (default 4; 0 turns retries off), and
@@ -222,6 +244,9 @@ impl Client {
         }
         if let Some(key) = &call.idempotency_key {
             req = req.header("Idempotency-Key", key);
+        }
+        if call.fresh {
+            req = req.header(reqwest::header::CACHE_CONTROL, "no-cache");
         }
         if let Some(tag) = call.if_match {
             req = req.header(IF_MATCH, tag);
@@ -326,9 +351,9 @@ impl Client {
 
     /// `GET /v1/tenants/{tenant}/{plural}/{id}`, with its `ETag` in `etag`.
     pub async fn get_resource(&self, tenant: &str, plural: &str, id: Uuid) -> Result<Resource> {
-        let answer = self
-            .send(Call::new(Method::GET, Self::resource(tenant, plural, id)))
-            .await?;
+        let call =
+            Call::new(Method::GET, Self::resource(tenant, plural, id)).read(self.fresh_reads);
+        let answer = self.send(call).await?;
         let mut resource: Resource = answer.json()?;
         resource.etag = answer
             .headers
@@ -397,8 +422,8 @@ impl Client {
 
     /// `GET /v1/operations/{id}`.
     pub async fn get_operation(&self, id: Uuid) -> Result<Operation> {
-        self.json(Call::new(Method::GET, format!("/v1/operations/{id}")))
-            .await
+        let call = Call::new(Method::GET, format!("/v1/operations/{id}")).read(self.fresh_reads);
+        self.json(call).await
     }
 
     /// `GET /v1/operations/{id}?wait=…`: answers when the state changes, or after
@@ -676,9 +701,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Each request a [`scripted`] server took: its `Idempotency-Key`, and its request
-    /// line's target (path and query).
-    type Seen = Arc<Mutex<Vec<(Option<String>, String)>>>;
+    /// Each request a [`scripted`] server took: its `Idempotency-Key`, its request
+    /// line's target (path and query), and its `Cache-Control`.
+    type Seen = Arc<Mutex<Vec<(Option<String>, String, Option<String>)>>>;
 
     /// The `Idempotency-Key`s of `seen`.
     fn keys(seen: &Seen) -> Vec<Option<String>> {
@@ -715,7 +740,11 @@ mod tests {
                     .find_map(|l| l.strip_prefix("idempotency-key: "))
                     .map(|k| k.trim().to_owned());
                 let target = head.split(' ').nth(1).unwrap_or_default().to_owned();
-                log.lock().unwrap().push((key, target));
+                let cache = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("cache-control: "))
+                    .map(|c| c.trim().to_owned());
+                log.lock().unwrap().push((key, target, cache));
                 let answer = script[n.min(script.len() - 1)];
                 let (status, extra, body) = match answer {
                     "ok" => (
@@ -820,6 +849,25 @@ mod tests {
         assert!(
             targets[1..].iter().all(|t| !t.contains("until")),
             "{targets:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fresh_reads_ask_for_the_database_and_other_reads_do_not() {
+        let (url, seen) = scripted(vec!["succeeded"]).await;
+        let cached = Client::new(url.clone(), "k");
+        cached.get_operation(Uuid::nil()).await.unwrap();
+        let fresh = Client::new(url, "k").with_fresh_reads(true);
+        fresh.get_operation(Uuid::nil()).await.unwrap();
+        fresh
+            .poll_until_done(Uuid::nil(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let asked: Vec<Option<String>> = seen.lock().unwrap().iter().map(|s| s.2.clone()).collect();
+        assert_eq!(
+            asked,
+            vec![None, Some("no-cache".to_owned()), None],
+            "long-polls re-read the database anyway"
         );
     }
 }
