@@ -112,7 +112,7 @@ pub async fn create(
         format!("{owner}-{}-{suffix}", key.role)
     });
     let secret = auth::generate_key();
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::store::begin(pool).await?;
     let new = NewPrincipal {
         name: &name,
         role: key.role,
@@ -159,7 +159,7 @@ pub async fn revoke(
     tenant: Option<&str>,
     audit: Audit<'_>,
 ) -> Result<(), LifecycleError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::store::begin(pool).await?;
     if !principals::revoke(&mut tx, id, tenant).await? {
         return Err(LifecycleError::NotFound);
     }

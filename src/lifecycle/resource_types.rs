@@ -43,7 +43,7 @@ pub async fn put(
     replace: bool,
     audit: Audit<'_>,
 ) -> Result<(TypeRow, Outcome), LifecycleError> {
-    let mut tx = engine.pool.begin().await?;
+    let mut tx = crate::store::begin(&engine.pool).await?;
     let rows = resource_types::all(&mut *tx).await?;
     let kinds: BTreeSet<String> = rows.iter().map(|r| r.kind.clone()).collect();
     compiles(&def, &kinds)?;
@@ -93,7 +93,7 @@ pub async fn put(
 /// Removes the type of `kind`: refused while live resources have it, or while another
 /// type's specs may name it.
 pub async fn delete(engine: &Engine, kind: &str, audit: Audit<'_>) -> Result<(), LifecycleError> {
-    let mut tx = engine.pool.begin().await?;
+    let mut tx = crate::store::begin(&engine.pool).await?;
     if resource_types::lock(&mut tx, kind).await?.is_none() {
         return Err(LifecycleError::NotFound);
     }

@@ -15,7 +15,7 @@ pub async fn create(
     audit: Audit<'_>,
 ) -> Result<TenantRow, LifecycleError> {
     names::validate_label("id", id)?;
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::store::begin(pool).await?;
     let row = tenants::insert(&mut tx, id, display_name)
         .await?
         .ok_or_else(|| LifecycleError::TenantExists(id.to_owned()))?;

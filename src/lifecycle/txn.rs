@@ -79,7 +79,7 @@ impl<'e> Txn<'e> {
     pub async fn begin(engine: &'e Engine) -> sqlx::Result<Self> {
         Ok(Self {
             engine,
-            tx: engine.pool.begin().await?,
+            tx: crate::store::begin(&engine.pool).await?,
             effects: Effects::default(),
             audits: Vec::new(),
         })

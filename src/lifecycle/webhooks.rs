@@ -210,7 +210,7 @@ pub type FanOut<'a> = (&'a str, Uuid, EventType, &'a Value, DateTime<Utc>);
 /// Creates, in one transaction, the deliveries of `events` to their tenants' endpoints;
 /// returns how many.
 pub async fn fan_out(engine: &Engine, events: &[FanOut<'_>]) -> sqlx::Result<u64> {
-    let mut tx = engine.pool.begin().await?;
+    let mut tx = crate::store::begin(&engine.pool).await?;
     let mut n = 0;
     for (tenant, id, event_type, event, time) in events {
         n += store::fan_out(&mut tx, tenant, *id, event_type.as_str(), event, *time).await?;
@@ -254,7 +254,7 @@ pub async fn record(
         Outcome::Retrying(at) => Some(at),
         _ => None,
     };
-    let mut tx = engine.pool.begin().await?;
+    let mut tx = crate::store::begin(&engine.pool).await?;
     store::record(&mut tx, leased.id, attempt, ok, retry_at).await?;
     let disabled = store::streak(&mut tx, leased.webhook_id, ok, disable_after).await?;
     tx.commit().await?;

@@ -121,6 +121,33 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
     Ok(())
 }
 
+/// Begins a transaction on `pool`. A pooled connection used within the last
+/// [`PING_IF_IDLE_FOR`] is handed out unchecked; if the database ended it meanwhile
+/// (`pg_terminate_backend`, a proxy dropping connections, a restart), `BEGIN` is what
+/// fails on it, before anything of the caller's ran, and the transaction is begun again
+/// on another connection (sqlx discards the broken one). When the database ended them
+/// all, each idle one fails in turn (at once: the end is already in its socket) until a
+/// new connection is made: at most the pool's size of tries, then its error stands.
+pub async fn begin(pool: &PgPool) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tries = pool.options().get_max_connections() + 1;
+    loop {
+        match pool.begin().await {
+            Err(e) if tries > 1 && is_ended_connection(&e) => {
+                tracing::debug!(error = %e, "a pooled connection was ended; beginning on another");
+                tries -= 1;
+            }
+            began => return began,
+        }
+    }
+}
+
+/// Whether `e` says the connection itself is gone (closed, or ended by the server), as
+/// opposed to the pool being exhausted or the statement being refused.
+fn is_ended_connection(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_))
+        || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P0"))
+}
+
 /// Checks that the database answers.
 pub async fn ping(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("SELECT 1").execute(pool).await.map(|_| ())

@@ -452,3 +452,47 @@ async fn a_statement_the_database_cancels_is_answered_503_and_writes_nothing() {
             .unwrap();
     assert_eq!(ops, 1);
 }
+
+/// Pooled connections used within the last second are handed out unchecked (a check
+/// costs a round trip: `store::PING_IF_IDLE_FOR`). When the database has ended them
+/// meanwhile (`pg_terminate_backend`, a proxy dropping connections), a write's `BEGIN`
+/// fails on such a connection before anything ran, and is tried once more on another,
+/// so the write is accepted rather than answered 503.
+#[tokio::test]
+async fn a_write_that_meets_a_connection_the_database_ended_begins_again_on_another() {
+    use sqlx::Connection;
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let tenant = app.tenant().await;
+    for round in 0..3 {
+        // Connections used just now, as under load.
+        let warm = (0..8).map(|i| {
+            let name = format!("warm-{round}-{i}");
+            let (app, tenant) = (&app, &tenant);
+            async move {
+                app.create(tenant, "vms", &name, "zone-a", common::example_spec("vms"))
+                    .await
+            }
+        });
+        futures::future::join_all(warm).await;
+        let mut admin = sqlx::PgConnection::connect(&app.config.database_url)
+            .await
+            .unwrap();
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'gateway') t",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert!(ended > 0);
+        let body = json!({"name": format!("after-{round}"), "zone": "zone-a",
+                          "spec": common::example_spec("vms")});
+        let answer = app.post(&format!("/v1/tenants/{tenant}/vms"), body).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "round {round}: {:?}",
+            answer.body
+        );
+    }
+}
