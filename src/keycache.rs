@@ -15,6 +15,7 @@
 //! counted in `gateway_cache_requests_total{cache="keys"}`.
 
 use crate::metrics::Metrics;
+use crate::store;
 use crate::store::principals::{self, PrincipalRow};
 use moka::future::Cache;
 use sqlx::PgPool;
@@ -55,17 +56,20 @@ impl KeyCache {
 
     /// The live principal whose key hashes to `hash`, if any.
     pub async fn resolve(&self, hash: Vec<u8>) -> sqlx::Result<Option<Arc<PrincipalRow>>> {
+        let find = || {
+            store::again_if_ended(&self.pool, || {
+                principals::find_live_by_hash(&self.pool, &hash)
+            })
+        };
         let Some(entries) = &self.entries else {
-            return Ok(principals::find_live_by_hash(&self.pool, &hash)
-                .await?
-                .map(Arc::new));
+            return Ok(find().await?.map(Arc::new));
         };
         let cached = entries.get(&hash).await;
         self.metrics.cache_lookup("keys", cached.is_some());
         let found = match cached {
             Some(found) => found,
             None => {
-                let row = principals::find_live_by_hash(&self.pool, &hash).await?;
+                let row = find().await?;
                 let row = row.map(Arc::new);
                 entries.insert(hash, row.clone()).await;
                 row

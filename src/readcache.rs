@@ -18,7 +18,9 @@
 //! Writes never use the cache: they lock and read their rows in their transaction, so a
 //! stale read can at worst make a client's `If-Match` fail with `412`, never lose a
 //! write. Absent rows are not cached. Hits and misses are counted in
-//! `gateway_cache_requests_total{cache="operations"|"resources"}`.
+//! `gateway_cache_requests_total{cache="operations"|"resources"}`. A read that meets a
+//! pooled connection the database ended is made again on another
+//! ([`store::again_if_ended`]).
 //!
 //! Why by hand around `moka`: the stripes' counts make "drop, then never store an older
 //! read" hold, which a plain cache does not (a read that started before a change could
@@ -26,6 +28,7 @@
 
 use crate::domain::Kind;
 use crate::metrics::Metrics;
+use crate::store;
 use crate::store::operations::{self, OperationRow};
 use crate::store::resources::{self, ResourceRow};
 use moka::sync::Cache;
@@ -80,16 +83,12 @@ impl ReadCache {
         pool: &PgPool,
         id: Uuid,
     ) -> sqlx::Result<Option<Arc<OperationRow>>> {
+        let load = store::again_if_ended(pool, || operations::get(pool, id));
         let Some(inner) = &self.inner else {
-            return Ok(operations::get(pool, id).await?.map(Arc::new));
+            return Ok(load.await?.map(Arc::new));
         };
         inner
-            .through(
-                &inner.operations,
-                "operations",
-                id,
-                operations::get(pool, id),
-            )
+            .through(&inner.operations, "operations", id, load)
             .await
     }
 
@@ -101,10 +100,10 @@ impl ReadCache {
         kind: &Kind,
         id: Uuid,
     ) -> sqlx::Result<Option<Arc<ResourceRow>>> {
+        let load = store::again_if_ended(pool, || resources::get(pool, id));
         let row = match &self.inner {
-            None => resources::get(pool, id).await?.map(Arc::new),
+            None => load.await?.map(Arc::new),
             Some(inner) => {
-                let load = resources::get(pool, id);
                 inner
                     .through(&inner.resources, "resources", id, load)
                     .await?

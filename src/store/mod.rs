@@ -121,22 +121,36 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
     Ok(())
 }
 
-/// Begins a transaction on `pool`. A pooled connection used within the last
-/// [`PING_IF_IDLE_FOR`] is handed out unchecked; if the database ended it meanwhile
-/// (`pg_terminate_backend`, a proxy dropping connections, a restart), `BEGIN` is what
-/// fails on it, before anything of the caller's ran, and the transaction is begun again
-/// on another connection (sqlx discards the broken one). When the database ended them
-/// all, each idle one fails in turn (at once: the end is already in its socket) until a
-/// new connection is made: at most the pool's size of tries, then its error stands.
+/// Begins a transaction on `pool`, on a connection the database has not ended
+/// ([`again_if_ended`]): `BEGIN` is what fails on an ended one, before anything of the
+/// caller's ran.
 pub async fn begin(pool: &PgPool) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    again_if_ended(pool, || pool.begin()).await
+}
+
+/// Runs `work` (a fresh future each time), and again while it fails because the pooled
+/// connection it got had been ended by the database: only for work that has no effect
+/// when it fails so (a read, a `BEGIN`).
+///
+/// A pooled connection used within the last [`PING_IF_IDLE_FOR`] is handed out
+/// unchecked, to save a round trip; if the database ended it meanwhile
+/// (`pg_terminate_backend`, a proxy dropping connections, a restart), the first
+/// statement fails on it and sqlx discards it. When the database ended them all, each
+/// idle one fails in turn (at once: the end is already in its socket) until a new
+/// connection is made, so this tries at most the pool's size over; then the error stands.
+pub async fn again_if_ended<T, F, Fut>(pool: &PgPool, mut work: F) -> sqlx::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
     let mut tries = pool.options().get_max_connections() + 1;
     loop {
-        match pool.begin().await {
+        match work().await {
             Err(e) if tries > 1 && is_ended_connection(&e) => {
-                tracing::debug!(error = %e, "a pooled connection was ended; beginning on another");
+                tracing::debug!(error = %e, "a pooled connection had been ended; again on another");
                 tries -= 1;
             }
-            began => return began,
+            done => return done,
         }
     }
 }
