@@ -211,6 +211,82 @@ fn kubernetes_manifests_and_compose_render_and_validate_with_the_promised_shape(
     }
 }
 
+/// The NATS configuration the Kubernetes pods get — `base/nats/nats.conf` with, beside
+/// it, the users file `gateway nats-config` writes (the `nats-auth` Secret) — runs a
+/// server that refuses a client without a login and takes each process's user with its
+/// own seed (the `nats-seed-<user>` Secrets). Only the paths and ports a pod has to
+/// itself are changed; the cluster's routes lead nowhere here, which a server runs with.
+#[tokio::test]
+async fn the_kubernetes_nats_configuration_requires_a_login() {
+    use crate::common::{free_port, Nats, TempDir};
+    let dir = TempDir::new("gwtest-k8s-nats");
+    let gateway_env = |name: &str| match name {
+        "OPS_STREAM" => Some("OPS".to_owned()),
+        "OPS_SUBJECT_PREFIX" => Some("ops".to_owned()),
+        _ => None,
+    };
+    let config = gateway::config::Config::from_lookup(gateway_env).unwrap();
+    let zones = ["zone-a".to_owned(), "zone-b".to_owned()];
+    gateway::credentials::write(
+        dir.path(),
+        &config.nats,
+        &zones,
+        &crate::common::builtin_services(),
+        &[],
+    )
+    .unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped =
+        std::fs::read_to_string(root.join("deploy/kubernetes/base/nats/nats.conf")).unwrap();
+    let local = dir.path().display().to_string();
+    let conf = shipped
+        .replace("$POD_NAME", "nats-0")
+        .replace("/data/jetstream", &format!("{local}/jetstream"))
+        .replace("/var/run/nats/nats.pid", &format!("{local}/nats.pid"))
+        .replace("0.0.0.0:8222", &format!("127.0.0.1:{}", free_port()))
+        .replace("0.0.0.0:6222", &format!("127.0.0.1:{}", free_port()));
+    assert!(conf.contains("include \"auth.conf\""), "{conf}");
+    std::fs::write(dir.path().join("nats.conf"), conf).unwrap();
+    let nats = Nats::start_with_config(Some(dir.path().join("nats.conf")));
+
+    let refused = |e: async_nats::ConnectError| {
+        assert_eq!(
+            e.kind(),
+            async_nats::ConnectErrorKind::AuthorizationViolation,
+            "{e}"
+        )
+    };
+    let anonymous = async_nats::connect(nats.url()).await;
+    refused(
+        anonymous
+            .err()
+            .expect("a client without a login was let in"),
+    );
+    for user in [
+        "gateway",
+        "relay",
+        "worker-vm-zone-a",
+        "worker-storage-zone-b",
+    ] {
+        let seed =
+            std::fs::read_to_string(gateway::credentials::seed_path(dir.path(), user)).unwrap();
+        let client = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned())
+            .connect(nats.url())
+            .await
+            .unwrap_or_else(|e| panic!("{user} logs in with its seed: {e}"));
+        client.flush().await.unwrap();
+    }
+    let stranger =
+        async_nats::ConnectOptions::with_nkey(nkeys::KeyPair::new_user().seed().unwrap())
+            .connect(nats.url())
+            .await;
+    refused(
+        stranger
+            .err()
+            .expect("a key the users file does not name was let in"),
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // PostgreSQL failover, as far as this machine allows: what CloudNativePG does in the
 // cluster — a synchronous standby promoted, the `postgres-rw` Service moved to it — done
