@@ -298,6 +298,9 @@ fn shared_components(components: &mut Map<String, Value>) {
             "Cache-Control": {"name": "Cache-Control", "in": "header", "required": false,
                 "description": "`no-cache` (or `no-store`, `max-age=0`): read the database rather than this gateway's read cache, whose entries every change drops on every gateway within about a millisecond and which live `GATEWAY_READ_CACHE_MS` at most.",
                 "schema": {"type": "string"}, "example": "no-cache"},
+            "If-None-Match": {"name": "If-None-Match", "in": "header", "required": false,
+                "description": "The ETag you hold (`\"3\"`, or a list of them), or `*`: if it is the current version, the answer is `304 Not Modified` with no body.",
+                "schema": {"type": "string"}, "example": "\"3\""},
             "If-Match": {"name": "If-Match", "in": "header", "required": false,
                 "description": "The ETag this change is based on (`\"3\"`), or `*`; a stale one answers `412 precondition_failed`.",
                 "schema": {"type": "string", "pattern": IF_MATCH_PATTERN}, "example": "\"3\""},
@@ -402,6 +405,9 @@ fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
     if method == "get" && READ_CACHED.contains(&path) {
         params.push(json!({"$ref": "#/components/parameters/Cache-Control"}));
     }
+    if method == "get" && path == "/v1/tenants/{tenant}/{kind}/{id}" {
+        params.push(json!({"$ref": "#/components/parameters/If-None-Match"}));
+    }
     if operation_write {
         params.push(json!({"$ref": "#/components/parameters/Idempotency-Key"}));
         if method != "post" || path.ends_with("{action}") {
@@ -489,7 +495,7 @@ fn response_headers(path: &str, method: &str, api: bool, op: &mut Value) {
             }
             ("201", "post") if path.ends_with("/keys") => add("Location"),
             ("200", "get") if path == "/v1/operations/{id}" => add("Retry-After"),
-            ("200", "get") if path == "/v1/tenants/{tenant}/{kind}/{id}" => add("ETag"),
+            ("200" | "304", "get") if path == "/v1/tenants/{tenant}/{kind}/{id}" => add("ETag"),
             ("503", _) | ("429", _) => add("Retry-After"),
             _ => {}
         }

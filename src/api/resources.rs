@@ -11,7 +11,7 @@ use crate::domain::{Action, Phase};
 use crate::lifecycle::submit::{self, Change, CreateRequest, Idempotency, RequestMeta};
 use crate::store::resources;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -145,6 +145,7 @@ pub async fn create(
     responses(
         (status = 307, description = "Another region's zone or resource: the same request at `Location`, that region's gateway (`other_region`)", body = super::error::ErrorBody),
         (status = 200, description = "The resource; `ETag` is its version", body = ResourceOut),
+        (status = 304, description = "Not modified: `If-None-Match` names the current version (`ETag`, no body)"),
         (status = 404, description = "No such resource in this tenant", body = super::error::ErrorBody),
     ),
     security(("api_key" = []))
@@ -166,12 +167,34 @@ pub async fn read(
         .map(std::sync::Arc::unwrap_or_clone)
         .ok_or_else(|| ApiError::not_found("resource"))?;
     let etag = format!("\"{}\"", row.version);
-    let mut res = Json(ResourceOut::from(row)).into_response();
+    let mut res = if names_version(&headers, row.version) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        Json(ResourceOut::from(row)).into_response()
+    };
     res.headers_mut().insert(
         header::ETAG,
         HeaderValue::from_str(&etag).expect("digits are a valid header"),
     );
     Ok(res)
+}
+
+/// Whether the request's `If-None-Match` names `version` (`"7"`, `W/"7"`, `7`, one of
+/// a list) or is `*`: the client holds the current version, so the read answers `304 Not
+/// Modified` with no body (RFC 9110, weak comparison). Anything else there, malformed
+/// or not, names another version.
+fn names_version(headers: &axum::http::HeaderMap, version: i64) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| {
+            // Quotes optional, as `If-Match` takes them.
+            let named = tag.trim_start_matches("W/").trim_matches('"');
+            tag == "*" || named.parse::<i64>().ok() == Some(version)
+        })
 }
 
 /// Filters and paging of resource lists.

@@ -239,3 +239,63 @@ async fn a_replica_that_lost_nats_forgets_what_it_cached_before() {
     })
     .await;
 }
+
+/// A resource read with `If-None-Match` naming the version the client holds answers
+/// `304 Not Modified` with the `ETag` and no body; a changed resource answers in full.
+#[tokio::test]
+async fn a_read_naming_the_current_version_is_answered_not_modified() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "etag", "zone-a", example_spec("vms"))
+        .await;
+    let path = format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        op["resource_id"].as_str().unwrap()
+    );
+    let read = |tags: Option<&'static str>| {
+        let mut req = app
+            .http
+            .get(format!("{}{path}", app.url))
+            .bearer_auth(&app.admin_key);
+        if let Some(tags) = tags {
+            req = req.header("if-none-match", tags);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status();
+            let etag = res.headers()["etag"].to_str().unwrap().to_owned();
+            let body = res.bytes().await.unwrap();
+            (status, etag, body.len())
+        }
+    };
+    let (status, etag, len) = read(None).await;
+    assert_eq!((status, etag.as_str()), (StatusCode::OK, "\"1\""));
+    assert!(len > 0);
+    for held in ["\"1\"", "W/\"1\"", "\"7\", \"1\"", "*", "1"] {
+        let (status, tag, len) = read(Some(held)).await;
+        assert_eq!(
+            (status, tag.as_str(), len),
+            (StatusCode::NOT_MODIFIED, "\"1\"", 0),
+            "If-None-Match: {held}"
+        );
+    }
+    for other in ["\"2\"", "nonsense", "\"\""] {
+        let (status, _, len) = read(Some(other)).await;
+        assert_eq!(status, StatusCode::OK, "If-None-Match: {other}");
+        assert!(len > 0);
+    }
+    // A change makes a new version: the old tag gets the whole resource again.
+    let patch = app
+        .request(
+            reqwest::Method::PATCH,
+            &path,
+            Some(&app.admin_key),
+            Some(&json!({"labels": {"env": "prod"}})),
+        )
+        .await;
+    assert_eq!(patch.status, StatusCode::ACCEPTED);
+    let (status, tag, _) = read(Some("\"1\"")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(tag, "\"1\"");
+}
