@@ -75,6 +75,8 @@ struct Call<'a> {
     if_match: Option<&'a str>,
     /// Asks for a read from the database (`Cache-Control: no-cache`).
     fresh: bool,
+    /// The ETag the caller holds (`If-None-Match`): `304` if it is still current.
+    if_none_match: Option<&'a str>,
 }
 
 impl<'a> Call<'a> {
@@ -87,6 +89,7 @@ impl<'a> Call<'a> {
             idempotency_key: None,
             if_match: None,
             fresh: false,
+            if_none_match: None,
         }
     }
 
@@ -115,8 +118,9 @@ impl<'a> Call<'a> {
     }
 }
 
-/// A successful answer.
+/// A successful answer (or `304 Not Modified`, to a read that sent `If-None-Match`).
 struct Answer {
+    status: reqwest::StatusCode,
     headers: HeaderMap,
     body: Vec<u8>,
 }
@@ -212,8 +216,14 @@ impl Client {
                 }
             }
             let body = res.bytes().await?.to_vec();
-            if status.is_success() {
-                return Ok(Answer { headers, body });
+            let unchanged =
+                status == reqwest::StatusCode::NOT_MODIFIED && call.if_none_match.is_some();
+            if status.is_success() || unchanged {
+                return Ok(Answer {
+                    status,
+                    headers,
+                    body,
+                });
             }
             let retry_after = headers
                 .get(RETRY_AFTER)
@@ -247,6 +257,9 @@ impl Client {
         }
         if call.fresh {
             req = req.header(reqwest::header::CACHE_CONTROL, "no-cache");
+        }
+        if let Some(tag) = call.if_none_match {
+            req = req.header(reqwest::header::IF_NONE_MATCH, tag);
         }
         if let Some(tag) = call.if_match {
             req = req.header(IF_MATCH, tag);
@@ -353,7 +366,31 @@ impl Client {
     pub async fn get_resource(&self, tenant: &str, plural: &str, id: Uuid) -> Result<Resource> {
         let call =
             Call::new(Method::GET, Self::resource(tenant, plural, id)).read(self.fresh_reads);
+        Self::resource_of(self.send(call).await?)
+    }
+
+    /// [`Client::get_resource`] unless `etag` (one it returned) is still the resource's
+    /// version: then `None`, the gateway having answered `304 Not Modified` without the
+    /// body. For polling a resource.
+    pub async fn get_resource_if_changed(
+        &self,
+        tenant: &str,
+        plural: &str,
+        id: Uuid,
+        etag: &str,
+    ) -> Result<Option<Resource>> {
+        let mut call =
+            Call::new(Method::GET, Self::resource(tenant, plural, id)).read(self.fresh_reads);
+        call.if_none_match = Some(etag);
         let answer = self.send(call).await?;
+        if answer.status == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        Self::resource_of(answer).map(Some)
+    }
+
+    /// The resource in `answer`, with its `ETag`.
+    fn resource_of(answer: Answer) -> Result<Resource> {
         let mut resource: Resource = answer.json()?;
         resource.etag = answer
             .headers

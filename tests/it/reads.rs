@@ -298,4 +298,22 @@ async fn a_read_naming_the_current_version_is_answered_not_modified() {
     let (status, tag, _) = read(Some("\"1\"")).await;
     assert_eq!(status, StatusCode::OK);
     assert_ne!(tag, "\"1\"");
+
+    // The client's conditional read: nothing while the version holds, the resource once
+    // it changed.
+    let client = app.typed();
+    let id: uuid::Uuid = op["resource_id"].as_str().unwrap().parse().unwrap();
+    let now = client.get_resource(&tenant, "vms", id).await.unwrap();
+    let held = now.etag.clone().unwrap();
+    assert_eq!(held, tag);
+    let unchanged = client
+        .get_resource_if_changed(&tenant, "vms", id, &held)
+        .await;
+    assert!(unchanged.unwrap().is_none());
+    let changed = client
+        .get_resource_if_changed(&tenant, "vms", id, "\"1\"")
+        .await
+        .unwrap()
+        .expect("the resource changed since version 1");
+    assert_eq!(changed.etag.as_deref(), Some(held.as_str()));
 }
