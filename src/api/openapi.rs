@@ -328,6 +328,27 @@ fn shared_components(components: &mut Map<String, Value>) {
 /// The reads answered through the read cache (`readcache`), which take `Cache-Control`.
 const READ_CACHED: [&str; 2] = ["/v1/operations/{id}", "/v1/tenants/{tenant}/{kind}/{id}"];
 
+/// The shared header parameters (`components/parameters`) an operation takes.
+fn shared_headers(path: &str, method: &str, api: bool, operation_write: bool) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    if api {
+        names.push("X-Request-Id");
+    }
+    if method == "get" && READ_CACHED.contains(&path) {
+        names.push("Cache-Control");
+    }
+    if method == "get" && path == "/v1/tenants/{tenant}/{kind}/{id}" {
+        names.push("If-None-Match");
+    }
+    if operation_write {
+        names.push("Idempotency-Key");
+        if method != "post" || path.ends_with("{action}") {
+            names.push("If-Match");
+        }
+    }
+    names
+}
+
 /// What decides an operation's shared parameters and answers.
 struct Shape {
     api: bool,
@@ -399,21 +420,11 @@ fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
         // Actions without input take an empty body as well as `{}`.
         op["requestBody"]["required"] = json!(false);
     }
-    if api {
-        params.push(json!({"$ref": "#/components/parameters/X-Request-Id"}));
-    }
-    if method == "get" && READ_CACHED.contains(&path) {
-        params.push(json!({"$ref": "#/components/parameters/Cache-Control"}));
-    }
-    if method == "get" && path == "/v1/tenants/{tenant}/{kind}/{id}" {
-        params.push(json!({"$ref": "#/components/parameters/If-None-Match"}));
-    }
-    if operation_write {
-        params.push(json!({"$ref": "#/components/parameters/Idempotency-Key"}));
-        if method != "post" || path.ends_with("{action}") {
-            params.push(json!({"$ref": "#/components/parameters/If-Match"}));
-        }
-    }
+    params.extend(
+        shared_headers(path, method, api, operation_write)
+            .into_iter()
+            .map(|name| json!({"$ref": format!("#/components/parameters/{name}")})),
+    );
     let conditional = params
         .iter()
         .any(|p| p["$ref"] == "#/components/parameters/If-Match");
