@@ -175,15 +175,7 @@ async fn a_change_through_one_replica_drops_every_replicas_cached_reads() {
 
     // A change through this replica: seen here at once, and there within moments
     // (a notification on NATS), not after the entries' minute.
-    let patch = app
-        .request(
-            reqwest::Method::PATCH,
-            &vm,
-            Some(&app.admin_key),
-            Some(&json!({"labels": {"env": "prod"}})),
-        )
-        .await;
-    assert_eq!(patch.status, StatusCode::ACCEPTED, "{:?}", patch.body);
+    label_prod(&app, &vm).await;
     assert_eq!(app.get(&vm).await.body["labels"]["env"], "prod");
     let id = op["id"].as_str().unwrap();
     let started = app
@@ -224,15 +216,7 @@ async fn a_replica_that_lost_nats_forgets_what_it_cached_before() {
     assert_eq!(cb.get(&vm).await.body["labels"], json!({}));
     // NATS goes away; a change made meanwhile is announced to no one.
     nats.kill();
-    let patch = ca
-        .request(
-            reqwest::Method::PATCH,
-            &vm,
-            Some(&ca.admin_key),
-            Some(&json!({"labels": {"env": "prod"}})),
-        )
-        .await;
-    assert_eq!(patch.status, StatusCode::ACCEPTED, "{:?}", patch.body);
+    label_prod(&ca, &vm).await;
     nats.resume();
     crate::common::eventually("the other replica reads the change", || async {
         (cb.get(&vm).await.body["labels"]["env"] == "prod").then_some(())
@@ -286,15 +270,7 @@ async fn a_read_naming_the_current_version_is_answered_not_modified() {
         assert!(len > 0);
     }
     // A change makes a new version: the old tag gets the whole resource again.
-    let patch = app
-        .request(
-            reqwest::Method::PATCH,
-            &path,
-            Some(&app.admin_key),
-            Some(&json!({"labels": {"env": "prod"}})),
-        )
-        .await;
-    assert_eq!(patch.status, StatusCode::ACCEPTED);
+    label_prod(&app, &path).await;
     let (status, tag, _) = read(Some("\"1\"")).await;
     assert_eq!(status, StatusCode::OK);
     assert_ne!(tag, "\"1\"");
@@ -316,4 +292,17 @@ async fn a_read_naming_the_current_version_is_answered_not_modified() {
         .unwrap()
         .expect("the resource changed since version 1");
     assert_eq!(changed.etag.as_deref(), Some(held.as_str()));
+}
+
+/// Labels the resource at `path` `env=prod` through `client`; the change is accepted.
+async fn label_prod(client: &crate::common::Client, path: &str) {
+    let patch = client
+        .request(
+            reqwest::Method::PATCH,
+            path,
+            Some(&client.admin_key),
+            Some(&json!({"labels": {"env": "prod"}})),
+        )
+        .await;
+    assert_eq!(patch.status, StatusCode::ACCEPTED, "{:?}", patch.body);
 }
