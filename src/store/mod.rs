@@ -128,6 +128,13 @@ pub async fn begin(pool: &PgPool) -> sqlx::Result<sqlx::Transaction<'static, sql
     again_if_ended(pool, || pool.begin()).await
 }
 
+/// How long [`again_if_ended`] goes on trying. Ended connections fail at once (the end
+/// is already in their sockets), so a pool's worth of them fits well within it; a
+/// connection that cannot be made at all (a host gone, a network cut) fails slower and
+/// is not tried again past it, so an outage is still answered within the pool's
+/// acquire timeout, and the health check takes over.
+pub const ENDED_RETRY_WINDOW: Duration = Duration::from_millis(250);
+
 /// Runs `work` (a fresh future each time), and again while it fails because the pooled
 /// connection it got had been ended by the database: only for work that has no effect
 /// when it fails so (a read, a `BEGIN`).
@@ -136,17 +143,22 @@ pub async fn begin(pool: &PgPool) -> sqlx::Result<sqlx::Transaction<'static, sql
 /// unchecked, to save a round trip; if the database ended it meanwhile
 /// (`pg_terminate_backend`, a proxy dropping connections, a restart), the first
 /// statement fails on it and sqlx discards it. When the database ended them all, each
-/// idle one fails in turn (at once: the end is already in its socket) until a new
-/// connection is made, so this tries at most the pool's size over; then the error stands.
+/// idle one fails in turn until a new connection is made, so this tries at most the
+/// pool's size over, and only within [`ENDED_RETRY_WINDOW`]; then the error stands.
 pub async fn again_if_ended<T, F, Fut>(pool: &PgPool, mut work: F) -> sqlx::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = sqlx::Result<T>>,
 {
+    let started = std::time::Instant::now();
     let mut tries = pool.options().get_max_connections() + 1;
     loop {
         match work().await {
-            Err(e) if tries > 1 && is_ended_connection(&e) => {
+            Err(e)
+                if tries > 1
+                    && started.elapsed() < ENDED_RETRY_WINDOW
+                    && is_ended_connection(&e) =>
+            {
                 tracing::debug!(error = %e, "a pooled connection had been ended; again on another");
                 tries -= 1;
             }
@@ -247,6 +259,65 @@ fn is_refused_tls_request(e: &sqlx::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn ended() -> sqlx::Error {
+        sqlx::Error::Io(std::io::ErrorKind::UnexpectedEof.into())
+    }
+
+    /// A pool that never connects: `again_if_ended` only reads its size.
+    fn pool_of(size: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(size)
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn ended_connections_are_passed_over_up_to_the_pools_size() {
+        let calls = AtomicU32::new(0);
+        let work = || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0..=4 => Err(ended()),
+                _ => Ok("answered"),
+            }
+        };
+        assert_eq!(again_if_ended(&pool_of(8), work).await.unwrap(), "answered");
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        // Never more than the pool's size over.
+        calls.store(0, Ordering::SeqCst);
+        let always = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(ended())
+        };
+        assert!(again_if_ended(&pool_of(3), always).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        // Other errors are the caller's at once.
+        calls.store(0, Ordering::SeqCst);
+        let refused = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(sqlx::Error::RowNotFound)
+        };
+        assert!(again_if_ended(&pool_of(8), refused).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A connection that cannot be made fails slowly (a host gone): it is not tried a
+    /// pool's worth of times over, which would keep an outage's first requests waiting
+    /// for minutes instead of answering 503 within the acquire timeout.
+    #[tokio::test]
+    async fn slow_failures_are_not_tried_past_the_window() {
+        let calls = AtomicU32::new(0);
+        let slow = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err::<(), _>(ended())
+        };
+        let started = std::time::Instant::now();
+        assert!(again_if_ended(&pool_of(40), slow).await.is_err());
+        assert!(calls.load(Ordering::SeqCst) <= 4, "{calls:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
 
     /// Found by `deploy_kubernetes::failover`: behind a proxy whose database had just
     /// died, two creates were answered `500` instead of `503 database_unavailable`.
