@@ -72,11 +72,6 @@ impl ReadCache {
         Self { inner }
     }
 
-    /// Whether reads are cached at all.
-    pub fn is_on(&self) -> bool {
-        self.inner.is_some()
-    }
-
     /// Operation `id` (whoever owns it: the caller checks who may see it).
     pub async fn operation(
         &self,
@@ -229,7 +224,7 @@ mod tests {
         assert!(none.unwrap().is_none());
         assert!(table.get(&id).is_none());
         let off = ReadCache::new(Duration::ZERO, Metrics::default());
-        assert!(!off.is_on());
+        assert!(off.inner.is_none());
         off.invalidate([id]);
         off.invalidate_all();
     }
