@@ -434,16 +434,8 @@ async fn a_statement_the_database_cancels_is_answered_503_and_writes_nothing() {
     assert!(answer.header("retry-after").is_some());
     held.rollback().await.unwrap();
     // Nothing was written: no label, no second operation.
-    let fresh = app
-        .http
-        .get(format!("{}{path}", app.url))
-        .bearer_auth(&app.admin_key)
-        .header("cache-control", "no-cache")
-        .send()
-        .await
-        .unwrap();
-    let vm: Value = fresh.json().await.unwrap();
-    assert_eq!(vm["labels"], json!({}));
+    let vm = app.get_with(&path, &common::NO_CACHE).await;
+    assert_eq!(vm.body["labels"], json!({}));
     let ops: i64 =
         sqlx::query_scalar("SELECT count(*) FROM operations WHERE resource_id = $1::uuid")
             .bind(&id)
@@ -499,15 +491,8 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
     };
     for round in 0..3 {
         end_every_connection().await;
-        let read = app
-            .http
-            .get(format!("{}{vm}", app.url))
-            .bearer_auth(&app.admin_key)
-            .header("cache-control", "no-cache")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(read.status(), StatusCode::OK, "round {round}: the read");
+        let read = app.get_with(&vm, &common::NO_CACHE).await;
+        assert_eq!(read.status, StatusCode::OK, "round {round}: the read");
         end_every_connection().await;
         let body = json!({"name": format!("after-{round}"), "zone": "zone-a",
                           "spec": common::example_spec("vms")});

@@ -96,8 +96,9 @@ async fn resource_reads_and_locks_use_the_primary_key_not_the_tenants_list_index
     assert!(list < 5, "{list} scans of the list index for 30 reads");
 }
 
-/// A second gateway (API only) on `app`'s database and NATS, as a second replica.
-async fn replica(app: &crate::common::TestApp) -> (gateway::app::Running, String) {
+/// A second gateway (API only) on `app`'s database and NATS, as a second replica, and
+/// an admin client of it.
+async fn replica(app: &crate::common::TestApp) -> (gateway::app::Running, crate::common::Client) {
     let backends = gateway::app::connect(&app.config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let parts = gateway::app::Parts {
@@ -107,19 +108,11 @@ async fn replica(app: &crate::common::TestApp) -> (gateway::app::Running, String
     let running = gateway::app::start(&app.config, backends, Some(listener), parts)
         .await
         .unwrap();
-    let url = format!("http://{}", running.addr.unwrap());
-    (running, url)
-}
-
-/// `GET url` with the admin key (and `Cache-Control: no-cache` when `fresh`).
-async fn read(app: &crate::common::TestApp, url: &str, fresh: bool) -> serde_json::Value {
-    let mut req = app.http.get(url).bearer_auth(&app.admin_key);
-    if fresh {
-        req = req.header("cache-control", "no-cache");
-    }
-    let res = req.send().await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    res.json().await.unwrap()
+    let client = crate::common::Client {
+        url: format!("http://{}", running.addr.unwrap()),
+        ..crate::common::Client::clone(app)
+    };
+    (running, client)
 }
 
 #[tokio::test]
@@ -130,7 +123,7 @@ async fn a_change_through_one_replica_drops_every_replicas_cached_reads() {
         ..Options::api_only()
     })
     .await;
-    let (other, other_url) = replica(&app).await;
+    let (running, other) = replica(&app).await;
     let tenant = app.tenant().await;
     let op = app
         .create(&tenant, "vms", "cached", "zone-a", example_spec("vms"))
@@ -140,37 +133,49 @@ async fn a_change_through_one_replica_drops_every_replicas_cached_reads() {
         op["resource_id"].as_str().unwrap()
     );
     let op_path = format!("/v1/operations/{}", op["id"].as_str().unwrap());
-    let on_other = |path: &str| format!("{other_url}{path}");
     let misses = || {
         crate::common::metric(
-            &other_url,
+            &other.url,
             r#"gateway_cache_requests_total{cache="resources",result="miss"}"#,
         )
     };
 
     // The other replica caches both reads.
-    assert_eq!(read(&app, &on_other(&vm), false).await["labels"], json!({}));
-    assert_eq!(
-        read(&app, &on_other(&op_path), false).await["state"],
-        "pending"
-    );
+    assert_eq!(other.get(&vm).await.body["labels"], json!({}));
+    assert_eq!(other.get(&op_path).await.body["state"], "pending");
     let missed = misses().await;
     assert!(missed >= 1.0);
-    read(&app, &on_other(&vm), false).await;
+    other.get(&vm).await;
     assert_eq!(misses().await, missed, "a hit");
 
     // Proof that it serves from memory: a change made behind the gateway's back (SQL)
-    // is not seen, unless the request asks for a fresh read.
+    // is not seen, unless the request asks for a fresh read (in any of the ways HTTP
+    // has to ask).
     sqlx::query("UPDATE resources SET labels = '{\"by\": \"sql\"}' WHERE id = $1::uuid")
         .bind(op["resource_id"].as_str().unwrap())
         .execute(&app.pool)
         .await
         .unwrap();
-    assert_eq!(read(&app, &on_other(&vm), false).await["labels"], json!({}));
+    assert_eq!(other.get(&vm).await.body["labels"], json!({}));
+    for fresh in [
+        ("cache-control", "no-cache"),
+        ("cache-control", "max-age=0"),
+        ("cache-control", "private, No-Store"),
+        ("pragma", "no-cache"),
+    ] {
+        assert_eq!(
+            other.get_with(&vm, &[fresh]).await.body["labels"],
+            json!({"by": "sql"}),
+            "{fresh:?} reads the database"
+        );
+    }
     assert_eq!(
-        read(&app, &on_other(&vm), true).await["labels"],
-        json!({"by": "sql"}),
-        "Cache-Control: no-cache reads the database"
+        other
+            .get_with(&vm, &[("cache-control", "max-age=60")])
+            .await
+            .body["labels"],
+        json!({}),
+        "other directives leave the cache in use"
     );
 
     // A change through this replica: seen here at once, and there within moments
@@ -184,12 +189,12 @@ async fn a_change_through_one_replica_drops_every_replicas_cached_reads() {
     assert_eq!(started.status, StatusCode::OK, "{:?}", started.body);
     assert_eq!(app.get(&op_path).await.body["state"], "running");
     crate::common::eventually("the other replica serves the changed rows", || async {
-        let vm = read(&app, &on_other(&vm), false).await;
-        let op = read(&app, &on_other(&op_path), false).await;
+        let vm = other.get(&vm).await.body;
+        let op = other.get(&op_path).await.body;
         (vm["labels"]["env"] == "prod" && op["state"] == "running").then_some(())
     })
     .await;
-    other.stop().await;
+    running.stop().await;
 }
 
 /// Changes announced while a replica's NATS connection was down are never heard: once
@@ -214,9 +219,16 @@ async fn a_replica_that_lost_nats_forgets_what_it_cached_before() {
         op["resource_id"].as_str().unwrap()
     );
     assert_eq!(cb.get(&vm).await.body["labels"], json!({}));
-    // NATS goes away; a change made meanwhile is announced to no one.
+    // NATS goes away; a change made meanwhile is announced to no one. The replica,
+    // which cannot hear changes now, reads the database meanwhile.
     nats.kill();
     label_prod(&ca, &vm).await;
+    crate::common::eventually("the other replica reads the database", || async {
+        (cb.get(&vm).await.body["labels"]["env"] == "prod").then_some(())
+    })
+    .await;
+    // Those reads were not kept, and once NATS is back the entry from before the outage
+    // is gone too.
     nats.resume();
     crate::common::eventually("the other replica reads the change", || async {
         (cb.get(&vm).await.body["labels"]["env"] == "prod").then_some(())

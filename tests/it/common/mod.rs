@@ -285,6 +285,10 @@ fn http_client(timeout: Option<Duration>) -> reqwest::Client {
     .unwrap()
 }
 
+/// The request header that asks a gateway for the database's answer rather than its
+/// read cache's.
+pub const NO_CACHE: [(&str, &str); 1] = [("cache-control", "no-cache")];
+
 /// A client of one gateway's API, holding the admin key.
 #[derive(Clone)]
 pub struct Client {
@@ -321,6 +325,21 @@ impl Client {
     pub async fn get(&self, path: &str) -> Answer {
         self.request(Method::GET, path, Some(&self.admin_key), None)
             .await
+    }
+
+    /// `GET` with the admin key and the request headers `headers` (`Cache-Control`,
+    /// `If-None-Match`, …); the answer is checked against the contract as any other.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut req = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin_key);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let answer = Answer::read(req.send().await.expect("request sent")).await;
+        schema::check("GET", path, answer.status.as_u16(), &answer.body);
+        answer
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Answer {
