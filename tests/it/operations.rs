@@ -23,6 +23,19 @@ async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> co
     common::Answer::read(res).await
 }
 
+/// A new tenant of `app`, the create of a VM in it (left `pending`: no relay runs), and
+/// the `vm`/`zone-a` worker key to report on it.
+async fn pending_vm(app: &TestApp) -> (String, String, String) {
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
+        .await
+        .unwrap();
+    (tenant, id(&op).to_owned(), key)
+}
+
 async fn report(app: &TestApp, key: &str, op: &str, body: Value) -> common::Answer {
     app.request(
         Method::POST,
@@ -468,14 +481,7 @@ async fn a_long_poll_on_one_replica_returns_on_a_change_made_on_another() {
 #[tokio::test]
 async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
     let app = spawn_with(Options::api_only()).await;
-    let tenant = app.tenant().await;
-    let op = app
-        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
-        .await;
-    let op_id = id(&op).to_owned();
-    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
-        .await
-        .unwrap();
+    let (tenant, op_id, key) = pending_vm(&app).await;
     let started = Instant::now();
     let poll_path = format!("/v1/operations/{op_id}?wait=20s");
     let poll = app.get(&poll_path);
@@ -532,14 +538,7 @@ async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
 #[tokio::test]
 async fn a_long_poll_until_done_answers_at_the_end_not_at_the_first_change() {
     let app = spawn_with(Options::api_only()).await;
-    let tenant = app.tenant().await;
-    let op = app
-        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
-        .await;
-    let op_id = id(&op).to_owned();
-    let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
-        .await
-        .unwrap();
+    let (tenant, op_id, key) = pending_vm(&app).await;
     let started = Instant::now();
     let path = format!("/v1/operations/{op_id}?wait=20s&until=done");
     let poll = app.get(&path);
