@@ -246,16 +246,7 @@ async fn creates_batched_when_postgres_crashes_end_recorded_once_each_after_retr
 #[tokio::test]
 async fn a_read_only_database_refuses_writes_with_503_and_serves_reads() {
     let app = common::spawn_with(common::Options::api_only()).await;
-    let tenant = app.tenant().await;
-    let first = app
-        .create(
-            &tenant,
-            "vms",
-            "first",
-            "zone-a",
-            common::example_spec("vms"),
-        )
-        .await;
+    let (tenant, first) = a_vm(&app, "first").await;
     // On a connection of its own: a session setting on one of the gateway's pooled
     // connections would outlive this and be used by the gateway.
     let read_only = |on: bool| {
@@ -369,16 +360,7 @@ async fn a_connection_ended_while_idle_is_replaced_before_it_is_used() {
 async fn a_statement_the_database_cancels_is_answered_503_and_writes_nothing() {
     use sqlx::Connection;
     let app = common::spawn_with(common::Options::api_only()).await;
-    let tenant = app.tenant().await;
-    let op = app
-        .create(
-            &tenant,
-            "vms",
-            "held",
-            "zone-a",
-            common::example_spec("vms"),
-        )
-        .await;
+    let (tenant, op) = a_vm(&app, "held").await;
     let id = op["resource_id"].as_str().unwrap().to_owned();
     let path = format!("/v1/tenants/{tenant}/vms/{id}");
     // Another session holds the resource's row lock, so the gateway's change waits.
@@ -459,16 +441,7 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
         ..common::Options::api_only()
     })
     .await;
-    let tenant = app.tenant().await;
-    let first = app
-        .create(
-            &tenant,
-            "vms",
-            "first",
-            "zone-a",
-            common::example_spec("vms"),
-        )
-        .await;
+    let (tenant, first) = a_vm(&app, "first").await;
     let vm = format!(
         "/v1/tenants/{tenant}/vms/{}",
         first["resource_id"].as_str().unwrap()
@@ -504,4 +477,13 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
             answer.body
         );
     }
+}
+
+/// A new tenant of `app` and the create of VM `name` in it (in `zone-a`).
+async fn a_vm(app: &common::TestApp, name: &str) -> (String, Value) {
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", name, "zone-a", common::example_spec("vms"))
+        .await;
+    (tenant, op)
 }
