@@ -193,6 +193,68 @@ async fn rows_stay_in_the_outbox_while_jetstream_refuses_them() {
     assert_eq!(app.count("outbox").await, 0);
 }
 
+/// A pass in which some publishes fail: the published rows leave the outbox and their
+/// operations are `dispatched`; the others stay exactly as they were (ID, message ID,
+/// time), and their operations stay `pending` until a later pass publishes them.
+#[tokio::test]
+async fn rows_jetstream_refused_stay_unchanged_beside_those_it_took() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    for name in ["a", "b"] {
+        app.create(&tenant, "vms", name, "zone-a", example_spec("vms"))
+            .await;
+    }
+    // The third op's message goes to a subject no stream takes.
+    let stray = app
+        .create(&tenant, "vms", "c", "zone-a", example_spec("vms"))
+        .await;
+    let stray_op = stray["id"].as_str().unwrap();
+    sqlx::query("UPDATE outbox SET subject = 'nowhere.' || subject WHERE operation_id = $1::uuid")
+        .bind(stray_op)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let before: (i64, String, String, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+        "SELECT id, msg_id, subject, created_at FROM outbox WHERE operation_id = $1::uuid",
+    )
+    .bind(stray_op)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let pass = relay_for(&app).pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (3, 2));
+    let after: (i64, String, String, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT id, msg_id, subject, created_at FROM outbox")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        after, before,
+        "the refused row is there as it was, and alone"
+    );
+    let states: Vec<(String, String)> =
+        sqlx::query_as("SELECT id::text, state FROM operations ORDER BY seq")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    for (id, state) in &states {
+        let expected = if id == stray_op {
+            "pending"
+        } else {
+            "dispatched"
+        };
+        assert_eq!(state, expected, "{id}");
+    }
+    // Its subject fixed, the next pass publishes it.
+    sqlx::query("UPDATE outbox SET subject = substr(subject, 9)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let pass = relay_for(&app).pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (1, 1));
+    assert_eq!(app.count("outbox").await, 0);
+}
+
 /// The interleaving that once deadlocked: a report locks its resource row, while the
 /// relay updates the operation row a second time in its transaction (which makes
 /// PostgreSQL re-check the operation's foreign key against that resource row). Resource
