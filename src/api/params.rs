@@ -77,6 +77,22 @@ pub fn selector(text: &str) -> Result<serde_json::Value, ApiError> {
     ))
 }
 
+/// `?kind=`: a registered kind (`400 invalid_query` otherwise, as for any value that
+/// can match nothing).
+pub fn registered_kind(
+    types: &crate::registry::Registry,
+    kind: Option<crate::domain::Kind>,
+) -> Result<Option<crate::domain::Kind>, ApiError> {
+    match kind {
+        Some(k) if types.get(&k).is_none() => Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("kind: no resource type {k} is registered"),
+        )),
+        k => Ok(k),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,21 +135,5 @@ mod tests {
         }
         assert!(one_of("outcome", Some("denied".into()), &["allowed", "denied"]).is_ok());
         assert!(one_of("outcome", Some("x".into()), &["allowed", "denied"]).is_err());
-    }
-}
-
-/// `?kind=`: a registered kind (`400 invalid_query` otherwise, as for any value that
-/// can match nothing).
-pub fn registered_kind(
-    types: &crate::registry::Registry,
-    kind: Option<crate::domain::Kind>,
-) -> Result<Option<crate::domain::Kind>, ApiError> {
-    match kind {
-        Some(k) if types.get(&k).is_none() => Err(ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_query",
-            format!("kind: no resource type {k} is registered"),
-        )),
-        k => Ok(k),
     }
 }

@@ -25,11 +25,14 @@ use uuid::Uuid;
 /// How long the region list is trusted.
 const TTL: Duration = Duration::from_secs(5);
 
+/// Every region as `(tag its IDs carry, name, gateway URL)`.
+type Tagged = Arc<Vec<(u16, String, String)>>;
+
 /// The regions known here, by the tag their IDs carry. Cheap to clone.
 #[derive(Clone)]
 pub struct Directory {
     own: Option<Arc<str>>,
-    by_tag: Cache<(), Arc<Vec<(u16, String, String)>>>,
+    by_tag: Cache<(), Tagged>,
 }
 
 impl Directory {

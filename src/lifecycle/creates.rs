@@ -21,7 +21,9 @@ use crate::store::resources::{self, ResourceRow};
 use std::collections::{BTreeMap, HashSet};
 use uuid::Uuid;
 
-/// What becomes of one create of a batch.
+/// What becomes of one create of a batch. Short-lived, one per create of a batch, so
+/// the answer is kept inline rather than boxed.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Outcome {
     /// Its answer.
     Answer(Result<OperationRow, LifecycleError>),
@@ -160,7 +162,7 @@ async fn record(
     let rows: Vec<_> = accepted
         .iter()
         .zip(&ids)
-        .map(|((i, footprint), id)| creates[*i].resource(*id, footprint.clone()))
+        .map(|((i, footprint), id)| creates[*i].resource(*id, *footprint))
         .collect();
     let inserted = resources::insert_many(tx, &rows).await?;
     let resource_of = |id: &Uuid| -> sqlx::Result<&ResourceRow> {

@@ -151,7 +151,7 @@ async fn promote(
         for op in queued {
             let state = OperationState::Cancelled;
             operations::finish(txn, op.id, state, op.attempt, None, Some(&error)).await?;
-            txn.finished(&op, state);
+            txn.finished(op, state);
         }
         return Ok(());
     }
@@ -160,7 +160,7 @@ async fn promote(
     };
     debug_assert_eq!(next.state, OperationState::Queued);
     let resource = resources::lock(txn, resource_id).await?;
-    dispatch::enqueue(txn, &next, &resource).await?;
+    dispatch::enqueue(txn, next, &resource).await?;
     resources::set_phase(txn, resource_id, Phase::on_start(&next.action)).await?;
     txn.changed(next.id);
     txn.changed(resource_id);

@@ -91,7 +91,7 @@ async fn replay(
     };
     store::advisory_xact_lock(conn, idempotency_lock(principal, idem.key)).await?;
     let found = operations::find_by_idempotency_key(conn, principal, idem.key).await?;
-    Ok(replayed(found, idem)?)
+    replayed(found, idem)
 }
 
 /// The advisory lock that serializes the requests of `principal` with `key`.
@@ -497,10 +497,8 @@ pub(super) async fn start_operation(
         operations::insert(txn, &new).await?
     };
     txn.created(&op);
-    if run_now {
-        if !action.is_create() {
-            resources::set_phase(txn, resource.id, Phase::on_start(&action)).await?;
-        }
+    if run_now && !action.is_create() {
+        resources::set_phase(txn, resource.id, Phase::on_start(&action)).await?;
     }
     Ok(op)
 }

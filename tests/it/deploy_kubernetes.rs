@@ -257,11 +257,7 @@ async fn the_kubernetes_nats_configuration_requires_a_login() {
         )
     };
     let anonymous = async_nats::connect(nats.url()).await;
-    refused(
-        anonymous
-            .err()
-            .expect("a client without a login was let in"),
-    );
+    refused(anonymous.expect_err("a client without a login was let in"));
     for user in [
         "gateway",
         "relay",
@@ -280,11 +276,7 @@ async fn the_kubernetes_nats_configuration_requires_a_login() {
         async_nats::ConnectOptions::with_nkey(nkeys::KeyPair::new_user().seed().unwrap())
             .connect(nats.url())
             .await;
-    refused(
-        stranger
-            .err()
-            .expect("a key the users file does not name was let in"),
-    );
+    refused(stranger.expect_err("a key the users file does not name was let in"));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -320,7 +320,7 @@ async fn events_of_many_resources_keep_each_resources_order_under_concurrent_wri
         if e.event_type.is_operation() {
             let r = rank(e.event_type.as_str());
             let prev = last.insert(e.operationid.unwrap(), (r, 0));
-            assert!(prev.map_or(true, |(p, _)| p < r), "{e:?} after {prev:?}");
+            assert!(prev.is_none_or(|(p, _)| p < r), "{e:?} after {prev:?}");
         } else {
             let g = e.data["generation"].as_i64().unwrap();
             let prev = generation.insert(e.resourceid, g).unwrap_or(0);

@@ -42,7 +42,8 @@ async fn hold_quota(app: &TestApp, tenant: &str) -> Transaction<'static, Postgre
 /// besides those before: the rest of them are queued.
 async fn until_queued(app: &TestApp, before: f64, requests: usize) {
     let waiting =
-        format!("pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'");
+        "pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            .to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let lanes = scalar(&app.pool, &format!("SELECT count(*) FROM {waiting}")).await;

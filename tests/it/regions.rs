@@ -941,6 +941,7 @@ async fn the_same_changes_in_any_order_leave_the_same_rows() {
             replication::retry_parked(&mut tx).await.unwrap();
             tx.commit().await.unwrap();
         }
+        #[allow(clippy::type_complexity)]
         let row: (
             Option<String>,
             String,

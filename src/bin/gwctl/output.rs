@@ -375,36 +375,6 @@ impl Tabular for AuditEntry {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn tables_align_columns() {
-        let t = table(
-            &["ID", "NAME"],
-            &[
-                vec!["1".into(), "web".into()],
-                vec!["22".into(), "db".into()],
-            ],
-        );
-        assert_eq!(t, "ID  NAME\n1   web\n22  db\n");
-    }
-
-    #[test]
-    fn yaml_nests_and_quotes_what_needs_it() {
-        let v = json!({"id": "abc", "n": 3, "ok": true, "none": null, "empty": {},
-                       "s": "yes", "num": "10", "colon": "a: b",
-                       "list": [{"a": 1, "b": [1, 2]}, "x"], "m": {"k": "v"}});
-        let y = yaml(&v);
-        assert_eq!(
-            y,
-            "colon: \"a: b\"\nempty: {}\nid: abc\nlist:\n  - a: 1\n    b:\n      - 1\n      - 2\n  - x\nm:\n  k: v\n\"n\": 3\nnone: null\nnum: \"10\"\nok: true\ns: \"yes\"\n"
-        );
-    }
-}
-
 impl Tabular for CloudEvent {
     const HEADERS: &'static [&'static str] = &["CURSOR", "TIME", "TYPE", "SUBJECT", "ZONE"];
     fn rows(&self) -> Vec<Vec<String>> {
@@ -480,5 +450,35 @@ impl Tabular for Delivery {
             opt(&last),
             opt(&self.next_attempt_at.as_ref().map(time)),
         ]]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            &["ID", "NAME"],
+            &[
+                vec!["1".into(), "web".into()],
+                vec!["22".into(), "db".into()],
+            ],
+        );
+        assert_eq!(t, "ID  NAME\n1   web\n22  db\n");
+    }
+
+    #[test]
+    fn yaml_nests_and_quotes_what_needs_it() {
+        let v = json!({"id": "abc", "n": 3, "ok": true, "none": null, "empty": {},
+                       "s": "yes", "num": "10", "colon": "a: b",
+                       "list": [{"a": 1, "b": [1, 2]}, "x"], "m": {"k": "v"}});
+        let y = yaml(&v);
+        assert_eq!(
+            y,
+            "colon: \"a: b\"\nempty: {}\nid: abc\nlist:\n  - a: 1\n    b:\n      - 1\n      - 2\n  - x\nm:\n  k: v\n\"n\": 3\nnone: null\nnum: \"10\"\nok: true\ns: \"yes\"\n"
+        );
     }
 }

@@ -408,7 +408,8 @@ fn a_type_may_widen() {
 
 #[test]
 fn a_type_may_not_narrow() {
-    let breaking: Vec<(&dyn Fn(&mut Value), &str)> = vec![
+    type Narrowing<'a> = (&'a dyn Fn(&mut Value), &'a str);
+    let breaking: Vec<Narrowing> = vec![
         (
             &|d| {
                 d["spec_schema"]["properties"]
