@@ -163,7 +163,7 @@ pub async fn list(
         outcome: q.outcome,
         since: q.since,
     };
-    let rows = audit::list(&state.engine.pool, &filter, before, limit + 1).await?;
+    let rows = super::read(&state, |db| audit::list(db, &filter, before, limit + 1)).await?;
     Ok(Json(cursor::page(
         rows,
         limit,

@@ -53,7 +53,7 @@ pub async fn zones(
     State(state): State<AppState>,
     _: Caller,
 ) -> Result<Json<Vec<ZoneOut>>, ApiError> {
-    let rows = catalog::zones(&state.engine.pool).await?;
+    let rows = super::read(&state, catalog::zones).await?;
     Ok(Json(
         rows.into_iter()
             .map(|z| ZoneOut {
@@ -84,7 +84,7 @@ pub async fn entries(
 ) -> Result<Json<Vec<CatalogEntryOut>>, ApiError> {
     let category =
         Category::parse(&category).ok_or_else(|| ApiError::not_found("catalog category"))?;
-    let rows = catalog::list(&state.engine.pool, category).await?;
+    let rows = super::read(&state, |db| catalog::list(db, category)).await?;
     Ok(Json(
         rows.into_iter()
             .map(|r| CatalogEntryOut {

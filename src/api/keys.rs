@@ -194,7 +194,7 @@ pub async fn list(
 ) -> Result<Json<Vec<KeyOut>>, ApiError> {
     require(&principal, Permission::Manage, Some(&tenant))?;
     super::readable_tenant(&state, &principal, &tenant).await?;
-    let rows = principals::list(&state.engine.pool, Some(&tenant)).await?;
+    let rows = super::read(&state, |db| principals::list(db, Some(&tenant))).await?;
     Ok(Json(rows.into_iter().map(KeyOut::from).collect()))
 }
 
@@ -254,7 +254,7 @@ pub async fn list_platform(
     Caller(principal): Caller,
 ) -> Result<Json<Vec<KeyOut>>, ApiError> {
     require(&principal, Permission::Platform, None)?;
-    let rows = principals::list(&state.engine.pool, None).await?;
+    let rows = super::read(&state, |db| principals::list(db, None)).await?;
     Ok(Json(rows.into_iter().map(KeyOut::from).collect()))
 }
 

@@ -208,16 +208,25 @@ pub(crate) async fn readable_tenant(
     tenant: &str,
 ) -> Result<(), error::ApiError> {
     if principal.can_read(tenant)
-        && state
-            .engine
-            .catalog
-            .tenant_exists(&state.engine.pool, tenant)
-            .await?
+        && read(state, |db| state.engine.catalog.tenant_exists(db, tenant)).await?
     {
         Ok(())
     } else {
         Err(error::ApiError::tenant_not_found())
     }
+}
+
+/// Runs `read` (statements with no effect) on the database, and again on another
+/// connection while the pooled one it got had been ended by the database
+/// ([`crate::store::again_if_ended`]): a read just after the database restarted, or
+/// after a proxy dropped its connections, is answered rather than refused once.
+pub(crate) async fn read<'p, T, F, Fut>(state: &'p AppState, mut read: F) -> sqlx::Result<T>
+where
+    F: FnMut(&'p sqlx::PgPool) -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
+    let pool = &state.engine.pool;
+    crate::store::again_if_ended(pool, || read(pool)).await
 }
 
 /// Checks a requested page size.

@@ -239,8 +239,10 @@ pub async fn list(
         resource_id: q.resource_id,
         since: params::instant("since", q.since)?,
     };
-    let rows = operations::list_for_tenant(&state.engine.pool, &tenant, &filter, before, limit + 1)
-        .await?;
+    let rows = super::read(&state, |db| {
+        operations::list_for_tenant(db, &tenant, &filter, before, limit + 1)
+    })
+    .await?;
     Ok(Json(cursor::page(
         rows,
         limit,

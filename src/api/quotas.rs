@@ -96,7 +96,7 @@ async fn answer(
     tenant: String,
     limits: Vec<Limit>,
 ) -> Result<Json<QuotasOut>, ApiError> {
-    let usage = quotas::usage(&state.engine.pool, &tenant).await?;
+    let usage = super::read(state, |db| quotas::usage(db, &tenant)).await?;
     Ok(Json(QuotasOut::new(tenant, limits, usage)))
 }
 
@@ -118,7 +118,7 @@ pub async fn read(
 ) -> Result<Json<QuotasOut>, ApiError> {
     require(&principal, Permission::Read, Some(&tenant))?;
     super::readable_tenant(&state, &principal, &tenant).await?;
-    let limits = quotas::get(&state.engine.pool, &tenant)
+    let limits = super::read(&state, |db| quotas::get(db, &tenant))
         .await?
         .unwrap_or_default();
     answer(&state, tenant, limits).await

@@ -56,7 +56,9 @@ impl Directory {
         let all = self
             .by_tag
             .try_get_with((), async {
-                let regions = crate::store::replication::regions(pool).await?;
+                let regions =
+                    crate::store::again_if_ended(pool, || crate::store::replication::regions(pool))
+                        .await?;
                 Ok::<_, sqlx::Error>(Arc::new(
                     regions
                         .into_iter()
@@ -101,7 +103,7 @@ pub async fn zone_elsewhere(
         return Ok(None);
     }
     let catalog = &state.engine.catalog;
-    let Some(z) = catalog.zone_outside(&state.engine.pool, zone).await? else {
+    let Some(z) = super::read(state, |db| catalog.zone_outside(db, zone)).await? else {
         return Ok(None);
     };
     if z.local {

@@ -90,7 +90,7 @@ pub async fn list(
     State(state): State<AppState>,
     _: Caller,
 ) -> Result<Json<Vec<ResourceTypeOut>>, ApiError> {
-    let rows = crate::store::resource_types::all(&state.engine.pool).await?;
+    let rows = super::read(&state, crate::store::resource_types::all).await?;
     Ok(Json(rows.into_iter().map(out).collect::<Result<_, _>>()?))
 }
 
@@ -109,7 +109,7 @@ pub async fn read(
     _: Caller,
     Path(kind): Path<String>,
 ) -> Result<Json<ResourceTypeOut>, ApiError> {
-    let row = crate::store::resource_types::get(&state.engine.pool, &kind)
+    let row = super::read(&state, |db| crate::store::resource_types::get(db, &kind))
         .await?
         .ok_or_else(|| ApiError::not_found("resource type"))?;
     Ok(Json(out(row)?))

@@ -262,14 +262,9 @@ pub async fn list(
         since: params::instant("since", q.since)?,
         labels: q.label.as_deref().map(params::selector).transpose()?,
     };
-    let rows = resources::list_live(
-        &state.engine.pool,
-        &tenant,
-        rt.kind(),
-        &filter,
-        after,
-        limit + 1,
-    )
+    let rows = super::read(&state, |db| {
+        resources::list_live(db, &tenant, rt.kind(), &filter, after, limit + 1)
+    })
     .await?;
     Ok(Json(cursor::page(
         rows,

@@ -89,7 +89,7 @@ pub async fn list(
     State(state): State<AppState>,
     Caller(principal): Caller,
 ) -> Result<Json<Vec<TenantOut>>, ApiError> {
-    let rows = tenants::list(&state.engine.pool).await?;
+    let rows = super::read(&state, tenants::list).await?;
     Ok(Json(
         rows.into_iter()
             .filter(|t| principal.can_read(&t.id))
@@ -114,7 +114,7 @@ pub async fn read(
     Path(tenant): Path<String>,
 ) -> Result<Json<TenantOut>, ApiError> {
     let row = if principal.can_read(&tenant) {
-        tenants::get(&state.engine.pool, &tenant).await?
+        super::read(&state, |db| tenants::get(db, &tenant)).await?
     } else {
         None
     };

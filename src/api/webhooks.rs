@@ -299,7 +299,7 @@ pub async fn list(
     Path(tenant): Path<String>,
 ) -> Result<Json<WebhookList>, ApiError> {
     manage(&state, &principal, &tenant).await?;
-    let rows = store::list(&state.engine.pool, &tenant).await?;
+    let rows = super::read(&state, |db| store::list(db, &tenant)).await?;
     Ok(Json(WebhookList {
         items: rows.into_iter().map(Into::into).collect(),
     }))
@@ -323,7 +323,7 @@ pub async fn read(
 ) -> Result<Json<WebhookOut>, ApiError> {
     manage(&state, &principal, &tenant).await?;
     let id = path_id(&id, "webhook")?;
-    let w = store::get(&state.engine.pool, &tenant, id)
+    let w = super::read(&state, |db| store::get(db, &tenant, id))
         .await?
         .ok_or_else(not_found)?;
     Ok(Json(w.into()))
@@ -460,17 +460,17 @@ pub async fn deliveries(
         .as_deref()
         .map(cursor::decode_time_id)
         .transpose()?;
-    store::get(&state.engine.pool, &tenant, id)
+    super::read(&state, |db| store::get(db, &tenant, id))
         .await?
         .ok_or_else(not_found)?;
-    let mut rows = store::deliveries(&state.engine.pool, id, before, limit + 1).await?;
+    let mut rows = super::read(&state, |db| store::deliveries(db, id, before, limit + 1)).await?;
     let next_cursor = (rows.len() as i64 > limit).then(|| {
         rows.truncate(limit as usize);
         let last = rows.last().expect("a full page");
         cursor::encode_time_id(last.created_at, last.id)
     });
     let ids: Vec<Uuid> = rows.iter().map(|d| d.id).collect();
-    let attempts = store::attempts(&state.engine.pool, &ids).await?;
+    let attempts = super::read(&state, |db| store::attempts(db, &ids)).await?;
     Ok(Json(DeliveryPage {
         items: deliveries_out(rows, attempts),
         next_cursor,
@@ -505,13 +505,14 @@ async fn one_delivery(
     webhook: Uuid,
     delivery: Uuid,
 ) -> Result<DeliveryOut, ApiError> {
-    store::get(&state.engine.pool, tenant, webhook)
+    super::read(state, |db| store::get(db, tenant, webhook))
         .await?
         .ok_or_else(not_found)?;
-    let row = store::delivery(&state.engine.pool, webhook, delivery)
+    let row = super::read(state, |db| store::delivery(db, webhook, delivery))
         .await?
         .ok_or_else(|| ApiError::not_found("delivery"))?;
-    let attempts = store::attempts(&state.engine.pool, &[row.id]).await?;
+    let ids = [row.id];
+    let attempts = super::read(state, |db| store::attempts(db, &ids)).await?;
     Ok(deliveries_out(vec![row], attempts).remove(0))
 }
 

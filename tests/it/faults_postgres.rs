@@ -434,7 +434,6 @@ async fn a_statement_the_database_cancels_is_answered_503_and_writes_nothing() {
 /// are made again on another connection, so the requests are answered rather than 503.
 #[tokio::test]
 async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
-    use sqlx::Connection;
     // Every request looks its key up in the database.
     let app = common::spawn_with(common::Options {
         tweak: |c| c.key_cache_ttl = Duration::ZERO,
@@ -446,22 +445,7 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
         "/v1/tenants/{tenant}/vms/{}",
         first["resource_id"].as_str().unwrap()
     );
-    let end_every_connection = || async {
-        // Connections used just now, as under load.
-        let warm = (0..8).map(|_| app.get(&vm));
-        futures::future::join_all(warm).await;
-        let mut admin = sqlx::PgConnection::connect(&app.config.database_url)
-            .await
-            .unwrap();
-        let ended: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = 'gateway') t",
-        )
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
-        assert!(ended > 0);
-    };
+    let end_every_connection = || end_every_connection(&app, &vm);
     for round in 0..3 {
         end_every_connection().await;
         let read = app.get_with(&vm, &common::NO_CACHE).await;
@@ -477,6 +461,56 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
             answer.body
         );
     }
+}
+
+/// Lists and other reads, each the first to use the database after it ended every
+/// connection the gateway had just used (the key is cached, so the read itself meets the
+/// ended connection): each is answered, on a new connection.
+#[tokio::test]
+async fn reads_that_meet_connections_the_database_ended_go_on_on_others() {
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let (tenant, first) = a_vm(&app, "first").await;
+    let vm = format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        first["resource_id"].as_str().unwrap()
+    );
+    let reads = [
+        format!("/v1/tenants/{tenant}/vms"),
+        format!("/v1/tenants/{tenant}/operations"),
+        format!("/v1/tenants/{tenant}/quotas"),
+        format!("/v1/tenants/{tenant}/keys"),
+        format!("/v1/tenants/{tenant}/webhooks"),
+        format!("/v1/tenants/{tenant}"),
+        "/v1/tenants".to_owned(),
+        "/v1/zones".to_owned(),
+        "/v1/catalog/flavor".to_owned(),
+        "/v1/resource-types".to_owned(),
+        "/v1/audit".to_owned(),
+    ];
+    for path in &reads {
+        end_every_connection(&app, &vm).await;
+        let read = app.get(path).await;
+        assert_eq!(read.status, StatusCode::OK, "{path}: {:?}", read.body);
+    }
+}
+
+/// Uses several of `app`'s pooled connections at once (reads of `path` from the
+/// database), as load does, then has the database end every connection the gateway holds.
+async fn end_every_connection(app: &common::TestApp, path: &str) {
+    use sqlx::Connection;
+    let warm = (0..8).map(|_| app.get_with(path, &common::NO_CACHE));
+    futures::future::join_all(warm).await;
+    let mut admin = sqlx::PgConnection::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'gateway') t",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended > 0);
 }
 
 /// A new tenant of `app` and the create of VM `name` in it (in `zone-a`).
