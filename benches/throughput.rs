@@ -20,7 +20,8 @@
 //!    simulated driver), operations per second and latency percentiles, in a burst and
 //!    then at a steady quarter and half of the burst's rate; with the lag from a change's commit to
 //!    its event reaching a reader of the events stream (on NATS) and a watch client
-//!    (server-sent events through the gateway's API).
+//!    (server-sent events through the gateway's API); then half the rate again without
+//!    those two readers, under the burst's own load.
 //!
 //! 5. **Growth** (`BENCH_GROWTH=1`): submit, reads and a list page through the gateway,
 //!    then the same with 1,000,000 (`BENCH_GROWTH_ROWS`) more live resources and
@@ -724,12 +725,23 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 const STEADY_SECONDS: f64 = 10.0;
 
 /// Creates operations at `per_second` (`share` of the burst's rate: `half`, `quarter`)
-/// for [`STEADY_SECONDS`], each followed by a long-poll until it ends; meanwhile a
-/// reader of the events stream measures, for every event, the lag from its change's
-/// commit to its arrival. Prints both percentiles.
-async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str) {
-    let events = event_lags(b, tenant).await;
-    let watch = watch_lags(b, tenant).await;
+/// for [`STEADY_SECONDS`], each followed by a long-poll until it ends. With `readers`, a
+/// reader of the events stream and a watch client meanwhile measure, for every event,
+/// the lag from its change's commit to its arrival; without, the load is the burst's
+/// (creates and workers only, plus the long-polls), as the issue's "half the maximum
+/// rate" reads. Prints the percentiles.
+async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: bool) {
+    let observers = if readers {
+        Some((event_lags(b, tenant).await, watch_lags(b, tenant).await))
+    } else {
+        None
+    };
+    let prefix = if readers {
+        share.to_owned()
+    } else {
+        format!("{share}-plain")
+    };
+    let prefix = prefix.as_str();
     let relay_before = histogram(&b.http, &b.url, RELAY_LAG, "").await;
     let count = (per_second * STEADY_SECONDS) as usize;
     let started = Instant::now();
@@ -738,7 +750,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str) {
         tokio::time::sleep_until(at.into()).await;
         let t0 = Instant::now();
         let res = b.http.post(format!("{}/v1/tenants/{tenant}/vms", b.url)).bearer_auth(&b.key)
-            .json(&json!({"name": format!("{share}-{i}"), "zone": if i % 2 == 0 { "zone-a" } else { "zone-b" }, "spec": {"flavor": "m1.small", "image": "debian-12"}}))
+            .json(&json!({"name": format!("{prefix}-{i}"), "zone": if i % 2 == 0 { "zone-a" } else { "zone-b" }, "spec": {"flavor": "m1.small", "image": "debian-12"}}))
             .send().await.unwrap();
         assert_eq!(res.status(), 202);
         let op: serde_json::Value = res.json().await.unwrap();
@@ -760,19 +772,23 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str) {
         &histogram(&b.http, &b.url, RELAY_LAG, "").await,
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    events.abort();
-    watch.abort();
-    let mut lags = events.await_lags().await;
+    let (mut lags, mut watched) = (Vec::new(), Vec::new());
+    if let Some((events, watch)) = observers {
+        events.abort();
+        watch.abort();
+        lags = events.await_lags().await;
+        watched = watch.await_lags().await;
+    }
     lags.sort();
-    let mut watched = watch.await_lags().await;
     watched.sort();
+    let readers = if readers { "" } else { ", no event readers" };
     println!(
-        "steady   {:>8.0} ops/s ({share} the burst's rate)   submit→succeeded p50 {:?}  p99 {:?}",
+        "steady   {:>8.0} ops/s ({share} the burst's rate{readers})   submit→succeeded p50 {:?}  p99 {:?}",
         rate(count, started.elapsed()),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
-    let split = steady_split(&b.running.backends.pool, share).await;
+    let split = steady_split(&b.running.backends.pool, prefix).await;
     println!(
         "steady     submit→running p50 {:.1}ms  p99 {:.1}ms   running→succeeded p50 {:.1}ms  p99 {:.1}ms",
         split[0] * 1e3,
@@ -1115,8 +1131,11 @@ async fn main() {
     );
     // A quarter of the burst's rate first, for the shape of latency against load; then
     // half, the rate issue 12 sets its target at.
-    steady(&b, &tenant, rate(OPS, e2e) / 4.0, "quarter").await;
-    steady(&b, &tenant, rate(OPS, e2e) / 2.0, "half").await;
+    steady(&b, &tenant, rate(OPS, e2e) / 4.0, "quarter", true).await;
+    steady(&b, &tenant, rate(OPS, e2e) / 2.0, "half", true).await;
+    // The same rate under the burst's own load: the workers and the creates' clients
+    // (with their long-polls), without the two event readers the burst did not carry.
+    steady(&b, &tenant, rate(OPS, e2e) / 2.0, "half", false).await;
     if std::env::var("BENCH_DEBUG").is_ok() {
         let text = metrics_text(&b.http, &b.url).await;
         for l in text.lines().filter(|l| {
