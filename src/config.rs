@@ -705,7 +705,8 @@ impl Config {
             audit_spool: env.positive("GATEWAY_AUDIT_SPOOL", 100_000usize)?,
             stream_replicas: match env.var("NATS_STREAM_REPLICAS", 0usize)? {
                 0 => None,
-                _ => Some(env.at_most("NATS_STREAM_REPLICAS", 1, 5)?),
+                n @ 1..=5 => Some(n),
+                n => anyhow::bail!("NATS_STREAM_REPLICAS: must be between 1 and 5, got {n}"),
             },
             events: EventSettings::from_env(&env)?,
             webhooks: WebhookSettings::from_env(&env)?,
@@ -925,6 +926,14 @@ mod tests {
             (
                 &[("RELAY_CONCURRENT_PASSES", "17")][..],
                 "RELAY_CONCURRENT_PASSES: must be between 1 and 16, got 17",
+            ),
+            (
+                &[("NATS_STREAM_REPLICAS", "6")][..],
+                "NATS_STREAM_REPLICAS: must be between 1 and 5, got 6",
+            ),
+            (
+                &[("NATS_STREAM_REPLICAS", "-1")][..],
+                "NATS_STREAM_REPLICAS: invalid value",
             ),
             (
                 &[("WORKER_REPORT_BATCH", "101")][..],

@@ -33,6 +33,11 @@ struct Queued {
 
 /// A [`Reporter`] that coalesces concurrent reports into batches of at most `max`.
 /// Cheap to clone; its sending task ends when the last clone is dropped.
+///
+/// Its queue is unbounded as a channel but not in use: every report in it has a caller
+/// waiting for its answer, and a pool's callers are its message handlers, at most its
+/// `WORKER_CONCURRENCY` at once, each with one report in flight. So while the gateway is
+/// away the queue holds at most one report per handler.
 #[derive(Clone)]
 pub struct BatchReporter {
     client: GatewayClient,
