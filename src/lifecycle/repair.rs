@@ -89,7 +89,9 @@ pub async fn redispatch(
         tracing::warn!(operation.id = %op.id, state = %op.state,
             "the operation's message is gone and no outcome came; dispatching it again");
         operations::forget_delivery(&mut txn, op.id).await?;
-        dispatch::enqueue(&mut txn, &op, &locked.resource).await?;
+        // Locked already (by `lock_operation`): this reads it.
+        let resource = resources::lock(&mut txn, op.resource_id).await?;
+        dispatch::enqueue(&mut txn, &op, &resource).await?;
         txn.changed(op.id);
         Redispatch::Sent
     };

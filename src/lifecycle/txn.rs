@@ -20,7 +20,7 @@ use crate::changes::Bell;
 use crate::domain::quota::Dimension;
 use crate::domain::{Action, OperationState, Service};
 use crate::store::operations::{self, OperationRow};
-use crate::store::resources::{self, ResourceRow};
+use crate::store::resources;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
 use std::ops::{Deref, DerefMut};
@@ -249,10 +249,9 @@ impl Engine {
 
 /// An operation locked for a change, with its resource.
 pub struct LockedOperation<'e> {
-    /// The transaction holding both locks.
+    /// The transaction holding both locks (the resource's, taken first, and the
+    /// operation's).
     pub txn: Txn<'e>,
-    /// The operation's resource (locked first).
-    pub resource: ResourceRow,
     /// The operation, as it is under the lock.
     pub op: OperationRow,
 }
@@ -266,15 +265,15 @@ pub async fn lock_operation(
     id: Uuid,
 ) -> sqlx::Result<Option<LockedOperation<'_>>> {
     let mut txn = Txn::begin(engine).await?;
-    // An operation's resource never changes, so an unlocked read finds it.
-    let Some(op) = operations::get(&mut *txn, id).await? else {
+    // One statement finds the resource (an operation's never changes) and locks it; the
+    // caller reads it if it needs it (most do not: a report, a cancellation).
+    if !resources::lock_of_operation(&mut txn, id).await? {
         return Ok(None);
-    };
-    let resource = resources::lock(&mut txn, op.resource_id).await?;
+    }
     let op = operations::lock(&mut txn, id)
         .await?
         .expect("operations are never deleted");
-    Ok(Some(LockedOperation { txn, resource, op }))
+    Ok(Some(LockedOperation { txn, op }))
 }
 
 /// Commits a transaction of a write that needs no after-commit step, with the request's

@@ -179,6 +179,20 @@ pub async fn lock_of_operations(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::
     Ok(())
 }
 
+/// Locks the resource of operation `id` for the rest of the transaction, in one
+/// statement that reads nothing else; `false` when there is no such operation.
+pub async fn lock_of_operation(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
+    let locked: Option<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM resources
+         WHERE id = (SELECT resource_id FROM operations WHERE id = $1)
+         FOR NO KEY UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(locked.is_some())
+}
+
 /// Locks any resource by ID for the rest of the transaction.
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<ResourceRow> {
     sqlx::query_as(&format!(
