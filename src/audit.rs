@@ -245,7 +245,7 @@ const SEAL_BATCH: i64 = 1_000;
 
 /// Seals one batch of committed, unsealed rows; returns how many.
 pub async fn seal(pool: &PgPool) -> sqlx::Result<usize> {
-    let mut tx = pool.begin().await?;
+    let mut tx = store::begin(pool).await?;
     store::advisory_xact_lock(&mut tx, LOCK_KEY).await?;
     let rows = store::audit::unsealed(&mut tx, SEAL_BATCH).await?;
     if rows.is_empty() {

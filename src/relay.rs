@@ -159,7 +159,7 @@ impl Relay {
         if self.js.client().connection_state() != async_nats::connection::State::Connected {
             anyhow::bail!("NATS is not connected; the outbox keeps the messages");
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::store::begin(&self.pool).await?;
         let rows = outbox::claim(&mut tx, self.batch_size).await?;
         if rows.is_empty() {
             self.metrics.relay_empty_passes.inc();

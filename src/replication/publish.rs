@@ -64,7 +64,7 @@ impl Publisher {
         if self.js.client().connection_state() != async_nats::connection::State::Connected {
             anyhow::bail!("NATS is not connected; the log keeps the changes");
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::store::begin(&self.pool).await?;
         let Some(rows) = replication::claim(&mut tx, BATCH).await? else {
             return Ok(0);
         };

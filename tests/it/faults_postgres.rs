@@ -494,6 +494,31 @@ async fn reads_that_meet_connections_the_database_ended_go_on_on_others() {
     }
 }
 
+/// The relay's passes and the audit sealer begin on a connection the database has not
+/// ended: the first of each after the database ended every pooled connection does its
+/// work, rather than failing and backing off.
+#[tokio::test]
+async fn background_passes_after_the_database_ended_its_connections_go_on_on_others() {
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let (tenant, first) = a_vm(&app, "first").await;
+    let vm = format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        first["resource_id"].as_str().unwrap()
+    );
+    let relay = crate::outbox::relay_for(&app);
+    end_every_connection(&app, &vm).await;
+    let pass = relay.pass().await.expect("the dispatch pass goes on");
+    assert_eq!(pass.published, 1);
+    end_every_connection(&app, &vm).await;
+    let events = relay.events_pass().await.expect("the events pass goes on");
+    assert!(events.published > 0);
+    end_every_connection(&app, &vm).await;
+    // The gateway's own sealer runs beside it: how many rows are left to seal varies.
+    gateway::audit::seal(&app.pool)
+        .await
+        .expect("the sealer goes on");
+}
+
 /// Uses several of `app`'s pooled connections at once (reads of `path` from the
 /// database), as load does, then has the database end every connection the gateway holds.
 async fn end_every_connection(app: &common::TestApp, path: &str) {
