@@ -36,6 +36,45 @@ async fn pending_vm(app: &TestApp) -> (String, String, String) {
     (tenant, id(&op).to_owned(), key)
 }
 
+/// A report on, and a cancellation of, an operation that does not exist: `404
+/// not_found`, and nothing is written (no operation, no outbox row, no event).
+#[tokio::test]
+async fn reports_and_cancellations_of_unknown_operations_are_not_found() {
+    let app = spawn_with(Options::api_only()).await;
+    let (_tenant, _op, key) = pending_vm(&app).await;
+    let before = (
+        app.count("operations").await,
+        app.count("outbox").await,
+        app.count("event_outbox").await,
+    );
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let a = report(
+        &app,
+        &key,
+        &unknown,
+        json!({"attempt": 1, "state": "running"}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{:?}", a.body);
+    assert_eq!(a.body["code"], "not_found");
+    let a = app
+        .request(
+            Method::POST,
+            &format!("/v1/operations/{unknown}/cancel"),
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{:?}", a.body);
+    assert_eq!(a.body["code"], "not_found");
+    let after = (
+        app.count("operations").await,
+        app.count("outbox").await,
+        app.count("event_outbox").await,
+    );
+    assert_eq!(after, before);
+}
+
 async fn report(app: &TestApp, key: &str, op: &str, body: Value) -> common::Answer {
     app.request(
         Method::POST,
