@@ -57,14 +57,7 @@ async fn reports_and_cancellations_of_unknown_operations_are_not_found() {
     .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND, "{:?}", a.body);
     assert_eq!(a.body["code"], "not_found");
-    let a = app
-        .request(
-            Method::POST,
-            &format!("/v1/operations/{unknown}/cancel"),
-            Some(&app.admin_key),
-            None,
-        )
-        .await;
+    let a = cancel(&app, &unknown).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND, "{:?}", a.body);
     assert_eq!(a.body["code"], "not_found");
     let after = (
@@ -81,6 +74,17 @@ async fn report(app: &TestApp, key: &str, op: &str, body: Value) -> common::Answ
         &format!("/v1/operations/{op}/reports"),
         Some(key),
         Some(&body),
+    )
+    .await
+}
+
+/// `POST /v1/operations/{op}/cancel`, as an admin.
+async fn cancel(app: &TestApp, op: &str) -> common::Answer {
+    app.request(
+        Method::POST,
+        &format!("/v1/operations/{op}/cancel"),
+        Some(&app.admin_key),
+        None,
     )
     .await
 }
@@ -662,23 +666,11 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
     let key = worker_key(&app.pool, &Service::named("vm"), "zone-a")
         .await
         .unwrap();
-    let cancel = |op: String| {
-        let app = &app;
-        async move {
-            app.request(
-                Method::POST,
-                &format!("/v1/operations/{op}/cancel"),
-                Some(&app.admin_key),
-                None,
-            )
-            .await
-        }
-    };
     // A pending create: cancelled at once, and the resource never existed.
     let a = app
         .create(&tenant, "vms", "a", "zone-a", example_spec("vms"))
         .await;
-    let c = cancel(id(&a).into()).await;
+    let c = cancel(&app, id(&a)).await;
     assert_eq!(c.status, StatusCode::OK, "{:?}", c.body);
     assert_eq!(c.body["state"], "cancelled");
     assert_eq!(c.body["error"]["code"], "cancelled");
@@ -704,7 +696,7 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
         (StatusCode::CONFLICT, "operation_finished")
     );
     // A retried cancel gets the same answer.
-    let again = cancel(id(&a).into()).await;
+    let again = cancel(&app, id(&a)).await;
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(again.body["state"], "cancelled");
 
@@ -732,7 +724,7 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
         )
         .await;
     assert_eq!(queued.body["state"], "queued");
-    let c = cancel(id(&b).into()).await;
+    let c = cancel(&app, id(&b)).await;
     assert_eq!(c.body["state"], "running");
     assert_eq!(c.body["cancel_requested"], true);
     let ack = report(
@@ -776,7 +768,7 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
         .await;
     let del = app.delete(&path).await;
     assert_eq!(
-        cancel(id(&stop.body).into()).await.body["state"],
+        cancel(&app, id(&stop.body)).await.body["state"],
         "cancelled"
     );
     report(
@@ -792,7 +784,7 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
         "the delete moved up past the cancelled stop"
     );
     // A finished operation cannot be cancelled.
-    let done = cancel(id(&d).into()).await;
+    let done = cancel(&app, id(&d)).await;
     assert_eq!(
         (done.status, done.code()),
         (StatusCode::CONFLICT, "operation_finished")
