@@ -48,7 +48,7 @@ impl EventPublisher<'_> {
         if self.js.client().connection_state() != async_nats::connection::State::Connected {
             anyhow::bail!("NATS is not connected; the events wait in the database");
         }
-        let mut tx = crate::store::begin(&self.pool).await?;
+        let mut tx = crate::store::begin(self.pool).await?;
         let rows = events::claim(&mut tx, self.batch_size).await?;
         if rows.is_empty() {
             return Ok(EventsPass::default());
