@@ -51,12 +51,6 @@ expected-statuses = ["2xx", "304", "401", "403", "404", "409", "410", "412", "42
 
 # A malformed If-Match names no version, so the precondition fails: 412, as RFC 9110
 # has it, not 400.
-# Routes about one thing are pinned to the one this run made (above), so a link from a
-# create to "its" resource may land on another one, which an earlier step removed: a
-# false "created resource not found".
-[checks.ensure_resource_availability]
-enabled = false
-
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "412", "413", "415", "422", "428", "429"]
 
@@ -95,6 +89,12 @@ parameters = { "path.id" = "${ST_OPERATION}" }
 TOML
 cat "$work/schemathesis.toml"
 
+# Routes about one thing are pinned to the one this run made (above), so a link from a
+# create to "its" resource lands on that one, which an earlier step may have removed
+# (a key revoked, say): a false "created resource not found" (ST302,
+# `ensure_resource_availability`). It is excluded on the command line: `enabled =
+# false` in the configuration file did not hold against `--checks all`.
+# `ST_SEED` replays a run: schemathesis prints its seed at the end of each.
 # schemathesis keeps a cache in its working directory: run it in the scratch one.
 contract="$PWD/openapi/v1.json"
 venv="$(cd "$venv" && pwd)"
@@ -103,8 +103,10 @@ cd "$work"
     --url "$GW_URL" \
     -H "Authorization: Bearer $GW_KEY" \
     --checks all \
+    --exclude-checks ensure_resource_availability \
     --phases examples,coverage,fuzzing,stateful \
     --max-examples "${ST_MAX_EXAMPLES:-50}" \
     --request-timeout 70 \
     --workers 1 \
+    ${ST_SEED:+--seed "$ST_SEED"} \
     --no-color
