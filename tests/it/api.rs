@@ -1,6 +1,6 @@
 //! The API's contract surface: OpenAPI document, health, readiness, lists.
 
-use crate::common::{example_spec, spawn_with, Options};
+use crate::common::{example_spec, spawn_with, vm_path, Options};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -161,12 +161,7 @@ async fn labels_are_validated_stored_and_select_resources() {
     let typed = create("typed", serde_json::json!({"env": 1})).await;
     assert_eq!(typed.code(), "invalid_body");
 
-    let vm = app
-        .get(&format!(
-            "/v1/tenants/{tenant}/vms/{}",
-            web.body["resource_id"].as_str().unwrap()
-        ))
-        .await;
+    let vm = app.get(&vm_path(&tenant, &web.body)).await;
     assert_eq!(
         vm.body["labels"],
         serde_json::json!({"env": "prod", "team": "web"})

@@ -441,7 +441,7 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
     })
     .await;
     let (tenant, first) = a_vm(&app, "first").await;
-    let vm = vm_path(&tenant, &first);
+    let vm = common::vm_path(&tenant, &first);
     let end_every_connection = || end_every_connection(&app, &vm);
     for round in 0..3 {
         end_every_connection().await;
@@ -467,7 +467,7 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
 async fn reads_that_meet_connections_the_database_ended_go_on_on_others() {
     let app = common::spawn_with(common::Options::api_only()).await;
     let (tenant, first) = a_vm(&app, "first").await;
-    let vm = vm_path(&tenant, &first);
+    let vm = common::vm_path(&tenant, &first);
     let reads = [
         format!("/v1/tenants/{tenant}/vms"),
         format!("/v1/tenants/{tenant}/operations"),
@@ -495,7 +495,7 @@ async fn reads_that_meet_connections_the_database_ended_go_on_on_others() {
 async fn background_passes_after_the_database_ended_its_connections_go_on_on_others() {
     let app = common::spawn_with(common::Options::api_only()).await;
     let (tenant, first) = a_vm(&app, "first").await;
-    let vm = vm_path(&tenant, &first);
+    let vm = common::vm_path(&tenant, &first);
     let relay = crate::outbox::relay_for(&app);
     end_every_connection(&app, &vm).await;
     let pass = relay.pass().await.expect("the dispatch pass goes on");
@@ -527,14 +527,6 @@ async fn end_every_connection(app: &common::TestApp, path: &str) {
     .await
     .unwrap();
     assert!(ended > 0);
-}
-
-/// The path of the VM that `op` (an operation of `tenant`) creates.
-fn vm_path(tenant: &str, op: &Value) -> String {
-    format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        op["resource_id"].as_str().unwrap()
-    )
 }
 
 /// A new tenant of `app` and the create of VM `name` in it (in `zone-a`).

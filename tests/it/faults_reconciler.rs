@@ -151,10 +151,7 @@ async fn an_operation_whose_messages_keep_getting_lost_fails_with_delivery_exhau
         .await;
     let id = op["id"].as_str().unwrap();
     // A delete queued behind it is started when it ends.
-    let path = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        op["resource_id"].as_str().unwrap()
-    );
+    let path = common::vm_path(&tenant, &op);
     let del = app.delete(&path).await;
     assert_eq!(del.body["state"], "queued");
     let r = reconciler(&app).await;
@@ -202,10 +199,7 @@ async fn a_message_a_worker_terminates_without_a_report_fails_its_operation() {
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
         .await;
     let id = op["id"].as_str().unwrap();
-    let path = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        op["resource_id"].as_str().unwrap()
-    );
+    let path = common::vm_path(&tenant, &op);
     let del = app.delete(&path).await;
     assert_eq!(del.body["state"], "queued");
     app.wait_op(id, |o| o["state"] == "dispatched").await;
@@ -260,10 +254,7 @@ async fn a_cancelled_update_is_converged_by_the_reconciler_and_a_failed_one_is_n
         .create(&tenant, "vms", "slow-web", "zone-a", example_spec("vms"))
         .await;
     app.wait_done(create["id"].as_str().unwrap()).await;
-    let path = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        create["resource_id"].as_str().unwrap()
-    );
+    let path = common::vm_path(&tenant, &create);
     let patch = |flavor: &str| {
         let body = json!({"spec": {"flavor": flavor}});
         let (app, path) = (&app, path.clone());

@@ -90,12 +90,7 @@ async fn a_driver_failure_fails_the_operation_and_shows_on_the_resource() {
     let done = app.wait_done(op["id"].as_str().unwrap()).await;
     assert_eq!(done["state"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "simulated_failure");
-    let r = app
-        .get(&format!(
-            "/v1/tenants/{tenant}/vms/{}",
-            op["resource_id"].as_str().unwrap()
-        ))
-        .await;
+    let r = app.get(&common::vm_path(&tenant, &op)).await;
     assert_eq!(r.body["phase"], "failed");
     assert_eq!(r.body["status"]["last_error"]["code"], "simulated_failure");
     assert_eq!(r.body["observed_generation"], 0);
@@ -145,10 +140,7 @@ async fn a_delete_behind_a_running_create_waits_its_turn_then_runs() {
     let create = app
         .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
         .await;
-    let path = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        create["resource_id"].as_str().unwrap()
-    );
+    let path = common::vm_path(&tenant, &create);
     let del = app.delete(&path).await;
     assert_eq!(del.status, StatusCode::ACCEPTED);
     assert_eq!(del.body["state"], "queued", "{}", del.body);

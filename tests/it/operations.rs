@@ -213,10 +213,7 @@ async fn queued_updates_run_one_at_a_time_in_order_and_the_last_one_wins() {
     let create = app
         .create(&tenant, "vms", "slow-web", "zone-a", example_spec("vms"))
         .await;
-    let path = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        create["resource_id"].as_str().unwrap()
-    );
+    let path = common::vm_path(&tenant, &create);
     let mut ops = vec![create.clone()];
     for flavor in ["m1.medium", "m1.large", "m1.xlarge"] {
         let a = app
@@ -675,12 +672,7 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
     assert_eq!(c.body["state"], "cancelled");
     assert_eq!(c.body["error"]["code"], "cancelled");
     assert_eq!(
-        app.get(&format!(
-            "/v1/tenants/{tenant}/vms/{}",
-            a["resource_id"].as_str().unwrap()
-        ))
-        .await
-        .status,
+        app.get(&common::vm_path(&tenant, &a)).await.status,
         StatusCode::NOT_FOUND
     );
     // Its message may still reach a worker: the gateway tells it the operation is over.
@@ -704,10 +696,7 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
     let b = app
         .create(&tenant, "vms", "b", "zone-a", example_spec("vms"))
         .await;
-    let path = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        b["resource_id"].as_str().unwrap()
-    );
+    let path = common::vm_path(&tenant, &b);
     report(
         &app,
         &key,
@@ -754,10 +743,7 @@ async fn cancelling_stops_what_has_not_started_and_asks_workers_to_stop_the_rest
     let d = app
         .create(&tenant, "vms", "d", "zone-a", example_spec("vms"))
         .await;
-    let path = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        d["resource_id"].as_str().unwrap()
-    );
+    let path = common::vm_path(&tenant, &d);
     let stop = app
         .request(
             Method::POST,

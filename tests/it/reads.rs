@@ -1,7 +1,7 @@
 //! Reads stay flat as a tenant grows: a resource read or a write's lookup uses the
 //! primary key, never a scan of the tenant's resources (issue 12).
 
-use crate::common::{example_spec, spawn_with, Options};
+use crate::common::{example_spec, spawn_with, vm_path, Options};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -128,10 +128,7 @@ async fn a_change_through_one_replica_drops_every_replicas_cached_reads() {
     let op = app
         .create(&tenant, "vms", "cached", "zone-a", example_spec("vms"))
         .await;
-    let vm = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        op["resource_id"].as_str().unwrap()
-    );
+    let vm = vm_path(&tenant, &op);
     let op_path = format!("/v1/operations/{}", op["id"].as_str().unwrap());
     let misses = || {
         crate::common::metric(
@@ -214,10 +211,7 @@ async fn a_replica_that_lost_nats_forgets_what_it_cached_before() {
     let op = ca
         .create(&tenant, "vms", "kept", "zone-a", example_spec("vms"))
         .await;
-    let vm = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        op["resource_id"].as_str().unwrap()
-    );
+    let vm = vm_path(&tenant, &op);
     assert_eq!(cb.get(&vm).await.body["labels"], json!({}));
     // NATS goes away; a change made meanwhile is announced to no one. The replica,
     // which cannot hear changes now, reads the database meanwhile.
@@ -245,10 +239,7 @@ async fn a_read_naming_the_current_version_is_answered_not_modified() {
     let op = app
         .create(&tenant, "vms", "etag", "zone-a", example_spec("vms"))
         .await;
-    let path = format!(
-        "/v1/tenants/{tenant}/vms/{}",
-        op["resource_id"].as_str().unwrap()
-    );
+    let path = vm_path(&tenant, &op);
     let read = |tags: Option<&'static str>| {
         let mut req = app
             .http

@@ -1,6 +1,6 @@
 //! Workers' reports: scoped keys, forward-only transitions, harmless repeats.
 
-use crate::common::{example_spec, spawn_with, Options};
+use crate::common::{example_spec, spawn_with, vm_path, Options};
 use gateway::app::worker_key;
 use gateway::domain::Service;
 use reqwest::{Method, StatusCode};
@@ -129,12 +129,7 @@ async fn reports_move_operations_forward_only_and_only_for_their_pool() {
     );
     assert_eq!(a.body["details"]["state"], "succeeded");
 
-    let r = app
-        .get(&format!(
-            "/v1/tenants/{tenant}/vms/{}",
-            op["resource_id"].as_str().unwrap()
-        ))
-        .await;
+    let r = app.get(&vm_path(&tenant, &op)).await;
     assert_eq!(r.body["phase"], "ready");
     assert_eq!(r.body["status"], json!({"power_state": "running"}));
     let o = app.get(&format!("/v1/operations/{id}")).await;

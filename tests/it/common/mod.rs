@@ -80,6 +80,14 @@ pub fn builtin_services() -> Vec<gateway_proto::Service> {
         .to_vec()
 }
 
+/// The path of the VM that `op` (an operation of `tenant`) creates or acts on.
+pub fn vm_path(tenant: &str, op: &Value) -> String {
+    format!(
+        "/v1/tenants/{tenant}/vms/{}",
+        op["resource_id"].as_str().unwrap()
+    )
+}
+
 pub fn example_spec(kind: &str) -> Value {
     match kind {
         "vms" => json!({"flavor": "m1.small", "image": "debian-12"}),
