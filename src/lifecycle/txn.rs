@@ -267,7 +267,7 @@ pub async fn lock_operation(
     let mut txn = Txn::begin(engine).await?;
     // One statement finds the resource (an operation's never changes) and locks it; the
     // caller reads it if it needs it (most do not: a report, a cancellation).
-    if !resources::lock_of_operation(&mut txn, id).await? {
+    if resources::lock_of_operations(&mut txn, &[id]).await? == 0 {
         return Ok(None);
     }
     let op = operations::lock(&mut txn, id)

@@ -165,32 +165,18 @@ pub async fn lock_live(
 }
 
 /// Locks the resources of operations `ids`, in ID order, for the rest of the
-/// transaction: the lifecycle's lock order (resource before operation) for a change of
-/// many operations at once.
-pub async fn lock_of_operations(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query(
+/// transaction: the lifecycle's lock order (resource before operation). Answers how many
+/// resources it locked (none when no such operation exists).
+pub async fn lock_of_operations(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
         "SELECT r.id FROM resources r
          WHERE r.id IN (SELECT resource_id FROM operations WHERE id = ANY($1))
          ORDER BY r.id FOR NO KEY UPDATE",
     )
     .bind(ids)
     .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Locks the resource of operation `id` for the rest of the transaction, in one
-/// statement that reads nothing else; `false` when there is no such operation.
-pub async fn lock_of_operation(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
-    let locked: Option<(Uuid,)> = sqlx::query_as(
-        "SELECT id FROM resources
-         WHERE id = (SELECT resource_id FROM operations WHERE id = $1)
-         FOR NO KEY UPDATE",
-    )
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
-    Ok(locked.is_some())
+    .await?
+    .rows_affected())
 }
 
 /// Locks any resource by ID for the rest of the transaction.
