@@ -25,6 +25,7 @@
 //! | `gateway_relay_batch_size` | histogram | | rows claimed per relay pass |
 //! | `gateway_relay_lag_seconds` | histogram | | outbox row written to JetStream ack |
 //! | `gateway_relay_empty_passes_total` | counter | | relay passes for dispatches that found nothing to publish (a ring another loop answered, a poll); idle work, not a fault |
+//! | `gateway_relay_busy_rows_total` | counter | | outbox rows a relay pass claimed but left for a later one, because another transaction held their resource at that moment; not a fault |
 //! | `gateway_write_batch_size` | histogram | | creates recorded per group-commit transaction |
 //! | `gateway_write_batch_failures_total` | counter | | group-commit transactions that failed, whose creates were then recorded one by one |
 //! | `gateway_events_pending` | gauge | | events recorded and not yet published |
@@ -285,6 +286,8 @@ pub struct Inner {
     pub relay_lag: Histogram,
     /// See the table in the module docs.
     pub relay_empty_passes: Counter,
+    /// See the table in the module docs.
+    pub relay_busy_rows: Counter,
     /// See the table in the module docs.
     pub write_batch_size: Histogram,
     /// See the table in the module docs.
@@ -596,6 +599,11 @@ impl Inner {
             self.relay_empty_passes.clone(),
         );
         r.register(
+            "relay_busy_rows",
+            "Outbox rows left for a later relay pass because their resource was in use",
+            self.relay_busy_rows.clone(),
+        );
+        r.register(
             "relay_lag_seconds",
             "Time from an outbox row's commit to JetStream's ack",
             self.relay_lag.clone(),
@@ -673,6 +681,7 @@ impl Metrics {
             outbox_published: Counter::default(),
             outbox_publish_errors: Counter::default(),
             relay_empty_passes: Counter::default(),
+            relay_busy_rows: Counter::default(),
             relay_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             relay_lag: latency(),
             write_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),

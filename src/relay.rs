@@ -1,10 +1,12 @@
 //! The relay: moves outbox rows to JetStream.
 //!
 //! Each pass claims a batch with `FOR UPDATE SKIP LOCKED` (so any number of relays can
-//! run), publishes the whole batch with its acks outstanding at once (the batch size
-//! bounds the window), then deletes the rows JetStream acknowledged, marks their
-//! operations `dispatched` and records where JetStream stored each message — in the
-//! same short transaction. A crash between publish and delete leaves the rows for the
+//! run), locks the resources of its operations without waiting (a row whose resource is
+//! in use waits for a later pass: [`crate::lifecycle::dispatch::lock_for_publishing`]),
+//! publishes the rest with their acks outstanding at once (the batch size bounds the
+//! window), then deletes the rows JetStream acknowledged, marks their operations
+//! `dispatched` and records where JetStream stored each message — in the same short
+//! transaction. A crash between publish and delete leaves the rows for the
 //! next pass; their fixed `Nats-Msg-Id` makes JetStream drop the second copy, and the
 //! relay counts that duplicate ack (which carries the first copy's sequence) as success.
 //!
@@ -32,6 +34,11 @@ pub use crate::changes::{Bell, Doorbell, Wake};
 /// then counts as failed, and its rows stay for the next pass. Shorter than the 30 s
 /// `idle_in_transaction_session_timeout` of every gateway connection.
 pub const PASS_PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Pause before passing again over rows left because another transaction held their
+/// resource (nothing rings when it lets go): short, since such a transaction is a
+/// request's or a report's, and those take milliseconds.
+const BUSY_RETRY: Duration = Duration::from_millis(10);
 
 /// What one relay needs.
 pub struct Relay {
@@ -64,6 +71,8 @@ pub struct Pass {
     pub claimed: usize,
     /// Rows JetStream acknowledged (including duplicates) and deleted.
     pub published: usize,
+    /// Rows left for a later pass because another transaction held their resource.
+    pub busy: usize,
 }
 
 impl Relay {
@@ -108,10 +117,16 @@ impl Relay {
         let mut failures = 0u32;
         loop {
             let pass = match work {
-                Work::Operations => self.pass().await.map(|p| (p.claimed, p.published)),
-                Work::Events => self.events_pass().await.map(|p| (p.claimed, p.published)),
+                Work::Operations => self.pass().await,
+                Work::Events => self.events_pass().await.map(|p| Pass {
+                    claimed: p.claimed,
+                    published: p.published,
+                    busy: 0,
+                }),
             };
-            if work == Work::Operations && matches!(pass, Ok((_, published)) if published > 0) {
+            if work == Work::Operations
+                && matches!(pass, Ok(Pass { published, .. }) if published > 0)
+            {
                 // Marking them `dispatched` recorded events (by trigger).
                 self.wake.ring_here(&[Bell::Events]);
             }
@@ -125,6 +140,10 @@ impl Relay {
                 Step::Wait => {
                     failures = 0;
                     self.poll_interval
+                }
+                Step::Soon => {
+                    failures = 0;
+                    BUSY_RETRY
                 }
                 Step::Retry => {
                     failures += 1;
@@ -149,6 +168,7 @@ impl Relay {
             let pass = pass?;
             total.claimed += pass.claimed;
             total.published += pass.published;
+            total.busy += pass.busy;
         }
         Ok(total)
     }
@@ -160,11 +180,15 @@ impl Relay {
             anyhow::bail!("NATS is not connected; the outbox keeps the messages");
         }
         let mut tx = crate::store::begin(&self.pool).await?;
-        let rows = outbox::claim(&mut tx, self.batch_size).await?;
-        if rows.is_empty() {
+        let claimed = outbox::claim(&mut tx, self.batch_size).await?;
+        if claimed.is_empty() {
             self.metrics.relay_empty_passes.inc();
             return Ok(Pass::default());
         }
+        let count = claimed.len();
+        let rows = crate::lifecycle::dispatch::lock_for_publishing(&mut tx, claimed).await?;
+        let busy = count - rows.len();
+        self.metrics.relay_busy_rows.inc_by(busy as u64);
         let publishes = rows.iter().map(|row| {
             let js = self.js.clone();
             async move {
@@ -214,8 +238,9 @@ impl Relay {
         self.metrics.outbox_published.inc_by(published.len() as u64);
         self.changes.publish(&dispatched).await;
         Ok(Pass {
-            claimed: rows.len(),
+            claimed: count,
             published: published.len(),
+            busy,
         })
     }
 }
@@ -245,6 +270,8 @@ enum Step {
     Again,
     /// All caught up: wait for a ring or the poll interval.
     Wait,
+    /// Rows were left because their resources were in use: pass again shortly.
+    Soon,
     /// Something failed: back off.
     Retry,
 }
@@ -264,19 +291,28 @@ impl Relay {
         .await
     }
 
-    /// The step after a pass of `work` that answered `(claimed, published)`.
-    fn next_step(&self, work: Work, pass: anyhow::Result<(usize, usize)>) -> Step {
+    /// The step after a pass of `work`.
+    fn next_step(&self, work: Work, pass: anyhow::Result<Pass>) -> Step {
         let what = work.name();
         match pass {
-            // A whole batch claimed: more may wait. At worst the next pass finds nothing.
-            Ok((claimed, published)) if published == claimed => {
-                if claimed as i64 >= self.batch_size {
+            Ok(Pass {
+                claimed,
+                published,
+                busy,
+            }) if published + busy == claimed => {
+                if claimed as i64 >= self.batch_size && busy < claimed {
+                    // A whole batch claimed: more may wait. At worst the next pass finds
+                    // nothing.
                     Step::Again
+                } else if busy > 0 {
+                    Step::Soon
                 } else {
                     Step::Wait
                 }
             }
-            Ok((claimed, published)) => {
+            Ok(Pass {
+                claimed, published, ..
+            }) => {
                 tracing::warn!(what, claimed, published, "relay: some publishes failed");
                 Step::Retry
             }

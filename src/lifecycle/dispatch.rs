@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use gateway_proto::{Dispatch, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use serde_json::json;
 use serde_json::Value;
+use std::collections::HashSet;
 use uuid::Uuid;
 
 /// Makes `op` pending and writes its message, in the caller's transaction (whose commit
@@ -145,21 +146,46 @@ fn message(
     })
 }
 
-/// Records what the relay published, in its transaction: the outbox rows JetStream
-/// acknowledged are deleted (with the stream sequence each message got, as
-/// `(row, operation, dispatch number, sequence)`), and their operations become
-/// `dispatched`.
+/// In the relay's transaction, before it publishes `rows` (claimed from the outbox):
+/// locks the resources of their operations, as every change locks them, without
+/// waiting. Answers the rows to publish now; a row whose resource another transaction
+/// holds is left for a later pass (its claim ends with the relay's transaction).
 ///
-/// The operations' resources are locked first, as every change locks them: that keeps
-/// the relay free of deadlocks with reports, and each resource's events in commit order.
+/// Locking before publishing means a worker's report on a message, which can only come
+/// after the publish, waits for the relay's commit: the relay never waits for a report,
+/// and never for anything else (`SKIP LOCKED`), so it cannot be part of a deadlock. The
+/// resource lock keeps each resource's events in commit order.
+pub async fn lock_for_publishing(
+    conn: &mut sqlx::PgConnection,
+    rows: Vec<outbox::OutboxRow>,
+) -> sqlx::Result<Vec<outbox::OutboxRow>> {
+    let ids: Vec<Uuid> = rows.iter().filter_map(|r| r.operation_id).collect();
+    if ids.is_empty() {
+        return Ok(rows);
+    }
+    let mut free: HashSet<Uuid> = resources::try_lock_of_operations(conn, &ids)
+        .await?
+        .into_iter()
+        .collect();
+    if free.len() < ids.len() {
+        // An operation that does not exist has no resource to lock: its message goes.
+        let busy: Vec<Uuid> = ids.into_iter().filter(|id| !free.contains(id)).collect();
+        let existing = operations::existing(conn, &busy).await?;
+        free.extend(busy.into_iter().filter(|id| !existing.contains(id)));
+    }
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.operation_id.is_none_or(|id| free.contains(&id)))
+        .collect())
+}
+
+/// Records what the relay published, in its transaction, under the locks
+/// [`lock_for_publishing`] took: the outbox rows JetStream acknowledged are deleted
+/// (with the stream sequence each message got, as `(row, operation, dispatch number,
+/// sequence)`), and their operations become `dispatched`.
 pub async fn published(
     conn: &mut sqlx::PgConnection,
     rows: &[outbox::Published],
 ) -> sqlx::Result<()> {
-    let ids: Vec<uuid::Uuid> = rows.iter().filter_map(|r| r.1).collect();
-    if !ids.is_empty() {
-        resources::lock_of_operations(conn, &ids).await?;
-    }
-    outbox::delete_published(conn, rows).await?;
-    Ok(())
+    outbox::delete_published(conn, rows).await
 }

@@ -179,6 +179,23 @@ pub async fn lock_of_operations(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::
     .rows_affected())
 }
 
+/// Locks, without waiting, the resources of operations `ids` that no other transaction
+/// holds, for the rest of the transaction; answers the operations whose resources it
+/// locked. An operation missing from the answer has its resource in use (or does not
+/// exist: [`super::operations::existing`] tells which).
+pub async fn try_lock_of_operations(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT o.id FROM operations o JOIN resources r ON r.id = o.resource_id
+         WHERE o.id = ANY($1) FOR NO KEY UPDATE OF r SKIP LOCKED",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
 /// Locks any resource by ID for the rest of the transaction.
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<ResourceRow> {
     sqlx::query_as(&format!(

@@ -296,6 +296,88 @@ async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatch
     report.commit().await.unwrap();
 }
 
+/// A pass never waits for a resource another transaction holds (a request or a report
+/// in flight): it publishes the other rows and leaves that one, untouched, for a later
+/// pass, which publishes it once the resource is free.
+#[tokio::test]
+async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_other() {
+    use gateway::store::resources;
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let busy = app
+        .create(&tenant, "vms", "busy", "zone-a", example_spec("vms"))
+        .await;
+    app.create(&tenant, "vms", "free", "zone-a", example_spec("vms"))
+        .await;
+    let busy_op = busy["id"].as_str().unwrap();
+    let resource_id: uuid::Uuid = busy["resource_id"].as_str().unwrap().parse().unwrap();
+    let mut holder = app.pool.begin().await.unwrap();
+    resources::lock(&mut holder, resource_id).await.unwrap();
+
+    let relay = relay_for(&app);
+    let pass = tokio::time::timeout(Duration::from_secs(5), relay.pass())
+        .await
+        .expect("the relay waited for a resource lock")
+        .unwrap();
+    assert_eq!((pass.claimed, pass.published, pass.busy), (2, 1, 1));
+    let left: Vec<String> = sqlx::query_scalar("SELECT operation_id::text FROM outbox")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, [busy_op], "only the busy resource's row is left");
+    let state: String = sqlx::query_scalar("SELECT state FROM operations WHERE id = $1::uuid")
+        .bind(busy_op)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending", "nothing published, nothing recorded");
+    assert_eq!(relay.metrics.relay_busy_rows.get(), 1);
+
+    holder.commit().await.unwrap();
+    let pass = relay.pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published, pass.busy), (1, 1, 0));
+    assert_eq!(app.count("outbox").await, 0);
+}
+
+/// The relay's loop comes back by itself for a row it left because its resource was in
+/// use: nothing rings when a lock is let go.
+#[tokio::test]
+async fn the_relay_loop_comes_back_for_a_row_it_left_behind_a_lock() {
+    use gateway::store::resources;
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let resource_id: uuid::Uuid = op["resource_id"].as_str().unwrap().parse().unwrap();
+    let mut holder = app.pool.begin().await.unwrap();
+    resources::lock(&mut holder, resource_id).await.unwrap();
+    let relay = Relay {
+        // Far longer than the test waits: only the retry of a busy row can publish it.
+        poll_interval: Duration::from_secs(600),
+        ..relay_for(&app)
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.count("outbox").await,
+        1,
+        "held back while the lock is held"
+    );
+    holder.commit().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while app.count("outbox").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the row was never published"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
 #[tokio::test]
 async fn concurrent_passes_publish_every_row_exactly_once() {
     let app = spawn_with(Options::api_only()).await;
