@@ -21,7 +21,8 @@ pub struct OutboxRow {
     pub headers: Value,
     /// The message body.
     pub payload: Value,
-    /// When it was written (the commit of the change that caused it).
+    /// When it was written (its insert, in the transaction of the change that caused
+    /// it: migration 0017).
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 

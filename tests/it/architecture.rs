@@ -18,7 +18,7 @@ fn read_tree(dir: &Path, out: &mut Vec<(String, String)>) {
 
 #[test]
 fn workers_have_no_way_to_reach_the_database() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::common::repo_root();
     let mut files = Vec::new();
     read_tree(&root.join("workers"), &mut files);
     read_tree(&root.join("proto"), &mut files);
@@ -32,7 +32,7 @@ fn workers_have_no_way_to_reach_the_database() {
 
 #[test]
 fn only_the_store_runs_queries() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let root = crate::common::repo_root().join("src");
     let mut files = Vec::new();
     read_tree(&root, &mut files);
     for (path, text) in &files {
@@ -51,7 +51,7 @@ fn only_the_store_runs_queries() {
 /// The source files under `dir` (relative to the crate root), as `(path, text)`.
 fn sources(dir: &str) -> Vec<(String, String)> {
     let mut files = Vec::new();
-    read_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir), &mut files);
+    read_tree(&crate::common::repo_root().join(dir), &mut files);
     files.retain(|(p, _)| p.ends_with(".rs"));
     files
 }

@@ -233,11 +233,8 @@ fn compare(old: &Value, new: &Value, input: bool, at: &str, out: &mut Vec<String
 }
 
 fn released() -> Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/openapi/v1.released.json"
-    ))
-    .expect("openapi/v1.released.json");
+    let text = std::fs::read_to_string(crate::common::repo_root().join("openapi/v1.released.json"))
+        .expect("openapi/v1.released.json");
     serde_json::from_str(&text).expect("released contract parses")
 }
 

@@ -5,7 +5,9 @@
 use crate::common::{example_spec, id_of, spawn_app};
 use serde_json::Value;
 
-const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/v1.json");
+fn committed() -> std::path::PathBuf {
+    crate::common::repo_root().join("openapi/v1.json")
+}
 
 fn generated() -> String {
     let mut text = serde_json::to_string_pretty(gateway::api::openapi::document()).unwrap();
@@ -40,10 +42,10 @@ pub fn compare_committed(committed: &str, generated: &str) -> Result<(), String>
 fn the_committed_contract_is_the_generated_one() {
     let generated = generated();
     if std::env::var_os("UPDATE_OPENAPI").is_some() {
-        std::fs::write(COMMITTED, &generated).unwrap();
+        std::fs::write(committed(), &generated).unwrap();
         return;
     }
-    let committed = std::fs::read_to_string(COMMITTED).unwrap_or_default();
+    let committed = std::fs::read_to_string(committed()).unwrap_or_default();
     if let Err(diff) = compare_committed(&committed, &generated) {
         panic!(
             "openapi/v1.json is not the document the code generates ({diff}).\n\
@@ -219,7 +221,7 @@ async fn schemathesis_finds_no_failure_against_a_live_gateway() {
         )
         .await;
     assert_eq!(put.status, 201, "{:?}", put.body);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/contract.sh");
+    let script = crate::common::repo_root().join("scripts/contract.sh");
     let mut command = tokio::process::Command::new(script);
     command
         .env("GW_URL", &app.url)

@@ -2,11 +2,10 @@
 
 use crate::common;
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+fn root() -> std::path::PathBuf {
+    crate::common::repo_root()
 }
 
 fn promtool(args: &[&str]) -> String {

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn validate() -> Value {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::common::repo_root();
     let facts_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("deploy-kubernetes-facts.json");
     let _ = std::fs::remove_file(&facts_path);
     let out = Command::new("bash")
@@ -235,7 +235,7 @@ async fn the_kubernetes_nats_configuration_requires_a_login() {
         &[],
     )
     .unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::common::repo_root();
     let shipped =
         std::fs::read_to_string(root.join("deploy/kubernetes/base/nats/nats.conf")).unwrap();
     let local = dir.path().display().to_string();

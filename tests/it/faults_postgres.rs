@@ -321,6 +321,71 @@ async fn a_read_only_database_refuses_writes_with_503_and_serves_reads() {
     .await;
 }
 
+/// A database out of resources (SQLSTATE class 53: a full disk, no memory, too many
+/// connections) is an outage to wait out, not a fault of the request: a create and a
+/// worker's report are answered `503 database_unavailable` with `Retry-After` (so the
+/// worker retries), nothing of either is written, and both go through once the
+/// database has room again.
+#[tokio::test]
+async fn a_database_out_of_resources_answers_503_and_writes_nothing() {
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let (tenant, first) = a_vm(&app, "first").await;
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    // The disk "fills up" under the tables a create and a report write.
+    sqlx::raw_sql(
+        "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'
+             USING ERRCODE = 'disk_full'; END $$;
+         CREATE TRIGGER full_disk BEFORE INSERT ON outbox
+             FOR EACH ROW EXECUTE FUNCTION full_disk();
+         CREATE TRIGGER full_disk BEFORE UPDATE ON operations
+             FOR EACH ROW EXECUTE FUNCTION full_disk();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let counts = || async {
+        sqlx::query_as::<_, (i64, i64, i64, String)>(
+            "SELECT (SELECT count(*) FROM resources), (SELECT count(*) FROM operations),
+                    (SELECT count(*) FROM outbox),
+                    (SELECT state FROM operations WHERE id = $1::uuid)",
+        )
+        .bind(&first_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let before = counts().await;
+    let path = format!("/v1/tenants/{tenant}/vms");
+    let body = json!({"name": "second", "zone": "zone-a", "spec": common::example_spec("vms")});
+    let running = json!({"attempt": 1, "state": "running"});
+    let create = app.post(&path, body.clone()).await;
+    let report = app.report_as_vm_worker(&first_id, running.clone()).await;
+    for (what, refused) in [("create", &create), ("report", &report)] {
+        assert_eq!(
+            (refused.status, refused.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            "{what}: {:?}",
+            refused.body
+        );
+        assert!(refused.header("retry-after").is_some(), "{what}");
+        let message = refused.body["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.contains("space"),
+            "{what}: nothing internal: {message}"
+        );
+    }
+    assert_eq!(counts().await, before, "nothing half-written");
+
+    sqlx::raw_sql("DROP TRIGGER full_disk ON outbox; DROP TRIGGER full_disk ON operations")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(app.post(&path, body).await.status, StatusCode::ACCEPTED);
+    let report = app.report_as_vm_worker(&first_id, running).await;
+    assert_eq!(report.status, StatusCode::OK, "{:?}", report.body);
+}
+
 /// The pool checks a connection before handing it out only once it has been idle for
 /// `store::PING_IF_IDLE_FOR` (a round trip saved on every busy acquire). Those are the
 /// connections a database restart or an idle timeout may have ended: one ended while

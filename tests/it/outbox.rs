@@ -378,6 +378,28 @@ async fn the_relay_loop_comes_back_for_a_row_it_left_behind_a_lock() {
     running.await.unwrap();
 }
 
+/// An outbox row is stamped when it is written, not when its transaction began, so the
+/// relay's lag (`gateway_relay_lag_seconds`) does not count the time a group commit's
+/// transaction spent before its last create joined it.
+#[tokio::test]
+async fn an_outbox_row_is_stamped_when_written_not_when_its_transaction_began() {
+    let app = spawn_with(Options::api_only()).await;
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_sleep(0.3)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let late: f64 = sqlx::query_scalar(
+        "INSERT INTO outbox (subject, msg_id, payload) VALUES ('x', 'stamp', '{}')
+         RETURNING EXTRACT(EPOCH FROM created_at - now())::float8",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(late >= 0.25, "stamped {late} s after the transaction began");
+}
+
 #[tokio::test]
 async fn concurrent_passes_publish_every_row_exactly_once() {
     let app = spawn_with(Options::api_only()).await;

@@ -625,7 +625,7 @@ async fn the_migration_records_what_existing_resources_consume() {
     let pool = sqlx::PgPool::connect(&format!("{}/{database}", pg_base()))
         .await
         .unwrap();
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+    let dir = crate::common::repo_root().join("migrations");
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())

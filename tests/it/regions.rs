@@ -728,7 +728,7 @@ async fn the_script_runs_two_linked_regions_and_stops_them() {
     ];
     let mut script = Script(
         std::process::Command::new("bash")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/regions.sh"))
+            .arg(crate::common::repo_root().join("scripts/regions.sh"))
             .env("GATEWAY_BIN", env!("CARGO_BIN_EXE_gateway"))
             .env("REGION_1_LISTEN", format!("127.0.0.1:{p1}"))
             .env("REGION_2_LISTEN", format!("127.0.0.1:{p2}"))

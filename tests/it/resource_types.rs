@@ -14,18 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 /// The walkthrough's load balancer type (`examples/resource-types/loadbalancer.json`).
 fn loadbalancer() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/resource-types/loadbalancer.json"
-    );
+    let path = crate::common::repo_root().join("examples/resource-types/loadbalancer.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// The walkthrough's driver program (`examples/drivers/loadbalancer.py`).
-const DRIVER: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/examples/drivers/loadbalancer.py"
-);
+fn driver() -> std::path::PathBuf {
+    crate::common::repo_root().join("examples/drivers/loadbalancer.py")
+}
 
 async fn put_type(app: &TestApp, def: &Value) -> Answer {
     let path = format!("/v1/resource-types/{}", def["kind"].as_str().unwrap());
@@ -33,14 +29,14 @@ async fn put_type(app: &TestApp, def: &Value) -> Answer {
         .await
 }
 
-/// A `network` worker pool in `zone-a` with the exec driver running [`DRIVER`].
+/// A `network` worker pool in `zone-a` with the exec driver running [`driver`].
 async fn exec_worker(app: &TestApp, stop: CancellationToken) {
     let service = Service::named("network");
     let key = gateway::app::worker_key(&app.pool, &service, "zone-a")
         .await
         .unwrap();
     let config = app.pool_config(service, key);
-    let driver = workers::ExecDriver::new(DRIVER.into(), vec![]);
+    let driver = workers::ExecDriver::new(driver(), vec![]);
     let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
     tokio::spawn(async move {
         workers::run_pool(js, config, driver, stop).await.unwrap();

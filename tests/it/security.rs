@@ -845,8 +845,7 @@ async fn oversized_and_deeply_nested_bodies_are_refused_before_anything_is_writt
 
 #[test]
 fn the_readme_shows_the_policy_table_the_code_enforces() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = std::fs::read_to_string(crate::common::repo_root().join("README.md")).unwrap();
     assert!(
         readme.contains(&gateway::auth::policy_table()),
         "update README's Roles table:\n{}",

@@ -170,10 +170,7 @@ fn verify_with_reference_library(deliveries: &[(String, Got)]) {
         .collect();
     std::fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
     let out = std::process::Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/webhook-verify.sh"
-        ))
+        .arg(crate::common::repo_root().join("scripts/webhook-verify.sh"))
         .arg(&path)
         .output()
         .unwrap();
@@ -467,10 +464,7 @@ async fn every_delivery_verifies_with_the_reference_library_and_waits_out_a_rece
     )
     .unwrap();
     let out = std::process::Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/webhook-verify.sh"
-        ))
+        .arg(crate::common::repo_root().join("scripts/webhook-verify.sh"))
         .arg(&path)
         .output()
         .unwrap();

@@ -12,6 +12,16 @@
 //! Both speak HTTP through one [`Client`]. Tests that run real processes take
 //! [`heavy`] first.
 
+/// The checkout the tests run in: `CARGO_MANIFEST_DIR` as `cargo test` sets it when it
+/// runs the binary, not as it was when the binary was compiled. With a target directory
+/// shared between checkouts, a test binary compiled in one and run in another would
+/// otherwise read the first checkout's files (its scripts, migrations, documents).
+pub fn repo_root() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+}
+
 pub mod link;
 pub mod schema;
 mod servers;
