@@ -40,6 +40,13 @@ pub const PASS_PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
 /// request's or a report's, and those take milliseconds.
 const BUSY_RETRY: Duration = Duration::from_millis(10);
 
+/// Pause after `passes` passes in a row that left rows behind a lock: [`BUSY_RETRY`],
+/// doubling from the fourth on, so a resource held for long (an operator's open
+/// transaction) costs a pass now and then, not a hundred a second.
+fn busy_retry(passes: u32) -> Duration {
+    BUSY_RETRY.saturating_mul(1 << passes.saturating_sub(3).min(10))
+}
+
 /// What one relay needs.
 pub struct Relay {
     /// The outbox's database.
@@ -114,7 +121,7 @@ impl Relay {
 
     /// Runs passes of `work` until `shutdown`.
     async fn cycle(&self, work: Work, bell: Doorbell, shutdown: &CancellationToken) {
-        let mut failures = 0u32;
+        let (mut failures, mut busy_passes) = (0u32, 0u32);
         loop {
             let pass = match work {
                 Work::Operations => self.pass().await,
@@ -130,7 +137,13 @@ impl Relay {
                 // Marking them `dispatched` recorded events (by trigger).
                 self.wake.ring_here(&[Bell::Events]);
             }
-            let pause = match self.next_step(work, pass) {
+            let step = self.next_step(work, pass);
+            busy_passes = if matches!(step, Step::Soon) {
+                busy_passes + 1
+            } else {
+                0
+            };
+            let pause = match step {
                 Step::Again => {
                     // More may wait: another idle loop may take a batch meanwhile.
                     bell.pass_on();
@@ -143,7 +156,7 @@ impl Relay {
                 }
                 Step::Soon => {
                     failures = 0;
-                    BUSY_RETRY
+                    busy_retry(busy_passes).min(self.poll_interval)
                 }
                 Step::Retry => {
                     failures += 1;
@@ -334,7 +347,7 @@ impl Relay {
                 }
             }
         }
-        let body = serde_json::to_vec(&row.payload).expect("JSON serializes");
+        let body = row.payload.as_bytes().to_vec();
         headers.insert(signing::MSG_ID_HEADER, row.msg_id.as_str());
         for (name, value) in self.signer.sign(&row.subject, &row.msg_id, &body) {
             headers.insert(name, value.as_str());
@@ -361,6 +374,15 @@ mod tests {
         assert_eq!(super::dispatch_number(&format!("{id}.1")), Some(1));
         assert_eq!(super::dispatch_number(&format!("{id}.12")), Some(12));
         assert_eq!(super::dispatch_number(id), None);
+    }
+
+    #[test]
+    fn passes_behind_a_lock_come_back_soon_then_less_often() {
+        use super::{busy_retry, BUSY_RETRY};
+        assert_eq!(busy_retry(1), BUSY_RETRY);
+        assert_eq!(busy_retry(3), BUSY_RETRY);
+        assert_eq!(busy_retry(4), BUSY_RETRY * 2);
+        assert!(busy_retry(100) >= std::time::Duration::from_secs(10));
     }
 
     #[test]

@@ -19,8 +19,9 @@ pub struct OutboxRow {
     pub msg_id: String,
     /// Extra headers (request ID, trace context), as a JSON object of strings.
     pub headers: Value,
-    /// The message body.
-    pub payload: Value,
+    /// The message body: its JSON as PostgreSQL writes `jsonb` out, published as it is
+    /// (decoding it only to encode it again cost the relay a few microseconds a row).
+    pub payload: String,
     /// When it was written (its insert, in the transaction of the change that caused
     /// it: migration 0017).
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -87,8 +88,8 @@ pub(super) fn bind_all<'q, O>(
 /// transaction ends.
 pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as(
-        "SELECT id, operation_id, subject, msg_id, headers, payload, created_at FROM outbox
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "SELECT id, operation_id, subject, msg_id, headers, payload::text AS payload, created_at
+         FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(conn)
