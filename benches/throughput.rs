@@ -701,6 +701,47 @@ async fn histogram(http: &reqwest::Client, url: &str, name: &str, labels: &str) 
         .collect()
 }
 
+/// The total seconds and count of the gateway's answers so far, by method and route
+/// template, for the routes an operation's life takes (create, its long-poll, the
+/// workers' reports).
+async fn request_times(
+    http: &reqwest::Client,
+    url: &str,
+) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let text = metrics_text(http, url).await;
+    let mut out: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    let name = "gateway_http_request_duration_seconds_";
+    for l in text.lines().filter(|l| l.starts_with(name)) {
+        let is_sum = l.starts_with(&format!("{name}sum{{"));
+        if !is_sum && !l.starts_with(&format!("{name}count{{")) {
+            continue;
+        }
+        let label = |key: &str| {
+            let (_, rest) = l.split_once(&format!("{key}=\""))?;
+            Some(rest.split_once('"')?.0.to_owned())
+        };
+        let (Some(route), Some(method), Some((_, value))) =
+            (label("route"), label("method"), l.rsplit_once(' '))
+        else {
+            continue;
+        };
+        if !(route.contains("reports")
+            || route.ends_with("{kind}")
+            || route == "/v1/operations/{id}")
+        {
+            continue;
+        }
+        let entry = out.entry(format!("{method} {route}")).or_default();
+        let v: f64 = value.trim().parse().unwrap_or(0.0);
+        if is_sum {
+            entry.0 += v;
+        } else {
+            entry.1 += v;
+        }
+    }
+    out
+}
+
 /// The `q` quantile of cumulative buckets, linear within a bucket (as Prometheus'
 /// `histogram_quantile`); the highest finite bound if it falls in `+Inf`.
 fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
@@ -743,6 +784,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
     };
     let prefix = prefix.as_str();
     let relay_before = histogram(&b.http, &b.url, RELAY_LAG, "").await;
+    let requests_before = request_times(&b.http, &b.url).await;
     let count = (per_second * STEADY_SECONDS) as usize;
     let started = Instant::now();
     let tasks = (0..count).map(|i| async move {
@@ -771,6 +813,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
         &relay_before,
         &histogram(&b.http, &b.url, RELAY_LAG, "").await,
     );
+    let requests_after = request_times(&b.http, &b.url).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (mut lags, mut watched) = (Vec::new(), Vec::new());
     if let Some((events, watch)) = observers {
@@ -801,6 +844,15 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
         quantile(&relay, 0.5) * 1e3,
         quantile(&relay, 0.99) * 1e3
     );
+    let mut line = String::from("requests   mean time to answer:");
+    for (route, (sum, count)) in &requests_after {
+        let (sum0, count0) = requests_before.get(route).copied().unwrap_or_default();
+        if count - count0 >= 1.0 {
+            let mean = (sum - sum0) / (count - count0) * 1e3;
+            line.push_str(&format!("  {route} {mean:.1}ms ×{:.0}", count - count0));
+        }
+    }
+    println!("{line}");
     for (what, lags) in [("bus reader", lags), ("watch client", watched)] {
         if lags.is_empty() {
             continue;

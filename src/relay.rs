@@ -1,12 +1,14 @@
 //! The relay: moves outbox rows to JetStream.
 //!
 //! Each pass claims a batch with `FOR UPDATE SKIP LOCKED` (so any number of relays can
-//! run), locks the resources of its operations without waiting (a row whose resource is
-//! in use waits for a later pass: [`crate::lifecycle::dispatch::lock_for_publishing`]),
-//! publishes the rest with their acks outstanding at once (the batch size bounds the
-//! window), then deletes the rows JetStream acknowledged, marks their operations
-//! `dispatched` and records where JetStream stored each message — in the same short
-//! transaction. A crash between publish and delete leaves the rows for the
+//! run), publishes the whole batch with its acks outstanding at once (the batch size
+//! bounds the window), then deletes the rows JetStream acknowledged, marks their
+//! operations `dispatched` and records where JetStream stored each message — in the
+//! same short transaction. It locks the operations' resources for that record without
+//! waiting ([`crate::lifecycle::dispatch::lock_published`]): a row whose resource
+//! another transaction holds stays in the outbox, and a pass 10 ms later publishes it
+//! again (dropped by JetStream as a duplicate) and records it. So the relay never waits
+//! for a row lock, and holds none of a resource's while it waits for JetStream. A crash between publish and delete leaves the rows for the
 //! next pass; their fixed `Nats-Msg-Id` makes JetStream drop the second copy, and the
 //! relay counts that duplicate ack (which carries the first copy's sequence) as success.
 //!
@@ -78,7 +80,9 @@ pub struct Pass {
     pub claimed: usize,
     /// Rows JetStream acknowledged (including duplicates) and deleted.
     pub published: usize,
-    /// Rows left for a later pass because another transaction held their resource.
+    /// Rows JetStream acknowledged but left in the outbox, because another transaction
+    /// held their resource: a later pass publishes them again (JetStream drops the copy
+    /// by its `Nats-Msg-Id` and answers the first one's sequence) and records them.
     pub busy: usize,
 }
 
@@ -193,15 +197,55 @@ impl Relay {
             anyhow::bail!("NATS is not connected; the outbox keeps the messages");
         }
         let mut tx = crate::store::begin(&self.pool).await?;
-        let claimed = outbox::claim(&mut tx, self.batch_size).await?;
-        if claimed.is_empty() {
+        let rows = outbox::claim(&mut tx, self.batch_size).await?;
+        if rows.is_empty() {
             self.metrics.relay_empty_passes.inc();
             return Ok(Pass::default());
         }
-        let count = claimed.len();
-        let rows = crate::lifecycle::dispatch::lock_for_publishing(&mut tx, claimed).await?;
-        let busy = count - rows.len();
+        let results = self.publish(&rows).await;
+        self.metrics.relay_batch_size.observe(rows.len() as f64);
+        let acked_at = chrono::Utc::now();
+        let mut acked = Vec::with_capacity(rows.len());
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(seq) => acked.push((row, seq)),
+                Err(e) => {
+                    self.metrics.outbox_publish_errors.inc();
+                    tracing::warn!(msg_id = %row.msg_id, subject = %row.subject, error = %e, "relay: publish failed")
+                }
+            }
+        }
+        let ops: Vec<_> = acked
+            .iter()
+            .filter_map(|(row, _)| row.operation_id)
+            .collect();
+        let free = crate::lifecycle::dispatch::lock_published(&mut tx, &ops).await?;
+        let (mut published, mut dispatched, mut busy) = (Vec::new(), Vec::new(), 0);
+        for (row, seq) in acked {
+            if row.operation_id.is_some_and(|op| !free.contains(&op)) {
+                busy += 1;
+                continue;
+            }
+            let lag = (acked_at - row.created_at).to_std().unwrap_or_default();
+            self.metrics.relay_lag.observe(lag.as_secs_f64());
+            published.push((row.id, row.operation_id, dispatch_number(&row.msg_id), seq));
+            dispatched.extend(row.operation_id);
+        }
+        crate::lifecycle::dispatch::published(&mut tx, &published).await?;
+        tx.commit().await?;
         self.metrics.relay_busy_rows.inc_by(busy as u64);
+        self.metrics.outbox_published.inc_by(published.len() as u64);
+        self.changes.publish(&dispatched).await;
+        Ok(Pass {
+            claimed: rows.len(),
+            published: published.len(),
+            busy,
+        })
+    }
+
+    /// Publishes `rows` with their acks outstanding at once; answers each one's stream
+    /// sequence, or why it failed (all of them, past [`PASS_PUBLISH_TIMEOUT`]).
+    async fn publish(&self, rows: &[outbox::OutboxRow]) -> Vec<Result<u64, async_nats::Error>> {
         let publishes = rows.iter().map(|row| {
             let js = self.js.clone();
             async move {
@@ -216,45 +260,17 @@ impl Relay {
                 Ok::<_, async_nats::Error>(ack.sequence)
             }
         });
-        let results =
-            tokio::time::timeout(PASS_PUBLISH_TIMEOUT, futures::future::join_all(publishes))
-                .await
-                .unwrap_or_else(|_| {
-                    tracing::warn!(
-                        rows = rows.len(),
-                        "relay: publishes timed out; retrying them later"
-                    );
-                    rows.iter()
-                        .map(|_| Err("publish timed out".into()))
-                        .collect()
-                });
-        self.metrics.relay_batch_size.observe(rows.len() as f64);
-        let acked_at = chrono::Utc::now();
-        let mut published = Vec::with_capacity(rows.len());
-        let mut dispatched = Vec::with_capacity(rows.len());
-        for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok(seq) => {
-                    let lag = (acked_at - row.created_at).to_std().unwrap_or_default();
-                    self.metrics.relay_lag.observe(lag.as_secs_f64());
-                    published.push((row.id, row.operation_id, dispatch_number(&row.msg_id), seq));
-                    dispatched.extend(row.operation_id);
-                }
-                Err(e) => {
-                    self.metrics.outbox_publish_errors.inc();
-                    tracing::warn!(msg_id = %row.msg_id, subject = %row.subject, error = %e, "relay: publish failed")
-                }
-            }
-        }
-        crate::lifecycle::dispatch::published(&mut tx, &published).await?;
-        tx.commit().await?;
-        self.metrics.outbox_published.inc_by(published.len() as u64);
-        self.changes.publish(&dispatched).await;
-        Ok(Pass {
-            claimed: count,
-            published: published.len(),
-            busy,
-        })
+        tokio::time::timeout(PASS_PUBLISH_TIMEOUT, futures::future::join_all(publishes))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(
+                    rows = rows.len(),
+                    "relay: publishes timed out; retrying them later"
+                );
+                rows.iter()
+                    .map(|_| Err("publish timed out".into()))
+                    .collect()
+            })
     }
 }
 

@@ -146,41 +146,41 @@ fn message(
     })
 }
 
-/// In the relay's transaction, before it publishes `rows` (claimed from the outbox):
-/// locks the resources of their operations, as every change locks them, without
-/// waiting. Answers the rows to publish now; a row whose resource another transaction
-/// holds is left for a later pass (its claim ends with the relay's transaction).
+/// In the relay's transaction, after it published the messages of operations `ops`:
+/// locks their resources, as every change locks them, without waiting. Answers the
+/// operations whose dispatch the relay may record now; the message of any other (its
+/// resource held by a request or a report in flight: often the worker's report on this
+/// very message) stays in the outbox for a later pass.
 ///
-/// Locking before publishing means a worker's report on a message, which can only come
-/// after the publish, waits for the relay's commit: the relay never waits for a report,
-/// and never for anything else (`SKIP LOCKED`), so it cannot be part of a deadlock. The
-/// resource lock keeps each resource's events in commit order.
-pub async fn lock_for_publishing(
+/// The relay never waits for a row lock (`SKIP LOCKED`), so it is never part of a
+/// deadlock, and holds no resource's lock while it waits for JetStream. The resource
+/// lock keeps each resource's events in commit order.
+pub async fn lock_published(
     conn: &mut sqlx::PgConnection,
-    rows: Vec<outbox::OutboxRow>,
-) -> sqlx::Result<Vec<outbox::OutboxRow>> {
-    let ids: Vec<Uuid> = rows.iter().filter_map(|r| r.operation_id).collect();
-    if ids.is_empty() {
-        return Ok(rows);
+    ops: &[Uuid],
+) -> sqlx::Result<HashSet<Uuid>> {
+    if ops.is_empty() {
+        return Ok(HashSet::new());
     }
-    let mut free: HashSet<Uuid> = resources::try_lock_of_operations(conn, &ids)
+    let mut free: HashSet<Uuid> = resources::try_lock_of_operations(conn, ops)
         .await?
         .into_iter()
         .collect();
-    if free.len() < ids.len() {
-        // An operation that does not exist has no resource to lock: its message goes.
-        let busy: Vec<Uuid> = ids.into_iter().filter(|id| !free.contains(id)).collect();
+    if free.len() < ops.len() {
+        // An operation that does not exist has no resource to lock: its row goes.
+        let busy: Vec<Uuid> = ops
+            .iter()
+            .copied()
+            .filter(|id| !free.contains(id))
+            .collect();
         let existing = operations::existing(conn, &busy).await?;
         free.extend(busy.into_iter().filter(|id| !existing.contains(id)));
     }
-    Ok(rows
-        .into_iter()
-        .filter(|r| r.operation_id.is_none_or(|id| free.contains(&id)))
-        .collect())
+    Ok(free)
 }
 
 /// Records what the relay published, in its transaction, under the locks
-/// [`lock_for_publishing`] took: the outbox rows JetStream acknowledged are deleted
+/// [`lock_published`] took: the outbox rows JetStream acknowledged are deleted
 /// (with the stream sequence each message got, as `(row, operation, dispatch number,
 /// sequence)`), and their operations become `dispatched`.
 pub async fn published(

@@ -297,8 +297,9 @@ async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatch
 }
 
 /// A pass never waits for a resource another transaction holds (a request or a report
-/// in flight): it publishes the other rows and leaves that one, untouched, for a later
-/// pass, which publishes it once the resource is free.
+/// in flight): it records the rows it can, and leaves the other in the outbox, its
+/// operation untouched; a later pass, once the resource is free, publishes it again
+/// (JetStream keeps one copy, and answers the first one's sequence) and records it.
 #[tokio::test]
 async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_other() {
     use gateway::store::resources;
@@ -325,22 +326,44 @@ async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_o
         .await
         .unwrap();
     assert_eq!(left, [busy_op], "only the busy resource's row is left");
-    let state: String = sqlx::query_scalar("SELECT state FROM operations WHERE id = $1::uuid")
-        .bind(busy_op)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(state, "pending", "nothing published, nothing recorded");
+    let state = |id: String| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<i64>)>(
+                "SELECT state, stream_seq FROM operations WHERE id = $1::uuid",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(state(busy_op.into()).await, ("pending".into(), None));
     assert_eq!(relay.metrics.relay_busy_rows.get(), 1);
 
     holder.commit().await.unwrap();
     let pass = relay.pass().await.unwrap();
     assert_eq!((pass.claimed, pass.published, pass.busy), (1, 1, 0));
     assert_eq!(app.count("outbox").await, 0);
+    let (recorded, seq) = state(busy_op.into()).await;
+    assert_eq!(recorded, "dispatched");
+    let js = &app.running.as_ref().unwrap().backends.js;
+    let mut stream = js.get_stream(&app.config.nats.stream).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        2,
+        "published twice, stored once"
+    );
+    let stored = stream.get_raw_message(seq.unwrap() as u64).await.unwrap();
+    assert_eq!(
+        stored.headers.get("Nats-Msg-Id").unwrap().as_str(),
+        format!("{busy_op}.1"),
+        "the sequence recorded is the first copy's"
+    );
 }
 
-/// The relay's loop comes back by itself for a row it left because its resource was in
-/// use: nothing rings when a lock is let go.
+/// The relay's loop comes back by itself for a row it left behind a lock: nothing
+/// rings when a lock is let go.
 #[tokio::test]
 async fn the_relay_loop_comes_back_for_a_row_it_left_behind_a_lock() {
     use gateway::store::resources;
@@ -353,7 +376,7 @@ async fn the_relay_loop_comes_back_for_a_row_it_left_behind_a_lock() {
     let mut holder = app.pool.begin().await.unwrap();
     resources::lock(&mut holder, resource_id).await.unwrap();
     let relay = Relay {
-        // Far longer than the test waits: only the retry of a busy row can publish it.
+        // Far longer than the test waits: only the retry of a busy row can record it.
         poll_interval: Duration::from_secs(600),
         ..relay_for(&app)
     };
@@ -370,12 +393,56 @@ async fn the_relay_loop_comes_back_for_a_row_it_left_behind_a_lock() {
     while app.count("outbox").await > 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the row was never published"
+            "the row was never recorded"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     shutdown.cancel();
     running.await.unwrap();
+}
+
+/// While JetStream takes its time to acknowledge, the relay holds no resource's lock: a
+/// request on a resource whose dispatch is being published (a cancellation, a change)
+/// does not wait for the acks.
+#[tokio::test]
+async fn a_request_on_a_resource_being_published_does_not_wait_for_jetstream() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let resource_id: uuid::Uuid = op["resource_id"].as_str().unwrap().parse().unwrap();
+    // A subject no stream takes but a silent subscriber does: the publish waits for an
+    // ack that never comes, until the JetStream context's timeout.
+    let js = app.running.as_ref().unwrap().backends.js.clone();
+    let silent = format!("slow-{}", common::unique());
+    let _sub = js.client().subscribe(format!("{silent}.>")).await.unwrap();
+    sqlx::query("UPDATE outbox SET subject = $1 || '.' || subject")
+        .bind(&silent)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let relay = relay_for(&app);
+    let pass = tokio::spawn(async move { relay.pass().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pass.is_finished(),
+        "the publish is still waiting for its ack"
+    );
+    let mut other = app.pool.begin().await.unwrap();
+    let locked = tokio::time::timeout(
+        Duration::from_secs(2),
+        gateway::store::resources::lock(&mut other, resource_id),
+    )
+    .await;
+    assert!(
+        locked.is_ok(),
+        "the relay held the resource while it waited"
+    );
+    other.commit().await.unwrap();
+    let pass = pass.await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (1, 0), "the ack never came");
+    assert_eq!(app.count("outbox").await, 1, "nothing is lost");
 }
 
 /// An outbox row is stamped when it is written, not when its transaction began, so the
