@@ -24,6 +24,16 @@ pub fn relay_for(app: &common::TestApp) -> Relay {
     }
 }
 
+/// A VM `name` created in a new tenant: its `create` operation and its resource's ID.
+async fn a_vm(app: &common::TestApp, name: &str) -> (serde_json::Value, uuid::Uuid) {
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", name, "zone-a", example_spec("vms"))
+        .await;
+    let resource = op["resource_id"].as_str().unwrap().parse().unwrap();
+    (op, resource)
+}
+
 #[tokio::test]
 async fn resource_operation_and_outbox_row_commit_together_or_not_at_all() {
     let app = spawn_with(Options::api_only()).await;
@@ -263,12 +273,8 @@ async fn rows_jetstream_refused_stay_unchanged_beside_those_it_took() {
 async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatched() {
     use gateway::store::{operations, outbox, resources};
     let app = spawn_with(Options::api_only()).await;
-    let tenant = app.tenant().await;
-    let op = app
-        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
-        .await;
+    let (op, resource_id) = a_vm(&app, "web").await;
     let op_id: uuid::Uuid = op["id"].as_str().unwrap().parse().unwrap();
-    let resource_id: uuid::Uuid = op["resource_id"].as_str().unwrap().parse().unwrap();
     let row_id: i64 = sqlx::query_scalar("SELECT id FROM outbox")
         .fetch_one(&app.pool)
         .await
@@ -368,11 +374,7 @@ async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_o
 async fn the_relay_loop_comes_back_for_a_row_it_left_behind_a_lock() {
     use gateway::store::resources;
     let app = spawn_with(Options::api_only()).await;
-    let tenant = app.tenant().await;
-    let op = app
-        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
-        .await;
-    let resource_id: uuid::Uuid = op["resource_id"].as_str().unwrap().parse().unwrap();
+    let (_, resource_id) = a_vm(&app, "web").await;
     let mut holder = app.pool.begin().await.unwrap();
     resources::lock(&mut holder, resource_id).await.unwrap();
     let relay = Relay {
@@ -407,11 +409,7 @@ async fn the_relay_loop_comes_back_for_a_row_it_left_behind_a_lock() {
 #[tokio::test]
 async fn a_request_on_a_resource_being_published_does_not_wait_for_jetstream() {
     let app = spawn_with(Options::api_only()).await;
-    let tenant = app.tenant().await;
-    let op = app
-        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
-        .await;
-    let resource_id: uuid::Uuid = op["resource_id"].as_str().unwrap().parse().unwrap();
+    let (_, resource_id) = a_vm(&app, "web").await;
     // A subject no stream takes but a silent subscriber does: the publish waits for an
     // ack that never comes, until the JetStream context's timeout.
     let js = app.running.as_ref().unwrap().backends.js.clone();
