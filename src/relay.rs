@@ -6,8 +6,8 @@
 //! operations `dispatched` and records where JetStream stored each message — in the
 //! same short transaction. It locks the operations' resources for that record without
 //! waiting ([`crate::lifecycle::dispatch::lock_published`]): a row whose resource
-//! another transaction holds stays in the outbox, and a pass 10 ms later publishes it
-//! again (dropped by JetStream as a duplicate) and records it. So the relay never waits
+//! another transaction holds stays in the outbox with the stream sequence it got, and a
+//! pass 10 ms later records it without publishing it again. So the relay never waits
 //! for a row lock, and holds none of a resource's while it waits for JetStream. A crash between publish and delete leaves the rows for the
 //! next pass; their fixed `Nats-Msg-Id` makes JetStream drop the second copy, and the
 //! relay counts that duplicate ack (which carries the first copy's sequence) as success.
@@ -81,8 +81,8 @@ pub struct Pass {
     /// Rows JetStream acknowledged (including duplicates) and deleted.
     pub published: usize,
     /// Rows JetStream acknowledged but left in the outbox, because another transaction
-    /// held their resource: a later pass publishes them again (JetStream drops the copy
-    /// by its `Nats-Msg-Id` and answers the first one's sequence) and records them.
+    /// held their resource: they keep the sequence JetStream gave them, and a later pass
+    /// records them without publishing them again.
     pub busy: usize,
 }
 
@@ -202,14 +202,26 @@ impl Relay {
             self.metrics.relay_empty_passes.inc();
             return Ok(Pass::default());
         }
-        let results = self.publish(&rows).await;
+        // Rows an earlier pass published but could not record are not published again.
+        let fresh: Vec<&outbox::OutboxRow> =
+            rows.iter().filter(|r| r.published_seq.is_none()).collect();
+        let mut sent = self.publish(&fresh).await.into_iter();
+        let results: Vec<_> = rows
+            .iter()
+            .map(|row| match row.published_seq {
+                Some(seq) => Ok(u64::try_from(seq).unwrap_or_default()),
+                None => sent.next().expect("one result per row published"),
+            })
+            .collect();
         self.metrics.relay_batch_size.observe(rows.len() as f64);
         let acked_at = chrono::Utc::now();
         let mut acked = Vec::with_capacity(rows.len());
+        let mut failed = 0;
         for (row, result) in rows.iter().zip(results) {
             match result {
                 Ok(seq) => acked.push((row, seq)),
                 Err(e) => {
+                    failed += 1;
                     self.metrics.outbox_publish_errors.inc();
                     tracing::warn!(msg_id = %row.msg_id, subject = %row.subject, error = %e, "relay: publish failed")
                 }
@@ -220,10 +232,12 @@ impl Relay {
             .filter_map(|(row, _)| row.operation_id)
             .collect();
         let free = crate::lifecycle::dispatch::lock_published(&mut tx, &ops).await?;
-        let (mut published, mut dispatched, mut busy) = (Vec::new(), Vec::new(), 0);
+        let (mut published, mut dispatched, mut busy) = (Vec::new(), Vec::new(), Vec::new());
         for (row, seq) in acked {
             if row.operation_id.is_some_and(|op| !free.contains(&op)) {
-                busy += 1;
+                if row.published_seq.is_none() {
+                    busy.push((row.id, seq));
+                }
                 continue;
             }
             let lag = (acked_at - row.created_at).to_std().unwrap_or_default();
@@ -232,7 +246,11 @@ impl Relay {
             dispatched.extend(row.operation_id);
         }
         crate::lifecycle::dispatch::published(&mut tx, &published).await?;
+        if !busy.is_empty() {
+            outbox::keep_published(&mut tx, &busy).await?;
+        }
         tx.commit().await?;
+        let busy = rows.len() - published.len() - failed;
         self.metrics.relay_busy_rows.inc_by(busy as u64);
         self.metrics.outbox_published.inc_by(published.len() as u64);
         self.changes.publish(&dispatched).await;
@@ -245,8 +263,8 @@ impl Relay {
 
     /// Publishes `rows` with their acks outstanding at once; answers each one's stream
     /// sequence, or why it failed (all of them, past [`PASS_PUBLISH_TIMEOUT`]).
-    async fn publish(&self, rows: &[outbox::OutboxRow]) -> Vec<Result<u64, async_nats::Error>> {
-        let publishes = rows.iter().map(|row| {
+    async fn publish(&self, rows: &[&outbox::OutboxRow]) -> Vec<Result<u64, async_nats::Error>> {
+        let publishes = rows.iter().map(|&row| {
             let js = self.js.clone();
             async move {
                 let (headers, body) = self.message(row);

@@ -25,6 +25,9 @@ pub struct OutboxRow {
     /// When it was written (its insert, in the transaction of the change that caused
     /// it: migration 0017).
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// The stream sequence JetStream acknowledged it at, when an earlier pass published
+    /// it but could not record it (its resource was in use): it is not published again.
+    pub published_seq: Option<i64>,
 }
 
 /// A message to write.
@@ -88,7 +91,8 @@ pub(super) fn bind_all<'q, O>(
 /// transaction ends.
 pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as(
-        "SELECT id, operation_id, subject, msg_id, headers, payload::text AS payload, created_at
+        "SELECT id, operation_id, subject, msg_id, headers, payload::text AS payload, created_at,
+             published_seq
          FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
@@ -102,6 +106,25 @@ pub async fn delete(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<()> {
         .bind(ids)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// Keeps, on messages JetStream acknowledged but whose dispatch could not be recorded
+/// yet, the stream sequence each got (`(outbox id, sequence)`), so a later pass records
+/// them without publishing them again.
+pub async fn keep_published(conn: &mut PgConnection, rows: &[(i64, u64)]) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE outbox o SET published_seq = v.seq
+         FROM UNNEST($1::bigint[], $2::bigint[]) AS v(id, seq) WHERE o.id = v.id",
+    )
+    .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| i64::try_from(r.1).unwrap_or(i64::MAX))
+            .collect::<Vec<_>>(),
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
