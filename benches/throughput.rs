@@ -21,7 +21,9 @@
 //!    then at a steady quarter and half of the burst's rate; with the lag from a change's commit to
 //!    its event reaching a reader of the events stream (on NATS) and a watch client
 //!    (server-sent events through the gateway's API); then half the rate again without
-//!    those two readers, under the burst's own load.
+//!    those two readers, under the burst's own load. Each steady phase also prints the
+//!    gateway's mean time to answer for the routes an operation's life takes (create,
+//!    long-poll, single and batched reports), from its own request histogram.
 //!
 //! 5. **Growth** (`BENCH_GROWTH=1`): submit, reads and a list page through the gateway,
 //!    then the same with 1,000,000 (`BENCH_GROWTH_ROWS`) more live resources and
