@@ -22,6 +22,13 @@ use tokio::time::Instant;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
+/// The route of a worker's report on one operation. A report in a batch
+/// (`POST /v1/reports`) is audited as a request to it.
+pub(super) const REPORT_ROUTE: &str = "/v1/operations/{id}/reports";
+
+/// The audit action of a request to [`REPORT_ROUTE`]: method and route template.
+pub(super) const REPORT_ACTION: &str = "POST /v1/operations/{id}/reports";
+
 /// Seconds a client should wait before polling an unfinished operation again.
 pub const POLL_AFTER_SECS: u64 = 1;
 
@@ -29,7 +36,7 @@ pub const POLL_AFTER_SECS: u64 = 1;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/operations/{id}", get(read))
-        .route("/v1/operations/{id}/reports", post(report))
+        .route(REPORT_ROUTE, post(report))
         .route("/v1/operations/{id}/cancel", post(cancel))
         .route("/v1/tenants/{tenant}/operations", get(list))
 }

@@ -73,8 +73,19 @@ pub async fn reports(
         let e = super::operations::operation_error(e);
         (e.status.as_u16(), e)
     };
-    let outcomes =
-        report::apply_batch(&state.engine, &principal, audit, &body.reports, refuse).await?;
+    let each = report::AuditedAs {
+        action: super::operations::REPORT_ACTION,
+        target: |id| super::operations::REPORT_ROUTE.replace("{id}", &id.to_string()),
+    };
+    let outcomes = report::apply_batch(
+        &state.engine,
+        &principal,
+        audit,
+        &body.reports,
+        each,
+        refuse,
+    )
+    .await?;
     let results = body
         .reports
         .iter()

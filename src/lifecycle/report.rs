@@ -43,13 +43,14 @@ pub async fn apply(
 /// operations (each only ever locked under its resource's lock).
 ///
 /// `refuse` turns a refusal into the caller's error and the status it answers. Each
-/// report is audited as the single-report request it stands for, with that status and
-/// the request ID it carries.
+/// report is audited as the single-report request it stands for (`each`), with that
+/// status and the request ID it carries.
 pub async fn apply_batch<R>(
     engine: &Engine,
     principal: &Principal,
     audit: super::Audit<'_>,
     reports: &[BatchedReport],
+    each: AuditedAs,
     refuse: impl Fn(LifecycleError) -> (u16, R),
 ) -> Result<Vec<Result<ReportAck, R>>, LifecycleError> {
     let mut txn = Txn::begin(engine).await?;
@@ -89,8 +90,8 @@ pub async fn apply_batch<R>(
         };
         txn.audit_part(AuditPart {
             tenant: tenant.as_deref(),
-            action: "POST /v1/operations/{id}/reports",
-            target: format!("/v1/operations/{}/reports", item.operation_id),
+            action: each.action,
+            target: (each.target)(item.operation_id),
             status,
             request_id: item.request_id.as_deref(),
         });
@@ -99,6 +100,16 @@ pub async fn apply_batch<R>(
     held.record(&mut txn).await?;
     txn.commit().await?;
     Ok(results)
+}
+
+/// How each report of a batch is audited: as the request on its own operation that it
+/// stands for (the API names that request; this layer knows no routes).
+#[derive(Debug, Clone, Copy)]
+pub struct AuditedAs {
+    /// Method and route template, e.g. `POST /v1/operations/{id}/reports`.
+    pub action: &'static str,
+    /// The concrete path of that request for operation `id`.
+    pub target: fn(Uuid) -> String,
 }
 
 /// The starts and ends of a batch's operations not yet written. They are written
