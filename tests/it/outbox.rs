@@ -305,7 +305,7 @@ async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatch
 /// A pass never waits for a resource another transaction holds (a request or a report
 /// in flight): it records the rows it can, and leaves the other in the outbox with the
 /// sequence JetStream gave it, its operation untouched; a later pass, once the resource
-/// is free, records it without publishing it again (past JetStream's two-minute
+/// is free, records it without publishing it again (past the stream's 15-minute
 /// duplicate window, a second publish would be a second message).
 #[tokio::test]
 async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_other() {
