@@ -8,9 +8,11 @@
 //! waiting ([`crate::lifecycle::dispatch::lock_published`]): a row whose resource
 //! another transaction holds stays in the outbox with the stream sequence it got, and a
 //! pass 10 ms later records it without publishing it again. So the relay never waits
-//! for a row lock, and holds none of a resource's while it waits for JetStream. A crash between publish and delete leaves the rows for the
-//! next pass; their fixed `Nats-Msg-Id` makes JetStream drop the second copy, and the
-//! relay counts that duplicate ack (which carries the first copy's sequence) as success.
+//! for a row lock, and holds none of a resource's while it waits for JetStream.
+//!
+//! A crash between publish and delete leaves the rows for the next pass; their fixed
+//! `Nats-Msg-Id` makes JetStream drop the second copy, and the relay counts that
+//! duplicate ack (which carries the first copy's sequence) as success.
 //!
 //! Transactions stay short: a pass claims nothing while NATS is disconnected (rows
 //! would only sit locked behind a buffered publish), and the publishes of one pass are
