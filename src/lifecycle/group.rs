@@ -2,7 +2,7 @@
 //!
 //! A create that has passed its in-process checks joins a queue. One of a few *lanes*
 //! (a semaphore; [`LANES`]) takes everything queued, up to the configured batch size,
-//! and records it in one transaction ([`super::creates::together`]): one statement per
+//! and records it in one transaction (`creates::together`): one statement per
 //! table for the whole batch instead of a round trip per row. Nothing waits for a batch
 //! to fill: a create that finds a lane free goes at once, alone; batches form from the
 //! creates that arrive while every lane is busy, so their size follows the load.
@@ -12,7 +12,7 @@
 //! that create and leaves its neighbours alone. Any other failure of the batch's
 //! transaction — a name another write took, a tenant deleted meanwhile, a lost
 //! connection — rolls all of it back, and each of its creates is then recorded alone
-//! ([`super::submit::create_alone`]), so only the one at fault is refused.
+//! (`submit::create_alone`), so only the one at fault is refused.
 //!
 //! **Who does the work.** The waiting requests themselves: a create that finds its
 //! entry still queued and a lane free takes the queue and spawns the batch as a task of

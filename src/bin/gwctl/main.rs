@@ -483,7 +483,7 @@ enum WebhookCmd {
 enum QuotaCmd {
     /// Shows the tenant's limits and usage.
     Get,
-    /// Replaces the tenant's limits (admins): DIMENSION[:KIND[:ZONE]]=LIMIT, `*` for any.
+    /// Replaces the tenant's limits (admins): `DIMENSION[:KIND[:ZONE]]=LIMIT`, `*` for any.
     Set {
         /// For example vcpus=64, count:vm=10, storage_gb:volume:zone-a=500.
         #[arg(value_parser = parse_limit)]
