@@ -25,7 +25,7 @@
 //! | `gateway_relay_batch_size` | histogram | | rows claimed per relay pass |
 //! | `gateway_relay_lag_seconds` | histogram | | outbox row written (its insert, not its transaction's start) to JetStream ack |
 //! | `gateway_relay_empty_passes_total` | counter | | relay passes for dispatches that found nothing to publish (a ring another loop answered, a poll); idle work, not a fault |
-//! | `gateway_relay_busy_rows_total` | counter | | outbox rows a relay pass claimed but left for a later one, because another transaction held their resource at that moment; not a fault |
+//! | `gateway_relay_busy_rows_total` | counter | | outbox rows a relay pass published (or found published by an earlier one) but could not record, because another transaction held their resource at that moment; a later pass records them without publishing them again; not a fault |
 //! | `gateway_write_batch_size` | histogram | | creates recorded per group-commit transaction |
 //! | `gateway_write_batch_failures_total` | counter | | group-commit transactions that failed, whose creates were then recorded one by one |
 //! | `gateway_events_pending` | gauge | | events recorded and not yet published |
@@ -600,12 +600,12 @@ impl Inner {
         );
         r.register(
             "relay_busy_rows",
-            "Outbox rows left for a later relay pass because their resource was in use",
+            "Published outbox rows left for a later relay pass to record because their resource was in use",
             self.relay_busy_rows.clone(),
         );
         r.register(
             "relay_lag_seconds",
-            "Time from an outbox row's commit to JetStream's ack",
+            "Time from an outbox row's insert to JetStream's ack",
             self.relay_lag.clone(),
         );
     }

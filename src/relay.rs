@@ -233,10 +233,10 @@ impl Relay {
             .iter()
             .filter_map(|(row, _)| row.operation_id)
             .collect();
-        let free = crate::lifecycle::dispatch::lock_published(&mut tx, &ops).await?;
+        let held = crate::lifecycle::dispatch::lock_published(&mut tx, &ops).await?;
         let (mut published, mut dispatched, mut busy) = (Vec::new(), Vec::new(), Vec::new());
         for (row, seq) in acked {
-            if row.operation_id.is_some_and(|op| !free.contains(&op)) {
+            if row.operation_id.is_some_and(|op| held.contains(&op)) {
                 if row.published_seq.is_none() {
                     busy.push((row.id, seq));
                 }

@@ -148,9 +148,9 @@ fn message(
 
 /// In the relay's transaction, after it published the messages of operations `ops`:
 /// locks their resources, as every change locks them, without waiting. Answers the
-/// operations whose dispatch the relay may record now; the message of any other (its
-/// resource held by a request or a report in flight: often the worker's report on this
-/// very message) stays in the outbox for a later pass.
+/// operations whose resources another transaction holds (a request or a report in
+/// flight: often the worker's report on this very message): their messages stay in the
+/// outbox for a later pass to record. The others' dispatches may be recorded now.
 ///
 /// The relay never waits for a row lock (`SKIP LOCKED`), so it is never part of a
 /// deadlock, and holds no resource's lock while it waits for JetStream. The resource
@@ -162,21 +162,10 @@ pub async fn lock_published(
     if ops.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut free: HashSet<Uuid> = resources::try_lock_of_operations(conn, ops)
+    Ok(resources::try_lock_of_operations(conn, ops)
         .await?
         .into_iter()
-        .collect();
-    if free.len() < ops.len() {
-        // An operation that does not exist has no resource to lock: its row goes.
-        let busy: Vec<Uuid> = ops
-            .iter()
-            .copied()
-            .filter(|id| !free.contains(id))
-            .collect();
-        let existing = operations::existing(conn, &busy).await?;
-        free.extend(busy.into_iter().filter(|id| !existing.contains(id)));
-    }
-    Ok(free)
+        .collect())
 }
 
 /// Records what the relay published, in its transaction, under the locks

@@ -644,11 +644,3 @@ pub async fn expire_idempotency_keys(
     .await?
     .rows_affected())
 }
-
-/// Which of operations `ids` exist.
-pub async fn existing(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar("SELECT id FROM operations WHERE id = ANY($1)")
-        .bind(ids)
-        .fetch_all(conn)
-        .await
-}

@@ -180,16 +180,18 @@ pub async fn lock_of_operations(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::
 }
 
 /// Locks, without waiting, the resources of operations `ids` that no other transaction
-/// holds, for the rest of the transaction; answers the operations whose resources it
-/// locked. An operation missing from the answer has its resource in use (or does not
-/// exist: [`super::operations::existing`] tells which).
+/// holds, for the rest of the transaction; answers the operations whose resources are
+/// held by another one (and so are not locked). An ID that names no operation is in
+/// neither set: it has no resource to lock.
 pub async fn try_lock_of_operations(
     conn: &mut PgConnection,
     ids: &[Uuid],
 ) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar(
-        "SELECT o.id FROM operations o JOIN resources r ON r.id = o.resource_id
-         WHERE o.id = ANY($1) FOR NO KEY UPDATE OF r SKIP LOCKED",
+        "SELECT o.id FROM operations o
+         WHERE o.id = ANY($1)
+           AND (SELECT r.id FROM resources r WHERE r.id = o.resource_id
+                FOR NO KEY UPDATE SKIP LOCKED) IS NULL",
     )
     .bind(ids)
     .fetch_all(conn)

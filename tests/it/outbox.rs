@@ -376,6 +376,25 @@ async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_o
     );
 }
 
+/// A row naming no operation (written by hand, or by an older tool) has no resource to
+/// wait for: it is published and deleted like any other, not left behind forever.
+#[tokio::test]
+async fn a_row_naming_no_operation_is_published_not_held_back() {
+    let app = spawn_with(Options::api_only()).await;
+    let subject = format!("{}.vm.zone-a", app.config.nats.subject_prefix);
+    sqlx::query(
+        "INSERT INTO outbox (operation_id, subject, msg_id, payload)
+         VALUES (gen_random_uuid(), $1, 'orphan', '{}')",
+    )
+    .bind(&subject)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let pass = relay_for(&app).pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published, pass.busy), (1, 1, 0));
+    assert_eq!(app.count("outbox").await, 0);
+}
+
 /// The relay's loop comes back by itself for a row it left behind a lock: nothing
 /// rings when a lock is let go.
 #[tokio::test]
