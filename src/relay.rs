@@ -204,17 +204,7 @@ impl Relay {
             self.metrics.relay_empty_passes.inc();
             return Ok(Pass::default());
         }
-        // Rows an earlier pass published but could not record are not published again.
-        let fresh: Vec<&outbox::OutboxRow> =
-            rows.iter().filter(|r| r.published_seq.is_none()).collect();
-        let mut sent = self.publish(&fresh).await.into_iter();
-        let results: Vec<_> = rows
-            .iter()
-            .map(|row| match row.published_seq {
-                Some(seq) => Ok(u64::try_from(seq).unwrap_or_default()),
-                None => sent.next().expect("one result per row published"),
-            })
-            .collect();
+        let results = self.publish(&rows).await;
         self.metrics.relay_batch_size.observe(rows.len() as f64);
         let acked_at = chrono::Utc::now();
         let mut acked = Vec::with_capacity(rows.len());
@@ -264,11 +254,17 @@ impl Relay {
     }
 
     /// Publishes `rows` with their acks outstanding at once; answers each one's stream
-    /// sequence, or why it failed (all of them, past [`PASS_PUBLISH_TIMEOUT`]).
-    async fn publish(&self, rows: &[&outbox::OutboxRow]) -> Vec<Result<u64, async_nats::Error>> {
-        let publishes = rows.iter().map(|&row| {
+    /// sequence, or why it failed (every publish still out past
+    /// [`PASS_PUBLISH_TIMEOUT`]). A row an earlier pass published but could not record
+    /// is not published again: it answers the sequence it kept.
+    async fn publish(&self, rows: &[outbox::OutboxRow]) -> Vec<Result<u64, async_nats::Error>> {
+        let kept = |row: &outbox::OutboxRow| row.published_seq.map(|seq| seq as u64);
+        let publishes = rows.iter().map(|row| {
             let js = self.js.clone();
             async move {
+                if let Some(seq) = kept(row) {
+                    return Ok(seq);
+                }
                 let (headers, body) = self.message(row);
                 let ack = js
                     .publish_with_headers(row.subject.clone(), headers, body.into())
@@ -288,7 +284,7 @@ impl Relay {
                     "relay: publishes timed out; retrying them later"
                 );
                 rows.iter()
-                    .map(|_| Err("publish timed out".into()))
+                    .map(|row| kept(row).ok_or_else(|| "publish timed out".into()))
                     .collect()
             })
     }
