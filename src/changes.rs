@@ -9,6 +9,13 @@
 //! duplicate costs one read and a lost one costs at most the waiter's safety re-check
 //! (and, for the cache, an entry kept to the end of its short life). Only the waiters
 //! of the changed operation are woken.
+//!
+//! An announcement also names the operations that **ended** in it, so a long-poll
+//! waiting for its operation to end (`until=done`) re-reads only when it may have: an
+//! operation's life announces three or four changes (`dispatched`, `running`, its end),
+//! and one read at the end replaces three. A process that names the ends says so
+//! ([`ENDS_NAMED`]); an announcement without that line (from an older replica, during a
+//! rolling upgrade) may have ended any of its operations, and is re-read as before.
 
 use crate::readcache::ReadCache;
 use bytes::Bytes;
@@ -25,6 +32,13 @@ use uuid::Uuid;
 /// own (its waiters were told directly). Other lines are operation IDs; a receiver that
 /// does not know this line ignores it as it ignores anything that is not an ID.
 const FROM: &str = "from ";
+
+/// A line of an announcement saying that it names every operation that ended in it
+/// with an [`ENDED`] line (older receivers ignore both, as any line that is not an ID).
+const ENDS_NAMED: &str = "ends named";
+
+/// `ended <id>`: operation `id`, also on a line of its own, reached a final state.
+const ENDED: &str = "ended ";
 
 /// The notifier. Cheap to clone.
 ///
@@ -47,6 +61,8 @@ pub struct Changes {
 /// The waiters of one operation.
 struct Waiting {
     notify: Arc<Notify>,
+    /// Announcements that may have ended the operation, so far.
+    ends: Arc<AtomicU64>,
     count: usize,
 }
 
@@ -100,33 +116,43 @@ impl Changes {
         let mut waiters = self.waiters.lock().expect("change waiters");
         let entry = waiters.entry(id).or_insert_with(|| Waiting {
             notify: Arc::new(Notify::new()),
+            ends: Arc::default(),
             count: 0,
         });
         entry.count += 1;
         Interest {
             id,
             notify: entry.notify.clone(),
+            seen_ends: AtomicU64::new(entry.ends.load(Ordering::Acquire)),
+            ends: entry.ends.clone(),
             waiters: self.waiters.clone(),
         }
     }
 
-    /// Drops the cached rows of `ids`, then wakes this process's waiters of them.
-    fn wake(&self, ids: impl IntoIterator<Item = Uuid> + Clone) {
-        self.cache.invalidate(ids.clone());
+    /// Drops the cached rows of `ids`, then wakes this process's waiters of them. Of
+    /// those, `ended` (when known: `None` if the announcement did not say) reached a
+    /// final state.
+    fn wake(&self, ids: &[Uuid], ended: Option<&[Uuid]>) {
+        self.cache.invalidate(ids.iter().copied());
         let waiters = self.waiters.lock().expect("change waiters");
         if waiters.is_empty() {
             return;
         }
         for id in ids {
-            if let Some(w) = waiters.get(&id) {
+            if let Some(w) = waiters.get(id) {
+                if ended.is_none_or(|ended| ended.contains(id)) {
+                    // Counted before the wake-up, which the waiter reads it after.
+                    w.ends.fetch_add(1, Ordering::Release);
+                }
                 w.notify.notify_waiters();
             }
         }
     }
 
-    /// Announces that `ids` changed. Best effort; never blocks the caller for long.
-    pub async fn publish(&self, ids: &[Uuid]) {
-        self.wake(ids.iter().copied());
+    /// Announces that `ids` changed and that, of them, `ended` reached a final state.
+    /// Best effort; never blocks the caller for long.
+    pub async fn publish(&self, ids: &[Uuid], ended: &[Uuid]) {
+        self.wake(ids, Some(ended));
         if let Some((client, subject)) = &self.remote {
             if client.connection_state() != async_nats::connection::State::Connected {
                 return;
@@ -134,13 +160,10 @@ impl Changes {
             if ids.is_empty() {
                 return;
             }
-            announce(
-                client,
-                subject,
-                &self.origin,
-                ids.iter().map(Uuid::to_string),
-            )
-            .await;
+            let lines = std::iter::once(ENDS_NAMED.to_owned())
+                .chain(ids.iter().map(Uuid::to_string))
+                .chain(ended.iter().map(|id| format!("{ENDED}{id}")));
+            announce(client, subject, &self.origin, lines).await;
         }
     }
 
@@ -155,10 +178,35 @@ impl Changes {
             return;
         };
         hear(sub, &self.origin, shutdown, |lines| {
-            let ids: Vec<Uuid> = lines.filter_map(|l| l.parse().ok()).collect();
-            self.wake(ids);
+            let heard = Heard::read(lines);
+            self.wake(&heard.ids, heard.ends_named.then_some(&heard.ended));
         })
         .await;
+    }
+}
+
+/// What an announcement from another process said.
+#[derive(Debug, Default)]
+struct Heard {
+    ids: Vec<Uuid>,
+    ended: Vec<Uuid>,
+    /// It names every operation that ended in it.
+    ends_named: bool,
+}
+
+impl Heard {
+    fn read(lines: &mut dyn Iterator<Item = &str>) -> Self {
+        let mut heard = Self::default();
+        for line in lines {
+            if line == ENDS_NAMED {
+                heard.ends_named = true;
+            } else if let Some(id) = line.strip_prefix(ENDED) {
+                heard.ended.extend(id.parse::<Uuid>().ok());
+            } else if let Ok(id) = line.parse() {
+                heard.ids.push(id);
+            }
+        }
+        heard
     }
 }
 
@@ -166,6 +214,10 @@ impl Changes {
 pub struct Interest {
     id: Uuid,
     notify: Arc<Notify>,
+    /// The operation's count of announcements that may have ended it, and the count
+    /// this waiter has seen.
+    ends: Arc<AtomicU64>,
+    seen_ends: AtomicU64,
     waiters: Arc<Mutex<HashMap<Uuid, Waiting>>>,
 }
 
@@ -175,6 +227,15 @@ impl Interest {
     /// between the read and the wait is not missed.
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
+    }
+
+    /// Whether an announcement since this waiter registered, or since it last asked,
+    /// may have ended the operation: one that named it as ended, or one that did not
+    /// say which ended. Each waiter keeps its own count, so several long-polls on one
+    /// operation all learn of its end.
+    pub fn may_have_ended(&self) -> bool {
+        let now = self.ends.load(Ordering::Acquire);
+        self.seen_ends.swap(now, Ordering::Relaxed) != now
     }
 }
 
@@ -434,7 +495,7 @@ mod tests {
         tokio::pin!(woken_a, woken_b);
         woken_a.as_mut().enable();
         woken_b.as_mut().enable();
-        changes.publish(&[a]).await;
+        changes.publish(&[a], &[]).await;
         let quick = Duration::from_millis(50);
         assert!(tokio::time::timeout(quick, woken_a).await.is_ok());
         assert!(tokio::time::timeout(quick, woken_b).await.is_err());
@@ -449,9 +510,47 @@ mod tests {
         tokio::pin!(woken);
         woken.as_mut().enable();
         // (the waiter reads the operation here; the change lands meanwhile)
-        changes.publish(&[id]).await;
+        changes.publish(&[id], &[]).await;
         let quick = Duration::from_millis(50);
         assert!(tokio::time::timeout(quick, woken).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn every_waiter_learns_of_an_end_and_of_nothing_else() {
+        let changes = Changes::default();
+        let id = Uuid::new_v4();
+        let (first, second) = (changes.interest(id), changes.interest(id));
+        changes.publish(&[id], &[]).await;
+        assert!(!first.may_have_ended() && !second.may_have_ended());
+        changes.publish(&[id], &[id]).await;
+        assert!(first.may_have_ended() && second.may_have_ended());
+        // Each heard it once.
+        assert!(!first.may_have_ended() && !second.may_have_ended());
+        // A waiter that comes later does not hear an end announced before it came.
+        assert!(!changes.interest(id).may_have_ended());
+    }
+
+    #[test]
+    fn an_announcement_says_whether_it_names_its_ends() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let new = format!("{ENDS_NAMED}\n{a}\n{b}\n{ENDED}{b}\nsomething else");
+        let heard = Heard::read(&mut new.lines());
+        assert!(heard.ends_named);
+        assert_eq!((heard.ids, heard.ended), (vec![a, b], vec![b]));
+        let old = format!("{a}\n{b}");
+        let heard = Heard::read(&mut old.lines());
+        assert!(!heard.ends_named);
+        assert_eq!(heard.ids, vec![a, b]);
+    }
+
+    #[tokio::test]
+    async fn an_announcement_that_does_not_name_its_ends_may_have_ended_each_operation() {
+        let changes = Changes::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let (on_a, on_b) = (changes.interest(a), changes.interest(b));
+        changes.wake(&[a], None);
+        assert!(on_a.may_have_ended());
+        assert!(!on_b.may_have_ended(), "only the operations it names");
     }
 
     #[tokio::test]

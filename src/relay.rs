@@ -245,7 +245,7 @@ impl Relay {
         let busy = rows.len() - published.len() - failed;
         self.metrics.relay_busy_rows.inc_by(busy as u64);
         self.metrics.outbox_published.inc_by(published.len() as u64);
-        self.changes.publish(&dispatched).await;
+        self.changes.publish(&dispatched, &[]).await;
         Ok(Pass {
             claimed: rows.len(),
             published: published.len(),

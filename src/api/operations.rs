@@ -155,20 +155,27 @@ pub async fn read(
         let initial = op.state;
         let until = q.until.unwrap_or_default();
         loop {
-            let changed = interest.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
             let moved = until == Until::Changed && op.state != initial;
             if op.state.is_terminal() || moved || Instant::now() >= deadline {
                 break;
             }
+            let changed = interest.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let recheck = tokio::time::sleep_until(deadline.min(Instant::now() + RECHECK));
-            tokio::select! {
-                _ = changed => {}
-                _ = recheck => {}
+            // Waiting for the end, a change that did not end the operation is not read:
+            // the re-read at the deadline (or the safety re-check) answers its state.
+            // An end announced since the last read, even before `changed` was enabled,
+            // is in the interest's count.
+            let reread = interest.may_have_ended()
+                || tokio::select! {
+                    _ = changed => until == Until::Changed || interest.may_have_ended(),
+                    _ = recheck => true,
+                };
+            if reread {
+                // A re-read after a change (or the safety re-check) reads the database.
+                op = read_visible(&state, &ReadCache::default(), &principal, id).await?;
             }
-            // A re-read after a change (or the safety re-check) reads the database.
-            op = read_visible(&state, &ReadCache::default(), &principal, id).await?;
         }
     }
     let done = op.state.is_terminal();

@@ -56,6 +56,8 @@ enum Counted {
 #[derive(Debug, Default)]
 struct Effects {
     changed: Vec<Uuid>,
+    /// Operations that reached a final state (each also in `changed`).
+    ended: Vec<Uuid>,
     counted: Vec<Counted>,
     /// Outbox rows were written.
     dispatching: bool,
@@ -160,6 +162,7 @@ impl<'e> Txn<'e> {
             state,
             since: op.created_at,
         });
+        self.effects.ended.push(op.id);
         self.changed(op.id);
         self.changed(op.resource_id);
     }
@@ -242,7 +245,7 @@ impl Engine {
         };
         self.wake.signal(bells).await;
         if !effects.changed.is_empty() {
-            self.changes.publish(&effects.changed).await;
+            self.changes.publish(&effects.changed, &effects.ended).await;
         }
     }
 }

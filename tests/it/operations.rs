@@ -9,6 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> common::Answer {
     let res = app
@@ -516,6 +517,62 @@ async fn a_long_poll_on_one_replica_returns_on_a_change_made_on_another() {
         started.elapsed() < Duration::from_secs(3),
         "woken by the other replica's announcement, not by a re-check"
     );
+}
+
+/// A long-poll waiting for its operation to end (`until=done`) re-reads the operation
+/// only on an announcement that may have ended it: one naming it as ended, or one from a
+/// process that does not name ends (an older replica, during a rolling upgrade). An
+/// announcement that names its ends and not this operation's is not read; the safety
+/// re-check (5 s) still finds an end that no announcement named.
+#[tokio::test]
+async fn a_long_poll_for_the_end_rereads_only_when_its_operation_may_have_ended() {
+    let app = spawn_with(Options::api_only()).await;
+    let nats = app.running.as_ref().unwrap().backends.nats.clone();
+    let subject = app.config.nats.changes_subject();
+    let waits = ["ended named", "ends not named", "another end named"].map(|case| {
+        let (app, nats, subject) = (&app, nats.clone(), subject.clone());
+        async move {
+            let (_tenant, op_id, _key) = pending_vm(app).await;
+            let started = Instant::now();
+            let poll_path = format!("/v1/operations/{op_id}?wait=20s&until=done");
+            let poll = app.get(&poll_path);
+            let end = async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                // The operation ends behind the gateway's back, then an announcement
+                // from another process comes.
+                sqlx::query(
+                    "UPDATE operations SET state = 'succeeded', finished_at = now() WHERE id = $1",
+                )
+                .bind(Uuid::parse_str(&op_id).unwrap())
+                .execute(&app.pool)
+                .await
+                .unwrap();
+                let other = Uuid::now_v7();
+                let body = match case {
+                    "ended named" => format!("from elsewhere\nends named\n{op_id}\nended {op_id}"),
+                    "ends not named" => format!("from elsewhere\n{op_id}"),
+                    _ => format!("from elsewhere\nends named\n{op_id}\n{other}\nended {other}"),
+                };
+                nats.publish(subject, body.into()).await.unwrap();
+                nats.flush().await.unwrap();
+            };
+            let (polled, ()) = tokio::join!(poll, end);
+            assert_eq!(
+                polled.body["state"], "succeeded",
+                "{case}: {:?}",
+                polled.body
+            );
+            (case, started.elapsed())
+        }
+    });
+    for (case, took) in futures::future::join_all(waits).await {
+        let reread_at_once = took < Duration::from_secs(3);
+        assert_eq!(
+            reread_at_once,
+            case != "another end named",
+            "{case}: answered after {took:?}"
+        );
+    }
 }
 
 #[tokio::test]
