@@ -20,7 +20,6 @@ use crate::changes::Bell;
 use crate::domain::quota::Dimension;
 use crate::domain::{Action, OperationState, Service};
 use crate::store::operations::{self, OperationRow};
-use crate::store::resources;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
 use std::ops::{Deref, DerefMut};
@@ -268,14 +267,12 @@ pub async fn lock_operation(
     id: Uuid,
 ) -> sqlx::Result<Option<LockedOperation<'_>>> {
     let mut txn = Txn::begin(engine).await?;
-    // One statement finds the resource (an operation's never changes) and locks it; the
-    // caller reads it if it needs it (most do not: a report, a cancellation).
-    if resources::lock_of_operations(&mut txn, &[id]).await? == 0 {
+    // One statement locks the resource (an operation's never changes), then the
+    // operation; the caller reads the resource if it needs it (most do not: a report, a
+    // cancellation).
+    let Some(op) = operations::lock_with_resource(&mut txn, id).await? else {
         return Ok(None);
-    }
-    let op = operations::lock(&mut txn, id)
-        .await?
-        .expect("operations are never deleted");
+    };
     Ok(Some(LockedOperation { txn, op }))
 }
 

@@ -221,14 +221,26 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Opera
         .await
 }
 
-/// Locks one operation for the rest of the transaction.
-pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OperationRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM operations WHERE id = $1 FOR NO KEY UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+/// Locks operation `id`'s resource, then the operation, in one statement, for the rest
+/// of the transaction; answers the operation as it is under both locks (`None`: no such
+/// operation). The sub-select in the `WHERE` clause locks the resource (waiting for it)
+/// as the operation's row is read, before the row lock on the operation is taken above
+/// it; if the operation changed meanwhile, PostgreSQL reads its newest version again
+/// (under the resource's lock, which every change of an operation holds).
+pub async fn lock_with_resource(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> sqlx::Result<Option<OperationRow>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {COLUMNS} FROM operations o
+             WHERE o.id = $1
+               AND EXISTS (SELECT 1 FROM resources r WHERE r.id = o.resource_id
+                           FOR NO KEY UPDATE)
+             FOR NO KEY UPDATE OF o"
+        )
+    });
+    sqlx::query_as(&SQL).bind(id).fetch_optional(conn).await
 }
 
 /// Locks the operations `ids` (sorted, so concurrent callers queue in one order) for

@@ -290,7 +290,7 @@ fn operations_are_locked_only_through_lock_operation() {
             continue;
         }
         assert!(
-            !code(&text).contains("operations::lock("),
+            !code(&text).contains("operations::lock_with_resource("),
             "{path} locks an operation row itself; use lifecycle::lock_operation (resource row first)"
         );
     }

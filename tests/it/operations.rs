@@ -519,6 +519,51 @@ async fn a_long_poll_on_one_replica_returns_on_a_change_made_on_another() {
     );
 }
 
+/// A report that waits for its operation's resource (held by another transaction, which
+/// ends the operation meanwhile) acts on the operation as that transaction left it: it
+/// is refused as finished, and the operation stays as it was ended. The resource and the
+/// operation are locked in one statement; this is the case where the operation's row
+/// read with the resource's lock is not the one under it.
+#[tokio::test]
+async fn a_report_that_waited_for_the_resource_sees_the_operation_as_the_holder_left_it() {
+    let app = spawn_with(Options::api_only()).await;
+    let (_tenant, op_id, key) = pending_vm(&app).await;
+    let op = Uuid::parse_str(&op_id).unwrap();
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT 1 FROM resources WHERE id = (SELECT resource_id FROM operations WHERE id = $1)
+         FOR NO KEY UPDATE",
+    )
+    .bind(op)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let running = json!({"attempt": 1, "state": "running"});
+    let reported = report(&app, &key, &op_id, running);
+    let end = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::query("UPDATE operations SET state = 'cancelled', finished_at = now() WHERE id = $1")
+            .bind(op)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder.commit().await.unwrap();
+    };
+    let (reported, ()) = tokio::join!(reported, end);
+    assert_eq!(
+        (reported.status, reported.code()),
+        (StatusCode::CONFLICT, "operation_finished"),
+        "{:?}",
+        reported.body
+    );
+    let state: String = sqlx::query_scalar("SELECT state FROM operations WHERE id = $1")
+        .bind(op)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "cancelled");
+}
+
 /// A long-poll waiting for its operation to end (`until=done`) re-reads the operation
 /// only on an announcement that may have ended it: one naming it as ended, or one from a
 /// process that does not name ends (an older replica, during a rolling upgrade). An

@@ -295,7 +295,7 @@ async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatch
         "the relay waited for the report's resource lock: a deadlock in the making"
     );
     relay.commit().await.unwrap();
-    assert!(operations::lock(&mut report, op_id)
+    assert!(operations::lock_with_resource(&mut report, op_id)
         .await
         .unwrap()
         .is_some());
