@@ -39,6 +39,13 @@ pub use crate::changes::{Bell, Doorbell, Wake};
 /// `idle_in_transaction_session_timeout` of every gateway connection.
 pub const PASS_PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long the events loop lets a ring's events gather before its pass. Every commit
+/// records events and rings it; at a steady rate each ring used to cost a pass (a
+/// transaction, a claim and a delete) for the one or two events of one commit. A few
+/// milliseconds let the commits of that time share a pass; in a burst, passes are full
+/// and run back to back without it.
+const EVENTS_LINGER: Duration = Duration::from_millis(5);
+
 /// Pause before passing again over rows left because another transaction held their
 /// resource (nothing rings when it lets go): short, since such a transaction is a
 /// request's or a report's, and those take milliseconds.
@@ -169,10 +176,16 @@ impl Relay {
                     backoff(failures)
                 }
             };
-            tokio::select! {
+            let rung = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = bell.rung(), if failures == 0 => {}
-                _ = tokio::time::sleep(pause) => {}
+                _ = bell.rung(), if failures == 0 => true,
+                _ = tokio::time::sleep(pause) => false,
+            };
+            if rung && work == Work::Events {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(EVENTS_LINGER) => {}
+                }
             }
         }
     }
