@@ -151,32 +151,8 @@ pub async fn read(
     let interest = wait.map(|_| state.engine.changes.interest(id));
     let mut op = read_visible(&state, &super::read_cache(&state, &headers), &principal, id).await?;
     if let (Some(wait), Some(interest)) = (wait, interest) {
-        let deadline = Instant::now() + wait;
-        let initial = op.state;
         let until = q.until.unwrap_or_default();
-        loop {
-            let moved = until == Until::Changed && op.state != initial;
-            if op.state.is_terminal() || moved || Instant::now() >= deadline {
-                break;
-            }
-            let changed = interest.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let recheck = tokio::time::sleep_until(deadline.min(Instant::now() + RECHECK));
-            // Waiting for the end, a change that did not end the operation is not read:
-            // the re-read at the deadline (or the safety re-check) answers its state.
-            // An end announced since the last read, even before `changed` was enabled,
-            // is in the interest's count.
-            let reread = interest.may_have_ended()
-                || tokio::select! {
-                    _ = changed => until == Until::Changed || interest.may_have_ended(),
-                    _ = recheck => true,
-                };
-            if reread {
-                // A re-read after a change (or the safety re-check) reads the database.
-                op = read_visible(&state, &ReadCache::default(), &principal, id).await?;
-            }
-        }
+        op = wait_for(&state, &principal, interest, op, wait, until).await?;
     }
     let done = op.state.is_terminal();
     let mut res = Json(OperationOut::from(op)).into_response();
@@ -185,6 +161,54 @@ pub async fn read(
             .insert(header::RETRY_AFTER, HeaderValue::from(POLL_AFTER_SECS));
     }
     Ok(res)
+}
+
+/// The long-poll of `op` (read once already, after `interest` was registered): waits
+/// up to `wait` for its state to change (or, with `until=done`, for it to end) and
+/// answers it as it is then.
+///
+/// Waiting for the end, a change that did not end the operation is not read; if one
+/// came since the last read, the operation is read once more at the deadline, so the
+/// answer is never older than the last change announced. An end announced since the
+/// last read, even before the next wait began, is in the interest's count.
+async fn wait_for(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    interest: crate::changes::Interest,
+    mut op: OperationRow,
+    wait: Duration,
+    until: Until,
+) -> Result<OperationRow, ApiError> {
+    let deadline = Instant::now() + wait;
+    let initial = op.state;
+    let mut unread = false;
+    loop {
+        let moved = until == Until::Changed && op.state != initial;
+        if op.state.is_terminal() || moved {
+            return Ok(op);
+        }
+        let fresh = ReadCache::default();
+        if Instant::now() >= deadline {
+            if unread {
+                op = read_visible(state, &fresh, principal, op.id).await?;
+            }
+            return Ok(op);
+        }
+        let changed = interest.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let recheck = tokio::time::sleep_until(deadline.min(Instant::now() + RECHECK));
+        let reread = interest.may_have_ended()
+            || tokio::select! {
+                _ = changed => until == Until::Changed || interest.may_have_ended(),
+                _ = recheck => true,
+            };
+        // A re-read after a change (or the safety re-check) reads the database.
+        unread = !reread;
+        if reread {
+            op = read_visible(state, &fresh, principal, op.id).await?;
+        }
+    }
 }
 
 /// Operation `id` (through `cache`), if `principal` may see it.

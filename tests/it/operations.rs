@@ -620,6 +620,31 @@ async fn a_long_poll_for_the_end_rereads_only_when_its_operation_may_have_ended(
     }
 }
 
+/// A long-poll waiting for the end that heard a change it did not read (one that did
+/// not end the operation) answers, at its deadline, the operation as that change left
+/// it, not as it first read it.
+#[tokio::test]
+async fn a_long_poll_for_the_end_answers_the_latest_state_at_its_deadline() {
+    let app = spawn_with(Options::api_only()).await;
+    let (_tenant, op_id, key) = pending_vm(&app).await;
+    let poll_path = format!("/v1/operations/{op_id}?wait=2s&until=done");
+    let poll = app.get(&poll_path);
+    let work = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        report(
+            &app,
+            &key,
+            &op_id,
+            json!({"attempt": 1, "state": "running"}),
+        )
+        .await
+    };
+    let (polled, reported) = tokio::join!(poll, work);
+    assert_eq!(reported.status, StatusCode::OK, "{:?}", reported.body);
+    assert_eq!(polled.body["state"], "running", "{:?}", polled.body);
+    assert_eq!(polled.header("retry-after"), Some("1"));
+}
+
 #[tokio::test]
 async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
     let app = spawn_with(Options::api_only()).await;
