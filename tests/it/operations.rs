@@ -627,22 +627,27 @@ async fn a_long_poll_for_the_end_rereads_only_when_its_operation_may_have_ended(
 async fn a_long_poll_for_the_end_answers_the_latest_state_at_its_deadline() {
     let app = spawn_with(Options::api_only()).await;
     let (_tenant, op_id, key) = pending_vm(&app).await;
-    let poll_path = format!("/v1/operations/{op_id}?wait=2s&until=done");
-    let poll = app.get(&poll_path);
-    let work = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        report(
-            &app,
-            &key,
-            &op_id,
-            json!({"attempt": 1, "state": "running"}),
-        )
-        .await
-    };
-    let (polled, reported) = tokio::join!(poll, work);
+    let (polled, reported) = poll_while_it_starts(&app, &key, &op_id, "wait=2s&until=done").await;
     assert_eq!(reported.status, StatusCode::OK, "{:?}", reported.body);
     assert_eq!(polled.body["state"], "running", "{:?}", polled.body);
     assert_eq!(polled.header("retry-after"), Some("1"));
+}
+
+/// Long-polls operation `op_id` with `query` while its worker reports it `running`
+/// 300 ms later; answers the poll's and the report's answers.
+async fn poll_while_it_starts(
+    app: &TestApp,
+    key: &str,
+    op_id: &str,
+    query: &str,
+) -> (common::Answer, common::Answer) {
+    let poll_path = format!("/v1/operations/{op_id}?{query}");
+    let poll = app.get(&poll_path);
+    let work = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        report(app, key, op_id, json!({"attempt": 1, "state": "running"})).await
+    };
+    tokio::join!(poll, work)
 }
 
 #[tokio::test]
@@ -650,19 +655,7 @@ async fn a_long_poll_returns_on_the_state_change_not_at_the_end_of_its_wait() {
     let app = spawn_with(Options::api_only()).await;
     let (tenant, op_id, key) = pending_vm(&app).await;
     let started = Instant::now();
-    let poll_path = format!("/v1/operations/{op_id}?wait=20s");
-    let poll = app.get(&poll_path);
-    let work = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        report(
-            &app,
-            &key,
-            &op_id,
-            json!({"attempt": 1, "state": "running"}),
-        )
-        .await
-    };
-    let (polled, reported) = tokio::join!(poll, work);
+    let (polled, reported) = poll_while_it_starts(&app, &key, &op_id, "wait=20s").await;
     assert_eq!(reported.status, StatusCode::OK);
     assert_eq!(polled.body["state"], "running", "{:?}", polled.body);
     // Well before the 5 s safety re-check: the change itself woke it.
