@@ -182,12 +182,13 @@ async fn wait_for(
     let deadline = Instant::now() + wait;
     let initial = op.state;
     let mut unread = false;
+    // Every re-read after the first reads the database, never the cache.
+    let fresh = ReadCache::default();
     loop {
         let moved = until == Until::Changed && op.state != initial;
         if op.state.is_terminal() || moved {
             return Ok(op);
         }
-        let fresh = ReadCache::default();
         if Instant::now() >= deadline {
             if unread {
                 op = read_visible(state, &fresh, principal, op.id).await?;
@@ -203,7 +204,6 @@ async fn wait_for(
                 _ = changed => until == Until::Changed || interest.may_have_ended(),
                 _ = recheck => true,
             };
-        // A re-read after a change (or the safety re-check) reads the database.
         unread = !reread;
         if reread {
             op = read_visible(state, &fresh, principal, op.id).await?;
