@@ -437,7 +437,6 @@ async fn seed(pool: &sqlx::PgPool, rows: i64) -> Duration {
     let id = "encode(overlay(uuid_send(gen_random_uuid()) placing substring(int8send(1600000000000 + g) from 3) from 1 for 6), 'hex')::uuid";
     let sql = format!(
         "SET session_replication_role = replica;
-         SET statement_timeout = 0;
          INSERT INTO tenants (id) SELECT 'grow-' || t FROM generate_series(1, 100) t ON CONFLICT DO NOTHING;
          INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, observed_generation, created_at, updated_at)
            SELECT {id}, 'grow-' || (g % 100 + 1), 'vm', 'zone-a', 'g' || g,
@@ -449,22 +448,21 @@ async fn seed(pool: &sqlx::PgPool, rows: i64) -> Duration {
            SELECT {id}, r.tenant, r.id, 'vm', 'zone-a', 'create', 'succeeded', 1, 1, 1, 'growth',
                   r.created_at, r.created_at, r.created_at, r.created_at, r.created_at + interval '1 hour'
              FROM (SELECT row_number() OVER () AS g, * FROM resources WHERE tenant LIKE 'grow-%') r;
-         SET session_replication_role = origin;
-         RESET statement_timeout;"
+         SET session_replication_role = origin;"
     );
-    sqlx::raw_sql(&sql).execute(&mut *conn).await.unwrap();
-    // A year-old table has been vacuumed (hint bits and visibility map set) and its
-    // pages written out long ago; freshly bulk-loaded ones have not, and the first
-    // reads after the load would pay for it (and race autovacuum) in the "after" rates.
-    // (The pool's 30 s statement timeout is off for the seeding: on a slow machine the
-    // million rows' inserts and their vacuum take longer.)
-    for settle in [
+    // The pool's 30 s statement timeout is off meanwhile: on a slow machine the million
+    // rows' inserts and their vacuum take longer. A year-old table has been vacuumed
+    // (hint bits and visibility map set) and its pages written out long ago; freshly
+    // bulk-loaded ones have not, and the first reads after the load would pay for it
+    // (and race autovacuum) in the "after" rates.
+    for step in [
         "SET statement_timeout = 0",
+        &sql,
         "VACUUM (ANALYZE) resources, operations",
         "CHECKPOINT",
         "RESET statement_timeout",
     ] {
-        sqlx::raw_sql(settle).execute(&mut *conn).await.unwrap();
+        sqlx::raw_sql(step).execute(&mut *conn).await.unwrap();
     }
     started.elapsed()
 }
