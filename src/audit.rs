@@ -124,8 +124,12 @@ impl Entry {
 
 /// Appends `entries`, unsealed, in one statement.
 pub async fn append_batch(conn: &mut PgConnection, entries: Vec<Entry>) -> sqlx::Result<()> {
-    let rows: Vec<AuditRow> = entries.into_iter().map(Entry::row).collect();
-    store::audit::insert(conn, &rows).await
+    store::audit::insert(conn, &rows(entries)).await
+}
+
+/// The unsealed rows of `entries`, for a statement that writes them with its change.
+pub fn rows(entries: impl IntoIterator<Item = Entry>) -> Vec<AuditRow> {
+    entries.into_iter().map(Entry::row).collect()
 }
 
 /// The audit entry of one request, shared by the guard and the handler. A handler

@@ -1,7 +1,13 @@
-//! The transaction of a group commit ([`super::group`]): several creates recorded with
-//! one statement per table.
+//! How a group commit ([`super::group`]) records several creates.
 //!
-//! In order: the advisory locks of the batch's `Idempotency-Key`s (sorted) and one
+//! **At once** ([`at_once`]): each create's checks that take no lock (tenant, zone,
+//! catalog, references), then one statement that inserts the resources, operations,
+//! outbox rows and audit rows of all of them, outside any transaction block: one round
+//! trip for the batch, where a transaction costs six. The statement takes nothing if a
+//! check it cannot make applies (a tenant with quota limits, a replayed
+//! `Idempotency-Key`); then the batch is recorded in a transaction.
+//!
+//! **In a transaction** ([`together`]), in order: the advisory locks of the batch's `Idempotency-Key`s (sorted) and one
 //! lookup of the operations they name; each create's checks that take no lock (tenant,
 //! zone, catalog, references); the quota rows of the batch's tenants (locked in tenant
 //! order) and the quota check of each create, in queue order, each seeing the usage of
@@ -10,14 +16,17 @@
 //! the commit. The rows, events and audit entries are
 //! exactly those a create alone writes.
 
+use super::dispatch::Target;
 use super::quotas::Ledger;
 use super::submit::{new_operation, replayed, ReadyCreate};
-use super::txn::Txn;
+use super::txn::{Autocommit, Txn};
 use super::{dispatch, Engine, LifecycleError};
 use crate::domain::quota::Amounts;
 use crate::domain::Action;
-use crate::store::operations::{self, OperationRow};
-use crate::store::resources::{self, ResourceRow};
+use crate::store;
+use crate::store::creates::Creates;
+use crate::store::operations::{self, NewOperation, OperationRow};
+use crate::store::resources::{self, NewResource, ResourceRow};
 use std::collections::{BTreeMap, HashSet};
 use uuid::Uuid;
 
@@ -29,6 +38,138 @@ pub(super) enum Outcome {
     Answer(Result<OperationRow, LifecycleError>),
     /// To be recorded alone after the batch (its `Idempotency-Key` came twice in it).
     Alone,
+}
+
+/// Records `creates` in one statement, outside any transaction block. `Ok(None)` when
+/// the statement took none of them (a tenant of the batch has quota limits, or a key
+/// was replayed): [`together`] is to record them. `Err` when it failed: nothing of it
+/// was written, and every create is to be recorded alone.
+pub(super) async fn at_once(
+    engine: &Engine,
+    creates: &[&ReadyCreate],
+) -> sqlx::Result<Option<Vec<Outcome>>> {
+    let mut out: Vec<Option<Outcome>> = creates.iter().map(|_| None).collect();
+    keyed_once(creates, &mut out);
+    let mut txn = Autocommit::acquire(engine).await?;
+    let mut admitted = Vec::with_capacity(creates.len());
+    for (i, c) in creates.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        match c.admit(engine, &mut txn).await {
+            Ok(footprint) => admitted.push((i, footprint)),
+            Err(LifecycleError::Database(e)) => return Err(e),
+            Err(refused) => out[i] = Some(Outcome::Answer(Err(refused))),
+        }
+    }
+    if !admitted.is_empty() && !insert_at_once(&mut txn, creates, &admitted, &mut out).await? {
+        return Ok(None);
+    }
+    txn.committed().await;
+    Ok(Some(
+        out.into_iter()
+            .map(|o| o.expect("every create has an outcome"))
+            .collect(),
+    ))
+}
+
+/// The statement of [`at_once`] for the admitted creates; answers them. `false` when it
+/// took none of them.
+async fn insert_at_once(
+    txn: &mut Autocommit<'_>,
+    creates: &[&ReadyCreate],
+    admitted: &[(usize, Amounts)],
+    out: &mut [Option<Outcome>],
+) -> sqlx::Result<bool> {
+    let engine = txn.engine();
+    let resources: Vec<NewResource> = admitted
+        .iter()
+        .map(|(i, footprint)| creates[*i].resource(engine.ids.make(), *footprint))
+        .collect();
+    let targets: Vec<Target> = resources.iter().map(Target::from).collect();
+    let input = serde_json::json!({});
+    let ops: Vec<NewOperation> = admitted
+        .iter()
+        .zip(&targets)
+        .map(|((i, _), target)| {
+            let origin = creates[*i].origin();
+            new_operation(engine, origin, *target, Action::create(), &input, true)
+        })
+        .collect();
+    let messages = dispatch::first_messages(engine, &ops, &targets)?;
+    for (i, _) in admitted {
+        txn.audit(creates[*i].audit());
+    }
+    let audit = txn.audit_rows();
+    let batch = Creates {
+        resources: &resources,
+        operations: &ops,
+        messages: &messages,
+        audit: &audit,
+    };
+    let ids: Vec<Uuid> = ops.iter().map(|o| o.id).collect();
+    let rows = once(engine, txn, &batch, &ids).await?;
+    if rows.is_empty() {
+        return Ok(false);
+    }
+    txn.dispatching();
+    for ((i, _), id) in admitted.iter().zip(&ids) {
+        // The statement inserted all of them or none.
+        let op = rows.iter().find(|o| o.id == *id).cloned();
+        txn.created(op.as_ref().expect("the statement inserted every operation"));
+        out[*i] = op.map(|op| Outcome::Answer(Ok(op)));
+    }
+    Ok(true)
+}
+
+/// Runs the statement of `batch` (operations `ids`).
+///
+/// A connection that the database ended (it said so: `57P0x`) runs nothing more: its
+/// backend is gone, having committed the statement or not. On another connection, the
+/// operations are looked up, and the statement is made again if they are not there. A
+/// connection lost otherwise (a network cut) may leave the statement running and
+/// committing later: that error stands, and is answered `503` as a lost `COMMIT` is (a
+/// retry with the same `Idempotency-Key` finds the operation).
+async fn once(
+    engine: &Engine,
+    conn: &mut sqlx::PgConnection,
+    batch: &Creates<'_, '_>,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<OperationRow>> {
+    let mut result = store::creates::insert_unchecked(conn, batch).await;
+    let started = std::time::Instant::now();
+    while matches!(&result, Err(e) if store::was_terminated(e))
+        && started.elapsed() < store::ENDED_RETRY_WINDOW
+    {
+        tracing::debug!("the database ended the connection of a group commit; looking again");
+        let pool = &engine.pool;
+        let found = store::again_if_ended(pool, || operations::get_many(pool, ids)).await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        let mut conn = pool.acquire().await?;
+        result = store::creates::insert_unchecked(&mut conn, batch).await;
+    }
+    result
+}
+
+/// Marks each create whose `Idempotency-Key` an earlier create of the batch carries
+/// already (same principal) to be recorded alone, after the batch: it will find the
+/// first one's operation. Returns the indexes of the first creates of each key.
+fn keyed_once(creates: &[&ReadyCreate], out: &mut [Option<Outcome>]) -> Vec<usize> {
+    let mut seen = HashSet::new();
+    let mut keyed = Vec::new();
+    for (i, c) in creates.iter().enumerate() {
+        let Some(idem) = c.idempotency() else {
+            continue;
+        };
+        if seen.insert((c.principal, idem.key)) {
+            keyed.push(i);
+        } else {
+            out[i] = Some(Outcome::Alone);
+        }
+    }
+    keyed
 }
 
 /// Records `creates` in one transaction. `Err` when the transaction failed: then nothing
@@ -45,7 +186,7 @@ pub(super) async fn together(
         if out[i].is_some() {
             continue;
         }
-        match c.admit(&mut tx).await {
+        match c.admit(engine, &mut tx).await {
             Ok(footprint) => admitted.push((i, footprint)),
             Err(LifecycleError::Database(e)) => return Err(e),
             Err(refused) => out[i] = Some(Outcome::Answer(Err(refused))),
@@ -71,18 +212,7 @@ async fn replays(
     creates: &[&ReadyCreate],
     out: &mut [Option<Outcome>],
 ) -> sqlx::Result<()> {
-    let mut seen = HashSet::new();
-    let mut keyed = Vec::new();
-    for (i, c) in creates.iter().enumerate() {
-        let Some(idem) = c.idempotency() else {
-            continue;
-        };
-        if seen.insert((c.principal, idem.key)) {
-            keyed.push(i);
-        } else {
-            out[i] = Some(Outcome::Alone);
-        }
-    }
+    let keyed = keyed_once(creates, out);
     if keyed.is_empty() {
         return Ok(());
     }
@@ -180,12 +310,12 @@ async fn record(
         new_ops.push(new_operation(
             engine,
             origin,
-            resource,
+            resource.into(),
             Action::create(),
             &input,
             true,
         ));
-        on.push(resource);
+        on.push(resource.into());
     }
     let ops = dispatch::insert_dispatched(tx, &new_ops, &on).await?;
     for op in &ops {

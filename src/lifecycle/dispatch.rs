@@ -2,8 +2,10 @@
 
 use super::txn::Txn;
 use crate::domain::Action;
+use crate::domain::Kind;
 use crate::store::operations::{self, NewOperation, OperationRow};
-use crate::store::{outbox, resources, resources::ResourceRow};
+use crate::store::resources::{NewResource, ResourceRow};
+use crate::store::{outbox, resources};
 use chrono::{DateTime, Utc};
 use gateway_proto::{Dispatch, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use serde_json::json;
@@ -28,6 +30,55 @@ pub async fn enqueue(
     Ok(pending)
 }
 
+/// What an operation and its dispatch message take from their resource: the row as it
+/// is, or as a create is about to insert it.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// Its ID.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant: &'a str,
+    /// Kind.
+    pub kind: &'a Kind,
+    /// Zone.
+    pub zone: &'a str,
+    /// Name.
+    pub name: &'a str,
+    /// The generation the operation converges on.
+    pub generation: i64,
+    /// The desired state at that generation.
+    pub spec: &'a Value,
+}
+
+impl<'a> From<&'a ResourceRow> for Target<'a> {
+    fn from(r: &'a ResourceRow) -> Self {
+        Self {
+            id: r.id,
+            tenant: &r.tenant,
+            kind: &r.kind,
+            zone: &r.zone,
+            name: &r.name,
+            generation: r.generation,
+            spec: &r.spec,
+        }
+    }
+}
+
+impl<'a> From<&'a NewResource<'a>> for Target<'a> {
+    /// A new resource is inserted at generation 1.
+    fn from(r: &'a NewResource<'a>) -> Self {
+        Self {
+            id: r.id,
+            tenant: r.tenant,
+            kind: &r.kind,
+            zone: r.zone,
+            name: r.name,
+            generation: 1,
+            spec: r.spec,
+        }
+    }
+}
+
 /// Writes the current message of each operation (already `pending`, with its
 /// `dispatches` counting this message) on its resource, in one statement.
 pub async fn write_messages(
@@ -36,7 +87,7 @@ pub async fn write_messages(
 ) -> sqlx::Result<()> {
     let messages = ops
         .iter()
-        .map(|(op, resource)| message(txn.engine(), About::from(*op), resource))
+        .map(|(op, resource)| message(txn.engine(), About::from(*op), (*resource).into()))
         .collect::<sqlx::Result<Vec<_>>>()?;
     txn.dispatching();
     outbox::insert_many(txn, &messages).await
@@ -48,15 +99,24 @@ pub async fn write_messages(
 pub async fn insert_dispatched(
     txn: &mut Txn<'_>,
     ops: &[NewOperation<'_>],
-    resources: &[&ResourceRow],
+    resources: &[Target<'_>],
 ) -> sqlx::Result<Vec<OperationRow>> {
-    let messages = ops
-        .iter()
-        .zip(resources)
-        .map(|(op, resource)| message(txn.engine(), About::from(op), resource))
-        .collect::<sqlx::Result<Vec<_>>>()?;
+    let messages = first_messages(txn.engine(), ops, resources)?;
     txn.dispatching();
     operations::insert_many_dispatched(txn, ops, &messages).await
+}
+
+/// The first messages of new operations that run at once, each on the resource at the
+/// same place in `resources`, for the caller to insert with them.
+pub fn first_messages(
+    engine: &super::Engine,
+    ops: &[NewOperation<'_>],
+    resources: &[Target<'_>],
+) -> sqlx::Result<Vec<outbox::NewMessage>> {
+    ops.iter()
+        .zip(resources)
+        .map(|(op, resource)| message(engine, About::from(op), *resource))
+        .collect()
 }
 
 /// What a dispatch message says of its operation.
@@ -109,12 +169,12 @@ impl<'a> From<&'a NewOperation<'a>> for About<'a> {
 fn message(
     engine: &super::Engine,
     op: About<'_>,
-    resource: &ResourceRow,
+    resource: Target<'_>,
 ) -> sqlx::Result<outbox::NewMessage> {
     let service = engine
         .types
         .snapshot()
-        .service_of(&resource.kind)
+        .service_of(resource.kind)
         .cloned()
         .ok_or_else(|| {
             sqlx::Error::Protocol(format!("no resource type {} is registered", resource.kind))
@@ -125,8 +185,8 @@ fn message(
         tenant: op.tenant.to_owned(),
         resource_id: resource.id,
         kind: resource.kind.clone(),
-        zone: resource.zone.clone(),
-        name: resource.name.clone(),
+        zone: resource.zone.to_owned(),
+        name: resource.name.to_owned(),
         action: op.action.clone(),
         generation: resource.generation,
         spec: resource.spec.clone(),

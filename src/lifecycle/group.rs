@@ -143,40 +143,43 @@ fn lost() -> LifecycleError {
 /// Records `batch` and answers each create; the lane is free again when it returns.
 async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
     engine.metrics.write_batch(batch.len());
-    let alone = if batch.len() == 1 {
-        batch
-    } else {
-        let all: Vec<&ReadyCreate> = batch.iter().map(|q| &q.create).collect();
-        match creates::together(&engine, &all).await {
-            Ok(outcomes) => {
-                let mut alone = Vec::new();
-                for (q, outcome) in batch.into_iter().zip(outcomes) {
-                    match outcome {
-                        creates::Outcome::Answer(answer) => {
-                            let _ = q.reply.send(answer);
-                        }
-                        creates::Outcome::Alone => alone.push(q),
+    let all: Vec<&ReadyCreate> = batch.iter().map(|q| &q.create).collect();
+    let recorded = match creates::at_once(&engine, &all).await {
+        Ok(Some(outcomes)) => Ok(outcomes),
+        // A tenant with quota limits, or a replayed key: checks that take a transaction.
+        Ok(None) => creates::together(&engine, &all).await,
+        Err(e) => Err(e),
+    };
+    drop(all);
+    let alone = match recorded {
+        Ok(outcomes) => {
+            let mut alone = Vec::new();
+            for (q, outcome) in batch.into_iter().zip(outcomes) {
+                match outcome {
+                    creates::Outcome::Answer(answer) => {
+                        let _ = q.reply.send(answer);
                     }
+                    creates::Outcome::Alone => alone.push(q),
                 }
-                alone
             }
-            Err(e) if crate::store::is_unavailable(&e) => {
-                // Alone, each would wait for the database in turn (the pool's acquire
-                // timeout each, two at a time): answer them all now, as a create alone
-                // is answered while the database is away. A batch whose commit went
-                // through unanswered is found again by its creates' Idempotency-Keys.
-                tracing::warn!(error = %e, creates = batch.len(), "group commit: database unavailable");
-                engine.metrics.write_batch_failed();
-                for q in batch {
-                    let _ = q.reply.send(Err(unavailable(&e)));
-                }
-                Vec::new()
+            alone
+        }
+        Err(e) if crate::store::is_unavailable(&e) => {
+            // Alone, each would wait for the database in turn (the pool's acquire
+            // timeout each, two at a time): answer them all now, as a create alone
+            // is answered while the database is away. A batch whose commit went
+            // through unanswered is found again by its creates' Idempotency-Keys.
+            tracing::warn!(error = %e, creates = batch.len(), "group commit: database unavailable");
+            engine.metrics.write_batch_failed();
+            for q in batch {
+                let _ = q.reply.send(Err(unavailable(&e)));
             }
-            Err(e) => {
-                tracing::debug!(error = %e, creates = batch.len(), "group commit failed; recording each create alone");
-                engine.metrics.write_batch_failed();
-                batch
-            }
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, creates = batch.len(), "group commit failed; recording each create alone");
+            engine.metrics.write_batch_failed();
+            batch
         }
     };
     futures::stream::iter(alone)

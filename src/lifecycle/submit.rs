@@ -242,19 +242,22 @@ impl ReadyCreate {
         }
     }
 
-    /// In the transaction: checks what needs the database but takes no lock (the
-    /// tenant, the zone, catalog entries, referenced resources); returns what the new
-    /// resource consumes.
-    pub async fn admit(&self, txn: &mut Txn<'_>) -> Result<Amounts, LifecycleError> {
-        let engine = txn.engine();
+    /// On `conn`: checks what needs the database but takes no lock (the tenant, the
+    /// zone, catalog entries, referenced resources); returns what the new resource
+    /// consumes.
+    pub async fn admit(
+        &self,
+        engine: &Engine,
+        conn: &mut PgConnection,
+    ) -> Result<Amounts, LifecycleError> {
         if !engine
             .catalog
-            .tenant_exists(&mut **txn, &self.tenant)
+            .tenant_exists(&mut *conn, &self.tenant)
             .await?
         {
             return Err(LifecycleError::TenantNotFound);
         }
-        let found = check_references(engine, txn, &self.tenant, &self.zone, &self.valid).await?;
+        let found = check_references(engine, conn, &self.tenant, &self.zone, &self.valid).await?;
         Ok(self.rt.footprint(&self.valid.value, &found))
     }
 }
@@ -269,7 +272,7 @@ pub(super) async fn create_alone(
     if let Some(op) = replay(&mut tx, c.principal, c.idempotency()).await? {
         return Ok(op);
     }
-    let footprint = c.admit(&mut tx).await?;
+    let footprint = c.admit(engine, &mut tx).await?;
     let kind = c.rt.kind().clone();
     quotas::check(&mut tx, &c.tenant, &kind, &c.zone, None, &footprint).await?;
     let resource = resources::insert(&mut tx, &c.resource(engine.ids.make(), footprint))
@@ -485,13 +488,13 @@ pub(super) async fn start_operation(
     let new = new_operation(
         txn.engine(),
         origin,
-        resource,
+        resource.into(),
         action.clone(),
         input,
         run_now,
     );
     let op = if run_now {
-        let mut ops = dispatch::insert_dispatched(txn, &[new], &[resource]).await?;
+        let mut ops = dispatch::insert_dispatched(txn, &[new], &[resource.into()]).await?;
         ops.pop().expect("one operation inserted")
     } else {
         operations::insert(txn, &new).await?
@@ -508,7 +511,7 @@ pub(super) async fn start_operation(
 pub(super) fn new_operation<'a>(
     engine: &Engine,
     origin: Origin<'a>,
-    resource: &'a ResourceRow,
+    resource: dispatch::Target<'a>,
     action: Action,
     input: &'a Value,
     run_now: bool,
@@ -519,10 +522,10 @@ pub(super) fn new_operation<'a>(
     };
     NewOperation {
         id: engine.ids.make(),
-        tenant: &resource.tenant,
+        tenant: resource.tenant,
         resource_id: resource.id,
         kind: resource.kind.clone(),
-        zone: &resource.zone,
+        zone: resource.zone,
         action,
         state,
         dispatches,

@@ -21,6 +21,7 @@ use crate::domain::quota::Dimension;
 use crate::domain::{Action, OperationState, Service};
 use crate::store::operations::{self, OperationRow};
 use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, Postgres, Transaction};
 use std::ops::{Deref, DerefMut};
 use uuid::Uuid;
@@ -64,12 +65,22 @@ struct Effects {
 
 /// The database transaction of one state change and the effects due after it commits.
 /// Dereferences to the connection, for the `store` functions.
-pub struct Txn<'e> {
+///
+/// `C` is what holds the connection: a transaction (the default), or a pooled
+/// connection outside any transaction block ([`Autocommit`]).
+pub struct Txn<'e, C = Transaction<'static, Postgres>> {
     engine: &'e Engine,
-    tx: Transaction<'static, Postgres>,
+    tx: C,
     effects: Effects,
     audits: Vec<PendingAudit>,
 }
+
+/// A change that one statement makes, outside any transaction block: the statement is
+/// its own transaction, and costs one round trip instead of a `BEGIN`, the statement
+/// and a `COMMIT`. Only a change that is exactly one statement may use it; that
+/// statement writes the audit rows too ([`Autocommit::audit_rows`]), and
+/// [`Autocommit::committed`] runs the after-commit step once it succeeded.
+pub type Autocommit<'e> = Txn<'e, PoolConnection<Postgres>>;
 
 /// The audit entry of the request a change is made for, and the status its answer
 /// gets if the change commits.
@@ -78,12 +89,54 @@ pub type Audit<'a> = Option<(&'a AuditSlot, u16)>;
 impl<'e> Txn<'e> {
     /// Opens a transaction on the engine's pool.
     pub async fn begin(engine: &'e Engine) -> sqlx::Result<Self> {
-        Ok(Self {
+        Ok(Self::on(engine, crate::store::begin(&engine.pool).await?))
+    }
+
+    /// Writes the audit row, commits, then announces what changed. Nothing is
+    /// announced (and the audit entry goes back to its request) if the commit fails.
+    pub async fn commit(self) -> sqlx::Result<()> {
+        let Self {
             engine,
-            tx: crate::store::begin(&engine.pool).await?,
+            tx,
+            effects,
+            audits,
+        } = self;
+        commit_with(tx, audits).await?;
+        engine.after_commit(effects).await;
+        Ok(())
+    }
+}
+
+impl<'e> Autocommit<'e> {
+    /// Takes a connection of the engine's pool, outside any transaction block.
+    pub async fn acquire(engine: &'e Engine) -> sqlx::Result<Self> {
+        Ok(Self::on(engine, engine.pool.acquire().await?))
+    }
+
+    /// The audit rows the change's one statement is to write.
+    pub fn audit_rows(&self) -> Vec<crate::store::audit::AuditRow> {
+        crate::audit::rows(self.audits.iter().flat_map(PendingAudit::rows))
+    }
+
+    /// The change's statement succeeded (it committed): its audit rows count as
+    /// written; announces what changed. Dropped without this, nothing is announced and
+    /// the audit entries go back to their requests.
+    pub async fn committed(self) {
+        for a in self.audits {
+            a.committed();
+        }
+        self.engine.after_commit(self.effects).await;
+    }
+}
+
+impl<'e, C> Txn<'e, C> {
+    fn on(engine: &'e Engine, tx: C) -> Self {
+        Self {
+            engine,
+            tx,
             effects: Effects::default(),
             audits: Vec::new(),
-        })
+        }
     }
 
     /// Records the request's audit entry in this transaction, with the status a
@@ -172,23 +225,9 @@ impl<'e> Txn<'e> {
             .counted
             .push(Counted::QuotaFilled { dimension, ratio });
     }
-
-    /// Writes the audit row, commits, then announces what changed. Nothing is
-    /// announced (and the audit entry goes back to its request) if the commit fails.
-    pub async fn commit(self) -> sqlx::Result<()> {
-        let Self {
-            engine,
-            tx,
-            effects,
-            audits,
-        } = self;
-        commit_with(tx, audits).await?;
-        engine.after_commit(effects).await;
-        Ok(())
-    }
 }
 
-impl Deref for Txn<'_> {
+impl<C: Deref<Target = PgConnection>> Deref for Txn<'_, C> {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
@@ -196,7 +235,7 @@ impl Deref for Txn<'_> {
     }
 }
 
-impl DerefMut for Txn<'_> {
+impl<C: DerefMut<Target = PgConnection>> DerefMut for Txn<'_, C> {
     fn deref_mut(&mut self) -> &mut PgConnection {
         &mut self.tx
     }

@@ -45,26 +45,58 @@ const COLUMNS: &str = "id, at, principal_id, principal_name, tenant, action, tar
 /// Inserts unsealed rows (their `id`, chain and hashes are ignored); one statement for
 /// the whole batch.
 pub async fn insert(conn: &mut PgConnection, rows: &[AuditRow]) -> sqlx::Result<()> {
-    let column = |f: fn(&AuditRow) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_sql(1));
+    // No rows come back: the row type is never decoded.
+    let _: Vec<(i64,)> = bind_all(sqlx::query_as(&SQL), rows).fetch_all(conn).await?;
+    Ok(())
+}
+
+/// The parameters of [`insert_sql`].
+pub(super) const INSERT_PARAMS: usize = 10;
+
+/// The insert of unsealed rows from arrays bound from `$first` on ([`bind_all`]).
+pub(super) fn insert_sql(first: usize) -> String {
+    let types = [
+        "timestamptz",
+        "uuid",
+        "text",
+        "text",
+        "text",
+        "text",
+        "text",
+        "smallint",
+        "text",
+        "text",
+    ];
+    let arrays: Vec<String> = (first..)
+        .zip(types)
+        .map(|(n, t)| format!("${n}::{t}[]"))
+        .collect();
+    format!(
         "INSERT INTO audit_log (at, principal_id, principal_name, tenant, action, target,
              outcome, status, request_id, source)
-         SELECT * FROM UNNEST($1::timestamptz[], $2::uuid[], $3::text[], $4::text[],
-             $5::text[], $6::text[], $7::text[], $8::smallint[], $9::text[], $10::text[])",
+         SELECT * FROM UNNEST({})",
+        arrays.join(", ")
     )
-    .bind(rows.iter().map(|r| r.at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.principal_id).collect::<Vec<_>>())
-    .bind(column(|r| r.principal_name.clone()))
-    .bind(column(|r| r.tenant.clone()))
-    .bind(column(|r| Some(r.action.clone())))
-    .bind(column(|r| Some(r.target.clone())))
-    .bind(column(|r| Some(r.outcome.clone())))
-    .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
-    .bind(column(|r| Some(r.request_id.clone())))
-    .bind(column(|r| r.source.clone()))
-    .execute(conn)
-    .await?;
-    Ok(())
+}
+
+/// Binds the column arrays of `rows`, in [`insert_sql`]'s order.
+pub(super) fn bind_all<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    rows: &[AuditRow],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    let column = |f: fn(&AuditRow) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
+    query
+        .bind(rows.iter().map(|r| r.at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.principal_id).collect::<Vec<_>>())
+        .bind(column(|r| r.principal_name.clone()))
+        .bind(column(|r| r.tenant.clone()))
+        .bind(column(|r| Some(r.action.clone())))
+        .bind(column(|r| Some(r.target.clone())))
+        .bind(column(|r| Some(r.outcome.clone())))
+        .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
+        .bind(column(|r| Some(r.request_id.clone())))
+        .bind(column(|r| r.source.clone()))
 }
 
 /// The last sealed row's place in the chain and hash, if any.

@@ -7,7 +7,8 @@ use sqlx::{PgConnection, PgExecutor};
 use std::sync::LazyLock;
 use uuid::Uuid;
 
-const COLUMNS: &str = "id, seq, tenant, resource_id, kind, zone, action, state, attempt, \
+pub(super) const COLUMNS: &str =
+    "id, seq, tenant, resource_id, kind, zone, action, state, attempt, \
     dispatches, input, target_generation, result, error, cancel_requested, idempotency_key, \
     request_fingerprint, requested_by, request_id, traceparent, created_at, updated_at, \
     started_at, finished_at, deadline";
@@ -149,10 +150,10 @@ pub async fn insert_many_dispatched(
 }
 
 /// The parameters of [`insert_sql`].
-const INSERT_PARAMS: usize = 16;
+pub(super) const INSERT_PARAMS: usize = 16;
 
 /// The insert of operations from arrays bound from `$first` on ([`bind_all`]).
-fn insert_sql(first: usize) -> String {
+pub(super) fn insert_sql(first: usize) -> String {
     let types = [
         "uuid",
         "text",
@@ -185,7 +186,7 @@ fn insert_sql(first: usize) -> String {
 }
 
 /// Binds the column arrays of `os`, in [`insert_sql`]'s order.
-fn bind_all<'q, O>(
+pub(super) fn bind_all<'q, O>(
     query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
     os: &'q [NewOperation<'_>],
 ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
@@ -293,6 +294,16 @@ pub async fn set_pending(
     .bind(id)
     .bind(generation)
     .fetch_one(conn)
+    .await
+}
+
+/// Operations by ID, in insertion order; those that do not exist are left out.
+pub async fn get_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<Vec<OperationRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM operations WHERE id = ANY($1) ORDER BY seq"
+    ))
+    .bind(ids)
+    .fetch_all(db)
     .await
 }
 

@@ -59,6 +59,9 @@ pub async fn insert_many(conn: &mut PgConnection, ms: &[NewMessage]) -> sqlx::Re
     Ok(())
 }
 
+/// The parameters of [`insert_sql`].
+pub(super) const INSERT_PARAMS: usize = 5;
+
 /// The insert of messages from arrays bound from `$first` on ([`bind_all`]).
 pub(super) fn insert_sql(first: usize) -> String {
     let n = |i: usize| first + i;

@@ -83,38 +83,67 @@ pub async fn insert_many<'a>(
     conn: &mut PgConnection,
     rs: &[NewResource<'a>],
 ) -> sqlx::Result<Vec<ResourceRow>> {
+    static SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("{} RETURNING {COLUMNS}", insert_sql(1)));
+    let rs = in_lock_order(rs);
+    bind_all(sqlx::query_as(&SQL), &rs).fetch_all(conn).await
+}
+
+/// `rs` in the order their names are inserted: `(tenant, kind, name)`.
+pub(super) fn in_lock_order<'r, 'a>(rs: &'r [NewResource<'a>]) -> Vec<&'r NewResource<'a>> {
     let mut rs: Vec<&NewResource> = rs.iter().collect();
     rs.sort_by(|a, b| {
         (a.tenant, a.kind.as_str(), a.name).cmp(&(b.tenant, b.kind.as_str(), b.name))
     });
+    rs
+}
+
+/// The parameters of [`insert_sql`].
+pub(super) const INSERT_PARAMS: usize = 12;
+
+/// The insert of resources at generation 1 from arrays bound from `$first` on
+/// ([`bind_all`]), in the arrays' order.
+pub(super) fn insert_sql(first: usize) -> String {
+    let types = [
+        "uuid", "text", "text", "text", "text", "jsonb", "text", "jsonb", "bigint", "bigint",
+        "bigint", "bigint",
+    ];
+    let arrays: Vec<String> = (first..)
+        .zip(types)
+        .map(|(n, t)| format!("${n}::{t}[]"))
+        .collect();
+    format!(
+        "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, labels,
+             vcpus, memory_mb, nodes, storage_gb)
+         SELECT * FROM UNNEST({})",
+        arrays.join(", ")
+    )
+}
+
+/// Binds the column arrays of `rs`, in [`insert_sql`]'s order.
+pub(super) fn bind_all<'q, 'a: 'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    rs: &'q [&'q NewResource<'a>],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
     let text =
         |f: for<'x> fn(&'x NewResource<'a>) -> &'x str| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
     let json = |f: for<'x> fn(&'x NewResource<'a>) -> &'x Value| {
         rs.iter().map(|r| f(r)).collect::<Vec<_>>()
     };
     let amount = |d: Dimension| rs.iter().map(|r| r.footprint.get(d)).collect::<Vec<i64>>();
-    sqlx::query_as(&format!(
-        "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, labels,
-             vcpus, memory_mb, nodes, storage_gb)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-             $6::jsonb[], $7::text[], $8::jsonb[], $9::bigint[], $10::bigint[], $11::bigint[],
-             $12::bigint[])
-         RETURNING {COLUMNS}"
-    ))
-    .bind(rs.iter().map(|r| r.id).collect::<Vec<Uuid>>())
-    .bind(text(|r| r.tenant))
-    .bind(text(|r| r.kind.as_str()))
-    .bind(text(|r| r.zone))
-    .bind(text(|r| r.name))
-    .bind(json(|r| r.spec))
-    .bind(text(|r| r.phase.as_str()))
-    .bind(json(|r| r.labels))
-    .bind(amount(Dimension::Vcpus))
-    .bind(amount(Dimension::MemoryMb))
-    .bind(amount(Dimension::Nodes))
-    .bind(amount(Dimension::StorageGb))
-    .fetch_all(conn)
-    .await
+    query
+        .bind(rs.iter().map(|r| r.id).collect::<Vec<Uuid>>())
+        .bind(text(|r| r.tenant))
+        .bind(text(|r| r.kind.as_str()))
+        .bind(text(|r| r.zone))
+        .bind(text(|r| r.name))
+        .bind(json(|r| r.spec))
+        .bind(text(|r| r.phase.as_str()))
+        .bind(json(|r| r.labels))
+        .bind(amount(Dimension::Vcpus))
+        .bind(amount(Dimension::MemoryMb))
+        .bind(amount(Dimension::Nodes))
+        .bind(amount(Dimension::StorageGb))
 }
 
 /// A live resource of `tenant` and `kind`.

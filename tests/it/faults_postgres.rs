@@ -525,6 +525,41 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
     }
 }
 
+/// A create whose caches are warm (key, tenant, zone, catalog) uses the database for one
+/// statement only, outside a transaction block: when that statement meets a connection
+/// the database ended, it is looked up on another (it did not commit) and made again
+/// there. Each create is answered, recorded once and audited once.
+#[tokio::test]
+async fn a_create_whose_one_statement_meets_an_ended_connection_is_made_once_on_another() {
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let (tenant, first) = a_vm(&app, "first").await;
+    let vm = common::vm_path(&tenant, &first);
+    for round in 0..3 {
+        end_every_connection(&app, &vm).await;
+        let name = format!("after-{round}");
+        let body = json!({"name": name, "zone": "zone-a", "spec": common::example_spec("vms")});
+        let answer = app.post(&format!("/v1/tenants/{tenant}/vms"), body).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "round {round}: {:?}",
+            answer.body
+        );
+        let resources = app.count(&format!("resources WHERE name = '{name}'")).await;
+        assert_eq!(resources, 1, "round {round}");
+        let op = answer.body["id"].as_str().unwrap();
+        assert_eq!(
+            app.count(&format!("outbox WHERE operation_id = '{op}'"))
+                .await,
+            1
+        );
+        let request = answer.header("x-request-id").unwrap().to_owned();
+        let audited = format!("request_id = '{request}'");
+        app.wait_audit(&audited, 1).await;
+        assert_eq!(app.count(&format!("audit_log WHERE {audited}")).await, 1);
+    }
+}
+
 /// Lists and other reads, each the first to use the database after it ended every
 /// connection the gateway had just used (the key is cached, so the read itself meets the
 /// ended connection): each is answered, on a new connection.

@@ -1,9 +1,11 @@
 //! Group commit: concurrent creates share one transaction, and each is still answered,
 //! audited and evented exactly as it would be alone.
 //!
-//! The tests make batches form deterministically: a test transaction holds the
-//! tenant's quota row, so every lane's transaction (which locks it) waits, and the
-//! creates that arrive meanwhile queue up; releasing the row lets them go in batches.
+//! A batch of tenants without quota limits is one statement; one with a limited tenant
+//! is a transaction that locks the quota rows ([`Path`]). The tests make batches form
+//! deterministically: a test transaction holds what every lane needs (the tenant's
+//! quota row, or a lock on the resources table), so every lane waits, and the creates
+//! that arrive meanwhile queue up; releasing it lets them go in batches.
 
 use crate::common::{example_spec, metric, spawn_with, Answer, Options, TestApp};
 use reqwest::{Method, StatusCode};
@@ -14,6 +16,42 @@ use std::time::Duration;
 
 /// Batches at once (`gateway::lifecycle::group::LANES`).
 const LANES: i64 = gateway::lifecycle::group::LANES as i64;
+
+/// How a batch is recorded.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    /// One statement, outside a transaction block (tenants without quota limits).
+    Statement,
+    /// A transaction that locks the tenants' quota rows.
+    Transaction,
+}
+
+const PATHS: [Path; 2] = [Path::Statement, Path::Transaction];
+
+/// A tenant whose creates take `path` (with a VM quota too large to matter).
+async fn tenant_for(app: &TestApp, path: Path) -> String {
+    match path {
+        Path::Statement => app.tenant().await,
+        Path::Transaction => tenant_with_quota(app, 1000).await,
+    }
+}
+
+/// Holds what every create of `tenant` on `path` needs, so each waits in its lane:
+/// the tenant's quota row, or the resources table (a create's statement inserts into
+/// it, which a `SHARE` lock holds off).
+async fn hold(app: &TestApp, tenant: &str, path: Path) -> Transaction<'static, Postgres> {
+    match path {
+        Path::Transaction => hold_quota(app, tenant).await,
+        Path::Statement => {
+            let mut tx = app.pool.begin().await.unwrap();
+            sqlx::query("LOCK TABLE resources IN SHARE MODE")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        }
+    }
+}
 
 /// A tenant with a quota (count of VMs limited to `limit`).
 async fn tenant_with_quota(app: &TestApp, limit: i64) -> String {
@@ -76,17 +114,17 @@ async fn create(app: &TestApp, tenant: &str, name: &str, key: Option<&str>) -> A
     Answer::read(req.send().await.unwrap()).await
 }
 
-/// Sends `names` as concurrent creates while the tenant's quota row is held, waits
-/// until all but `unblocked` of them (replays, which lock no quota) are queued or
+/// Sends `names` as concurrent creates while what they need on `path` is held ([`hold`]),
+/// waits until all but `unblocked` of them (replays, which lock no quota) are queued or
 /// waiting, then lets them go; returns the answers, in the order of `names`.
 async fn burst(
     app: &TestApp,
-    tenant: &str,
+    (tenant, path): (&str, Path),
     names: &[(String, Option<String>)],
     unblocked: usize,
 ) -> Vec<Answer> {
     let before = metric(&app.url, "gateway_http_requests_in_flight").await;
-    let held = hold_quota(app, tenant).await;
+    let held = hold(app, tenant, path).await;
     let sent = futures::future::join_all(
         names
             .iter()
@@ -146,7 +184,7 @@ async fn queued_creates_share_transactions_and_each_is_answered_audited_and_even
     let alone = create(&app, &t, "alone", None).await;
     assert_eq!(alone.status, StatusCode::ACCEPTED, "{:?}", alone.body);
     let batches_before = metric(&app.url, "gateway_write_batch_size_count").await;
-    let answers = burst(&app, &t, &names("vm", 40), 0).await;
+    let answers = burst(&app, (&t, Path::Transaction), &names("vm", 40), 0).await;
 
     // 29 fit beside the first; each of the others is refused on its own.
     let accepted: Vec<&Answer> = answers
@@ -209,14 +247,79 @@ async fn queued_creates_share_transactions_and_each_is_answered_audited_and_even
 }
 
 #[tokio::test]
-async fn a_batch_whose_transaction_fails_records_each_of_its_creates_alone() {
+async fn creates_of_tenants_without_limits_share_statements_and_each_is_answered_audited_and_evented_alone(
+) {
     let app = spawn_with(Options::api_only()).await;
-    let t = tenant_with_quota(&app, 1000).await;
+    let (t, other) = (app.tenant().await, app.tenant().await);
+    let alone = create(&app, &t, "alone", None).await;
+    assert_eq!(alone.status, StatusCode::ACCEPTED, "{:?}", alone.body);
+    let batches_before = metric(&app.url, "gateway_write_batch_size_count").await;
+    let answers = burst(&app, (&t, Path::Statement), &names("vm", 40), 0).await;
+    assert!(
+        answers.iter().all(|a| a.status == StatusCode::ACCEPTED),
+        "{answers:?}"
+    );
+    let ids: HashSet<&str> = answers
+        .iter()
+        .map(|a| a.body["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 40);
+    let all = metric(&app.url, "gateway_write_batch_size_count").await;
+    let ones = metric(&app.url, "gateway_write_batch_size_bucket{le=\"1.0\"}").await;
+    assert!(all - batches_before < 40.0, "{all} batches for 40 creates");
+    assert!(ones < all, "every batch held one create");
+    assert_eq!(
+        metric(&app.url, "gateway_write_batch_failures_total").await,
+        0.0
+    );
+    for table in ["resources", "operations"] {
+        let n = app.count(&format!("{table} WHERE tenant = '{t}'")).await;
+        assert_eq!(n, 41, "{table}");
+    }
+    let messages = "outbox o JOIN operations p ON p.id = o.operation_id";
+    let n = app
+        .count(&format!("{messages} WHERE p.tenant = '{t}'"))
+        .await;
+    assert_eq!(n, 41);
+    // Each operation is pending with the events a create alone records, in that order.
+    let events = events_by_operation(&app, &t).await;
+    let model = &events[alone.body["id"].as_str().unwrap()];
+    assert_eq!(
+        model,
+        &[
+            "resource.created",
+            "operation.created queued 0",
+            "operation.pending pending 1"
+        ]
+    );
+    for a in &answers {
+        assert_eq!(a.body["state"], "pending", "{:?}", a.body);
+        let id = a.body["id"].as_str().unwrap();
+        assert_eq!(&events[id], model, "events of {id}");
+    }
+    audited_once_each(&app, &answers).await;
+    // Another tenant's create is not held back by what this one's did.
+    assert_eq!(
+        create(&app, &other, "vm-0", None).await.status,
+        StatusCode::ACCEPTED
+    );
+}
+
+#[tokio::test]
+async fn a_batch_whose_statement_or_transaction_fails_records_each_of_its_creates_alone() {
+    for path in PATHS {
+        a_batch_that_fails_records_each_of_its_creates_alone(path).await;
+    }
+}
+
+async fn a_batch_that_fails_records_each_of_its_creates_alone(path: Path) {
+    let app = spawn_with(Options::api_only()).await;
+    let t = tenant_for(&app, path).await;
     // Twelve creates of one name among eight others: a batch holding two of them (or
     // one, once the name is taken) fails on the unique name as a whole.
     let mut sent = names("other", 8);
     sent.extend((0..12).map(|_| ("same".to_owned(), None)));
-    let answers = burst(&app, &t, &sent, 0).await;
+    let answers = burst(&app, (&t, path), &sent, 0).await;
     let (others, same) = answers.split_at(8);
     assert!(
         others.iter().all(|a| a.status == StatusCode::ACCEPTED),
@@ -231,7 +334,7 @@ async fn a_batch_whose_transaction_fails_records_each_of_its_creates_alone() {
         assert_eq!(
             (a.status, a.code()),
             (StatusCode::CONFLICT, "name_taken"),
-            "{:?}",
+            "{path:?}: {:?}",
             a.body
         );
     }
@@ -249,8 +352,14 @@ async fn a_batch_whose_transaction_fails_records_each_of_its_creates_alone() {
 
 #[tokio::test]
 async fn idempotency_keys_are_honoured_within_and_across_batches() {
+    for path in PATHS {
+        idempotency_keys_are_honoured_on(path).await;
+    }
+}
+
+async fn idempotency_keys_are_honoured_on(path: Path) {
     let app = spawn_with(Options::api_only()).await;
-    let t = tenant_with_quota(&app, 1000).await;
+    let t = tenant_for(&app, path).await;
     let earlier = create(&app, &t, "earlier", Some("key-0")).await;
     assert_eq!(earlier.status, StatusCode::ACCEPTED);
     let key = |k: &str| Some(k.to_owned());
@@ -262,8 +371,13 @@ async fn idempotency_keys_are_honoured_within_and_across_batches() {
         ("not-twice".to_owned(), key("key-1")),
     ];
     sent.extend((0..6).map(|i| (format!("keyed-{i}"), key(&format!("key-x{i}")))));
-    // The replay of key-0 locks no quota row: it may be answered at once.
-    let answers = burst(&app, &t, &sent, 1).await;
+    // The replay of key-0 locks no quota row: it may be answered at once. Its statement
+    // inserts nothing, but waits for the table like any other.
+    let unblocked = match path {
+        Path::Transaction => 1,
+        Path::Statement => 0,
+    };
+    let answers = burst(&app, (&t, path), &sent, unblocked).await;
 
     assert_eq!(answers[0].status, StatusCode::ACCEPTED);
     assert_eq!(
@@ -298,10 +412,16 @@ async fn idempotency_keys_are_honoured_within_and_across_batches() {
 
 #[tokio::test]
 async fn a_create_whose_client_leaves_while_it_is_queued_is_not_recorded() {
+    for path in PATHS {
+        a_create_whose_client_leaves_is_not_recorded_on(path).await;
+    }
+}
+
+async fn a_create_whose_client_leaves_is_not_recorded_on(path: Path) {
     let app = spawn_with(Options::api_only()).await;
-    let t = tenant_with_quota(&app, 1000).await;
+    let t = tenant_for(&app, path).await;
     let before = metric(&app.url, "gateway_http_requests_in_flight").await;
-    let held = hold_quota(&app, &t).await;
+    let held = hold(&app, &t, path).await;
     let lanes = futures::future::join_all((0..LANES).map(|i| {
         let (app, t) = (&app, &t);
         async move { create(app, t, &format!("lane-{i}"), None).await }
