@@ -5,7 +5,7 @@
 //! bounds the window), then deletes the rows JetStream acknowledged, marks their
 //! operations `dispatched` and records where JetStream stored each message — in the
 //! same short transaction. It locks the operations' resources for that record without
-//! waiting ([`crate::lifecycle::dispatch::lock_published`]): a row whose resource
+//! waiting ([`crate::lifecycle::dispatch::record_published`], one statement): a row whose resource
 //! another transaction holds stays in the outbox with the stream sequence it got, and a
 //! pass 10 ms later records it without publishing it again. So the relay never waits
 //! for a row lock, and holds none of a resource's while it waits for JetStream.
@@ -232,36 +232,35 @@ impl Relay {
                 }
             }
         }
-        let ops: Vec<_> = acked
+        let record: Vec<outbox::Acked> = acked
             .iter()
-            .filter_map(|(row, _)| row.operation_id)
+            .map(|(row, seq)| outbox::Acked {
+                id: row.id,
+                operation: row.operation_id,
+                dispatch: dispatch_number(&row.msg_id),
+                seq: *seq,
+                kept: row.published_seq.is_some(),
+            })
             .collect();
-        let held = crate::lifecycle::dispatch::lock_published(&mut tx, &ops).await?;
-        let (mut published, mut dispatched, mut busy) = (Vec::new(), Vec::new(), Vec::new());
-        for (row, seq) in acked {
+        let held = crate::lifecycle::dispatch::record_published(&mut tx, &record).await?;
+        tx.commit().await?;
+        let (mut published, mut dispatched) = (0, Vec::new());
+        for (row, _) in acked {
             if row.operation_id.is_some_and(|op| held.contains(&op)) {
-                if row.published_seq.is_none() {
-                    busy.push((row.id, seq));
-                }
                 continue;
             }
             let lag = (acked_at - row.created_at).to_std().unwrap_or_default();
             self.metrics.relay_lag.observe(lag.as_secs_f64());
-            published.push((row.id, row.operation_id, dispatch_number(&row.msg_id), seq));
+            published += 1;
             dispatched.extend(row.operation_id);
         }
-        crate::lifecycle::dispatch::published(&mut tx, &published).await?;
-        if !busy.is_empty() {
-            outbox::keep_published(&mut tx, &busy).await?;
-        }
-        tx.commit().await?;
-        let busy = rows.len() - published.len() - failed;
+        let busy = rows.len() - published - failed;
         self.metrics.relay_busy_rows.inc_by(busy as u64);
-        self.metrics.outbox_published.inc_by(published.len() as u64);
+        self.metrics.outbox_published.inc_by(published as u64);
         self.changes.publish(&dispatched, &[]).await;
         Ok(Pass {
             claimed: rows.len(),
-            published: published.len(),
+            published,
             busy,
         })
     }

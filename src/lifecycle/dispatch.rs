@@ -4,8 +4,8 @@ use super::txn::Txn;
 use crate::domain::Action;
 use crate::domain::Kind;
 use crate::store::operations::{self, NewOperation, OperationRow};
+use crate::store::outbox;
 use crate::store::resources::{NewResource, ResourceRow};
-use crate::store::{outbox, resources};
 use chrono::{DateTime, Utc};
 use gateway_proto::{Dispatch, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use serde_json::json;
@@ -206,35 +206,24 @@ fn message(
     })
 }
 
-/// In the relay's transaction, after it published the messages of operations `ops`:
-/// locks their resources, as every change locks them, without waiting. Answers the
-/// operations whose resources another transaction holds (a request or a report in
-/// flight: often the worker's report on this very message): their messages stay in the
-/// outbox for a later pass to record. The others' dispatches may be recorded now.
+/// In the relay's transaction, after it published `rows`: records them
+/// ([`outbox::record_published`]) and answers the operations whose resources another
+/// transaction holds (a request or a report in flight: often the worker's report on
+/// this very message). Their messages stay in the outbox, with the sequence JetStream
+/// gave them, for a later pass to record; the others' dispatches are recorded now.
 ///
 /// The relay never waits for a row lock (`SKIP LOCKED`), so it is never part of a
 /// deadlock, and holds no resource's lock while it waits for JetStream. The resource
 /// lock keeps each resource's events in commit order.
-pub async fn lock_published(
+pub async fn record_published(
     conn: &mut sqlx::PgConnection,
-    ops: &[Uuid],
+    rows: &[outbox::Acked],
 ) -> sqlx::Result<HashSet<Uuid>> {
-    if ops.is_empty() {
+    if rows.is_empty() {
         return Ok(HashSet::new());
     }
-    Ok(resources::try_lock_of_operations(conn, ops)
+    Ok(outbox::record_published(conn, rows)
         .await?
         .into_iter()
         .collect())
-}
-
-/// Records what the relay published, in its transaction, under the locks
-/// [`lock_published`] took: the outbox rows JetStream acknowledged are deleted
-/// (with the stream sequence each message got, as `(row, operation, dispatch number,
-/// sequence)`), and their operations become `dispatched`.
-pub async fn published(
-    conn: &mut sqlx::PgConnection,
-    rows: &[outbox::Published],
-) -> sqlx::Result<()> {
-    outbox::delete_published(conn, rows).await
 }

@@ -103,34 +103,6 @@ pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Outb
     .await
 }
 
-/// Deletes published messages.
-pub async fn delete(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Keeps, on messages JetStream acknowledged but whose dispatch could not be recorded
-/// yet, the stream sequence each got (`(outbox id, sequence)`), so a later pass records
-/// them without publishing them again.
-pub async fn keep_published(conn: &mut PgConnection, rows: &[(i64, u64)]) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE outbox o SET published_seq = v.seq
-         FROM UNNEST($1::bigint[], $2::bigint[]) AS v(id, seq) WHERE o.id = v.id",
-    )
-    .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| i64::try_from(r.1).unwrap_or(i64::MAX))
-            .collect::<Vec<_>>(),
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// How many messages wait, and the age in seconds of the oldest.
 pub async fn backlog(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
     sqlx::query_as(
@@ -141,49 +113,84 @@ pub async fn backlog(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
     .await
 }
 
-/// A published outbox row: `(outbox id, operation, dispatch number, stream sequence)`.
-pub type Published = (i64, Option<Uuid>, Option<i32>, u64);
+/// An outbox row JetStream acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub struct Acked {
+    /// The row.
+    pub id: i64,
+    /// The operation it dispatches, if any.
+    pub operation: Option<Uuid>,
+    /// Its dispatch number (`n` of its `{operation}.{n}` message ID).
+    pub dispatch: Option<i32>,
+    /// The stream sequence JetStream stored it at.
+    pub seq: u64,
+    /// Whether the row kept that sequence already (an earlier pass published it).
+    pub kept: bool,
+}
 
-/// Deletes published messages and, in one statement for the whole batch, records what
-/// they did to their operations: a `pending` operation becomes `dispatched`, and one
-/// whose current dispatch (`n` of its `{operation}.{n}` message ID) was among them gets
-/// the stream sequence JetStream stored it at. `published` holds `(outbox id,
-/// operation, dispatch, stream sequence)`; rows without an operation carry `None`.
-pub async fn delete_published(
-    conn: &mut PgConnection,
-    published: &[Published],
-) -> sqlx::Result<()> {
-    let ids: Vec<i64> = published.iter().map(|p| p.0).collect();
-    delete(conn, &ids).await?;
+/// Records, in the relay's transaction and in one statement, what it published
+/// (`rows`); answers the operations whose resources another transaction holds.
+///
+/// First the resources of the rows' operations are locked without waiting (`SKIP
+/// LOCKED`), as every change locks them before its operation. A row whose resource is
+/// held stays in the outbox, keeping the sequence JetStream gave it, for a later pass
+/// to record without publishing it again; the other rows are deleted, and their
+/// operations get the sequence of their current dispatch and, if `pending`, become
+/// `dispatched`. A row naming no operation (or one that no longer exists) is deleted.
+pub async fn record_published(conn: &mut PgConnection, rows: &[Acked]) -> sqlx::Result<Vec<Uuid>> {
     // One entry per operation, its latest dispatch in the batch (an `UPDATE … FROM` with
     // two rows for one operation would pick either).
     let mut latest: std::collections::BTreeMap<Uuid, (i32, i64)> = Default::default();
-    for (_, op, n, seq) in published {
-        let Some(op) = op else { continue };
-        let entry = (n.unwrap_or(-1), i64::try_from(*seq).unwrap_or(i64::MAX));
-        let slot = latest.entry(*op).or_insert(entry);
+    for row in rows {
+        let Some(op) = row.operation else { continue };
+        let entry = (row.dispatch.unwrap_or(-1), seq(row.seq));
+        let slot = latest.entry(op).or_insert(entry);
         if entry.0 > slot.0 {
             *slot = entry;
         }
     }
-    if latest.is_empty() {
-        return Ok(());
-    }
-    let ops: Vec<Uuid> = latest.keys().copied().collect();
-    let dispatches: Vec<i32> = latest.values().map(|v| v.0).collect();
-    let seqs: Vec<i64> = latest.values().map(|v| v.1).collect();
-    sqlx::query(
-        "UPDATE operations o SET
-             stream_seq = CASE WHEN o.dispatches = v.n THEN v.seq ELSE o.stream_seq END,
-             state = CASE WHEN o.state = 'pending' THEN 'dispatched' ELSE o.state END,
-             updated_at = CASE WHEN o.state = 'pending' THEN now() ELSE o.updated_at END
-         FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS v(id, n, seq)
-         WHERE o.id = v.id AND (o.dispatches = v.n OR o.state = 'pending')",
+    sqlx::query_scalar(
+        "WITH v AS MATERIALIZED (
+             SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::bigint[], $4::bool[])
+                 AS v(id, op, seq, kept)
+         ),
+         held AS MATERIALIZED (
+             SELECT o.id FROM operations o
+             WHERE o.id IN (SELECT op FROM v WHERE op IS NOT NULL)
+               AND (SELECT r.id FROM resources r WHERE r.id = o.resource_id
+                    FOR NO KEY UPDATE SKIP LOCKED) IS NULL
+         ),
+         gone AS (
+             DELETE FROM outbox WHERE id IN
+                 (SELECT id FROM v WHERE op IS NULL OR op NOT IN (SELECT id FROM held))
+         ),
+         kept AS (
+             UPDATE outbox x SET published_seq = v.seq FROM v
+             WHERE x.id = v.id AND NOT v.kept AND v.op IN (SELECT id FROM held)
+         ),
+         dispatched AS (
+             UPDATE operations o SET
+                 stream_seq = CASE WHEN o.dispatches = u.n THEN u.seq ELSE o.stream_seq END,
+                 state = CASE WHEN o.state = 'pending' THEN 'dispatched' ELSE o.state END,
+                 updated_at = CASE WHEN o.state = 'pending' THEN now() ELSE o.updated_at END
+             FROM unnest($5::uuid[], $6::int[], $7::bigint[]) AS u(id, n, seq)
+             WHERE o.id = u.id AND u.id NOT IN (SELECT id FROM held)
+               AND (o.dispatches = u.n OR o.state = 'pending')
+         )
+         SELECT id FROM held",
     )
-    .bind(&ops)
-    .bind(&dispatches)
-    .bind(&seqs)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.operation).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| seq(r.seq)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.kept).collect::<Vec<_>>())
+    .bind(latest.keys().copied().collect::<Vec<_>>())
+    .bind(latest.values().map(|v| v.0).collect::<Vec<_>>())
+    .bind(latest.values().map(|v| v.1).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await
+}
+
+/// A stream sequence as the database stores it.
+fn seq(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
 }

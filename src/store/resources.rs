@@ -208,25 +208,6 @@ pub async fn lock_of_operations(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::
     .rows_affected())
 }
 
-/// Locks, without waiting, the resources of operations `ids` that no other transaction
-/// holds, for the rest of the transaction; answers the operations whose resources are
-/// held by another one (and so are not locked). An ID that names no operation is in
-/// neither set: it has no resource to lock.
-pub async fn try_lock_of_operations(
-    conn: &mut PgConnection,
-    ids: &[Uuid],
-) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
-        "SELECT o.id FROM operations o
-         WHERE o.id = ANY($1)
-           AND (SELECT r.id FROM resources r WHERE r.id = o.resource_id
-                FOR NO KEY UPDATE SKIP LOCKED) IS NULL",
-    )
-    .bind(ids)
-    .fetch_all(conn)
-    .await
-}
-
 /// Locks any resource by ID for the rest of the transaction.
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<ResourceRow> {
     sqlx::query_as(&format!(

@@ -283,18 +283,31 @@ async fn a_locked_resource_never_blocks_the_relay_marking_its_operation_dispatch
     let mut relay = app.pool.begin().await.unwrap();
     let mut report = app.pool.begin().await.unwrap();
     resources::lock(&mut report, resource_id).await.unwrap();
-    // Deleting the row and marking the operation dispatched (one statement) must not
-    // wait for the resource's lock.
+    // Recording the row (one statement: the resource's lock without waiting, the
+    // row's delete, the operation marked dispatched) must not wait for the resource's
+    // lock: it answers the operation as held, and leaves both rows as they were.
+    let acked = outbox::Acked {
+        id: row_id,
+        operation: Some(op_id),
+        dispatch: Some(1),
+        seq: 1,
+        kept: false,
+    };
     let marked = tokio::time::timeout(
         Duration::from_secs(3),
-        outbox::delete_published(&mut relay, &[(row_id, Some(op_id), Some(1), 1)]),
+        outbox::record_published(&mut relay, &[acked]),
     )
     .await;
-    assert!(
-        marked.is_ok(),
-        "the relay waited for the report's resource lock: a deadlock in the making"
-    );
+    let held =
+        marked.expect("the relay waited for the report's resource lock: a deadlock in the making");
+    assert_eq!(held.unwrap(), [op_id]);
     relay.commit().await.unwrap();
+    let kept: Option<i64> = sqlx::query_scalar("SELECT published_seq FROM outbox WHERE id = $1")
+        .bind(row_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, Some(1), "the row stays, with the sequence it got");
     assert!(operations::lock_with_resource(&mut report, op_id)
         .await
         .unwrap()
