@@ -124,12 +124,15 @@ async fn insert_at_once(
 
 /// Runs the statement of `batch` (operations `ids`).
 ///
-/// A connection that the database ended (it said so: `57P0x`) runs nothing more: its
-/// backend is gone, having committed the statement or not. On another connection, the
-/// operations are looked up, and the statement is made again if they are not there. A
-/// connection lost otherwise (a network cut) may leave the statement running and
-/// committing later: that error stands, and is answered `503` as a lost `COMMIT` is (a
-/// retry with the same `Idempotency-Key` finds the operation).
+/// When the connection is lost under it (the database ended it, a network cut, a
+/// pooled connection that had died), the statement may have committed, may still be
+/// running on the database, or may never have started. It is run again on another
+/// connection with the same IDs, which settles all three: a first run that committed,
+/// or commits while the second waits on the unique indexes for it, makes the second
+/// fail on them, and the operations are then found by ID; a first run that did not
+/// commit leaves the second to insert; one that starts later fails on the rows the
+/// second inserted. Only within [`store::ENDED_RETRY_WINDOW`]: past it, the error
+/// stands (`503`).
 async fn once(
     engine: &Engine,
     conn: &mut sqlx::PgConnection,
@@ -138,17 +141,18 @@ async fn once(
 ) -> sqlx::Result<Vec<OperationRow>> {
     let mut result = store::creates::insert_unchecked(conn, batch).await;
     let started = std::time::Instant::now();
-    while matches!(&result, Err(e) if store::was_terminated(e))
+    while matches!(&result, Err(e) if store::is_ended_connection(e))
         && started.elapsed() < store::ENDED_RETRY_WINDOW
     {
-        tracing::debug!("the database ended the connection of a group commit; looking again");
-        let pool = &engine.pool;
-        let found = store::again_if_ended(pool, || operations::get_many(pool, ids)).await?;
-        if !found.is_empty() {
-            return Ok(found);
-        }
-        let mut conn = pool.acquire().await?;
+        tracing::debug!("a group commit lost its connection; running it again on another");
+        let mut conn = engine.pool.acquire().await?;
         result = store::creates::insert_unchecked(&mut conn, batch).await;
+        if matches!(&result, Err(e) if store::is_unique_violation(e)) {
+            let found = operations::get_many(&mut *conn, ids).await?;
+            if !found.is_empty() {
+                return Ok(found);
+            }
+        }
     }
     result
 }

@@ -170,16 +170,9 @@ where
 
 /// Whether `e` says the connection itself is gone (closed, or ended by the server), as
 /// opposed to the pool being exhausted or the statement being refused.
-fn is_ended_connection(e: &sqlx::Error) -> bool {
+pub fn is_ended_connection(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Io(_))
         || matches!(pg_code(e), Some(c) if c.starts_with("08") || c.starts_with("57P0"))
-}
-
-/// Whether the database said it ended the connection (`57P0x`: an administrator's
-/// `pg_terminate_backend`, a shutdown): the backend is gone, and nothing runs on it any
-/// more.
-pub fn was_terminated(e: &sqlx::Error) -> bool {
-    matches!(pg_code(e), Some(c) if c.starts_with("57P0"))
 }
 
 /// Checks that the database answers.

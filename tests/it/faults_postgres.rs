@@ -560,6 +560,193 @@ async fn a_create_whose_one_statement_meets_an_ended_connection_is_made_once_on_
     }
 }
 
+/// A gateway that reaches PostgreSQL through a link the test cuts, a tenant, and a
+/// transaction (on a direct connection) holding an uncommitted resource named `cut` in
+/// it: a create of that name, once its statement runs, waits for it on the unique index
+/// (a lock on the table would hold up the statement's parse instead, before it runs).
+struct CutSetup {
+    link: crate::common::link::Link,
+    app: common::TestApp,
+    tenant: String,
+    holder: tokio::sync::Mutex<sqlx::PgConnection>,
+    watcher: sqlx::PgPool,
+}
+
+impl CutSetup {
+    async fn new() -> Self {
+        use sqlx::Connection;
+        let pg = reqwest::Url::parse(&common::pg_base()).unwrap();
+        let link = crate::common::link::Link::start(pg.port().unwrap_or(5432)).await;
+        let app = common::spawn_with(common::Options {
+            database_port: Some(link.port),
+            ..common::Options::api_only()
+        })
+        .await;
+        let (tenant, _) = a_vm(&app, "first").await;
+        let database: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        let direct = format!("{}/{database}", common::pg_base());
+        let mut holder = sqlx::PgConnection::connect(&direct).await.unwrap();
+        sqlx::raw_sql("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query(
+            "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase)
+             VALUES (gen_random_uuid(), $1, 'vm', 'zone-a', 'cut', '{}', 'provisioning')",
+        )
+        .bind(&tenant)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let watcher = sqlx::PgPool::connect(&direct).await.unwrap();
+        Self {
+            link,
+            app,
+            tenant,
+            holder: tokio::sync::Mutex::new(holder),
+            watcher,
+        }
+    }
+
+    /// The create of `cut`, with `key` as its `Idempotency-Key` if any.
+    async fn create(&self, key: Option<&str>) -> common::Answer {
+        let body = json!({"name": "cut", "zone": "zone-a", "spec": common::example_spec("vms")});
+        let mut req = self
+            .app
+            .http
+            .post(format!("{}/v1/tenants/{}/vms", self.app.url, self.tenant))
+            .bearer_auth(&self.app.admin_key)
+            .json(&body);
+        if let Some(key) = key {
+            req = req.header("Idempotency-Key", key);
+        }
+        common::Answer::read(req.send().await.unwrap()).await
+    }
+
+    /// Waits until `n` statements of the gateway wait for a lock.
+    async fn until_waiting(&self, n: i64) {
+        let waiting = "SELECT count(*) FROM pg_stat_activity
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.scalar(waiting).await < n {
+            assert!(tokio::time::Instant::now() < deadline, "{n} never waited");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.watcher)
+            .await
+            .unwrap()
+    }
+
+    /// Lets the name go (the holder rolls back).
+    async fn release(&self) {
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *self.holder.lock().await)
+            .await
+            .unwrap();
+    }
+
+    /// Resources named `cut`, and the operations on them.
+    async fn made(&self) -> (i64, i64) {
+        let resources = self
+            .scalar("SELECT count(*) FROM resources WHERE name = 'cut'")
+            .await;
+        let ops = self
+            .scalar(
+                "SELECT count(*) FROM operations o JOIN resources r ON r.id = o.resource_id
+                 WHERE r.name = 'cut'",
+            )
+            .await;
+        (resources, ops)
+    }
+}
+
+/// A create's one statement is its own transaction: if the connection is lost while it
+/// runs (a network cut), it may still commit, and the gateway cannot tell. Here the
+/// network stays down: the create is answered `503` (its run again on another
+/// connection cannot connect); the first statement commits once the name it waited for
+/// is free; the client's retry with the same `Idempotency-Key` is answered with that
+/// operation, and the resource exists once.
+#[tokio::test]
+async fn a_create_whose_connection_is_cut_mid_statement_is_answered_503_and_found_by_its_key() {
+    let s = CutSetup::new().await;
+    let cut = async {
+        s.until_waiting(1).await;
+        s.link.cut();
+    };
+    let (first, ()) = tokio::join!(s.create(Some("cut-key")), cut);
+    assert_eq!(
+        (first.status, first.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+        "{:?}",
+        first.body
+    );
+    s.link.restore();
+    s.release().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.made().await != (1, 1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cut statement did not commit: {:?}",
+            s.made().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client retries as a `503` asks it to (the gateway answers `503` until its
+    // database check passes again).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let again = s.create(Some("cut-key")).await;
+        if again.status != StatusCode::SERVICE_UNAVAILABLE {
+            break again;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", again.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{:?}", again.body);
+    assert_eq!(s.made().await, (1, 1));
+    let op = again.body["id"].as_str().unwrap();
+    let recorded = format!("SELECT count(*) FROM operations WHERE id = '{op}'");
+    assert_eq!(s.scalar(&recorded).await, 1);
+    // Without the key, the same create meets its own resource.
+    let keyless = s.create(None).await;
+    assert_eq!(
+        (keyless.status, keyless.code()),
+        (StatusCode::CONFLICT, "name_taken")
+    );
+}
+
+/// A cut the network recovers from at once: the create's statement is run again on a
+/// new connection with the same IDs while the first run still waits on the database.
+/// Whichever inserts first, the other fails on its rows, and the create is answered
+/// `202` with one resource and one operation.
+#[tokio::test]
+async fn a_create_whose_connection_is_cut_mid_statement_is_made_once_on_another() {
+    let s = CutSetup::new().await;
+    let cut = async {
+        s.until_waiting(1).await;
+        s.link.cut();
+        s.link.restore();
+        // The first run and the second both wait for the name.
+        s.until_waiting(2).await;
+        s.release().await;
+    };
+    let (answer, ()) = tokio::join!(s.create(None), cut);
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{:?}", answer.body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "a run still waits");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.made().await, (1, 1));
+    let op = answer.body["id"].as_str().unwrap();
+    let recorded = format!("SELECT count(*) FROM operations WHERE id = '{op}'");
+    assert_eq!(s.scalar(&recorded).await, 1);
+}
+
 /// Lists and other reads, each the first to use the database after it ended every
 /// connection the gateway had just used (the key is cached, so the read itself meets the
 /// ended connection): each is answered, on a new connection.

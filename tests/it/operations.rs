@@ -995,6 +995,7 @@ async fn lists_filter_and_page_through_every_row_exactly_once_while_rows_are_add
 #[tokio::test]
 async fn an_operation_past_its_deadline_fails_with_deadline_exceeded() {
     let app = spawn_with(Options {
+        database_port: None,
         parts: Parts {
             api: true,
             relay: true,
@@ -1034,6 +1035,7 @@ async fn an_operation_past_its_deadline_fails_with_deadline_exceeded() {
 #[tokio::test]
 async fn an_idempotency_key_is_forgotten_after_its_retention_and_may_be_used_again() {
     let app = spawn_with(Options {
+        database_port: None,
         tweak: |c| c.idempotency_retention = Duration::from_secs(1),
         parts: gateway::app::Parts {
             api: true,

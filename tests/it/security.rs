@@ -718,6 +718,7 @@ async fn every_mutating_or_denied_request_is_audited_exactly_once_in_an_unbreaka
 #[tokio::test]
 async fn a_burst_over_the_limit_gets_429_and_polls_have_their_own_bucket() {
     let app = spawn_with(Options {
+        database_port: None,
         parts: Parts {
             api: true,
             ..Default::default()
@@ -857,6 +858,7 @@ fn the_readme_shows_the_policy_table_the_code_enforces() {
 async fn a_client_too_slow_to_send_its_headers_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = spawn_with(Options {
+        database_port: None,
         parts: Parts {
             api: true,
             ..Default::default()

@@ -203,6 +203,7 @@ async fn settled_log(app: &TestApp, log: &str) -> common::Answer {
 /// A gateway with the dispatcher, short retries, loopback receivers allowed.
 async fn app_with_webhooks() -> TestApp {
     spawn_with(Options {
+        database_port: None,
         parts: gateway::app::Parts {
             webhooks: true,
             ..Options::default().parts

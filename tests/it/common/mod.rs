@@ -409,6 +409,9 @@ impl Client {
 pub struct Options {
     pub parts: Parts,
     pub tweak: fn(&mut Config),
+    /// The gateway reaches PostgreSQL through this local port (a [`link::Link`] a test
+    /// cuts), instead of directly.
+    pub database_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -422,6 +425,7 @@ impl Default for Options {
                 webhooks: false,
             },
             tweak: |_| {},
+            database_port: None,
         }
     }
 }
@@ -480,6 +484,11 @@ pub async fn spawn_with(options: Options) -> TestApp {
     let mut config = Config::for_tests(sandbox.database_url(), sandbox.names.clone());
     config.nats_url = nats_url();
     (options.tweak)(&mut config);
+    if let Some(port) = options.database_port {
+        let mut url = reqwest::Url::parse(&config.database_url).unwrap();
+        url.set_port(Some(port)).unwrap();
+        config.database_url = url.to_string();
+    }
     let backends = app::connect(&config)
         .await
         .expect("connect to PostgreSQL and NATS");
