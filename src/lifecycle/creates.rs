@@ -51,17 +51,7 @@ pub(super) async fn at_once(
     let mut out: Vec<Option<Outcome>> = creates.iter().map(|_| None).collect();
     keyed_once(creates, &mut out);
     let mut txn = Autocommit::acquire(engine).await?;
-    let mut admitted = Vec::with_capacity(creates.len());
-    for (i, c) in creates.iter().enumerate() {
-        if out[i].is_some() {
-            continue;
-        }
-        match c.admit(engine, &mut txn).await {
-            Ok(footprint) => admitted.push((i, footprint)),
-            Err(LifecycleError::Database(e)) => return Err(e),
-            Err(refused) => out[i] = Some(Outcome::Answer(Err(refused))),
-        }
-    }
+    let admitted = admit_all(engine, &mut txn, creates, &mut out).await?;
     if !admitted.is_empty() && !insert_at_once(&mut txn, creates, &admitted, &mut out).await? {
         return Ok(None);
     }
@@ -157,6 +147,28 @@ async fn once(
     result
 }
 
+/// Each create's checks that take no lock, on `conn`, for those not answered yet:
+/// answers the refused ones and returns the others with what each consumes.
+async fn admit_all(
+    engine: &Engine,
+    conn: &mut sqlx::PgConnection,
+    creates: &[&ReadyCreate],
+    out: &mut [Option<Outcome>],
+) -> sqlx::Result<Vec<(usize, Amounts)>> {
+    let mut admitted = Vec::with_capacity(creates.len());
+    for (i, c) in creates.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        match c.admit(engine, conn).await {
+            Ok(footprint) => admitted.push((i, footprint)),
+            Err(LifecycleError::Database(e)) => return Err(e),
+            Err(refused) => out[i] = Some(Outcome::Answer(Err(refused))),
+        }
+    }
+    Ok(admitted)
+}
+
 /// Marks each create whose `Idempotency-Key` an earlier create of the batch carries
 /// already (same principal) to be recorded alone, after the batch: it will find the
 /// first one's operation. Returns the indexes of the first creates of each key.
@@ -185,17 +197,7 @@ pub(super) async fn together(
     let mut out: Vec<Option<Outcome>> = creates.iter().map(|_| None).collect();
     let mut tx = Txn::begin(engine).await?;
     replays(&mut tx, creates, &mut out).await?;
-    let mut admitted = Vec::with_capacity(creates.len());
-    for (i, c) in creates.iter().enumerate() {
-        if out[i].is_some() {
-            continue;
-        }
-        match c.admit(engine, &mut tx).await {
-            Ok(footprint) => admitted.push((i, footprint)),
-            Err(LifecycleError::Database(e)) => return Err(e),
-            Err(refused) => out[i] = Some(Outcome::Answer(Err(refused))),
-        }
-    }
+    let admitted = admit_all(engine, &mut tx, creates, &mut out).await?;
     let accepted = within_quotas(&mut tx, creates, admitted, &mut out).await?;
     if !accepted.is_empty() {
         record(&mut tx, creates, &accepted, &mut out).await?;

@@ -172,6 +172,39 @@ async fn audited_once_each(app: &TestApp, answers: &[Answer]) {
     }
 }
 
+/// The `n` creates since `before` batches went in batches (fewer than `n`, some of
+/// several), and no batch failed.
+async fn went_in_batches(app: &TestApp, before: f64, n: usize) {
+    let all = metric(&app.url, "gateway_write_batch_size_count").await;
+    let ones = metric(&app.url, "gateway_write_batch_size_bucket{le=\"1.0\"}").await;
+    assert!(all - before < n as f64, "{all} batches for {n} creates");
+    assert!(ones < all, "every batch held one create");
+    assert_eq!(
+        metric(&app.url, "gateway_write_batch_failures_total").await,
+        0.0
+    );
+}
+
+/// Each of `accepted` is pending with the events `alone` (a create alone of `tenant`)
+/// recorded, in that order.
+async fn evented_as_alone(app: &TestApp, tenant: &str, alone: &Answer, accepted: &[&Answer]) {
+    let events = events_by_operation(app, tenant).await;
+    let model = &events[alone.body["id"].as_str().unwrap()];
+    assert_eq!(
+        model,
+        &[
+            "resource.created",
+            "operation.created queued 0",
+            "operation.pending pending 1"
+        ]
+    );
+    for a in accepted {
+        assert_eq!(a.body["state"], "pending", "{:?}", a.body);
+        let id = a.body["id"].as_str().unwrap();
+        assert_eq!(&events[id], model, "events of {id}");
+    }
+}
+
 fn names(prefix: &str, n: usize) -> Vec<(String, Option<String>)> {
     (0..n).map(|i| (format!("{prefix}-{i}"), None)).collect()
 }
@@ -217,31 +250,9 @@ async fn queued_creates_share_transactions_and_each_is_answered_audited_and_even
     );
 
     // They went in batches: fewer transactions than creates, some of several.
-    let all = metric(&app.url, "gateway_write_batch_size_count").await;
-    let ones = metric(&app.url, "gateway_write_batch_size_bucket{le=\"1.0\"}").await;
-    assert!(all - batches_before < 40.0, "{all} batches for 40 creates");
-    assert!(ones < all, "every batch held one create");
-    assert_eq!(
-        metric(&app.url, "gateway_write_batch_failures_total").await,
-        0.0
-    );
+    went_in_batches(&app, batches_before, 40).await;
 
-    // Each operation is pending with the events a create alone records.
-    let events = events_by_operation(&app, &t).await;
-    let model = &events[alone.body["id"].as_str().unwrap()];
-    assert_eq!(
-        model,
-        &[
-            "resource.created",
-            "operation.created queued 0",
-            "operation.pending pending 1"
-        ]
-    );
-    for a in &accepted {
-        assert_eq!(a.body["state"], "pending", "{:?}", a.body);
-        let id = a.body["id"].as_str().unwrap();
-        assert_eq!(&events[id], model, "events of {id}");
-    }
+    evented_as_alone(&app, &t, &alone, &accepted).await;
 
     audited_once_each(&app, &answers).await;
 }
@@ -264,14 +275,7 @@ async fn creates_of_tenants_without_limits_share_statements_and_each_is_answered
         .map(|a| a.body["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 40);
-    let all = metric(&app.url, "gateway_write_batch_size_count").await;
-    let ones = metric(&app.url, "gateway_write_batch_size_bucket{le=\"1.0\"}").await;
-    assert!(all - batches_before < 40.0, "{all} batches for 40 creates");
-    assert!(ones < all, "every batch held one create");
-    assert_eq!(
-        metric(&app.url, "gateway_write_batch_failures_total").await,
-        0.0
-    );
+    went_in_batches(&app, batches_before, 40).await;
     for table in ["resources", "operations"] {
         let n = app.count(&format!("{table} WHERE tenant = '{t}'")).await;
         assert_eq!(n, 41, "{table}");
@@ -281,22 +285,8 @@ async fn creates_of_tenants_without_limits_share_statements_and_each_is_answered
         .count(&format!("{messages} WHERE p.tenant = '{t}'"))
         .await;
     assert_eq!(n, 41);
-    // Each operation is pending with the events a create alone records, in that order.
-    let events = events_by_operation(&app, &t).await;
-    let model = &events[alone.body["id"].as_str().unwrap()];
-    assert_eq!(
-        model,
-        &[
-            "resource.created",
-            "operation.created queued 0",
-            "operation.pending pending 1"
-        ]
-    );
-    for a in &answers {
-        assert_eq!(a.body["state"], "pending", "{:?}", a.body);
-        let id = a.body["id"].as_str().unwrap();
-        assert_eq!(&events[id], model, "events of {id}");
-    }
+    let answered: Vec<&Answer> = answers.iter().collect();
+    evented_as_alone(&app, &t, &alone, &answered).await;
     audited_once_each(&app, &answers).await;
     // Another tenant's create is not held back by what this one's did.
     assert_eq!(
