@@ -96,7 +96,7 @@ impl ApiError {
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "database_unavailable",
-            "the database is unavailable; nothing was written, retry shortly",
+            "the database is unavailable; retry shortly (a write whose answer was lost is found again by a retry with the same Idempotency-Key)",
         );
         e.retry_after = Some(1);
         e

@@ -320,7 +320,7 @@ fn shared_components(components: &mut Map<String, Value>) {
             "Unprocessable": error_response("`invalid_body` and other validation codes; `details.field` names the field", false),
             "RateLimited": error_response("`rate_limited`: over the key's (or the address's) rate", true),
             "Internal": error_response("`internal`: an unexpected failure, logged with the request ID; nothing is said about it", false),
-            "Unavailable": error_response("`database_unavailable`: nothing was written; retry after `Retry-After`", true),
+            "Unavailable": error_response("`database_unavailable`: retry after `Retry-After`; nothing was written, unless the connection was lost as the write committed, which a retry with the same `Idempotency-Key` finds", true),
         }),
     );
 }
