@@ -50,8 +50,7 @@ pub(super) async fn at_once(
 ) -> sqlx::Result<Option<Vec<Outcome>>> {
     let mut out: Vec<Option<Outcome>> = creates.iter().map(|_| None).collect();
     keyed_once(creates, &mut out);
-    let mut txn = Autocommit::acquire(engine).await?;
-    let admitted = admit_all(engine, &mut txn, creates, &mut out).await?;
+    let (mut txn, admitted) = admit_on_a_live_connection(engine, creates, &mut out).await?;
     if !admitted.is_empty() && !insert_at_once(&mut txn, creates, &admitted, &mut out).await? {
         return Ok(None);
     }
@@ -145,6 +144,31 @@ async fn once(
         }
     }
     result
+}
+
+/// [`admit_all`] on a pooled connection outside a transaction block, the one the
+/// batch's statement is to use; again on another while the database had ended the one
+/// taken (a pooled connection used within the last second is handed out unchecked), for
+/// at most [`store::ENDED_RETRY_WINDOW`]. The checks only read, so making them again
+/// changes nothing; a create they refused stays refused.
+async fn admit_on_a_live_connection<'e>(
+    engine: &'e Engine,
+    creates: &[&ReadyCreate],
+    out: &mut [Option<Outcome>],
+) -> sqlx::Result<(Autocommit<'e>, Vec<(usize, Amounts)>)> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut txn = Autocommit::acquire(engine).await?;
+        match admit_all(engine, &mut txn, creates, out).await {
+            Err(e)
+                if store::is_ended_connection(&e)
+                    && started.elapsed() < store::ENDED_RETRY_WINDOW =>
+            {
+                tracing::debug!(error = %e, "a group commit's checks met an ended connection; again on another");
+            }
+            admitted => return admitted.map(|admitted| (txn, admitted)),
+        }
+    }
 }
 
 /// Each create's checks that take no lock, on `conn`, for those not answered yet:

@@ -560,6 +560,31 @@ async fn a_create_whose_one_statement_meets_an_ended_connection_is_made_once_on_
     }
 }
 
+/// A tenant's first create reads the tenant from the database (the cache keeps only
+/// tenants it has seen) on the connection its one statement will use. When the database
+/// has ended that connection, the check is made again on another (it only reads), and
+/// the create is answered `202`, not `503`.
+#[tokio::test]
+async fn a_first_create_whose_checks_meet_an_ended_connection_goes_on_on_another() {
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let (tenant, first) = a_vm(&app, "first").await;
+    let vm = common::vm_path(&tenant, &first);
+    for round in 0..3 {
+        let fresh = app.tenant().await;
+        end_every_connection(&app, &vm).await;
+        let body = json!({"name": "vm", "zone": "zone-a", "spec": common::example_spec("vms")});
+        let answer = app.post(&format!("/v1/tenants/{fresh}/vms"), body).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "round {round}: {:?}",
+            answer.body
+        );
+        let made = format!("resources WHERE tenant = '{fresh}'");
+        assert_eq!(app.count(&made).await, 1, "round {round}");
+    }
+}
+
 /// A gateway that reaches PostgreSQL through a link the test cuts, a tenant, and a
 /// transaction (on a direct connection) holding an uncommitted resource named `cut` in
 /// it: a create of that name, once its statement runs, waits for it on the unique index
