@@ -170,7 +170,7 @@ async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
             // is answered while the database is away. A batch whose commit went
             // through unanswered is found again by its creates' Idempotency-Keys.
             tracing::warn!(error = %e, creates = batch.len(), "group commit: database unavailable");
-            engine.metrics.write_batch_failed();
+            failed(&engine, batch.len());
             for q in batch {
                 let _ = q.reply.send(Err(unavailable(&e)));
             }
@@ -178,7 +178,7 @@ async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
         }
         Err(e) => {
             tracing::debug!(error = %e, creates = batch.len(), "group commit failed; recording each create alone");
-            engine.metrics.write_batch_failed();
+            failed(&engine, batch.len());
             batch
         }
     };
@@ -191,6 +191,14 @@ async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
             }
         })
         .await;
+}
+
+/// Counts a failed batch: only one of several creates, whose shared transaction or
+/// statement failed. A create alone that fails (its name taken, say) is no batch failure.
+fn failed(engine: &Engine, creates: usize) {
+    if creates > 1 {
+        engine.metrics.write_batch_failed();
+    }
 }
 
 /// The answer of each create of a batch the database failed under: `e` again (a

@@ -468,3 +468,22 @@ async fn with_a_batch_of_one_every_create_has_a_transaction_of_its_own() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn a_create_alone_that_is_refused_is_no_batch_failure() {
+    let app = spawn_with(Options::api_only()).await;
+    let t = app.tenant().await;
+    assert_eq!(
+        create(&app, &t, "dup", None).await.status,
+        StatusCode::ACCEPTED
+    );
+    let again = create(&app, &t, "dup", None).await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "name_taken")
+    );
+    assert_eq!(
+        metric(&app.url, "gateway_write_batch_failures_total").await,
+        0.0
+    );
+}
