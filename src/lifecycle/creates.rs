@@ -42,8 +42,10 @@ pub(super) enum Outcome {
 
 /// Records `creates` in one statement, outside any transaction block. `Ok(None)` when
 /// the statement took none of them (a tenant of the batch has quota limits, or a key
-/// was replayed): [`together`] is to record them. `Err` when it failed: nothing of it
-/// was written, and every create is to be recorded alone.
+/// was replayed): [`together`] is to record them. `Err` when it failed: every create is
+/// then recorded alone, or, if the database is unavailable, answered `503` (a statement
+/// whose connection was lost past [`once`]'s retries may still have committed; a retry
+/// with the same `Idempotency-Key` finds it).
 pub(super) async fn at_once(
     engine: &Engine,
     creates: &[&ReadyCreate],
