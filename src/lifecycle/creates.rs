@@ -53,10 +53,13 @@ pub(super) async fn at_once(
     let mut out: Vec<Option<Outcome>> = creates.iter().map(|_| None).collect();
     keyed_once(creates, &mut out);
     let (mut txn, admitted) = admit_on_a_live_connection(engine, creates, &mut out).await?;
-    if !admitted.is_empty() && !insert_at_once(&mut txn, creates, &admitted, &mut out).await? {
-        return Ok(None);
+    // A batch its checks refused entirely wrote nothing: nothing to announce.
+    if !admitted.is_empty() {
+        if !insert_at_once(&mut txn, creates, &admitted, &mut out).await? {
+            return Ok(None);
+        }
+        txn.committed().await;
     }
-    txn.committed().await;
     Ok(Some(
         out.into_iter()
             .map(|o| o.expect("every create has an outcome"))

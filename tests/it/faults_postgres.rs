@@ -527,8 +527,8 @@ async fn requests_that_meet_connections_the_database_ended_go_on_on_others() {
 
 /// A create whose caches are warm (key, tenant, zone, catalog) uses the database for one
 /// statement only, outside a transaction block: when that statement meets a connection
-/// the database ended, it is looked up on another (it did not commit) and made again
-/// there. Each create is answered, recorded once and audited once.
+/// the database ended, it is made again on another with the same IDs. Each create is
+/// answered, recorded once and audited once.
 #[tokio::test]
 async fn a_create_whose_one_statement_meets_an_ended_connection_is_made_once_on_another() {
     let app = common::spawn_with(common::Options::api_only()).await;
