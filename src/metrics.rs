@@ -27,7 +27,7 @@
 //! | `gateway_relay_empty_passes_total` | counter | | relay passes for dispatches that found nothing to publish (a ring another loop answered, a poll); idle work, not a fault |
 //! | `gateway_relay_busy_rows_total` | counter | | outbox rows a relay pass published (or found published by an earlier one) but could not record, because another transaction held their resource at that moment; a later pass records them without publishing them again; not a fault |
 //! | `gateway_write_batch_size` | histogram | | creates recorded per group-commit transaction |
-//! | `gateway_write_batch_failures_total` | counter | | group-commit transactions that failed, whose creates were then recorded one by one |
+//! | `gateway_write_batch_failures_total` | counter | | group-commit batches of two or more creates whose statement or transaction failed; their creates were then recorded one by one |
 //! | `gateway_events_pending` | gauge | | events recorded and not yet published |
 //! | `gateway_events_oldest_age_seconds` | gauge | | age of the oldest unpublished event |
 //! | `gateway_events_published_total` | counter | | events JetStream acknowledged |
@@ -561,7 +561,7 @@ impl Inner {
         );
         r.register(
             "write_batch_failures",
-            "Group-commit transactions that failed (their creates were recorded one by one)",
+            "Group-commit batches of two or more creates that failed as a whole (their creates were then recorded one by one)",
             self.write_batch_failures.clone(),
         );
     }

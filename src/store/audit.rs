@@ -51,33 +51,26 @@ pub async fn insert(conn: &mut PgConnection, rows: &[AuditRow]) -> sqlx::Result<
     Ok(())
 }
 
+/// The type of each column [`insert_sql`] inserts, in its order: one array parameter each.
+const INSERT_TYPES: [&str; 10] = [
+    "timestamptz",
+    "uuid",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "smallint",
+    "text",
+    "text",
+];
+
 /// The parameters of [`insert_sql`].
-pub(super) const INSERT_PARAMS: usize = 10;
+pub(super) const INSERT_PARAMS: usize = INSERT_TYPES.len();
 
 /// The insert of unsealed rows from arrays bound from `$first` on ([`bind_all`]).
 pub(super) fn insert_sql(first: usize) -> String {
-    let types = [
-        "timestamptz",
-        "uuid",
-        "text",
-        "text",
-        "text",
-        "text",
-        "text",
-        "smallint",
-        "text",
-        "text",
-    ];
-    let arrays: Vec<String> = (first..)
-        .zip(types)
-        .map(|(n, t)| format!("${n}::{t}[]"))
-        .collect();
-    format!(
-        "INSERT INTO audit_log (at, principal_id, principal_name, tenant, action, target,
-             outcome, status, request_id, source)
-         SELECT * FROM UNNEST({})",
-        arrays.join(", ")
-    )
+    super::unnest_insert("audit_log (at, principal_id, principal_name, tenant, action, target, outcome, status, request_id, source)", first, &INSERT_TYPES)
 }
 
 /// Binds the column arrays of `rows`, in [`insert_sql`]'s order.

@@ -122,6 +122,21 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
     Ok(())
 }
 
+/// `INSERT INTO {into} SELECT * FROM UNNEST(…)`, one array parameter per column of
+/// `types` (its SQL type), numbered from `$first`: a batch of any size inserted by one
+/// statement whose text never changes, so it is prepared once per connection. `first`
+/// lets a larger statement (a group commit's) hold several such inserts.
+pub(crate) fn unnest_insert(into: &str, first: usize, types: &[&str]) -> String {
+    let arrays: Vec<String> = (first..)
+        .zip(types)
+        .map(|(n, t)| format!("${n}::{t}[]"))
+        .collect();
+    format!(
+        "INSERT INTO {into} SELECT * FROM UNNEST({})",
+        arrays.join(", ")
+    )
+}
+
 /// Begins a transaction on `pool`, on a connection the database has not ended
 /// ([`again_if_ended`]): `BEGIN` is what fails on an ended one, before anything of the
 /// caller's ran.

@@ -149,40 +149,32 @@ pub async fn insert_many_dispatched(
     Ok(rows)
 }
 
+/// The type of each column [`insert_sql`] inserts, in its order: one array parameter each.
+const INSERT_TYPES: [&str; 16] = [
+    "uuid",
+    "text",
+    "uuid",
+    "text",
+    "text",
+    "text",
+    "text",
+    "jsonb",
+    "bigint",
+    "text",
+    "text",
+    "uuid",
+    "text",
+    "text",
+    "timestamptz",
+    "int",
+];
+
 /// The parameters of [`insert_sql`].
-pub(super) const INSERT_PARAMS: usize = 16;
+pub(super) const INSERT_PARAMS: usize = INSERT_TYPES.len();
 
 /// The insert of operations from arrays bound from `$first` on ([`bind_all`]).
 pub(super) fn insert_sql(first: usize) -> String {
-    let types = [
-        "uuid",
-        "text",
-        "uuid",
-        "text",
-        "text",
-        "text",
-        "text",
-        "jsonb",
-        "bigint",
-        "text",
-        "text",
-        "uuid",
-        "text",
-        "text",
-        "timestamptz",
-        "int",
-    ];
-    let arrays: Vec<String> = (first..)
-        .zip(types)
-        .map(|(n, t)| format!("${n}::{t}[]"))
-        .collect();
-    format!(
-        "INSERT INTO operations (id, tenant, resource_id, kind, zone, action, state, input,
-             target_generation, idempotency_key, request_fingerprint, requested_by, request_id,
-             traceparent, deadline, dispatches)
-         SELECT * FROM UNNEST({})",
-        arrays.join(", ")
-    )
+    super::unnest_insert("operations (id, tenant, resource_id, kind, zone, action, state, input, target_generation, idempotency_key, request_fingerprint, requested_by, request_id, traceparent, deadline, dispatches)", first, &INSERT_TYPES)
 }
 
 /// Binds the column arrays of `os`, in [`insert_sql`]'s order.

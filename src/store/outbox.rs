@@ -59,20 +59,18 @@ pub async fn insert_many(conn: &mut PgConnection, ms: &[NewMessage]) -> sqlx::Re
     Ok(())
 }
 
+/// The type of each column [`insert_sql`] inserts, in its order: one array parameter each.
+const INSERT_TYPES: [&str; 5] = ["uuid", "text", "text", "jsonb", "jsonb"];
+
 /// The parameters of [`insert_sql`].
-pub(super) const INSERT_PARAMS: usize = 5;
+pub(super) const INSERT_PARAMS: usize = INSERT_TYPES.len();
 
 /// The insert of messages from arrays bound from `$first` on ([`bind_all`]).
 pub(super) fn insert_sql(first: usize) -> String {
-    let n = |i: usize| first + i;
-    format!(
-        "INSERT INTO outbox (operation_id, subject, msg_id, headers, payload)
-         SELECT * FROM UNNEST(${}::uuid[], ${}::text[], ${}::text[], ${}::jsonb[], ${}::jsonb[])",
-        n(0),
-        n(1),
-        n(2),
-        n(3),
-        n(4)
+    super::unnest_insert(
+        "outbox (operation_id, subject, msg_id, headers, payload)",
+        first,
+        &INSERT_TYPES,
     )
 }
 

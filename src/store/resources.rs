@@ -98,26 +98,19 @@ pub(super) fn in_lock_order<'r, 'a>(rs: &'r [NewResource<'a>]) -> Vec<&'r NewRes
     rs
 }
 
+/// The type of each column [`insert_sql`] inserts, in its order: one array parameter each.
+const INSERT_TYPES: [&str; 12] = [
+    "uuid", "text", "text", "text", "text", "jsonb", "text", "jsonb", "bigint", "bigint", "bigint",
+    "bigint",
+];
+
 /// The parameters of [`insert_sql`].
-pub(super) const INSERT_PARAMS: usize = 12;
+pub(super) const INSERT_PARAMS: usize = INSERT_TYPES.len();
 
 /// The insert of resources at generation 1 from arrays bound from `$first` on
 /// ([`bind_all`]), in the arrays' order.
 pub(super) fn insert_sql(first: usize) -> String {
-    let types = [
-        "uuid", "text", "text", "text", "text", "jsonb", "text", "jsonb", "bigint", "bigint",
-        "bigint", "bigint",
-    ];
-    let arrays: Vec<String> = (first..)
-        .zip(types)
-        .map(|(n, t)| format!("${n}::{t}[]"))
-        .collect();
-    format!(
-        "INSERT INTO resources (id, tenant, kind, zone, name, spec, phase, labels,
-             vcpus, memory_mb, nodes, storage_gb)
-         SELECT * FROM UNNEST({})",
-        arrays.join(", ")
-    )
+    super::unnest_insert("resources (id, tenant, kind, zone, name, spec, phase, labels, vcpus, memory_mb, nodes, storage_gb)", first, &INSERT_TYPES)
 }
 
 /// Binds the column arrays of `rs`, in [`insert_sql`]'s order.
