@@ -110,18 +110,21 @@ pub async fn finish_many(
         })
         .collect();
     if !outcomes.is_empty() {
-        resources::record_outcomes(txn, &outcomes).await?;
-        promote_next(txn, &outcomes).await?;
+        let active = resources::record_outcomes(txn, &outcomes).await?;
+        promote_next(txn, &outcomes, &active).await?;
     }
     Ok(ended)
 }
 
 /// Starts the oldest queued operation of each resource whose previous operation just
 /// ended, leaving it in the outcome's phase. A deleted resource has nothing left to act
-/// on: its queued operations are cancelled.
-async fn promote_next(txn: &mut Txn<'_>, ended: &[resources::Outcome<'_>]) -> sqlx::Result<()> {
-    let ids: Vec<uuid::Uuid> = ended.iter().map(|o| o.id).collect();
-    let active = operations::active_for_resources(txn, &ids).await?;
+/// on: its queued operations are cancelled. `active` are the operations still active on
+/// those resources, each resource's oldest first.
+async fn promote_next(
+    txn: &mut Txn<'_>,
+    ended: &[resources::Outcome<'_>],
+    active: &[OperationRow],
+) -> sqlx::Result<()> {
     for outcome in ended {
         let queued: Vec<&OperationRow> = active
             .iter()

@@ -285,13 +285,38 @@ pub struct Outcome<'a> {
     pub generation: i64,
 }
 
-/// Records the ends of operations on their (distinct) resources, in one statement: each
-/// resource's new phase, its status, and the observed generation, which never moves
-/// backwards.
+/// Records the ends of operations on their (distinct) resources: each resource's new
+/// phase, its status, and the observed generation, which never moves backwards. In the
+/// same statement, answers the operations still active on those resources (the queued
+/// ones that may start now), each resource's oldest first, as
+/// [`super::operations::active_for_resources`] would: one round trip where the two took
+/// two. The ended operations must be ended already (an earlier statement of the
+/// transaction): the statement's reads do not see its own writes.
 pub async fn record_outcomes(
     conn: &mut PgConnection,
     outcomes: &[Outcome<'_>],
-) -> sqlx::Result<()> {
+) -> sqlx::Result<Vec<super::operations::OperationRow>> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH recorded AS (
+                 UPDATE resources r SET
+                     phase = v.phase,
+                     status = CASE WHEN v.replace THEN v.status ELSE r.status || v.status END,
+                     observed_generation = GREATEST(r.observed_generation, v.generation),
+                     version = r.version + 1,
+                     updated_at = now(),
+                     deleted_at = CASE WHEN v.phase = 'deleted' THEN now() END
+                 FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::jsonb[], $5::bigint[])
+                     AS v(id, phase, replace, status, generation)
+                 WHERE r.id = v.id
+             )
+             SELECT {} FROM operations
+             WHERE resource_id = ANY($1)
+               AND state IN ('queued', 'pending', 'dispatched', 'running')
+             ORDER BY resource_id, seq",
+            super::operations::COLUMNS
+        )
+    });
     let (replace, status): (Vec<bool>, Vec<&Value>) = outcomes
         .iter()
         .map(|o| match o.status {
@@ -299,31 +324,19 @@ pub async fn record_outcomes(
             StatusChange::Merge(v) => (false, v),
         })
         .unzip();
-    sqlx::query(
-        "UPDATE resources r SET
-             phase = v.phase,
-             status = CASE WHEN v.replace THEN v.status ELSE r.status || v.status END,
-             observed_generation = GREATEST(r.observed_generation, v.generation),
-             version = r.version + 1,
-             updated_at = now(),
-             deleted_at = CASE WHEN v.phase = 'deleted' THEN now() END
-         FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::jsonb[], $5::bigint[])
-             AS v(id, phase, replace, status, generation)
-         WHERE r.id = v.id",
-    )
-    .bind(outcomes.iter().map(|o| o.id).collect::<Vec<_>>())
-    .bind(
-        outcomes
-            .iter()
-            .map(|o| o.phase.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(replace)
-    .bind(status)
-    .bind(outcomes.iter().map(|o| o.generation).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
+    sqlx::query_as(&SQL)
+        .bind(outcomes.iter().map(|o| o.id).collect::<Vec<_>>())
+        .bind(
+            outcomes
+                .iter()
+                .map(|o| o.phase.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(replace)
+        .bind(status)
+        .bind(outcomes.iter().map(|o| o.generation).collect::<Vec<_>>())
+        .fetch_all(conn)
+        .await
 }
 
 /// Filters of a resource list.
