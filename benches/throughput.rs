@@ -251,7 +251,7 @@ async fn raw_inserts(
     .execute(pool)
     .await
     .unwrap();
-    let elapsed = raw_insert_rows(pool, clients, tenant, prefix, n).await;
+    let elapsed = raw_insert_rows(pool, (clients, tenant, prefix, n)).await;
     sqlx::raw_sql(
         "ALTER TABLE resources ENABLE TRIGGER resources_events;
                    ALTER TABLE operations ENABLE TRIGGER operations_events;",
@@ -262,12 +262,11 @@ async fn raw_inserts(
     elapsed
 }
 
+/// The three inserts of `n` creates from `clients` clients, the resources named
+/// `{prefix}{i}`.
 async fn raw_insert_rows(
     pool: &sqlx::PgPool,
-    clients: usize,
-    tenant: &str,
-    prefix: &str,
-    n: usize,
+    (clients, tenant, prefix, n): (usize, &str, &str, usize),
 ) -> Duration {
     let started = Instant::now();
     let chunks: Vec<Vec<usize>> = (0..clients)
