@@ -22,7 +22,8 @@
 //!    simulated driver), operations per second and latency percentiles, in a burst and
 //!    then at a steady quarter and half of the burst's rate; with the lag from a change's commit to
 //!    its event reaching a reader of the events stream (on NATS) and a watch client
-//!    (server-sent events through the gateway's API); then half the rate again without
+//!    (server-sent events through the gateway's API), each phase once what the
+//!    earlier ones left is published and sealed; then half the rate again without
 //!    those two readers, under the burst's own load. Each steady phase also prints the
 //!    gateway's mean time to answer for the routes an operation's life takes (create,
 //!    long-poll, single and batched reports), from its own request histogram.
@@ -811,6 +812,8 @@ const STEADY_SECONDS: f64 = 10.0;
 /// (creates and workers only, plus the long-polls), as the issue's "half the maximum
 /// rate" reads. Prints the percentiles.
 async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: bool) {
+    let backlog = quiesce(&b.running.backends.pool).await;
+    println!("steady   {share}: started after the earlier phases' backlog drained ({backlog:?})");
     let observers = if readers {
         Some((event_lags(b, tenant).await, watch_lags(b, tenant).await))
     } else {
@@ -902,6 +905,27 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
             percentile(&lags, 0.5),
             percentile(&lags, 0.99)
         );
+    }
+}
+
+/// Waits until what the earlier phases left behind is done (outbox and event rows not
+/// yet published, audit rows not yet sealed), at most a minute; answers how long that
+/// took. A steady phase measures the load it makes: started while the burst's 14,000
+/// events were still being published, its first seconds queued behind them.
+async fn quiesce(pool: &sqlx::PgPool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_outbox)
+                  + (SELECT count(*) FROM audit_log WHERE hash IS NULL)",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if left == 0 || started.elapsed() > Duration::from_secs(60) {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
