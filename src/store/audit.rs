@@ -70,7 +70,12 @@ pub(super) const INSERT_PARAMS: usize = INSERT_TYPES.len();
 
 /// The insert of unsealed rows from arrays bound from `$first` on ([`bind_all`]).
 pub(super) fn insert_sql(first: usize) -> String {
-    super::unnest_insert("audit_log (at, principal_id, principal_name, tenant, action, target, outcome, status, request_id, source)", first, &INSERT_TYPES)
+    super::unnest_insert(
+        "audit_log (at, principal_id, principal_name, tenant, action, target, outcome, \
+         status, request_id, source)",
+        first,
+        &INSERT_TYPES,
+    )
 }
 
 /// Binds the column arrays of `rows`, in [`insert_sql`]'s order.

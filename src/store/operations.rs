@@ -7,8 +7,7 @@ use sqlx::{PgConnection, PgExecutor};
 use std::sync::LazyLock;
 use uuid::Uuid;
 
-pub(super) const COLUMNS: &str =
-    "id, seq, tenant, resource_id, kind, zone, action, state, attempt, \
+pub(super) const COLUMNS: &str = "id, seq, tenant, resource_id, kind, zone, action, state, attempt, \
     dispatches, input, target_generation, result, error, cancel_requested, idempotency_key, \
     request_fingerprint, requested_by, request_id, traceparent, created_at, updated_at, \
     started_at, finished_at, deadline";
@@ -174,7 +173,13 @@ pub(super) const INSERT_PARAMS: usize = INSERT_TYPES.len();
 
 /// The insert of operations from arrays bound from `$first` on ([`bind_all`]).
 pub(super) fn insert_sql(first: usize) -> String {
-    super::unnest_insert("operations (id, tenant, resource_id, kind, zone, action, state, input, target_generation, idempotency_key, request_fingerprint, requested_by, request_id, traceparent, deadline, dispatches)", first, &INSERT_TYPES)
+    super::unnest_insert(
+        "operations (id, tenant, resource_id, kind, zone, action, state, input, \
+         target_generation, idempotency_key, request_fingerprint, requested_by, request_id, \
+         traceparent, deadline, dispatches)",
+        first,
+        &INSERT_TYPES,
+    )
 }
 
 /// Binds the column arrays of `os`, in [`insert_sql`]'s order.
@@ -261,15 +266,22 @@ pub async fn active_for_resources(
     conn: &mut PgConnection,
     resource_ids: &[Uuid],
 ) -> sqlx::Result<Vec<OperationRow>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(&ACTIVE_FOR_RESOURCES)
+        .bind(resource_ids)
+        .fetch_all(conn)
+        .await
+}
+
+/// The query of [`active_for_resources`], the resources' IDs in `$1`; also the end of
+/// the statement that records operations' ends on their resources
+/// ([`super::resources::record_outcomes`]).
+pub(super) static ACTIVE_FOR_RESOURCES: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "SELECT {COLUMNS} FROM operations
          WHERE resource_id = ANY($1) AND state IN ('queued', 'pending', 'dispatched', 'running')
          ORDER BY resource_id, seq"
-    ))
-    .bind(resource_ids)
-    .fetch_all(conn)
-    .await
-}
+    )
+});
 
 /// Marks an operation `pending` with one more dispatch that converges on `generation`;
 /// returns it as it is now (`dispatches` is the dispatch number).

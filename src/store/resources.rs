@@ -110,7 +110,12 @@ pub(super) const INSERT_PARAMS: usize = INSERT_TYPES.len();
 /// The insert of resources at generation 1 from arrays bound from `$first` on
 /// ([`bind_all`]), in the arrays' order.
 pub(super) fn insert_sql(first: usize) -> String {
-    super::unnest_insert("resources (id, tenant, kind, zone, name, spec, phase, labels, vcpus, memory_mb, nodes, storage_gb)", first, &INSERT_TYPES)
+    super::unnest_insert(
+        "resources (id, tenant, kind, zone, name, spec, phase, labels, vcpus, memory_mb, \
+         nodes, storage_gb)",
+        first,
+        &INSERT_TYPES,
+    )
 }
 
 /// Binds the column arrays of `rs`, in [`insert_sql`]'s order.
@@ -289,8 +294,8 @@ pub struct Outcome<'a> {
 /// phase, its status, and the observed generation, which never moves backwards. In the
 /// same statement, answers the operations still active on those resources (the queued
 /// ones that may start now), each resource's oldest first, as
-/// [`super::operations::active_for_resources`] would: one round trip where the two took
-/// two. The ended operations must be ended already (an earlier statement of the
+/// [`super::operations::active_for_resources`] would: one round trip instead of two.
+/// The ended operations must be ended already (an earlier statement of the
 /// transaction): the statement's reads do not see its own writes.
 pub async fn record_outcomes(
     conn: &mut PgConnection,
@@ -310,11 +315,8 @@ pub async fn record_outcomes(
                      AS v(id, phase, replace, status, generation)
                  WHERE r.id = v.id
              )
-             SELECT {} FROM operations
-             WHERE resource_id = ANY($1)
-               AND state IN ('queued', 'pending', 'dispatched', 'running')
-             ORDER BY resource_id, seq",
-            super::operations::COLUMNS
+             {}",
+            *super::operations::ACTIVE_FOR_RESOURCES
         )
     });
     let (replace, status): (Vec<bool>, Vec<&Value>) = outcomes
