@@ -237,7 +237,8 @@ impl Bench {
 }
 
 /// The raw baseline of a submit: the same three rows in one transaction, without the
-/// event triggers (recording events is part of the gateway's work being measured).
+/// event triggers (recording events is part of the gateway's work being measured): `n`
+/// creates from `clients` clients, the resources named `{prefix}{i}`.
 async fn raw_inserts(
     pool: &sqlx::PgPool,
     clients: usize,
@@ -245,30 +246,14 @@ async fn raw_inserts(
     prefix: &str,
     n: usize,
 ) -> Duration {
-    sqlx::raw_sql(
-        "ALTER TABLE resources DISABLE TRIGGER resources_events;
-                   ALTER TABLE operations DISABLE TRIGGER operations_events;",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-    let elapsed = raw_insert_rows(pool, (clients, tenant, prefix, n)).await;
-    sqlx::raw_sql(
-        "ALTER TABLE resources ENABLE TRIGGER resources_events;
-                   ALTER TABLE operations ENABLE TRIGGER operations_events;",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-    elapsed
-}
-
-/// The three inserts of `n` creates from `clients` clients, the resources named
-/// `{prefix}{i}`.
-async fn raw_insert_rows(
-    pool: &sqlx::PgPool,
-    (clients, tenant, prefix, n): (usize, &str, &str, usize),
-) -> Duration {
+    let triggers = |on: bool| {
+        let verb = if on { "ENABLE" } else { "DISABLE" };
+        format!(
+            "ALTER TABLE resources {verb} TRIGGER resources_events;
+             ALTER TABLE operations {verb} TRIGGER operations_events;"
+        )
+    };
+    sqlx::raw_sql(&triggers(false)).execute(pool).await.unwrap();
     let started = Instant::now();
     let chunks: Vec<Vec<usize>> = (0..clients)
         .map(|c| (c..n).step_by(clients).collect())
@@ -292,7 +277,9 @@ async fn raw_insert_rows(
         }
     }))
     .await;
-    started.elapsed()
+    let elapsed = started.elapsed();
+    sqlx::raw_sql(&triggers(true)).execute(pool).await.unwrap();
+    elapsed
 }
 
 /// `n` requests for `paths` (round robin) from `CONCURRENCY` clients.
@@ -910,8 +897,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
 
 /// Waits until what the earlier phases left behind is done (outbox and event rows not
 /// yet published, audit rows not yet sealed), at most a minute; answers how long that
-/// took. A steady phase measures the load it makes: started while the burst's 14,000
-/// events were still being published, its first seconds queued behind them.
+/// took. A steady phase measures the load it makes, not what an earlier phase left.
 async fn quiesce(pool: &sqlx::PgPool) -> Duration {
     let started = Instant::now();
     loop {

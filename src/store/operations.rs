@@ -7,7 +7,8 @@ use sqlx::{PgConnection, PgExecutor};
 use std::sync::LazyLock;
 use uuid::Uuid;
 
-pub(super) const COLUMNS: &str = "id, seq, tenant, resource_id, kind, zone, action, state, attempt, \
+pub(super) const COLUMNS: &str =
+    "id, seq, tenant, resource_id, kind, zone, action, state, attempt, \
     dispatches, input, target_generation, result, error, cancel_requested, idempotency_key, \
     request_fingerprint, requested_by, request_id, traceparent, created_at, updated_at, \
     started_at, finished_at, deadline";

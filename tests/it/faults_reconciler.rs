@@ -70,18 +70,12 @@ async fn lose_messages(app: &TestApp) {
 /// `dispatched` of the message before, and the test would lose the messages before the
 /// relay has published the new one.
 async fn wait_dispatched(app: &TestApp, id: &str, n: i32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let what = format!("operation {id} is dispatched with message {n}");
+    common::eventually(&what, || async {
         let (state, _, dispatches, _) = db_op(app, id).await;
-        if state == "dispatched" && dispatches == n {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "operation {id} not dispatched with message {n}: {state}, {dispatches} messages"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (state == "dispatched" && dispatches == n).then_some(())
+    })
+    .await
 }
 
 async fn db_op(app: &TestApp, id: &str) -> (String, i32, i32, Option<String>) {

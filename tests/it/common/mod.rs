@@ -64,7 +64,6 @@ pub fn fast_sim() -> workers::SimConfig {
     }
 }
 
-/// The documented example spec of each API kind path.
 /// Polls `done` every 50 ms until it returns `Some`, failing after 30 s.
 pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
