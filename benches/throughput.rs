@@ -9,8 +9,10 @@
 //!    8 and at 32 clients, in [`ROUNDS`] rounds that alternate the two.
 //!    `BENCH_WRITE_BATCH` sets the gateway's `GATEWAY_WRITE_BATCH` (`1`: a transaction
 //!    per create, as before the group commit).
-//! 2. **Relay**: outbox rows to JetStream acks through the relay vs. raw
-//!    `publish_with_headers` of the same messages with the same window.
+//! 2. **Relay**: outbox rows to JetStream acks through the relay (its operations loops,
+//!    each passing again as soon as its own pass is done, as `Relay::run` runs them)
+//!    vs. raw `publish_with_headers` of as many messages with one pass's window.
+//!    `BENCH_RELAY_BATCH` and `BENCH_RELAY_PASSES` set the batch size and the loops.
 //! 3. **Reads**: `GET /v1/operations/{id}` and `GET /v1/tenants/{t}/vms/{id}` through
 //!    the gateway vs. the raw primary-key `SELECT` of the same row from sqlx, at the
 //!    same concurrency: 10,000 reads round robin over the 4,000 rows the submits made
@@ -36,7 +38,8 @@
 //!    and refused (`503 overloaded`) rates, the admitted requests' latency (seen by the
 //!    clients, and measured by the gateway), and the gateway's peak memory.
 //!
-//! Memory is the process's resident set size before and after.
+//! `BENCH_OPS` sets the operations per phase (2,000), for a longer run or one long
+//! enough to profile. Memory is the process's resident set size before and after.
 //! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
 
 use gateway::app::{self, Parts};
@@ -44,7 +47,17 @@ use gateway::config::{Config, NatsNames};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-const OPS: usize = 2_000;
+/// Operations per phase: `BENCH_OPS`, 2,000 unless set (more for a longer, steadier
+/// run, or to profile one phase).
+fn ops() -> usize {
+    static OPS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        std::env::var("BENCH_OPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2_000)
+    });
+    *OPS
+}
 const CONCURRENCY: usize = 32;
 /// The submit and read comparisons run in this many rounds, the raw baseline and the
 /// gateway taking turns on equal slices of the load, and each side's times are added up:
@@ -336,7 +349,7 @@ async fn reads(b: &Bench, tenant: &str) {
     .await
     .unwrap();
     // Each case runs about a second: shorter runs were noisier than the ratio's gap.
-    let n = OPS * 5;
+    let n = ops() * 5;
     let cases = [
         (
             "read op ",
@@ -410,11 +423,11 @@ struct Rates {
     list: f64,
 }
 
-/// Submits `OPS` creates into a new tenant `tenant`, then reads each operation and
+/// Submits `ops()` creates into a new tenant `tenant`, then reads each operation and
 /// resource and lists the tenant's VMs (100 a page), all through the gateway.
 async fn rates(b: &Bench, tenant: &str) -> Rates {
     b.tenant_named(tenant).await;
-    let (submitted, _, _) = b.submit(tenant, "g", OPS).await;
+    let (submitted, _, _) = b.submit(tenant, "g", ops()).await;
     let pool = b.running.backends.pool.clone();
     let rows: Vec<(uuid::Uuid, uuid::Uuid)> =
         sqlx::query_as("SELECT id, resource_id FROM operations WHERE tenant = $1")
@@ -422,8 +435,8 @@ async fn rates(b: &Bench, tenant: &str) -> Rates {
             .fetch_all(&pool)
             .await
             .unwrap();
-    let n = OPS * 2;
-    let ops: Vec<String> = rows
+    let n = ops() * 2;
+    let polls: Vec<String> = rows
         .iter()
         .map(|r| format!("/v1/operations/{}", r.0))
         .collect();
@@ -433,10 +446,10 @@ async fn rates(b: &Bench, tenant: &str) -> Rates {
         .collect();
     let list = [format!("/v1/tenants/{tenant}/vms?limit=100")];
     Rates {
-        submit: rate(OPS, submitted),
-        read_op: rate(n, gets(b, &ops, n).await),
+        submit: rate(ops(), submitted),
+        read_op: rate(n, gets(b, &polls, n).await),
         read_vm: rate(n, gets(b, &vms, n).await),
-        list: rate(OPS, gets(b, &list, OPS).await),
+        list: rate(ops(), gets(b, &list, ops()).await),
     }
 }
 
@@ -1061,6 +1074,14 @@ async fn validation(b: &Bench, per_submit: Duration) {
     );
 }
 
+/// The number in the environment variable `name`, or `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -1072,7 +1093,8 @@ async fn main() {
     }
     let rss_start = rss_mib();
     println!(
-        "control-plane gateway benchmark: {OPS} operations, {CONCURRENCY} concurrent clients\n"
+        "control-plane gateway benchmark: {} operations, {CONCURRENCY} concurrent clients\n",
+        ops()
     );
 
     // 1. Submit vs raw inserts, at 8 clients and at CONCURRENCY.
@@ -1091,7 +1113,7 @@ async fn main() {
     for clients in [8, CONCURRENCY] {
         let (mut raw, mut took, mut lat) = (Duration::ZERO, Duration::ZERO, Vec::new());
         for round in 0..ROUNDS {
-            let n = OPS / ROUNDS;
+            let n = ops() / ROUNDS;
             raw += raw_inserts(
                 &pool,
                 clients,
@@ -1107,15 +1129,15 @@ async fn main() {
         }
         lat.sort();
         println!("submit{clients:<3}gateway {:>8.0} ops/s   raw sqlx {:>8.0} ops/s   ratio {:.2}   p50 {:?}  p99 {:?}",
-            rate(OPS, took), rate(OPS, raw), raw.as_secs_f64() / took.as_secs_f64(),
+            rate(ops(), took), rate(ops(), raw), raw.as_secs_f64() / took.as_secs_f64(),
             percentile(&lat, 0.5), percentile(&lat, 0.99));
         through = took;
-        raw_rate = rate(OPS, raw);
+        raw_rate = rate(ops(), raw);
     }
     reads(&b, &tenant).await;
-    validation(&b, through / OPS as u32).await;
+    validation(&b, through / ops() as u32).await;
 
-    // 2. Relay vs raw publishes (the gateway's outbox now holds OPS rows; the raw rows
+    // 2. Relay vs raw publishes (the gateway's outbox now holds 2 × ops() rows; the raw rows
     //    too, but the relay drains both: count the gateway's only).
     sqlx::query("DELETE FROM outbox WHERE subject = 'raw.vm.zone-a'")
         .execute(&pool)
@@ -1124,8 +1146,8 @@ async fn main() {
     let relay = gateway::relay::Relay {
         pool: pool.clone(),
         js: b.running.backends.js.clone(),
-        batch_size: b.config.relay_batch_size,
-        concurrent_passes: b.config.relay_concurrent_passes,
+        batch_size: env_or("BENCH_RELAY_BATCH", b.config.relay_batch_size),
+        concurrent_passes: env_or("BENCH_RELAY_PASSES", b.config.relay_concurrent_passes),
         poll_interval: Duration::from_millis(100),
         wake: Default::default(),
         changes: Default::default(),
@@ -1133,17 +1155,28 @@ async fn main() {
         signer: b.config.dispatch_signing_key.clone().unwrap(),
         events_prefix: b.config.nats.events_prefix.clone(),
     };
+    // As `Relay::run`'s operations loops do: each loop passes again as soon as its own
+    // pass is done, so one loop's database work overlaps another's publishing (a round
+    // of `Relay::passes` would wait for its slowest pass before the next round began).
+    let relayed = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
-    let mut relayed = 0;
-    while relayed < OPS {
-        relayed += relay.passes().await.unwrap().published;
-    }
+    futures::future::join_all((0..relay.concurrent_passes).map(|_| async {
+        while relayed.load(std::sync::atomic::Ordering::Relaxed) < ops() {
+            let pass = relay.pass().await.unwrap();
+            relayed.fetch_add(pass.published, std::sync::atomic::Ordering::Relaxed);
+            if pass.claimed == 0 {
+                break;
+            }
+        }
+    }))
+    .await;
     let relay_time = started.elapsed();
+    let relayed = relayed.into_inner();
     let js = b.running.backends.js.clone();
     let started = Instant::now();
     let mut done = 0;
-    while done < OPS {
-        let batch = (OPS - done).min(b.config.relay_batch_size as usize);
+    while done < ops() {
+        let batch = (ops() - done).min(relay.batch_size as usize);
         let acks = futures::future::join_all((0..batch).map(|i| {
             let js = js.clone();
             let subject = format!("{}.vm.zone-a", b.config.nats.subject_prefix);
@@ -1167,9 +1200,9 @@ async fn main() {
     let raw_publish = started.elapsed();
     println!(
         "relay    gateway {:>8.0} msg/s   raw publish {:>5.0} msg/s   ratio {:.2}",
-        rate(OPS, relay_time),
-        rate(OPS, raw_publish),
-        raw_publish.as_secs_f64() / relay_time.as_secs_f64()
+        rate(relayed, relay_time),
+        rate(ops(), raw_publish),
+        rate(relayed, relay_time) / rate(ops(), raw_publish)
     );
     if std::env::var("BENCH_GROWTH").is_ok() {
         growth(&b).await;
@@ -1214,7 +1247,7 @@ async fn main() {
     .await;
     let tenant = b.tenant().await;
     let started = Instant::now();
-    let (_, _, ids) = b.submit(&tenant, "e2e", OPS).await;
+    let (_, _, ids) = b.submit(&tenant, "e2e", ops()).await;
     let pool = b.running.backends.pool.clone();
     loop {
         let active: i64 = sqlx::query_scalar("SELECT count(*) FROM operations WHERE state NOT IN ('succeeded', 'failed', 'cancelled')")
@@ -1238,18 +1271,18 @@ async fn main() {
     assert_eq!(lat.len(), ids.len(), "every operation succeeded");
     println!(
         "e2e      {:>8.0} ops/s submit→succeeded   ratio {:.2} of the raw submit   p50 {:?}  p99 {:?}",
-        rate(OPS, e2e),
-        rate(OPS, e2e) / raw_rate,
+        rate(ops(), e2e),
+        rate(ops(), e2e) / raw_rate,
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
     // A quarter of the burst's rate first, for the shape of latency against load; then
     // half, the rate issue 12 sets its target at.
-    steady(&b, &tenant, rate(OPS, e2e) / 4.0, "quarter", true).await;
-    steady(&b, &tenant, rate(OPS, e2e) / 2.0, "half", true).await;
+    steady(&b, &tenant, rate(ops(), e2e) / 4.0, "quarter", true).await;
+    steady(&b, &tenant, rate(ops(), e2e) / 2.0, "half", true).await;
     // The same rate under the burst's own load: the workers and the creates' clients
     // (with their long-polls), without the two event readers the burst did not carry.
-    steady(&b, &tenant, rate(OPS, e2e) / 2.0, "half", false).await;
+    steady(&b, &tenant, rate(ops(), e2e) / 2.0, "half", false).await;
     if std::env::var("BENCH_DEBUG").is_ok() {
         let text = metrics_text(&b.http, &b.url).await;
         for l in text.lines().filter(|l| {
