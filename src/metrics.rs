@@ -48,6 +48,8 @@
 //! | `gateway_jetstream_consumer_waiting` | gauge | service, zone | pull requests waiting |
 //! | `gateway_dead_letters_total` | counter | service, zone | operations failed because JetStream gave up delivering them |
 //! | `gateway_db_connections` | gauge | state | pool connections `in_use` / `idle` |
+//! | `gateway_database_autovacuum` | gauge | | 1 while PostgreSQL's `autovacuum` is on, 0 while it is off (the queue tables then grow without bound and the planner's statistics go stale) |
+//! | `gateway_queue_table_bytes` | gauge | table | on-disk size (with indexes and TOAST) of the tables whose rows live for one relay pass: `outbox`, `event_outbox`; large only when vacuum cannot remove their dead rows |
 //! | `gateway_reconciler_actions_total` | counter | action | repairs (`expired`, `redispatched`, `converged`, …) |
 //! | `gateway_audit_write_errors_total` | counter | | audit rows lost: the spool was full, or the process stopped with rows unwritten |
 //! | `gateway_audit_spooled` | gauge | | audit rows waiting to be written (while the database is down, the spool) |
@@ -187,6 +189,13 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// A table of the database.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    /// Its name.
+    pub table: String,
+}
+
 /// Which cache, and whether it had the answer.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
@@ -272,6 +281,13 @@ pub struct Inner {
     pub operation_wait: HistogramFamily<ActionLabels>,
     /// See the table in the module docs.
     pub operations_active: Family<StateLabels, Gauge>,
+    /// See the table in the module docs.
+    pub database_autovacuum: Gauge,
+    /// See the table in the module docs.
+    pub queue_table_bytes: Family<TableLabels, Gauge>,
+    /// Whether the log has said that autovacuum is off (it says so once, not at every
+    /// refresh).
+    autovacuum_warned: std::sync::atomic::AtomicBool,
     /// See the table in the module docs.
     pub outbox_pending: Gauge,
     /// See the table in the module docs.
@@ -645,6 +661,16 @@ impl Inner {
             self.db_connections.clone(),
         );
         r.register(
+            "database_autovacuum",
+            "1 while PostgreSQL's autovacuum is on, 0 while it is off",
+            self.database_autovacuum.clone(),
+        );
+        r.register(
+            "queue_table_bytes",
+            "On-disk size of the tables whose rows live for one relay pass (outbox, event_outbox), indexes and TOAST included",
+            self.queue_table_bytes.clone(),
+        );
+        r.register(
             "reconciler_actions",
             "Repairs made by the reconciler, by kind",
             self.reconciler_actions.clone(),
@@ -676,6 +702,9 @@ impl Metrics {
             operation_duration: Family::new_with_constructor(long_latency),
             operation_wait: Family::new_with_constructor(long_latency),
             operations_active: Family::default(),
+            database_autovacuum: Gauge::default(),
+            queue_table_bytes: Family::default(),
+            autovacuum_warned: Default::default(),
             outbox_pending: Gauge::default(),
             outbox_oldest_age: Gauge::default(),
             outbox_published: Counter::default(),
@@ -938,6 +967,35 @@ impl Metrics {
             Err(e) => tracing::debug!(error = %e, "metrics: events backlog unavailable"),
         }
         self.refresh_replication(pool).await;
+        self.refresh_upkeep(pool).await;
+    }
+
+    /// The gauges of what keeps the database small: autovacuum, and the size of the
+    /// queue tables. Says once in the log that autovacuum is off.
+    async fn refresh_upkeep(&self, pool: &PgPool) {
+        let upkeep = match store::health::upkeep(pool).await {
+            Ok(upkeep) => upkeep,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics: database upkeep unavailable");
+                return;
+            }
+        };
+        self.database_autovacuum.set(i64::from(upkeep.autovacuum));
+        let warned = &self.autovacuum_warned;
+        if !upkeep.autovacuum && !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "PostgreSQL runs with autovacuum off: the outbox tables keep every dead row \
+                 and the planner's statistics go stale, so the relay and the API slow down \
+                 as they grow; turn autovacuum on (README, operations guide)"
+            );
+        }
+        for (table, bytes) in upkeep.queue_tables {
+            self.queue_table_bytes
+                .get_or_create(&TableLabels {
+                    table: table.to_owned(),
+                })
+                .set(bytes);
+        }
     }
 
     /// The replication gauges (nothing in a single-region installation).

@@ -102,6 +102,30 @@ async fn probe(pool: &PgPool) -> bool {
     )
 }
 
+/// What keeps the database small, as the server reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upkeep {
+    /// Whether the server's `autovacuum` setting is on.
+    pub autovacuum: bool,
+    /// The on-disk size in bytes (indexes and TOAST included) of each table whose rows
+    /// live for one relay pass, by name.
+    pub queue_tables: [(&'static str, i64); 2],
+}
+
+/// Reads [`Upkeep`] in one statement.
+pub async fn upkeep(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Upkeep> {
+    let (autovacuum, outbox, events): (bool, i64, i64) = sqlx::query_as(
+        "SELECT current_setting('autovacuum')::bool,
+                pg_total_relation_size('outbox'), pg_total_relation_size('event_outbox')",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(Upkeep {
+        autovacuum,
+        queue_tables: [("outbox", outbox), ("event_outbox", events)],
+    })
+}
+
 async fn ping(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
 }

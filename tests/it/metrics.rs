@@ -192,6 +192,32 @@ async fn the_outbox_backlog_rises_without_a_relay_and_drains_with_one() {
 }
 
 #[tokio::test]
+async fn the_upkeep_gauges_show_autovacuum_and_the_queue_tables_sizes() {
+    // No relay: the outbox and events rows stay, so the tables' sizes hold still.
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    for i in 0..40 {
+        let spec = example_spec("vms");
+        app.create(&tenant, "vms", &format!("v{i}"), "zone-a", spec)
+            .await;
+    }
+    let (autovacuum, outbox, events): (bool, i64, i64) = sqlx::query_as(
+        "SELECT current_setting('autovacuum')::bool,
+                pg_total_relation_size('outbox'), pg_total_relation_size('event_outbox')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(outbox > 0 && events > 0);
+    until(&app, "the server's autovacuum and table sizes", |t| {
+        sample(t, "gateway_database_autovacuum") == f64::from(u8::from(autovacuum))
+            && sample(t, r#"gateway_queue_table_bytes{table="outbox"}"#) == outbox as f64
+            && sample(t, r#"gateway_queue_table_bytes{table="event_outbox"}"#) == events as f64
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_request_id_travels_from_the_202_through_the_worker_and_back() {
     let app = spawn_app().await;
     let tenant = app.tenant().await;
