@@ -327,3 +327,33 @@ async fn heavy_contention_between_reports_and_the_relay_answers_no_errors() {
         .collect();
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+#[tokio::test]
+async fn write_transactions_plan_generically_without_table_scans_and_leave_the_connection_as_it_was(
+) {
+    let app = spawn_with(Options::api_only()).await;
+    // One connection, so the statement after each transaction runs on the same one.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let settings = "SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan')";
+    let defaults: (String, String) = sqlx::query_as(settings).fetch_one(&pool).await.unwrap();
+    assert_eq!(defaults, ("auto".to_owned(), "on".to_owned()));
+    for commit in [true, false] {
+        let mut tx = gateway::store::begin(&pool).await.unwrap();
+        let inside: (String, String) = sqlx::query_as(settings).fetch_one(&mut *tx).await.unwrap();
+        assert_eq!(inside, ("force_generic_plan".to_owned(), "off".to_owned()));
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        let after: (String, String) = sqlx::query_as(settings).fetch_one(&pool).await.unwrap();
+        assert_eq!(
+            after, defaults,
+            "after a transaction that committed: {commit}"
+        );
+    }
+}
