@@ -1097,11 +1097,7 @@ async fn raw_messages(pool: &sqlx::PgPool, signer: &SigningKey, n: usize) -> Vec
     let signature = signer.sign(subject, msg_id, body.as_bytes());
     rows.into_iter()
         .map(|(subject, msg_id, extra, body)| {
-            let mut h = async_nats::HeaderMap::new();
-            for (k, v) in extra.as_object().into_iter().flatten() {
-                h.insert(k.as_str(), v.as_str().unwrap_or_default());
-            }
-            h.insert("Nats-Msg-Id", format!("raw-{msg_id}").as_str());
+            let mut h = gateway::relay::unsigned_headers(&extra, &format!("raw-{msg_id}"));
             for (name, value) in &signature {
                 h.insert(*name, value.as_str());
             }

@@ -383,21 +383,27 @@ impl Relay {
     /// The headers and body of `row`'s message: its ID, its extra headers, and the
     /// signature over subject, ID and body.
     fn message(&self, row: &outbox::OutboxRow) -> (HeaderMap, Vec<u8>) {
-        let mut headers = HeaderMap::new();
-        if let Some(extra) = row.headers.as_object() {
-            for (k, v) in extra {
-                if let Some(v) = v.as_str() {
-                    headers.insert(k.as_str(), v);
-                }
-            }
-        }
+        let mut headers = unsigned_headers(&row.headers, &row.msg_id);
         let body = row.payload.as_bytes().to_vec();
-        headers.insert(signing::MSG_ID_HEADER, row.msg_id.as_str());
         for (name, value) in self.signer.sign(&row.subject, &row.msg_id, &body) {
             headers.insert(name, value.as_str());
         }
         (headers, body)
     }
+}
+
+/// The headers of an outbox row's message before its signature's: its extra headers
+/// (`extra`, a JSON object of strings, as the outbox stores them) and its
+/// `Nats-Msg-Id`.
+pub fn unsigned_headers(extra: &serde_json::Value, msg_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        if let Some(v) = v.as_str() {
+            headers.insert(k.as_str(), v);
+        }
+    }
+    headers.insert(signing::MSG_ID_HEADER, msg_id);
+    headers
 }
 
 /// The dispatch number `n` of a message ID `{operation}.{n}`.
