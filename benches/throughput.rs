@@ -53,12 +53,8 @@ use std::time::{Duration, Instant};
 /// Operations per phase: `BENCH_OPS`, 2,000 unless set (more for a longer, steadier
 /// run, or to profile one phase).
 fn ops() -> usize {
-    static OPS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
-        std::env::var("BENCH_OPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2_000)
-    });
+    static OPS: std::sync::LazyLock<usize> =
+        std::sync::LazyLock::new(|| env_or("BENCH_OPS", 2_000));
     *OPS
 }
 const CONCURRENCY: usize = 32;
@@ -99,12 +95,7 @@ struct Bench {
 
 /// `BENCH_WRITE_BATCH`, if set, as the gateway's `GATEWAY_WRITE_BATCH`.
 fn write_batch(c: &mut Config) {
-    if let Some(n) = std::env::var("BENCH_WRITE_BATCH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        c.write_batch = n;
-    }
+    c.write_batch = env_or("BENCH_WRITE_BATCH", c.write_batch);
 }
 
 /// Starts the parts asked for on a database and streams of their own, with `tweak`
@@ -500,10 +491,7 @@ async fn seed(pool: &sqlx::PgPool, rows: i64) -> Duration {
 /// gateway's submit, read and list rates on this database, then again with that many
 /// more live resources and finished operations in it.
 async fn growth(b: &Bench) {
-    let rows: i64 = std::env::var("BENCH_GROWTH_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let rows: i64 = env_or("BENCH_GROWTH_ROWS", 1_000_000);
     let pool = b.running.backends.pool.clone();
     let empty = rates(b, "before-growth").await;
     let took = seed(&pool, rows).await;
@@ -560,12 +548,7 @@ async fn overload(b: &Bench) {
         .unwrap();
     // How long a refused client waits: the `Retry-After` (1 s) a well-behaved client
     // honours, or less (`BENCH_FLOOD_BACKOFF_MS`) for a rougher flood.
-    let backoff = Duration::from_millis(
-        std::env::var("BENCH_FLOOD_BACKOFF_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000),
-    );
+    let backoff = Duration::from_millis(env_or("BENCH_FLOOD_BACKOFF_MS", 1000));
     let deadline = Instant::now() + Duration::from_secs(FLOOD_SECONDS);
     let results = futures::future::join_all((0..FLOOD_CLIENTS).map(|c| {
         let (http, tenant, url) = (http.clone(), tenant.clone(), url.clone());
@@ -1183,7 +1166,7 @@ async fn relay_vs_raw(b: &Bench) {
     );
 }
 
-/// The number in the environment variable `name`, or `default`.
+/// The number in the environment variable `name`, or `default` (unset or not a number).
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -1275,16 +1258,8 @@ async fn main() {
             // The simulated driver is instant, so a pool's concurrency, not the gateway,
             // would bound the rate: 16 messages in flight, each waiting for two report
             // round trips, is about 300 operations/s per pool.
-            c.worker_concurrency = std::env::var("BENCH_WORKER_CONCURRENCY")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(64);
-            if let Some(n) = std::env::var("BENCH_REPORT_BATCH")
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
-                c.worker_report_batch = n;
-            }
+            c.worker_concurrency = env_or("BENCH_WORKER_CONCURRENCY", 64);
+            c.worker_report_batch = env_or("BENCH_REPORT_BATCH", c.worker_report_batch);
         },
     )
     .await;
