@@ -97,6 +97,7 @@ pub fn vm_path(tenant: &str, op: &Value) -> String {
     )
 }
 
+/// The documented example spec of each API kind path (`vms`, `bare-metal`, `clusters`, `volumes`).
 pub fn example_spec(kind: &str) -> Value {
     match kind {
         "vms" => json!({"flavor": "m1.small", "image": "debian-12"}),
