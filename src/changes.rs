@@ -282,8 +282,8 @@ impl Bell {
 /// instead of on its next poll: in-process directly, across processes by a core NATS
 /// message (which the ringing process itself ignores: it was rung directly).
 ///
-/// Listeners come in groups ([`Wake::doorbell`]): the relay's operations loops are one
-/// group, its events loop another. A ring wakes **one** idle member of each group it is
+/// Listeners come in groups ([`Wake::doorbell`]): the relay's leading operations loop is
+/// one group, its events loop another. A ring wakes **one** idle member of each group it is
 /// for, or, if all are busy, the next to wait: a ring is never lost, and a commit costs
 /// one pass, not one pass per loop (a busy loop that finds a full batch passes the ring
 /// on, [`Doorbell::pass_on`], so a burst still recruits every loop).
@@ -469,6 +469,12 @@ type Groups = Vec<(Bell, Weak<Notify>)>;
 pub struct Doorbell(Arc<Notify>);
 
 impl Doorbell {
+    /// A group of listeners no [`Wake`] rings: only its members' [`Doorbell::pass_on`]
+    /// (the relay's helper loops, recruited by a full batch, never by a commit).
+    pub fn unrung() -> Self {
+        Self(Arc::new(Notify::new()))
+    }
+
     /// Resolves at the next ring this member is woken by, or at once if a ring came
     /// while every member was busy and no other member has taken it since.
     pub async fn rung(&self) {

@@ -101,9 +101,13 @@ impl Relay {
     /// events stream) never delays a dispatch. Each loop sleeps between passes until rung
     /// or polled, and backs off after a failure.
     ///
-    /// The operations loops run passes independently, each on rows of its own (`SKIP
-    /// LOCKED`): while one records what it published, another is free to claim what was
-    /// committed meanwhile, so a new row waits for a free loop, not for a whole round.
+    /// One operations loop, the *leader*, hears the doorbell: commits made while its pass
+    /// runs wait for its next pass and share it, so at a steady rate passes carry what
+    /// arrived meanwhile instead of one row each. The others are *helpers*, woken only
+    /// by a pass that claimed a full batch (a backlog): they run passes independently,
+    /// each on rows of its own (`SKIP LOCKED`), so a burst still has every loop at work.
+    /// Every loop used to hear the doorbell: at a steady rate a commit's ring woke an
+    /// idle loop for its one row, each pass a transaction and a commit of its own.
     /// This does not reorder what matters: a resource has one dispatch waiting at a time
     /// (its next operation is queued until the current one ends), and a message published
     /// twice is dropped by its `Nats-Msg-Id`.
@@ -111,16 +115,23 @@ impl Relay {
         let relay = std::sync::Arc::new(self);
         let dispatches = relay.wake.doorbell(Bell::Dispatches);
         let events = relay.wake.doorbell(Bell::Events);
-        let operations = std::iter::repeat_n(
-            (Work::Operations, dispatches),
-            relay.concurrent_passes.max(1),
+        let helpers = Doorbell::unrung();
+        let leader = (Work::Operations, dispatches, helpers.clone());
+        let others = std::iter::repeat_n(
+            (Work::Operations, helpers.clone(), helpers),
+            relay.concurrent_passes.max(1) - 1,
         );
         let mut loops = tokio::task::JoinSet::new();
         // Subscribed before the loops' first passes: a ring after them is heard.
         loops.spawn(relay.wake.clone().listen(shutdown.clone()).await);
-        for (work, bell) in operations.chain([(Work::Events, events)]) {
+        for (work, bell, recruit) in
+            [leader]
+                .into_iter()
+                .chain(others)
+                .chain([(Work::Events, events.clone(), events)])
+        {
             let (relay, shutdown) = (relay.clone(), shutdown.clone());
-            loops.spawn(async move { relay.cycle(work, bell, &shutdown).await });
+            loops.spawn(async move { relay.cycle(work, bell, recruit, &shutdown).await });
         }
         while let Some(done) = loops.join_next().await {
             // A loop that panicked takes the relay down with it, as one loop did.
@@ -132,8 +143,15 @@ impl Relay {
         }
     }
 
-    /// Runs passes of `work` until `shutdown`.
-    async fn cycle(&self, work: Work, bell: Doorbell, shutdown: &CancellationToken) {
+    /// Runs passes of `work` until `shutdown`, waking at a ring of `bell` (or a poll);
+    /// a pass that leaves more behind rings `recruit` for another loop to help.
+    async fn cycle(
+        &self,
+        work: Work,
+        bell: Doorbell,
+        recruit: Doorbell,
+        shutdown: &CancellationToken,
+    ) {
         let (mut failures, mut busy_passes) = (0u32, 0u32);
         loop {
             let pass = match work {
@@ -159,7 +177,7 @@ impl Relay {
             let pause = match step {
                 Step::Again => {
                     // More may wait: another idle loop may take a batch meanwhile.
-                    bell.pass_on();
+                    recruit.pass_on();
                     failures = 0;
                     continue;
                 }

@@ -1,11 +1,13 @@
 //! Group commit: creates that arrive together share one transaction and one commit.
 //!
 //! A create that has passed its in-process checks joins a queue. One of a few *lanes*
-//! (a semaphore; [`LANES`]) takes everything queued, up to the configured batch size,
-//! and records it in one transaction (`creates::together`): one statement per
-//! table for the whole batch instead of a round trip per row. Nothing waits for a batch
-//! to fill: a create that finds a lane free goes at once, alone; batches form from the
-//! creates that arrive while every lane is busy, so their size follows the load.
+//! ([`LANES`]) takes everything queued, up to the configured batch size, and records it
+//! in one transaction (`creates::together`): one statement per table for the whole
+//! batch instead of a round trip per row. Nothing waits for a batch to fill: a create
+//! that finds the first lane free goes at once, alone; batches form from the creates
+//! that arrive while it is busy, so their size follows the load. The other lanes take
+//! only full batches (a backlog of the batch size or more), so a batch waiting on a
+//! lock holds up the creates behind it until a full batch has queued, no longer.
 //!
 //! **Each create is still answered on its own.** A refusal that the batch can tell
 //! (unknown tenant, zone or catalog entry, quota, a replayed `Idempotency-Key`) answers
@@ -30,11 +32,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-/// Batches recorded at once, at most (each holds a database connection). Measured on
-/// two cores (`cargo bench --bench throughput`): one, two and four lanes gave 1,577,
-/// 1,523 and 1,419 creates/s at 8 clients, 2,722, 2,623 and 2,488 at 32 (fewer lanes
-/// make larger batches); two, so that one batch waiting on a lock does not stop every
-/// create.
+/// Batches recorded at once, at most (each holds a database connection); all but the
+/// first take full batches only. Measured on two cores (`cargo bench --bench
+/// throughput`): one, two and four lanes that any batch could take gave 1,577, 1,523
+/// and 1,419 creates/s at 8 clients, 2,722, 2,623 and 2,488 at 32 (fewer lanes make
+/// larger batches); at a steady rate, a second lane for any batch sent most creates
+/// alone, each a statement and a commit, whose CPU the rest of an operation's life then
+/// queued for. Two, so that one batch waiting on a lock does not stop every create: the
+/// second takes over once a full batch waits.
 pub const LANES: usize = 2;
 
 /// What a create gets.
@@ -50,7 +55,10 @@ struct Queued {
 /// The queue of creates and the lanes that record them.
 pub struct GroupCommit {
     queue: Mutex<VecDeque<Queued>>,
-    lanes: Arc<Semaphore>,
+    /// The lane any batch may take.
+    first: Arc<Semaphore>,
+    /// The lanes for full batches ([`LANES`] − 1).
+    others: Arc<Semaphore>,
     max_batch: usize,
     tickets: AtomicU64,
 }
@@ -69,7 +77,8 @@ impl GroupCommit {
     pub fn new(max_batch: usize) -> Self {
         Self {
             queue: Mutex::new(VecDeque::new()),
-            lanes: Arc::new(Semaphore::new(LANES)),
+            first: Arc::new(Semaphore::new(1)),
+            others: Arc::new(Semaphore::new(LANES - 1)),
             max_batch: max_batch.max(1),
             tickets: AtomicU64::new(0),
         }
@@ -95,8 +104,7 @@ impl GroupCommit {
             tokio::select! {
                 biased;
                 got = &mut answer => return got.unwrap_or_else(|_| Err(lost())),
-                lane = self.lanes.clone().acquire_owned() => {
-                    let lane = lane.expect("the lanes are never closed");
+                lane = self.lane() => {
                     let batch = self.take();
                     if batch.is_empty() {
                         // Ours is in a batch already: wait for its answer.
@@ -107,6 +115,17 @@ impl GroupCommit {
             }
         }
         answer.await.unwrap_or_else(|_| Err(lost()))
+    }
+
+    /// A free lane: the first, or another while a full batch waits.
+    async fn lane(&self) -> OwnedSemaphorePermit {
+        let full = self.lock().len() >= self.max_batch;
+        let lane = tokio::select! {
+            biased;
+            first = self.first.clone().acquire_owned() => first,
+            other = self.others.clone().acquire_owned(), if full => other,
+        };
+        lane.expect("the lanes are never closed")
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {

@@ -164,7 +164,7 @@ async fn creates_batched_when_postgres_crashes_end_recorded_once_each_after_retr
     };
     let accepted = AtomicUsize::new(0);
     // Fewer at once than the gateway admits writes (`GATEWAY_MAX_IN_FLIGHT_WRITES`, 32),
-    // so none is refused as `overloaded`; enough for batches to form behind two lanes.
+    // so none is refused as `overloaded`; enough for batches to form behind the first lane.
     let submit = futures::stream::iter(0..N)
         .map(|i| {
             let (create, accepted) = (&create, &accepted);

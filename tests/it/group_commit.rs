@@ -4,8 +4,9 @@
 //! A batch of tenants without quota limits is one statement; one with a limited tenant
 //! is a transaction that locks the quota rows ([`Path`]). The tests make batches form
 //! deterministically: a test transaction holds what every lane needs (the tenant's
-//! quota row, or a lock on the resources table), so every lane waits, and the creates
-//! that arrive meanwhile queue up; releasing it lets them go in batches.
+//! quota row, or a lock on the resources table), so the first lane waits (and the
+//! second, once a full batch queued behind it), and the creates that arrive meanwhile
+//! queue up; releasing it lets them go in batches.
 
 use crate::common::{example_spec, metric, spawn_with, Answer, Options, TestApp};
 use reqwest::{Method, StatusCode};
@@ -14,8 +15,9 @@ use sqlx::{Postgres, Transaction};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-/// Batches at once (`gateway::lifecycle::group::LANES`).
-const LANES: i64 = gateway::lifecycle::group::LANES as i64;
+/// Batches short of a full one recorded at once: one, the first lane
+/// (`gateway::lifecycle::group`); the others take full batches only.
+const LANES: i64 = 1;
 
 /// How a batch is recorded.
 #[derive(Debug, Clone, Copy)]
@@ -76,9 +78,15 @@ async fn hold_quota(app: &TestApp, tenant: &str) -> Transaction<'static, Postgre
     tx
 }
 
-/// Waits until every lane waits on a row lock and `requests` requests are in flight
+/// Waits until the first lane waits on a row lock and `requests` requests are in flight
 /// besides those before: the rest of them are queued.
 async fn until_queued(app: &TestApp, before: f64, requests: usize) {
+    until_lanes_wait(app, before, requests, LANES).await;
+}
+
+/// Waits until `lanes` lanes wait on a row lock and `requests` requests are in flight
+/// besides those before.
+async fn until_lanes_wait(app: &TestApp, before: f64, requests: usize, lanes_waiting: i64) {
     let waiting =
         "pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
             .to_string();
@@ -86,7 +94,7 @@ async fn until_queued(app: &TestApp, before: f64, requests: usize) {
     loop {
         let lanes = scalar(&app.pool, &format!("SELECT count(*) FROM {waiting}")).await;
         let in_flight = metric(&app.url, "gateway_http_requests_in_flight").await - before;
-        if lanes == LANES && in_flight >= requests as f64 {
+        if lanes == lanes_waiting && in_flight >= requests as f64 {
             return;
         }
         assert!(
@@ -131,7 +139,14 @@ async fn burst(
             .map(|(name, key)| create(app, tenant, name, key.as_deref())),
     );
     let release = async {
-        until_queued(app, before, names.len() - unblocked).await;
+        // The first create takes the first lane; a full batch behind it, the second.
+        let blocked = names.len() - unblocked;
+        let lanes = if blocked > app.config.write_batch {
+            2
+        } else {
+            1
+        };
+        until_lanes_wait(app, before, blocked, lanes).await;
         held.rollback().await.unwrap();
     };
     let (answers, ()) = tokio::join!(sent, release);
@@ -447,6 +462,51 @@ async fn a_create_whose_client_leaves_is_not_recorded_on(path: Path) {
         LANES
     );
     assert_eq!(app.count("resources WHERE name = 'gone'").await, 0);
+}
+
+/// While the first lane's batch waits on a lock, creates queue behind it until a full
+/// batch has gathered; that one goes in a second lane at once, beside the first.
+#[tokio::test]
+async fn a_full_batch_takes_a_second_lane_while_the_first_waits() {
+    let app = spawn_with(Options {
+        tweak: |c| c.write_batch = 4,
+        ..Options::api_only()
+    })
+    .await;
+    let t = tenant_for(&app, Path::Transaction).await;
+    let before = metric(&app.url, "gateway_http_requests_in_flight").await;
+    let held = hold(&app, &t, Path::Transaction).await;
+    let first = create(&app, &t, "first", None);
+    let rest = async {
+        until_lanes_wait(&app, before, 1, 1).await;
+        // Three behind it: short of a full batch, they wait for the first lane.
+        let names: Vec<String> = (0..3).map(|i| format!("short-{i}")).collect();
+        let short = futures::future::join_all(names.iter().map(|n| create(&app, &t, n, None)));
+        let more = async {
+            until_lanes_wait(&app, before, 4, 1).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            until_lanes_wait(&app, before, 4, 1).await;
+            // A fourth makes a full batch: it takes the second lane, and waits there too.
+            let full = create(&app, &t, "full", None);
+            let release = async {
+                until_lanes_wait(&app, before, 5, 2).await;
+                held.rollback().await.unwrap();
+            };
+            tokio::join!(full, release).0
+        };
+        let (mut short, full) = tokio::join!(short, more);
+        short.push(full);
+        short
+    };
+    let (first, rest) = tokio::join!(first, rest);
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{:?}", first.body);
+    for a in &rest {
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    }
+    assert_eq!(
+        app.count(&format!("resources WHERE tenant = '{t}'")).await,
+        5
+    );
 }
 
 #[tokio::test]

@@ -554,6 +554,54 @@ async fn concurrent_passes_publish_every_row_exactly_once() {
     assert_eq!(stream.info().await.unwrap().state.messages, 90);
 }
 
+/// A backlog of several batches, rung once, is drained by the running relay though only
+/// its leading loop hears the doorbell: each full batch recruits a helper loop, and no
+/// row is published twice or left behind (the relay polls only once a minute here).
+#[tokio::test]
+async fn a_backlog_rung_once_is_drained_by_the_leader_and_its_helpers() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    // A doorbell of its own: the creates below do not ring it.
+    let wake = Wake::default();
+    let relay = Relay {
+        batch_size: 8,
+        concurrent_passes: 4,
+        poll_interval: Duration::from_secs(60),
+        wake: wake.clone(),
+        ..relay_for(&app)
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    // Every loop's first pass (at start) finds nothing; then they wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..90 {
+        app.create(
+            &tenant,
+            "vms",
+            &format!("vm-{i}"),
+            "zone-a",
+            example_spec("vms"),
+        )
+        .await;
+    }
+    wake.ring_here(&[gateway::relay::Bell::Dispatches]);
+    common::eventually("the backlog is relayed", || async {
+        (app.count("outbox").await == 0).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    running.await.unwrap();
+    let dispatched: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM operations WHERE state = 'dispatched'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(dispatched, 90);
+    let js = &app.running.as_ref().unwrap().backends.js;
+    let mut stream = js.get_stream(&app.config.nats.stream).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 90);
+}
+
 /// Operations and events are relayed by loops of their own: while every events pass
 /// fails (the events stream is gone, and the events loop backs off towards 5 s), a new
 /// operation is still dispatched as soon as it commits.

@@ -2,10 +2,15 @@
 //! in one `POST /v1/reports`, applied there in one transaction and each still accepted or
 //! refused on its own.
 //!
-//! Nothing waits for a batch to fill. A report is sent as soon as a sender is free, with
-//! whatever else queued while every sender was busy: one report alone goes through
+//! Nothing waits for a batch to fill. A report is sent as soon as no other request of the
+//! pool is in flight, with whatever else queued meanwhile: one report alone goes through
 //! `POST /v1/operations/{id}/reports` with its trace headers, exactly as without
-//! batching, and under load the batches grow by themselves. Each report keeps its own
+//! batching, and under load the batches grow by themselves. Only a full batch (a backlog
+//! of `max` reports or more) goes beside requests still in flight, up to [`SENDERS`] at
+//! once. With up to four requests in flight whatever their size, batches stayed at one
+//! report until the gateway was saturated, and the gateway's work per report (a request,
+//! a transaction, a commit) was what queued at a steady rate: see the gateway's
+//! changelog for what one request at a time bought end to end. Each report keeps its own
 //! answer, so the handler's retries and decisions do not change. A gateway without the
 //! batch route (an older one, during a rolling upgrade) gets each report on its own.
 
@@ -20,8 +25,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
 
-/// How many requests of batches may be in flight at once, per pool.
-const SENDERS: usize = 4;
+/// How many requests of batches may be in flight at once, per pool, when full batches
+/// are waiting (a partial batch waits for the requests in flight to end).
+pub const SENDERS: usize = 4;
 
 /// A report waiting to be sent, and where its answer goes.
 struct Queued {
@@ -54,10 +60,19 @@ impl BatchReporter {
     }
 }
 
-/// Takes what is queued, up to `max`, whenever a sender is free.
+/// Takes what is queued, up to `max`: a full batch whenever a sender is free, a partial
+/// one once no request is in flight (reports queued meanwhile join it).
 async fn send_batches(client: GatewayClient, mut rx: mpsc::UnboundedReceiver<Queued>, max: usize) {
     let senders = Arc::new(Semaphore::new(SENDERS));
     while let Some(first) = rx.recv().await {
+        if 1 + rx.len() < max {
+            // Every sender free: this task alone takes permits, so the one taken next is
+            // there at once.
+            let Ok(all) = senders.acquire_many(SENDERS as u32).await else {
+                return;
+            };
+            drop(all);
+        }
         let Ok(permit) = senders.clone().acquire_owned().await else {
             return;
         };
@@ -298,6 +313,167 @@ mod tests {
             }
         }
         assert_eq!(singles.load(Ordering::SeqCst), 10);
+    }
+
+    /// A gateway whose every answer waits for `gate`, counting requests in flight (the
+    /// most at once) and the size of each request (one for a single report).
+    struct SlowGateway {
+        url: String,
+        gate: Arc<tokio::sync::Semaphore>,
+        sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+        most_at_once: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    async fn slow_gateway() -> SlowGateway {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let answer = {
+            let (gate, sizes, now, most) = (gate.clone(), sizes.clone(), now, most.clone());
+            move |ids: Vec<Uuid>| {
+                let (gate, sizes, now, most) =
+                    (gate.clone(), sizes.clone(), now.clone(), most.clone());
+                async move {
+                    let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(at_once, Ordering::SeqCst);
+                    sizes.lock().unwrap().push(ids.len());
+                    gate.acquire().await.unwrap().forget();
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    ids.into_iter()
+                        .map(|id| ReportAck {
+                            operation_id: id,
+                            state: OperationState::Running,
+                            attempt: 1,
+                            cancel_requested: false,
+                        })
+                        .collect::<Vec<_>>()
+                }
+            }
+        };
+        let single = answer.clone();
+        let app = axum::Router::new()
+            .route(
+                "/v1/operations/{id}/reports",
+                axum::routing::post(move |axum::extract::Path(id): axum::extract::Path<Uuid>| {
+                    let single = single.clone();
+                    async move { axum::Json(single(vec![id]).await.remove(0)) }
+                }),
+            )
+            .route(
+                "/v1/reports",
+                axum::routing::post(move |axum::Json(batch): axum::Json<ReportBatch>| {
+                    let answer = answer.clone();
+                    async move {
+                        let ids = batch.reports.iter().map(|r| r.operation_id).collect();
+                        let results = answer(ids)
+                            .await
+                            .into_iter()
+                            .map(|ack| BatchedReportResult {
+                                operation_id: ack.operation_id,
+                                status: 200,
+                                ack: Some(ack),
+                                code: None,
+                                message: None,
+                            })
+                            .collect();
+                        axum::Json(ReportBatchResult { results })
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        SlowGateway {
+            url,
+            gate,
+            sizes,
+            most_at_once: most,
+        }
+    }
+
+    /// Waits until the gateway has seen `n` requests.
+    async fn requests_seen(gateway: &SlowGateway, n: usize) {
+        for _ in 0..500 {
+            if gateway.sizes.lock().unwrap().len() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!(
+            "the gateway saw {:?}, not {n} requests",
+            gateway.sizes.lock().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn reports_made_while_one_is_in_flight_wait_and_leave_as_one_batch() {
+        let gateway = slow_gateway().await;
+        let reporter = BatchReporter::new(GatewayClient::new(&gateway.url, "k").unwrap(), 16);
+        let (report, trace) = (running(), TraceHeaders::default());
+        let first = tokio::spawn({
+            let (reporter, report, trace) = (reporter.clone(), report.clone(), trace.clone());
+            async move { reporter.report(Uuid::now_v7(), &report, &trace).await }
+        });
+        requests_seen(&gateway, 1).await;
+        // Five more while the first is in flight: a sender is free, but they wait.
+        let rest: Vec<_> = (0..5)
+            .map(|_| {
+                let (reporter, report, trace) = (reporter.clone(), report.clone(), trace.clone());
+                tokio::spawn(async move { reporter.report(Uuid::now_v7(), &report, &trace).await })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(
+            *gateway.sizes.lock().unwrap(),
+            [1],
+            "nothing sent beside the first"
+        );
+        gateway.gate.add_permits(100);
+        assert!(matches!(
+            first.await.unwrap(),
+            Ok(ReportOutcome::Accepted(_))
+        ));
+        for answer in futures::future::join_all(rest).await {
+            assert!(matches!(answer.unwrap(), Ok(ReportOutcome::Accepted(_))));
+        }
+        assert_eq!(*gateway.sizes.lock().unwrap(), [1, 5]);
+        assert_eq!(
+            gateway
+                .most_at_once
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn full_batches_go_beside_requests_in_flight() {
+        let gateway = slow_gateway().await;
+        let reporter = BatchReporter::new(GatewayClient::new(&gateway.url, "k").unwrap(), 2);
+        let (report, trace) = (running(), TraceHeaders::default());
+        // Ten reports queued at once: five full batches of two, up to SENDERS at once.
+        let ids: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+        let answers = tokio::spawn({
+            let reporter = reporter.clone();
+            async move {
+                futures::future::join_all(
+                    ids.iter().map(|id| reporter.report(*id, &report, &trace)),
+                )
+                .await
+            }
+        });
+        requests_seen(&gateway, SENDERS).await;
+        assert_eq!(
+            gateway
+                .most_at_once
+                .load(std::sync::atomic::Ordering::SeqCst),
+            SENDERS
+        );
+        gateway.gate.add_permits(100);
+        for answer in answers.await.unwrap() {
+            assert!(matches!(answer, Ok(ReportOutcome::Accepted(_))));
+        }
+        assert_eq!(gateway.sizes.lock().unwrap().iter().sum::<usize>(), 10);
     }
 
     #[tokio::test]
