@@ -44,6 +44,11 @@
 //! enough to profile. Memory is the process's resident set size before and after.
 //! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
 
+/// The allocator the `gateway` binary runs with (`src/main.rs`): the gateway measured here
+/// is the one that binary runs, and the raw baselines share the process.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use gateway::app::{self, Parts};
 use gateway::config::{Config, NatsNames};
 use gateway_proto::signing::SigningKey;
