@@ -28,7 +28,8 @@
 //!    its event reaching a reader of the events stream (on NATS) and a watch client
 //!    (server-sent events through the gateway's API), each phase once what the
 //!    earlier ones left is published and sealed; then half the rate again without
-//!    those two readers, under the burst's own load. Each steady phase also prints the
+//!    those two readers, under the burst's own load, and likewise at 500 operations/s
+//!    (the rate issue 12 sets its relay-lag target at). Each steady phase also prints the
 //!    gateway's mean time to answer for the routes an operation's life takes (create,
 //!    long-poll, single and batched reports), from its own request histogram.
 //!
@@ -796,7 +797,8 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 /// Seconds of the steady-load phase.
 const STEADY_SECONDS: f64 = 10.0;
 
-/// Creates operations at `per_second` (`share` of the burst's rate: `half`, `quarter`)
+/// Creates operations at `per_second` (`share` of the burst's rate: `half`, `quarter`;
+/// or `500/s`, the rate issue 12 sets its relay-lag target at)
 /// for [`STEADY_SECONDS`], each followed by a long-poll until it ends. With `readers`, a
 /// reader of the events stream and a watch client meanwhile measure, for every event,
 /// the lag from its change's commit to its arrival; without, the load is the burst's
@@ -805,15 +807,24 @@ const STEADY_SECONDS: f64 = 10.0;
 async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: bool) {
     let backlog = quiesce(&b.running.backends.pool).await;
     println!("steady   {share}: started after the earlier phases' backlog drained ({backlog:?})");
+    let share = match share {
+        "quarter" | "half" => format!("{share} the burst's rate"),
+        rate => rate.to_owned(),
+    };
     let observers = if readers {
         Some((event_lags(b, tenant).await, watch_lags(b, tenant).await))
     } else {
         None
     };
+    let prefix = share
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .replace('/', "-per-");
     let prefix = if readers {
-        share.to_owned()
+        prefix
     } else {
-        format!("{share}-plain")
+        format!("{prefix}-plain")
     };
     let prefix = prefix.as_str();
     let relay_before = histogram(&b.http, &b.url, RELAY_LAG, "").await;
@@ -859,7 +870,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
     watched.sort();
     let readers = if readers { "" } else { ", no event readers" };
     println!(
-        "steady   {:>8.0} ops/s ({share} the burst's rate{readers})   submit→succeeded p50 {:?}  p99 {:?}",
+        "steady   {:>8.0} ops/s ({share}{readers})   submit→succeeded p50 {:?}  p99 {:?}",
         rate(count, started.elapsed()),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
@@ -1314,6 +1325,8 @@ async fn main() {
     // The same rate under the burst's own load: the workers and the creates' clients
     // (with their long-polls), without the two event readers the burst did not carry.
     steady(&b, &tenant, rate(ops(), e2e) / 2.0, "half", false).await;
+    // The rate the relay-lag target is set at, under the same load.
+    steady(&b, &tenant, 500.0, "500/s", false).await;
     if std::env::var("BENCH_DEBUG").is_ok() {
         let text = metrics_text(&b.http, &b.url).await;
         for l in text.lines().filter(|l| {
