@@ -12,8 +12,9 @@
 //! 2. **Relay**: outbox rows to JetStream acks through the relay (its operations loops,
 //!    each passing again as soon as its own pass is done, as `Relay::run` runs them)
 //!    vs. raw `publish_with_headers` of the same messages (bodies and headers, the
-//!    signature copied rather than computed) with as many acks outstanding as the
-//!    relay's loops together may have (batch size × loops).
+//!    signature copied rather than computed; [`RAW_COPIES`] copies of each) with as
+//!    many acks outstanding as the relay's loops together may have (batch size ×
+//!    loops), in [`ROUNDS`] rounds that alternate the two.
 //!    `BENCH_RELAY_BATCH` and `BENCH_RELAY_PASSES` set the batch size and the loops.
 //! 3. **Reads**: `GET /v1/operations/{id}` and `GET /v1/tenants/{t}/vms/{id}` through
 //!    the gateway vs. the raw primary-key `SELECT` of the same row from sqlx, at the
@@ -69,6 +70,11 @@ const CONCURRENCY: usize = 32;
 /// a machine that slows down or speeds up during the run (other tenants of the host,
 /// its clock) moves both sides alike instead of whichever ran in the slow stretch.
 const ROUNDS: usize = 4;
+/// The relay comparison's raw baseline publishes each message this many times (each copy
+/// a message of its own): the relay's slice of a round takes about a tenth of a second,
+/// and the raw publish of the same messages once, a few hundredths, short enough for a
+/// scheduler's hiccup to halve or double its rate between runs.
+const RAW_COPIES: usize = 4;
 
 fn rss_mib() -> f64 {
     proc_status_mib("/proc/self/status", "VmRSS:")
@@ -852,6 +858,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
         t0.elapsed()
     });
     let mut lat = futures::future::join_all(tasks).await;
+    let took = started.elapsed();
     lat.sort();
     let relay = increase(
         &relay_before,
@@ -871,7 +878,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
     let readers = if readers { "" } else { ", no event readers" };
     println!(
         "steady   {:>8.0} ops/s ({share}{readers})   submit→succeeded p50 {:?}  p99 {:?}",
-        rate(count, started.elapsed()),
+        rate(count, took),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
@@ -1080,11 +1087,17 @@ async fn validation(b: &Bench, per_submit: Duration) {
 /// the signature's two), body.
 type Message = (String, async_nats::HeaderMap, bytes::Bytes);
 
-/// Copies of the first `n` outbox rows' messages for the raw baseline, each with a
-/// `Nats-Msg-Id` of its own and the signature headers of one row (copied, not computed:
-/// signing is the relay's work being measured), so the baseline publishes the same
-/// bytes the relay does.
-async fn raw_messages(pool: &sqlx::PgPool, signer: &SigningKey, n: usize) -> Vec<Message> {
+/// Copies of the first `n` outbox rows' messages for the raw baseline, `copies` times
+/// over, each copy with a `Nats-Msg-Id` of its own and the signature headers of one row
+/// (copied, not computed: signing is the relay's work being measured), so the baseline
+/// publishes the same bytes the relay does. In the rows' order, each row's copies
+/// together.
+async fn raw_messages(
+    pool: &sqlx::PgPool,
+    signer: &SigningKey,
+    n: usize,
+    copies: usize,
+) -> Vec<Message> {
     let rows: Vec<(String, String, serde_json::Value, String)> = sqlx::query_as(
         "SELECT subject, msg_id, headers, payload::text FROM outbox ORDER BY id LIMIT $1",
     )
@@ -1095,12 +1108,17 @@ async fn raw_messages(pool: &sqlx::PgPool, signer: &SigningKey, n: usize) -> Vec
     let (subject, msg_id, _, body) = &rows[0];
     let signature = signer.sign(subject, msg_id, body.as_bytes());
     rows.into_iter()
-        .map(|(subject, msg_id, extra, body)| {
-            let mut h = gateway::relay::unsigned_headers(&extra, &format!("raw-{msg_id}"));
-            for (name, value) in &signature {
-                h.insert(*name, value.as_str());
-            }
-            (subject, h, bytes::Bytes::from(body))
+        .flat_map(|(subject, msg_id, extra, body)| {
+            let body = bytes::Bytes::from(body);
+            let signature = &signature;
+            (0..copies).map(move |copy| {
+                let id = format!("raw{copy}-{msg_id}");
+                let mut h = gateway::relay::unsigned_headers(&extra, &id);
+                for (name, value) in signature {
+                    h.insert(*name, value.as_str());
+                }
+                (subject.clone(), h, body.clone())
+            })
         })
         .collect()
 }
@@ -1129,9 +1147,10 @@ async fn raw_publish(
     started.elapsed()
 }
 
-/// The relay draining `ops()` rows of the outbox vs. the raw publish of the same
-/// messages (the submits left 2 × `ops()` rows of the gateway's; the raw baseline's rows
-/// are deleted first).
+/// The relay draining the outbox (the submits left 2 × `ops()` rows of the gateway's;
+/// the raw baseline's rows are deleted first) vs. the raw publish of the same messages,
+/// [`RAW_COPIES`] times over, in [`ROUNDS`] rounds that alternate the two on equal
+/// slices of the rows.
 async fn relay_vs_raw(b: &Bench) {
     let pool = b.running.backends.pool.clone();
     sqlx::query("DELETE FROM outbox WHERE subject = 'raw.vm.zone-a'")
@@ -1150,32 +1169,34 @@ async fn relay_vs_raw(b: &Bench) {
         signer: b.config.dispatch_signing_key.clone().unwrap(),
         events_prefix: b.config.nats.events_prefix.clone(),
     };
-    let messages = raw_messages(&pool, &relay.signer, ops()).await;
-    // As `Relay::run`'s operations loops do: each loop passes again as soon as its own
-    // pass is done, so one loop's database work overlaps another's publishing (a round
-    // of `Relay::passes` would wait for its slowest pass before the next round began).
-    let relayed = std::sync::atomic::AtomicUsize::new(0);
-    let started = Instant::now();
-    futures::future::join_all((0..relay.concurrent_passes).map(|_| async {
-        while relayed.load(std::sync::atomic::Ordering::Relaxed) < ops() {
-            let pass = relay.pass().await.unwrap();
-            relayed.fetch_add(pass.published, std::sync::atomic::Ordering::Relaxed);
-            if pass.claimed == 0 {
-                break;
+    let rows = 2 * ops();
+    let messages = raw_messages(&pool, &relay.signer, rows, RAW_COPIES).await;
+    let per_round = rows.div_ceil(ROUNDS);
+    let window = relay.batch_size as usize * relay.concurrent_passes;
+    let (mut relayed, mut relay_time) = (0, Duration::ZERO);
+    let (mut raw, mut raw_time) = (0, Duration::ZERO);
+    for slice in messages.chunks(per_round * RAW_COPIES) {
+        // As `Relay::run`'s operations loops do under a backlog: each loop passes again
+        // as soon as its own pass is done, so one loop's database work overlaps another's
+        // publishing (a round of `Relay::passes` would wait for its slowest pass).
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let started = Instant::now();
+        futures::future::join_all((0..relay.concurrent_passes).map(|_| async {
+            while done.load(std::sync::atomic::Ordering::Relaxed) < per_round {
+                let pass = relay.pass().await.unwrap();
+                done.fetch_add(pass.published, std::sync::atomic::Ordering::Relaxed);
+                if pass.claimed == 0 {
+                    break;
+                }
             }
-        }
-    }))
-    .await;
-    let relay_rate = rate(relayed.into_inner(), started.elapsed());
-    let raw_rate = rate(
-        messages.len(),
-        raw_publish(
-            &relay.js,
-            messages,
-            relay.batch_size as usize * relay.concurrent_passes,
-        )
-        .await,
-    );
+        }))
+        .await;
+        relay_time += started.elapsed();
+        relayed += done.into_inner();
+        raw += slice.len();
+        raw_time += raw_publish(&relay.js, slice.to_vec(), window).await;
+    }
+    let (relay_rate, raw_rate) = (rate(relayed, relay_time), rate(raw, raw_time));
     println!(
         "relay    gateway {relay_rate:>8.0} msg/s   raw publish {raw_rate:>5.0} msg/s   ratio {:.2}",
         relay_rate / raw_rate
