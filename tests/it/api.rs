@@ -85,19 +85,12 @@ async fn zones_and_catalog_are_listed() {
 async fn pages_return_every_resource_exactly_once() {
     let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
-    let mut created = HashSet::new();
-    for i in 0..7 {
-        let op = app
-            .create(
-                &tenant,
-                "vms",
-                &format!("vm-{i}"),
-                "zone-a",
-                example_spec("vms"),
-            )
-            .await;
-        created.insert(op["resource_id"].as_str().unwrap().to_owned());
-    }
+    let created: HashSet<String> = app
+        .create_vms(&tenant, 7)
+        .await
+        .iter()
+        .map(|op| op["resource_id"].as_str().unwrap().to_owned())
+        .collect();
     app.create(&tenant, "vms", "other-zone", "zone-b", example_spec("vms"))
         .await;
     let mut seen = HashSet::new();

@@ -199,16 +199,7 @@ async fn an_event_commits_with_its_change_or_not_at_all_whoever_writes_the_row()
 async fn a_relay_that_dies_between_publish_and_delete_publishes_nothing_twice() {
     let app = spawn_with(Options::api_only()).await;
     let tenant = app.tenant().await;
-    for i in 0..5 {
-        app.create(
-            &tenant,
-            "vms",
-            &format!("vm-{i}"),
-            "zone-a",
-            example_spec("vms"),
-        )
-        .await;
-    }
+    app.create_vms(&tenant, 5).await;
     let rows = app.count("event_outbox").await as usize;
     assert_eq!(rows, 15);
     // The delete fails after every publish was acknowledged: as if the relay died there.

@@ -135,16 +135,7 @@ async fn a_watch_starts_with_a_bookmark_and_resumes_after_a_disconnect_without_g
     assert_eq!(first.event, "bookmark");
     let start = first.id.clone().unwrap();
     assert_eq!(first.json()["cursor"], json!(start));
-    for i in 0..6 {
-        app.create(
-            &tenant,
-            "vms",
-            &format!("vm-{i}"),
-            "zone-a",
-            example_spec("vms"),
-        )
-        .await;
-    }
+    app.create_vms(&tenant, 6).await;
     // Read a few, drop the connection, resume from the last one seen.
     let mut seen = read_until(&mut w, |e| e.len() >= 10).await;
     drop(w);

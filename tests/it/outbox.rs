@@ -574,16 +574,7 @@ async fn a_backlog_rung_once_is_drained_by_the_leader_and_its_helpers() {
     let running = tokio::spawn(relay.run(shutdown.clone()));
     // Every loop's first pass (at start) finds nothing; then they wait.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for i in 0..90 {
-        app.create(
-            &tenant,
-            "vms",
-            &format!("vm-{i}"),
-            "zone-a",
-            example_spec("vms"),
-        )
-        .await;
-    }
+    app.create_vms(&tenant, 90).await;
     wake.ring_here(&[gateway::relay::Bell::Dispatches]);
     common::eventually("the backlog is relayed", || async {
         (app.count("outbox").await == 0).then_some(())

@@ -23,19 +23,12 @@ async fn resource_reads_and_locks_use_the_primary_key_not_the_tenants_list_index
     })
     .await;
     let tenant = app.tenant().await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        let op = app
-            .create(
-                &tenant,
-                "vms",
-                &format!("vm-{i}"),
-                "zone-a",
-                example_spec("vms"),
-            )
-            .await;
-        ids.push(op["resource_id"].as_str().unwrap().to_owned());
-    }
+    let ids: Vec<String> = app
+        .create_vms(&tenant, 3)
+        .await
+        .iter()
+        .map(|op| op["resource_id"].as_str().unwrap().to_owned())
+        .collect();
     // The generic plan is what a pooled prepared statement runs after a few executions.
     sqlx::query("ALTER DATABASE CURRENT SET plan_cache_mode = force_generic_plan")
         .execute(&app.pool)

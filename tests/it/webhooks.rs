@@ -483,16 +483,7 @@ async fn a_failing_endpoint_is_disabled_and_never_slows_a_healthy_one() {
     let (failing_id, _) = register(&app, &tenant, &failing.url(), json!([])).await;
     register(&app, &tenant, &good.url(), json!(["operation.succeeded"])).await;
     let started = std::time::Instant::now();
-    for i in 0..8 {
-        app.create(
-            &tenant,
-            "vms",
-            &format!("vm-{i}"),
-            "zone-a",
-            example_spec("vms"),
-        )
-        .await;
-    }
+    app.create_vms(&tenant, 8).await;
     // The healthy endpoint gets its 8 deliveries while the bad one hangs every time.
     good.wait("the healthy endpoint's deliveries", |g| g.len() >= 8)
         .await;

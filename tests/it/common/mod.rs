@@ -403,6 +403,20 @@ impl Client {
         let op = self.typed().create_resource(tenant, kind, &resource).await;
         serde_json::to_value(op.expect("the create is accepted")).expect("JSON")
     }
+
+    /// Submits `n` creates of VMs `vm-0`, `vm-1`, … in zone-a, one after another, and
+    /// returns their operations.
+    pub async fn create_vms(&self, tenant: &str, n: usize) -> Vec<Value> {
+        let mut ops = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = format!("vm-{i}");
+            ops.push(
+                self.create(tenant, "vms", &name, "zone-a", example_spec("vms"))
+                    .await,
+            );
+        }
+        ops
+    }
 }
 
 /// What to run.
