@@ -4,9 +4,9 @@
 //! A batch of tenants without quota limits is one statement; one with a limited tenant
 //! is a transaction that locks the quota rows ([`Path`]). The tests make batches form
 //! deterministically: a test transaction holds what every lane needs (the tenant's
-//! quota row, or a lock on the resources table), so the first lane waits (and the
-//! second, once a full batch queued behind it), and the creates that arrive meanwhile
-//! queue up; releasing it lets them go in batches.
+//! quota row, or a lock on the resources table), so every lane waits (the second once
+//! a create has waited `group::STUCK` for the first), and the creates that arrive
+//! meanwhile queue up; releasing it lets them go in batches.
 
 use crate::common::{example_spec, metric, spawn_with, Answer, Options, TestApp};
 use reqwest::{Method, StatusCode};
@@ -15,9 +15,9 @@ use sqlx::{Postgres, Transaction};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-/// Batches short of a full one recorded at once: one, the first lane
-/// (`gateway::lifecycle::group`); the others take full batches only.
-const LANES: i64 = 1;
+/// Batches at once (`gateway::lifecycle::group::LANES`): while the first waits on a
+/// lock, creates behind it take the second after `group::STUCK`.
+const LANES: i64 = gateway::lifecycle::group::LANES as i64;
 
 /// How a batch is recorded.
 #[derive(Debug, Clone, Copy)]
@@ -78,15 +78,21 @@ async fn hold_quota(app: &TestApp, tenant: &str) -> Transaction<'static, Postgre
     tx
 }
 
-/// Waits until the first lane waits on a row lock and `requests` requests are in flight
-/// besides those before: the rest of them are queued.
+/// Waits until a lane waits on a row lock (the first; the second too if a create
+/// queued behind it took it) and `requests` requests are in flight besides those
+/// before: the rest of them are queued.
 async fn until_queued(app: &TestApp, before: f64, requests: usize) {
-    until_lanes_wait(app, before, requests, LANES).await;
+    until_lanes_wait(app, before, requests, 1..=LANES).await;
 }
 
-/// Waits until `lanes` lanes wait on a row lock and `requests` requests are in flight
-/// besides those before.
-async fn until_lanes_wait(app: &TestApp, before: f64, requests: usize, lanes_waiting: i64) {
+/// Waits until a number of lanes in `lanes_waiting` wait on a row lock and `requests`
+/// requests are in flight besides those before.
+async fn until_lanes_wait(
+    app: &TestApp,
+    before: f64,
+    requests: usize,
+    lanes_waiting: std::ops::RangeInclusive<i64>,
+) {
     let waiting =
         "pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
             .to_string();
@@ -94,7 +100,7 @@ async fn until_lanes_wait(app: &TestApp, before: f64, requests: usize, lanes_wai
     loop {
         let lanes = scalar(&app.pool, &format!("SELECT count(*) FROM {waiting}")).await;
         let in_flight = metric(&app.url, "gateway_http_requests_in_flight").await - before;
-        if lanes == lanes_waiting && in_flight >= requests as f64 {
+        if lanes_waiting.contains(&lanes) && in_flight >= requests as f64 {
             return;
         }
         assert!(
@@ -139,14 +145,7 @@ async fn burst(
             .map(|(name, key)| create(app, tenant, name, key.as_deref())),
     );
     let release = async {
-        // The first create takes the first lane; a full batch behind it, the second.
-        let blocked = names.len() - unblocked;
-        let lanes = if blocked > app.config.write_batch {
-            2
-        } else {
-            1
-        };
-        until_lanes_wait(app, before, blocked, lanes).await;
+        until_queued(app, before, names.len() - unblocked).await;
         held.rollback().await.unwrap();
     };
     let (answers, ()) = tokio::join!(sent, release);
@@ -427,12 +426,17 @@ async fn a_create_whose_client_leaves_is_not_recorded_on(path: Path) {
     let t = tenant_for(&app, path).await;
     let before = metric(&app.url, "gateway_http_requests_in_flight").await;
     let held = hold(&app, &t, path).await;
+    // One create per lane, each sent once the one before waits in its lane (sent
+    // together, they could share the first lane's batch and leave the second free).
     let lanes = futures::future::join_all((0..LANES).map(|i| {
         let (app, t) = (&app, &t);
-        async move { create(app, t, &format!("lane-{i}"), None).await }
+        async move {
+            until_lanes_wait(app, before, i as usize, i..=i).await;
+            create(app, t, &format!("lane-{i}"), None).await
+        }
     }));
     let leaver = async {
-        until_queued(&app, before, LANES as usize).await;
+        until_lanes_wait(&app, before, LANES as usize, LANES..=LANES).await;
         // Every lane waits: this one queues, and its client gives up.
         let gone = app
             .http
@@ -464,49 +468,31 @@ async fn a_create_whose_client_leaves_is_not_recorded_on(path: Path) {
     assert_eq!(app.count("resources WHERE name = 'gone'").await, 0);
 }
 
-/// While the first lane's batch waits on a lock, creates queue behind it until a full
-/// batch has gathered; that one goes in a second lane at once, beside the first.
+/// While the first lane's batch waits on a lock, the creates behind it wait for it only
+/// `group::STUCK`: then they take the second lane, so one tenant's stuck batch does not
+/// hold up every other tenant's creates until it ends.
 #[tokio::test]
-async fn a_full_batch_takes_a_second_lane_while_the_first_waits() {
-    let app = spawn_with(Options {
-        tweak: |c| c.write_batch = 4,
-        ..Options::api_only()
-    })
-    .await;
-    let t = tenant_for(&app, Path::Transaction).await;
+async fn creates_behind_a_stuck_batch_take_the_second_lane_after_a_moment() {
+    let app = spawn_with(Options::api_only()).await;
+    let (stuck, other) = (tenant_with_quota(&app, 1000).await, app.tenant().await);
     let before = metric(&app.url, "gateway_http_requests_in_flight").await;
-    let held = hold(&app, &t, Path::Transaction).await;
-    let first = create(&app, &t, "first", None);
+    let held = hold(&app, &stuck, Path::Transaction).await;
+    let first = create(&app, &stuck, "first", None);
     let rest = async {
-        until_lanes_wait(&app, before, 1, 1).await;
-        // Three behind it: short of a full batch, they wait for the first lane.
-        let names: Vec<String> = (0..3).map(|i| format!("short-{i}")).collect();
-        let short = futures::future::join_all(names.iter().map(|n| create(&app, &t, n, None)));
-        let more = async {
-            until_lanes_wait(&app, before, 4, 1).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            until_lanes_wait(&app, before, 4, 1).await;
-            // A fourth makes a full batch: it takes the second lane, and waits there too.
-            let full = create(&app, &t, "full", None);
-            let release = async {
-                until_lanes_wait(&app, before, 5, 2).await;
-                held.rollback().await.unwrap();
-            };
-            tokio::join!(full, release).0
-        };
-        let (mut short, full) = tokio::join!(short, more);
-        short.push(full);
-        short
+        until_lanes_wait(&app, before, 1, 1..=1).await;
+        // Another tenant's create waits for the first lane a moment (at most
+        // `group::STUCK`: any create waiting that long, the first one's request among
+        // them, opens the second), then goes in the second and is answered while the
+        // first is still held.
+        let answer = create(&app, &other, "free", None).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{:?}", answer.body);
+        let locked = "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        assert_eq!(scalar(&app.pool, locked).await, 1, "the first still waits");
+        held.rollback().await.unwrap();
     };
-    let (first, rest) = tokio::join!(first, rest);
+    let (first, ()) = tokio::join!(first, rest);
     assert_eq!(first.status, StatusCode::ACCEPTED, "{:?}", first.body);
-    for a in &rest {
-        assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
-    }
-    assert_eq!(
-        app.count(&format!("resources WHERE tenant = '{t}'")).await,
-        5
-    );
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! `POST /v1/operations/{id}/reports` with its trace headers, exactly as without
 //! batching, and under load the batches grow by themselves. Only a full batch (a backlog
 //! of `max` reports or more) goes beside requests still in flight, up to [`SENDERS`] at
-//! once. With up to four requests in flight whatever their size, batches stayed at one
+//! once, and so does a partial one that has waited [`STUCK`] for them. With up to four requests in flight whatever their size, batches stayed at one
 //! report until the gateway was saturated, and the gateway's work per report (a request,
 //! a transaction, a commit) was what queued at a steady rate: see the gateway's
 //! changelog for what one request at a time bought end to end. Each report keeps its own
@@ -26,8 +26,14 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
 
 /// How many requests of batches may be in flight at once, per pool, when full batches
-/// are waiting (a partial batch waits for the requests in flight to end).
+/// are waiting (a partial batch waits for the requests in flight to end, or [`STUCK`]).
 pub const SENDERS: usize = 4;
+
+/// How long a partial batch waits for the requests in flight to end before it goes
+/// beside them: a report request takes milliseconds, one in flight this long is held up
+/// (a gateway transaction waiting on a lock, a lost connection that has yet to time
+/// out), and the reports behind it must not wait for it.
+pub const STUCK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A report waiting to be sent, and where its answer goes.
 struct Queued {
@@ -61,17 +67,21 @@ impl BatchReporter {
 }
 
 /// Takes what is queued, up to `max`: a full batch whenever a sender is free, a partial
-/// one once no request is in flight (reports queued meanwhile join it).
+/// one once no request is in flight (reports queued meanwhile join it) or after
+/// [`STUCK`].
 async fn send_batches(client: GatewayClient, mut rx: mpsc::UnboundedReceiver<Queued>, max: usize) {
     let senders = Arc::new(Semaphore::new(SENDERS));
     while let Some(first) = rx.recv().await {
         if 1 + rx.len() < max {
-            // Every sender free: this task alone takes permits, so the one taken next is
-            // there at once.
-            let Ok(all) = senders.acquire_many(SENDERS as u32).await else {
-                return;
-            };
-            drop(all);
+            // Every sender free (this task alone takes permits, so the one taken next is
+            // there at once), or a request in flight is held up.
+            tokio::select! {
+                all = senders.acquire_many(SENDERS as u32) => match all {
+                    Ok(all) => drop(all),
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(STUCK) => {}
+            }
         }
         let Ok(permit) = senders.clone().acquire_owned().await else {
             return;
@@ -423,7 +433,7 @@ mod tests {
                 tokio::spawn(async move { reporter.report(Uuid::now_v7(), &report, &trace).await })
             })
             .collect();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(STUCK / 2).await;
         assert_eq!(
             *gateway.sizes.lock().unwrap(),
             [1],
@@ -444,6 +454,47 @@ mod tests {
                 .load(std::sync::atomic::Ordering::SeqCst),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn reports_behind_a_request_held_up_go_beside_it_after_a_moment() {
+        let gateway = slow_gateway().await;
+        let reporter = BatchReporter::new(GatewayClient::new(&gateway.url, "k").unwrap(), 16);
+        let (report, trace) = (running(), TraceHeaders::default());
+        let first = tokio::spawn({
+            let (reporter, report, trace) = (reporter.clone(), report.clone(), trace.clone());
+            async move { reporter.report(Uuid::now_v7(), &report, &trace).await }
+        });
+        requests_seen(&gateway, 1).await;
+        let started = tokio::time::Instant::now();
+        let rest: Vec<_> = (0..3)
+            .map(|_| {
+                let (reporter, report, trace) = (reporter.clone(), report.clone(), trace.clone());
+                tokio::spawn(async move { reporter.report(Uuid::now_v7(), &report, &trace).await })
+            })
+            .collect();
+        // The first is held up: after STUCK the three go as one batch beside it.
+        requests_seen(&gateway, 2).await;
+        assert!(
+            started.elapsed() >= STUCK,
+            "sent after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(*gateway.sizes.lock().unwrap(), [1, 3]);
+        assert_eq!(
+            gateway
+                .most_at_once
+                .load(std::sync::atomic::Ordering::SeqCst),
+            2
+        );
+        gateway.gate.add_permits(100);
+        assert!(matches!(
+            first.await.unwrap(),
+            Ok(ReportOutcome::Accepted(_))
+        ));
+        for answer in futures::future::join_all(rest).await {
+            assert!(matches!(answer.unwrap(), Ok(ReportOutcome::Accepted(_))));
+        }
     }
 
     #[tokio::test]
