@@ -7,10 +7,11 @@
 //! `POST /v1/operations/{id}/reports` with its trace headers, exactly as without
 //! batching, and under load the batches grow by themselves. Only a full batch (a backlog
 //! of `max` reports or more) goes beside requests still in flight, up to [`SENDERS`] at
-//! once, and so does a partial one that has waited [`STUCK`] for them. With up to four requests in flight whatever their size, batches stayed at one
-//! report until the gateway was saturated, and the gateway's work per report (a request,
-//! a transaction, a commit) was what queued at a steady rate: see the gateway's
-//! changelog for what one request at a time bought end to end. Each report keeps its own
+//! once, and so does a partial one that has waited [`STUCK`] for them. With up to four
+//! requests in flight whatever their size, batches stayed at one report until the
+//! gateway was saturated, and the gateway's work per report (a request, a transaction, a
+//! commit) was what queued at a steady rate: see the gateway's changelog for what one
+//! request at a time bought end to end. Each report keeps its own
 //! answer, so the handler's retries and decisions do not change. A gateway without the
 //! batch route (an older one, during a rolling upgrade) gets each report on its own.
 
@@ -416,23 +417,46 @@ mod tests {
         );
     }
 
+    /// `n` `running` reports of new operations, each made by a task of its own.
+    fn spawn_reports(
+        reporter: &BatchReporter,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<ReportOutcome, ReportError>>> {
+        (0..n)
+            .map(|_| {
+                let reporter = reporter.clone();
+                let trace = TraceHeaders::default();
+                tokio::spawn(
+                    async move { reporter.report(Uuid::now_v7(), &running(), &trace).await },
+                )
+            })
+            .collect()
+    }
+
+    /// Waits for every report of `reports` and checks that each was accepted.
+    async fn all_accepted(
+        reports: Vec<tokio::task::JoinHandle<Result<ReportOutcome, ReportError>>>,
+    ) {
+        for answer in futures::future::join_all(reports).await {
+            assert!(matches!(answer.unwrap(), Ok(ReportOutcome::Accepted(_))));
+        }
+    }
+
+    /// The most requests the gateway had in flight at once.
+    fn most_at_once(gateway: &SlowGateway) -> usize {
+        gateway
+            .most_at_once
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     #[tokio::test]
     async fn reports_made_while_one_is_in_flight_wait_and_leave_as_one_batch() {
         let gateway = slow_gateway().await;
         let reporter = BatchReporter::new(GatewayClient::new(&gateway.url, "k").unwrap(), 16);
-        let (report, trace) = (running(), TraceHeaders::default());
-        let first = tokio::spawn({
-            let (reporter, report, trace) = (reporter.clone(), report.clone(), trace.clone());
-            async move { reporter.report(Uuid::now_v7(), &report, &trace).await }
-        });
+        let first = spawn_reports(&reporter, 1);
         requests_seen(&gateway, 1).await;
         // Five more while the first is in flight: a sender is free, but they wait.
-        let rest: Vec<_> = (0..5)
-            .map(|_| {
-                let (reporter, report, trace) = (reporter.clone(), report.clone(), trace.clone());
-                tokio::spawn(async move { reporter.report(Uuid::now_v7(), &report, &trace).await })
-            })
-            .collect();
+        let rest = spawn_reports(&reporter, 5);
         tokio::time::sleep(STUCK / 2).await;
         assert_eq!(
             *gateway.sizes.lock().unwrap(),
@@ -440,39 +464,20 @@ mod tests {
             "nothing sent beside the first"
         );
         gateway.gate.add_permits(100);
-        assert!(matches!(
-            first.await.unwrap(),
-            Ok(ReportOutcome::Accepted(_))
-        ));
-        for answer in futures::future::join_all(rest).await {
-            assert!(matches!(answer.unwrap(), Ok(ReportOutcome::Accepted(_))));
-        }
+        all_accepted(first).await;
+        all_accepted(rest).await;
         assert_eq!(*gateway.sizes.lock().unwrap(), [1, 5]);
-        assert_eq!(
-            gateway
-                .most_at_once
-                .load(std::sync::atomic::Ordering::SeqCst),
-            1
-        );
+        assert_eq!(most_at_once(&gateway), 1);
     }
 
     #[tokio::test]
     async fn reports_behind_a_request_held_up_go_beside_it_after_a_moment() {
         let gateway = slow_gateway().await;
         let reporter = BatchReporter::new(GatewayClient::new(&gateway.url, "k").unwrap(), 16);
-        let (report, trace) = (running(), TraceHeaders::default());
-        let first = tokio::spawn({
-            let (reporter, report, trace) = (reporter.clone(), report.clone(), trace.clone());
-            async move { reporter.report(Uuid::now_v7(), &report, &trace).await }
-        });
+        let first = spawn_reports(&reporter, 1);
         requests_seen(&gateway, 1).await;
         let started = tokio::time::Instant::now();
-        let rest: Vec<_> = (0..3)
-            .map(|_| {
-                let (reporter, report, trace) = (reporter.clone(), report.clone(), trace.clone());
-                tokio::spawn(async move { reporter.report(Uuid::now_v7(), &report, &trace).await })
-            })
-            .collect();
+        let rest = spawn_reports(&reporter, 3);
         // The first is held up: after STUCK the three go as one batch beside it.
         requests_seen(&gateway, 2).await;
         assert!(
@@ -481,20 +486,10 @@ mod tests {
             started.elapsed()
         );
         assert_eq!(*gateway.sizes.lock().unwrap(), [1, 3]);
-        assert_eq!(
-            gateway
-                .most_at_once
-                .load(std::sync::atomic::Ordering::SeqCst),
-            2
-        );
+        assert_eq!(most_at_once(&gateway), 2);
         gateway.gate.add_permits(100);
-        assert!(matches!(
-            first.await.unwrap(),
-            Ok(ReportOutcome::Accepted(_))
-        ));
-        for answer in futures::future::join_all(rest).await {
-            assert!(matches!(answer.unwrap(), Ok(ReportOutcome::Accepted(_))));
-        }
+        all_accepted(first).await;
+        all_accepted(rest).await;
     }
 
     #[tokio::test]
@@ -514,12 +509,7 @@ mod tests {
             }
         });
         requests_seen(&gateway, SENDERS).await;
-        assert_eq!(
-            gateway
-                .most_at_once
-                .load(std::sync::atomic::Ordering::SeqCst),
-            SENDERS
-        );
+        assert_eq!(most_at_once(&gateway), SENDERS);
         gateway.gate.add_permits(100);
         for answer in answers.await.unwrap() {
             assert!(matches!(answer, Ok(ReportOutcome::Accepted(_))));
