@@ -285,8 +285,9 @@ impl Bell {
 /// Listeners come in groups ([`Wake::doorbell`]): the relay's leading operations loop is
 /// one group, its events loop another. A ring wakes **one** idle member of each group it is
 /// for, or, if all are busy, the next to wait: a ring is never lost, and a commit costs
-/// one pass, not one pass per loop (a busy loop that finds a full batch passes the ring
-/// on, [`Doorbell::pass_on`], so a burst still recruits every loop).
+/// one pass, not one pass per loop (a loop that finds a full batch rings the relay's
+/// helper loops, [`Doorbell::unrung`] and [`Doorbell::pass_on`], so a burst still
+/// recruits every loop).
 #[derive(Clone)]
 pub struct Wake {
     groups: Arc<Mutex<Groups>>,

@@ -1,18 +1,18 @@
 //! The `gateway` binary: parse the command, load the configuration, run it.
 
 use anyhow::Context as _;
-
-/// mimalloc rather than the system's allocator: the gateway allocates per request
-/// (headers, JSON, rows), and glibc's `malloc`, `free` and their consolidation were 7 %
-/// of its CPU at a steady rate; see the changelog for what the change bought.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use gateway::app::{self, Parts};
 use gateway::config::Config;
 use gateway::credentials;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// mimalloc rather than the system's allocator: the gateway allocates per request
+/// (headers, JSON, rows), and glibc's `malloc`, `free` and their consolidation were 7 %
+/// of its CPU at a steady rate; see the changelog for what the change bought.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

@@ -34,13 +34,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// Batches recorded at once, at most (each holds a database connection); all but the
-/// first take full batches, or creates that waited [`STUCK`] for the first. Measured on two cores (`cargo bench --bench
-/// throughput`): one, two and four lanes that any batch could take gave 1,577, 1,523
-/// and 1,419 creates/s at 8 clients, 2,722, 2,623 and 2,488 at 32 (fewer lanes make
-/// larger batches); at a steady rate, a second lane for any batch sent most creates
-/// alone, each a statement and a commit, whose CPU the rest of an operation's life then
-/// queued for. Two, so that one batch waiting on a lock does not stop every create: the
-/// second takes over once a full batch waits, or a create has waited [`STUCK`].
+/// first take full batches, or creates that waited [`STUCK`] for the first. Measured on
+/// two cores (`cargo bench --bench throughput`): one, two and four lanes that any batch
+/// could take gave 1,577, 1,523 and 1,419 creates/s at 8 clients, 2,722, 2,623 and 2,488
+/// at 32 (fewer lanes make larger batches); at a steady rate, a second lane for any
+/// batch sent most creates alone, each a statement and a commit, whose CPU the rest of
+/// an operation's life then queued for. Two, so that one batch waiting on a lock does
+/// not stop every create.
 pub const LANES: usize = 2;
 
 /// How long a create waits for the first lane before it takes another: a batch there
@@ -67,7 +67,8 @@ pub struct GroupCommit {
     queue: Mutex<VecDeque<Queued>>,
     /// The lane any batch may take.
     first: Arc<Semaphore>,
-    /// The lanes for full batches ([`LANES`] − 1).
+    /// The other lanes ([`LANES`] − 1): full batches, and creates that waited
+    /// [`STUCK`] for the first.
     others: Arc<Semaphore>,
     max_batch: usize,
     tickets: AtomicU64,
