@@ -93,12 +93,9 @@ async fn until_lanes_wait(
     requests: usize,
     lanes_waiting: std::ops::RangeInclusive<i64>,
 ) {
-    let waiting =
-        "pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            .to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let lanes = scalar(&app.pool, &format!("SELECT count(*) FROM {waiting}")).await;
+        let lanes = waiting_on_locks(app).await;
         let in_flight = metric(&app.url, "gateway_http_requests_in_flight").await - before;
         if lanes_waiting.contains(&lanes) && in_flight >= requests as f64 {
             return;
@@ -111,8 +108,15 @@ async fn until_lanes_wait(
     }
 }
 
-async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+/// Sessions of the test's database waiting on a lock: lanes whose batch is held.
+async fn waiting_on_locks(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
 }
 
 /// A create of a VM named `name`, with an `Idempotency-Key` if given.
@@ -486,9 +490,7 @@ async fn creates_behind_a_stuck_batch_take_the_second_lane_after_a_moment() {
         // first is still held.
         let answer = create(&app, &other, "free", None).await;
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{:?}", answer.body);
-        let locked = "SELECT count(*) FROM pg_stat_activity
-                      WHERE datname = current_database() AND wait_event_type = 'Lock'";
-        assert_eq!(scalar(&app.pool, locked).await, 1, "the first still waits");
+        assert_eq!(waiting_on_locks(&app).await, 1, "the first still waits");
         held.rollback().await.unwrap();
     };
     let (first, ()) = tokio::join!(first, rest);

@@ -555,8 +555,9 @@ async fn concurrent_passes_publish_every_row_exactly_once() {
 }
 
 /// A backlog of several batches, rung once, is drained by the running relay though only
-/// its leading loop hears the doorbell: each full batch recruits a helper loop, and no
-/// row is published twice or left behind (the relay polls only once a minute here).
+/// its leading loop hears the doorbell (a full batch recruits the helper loops; which
+/// loops took which batch is not visible here), and no row is published twice or left
+/// behind. The relay polls only once a minute here: no poll drains it.
 #[tokio::test]
 async fn a_backlog_rung_once_is_drained_by_the_leader_and_its_helpers() {
     let app = spawn_with(Options::api_only()).await;
