@@ -815,26 +815,23 @@ const STEADY_SECONDS: f64 = 10.0;
 async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: bool) {
     let backlog = quiesce(&b.running.backends.pool).await;
     println!("steady   {share}: started after the earlier phases' backlog drained ({backlog:?})");
-    let share = match share {
-        "quarter" | "half" => format!("{share} the burst's rate"),
-        rate => rate.to_owned(),
-    };
     let observers = if readers {
         Some((event_lags(b, tenant).await, watch_lags(b, tenant).await))
     } else {
         None
     };
-    let prefix = share
-        .split(' ')
-        .next()
-        .unwrap_or_default()
-        .replace('/', "-per-");
+    // The phase's resources are named after it (a DNS label: `500-per-s`, `half-plain`).
+    let prefix = share.replace('/', "-per-");
     let prefix = if readers {
         prefix
     } else {
         format!("{prefix}-plain")
     };
     let prefix = prefix.as_str();
+    let share = match share {
+        "quarter" | "half" => format!("{share} the burst's rate"),
+        rate => rate.to_owned(),
+    };
     let relay_before = histogram(&b.http, &b.url, RELAY_LAG, "").await;
     let requests_before = request_times(&b.http, &b.url).await;
     let count = (per_second * STEADY_SECONDS) as usize;
@@ -1177,7 +1174,9 @@ async fn relay_vs_raw(b: &Bench) {
     let window = relay.batch_size as usize * relay.concurrent_passes;
     let (mut relayed, mut relay_time) = (0, Duration::ZERO);
     let (mut raw, mut raw_time) = (0, Duration::ZERO);
-    for slice in messages.chunks(per_round * RAW_COPIES) {
+    let mut messages = messages.into_iter();
+    while messages.len() > 0 {
+        let slice: Vec<Message> = messages.by_ref().take(per_round * RAW_COPIES).collect();
         // As `Relay::run`'s operations loops do under a backlog: each loop passes again
         // as soon as its own pass is done, so one loop's database work overlaps another's
         // publishing (a round of `Relay::passes` would wait for its slowest pass).
@@ -1196,7 +1195,7 @@ async fn relay_vs_raw(b: &Bench) {
         relay_time += started.elapsed();
         relayed += done.into_inner();
         raw += slice.len();
-        raw_time += raw_publish(&relay.js, slice.to_vec(), window).await;
+        raw_time += raw_publish(&relay.js, slice, window).await;
     }
     let (relay_rate, raw_rate) = (rate(relayed, relay_time), rate(raw, raw_time));
     println!(
