@@ -32,7 +32,12 @@
 //!    those two readers, under the burst's own load, and likewise at 500 operations/s
 //!    (the rate issue 12 sets its relay-lag target at). Each steady phase also prints the
 //!    gateway's mean time to answer for the routes an operation's life takes (create,
-//!    long-poll, single and batched reports), from its own request histogram.
+//!    long-poll, single and batched reports), from its own request histogram. The burst
+//!    and each steady phase print the CPU time an operation cost (this process — the
+//!    gateway, its workers and the clients —, PostgreSQL's processes, `nats-server`),
+//!    how busy the machine was, and the database transactions per operation (reads
+//!    included): a latency that grows with the rate is CPU queueing when the machine is
+//!    busy, and the transactions say how well the work was batched.
 //!
 //! 5. **Growth** (`BENCH_GROWTH=1`): submit, reads and a list page through the gateway,
 //!    then the same with 1,000,000 (`BENCH_GROWTH_ROWS`) more live resources and
@@ -91,6 +96,124 @@ fn proc_status_mib(path: &str, field: &str) -> f64 {
         })
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU time used so far, in seconds: by this process (the gateway, its in-process
+/// workers and the benchmark's clients), by PostgreSQL's processes (with the backends
+/// that have exited, counted by their parent) and by `nats-server`; and the machine's
+/// busy and total time (`/proc/stat`), to say how busy it was.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    this: f64,
+    postgres: f64,
+    nats: f64,
+    busy: f64,
+    total: f64,
+}
+
+/// Clock ticks per second of `/proc`'s CPU times.
+fn ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+impl Cpu {
+    fn now() -> Self {
+        let mut cpu = Self::default();
+        let ticks = ticks();
+        let dirs = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+        for dir in dirs {
+            let Ok(stat) = std::fs::read_to_string(dir.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`: utime, stime, cutime, cstime are the 14th to
+            // 17th fields, the 12th to 15th after the command's closing parenthesis.
+            let Some((head, tail)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let comm = head.split_once(" (").map_or("", |(_, c)| c);
+            let f: Vec<f64> = tail
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            if f.len() < 4 {
+                continue;
+            }
+            let own = (f[0] + f[1]) / ticks;
+            if dir.file_name() == std::process::id().to_string().as_str() {
+                cpu.this = own;
+            } else if comm == "postgres" {
+                cpu.postgres += own + (f[2] + f[3]) / ticks;
+            } else if comm == "nats-server" {
+                cpu.nats += own;
+            }
+        }
+        if let Some(line) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+        {
+            let f: Vec<f64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            cpu.total = f.iter().sum::<f64>() / ticks;
+            // idle and iowait
+            cpu.busy = cpu.total - (f.get(3).unwrap_or(&0.0) + f.get(4).unwrap_or(&0.0)) / ticks;
+        }
+        cpu
+    }
+
+    /// What was used since `before`, per operation of `ops`, as a line.
+    fn per_op(&self, before: &Cpu, ops: usize) -> String {
+        let ms = |a: f64, b: f64| (a - b) / ops as f64 * 1e3;
+        format!(
+            "cpu        per operation: {:.2} ms this process (gateway, workers, clients), \
+             {:.2} ms PostgreSQL, {:.2} ms NATS; machine {:.0} % busy",
+            ms(self.this, before.this),
+            ms(self.postgres, before.postgres),
+            ms(self.nats, before.nats),
+            (self.busy - before.busy) / (self.total - before.total).max(1e-9) * 100.0
+        )
+    }
+}
+
+/// The CPU used, and the transactions committed in the benchmark's database, since a
+/// phase began.
+struct Spent {
+    cpu: Cpu,
+    commits: i64,
+}
+
+impl Spent {
+    async fn since_now(pool: &sqlx::PgPool) -> Self {
+        Self {
+            cpu: Cpu::now(),
+            commits: commits(pool).await,
+        }
+    }
+
+    /// What the phase used per operation of `ops`, as a line.
+    async fn per_op(&self, pool: &sqlx::PgPool, ops: usize) -> String {
+        let cpu = Cpu::now().per_op(&self.cpu, ops);
+        // The statistics reach `pg_stat_database` when a backend reports them, at most
+        // a second late: let the phase's last ones arrive.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let commits = (commits(pool).await - self.commits) as f64 / ops as f64;
+        format!("{cpu}; {commits:.1} database transactions (reads too)")
+    }
+}
+
+/// Transactions committed in the benchmark's database so far.
+async fn commits(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -835,6 +958,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
     let relay_before = histogram(&b.http, &b.url, RELAY_LAG, "").await;
     let requests_before = request_times(&b.http, &b.url).await;
     let count = (per_second * STEADY_SECONDS) as usize;
+    let spent = Spent::since_now(&b.running.backends.pool).await;
     let started = Instant::now();
     let tasks = (0..count).map(|i| async move {
         let at = started + Duration::from_secs_f64(i as f64 / per_second);
@@ -858,6 +982,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
     });
     let mut lat = futures::future::join_all(tasks).await;
     let took = started.elapsed();
+    let cpu = spent.per_op(&b.running.backends.pool, count).await;
     lat.sort();
     let relay = increase(
         &relay_before,
@@ -894,6 +1019,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
         quantile(&relay, 0.5) * 1e3,
         quantile(&relay, 0.99) * 1e3
     );
+    println!("{cpu}");
     let mut line = String::from("requests   mean time to answer:");
     for (route, (sum, count)) in &requests_after {
         let (sum0, count0) = requests_before.get(route).copied().unwrap_or_default();
@@ -1302,9 +1428,10 @@ async fn main() {
     )
     .await;
     let tenant = b.tenant().await;
+    let pool = b.running.backends.pool.clone();
+    let spent = Spent::since_now(&pool).await;
     let started = Instant::now();
     let (_, _, ids) = b.submit(&tenant, "e2e", ops()).await;
-    let pool = b.running.backends.pool.clone();
     // Polled every 20 ms while the workers run: through the partial index of active
     // operations, not a count over the whole table (which, 50 times a second, was load
     // of the benchmark's own on the database it measures).
@@ -1322,6 +1449,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let e2e = started.elapsed();
+    let cpu = spent.per_op(&pool, ops()).await;
     let mut lat: Vec<Duration> = sqlx::query_scalar::<_, f64>(
         "SELECT EXTRACT(EPOCH FROM finished_at - created_at)::float8 FROM operations WHERE state = 'succeeded'",
     )
@@ -1340,6 +1468,7 @@ async fn main() {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
+    println!("{cpu}");
     // A quarter of the burst's rate first, for the shape of latency against load; then
     // half, the rate issue 12 sets its target at.
     steady(&b, &tenant, rate(ops(), e2e) / 4.0, "quarter", true).await;
