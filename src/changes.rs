@@ -487,6 +487,11 @@ impl Doorbell {
     pub fn pass_on(&self) {
         self.0.notify_one();
     }
+
+    /// Whether `other` is a member of the same group.
+    pub fn is(&self, other: &Doorbell) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,36 @@ pub const PASS_PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
 /// and run back to back without it.
 const EVENTS_LINGER: Duration = Duration::from_millis(5);
 
+/// How long the leading operations loop's pass may run before the rings it cannot hear
+/// go to the helpers. A pass takes milliseconds; one this long waits on the broker's
+/// acks (up to [`PASS_PUBLISH_TIMEOUT`]) or on a slow database, and the commits made
+/// meanwhile must not wait for it, nor for the helpers' poll (`RELAY_POLL_INTERVAL_MS`).
+const HELD_UP: Duration = Duration::from_millis(100);
+
+/// Runs `pass`; once it has run [`HELD_UP`], every ring of `bell` until it ends (and one
+/// that came before) is passed on to a loop of `helpers`. `bell` and `helpers` must be
+/// different groups: a ring passed on to the group it came from would come straight
+/// back.
+async fn hearing_rings_when_held_up<T>(
+    pass: impl std::future::Future<Output = T>,
+    bell: &Doorbell,
+    helpers: &Doorbell,
+) -> T {
+    tokio::pin!(pass);
+    tokio::select! {
+        biased;
+        done = &mut pass => return done,
+        _ = tokio::time::sleep(HELD_UP) => {}
+    }
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut pass => return done,
+            _ = bell.rung() => helpers.pass_on(),
+        }
+    }
+}
+
 /// Pause before passing again over rows left because another transaction held their
 /// resource (nothing rings when it lets go): short, since such a transaction is a
 /// request's or a report's, and those take milliseconds.
@@ -108,6 +138,8 @@ impl Relay {
     /// each on rows of its own (`SKIP LOCKED`), so a burst still has every loop at work.
     /// Every loop used to hear the doorbell: at a steady rate a commit's ring woke an
     /// idle loop for its one row, each pass a transaction and a commit of its own.
+    /// A leader's pass that runs longer than [`HELD_UP`] (its acks slow to come) passes
+    /// the rings it gets meanwhile on to the helpers, so new rows do not wait for it.
     /// This does not reorder what matters: a resource has one dispatch waiting at a time
     /// (its next operation is queued until the current one ends), and a message published
     /// twice is dropped by its `Nats-Msg-Id`.
@@ -155,6 +187,10 @@ impl Relay {
         let (mut failures, mut busy_passes) = (0u32, 0u32);
         loop {
             let pass = match work {
+                // The leader: a pass held up must not hold up the commits made meanwhile.
+                Work::Operations if !bell.is(&recruit) => {
+                    hearing_rings_when_held_up(self.pass(), &bell, &recruit).await
+                }
                 Work::Operations => self.pass().await,
                 Work::Events => self.events_pass().await.map(|p| Pass {
                     claimed: p.claimed,
@@ -451,6 +487,67 @@ mod tests {
         assert_eq!(busy_retry(3), BUSY_RETRY);
         assert_eq!(busy_retry(4), BUSY_RETRY * 2);
         assert!(busy_retry(100) >= std::time::Duration::from_secs(10));
+    }
+
+    /// A leader's pass that ends in time leaves the rings it got meanwhile to the leader
+    /// (its next pass takes their rows); one held up past `HELD_UP` passes them on to a
+    /// helper, the ring that came before and those that come after.
+    #[tokio::test]
+    async fn rings_during_a_held_up_pass_go_to_the_helpers() {
+        use super::{hearing_rings_when_held_up, Doorbell, HELD_UP};
+        use std::time::Duration;
+        let (bell, helpers) = (Doorbell::unrung(), Doorbell::unrung());
+        let rung = |d: &Doorbell| {
+            let d = d.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(20), d.rung())
+                    .await
+                    .is_ok()
+            }
+        };
+
+        // In time: the ring stays with the leader.
+        let quick = async {
+            bell.pass_on();
+            tokio::time::sleep(HELD_UP / 4).await;
+        };
+        hearing_rings_when_held_up(quick, &bell, &helpers).await;
+        assert!(
+            !rung(&helpers).await,
+            "a helper was rung for a pass in time"
+        );
+        assert!(rung(&bell).await, "the leader lost the ring");
+
+        // Held up: the ring before `HELD_UP` goes to a helper at `HELD_UP`, and so does
+        // each one after, while the pass still runs.
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let held = tokio::spawn({
+            let (bell, helpers) = (bell.clone(), helpers.clone());
+            async move {
+                bell.pass_on();
+                hearing_rings_when_held_up(finished, &bell, &helpers).await
+            }
+        });
+        assert!(
+            !rung(&helpers).await,
+            "passed on before the pass was held up"
+        );
+        tokio::time::sleep(HELD_UP).await;
+        assert!(
+            rung(&helpers).await,
+            "the ring before HELD_UP was not passed on"
+        );
+        bell.pass_on();
+        assert!(
+            rung(&helpers).await,
+            "a ring after HELD_UP was not passed on"
+        );
+        finish.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        assert!(
+            !rung(&bell).await,
+            "a ring passed on was also left to the leader"
+        );
     }
 
     #[test]
