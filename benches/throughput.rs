@@ -666,8 +666,9 @@ const FLOOD_SECONDS: u64 = 10;
 /// Overload (`BENCH_OVERLOAD=1`): a `gateway serve` process of its own (so its memory and
 /// its own latency histogram are the gateway's alone), and [`FLOOD_CLIENTS`] clients in
 /// this process submitting creates as fast as they can for [`FLOOD_SECONDS`]. The gateway
-/// admits what its write limit (`GATEWAY_MAX_IN_FLIGHT_WRITES`, `BENCH_MAX_WRITES`)
-/// allows and answers the rest `503 overloaded` at once; a refused client waits as its
+/// admits what its write limit (`GATEWAY_MAX_IN_FLIGHT_WRITES`, `BENCH_MAX_WRITES`;
+/// lowered while writes take longer than `GATEWAY_WRITE_LATENCY_TARGET_MS`,
+/// `BENCH_WRITE_LATENCY_TARGET_MS`, `0` for a fixed limit) allows and answers the rest `503 overloaded` at once; a refused client waits as its
 /// `Retry-After` says (1 s; `BENCH_FLOOD_BACKOFF_MS` for less) and tries again. Prints the admitted and
 /// refused rates, the admitted requests' latency as the clients saw it and as the
 /// gateway measured it (`gateway_http_request_duration_seconds`, interpolated in its
@@ -716,6 +717,12 @@ async fn overload(b: &Bench) {
     }))
     .await;
     let after = histogram(&b.http, &url, DURATION, route).await;
+    let limit = metrics_text(&b.http, &url)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_admission_write_limit "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
     let peak = server.peak_rss_mib();
     drop(server);
     let mut admitted: Vec<Duration> = Vec::new();
@@ -732,6 +739,8 @@ async fn overload(b: &Bench) {
         "overload {FLOOD_CLIENTS} clients: admitted {:>6.0}/s   refused 503 {:>6.0}/s   other {other}\n\
          overload   admitted latency seen by the clients   p50 {:?}  p99 {:?}\n\
          overload   admitted latency in the gateway        p50 {:.1}ms  p99 {:.1}ms\n\
+         overload   write limit at the end {limit:.0} (GATEWAY_MAX_IN_FLIGHT_WRITES, lowered while \
+         writes take longer than GATEWAY_WRITE_LATENCY_TARGET_MS)\n\
          overload   gateway peak RSS {peak:.0} MiB",
         admitted.len() as f64 / secs,
         refused as f64 / secs,
@@ -787,6 +796,15 @@ impl Server {
                 std::env::var("BENCH_MAX_WRITES").unwrap_or_else(|_| {
                     gateway::config::AdmissionLimits::default()
                         .writes
+                        .to_string()
+                }),
+            )
+            .env(
+                "GATEWAY_WRITE_LATENCY_TARGET_MS",
+                std::env::var("BENCH_WRITE_LATENCY_TARGET_MS").unwrap_or_else(|_| {
+                    gateway::config::AdmissionLimits::default()
+                        .write_latency_target
+                        .map_or(0, |t| t.as_millis())
                         .to_string()
                 }),
             )

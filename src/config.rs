@@ -140,6 +140,13 @@ pub struct AdmissionLimits {
     pub polls: usize,
     /// Workers' reports in flight (default 512).
     pub reports: usize,
+    /// `GATEWAY_WRITE_LATENCY_TARGET_MS`: the time to answer that admitted writes are
+    /// kept under, nine in ten of them (default `0`: off, the write limit stays at
+    /// `writes`). While they take longer, fewer writes are admitted at once (down to a
+    /// few); while they are quick and the limit is reached, more, up to `writes`. Off by
+    /// default: writes slowed by other work (reports, the relay, a slow disk) would have
+    /// fewer admitted without getting quicker, and the rate falls.
+    pub write_latency_target: Option<Duration>,
 }
 
 impl Default for AdmissionLimits {
@@ -149,6 +156,7 @@ impl Default for AdmissionLimits {
             reads: 512,
             polls: 2048,
             reports: 512,
+            write_latency_target: None,
         }
     }
 }
@@ -161,6 +169,11 @@ impl AdmissionLimits {
             reads: env.positive("GATEWAY_MAX_IN_FLIGHT_READS", d.reads)?,
             polls: env.positive("GATEWAY_MAX_IN_FLIGHT_POLLS", d.polls)?,
             reports: env.positive("GATEWAY_MAX_IN_FLIGHT_REPORTS", d.reports)?,
+            write_latency_target: Some(Duration::from_millis(env.var(
+                "GATEWAY_WRITE_LATENCY_TARGET_MS",
+                d.write_latency_target.map_or(0, |t| t.as_millis() as u64),
+            )?))
+            .filter(|t| !t.is_zero()),
         })
     }
 }
@@ -990,6 +1003,21 @@ mod tests {
             let message = error(vars);
             assert!(message.starts_with(expected), "{vars:?}: got {message:?}");
         }
+    }
+
+    #[test]
+    fn the_write_latency_target_is_off_unless_set() {
+        let target = |v: &str| {
+            config(&[("GATEWAY_WRITE_LATENCY_TARGET_MS", v)])
+                .unwrap()
+                .admission
+                .write_latency_target
+        };
+        assert_eq!(config(&[]).unwrap().admission.write_latency_target, None);
+        assert_eq!(target("0"), None);
+        assert_eq!(target("40"), Some(Duration::from_millis(40)));
+        assert!(error(&[("GATEWAY_WRITE_LATENCY_TARGET_MS", "-5")])
+            .contains("GATEWAY_WRITE_LATENCY_TARGET_MS"));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! | `gateway_http_request_duration_seconds` | histogram | route, method | time to answer |
 //! | `gateway_http_requests_in_flight` | gauge | | requests being answered |
 //! | `gateway_rate_limited_total` | counter | bucket | requests refused with `429` |
+//! | `gateway_admission_write_limit` | gauge | | writes admitted at once now: `GATEWAY_MAX_IN_FLIGHT_WRITES`, lower while admitted writes take longer than `GATEWAY_WRITE_LATENCY_TARGET_MS` |
 //! | `gateway_overloaded_total` | counter | class | requests (`write`, `read`, `poll`, `report`) and connections (`connection`) refused with `503 overloaded` |
 //! | `gateway_operations_created_total` | counter | action, service, zone | accepted operations |
 //! | `gateway_operations_finished_total` | counter | action, service, zone, outcome | operations that ended, by terminal state |
@@ -272,6 +273,8 @@ pub struct Inner {
     /// See the table in the module docs.
     pub overloaded: Family<ClassLabels, Counter>,
     /// See the table in the module docs.
+    pub write_limit: Gauge,
+    /// See the table in the module docs.
     pub operations_created: Family<OperationLabels, Counter>,
     /// See the table in the module docs.
     pub operations_finished: Family<OutcomeLabels, Counter>,
@@ -461,6 +464,11 @@ impl Inner {
             "overloaded",
             "Requests and connections refused with 503 overloaded, by class",
             self.overloaded.clone(),
+        );
+        r.register(
+            "admission_write_limit",
+            "Writes admitted at once now (follows their latency when a target is set)",
+            self.write_limit.clone(),
         );
         r.register(
             "operations_created",
@@ -697,6 +705,7 @@ impl Metrics {
             http_in_flight: Gauge::default(),
             rate_limited: Family::default(),
             overloaded: Family::default(),
+            write_limit: Gauge::default(),
             operations_created: Family::default(),
             operations_finished: Family::default(),
             operation_duration: Family::new_with_constructor(long_latency),

@@ -3,6 +3,7 @@
 //! leaves the others alone. Connections are bounded too.
 
 use crate::common::{self, example_spec, id_of, spawn_with, Options};
+use futures::StreamExt;
 use reqwest::StatusCode;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,6 +89,58 @@ async fn a_class_at_its_limit_is_refused_at_once_while_the_others_go_on() {
         .await
         .unwrap();
     assert!(common::sample(&metrics, r#"gateway_overloaded_total{class="poll"}"#) >= 1.0);
+}
+
+/// Writes that take longer than `GATEWAY_WRITE_LATENCY_TARGET_MS` lower the write
+/// limit, a fifth at a time, down to the floor (4) and no further; writes within it are
+/// still admitted. (The target here, a microsecond, no write meets; the rules themselves
+/// and the refusals beyond a lowered limit are the unit tests' in `api::admission`.)
+#[tokio::test]
+async fn writes_slower_than_the_latency_target_lower_the_write_limit_to_its_floor() {
+    let app = spawn_with(Options {
+        tweak: |c| {
+            c.admission.writes = 8;
+            c.admission.write_latency_target = Some(Duration::from_micros(1));
+        },
+        ..Options::api_only()
+    })
+    .await;
+    let limit = || common::metric(&app.url, "gateway_admission_write_limit");
+    assert_eq!(limit().await, 8.0);
+    let tenant = app.tenant().await;
+    // Four at a time: never more than the floor, so none is refused.
+    let created = futures::stream::iter(0..160)
+        .map(|i| {
+            let (app, tenant) = (&app, &tenant);
+            async move {
+                app.create(
+                    tenant,
+                    "vms",
+                    &format!("vm-{i}"),
+                    "zone-a",
+                    example_spec("vms"),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(4)
+        .count()
+        .await;
+    assert_eq!(created, 160, "every write within the floor was admitted");
+    // 161 writes, five windows of 32: 8 → 6 → 4, then it stays.
+    assert_eq!(limit().await, 4.0);
+    assert_eq!(
+        common::sample(
+            &reqwest::get(format!("{}/metrics", app.url))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            r#"gateway_overloaded_total{class="write"}"#
+        ),
+        0.0
+    );
 }
 
 #[tokio::test]
