@@ -121,6 +121,7 @@ impl Cpu {
     fn now() -> Self {
         let mut cpu = Self::default();
         let ticks = ticks();
+        let this = std::process::id().to_string();
         let dirs = std::fs::read_dir("/proc").into_iter().flatten().flatten();
         for dir in dirs {
             let Ok(stat) = std::fs::read_to_string(dir.path().join("stat")) else {
@@ -142,7 +143,7 @@ impl Cpu {
                 continue;
             }
             let own = (f[0] + f[1]) / ticks;
-            if dir.file_name() == std::process::id().to_string().as_str() {
+            if dir.file_name() == this.as_str() {
                 cpu.this = own;
             } else if comm == "postgres" {
                 cpu.postgres += own + (f[2] + f[3]) / ticks;

@@ -177,7 +177,8 @@ impl WriteSlots {
         let at = window.took.len() * 9 / 10;
         let (_, p90, _) = window.took.select_nth_unstable(at);
         let next = next_limit(self.limit(), self.ceiling, *p90, target, window.reached);
-        *window = Window::default();
+        window.took.clear();
+        window.reached = false;
         drop(window);
         self.limit.store(next, Ordering::Relaxed);
         self.metrics.write_limit.set(next as i64);
