@@ -668,12 +668,14 @@ const FLOOD_SECONDS: u64 = 10;
 /// its own latency histogram are the gateway's alone), and [`FLOOD_CLIENTS`] clients in
 /// this process submitting creates as fast as they can for [`FLOOD_SECONDS`]. The gateway
 /// admits what its write limit (`GATEWAY_MAX_IN_FLIGHT_WRITES`, `BENCH_MAX_WRITES`;
-/// lowered while writes take longer than `GATEWAY_WRITE_LATENCY_TARGET_MS`,
-/// `BENCH_WRITE_LATENCY_TARGET_MS`, `0` for a fixed limit) allows and answers the rest `503 overloaded` at once; a refused client waits as its
-/// `Retry-After` says (1 s; `BENCH_FLOOD_BACKOFF_MS` for less) and tries again. Prints the admitted and
-/// refused rates, the admitted requests' latency as the clients saw it and as the
+/// lowered while writes take longer than `GATEWAY_WRITE_LATENCY_TARGET_MS` when
+/// `BENCH_WRITE_LATENCY_TARGET_MS` sets one, off by default) allows and answers the rest
+/// `503 overloaded` at once; a refused client waits as its `Retry-After` says (1 s;
+/// `BENCH_FLOOD_BACKOFF_MS` for less) and tries again. Prints the admitted and refused
+/// rates, the admitted requests' latency as the clients saw it and as the
 /// gateway measured it (`gateway_http_request_duration_seconds`, interpolated in its
-/// buckets as `histogram_quantile` does), and the gateway's peak resident set.
+/// buckets as `histogram_quantile` does), its write limit at the end, and its peak resident
+/// set.
 async fn overload(b: &Bench) {
     let tenant = b.tenant_named("overload").await;
     let server = Server::start(b);

@@ -139,7 +139,8 @@ impl Relay {
     /// Every loop used to hear the doorbell: at a steady rate a commit's ring woke an
     /// idle loop for its one row, each pass a transaction and a commit of its own.
     /// A leader's pass that runs longer than [`HELD_UP`] (its acks slow to come) passes
-    /// the rings it gets meanwhile on to the helpers, so new rows do not wait for it.
+    /// the rings it gets meanwhile on to the helpers, if there are any, so new rows do
+    /// not wait for it.
     /// This does not reorder what matters: a resource has one dispatch waiting at a time
     /// (its next operation is queued until the current one ends), and a message published
     /// twice is dropped by its `Nats-Msg-Id`.
@@ -187,8 +188,10 @@ impl Relay {
         let (mut failures, mut busy_passes) = (0u32, 0u32);
         loop {
             let pass = match work {
-                // The leader: a pass held up must not hold up the commits made meanwhile.
-                Work::Operations if !bell.is(&recruit) => {
+                // The leader, with helpers to take over: a pass held up must not hold up
+                // the commits made meanwhile. (Alone, it keeps its rings for its next
+                // pass: passed on to a group with no member they would be lost.)
+                Work::Operations if !bell.is(&recruit) && self.concurrent_passes > 1 => {
                     hearing_rings_when_held_up(self.pass(), &bell, &recruit).await
                 }
                 Work::Operations => self.pass().await,
