@@ -48,7 +48,9 @@
 //!    clients, and measured by the gateway), and the gateway's peak memory.
 //!
 //! `BENCH_OPS` sets the operations per phase (2,000), for a longer run or one long
-//! enough to profile. Memory is the process's resident set size before and after.
+//! enough to profile; `BENCH_STATEMENTS=1` adds each phase's costliest statements
+//! (from `pg_stat_statements`, see [`statements_wanted`]). Memory is the process's
+//! resident set size before and after.
 //! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
 
 /// The allocator the `gateway` binary runs with (`src/main.rs`): the gateway measured here
@@ -167,6 +169,16 @@ impl Cpu {
         cpu
     }
 
+    /// Adds what was used from `before` to now.
+    fn add_since(&mut self, before: &Cpu) {
+        let now = Cpu::now();
+        self.this += now.this - before.this;
+        self.postgres += now.postgres - before.postgres;
+        self.nats += now.nats - before.nats;
+        self.busy += now.busy - before.busy;
+        self.total += now.total - before.total;
+    }
+
     /// What was used since `before`, per operation of `ops`, as a line.
     fn per_op(&self, before: &Cpu, ops: usize) -> String {
         let ms = |a: f64, b: f64| (a - b) / ops as f64 * 1e3;
@@ -190,20 +202,68 @@ struct Spent {
 
 impl Spent {
     async fn since_now(pool: &sqlx::PgPool) -> Self {
+        if statements_wanted() {
+            // Counted from here (the extension's counters are the whole server's).
+            let _ = sqlx::query("SELECT pg_stat_statements_reset()")
+                .execute(pool)
+                .await;
+        }
         Self {
             cpu: Cpu::now(),
             commits: commits(pool).await,
         }
     }
 
-    /// What the phase used per operation of `ops`, as a line.
+    /// What the phase used per operation of `ops`, as a line (and, with
+    /// `BENCH_STATEMENTS`, a line per statement).
     async fn per_op(&self, pool: &sqlx::PgPool, ops: usize) -> String {
         let cpu = Cpu::now().per_op(&self.cpu, ops);
         // The statistics reach `pg_stat_database` when a backend reports them, at most
         // a second late: let the phase's last ones arrive.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let commits = (commits(pool).await - self.commits) as f64 / ops as f64;
-        format!("{cpu}; {commits:.1} database transactions (reads too)")
+        let mut out = format!("{cpu}; {commits:.1} database transactions (reads too)");
+        if statements_wanted() {
+            out.push_str(&statements(pool, ops).await);
+        }
+        out
+    }
+}
+
+/// `BENCH_STATEMENTS=1`: each phase's `cpu` line is followed by the statements the
+/// benchmark's database spent the most time on in it (calls and time per operation, and
+/// the mean time of a call), from `pg_stat_statements` (which the server must preload:
+/// `shared_preload_libraries = 'pg_stat_statements'`).
+fn statements_wanted() -> bool {
+    std::env::var_os("BENCH_STATEMENTS").is_some()
+}
+
+/// The phase's costliest statements in the benchmark's database, per operation.
+async fn statements(pool: &sqlx::PgPool, ops: usize) -> String {
+    let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await;
+    let rows: Result<Vec<(i64, f64, f64, String)>, _> = sqlx::query_as(
+        "SELECT calls, total_exec_time, mean_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 110)
+         FROM pg_stat_statements
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ORDER BY total_exec_time DESC LIMIT 16",
+    )
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|(calls, total, mean, query)| {
+                format!(
+                    "\nstatement  {:>6.2}/op  {:>6.3} ms/op  mean {:.3} ms  {query}",
+                    calls as f64 / ops as f64,
+                    total / ops as f64,
+                    mean
+                )
+            })
+            .collect(),
+        Err(e) => format!("\nstatement  pg_stat_statements unavailable: {e}"),
     }
 }
 
@@ -1389,8 +1449,10 @@ async fn main() {
     let mut raw_rate = 0.0;
     for clients in [8, CONCURRENCY] {
         let (mut raw, mut took, mut lat) = (Duration::ZERO, Duration::ZERO, Vec::new());
+        let (mut raw_cpu, mut gateway_cpu) = (Cpu::default(), Cpu::default());
         for round in 0..ROUNDS {
             let n = ops() / ROUNDS;
+            let before = Cpu::now();
             raw += raw_inserts(
                 &pool,
                 clients,
@@ -1399,8 +1461,11 @@ async fn main() {
                 n,
             )
             .await;
+            raw_cpu.add_since(&before);
             let prefix = format!("vm{clients}-{round}-");
+            let before = Cpu::now();
             let (t, l, _) = b.submit_from(clients, &tenant, &prefix, n).await;
+            gateway_cpu.add_since(&before);
             took += t;
             lat.extend(l);
         }
@@ -1408,6 +1473,9 @@ async fn main() {
         println!("submit{clients:<3}gateway {:>8.0} ops/s   raw sqlx {:>8.0} ops/s   ratio {:.2}   p50 {:?}  p99 {:?}",
             rate(ops(), took), rate(ops(), raw), raw.as_secs_f64() / took.as_secs_f64(),
             percentile(&lat, 0.5), percentile(&lat, 0.99));
+        for (side, cpu) in [("gateway", gateway_cpu), ("raw sqlx", raw_cpu)] {
+            println!("{}   ({side})", cpu.per_op(&Cpu::default(), ops()));
+        }
         through = took;
         raw_rate = rate(ops(), raw);
     }

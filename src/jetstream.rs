@@ -17,7 +17,9 @@
 
 use crate::config::NatsNames;
 use anyhow::Context as _;
+use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind};
 use async_nats::jetstream::{self, consumer, stream};
+use backon::{ExponentialBuilder, Retryable};
 use gateway_proto::Service;
 use serde::Deserialize;
 use std::time::Duration;
@@ -328,10 +330,30 @@ async fn create_or_update_stream(
     config: stream::Config,
 ) -> anyhow::Result<jetstream::stream::Stream> {
     let name = config.name.clone();
-    js.create_or_update_stream(config)
+    (|| js.create_or_update_stream(config.clone()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_times(STORE_RETRIES),
+        )
+        .when(is_store_race)
         .await
         .with_context(|| format!("creating or updating JetStream stream {name}"))?;
     Ok(js.get_stream(&name).await?)
+}
+
+/// How many times a stream creation that lost [`is_store_race`] is tried again
+/// (50 ms, doubling: about 1.5 s in all).
+const STORE_RETRIES: usize = 5;
+
+/// A stream creation refused with `10049 error creating store for stream` — nats-server
+/// (2.9 at least) removes an account's `streams` directory when the account's last stream
+/// is deleted, and a creation racing that removal fails with `mkdir …/streams: no such
+/// file or directory`. Trying again succeeds; a refusal for a bad configuration has codes
+/// of its own and is not retried.
+fn is_store_race(err: &CreateStreamError) -> bool {
+    matches!(err.kind(), CreateStreamErrorKind::JetStream(e)
+        if e.error_code() == jetstream::ErrorCode::STREAM_CREATE)
 }
 
 async fn create_or_update_consumer(
@@ -350,6 +372,26 @@ async fn create_or_update_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refusal(json: &str) -> CreateStreamError {
+        let e: jetstream::Error = serde_json::from_str(json).unwrap();
+        CreateStreamError::new(CreateStreamErrorKind::JetStream(e))
+    }
+
+    #[test]
+    fn only_the_store_race_is_tried_again() {
+        let race = refusal(
+            r#"{"code":500,"err_code":10049,"description":"error creating store for stream: mkdir /x/jetstream/$G/streams: no such file or directory"}"#,
+        );
+        assert!(is_store_race(&race));
+        let bad_config = refusal(
+            r#"{"code":400,"err_code":10058,"description":"stream name already in use with a different configuration"}"#,
+        );
+        assert!(!is_store_race(&bad_config));
+        assert!(!is_store_race(&CreateStreamError::new(
+            CreateStreamErrorKind::TimedOut
+        )));
+    }
 
     #[test]
     fn stream_replicas_override_the_shipped_ones() {

@@ -25,6 +25,7 @@ mod faults_scale;
 mod faults_workers;
 mod group_commit;
 mod http_defects;
+mod jetstream_setup;
 mod labels;
 mod lifecycle;
 mod metrics;
