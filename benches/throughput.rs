@@ -6,7 +6,10 @@
 //! 1. **Submit**: `POST /v1/tenants/{t}/vms` through the whole gateway (auth, rate limit,
 //!    validation, idempotency, group commit, audit row) vs. the raw baseline of the
 //!    same three INSERTs (resource, operation, outbox) in one transaction with sqlx, at
-//!    8 and at 32 clients, in [`ROUNDS`] rounds that alternate the two.
+//!    8 and at 32 clients, in [`ROUNDS`] rounds that alternate the two; with the CPU an
+//!    operation cost each side and how busy the machine was (a ratio below one with the
+//!    machine idle half the time is waiting, not work), the gateway's mean time to
+//!    answer a create and how many creates shared a transaction.
 //!    `BENCH_WRITE_BATCH` sets the gateway's `GATEWAY_WRITE_BATCH` (`1`: a transaction
 //!    per create, as before the group commit).
 //! 2. **Relay**: outbox rows to JetStream acks through the relay (its operations loops,
@@ -818,6 +821,20 @@ async fn overload(b: &Bench) {
 const DURATION: &str = "gateway_http_request_duration_seconds";
 /// The relay's lag from an outbox row's transaction to JetStream's ack.
 const RELAY_LAG: &str = "gateway_relay_lag_seconds";
+const WRITE_BATCH: &str = "gateway_write_batch_size";
+
+/// The `_sum` and `_count` of histogram `name` (no labels).
+async fn sum_and_count(http: &reqwest::Client, url: &str, name: &str) -> (f64, f64) {
+    let text = metrics_text(http, url).await;
+    let value = |suffix: &str| {
+        let prefix = format!("{name}_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (value("sum"), value("count"))
+}
 
 /// The buckets' increase from `before` to `after` (the family may have had no
 /// buckets before its first observation).
@@ -1450,6 +1467,8 @@ async fn main() {
     for clients in [8, CONCURRENCY] {
         let (mut raw, mut took, mut lat) = (Duration::ZERO, Duration::ZERO, Vec::new());
         let (mut raw_cpu, mut gateway_cpu) = (Cpu::default(), Cpu::default());
+        let answered_before = request_times(&b.http, &b.url).await;
+        let batches_before = sum_and_count(&b.http, &b.url, WRITE_BATCH).await;
         for round in 0..ROUNDS {
             let n = ops() / ROUNDS;
             let before = Cpu::now();
@@ -1476,6 +1495,18 @@ async fn main() {
         for (side, cpu) in [("gateway", gateway_cpu), ("raw sqlx", raw_cpu)] {
             println!("{}   ({side})", cpu.per_op(&Cpu::default(), ops()));
         }
+        // Where a create's time went: in the gateway (from its request histogram), and
+        // how many shared a transaction.
+        let route = "POST /v1/tenants/{tenant}/{kind}";
+        let answered = request_times(&b.http, &b.url).await;
+        let (sum, count) = answered.get(route).copied().unwrap_or_default();
+        let (sum0, count0) = answered_before.get(route).copied().unwrap_or_default();
+        let (batched, batches) = sum_and_count(&b.http, &b.url, WRITE_BATCH).await;
+        println!(
+            "gateway    mean time to answer a create {:.2} ms; {:.1} creates a transaction",
+            (sum - sum0) / (count - count0).max(1.0) * 1e3,
+            (batched - batches_before.0) / (batches - batches_before.1).max(1.0)
+        );
         through = took;
         raw_rate = rate(ops(), raw);
     }
