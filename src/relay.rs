@@ -514,23 +514,21 @@ mod tests {
         assert!(busy_retry(100) >= std::time::Duration::from_secs(10));
     }
 
+    /// Whether `d` is rung within 20 ms.
+    async fn rung(d: &super::Doorbell) -> bool {
+        tokio::time::timeout(std::time::Duration::from_millis(20), d.rung())
+            .await
+            .is_ok()
+    }
+
     /// A leader's pass that ends in time leaves the rings it got meanwhile to the leader
     /// (its next pass takes their rows); one held up past `HELD_UP` passes them on to a
     /// helper, the ring that came before and those that come after.
     #[tokio::test]
     async fn rings_during_a_held_up_pass_go_to_the_helpers() {
         use super::{hearing_rings_when_held_up, Doorbell, HELD_UP};
-        use std::time::Duration;
         use tokio::sync::Notify;
         let (bell, helpers) = (Doorbell::unrung(), Doorbell::unrung());
-        let rung = |d: &Doorbell| {
-            let d = d.clone();
-            async move {
-                tokio::time::timeout(Duration::from_millis(20), d.rung())
-                    .await
-                    .is_ok()
-            }
-        };
 
         // In time: the ring stays with the leader.
         let quick = async {
@@ -585,14 +583,6 @@ mod tests {
         use std::time::Duration;
         use tokio::sync::Notify;
         let (bell, helpers) = (Doorbell::unrung(), Doorbell::unrung());
-        let rung = |d: &Doorbell| {
-            let d = d.clone();
-            async move {
-                tokio::time::timeout(Duration::from_millis(20), d.rung())
-                    .await
-                    .is_ok()
-            }
-        };
         let started = tokio::time::Instant::now();
         let (finish, finished) = tokio::sync::oneshot::channel::<()>();
         let recording = tokio::spawn({
