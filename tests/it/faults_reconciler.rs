@@ -107,16 +107,24 @@ async fn a_quiet_operation_is_dispatched_again_only_once_its_message_is_gone() {
 
     lose_messages(&app).await;
     assert_eq!(r.pass().await.unwrap().redispatched, 1);
-    let msg_id: String = sqlx::query_scalar("SELECT msg_id FROM outbox")
+    wait_dispatched(&app, id, 2).await;
+    // The message as the stream has it (the outbox row may be gone already: the relay
+    // runs, and deletes it once published).
+    let seq: i64 = sqlx::query_scalar("SELECT stream_seq FROM operations WHERE id = $1::uuid")
+        .bind(id)
         .fetch_one(&app.pool)
         .await
         .unwrap();
+    let message = ops_stream(&app)
+        .await
+        .get_raw_message(seq as u64)
+        .await
+        .unwrap();
     assert_eq!(
-        msg_id,
-        format!("{id}.2"),
+        message.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(format!("{id}.2").as_str()),
         "a new message ID: not deduplicated"
     );
-    wait_dispatched(&app, id, 2).await;
 
     // A worker started it, then its message was lost: dispatched again, with attempts
     // counted afresh, since the new message's deliveries count from 1.
