@@ -42,9 +42,10 @@
 //!    included): a latency that grows with the rate is CPU queueing when the machine is
 //!    busy, and the transactions say how well the work was batched.
 //!
-//! 5. **Growth** (`BENCH_GROWTH=1`): submit, reads and a list page through the gateway,
-//!    then the same with 1,000,000 (`BENCH_GROWTH_ROWS`) more live resources and
-//!    finished operations in the database; the ratios and the tables' sizes.
+//! 5. **Growth** (`BENCH_GROWTH=1`): submit, reads and a list page through a gateway
+//!    whose database holds 1,000,000 (`BENCH_GROWTH_ROWS`) live resources and finished
+//!    operations, against a gateway alike on an empty database, in [`ROUNDS`] rounds
+//!    that alternate the two; the ratios and the grown tables' sizes.
 //! 6. **Overload** (`BENCH_OVERLOAD=1`): a `gateway serve` process of its own, and
 //!    1,000 clients, each on its own connection, submitting as fast as they can: admitted
 //!    and refused (`503 overloaded`) rates, the admitted requests' latency (seen by the
@@ -607,28 +608,30 @@ async fn cache_hits(b: &Bench, cache: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Gateway rates of the paths the growth run compares, at `CONCURRENCY` clients.
-#[derive(Debug, Clone, Copy)]
-struct Rates {
-    submit: f64,
-    read_op: f64,
-    read_vm: f64,
-    list: f64,
+/// Time one side of the growth comparison took on each path, over its rounds, at
+/// `CONCURRENCY` clients.
+#[derive(Debug, Clone, Copy, Default)]
+struct Times {
+    submit: Duration,
+    read_op: Duration,
+    read_vm: Duration,
+    list: Duration,
 }
 
-/// Submits `ops()` creates into a new tenant `tenant`, then reads each operation and
-/// resource and lists the tenant's VMs (100 a page), all through the gateway.
-async fn rates(b: &Bench, tenant: &str) -> Rates {
+/// Submits `n` creates into a new tenant `tenant`, then makes `2 n` reads of its
+/// operations and of its VMs (each read twice, as polls repeat) and `2 n` reads of its
+/// first page of VMs (100 a page), all through the gateway; adds the time each took to
+/// `times`.
+async fn growth_round(b: &Bench, tenant: &str, n: usize, times: &mut Times) {
     b.tenant_named(tenant).await;
-    let (submitted, _, _) = b.submit(tenant, "g", ops()).await;
-    let pool = b.running.backends.pool.clone();
+    let (submitted, _, _) = b.submit(tenant, "g", n).await;
+    times.submit += submitted;
     let rows: Vec<(uuid::Uuid, uuid::Uuid)> =
         sqlx::query_as("SELECT id, resource_id FROM operations WHERE tenant = $1")
             .bind(tenant)
-            .fetch_all(&pool)
+            .fetch_all(&b.running.backends.pool)
             .await
             .unwrap();
-    let n = ops() * 2;
     let polls: Vec<String> = rows
         .iter()
         .map(|r| format!("/v1/operations/{}", r.0))
@@ -638,14 +641,9 @@ async fn rates(b: &Bench, tenant: &str) -> Rates {
         .map(|r| format!("/v1/tenants/{tenant}/vms/{}", r.1))
         .collect();
     let list = [format!("/v1/tenants/{tenant}/vms?limit=100")];
-    Rates {
-        submit: rate(ops(), submitted),
-        read_op: rate(n, gets(b, &polls, n).await),
-        read_vm: rate(n, gets(b, &vms, n).await),
-        // As many pages as reads: a second of load each, where a list of `ops()` pages
-        // (half a second) swung by a tenth between two runs of the same database.
-        list: rate(n, gets(b, &list, n).await),
-    }
+    times.read_op += gets(b, &polls, 2 * n).await;
+    times.read_vm += gets(b, &vms, 2 * n).await;
+    times.list += gets(b, &list, 2 * n).await;
 }
 
 /// Adds `rows` live VMs (over 100 other tenants) and as many finished operations, as a
@@ -689,24 +687,67 @@ async fn seed(pool: &sqlx::PgPool, rows: i64) -> Duration {
 }
 
 /// The growth run (`BENCH_GROWTH=1`; `BENCH_GROWTH_ROWS`, default 1,000,000): the
-/// gateway's submit, read and list rates on this database, then again with that many
-/// more live resources and finished operations in it.
-async fn growth(b: &Bench) {
+/// gateway's submit, read and list rates on a database with that many more live
+/// resources and finished operations, against the same on an empty one.
+async fn growth() {
     let rows: i64 = env_or("BENCH_GROWTH_ROWS", 1_000_000);
-    let pool = b.running.backends.pool.clone();
-    let empty = rates(b, "before-growth").await;
+    // Two gateways alike, each on a database of its own, one of them seeded: the two
+    // sides take turns (a machine that slows down meanwhile slows both), where the
+    // rates were measured on one database before its seeding and after it.
+    let api = || {
+        start_with(
+            Parts {
+                api: true,
+                ..Default::default()
+            },
+            write_batch,
+        )
+    };
+    let (empty, grown) = (api().await, api().await);
+    let pool = grown.running.backends.pool.clone();
     let took = seed(&pool, rows).await;
-    let grown = rates(b, "after-growth").await;
+    // Vacuumed and analyzed as the seeded side is (and as autovacuum would).
+    sqlx::raw_sql("VACUUM (ANALYZE) resources, operations")
+        .execute(&empty.running.backends.pool)
+        .await
+        .unwrap();
     println!("growth   {rows} live resources and {rows} finished operations added in {took:.0?}");
-    for (what, e, g) in [
-        ("submit ", empty.submit, grown.submit),
-        ("read op", empty.read_op, grown.read_op),
-        ("read vm", empty.read_vm, grown.read_vm),
-        ("list   ", empty.list, grown.list),
+    let n = ops() / ROUNDS;
+    // Both gateways are new: warmed up alike first (connections, prepared statements,
+    // caches), not counted.
+    for (bench, name) in [(&empty, "empty"), (&grown, "grown")] {
+        growth_round(bench, &format!("{name}-warm"), n, &mut Times::default()).await;
+    }
+    let (mut before, mut after) = (Times::default(), Times::default());
+    for round in 0..ROUNDS {
+        // Each side goes first every other round.
+        let sides = [
+            (&empty, &mut before, "empty"),
+            (&grown, &mut after, "grown"),
+        ];
+        let sides = if round % 2 == 0 {
+            sides
+        } else {
+            let [e, g] = sides;
+            [g, e]
+        };
+        for (bench, times, name) in sides {
+            growth_round(bench, &format!("{name}-{round}"), n, times).await;
+        }
+    }
+    empty.stop().await;
+    let (submits, reads) = (n * ROUNDS, 2 * n * ROUNDS);
+    for (what, count, e, g) in [
+        ("submit ", submits, before.submit, after.submit),
+        ("read op", reads, before.read_op, after.read_op),
+        ("read vm", reads, before.read_vm, after.read_vm),
+        ("list   ", reads, before.list, after.list),
     ] {
         println!(
-            "growth   {what} {e:>8.0}/s before   {g:>8.0}/s after   ratio {:.2}",
-            g / e
+            "growth   {what} {:>8.0}/s empty   {:>8.0}/s grown   ratio {:.2}",
+            rate(count, e),
+            rate(count, g),
+            e.as_secs_f64() / g.as_secs_f64()
         );
     }
     let sizes: Vec<(String, i64)> = sqlx::query_as(
@@ -720,6 +761,7 @@ async fn growth(b: &Bench) {
         .map(|(t, s)| format!("{t} {:.1} MiB", *s as f64 / 1048576.0))
         .collect();
     println!("growth   table sizes: {}", sizes.join(", "));
+    grown.stop().await;
 }
 
 /// Clients of the overload phase, each on its own connection.
@@ -1514,13 +1556,15 @@ async fn main() {
     validation(&b, through / ops() as u32).await;
 
     relay_vs_raw(&b).await;
-    if std::env::var("BENCH_GROWTH").is_ok() {
-        growth(&b).await;
-    }
     if std::env::var("BENCH_OVERLOAD").is_ok() {
         overload(&b).await;
     }
     b.stop().await;
+    // Two gateways of its own (with this one, their pools would pass the server's
+    // `max_connections`).
+    if std::env::var("BENCH_GROWTH").is_ok() {
+        growth().await;
+    }
 
     // 3. End to end with in-process workers and an instant driver.
     let sim = workers::SimConfig {
