@@ -207,10 +207,14 @@ struct Spent {
 impl Spent {
     async fn since_now(pool: &sqlx::PgPool) -> Self {
         if statements_wanted() {
-            // Counted from here (the extension's counters are the whole server's).
-            let _ = sqlx::query("SELECT pg_stat_statements_reset()")
-                .execute(pool)
-                .await;
+            // Counted from here (the extension's counters are the whole server's). Its
+            // functions exist in a database once the extension is created there.
+            let _ = sqlx::raw_sql(
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+                 SELECT pg_stat_statements_reset()",
+            )
+            .execute(pool)
+            .await;
         }
         Self {
             cpu: Cpu::now(),
@@ -244,9 +248,6 @@ fn statements_wanted() -> bool {
 
 /// The phase's costliest statements in the benchmark's database, per operation.
 async fn statements(pool: &sqlx::PgPool, ops: usize) -> String {
-    let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        .execute(pool)
-        .await;
     let rows: Result<Vec<(i64, f64, f64, String)>, _> = sqlx::query_as(
         "SELECT calls, total_exec_time, mean_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 110)
          FROM pg_stat_statements
