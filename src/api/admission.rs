@@ -22,7 +22,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -112,16 +112,12 @@ pub struct WriteSlots {
     limit: AtomicUsize,
     ceiling: usize,
     target: Option<Duration>,
-    window: Mutex<Window>,
+    /// The times to answer of the writes answered since the last decision.
+    window: Mutex<Vec<Duration>>,
+    /// A write was admitted to the last slot, or refused, since the last decision (an
+    /// atomic: a refusal, under overload, takes no lock).
+    reached: AtomicBool,
     metrics: crate::metrics::Metrics,
-}
-
-/// The writes answered since the last decision.
-#[derive(Default)]
-struct Window {
-    took: Vec<Duration>,
-    /// A write was admitted to the last slot, or refused, meanwhile.
-    reached: bool,
 }
 
 /// A write's slot, free again when dropped (its answer made); counts its time.
@@ -139,7 +135,8 @@ impl WriteSlots {
             limit: AtomicUsize::new(ceiling),
             ceiling,
             target,
-            window: Mutex::new(Window::default()),
+            window: Mutex::new(Vec::with_capacity(WINDOW)),
+            reached: AtomicBool::new(false),
             metrics,
         }
     }
@@ -158,7 +155,7 @@ impl WriteSlots {
                 (n < limit).then_some(n + 1)
             });
         if !matches!(taken, Ok(n) if n + 1 < limit) && self.target.is_some() {
-            self.lock().reached = true;
+            self.reached.store(true, Ordering::Relaxed);
         }
         taken.ok().map(|_| WritePermit {
             slots: self.clone(),
@@ -169,23 +166,19 @@ impl WriteSlots {
     /// Counts a write answered after `took`; decides the limit at the end of a window.
     pub fn answered(&self, took: Duration) {
         let Some(target) = self.target else { return };
-        let mut window = self.lock();
-        window.took.push(took);
-        if window.took.len() < WINDOW {
+        let mut window = self.window.lock().expect("write slots' window");
+        window.push(took);
+        if window.len() < WINDOW {
             return;
         }
-        let at = window.took.len() * 9 / 10;
-        let (_, p90, _) = window.took.select_nth_unstable(at);
-        let next = next_limit(self.limit(), self.ceiling, *p90, target, window.reached);
-        window.took.clear();
-        window.reached = false;
+        let at = window.len() * 9 / 10;
+        let (_, p90, _) = window.select_nth_unstable(at);
+        let reached = self.reached.swap(false, Ordering::Relaxed);
+        let next = next_limit(self.limit(), self.ceiling, *p90, target, reached);
+        window.clear();
         drop(window);
         self.limit.store(next, Ordering::Relaxed);
         self.metrics.write_limit.set(next as i64);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.window.lock().expect("write slots' window")
     }
 }
 
