@@ -65,7 +65,7 @@ const HELD_UP: Duration = Duration::from_millis(100);
 /// pairs of benchmark runs at 500 operations/s: relay lag p50 5.8–7.3 ms against
 /// 6.9–10.5 ms, p99 15.9–25.2 ms against 25.5–31.6 ms. Handing rings on from the end of
 /// the claim instead (the publishes overlapping too) did no better in three pairs.
-async fn hearing_rings_when_held_up<T>(
+async fn handing_rings_on_when_busy<T>(
     pass: impl std::future::Future<Output = T>,
     bell: &Doorbell,
     helpers: &Doorbell,
@@ -151,7 +151,7 @@ impl Relay {
     /// idle loop for its one row, each pass a transaction and a commit of its own.
     /// A leader's pass that records what it published, or runs longer than [`HELD_UP`]
     /// (its acks slow to come), passes the rings it gets meanwhile on to the helpers, if
-    /// there are any, so new rows do not wait for it ([`hearing_rings_when_held_up`]).
+    /// there are any, so new rows do not wait for it ([`handing_rings_on_when_busy`]).
     /// This does not reorder what matters: a resource has one dispatch waiting at a time
     /// (its next operation is queued until the current one ends), and a message published
     /// twice is dropped by its `Nats-Msg-Id`.
@@ -205,7 +205,7 @@ impl Relay {
                 Work::Operations if !bell.is(&recruit) && self.concurrent_passes > 1 => {
                     let recording = Notify::new();
                     let pass = self.pass_noting(Some(&recording));
-                    hearing_rings_when_held_up(pass, &bell, &recruit, &recording).await
+                    handing_rings_on_when_busy(pass, &bell, &recruit, &recording).await
                 }
                 Work::Operations => self.pass().await,
                 Work::Events => self.events_pass().await.map(|p| Pass {
@@ -526,7 +526,7 @@ mod tests {
     /// helper, the ring that came before and those that come after.
     #[tokio::test]
     async fn rings_during_a_held_up_pass_go_to_the_helpers() {
-        use super::{hearing_rings_when_held_up, Doorbell, HELD_UP};
+        use super::{handing_rings_on_when_busy, Doorbell, HELD_UP};
         use tokio::sync::Notify;
         let (bell, helpers) = (Doorbell::unrung(), Doorbell::unrung());
 
@@ -535,7 +535,7 @@ mod tests {
             bell.pass_on();
             tokio::time::sleep(HELD_UP / 4).await;
         };
-        hearing_rings_when_held_up(quick, &bell, &helpers, &Notify::new()).await;
+        handing_rings_on_when_busy(quick, &bell, &helpers, &Notify::new()).await;
         assert!(
             !rung(&helpers).await,
             "a helper was rung for a pass in time"
@@ -549,7 +549,7 @@ mod tests {
             let (bell, helpers) = (bell.clone(), helpers.clone());
             async move {
                 bell.pass_on();
-                hearing_rings_when_held_up(finished, &bell, &helpers, &Notify::new()).await
+                handing_rings_on_when_busy(finished, &bell, &helpers, &Notify::new()).await
             }
         });
         assert!(
@@ -579,7 +579,7 @@ mod tests {
     /// each one after.
     #[tokio::test]
     async fn rings_while_a_pass_records_go_to_the_helpers_at_once() {
-        use super::{hearing_rings_when_held_up, Doorbell, HELD_UP};
+        use super::{handing_rings_on_when_busy, Doorbell, HELD_UP};
         use std::time::Duration;
         use tokio::sync::Notify;
         let (bell, helpers) = (Doorbell::unrung(), Doorbell::unrung());
@@ -596,7 +596,7 @@ mod tests {
                     recording.notify_one();
                     finished.await
                 };
-                hearing_rings_when_held_up(pass, &bell, &helpers, &recording).await
+                handing_rings_on_when_busy(pass, &bell, &helpers, &recording).await
             }
         });
         assert!(
