@@ -208,13 +208,15 @@ impl Spent {
     async fn since_now(pool: &sqlx::PgPool) -> Self {
         if statements_wanted() {
             // Counted from here (the extension's counters are the whole server's). Its
-            // functions exist in a database once the extension is created there.
-            let _ = sqlx::raw_sql(
-                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-                 SELECT pg_stat_statements_reset()",
-            )
-            .execute(pool)
-            .await;
+            // functions exist in a database once the extension is created there; each
+            // statement on its own, so a server that does not preload it keeps the
+            // extension and its reason ("must be loaded via shared_preload_libraries").
+            for sql in [
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+                "SELECT pg_stat_statements_reset()",
+            ] {
+                let _ = sqlx::query(sql).execute(pool).await;
+            }
         }
         Self {
             cpu: Cpu::now(),
