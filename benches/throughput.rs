@@ -1191,13 +1191,13 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
 async fn quiesce(pool: &sqlx::PgPool) -> Duration {
     let started = Instant::now();
     loop {
-        let left: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_outbox)
-                  + (SELECT count(*) FROM audit_log WHERE hash IS NULL)",
+        let left: i64 = sqlx::query_scalar::<_, i64>(
+            "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_outbox)",
         )
         .fetch_one(pool)
         .await
-        .unwrap();
+        .unwrap()
+            + gateway::store::audit::unsealed_count(pool).await.unwrap();
         if left == 0 || started.elapsed() > Duration::from_secs(60) {
             return started.elapsed();
         }

@@ -11,10 +11,12 @@
 //!
 //! **The chain.** Rows are inserted unsealed, so writers never wait for a global lock.
 //! The sealer ([`run_sealer`], in every API process; one at a time by a
-//! transaction-scoped advisory lock) chains committed rows in batches: each gets its
-//! place (`chain_seq`), the previous row's hash and its own hash, which covers the
-//! previous hash and every field of the row, encoded unambiguously. [`verify`] seals
-//! the unsealed tail first, then recomputes the whole chain and names the first row
+//! transaction-scoped advisory lock) chains final rows in batches — those written by
+//! transactions older than every transaction still running, in `(xid, id)` order — by
+//! appending a link per row to `audit_chain`: its place (`chain_seq`), the previous
+//! link's hash and its own hash, which covers the previous hash and every field of the
+//! row, encoded unambiguously. Neither table is ever updated. [`verify`] seals what was
+//! committed before it began, then recomputes the whole chain and names the first row
 //! that does not match.
 
 use crate::metrics::Metrics;
@@ -247,37 +249,55 @@ impl Drop for PendingAudit {
 /// Rows sealed per transaction at most.
 const SEAL_BATCH: i64 = 1_000;
 
-/// Seals one batch of committed, unsealed rows; returns how many.
+/// Seals one batch of final rows (those of transactions older than every one still
+/// running, see [`store::audit::unsealed`]); returns how many.
 pub async fn seal(pool: &PgPool) -> sqlx::Result<usize> {
     let mut tx = store::begin(pool).await?;
     store::advisory_xact_lock(&mut tx, LOCK_KEY).await?;
-    let rows = store::audit::unsealed(&mut tx, SEAL_BATCH).await?;
+    let head = store::audit::chain_head(&mut tx).await?;
+    let after = head.as_ref().map_or((0, 0), |h| (h.xid, h.audit_id));
+    let rows = store::audit::unsealed(&mut tx, after, SEAL_BATCH).await?;
     if rows.is_empty() {
         return Ok(0);
     }
-    let (mut seq, mut prev) = store::audit::chain_head(&mut tx)
-        .await?
-        .unwrap_or((0, GENESIS.to_vec()));
-    let mut seals = Vec::with_capacity(rows.len());
+    let (mut seq, mut prev) = head.map_or((0, GENESIS.to_vec()), |h| (h.chain_seq, h.hash));
+    let mut links = Vec::with_capacity(rows.len());
     for r in &rows {
         seq += 1;
-        let hash = row_hash(r, &prev);
-        seals.push((r.id, seq, prev, hash.clone()));
-        prev = hash;
+        let hash = row_hash(&r.row, &prev);
+        links.push(store::audit::Link {
+            audit_id: r.row.id,
+            xid: r.xid,
+            chain_seq: seq,
+            prev_hash: std::mem::replace(&mut prev, hash.clone()),
+            hash,
+        });
     }
-    store::audit::seal(&mut tx, &seals).await?;
+    store::audit::seal(&mut tx, &links).await?;
     tx.commit().await?;
     Ok(rows.len())
 }
 
-/// Seals until nothing is left unsealed.
+/// How long [`seal_all`] waits for the transactions older than itself to end.
+const SEAL_ALL_WAIT: Duration = Duration::from_secs(30);
+
+/// Seals every row committed before it began: it waits (up to [`SEAL_ALL_WAIT`]) for
+/// the transactions running then to end, since rows of newer transactions are sealed
+/// only after them. Returns how many rows it sealed.
 pub async fn seal_all(pool: &PgPool) -> sqlx::Result<usize> {
+    let begun = store::audit::transactions_begun(pool).await?;
+    let deadline = tokio::time::Instant::now() + SEAL_ALL_WAIT;
     let mut total = 0;
     loop {
         let n = seal(pool).await?;
         total += n;
         if n == 0 {
-            return Ok(total);
+            if store::audit::transactions_ended(pool, begun).await?
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(total);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -443,7 +463,15 @@ pub async fn verify(pool: &PgPool) -> sqlx::Result<Verdict> {
     loop {
         let rows = store::audit::chain_page(pool, after, 1000).await?;
         if rows.is_empty() {
-            return Ok(Verdict::Intact(checked));
+            // The chain's last links, if their rows were removed (earlier ones are
+            // found by the link of the row after them).
+            return Ok(match store::audit::link_after(pool, after).await? {
+                Some(id) => Verdict::Broken {
+                    id,
+                    reason: "was removed (its link is in the chain, the row is gone)",
+                },
+                None => Verdict::Intact(checked),
+            });
         }
         for r in rows {
             if r.prev_hash.as_deref() != Some(prev.as_slice()) {

@@ -1,5 +1,6 @@
-//! The audit log's rows. Rows are inserted unsealed and chained afterwards by the
-//! sealer; the hash chain itself is computed in `crate::audit`.
+//! The audit log's rows and their chain. Rows are inserted unsealed; the sealer
+//! appends their links to `audit_chain` afterwards (migration 0019), in `(xid, id)`
+//! order. The hash chain itself is computed in `crate::audit`.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
@@ -39,8 +40,10 @@ pub struct AuditRow {
     pub hash: Option<Vec<u8>>,
 }
 
-const COLUMNS: &str = "id, at, principal_id, principal_name, tenant, action, target, outcome, \
-                       status, request_id, source, chain_seq, prev_hash, hash";
+/// An audit row `a` with its link `c` (from `audit_chain`, when sealed).
+const COLUMNS: &str = "a.id, a.at, a.principal_id, a.principal_name, a.tenant, a.action, \
+                       a.target, a.outcome, a.status, a.request_id, a.source, \
+                       c.chain_seq, c.prev_hash, c.hash";
 
 /// Inserts unsealed rows (their `id`, chain and hashes are ignored); one statement for
 /// the whole batch.
@@ -97,41 +100,128 @@ pub(super) fn bind_all<'q, O>(
         .bind(column(|r| r.source.clone()))
 }
 
-/// The last sealed row's place in the chain and hash, if any.
-pub async fn chain_head(conn: &mut PgConnection) -> sqlx::Result<Option<(i64, Vec<u8>)>> {
+/// The end of the chain: the last link's place and hash, and where the sealer goes on
+/// from (its row's `(xid, id)`; `xid` 0 for links made before migration 0019).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChainHead {
+    /// The last link's place.
+    pub chain_seq: i64,
+    /// Its hash.
+    pub hash: Vec<u8>,
+    /// Its row's transaction ID.
+    pub xid: i64,
+    /// Its row's ID.
+    pub audit_id: i64,
+}
+
+/// The last link of the chain, if any.
+pub async fn chain_head(conn: &mut PgConnection) -> sqlx::Result<Option<ChainHead>> {
     sqlx::query_as(
-        "SELECT chain_seq, hash FROM audit_log WHERE chain_seq IS NOT NULL
-         ORDER BY chain_seq DESC LIMIT 1",
+        "SELECT chain_seq, hash, COALESCE(xid::text::bigint, 0) AS xid, audit_id
+         FROM audit_chain ORDER BY chain_seq DESC LIMIT 1",
     )
     .fetch_optional(conn)
     .await
 }
 
-/// Committed rows not yet sealed, oldest first.
-pub async fn unsealed(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<AuditRow>> {
+/// A row the sealer may chain, and its transaction ID.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Unsealed {
+    /// The row (no link yet).
+    #[sqlx(flatten)]
+    pub row: AuditRow,
+    /// The ID of the transaction that wrote it.
+    pub xid: i64,
+}
+
+/// The rows after `(xid, id)` in `(xid, id)` order, up to `limit`, whose transactions
+/// are older than every transaction still running: those are final, no row can join
+/// them any more, so a cursor over them meets each row once (however commits
+/// interleave). Rows of transactions still running, or newer than one still running,
+/// wait for a later call.
+pub async fn unsealed(
+    conn: &mut PgConnection,
+    after: (i64, i64),
+    limit: i64,
+) -> sqlx::Result<Vec<Unsealed>> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM audit_log WHERE hash IS NULL ORDER BY id LIMIT $1"
+        "SELECT {COLUMNS}, a.xid::text::bigint AS xid
+         FROM audit_log a LEFT JOIN audit_chain c ON false
+         WHERE (a.xid, a.id) > ($1::bigint::text::xid8, $2)
+           AND a.xid < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY a.xid, a.id LIMIT $3"
     ))
+    .bind(after.0)
+    .bind(after.1)
     .bind(limit)
     .fetch_all(conn)
     .await
 }
 
-/// Seals rows: `(id, chain_seq, prev_hash, hash)` each, in one statement.
-pub async fn seal(
-    conn: &mut PgConnection,
-    seals: &[(i64, i64, Vec<u8>, Vec<u8>)],
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE audit_log a SET chain_seq = s.chain_seq, prev_hash = s.prev_hash, hash = s.hash
-         FROM UNNEST($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[])
-             AS s(id, chain_seq, prev_hash, hash)
-         WHERE a.id = s.id",
+/// How many rows wait to be chained (those of transactions still running too).
+pub async fn unsealed_count(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log a
+         WHERE (a.xid, a.id) > COALESCE(
+             (SELECT (COALESCE(xid, '0'), audit_id) FROM audit_chain
+              ORDER BY chain_seq DESC LIMIT 1),
+             ('0'::xid8, 0::bigint))",
     )
-    .bind(seals.iter().map(|s| s.0).collect::<Vec<_>>())
-    .bind(seals.iter().map(|s| s.1).collect::<Vec<_>>())
-    .bind(seals.iter().map(|s| s.2.clone()).collect::<Vec<_>>())
-    .bind(seals.iter().map(|s| s.3.clone()).collect::<Vec<_>>())
+    .fetch_one(db)
+    .await
+}
+
+/// Whether every transaction that had begun when `since` was taken
+/// ([`transactions_begun`]) has ended.
+pub async fn transactions_ended(db: impl PgExecutor<'_>, since: i64) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::bigint::text::xid8")
+        .bind(since)
+        .fetch_one(db)
+        .await
+}
+
+/// The next transaction ID to be assigned: every transaction begun so far has a lower
+/// one (or none yet, and will get a higher one).
+pub async fn transactions_begun(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+        .fetch_one(db)
+        .await
+}
+
+/// A link to append: the audit row's ID and transaction ID, its place, the previous
+/// link's hash and its own.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// The audit row.
+    pub audit_id: i64,
+    /// Its transaction ID.
+    pub xid: i64,
+    /// Its place.
+    pub chain_seq: i64,
+    /// The hash of the link before it.
+    pub prev_hash: Vec<u8>,
+    /// Its hash.
+    pub hash: Vec<u8>,
+}
+
+/// Appends `links` to the chain, in one statement.
+pub async fn seal(conn: &mut PgConnection, links: &[Link]) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_chain (chain_seq, audit_id, xid, prev_hash, hash)
+         SELECT s.chain_seq, s.audit_id, s.xid::text::xid8, s.prev_hash, s.hash
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bytea[])
+             AS s(chain_seq, audit_id, xid, prev_hash, hash)",
+    )
+    .bind(links.iter().map(|l| l.chain_seq).collect::<Vec<_>>())
+    .bind(links.iter().map(|l| l.audit_id).collect::<Vec<_>>())
+    .bind(links.iter().map(|l| l.xid).collect::<Vec<_>>())
+    .bind(
+        links
+            .iter()
+            .map(|l| l.prev_hash.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(links.iter().map(|l| l.hash.clone()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -173,17 +263,17 @@ pub async fn list(
 ) -> sqlx::Result<Vec<ListedRow>> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS},
-                (SELECT p.tenant FROM principals p WHERE p.id = audit_log.principal_id)
+                (SELECT p.tenant FROM principals p WHERE p.id = a.principal_id)
                     AS principal_tenant
-         FROM audit_log
-         WHERE ($1::text IS NULL OR tenant = $1)
-           AND ($2::uuid IS NULL OR principal_id = $2)
+         FROM audit_log a LEFT JOIN audit_chain c ON c.audit_id = a.id
+         WHERE ($1::text IS NULL OR a.tenant = $1)
+           AND ($2::uuid IS NULL OR a.principal_id = $2)
            AND ($2::uuid IS NULL OR $7::text IS NULL
                 OR EXISTS (SELECT 1 FROM principals p WHERE p.id = $2 AND p.tenant = $7))
-           AND ($3::text IS NULL OR outcome = $3)
-           AND ($4::timestamptz IS NULL OR at >= $4)
-           AND ($5::bigint IS NULL OR id < $5)
-         ORDER BY id DESC LIMIT $6"
+           AND ($3::text IS NULL OR a.outcome = $3)
+           AND ($4::timestamptz IS NULL OR a.at >= $4)
+           AND ($5::bigint IS NULL OR a.id < $5)
+         ORDER BY a.id DESC LIMIT $6"
     ))
     .bind(&f.tenant)
     .bind(f.principal_id)
@@ -196,17 +286,29 @@ pub async fn list(
     .await
 }
 
-/// Sealed rows in chain order, strictly after place `after_seq`.
+/// Sealed rows in chain order, strictly after place `after_seq` (a link whose row is
+/// gone is left out: the next row's link tells).
 pub async fn chain_page(
     db: impl PgExecutor<'_>,
     after_seq: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<AuditRow>> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM audit_log WHERE chain_seq > $1 ORDER BY chain_seq LIMIT $2"
+        "SELECT {COLUMNS} FROM audit_chain c JOIN audit_log a ON a.id = c.audit_id
+         WHERE c.chain_seq > $1 ORDER BY c.chain_seq LIMIT $2"
     ))
     .bind(after_seq)
     .bind(limit)
     .fetch_all(db)
+    .await
+}
+
+/// The row of the first link after place `after_seq`, if there is one.
+pub async fn link_after(db: impl PgExecutor<'_>, after_seq: i64) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "SELECT audit_id FROM audit_chain WHERE chain_seq > $1 ORDER BY chain_seq LIMIT 1",
+    )
+    .bind(after_seq)
+    .fetch_optional(db)
     .await
 }

@@ -1,7 +1,8 @@
 //! An audit trail nothing can lose (issue 11 §3): a change's audit row commits with
 //! the change, so a crash right after the answer keeps it; rows of requests refused
 //! while PostgreSQL is down wait in a bounded spool and are written when it returns;
-//! the sealer chains rows after they commit, and `verify` covers the unsealed tail.
+//! the sealer chains rows once they are final (their transaction older than every one
+//! still running), and `verify` covers what was committed before it began.
 
 use crate::common::{heavy, Deployment, Gateway, Postgres};
 use crate::common::{nats_url, pg_base, spawn_with, Options};
@@ -61,7 +62,8 @@ async fn a_202_is_audited_even_if_the_gateway_dies_right_after_it() {
         broken => panic!("{broken:?}"),
     }
     let sealed: bool = sqlx::query_scalar(
-        "SELECT hash IS NOT NULL AND chain_seq IS NOT NULL FROM audit_log WHERE request_id = $1",
+        "SELECT EXISTS (SELECT 1 FROM audit_chain c JOIN audit_log a ON a.id = c.audit_id
+                        WHERE a.request_id = $1)",
     )
     .bind(&request_id)
     .fetch_one(&d.pool)
@@ -116,16 +118,6 @@ async fn requests_refused_while_the_database_is_down_are_audited_when_it_returns
 #[tokio::test]
 async fn verify_seals_the_tail_and_sealing_never_changes_a_row() {
     let app = spawn_with(Options::api_only()).await;
-    let entry = |request_id: &str| gateway::audit::Entry {
-        at: chrono::Utc::now(),
-        principal: None,
-        tenant: Some("t".into()),
-        action: "POST /v1/tenants".into(),
-        target: "/v1/tenants".into(),
-        status: 201,
-        request_id: request_id.into(),
-        source: None,
-    };
     let mut conn = app.pool.acquire().await.unwrap();
     gateway::audit::append_batch(&mut conn, vec![entry("tail-1"), entry("tail-2")])
         .await
@@ -139,24 +131,129 @@ async fn verify_seals_the_tail_and_sealing_never_changes_a_row() {
         gateway::audit::Verdict::Intact(n) => assert!(n >= 2, "{n}"),
         broken => panic!("{broken:?}"),
     }
-    let unsealed: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE hash IS NULL")
-        .fetch_one(&app.pool)
+    let unsealed = gateway::store::audit::unsealed_count(&app.pool)
         .await
         .unwrap();
     assert_eq!(unsealed, 0);
-    // A sealed row is sealed once: sealing it again is refused.
+    // A link is made once: changing or removing it is refused.
     let reseal = sqlx::query(
-        "UPDATE audit_log SET hash = sha256('x'), chain_seq = chain_seq + 1000
-         WHERE request_id = 'tail-2'",
+        "UPDATE audit_chain SET hash = sha256('x'), chain_seq = chain_seq + 1000
+         WHERE audit_id = (SELECT id FROM audit_log WHERE request_id = 'tail-2')",
     )
     .execute(&app.pool)
     .await;
     assert!(reseal.unwrap_err().to_string().contains("append-only"));
+    for refused in ["DELETE FROM audit_chain", "TRUNCATE audit_chain"] {
+        let e = sqlx::query(refused).execute(&app.pool).await.unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{refused}: {e}");
+    }
     // Chain order is sealing order: places are dense from 1.
     let (places, max): (i64, Option<i64>) =
-        sqlx::query_as("SELECT count(chain_seq), max(chain_seq) FROM audit_log")
+        sqlx::query_as("SELECT count(*), max(chain_seq) FROM audit_chain")
             .fetch_one(&app.pool)
             .await
             .unwrap();
     assert_eq!(Some(places), max);
+}
+
+/// An audit row for request `request_id`, as the writer makes it.
+fn entry(request_id: &str) -> gateway::audit::Entry {
+    gateway::audit::Entry {
+        at: chrono::Utc::now(),
+        principal: None,
+        tenant: Some("t".into()),
+        action: "POST /v1/tenants".into(),
+        target: "/v1/tenants".into(),
+        status: 201,
+        request_id: request_id.into(),
+        source: None,
+    }
+}
+
+/// Whether the row of `request_id` has its link in the chain.
+async fn linked(pool: &sqlx::PgPool, request_id: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM audit_chain c JOIN audit_log a ON a.id = c.audit_id
+                        WHERE a.request_id = $1)",
+    )
+    .bind(request_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_row_committed_late_is_chained_after_it_commits_and_never_skipped() {
+    let app = spawn_with(Options::api_only()).await;
+    let tag = crate::common::unique();
+    let (early, late) = (format!("early-{tag}"), format!("late-{tag}"));
+    // The early row's transaction begins first and stays open while the late row
+    // commits: its ID and transaction ID are lower, its commit later.
+    let mut open = app.pool.begin().await.unwrap();
+    gateway::audit::append_batch(&mut open, vec![entry(&early)])
+        .await
+        .unwrap();
+    let mut conn = app.pool.acquire().await.unwrap();
+    gateway::audit::append_batch(&mut conn, vec![entry(&late)])
+        .await
+        .unwrap();
+    drop(conn);
+    // While an older transaction runs, the late row is not final: sealing it now
+    // would put it before a row that may still commit.
+    gateway::audit::seal(&app.pool).await.unwrap();
+    assert!(!linked(&app.pool, &late).await);
+    open.commit().await.unwrap();
+    gateway::audit::seal_all(&app.pool).await.unwrap();
+    assert!(linked(&app.pool, &early).await && linked(&app.pool, &late).await);
+    let places: Vec<i64> = sqlx::query_scalar(
+        "SELECT c.chain_seq FROM audit_chain c JOIN audit_log a ON a.id = c.audit_id
+         WHERE a.request_id IN ($1, $2) ORDER BY a.id",
+    )
+    .bind(&early)
+    .bind(&late)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(places[0] < places[1], "{places:?}");
+    match gateway::audit::verify(&app.pool).await.unwrap() {
+        gateway::audit::Verdict::Intact(n) => assert!(n >= 2, "{n}"),
+        broken => panic!("{broken:?}"),
+    }
+}
+
+#[tokio::test]
+async fn verify_finds_the_last_chained_row_removed() {
+    let app = spawn_with(Options::api_only()).await;
+    let request = format!("last-{}", crate::common::unique());
+    let mut conn = app.pool.acquire().await.unwrap();
+    gateway::audit::append_batch(&mut conn, vec![entry(&request)])
+        .await
+        .unwrap();
+    drop(conn);
+    assert!(matches!(
+        gateway::audit::verify(&app.pool).await.unwrap(),
+        gateway::audit::Verdict::Intact(_)
+    ));
+    // The newest link's row removed, bypassing the triggers: no row after it links to
+    // it, so only its link can tell.
+    let last: i64 =
+        sqlx::query_scalar("SELECT audit_id FROM audit_chain ORDER BY chain_seq DESC LIMIT 1")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_log WHERE id = $1")
+        .bind(last)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    match gateway::audit::verify(&app.pool).await.unwrap() {
+        gateway::audit::Verdict::Broken { id, .. } => assert_eq!(id, last),
+        other => panic!("removal not found: {other:?}"),
+    }
 }
