@@ -54,6 +54,7 @@
 //! | `gateway_reconciler_actions_total` | counter | action | repairs (`expired`, `redispatched`, `converged`, …) |
 //! | `gateway_audit_write_errors_total` | counter | | audit rows lost: the spool was full, or the process stopped with rows unwritten |
 //! | `gateway_audit_spooled` | gauge | | audit rows waiting to be written (while the database is down, the spool) |
+//! | `gateway_audit_unsealed` | gauge | | audit rows written and not yet in the hash chain; grows while a transaction stays open, since rows newer than it wait for it to end |
 //! | `gateway_cache_requests_total` | counter | cache, result | lookups of the catalog, zones, tenants, API keys and of operations and resources read by ID, answered from memory (`hit`) or the database (`miss`) |
 //! | `gateway_quota_rejections_total` | counter | service, dimension | writes refused with `quota_exceeded`, by the dimension of the limit they would pass |
 //! | `gateway_replication_lag_seconds` | gauge | peer | how far behind this region's copy of a peer region's global data is: now minus the peer's clock in the newest change or heartbeat applied from it (heartbeats come every second; `+Inf` before the first) |
@@ -358,6 +359,8 @@ pub struct Inner {
     /// See the table in the module docs.
     pub audit_spooled: Gauge,
     /// See the table in the module docs.
+    pub audit_unsealed: Gauge,
+    /// See the table in the module docs.
     pub cache_requests: Family<CacheLabels, Counter>,
     /// See the table in the module docs.
     pub quota_rejections: Family<QuotaLabels, Counter>,
@@ -439,6 +442,11 @@ impl Inner {
             "audit_spooled",
             "Audit rows waiting to be written",
             self.audit_spooled.clone(),
+        );
+        r.register(
+            "audit_unsealed",
+            "Audit rows written and not yet in the hash chain",
+            self.audit_unsealed.clone(),
         );
         r.register(
             "http_requests",
@@ -747,6 +755,7 @@ impl Metrics {
             reconciler_actions: Family::default(),
             audit_write_errors: Counter::default(),
             audit_spooled: Gauge::default(),
+            audit_unsealed: Gauge::default(),
             cache_requests: Family::default(),
             quota_rejections: Family::default(),
             quota_usage: Family::new_with_constructor(fill_ratio),
@@ -952,7 +961,7 @@ impl Metrics {
             .inc_by(n as u64);
     }
 
-    /// The outbox, events and webhook backlog gauges.
+    /// The outbox, events, webhook and audit-chain backlog gauges.
     async fn refresh_backlogs(&self, pool: &PgPool) {
         match store::outbox::backlog(pool).await {
             Ok((n, age)) => {
@@ -974,6 +983,12 @@ impl Metrics {
                 self.events_oldest_age.set(age);
             }
             Err(e) => tracing::debug!(error = %e, "metrics: events backlog unavailable"),
+        }
+        match store::audit::unsealed_count(pool).await {
+            Ok(n) => {
+                self.audit_unsealed.set(n);
+            }
+            Err(e) => tracing::debug!(error = %e, "metrics: audit backlog unavailable"),
         }
         self.refresh_replication(pool).await;
         self.refresh_upkeep(pool).await;

@@ -161,11 +161,11 @@ pub async fn unsealed(
 /// How many rows wait to be chained (those of transactions still running too).
 pub async fn unsealed_count(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM audit_log a
-         WHERE (a.xid, a.id) > COALESCE(
-             (SELECT (COALESCE(xid, '0'), audit_id) FROM audit_chain
-              ORDER BY chain_seq DESC LIMIT 1),
-             ('0'::xid8, 0::bigint))",
+        "WITH head AS (SELECT COALESCE(xid, '0') AS xid, audit_id FROM audit_chain
+                       ORDER BY chain_seq DESC LIMIT 1)
+         SELECT count(*) FROM audit_log a
+         WHERE (a.xid, a.id) > (COALESCE((SELECT xid FROM head), '0'),
+                                COALESCE((SELECT audit_id FROM head), 0))",
     )
     .fetch_one(db)
     .await

@@ -265,3 +265,25 @@ async fn a_request_id_travels_from_the_202_through_the_worker_and_back() {
             .unwrap();
     assert_eq!(stored.as_deref(), Some(traceparent));
 }
+
+#[tokio::test]
+async fn the_audit_gauge_shows_the_rows_an_open_transaction_holds_out_of_the_chain() {
+    let app = spawn_with(Options::api_only()).await;
+    // A transaction that has written and stays open: rows newer than it are not final
+    // until it ends, so they wait for it.
+    let mut open = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    app.tenant().await;
+    until(&app, "the tenant's audit row waiting", |t| {
+        sample(t, "gateway_audit_unsealed") >= 1.0
+    })
+    .await;
+    open.commit().await.unwrap();
+    until(&app, "the audit rows chained", |t| {
+        sample(t, "gateway_audit_unsealed") == 0.0
+    })
+    .await;
+}
