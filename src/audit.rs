@@ -278,16 +278,16 @@ pub async fn seal(pool: &PgPool) -> sqlx::Result<usize> {
     Ok(rows.len())
 }
 
-/// How long [`seal_all`] waits for the transactions older than itself to end.
-const SEAL_ALL_WAIT: Duration = Duration::from_secs(30);
+/// How long [`verify`] waits for the transactions older than itself to end.
+pub const VERIFY_WAIT: Duration = Duration::from_secs(30);
 
-/// Seals every row committed before it began: it waits (up to [`SEAL_ALL_WAIT`]) for
-/// the transactions running then to end, since rows of newer transactions are sealed
-/// only after them. Returns how many rows it sealed.
-pub async fn seal_all(pool: &PgPool) -> sqlx::Result<usize> {
+/// Seals every row committed before it began: it waits (up to `wait`) for the
+/// transactions running then to end, since rows of newer transactions are sealed only
+/// after them. Returns how many rows it sealed.
+pub async fn seal_all(pool: &PgPool, wait: Duration) -> sqlx::Result<usize> {
     let begun = store::audit::transactions_begun(pool).await?;
-    let deadline = tokio::time::Instant::now() + SEAL_ALL_WAIT;
-    let mut total = 0;
+    let deadline = tokio::time::Instant::now() + wait;
+    let (mut total, mut said) = (0, false);
     loop {
         let n = seal(pool).await?;
         total += n;
@@ -296,6 +296,13 @@ pub async fn seal_all(pool: &PgPool) -> sqlx::Result<usize> {
                 || tokio::time::Instant::now() >= deadline
             {
                 return Ok(total);
+            }
+            if !said {
+                said = true;
+                tracing::info!(
+                    wait_at_most = ?wait,
+                    "audit: waiting for transactions older than this one to end (their rows, and newer ones, are chained after them)"
+                );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -454,9 +461,17 @@ pub enum Verdict {
     },
 }
 
-/// Seals the unsealed tail, then recomputes the whole chain.
+/// Seals what was committed before it began (waiting up to [`VERIFY_WAIT`] for older
+/// transactions to end), then recomputes the whole chain.
 pub async fn verify(pool: &PgPool) -> sqlx::Result<Verdict> {
-    seal_all(pool).await?;
+    verify_within(pool, VERIFY_WAIT).await
+}
+
+/// [`verify`], waiting up to `wait` for the transactions older than itself; rows left
+/// behind by a transaction still open are not checked
+/// ([`store::audit::unsealed_count`] counts them).
+pub async fn verify_within(pool: &PgPool, wait: Duration) -> sqlx::Result<Verdict> {
+    seal_all(pool, wait).await?;
     let mut prev = GENESIS.to_vec();
     let mut after = 0;
     let mut checked = 0;
