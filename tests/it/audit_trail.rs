@@ -258,19 +258,5 @@ async fn verify_finds_the_last_chained_row_removed() {
             .fetch_one(&app.pool)
             .await
             .unwrap();
-    let mut tx = app.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM audit_log WHERE id = $1")
-        .bind(last)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    match gateway::audit::verify(&app.pool).await.unwrap() {
-        gateway::audit::Verdict::Broken { id, .. } => assert_eq!(id, last),
-        other => panic!("removal not found: {other:?}"),
-    }
+    crate::common::tamper_and_verify(&app.pool, "DELETE FROM audit_log WHERE id = $1", last).await;
 }

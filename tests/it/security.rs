@@ -687,21 +687,12 @@ async fn every_mutating_or_denied_request_is_audited_exactly_once_in_an_unbreaka
             .fetch_one(&app.pool)
             .await
             .unwrap();
-    let mut tx = app.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE audit_log SET outcome = 'allowed', status = 202 WHERE id = $1")
-        .bind(victim)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    match gateway::audit::verify(&app.pool).await.unwrap() {
-        gateway::audit::Verdict::Broken { id, .. } => assert_eq!(id, victim),
-        other => panic!("tampering not found: {other:?}"),
-    }
+    crate::common::tamper_and_verify(
+        &app.pool,
+        "UPDATE audit_log SET outcome = 'allowed', status = 202 WHERE id = $1",
+        victim,
+    )
+    .await;
     // So does the CLI, with a non-zero exit naming the row.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["admin", "verify-audit"])

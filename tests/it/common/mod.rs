@@ -142,6 +142,23 @@ pub fn sample(text: &str, series: &str) -> f64 {
 /// Slots for tests that run real processes; see [`heavy`].
 static HEAVY: Semaphore = Semaphore::const_new(2);
 
+/// Runs `sql` on audit row `id` (bound as `$1`) the way someone with superuser rights
+/// could, bypassing the append-only triggers, then checks that the audit chain's
+/// verification names that row.
+pub async fn tamper_and_verify(pool: &PgPool, sql: &str, id: i64) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(sql).bind(id).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    match gateway::audit::verify(pool).await.unwrap() {
+        gateway::audit::Verdict::Broken { id: at, .. } => assert_eq!(at, id),
+        other => panic!("tampering not found: {other:?}"),
+    }
+}
+
 /// Taken first, and held to the end, by every test that runs real processes (gateways,
 /// relays, a private `nats-server` or PostgreSQL), mostly fault injections with time
 /// limits in their assertions: at most two of them run at once, whatever
