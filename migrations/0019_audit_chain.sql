@@ -39,16 +39,17 @@ DROP INDEX audit_log_unsealed;
 ALTER TABLE audit_log DROP COLUMN chain_seq, DROP COLUMN prev_hash, DROP COLUMN hash;
 CREATE INDEX audit_log_sealing ON audit_log (xid, id);
 
--- Append-only, both: no row of either table is ever changed or removed.
+-- Append-only, both: no row of either table is ever changed or removed. One refusal
+-- for both, naming the table it guards.
+CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% is append-only', TG_TABLE_NAME USING ERRCODE = 'insufficient_privilege';
+END $$;
 DROP TRIGGER audit_log_no_change ON audit_log;
 DROP FUNCTION audit_log_seal_only();
 CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
     FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
-CREATE FUNCTION audit_chain_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'audit_chain is append-only' USING ERRCODE = 'insufficient_privilege';
-END $$;
 CREATE TRIGGER audit_chain_no_change BEFORE UPDATE OR DELETE ON audit_chain
-    FOR EACH ROW EXECUTE FUNCTION audit_chain_append_only();
+    FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
 CREATE TRIGGER audit_chain_no_truncate BEFORE TRUNCATE ON audit_chain
-    FOR EACH STATEMENT EXECUTE FUNCTION audit_chain_append_only();
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
