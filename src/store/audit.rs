@@ -138,7 +138,8 @@ pub struct Unsealed {
 /// are older than every transaction still running: those are final, no row can join
 /// them any more, so a cursor over them meets each row once (however commits
 /// interleave). Rows of transactions still running, or newer than one still running,
-/// wait for a later call.
+/// wait for a later call. (The join that never matches gives [`COLUMNS`] its link
+/// columns, NULL: no link yet.)
 pub async fn unsealed(
     conn: &mut PgConnection,
     after: (i64, i64),
