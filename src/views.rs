@@ -24,6 +24,7 @@ pub struct ResourceOut {
     /// Name.
     pub name: String,
     /// Key/value metadata.
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub labels: Value,
     /// Desired state.
     pub spec: Value,

@@ -28,6 +28,9 @@
 pub mod error;
 pub mod types;
 
+#[cfg(test)]
+mod contract;
+
 pub use error::{parse_retry_after, Error};
 pub use gateway_proto::events::{CloudEvent, EventType};
 pub use gateway_proto::{

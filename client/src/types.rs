@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 /// One page of a list; pass `next_cursor` as `cursor` for the next page.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Page<T> {
     /// The items, newest first.
     pub items: Vec<T>,
@@ -21,6 +22,7 @@ pub struct Page<T> {
 
 /// The body of every error answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// Stable machine-readable code.
     pub code: String,
@@ -36,6 +38,7 @@ pub struct ErrorBody {
 
 /// An asynchronous operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Operation {
     /// Its ID.
     pub id: Uuid,
@@ -86,6 +89,7 @@ pub struct Operation {
 
 /// A resource: desired `spec`, observed `status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Resource {
     /// Its ID.
     pub id: Uuid,
@@ -121,6 +125,7 @@ pub struct Resource {
 
 /// Body of a resource create.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct NewResource {
     /// Unique per tenant and kind among live resources; a DNS label.
     pub name: String,
@@ -136,6 +141,7 @@ pub struct NewResource {
 /// Body of a resource patch: a JSON merge patch of the spec, and/or label changes
 /// (`None` removes a label).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct ResourcePatch {
     /// Merge patch of the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -258,6 +264,7 @@ fn push(q: &mut Vec<(&'static str, String)>, name: &'static str, value: Option<S
 
 /// A tenant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Tenant {
     /// Its ID, a DNS label.
     pub id: String,
@@ -271,6 +278,7 @@ pub struct Tenant {
 /// What a key may do (the gateway's `domain::role::Role`, which carries the policy and
 /// so stays in the gateway).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Everything, on every tenant.
@@ -302,6 +310,7 @@ impl std::fmt::Display for Role {
 
 /// Body of a key create.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct NewKeyRequest {
     /// `owner`, `member`, `reader`, or (admins only) `worker`.
     pub role: Role,
@@ -321,6 +330,7 @@ pub struct NewKeyRequest {
 
 /// An API key, without its secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct KeyInfo {
     /// Its ID.
     pub id: Uuid,
@@ -349,6 +359,7 @@ pub struct KeyInfo {
 
 /// A new key: the secret, shown only once, and its description.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct NewKey {
     /// The secret to send as `Authorization: Bearer …`.
     pub key: String,
@@ -359,6 +370,7 @@ pub struct NewKey {
 
 /// One quota limit to set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct QuotaLimit {
     /// `count`, `vcpus`, `memory_mb`, `nodes` or `storage_gb`.
     pub dimension: String,
@@ -374,6 +386,7 @@ pub struct QuotaLimit {
 
 /// A limit with how much of it is used.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct QuotaLimitUsed {
     /// The limit.
     #[serde(flatten)]
@@ -384,6 +397,7 @@ pub struct QuotaLimitUsed {
 
 /// What a tenant's resources of one kind in one zone consume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Usage {
     /// Kind.
     pub kind: Kind,
@@ -403,6 +417,7 @@ pub struct Usage {
 
 /// A tenant's limits and usage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Quotas {
     /// The tenant.
     pub tenant: String,
@@ -414,6 +429,7 @@ pub struct Quotas {
 
 /// A zone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Zone {
     /// Its name.
     pub name: String,
@@ -431,6 +447,7 @@ pub struct Zone {
 /// A registered resource type (`/v1/resource-types`), as the gateway shows it. Its
 /// schemas stay JSON: a client needs no release to work with a new kind.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct ResourceType {
     /// The kind (`loadbalancer`).
     pub kind: Kind,
@@ -456,6 +473,7 @@ pub struct ResourceType {
 
 /// One entry of a catalog category.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct CatalogEntry {
     /// Its name, as specs name it.
     pub name: String,
@@ -466,6 +484,7 @@ pub struct CatalogEntry {
 
 /// One audit log entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     /// Its sequence number.
     pub id: i64,
@@ -541,6 +560,7 @@ impl EventQuery {
 
 /// A page of events, oldest first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct EventPage {
     /// The events (CloudEvents, with their `cursor`).
     pub items: Vec<gateway_proto::events::CloudEvent>,
@@ -550,6 +570,7 @@ pub struct EventPage {
 
 /// A webhook endpoint to register.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct NewWebhook {
     /// Where deliveries go (`https`, a public address).
     pub url: String,
@@ -563,6 +584,7 @@ pub struct NewWebhook {
 
 /// What to change of a webhook endpoint; absent fields stay.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct WebhookPatch {
     /// A new URL.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -580,6 +602,7 @@ pub struct WebhookPatch {
 
 /// A webhook endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Webhook {
     /// Its ID.
     pub id: Uuid,
@@ -612,6 +635,7 @@ pub struct Webhook {
 
 /// A webhook endpoint with its signing secret (at registration and rotation only).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct WebhookWithSecret {
     /// The endpoint.
     #[serde(flatten)]
@@ -622,6 +646,7 @@ pub struct WebhookWithSecret {
 
 /// One attempt of a webhook delivery.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct DeliveryAttempt {
     /// When.
     pub at: DateTime<Utc>,
@@ -639,6 +664,7 @@ pub struct DeliveryAttempt {
 
 /// One event's delivery to one endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
 pub struct Delivery {
     /// Its ID.
     pub id: Uuid,

@@ -19,8 +19,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// Defines a string-backed enum with `as_str`, `Display`, `FromStr` and a list of all values.
+// `$text` is a `tt`, not a `literal`: utoipa's derive does not see a `literal` fragment
+// in `#[serde(rename = …)]`, and the schemas then listed the Rust names.
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:tt),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
         pub enum $name {
@@ -457,6 +459,21 @@ pub struct BatchedReportResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The schemas say what the wire carries (the macro once passed each value to the
+    /// schema derive in a form it ignored, and the schemas listed the Rust names).
+    #[test]
+    fn enum_schemas_list_the_wire_values() {
+        fn values<T: utoipa::PartialSchema>() -> serde_json::Value {
+            serde_json::to_value(T::schema()).unwrap()["enum"].clone()
+        }
+        let text = |all: &[&str]| serde_json::json!(all);
+        let states: Vec<&str> = OperationState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(values::<OperationState>(), text(&states));
+        let phases: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+        assert_eq!(values::<Phase>(), text(&phases));
+        assert!(states.contains(&"running"), "{states:?}");
+    }
 
     #[test]
     fn enums_round_trip_through_their_text() {
