@@ -78,17 +78,36 @@ impl Directory {
 pub fn redirect(region: &str, base: &str, uri: &Uri) -> Response {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let location = format!("{}{path}", base.trim_end_matches('/'));
-    let mut res = ApiError::new(
+    let mut res = other_region(region, &location).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        res.headers_mut().insert(header::LOCATION, value);
+    }
+    res
+}
+
+/// `307 other_region`: region `region` serves this; the same request goes to `location`.
+fn other_region(region: &str, location: &str) -> ApiError {
+    ApiError::new(
         StatusCode::TEMPORARY_REDIRECT,
         "other_region",
         format!("this is served by region {region}; send the same request to {location}"),
     )
     .with_details(serde_json::json!({"region": region, "location": location}))
-    .into_response();
-    if let Ok(value) = HeaderValue::from_str(&location) {
-        res.headers_mut().insert(header::LOCATION, value);
+}
+
+/// What a request at `path` about `id` would be answered when `id` is not here: if
+/// another region made it, `307 other_region` naming that region and the same path at
+/// its gateway (for answers that cannot redirect, such as one report of a batch).
+pub async fn made_elsewhere(state: &AppState, id: Uuid, path: &str) -> Option<ApiError> {
+    if !state.regions.enabled() {
+        return None;
     }
-    res
+    let tag = region::tag_in(&id)?;
+    let (name, url) = state.regions.region_of(&state.engine.pool, tag).await?;
+    Some(other_region(
+        &name,
+        &format!("{}{path}", url.trim_end_matches('/')),
+    ))
 }
 
 /// Where a request about zone `zone` belongs: `None` here (or nowhere: an unknown zone

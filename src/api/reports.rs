@@ -19,8 +19,9 @@ pub fn router() -> Router<AppState> {
 /// A worker reports on several operations of its service and zone at once. The reports
 /// apply in order, in one transaction; each result says what
 /// `POST /v1/operations/{id}/reports` would have answered that report alone (`200` with
-/// its acknowledgement, or the refusal's status and code). A refused report changes
-/// nothing; the others still apply.
+/// its acknowledgement, or the refusal's status and code; `307 other_region` for an
+/// operation another region made, its message naming the address to report to). A
+/// refused report changes nothing; the others still apply.
 #[utoipa::path(
     post, path = "/v1/reports", tag = "workers",
     request_body = ReportBatch,
@@ -86,12 +87,22 @@ pub async fn reports(
         refuse,
     )
     .await?;
-    let results = body
-        .reports
-        .iter()
-        .zip(outcomes)
-        .map(|(item, outcome)| result(item.operation_id, outcome))
-        .collect();
+    let mut results = Vec::with_capacity(outcomes.len());
+    for (item, outcome) in body.reports.iter().zip(outcomes) {
+        let id = item.operation_id;
+        let outcome = match outcome {
+            // Alone, the report would have been redirected to the region that made the
+            // operation: its result says so, naming that region's address.
+            Err(e) if e.status == StatusCode::NOT_FOUND => {
+                let route = super::operations::REPORT_ROUTE.replace("{id}", &id.to_string());
+                Err(super::regions::made_elsewhere(&state, id, &route)
+                    .await
+                    .unwrap_or(e))
+            }
+            other => other,
+        };
+        results.push(result(id, outcome));
+    }
     Ok(Json(ReportBatchResult { results }))
 }
 

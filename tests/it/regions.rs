@@ -426,6 +426,45 @@ async fn two_regions_share_tenants_and_keys_and_send_clients_where_things_live()
         .await;
     assert_eq!(a.status, StatusCode::TEMPORARY_REDIRECT);
 
+    // A report on region 2's operation sent to region 1: alone it is redirected; in a
+    // batch, its result says what the single answer would have (307 other_region, with
+    // the address to report to), and a report about an ID nobody made is still 404.
+    let op_id = id_of(&accepted.body);
+    let report = json!({"attempt": 1, "state": "running"});
+    let alone = r1
+        .call(
+            Method::POST,
+            &format!("/v1/operations/{op_id}/reports"),
+            ADMIN,
+            Some(report.clone()),
+        )
+        .await;
+    assert_eq!(
+        alone.status,
+        StatusCode::TEMPORARY_REDIRECT,
+        "{:?}",
+        alone.body
+    );
+    let nobodys = uuid::Uuid::new_v4();
+    let batch = json!({"reports": [
+        {"operation_id": op_id, "report": report},
+        {"operation_id": nobodys, "report": report},
+    ]});
+    let answer = r1
+        .call(Method::POST, "/v1/reports", ADMIN, Some(batch))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    let results = answer.body["results"].as_array().unwrap();
+    assert_eq!(results[0]["status"], 307, "{:?}", results[0]);
+    assert_eq!(results[0]["code"], "other_region");
+    let message = results[0]["message"].as_str().unwrap();
+    let there = format!("{}/v1/operations/{op_id}/reports", r2.client.url);
+    assert!(
+        message.contains(&there) && message.contains("r2"),
+        "{message}"
+    );
+    assert_eq!(results[1]["status"], 404, "{:?}", results[1]);
+
     // A revocation in region 2 stops the key in region 1 within 5 s.
     r2.revoke(&tenant, &key_id).await;
     let took = within(
