@@ -54,7 +54,7 @@
 //! | `gateway_reconciler_actions_total` | counter | action | repairs (`expired`, `redispatched`, `converged`, …) |
 //! | `gateway_audit_write_errors_total` | counter | | audit rows lost: the spool was full, or the process stopped with rows unwritten |
 //! | `gateway_audit_spooled` | gauge | | audit rows waiting to be written (while the database is down, the spool) |
-//! | `gateway_audit_unsealed` | gauge | | audit rows written and not yet in the hash chain; grows while a transaction stays open, since rows newer than it wait for it to end |
+//! | `gateway_audit_unsealed` | gauge | | audit rows written and not yet in the hash chain; grows while a transaction stays open, since rows newer than it wait for it to end; counted up to 100,000 (which then means "at least") |
 //! | `gateway_cache_requests_total` | counter | cache, result | lookups of the catalog, zones, tenants, API keys and of operations and resources read by ID, answered from memory (`hit`) or the database (`miss`) |
 //! | `gateway_quota_rejections_total` | counter | service, dimension | writes refused with `quota_exceeded`, by the dimension of the limit they would pass |
 //! | `gateway_replication_lag_seconds` | gauge | peer | how far behind this region's copy of a peer region's global data is: now minus the peer's clock in the newest change or heartbeat applied from it (heartbeats come every second; `+Inf` before the first) |
@@ -445,7 +445,7 @@ impl Inner {
         );
         r.register(
             "audit_unsealed",
-            "Audit rows written and not yet in the hash chain",
+            "Audit rows written and not yet in the hash chain (counted up to 100,000)",
             self.audit_unsealed.clone(),
         );
         r.register(

@@ -287,3 +287,35 @@ async fn the_audit_gauge_shows_the_rows_an_open_transaction_holds_out_of_the_cha
     })
     .await;
 }
+
+/// The waiting audit rows are counted up to a bound: under a transaction left open for
+/// hours every row since waits, and each process's refresh must not read them all.
+#[tokio::test]
+async fn the_audit_count_stops_at_its_bound() {
+    let sandbox =
+        crate::common::Sandbox::new(&crate::common::pg_base(), &crate::common::nats_url());
+    let pool = gateway::store::connect(&sandbox.database_url(), 2)
+        .await
+        .unwrap();
+    gateway::store::migrate(&pool).await.unwrap();
+    let bound = gateway::store::audit::UNSEALED_COUNTED;
+    // Nothing seals here (no API process): every row waits.
+    let insert = "INSERT INTO audit_log (at, action, target, outcome, status, request_id)
+                  SELECT now(), 'GET /v1/zones', '/v1/zones', 'allowed', 200, 'r' || n
+                  FROM generate_series(1, $1) n";
+    sqlx::query(insert)
+        .bind(bound - 1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let count = gateway::store::audit::unsealed_count(&pool).await.unwrap();
+    assert_eq!(count, bound - 1);
+    sqlx::query(insert)
+        .bind(2_i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let count = gateway::store::audit::unsealed_count(&pool).await.unwrap();
+    assert_eq!(count, bound, "counted past its bound");
+    pool.close().await;
+}
