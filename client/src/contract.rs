@@ -425,3 +425,74 @@ fn every_query_matches_its_route() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The routes the client leaves to others, each with the reason.
+const NOT_IN_THE_CLIENT: [(&str, &str); 4] = [
+    ("GET /metrics", "Prometheus scrapes it"),
+    ("GET /healthz", "the orchestrator's liveness probe"),
+    (
+        "POST /v1/reports",
+        "workers batch their reports with `workers::batch`",
+    ),
+    (
+        "POST /v1/resource-types",
+        "`put_resource_type` registers a type or changes it",
+    ),
+];
+
+/// Every route of the contract has a client method, which names it in its doc comment
+/// ("`GET /v1/zones`"), or is one the client leaves to others on purpose.
+#[test]
+fn every_route_has_a_client_method() {
+    let doc = contract();
+    // `{tenant}` and `{plural}` name the same segment: compare without the names.
+    let shape = |route: &str| {
+        let mut out = String::new();
+        let mut inside = false;
+        for c in route.chars() {
+            match c {
+                '{' => inside = true,
+                '}' => {
+                    inside = false;
+                    out.push_str("{}");
+                }
+                _ if !inside => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    };
+    let source = include_str!("lib.rs");
+    let named: BTreeSet<String> = source
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("///"))
+        .flat_map(|l| l.split('`').skip(1).step_by(2))
+        .filter(|quoted| quoted.contains(" /"))
+        .map(|quoted| shape(quoted.split('?').next().unwrap_or(quoted)))
+        .collect();
+    let mut missing = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            let route = format!("{} {path}", method.to_uppercase());
+            let excused = NOT_IN_THE_CLIENT.iter().any(|(r, _)| *r == route);
+            if !named.contains(&shape(&route)) && !excused {
+                missing.push(route);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "routes without a client method:\n{}",
+        missing.join("\n")
+    );
+    for (route, _) in NOT_IN_THE_CLIENT {
+        let (method, path) = route.split_once(' ').unwrap();
+        assert!(
+            doc["paths"][path].get(method.to_lowercase()).is_some(),
+            "{route} is excused but no longer in the contract"
+        );
+    }
+}

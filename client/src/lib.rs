@@ -725,7 +725,8 @@ impl Client {
         self.json(Call::new(Method::GET, path)).await
     }
 
-    /// `POST …/deliveries/{delivery}/retry`: sends the delivery again now.
+    /// `POST /v1/tenants/{tenant}/webhooks/{id}/deliveries/{delivery}/retry`: sends the
+    /// delivery again now.
     pub async fn retry_delivery(&self, tenant: &str, id: Uuid, delivery: Uuid) -> Result<Delivery> {
         let path = format!(
             "{}/{id}/deliveries/{delivery}/retry",
