@@ -297,6 +297,7 @@ fn every_wire_type_matches_the_contract() {
         (c.pair::<Resource>("ResourceOut"), Way::Reads, &["etag"]),
         (c.pair::<NewResource>("CreateResourceIn"), Way::Sends, &[]),
         (c.pair::<ResourcePatch>("PatchIn"), Way::Sends, &[]),
+        (c.pair::<NewTenant>("TenantIn"), Way::Sends, &[]),
         (c.pair::<Tenant>("TenantOut"), Way::Reads, &[]),
         (c.pair::<Role>("Role"), Way::Reads, &[]),
         (c.pair::<NewKeyRequest>("KeyIn"), Way::Sends, &[]),
@@ -305,6 +306,7 @@ fn every_wire_type_matches_the_contract() {
         (c.pair::<QuotaLimit>("LimitIn"), Way::Sends, &[]),
         (c.pair::<QuotaLimitUsed>("LimitOut"), Way::Reads, &[]),
         (c.pair::<Usage>("UsageOut"), Way::Reads, &[]),
+        (c.pair::<QuotaLimits>("QuotasIn"), Way::Sends, &[]),
         (c.pair::<Quotas>("QuotasOut"), Way::Reads, &[]),
         (c.pair::<Zone>("ZoneOut"), Way::Reads, &[]),
         // `version` is read but never serialized: a definition printed by `gwctl` can

@@ -294,7 +294,10 @@ impl Client {
 
     /// `POST /v1/tenants` (admins).
     pub async fn create_tenant(&self, id: &str, display_name: &str) -> Result<Tenant> {
-        let body = serde_json::json!({"id": id, "display_name": display_name});
+        let body = NewTenant {
+            id: id.to_owned(),
+            display_name: display_name.to_owned(),
+        };
         self.json(Call::new(Method::POST, "/v1/tenants".into()).body(body)?)
             .await
     }
@@ -572,7 +575,9 @@ impl Client {
 
     /// `PUT /v1/tenants/{tenant}/quotas`: replaces the limits (admins).
     pub async fn set_quotas(&self, tenant: &str, limits: &[QuotaLimit]) -> Result<Quotas> {
-        let body = serde_json::json!({ "limits": limits });
+        let body = QuotaLimits {
+            limits: limits.to_vec(),
+        };
         let call = Call::new(Method::PUT, format!("/v1/tenants/{tenant}/quotas")).body(body)?;
         self.json(call).await
     }

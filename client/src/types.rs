@@ -275,6 +275,17 @@ pub struct Tenant {
     pub created_at: DateTime<Utc>,
 }
 
+/// The body of `POST /v1/tenants`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
+pub struct NewTenant {
+    /// The tenant's ID (its URL segment).
+    pub id: String,
+    /// A name for people.
+    #[serde(default)]
+    pub display_name: String,
+}
+
 /// What a key may do (the gateway's `domain::role::Role`, which carries the policy and
 /// so stays in the gateway).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -413,6 +424,14 @@ pub struct Usage {
     pub nodes: i64,
     /// Volume capacity, GB.
     pub storage_gb: i64,
+}
+
+/// The body of `PUT /v1/tenants/{tenant}/quotas`: the limits that replace the tenant's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(utoipa::ToSchema))]
+pub struct QuotaLimits {
+    /// Every limit the tenant is to have.
+    pub limits: Vec<QuotaLimit>,
 }
 
 /// A tenant's limits and usage.
