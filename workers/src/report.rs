@@ -99,6 +99,12 @@ impl GatewayClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("gateway-worker/", env!("CARGO_PKG_VERSION")))
+            // A worker gets only its own region's dispatches, so a redirect
+            // (`307 other_region`) means it reports to the wrong region's gateway.
+            // Followed, it would reach the other region without the key (`reqwest`
+            // drops `Authorization` across origins) and end as a puzzling `401`; not
+            // followed, it ends as a permanent error that names the region and address.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             http,
@@ -298,6 +304,40 @@ mod tests {
             assert!(!err.is_transient(), "{status}");
             assert!(err.to_string().contains("not your zone"));
         }
+    }
+
+    #[tokio::test]
+    async fn a_report_redirected_to_another_region_fails_naming_it() {
+        let body = json!({
+            "code": "other_region",
+            "message": "this is served by region r2; send the same request to http://r2/v1/operations/x/reports",
+        });
+        let app = axum::Router::new().fallback(move || {
+            let body = body.clone();
+            async move {
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(reqwest::header::LOCATION, "http://127.0.0.1:9/elsewhere")],
+                    axum::Json(body),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = GatewayClient::new(&url, "k").unwrap();
+        let report = Report {
+            attempt: 1,
+            state: gateway_proto::ReportState::Running,
+            status: None,
+            error: None,
+        };
+        let err = client
+            .send(Uuid::now_v7(), &report, &TraceHeaders::default())
+            .await
+            .unwrap_err();
+        assert!(!err.is_transient(), "{err}");
+        assert!(err.to_string().contains("region r2"), "{err}");
     }
 
     #[tokio::test]
