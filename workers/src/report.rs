@@ -306,6 +306,21 @@ mod tests {
         }
     }
 
+    /// Sends a `running` report to the gateway at `url`, which must fail.
+    async fn running_report_fails(url: &str) -> ReportError {
+        let client = GatewayClient::new(url, "k").unwrap();
+        let report = Report {
+            attempt: 1,
+            state: gateway_proto::ReportState::Running,
+            status: None,
+            error: None,
+        };
+        client
+            .send(Uuid::now_v7(), &report, &TraceHeaders::default())
+            .await
+            .unwrap_err()
+    }
+
     #[tokio::test]
     async fn a_report_redirected_to_another_region_fails_naming_it() {
         let body = json!({
@@ -325,17 +340,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = GatewayClient::new(&url, "k").unwrap();
-        let report = Report {
-            attempt: 1,
-            state: gateway_proto::ReportState::Running,
-            status: None,
-            error: None,
-        };
-        let err = client
-            .send(Uuid::now_v7(), &report, &TraceHeaders::default())
-            .await
-            .unwrap_err();
+        let err = running_report_fails(&url).await;
         assert!(!err.is_transient(), "{err}");
         assert!(err.to_string().contains("region r2"), "{err}");
     }
@@ -347,17 +352,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let client = GatewayClient::new(&format!("http://127.0.0.1:{port}/"), "k").unwrap();
-        let report = Report {
-            attempt: 1,
-            state: gateway_proto::ReportState::Running,
-            status: None,
-            error: None,
-        };
-        let err = client
-            .send(Uuid::now_v7(), &report, &TraceHeaders::default())
-            .await
-            .unwrap_err();
+        let err = running_report_fails(&format!("http://127.0.0.1:{port}/")).await;
         assert!(err.is_transient(), "{err}");
     }
 }
