@@ -17,7 +17,9 @@
 //!    vs. raw `publish_with_headers` of the same messages (bodies and headers, the
 //!    signature copied rather than computed; [`RAW_COPIES`] copies of each) with as
 //!    many acks outstanding as the relay's loops together may have (batch size ×
-//!    loops), in [`ROUNDS`] rounds that alternate the two.
+//!    loops), in [`ROUNDS`] rounds that alternate the two; with the CPU a message cost
+//!    each side (this process, PostgreSQL, `nats-server`), which says where the relay's
+//!    extra time goes.
 //!    `BENCH_RELAY_BATCH` and `BENCH_RELAY_PASSES` set the batch size and the loops.
 //! 3. **Reads**: `GET /v1/operations/{id}` and `GET /v1/tenants/{t}/vms/{id}` through
 //!    the gateway vs. the raw primary-key `SELECT` of the same row from sqlx, at the
@@ -33,7 +35,9 @@
 //!    (server-sent events through the gateway's API), each phase once what the
 //!    earlier ones left is published and sealed; then half the rate again without
 //!    those two readers, under the burst's own load, and likewise at 500 operations/s
-//!    (the rate issue 12 sets its relay-lag target at). Each steady phase also prints the
+//!    (the rate issue 12 sets its relay-lag target at), and at any further rates
+//!    `BENCH_RATES` lists (`BENCH_RATES=50,100,200`: what an operation costs against the
+//!    rate, down to the fixed cost of one operation alone). Each steady phase also prints the
 //!    gateway's mean time to answer for the routes an operation's life takes (create,
 //!    long-poll, single and batched reports), from its own request histogram. The burst
 //!    and each steady phase print the CPU time an operation cost (this process — the
@@ -884,6 +888,20 @@ async fn sum_and_count(http: &reqwest::Client, url: &str, name: &str) -> (f64, f
     (value("sum"), value("count"))
 }
 
+/// The value of counter `name` (no labels; 0 before its first increment).
+async fn counter(http: &reqwest::Client, url: &str, name: &str) -> f64 {
+    let prefix = format!("{name} ");
+    metrics_text(http, url)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Outbox rows a relay pass could not record at once (their resource was in use).
+const RELAY_BUSY: &str = "gateway_relay_busy_rows_total";
+
 /// The buckets' increase from `before` to `after` (the family may have had no
 /// buckets before its first observation).
 fn increase(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
@@ -1102,6 +1120,7 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
         rate => rate.to_owned(),
     };
     let relay_before = histogram(&b.http, &b.url, RELAY_LAG, "").await;
+    let busy_before = counter(&b.http, &b.url, RELAY_BUSY).await;
     let requests_before = request_times(&b.http, &b.url).await;
     let count = (per_second * STEADY_SECONDS) as usize;
     let spent = Spent::since_now(&b.running.backends.pool).await;
@@ -1179,8 +1198,10 @@ async fn steady(b: &Bench, tenant: &str, per_second: f64, share: &str, readers: 
         split[2] * 1e3,
         split[3] * 1e3
     );
+    let busy = counter(&b.http, &b.url, RELAY_BUSY).await - busy_before;
     println!(
-        "relay lag  outbox row → JetStream ack, as the relay measured it   p50 {:.1}ms  p99 {:.1}ms",
+        "relay lag  outbox row → JetStream ack, as the relay measured it   p50 {:.1}ms  p99 {:.1}ms   \
+         {busy:.0} rows recorded by a later pass (resource in use)",
         quantile(&relay, 0.5) * 1e3,
         quantile(&relay, 0.99) * 1e3
     );
@@ -1465,6 +1486,7 @@ async fn relay_vs_raw(b: &Bench) {
     let window = relay.batch_size as usize * relay.concurrent_passes;
     let (mut relayed, mut relay_time) = (0, Duration::ZERO);
     let (mut raw, mut raw_time) = (0, Duration::ZERO);
+    let (mut relay_cpu, mut raw_cpu) = (Cpu::default(), Cpu::default());
     let mut messages = messages.into_iter();
     while messages.len() > 0 {
         let slice: Vec<Message> = messages.by_ref().take(per_round * RAW_COPIES).collect();
@@ -1472,6 +1494,7 @@ async fn relay_vs_raw(b: &Bench) {
         // as soon as its own pass is done, so one loop's database work overlaps another's
         // publishing (a round of `Relay::passes` would wait for its slowest pass).
         let done = std::sync::atomic::AtomicUsize::new(0);
+        let before = Cpu::now();
         let started = Instant::now();
         futures::future::join_all((0..relay.concurrent_passes).map(|_| async {
             while done.load(std::sync::atomic::Ordering::Relaxed) < per_round {
@@ -1484,15 +1507,30 @@ async fn relay_vs_raw(b: &Bench) {
         }))
         .await;
         relay_time += started.elapsed();
+        relay_cpu.add_since(&before);
         relayed += done.into_inner();
         raw += slice.len();
+        let before = Cpu::now();
         raw_time += raw_publish(&relay.js, slice, window).await;
+        raw_cpu.add_since(&before);
     }
     let (relay_rate, raw_rate) = (rate(relayed, relay_time), rate(raw, raw_time));
     println!(
         "relay    gateway {relay_rate:>8.0} msg/s   raw publish {raw_rate:>5.0} msg/s   ratio {:.2}",
         relay_rate / raw_rate
     );
+    // Per message: where the relay's time goes beside the bare publish's.
+    for (cpu, n, side) in [(relay_cpu, relayed, "relay"), (raw_cpu, raw, "raw publish")] {
+        let us = |v: f64| v / n as f64 * 1e6;
+        println!(
+            "cpu        per message: {:.0} µs this process, {:.0} µs PostgreSQL, {:.0} µs NATS; \
+             machine {:.0} % busy   ({side})",
+            us(cpu.this),
+            us(cpu.postgres),
+            us(cpu.nats),
+            cpu.busy / cpu.total.max(1e-9) * 100.0
+        );
+    }
 }
 
 /// The number in the environment variable `name`, or `default` (unset or not a number).
@@ -1667,6 +1705,13 @@ async fn main() {
     steady(&b, &tenant, rate(ops(), e2e) / 2.0, "half", false).await;
     // The rate the relay-lag target is set at, under the same load.
     steady(&b, &tenant, 500.0, "500/s", false).await;
+    // Any further rates asked for (`BENCH_RATES=50,100`), for the shape of the CPU an
+    // operation costs against the rate.
+    for r in std::env::var("BENCH_RATES").unwrap_or_default().split(',') {
+        if let Ok(per_second) = r.trim().parse::<f64>() {
+            steady(&b, &tenant, per_second, &format!("{per_second}/s"), false).await;
+        }
+    }
     if std::env::var("BENCH_DEBUG").is_ok() {
         let text = metrics_text(&b.http, &b.url).await;
         for l in text.lines().filter(|l| {

@@ -24,7 +24,7 @@
 //! | `gateway_outbox_published_total` | counter | | rows JetStream acknowledged (duplicates included) |
 //! | `gateway_outbox_publish_errors_total` | counter | | publishes that failed or timed out |
 //! | `gateway_relay_batch_size` | histogram | | rows claimed per relay pass |
-//! | `gateway_relay_lag_seconds` | histogram | | outbox row written (its insert, not its transaction's start) to JetStream ack |
+//! | `gateway_relay_lag_seconds` | histogram | | outbox row written (its insert, not its transaction's start) to JetStream ack, counted once per message, in the pass JetStream acknowledged it in |
 //! | `gateway_relay_empty_passes_total` | counter | | relay passes for dispatches that found nothing to publish (a ring another loop answered, a poll); idle work, not a fault |
 //! | `gateway_relay_busy_rows_total` | counter | | outbox rows a relay pass published (or found published by an earlier one) but could not record, because another transaction held their resource at that moment; a later pass records them without publishing them again; not a fault |
 //! | `gateway_write_batch_size` | histogram | | creates recorded per group-commit transaction |

@@ -335,7 +335,17 @@ async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_o
     let mut holder = app.pool.begin().await.unwrap();
     resources::lock(&mut holder, resource_id).await.unwrap();
 
-    let relay = relay_for(&app);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let relay = Relay {
+        metrics: gateway::metrics::Metrics::register(&mut registry),
+        ..relay_for(&app)
+    };
+    let lags = || {
+        let text = gateway::metrics::render(&registry);
+        text.lines()
+            .find_map(|l| l.strip_prefix("gateway_relay_lag_seconds_count "))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+    };
     let pass = tokio::time::timeout(Duration::from_secs(5), relay.pass())
         .await
         .expect("the relay waited for a resource lock")
@@ -360,6 +370,8 @@ async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_o
     };
     assert_eq!(state(busy_op.into()).await, ("pending".into(), None));
     assert_eq!(relay.metrics.relay_busy_rows.get(), 1);
+    // Both messages are in the stream: both lags are counted, at their acks.
+    assert_eq!(lags(), Some(2));
     // A publish of it now would fail: only a record without one can succeed.
     let kept: Option<i64> = sqlx::query_scalar(
         "UPDATE outbox SET subject = 'nowhere.' || subject RETURNING published_seq",
@@ -376,6 +388,11 @@ async fn a_row_whose_resource_is_in_use_waits_for_a_later_pass_and_holds_up_no_o
     let pass = relay.pass().await.unwrap();
     assert_eq!((pass.claimed, pass.published, pass.busy), (1, 1, 0));
     assert_eq!(app.count("outbox").await, 0);
+    assert_eq!(
+        lags(),
+        Some(2),
+        "a message's lag is counted once, at its ack, not again when it is recorded"
+    );
     let (recorded, seq) = state(busy_op.into()).await;
     assert_eq!(recorded, "dispatched");
     let js = &app.running.as_ref().unwrap().backends.js;
