@@ -1468,7 +1468,7 @@ async fn relay_vs_raw(b: &Bench) {
         .execute(&pool)
         .await
         .unwrap();
-    let relay = gateway::relay::Relay {
+    let relay = std::sync::Arc::new(gateway::relay::Relay {
         pool: pool.clone(),
         js: b.running.backends.js.clone(),
         batch_size: env_or("BENCH_RELAY_BATCH", b.config.relay_batch_size),
@@ -1479,7 +1479,7 @@ async fn relay_vs_raw(b: &Bench) {
         metrics: Default::default(),
         signer: b.config.dispatch_signing_key.clone().unwrap(),
         events_prefix: b.config.nats.events_prefix.clone(),
-    };
+    });
     let rows = 2 * ops();
     let messages = raw_messages(&pool, &relay.signer, rows, RAW_COPIES).await;
     let per_round = rows.div_ceil(ROUNDS);
@@ -1490,28 +1490,39 @@ async fn relay_vs_raw(b: &Bench) {
     let mut messages = messages.into_iter();
     while messages.len() > 0 {
         let slice: Vec<Message> = messages.by_ref().take(per_round * RAW_COPIES).collect();
-        // As `Relay::run`'s operations loops do under a backlog: each loop passes again
-        // as soon as its own pass is done, so one loop's database work overlaps another's
-        // publishing (a round of `Relay::passes` would wait for its slowest pass).
-        let done = std::sync::atomic::AtomicUsize::new(0);
+        // As `Relay::run`'s operations loops do under a backlog: each loop, a task of
+        // its own, passes again as soon as its own pass is done, so one loop's database
+        // work overlaps another's publishing (a round of `Relay::passes` would wait for
+        // its slowest pass), and their work in this process (signing, mostly) spreads
+        // over the runtime's threads (in one task, it ran on one).
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let before = Cpu::now();
         let started = Instant::now();
-        futures::future::join_all((0..relay.concurrent_passes).map(|_| async {
-            while done.load(std::sync::atomic::Ordering::Relaxed) < per_round {
-                let pass = relay.pass().await.unwrap();
-                done.fetch_add(pass.published, std::sync::atomic::Ordering::Relaxed);
-                if pass.claimed == 0 {
-                    break;
+        let loops = (0..relay.concurrent_passes).map(|_| {
+            let (relay, done) = (relay.clone(), done.clone());
+            tokio::spawn(async move {
+                while done.load(std::sync::atomic::Ordering::Relaxed) < per_round {
+                    let pass = relay.pass().await.unwrap();
+                    done.fetch_add(pass.published, std::sync::atomic::Ordering::Relaxed);
+                    if pass.claimed == 0 {
+                        break;
+                    }
                 }
-            }
-        }))
-        .await;
+            })
+        });
+        for finished in futures::future::join_all(loops.collect::<Vec<_>>()).await {
+            finished.unwrap();
+        }
         relay_time += started.elapsed();
         relay_cpu.add_since(&before);
-        relayed += done.into_inner();
+        relayed += done.load(std::sync::atomic::Ordering::Relaxed);
         raw += slice.len();
         let before = Cpu::now();
-        raw_time += raw_publish(&relay.js, slice, window).await;
+        // A task on the runtime's threads too, as the relay's loops are.
+        let js = relay.js.clone();
+        raw_time += tokio::spawn(async move { raw_publish(&js, slice, window).await })
+            .await
+            .unwrap();
         raw_cpu.add_since(&before);
     }
     let (relay_rate, raw_rate) = (rate(relayed, relay_time), rate(raw, raw_time));
