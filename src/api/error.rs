@@ -176,8 +176,12 @@ impl From<LifecycleError> for ApiError {
             }
             LifecycleError::TenantNotFound => Self::tenant_not_found(),
             LifecycleError::NotFound => Self::not_found("resource"),
-            LifecycleError::NameTaken { .. } => {
-                Self::new(StatusCode::CONFLICT, "name_taken", e.to_string())
+            LifecycleError::NameTaken { existing, .. } => {
+                let taken = Self::new(StatusCode::CONFLICT, "name_taken", e.to_string());
+                match existing {
+                    Some(id) => taken.with_details(json!({ "resource_id": id })),
+                    None => taken,
+                }
             }
             LifecycleError::UnknownAction { .. } => {
                 Self::new(StatusCode::NOT_FOUND, "unknown_action", e.to_string())

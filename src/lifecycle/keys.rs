@@ -125,6 +125,7 @@ pub async fn create(
         .ok_or(LifecycleError::NameTaken {
             kind: "key".into(),
             name,
+            existing: None,
         })?;
     commit_audited(tx, audit).await?;
     Ok(CreatedKey { key: secret, row })

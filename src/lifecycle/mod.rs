@@ -101,6 +101,10 @@ pub enum LifecycleError {
         kind: String,
         /// The name.
         name: String,
+        /// The live resource that has the name, when it was found (a client whose
+        /// create without an `Idempotency-Key` was cut off, and made the resource after
+        /// all, can tell its own by it).
+        existing: Option<uuid::Uuid>,
     },
     /// The kind has no action of that name.
     #[error("a {kind} has no action {action}")]

@@ -262,11 +262,33 @@ impl ReadyCreate {
     }
 }
 
-/// Records one create in a transaction of its own.
+/// Records one create in a transaction of its own. A name a live resource has already is
+/// refused naming that resource ([`LifecycleError::NameTaken`]), looked up once the
+/// transaction has ended.
 pub(super) async fn create_alone(
     engine: &Engine,
     c: &ReadyCreate,
 ) -> Result<OperationRow, LifecycleError> {
+    match record_alone(engine, c).await {
+        Err(LifecycleError::NameTaken { kind, name, .. }) => {
+            // Only to help the client: if the lookup fails (or the resource went
+            // meanwhile), the refusal stands without it.
+            let existing = resources::live_id_by_name(&engine.pool, &c.tenant, c.rt.kind(), &name)
+                .await
+                .ok()
+                .flatten();
+            Err(LifecycleError::NameTaken {
+                kind,
+                name,
+                existing,
+            })
+        }
+        recorded => recorded,
+    }
+}
+
+/// [`create_alone`]'s transaction.
+async fn record_alone(engine: &Engine, c: &ReadyCreate) -> Result<OperationRow, LifecycleError> {
     let mut tx = Txn::begin(engine).await?;
     tx.audit(c.audit());
     if let Some(op) = replay(&mut tx, c.principal, c.idempotency()).await? {
@@ -281,6 +303,7 @@ pub(super) async fn create_alone(
             Some("resources_live_name") => LifecycleError::NameTaken {
                 kind: kind.to_string(),
                 name: c.name.clone(),
+                existing: None,
             },
             _ => e.into(),
         })?;

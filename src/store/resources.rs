@@ -154,6 +154,25 @@ pub async fn get_live(
     Ok(get(db, id).await?.filter(|r| is_live_of(r, tenant, kind)))
 }
 
+/// The ID of the live resource of `tenant` and `kind` named `name`, if there is one
+/// (the name is unique among them: `resources_live_name`).
+pub async fn live_id_by_name(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    kind: &Kind,
+    name: &str,
+) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT id FROM resources
+         WHERE tenant = $1 AND kind = $2 AND name = $3 AND deleted_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(kind.as_str())
+    .bind(name)
+    .fetch_optional(db)
+    .await
+}
+
 /// Resource `id`, live or deleted, of whichever tenant.
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<ResourceRow>> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM resources WHERE id = $1"))

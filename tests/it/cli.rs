@@ -81,6 +81,24 @@ async fn create_with_wait_prints_the_ready_vm_and_a_failure_exits_1_with_its_cod
     // Piped: progress comes as plain lines on stderr, ending in the final state.
     assert!(!ok.stderr.contains('\r'), "{}", ok.stderr);
     assert!(ok.stderr.contains("succeeded"), "{}", ok.stderr);
+    // The name again: refused, naming the VM that has it.
+    let again = gwctl(
+        &app,
+        &[
+            "-t", &t, "vms", "create", "web-1", "--zone", "zone-a", "--spec", VM_SPEC,
+        ],
+    )
+    .await;
+    assert_eq!(again.code, 3, "{}", again.stderr);
+    assert!(again.stderr.contains("name_taken"), "{}", again.stderr);
+    let id = vm["id"].as_str().unwrap();
+    assert!(
+        again
+            .stderr
+            .contains(&format!("details: {{\"resource_id\":\"{id}\"}}")),
+        "{}",
+        again.stderr
+    );
 
     let failed = gwctl(
         &app,

@@ -736,11 +736,17 @@ async fn a_create_whose_connection_is_cut_mid_statement_is_answered_503_and_foun
     let op = again.body["id"].as_str().unwrap();
     let recorded = format!("SELECT count(*) FROM operations WHERE id = '{op}'");
     assert_eq!(s.scalar(&recorded).await, 1);
-    // Without the key, the same create meets its own resource.
+    // Without the key, the same create meets its own resource, and the refusal names it:
+    // a client whose keyless create was cut off can tell it made the resource after all.
     let keyless = s.create(None).await;
     assert_eq!(
         (keyless.status, keyless.code()),
         (StatusCode::CONFLICT, "name_taken")
+    );
+    assert_eq!(
+        keyless.body["details"]["resource_id"], again.body["resource_id"],
+        "{:?}",
+        keyless.body
     );
 }
 

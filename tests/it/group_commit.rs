@@ -345,6 +345,8 @@ async fn a_batch_that_fails_records_each_of_its_creates_alone(path: Path) {
             "{path:?}: {:?}",
             a.body
         );
+        // Each refusal names the resource the one accepted create made.
+        assert_eq!(a.body["details"]["resource_id"], won[0].body["resource_id"]);
     }
     assert!(metric(&app.url, "gateway_write_batch_failures_total").await >= 1.0);
     assert_eq!(

@@ -224,6 +224,8 @@ async fn a_deleted_name_can_be_used_again() {
         .await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
     assert_eq!(dup.code(), "name_taken");
+    // The refusal names the resource that has the name.
+    assert_eq!(dup.body["details"]["resource_id"], first["resource_id"]);
     let path = format!(
         "/v1/tenants/{tenant}/clusters/{}",
         first["resource_id"].as_str().unwrap()

@@ -513,7 +513,17 @@ impl From<Error> for Fail {
     fn from(e: Error) -> Self {
         match e {
             Error::TimedOut => Fail(4, "error: timed out".into()),
-            Error::Api { code, message, .. } => Fail(3, format!("error: {code}: {message}")),
+            Error::Api {
+                code,
+                message,
+                details,
+                ..
+            } => {
+                // The details say where (a field) or what (the resource that has the
+                // name): compact JSON on a line of their own.
+                let details = details.map_or(String::new(), |d| format!("\n  details: {d}"));
+                Fail(3, format!("error: {code}: {message}{details}"))
+            }
             Error::Transport(e) => {
                 // reqwest keeps the telling part (connection refused, …) in the sources.
                 let mut message = format!("error: cannot reach the gateway: {e}");
