@@ -313,7 +313,7 @@ fn shared_components(components: &mut Map<String, Value>) {
             "Unauthenticated": error_response("`unauthenticated`: no key, or an unknown, revoked or expired key", false),
             "Forbidden": error_response("`forbidden`: the key's role does not allow this", false),
             "NotFound": error_response("`not_found`, `tenant_not_found`: nothing visible to this key", false),
-            "Conflict": error_response("`idempotency_key_reused`, `resource_deleting`, `invalid_state`, `name_taken` or `quota_exceeded`", false),
+            "Conflict": error_response("`idempotency_key_reused`, `resource_deleting`, `invalid_state`, `name_taken` (`details.resource_id`: the live resource that has the name) or `quota_exceeded`", false),
             "PreconditionFailed": error_response("`precondition_failed`: `If-Match` does not name the current version (`details.current_etag`)", false),
             "PayloadTooLarge": error_response("`payload_too_large`: body over 64 KiB", false),
             "UnsupportedMediaType": error_response("`unsupported_media_type`: the body is not `application/json`", false),
