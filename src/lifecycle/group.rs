@@ -178,7 +178,16 @@ fn lost() -> LifecycleError {
 }
 
 /// Records `batch` and answers each create; the lane is free again when it returns.
+///
+/// If it panics (a bug), unwinding drops the batch's reply channels and its lane: each
+/// create is answered [`lost`] (`500 internal`), nothing of the batch is left half
+/// written (its transaction, if any, is rolled back when its connection is dropped),
+/// and the next batch takes the lane. The test
+/// `group_commit::a_batch_task_that_panics_answers_its_creates_and_frees_its_lane`
+/// holds it there, through `fault`.
 async fn run(engine: Engine, batch: Vec<Queued>, _lane: OwnedSemaphorePermit) {
+    #[cfg(debug_assertions)]
+    fault::check(batch.iter().map(|q| q.create.name.as_str()));
     engine.metrics.write_batch(batch.len());
     let all: Vec<&ReadyCreate> = batch.iter().map(|q| &q.create).collect();
     let recorded = match creates::at_once(&engine, &all).await {
@@ -244,4 +253,33 @@ fn failed(engine: &Engine, creates: usize) {
 fn unavailable(e: &sqlx::Error) -> LifecycleError {
     let io = std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string());
     LifecycleError::Database(sqlx::Error::Io(io))
+}
+
+/// Fault injection for the tests, in debug builds only (release builds have none of it):
+/// a batch holding a create of a name given to [`fault::panic_on`] panics in its task,
+/// before it records anything. A name is the test's own, so tests running side by side
+/// in one process do not meet each other's faults.
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+pub mod fault {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    static NAMES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+    /// Makes every batch holding a create named `name` panic.
+    pub fn panic_on(name: &str) {
+        NAMES.lock().expect("fault names").insert(name.to_owned());
+    }
+
+    /// Panics if one of `names` was given to [`panic_on`].
+    pub(super) fn check<'a>(mut names: impl Iterator<Item = &'a str>) {
+        let faulty = {
+            let set = NAMES.lock().expect("fault names");
+            names.find(|n| set.contains(*n)).map(str::to_owned)
+        };
+        if let Some(name) = faulty {
+            panic!("fault injected: a batch holding a create named {name:?}");
+        }
+    }
 }
