@@ -519,11 +519,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_gateway_fails_every_report_of_a_batch_transiently() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::testing::closed_port();
         let client = GatewayClient::new(&format!("http://127.0.0.1:{port}"), "k").unwrap();
         let reporter = BatchReporter::new(client, 16);
         let report = running();

@@ -157,16 +157,8 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Readiness>)
 mod tests {
     use super::*;
     use crate::metrics::WorkerMetrics;
+    use crate::testing::closed_port;
     use gateway_proto::Service;
-
-    /// A port nothing listens on.
-    fn closed_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
 
     /// Serves on port 0 with a NATS client that cannot connect and the gateway at
     /// `gateway_url`; returns the base URL.

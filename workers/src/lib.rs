@@ -61,3 +61,16 @@ pub use consume::{run_pool, run_pool_with_metrics};
 pub use drivers::{Driver, DriverError, ExecDriver, SimConfig, SimDriver};
 pub use gateway_proto::Service;
 pub use metrics::WorkerMetrics;
+
+/// What the unit tests of several modules share.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A port of this host nothing listens on (bound, read and let go).
+    pub fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}

@@ -567,11 +567,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_gateway_is_transient() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::testing::closed_port();
         let client = GatewayClient::new(&format!("http://127.0.0.1:{port}"), "k").unwrap();
         let peer = Peer::AttachTarget { vm: Uuid::now_v7() };
         let err = client

@@ -347,11 +347,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_gateway_is_transient() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::testing::closed_port();
         let err = running_report_fails(&format!("http://127.0.0.1:{port}/")).await;
         assert!(err.is_transient(), "{err}");
     }
