@@ -894,25 +894,25 @@ const WRITE_BATCH: &str = "gateway_write_batch_size";
 /// The `_sum` and `_count` of histogram `name` (no labels).
 async fn sum_and_count(http: &reqwest::Client, url: &str, name: &str) -> (f64, f64) {
     let text = metrics_text(http, url).await;
-    let value = |suffix: &str| {
-        let prefix = format!("{name}_{suffix} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
-    (value("sum"), value("count"))
+    (
+        sample(&text, &format!("{name}_sum")),
+        sample(&text, &format!("{name}_count")),
+    )
+}
+
+/// The value of the unlabelled series `name` in an exposition (0 when absent: a family
+/// before its first observation).
+fn sample(text: &str, name: &str) -> f64 {
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The value of counter `name` (no labels; 0 before its first increment).
 async fn counter(http: &reqwest::Client, url: &str, name: &str) -> f64 {
-    let prefix = format!("{name} ");
-    metrics_text(http, url)
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    sample(&metrics_text(http, url).await, name)
 }
 
 /// Outbox rows a relay pass could not record at once (their resource was in use).
