@@ -271,29 +271,25 @@ pub async fn list(
     before_id: Option<i64>,
     limit: i64,
 ) -> sqlx::Result<Vec<ListedRow>> {
-    sqlx::query_as(&format!(
+    let mut q = super::Filtered::new(format!(
         "SELECT {COLUMNS},
                 (SELECT p.tenant FROM principals p WHERE p.id = a.principal_id)
                     AS principal_tenant
-         FROM audit_log a LEFT JOIN audit_chain c ON c.audit_id = a.id
-         WHERE ($1::text IS NULL OR a.tenant = $1)
-           AND ($2::uuid IS NULL OR a.principal_id = $2)
-           AND ($2::uuid IS NULL OR $7::text IS NULL
-                OR EXISTS (SELECT 1 FROM principals p WHERE p.id = $2 AND p.tenant = $7))
-           AND ($3::text IS NULL OR a.outcome = $3)
-           AND ($4::timestamptz IS NULL OR a.at >= $4)
-           AND ($5::bigint IS NULL OR a.id < $5)
-         ORDER BY a.id DESC LIMIT $6"
-    ))
-    .bind(&f.tenant)
-    .bind(f.principal_id)
-    .bind(&f.outcome)
-    .bind(f.since)
-    .bind(before_id)
-    .bind(limit)
-    .bind(&f.principals_of)
-    .fetch_all(db)
-    .await
+         FROM audit_log a LEFT JOIN audit_chain c ON c.audit_id = a.id"
+    ));
+    q.and("a.tenant = ", f.tenant.as_deref())
+        .and("a.principal_id = ", f.principal_id);
+    if let (Some(id), Some(tenant)) = (f.principal_id, f.principals_of.as_deref()) {
+        let exists = q.condition();
+        exists
+            .push("EXISTS (SELECT 1 FROM principals p WHERE p.id = ")
+            .push_bind(id);
+        exists.push(" AND p.tenant = ").push_bind(tenant).push(")");
+    }
+    q.and("a.outcome = ", f.outcome.as_deref())
+        .and("a.at >= ", f.since)
+        .and("a.id < ", before_id);
+    q.page(db, "a.id DESC", limit).await
 }
 
 /// Sealed rows in chain order, strictly after place `after_seq` (a link whose row is

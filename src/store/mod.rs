@@ -137,6 +137,102 @@ pub(crate) fn unnest_insert(into: &str, first: usize, types: &[&str]) -> String 
     )
 }
 
+/// A list page's query, built from only the filters its request gave (an `AND` clause
+/// with a parameter for each) and with its limit written into the text.
+///
+/// Why not one text for every request, each filter `($n IS NULL OR column = $n)` and
+/// `LIMIT $m`: PostgreSQL then plans every execution anew (a custom plan), since a
+/// generic plan of such a text cannot tell which filters apply, nor how many rows the
+/// limit takes. Measured on a page of 100 VMs with `EXPLAIN (ANALYZE)` over a prepared
+/// statement: planning took 0.07 ms of each execution on an empty table and 0.10 ms
+/// beside 1,000,000 other tenants' rows (more statistics to weigh), about as long as
+/// executing it. A text per shape is planned once per connection and kept (0.01 ms),
+/// the same on a grown table. The shapes are few (the filters a route offers, times
+/// the page sizes clients ask for); sqlx keeps each connection's prepared statements in
+/// a bounded cache, so an unusual one costs a prepare, as every execution did before.
+pub(crate) struct Filtered<'a> {
+    query: sqlx::QueryBuilder<'a, sqlx::Postgres>,
+    conditions: usize,
+}
+
+impl<'a> Filtered<'a> {
+    /// Starts with `select`, a `SELECT … FROM …` without conditions.
+    pub fn new(select: impl Into<String>) -> Self {
+        Self {
+            query: sqlx::QueryBuilder::new(select),
+            conditions: 0,
+        }
+    }
+
+    /// Adds a condition, written by the caller on the builder this returns (with its
+    /// parameters bound by `push_bind`).
+    pub fn condition(&mut self) -> &mut sqlx::QueryBuilder<'a, sqlx::Postgres> {
+        self.conditions += 1;
+        let joint = if self.conditions == 1 {
+            " WHERE "
+        } else {
+            " AND "
+        };
+        self.query.push(joint)
+    }
+
+    /// Adds a condition without parameters.
+    pub fn holds(&mut self, condition: &str) -> &mut Self {
+        self.condition().push(condition);
+        self
+    }
+
+    /// Adds the condition `{condition}$n` with `value` as `$n`; `condition` ends with its
+    /// operator (`"tenant = "`), and holds no parameter of its own.
+    pub fn is<T>(&mut self, condition: &str, value: T) -> &mut Self
+    where
+        T: 'a + sqlx::Encode<'a, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        self.condition().push(condition).push_bind(value);
+        self
+    }
+
+    /// [`Filtered::is`], when there is a value (a filter the request gave).
+    pub fn and<T>(&mut self, condition: &str, value: Option<T>) -> &mut Self
+    where
+        T: 'a + sqlx::Encode<'a, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        if let Some(value) = value {
+            self.is(condition, value);
+        }
+        self
+    }
+
+    /// Adds `{row} < ($n, $m)` with `after`'s two values, when there are: a keyset page's
+    /// "after the last row of the previous page" for a descending order.
+    pub fn before<A, B>(&mut self, row: &str, after: Option<(A, B)>) -> &mut Self
+    where
+        A: 'a + sqlx::Encode<'a, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+        B: 'a + sqlx::Encode<'a, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        if let Some((a, b)) = after {
+            let query = self.condition().push(row).push(" < (");
+            query.push_bind(a).push(", ").push_bind(b).push(")");
+        }
+        self
+    }
+
+    /// Ends it with `ORDER BY {order} LIMIT {limit}` and fetches the rows.
+    pub async fn page<R>(
+        mut self,
+        db: impl sqlx::PgExecutor<'_>,
+        order: &str,
+        limit: i64,
+    ) -> sqlx::Result<Vec<R>>
+    where
+        R: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        self.query
+            .push(format!(" ORDER BY {order} LIMIT {}", limit.max(0)));
+        self.query.build_query_as().fetch_all(db).await
+    }
+}
+
 /// Begins a transaction on `pool`, on a connection the database has not ended
 /// ([`again_if_ended`]): `BEGIN` is what fails on an ended one, before anything of the
 /// caller's ran.

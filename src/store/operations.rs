@@ -491,27 +491,15 @@ pub async fn list_for_tenant(
     before_seq: Option<i64>,
     limit: i64,
 ) -> sqlx::Result<Vec<OperationRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM operations
-         WHERE tenant = $1
-           AND ($2::text IS NULL OR state = $2)
-           AND ($3::text IS NULL OR kind = $3)
-           AND ($4::text IS NULL OR zone = $4)
-           AND ($5::uuid IS NULL OR resource_id = $5)
-           AND ($6::timestamptz IS NULL OR created_at >= $6)
-           AND ($7::bigint IS NULL OR seq < $7)
-         ORDER BY seq DESC LIMIT $8"
-    ))
-    .bind(tenant)
-    .bind(filter.state.map(OperationState::as_str))
-    .bind(filter.kind.as_ref().map(Kind::as_str))
-    .bind(filter.zone.as_deref())
-    .bind(filter.resource_id)
-    .bind(filter.since)
-    .bind(before_seq)
-    .bind(limit)
-    .fetch_all(db)
-    .await
+    let mut q = super::Filtered::new(format!("SELECT {COLUMNS} FROM operations"));
+    q.is("tenant = ", tenant)
+        .and("state = ", filter.state.map(OperationState::as_str))
+        .and("kind = ", filter.kind.as_ref().map(Kind::as_str))
+        .and("zone = ", filter.zone.as_deref())
+        .and("resource_id = ", filter.resource_id)
+        .and("created_at >= ", filter.since)
+        .and("seq < ", before_seq);
+    q.page(db, "seq DESC", limit).await
 }
 
 /// IDs of active operations past their deadline, oldest deadline first. Not locked:

@@ -383,27 +383,14 @@ pub async fn list_live(
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> sqlx::Result<Vec<ResourceRow>> {
-    let (after_ts, after_id) = after.unzip();
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM resources
-         WHERE tenant = $1 AND kind = $2 AND deleted_at IS NULL
-           AND ($3::text IS NULL OR zone = $3)
-           AND ($4::text IS NULL OR phase = $4)
-           AND ($5::timestamptz IS NULL OR created_at >= $5)
-           AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7))
-           AND ($9::jsonb IS NULL OR labels @> $9)
-         ORDER BY created_at DESC, id DESC
-         LIMIT $8"
-    ))
-    .bind(tenant)
-    .bind(kind.as_str())
-    .bind(filter.zone.as_deref())
-    .bind(filter.phase.map(Phase::as_str))
-    .bind(filter.since)
-    .bind(after_ts)
-    .bind(after_id)
-    .bind(limit)
-    .bind(&filter.labels)
-    .fetch_all(db)
-    .await
+    let mut q = super::Filtered::new(format!("SELECT {COLUMNS} FROM resources"));
+    q.is("tenant = ", tenant)
+        .is("kind = ", kind.as_str())
+        .holds("deleted_at IS NULL")
+        .and("zone = ", filter.zone.as_deref())
+        .and("phase = ", filter.phase.map(Phase::as_str))
+        .and("created_at >= ", filter.since)
+        .before("(created_at, id)", after)
+        .and("labels @> ", filter.labels.as_ref());
+    q.page(db, "created_at DESC, id DESC", limit).await
 }

@@ -349,17 +349,10 @@ pub async fn deliveries(
     before: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> sqlx::Result<Vec<DeliveryRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries
-         WHERE webhook_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-         ORDER BY created_at DESC, id DESC LIMIT $4"
-    ))
-    .bind(webhook)
-    .bind(before.map(|b| b.0))
-    .bind(before.map(|b| b.1))
-    .bind(limit)
-    .fetch_all(db)
-    .await
+    let mut q = super::Filtered::new(format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries"));
+    q.is("webhook_id = ", webhook)
+        .before("(created_at, id)", before);
+    q.page(db, "created_at DESC, id DESC", limit).await
 }
 
 /// One delivery of an endpoint.
