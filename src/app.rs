@@ -427,7 +427,11 @@ impl<'c> Assembly<'c> {
             self.shutdown.clone(),
         );
         self.tasks.spawn(writer);
-        let sealer = crate::audit::run_sealer(self.backends.pool.clone(), self.shutdown.clone());
+        let sealer = crate::audit::run_sealer(
+            self.backends.pool.clone(),
+            self.engine.metrics.clone(),
+            self.shutdown.clone(),
+        );
         self.tasks.spawn(sealer);
         let keys = crate::keycache::KeyCache::new(
             self.backends.pool.clone(),

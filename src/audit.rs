@@ -17,7 +17,8 @@
 //! link's hash and its own hash, which covers the previous hash and every field of the
 //! row, encoded unambiguously. Neither table is ever updated. [`verify`] seals what was
 //! committed before it began, then recomputes the whole chain and names the first row
-//! that does not match.
+//! that does not match, or a row the chain went past without linking (one inserted
+//! behind the sealer, under another transaction's ID).
 
 use crate::metrics::Metrics;
 use crate::store::{self, audit::AuditRow};
@@ -252,13 +253,21 @@ const SEAL_BATCH: i64 = 1_000;
 /// Seals one batch of final rows (those of transactions older than every one still
 /// running, see [`store::audit::unsealed`]); returns how many.
 pub async fn seal(pool: &PgPool) -> sqlx::Result<usize> {
+    Ok(seal_pass(pool).await?.0)
+}
+
+/// A link of the chain: its place and hash.
+type Place = (i64, Vec<u8>);
+
+/// [`seal`], and the chain's end after it (the last link written, or the one found).
+async fn seal_pass(pool: &PgPool) -> sqlx::Result<(usize, Option<Place>)> {
     let mut tx = store::begin(pool).await?;
     store::advisory_xact_lock(&mut tx, LOCK_KEY).await?;
     let head = store::audit::chain_head(&mut tx).await?;
     let after = head.as_ref().map_or((0, 0), |h| (h.xid, h.audit_id));
     let rows = store::audit::unsealed(&mut tx, after, SEAL_BATCH).await?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok((0, head.map(|h| (h.chain_seq, h.hash))));
     }
     let (mut seq, mut prev) = head.map_or((0, GENESIS.to_vec()), |h| (h.chain_seq, h.hash));
     let mut links = Vec::with_capacity(rows.len());
@@ -275,7 +284,7 @@ pub async fn seal(pool: &PgPool) -> sqlx::Result<usize> {
     }
     store::audit::seal(&mut tx, &links).await?;
     tx.commit().await?;
-    Ok(rows.len())
+    Ok((rows.len(), Some((seq, prev))))
 }
 
 /// How long [`verify`] waits for the transactions older than itself to end.
@@ -312,12 +321,22 @@ pub async fn seal_all(pool: &PgPool, wait: Duration) -> sqlx::Result<bool> {
 /// Pause of the sealer when it found nothing left to seal.
 const SEAL_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Seals committed rows until `shutdown`, a batch at a time.
-pub async fn run_sealer(pool: PgPool, shutdown: CancellationToken) {
+/// Seals committed rows until `shutdown`, a batch at a time, and watches the chain's
+/// end ([`ChainWatch`]).
+pub async fn run_sealer(pool: PgPool, metrics: Metrics, shutdown: CancellationToken) {
+    let mut watch = ChainWatch::default();
     loop {
-        let pause = match seal(&pool).await {
-            Ok(n) if n as i64 == SEAL_BATCH => Duration::ZERO,
-            Ok(_) => SEAL_INTERVAL,
+        let pause = match seal_pass(&pool).await {
+            Ok((n, head)) => {
+                if let Err(e) = watch.check(&pool, &metrics, head).await {
+                    tracing::debug!(error = %e, "audit sealer: could not check the chain's end");
+                }
+                if n as i64 == SEAL_BATCH {
+                    Duration::ZERO
+                } else {
+                    SEAL_INTERVAL
+                }
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "audit sealer: pass failed; retrying");
                 Duration::from_secs(1)
@@ -327,6 +346,48 @@ pub async fn run_sealer(pool: PgPool, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+/// A tripwire on the chain's end, which the chain itself cannot guard: removing the
+/// newest rows *and* their links (with the append-only triggers off) leaves a shorter
+/// chain that [`verify`] finds intact, and the sealers then chain new rows after it.
+///
+/// Each sealer remembers the last link it saw and, at its next pass, checks that this
+/// link is still there with the same hash. Links are only ever appended, so a link gone
+/// or changed means the end of the chain was removed or rewritten: an `ERROR` line and
+/// `gateway_audit_chain_rewritten_total` (alerted on) say so. It sees what happens
+/// while a sealer runs, in any API process: a rewrite done while every one is stopped
+/// goes unseen.
+#[derive(Debug, Default)]
+pub struct ChainWatch {
+    last: Option<Place>,
+}
+
+impl ChainWatch {
+    /// Checks the link seen last, then remembers `head` (the chain's end now).
+    pub async fn check(
+        &mut self,
+        pool: &PgPool,
+        metrics: &Metrics,
+        head: Option<Place>,
+    ) -> sqlx::Result<()> {
+        if let Some((seq, hash)) = &self.last {
+            let now = store::audit::link_hash(pool, *seq).await?;
+            if now.as_ref() != Some(hash) {
+                metrics.audit_chain_rewritten.inc();
+                tracing::error!(
+                    chain_seq = seq,
+                    now = head.as_ref().map(|h| h.0),
+                    "audit chain rewritten: a link this process saw is {} (the newest rows \
+                     and their links were removed, or replaced); `gateway admin verify-audit` \
+                     checks what is there now",
+                    if now.is_some() { "changed" } else { "gone" },
+                );
+            }
+        }
+        self.last = head;
+        Ok(())
     }
 }
 
@@ -486,13 +547,26 @@ pub async fn verify_within(pool: &PgPool, wait: Duration) -> sqlx::Result<Verdic
         if rows.is_empty() {
             // The chain's last links, if their rows were removed (earlier ones are
             // found by the link of the row after them).
-            return Ok(match store::audit::link_after(pool, after).await? {
-                Some(id) => Verdict::Broken {
+            if let Some(id) = store::audit::link_after(pool, after).await? {
+                return Ok(Verdict::Broken {
                     id,
                     reason: "was removed (its link is in the chain, the row is gone)",
-                },
-                None => Verdict::Intact(checked),
-            });
+                });
+            }
+            // Rows the chain does not cover, though they sort before its end.
+            let head = store::audit::chain_head(&mut *pool.acquire().await?).await?;
+            if let Some(head) = head {
+                let behind = store::audit::unchained_behind(pool, head.xid, head.audit_id).await?;
+                if let Some(id) = behind {
+                    return Ok(Verdict::Broken {
+                        id,
+                        reason: "is not in the chain, though the chain went past it (inserted \
+                                 behind the sealer with another transaction's ID: forged or \
+                                 back-dated)",
+                    });
+                }
+            }
+            return Ok(Verdict::Intact(checked));
         }
         for r in rows {
             if r.prev_hash.as_deref() != Some(prev.as_slice()) {

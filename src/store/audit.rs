@@ -309,6 +309,37 @@ pub async fn chain_page(
     .await
 }
 
+/// The first row the chain passed over: at or before `(head_xid, head_id)` (the end of
+/// the chain, in the sealer's `(xid, id)` order) and yet without a link. The sealer
+/// links every row it passes, and a row is only written with its own transaction's ID,
+/// which is above the end of the chain while that transaction runs; so such a row was
+/// inserted behind the sealer with a transaction ID not its own (or none): forged or
+/// back-dated.
+pub async fn unchained_behind(
+    db: impl PgExecutor<'_>,
+    head_xid: i64,
+    head_id: i64,
+) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "SELECT a.id FROM audit_log a
+         WHERE (COALESCE(a.xid, '0'), a.id) <= ($1::bigint::text::xid8, $2)
+           AND NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.audit_id = a.id)
+         ORDER BY a.id LIMIT 1",
+    )
+    .bind(head_xid)
+    .bind(head_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// The hash of the link at place `chain_seq`, if there is one.
+pub async fn link_hash(db: impl PgExecutor<'_>, chain_seq: i64) -> sqlx::Result<Option<Vec<u8>>> {
+    sqlx::query_scalar("SELECT hash FROM audit_chain WHERE chain_seq = $1")
+        .bind(chain_seq)
+        .fetch_optional(db)
+        .await
+}
+
 /// The row of the first link after place `after_seq`, if there is one.
 pub async fn link_after(db: impl PgExecutor<'_>, after_seq: i64) -> sqlx::Result<Option<i64>> {
     sqlx::query_scalar(

@@ -265,3 +265,99 @@ async fn verify_finds_the_last_chained_row_removed() {
             .unwrap();
     crate::common::tamper_and_verify(&app.pool, "DELETE FROM audit_log WHERE id = $1", last).await;
 }
+
+/// A row inserted behind the sealer, under a transaction ID below the chain's end (or
+/// none), is never chained: the sealer only goes forward. `verify` names it all the
+/// same, as a row the chain went past; before, it answered `Intact` while the trail
+/// listed a row nothing sealed.
+#[tokio::test]
+async fn verify_finds_a_row_inserted_behind_the_sealer() {
+    for xid in ["'1'", "NULL"] {
+        let app = spawn_with(Options::api_only()).await;
+        let request = format!("before-{}", crate::common::unique());
+        let mut conn = app.pool.acquire().await.unwrap();
+        gateway::audit::append_batch(&mut conn, vec![entry(&request)])
+            .await
+            .unwrap();
+        drop(conn);
+        assert!(matches!(
+            gateway::audit::verify(&app.pool).await.unwrap(),
+            gateway::audit::Verdict::Intact(_)
+        ));
+        let forged: i64 = sqlx::query_scalar("SELECT max(id) + 1000 FROM audit_log")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        let insert = format!(
+            "INSERT INTO audit_log (id, at, action, target, outcome, status, request_id, xid)
+             OVERRIDING SYSTEM VALUE
+             VALUES ($1, now() - interval '1 day', 'DELETE /v1/tenants/{{tenant}}',
+                     '/v1/tenants/acme', 'allowed', 202, 'forged', {xid})"
+        );
+        crate::common::tamper_and_verify(&app.pool, &insert, forged).await;
+    }
+}
+
+/// Waits (at most 10 s) until the row of `request_id` is in the chain.
+async fn wait_linked(pool: &sqlx::PgPool, request_id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !linked(pool, request_id).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{request_id} never chained"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The chain's end removed with its rows leaves a shorter chain that `verify` finds
+/// intact; the sealer running in the API process notices that the last link it saw is
+/// gone (and not before: ordinary sealing never trips it).
+#[tokio::test]
+async fn a_sealer_notices_the_end_of_the_chain_removed() {
+    let app = spawn_with(Options::api_only()).await;
+    let rewritten = "gateway_audit_chain_rewritten_total";
+    let tag = crate::common::unique();
+    for i in 0..3 {
+        let request = format!("end-{tag}-{i}");
+        let mut conn = app.pool.acquire().await.unwrap();
+        gateway::audit::append_batch(&mut conn, vec![entry(&request)])
+            .await
+            .unwrap();
+        drop(conn);
+        wait_linked(&app.pool, &request).await;
+    }
+    // A pass or two after the last link: the sealer has seen it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(crate::common::metric(&app.url, rewritten).await, 0.0);
+    // The newest two rows and their links removed, the triggers bypassed.
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "WITH gone AS (DELETE FROM audit_chain WHERE chain_seq > (SELECT max(chain_seq) - 2
+                                                             FROM audit_chain)
+                       RETURNING audit_id)
+         DELETE FROM audit_log WHERE id IN (SELECT audit_id FROM gone)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(matches!(
+        gateway::audit::verify(&app.pool).await.unwrap(),
+        gateway::audit::Verdict::Intact(_)
+    ));
+    // New rows chained after the shorter end (by verify here, or by the sealer) do not
+    // hide it: the link the sealer saw is gone or different.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while crate::common::metric(&app.url, rewritten).await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rewrite went unnoticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
