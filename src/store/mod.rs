@@ -227,9 +227,13 @@ impl<'a> Filtered<'a> {
     where
         R: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
+        self.order(order, limit);
+        self.query.build_query_as().fetch_all(db).await
+    }
+
+    fn order(&mut self, order: &str, limit: i64) {
         self.query
             .push(format!(" ORDER BY {order} LIMIT {}", limit.max(0)));
-        self.query.build_query_as().fetch_all(db).await
     }
 }
 
@@ -382,6 +386,33 @@ fn is_refused_tls_request(e: &sqlx::Error) -> bool {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// The text of a page query: only the filters given, each its own parameter,
+    /// joined by `WHERE` then `AND`, and the limit written in (never negative).
+    #[test]
+    fn a_page_query_holds_only_the_filters_given() {
+        let text = |zone: Option<&'static str>, after: Option<(i64, i64)>, limit: i64| {
+            let mut q = Filtered::new("SELECT id FROM t");
+            q.is("tenant = ", "a")
+                .holds("gone IS NULL")
+                .and("zone = ", zone)
+                .before("(at, id)", after);
+            q.order("at DESC, id DESC", limit);
+            q.query.sql().to_owned()
+        };
+        assert_eq!(
+            text(None, None, 101),
+            "SELECT id FROM t WHERE tenant = $1 AND gone IS NULL ORDER BY at DESC, id DESC LIMIT 101"
+        );
+        assert_eq!(
+            text(Some("z"), Some((1, 2)), -5),
+            "SELECT id FROM t WHERE tenant = $1 AND gone IS NULL AND zone = $2 \
+             AND (at, id) < ($3, $4) ORDER BY at DESC, id DESC LIMIT 0"
+        );
+        let mut none = Filtered::new("SELECT id FROM t");
+        none.and("zone = ", None::<&str>).and("kind = ", Some("vm"));
+        assert_eq!(none.query.sql(), "SELECT id FROM t WHERE kind = $1");
+    }
 
     fn ended() -> sqlx::Error {
         sqlx::Error::Io(std::io::ErrorKind::UnexpectedEof.into())
