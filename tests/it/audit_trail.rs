@@ -243,19 +243,28 @@ async fn a_row_committed_late_is_chained_after_it_commits_and_never_skipped() {
     }
 }
 
+/// Appends one row for `request_id`, as the audit writer does.
+async fn append(pool: &sqlx::PgPool, request_id: &str) {
+    let mut conn = pool.acquire().await.unwrap();
+    gateway::audit::append_batch(&mut conn, vec![entry(request_id)])
+        .await
+        .unwrap();
+}
+
+/// [`append`], then `verify` (which seals it) finds the chain intact.
+async fn append_intact(pool: &sqlx::PgPool, request_id: &str) {
+    append(pool, request_id).await;
+    assert!(matches!(
+        gateway::audit::verify(pool).await.unwrap(),
+        gateway::audit::Verdict::Intact(_)
+    ));
+}
+
 #[tokio::test]
 async fn verify_finds_the_last_chained_row_removed() {
     let app = spawn_with(Options::api_only()).await;
     let request = format!("last-{}", crate::common::unique());
-    let mut conn = app.pool.acquire().await.unwrap();
-    gateway::audit::append_batch(&mut conn, vec![entry(&request)])
-        .await
-        .unwrap();
-    drop(conn);
-    assert!(matches!(
-        gateway::audit::verify(&app.pool).await.unwrap(),
-        gateway::audit::Verdict::Intact(_)
-    ));
+    append_intact(&app.pool, &request).await;
     // The newest link's row removed, bypassing the triggers: no row after it links to
     // it, so only its link can tell.
     let last: i64 =
@@ -275,15 +284,7 @@ async fn verify_finds_a_row_inserted_behind_the_sealer() {
     for xid in ["'1'", "NULL"] {
         let app = spawn_with(Options::api_only()).await;
         let request = format!("before-{}", crate::common::unique());
-        let mut conn = app.pool.acquire().await.unwrap();
-        gateway::audit::append_batch(&mut conn, vec![entry(&request)])
-            .await
-            .unwrap();
-        drop(conn);
-        assert!(matches!(
-            gateway::audit::verify(&app.pool).await.unwrap(),
-            gateway::audit::Verdict::Intact(_)
-        ));
+        append_intact(&app.pool, &request).await;
         let forged: i64 = sqlx::query_scalar("SELECT max(id) + 1000 FROM audit_log")
             .fetch_one(&app.pool)
             .await
@@ -320,32 +321,22 @@ async fn a_sealer_notices_the_end_of_the_chain_removed() {
     let tag = crate::common::unique();
     for i in 0..3 {
         let request = format!("end-{tag}-{i}");
-        let mut conn = app.pool.acquire().await.unwrap();
-        gateway::audit::append_batch(&mut conn, vec![entry(&request)])
-            .await
-            .unwrap();
-        drop(conn);
+        append(&app.pool, &request).await;
         wait_linked(&app.pool, &request).await;
     }
     // A pass or two after the last link: the sealer has seen it.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(crate::common::metric(&app.url, rewritten).await, 0.0);
     // The newest two rows and their links removed, the triggers bypassed.
-    let mut tx = app.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(
+    crate::common::tamper(
+        &app.pool,
         "WITH gone AS (DELETE FROM audit_chain WHERE chain_seq > (SELECT max(chain_seq) - 2
                                                              FROM audit_chain)
                        RETURNING audit_id)
          DELETE FROM audit_log WHERE id IN (SELECT audit_id FROM gone)",
+        None,
     )
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    .await;
     assert!(matches!(
         gateway::audit::verify(&app.pool).await.unwrap(),
         gateway::audit::Verdict::Intact(_)

@@ -142,17 +142,27 @@ pub fn sample(text: &str, series: &str) -> f64 {
 /// Slots for tests that run real processes; see [`heavy`].
 static HEAVY: Semaphore = Semaphore::const_new(2);
 
-/// Runs `sql` on audit row `id` (bound as `$1`) the way someone with superuser rights
-/// could, bypassing the append-only triggers, then checks that the audit chain's
-/// verification names that row.
-pub async fn tamper_and_verify(pool: &PgPool, sql: &str, id: i64) {
+/// Runs `sql` (with `id` as `$1`, if given) in a transaction of its own with the
+/// triggers off, as someone with superuser rights could.
+pub async fn tamper(pool: &PgPool, sql: &str, id: Option<i64>) {
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("SET LOCAL session_replication_role = replica")
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query(sql).bind(id).execute(&mut *tx).await.unwrap();
+    let mut query = sqlx::query(sql);
+    if let Some(id) = id {
+        query = query.bind(id);
+    }
+    query.execute(&mut *tx).await.unwrap();
     tx.commit().await.unwrap();
+}
+
+/// Runs `sql` on audit row `id` (bound as `$1`) the way someone with superuser rights
+/// could, bypassing the append-only triggers, then checks that the audit chain's
+/// verification names that row.
+pub async fn tamper_and_verify(pool: &PgPool, sql: &str, id: i64) {
+    tamper(pool, sql, Some(id)).await;
     match gateway::audit::verify(pool).await.unwrap() {
         gateway::audit::Verdict::Broken { id: at, .. } => assert_eq!(at, id),
         other => panic!("tampering not found: {other:?}"),
