@@ -553,20 +553,15 @@ pub async fn verify_within(pool: &PgPool, wait: Duration) -> sqlx::Result<Verdic
                     reason: "was removed (its link is in the chain, the row is gone)",
                 });
             }
-            // Rows the chain does not cover, though they sort before its end.
-            let head = store::audit::chain_head(&mut *pool.acquire().await?).await?;
-            if let Some(head) = head {
-                let behind = store::audit::unchained_behind(pool, head.xid, head.audit_id).await?;
-                if let Some(id) = behind {
-                    return Ok(Verdict::Broken {
-                        id,
-                        reason: "is not in the chain, though the chain went past it (inserted \
-                                 behind the sealer with another transaction's ID: forged or \
-                                 back-dated)",
-                    });
-                }
-            }
-            return Ok(Verdict::Intact(checked));
+            return Ok(match unchained_behind(pool).await? {
+                Some(id) => Verdict::Broken {
+                    id,
+                    reason: "is not in the chain, though the chain went past it (inserted \
+                             behind the sealer with another transaction's ID: forged or \
+                             back-dated)",
+                },
+                None => Verdict::Intact(checked),
+            });
         }
         for r in rows {
             if r.prev_hash.as_deref() != Some(prev.as_slice()) {
@@ -587,6 +582,29 @@ pub async fn verify_within(pool: &PgPool, wait: Duration) -> sqlx::Result<Verdic
             checked += 1;
         }
     }
+}
+
+/// Row IDs [`verify`] checks for links at once.
+const UNCHAINED_RANGE: i64 = 50_000;
+
+/// The first row the chain does not cover though it sorts before the chain's end
+/// ([`store::audit::unchained_behind`]), looked for a range of IDs at a time.
+async fn unchained_behind(pool: &PgPool) -> sqlx::Result<Option<i64>> {
+    let Some(head) = store::audit::chain_head(&mut *pool.acquire().await?).await? else {
+        return Ok(None);
+    };
+    let last = store::audit::last_id(pool).await?;
+    let mut from = 0;
+    while from <= last {
+        let ids = from..from.saturating_add(UNCHAINED_RANGE);
+        if let Some(id) =
+            store::audit::unchained_behind(pool, head.xid, head.audit_id, ids.clone()).await?
+        {
+            return Ok(Some(id));
+        }
+        from = ids.end;
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

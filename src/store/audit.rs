@@ -309,27 +309,40 @@ pub async fn chain_page(
     .await
 }
 
-/// The first row the chain passed over: at or before `(head_xid, head_id)` (the end of
-/// the chain, in the sealer's `(xid, id)` order) and yet without a link. The sealer
-/// links every row it passes, and a row is only written with its own transaction's ID,
-/// which is above the end of the chain while that transaction runs; so such a row was
-/// inserted behind the sealer with a transaction ID not its own (or none): forged or
-/// back-dated.
+/// The first row with an ID in `ids` that the chain passed over: at or before
+/// `(head_xid, head_id)` (the end of the chain, in the sealer's `(xid, id)` order) and
+/// yet without a link. The sealer links every row it passes, and a row is only written
+/// with its own transaction's ID, which is above the end of the chain while that
+/// transaction runs; so such a row was inserted behind the sealer with a transaction ID
+/// not its own (or none): forged or back-dated. A range at a time, through the primary
+/// key, so each statement stays well within the statement timeout however long the
+/// trail.
 pub async fn unchained_behind(
     db: impl PgExecutor<'_>,
     head_xid: i64,
     head_id: i64,
+    ids: std::ops::Range<i64>,
 ) -> sqlx::Result<Option<i64>> {
     sqlx::query_scalar(
         "SELECT a.id FROM audit_log a
-         WHERE (COALESCE(a.xid, '0'), a.id) <= ($1::bigint::text::xid8, $2)
+         WHERE a.id >= $3 AND a.id < $4
+           AND (COALESCE(a.xid, '0'), a.id) <= ($1::bigint::text::xid8, $2)
            AND NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.audit_id = a.id)
          ORDER BY a.id LIMIT 1",
     )
     .bind(head_xid)
     .bind(head_id)
+    .bind(ids.start)
+    .bind(ids.end)
     .fetch_optional(db)
     .await
+}
+
+/// The highest row ID of the trail (0 when it is empty).
+pub async fn last_id(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM audit_log")
+        .fetch_one(db)
+        .await
 }
 
 /// The hash of the link at place `chain_seq`, if there is one.
