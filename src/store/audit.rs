@@ -190,10 +190,16 @@ pub async fn transactions_ended(db: impl PgExecutor<'_>, since: i64) -> sqlx::Re
         .await
 }
 
-/// The next transaction ID to be assigned: every transaction begun so far has a lower
-/// one (or none yet, and will get a higher one).
+/// A transaction ID just assigned (to this statement's own transaction, which ends
+/// with it): every transaction that has written so far has a lower one, and any that
+/// writes later gets a higher one.
+///
+/// Not a snapshot's `xmax`, which is one past the newest transaction that has *ended*:
+/// a transaction still running may have that very ID, or a higher one, and
+/// [`transactions_ended`] then said it had ended while it ran (so `verify` skipped its
+/// rows: found as an intact chain of no rows behind a gateway killed mid-transaction).
 pub async fn transactions_begun(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+    sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
         .fetch_one(db)
         .await
 }

@@ -379,3 +379,44 @@ async fn the_chain_watch_trips_on_a_link_replaced_not_on_growth() {
     watch.check(&app.pool, &metrics, end).await.unwrap();
     assert_eq!(metrics.audit_chain_rewritten.get(), 1);
 }
+
+/// `seal_all` (and so `verify`) waits for a transaction that wrote before it began,
+/// and seals its rows, even when that transaction ends right after a pass that found
+/// nothing final. Two faults let it stop short, each leaving `verify` an intact chain
+/// without those rows: it took a snapshot's `xmax` for "every transaction begun so far
+/// is below this", which a running transaction's own ID can equal, so it did not wait
+/// at all; and it asked whether those transactions had ended *after* an empty pass, so
+/// one ending in between was never sealed.
+#[tokio::test]
+async fn sealing_everything_takes_the_rows_of_a_transaction_ending_right_after_an_empty_pass() {
+    let app = spawn_with(Options::api_only()).await;
+    let request = format!("ending-{}", crate::common::unique());
+    let mut open = app.pool.begin().await.unwrap();
+    gateway::audit::append_batch(&mut open, vec![entry(&request)])
+        .await
+        .unwrap();
+    // The open transaction is the newest to have written (no transaction has ended
+    // since it began): sealing everything waits for it, and says when it could not.
+    assert!(
+        !gateway::audit::seal_all(&app.pool, Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+    assert!(!linked(&app.pool, &request).await);
+    let database = app
+        .pool
+        .connect_options()
+        .get_database()
+        .unwrap()
+        .to_owned();
+    let (got_there, go_on) = gateway::audit::fault::pause_after_an_empty_pass(&database);
+    let pool = app.pool.clone();
+    let sealing =
+        tokio::spawn(async move { gateway::audit::seal_all(&pool, Duration::from_secs(10)).await });
+    // Its pass found nothing final: the row's transaction is open.
+    got_there.await.unwrap();
+    open.commit().await.unwrap();
+    go_on.send(()).unwrap();
+    assert!(sealing.await.unwrap().unwrap());
+    assert!(linked(&app.pool, &request).await);
+}
