@@ -281,11 +281,14 @@ async fn verify_finds_the_last_chained_row_removed() {
 /// listed a row nothing sealed.
 #[tokio::test]
 async fn verify_finds_a_row_inserted_behind_the_sealer() {
-    for xid in ["'1'", "NULL"] {
+    // A forged transaction ID, or none; an ID in the first range `verify` checks, or
+    // past a few of them (it checks 50,000 IDs at a time).
+    for (xid, ahead) in [("'1'", 1_000), ("NULL", 120_000)] {
         let app = spawn_with(Options::api_only()).await;
         let request = format!("before-{}", crate::common::unique());
         append_intact(&app.pool, &request).await;
-        let forged: i64 = sqlx::query_scalar("SELECT max(id) + 1000 FROM audit_log")
+        let forged: i64 = sqlx::query_scalar("SELECT max(id) + $1 FROM audit_log")
+            .bind(ahead)
             .fetch_one(&app.pool)
             .await
             .unwrap();
