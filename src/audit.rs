@@ -305,7 +305,7 @@ pub async fn seal_all(pool: &PgPool, wait: Duration) -> sqlx::Result<bool> {
         let ended = store::audit::transactions_ended(pool, begun).await?;
         if seal(pool).await? == 0 {
             #[cfg(debug_assertions)]
-            fault::after_an_empty_pass(pool).await;
+            crate::pause::here(crate::pause::Point::AfterAnEmptySealingPass, pool).await;
             if ended {
                 return Ok(true);
             }
@@ -611,47 +611,6 @@ async fn unchained_behind(pool: &PgPool) -> sqlx::Result<Option<i64>> {
         from = ids.end;
     }
     Ok(None)
-}
-
-/// A seam for tests, compiled into debug builds only: holds [`seal_all`] right after a
-/// pass that sealed nothing, where a transaction ending used to be missed.
-#[cfg(debug_assertions)]
-pub mod fault {
-    use sqlx::PgPool;
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    use tokio::sync::oneshot;
-
-    type Pause = (oneshot::Sender<()>, oneshot::Receiver<()>);
-
-    static PAUSES: Mutex<Option<HashMap<String, Pause>>> = Mutex::new(None);
-
-    /// Holds the next [`super::seal_all`] on database `database` after a pass that
-    /// sealed nothing: the first channel says it got there, and it goes on once the
-    /// second is sent to (or dropped).
-    pub fn pause_after_an_empty_pass(
-        database: &str,
-    ) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
-        let (reached, got_there) = oneshot::channel();
-        let (go_on, resume) = oneshot::channel();
-        let mut pauses = PAUSES.lock().expect("audit pauses");
-        pauses
-            .get_or_insert_with(HashMap::new)
-            .insert(database.to_owned(), (reached, resume));
-        (got_there, go_on)
-    }
-
-    pub(super) async fn after_an_empty_pass(pool: &PgPool) {
-        let database = pool.connect_options().get_database().map(str::to_owned);
-        let pause = database.and_then(|d| {
-            let mut pauses = PAUSES.lock().expect("audit pauses");
-            pauses.as_mut().and_then(|p| p.remove(&d))
-        });
-        if let Some((reached, resume)) = pause {
-            let _ = reached.send(());
-            let _ = resume.await;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub mod keycache;
 pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
+#[cfg(debug_assertions)]
+pub mod pause;
 pub mod readcache;
 pub mod reconciler;
 pub mod registry;

@@ -293,6 +293,8 @@ impl Relay {
             self.metrics.relay_empty_passes.inc();
             return Ok(Pass::default());
         }
+        #[cfg(debug_assertions)]
+        crate::pause::here(crate::pause::Point::RelayPassClaimed, &self.pool).await;
         let results = self.publish(&rows).await;
         if let Some(recording) = recording {
             recording.notify_one();

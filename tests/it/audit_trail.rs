@@ -412,7 +412,8 @@ async fn sealing_everything_takes_the_rows_of_a_transaction_ending_right_after_a
         .get_database()
         .unwrap()
         .to_owned();
-    let (got_there, go_on) = gateway::audit::fault::pause_after_an_empty_pass(&database);
+    let (got_there, go_on) =
+        gateway::pause::at(gateway::pause::Point::AfterAnEmptySealingPass, &database);
     let pool = app.pool.clone();
     let sealing =
         tokio::spawn(async move { gateway::audit::seal_all(&pool, Duration::from_secs(10)).await });
