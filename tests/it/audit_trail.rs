@@ -406,14 +406,7 @@ async fn sealing_everything_takes_the_rows_of_a_transaction_ending_right_after_a
             .unwrap()
     );
     assert!(!linked(&app.pool, &request).await);
-    let database = app
-        .pool
-        .connect_options()
-        .get_database()
-        .unwrap()
-        .to_owned();
-    let (got_there, go_on) =
-        gateway::pause::at(gateway::pause::Point::AfterAnEmptySealingPass, &database);
+    let (got_there, go_on) = app.pause(gateway::pause::Point::AfterAnEmptySealingPass);
     let pool = app.pool.clone();
     let sealing =
         tokio::spawn(async move { gateway::audit::seal_all(&pool, Duration::from_secs(10)).await });

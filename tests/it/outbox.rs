@@ -691,13 +691,9 @@ async fn a_report_that_overtakes_the_relays_record_still_shows_the_dispatch() {
     );
 }
 
-/// A commit wakes one of the relay's operations loops, not all of them, and not again
-/// through its own ring on NATS (before, each commit cost every loop an empty pass, and
-/// then each again for the NATS echo). The relay's record of a dispatch rings its
-/// events loop: the dispatch's event goes out without waiting for the next commit.
-#[tokio::test]
-async fn a_commit_wakes_one_relay_pass_and_a_dispatch_rings_the_events_loop() {
-    // The relay polls only once a minute here: every pass below was rung.
+/// An app with its relay (four operations loops) polling once a minute, so only a ring
+/// wakes a pass in time, settled after its first passes; and a tenant.
+async fn relay_that_polls_once_a_minute() -> (common::TestApp, String) {
     let app = spawn_with(Options {
         tweak: |c| {
             c.relay_poll_interval = Duration::from_secs(60);
@@ -709,6 +705,17 @@ async fn a_commit_wakes_one_relay_pass_and_a_dispatch_rings_the_events_loop() {
     let tenant = app.tenant().await;
     app.wait_outbox_empty().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (app, tenant)
+}
+
+/// A commit wakes one of the relay's operations loops, not all of them, and not again
+/// through its own ring on NATS (before, each commit cost every loop an empty pass, and
+/// then each again for the NATS echo). The relay's record of a dispatch rings its
+/// events loop: the dispatch's event goes out without waiting for the next commit.
+#[tokio::test]
+async fn a_commit_wakes_one_relay_pass_and_a_dispatch_rings_the_events_loop() {
+    // The relay polls only once a minute here: every pass below was rung.
+    let (app, tenant) = relay_that_polls_once_a_minute().await;
     let empty = || common::metric(&app.url, "gateway_relay_empty_passes_total");
     let before = empty().await;
     for i in 0..20 {
@@ -791,24 +798,8 @@ async fn a_commit_in_one_process_rings_the_relay_in_another() {
 /// time.
 #[tokio::test]
 async fn a_held_up_relay_pass_does_not_hold_up_the_operations_committed_meanwhile() {
-    let app = spawn_with(Options {
-        tweak: |c| {
-            c.relay_poll_interval = Duration::from_secs(60);
-            c.relay_concurrent_passes = 4;
-        },
-        ..Options::api_and_relay()
-    })
-    .await;
-    let tenant = app.tenant().await;
-    app.wait_outbox_empty().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let database = app
-        .pool
-        .connect_options()
-        .get_database()
-        .unwrap()
-        .to_owned();
-    let (got_there, go_on) = gateway::pause::at(gateway::pause::Point::RelayPassClaimed, &database);
+    let (app, tenant) = relay_that_polls_once_a_minute().await;
+    let (got_there, go_on) = app.pause(gateway::pause::Point::RelayPassClaimed);
     let first = app
         .create(&tenant, "vms", "held", "zone-a", example_spec("vms"))
         .await;

@@ -594,6 +594,19 @@ impl TestApp {
         }
     }
 
+    /// Holds the next code of this app to reach `point` ([`gateway::pause`]): the first
+    /// channel says it got there, and it goes on once the second is sent to.
+    pub fn pause(
+        &self,
+        point: gateway::pause::Point,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let options = self.pool.connect_options();
+        gateway::pause::at(point, options.get_database().expect("a database"))
+    }
+
     /// Waits (10 s at most) until the outbox is empty: the relay deletes a row after
     /// JetStream's ack, which can trail the worker's reports.
     pub async fn wait_outbox_empty(&self) {
