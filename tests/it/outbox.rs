@@ -708,6 +708,19 @@ async fn relay_that_polls_once_a_minute() -> (common::TestApp, String) {
     (app, tenant)
 }
 
+/// Creates VM `name` and checks that it is dispatched within 5 s: with the relay of
+/// [`relay_that_polls_once_a_minute`], by a ring, not a poll.
+async fn dispatched_in_time(app: &common::TestApp, tenant: &str, name: &str) {
+    let op = app
+        .create(tenant, "vms", name, "zone-a", example_spec("vms"))
+        .await;
+    let started = tokio::time::Instant::now();
+    app.wait_op(op["id"].as_str().unwrap(), |op| op["state"] == "dispatched")
+        .await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "{name}: {took:?}, not rung");
+}
+
 /// A commit wakes one of the relay's operations loops, not all of them, and not again
 /// through its own ring on NATS (before, each commit cost every loop an empty pass, and
 /// then each again for the NATS echo). The relay's record of a dispatch rings its
@@ -719,22 +732,7 @@ async fn a_commit_wakes_one_relay_pass_and_a_dispatch_rings_the_events_loop() {
     let empty = || common::metric(&app.url, "gateway_relay_empty_passes_total");
     let before = empty().await;
     for i in 0..20 {
-        let op = app
-            .create(
-                &tenant,
-                "vms",
-                &format!("vm-{i}"),
-                "zone-a",
-                example_spec("vms"),
-            )
-            .await;
-        let started = tokio::time::Instant::now();
-        app.wait_op(op["id"].as_str().unwrap(), |op| op["state"] == "dispatched")
-            .await;
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "rung, not polled"
-        );
+        dispatched_in_time(&app, &tenant, &format!("vm-{i}")).await;
     }
     let wasted = empty().await - before;
     assert!(
@@ -806,23 +804,7 @@ async fn a_held_up_relay_pass_does_not_hold_up_the_operations_committed_meanwhil
     got_there.await.unwrap();
     // The leader holds the first row, claimed and not published.
     for i in 0..3 {
-        let op = app
-            .create(
-                &tenant,
-                "vms",
-                &format!("after-{i}"),
-                "zone-a",
-                example_spec("vms"),
-            )
-            .await;
-        let started = tokio::time::Instant::now();
-        app.wait_op(op["id"].as_str().unwrap(), |op| op["state"] == "dispatched")
-            .await;
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "waited for the held pass or a poll: {:?}",
-            started.elapsed()
-        );
+        dispatched_in_time(&app, &tenant, &format!("after-{i}")).await;
     }
     let held = app
         .get(&format!("/v1/operations/{}", first["id"].as_str().unwrap()))
