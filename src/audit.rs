@@ -371,14 +371,21 @@ pub struct ChainWatch {
 }
 
 impl ChainWatch {
-    /// Checks the link seen last, then remembers `head` (the chain's end now).
+    /// Checks the link seen last, then remembers `head` (the chain's end now, as the
+    /// pass read or wrote it): a read of that link, unless it is `head` itself (an idle
+    /// chain costs no query).
     pub async fn check(
         &mut self,
         pool: &PgPool,
         metrics: &Metrics,
         head: Option<Place>,
     ) -> sqlx::Result<()> {
-        if let Some((seq, hash)) = &self.last {
+        // The end this pass read is the link seen last: there, unchanged, no query.
+        if let Some((seq, hash)) = self
+            .last
+            .as_ref()
+            .filter(|&last| head.as_ref() != Some(last))
+        {
             let now = store::audit::link_hash(pool, *seq).await?;
             if now.as_ref() != Some(hash) {
                 metrics.audit_chain_rewritten.inc();

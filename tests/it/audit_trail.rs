@@ -379,7 +379,15 @@ async fn the_chain_watch_trips_on_a_link_replaced_not_on_growth() {
     watch.check(&app.pool, &metrics, end.clone()).await.unwrap();
     assert_eq!(metrics.audit_chain_rewritten.get(), 1);
     // Counted once: it goes on from the chain as it is now.
-    watch.check(&app.pool, &metrics, end).await.unwrap();
+    watch.check(&app.pool, &metrics, end.clone()).await.unwrap();
+    assert_eq!(metrics.audit_chain_rewritten.get(), 1);
+    // An idle chain (the end read is the link seen last) costs no query: not even a
+    // pool that reaches no database fails it.
+    let nowhere = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+        .unwrap();
+    watch.check(&nowhere, &metrics, end).await.unwrap();
     assert_eq!(metrics.audit_chain_rewritten.get(), 1);
 }
 
