@@ -7,12 +7,11 @@
 //! by the code working on the test's own database, and only once.
 
 use sqlx::PgPool;
-use std::collections::HashMap;
 use std::sync::Mutex;
 use tokio::sync::oneshot;
 
 /// Where the code may be held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {
     /// `audit::seal_all`, right after a pass that sealed nothing.
     AfterAnEmptySealingPass,
@@ -21,20 +20,19 @@ pub enum Point {
     RelayPassClaimed,
 }
 
-type Held = (oneshot::Sender<()>, oneshot::Receiver<()>);
+/// A pause asked for: where, on which database, and its two channels.
+type Held = (Point, String, oneshot::Sender<()>, oneshot::Receiver<()>);
 
-static PAUSES: Mutex<Option<HashMap<(Point, String), Held>>> = Mutex::new(None);
+static PAUSES: Mutex<Vec<Held>> = Mutex::new(Vec::new());
 
 /// Holds the next code to reach `point` on database `database`: the first channel says
 /// it got there, and it goes on once the second is sent to (or dropped).
 pub fn at(point: Point, database: &str) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
     let (reached, got_there) = oneshot::channel();
     let (go_on, resume) = oneshot::channel();
-    PAUSES
-        .lock()
-        .expect("pauses")
-        .get_or_insert_with(HashMap::new)
-        .insert((point, database.to_owned()), (reached, resume));
+    let mut pauses = PAUSES.lock().expect("pauses");
+    pauses.retain(|(p, d, ..)| (*p, d.as_str()) != (point, database));
+    pauses.push((point, database.to_owned(), reached, resume));
     (got_there, go_on)
 }
 
@@ -44,12 +42,14 @@ pub(crate) async fn here(point: Point, pool: &PgPool) {
     let Some(database) = pool.connect_options().get_database().map(str::to_owned) else {
         return;
     };
-    let held = PAUSES
-        .lock()
-        .expect("pauses")
-        .as_mut()
-        .and_then(|p| p.remove(&(point, database)));
-    if let Some((reached, resume)) = held {
+    let held = {
+        let mut pauses = PAUSES.lock().expect("pauses");
+        let at = pauses
+            .iter()
+            .position(|(p, d, ..)| *p == point && *d == database);
+        at.map(|i| pauses.swap_remove(i))
+    };
+    if let Some((_, _, reached, resume)) = held {
         let _ = reached.send(());
         let _ = resume.await;
     }
