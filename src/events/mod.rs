@@ -27,19 +27,66 @@ pub enum MalformedEvent {
     Row(#[from] serde_json::Error),
 }
 
-/// The CloudEvent of an event row, and the subject it is published on
-/// (`{prefix}.{tenant}.{kind}.{zone}`).
-pub fn cloud_event(row: &EventRow, prefix: &str) -> Result<(String, CloudEvent), MalformedEvent> {
+/// The CloudEvents an event row stands for, in the order they are published, each with
+/// the subject it is published on (`{prefix}.{tenant}.{kind}.{zone}`): one, or two for
+/// the `operation.created` row of an operation inserted in a state other than `queued`
+/// (migration 0020). That row carries the operation as inserted; its first event,
+/// `operation.created`, carries it as it was created (`queued`, no message yet), and the
+/// second, `operation.<state>` with the ID [`EventRow::state_event_id`], as inserted —
+/// the two events the trigger wrote as two rows before.
+pub fn cloud_events(
+    row: &EventRow,
+    prefix: &str,
+) -> Result<Vec<(String, CloudEvent)>, MalformedEvent> {
     let event_type: EventType = row.event_type.parse()?;
+    let second = match row.state_event_id {
+        Some(id) if event_type == EventType::OperationCreated => Some(id),
+        _ => None,
+    };
+    let Some(second_id) = second else {
+        return Ok(vec![cloud_event(
+            row,
+            prefix,
+            event_type,
+            row.event_id,
+            &row.row,
+        )?]);
+    };
+    let state = row
+        .row
+        .get("state")
+        .and_then(|s| s.as_str())
+        .unwrap_or_default();
+    let state_type: EventType = format!("operation.{state}").parse()?;
+    let mut created = row.row.clone();
+    if let Some(fields) = created.as_object_mut() {
+        fields.insert("state".into(), "queued".into());
+        fields.insert("dispatches".into(), 0.into());
+    }
+    Ok(vec![
+        cloud_event(row, prefix, event_type, row.event_id, &created)?,
+        cloud_event(row, prefix, state_type, second_id, &row.row)?,
+    ])
+}
+
+/// The CloudEvent `id` of type `event_type` that `row` stands for, carrying `snapshot`
+/// (the changed row), and its subject.
+fn cloud_event(
+    row: &EventRow,
+    prefix: &str,
+    event_type: EventType,
+    id: uuid::Uuid,
+    snapshot: &serde_json::Value,
+) -> Result<(String, CloudEvent), MalformedEvent> {
     let kind: Kind = row.kind.parse()?;
     let (subject, data, generation) = if event_type.is_operation() {
-        let op: OperationRow = serde_json::from_value(row.row.clone())?;
+        let op: OperationRow = serde_json::from_value(snapshot.clone())?;
         let generation = op.target_generation;
         let data = serde_json::to_value(OperationOut::from(op))?;
         let id = row.operation_id.unwrap_or(row.resource_id);
         (format!("operations/{id}"), data, generation)
     } else {
-        let r: ResourceRow = serde_json::from_value(row.row.clone())?;
+        let r: ResourceRow = serde_json::from_value(snapshot.clone())?;
         let generation = r.generation;
         let data = serde_json::to_value(ResourceOut::from(r))?;
         // The resource's path under the tenant, as the API has it.
@@ -48,7 +95,7 @@ pub fn cloud_event(row: &EventRow, prefix: &str) -> Result<(String, CloudEvent),
     };
     let event = CloudEvent {
         specversion: SPEC_VERSION.into(),
-        id: row.event_id,
+        id,
         source: format!("/v1/tenants/{}", row.tenant),
         event_type,
         subject,

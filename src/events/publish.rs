@@ -8,7 +8,7 @@
 //! ID) makes JetStream drop the second copy within the stream's duplicate window, so a
 //! watcher never sees an event twice.
 
-use super::cloud_event;
+use super::cloud_events;
 use crate::store::events;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -55,22 +55,29 @@ impl EventPublisher<'_> {
         }
         let mut done = Vec::with_capacity(rows.len());
         let mut acks = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match cloud_event(row, self.prefix) {
-                Ok((subject, event)) => {
-                    let mut headers = HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", row.event_id.to_string().as_str());
-                    let body = serde_json::to_vec(&event).expect("JSON serializes");
-                    // Sent in order; the acks are awaited together below.
-                    match self
-                        .js
-                        .publish_with_headers(subject, headers, body.into())
-                        .await
-                    {
-                        Ok(ack) => acks.push((row, ack)),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "relay: event publish failed");
-                            break;
+        'rows: for row in &rows {
+            match cloud_events(row, self.prefix) {
+                Ok(events) => {
+                    let last = events.len() - 1;
+                    for (i, (subject, event)) in events.into_iter().enumerate() {
+                        let mut headers = HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+                        let body = serde_json::to_vec(&event).expect("JSON serializes");
+                        // Sent in order; the acks are awaited together below.
+                        match self
+                            .js
+                            .publish_with_headers(subject, headers, body.into())
+                            .await
+                        {
+                            Ok(ack) => acks.push(Sent {
+                                row,
+                                ack,
+                                last: i == last,
+                            }),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "relay: event publish failed");
+                                break 'rows;
+                            }
                         }
                     }
                 }
@@ -91,14 +98,11 @@ impl EventPublisher<'_> {
     }
 
     /// Awaits the acks in order, stopping at the first failure (the rest stay for the
-    /// next pass, which re-publishes them: duplicates are dropped by their ID).
-    async fn collect(
-        &self,
-        acks: Vec<(&events::EventRow, jetstream::context::PublishAckFuture)>,
-        done: &mut Vec<i64>,
-    ) {
+    /// next pass, which re-publishes them: duplicates are dropped by their ID). A row is
+    /// done once the last of its events is acknowledged.
+    async fn collect(&self, acks: Vec<Sent<'_>>, done: &mut Vec<i64>) {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        for (row, ack) in acks {
+        for Sent { row, ack, last } in acks {
             match tokio::time::timeout_at(deadline, std::future::IntoFuture::into_future(ack)).await
             {
                 Ok(Ok(_)) => {
@@ -107,7 +111,9 @@ impl EventPublisher<'_> {
                         .unwrap_or_default();
                     self.metrics.events_published.inc();
                     self.metrics.events_lag.observe(lag.as_secs_f64());
-                    done.push(row.id);
+                    if last {
+                        done.push(row.id);
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(event = %row.event_id, error = %e, "relay: event not acknowledged");
@@ -120,4 +126,14 @@ impl EventPublisher<'_> {
             }
         }
     }
+}
+
+/// An event published, its ack awaited.
+struct Sent<'a> {
+    /// The row it comes from.
+    row: &'a events::EventRow,
+    /// JetStream's ack.
+    ack: jetstream::context::PublishAckFuture,
+    /// Whether it is the row's last event (the row is done once it is acknowledged).
+    last: bool,
 }

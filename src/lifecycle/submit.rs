@@ -498,7 +498,8 @@ async fn patch_labels(
 }
 
 /// Inserts an operation on `resource`: `pending` with its outbox row when `run_now`
-/// (its events are still `operation.created` then `operation.pending`: migration 0016),
+/// (its events are still `operation.created` then `operation.pending`, recorded in one
+/// row: migrations 0016 and 0020),
 /// else `queued` behind the resource's active operation.
 pub(super) async fn start_operation(
     txn: &mut Txn<'_>,

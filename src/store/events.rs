@@ -34,6 +34,10 @@ pub struct EventRow {
     pub row: Value,
     /// When the change committed.
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// For an `operation.created` row of an operation inserted in a state other than
+    /// `queued`: the ID of the `operation.<state>` event the row also stands for
+    /// (migration 0020; see [`crate::events::cloud_events`]).
+    pub state_event_id: Option<Uuid>,
 }
 
 /// Key of the transaction-scoped advisory lock held by the one relay that publishes
@@ -52,7 +56,7 @@ pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Even
     }
     sqlx::query_as(
         "SELECT e.id, e.event_id, e.type, e.tenant, e.kind, t.plural, e.zone, e.resource_id,
-                e.operation_id, e.request_id, e.row, e.created_at
+                e.operation_id, e.request_id, e.row, e.created_at, e.state_event_id
          FROM event_outbox e LEFT JOIN resource_types t ON t.kind = e.kind
          ORDER BY e.id LIMIT $1",
     )

@@ -159,12 +159,13 @@ async fn burst(
 /// The events each operation of `tenant` recorded, in order, as `type state dispatches`
 /// (the operation's, as the event carries it).
 async fn events_by_operation(app: &TestApp, tenant: &str) -> BTreeMap<String, Vec<String>> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT o.id::text, concat_ws(' ', e.type, e.row->>'state', e.row->>'dispatches')
-         FROM operations o
-         JOIN event_outbox e ON e.resource_id = o.resource_id
-         WHERE o.tenant = $1 ORDER BY e.id",
-    )
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT o.id::text, concat_ws(' ', e.type, e.state, e.dispatches)
+             FROM operations o
+             JOIN {} e ON e.resource_id = o.resource_id
+             WHERE o.tenant = $1 ORDER BY e.id, e.n",
+        crate::common::OUTBOX_EVENTS
+    ))
     .bind(tenant)
     .fetch_all(&app.pool)
     .await

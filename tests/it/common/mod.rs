@@ -29,6 +29,22 @@ pub mod tls;
 
 pub use servers::{all_pools, free_port, Deployment, Gateway, GatewayEnv, Nats, Postgres, TempDir};
 
+/// The events waiting in the events outbox, one row each, as the relay publishes them
+/// (`events::cloud_events`): a row of an operation inserted in a state other than
+/// `queued` stands for `operation.created` (`queued`, no dispatch) and then
+/// `operation.<state>` (migration 0020). Columns:
+/// `id`, `operation_id` and `resource_id` of the row; `n` (the event's place in it),
+/// `type`, `state` and `dispatches` of the event.
+pub const OUTBOX_EVENTS: &str = "(SELECT e.id, e.operation_id, e.resource_id, v.n, v.type,
+        v.state, v.dispatches
+    FROM event_outbox e CROSS JOIN LATERAL (VALUES
+        (1, e.type,
+         CASE WHEN e.state_event_id IS NULL THEN e.row->>'state' ELSE 'queued' END,
+         CASE WHEN e.state_event_id IS NULL THEN e.row->>'dispatches' ELSE '0' END),
+        (2, 'operation.' || (e.row->>'state'), e.row->>'state', e.row->>'dispatches')
+    ) v(n, type, state, dispatches)
+    WHERE v.n = 1 OR e.state_event_id IS NOT NULL)";
+
 use gateway::app::{self, Parts, Running};
 use gateway::config::{Config, NatsNames};
 use reqwest::{Method, StatusCode};
@@ -636,12 +652,13 @@ impl TestApp {
         scalar(&self.pool, &format!("SELECT count(*) FROM {table}")).await
     }
 
-    /// The types of operation `id`'s events waiting in the events outbox, in order.
+    /// The types of operation `id`'s events waiting in the events outbox, in order (a
+    /// row standing for two events, migration 0020, gives both).
     pub async fn operation_events(&self, id: &str) -> Vec<String> {
-        sqlx::query_scalar(
-            "SELECT type FROM event_outbox
-             WHERE operation_id = $1::uuid AND type LIKE 'operation.%' ORDER BY id",
-        )
+        sqlx::query_scalar(&format!(
+            "SELECT e.type FROM {OUTBOX_EVENTS} e
+             WHERE e.operation_id = $1::uuid AND e.type LIKE 'operation.%' ORDER BY e.id, e.n"
+        ))
         .bind(id)
         .fetch_all(&self.pool)
         .await
