@@ -30,7 +30,8 @@ pub struct EventRow {
     pub operation_id: Option<Uuid>,
     /// That operation's request ID.
     pub request_id: Option<String>,
-    /// The changed row, as the change left it.
+    /// The changed row, as the change left it (`row`, or `state_row` for a row that
+    /// stands for two events: migration 0020).
     pub row: Value,
     /// When the change committed.
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -56,7 +57,8 @@ pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Even
     }
     sqlx::query_as(
         "SELECT e.id, e.event_id, e.type, e.tenant, e.kind, t.plural, e.zone, e.resource_id,
-                e.operation_id, e.request_id, e.row, e.created_at, e.state_event_id
+                e.operation_id, e.request_id, COALESCE(e.row, e.state_row) AS row, e.created_at,
+                e.state_event_id
          FROM event_outbox e LEFT JOIN resource_types t ON t.kind = e.kind
          ORDER BY e.id LIMIT $1",
     )

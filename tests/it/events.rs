@@ -258,6 +258,83 @@ async fn a_relay_that_dies_between_publish_and_delete_publishes_nothing_twice() 
     assert_eq!(ids.len(), published);
 }
 
+/// The events claim of the relay before migration 0020, as it shipped.
+const CLAIM_BEFORE_0020: &str =
+    "SELECT e.id, e.event_id, e.type, e.tenant, e.kind, t.plural, e.zone, e.resource_id,
+            e.operation_id, e.request_id, e.row, e.created_at
+     FROM event_outbox e LEFT JOIN resource_types t ON t.kind = e.kind
+     ORDER BY e.id LIMIT $1";
+
+/// An event row as the relay before migration 0020 read it: `row` never NULL.
+#[derive(sqlx::FromRow)]
+#[allow(dead_code)]
+struct RowBefore0020 {
+    id: i64,
+    event_id: uuid::Uuid,
+    #[sqlx(rename = "type")]
+    event_type: String,
+    tenant: String,
+    kind: String,
+    plural: Option<String>,
+    zone: String,
+    resource_id: uuid::Uuid,
+    operation_id: Option<uuid::Uuid>,
+    request_id: Option<String>,
+    row: Value,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// During a rolling upgrade past migration 0020, a relay of the version before cannot
+/// take a row that stands for two events (it would publish `operation.created` alone):
+/// its claim fails on the row, so its pass fails and deletes nothing, and a relay of
+/// this version publishes both events.
+#[tokio::test]
+async fn a_relay_of_the_version_before_fails_on_a_row_standing_for_two_events() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let mut old = app.pool.begin().await.unwrap();
+    let claimed = sqlx::query_as::<_, RowBefore0020>(CLAIM_BEFORE_0020)
+        .bind(100i64)
+        .fetch_all(&mut *old)
+        .await;
+    assert!(
+        claimed.is_err(),
+        "the old relay read a row standing for two events"
+    );
+    old.rollback().await.unwrap();
+    assert_eq!(app.count("event_outbox").await, 2, "nothing taken");
+    // A queued operation's `operation.created` is one event: the old relay can take it.
+    sqlx::query("DELETE FROM event_outbox WHERE state_row IS NOT NULL")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let claimed = sqlx::query_as::<_, RowBefore0020>(CLAIM_BEFORE_0020)
+        .bind(100i64)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "resource.created");
+    // This version's relay publishes both events of a row that stands for two.
+    let second = app
+        .create(&tenant, "vms", "db", "zone-a", example_spec("vms"))
+        .await;
+    let relay = crate::outbox::relay_for(&app);
+    assert_eq!(relay.events_pass().await.unwrap().published, 3);
+    let events = events_of(&app, &tenant, 4).await;
+    let of_second: Vec<_> = events
+        .iter()
+        .filter(|(_, e)| e.operationid == Some(id_of(&second)) && e.event_type.is_operation())
+        .map(|(_, e)| e.event_type.as_str())
+        .collect();
+    assert_eq!(of_second, ["operation.created", "operation.pending"]);
+    assert!(events
+        .iter()
+        .all(|(_, e)| e.operationid != Some(id_of(&op)) || !e.event_type.is_operation()));
+}
+
 #[tokio::test]
 async fn only_one_relay_publishes_events_at_a_time() {
     let app = spawn_with(Options::api_only()).await;

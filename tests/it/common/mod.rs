@@ -39,11 +39,12 @@ pub const OUTBOX_EVENTS: &str = "(SELECT e.id, e.operation_id, e.resource_id, v.
         v.state, v.dispatches
     FROM event_outbox e CROSS JOIN LATERAL (VALUES
         (1, e.type,
-         CASE WHEN e.state_event_id IS NULL THEN e.row->>'state' ELSE 'queued' END,
-         CASE WHEN e.state_event_id IS NULL THEN e.row->>'dispatches' ELSE '0' END),
-        (2, 'operation.' || (e.row->>'state'), e.row->>'state', e.row->>'dispatches')
+         CASE WHEN e.row IS NULL THEN 'queued' ELSE e.row->>'state' END,
+         CASE WHEN e.row IS NULL THEN '0' ELSE e.row->>'dispatches' END),
+        (2, 'operation.' || (e.state_row->>'state'), e.state_row->>'state',
+         e.state_row->>'dispatches')
     ) v(n, type, state, dispatches)
-    WHERE v.n = 1 OR e.state_event_id IS NOT NULL)";
+    WHERE v.n = 1 OR e.state_row IS NOT NULL)";
 
 use gateway::app::{self, Parts, Running};
 use gateway::config::{Config, NatsNames};
