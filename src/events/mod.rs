@@ -39,18 +39,12 @@ pub fn cloud_events(
     prefix: &str,
 ) -> Result<Vec<(String, CloudEvent)>, MalformedEvent> {
     let event_type: EventType = row.event_type.parse()?;
-    let second = match row.state_event_id {
-        Some(id) if event_type == EventType::OperationCreated => Some(id),
-        _ => None,
-    };
+    let second = row
+        .state_event_id
+        .filter(|_| event_type == EventType::OperationCreated);
     let Some(second_id) = second else {
-        return Ok(vec![cloud_event(
-            row,
-            prefix,
-            event_type,
-            row.event_id,
-            &row.row,
-        )?]);
+        let only = cloud_event(row, prefix, event_type, row.event_id, row.row.clone())?;
+        return Ok(vec![only]);
     };
     let state = row
         .row
@@ -64,8 +58,8 @@ pub fn cloud_events(
         fields.insert("dispatches".into(), 0.into());
     }
     Ok(vec![
-        cloud_event(row, prefix, event_type, row.event_id, &created)?,
-        cloud_event(row, prefix, state_type, second_id, &row.row)?,
+        cloud_event(row, prefix, event_type, row.event_id, created)?,
+        cloud_event(row, prefix, state_type, second_id, row.row.clone())?,
     ])
 }
 
@@ -76,17 +70,17 @@ fn cloud_event(
     prefix: &str,
     event_type: EventType,
     id: uuid::Uuid,
-    snapshot: &serde_json::Value,
+    snapshot: serde_json::Value,
 ) -> Result<(String, CloudEvent), MalformedEvent> {
     let kind: Kind = row.kind.parse()?;
     let (subject, data, generation) = if event_type.is_operation() {
-        let op: OperationRow = serde_json::from_value(snapshot.clone())?;
+        let op: OperationRow = serde_json::from_value(snapshot)?;
         let generation = op.target_generation;
         let data = serde_json::to_value(OperationOut::from(op))?;
         let id = row.operation_id.unwrap_or(row.resource_id);
         (format!("operations/{id}"), data, generation)
     } else {
-        let r: ResourceRow = serde_json::from_value(snapshot.clone())?;
+        let r: ResourceRow = serde_json::from_value(snapshot)?;
         let generation = r.generation;
         let data = serde_json::to_value(ResourceOut::from(r))?;
         // The resource's path under the tenant, as the API has it.

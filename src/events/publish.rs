@@ -54,37 +54,37 @@ impl EventPublisher<'_> {
             return Ok(EventsPass::default());
         }
         let mut done = Vec::with_capacity(rows.len());
-        let mut acks = Vec::with_capacity(rows.len());
-        'rows: for row in &rows {
+        // Each row's events, in order; a malformed row is dropped (and deleted).
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
             match cloud_events(row, self.prefix) {
-                Ok(events) => {
-                    let last = events.len() - 1;
-                    for (i, (subject, event)) in events.into_iter().enumerate() {
-                        let mut headers = HeaderMap::new();
-                        headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
-                        let body = serde_json::to_vec(&event).expect("JSON serializes");
-                        // Sent in order; the acks are awaited together below.
-                        match self
-                            .js
-                            .publish_with_headers(subject, headers, body.into())
-                            .await
-                        {
-                            Ok(ack) => acks.push(Sent {
-                                row,
-                                ack,
-                                last: i == last,
-                            }),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "relay: event publish failed");
-                                break 'rows;
-                            }
-                        }
-                    }
+                Ok(of_row) => {
+                    let last = of_row.len() - 1;
+                    let of_row = of_row.into_iter().enumerate();
+                    events.extend(of_row.map(|(i, event)| (row, event, i == last)));
                 }
                 Err(e) => {
                     tracing::error!(event = %row.event_id, error = %e, "relay: malformed event dropped");
                     self.metrics.events_malformed.inc();
                     done.push(row.id);
+                }
+            }
+        }
+        let mut acks = Vec::with_capacity(events.len());
+        for (row, (subject, event), last) in events {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+            let body = serde_json::to_vec(&event).expect("JSON serializes");
+            // Sent in order; the acks are awaited together below.
+            match self
+                .js
+                .publish_with_headers(subject, headers, body.into())
+                .await
+            {
+                Ok(ack) => acks.push(Sent { row, ack, last }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay: event publish failed");
+                    break;
                 }
             }
         }
