@@ -335,6 +335,72 @@ async fn a_relay_of_the_version_before_fails_on_a_row_standing_for_two_events() 
         .all(|(_, e)| e.operationid != Some(id_of(&op)) || !e.event_type.is_operation()));
 }
 
+/// A row standing for two events whose second publish JetStream refuses stays in the
+/// outbox whole; the next pass publishes it again, JetStream drops the first event as a
+/// duplicate (its `Nats-Msg-Id`), and each event is in the stream once, in order. The
+/// refusal is real: the events stream is made to take one message fewer than the pass
+/// publishes (`max_msgs` with `discard: new`).
+#[tokio::test]
+async fn a_row_whose_second_event_is_refused_is_published_again_without_a_duplicate() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let js = app.running.as_ref().unwrap().backends.js.clone();
+    let limit = |max_messages: i64| {
+        let js = js.clone();
+        let name = app.config.nats.events_stream();
+        async move {
+            let mut config = js
+                .get_stream(&name)
+                .await
+                .unwrap()
+                .cached_info()
+                .config
+                .clone();
+            config.max_messages = max_messages;
+            config.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+            js.update_stream(config).await.unwrap();
+        }
+    };
+    // `resource.created`, then the operation's row: `operation.created` fits, its
+    // `operation.pending` does not.
+    limit(2).await;
+    let relay = crate::outbox::relay_for(&app);
+    let pass = relay.events_pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (2, 1), "{pass:?}");
+    let left: Vec<(String, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT type, operation_id FROM event_outbox")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        left,
+        [("operation.created".to_owned(), Some(id_of(&op)))],
+        "the row of two events stays whole"
+    );
+    limit(-1).await;
+    let pass = relay.events_pass().await.unwrap();
+    assert_eq!((pass.claimed, pass.published), (1, 1), "{pass:?}");
+    assert_eq!(app.count("event_outbox").await, 0);
+    let events = events_of(&app, &tenant, 3).await;
+    assert_eq!(
+        types(&events),
+        ["resource.created", "operation.created", "operation.pending"],
+        "each event once"
+    );
+    let info = js
+        .get_stream(app.config.nats.events_stream())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 3, "no duplicate stored");
+}
+
 /// A row the relay cannot turn into its events (written by hand, or by a newer schema)
 /// is dropped, logged and counted, not retried forever, and the rows around it are
 /// published: an unknown type, and a row standing for two events whose operation has
