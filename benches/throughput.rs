@@ -339,6 +339,7 @@ async fn start_with(parts: Parts, tweak: impl FnOnce(&mut Config)) -> Bench {
     config.reconcile_interval = shipped.reconcile_interval;
     config.relay_poll_interval = shipped.relay_poll_interval;
     tweak(&mut config);
+    Leftovers::of(&config).register();
     let backends = app::connect(&config).await.expect("PostgreSQL and NATS");
     let key = app::migrate(&config, &backends, true)
         .await
@@ -427,31 +428,95 @@ impl Bench {
     }
 
     async fn stop(self) {
-        let pool = self.running.backends.pool.clone();
-        let js = self.running.backends.js.clone();
         self.running.stop().await;
-        let _ = js.delete_stream(&self.config.nats.stream).await;
-        let _ = js
-            .delete_stream(format!("{}-ADVISORIES", self.config.nats.stream))
-            .await;
-        let _ = js.delete_stream(self.config.nats.events_stream()).await;
-        let db = self
-            .config
-            .database_url
-            .rsplit('/')
-            .next()
-            .and_then(|name| name.split('?').next())
-            .unwrap()
-            .to_owned();
-        pool.close().await;
+        Leftovers::of(&self.config).remove().await;
+    }
+}
+
+/// What a gateway of the benchmark leaves on the machine's NATS and PostgreSQL: its
+/// streams (each reserves its maximum size on the server, so streams left behind by
+/// interrupted runs end in `insufficient storage resources available`) and its
+/// database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Leftovers {
+    nats_url: String,
+    streams: [String; 3],
+    database: String,
+}
+
+/// The leftovers of the gateways running now, removed by [`on_interrupt`] if the run
+/// is stopped (Ctrl-C, `SIGTERM`) before their phases end.
+static RUNNING: std::sync::Mutex<Vec<Leftovers>> = std::sync::Mutex::new(Vec::new());
+
+/// The `gateway serve` processes running now (their IDs), stopped by [`on_interrupt`]:
+/// `exit` runs no destructor, so [`Server`]'s would not.
+static SERVERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+impl Leftovers {
+    fn of(config: &Config) -> Self {
+        let stream = &config.nats.stream;
+        Self {
+            nats_url: config.nats_url.clone(),
+            streams: [
+                stream.clone(),
+                format!("{stream}-ADVISORIES"),
+                config.nats.events_stream(),
+            ],
+            database: config
+                .database_url
+                .rsplit('/')
+                .next()
+                .and_then(|name| name.split('?').next())
+                .unwrap()
+                .to_owned(),
+        }
+    }
+
+    /// Counted as running, for [`on_interrupt`] to remove.
+    fn register(self) {
+        RUNNING.lock().unwrap().push(self);
+    }
+
+    /// Deletes the streams and drops the database; no longer counted as running.
+    async fn remove(self) {
+        RUNNING.lock().unwrap().retain(|l| *l != self);
+        if let Ok(client) = async_nats::connect(&self.nats_url).await {
+            let js = async_nats::jetstream::new(client);
+            for stream in &self.streams {
+                let _ = js.delete_stream(stream).await;
+            }
+        }
         let base = std::env::var("TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
         if let Ok(admin) = sqlx::PgPool::connect(&format!("{base}/postgres")).await {
+            let db = &self.database;
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
                 .execute(&admin)
                 .await;
         }
     }
+}
+
+/// Waits for Ctrl-C or `SIGTERM`; then stops the `gateway serve` processes, removes
+/// what the running gateways made (streams, databases) and exits, so a run stopped
+/// early (after the line it was run for, say) leaves nothing behind.
+async fn on_interrupt() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("\ninterrupted: removing the benchmark's streams and databases");
+    for pid in std::mem::take(&mut *SERVERS.lock().unwrap()) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let running = std::mem::take(&mut *RUNNING.lock().unwrap());
+    for leftovers in running {
+        leftovers.remove().await;
+    }
+    std::process::exit(130);
 }
 
 /// The raw baseline of a submit: the same three rows in one transaction, without the
@@ -980,8 +1045,10 @@ impl Server {
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create("/tmp/gateway-bench-serve.log").unwrap());
+        let child = command.spawn().expect("the gateway binary runs");
+        SERVERS.lock().unwrap().push(child.id());
         Self {
-            child: command.spawn().expect("the gateway binary runs"),
+            child,
             url: format!("http://127.0.0.1:{port}"),
         }
     }
@@ -1006,6 +1073,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        SERVERS
+            .lock()
+            .unwrap()
+            .retain(|pid| *pid != self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -1577,6 +1648,7 @@ async fn main() {
     if std::env::var_os("RUST_LOG").is_some() {
         gateway::telemetry::init(false);
     }
+    tokio::spawn(on_interrupt());
     let rss_start = rss_mib();
     println!(
         "control-plane gateway benchmark: {} operations, {CONCURRENCY} concurrent clients\n",
