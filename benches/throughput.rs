@@ -474,12 +474,15 @@ impl Leftovers {
 
     /// Counted as running, for [`on_interrupt`] to remove.
     fn register(self) {
-        RUNNING.lock().unwrap().push(self);
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).push(self);
     }
 
     /// Deletes the streams and drops the database; no longer counted as running.
     async fn remove(self) {
-        RUNNING.lock().unwrap().retain(|l| *l != self);
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|l| *l != self);
         if let Ok(client) = async_nats::connect(&self.nats_url).await {
             let js = async_nats::jetstream::new(client);
             for stream in &self.streams {
@@ -512,7 +515,7 @@ async fn on_interrupt() {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
-    let running = std::mem::take(&mut *RUNNING.lock().unwrap());
+    let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
     for leftovers in running {
         leftovers.remove().await;
     }
@@ -532,8 +535,8 @@ async fn raw_inserts(
     let triggers = |on: bool| {
         let verb = if on { "ENABLE" } else { "DISABLE" };
         format!(
-            "ALTER TABLE resources {verb} TRIGGER resources_events;
-             ALTER TABLE operations {verb} TRIGGER operations_events;"
+            "ALTER TABLE resources {verb} TRIGGER USER;
+             ALTER TABLE operations {verb} TRIGGER USER;"
         )
     };
     sqlx::raw_sql(&triggers(false)).execute(pool).await.unwrap();
@@ -1649,6 +1652,34 @@ async fn main() {
         gateway::telemetry::init(false);
     }
     tokio::spawn(on_interrupt());
+    // A phase that panics (an `unwrap` on a failed request, say) ends the run too: its
+    // gateways' streams and databases are removed first, on a thread and a runtime of
+    // their own. Only a panic of the main thread, which runs the phases, ends the run: a
+    // task's panic is the gateway's to handle (it answers that request `500`).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        if std::thread::current().name() != Some("main") {
+            return;
+        }
+        let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+        if running.is_empty() {
+            return;
+        }
+        eprintln!("removing the benchmark's streams and databases");
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                for leftovers in running {
+                    leftovers.remove().await;
+                }
+            });
+        })
+        .join();
+    }));
     let rss_start = rss_mib();
     println!(
         "control-plane gateway benchmark: {} operations, {CONCURRENCY} concurrent clients\n",
