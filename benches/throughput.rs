@@ -60,7 +60,9 @@
 //! enough to profile; `BENCH_STATEMENTS=1` adds each phase's costliest statements
 //! (from `pg_stat_statements`, see [`statements_wanted`]). Memory is the process's
 //! resident set size before and after.
-//! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`).
+//! Needs PostgreSQL and NATS as for the tests (`scripts/services.sh`). Each gateway it
+//! starts has a database and streams of its own, removed at the end of its phases, and
+//! also when the run is stopped early (Ctrl-C, `SIGTERM`) or a phase panics.
 
 /// The allocator the `gateway` binary runs with (`src/main.rs`): the gateway measured here
 /// is the one that binary runs, and the raw baselines share the process.
@@ -511,7 +513,7 @@ async fn on_interrupt() {
         _ = term.recv() => {}
     }
     eprintln!("\ninterrupted: removing the benchmark's streams and databases");
-    for pid in std::mem::take(&mut *SERVERS.lock().unwrap()) {
+    for pid in std::mem::take(&mut *SERVERS.lock().unwrap_or_else(|e| e.into_inner())) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
@@ -1049,7 +1051,10 @@ impl Server {
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create("/tmp/gateway-bench-serve.log").unwrap());
         let child = command.spawn().expect("the gateway binary runs");
-        SERVERS.lock().unwrap().push(child.id());
+        SERVERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child.id());
         Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -1078,7 +1083,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         SERVERS
             .lock()
-            .unwrap()
+            .unwrap_or_else(|e| e.into_inner())
             .retain(|pid| *pid != self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
