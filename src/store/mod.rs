@@ -147,12 +147,16 @@ pub(crate) fn unnest_insert(into: &str, first: usize, types: &[&str]) -> String 
 /// statement: planning took 0.07 ms of each execution on an empty table and 0.10 ms
 /// beside 1,000,000 other tenants' rows (more statistics to weigh), about as long as
 /// executing it. A text per shape is planned once per connection and kept (0.01 ms),
-/// the same on a grown table. The shapes are few in practice (the filters a route
-/// offers, times the page sizes clients ask for, 1 to 500). sqlx keeps each
-/// connection's prepared statements in a bounded cache (100, least recently used
-/// first out), so a shape seen rarely costs a prepare, about what every execution cost
-/// before; a client cycling through page sizes also pushes other statements out of
-/// the caches of the connections it is served on, within its rate limit.
+/// the same on a grown table.
+///
+/// The limit is written as one of a few sizes ([`PAGE_SIZES`]): the smallest that holds
+/// the rows asked for, the extra rows fetched dropped. So the shapes stay few (the
+/// filters a route offers, times eleven sizes) whatever page sizes clients ask for.
+/// sqlx keeps each connection's prepared statements in a bounded cache (100, least
+/// recently used first out): with the limit written as asked (1 to 500 rows a page, plus
+/// the one that says there is more), a client cycling through page sizes prepared a
+/// statement per size and pushed the other statements, the creates' and reports' among
+/// them, out of the caches of the connections it was served on.
 pub(crate) struct Filtered<'a> {
     query: sqlx::QueryBuilder<'a, sqlx::Postgres>,
     conditions: usize,
@@ -220,7 +224,8 @@ impl<'a> Filtered<'a> {
         self
     }
 
-    /// Ends it with `ORDER BY {order} LIMIT {limit}` and fetches the rows.
+    /// Ends it with `ORDER BY {order}` and a limit of [`page_size`]`(limit)`, and fetches
+    /// the first `limit` rows.
     pub async fn page<R>(
         mut self,
         db: impl sqlx::PgExecutor<'_>,
@@ -231,13 +236,30 @@ impl<'a> Filtered<'a> {
         R: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
         self.order(order, limit);
-        self.query.build_query_as().fetch_all(db).await
+        let mut rows: Vec<R> = self.query.build_query_as().fetch_all(db).await?;
+        rows.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(rows)
     }
 
     fn order(&mut self, order: &str, limit: i64) {
         self.query
-            .push(format!(" ORDER BY {order} LIMIT {}", limit.max(0)));
+            .push(format!(" ORDER BY {order} LIMIT {}", page_size(limit)));
     }
+}
+
+/// The limits a page query's text is written with: the API's page sizes people pick
+/// (1, 2, 4, 8, 16, 25, 50, 100 — the default —, 200, 250, 500 — the most —), each
+/// plus the row that says there is a next page.
+pub(crate) const PAGE_SIZES: [i64; 11] = [2, 3, 5, 9, 17, 26, 51, 101, 201, 251, 501];
+
+/// The limit written for a page of `limit` rows: the smallest of [`PAGE_SIZES`] that
+/// holds them (at most twice as many), or `limit` itself past the largest.
+pub(crate) fn page_size(limit: i64) -> i64 {
+    let limit = limit.max(0);
+    PAGE_SIZES
+        .into_iter()
+        .find(|&size| size >= limit)
+        .unwrap_or(limit)
 }
 
 /// Begins a transaction on `pool`, on a connection the database has not ended
@@ -408,10 +430,21 @@ mod tests {
             "SELECT id FROM t WHERE tenant = $1 AND gone IS NULL ORDER BY at DESC, id DESC LIMIT 101"
         );
         assert_eq!(
-            text(Some("z"), Some((1, 2)), -5),
+            text(Some("z"), Some((1, 2)), 30),
             "SELECT id FROM t WHERE tenant = $1 AND gone IS NULL AND zone = $2 \
-             AND (at, id) < ($3, $4) ORDER BY at DESC, id DESC LIMIT 0"
+             AND (at, id) < ($3, $4) ORDER BY at DESC, id DESC LIMIT 51"
         );
+        // Every page the API serves (1 to 500 rows, and one more) is written with one of
+        // eleven limits, each holding the rows asked for and at most twice as many.
+        let texts: std::collections::HashSet<String> =
+            (2..=501).map(|limit| text(None, None, limit)).collect();
+        assert_eq!(texts.len(), PAGE_SIZES.len());
+        for limit in 2..=501 {
+            let size = page_size(limit);
+            assert!(size >= limit && size < 2 * limit, "{limit}: {size}");
+        }
+        assert_eq!(page_size(-5), 2);
+        assert_eq!(page_size(1000), 1000);
         let mut none = Filtered::new("SELECT id FROM t");
         none.and("zone = ", None::<&str>).and("kind = ", Some("vm"));
         assert_eq!(none.query.sql(), "SELECT id FROM t WHERE kind = $1");

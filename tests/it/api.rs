@@ -124,6 +124,16 @@ async fn pages_return_every_resource_exactly_once() {
         .await;
     assert_eq!(rest.body["items"].as_array().unwrap().len(), 3);
     let _: Value = rest.body;
+    // The store writes a page's limit as one of a few sizes (6 rows asked: 9 written)
+    // and hands back only the rows asked for.
+    let filter = gateway::store::operations::OperationFilter::default();
+    for limit in [1, 3, 6, 8] {
+        let rows =
+            gateway::store::operations::list_for_tenant(&app.pool, &tenant, &filter, None, limit)
+                .await
+                .unwrap();
+        assert_eq!(rows.len(), limit as usize);
+    }
 }
 
 #[tokio::test]
