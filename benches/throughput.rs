@@ -446,12 +446,12 @@ struct Leftovers {
     database: String,
 }
 
-/// The leftovers of the gateways running now, removed by [`on_interrupt`] if the run
-/// is stopped (Ctrl-C, `SIGTERM`) before their phases end.
+/// The leftovers of the gateways running now, removed by [`remove_everything`] if the
+/// run ends (Ctrl-C, `SIGTERM`, a panic) before their phases do.
 static RUNNING: std::sync::Mutex<Vec<Leftovers>> = std::sync::Mutex::new(Vec::new());
 
-/// The `gateway serve` processes running now (their IDs), stopped by [`on_interrupt`]:
-/// `exit` runs no destructor, so [`Server`]'s would not.
+/// The `gateway serve` processes running now (their IDs), stopped by
+/// [`remove_everything`]: `exit` runs no destructor, so [`Server`]'s would not.
 static SERVERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
 impl Leftovers {
@@ -502,9 +502,8 @@ impl Leftovers {
     }
 }
 
-/// Waits for Ctrl-C or `SIGTERM`; then stops the `gateway serve` processes, removes
-/// what the running gateways made (streams, databases) and exits, so a run stopped
-/// early (after the line it was run for, say) leaves nothing behind.
+/// Waits for Ctrl-C or `SIGTERM`; then [`remove_everything`] and exits, so a run
+/// stopped early (after the line it was run for, say) leaves nothing behind.
 async fn on_interrupt() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler");
@@ -513,6 +512,19 @@ async fn on_interrupt() {
         _ = term.recv() => {}
     }
     eprintln!("\ninterrupted: removing the benchmark's streams and databases");
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    remove_everything().await;
+    std::process::exit(130);
+}
+
+/// Set once [`on_interrupt`] removes everything: a phase that panics from then on (its
+/// database dropped under it) waits for the exit instead of ending the run, and the
+/// removal with it.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stops the `gateway serve` processes and removes what the running gateways made
+/// (streams, databases): for a run that ends before its phases do.
+async fn remove_everything() {
     for pid in std::mem::take(&mut *SERVERS.lock().unwrap_or_else(|e| e.into_inner())) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
@@ -521,7 +533,6 @@ async fn on_interrupt() {
     for leftovers in running {
         leftovers.remove().await;
     }
-    std::process::exit(130);
 }
 
 /// The raw baseline of a submit: the same three rows in one transaction, without the
@@ -1657,31 +1668,34 @@ async fn main() {
         gateway::telemetry::init(false);
     }
     tokio::spawn(on_interrupt());
-    // A phase that panics (an `unwrap` on a failed request, say) ends the run too: its
-    // gateways' streams and databases are removed first, on a thread and a runtime of
+    // A phase that panics (an `unwrap` on a failed request, say) ends the run too:
+    // everything is removed first (`remove_everything`), on a thread and a runtime of
     // their own. Only a panic of the main thread, which runs the phases, ends the run: a
     // task's panic is the gateway's to handle (it answers that request `500`).
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        if std::thread::current().name() != Some("main") {
+        let main = std::thread::current().name() == Some("main");
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            // A consequence of the removal: the main thread waits for the exit, a
+            // task's panic only ends that task.
+            if main {
+                loop {
+                    std::thread::park();
+                }
+            }
             return;
         }
-        let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
-        if running.is_empty() {
+        report(info);
+        if !main {
             return;
         }
         eprintln!("removing the benchmark's streams and databases");
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+        let _ = std::thread::spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .expect("a runtime");
-            runtime.block_on(async {
-                for leftovers in running {
-                    leftovers.remove().await;
-                }
-            });
+                .expect("a runtime")
+                .block_on(remove_everything());
         })
         .join();
     }));
