@@ -485,19 +485,27 @@ impl Leftovers {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|l| *l != self);
-        if let Ok(client) = async_nats::connect(&self.nats_url).await {
-            let js = async_nats::jetstream::new(client);
-            for stream in &self.streams {
-                let _ = js.delete_stream(stream).await;
+        // A stream or database that was never made is no error; an unreachable server
+        // leaves them behind, and says so.
+        match async_nats::connect(&self.nats_url).await {
+            Ok(client) => {
+                let js = async_nats::jetstream::new(client);
+                for stream in &self.streams {
+                    let _ = js.delete_stream(stream).await;
+                }
             }
+            Err(e) => eprintln!("streams {:?} left on NATS: {e}", self.streams),
         }
         let base = std::env::var("TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        if let Ok(admin) = sqlx::PgPool::connect(&format!("{base}/postgres")).await {
-            let db = &self.database;
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-                .execute(&admin)
-                .await;
+        let db = &self.database;
+        match sqlx::PgPool::connect(&format!("{base}/postgres")).await {
+            Ok(admin) => {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                    .execute(&admin)
+                    .await;
+            }
+            Err(e) => eprintln!("database {db} left on PostgreSQL: {e}"),
         }
     }
 }
