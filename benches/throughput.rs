@@ -442,7 +442,7 @@ impl Bench {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Leftovers {
     nats_url: String,
-    streams: [String; 3],
+    streams: Vec<String>,
     database: String,
 }
 
@@ -456,14 +456,9 @@ static SERVERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
 impl Leftovers {
     fn of(config: &Config) -> Self {
-        let stream = &config.nats.stream;
         Self {
             nats_url: config.nats_url.clone(),
-            streams: [
-                stream.clone(),
-                format!("{stream}-ADVISORIES"),
-                config.nats.events_stream(),
-            ],
+            streams: gateway::jetstream::stream_names(&config.nats).unwrap(),
             database: config
                 .database_url
                 .rsplit('/')

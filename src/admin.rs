@@ -4,12 +4,16 @@
 //! skipped, since whoever can run this can reach the database. Each command prints
 //! what it did; errors name what was wrong.
 
+use crate::audit::anchor::{compare, Anchor, Comparison};
 use crate::audit::{self, Verdict};
+use crate::config::{Config, UpBroker};
+use crate::credentials;
 use crate::domain::{Role, Service};
 use crate::lifecycle::{self, keys::NewKey};
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// An admin command (`gateway admin <command>`).
@@ -53,8 +57,52 @@ pub enum Command {
     VerifyAudit,
 }
 
+/// How long `verify-audit` tries to reach the broker.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The second half of `verify-audit`: the chain's end saved on the broker must still
+/// be in the chain, which shows the newest rows and links removed (what the chain
+/// alone cannot). Only with `NATS_URL` set (the deployment's broker, logged in as the
+/// `gateway` user with the `NATS_*` credentials): `up`'s private broker has no fixed
+/// address.
+async fn compare_saved_end(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
+    if config.up_broker != UpBroker::Given {
+        println!(
+            "not compared with the chain's end saved on the broker: NATS_URL is not set \
+             (set it, with the gateway's NATS_* credentials, to compare)"
+        );
+        return Ok(());
+    }
+    let inbox = workers::nats::inbox_prefix(&config.nats.stream, credentials::GATEWAY);
+    let reached = tokio::time::timeout(BROKER_TIMEOUT, async {
+        let nats = config
+            .nats_login
+            .connect(&config.nats_url, credentials::GATEWAY, &inbox)
+            .await?;
+        workers::nats::wait_connected(&nats, &config.nats_url).await?;
+        let anchor = Anchor::new(crate::app::jetstream_on(nats, config), &config.nats);
+        compare(&anchor, pool).await
+    })
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {BROKER_TIMEOUT:?}")));
+    match reached.context("comparing with the chain's end saved on the broker")? {
+        Comparison::NothingSaved => {
+            println!("no chain's end saved on the broker yet (no sealer has saved one)")
+        }
+        Comparison::Found(seq) => {
+            println!("the chain's end saved on the broker (link {seq}) is in the chain, unchanged")
+        }
+        Comparison::Missing { chain_seq, how } => bail!(
+            "audit log rewritten: the chain's end saved on the broker (link {chain_seq}) is \
+             {how}: the newest rows and their links were removed or replaced since a \
+             sealer saved it"
+        ),
+    }
+    Ok(())
+}
+
 /// Runs `command`, printing its result.
-pub async fn run(pool: &PgPool, command: Command) -> anyhow::Result<()> {
+pub async fn run(config: &Config, pool: &PgPool, command: Command) -> anyhow::Result<()> {
     match command {
         Command::CreateTenant { id, display_name } => {
             let t = lifecycle::tenants::create(pool, &id, &display_name, None).await?;
@@ -87,10 +135,15 @@ pub async fn run(pool: &PgPool, command: Command) -> anyhow::Result<()> {
             Err(lifecycle::LifecycleError::NotFound) => bail!("no live key with ID {id}"),
             Err(e) => return Err(e.into()),
         },
-        Command::VerifyAudit => match audit::verify(pool).await? {
-            Verdict::Intact(n) => println!("audit log intact: {n} entries checked"),
-            Verdict::Broken { id, reason } => bail!("audit log broken at entry {id}: {reason}"),
-        },
+        Command::VerifyAudit => {
+            match audit::verify(pool).await? {
+                Verdict::Intact(n) => println!("audit log intact: {n} entries checked"),
+                Verdict::Broken { id, reason } => {
+                    bail!("audit log broken at entry {id}: {reason}")
+                }
+            }
+            compare_saved_end(config, pool).await?;
+        }
     }
     Ok(())
 }

@@ -57,7 +57,8 @@ impl Backends {
     }
 }
 
-fn jetstream_on(client: async_nats::Client, config: &Config) -> jetstream::Context {
+/// A JetStream context on `client` that waits `PUBLISH_TIMEOUT` for acknowledgements.
+pub fn jetstream_on(client: async_nats::Client, config: &Config) -> jetstream::Context {
     let mut js = jetstream::new(client);
     js.set_timeout(config.publish_timeout);
     js
@@ -430,6 +431,11 @@ impl<'c> Assembly<'c> {
         let sealer = crate::audit::run_sealer(
             self.backends.pool.clone(),
             self.engine.metrics.clone(),
+            // Saved by the `gateway` user only: a process without the API (a relay)
+            // seals, and the next API process's pass saves the end it reached.
+            api.then(|| {
+                crate::audit::anchor::Anchor::new(self.backends.js.clone(), &self.config.nats)
+            }),
             self.shutdown.clone(),
         );
         self.tasks.spawn(sealer);

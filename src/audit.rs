@@ -20,6 +20,8 @@
 //! that does not match, or a row the chain went past without linking (one inserted
 //! behind the sealer, under another transaction's ID).
 
+pub mod anchor;
+
 use crate::metrics::Metrics;
 use crate::store::{self, audit::AuditRow};
 use chrono::{DateTime, SubsecRound, Utc};
@@ -257,7 +259,7 @@ pub async fn seal(pool: &PgPool) -> sqlx::Result<usize> {
 }
 
 /// A link of the chain: its place and hash.
-type Place = (i64, Vec<u8>);
+pub type Place = (i64, Vec<u8>);
 
 /// [`seal`], and the chain's end after it (the last link written, or the one found).
 async fn seal_pass(pool: &PgPool) -> sqlx::Result<(usize, Option<Place>)> {
@@ -328,14 +330,29 @@ pub async fn seal_all(pool: &PgPool, wait: Duration) -> sqlx::Result<bool> {
 const SEAL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Seals committed rows until `shutdown`, a batch at a time, and watches the chain's
-/// end ([`ChainWatch`]).
-pub async fn run_sealer(pool: PgPool, metrics: Metrics, shutdown: CancellationToken) {
+/// end ([`ChainWatch`]); with `anchor`, checks the end saved on the broker when it
+/// starts and saves each new end there ([`anchor::Anchoring`]).
+pub async fn run_sealer(
+    pool: PgPool,
+    metrics: Metrics,
+    anchor: Option<anchor::Anchor>,
+    shutdown: CancellationToken,
+) {
     let mut watch = ChainWatch::default();
+    let mut anchoring = anchor.map(anchor::Anchoring::new);
     loop {
         let pause = match seal_pass(&pool).await {
             Ok((n, head)) => {
-                if let Err(e) = watch.check(&pool, &metrics, head).await {
-                    tracing::debug!(error = %e, "audit sealer: could not check the chain's end");
+                match watch.check(&pool, &metrics, head.clone()).await {
+                    Ok(true) => {}
+                    // Told: the saved end is checked again, quietly, and replaced.
+                    Ok(false) => anchoring.iter_mut().for_each(|a| a.chain_rewritten()),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "audit sealer: could not check the chain's end")
+                    }
+                }
+                if let Some(a) = anchoring.as_mut() {
+                    a.step(&pool, &metrics, head.as_ref()).await;
                 }
                 if n as i64 == SEAL_BATCH {
                     Duration::ZERO
@@ -363,8 +380,8 @@ pub async fn run_sealer(pool: PgPool, metrics: Metrics, shutdown: CancellationTo
 /// link is still there with the same hash. Links are only ever appended, so a link gone
 /// or changed means the end of the chain was removed or rewritten: an `ERROR` line and
 /// `gateway_audit_chain_rewritten_total` (alerted on) say so. It sees what happens
-/// while a sealer runs, in any API process: a rewrite done while every one is stopped
-/// goes unseen.
+/// while a sealer runs, in any API process; what happens while every one is stopped,
+/// the end saved on the broker shows ([`anchor`]).
 #[derive(Debug, Default)]
 pub struct ChainWatch {
     last: Option<Place>,
@@ -373,35 +390,57 @@ pub struct ChainWatch {
 impl ChainWatch {
     /// Checks the link seen last, then remembers `head` (the chain's end now, as the
     /// pass read or wrote it): a read of that link, unless it is `head` itself (an idle
-    /// chain costs no query).
+    /// chain costs no query). Answers whether the link was still there, unchanged.
     pub async fn check(
         &mut self,
         pool: &PgPool,
         metrics: &Metrics,
         head: Option<Place>,
-    ) -> sqlx::Result<()> {
+    ) -> sqlx::Result<bool> {
+        let mut intact = true;
         // The end this pass read is the link seen last: there, unchanged, no query.
-        if let Some((seq, hash)) = self
+        if let Some(last) = self
             .last
             .as_ref()
             .filter(|&last| head.as_ref() != Some(last))
         {
-            let now = store::audit::link_hash(pool, *seq).await?;
-            if now.as_ref() != Some(hash) {
-                metrics.audit_chain_rewritten.inc();
-                tracing::error!(
-                    chain_seq = seq,
-                    now = head.as_ref().map(|h| h.0),
-                    "audit chain rewritten: a link this process saw is {} (the newest rows \
-                     and their links were removed, or replaced); `gateway admin verify-audit` \
-                     checks what is there now",
-                    if now.is_some() { "changed" } else { "gone" },
-                );
-            }
+            intact = still_linked(
+                pool,
+                metrics,
+                last,
+                head.as_ref(),
+                "a link this process saw",
+            )
+            .await?;
         }
         self.last = head;
-        Ok(())
+        Ok(intact)
     }
+}
+
+/// Whether `link` is still in the chain with the same hash; if not, says so (an
+/// `ERROR` line naming `whose` link it was, and `gateway_audit_chain_rewritten_total`).
+async fn still_linked(
+    pool: &PgPool,
+    metrics: &Metrics,
+    link: &Place,
+    head: Option<&Place>,
+    whose: &str,
+) -> sqlx::Result<bool> {
+    let (seq, hash) = link;
+    let now = store::audit::link_hash(pool, *seq).await?;
+    if now.as_ref() == Some(hash) {
+        return Ok(true);
+    }
+    metrics.audit_chain_rewritten.inc();
+    tracing::error!(
+        chain_seq = seq,
+        now = head.map(|h| h.0),
+        "audit chain rewritten: {whose} is {} (the newest rows and their links were \
+         removed, or replaced); `gateway admin verify-audit` checks what is there now",
+        if now.is_some() { "changed" } else { "gone" },
+    );
+    Ok(false)
 }
 
 /// Entries written per transaction at most.

@@ -521,6 +521,18 @@ impl NatsNames {
         format!("{}-EVENTS", self.stream)
     }
 
+    /// The stream that keeps the audit chain's end outside the database:
+    /// `{stream}-AUDIT` (default `OPS-AUDIT`; see `audit::anchor`).
+    pub fn audit_stream(&self) -> String {
+        format!("{}-AUDIT", self.stream)
+    }
+
+    /// The subject of that stream's one message, which only the `gateway` user may
+    /// publish.
+    pub fn audit_end_subject(&self) -> String {
+        format!("_gateway.{}.audit.end", self.stream)
+    }
+
     /// Core-NATS subject on which replicas announce changed operations.
     pub fn changes_subject(&self) -> String {
         format!("_gateway.{}.operations.changed", self.stream)

@@ -93,6 +93,7 @@ pub fn users(
         ),
         ("${dead_letters}", dead_letters),
         ("${events}", names.events_stream()),
+        ("${audit}", names.audit_stream()),
         ("${events_prefix}", names.events_prefix.clone()),
     ];
     let user = |name: String, def: &RoleDef, consumer: Option<String>| {

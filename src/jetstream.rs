@@ -6,14 +6,17 @@
 //! by creating the durable again, which the server treats as an update of its editable
 //! settings (ack wait, backoff, `max_deliver`, `max_ack_pending`, …).
 //!
-//! Three objects per deployment:
+//! Four streams per deployment ([`stream_names`]):
 //!
 //! - the operations stream (`OPS`), a work queue with one durable pull consumer per
 //!   service×zone, shared by that pool's workers;
 //! - the advisory stream (`OPS-ADVISORIES`), which keeps the server's `MAX_DELIVERIES`
 //!   and `MSG_TERMINATED` advisories about the operations stream until a gateway has
-//!   handled them ([`crate::deadletter`]);
-//! - its durable consumer, shared by every `gateway serve`.
+//!   handled them ([`crate::deadletter`]), with its durable consumer, shared by every
+//!   `gateway serve`;
+//! - the events stream (`OPS-EVENTS`), with the webhook dispatchers' durable consumer;
+//! - the audit stream (`OPS-AUDIT`), one message: the audit chain's end as the last
+//!   sealer saw it ([`crate::audit::anchor`]).
 
 use crate::config::NatsNames;
 use anyhow::Context as _;
@@ -43,6 +46,8 @@ pub struct Definitions {
     pub events_stream: StreamDef,
     /// The webhook dispatchers' consumer of the events stream.
     pub webhook_consumer: ConsumerDef,
+    /// The stream that keeps the audit chain's end ([`crate::audit::anchor`]).
+    pub audit_stream: StreamDef,
 }
 
 /// The durable name of the webhook dispatchers' consumer of the events stream.
@@ -71,6 +76,15 @@ pub struct StreamDef {
     pub max_age_seconds: u64,
     /// How long a `Nats-Msg-Id` is remembered for deduplication.
     pub duplicate_window_seconds: u64,
+    /// Messages kept per subject, 0 for no limit.
+    #[serde(default)]
+    pub max_messages_per_subject: i64,
+    /// Messages cannot be deleted through the API.
+    #[serde(default)]
+    pub deny_delete: bool,
+    /// The stream cannot be purged through the API.
+    #[serde(default)]
+    pub deny_purge: bool,
     /// Copies in a cluster.
     pub replicas: usize,
 }
@@ -128,6 +142,7 @@ impl Definitions {
             self.ops_stream.replicas = r;
             self.advisory_stream.replicas = r;
             self.events_stream.replicas = r;
+            self.audit_stream.replicas = r;
         }
         self
     }
@@ -161,6 +176,11 @@ impl Definitions {
     /// The events stream's configuration for `names`.
     pub fn events_stream_config(&self, names: &NatsNames) -> anyhow::Result<stream::Config> {
         stream_config(&self.events_stream, names)
+    }
+
+    /// The audit stream's configuration for `names`.
+    pub fn audit_stream_config(&self, names: &NatsNames) -> anyhow::Result<stream::Config> {
+        stream_config(&self.audit_stream, names)
     }
 
     /// The pull consumer of one pool.
@@ -208,6 +228,9 @@ fn stream_config(d: &StreamDef, names: &NatsNames) -> anyhow::Result<stream::Con
         max_age: Duration::from_secs(d.max_age_seconds),
         duplicate_window: Duration::from_secs(d.duplicate_window_seconds),
         num_replicas: d.replicas,
+        max_messages_per_subject: d.max_messages_per_subject,
+        deny_delete: d.deny_delete,
+        deny_purge: d.deny_purge,
         ..Default::default()
     })
 }
@@ -322,7 +345,23 @@ pub async fn apply_definitions(
         consumer_config(&defs.webhook_consumer, names, None),
     )
     .await?;
+    create_or_update_stream(js, defs.audit_stream_config(names)?).await?;
     Ok(())
+}
+
+/// Every stream the shipped definitions make for the deployment named `names`: what
+/// removing a deployment (a test's, a benchmark's) deletes.
+pub fn stream_names(names: &NatsNames) -> anyhow::Result<Vec<String>> {
+    let defs = Definitions::shipped()?;
+    [
+        &defs.ops_stream,
+        &defs.advisory_stream,
+        &defs.events_stream,
+        &defs.audit_stream,
+    ]
+    .into_iter()
+    .map(|d| Ok(stream_config(d, names)?.name))
+    .collect()
 }
 
 async fn create_or_update_stream(
@@ -391,6 +430,26 @@ mod tests {
         assert!(!is_store_race(&CreateStreamError::new(
             CreateStreamErrorKind::TimedOut
         )));
+    }
+
+    #[test]
+    fn the_audit_stream_keeps_one_end_on_the_subject_only_the_gateway_writes() {
+        let names = NatsNames {
+            stream: "T1".into(),
+            ..NatsNames::default()
+        };
+        let s = Definitions::shipped()
+            .unwrap()
+            .audit_stream_config(&names)
+            .unwrap();
+        assert_eq!(s.name, names.audit_stream());
+        assert_eq!(s.subjects, vec![names.audit_end_subject()]);
+        assert_eq!(s.max_messages_per_subject, 1);
+        assert!(s.deny_delete && s.deny_purge);
+        assert_eq!(
+            stream_names(&names).unwrap(),
+            ["T1", "T1-ADVISORIES", "T1-EVENTS", "T1-AUDIT"]
+        );
     }
 
     #[test]

@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Admin { command } => {
             let pool = gateway::store::connect(&config.database_url, 2).await?;
             app::migrate_database(&config, &pool).await?;
-            return gateway::admin::run(&pool, command).await;
+            return gateway::admin::run(&config, &pool, command).await;
         }
         Command::NatsConfig {
             out,

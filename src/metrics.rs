@@ -55,6 +55,7 @@
 //! | `gateway_audit_write_errors_total` | counter | | audit rows lost: the spool was full, or the process stopped with rows unwritten |
 //! | `gateway_audit_spooled` | gauge | | audit rows waiting to be written (while the database is down, the spool) |
 //! | `gateway_audit_chain_rewritten_total` | counter | | times a sealer found a link of the audit chain it had seen gone or changed: the chain's newest rows and links were removed or replaced (links are only ever appended) |
+//! | `gateway_audit_anchor_errors_total` | counter | | failed reads or writes of the audit chain's end saved on the broker (`{OPS_STREAM}-AUDIT`); while they fail, a rewrite of the chain's end made while no gateway runs goes unnoticed |
 //! | `gateway_audit_unsealed` | gauge | | audit rows written and not yet in the hash chain; grows while a transaction stays open, since rows newer than it wait for it to end; counted up to 100,000 (which then means "at least") |
 //! | `gateway_cache_requests_total` | counter | cache, result | lookups of the catalog, zones, tenants, API keys and of operations and resources read by ID, answered from memory (`hit`) or the database (`miss`) |
 //! | `gateway_quota_rejections_total` | counter | service, dimension | writes refused with `quota_exceeded`, by the dimension of the limit they would pass |
@@ -364,6 +365,8 @@ pub struct Inner {
     /// See the table in the module docs.
     pub audit_chain_rewritten: Counter,
     /// See the table in the module docs.
+    pub audit_anchor_errors: Counter,
+    /// See the table in the module docs.
     pub cache_requests: Family<CacheLabels, Counter>,
     /// See the table in the module docs.
     pub quota_rejections: Family<QuotaLabels, Counter>,
@@ -455,6 +458,11 @@ impl Inner {
             "audit_chain_rewritten",
             "Times a sealer found a link of the audit chain it had seen gone or changed",
             self.audit_chain_rewritten.clone(),
+        );
+        r.register(
+            "audit_anchor_errors",
+            "Failed reads or writes of the audit chain's end saved on the broker",
+            self.audit_anchor_errors.clone(),
         );
         r.register(
             "http_requests",
@@ -765,6 +773,7 @@ impl Metrics {
             audit_spooled: Gauge::default(),
             audit_unsealed: Gauge::default(),
             audit_chain_rewritten: Counter::default(),
+            audit_anchor_errors: Counter::default(),
             cache_requests: Family::default(),
             quota_rejections: Family::default(),
             quota_usage: Family::new_with_constructor(fill_ratio),

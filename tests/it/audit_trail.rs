@@ -425,3 +425,192 @@ async fn sealing_everything_takes_the_rows_of_a_transaction_ending_right_after_a
     assert!(sealing.await.unwrap().unwrap());
     assert!(linked(&app.pool, &request).await);
 }
+
+/// The chain's end saved on the deployment's broker (`OPS-AUDIT`), as a sealer left it.
+async fn saved_end(d: &Deployment) -> Option<(i64, Vec<u8>)> {
+    let anchor = gateway::audit::anchor::Anchor::new(d.jetstream().await, &d.names);
+    anchor.read().await.ok()?.end
+}
+
+/// Appends a row and waits until a sealer has chained it and saved the chain's end on
+/// the broker; answers that end.
+async fn append_saved(d: &Deployment, request_id: &str) -> (i64, Vec<u8>) {
+    append(&d.pool, request_id).await;
+    crate::common::eventually("the row is chained and the end saved", || async {
+        if !linked(&d.pool, request_id).await {
+            return None;
+        }
+        let end = chain_end(&d.pool).await?;
+        (saved_end(d).await.as_ref() == Some(&end)).then_some(end)
+    })
+    .await
+}
+
+/// `gateway admin verify-audit` on `d`'s database, and on its broker `with_broker`.
+fn verify_audit(d: &Deployment, with_broker: bool) -> std::process::Output {
+    let mut command = d.env.command(&["admin", "verify-audit"]);
+    if !with_broker {
+        command.env_remove("NATS_URL");
+    }
+    command.output().unwrap()
+}
+
+/// The end removed while no gateway runs, which no sealer's memory can see: the end
+/// saved on the broker shows it to the next gateway that starts, once; a gateway that
+/// starts on an untouched chain says nothing.
+#[tokio::test]
+async fn a_gateway_that_starts_notices_the_end_removed_while_none_ran() {
+    let _heavy = heavy().await;
+    let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
+    let rewritten = "gateway_audit_chain_rewritten_total";
+    let tag = crate::common::unique();
+    let mut api = Gateway::serve(&d.env).await;
+    for i in 0..3 {
+        append_saved(&d, &format!("first-{tag}-{i}")).await;
+    }
+    api.kill();
+
+    // Restarted on the chain as it was: the saved end is there; the new end is saved
+    // past it, and nothing is said.
+    let mut api = Gateway::serve(&d.env).await;
+    let end = append_saved(&d, &format!("second-{tag}")).await;
+    assert_eq!(d.metric(&api.url(), rewritten).await, 0.0, "{}", api.log());
+    api.kill();
+    let verified = verify_audit(&d, true);
+    assert!(verified.status.success(), "{verified:?}");
+    let out = String::from_utf8_lossy(&verified.stdout);
+    assert!(
+        out.contains(&format!(
+            "saved on the broker (link {}) is in the chain",
+            end.0
+        )),
+        "{out}"
+    );
+
+    // While no gateway runs, the newest two rows and their links are removed and a
+    // row is chained in their place (as `verify` would): a chain that checks out.
+    crate::common::tamper(
+        &d.pool,
+        "WITH gone AS (DELETE FROM audit_chain WHERE chain_seq > $1 - 2 RETURNING audit_id)
+         DELETE FROM audit_log WHERE id IN (SELECT audit_id FROM gone)",
+        Some(end.0),
+    )
+    .await;
+    append_intact(&d.pool, &format!("instead-{tag}")).await;
+    assert!(chain_end(&d.pool).await.unwrap().0 < end.0);
+    assert_eq!(saved_end(&d).await, Some(end.clone()));
+    // `verify-audit` finds the chain intact, but not the end saved on the broker: it
+    // fails, naming that link. Without the broker's address it says what it left out.
+    let verified = verify_audit(&d, true);
+    let err = String::from_utf8_lossy(&verified.stderr);
+    assert!(!verified.status.success(), "{verified:?}");
+    assert!(
+        err.contains(&format!("saved on the broker (link {}) is gone", end.0)),
+        "{err}"
+    );
+    let verified = verify_audit(&d, false);
+    assert!(verified.status.success(), "{verified:?}");
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("not compared"));
+
+    // The next gateway notices, says which link, and saves the chain as it is now.
+    let api = Gateway::serve(&d.env).await;
+    let noticed = || async { (d.metric(&api.url(), rewritten).await >= 1.0).then_some(()) };
+    crate::common::eventually("the new gateway notices the rewrite", noticed).await;
+    let now = chain_end(&d.pool).await;
+    crate::common::eventually("the chain as it is now is saved", || async {
+        (saved_end(&d).await == now).then_some(())
+    })
+    .await;
+    assert!(
+        api.log()
+            .contains("the chain's end saved on the broker is gone"),
+        "{}",
+        api.log()
+    );
+    // Once: later passes, and the rows chained after, do not count it again.
+    append_saved(&d, &format!("after-{tag}")).await;
+    assert_eq!(d.metric(&api.url(), rewritten).await, 1.0);
+    assert_eq!(
+        d.metric(&api.url(), "gateway_audit_anchor_errors_total")
+            .await,
+        0.0
+    );
+}
+
+/// Two replicas seal the same chain and both save its end: the saved end only moves
+/// forward, always names a link that is in the chain, and reaches the chain's end.
+#[tokio::test]
+async fn replicas_save_the_chains_end_forward_only() {
+    let _heavy = heavy().await;
+    let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
+    let [(a, _), (b, _)] = d.two_replicas().await;
+    let tag = crate::common::unique();
+    let mut seen = 0;
+    for i in 0..40 {
+        append(&d.pool, &format!("both-{tag}-{i}")).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        if let Some((seq, hash)) = saved_end(&d).await {
+            assert!(seq >= seen, "the saved end went back from {seen} to {seq}");
+            let link: Option<Vec<u8>> =
+                sqlx::query_scalar("SELECT hash FROM audit_chain WHERE chain_seq = $1")
+                    .bind(seq)
+                    .fetch_optional(&d.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(link, Some(hash), "the saved end is not a link of the chain");
+            seen = seq;
+        }
+    }
+    append_saved(&d, &format!("last-{tag}")).await;
+    for api in [&a, &b] {
+        for series in [
+            "gateway_audit_chain_rewritten_total",
+            "gateway_audit_anchor_errors_total",
+        ] {
+            assert_eq!(d.metric(&api.url(), series).await, 0.0, "{series}");
+        }
+    }
+}
+
+/// Without its stream (a deployment whose `gateway migrate` has not run since the
+/// stream came), the end cannot be saved: sealing goes on, the failures are counted,
+/// and the end is saved once the stream is there.
+#[tokio::test]
+async fn sealing_goes_on_while_the_end_cannot_be_saved() {
+    let _heavy = heavy().await;
+    let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
+    let js = d.jetstream().await;
+    js.delete_stream(d.names.audit_stream()).await.unwrap();
+    let api = Gateway::serve(&d.env).await;
+    let tag = crate::common::unique();
+    let request = format!("unsaved-{tag}");
+    append(&d.pool, &request).await;
+    let chained = || async { linked(&d.pool, &request).await.then_some(()) };
+    crate::common::eventually("the row is chained all the same", chained).await;
+    let errors = "gateway_audit_anchor_errors_total";
+    let counted = || async { (d.metric(&api.url(), errors).await >= 1.0).then_some(()) };
+    crate::common::eventually("the failure is counted", counted).await;
+    assert!(
+        api.log().contains("could not read or save the chain's end"),
+        "{}",
+        api.log()
+    );
+
+    // `gateway migrate` again: the stream is back, and the end is saved at the next try.
+    let env = d.env.clone();
+    tokio::task::spawn_blocking(move || Gateway::migrate(&env))
+        .await
+        .unwrap();
+    let end = chain_end(&d.pool).await;
+    // (`eventually` waits 30 s: three times the pause after a failure.)
+    assert!(gateway::audit::anchor::RETRY * 3 <= Duration::from_secs(30));
+    crate::common::eventually("the end is saved once the stream is back", || async {
+        (saved_end(&d).await == end).then_some(())
+    })
+    .await;
+    assert_eq!(
+        d.metric(&api.url(), "gateway_audit_chain_rewritten_total")
+            .await,
+        0.0
+    );
+}

@@ -746,9 +746,13 @@ mod failover {
         }
         if let Ok(client) = async_nats::connect(&nats_url).await {
             let js = async_nats::jetstream::new(client);
-            let _ = js.delete_stream(&stream).await;
-            let _ = js.delete_stream(format!("{stream}-ADVISORIES")).await;
-            let _ = js.delete_stream(format!("{stream}-EVENTS")).await;
+            let names = gateway::config::NatsNames {
+                stream: stream.clone(),
+                ..Default::default()
+            };
+            for s in gateway::jetstream::stream_names(&names).unwrap() {
+                let _ = js.delete_stream(&s).await;
+            }
         }
     }
 }

@@ -48,11 +48,7 @@ async fn setting_up_streams_survives_other_deployments_deleting_theirs() {
             .await
             .unwrap_or_else(|e| panic!("set-up {i}: {e:#}"));
         // Torn down again, so that the account keeps running out of streams.
-        for s in [
-            names.stream.clone(),
-            gateway::jetstream::advisory_stream_name(&names),
-            names.events_stream(),
-        ] {
+        for s in gateway::jetstream::stream_names(&names).unwrap() {
             js.delete_stream(&s).await.unwrap();
         }
     }

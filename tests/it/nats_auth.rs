@@ -566,6 +566,46 @@ async fn each_user_may_do_only_what_its_role_needs() {
     violation(&reader_errors, &event_subject).await;
     assert!(worker.get_stream(names.events_stream()).await.is_err());
 
+    // The gateway keeps the audit chain's end: it reads and writes it, each write
+    // naming the last; no other user may write it, and nobody can delete it.
+    use gateway::audit::anchor::{Anchor, Saved, WriteError};
+    let anchor = Anchor::new(broker.js(GATEWAY).await, &names);
+    let nothing = Saved {
+        message: 0,
+        end: None,
+    };
+    assert_eq!(anchor.read().await.unwrap(), nothing);
+    let end = (7, vec![7u8; 32]);
+    let message = anchor.write(0, Some(&end)).await.unwrap();
+    let saved = Saved {
+        message,
+        end: Some(end),
+    };
+    assert_eq!(anchor.read().await.unwrap(), saved);
+    assert!(matches!(
+        anchor.write(0, Some(&(9, vec![9u8; 32]))).await,
+        Err(WriteError::Moved)
+    ));
+    let audit_subject = names.audit_end_subject();
+    for user in [RELAY, credentials::EVENTS_READER, "worker-vm-zone-a"] {
+        let (client, errors) = broker.watched(user).await;
+        client
+            .publish(audit_subject.clone(), "{}".into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        violation(&errors, &audit_subject).await;
+    }
+    let audit_stream = broker
+        .js(GATEWAY)
+        .await
+        .get_stream_no_info(names.audit_stream())
+        .await
+        .unwrap();
+    assert!(audit_stream.delete_message(message).await.is_err());
+    assert!(audit_stream.purge().await.is_err());
+    assert_eq!(anchor.read().await.unwrap(), saved);
+
     // And nobody gets in without credentials.
     assert!(async_nats::ConnectOptions::new()
         .connect(broker.nats.url())

@@ -241,11 +241,7 @@ impl Drop for Sandbox {
             self.nats_url.clone(),
             self.pg_base.clone(),
         );
-        let streams = [
-            self.names.stream.clone(),
-            gateway::jetstream::advisory_stream_name(&self.names),
-            self.names.events_stream(),
-        ];
+        let streams = gateway::jetstream::stream_names(&self.names).unwrap_or_default();
         // A runtime of its own: drop may run outside one, or inside one that is ending.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()

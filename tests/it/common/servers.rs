@@ -489,20 +489,27 @@ impl GatewayEnv {
         v.extend(self.extra.iter().cloned());
         v
     }
+
+    /// `gateway <args>` in this environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        command
+            .args(args)
+            .envs(self.vars())
+            .env_remove("LOG_FORMAT");
+        command
+    }
 }
 
 impl Gateway {
     fn spawn(command: &'static str, env: &GatewayEnv, port: Option<u16>) -> Self {
         let dir = TempDir::new("gwtest-proc");
-        let mut vars = env.vars();
+        let mut process = env.command(&[command]);
         if let Some(port) = port {
-            vars.push(("GATEWAY_LISTEN".into(), format!("127.0.0.1:{port}")));
+            process.env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"));
         }
         let process = Process::spawn(
-            Command::new(env!("CARGO_BIN_EXE_gateway"))
-                .arg(command)
-                .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .env_remove("LOG_FORMAT"),
+            &mut process,
             dir.path().join(format!("{command}.log")),
             "the gateway binary",
         );
