@@ -18,8 +18,9 @@
 //! write lost to another's reads (and checks) the end that one saved before it writes
 //! again, and writes only an end past the saved one. The broker being down, or the
 //! stream missing (a deployment whose `gateway migrate` has not run since this came),
-//! never holds up sealing: the sealer says so once (`WARN`), counts
-//! `gateway_audit_anchor_errors_total`, and tries again every [`RETRY`].
+//! never holds up sealing for long (a step gives up after 2 s): the sealer says so
+//! once (`WARN`), counts `gateway_audit_anchor_errors_total`, and tries again every
+//! [`RETRY`].
 
 use super::Place;
 use crate::config::NatsNames;
@@ -34,6 +35,9 @@ use tokio::time::Instant;
 
 /// How long a sealer waits after a failed read or write of the saved end.
 pub const RETRY: Duration = Duration::from_secs(10);
+/// How long a read and write of the saved end may hold up the sealer (while the broker
+/// is away, a request waits for its timeout).
+const STEP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The saved end, as it travels: `{"chain_seq": 42, "hash": "<base64>"}`, or
 /// `{"chain_seq": 0}` for a chain with no link yet.
@@ -185,7 +189,14 @@ impl Anchoring {
         if self.quiet_until.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        match self.try_step(pool, metrics, head).await {
+        let stepped = tokio::time::timeout(STEP_TIMEOUT, self.try_step(pool, metrics, head))
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "no answer from the broker within {STEP_TIMEOUT:?}"
+                ))
+            });
+        match stepped {
             Ok(()) => {
                 if std::mem::take(&mut self.warned) {
                     tracing::info!("audit: the chain's end is saved on the broker again");
@@ -193,6 +204,10 @@ impl Anchoring {
                 self.quiet_until = None;
             }
             Err(e) => {
+                // Whether a write landed is unknown: read the saved end again after the
+                // pause (and, if it was found gone and said so, check it quietly).
+                self.known = None;
+                self.told |= self.replace;
                 metrics.audit_anchor_errors.inc();
                 if !std::mem::replace(&mut self.warned, true) {
                     tracing::warn!(
@@ -250,12 +265,7 @@ impl Anchoring {
                 self.replace = false;
                 Ok(())
             }
-            // Whether it landed is unknown: read it again after the pause (and, if the
-            // end saved was found gone, check it again without a second alarm).
-            Err(WriteError::Broker(e)) => {
-                self.told = self.replace;
-                Err(e)
-            }
+            Err(WriteError::Broker(e)) => Err(e),
         }
     }
 }

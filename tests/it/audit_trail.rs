@@ -614,3 +614,37 @@ async fn sealing_goes_on_while_the_end_cannot_be_saved() {
         0.0
     );
 }
+
+/// While the broker is away, sealing goes on (a step that cannot reach it gives up
+/// after 2 s, and the next try waits 10 s), the failures are counted, and the end is
+/// saved once the broker is back.
+#[tokio::test]
+async fn sealing_goes_on_while_the_broker_is_away() {
+    let _heavy = heavy().await;
+    let mut nats = crate::common::Nats::start();
+    let d = Deployment::new(&pg_base(), &nats.url(), &[]).await;
+    let api = Gateway::serve(&d.env).await;
+    let tag = crate::common::unique();
+    append_saved(&d, &format!("before-{tag}")).await;
+    nats.kill();
+    for i in 0..3 {
+        let request = format!("away-{tag}-{i}");
+        append(&d.pool, &request).await;
+        let chained = || async { linked(&d.pool, &request).await.then_some(()) };
+        crate::common::eventually("the row is chained with the broker away", chained).await;
+    }
+    let errors = "gateway_audit_anchor_errors_total";
+    let counted = || async { (d.metric(&api.url(), errors).await >= 1.0).then_some(()) };
+    crate::common::eventually("the failure is counted", counted).await;
+    nats.resume();
+    let end = chain_end(&d.pool).await;
+    crate::common::eventually("the end is saved once the broker is back", || async {
+        (saved_end(&d).await == end).then_some(())
+    })
+    .await;
+    assert_eq!(
+        d.metric(&api.url(), "gateway_audit_chain_rewritten_total")
+            .await,
+        0.0
+    );
+}
