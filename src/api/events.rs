@@ -51,8 +51,8 @@ pub struct EventQuery {
     #[param(rename = "type", pattern = r"^[a-z_.]+(,[a-z_.]+)*$")]
     pub types: Option<String>,
     /// Resume after this cursor (an event's `cursor`, or a bookmark's); the
-    /// `Last-Event-ID` header does the same. Without either, a stream starts now and a
-    /// page at the oldest event kept.
+    /// `Last-Event-ID` header does the same, and wins when both are sent. Without
+    /// either, a stream starts now and a page at the oldest event kept.
     #[param(pattern = r"^[0-9]{1,19}$")]
     pub after: Option<String>,
     /// Page size, 1–500 (default 100); pages only.
@@ -103,6 +103,7 @@ pub struct EventPage {
 pub async fn events(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    credential: Option<axum::Extension<super::guard::Credential>>,
     Path(tenant): Path<String>,
     headers: HeaderMap,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
@@ -120,7 +121,8 @@ pub async fn events(
         zone: params::label("zone", q.zone)?,
     };
     if wants_stream(&headers) {
-        watch(state, &principal, scope, filter, after).await
+        let credential = credential.map(|axum::Extension(c)| c);
+        watch(state, &principal, credential, scope, filter, after).await
     } else {
         let limit = super::page_limit(q.limit)? as usize;
         page(&state, &scope, &filter, after, limit).await
@@ -171,7 +173,9 @@ fn invalid_cursor(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", message)
 }
 
-/// The cursor to resume after: `Last-Event-ID` or `?after=` (which must agree).
+/// The cursor to resume after: `Last-Event-ID`, else `?after=`. The header wins: a
+/// browser's `EventSource` reconnects to the URL it was opened on (with its `after`)
+/// and says in the header how far it got.
 fn resume_point(headers: &HeaderMap, after: Option<&str>) -> Result<Option<u64>, ApiError> {
     let parse = |what: &str, v: &str| {
         // Past the largest sequence a stream can have is past its newest event: the
@@ -191,12 +195,7 @@ fn resume_point(headers: &HeaderMap, after: Option<&str>) -> Result<Option<u64>,
         })
         .transpose()?;
     let query = after.map(|a| parse("after", a)).transpose()?;
-    match (header, query) {
-        (Some(h), Some(q)) if h != q => Err(invalid_cursor(format!(
-            "Last-Event-ID ({h}) and after ({q}) disagree"
-        ))),
-        (h, q) => Ok(h.or(q)),
-    }
+    Ok(header.or(query))
 }
 
 fn wants_stream(headers: &HeaderMap) -> bool {
@@ -309,6 +308,7 @@ impl Drop for WatchSlot {
 async fn watch(
     state: AppState,
     principal: &Principal,
+    credential: Option<super::guard::Credential>,
     scope: Scope,
     filter: Filter,
     after: Option<u64>,
@@ -337,6 +337,7 @@ async fn watch(
         Err(e) => return Err(read_error(e)),
     };
     let watcher = Watcher {
+        key: credential.map(|c| (state.clone(), c)),
         filter,
         quiet: settings.bookmark_interval,
         shutdown: state.shutdown.clone(),
@@ -367,6 +368,8 @@ enum Step {
 
 /// What a watch stream needs besides its reader.
 struct Watcher {
+    /// The key the stream was opened with, checked again before each event it sends.
+    key: Option<(AppState, super::guard::Credential)>,
     filter: Filter,
     quiet: Duration,
     shutdown: tokio_util::sync::CancellationToken,
@@ -375,17 +378,28 @@ struct Watcher {
 }
 
 impl Watcher {
-    /// The next SSE event and the step after it; `None` at the end.
+    /// The next SSE event and the step after it; `None` at the end. An event (or
+    /// bookmark) goes out only while the stream's key is still valid: once it is
+    /// revoked or expired, the stream ends with an `error` event instead.
     async fn advance(&self, step: Step) -> Option<(Event, Step)> {
+        let (event, next) = self.step(step).await?;
+        if matches!(next, Step::Done) {
+            return Some((event, next));
+        }
+        let Some((state, credential)) = &self.key else {
+            return Some((event, next));
+        };
+        match super::guard::still_valid(state, credential).await {
+            Ok(()) => Some((event, next)),
+            Err(e) => Some((error_event(&e.code, &e.message), Step::Done)),
+        }
+    }
+
+    async fn step(&self, step: Step) -> Option<(Event, Step)> {
         match step {
             Step::Start(reader, true) => Some((bookmark(reader.cursor()), Step::Read(reader))),
             Step::Start(reader, false) | Step::Read(reader) => self.read(reader).await,
-            Step::Fail(code, message) => Some((
-                Event::default()
-                    .event("error")
-                    .data(json!({"code": code, "message": message}).to_string()),
-                Step::Done,
-            )),
+            Step::Fail(code, message) => Some((error_event(code, &message), Step::Done)),
             Step::Done => None,
         }
     }
@@ -416,18 +430,20 @@ impl Watcher {
                 Ok(Some(Ok(_))) => continue,
                 Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, "events: a watch lost the events stream");
-                    return Some((
-                        Event::default().event("error").data(
-                            json!({"code": "events_unavailable", "message": "the events stream was lost; resume from your last cursor"})
-                                .to_string(),
-                        ),
-                        Step::Done,
-                    ));
+                    let message = "the events stream was lost; resume from your last cursor";
+                    return Some((error_event("events_unavailable", message), Step::Done));
                 }
                 Ok(None) => return None,
             }
         }
     }
+}
+
+/// The `error` event a stream ends with.
+fn error_event(code: &str, message: &str) -> Event {
+    Event::default()
+        .event("error")
+        .data(json!({"code": code, "message": message}).to_string())
 }
 
 fn bookmark(cursor: u64) -> Event {

@@ -32,6 +32,27 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 use uuid::Uuid;
 
+/// The hash of the key a request was let in with, for a handler that keeps answering
+/// after the request began (a watch stream, a long-poll) to check it again
+/// ([`still_valid`]).
+#[derive(Debug, Clone)]
+pub struct Credential(Vec<u8>);
+
+/// Whether the key of `credential` still lets its holder in (not revoked, not
+/// expired), through the key cache as every request: `401 unauthenticated` if not,
+/// `503` if the database cannot say.
+pub async fn still_valid(state: &AppState, credential: &Credential) -> Result<(), ApiError> {
+    match state.keys.resolve(credential.0.clone()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "the API key was revoked or has expired",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What authentication found, for the `Caller` extractor.
 #[derive(Debug, Clone)]
 pub enum Authn {
@@ -103,28 +124,41 @@ fn bucket(method: &Method, route: &str) -> Bucket {
     }
 }
 
-async fn authenticate(state: &AppState, authorization: Option<Vec<u8>>) -> Result<Authn, ApiError> {
+/// The token of `Bearer <token>`; the scheme's name is case-insensitive (RFC 9110,
+/// section 11.1), so `bearer` and `BEARER` do too.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+async fn authenticate(
+    state: &AppState,
+    authorization: Option<Vec<u8>>,
+) -> Result<(Authn, Option<Credential>), ApiError> {
     let Some(value) = authorization else {
-        return Ok(Authn::Missing);
+        return Ok((Authn::Missing, None));
     };
     let key = std::str::from_utf8(&value)
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_token)
         .filter(|k| !k.is_empty());
     let Some(key) = key else {
-        return Ok(Authn::Invalid);
+        return Ok((Authn::Invalid, None));
     };
-    let Some(row) = state.keys.resolve(auth::hash_key(key)).await? else {
-        return Ok(Authn::Invalid);
+    let hash = auth::hash_key(key);
+    let Some(row) = state.keys.resolve(hash.clone()).await? else {
+        return Ok((Authn::Invalid, None));
     };
-    Ok(Authn::Principal(Principal {
+    let principal = Authn::Principal(Principal {
         id: row.id,
         name: row.name.clone(),
         role: row.role,
         tenant: row.tenant.clone(),
         scope: row.scope.clone(),
-    }))
+    });
+    Ok((principal, Some(Credential(hash))))
 }
 
 /// The `{tenant}` segment of the route a request matched.
@@ -278,7 +312,7 @@ async fn answer(
     if authorization.is_some() && seen.api() && state.db.is_down() {
         return (None, ApiError::database_unavailable().into_response(), None);
     }
-    let authn = match authenticate(state, authorization).await {
+    let (authn, credential) = match authenticate(state, authorization).await {
         Ok(a) => a,
         Err(e) => return (None, e.into_response(), None),
     };
@@ -300,6 +334,9 @@ async fn answer(
         return (principal, refusal.into_response(), None);
     }
     req.extensions_mut().insert(authn);
+    if let Some(credential) = credential {
+        req.extensions_mut().insert(credential);
+    }
     if seen.mutating() {
         // A write that commits records this entry in its own transaction.
         let slot = AuditSlot::new(entry(seen, principal.as_ref()));
@@ -395,6 +432,16 @@ fn record(state: &AppState, seen: Seen, audit: Audited, status: StatusCode, star
 mod tests {
     use super::*;
     use std::num::NonZeroU32;
+
+    #[test]
+    fn the_bearer_scheme_is_named_in_any_case() {
+        for header in ["Bearer k1", "bearer k1", "BEARER  k1 ", "bEaReR k1"] {
+            assert_eq!(bearer_token(header), Some("k1"), "{header:?}");
+        }
+        for header in ["Basic k1", "Bearerk1", "k1", "Token k1"] {
+            assert_eq!(bearer_token(header), None, "{header:?}");
+        }
+    }
 
     #[test]
     fn polls_reads_and_writes_draw_from_their_own_buckets() {

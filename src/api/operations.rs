@@ -128,6 +128,7 @@ pub fn parse_wait(text: &str) -> Option<Duration> {
 pub async fn read(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    credential: Option<axum::Extension<super::guard::Credential>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
@@ -153,6 +154,10 @@ pub async fn read(
     if let (Some(wait), Some(interest)) = (wait, interest) {
         let until = q.until.unwrap_or_default();
         op = wait_for(&state, &principal, interest, op, wait, until).await?;
+        // The key may have been revoked (or have expired) while the request waited.
+        if let Some(axum::Extension(credential)) = &credential {
+            super::guard::still_valid(&state, credential).await?;
+        }
     }
     let done = op.state.is_terminal();
     let mut res = Json(OperationOut::from(op)).into_response();

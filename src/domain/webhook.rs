@@ -58,20 +58,44 @@ pub fn check_url(text: &str, policy: UrlPolicy) -> Result<url::Url, ValidationEr
 }
 
 /// Why a delivery may not go to `ip`, if it may not: loopback, private, link-local
-/// (cloud metadata services live there), shared (CGNAT), unspecified, multicast or
-/// broadcast addresses.
+/// (cloud metadata services live there), shared (CGNAT), reserved, documentation,
+/// benchmarking, unspecified, multicast or broadcast addresses. IPv6 is allowed only
+/// in global unicast space (`2000::/3`) outside its special ranges; the forms that carry
+/// an IPv4 address (mapped `::ffff:0:0/96`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) are
+/// judged by that address, so `[64:ff9b::a9fe:a9fe]` is the metadata service it names.
 pub fn forbidden_address(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => forbidden_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => forbidden_v4(v4),
             None => forbidden_v6(v6),
         },
     }
 }
 
+/// The IPv4 address an IPv6 address stands for, in the forms that carry one to a real
+/// host: mapped (`::ffff:a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d`), 6to4 (`2002:AABB:CCDD::`).
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let last = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        Some(v4)
+    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        Some(last)
+    } else if s[0] == 0x2002 {
+        Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ))
+    } else {
+        None
+    }
+}
+
 fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     if ip.is_loopback() {
         Some("loopback")
     } else if ip.is_private() {
@@ -82,21 +106,37 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("shared (CGNAT)")
     } else if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || a == 0 {
         Some("not a unicast host")
+    } else if a >= 240 {
+        Some("reserved")
+    } else if (a, b, c) == (192, 0, 0) {
+        Some("protocol assignments (192.0.0.0/24)")
+    } else if a == 198 && (b == 18 || b == 19) {
+        Some("benchmarking (198.18.0.0/15)")
+    } else if ip.is_documentation() {
+        Some("documentation")
     } else {
         None
     }
 }
 
 fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    let first = ip.segments()[0];
+    let s = ip.segments();
     if ip.is_loopback() {
         Some("loopback")
     } else if ip.is_unspecified() || ip.is_multicast() {
         Some("not a unicast host")
-    } else if first & 0xfe00 == 0xfc00 {
+    } else if s[0] & 0xfe00 == 0xfc00 {
         Some("private (unique local, metadata)")
-    } else if first & 0xffc0 == 0xfe80 {
+    } else if s[0] & 0xffc0 == 0xfe80 {
         Some("link-local")
+    } else if s[0] & 0xe000 != 0x2000 {
+        // `::a.b.c.d` (IPv4-compatible), site-local `fec0::/10`, NAT64's local-use
+        // prefix and every other range outside global unicast.
+        Some("not a global unicast address")
+    } else if s[0] == 0x2001 && s[1] < 0x0200 {
+        Some("protocol assignments (2001::/23: Teredo, benchmarking, ORCHID)")
+    } else if (s[0] == 0x2001 && s[1] == 0x0db8) || s[0] & 0xfff0 == 0x3ff0 {
+        Some("documentation")
     } else {
         None
     }
@@ -210,6 +250,22 @@ mod tests {
             "fe80::1",
             "::ffff:10.0.0.1",
             "224.0.0.1",
+            // Found by an outside probe: IPv6 forms of loopback and metadata addresses,
+            // and IPv4 ranges that are no public host.
+            "::127.0.0.1",
+            "::a9fe:a9fe",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "fec0::1",
+            "2001::1",
+            "2001:db8::1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "192.0.0.170",
+            "192.0.2.1",
         ] {
             assert!(forbidden_address(ip.parse().unwrap()).is_some(), "{ip}");
         }
@@ -218,6 +274,11 @@ mod tests {
             "2606:2800:220:1::1",
             "100.128.0.1",
             "172.32.0.1",
+            // A public IPv4 host through NAT64 or 6to4 (DNS64 answers like these on
+            // IPv6-only networks).
+            "64:ff9b::5db8:d822",
+            "2002:5db8:d822::1",
+            "2a00:1450:4001:81c::200e",
         ] {
             assert_eq!(forbidden_address(ip.parse().unwrap()), None, "{ip}");
         }

@@ -234,6 +234,10 @@ fn plan(
 ) -> Result<Transition, LifecycleError> {
     let engine = txn.engine();
     if !principal.can_report(&engine.service_label(&op.kind), &op.zone) {
+        // One that may not even read it learns nothing of it, as a read would answer.
+        if !principal.can_read(&op.tenant) {
+            return Err(LifecycleError::NotFound);
+        }
         return Err(LifecycleError::Forbidden(
             "this key may report only on operations of its own service and zone",
         ));

@@ -136,11 +136,14 @@ async fn a_watch_starts_with_a_bookmark_and_resumes_after_a_disconnect_without_g
     let start = first.id.clone().unwrap();
     assert_eq!(first.json()["cursor"], json!(start));
     app.create_vms(&tenant, 6).await;
-    // Read a few, drop the connection, resume from the last one seen.
+    // Read a few, drop the connection, resume from the last one seen, as a browser's
+    // `EventSource` opened on `?after=<bookmark>` does: the same URL, with
+    // `Last-Event-ID`, which wins.
     let mut seen = read_until(&mut w, |e| e.len() >= 10).await;
     drop(w);
     let last = seen.last().unwrap().id.clone().unwrap();
-    let mut w = Watch::open(&url, &app.admin_key, Some(&last))
+    let reopened = events_url(&app.url, &tenant, &format!("?after={start}"));
+    let mut w = Watch::open(&reopened, &app.admin_key, Some(&last))
         .await
         .unwrap();
     let rest = read_until(&mut w, |e| succeeded(e) + succeeded(&seen) >= 6).await;
@@ -374,18 +377,15 @@ async fn bad_filters_and_cursors_get_clear_errors() {
         )
         .await;
     assert_eq!(a.status, StatusCode::OK);
+    // `Last-Event-ID` wins over `after`, but a malformed `after` is refused all the same.
     let res = reqwest::Client::new()
-        .get(events_url(&app.url, &tenant, "?after=0"))
+        .get(events_url(&app.url, &tenant, "?after=abc"))
         .bearer_auth(&app.admin_key)
-        .header("Last-Event-ID", "1")
+        .header("Last-Event-ID", "0")
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        res.status(),
-        StatusCode::BAD_REQUEST,
-        "the two resume points disagree"
-    );
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let a = app.get("/v1/tenants/no-such-tenant/events").await;
     assert_eq!(a.code(), "tenant_not_found");
 }
@@ -885,4 +885,119 @@ async fn events_the_filters_drop_do_not_put_off_the_bookmark() {
     );
     let c: u64 = e.id.unwrap().parse().unwrap();
     assert!(c >= first.id.unwrap().parse::<u64>().unwrap());
+}
+
+/// A key made in `tenant` with `body`'s role (and expiry): its ID and secret.
+async fn key_with(app: &TestApp, tenant: &str, body: Value) -> (String, String) {
+    let a = app.post(&format!("/v1/tenants/{tenant}/keys"), body).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    (
+        a.body["id"].as_str().unwrap().to_owned(),
+        a.body["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Reads `w` until it ends (or `within` passes), returning what it sent.
+async fn read_to_end(w: &mut Watch, within: Duration) -> Vec<Sse> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = Vec::new();
+    while let Some(e) = w.next(deadline - tokio::time::Instant::now()).await {
+        seen.push(e);
+    }
+    seen
+}
+
+/// A watch stream open when its key is revoked, or expires, sends nothing more: it
+/// ends with an `error` event (`unauthenticated`) before the next event it would have
+/// sent (an outside probe kept receiving a tenant's events 45 s after revoking the key,
+/// and after it expired).
+#[tokio::test]
+async fn a_watch_ends_when_its_key_is_revoked_or_expires() {
+    let app = spawn_app().await;
+    let tenant = app.tenant().await;
+    let url = events_url(&app.url, &tenant, "");
+    let name = || format!("k-{}", common::unique());
+    let (revoked_id, revoked) =
+        key_with(&app, &tenant, json!({"name": name(), "role": "reader"})).await;
+    let expires_at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let (_, expiring) = key_with(
+        &app,
+        &tenant,
+        json!({"name": name(), "role": "reader", "expires_at": expires_at}),
+    )
+    .await;
+    let mut watches = Vec::new();
+    for key in [&revoked, &expiring] {
+        let mut w = Watch::open(&url, key, None).await.unwrap();
+        assert_eq!(
+            w.next(Duration::from_secs(5)).await.unwrap().event,
+            "bookmark"
+        );
+        watches.push(w);
+    }
+    let a = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/tenants/{tenant}/keys/{revoked_id}"),
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    app.create_vms(&tenant, 2).await;
+    for w in &mut watches {
+        let seen = read_to_end(w, Duration::from_secs(20)).await;
+        let kinds: Vec<&str> = seen.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(kinds, ["error"], "nothing but the end: {seen:?}");
+        assert_eq!(seen[0].json()["code"], "unauthenticated");
+    }
+    // The admin's stream, opened now, gets the events all the same.
+    let mut w = Watch::open(
+        &events_url(&app.url, &tenant, "?after=0"),
+        &app.admin_key,
+        None,
+    )
+    .await
+    .unwrap();
+    let e = w.next(Duration::from_secs(10)).await.unwrap();
+    assert_ne!(e.event, "error", "{e:?}");
+}
+
+/// A long-poll whose key is revoked while it waits is answered `401`, not with the
+/// operation.
+#[tokio::test]
+async fn a_long_poll_whose_key_is_revoked_while_it_waits_gets_401() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let (id, key) = key_with(
+        &app,
+        &tenant,
+        json!({"name": format!("k-{}", common::unique()), "role": "reader"}),
+    )
+    .await;
+    // No relay: the create stays `pending`.
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let path = format!("/v1/operations/{}?wait=3s", op["id"].as_str().unwrap());
+    let poll = app.request(reqwest::Method::GET, &path, Some(&key), None);
+    let revoke = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        app.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/tenants/{tenant}/keys/{id}"),
+            Some(&app.admin_key),
+            None,
+        )
+        .await
+    };
+    let (polled, revoked) = tokio::join!(poll, revoke);
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        (polled.status, polled.code()),
+        (StatusCode::UNAUTHORIZED, "unauthenticated"),
+        "{:?}",
+        polled.body
+    );
 }

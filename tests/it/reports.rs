@@ -33,15 +33,50 @@ async fn reports_move_operations_forward_only_and_only_for_their_pool() {
         }
     };
     let running = json!({"attempt": 1, "state": "running"});
-    for other in [&vm_b, &storage_a] {
+    // Keys that may not see the operation learn nothing of it: `404`, as a read or a
+    // report on an ID that does not exist answers (an outside probe told another
+    // tenant's operation IDs from unknown ones by a `403`). A key of its own tenant
+    // that sees it but may not report on it: `403`.
+    let tenant_key = |tenant: String, role: &'static str| {
+        let app = &app;
+        async move {
+            let body = json!({"name": format!("k-{}", crate::common::unique()), "role": role});
+            let a = app.post(&format!("/v1/tenants/{tenant}/keys"), body).await;
+            assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+            a.body["key"].as_str().unwrap().to_owned()
+        }
+    };
+    let stranger = tenant_key(app.tenant().await, "owner").await;
+    let own_reader = tenant_key(tenant.clone(), "reader").await;
+    let unknown = format!("/v1/operations/{}/reports", uuid::Uuid::now_v7());
+    for other in [&vm_b, &storage_a, &stranger] {
         let a = send(other.clone(), running.clone()).await;
         assert_eq!(
             (a.status, a.code()),
-            (StatusCode::FORBIDDEN, "forbidden"),
+            (StatusCode::NOT_FOUND, "not_found"),
             "{:?}",
             a.body
         );
+        let a = app
+            .request(Method::POST, &unknown, Some(other), Some(&running))
+            .await;
+        assert_eq!((a.status, a.code()), (StatusCode::NOT_FOUND, "not_found"));
+        let items = vec![
+            json!({"operation_id": id, "report": running}),
+            json!({"operation_id": uuid::Uuid::now_v7(), "report": running}),
+        ];
+        let (status, body) = batch(&app, other, items).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+        assert_eq!(body["results"][0]["status"], 404, "{body:?}");
+        assert_eq!(body["results"][1]["status"], 404, "{body:?}");
     }
+    let a = send(own_reader, running.clone()).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (StatusCode::FORBIDDEN, "forbidden"),
+        "{:?}",
+        a.body
+    );
     // A worker key reads operations of its pool, but no tenant's resources.
     let a = app
         .request(
@@ -296,7 +331,7 @@ async fn a_batch_applies_each_report_on_its_own_in_one_request() {
             (200, ""),
             (200, ""),
             (200, ""),
-            (403, "forbidden"),
+            (404, "not_found"),
             (404, "not_found"),
             (422, "invalid_report"),
             (200, ""),
@@ -371,7 +406,7 @@ async fn a_batch_applies_each_report_on_its_own_in_one_request() {
     .await
     .unwrap();
     assert_eq!(rows.len(), 9, "{rows:?}");
-    assert_eq!(rows[3].2, 403);
+    assert_eq!(rows[3].2, 404);
     assert_eq!(rows[4].1, None, "an unknown operation has no tenant");
     assert_eq!(rows[6].0, format!("/v1/operations/{c}/reports"));
     assert_eq!(rows[6].1.as_deref(), Some(tenant.as_str()));
