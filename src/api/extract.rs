@@ -97,38 +97,109 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .eq_ignore_ascii_case("application/json")
-            })
-            .unwrap_or(false);
-        if !json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the body as `Content-Type: application/json`",
-            ));
+        if !is_json(req.headers()) {
+            return Err(unsupported_media_type());
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "the request body is too large",
-                )
-            } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
-            }
-        })?;
-        parse_json(&bytes).map(JsonBody)
+        parse_json(&body(req, state).await?).map(JsonBody)
     }
+}
+
+/// An optional JSON body (an action's input): `None` when the body is empty or only
+/// whitespace, whatever the headers say; otherwise as [`JsonBody`].
+pub struct MaybeJsonBody(pub Option<serde_json::Value>);
+
+impl<S: Send + Sync> FromRequest<S> for MaybeJsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json = is_json(req.headers());
+        let bytes = body(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(MaybeJsonBody(None));
+        }
+        if !json {
+            return Err(unsupported_media_type());
+        }
+        parse_json(&bytes).map(|v| MaybeJsonBody(Some(v)))
+    }
+}
+
+/// Whether the request says its body is JSON.
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
+        .unwrap_or(false)
+}
+
+fn unsupported_media_type() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "send the body as `Content-Type: application/json`",
+    )
+}
+
+fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "the request body is too large (64 KiB at most)",
+    )
+}
+
+/// The whole body: `413` at once when its declared length is over the limit (or as
+/// soon as it grows past it), `408 request_timeout` when it does not arrive in time.
+async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > super::MAX_BODY_BYTES as u64) {
+        return Err(payload_too_large());
+    }
+    let timed_out = || {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} s",
+                super::BODY_TIMEOUT.as_secs()
+            ),
+        )
+    };
+    // The whole body within the time (the layer's timeout is per chunk: a body that
+    // trickles in a byte at a time would pass it).
+    let read = tokio::time::timeout(super::BODY_TIMEOUT, Bytes::from_request(req, state));
+    read.await.map_err(|_| timed_out())?.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            payload_too_large()
+        } else if caused_by_timeout(&e) {
+            timed_out()
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
+        }
+    })
+}
+
+/// Whether `e` comes of the body not arriving in time.
+fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// The deepest nesting a body may have.
@@ -159,13 +230,48 @@ fn holds_nul(v: &serde_json::Value) -> bool {
     }
 }
 
+/// Numbers with no fraction written as decimals (`50.0`, `1e3`) as the integers they
+/// are, in place: JSON Schema's `integer` accepts them, and everything after the door
+/// (quotas, comparisons, the stored spec) reads integers as integers.
+pub fn integral_numbers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            let whole = n
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64);
+            if let Some(f) = whole {
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        Value::Object(map) => map.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
+}
+
+/// `400 body_too_complex`.
+fn too_complex() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "body_too_complex",
+        format!(
+            "bodies may nest {MAX_JSON_DEPTH} levels and hold {MAX_JSON_VALUES} values at most"
+        ),
+    )
+}
+
 /// Parses a JSON body, sorting syntax errors (`400 malformed_json`) from bodies too
 /// deep or too large to be a real request (`400 body_too_complex`) and from shape
-/// errors (`422 invalid_body`).
+/// errors (`422 invalid_body`: every body is a JSON object). Whole numbers written as
+/// decimals are read as integers ([`integral_numbers`]).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    // serde_json's own recursion limit (128) stops pathological nesting while parsing;
-    // the tighter limits below apply to what parsed.
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    // serde_json's own recursion limit (128) stops pathological nesting while parsing
+    // (and is the same refusal as the tighter limits below, which apply to what parsed).
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        if e.to_string().starts_with("recursion limit exceeded") {
+            return too_complex();
+        }
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",
@@ -174,14 +280,17 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })?;
     let (depth, values) = shape(&value);
     if depth > MAX_JSON_DEPTH || values > MAX_JSON_VALUES {
+        return Err(too_complex());
+    }
+    if !value.is_object() {
+        // serde would read an array as a struct's fields in order: refuse it.
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "body_too_complex",
-            format!(
-                "bodies may nest {MAX_JSON_DEPTH} levels and hold {MAX_JSON_VALUES} values at most"
-            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            "the body must be a JSON object",
         ));
     }
+    integral_numbers(&mut value);
     if holds_nul(&value) {
         // PostgreSQL stores no NUL in `text` or `jsonb`: refuse it here, not with a 500.
         return Err(ApiError::new(
@@ -327,5 +436,38 @@ mod tests {
                 .code,
             "body_too_complex"
         );
+        // Past serde_json's own limit too: the same refusal, not a syntax error.
+        let deeper = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(
+            parse_json::<serde_json::Value>(deeper.as_bytes())
+                .unwrap_err()
+                .code,
+            "body_too_complex"
+        );
+    }
+
+    #[test]
+    fn a_body_is_an_object_not_the_fields_in_order() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct T {
+            a: u32,
+        }
+        for body in [&b"[1]"[..], b"[[]]", b"1", b"\"a\"", b"null"] {
+            let e = parse_json::<T>(body).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.code.as_ref()), (422, "invalid_body"));
+        }
+    }
+
+    #[test]
+    fn whole_decimals_are_read_as_integers() {
+        let v: serde_json::Value =
+            parse_json(br#"{"n": 50.0, "e": 1e3, "f": 2.5, "deep": [{"m": -4.0}], "big": 1e300}"#)
+                .unwrap();
+        assert_eq!(v["n"], serde_json::json!(50));
+        assert!(v["n"].is_i64() && v["e"].is_i64() && v["deep"][0]["m"].is_i64());
+        assert_eq!(v["e"], serde_json::json!(1000));
+        assert_eq!(v["f"], serde_json::json!(2.5));
+        assert!(v["big"].is_f64(), "beyond i64: left as it is");
     }
 }

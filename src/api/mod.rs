@@ -36,7 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use error::ApiError;
 use std::time::Duration;
-use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 /// The largest request body accepted.
@@ -103,6 +103,34 @@ pub struct Shared {
     pub public_base: Option<std::sync::Arc<str>>,
 }
 
+/// How long a request may take to be answered (the answer's headers: a watch stream
+/// goes on after them). Longer than the longest long-poll, which answers first.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
+/// How long a request's body may take to arrive (`408 request_timeout` after).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers `503 timed_out` (JSON, `Retry-After`) to a request not answered within
+/// [`REQUEST_TIMEOUT`]; its handler is dropped where it stood, so a write may or may not
+/// have committed (a retry with the same `Idempotency-Key` tells).
+async fn deadline(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timed_out",
+                format!(
+                    "the request was not answered within {} s; a write may or may not have \
+                     been recorded: retry with the same Idempotency-Key",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            );
+            e.retry_after = Some(1);
+            e.into_response()
+        }
+    }
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -132,11 +160,8 @@ pub fn router(state: AppState) -> Router {
             regions::follow_ids,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(60),
-        ))
-        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
+        .layer(axum::middleware::from_fn(deadline))
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard::guard,

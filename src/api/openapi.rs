@@ -316,11 +316,12 @@ fn shared_components(components: &mut Map<String, Value>) {
             "Conflict": error_response("`idempotency_key_reused`, `resource_deleting`, `invalid_state`, `name_taken` (`details.resource_id`: the live resource that has the name) or `quota_exceeded`", false),
             "PreconditionFailed": error_response("`precondition_failed`: `If-Match` does not name the current version (`details.current_etag`)", false),
             "PayloadTooLarge": error_response("`payload_too_large`: body over 64 KiB", false),
+            "RequestTimeout": error_response("`request_timeout`: the body did not arrive within 10 s", false),
             "UnsupportedMediaType": error_response("`unsupported_media_type`: the body is not `application/json`", false),
             "Unprocessable": error_response("`invalid_body` and other validation codes; `details.field` names the field", false),
             "RateLimited": error_response("`rate_limited`: over the key's (or the address's) rate", true),
             "Internal": error_response("`internal`: an unexpected failure, logged with the request ID; nothing is said about it", false),
-            "Unavailable": error_response("`database_unavailable`: retry after `Retry-After`; nothing was written, unless the connection was lost as the write committed, which a retry with the same `Idempotency-Key` finds", true),
+            "Unavailable": error_response("`database_unavailable`: retry after `Retry-After`; nothing was written, unless the connection was lost as the write committed, which a retry with the same `Idempotency-Key` finds; `timed_out`: not answered within 70 s, so a write may or may not have been recorded (a retry with the same `Idempotency-Key` tells)", true),
         }),
     );
 }
@@ -471,6 +472,7 @@ fn shared_responses(path: &str, shape: &Shape, op: &mut Value) {
         shared("400", "BadRequest");
     }
     if shape.has_body {
+        shared("408", "RequestTimeout");
         shared("413", "PayloadTooLarge");
         shared("415", "UnsupportedMediaType");
         shared("422", "Unprocessable");
@@ -546,9 +548,12 @@ fn add_type(doc: &mut Value, t: &ResourceType) {
     let (name, plural) = (pascal(t.kind().as_str()), t.def.plural.as_str());
     let schemas = &mut doc["components"]["schemas"];
     let spec_ref = json!({"$ref": format!("#/components/schemas/{name}Spec")});
-    schemas[format!("{name}Spec")] = t.def.spec_schema.clone();
+    let mut place = |schema_name: String, schema: &Value| {
+        schemas[&schema_name] = rebased(schema, &format!("#/components/schemas/{schema_name}"));
+    };
+    place(format!("{name}Spec"), &t.def.spec_schema);
     if let Some(status) = &t.def.status_schema {
-        schemas[format!("{name}Status")] = status.clone();
+        place(format!("{name}Status"), status);
     }
     schemas[format!("{name}CreateIn")] = json!({"allOf": [
         {"$ref": "#/components/schemas/CreateResourceIn"},
@@ -580,9 +585,31 @@ fn add_type(doc: &mut Value, t: &ResourceType) {
             .retain(|p| p["name"] != "action");
         post["requestBody"]["content"]["application/json"]["schema"] =
             json!({"$ref": format!("#/components/schemas/{input}")});
-        doc["components"]["schemas"][input] = def.input_schema.clone();
+        doc["components"]["schemas"][&input] =
+            rebased(&def.input_schema, &format!("#/components/schemas/{input}"));
         let path = format!("/v1/tenants/{{tenant}}/{plural}/{{id}}/actions/{action_name}");
         doc["paths"][path] = op;
+    }
+}
+
+/// `schema` as placed at `at` in the document: its references within itself
+/// (`#/$defs/…`, `#`) point into its place there, since a reference in the document is
+/// resolved against the document.
+fn rebased(schema: &Value, at: &str) -> Value {
+    match schema {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| match (k.as_str(), v.as_str()) {
+                    ("$ref" | "$dynamicRef", Some(r)) if r.starts_with('#') => {
+                        (k.clone(), json!(format!("{at}{}", &r[1..])))
+                    }
+                    _ => (k.clone(), rebased(v, at)),
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(|v| rebased(v, at)).collect()),
+        other => other.clone(),
     }
 }
 

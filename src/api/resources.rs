@@ -3,7 +3,7 @@
 //! `clusters`, `volumes`, or any registered through `/v1/resource-types`).
 
 use super::error::ApiError;
-use super::extract::{fingerprint, Caller, JsonBody, Meta, WriteHeaders};
+use super::extract::{fingerprint, Caller, JsonBody, MaybeJsonBody, Meta, WriteHeaders};
 use super::wire::{CreateResourceIn, OperationOut, Page, ResourceOut};
 use super::{accepted, cursor, params, AppState};
 use crate::domain::resource_type::ResourceType;
@@ -401,7 +401,7 @@ pub async fn action(
     meta: Meta,
     headers: WriteHeaders,
     Path((tenant, kind_segment, id, action)): Path<(String, String, String, String)>,
-    body: axum::body::Bytes,
+    MaybeJsonBody(body): MaybeJsonBody,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&state, &kind_segment).await?;
     let id = path_id(&id, "resource")?;
@@ -416,11 +416,7 @@ pub async fn action(
                 format!("a {} has no action {action:?}", rt.kind()),
             )
         })?;
-    let input: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
-        serde_json::json!({})
-    } else {
-        super::extract::parse_json(&body)?
-    };
+    let input = body.unwrap_or_else(|| serde_json::json!({}));
     let print = fingerprint(
         "POST",
         &format!("/v1/tenants/{tenant}/{kind_segment}/{id}/actions/{action}"),

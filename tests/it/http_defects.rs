@@ -606,6 +606,8 @@ struct RawAnswer {
     status: u16,
     /// The server said `Connection: close`.
     closes: bool,
+    /// The body.
+    body: Vec<u8>,
 }
 
 impl RawConnection {
@@ -669,8 +671,116 @@ impl RawConnection {
         }
         let mut body = vec![0; length];
         self.stream.read_exact(&mut body).await?;
-        Ok(RawAnswer { status, closes })
+        Ok(RawAnswer {
+            status,
+            closes,
+            body,
+        })
     }
+}
+
+/// A body that does not come as its headers said: one declared over the limit is
+/// refused at once (`413`), without waiting for it; one that stops short gets `408
+/// request_timeout` when the body's time is up (an outside probe got `400
+/// malformed_json` after 10 s for both).
+#[tokio::test]
+async fn a_body_that_does_not_come_is_told_apart_from_a_malformed_one() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_with(Options::api_only()).await;
+    let head = |length: usize| {
+        format!(
+            "POST /v1/tenants HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n",
+            app.admin_key
+        )
+    };
+    let code = |a: &RawAnswer| -> String {
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        v["code"].as_str().unwrap_or_default().to_owned()
+    };
+    let mut conn = RawConnection::open(&app).await;
+    let sent = tokio::time::Instant::now();
+    conn.stream
+        .get_mut()
+        .write_all(head(99_999_999).as_bytes())
+        .await
+        .unwrap();
+    let a = conn.answer().await.unwrap();
+    assert_eq!((a.status, code(&a).as_str()), (413, "payload_too_large"));
+    assert!(
+        sent.elapsed() < gateway::api::BODY_TIMEOUT,
+        "answered at once, not after the body's time"
+    );
+
+    // One that stops short, and one that trickles in a byte every 2 s (each byte in
+    // time for a timeout per chunk, the whole not in time).
+    let short = async {
+        let mut conn = RawConnection::open(&app).await;
+        let stream = conn.stream.get_mut();
+        stream.write_all(head(100).as_bytes()).await.unwrap();
+        stream.write_all(br#"{"id": "short"}"#).await.unwrap();
+        conn.answer().await.unwrap()
+    };
+    let trickle = async {
+        let mut conn = RawConnection::open(&app).await;
+        let body = format!(
+            r#"{{"id": "trickle", "display_name": "{}"}}"#,
+            "x".repeat(60)
+        );
+        conn.stream
+            .get_mut()
+            .write_all(head(body.len()).as_bytes())
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let answer = async {
+            for byte in body.as_bytes() {
+                if conn.stream.get_mut().write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                if started.elapsed() > gateway::api::BODY_TIMEOUT * 2 {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(
+            gateway::api::BODY_TIMEOUT + std::time::Duration::from_secs(3),
+            answer,
+        )
+        .await
+        .ok();
+        conn.answer().await.unwrap()
+    };
+    let (short, trickle) = tokio::join!(short, trickle);
+    for a in [short, trickle] {
+        assert_eq!((a.status, code(&a).as_str()), (408, "request_timeout"));
+    }
+    assert_eq!(
+        app.count("tenants WHERE id IN ('short', 'trickle')").await,
+        0
+    );
+}
+
+/// A long-poll may ask for the longest wait, 60 s, and gets the operation as it is
+/// then, not the request's own time limit (an outside probe got an empty `408` at 60 s).
+#[tokio::test]
+async fn a_long_poll_of_the_longest_wait_answers_with_the_operation() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    // No relay: the create stays `pending` for good.
+    let op = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let id = op["id"].as_str().unwrap();
+    let asked = tokio::time::Instant::now();
+    let a = app
+        .get(&format!("/v1/operations/{id}?wait=60s&until=done"))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert_eq!(a.body["state"], "pending");
+    assert!(asked.elapsed() >= gateway::api::operations::MAX_WAIT);
+    assert!(gateway::api::REQUEST_TIMEOUT >= gateway::api::operations::MAX_WAIT * 7 / 6);
 }
 
 /// Issue 11 §2: answers sent before the request body was read (`401`, `413`, `415`,

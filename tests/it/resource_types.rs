@@ -662,3 +662,88 @@ async fn a_reload_compiles_only_the_types_that_changed() {
     assert_eq!(vm_after.version, 2);
     assert!(std::sync::Arc::ptr_eq(&bm_before, &types.get(&bm).unwrap()));
 }
+
+/// Every local `$ref` of `doc` (`#/…`) names something in it.
+fn dangling_refs(doc: &Value) -> Vec<String> {
+    fn walk(v: &Value, doc: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(fields) => {
+                for (k, v) in fields {
+                    match (k.as_str(), v.as_str()) {
+                        ("$ref", Some(r)) if r.starts_with('#') => {
+                            if doc.pointer(&r[1..]).is_none() {
+                                out.push(r.to_owned());
+                            }
+                        }
+                        _ => walk(v, doc, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, doc, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(doc, doc, &mut out);
+    out
+}
+
+/// A type whose schemas refer to parts of themselves (`$defs`, even recursively) is
+/// served in the contract with those references pointing where its schemas are placed
+/// in the document, so the document stays whole; and its specs validate as written.
+#[tokio::test]
+async fn schemas_that_refer_to_themselves_keep_the_served_contract_whole() {
+    let app = spawn_with(Options::api_only()).await;
+    let mut def = loadbalancer();
+    def["kind"] = json!("reftree");
+    def["plural"] = json!("ref-trees");
+    def["service"] = json!("reftrees");
+    def["spec_schema"] = json!({
+        "type": "object", "additionalProperties": false, "required": ["root"],
+        "$defs": {
+            "node": {"type": "object", "additionalProperties": false, "required": ["name"],
+                     "properties": {"name": {"type": "string", "maxLength": 8},
+                                    "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}},
+            "loop": {"$ref": "#/$defs/loop"}
+        },
+        "properties": {"root": {"$ref": "#/$defs/node"}, "odd": {"$ref": "#/$defs/loop"}}
+    });
+    def["actions"] = json!({
+        "rename": {"description": "Rename the root.",
+                   "input_schema": {"type": "object", "$defs": {"n": {"type": "string", "maxLength": 8}},
+                                    "required": ["name"], "properties": {"name": {"$ref": "#/$defs/n"}}},
+                   "patch": {"root": {"name": {"$input": "/name"}}}}
+    });
+    let a = put_type(&app, &def).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    let doc = app.get("/v1/openapi.json").await.body;
+    assert_eq!(dangling_refs(&doc), Vec::<String>::new());
+    assert_eq!(
+        doc["components"]["schemas"]["ReftreeSpec"]["properties"]["root"]["$ref"],
+        "#/components/schemas/ReftreeSpec/$defs/node"
+    );
+    // The references still work for validation: a deep bad name is found.
+    let tenant = app.tenant().await;
+    let spec = json!({"root": {"name": "a", "children": [{"name": "b", "children": [{"name": "far-too-long"}]}]},
+                      "odd": 1});
+    let a = app
+        .post(
+            &format!("/v1/tenants/{tenant}/ref-trees"),
+            json!({"name": "t1", "zone": "zone-a", "spec": spec}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec"),
+        "{:?}",
+        a.body
+    );
+    let spec = json!({"root": {"name": "a", "children": [{"name": "b"}]}, "odd": 1});
+    let a = app
+        .post(
+            &format!("/v1/tenants/{tenant}/ref-trees"),
+            json!({"name": "t1", "zone": "zone-a", "spec": spec}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+}

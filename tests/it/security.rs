@@ -815,8 +815,8 @@ async fn oversized_and_deeply_nested_bodies_are_refused_before_anything_is_writt
     let (s, b) = post(very_deep).await;
     assert_eq!(
         (s, b["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("malformed_json")),
-        "serde's recursion limit"
+        (StatusCode::BAD_REQUEST, Some("body_too_complex")),
+        "past serde's recursion limit: the same refusal as past ours"
     );
     let wide = format!("{{\"name\": \"web\", \"zone\": \"zone-a\", \"spec\": {{\"flavor\": \"m1.small\", \"image\": \"debian-12\", \"x\": [{}0]}}}}", "0,".repeat(5000));
     let (s, b) = post(wide).await;

@@ -179,10 +179,34 @@ async fn malformed_and_mistyped_requests_get_their_own_codes() {
         (s, b["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("malformed_json"))
     );
-    let (s, b) = send("[1, 2]", Some("application/json")).await;
+    // An array is no object, even one holding the fields in order (serde would read it
+    // as the struct: an outside probe created a VM, a tenant and a key that way, and
+    // wiped a tenant's quota limits with `[[]]`).
+    for body in [
+        "[1, 2]",
+        r#"["web", "zone-a", {"flavor": "m1.small", "image": "debian-12"}, {}]"#,
+        "[[]]",
+    ] {
+        let (s, b) = send(body, Some("application/json")).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body")),
+            "{body}"
+        );
+    }
+    // Nested past serde_json's own limit (128): too complex, as past ours (16).
+    let deep: &'static str = Box::leak(
+        format!(
+            r#"{{"name": "web", "zone": "zone-a", "spec": {}{}}}"#,
+            "[".repeat(130),
+            "]".repeat(130)
+        )
+        .into_boxed_str(),
+    );
+    let (s, b) = send(deep, Some("application/json")).await;
     assert_eq!(
         (s, b["code"].as_str()),
-        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body"))
+        (StatusCode::BAD_REQUEST, Some("body_too_complex"))
     );
     let (s, b) = send("{}", None).await;
     assert_eq!(
@@ -321,4 +345,123 @@ async fn a_client_request_id_is_echoed_and_recorded_on_the_operation() {
         .await
         .unwrap();
     assert_eq!(headers["X-Request-Id"], "client-chosen-42");
+}
+
+/// A volume's size and a cluster's version only grow, through `PATCH` as through their
+/// `resize` and `upgrade` actions (an outside probe shrank a volume from 100 to 10 GB,
+/// and moved a cluster back to an older version, with a `PATCH`).
+#[tokio::test]
+async fn a_patch_can_neither_shrink_a_volume_nor_downgrade_a_cluster() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let patch = |path: String, spec: Value| {
+        let app = &app;
+        async move {
+            app.request(
+                Method::PATCH,
+                &path,
+                Some(&app.admin_key),
+                Some(&json!({"spec": spec})),
+            )
+            .await
+        }
+    };
+    let volume = app
+        .create(
+            &tenant,
+            "volumes",
+            "v",
+            "zone-a",
+            json!({"size_gb": 100, "class": "ssd"}),
+        )
+        .await;
+    let path = format!(
+        "/v1/tenants/{tenant}/volumes/{}",
+        volume["resource_id"].as_str().unwrap()
+    );
+    let a = patch(path.clone(), json!({"size_gb": 10})).await;
+    assert_eq!(
+        (a.status, a.code(), a.body["details"]["field"].as_str()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_spec",
+            Some("spec.size_gb")
+        ),
+        "{:?}",
+        a.body
+    );
+    let a = patch(path.clone(), json!({"size_gb": 100})).await;
+    assert_eq!(
+        a.status,
+        StatusCode::ACCEPTED,
+        "the same size: {:?}",
+        a.body
+    );
+    let a = patch(path, json!({"size_gb": 200})).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+
+    let cluster = app
+        .create(&tenant, "clusters", "c", "zone-a", example_spec("clusters"))
+        .await;
+    let path = format!(
+        "/v1/tenants/{tenant}/clusters/{}",
+        cluster["resource_id"].as_str().unwrap()
+    );
+    let a = patch(path.clone(), json!({"version": "1.29"})).await;
+    assert_eq!(
+        (a.status, a.code(), a.body["details"]["field"].as_str()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_spec",
+            Some("spec.version")
+        ),
+        "{:?}",
+        a.body
+    );
+    // Other fields still change either way: a cluster scales down.
+    let a = patch(path, json!({"node_count": 1})).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+}
+
+/// An action's body is optional, but one that is sent is JSON and says so.
+#[tokio::test]
+async fn an_action_body_sent_must_be_json() {
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let vm = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let url = format!(
+        "{}/v1/tenants/{tenant}/vms/{}/actions/reboot",
+        app.url,
+        vm["resource_id"].as_str().unwrap()
+    );
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut req = app.http.post(&url).bearer_auth(&app.admin_key).body("{}");
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(
+            res.status(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}"
+        );
+        let b: Value = res.json().await.unwrap();
+        assert_eq!(b["code"], "unsupported_media_type");
+    }
+    // No body at all: the action's input is empty (the VM is not running yet: the
+    // action is queued behind its create, or refused for its state, never 415).
+    let res = app
+        .http
+        .post(&url)
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 }

@@ -300,7 +300,14 @@ impl FieldRules {
             count: 1,
             ..Amounts::default()
         };
-        let number = |v: Option<&Value>| v.and_then(Value::as_i64).unwrap_or(0);
+        // A spec stored before the API read whole decimals as integers may hold `50.0`.
+        let number = |v: Option<&Value>| {
+            v.and_then(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+            })
+            .unwrap_or(0)
+        };
         for r in &self.0 {
             let Some(q) = &r.quota else { continue };
             let times = q.times.as_ref().map_or(1, |t| number(spec.pointer(t)));
