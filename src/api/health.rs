@@ -85,7 +85,9 @@ async fn readiness(
             Ok(Ok(())) => "ok".to_owned(),
             Ok(Err(e)) => {
                 state.db.suspect();
-                format!("unavailable: {e}")
+                // The error may name the database's host and user: the log has it.
+                tracing::warn!(error = %e, "readiness: the database does not answer");
+                format!("unavailable: {}", crate::store::health::reason(&e))
             }
             Err(_) => {
                 state.db.suspect();

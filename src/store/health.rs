@@ -126,6 +126,21 @@ pub async fn upkeep(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Upkeep> {
     })
 }
 
+/// What is wrong with the database, in words that name no host, user or database (for
+/// unauthenticated answers such as `/readyz`; the error itself goes to the log).
+pub fn reason(e: &sqlx::Error) -> &'static str {
+    match e {
+        sqlx::Error::Io(_) => "unreachable",
+        sqlx::Error::Tls(_) => "TLS failed",
+        sqlx::Error::PoolTimedOut => "timed out",
+        sqlx::Error::PoolClosed => "closed",
+        sqlx::Error::Database(_) => "refused",
+        sqlx::Error::Protocol(_) => "protocol error",
+        sqlx::Error::Configuration(_) => "misconfigured",
+        _ => "error",
+    }
+}
+
 async fn ping(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
 }
@@ -133,6 +148,17 @@ async fn ping(conn: &mut PgConnection) -> sqlx::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_name_no_host_or_user() {
+        let refused = sqlx::Error::Io(std::io::Error::other(
+            "connect to db.internal.example:5432 as gateway_admin",
+        ));
+        assert_eq!(reason(&refused), "unreachable");
+        let config = sqlx::Error::Configuration("postgres://admin:pw@db.internal/x".into());
+        assert_eq!(reason(&config), "misconfigured");
+        assert_eq!(reason(&sqlx::Error::PoolTimedOut), "timed out");
+    }
 
     #[tokio::test]
     async fn a_probe_that_fails_marks_the_database_down_until_the_pool_closes() {
