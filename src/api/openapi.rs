@@ -592,16 +592,17 @@ fn add_type(doc: &mut Value, t: &ResourceType) {
     }
 }
 
-/// `schema` as placed at `at` in the document: its references within itself
-/// (`#/$defs/…`, `#`) point into its place there, since a reference in the document is
-/// resolved against the document.
+/// `schema` as placed at `at` in the document: its references within itself by JSON
+/// pointer (`#/$defs/…`, `#`) point into its place there, since a reference in the
+/// document is resolved against the document.
 fn rebased(schema: &Value, at: &str) -> Value {
     match schema {
         Value::Object(fields) => Value::Object(
             fields
                 .iter()
                 .map(|(k, v)| match (k.as_str(), v.as_str()) {
-                    ("$ref" | "$dynamicRef", Some(r)) if r.starts_with('#') => {
+                    // JSON pointers only: `#name` names an `$anchor`, wherever it is.
+                    ("$ref" | "$dynamicRef", Some(r)) if r == "#" || r.starts_with("#/") => {
                         (k.clone(), json!(format!("{at}{}", &r[1..])))
                     }
                     _ => (k.clone(), rebased(v, at)),

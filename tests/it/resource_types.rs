@@ -663,14 +663,14 @@ async fn a_reload_compiles_only_the_types_that_changed() {
     assert!(std::sync::Arc::ptr_eq(&bm_before, &types.get(&bm).unwrap()));
 }
 
-/// Every local `$ref` of `doc` (`#/…`) names something in it.
+/// Every local `$ref` of `doc` by JSON pointer (`#/…`) names something in it.
 fn dangling_refs(doc: &Value) -> Vec<String> {
     fn walk(v: &Value, doc: &Value, out: &mut Vec<String>) {
         match v {
             Value::Object(fields) => {
                 for (k, v) in fields {
                     match (k.as_str(), v.as_str()) {
-                        ("$ref", Some(r)) if r.starts_with('#') => {
+                        ("$ref", Some(r)) if r.starts_with("#/") => {
                             if doc.pointer(&r[1..]).is_none() {
                                 out.push(r.to_owned());
                             }
@@ -704,9 +704,11 @@ async fn schemas_that_refer_to_themselves_keep_the_served_contract_whole() {
             "node": {"type": "object", "additionalProperties": false, "required": ["name"],
                      "properties": {"name": {"type": "string", "maxLength": 8},
                                     "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}},
-            "loop": {"$ref": "#/$defs/loop"}
+            "loop": {"$ref": "#/$defs/loop"},
+            "short": {"$anchor": "short", "type": "string", "maxLength": 3}
         },
-        "properties": {"root": {"$ref": "#/$defs/node"}, "odd": {"$ref": "#/$defs/loop"}}
+        "properties": {"root": {"$ref": "#/$defs/node"}, "odd": {"$ref": "#/$defs/loop"},
+                       "tag": {"$ref": "#short"}}
     });
     def["actions"] = json!({
         "rename": {"description": "Rename the root.",
@@ -718,9 +720,14 @@ async fn schemas_that_refer_to_themselves_keep_the_served_contract_whole() {
     assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
     let doc = app.get("/v1/openapi.json").await.body;
     assert_eq!(dangling_refs(&doc), Vec::<String>::new());
+    let served = &doc["components"]["schemas"]["ReftreeSpec"]["properties"];
     assert_eq!(
-        doc["components"]["schemas"]["ReftreeSpec"]["properties"]["root"]["$ref"],
+        served["root"]["$ref"],
         "#/components/schemas/ReftreeSpec/$defs/node"
+    );
+    assert_eq!(
+        served["tag"]["$ref"], "#short",
+        "an anchor is no pointer: left alone"
     );
     // The references still work for validation: a deep bad name is found.
     let tenant = app.tenant().await;
@@ -738,7 +745,20 @@ async fn schemas_that_refer_to_themselves_keep_the_served_contract_whole() {
         "{:?}",
         a.body
     );
-    let spec = json!({"root": {"name": "a", "children": [{"name": "b"}]}, "odd": 1});
+    let spec = json!({"root": {"name": "a", "children": [{"name": "b"}]}, "odd": 1, "tag": "abcd"});
+    let a = app
+        .post(
+            &format!("/v1/tenants/{tenant}/ref-trees"),
+            json!({"name": "t1", "zone": "zone-a", "spec": spec}),
+        )
+        .await;
+    assert_eq!(
+        a.code(),
+        "invalid_spec",
+        "the anchor's rule holds: {:?}",
+        a.body
+    );
+    let spec = json!({"root": {"name": "a", "children": [{"name": "b"}]}, "odd": 1, "tag": "abc"});
     let a = app
         .post(
             &format!("/v1/tenants/{tenant}/ref-trees"),
