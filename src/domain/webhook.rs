@@ -109,9 +109,11 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
     } else if a >= 240 {
         Some("reserved")
     } else if (a, b, c) == (192, 0, 0) {
-        Some("protocol assignments (192.0.0.0/24)")
+        Some("protocol-assignment (192.0.0.0/24)")
     } else if a == 198 && (b == 18 || b == 19) {
         Some("benchmarking (198.18.0.0/15)")
+    } else if (a, b, c) == (192, 88, 99) {
+        Some("6to4 relay (192.88.99.0/24)")
     } else if ip.is_documentation() {
         Some("documentation")
     } else {
@@ -132,9 +134,9 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
     } else if s[0] & 0xe000 != 0x2000 {
         // `::a.b.c.d` (IPv4-compatible), site-local `fec0::/10`, NAT64's local-use
         // prefix and every other range outside global unicast.
-        Some("not a global unicast address")
+        Some("non-global (outside 2000::/3)")
     } else if s[0] == 0x2001 && s[1] < 0x0200 {
-        Some("protocol assignments (2001::/23: Teredo, benchmarking, ORCHID)")
+        Some("protocol-assignment (2001::/23: Teredo, benchmarking, ORCHID)")
     } else if (s[0] == 0x2001 && s[1] == 0x0db8) || s[0] & 0xfff0 == 0x3ff0 {
         Some("documentation")
     } else {
@@ -266,6 +268,7 @@ mod tests {
             "240.0.0.1",
             "192.0.0.170",
             "192.0.2.1",
+            "192.88.99.1",
         ] {
             assert!(forbidden_address(ip.parse().unwrap()).is_some(), "{ip}");
         }

@@ -767,3 +767,49 @@ async fn schemas_that_refer_to_themselves_keep_the_served_contract_whole() {
         .await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
 }
+
+/// A registered kind whose quota field the schema leaves loose (`number`, no minimum):
+/// a negative value is refused with `422`, not a `500` from the usage row's check, and
+/// a fraction is refused rather than counted as nothing (both found by an outside
+/// probe).
+#[tokio::test]
+async fn a_loose_quota_field_takes_only_whole_numbers_0_or_more() {
+    let app = spawn_with(Options::api_only()).await;
+    let mut def = loadbalancer();
+    def["kind"] = json!("tank");
+    def["plural"] = json!("tanks");
+    def["service"] = json!("tanks");
+    def["spec_schema"] = json!({"type": "object", "required": ["cap"], "properties": {
+        "cap": {"type": "number", "x-quota": {"dimension": "storage_gb"}}}});
+    def["actions"] = json!({});
+    let a = put_type(&app, &def).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    let tenant = app.tenant().await;
+    for cap in [json!(-5), json!(-5.0), json!(50000.5), json!(0.5)] {
+        let a = app
+            .post(
+                &format!("/v1/tenants/{tenant}/tanks"),
+                json!({"name": "t", "zone": "zone-a", "spec": {"cap": cap}}),
+            )
+            .await;
+        assert_eq!(
+            (a.status, a.code(), a.body["details"]["field"].as_str()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_spec",
+                Some("spec.cap")
+            ),
+            "{cap}: {:?}",
+            a.body
+        );
+    }
+    let a = app
+        .post(
+            &format!("/v1/tenants/{tenant}/tanks"),
+            json!({"name": "t", "zone": "zone-a", "spec": {"cap": 40.0}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    let usage = app.get(&format!("/v1/tenants/{tenant}/quotas")).await;
+    assert_eq!(usage.body["usage"][0]["storage_gb"], 40, "{:?}", usage.body);
+}

@@ -260,6 +260,22 @@ impl FieldRules {
                 continue;
             };
             let field = dotted("spec", &r.pointer);
+            if let Some(q) = &r.quota {
+                // What counts against a quota is a count: a fraction counted as nothing,
+                // and a negative number failed the usage row's check (a 500).
+                let own = q.dimension.is_some().then_some(r.pointer.as_str());
+                for pointer in own.into_iter().chain(q.times.as_deref()) {
+                    let counted = valid.value.pointer(pointer).filter(|v| !v.is_null());
+                    if counted.is_some_and(|n| n.as_u64().is_none()) {
+                        return Err(ValidationError::new(
+                            "invalid_spec",
+                            dotted("spec", pointer),
+                            "counts against a quota: must be a whole number, 0 or more",
+                        )
+                        .at(format!("/spec{pointer}")));
+                    }
+                }
+            }
             if let (Some(category), Some(name)) = (r.catalog, v.as_str()) {
                 valid.catalog.push(CatalogRef {
                     field: field.clone(),

@@ -481,3 +481,38 @@ fn merge_patch_follows_rfc_7386() {
     assert_eq!(merge_patch(&json!({"a": 1}), &json!([1])), json!([1]));
     assert_eq!(merge_patch(&json!("x"), &json!({"a": null})), json!({}));
 }
+
+#[test]
+fn what_counts_against_a_quota_is_a_whole_number_0_or_more() {
+    // A registered kind whose quota fields the schema leaves loose: a `number`, and an
+    // integer with no minimum that multiplies a catalog attribute.
+    let loose = compile(json!({
+        "kind": "tank", "plural": "tanks", "service": "tanks",
+        "spec_schema": {"type": "object", "properties": {
+            "cap": {"type": "number", "x-quota": {"dimension": "storage_gb"}},
+            "units": {"type": "integer"},
+            "flavor": {"type": "string", "x-catalog": "flavor",
+                       "x-quota": {"catalog_attributes": ["vcpus"], "times": "/units"}}
+        }},
+        "actions": {}
+    }))
+    .unwrap();
+    for (spec, field) in [
+        (json!({"cap": -5}), "spec.cap"),
+        (json!({"cap": 50000.5}), "spec.cap"),
+        (json!({"flavor": "m1.small", "units": -3}), "spec.units"),
+    ] {
+        let e = loose.validate_spec(&spec, None).unwrap_err();
+        assert_eq!(
+            (e.code.as_ref(), e.field.as_str()),
+            ("invalid_spec", field),
+            "{spec}"
+        );
+    }
+    assert!(loose.validate_spec(&json!({"cap": 0}), None).is_ok());
+    assert!(loose
+        .validate_spec(&json!({"cap": 7, "flavor": "m1.small", "units": 2}), None)
+        .is_ok());
+    // Without the catalog field, `units` counts for nothing and is not checked.
+    assert!(loose.validate_spec(&json!({"units": -1}), None).is_ok());
+}
