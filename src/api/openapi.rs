@@ -596,7 +596,14 @@ fn add_type(doc: &mut Value, t: &ResourceType) {
 /// pointer (`#/$defs/…`, `#`) point into its place there, since a reference in the
 /// document is resolved against the document.
 fn rebased(schema: &Value, at: &str) -> Value {
+    rebase(schema, at, true)
+}
+
+fn rebase(schema: &Value, at: &str, root: bool) -> Value {
     match schema {
+        // A subschema with an `$id` of its own is a resource of its own: its pointers
+        // are relative to it, not to the type's schema, and stay as they are.
+        Value::Object(fields) if !root && fields.contains_key("$id") => schema.clone(),
         Value::Object(fields) => Value::Object(
             fields
                 .iter()
@@ -605,11 +612,11 @@ fn rebased(schema: &Value, at: &str) -> Value {
                     ("$ref" | "$dynamicRef", Some(r)) if r == "#" || r.starts_with("#/") => {
                         (k.clone(), json!(format!("{at}{}", &r[1..])))
                     }
-                    _ => (k.clone(), rebased(v, at)),
+                    _ => (k.clone(), rebase(v, at, false)),
                 })
                 .collect(),
         ),
-        Value::Array(items) => Value::Array(items.iter().map(|v| rebased(v, at)).collect()),
+        Value::Array(items) => Value::Array(items.iter().map(|v| rebase(v, at, false)).collect()),
         other => other.clone(),
     }
 }

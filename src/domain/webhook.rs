@@ -105,7 +105,7 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
     } else if a == 100 && (64..128).contains(&b) {
         Some("shared (CGNAT)")
     } else if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || a == 0 {
-        Some("not a unicast host")
+        Some("non-unicast")
     } else if a >= 240 {
         Some("reserved")
     } else if (a, b, c) == (192, 0, 0) {
@@ -126,7 +126,7 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
     if ip.is_loopback() {
         Some("loopback")
     } else if ip.is_unspecified() || ip.is_multicast() {
-        Some("not a unicast host")
+        Some("non-unicast")
     } else if s[0] & 0xfe00 == 0xfc00 {
         Some("private (unique local, metadata)")
     } else if s[0] & 0xffc0 == 0xfe80 {

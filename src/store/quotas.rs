@@ -78,11 +78,16 @@ pub async fn replace(conn: &mut PgConnection, tenant: &str, limits: &[Limit]) ->
 type UsageRow = (String, String, i64, i64, i64, i64, i64);
 
 /// What the live resources of `tenant` consume, per kind and zone (only those with
-/// resources), by kind and zone.
+/// resources), by kind and zone; a sum past `i64::MAX` is `i64::MAX`.
 pub async fn usage(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Vec<Usage>> {
     let rows: Vec<UsageRow> = sqlx::query_as(
-        "SELECT kind, zone, count(*), sum(vcpus)::bigint, sum(memory_mb)::bigint,
-                sum(nodes)::bigint, sum(storage_gb)::bigint
+        // Saturating, as the sums in `domain::quota` are: resources whose amounts add up
+        // past a bigint must not make the tenant's every quota check fail.
+        "SELECT kind, zone, count(*),
+                LEAST(sum(vcpus), 9223372036854775807)::bigint,
+                LEAST(sum(memory_mb), 9223372036854775807)::bigint,
+                LEAST(sum(nodes), 9223372036854775807)::bigint,
+                LEAST(sum(storage_gb), 9223372036854775807)::bigint
          FROM resources WHERE tenant = $1 AND deleted_at IS NULL
          GROUP BY kind, zone ORDER BY kind, zone",
     )

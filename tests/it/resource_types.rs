@@ -663,10 +663,12 @@ async fn a_reload_compiles_only_the_types_that_changed() {
     assert!(std::sync::Arc::ptr_eq(&bm_before, &types.get(&bm).unwrap()));
 }
 
-/// Every local `$ref` of `doc` by JSON pointer (`#/…`) names something in it.
+/// Every local `$ref` of `doc` by JSON pointer (`#/…`) names something in it (outside
+/// subschemas with an `$id` of their own, whose pointers are relative to them).
 fn dangling_refs(doc: &Value) -> Vec<String> {
     fn walk(v: &Value, doc: &Value, out: &mut Vec<String>) {
         match v {
+            Value::Object(fields) if fields.contains_key("$id") => {}
             Value::Object(fields) => {
                 for (k, v) in fields {
                     match (k.as_str(), v.as_str()) {
@@ -708,7 +710,9 @@ async fn schemas_that_refer_to_themselves_keep_the_served_contract_whole() {
             "short": {"$anchor": "short", "type": "string", "maxLength": 3}
         },
         "properties": {"root": {"$ref": "#/$defs/node"}, "odd": {"$ref": "#/$defs/loop"},
-                       "tag": {"$ref": "#short"}}
+                       "tag": {"$ref": "#short"},
+                       "own": {"$id": "https://example.com/own", "$defs": {"a": {"type": "integer"}},
+                               "properties": {"v": {"$ref": "#/$defs/a"}}}}
     });
     def["actions"] = json!({
         "rename": {"description": "Rename the root.",
@@ -728,6 +732,10 @@ async fn schemas_that_refer_to_themselves_keep_the_served_contract_whole() {
     assert_eq!(
         served["tag"]["$ref"], "#short",
         "an anchor is no pointer: left alone"
+    );
+    assert_eq!(
+        served["own"]["properties"]["v"]["$ref"], "#/$defs/a",
+        "relative to its own `$id`: left alone"
     );
     // The references still work for validation: a deep bad name is found.
     let tenant = app.tenant().await;
@@ -812,4 +820,47 @@ async fn a_loose_quota_field_takes_only_whole_numbers_0_or_more() {
     assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
     let usage = app.get(&format!("/v1/tenants/{tenant}/quotas")).await;
     assert_eq!(usage.body["usage"][0]["storage_gb"], 40, "{:?}", usage.body);
+    // Amounts that add up past a bigint saturate: the tenant's quotas still answer, and
+    // so do its writes (an outside probe made every quota check of a tenant a `500`).
+    for name in ["h0", "h1"] {
+        let a = app
+            .post(
+                &format!("/v1/tenants/{tenant}/tanks"),
+                json!({"name": name, "zone": "zone-a", "spec": {"cap": 4611686018427387904i64}}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    }
+    let usage = app.get(&format!("/v1/tenants/{tenant}/quotas")).await;
+    assert_eq!(usage.status, StatusCode::OK, "{:?}", usage.body);
+    assert_eq!(
+        usage.body["usage"][0]["storage_gb"],
+        i64::MAX,
+        "{:?}",
+        usage.body
+    );
+    let limits = json!({"limits": [{"dimension": "count", "limit": 100}, {"dimension": "storage_gb", "limit": 10}]});
+    let a = app
+        .request(
+            Method::PUT,
+            &format!("/v1/tenants/{tenant}/quotas"),
+            Some(&app.admin_key),
+            Some(&limits),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    let a = app
+        .post(
+            &format!("/v1/tenants/{tenant}/tanks"),
+            json!({"name": "h2", "zone": "zone-a", "spec": {"cap": 1}}),
+        )
+        .await;
+    assert_eq!(a.code(), "quota_exceeded", "{:?}", a.body);
+    let a = app
+        .post(
+            &format!("/v1/tenants/{tenant}/vms"),
+            json!({"name": "web", "zone": "zone-a", "spec": crate::common::example_spec("vms")}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
 }

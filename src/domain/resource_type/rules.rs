@@ -266,11 +266,11 @@ impl FieldRules {
                 let own = q.dimension.is_some().then_some(r.pointer.as_str());
                 for pointer in own.into_iter().chain(q.times.as_deref()) {
                     let counted = valid.value.pointer(pointer).filter(|v| !v.is_null());
-                    if counted.is_some_and(|n| n.as_u64().is_none()) {
+                    if counted.is_some_and(|n| !n.as_i64().is_some_and(|n| n >= 0)) {
                         return Err(ValidationError::new(
                             "invalid_spec",
                             dotted("spec", pointer),
-                            "counts against a quota: must be a whole number, 0 or more",
+                            "counts against a quota: must be a whole number from 0 to 2^63 - 1",
                         )
                         .at(format!("/spec{pointer}")));
                     }

@@ -501,6 +501,7 @@ fn what_counts_against_a_quota_is_a_whole_number_0_or_more() {
         (json!({"cap": -5}), "spec.cap"),
         (json!({"cap": 50000.5}), "spec.cap"),
         (json!({"flavor": "m1.small", "units": -3}), "spec.units"),
+        (json!({"cap": 9223372036854775808u64}), "spec.cap"),
     ] {
         let e = loose.validate_spec(&spec, None).unwrap_err();
         assert_eq!(
