@@ -266,7 +266,7 @@ impl FieldRules {
                 let own = q.dimension.is_some().then_some(r.pointer.as_str());
                 for pointer in own.into_iter().chain(q.times.as_deref()) {
                     let counted = valid.value.pointer(pointer).filter(|v| !v.is_null());
-                    if counted.is_some_and(|n| !n.as_i64().is_some_and(|n| n >= 0)) {
+                    if counted.is_some_and(|n| n.as_i64().is_none_or(|n| n < 0)) {
                         return Err(ValidationError::new(
                             "invalid_spec",
                             dotted("spec", pointer),
