@@ -737,42 +737,22 @@ async fn schemas_that_refer_to_themselves_keep_the_served_contract_whole() {
         served["own"]["properties"]["v"]["$ref"], "#/$defs/a",
         "relative to its own `$id`: left alone"
     );
-    // The references still work for validation: a deep bad name is found.
+    // The references still work for validation: a deep bad name is found, and the
+    // anchor's rule holds.
     let tenant = app.tenant().await;
-    let spec = json!({"root": {"name": "a", "children": [{"name": "b", "children": [{"name": "far-too-long"}]}]},
-                      "odd": 1});
-    let a = app
-        .post(
-            &format!("/v1/tenants/{tenant}/ref-trees"),
-            json!({"name": "t1", "zone": "zone-a", "spec": spec}),
-        )
-        .await;
-    assert_eq!(
-        (a.status, a.code()),
-        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec"),
-        "{:?}",
-        a.body
-    );
-    let spec = json!({"root": {"name": "a", "children": [{"name": "b"}]}, "odd": 1, "tag": "abcd"});
-    let a = app
-        .post(
-            &format!("/v1/tenants/{tenant}/ref-trees"),
-            json!({"name": "t1", "zone": "zone-a", "spec": spec}),
-        )
-        .await;
-    assert_eq!(
-        a.code(),
-        "invalid_spec",
-        "the anchor's rule holds: {:?}",
-        a.body
-    );
-    let spec = json!({"root": {"name": "a", "children": [{"name": "b"}]}, "odd": 1, "tag": "abc"});
-    let a = app
-        .post(
-            &format!("/v1/tenants/{tenant}/ref-trees"),
-            json!({"name": "t1", "zone": "zone-a", "spec": spec}),
-        )
-        .await;
+    let path = format!("/v1/tenants/{tenant}/ref-trees");
+    let tree = |spec: Value| app.post(&path, json!({"name": "t1", "zone": "zone-a", "spec": spec}));
+    let deep =
+        json!({"name": "a", "children": [{"name": "b", "children": [{"name": "far-too-long"}]}]});
+    let shallow = json!({"name": "a", "children": [{"name": "b"}]});
+    for spec in [
+        json!({"root": deep, "odd": 1}),
+        json!({"root": shallow, "odd": 1, "tag": "abcd"}),
+    ] {
+        let a = tree(spec.clone()).await;
+        assert_eq!(a.code(), "invalid_spec", "{spec}: {:?}", a.body);
+    }
+    let a = tree(json!({"root": shallow, "odd": 1, "tag": "abc"})).await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
 }
 
@@ -793,13 +773,17 @@ async fn a_loose_quota_field_takes_only_whole_numbers_0_or_more() {
     let a = put_type(&app, &def).await;
     assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
     let tenant = app.tenant().await;
+    let tank = |name: &'static str, cap: Value| {
+        let (app, path) = (&app, format!("/v1/tenants/{tenant}/tanks"));
+        async move {
+            let body = json!({"name": name, "zone": "zone-a", "spec": {"cap": cap}});
+            app.post(&path, body).await
+        }
+    };
+    let path = format!("/v1/tenants/{tenant}/quotas");
+    let quotas = || app.get(&path);
     for cap in [json!(-5), json!(-5.0), json!(50000.5), json!(0.5)] {
-        let a = app
-            .post(
-                &format!("/v1/tenants/{tenant}/tanks"),
-                json!({"name": "t", "zone": "zone-a", "spec": {"cap": cap}}),
-            )
-            .await;
+        let a = tank("t", cap.clone()).await;
         assert_eq!(
             (a.status, a.code(), a.body["details"]["field"].as_str()),
             (
@@ -811,27 +795,17 @@ async fn a_loose_quota_field_takes_only_whole_numbers_0_or_more() {
             a.body
         );
     }
-    let a = app
-        .post(
-            &format!("/v1/tenants/{tenant}/tanks"),
-            json!({"name": "t", "zone": "zone-a", "spec": {"cap": 40.0}}),
-        )
-        .await;
+    let a = tank("t", json!(40.0)).await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
-    let usage = app.get(&format!("/v1/tenants/{tenant}/quotas")).await;
+    let usage = quotas().await;
     assert_eq!(usage.body["usage"][0]["storage_gb"], 40, "{:?}", usage.body);
     // Amounts that add up past a bigint saturate: the tenant's quotas still answer, and
     // so do its writes (an outside probe made every quota check of a tenant a `500`).
     for name in ["h0", "h1"] {
-        let a = app
-            .post(
-                &format!("/v1/tenants/{tenant}/tanks"),
-                json!({"name": name, "zone": "zone-a", "spec": {"cap": 4611686018427387904i64}}),
-            )
-            .await;
+        let a = tank(name, json!(4611686018427387904i64)).await;
         assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
     }
-    let usage = app.get(&format!("/v1/tenants/{tenant}/quotas")).await;
+    let usage = quotas().await;
     assert_eq!(usage.status, StatusCode::OK, "{:?}", usage.body);
     assert_eq!(
         usage.body["usage"][0]["storage_gb"],
@@ -841,26 +815,11 @@ async fn a_loose_quota_field_takes_only_whole_numbers_0_or_more() {
     );
     let limits = json!({"limits": [{"dimension": "count", "limit": 100}, {"dimension": "storage_gb", "limit": 10}]});
     let a = app
-        .request(
-            Method::PUT,
-            &format!("/v1/tenants/{tenant}/quotas"),
-            Some(&app.admin_key),
-            Some(&limits),
-        )
+        .request(Method::PUT, &path, Some(&app.admin_key), Some(&limits))
         .await;
     assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
-    let a = app
-        .post(
-            &format!("/v1/tenants/{tenant}/tanks"),
-            json!({"name": "h2", "zone": "zone-a", "spec": {"cap": 1}}),
-        )
-        .await;
-    assert_eq!(a.code(), "quota_exceeded", "{:?}", a.body);
-    let a = app
-        .post(
-            &format!("/v1/tenants/{tenant}/vms"),
-            json!({"name": "web", "zone": "zone-a", "spec": crate::common::example_spec("vms")}),
-        )
-        .await;
+    assert_eq!(tank("h2", json!(1)).await.code(), "quota_exceeded");
+    let vm = json!({"name": "web", "zone": "zone-a", "spec": crate::common::example_spec("vms")});
+    let a = app.post(&format!("/v1/tenants/{tenant}/vms"), vm).await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
 }
