@@ -5,6 +5,7 @@ use super::guard::Authn;
 use super::request::RequestId;
 use crate::audit::AuditSlot;
 use crate::auth::Principal;
+use crate::domain::resource_type::integral_numbers;
 use crate::lifecycle::Audit;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -176,30 +177,16 @@ async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError
             ),
         )
     };
-    // The whole body within the time (the layer's timeout is per chunk: a body that
-    // trickles in a byte at a time would pass it).
+    // The whole body within the time, counted from its start (a timeout per chunk would
+    // let a body that trickles in a byte at a time through).
     let read = tokio::time::timeout(super::BODY_TIMEOUT, Bytes::from_request(req, state));
     read.await.map_err(|_| timed_out())?.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             payload_too_large()
-        } else if caused_by_timeout(&e) {
-            timed_out()
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
         }
     })
-}
-
-/// Whether `e` comes of the body not arriving in time.
-fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(err) = cause {
-        if err.is::<tower_http::timeout::TimeoutError>() {
-            return true;
-        }
-        cause = err.source();
-    }
-    false
 }
 
 /// The deepest nesting a body may have.
@@ -227,26 +214,6 @@ fn holds_nul(v: &serde_json::Value) -> bool {
         serde_json::Value::Array(a) => a.iter().any(holds_nul),
         serde_json::Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
         _ => false,
-    }
-}
-
-/// Numbers with no fraction written as decimals (`50.0`, `1e3`) as the integers they
-/// are, in place: JSON Schema's `integer` accepts them, and everything after the door
-/// (quotas, comparisons, the stored spec) reads integers as integers.
-pub fn integral_numbers(v: &mut serde_json::Value) {
-    use serde_json::Value;
-    match v {
-        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
-            let whole = n
-                .as_f64()
-                .filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64);
-            if let Some(f) = whole {
-                *v = Value::from(f as i64);
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
-        Value::Object(map) => map.values_mut().for_each(integral_numbers),
-        _ => {}
     }
 }
 

@@ -36,7 +36,6 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use error::ApiError;
 use std::time::Duration;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 /// The largest request body accepted.
@@ -106,7 +105,8 @@ pub struct Shared {
 /// How long a request may take to be answered (the answer's headers: a watch stream
 /// goes on after them). Longer than the longest long-poll, which answers first.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
-/// How long a request's body may take to arrive (`408 request_timeout` after).
+/// How long a request's whole body may take to arrive (`408 request_timeout` after;
+/// every body is read through `extract`, which holds to it).
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers `503 timed_out` (JSON, `Retry-After`) to a request not answered within
@@ -161,7 +161,6 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(deadline))
-        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard::guard,

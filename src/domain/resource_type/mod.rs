@@ -339,6 +339,7 @@ impl ResourceType {
     ) -> Result<ValidSpec, ValidationError> {
         let mut value = spec.clone();
         rules::fill_defaults(&self.def.spec_schema, &mut value);
+        integral_numbers(&mut value);
         schema_error(&self.spec, &value, "invalid_spec", "spec")?;
         if let Some(before) = before {
             self.rules.check_change(before, &value)?;
@@ -466,6 +467,26 @@ fn run_action(def: &ActionDef, spec: &Value, input: &Value) -> Result<Effect, Va
         }
     }
     Ok(Effect::NewSpec(next))
+}
+
+/// Numbers with no fraction written as decimals (`50.0`, `1e3`) as the integers they
+/// are, in place: JSON Schema's `integer` accepts them, and what comes after (quotas,
+/// comparisons, the stored spec) reads integers as integers. The API reads every body
+/// so, and [`ResourceType::validate_spec`] every spec (one stored before may hold `50.0`).
+pub fn integral_numbers(v: &mut Value) {
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            let whole = n
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64);
+            if let Some(f) = whole {
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        Value::Object(map) => map.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
 }
 
 /// Applies an RFC 7386 JSON merge patch: objects merge recursively, `null` removes a

@@ -309,21 +309,15 @@ impl FieldRules {
         Ok(valid)
     }
 
-    /// What a resource with `spec` consumes; `entries` holds the attributes of the
+    /// What a resource with `spec` (a valid one: whole numbers as integers) consumes;
+    /// `entries` holds the attributes of the
     /// catalog entries its spec names, by dotted field.
     pub fn footprint(&self, spec: &Value, entries: &BTreeMap<String, Value>) -> Amounts {
         let mut amounts = Amounts {
             count: 1,
             ..Amounts::default()
         };
-        // A spec stored before the API read whole decimals as integers may hold `50.0`.
-        let number = |v: Option<&Value>| {
-            v.and_then(|v| {
-                v.as_i64()
-                    .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
-            })
-            .unwrap_or(0)
-        };
+        let number = |v: Option<&Value>| v.and_then(Value::as_i64).unwrap_or(0);
         for r in &self.0 {
             let Some(q) = &r.quota else { continue };
             let times = q.times.as_ref().map_or(1, |t| number(spec.pointer(t)));

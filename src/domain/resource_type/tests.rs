@@ -517,3 +517,15 @@ fn what_counts_against_a_quota_is_a_whole_number_0_or_more() {
     // Without the catalog field, `units` counts for nothing and is not checked.
     assert!(loose.validate_spec(&json!({"units": -1}), None).is_ok());
 }
+
+#[test]
+fn a_spec_with_whole_decimals_validates_as_integers() {
+    // As a spec stored before the API read whole decimals as integers may hold them:
+    // a change of it still validates, and what it counts is counted.
+    let cluster = builtin("cluster");
+    let stored = json!({"version": "1.31", "node_count": 3.0, "node_flavor": "m1.large"});
+    let valid = cluster.validate_spec(&stored, Some(&stored)).unwrap();
+    assert!(valid.value["node_count"].is_i64(), "{}", valid.value);
+    let a = cluster.footprint(&valid.value, &BTreeMap::new());
+    assert_eq!(a.nodes, 3);
+}
