@@ -418,6 +418,17 @@ impl ChainWatch {
     }
 }
 
+/// How `link` stands in the chain now: `None` while it is there with the same hash,
+/// else `gone` or `changed`.
+pub async fn link_lost(pool: &PgPool, link: &Place) -> sqlx::Result<Option<&'static str>> {
+    let now = store::audit::link_hash(pool, link.0).await?;
+    Ok(match now {
+        Some(hash) if hash == link.1 => None,
+        Some(_) => Some("changed"),
+        None => Some("gone"),
+    })
+}
+
 /// Whether `link` is still in the chain with the same hash; if not, says so (an
 /// `ERROR` line naming `whose` link it was, and `gateway_audit_chain_rewritten_total`).
 async fn still_linked(
@@ -427,18 +438,15 @@ async fn still_linked(
     head: Option<&Place>,
     whose: &str,
 ) -> sqlx::Result<bool> {
-    let (seq, hash) = link;
-    let now = store::audit::link_hash(pool, *seq).await?;
-    if now.as_ref() == Some(hash) {
+    let Some(how) = link_lost(pool, link).await? else {
         return Ok(true);
-    }
+    };
     metrics.audit_chain_rewritten.inc();
     tracing::error!(
-        chain_seq = seq,
+        chain_seq = link.0,
         now = head.map(|h| h.0),
-        "audit chain rewritten: {whose} is {} (the newest rows and their links were \
+        "audit chain rewritten: {whose} is {how} (the newest rows and their links were \
          removed, or replaced); `gateway admin verify-audit` checks what is there now",
-        if now.is_some() { "changed" } else { "gone" },
     );
     Ok(false)
 }

@@ -25,7 +25,6 @@
 use super::Place;
 use crate::config::NatsNames;
 use crate::metrics::Metrics;
-use crate::store;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -236,7 +235,7 @@ impl Anchoring {
                 self.replace = false;
                 if let Some(end) = saved.end.as_ref().filter(|&end| Some(end) != head) {
                     self.replace = if std::mem::take(&mut self.told) {
-                        store::audit::link_hash(pool, end.0).await?.as_ref() != Some(&end.1)
+                        super::link_lost(pool, end).await?.is_some()
                     } else {
                         let whose = "the chain's end saved on the broker";
                         !super::still_linked(pool, metrics, end, head, whose).await?
@@ -290,18 +289,14 @@ pub enum Comparison {
 /// Compares the end saved on the broker with the chain in `pool` (what
 /// `gateway admin verify-audit` adds to its check of the chain).
 pub async fn compare(anchor: &Anchor, pool: &PgPool) -> anyhow::Result<Comparison> {
-    let Some((chain_seq, hash)) = anchor.read().await?.end else {
+    let Some(end) = anchor.read().await?.end else {
         return Ok(Comparison::NothingSaved);
     };
-    Ok(match store::audit::link_hash(pool, chain_seq).await? {
-        Some(now) if now == hash => Comparison::Found(chain_seq),
-        Some(_) => Comparison::Missing {
-            chain_seq,
-            how: "changed",
-        },
-        None => Comparison::Missing {
-            chain_seq,
-            how: "gone",
+    Ok(match super::link_lost(pool, &end).await? {
+        None => Comparison::Found(end.0),
+        Some(how) => Comparison::Missing {
+            chain_seq: end.0,
+            how,
         },
     })
 }
