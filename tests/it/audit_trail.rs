@@ -511,6 +511,19 @@ async fn a_gateway_that_starts_notices_the_end_removed_while_none_ran() {
     let verified = verify_audit(&d, false);
     assert!(verified.status.success(), "{verified:?}");
     assert!(String::from_utf8_lossy(&verified.stdout).contains("not compared"));
+    // A broker it cannot reach: it cannot say, so it does not pass.
+    let verified = d
+        .env
+        .command(&["admin", "verify-audit"])
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(!verified.status.success(), "{verified:?}");
+    let err = String::from_utf8_lossy(&verified.stderr);
+    assert!(
+        err.contains("comparing with the chain's end saved on the broker"),
+        "{err}"
+    );
 
     // The next gateway notices, says which link, and saves the chain as it is now.
     let api = Gateway::serve(&d.env).await;
