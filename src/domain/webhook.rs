@@ -77,18 +77,13 @@ pub fn forbidden_address(ip: IpAddr) -> Option<&'static str> {
 /// host: mapped (`::ffff:a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d`), 6to4 (`2002:AABB:CCDD::`).
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let last = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        Some(v4)
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if let Some(mapped) = ip.to_ipv4_mapped() {
+        Some(mapped)
     } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        Some(last)
+        Some(v4(s[6], s[7]))
     } else if s[0] == 0x2002 {
-        Some(Ipv4Addr::new(
-            (s[1] >> 8) as u8,
-            s[1] as u8,
-            (s[2] >> 8) as u8,
-            s[2] as u8,
-        ))
+        Some(v4(s[1], s[2]))
     } else {
         None
     }
