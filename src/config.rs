@@ -200,6 +200,10 @@ pub struct WebhookSettings {
     /// `WEBHOOK_PER_ENDPOINT`: deliveries in flight per endpoint across dispatchers
     /// (default 4), so one slow endpoint never holds up the others.
     pub per_endpoint: i64,
+    /// `WEBHOOK_PER_TENANT`: deliveries in flight to one tenant's endpoints together,
+    /// across dispatchers (default 8), so one tenant's slow endpoints hold at most that
+    /// many of a dispatcher's `WEBHOOK_CONCURRENCY` slots.
+    pub per_tenant: i64,
     /// `WEBHOOK_SECRET_KEY` (32 bytes, base64 or 64 hex digits) and
     /// `WEBHOOK_SECRET_KEY_PREVIOUS`: seal the endpoints' signing secrets in the
     /// database (AES-256-GCM); without a key they are stored as they are.
@@ -221,6 +225,7 @@ impl WebhookSettings {
             timeout: env.millis("WEBHOOK_TIMEOUT_MS", 10_000)?,
             concurrency: env.positive("WEBHOOK_CONCURRENCY", 32usize)?,
             per_endpoint: env.positive("WEBHOOK_PER_ENDPOINT", 4i64)?,
+            per_tenant: env.positive("WEBHOOK_PER_TENANT", 8i64)?,
             secret_keys: seal_keys(env)?,
         })
     }
@@ -256,6 +261,7 @@ impl Default for WebhookSettings {
             timeout: Duration::from_secs(10),
             concurrency: 32,
             per_endpoint: 4,
+            per_tenant: 8,
             secret_keys: None,
         }
     }

@@ -152,9 +152,10 @@ pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// Creates the deliveries of one event (which happened at `time`) for every enabled
-/// endpoint of its tenant that existed then and wants its type; an event already fanned
-/// out to an endpoint is not again. Returns how many were created.
+/// Creates the deliveries of one event (which happened at `time`) for every endpoint of
+/// its tenant that existed then and wants its type, enabled or not (a disabled one's
+/// wait until it is enabled again); an event already fanned out to an endpoint is not
+/// again. Returns how many were created.
 pub async fn fan_out(
     conn: &mut PgConnection,
     tenant: &str,
@@ -166,7 +167,7 @@ pub async fn fan_out(
     Ok(sqlx::query(
         "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, event, state)
          SELECT gen_random_uuid(), w.id, $2, $3, $4, 'pending' FROM webhooks w
-         WHERE w.tenant = $1 AND w.disabled_at IS NULL
+         WHERE w.tenant = $1
            AND (cardinality(w.types) = 0 OR $3 = ANY (w.types)) AND w.created_at <= $5
          ON CONFLICT (webhook_id, event_id) DO NOTHING",
     )
@@ -201,30 +202,56 @@ pub struct Leased {
     pub previous_secret: Option<String>,
 }
 
-/// Leases up to `limit` due deliveries of enabled endpoints for `lease`, at most
-/// `per_endpoint` of any endpoint in flight at once (across dispatchers), so one slow or
-/// failing endpoint never holds up the others.
+/// How many deliveries may be in flight at once (across dispatchers).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseCaps {
+    /// Of one endpoint.
+    pub per_endpoint: i64,
+    /// Of one tenant's endpoints together.
+    pub per_tenant: i64,
+}
+
+/// Leases up to `limit` due deliveries of enabled endpoints for `lease`, oldest first,
+/// within `caps`: so one slow or failing endpoint, or one tenant's many, never holds up
+/// the others. Endpoints are walked one by one (those with pending deliveries, through
+/// `webhook_deliveries_pending`), each giving its oldest due deliveries, so a backlog
+/// of one never hides another's.
 pub async fn lease(
     conn: &mut PgConnection,
     limit: i64,
-    per_endpoint: i64,
+    caps: LeaseCaps,
     lease: Duration,
 ) -> sqlx::Result<Vec<Leased>> {
     sqlx::query_as(
-        "WITH due AS (
-             SELECT d.id, d.next_attempt_at,
-                    row_number() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at) AS n,
+        "WITH RECURSIVE pending AS (
+             (SELECT webhook_id AS id FROM webhook_deliveries WHERE state = 'pending'
+              ORDER BY webhook_id LIMIT 1)
+             UNION ALL
+             SELECT (SELECT d.webhook_id FROM webhook_deliveries d
+                     WHERE d.state = 'pending' AND d.webhook_id > p.id
+                     ORDER BY d.webhook_id LIMIT 1)
+             FROM pending p WHERE p.id IS NOT NULL),
+         open AS (
+             SELECT w.id, w.tenant,
                     (SELECT count(*) FROM webhook_deliveries x
-                     WHERE x.webhook_id = d.webhook_id AND x.state = 'pending'
-                       AND x.locked_until > now()) AS busy
-             FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
-             WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-               AND (d.locked_until IS NULL OR d.locked_until <= now())
-               AND w.disabled_at IS NULL
-             ORDER BY d.next_attempt_at LIMIT 1000),
-         pick AS (SELECT id FROM due WHERE n + busy <= $2 ORDER BY next_attempt_at LIMIT $1)
+                     WHERE x.webhook_id = w.id AND x.state = 'pending'
+                       AND x.locked_until IS NOT NULL AND x.locked_until > now()) AS busy
+             FROM pending p JOIN webhooks w ON w.id = p.id
+             WHERE w.disabled_at IS NULL),
+         tenant_busy AS (SELECT tenant, sum(busy) AS busy FROM open GROUP BY tenant),
+         due AS (
+             SELECT d.id, d.next_attempt_at,
+                    t.busy + row_number() OVER (PARTITION BY o.tenant ORDER BY d.next_attempt_at)
+                        AS n
+             FROM open o JOIN tenant_busy t ON t.tenant = o.tenant
+             CROSS JOIN LATERAL (
+                 SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
+                 WHERE d.webhook_id = o.id AND d.state = 'pending' AND d.next_attempt_at <= now()
+                   AND (d.locked_until IS NULL OR d.locked_until <= now())
+                 ORDER BY d.next_attempt_at LIMIT GREATEST($2 - o.busy, 0)) d),
+         pick AS (SELECT id FROM due WHERE n <= $3 ORDER BY next_attempt_at LIMIT $1)
          UPDATE webhook_deliveries d
-         SET locked_until = now() + make_interval(secs => $3), updated_at = now()
+         SET locked_until = now() + make_interval(secs => $4), updated_at = now()
          FROM pick, webhooks w
          WHERE d.id = pick.id AND w.id = d.webhook_id AND d.state = 'pending'
            AND (d.locked_until IS NULL OR d.locked_until <= now())
@@ -233,7 +260,8 @@ pub async fn lease(
                        AS previous_secret",
     )
     .bind(limit)
-    .bind(per_endpoint)
+    .bind(caps.per_endpoint)
+    .bind(caps.per_tenant)
     .bind(lease.as_secs_f64())
     .fetch_all(conn)
     .await
@@ -401,11 +429,12 @@ pub async fn attempts(
     .await
 }
 
-/// Makes a delivery due now again (whatever its state).
+/// Makes a delivery due now again (whatever its state). One being sent is left to that
+/// attempt (its lease stands, so the endpoint's cap holds): it is being tried now.
 pub async fn requeue(conn: &mut PgConnection, webhook: Uuid, id: Uuid) -> sqlx::Result<bool> {
     Ok(sqlx::query(
-        "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = now(),
-             locked_until = NULL, updated_at = now()
+        "UPDATE webhook_deliveries SET state = 'pending', updated_at = now(),
+             next_attempt_at = CASE WHEN locked_until > now() THEN next_attempt_at ELSE now() END
          WHERE id = $1 AND webhook_id = $2",
     )
     .bind(id)

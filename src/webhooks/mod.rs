@@ -3,12 +3,14 @@
 //! Two loops, in every dispatcher process (`gateway webhooks`, and `up`):
 //!
 //! - **fan-out**: pulls the events stream through the durable consumer `webhooks`,
-//!   shared by all dispatchers, and creates each event's deliveries (one per enabled
-//!   endpoint of its tenant that wants its type; at most once per endpoint and event)
+//!   shared by all dispatchers, and creates each event's deliveries (one per endpoint
+//!   of its tenant that wants its type, a disabled one's waiting until it is enabled
+//!   again; at most once per endpoint and event)
 //!   in one transaction per batch; only then acknowledges the batch, so an event is
 //!   fanned out at least once and delivered per endpoint once per fan-out.
-//! - **delivery**: leases due deliveries (at most `WEBHOOK_PER_ENDPOINT` of an endpoint
-//!   in flight across dispatchers), sends each signed as Standard Webhooks says, and
+//! - **delivery**: leases due deliveries of enabled endpoints (at most
+//!   `WEBHOOK_PER_ENDPOINT` of an endpoint and `WEBHOOK_PER_TENANT` of a tenant in flight
+//!   across dispatchers), sends each signed as Standard Webhooks says, and
 //!   records the attempt, scheduling the next by `WEBHOOK_RETRY_SCHEDULE` with jitter.
 //!   A lease outlives the request's timeout; if a dispatcher dies mid-send, the lease
 //!   expires and another sends again (at least once: receivers dedupe by `webhook-id`).
@@ -199,7 +201,11 @@ impl Dispatcher {
                 return Vec::new();
             }
         };
-        crate::store::webhooks::lease(&mut conn, n.min(100), self.settings.per_endpoint, lease)
+        let caps = crate::store::webhooks::LeaseCaps {
+            per_endpoint: self.settings.per_endpoint,
+            per_tenant: self.settings.per_tenant,
+        };
+        crate::store::webhooks::lease(&mut conn, n.min(100), caps, lease)
             .await
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "webhooks: cannot lease deliveries");

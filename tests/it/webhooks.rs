@@ -33,6 +33,26 @@ pub struct Got {
 struct Shared {
     mode: Arc<Mutex<Mode>>,
     got: Arc<Mutex<Vec<Got>>>,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: Arc<Mutex<(usize, usize)>>,
+}
+
+/// Counts a request in flight until dropped (also when the sender gives up on it).
+struct InFlight(Arc<Mutex<(usize, usize)>>);
+
+impl InFlight {
+    fn new(count: &Arc<Mutex<(usize, usize)>>) -> Self {
+        let mut c = count.lock().unwrap();
+        c.0 += 1;
+        c.1 = c.1.max(c.0);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().0 -= 1;
+    }
 }
 
 /// A webhook receiver on 127.0.0.1 that records what it gets; it can fail, hang, be
@@ -48,6 +68,7 @@ async fn receive(
     headers: HeaderMap,
     body: String,
 ) -> axum::response::Response {
+    let _counted = InFlight::new(&s.in_flight);
     let mode = *s.mode.lock().unwrap();
     if mode == Mode::Hang {
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -80,6 +101,7 @@ impl Receiver {
             shared: Shared {
                 mode: Arc::new(Mutex::new(mode)),
                 got: Default::default(),
+                in_flight: Default::default(),
             },
             task: None,
         };
@@ -94,6 +116,7 @@ impl Receiver {
             shared: Shared {
                 mode: Arc::new(Mutex::new(Mode::Ok)),
                 got: Default::default(),
+                in_flight: Default::default(),
             },
             task: None,
         }
@@ -121,6 +144,11 @@ impl Receiver {
 
     pub fn got(&self) -> Vec<Got> {
         self.shared.got.lock().unwrap().clone()
+    }
+
+    /// Requests being answered now, and the most there ever were at once.
+    pub fn in_flight(&self) -> (usize, usize) {
+        *self.shared.in_flight.lock().unwrap()
     }
 
     /// Waits (30 s at most) until `done` holds for what arrived.
@@ -798,4 +826,148 @@ async fn signing_secrets_are_sealed_in_the_database_and_plain_ones_still_sign() 
     let sigs = got[0].headers["webhook-signature"].as_str().unwrap();
     assert_eq!(sigs.split(' ').count(), 1, "{sigs}");
     verify_with_reference_library(&[(new_secret, got[0].clone())]);
+}
+
+/// Polls `path` (20 s at most) until `done` holds for its body; returns that body.
+async fn poll_until(app: &TestApp, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = app.get(path).await;
+        if done(&a.body) {
+            return a.body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{path}: {}", a.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn set_enabled(app: &TestApp, tenant: &str, id: &str, on: bool) {
+    let a = app
+        .request(
+            reqwest::Method::PATCH,
+            &format!("/v1/tenants/{tenant}/webhooks/{id}"),
+            Some(&app.admin_key),
+            Some(&json!({"enabled": on})),
+        )
+        .await;
+    assert_eq!(a.body["enabled"], on, "{}", a.body);
+}
+
+#[tokio::test]
+async fn events_that_happen_while_an_endpoint_is_disabled_wait_for_it() {
+    let app = app_with_webhooks().await;
+    let tenant = app.tenant().await;
+    let receiver = Receiver::start(Mode::Ok).await;
+    let (id, _) = register(&app, &tenant, &receiver.url(), json!(["resource.created"])).await;
+    set_enabled(&app, &tenant, &id, false).await;
+    app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    // The event is fanned out to the paused endpoint, and waits there.
+    let log = format!("/v1/tenants/{tenant}/webhooks/{id}/deliveries");
+    let waiting = poll_until(&app, &log, |b| b["items"].as_array().unwrap().len() == 1).await;
+    assert_eq!(waiting["items"][0]["state"], "pending");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(receiver.got().is_empty(), "nothing is sent while paused");
+    set_enabled(&app, &tenant, &id, true).await;
+    let got = receiver
+        .wait("the delivery kept while paused", |g| !g.is_empty())
+        .await;
+    assert_eq!(event_types(&got), ["resource.created"]);
+}
+
+/// A gateway whose one dispatcher sends 4 deliveries at once, at most 2 of a tenant's,
+/// giving up on an answer after 4 s.
+async fn app_with_few_slots() -> TestApp {
+    spawn_with(Options {
+        database_port: None,
+        parts: gateway::app::Parts {
+            webhooks: true,
+            ..Options::default().parts
+        },
+        tweak: |c| {
+            c.webhooks.policy.allow_http = true;
+            c.webhooks.policy.allow_private = true;
+            c.webhooks.schedule = vec![Duration::from_millis(200); 4];
+            c.webhooks.timeout = Duration::from_secs(4);
+            c.webhooks.concurrency = 4;
+            c.webhooks.per_endpoint = 4;
+            c.webhooks.per_tenant = 2;
+        },
+    })
+    .await
+}
+
+#[tokio::test]
+async fn one_tenants_slow_endpoints_never_take_every_slot() {
+    let app = app_with_few_slots().await;
+    let slow_tenant = app.tenant().await;
+    let tenant = app.tenant().await;
+    let slow = [
+        Receiver::start(Mode::Hang).await,
+        Receiver::start(Mode::Hang).await,
+    ];
+    for r in &slow {
+        register(&app, &slow_tenant, &r.url(), json!([])).await;
+    }
+    app.create_vms(&slow_tenant, 4).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while slow.iter().map(|r| r.in_flight().0).sum::<usize>() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow endpoints got nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The slow tenant's deliveries hang, a backlog behind them; another tenant's still
+    // go out at once, in a slot the slow tenant may not take.
+    let good = Receiver::start(Mode::Ok).await;
+    register(&app, &tenant, &good.url(), json!(["resource.created"])).await;
+    let started = std::time::Instant::now();
+    app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    good.wait("the other tenant's delivery", |g| !g.is_empty())
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited behind the slow tenant's endpoints: {:?}",
+        started.elapsed()
+    );
+    let busy: usize = slow.iter().map(|r| r.in_flight().1).sum();
+    assert!(busy <= 2 + 1, "the slow tenant had {busy} in flight");
+}
+
+#[tokio::test]
+async fn a_retry_of_a_delivery_being_sent_keeps_the_in_flight_caps() {
+    let app = app_with_few_slots().await;
+    let tenant = app.tenant().await;
+    let receiver = Receiver::start(Mode::Hang).await;
+    let (id, _) = register(&app, &tenant, &receiver.url(), json!([])).await;
+    app.create_vms(&tenant, 2).await;
+    let log = format!("/v1/tenants/{tenant}/webhooks/{id}/deliveries");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while receiver.in_flight().0 < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every delivery asked for again while two of them are being sent.
+    let items = app.get(&log).await.body["items"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(items.len() >= 4, "{items:?}");
+    for d in &items {
+        let a = app
+            .post(
+                &format!("{log}/{}/retry", d["id"].as_str().unwrap()),
+                json!({}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        receiver.in_flight().1,
+        2,
+        "a retry sent a delivery beside the attempt under way"
+    );
 }
