@@ -381,7 +381,11 @@ fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
         op["operationId"] = json!(format!("{tag}_{id}"));
     }
     let mut params: Vec<Value> = op["parameters"].as_array().cloned().unwrap_or_default();
-    params.retain(|p| p["in"] != "header");
+    // The shared headers are added below, by reference; a handler's own stay.
+    params.retain(|p| p["in"] != "header" || p["name"] == "Last-Event-ID");
+    for p in params.iter_mut().filter(|p| p["name"] == "Last-Event-ID") {
+        p["schema"] = json!({"type": "string", "pattern": r"^[0-9]{1,19}$"});
+    }
     for p in params.iter_mut() {
         if p["in"] == "path" {
             p["schema"] = match p["name"].as_str() {

@@ -48,6 +48,9 @@ pub fn check_url(text: &str, policy: UrlPolicy) -> Result<url::Url, ValidationEr
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("has no host"));
     }
+    if url.port() == Some(0) {
+        return Err(invalid("port 0 is not a port anything listens on"));
+    }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(invalid("must not carry a user name or password"));
     }
@@ -216,6 +219,7 @@ mod tests {
             "ftp://hooks.example.com/",
             "https://user:pw@hooks.example.com/",
             "https://hooks.example.com/#frag",
+            "https://hooks.example.com:0/",
             "not a url",
             "https://",
         ] {

@@ -33,8 +33,12 @@ pub struct WebhookChange {
 
 fn check_types(types: &[String]) -> Result<(), ValidationError> {
     for (i, t) in types.iter().enumerate() {
-        if t.parse::<EventType>().is_err() {
-            let why = format!("unknown event type {t:?}");
+        let twice = types[..i].contains(t);
+        if twice || t.parse::<EventType>().is_err() {
+            let why = match twice {
+                true => format!("{t:?} is listed twice"),
+                false => format!("unknown event type {t:?}"),
+            };
             return Err(ValidationError::new(
                 "invalid_event_type",
                 format!("types[{i}]"),

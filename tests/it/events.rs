@@ -566,3 +566,60 @@ async fn a_report_that_dispatches_nothing_still_has_its_event_published_at_once(
         types(&events)
     );
 }
+
+#[tokio::test]
+async fn a_resource_change_names_the_operation_that_made_it_when_the_next_starts_with_it() {
+    // No workers: the test plays the worker, so the next operation is queued for sure.
+    let app = spawn_with(Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let create = app
+        .create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let path = common::vm_path(&tenant, &create);
+    let done = |id: &str| {
+        let (app, id) = (&app, id.to_owned());
+        async move {
+            for state in ["running", "succeeded"] {
+                let a = app
+                    .report_as_vm_worker(&id, json!({"attempt": 1, "state": state, "status": {}}))
+                    .await;
+                assert_eq!(a.status, 200, "{:?}", a.body);
+            }
+        }
+    };
+    done(create["id"].as_str().unwrap()).await;
+    let reboot = app
+        .post(&format!("{path}/actions/reboot"), json!({}))
+        .await
+        .body;
+    let relabel = app
+        .request(
+            reqwest::Method::PATCH,
+            &path,
+            Some(&app.admin_key),
+            Some(&json!({"labels": {"team": "a"}})),
+        )
+        .await
+        .body;
+    assert_eq!(relabel["state"], "queued", "{relabel}");
+    // The reboot's end and the relabel's start, in one transaction.
+    done(reboot["id"].as_str().unwrap()).await;
+    let changes: Vec<(String, Option<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT row->>'phase', operation_id FROM event_outbox
+         WHERE resource_id = $1 AND type = 'resource.status_changed' ORDER BY id",
+    )
+    .bind(uuid::Uuid::parse_str(create["resource_id"].as_str().unwrap()).unwrap())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let (reboot, relabel) = (id_of(&reboot), id_of(&relabel));
+    let last_two = &changes[changes.len() - 2..];
+    assert_eq!(
+        last_two,
+        [
+            ("ready".to_owned(), Some(reboot)),
+            ("updating".to_owned(), Some(relabel))
+        ],
+        "all the resource's status changes: {changes:?}"
+    );
+}

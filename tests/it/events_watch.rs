@@ -342,6 +342,10 @@ async fn bad_filters_and_cursors_get_clear_errors() {
         ("?resource=nope", "invalid_query"),
         ("?after=-1", "invalid_cursor"),
         ("?after=abc", "invalid_cursor"),
+        // Digits only, as the contract's pattern says (`u64` parsing takes a `+`).
+        ("?after=%2B100", "invalid_cursor"),
+        ("?after=%20100", "invalid_cursor"),
+        ("?after=", "invalid_cursor"),
         ("?limit=0", "invalid_query"),
         ("?bogus=1", "invalid_query"),
     ] {
@@ -386,6 +390,18 @@ async fn bad_filters_and_cursors_get_clear_errors() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let res = reqwest::Client::new()
+        .get(events_url(&app.url, &tenant, ""))
+        .bearer_auth(&app.admin_key)
+        .header("Last-Event-ID", "+0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::BAD_REQUEST,
+        "a signed Last-Event-ID"
+    );
     let a = app.get("/v1/tenants/no-such-tenant/events").await;
     assert_eq!(a.code(), "tenant_not_found");
 }

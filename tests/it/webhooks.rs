@@ -299,6 +299,19 @@ async fn owners_manage_webhooks_whose_secret_shows_once_and_urls_must_be_public_
         )
         .await;
     assert_eq!(a.code(), "invalid_event_type");
+    let twice = json!(["operation.failed", "operation.failed"]);
+    let a = app
+        .post(
+            &path,
+            json!({"url": "https://93.184.216.34/hook", "types": twice}),
+        )
+        .await;
+    assert_eq!(
+        (a.code(), a.body["details"]["field"].as_str()),
+        ("invalid_event_type", Some("types[1]")),
+        "{:?}",
+        a.body
+    );
     // A public literal address is accepted (nothing is sent to it in this test).
     let a = app
         .post(&path, json!({"url": "https://93.184.216.34/hook", "types": ["operation.succeeded"], "description": "billing"}))
