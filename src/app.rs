@@ -285,6 +285,22 @@ impl Running {
     }
 }
 
+/// Refuses to run a process without `GATEWAY_REGION` on a region's database (it would
+/// take writes for other regions' zones, storing them here), or with another region's
+/// name.
+pub async fn same_region(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
+    let stored = store::replication::region(pool).await?;
+    match (stored, config.region.as_ref().map(|r| r.name.as_str())) {
+        (Some(r), None) => Err(anyhow::anyhow!(
+            "GATEWAY_REGION: unset, but this database is region {r:?}'s; set GATEWAY_REGION={r}"
+        )),
+        (Some(r), Some(mine)) if r != mine => Err(anyhow::anyhow!(
+            "GATEWAY_REGION: this database belongs to region {r:?}, not {mine:?}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Starts `parts` on `listener` with connected `backends`.
 /// `listener` serves the API when `parts.api` is set, else only `/healthz`, `/readyz`
 /// and `/metrics`.
@@ -294,6 +310,7 @@ pub async fn start(
     listener: Option<TcpListener>,
     parts: Parts,
 ) -> anyhow::Result<Running> {
+    same_region(config, &backends.pool).await?;
     let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);

@@ -451,6 +451,11 @@ impl fmt::Debug for RegionSettings {
 impl RegionSettings {
     fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> anyhow::Result<Option<Self>> {
         let Some(name) = env.opt_string("GATEWAY_REGION")? else {
+            for var in ["GATEWAY_REGION_ZONES", "GATEWAY_REGION_PEERS"] {
+                if env.opt_string(var)?.is_some() {
+                    return Err(anyhow!("{var}: set without GATEWAY_REGION"));
+                }
+            }
             return Ok(None);
         };
         crate::domain::region::check_name(&name).map_err(|e| anyhow!("GATEWAY_REGION: {e}"))?;
@@ -469,6 +474,9 @@ impl RegionSettings {
                 .map_err(|e| anyhow!("GATEWAY_REGION_PEERS: {e}"))?;
             if peer == &name {
                 return Err(anyhow!("GATEWAY_REGION_PEERS: names this region itself"));
+            }
+            if peers.iter().filter(|p| *p == peer).count() > 1 {
+                return Err(anyhow!("GATEWAY_REGION_PEERS: names {peer:?} twice"));
             }
         }
         if env.opt_string("GATEWAY_UP_LEAF_PORT")?.is_some()
@@ -884,6 +892,18 @@ mod tests {
         );
         for (vars, says) in [
             (vec![("GATEWAY_REGION", "EU")], "GATEWAY_REGION"),
+            (
+                vec![("GATEWAY_REGION", "r1"), ("GATEWAY_REGION_PEERS", "r2,r2")],
+                "twice",
+            ),
+            (
+                vec![("GATEWAY_REGION_ZONES", "zone-a")],
+                "without GATEWAY_REGION",
+            ),
+            (
+                vec![("GATEWAY_REGION_PEERS", "r2")],
+                "without GATEWAY_REGION",
+            ),
             (
                 vec![("GATEWAY_REGION", "r1"), ("GATEWAY_REGION_PEERS", "r1")],
                 "itself",

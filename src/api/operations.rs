@@ -260,6 +260,7 @@ pub struct OperationQuery {
     params(("tenant" = String, Path, description = "Tenant ID"), OperationQuery),
     responses(
         (status = 200, description = "One page", body = Page<OperationOut>),
+        (status = 307, description = "Another region's zone (`?zone=`): the same request at `Location`, that region's gateway (`other_region`)", body = ErrorBody),
         (status = 400, description = "Bad cursor or limit", body = ErrorBody),
         (status = 404, description = "Unknown tenant", body = ErrorBody),
     ),
@@ -268,17 +269,25 @@ pub struct OperationQuery {
 pub async fn list(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    uri: axum::http::Uri,
     Path(tenant): Path<String>,
     query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Page<OperationOut>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| super::bad_query(&e))?;
+    let zone = params::label("zone", q.zone)?;
+    // Another region's zone: its operations are there, as its resources are.
+    if let Some(zone) = &zone {
+        if let Some(elsewhere) = super::regions::zone_elsewhere(&state, zone, &uri).await? {
+            return Ok(elsewhere);
+        }
+    }
     super::readable_tenant(&state, &principal, &tenant).await?;
     let limit = super::page_limit(q.limit)?;
     let before = q.cursor.as_deref().map(cursor::decode_seq).transpose()?;
     let filter = operations::OperationFilter {
         state: q.state,
         kind: params::registered_kind(&state.engine.types, q.kind)?,
-        zone: params::label("zone", q.zone)?,
+        zone,
         resource_id: q.resource_id,
         since: params::instant("since", q.since)?,
     };
@@ -291,7 +300,8 @@ pub async fn list(
         limit,
         |o| cursor::encode_seq(o.seq),
         OperationOut::from,
-    )))
+    ))
+    .into_response())
 }
 
 /// A worker reports progress or the outcome of an operation of its service and zone.

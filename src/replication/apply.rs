@@ -15,8 +15,7 @@ use crate::metrics::{Metrics, PeerResultLabels};
 use crate::store::replication::{self, Applied};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use futures::{FutureExt, StreamExt};
-use sqlx::pool::PoolConnection;
-use sqlx::{Acquire, PgPool, Postgres};
+use sqlx::{Acquire, PgConnection, PgPool};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +53,10 @@ impl Applier {
 
     /// Takes the lock, then applies batches until `shutdown` (`Ok`) or a failure.
     async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut conn = self.pool.acquire().await?;
+        // A connection of its own, closed when the session ends however it ends: the
+        // lock is the connection's, and one handed back to the pool kept it, so no
+        // session could take it again until the process restarted.
+        let mut conn = self.pool.acquire().await?.detach();
         while !replication::try_lock_applier(&mut conn).await? {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -63,7 +65,7 @@ impl Applier {
         }
         let mut stream = self.js.get_stream(super::INBOUND_STREAM).await?;
         let last = stream.info().await?.state.last_sequence;
-        let mut applied = replication::applied_seq(&mut *conn).await?;
+        let mut applied = replication::applied_seq(&mut conn).await?;
         if applied > last {
             // The stream was made anew: read it all again (applying is idempotent).
             applied = 0;
@@ -103,7 +105,7 @@ impl Applier {
     /// Applies `messages` in one transaction, then retries parked changes if any landed.
     async fn apply_batch(
         &self,
-        conn: &mut PoolConnection<Postgres>,
+        conn: &mut PgConnection,
         messages: &[jetstream::Message],
     ) -> anyhow::Result<()> {
         let mut tx = conn.begin().await?;

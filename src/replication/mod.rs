@@ -54,9 +54,17 @@ pub async fn ensure_streams(
     let sources = region
         .peers
         .iter()
+        // The peer's JetStream domain as its API prefix (`external`), not `domain`: the
+        // client turns `domain` into that prefix when it creates a stream, but sends it
+        // as it is when it updates one, and the server then looks for the peer's stream
+        // in this region (`stream not found`), so adding a peer to a running region broke
+        // its sourcing for good.
         .map(|peer| stream::Source {
             name: outbound_stream(peer),
-            domain: Some(peer.clone()),
+            external: Some(stream::External {
+                api_prefix: format!("$JS.{peer}.API"),
+                delivery_prefix: None,
+            }),
             ..Default::default()
         })
         .collect();

@@ -72,6 +72,21 @@ pub async fn configure(
     .bind(url)
     .execute(&mut *tx)
     .await?;
+    // A zone belongs to one region: one another region already claimed (as replicated
+    // here) is not taken over, which would leave its resources in two databases.
+    let taken: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, region FROM zones
+         WHERE name = ANY ($1::text[]) AND region IS NOT NULL AND region <> $2 ORDER BY name",
+    )
+    .bind(zones)
+    .bind(region)
+    .fetch_all(&mut *tx)
+    .await?;
+    if let Some((zone, other)) = taken.first() {
+        anyhow::bail!(
+            "GATEWAY_REGION_ZONES: zone {zone:?} belongs to region {other:?}; a zone belongs to one region"
+        );
+    }
     sqlx::query(
         "INSERT INTO zones (name, description, region)
          SELECT z, '', $2 FROM unnest($1::text[]) AS z

@@ -420,11 +420,18 @@ async fn two_regions_share_tenants_and_keys_and_send_clients_where_things_live()
             Some(format!("{}{p}", r2.client.url).as_str())
         );
     }
-    // And lists of its zone.
+    // And lists of its zone: its resources, and its operations.
     let a = r1
         .call(Method::GET, &format!("{path}?zone=zone-c"), &key, None)
         .await;
     assert_eq!(a.status, StatusCode::TEMPORARY_REDIRECT);
+    let ops = format!("/v1/tenants/{tenant}/operations?zone=zone-c");
+    let a = r1.call(Method::GET, &ops, &key, None).await;
+    assert_eq!(a.status, StatusCode::TEMPORARY_REDIRECT, "{:?}", a.body);
+    assert_eq!(
+        a.header("location"),
+        Some(format!("{}{ops}", r2.client.url).as_str())
+    );
 
     // A report on region 2's operation sent to region 1: alone it is redirected; in a
     // batch, its result says what the single answer would have (307 other_region, with
@@ -1067,4 +1074,106 @@ async fn a_change_committed_after_a_claim_is_not_deleted_unpublished() {
     .await
     .unwrap();
     assert_eq!(left, [low], "the late change waits for the next pass");
+}
+
+#[tokio::test]
+async fn an_applier_that_fails_lets_go_of_its_lock() {
+    // An applier whose broker has no inbound stream (a JetStream domain nobody serves)
+    // fails each session just after taking its lock; the lock must go with the session.
+    let app = crate::common::spawn_with(crate::common::Options::api_only()).await;
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::with_prefix(client, "$JS.no-such-domain.API");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let applier = gateway::replication::apply::Applier {
+        pool: app.pool.clone(),
+        js,
+        metrics: gateway::metrics::Metrics::default(),
+    };
+    let running = tokio::spawn(applier.run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let take = "SELECT pg_try_advisory_lock(hashtext('gateway.replication.apply'))";
+    let mut taken = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !taken && Instant::now() < deadline {
+        taken = sqlx::query_scalar::<_, bool>(take)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(taken, "a failed session kept the applier's lock");
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_added_to_a_running_region_is_sourced_through_its_domain() {
+    // The update path of `REPLICATION-IN` (a peer added to a region whose stream exists)
+    // must name each peer's domain as the create path does.
+    let nats = Nats::start();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut region = leaf("r1", None, None);
+    region.peers = vec!["r2".into()];
+    gateway::replication::ensure_streams(&js, &region, None)
+        .await
+        .unwrap();
+    region.peers.push("r3".into());
+    gateway::replication::ensure_streams(&js, &region, None)
+        .await
+        .unwrap();
+    let mut stream = js
+        .get_stream(gateway::replication::INBOUND_STREAM)
+        .await
+        .unwrap();
+    let sources = stream.info().await.unwrap().config.sources.clone().unwrap();
+    let prefixes: Vec<(String, Option<String>)> = sources
+        .iter()
+        .map(|s| {
+            let prefix = s.external.as_ref().map(|e| e.api_prefix.clone());
+            (s.name.clone(), prefix)
+        })
+        .collect();
+    assert_eq!(
+        prefixes,
+        [
+            ("REPLICATION-r2".to_owned(), Some("$JS.r2.API".to_owned())),
+            ("REPLICATION-r3".to_owned(), Some("$JS.r3.API".to_owned())),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_regions_database_takes_no_process_without_its_region_and_no_zone_of_another() {
+    let app = crate::common::spawn_with(crate::common::Options::api_only()).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    // A zone the other region claimed, as replicated here.
+    sqlx::query("INSERT INTO zones (name, description, region) VALUES ('zone-r2', '', 'r2')")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let claim = |zones: Vec<String>| {
+        let pool = app.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            gateway::store::replication::configure(&mut conn, "r1", "http://r1", &zones, &[]).await
+        }
+    };
+    let e = claim(vec!["zone-a".into(), "zone-r2".into()])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("belongs to region \"r2\""), "{e}");
+    claim(vec!["zone-a".into()]).await.unwrap();
+    let mut config = app.config.clone();
+    config.region = None;
+    let e = gateway::app::same_region(&config, &app.pool)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("GATEWAY_REGION=r1"), "{e}");
+    config.region = Some(leaf("r1", None, None));
+    gateway::app::same_region(&config, &app.pool).await.unwrap();
+    config.region = Some(leaf("r9", None, None));
+    assert!(gateway::app::same_region(&config, &app.pool).await.is_err());
 }
