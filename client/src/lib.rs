@@ -489,25 +489,12 @@ impl Client {
 
     /// Follows an operation with long-polls (`until=done`: one request per
     /// [`LONG_POLL`], not one per state) until it ends (any final state: check `state`),
-    /// or fails with [`Error::TimedOut`] after `timeout`. Against a gateway that does not
-    /// know `until` (older than this client), it follows every change instead.
+    /// or fails with [`Error::TimedOut`] once `timeout` has passed, even if the gateway
+    /// holds a request without answering. Any timeout will do, `Duration::MAX` too
+    /// (waiting as long as it takes). Against a gateway that does not know `until`
+    /// (older than this client), it follows every change instead.
     pub async fn wait(&self, id: Uuid, timeout: Duration) -> Result<Operation> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let op = match self.poll_until_done(id, left.min(LONG_POLL)).await {
-                Err(e) if e.code() == Some("invalid_query") => {
-                    return self.wait_with(id, left, |_| {}).await;
-                }
-                answer => answer?,
-            };
-            if op.done {
-                return Ok(op);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::TimedOut);
-            }
-        }
+        within(timeout, self.wait_until_done(id, deadline(timeout))).await
     }
 
     /// Like [`Client::wait`], calling `seen` with every answer (a state change, or the
@@ -516,16 +503,46 @@ impl Client {
         &self,
         id: Uuid,
         timeout: Duration,
+        seen: impl FnMut(&Operation),
+    ) -> Result<Operation> {
+        within(timeout, self.wait_for_changes(id, deadline(timeout), seen)).await
+    }
+
+    /// [`Client::wait`]'s loop, until `deadline` (`None`: none).
+    async fn wait_until_done(&self, id: Uuid, deadline: Deadline) -> Result<Operation> {
+        loop {
+            let op = match self
+                .poll_until_done(id, time_left(deadline).min(LONG_POLL))
+                .await
+            {
+                Err(e) if e.code() == Some("invalid_query") => {
+                    return self.wait_for_changes(id, deadline, |_| {}).await;
+                }
+                answer => answer?,
+            };
+            if op.done {
+                return Ok(op);
+            }
+            if time_left(deadline).is_zero() {
+                return Err(Error::TimedOut);
+            }
+        }
+    }
+
+    /// [`Client::wait_with`]'s loop, until `deadline` (`None`: none).
+    async fn wait_for_changes(
+        &self,
+        id: Uuid,
+        deadline: Deadline,
         mut seen: impl FnMut(&Operation),
     ) -> Result<Operation> {
-        let deadline = tokio::time::Instant::now() + timeout;
         let mut op = self.get_operation(id).await?;
         loop {
             seen(&op);
             if op.done {
                 return Ok(op);
             }
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left = time_left(deadline);
             if left.is_zero() {
                 return Err(Error::TimedOut);
             }
@@ -741,6 +758,32 @@ impl Client {
     }
 }
 
+/// When a wait ends; `None` when its timeout reaches past what the clock can name.
+type Deadline = Option<tokio::time::Instant>;
+
+/// The deadline `timeout` from now, without overflowing on a huge one.
+fn deadline(timeout: Duration) -> Deadline {
+    tokio::time::Instant::now().checked_add(timeout)
+}
+
+/// The time left until `deadline` (zero once it has passed; `Duration::MAX` with none).
+fn time_left(deadline: Deadline) -> Duration {
+    deadline.map_or(Duration::MAX, |d| {
+        d.saturating_duration_since(tokio::time::Instant::now())
+    })
+}
+
+/// `work`, or [`Error::TimedOut`] once `timeout` has passed, whatever a request of it
+/// is waiting for (`tokio::time::timeout` takes any duration without overflowing).
+async fn within<T>(
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(Error::TimedOut))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -895,6 +938,54 @@ mod tests {
         assert!(
             targets[1..].iter().all(|t| !t.contains("until")),
             "{targets:?}"
+        );
+    }
+
+    /// A server that takes connections and never answers them.
+    async fn silent() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_wait_takes_any_timeout_even_duration_max() {
+        let (url, _) = scripted(vec!["running", "succeeded"]).await;
+        let gw = Client::new(url, "k");
+        assert!(gw.wait(Uuid::nil(), Duration::MAX).await.unwrap().done);
+        let (url, _) = scripted(vec!["running", "succeeded"]).await;
+        let gw = Client::new(url, "k");
+        let mut seen = 0;
+        let done = gw
+            .wait_with(Uuid::nil(), Duration::MAX, |_| seen += 1)
+            .await
+            .unwrap();
+        assert!(done.done);
+        assert_eq!(seen, 2, "running, then succeeded");
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_at_its_timeout_when_the_gateway_never_answers() {
+        let gw = Client::new(silent().await, "k");
+        let timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let err = gw.wait(Uuid::nil(), timeout).await.unwrap_err();
+        assert!(matches!(err, Error::TimedOut), "{err}");
+        let err = gw
+            .wait_with(Uuid::nil(), timeout, |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::TimedOut), "{err}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "not the request timeout: {took:?}"
         );
     }
 

@@ -158,7 +158,7 @@ pub struct ResourceQuery {
     pub zone: Option<String>,
     /// Only this phase.
     pub phase: Option<Phase>,
-    /// Only resources changed at or after this instant.
+    /// Only resources created at or after this instant.
     pub since: Option<DateTime<Utc>>,
     /// A label selector: `k=v,k2=v2`.
     pub label: Option<String>,
@@ -189,7 +189,7 @@ pub struct OperationQuery {
     pub zone: Option<String>,
     /// Only this resource's operations.
     pub resource_id: Option<Uuid>,
-    /// Only operations changed at or after this instant.
+    /// Only operations submitted (created) at or after this instant.
     pub since: Option<DateTime<Utc>>,
     /// Page size (1–500).
     pub limit: Option<u32>,

@@ -4,7 +4,8 @@
 //! `GWCTL_TENANT`, read by clap; else `GW` and `KEY`, as the README's walkthrough sets
 //! them); the config file `$GWCTL_CONFIG`, else `$XDG_CONFIG_HOME/gwctl/config`, else
 //! `~/.config/gwctl/config`. The file holds `name = value` lines (`url`, `key`,
-//! `tenant`); `#` starts a comment. A missing file is fine.
+//! `tenant`); `#` starts a comment. A missing file is fine. An empty value, anywhere,
+//! counts as none: `GWCTL_URL=` leaves the URL to `GW` and the file.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,24 +31,62 @@ impl Settings {
         key: Option<String>,
         tenant: Option<String>,
     ) -> Result<Self, String> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let file = match path() {
             Some(p) if p.exists() => read(&p)?,
             _ => HashMap::new(),
         };
-        let from_file = |name: &str| file.get(name).cloned();
+        let flags = [url, key, tenant];
+        Self::from_sources(flags, |name| std::env::var(name).ok(), &file)
+    }
+
+    /// [`Settings::resolve`] from `flags` (URL, key, tenant), the environment `env`
+    /// and the config `file`; empty values count as none. The URL must be an absolute
+    /// `http` or `https` URL.
+    fn from_sources(
+        flags: [Option<String>; 3],
+        env: impl Fn(&str) -> Option<String>,
+        file: &HashMap<String, String>,
+    ) -> Result<Self, String> {
+        let [url, key, tenant] = flags.map(given);
+        let env = |name: &str| given(env(name));
+        let from_file = |name: &str| given(file.get(name).cloned());
         let key = key
             .or_else(|| env("KEY"))
             .or_else(|| from_file("key"))
             .ok_or("no API key: --key, GWCTL_KEY, or `key = …` in ~/.config/gwctl/config")?;
+        let url = url
+            .or_else(|| env("GW"))
+            .or_else(|| from_file("url"))
+            .unwrap_or_else(|| DEFAULT_URL.to_owned());
+        check_url(&url)?;
         Ok(Self {
-            url: url
-                .or_else(|| env("GW"))
-                .or_else(|| from_file("url"))
-                .unwrap_or_else(|| DEFAULT_URL.to_owned()),
+            url,
             key,
             tenant: tenant.or_else(|| from_file("tenant")),
         })
+    }
+}
+
+/// `value` unless it is empty.
+fn given(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// Whether `url` can be the gateway's: an absolute `http` or `https` URL with a host,
+/// and no query or fragment (the API's paths are added to its end).
+fn check_url(url: &str) -> Result<(), String> {
+    let usable = url::Url::parse(url).is_ok_and(|u| {
+        matches!(u.scheme(), "http" | "https")
+            && u.has_host()
+            && u.query().is_none()
+            && u.fragment().is_none()
+    });
+    if usable {
+        Ok(())
+    } else {
+        Err(format!(
+            "not a gateway URL: {url:?} (an absolute http:// or https:// URL, such as {DEFAULT_URL})"
+        ))
     }
 }
 
@@ -89,6 +128,83 @@ pub fn parse(text: &str) -> Result<HashMap<String, String>, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::Settings;
+    use std::collections::HashMap;
+
+    /// Settings from `flags`, the environment `env` and the file `file`.
+    fn settings(
+        flags: [Option<&str>; 3],
+        env: &[(&str, &str)],
+        file: &[(&str, &str)],
+    ) -> Result<Settings, String> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let file = file
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let flags = flags.map(|f| f.map(str::to_owned));
+        Settings::from_sources(flags, |name| env.get(name).cloned(), &file)
+    }
+
+    #[test]
+    fn empty_values_count_as_none() {
+        let env = [("GW", "http://gw:1"), ("KEY", "gw_env")];
+        let file = [
+            ("url", "http://file:2"),
+            ("key", "gw_file"),
+            ("tenant", "acme"),
+        ];
+        // What `GWCTL_URL= GWCTL_KEY= gwctl -t "" …` passes on.
+        let s = settings([Some(""), Some(""), Some("")], &env, &file).unwrap();
+        assert_eq!((s.url.as_str(), s.key.as_str()), ("http://gw:1", "gw_env"));
+        assert_eq!(s.tenant.as_deref(), Some("acme"));
+        let s = settings([None, None, None], &[("GW", ""), ("KEY", "")], &file).unwrap();
+        assert_eq!(
+            (s.url.as_str(), s.key.as_str()),
+            ("http://file:2", "gw_file")
+        );
+        let s = settings([None, Some("k"), None], &[], &[("url", ""), ("tenant", "")]).unwrap();
+        assert_eq!((s.url.as_str(), s.tenant), (super::DEFAULT_URL, None));
+        assert!(
+            settings([None, Some(""), None], &[], &[]).is_err(),
+            "no key"
+        );
+        let s = settings([Some("http://flag:3"), Some("k"), Some("t")], &env, &file).unwrap();
+        assert_eq!(
+            (s.url.as_str(), s.tenant.as_deref()),
+            ("http://flag:3", Some("t"))
+        );
+    }
+
+    #[test]
+    fn the_url_must_be_an_absolute_http_url() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "https://gw.example/",
+            "http://gw/prefix",
+        ] {
+            assert!(
+                settings([Some(url), Some("k"), None], &[], &[]).is_ok(),
+                "{url}"
+            );
+        }
+        for url in [
+            "127.0.0.1:8080",
+            "gw",
+            "/v1",
+            "ftp://gw",
+            "http://",
+            "http://gw/?a=1",
+            " ",
+        ] {
+            let err = settings([Some(url), Some("k"), None], &[], &[]).unwrap_err();
+            assert!(err.contains(&format!("{url:?}")), "{url}: {err}");
+        }
+    }
+
     #[test]
     fn config_lines_parse() {
         let c = super::parse("# mine\nurl = http://gw:8080\n\nkey=\"gw_abc\"\n").unwrap();

@@ -68,6 +68,50 @@ Examples:
   gwctl -t acme volumes create data --zone zone-a --spec '{"size_gb": 20, "class": "ssd"}'
   gwctl -t acme volumes action <id> attach --input '{"vm_id": "<vm id>"}' --wait"#;
 
+const KEYS_HELP: &str = "\
+Examples:
+  gwctl -t acme keys create --role member --name ci
+  gwctl -t acme keys create --role worker --service vm --zone zone-a   # admins
+  gwctl -t acme keys list
+  gwctl -t acme keys revoke <key id>
+  gwctl keys list --platform                                           # admins
+  gwctl keys revoke <key id> --platform";
+
+const OPS_HELP: &str = "\
+Examples:
+  gwctl ops get <operation id>
+  gwctl -t acme ops list --state running --kind vm
+  gwctl ops wait <operation id> --timeout 5m
+  gwctl ops cancel <operation id> --wait";
+
+const WATCH_HELP: &str = "\
+Examples:
+  gwctl -t acme watch
+  gwctl -t acme watch -o json --timeout 10m | jq -c 'select(.state == \"failed\")'";
+
+const QUOTAS_HELP: &str = "\
+Examples:
+  gwctl -t acme quotas get
+  gwctl -t acme quotas set vcpus=64 count:vm=10 storage_gb:volume:zone-a=500
+  gwctl -t acme quotas set --clear";
+
+const EVENTS_HELP: &str = "\
+Examples:
+  gwctl -t acme events                       # every event kept, oldest first
+  gwctl -t acme events --type operation.failed --type operation.cancelled -o json
+  gwctl -t acme events --resource <id> --follow
+  gwctl -t acme events --after <cursor> -f   # from where an earlier run stopped
+
+With -o json, one JSON object (a CloudEvent) per line.";
+
+const WEBHOOKS_HELP: &str = "\
+Examples:
+  gwctl -t acme webhooks create https://<your endpoint> --type operation.failed
+  gwctl -t acme webhooks list
+  gwctl -t acme webhooks deliveries <id>
+  gwctl -t acme webhooks retry <id> <delivery id>
+  gwctl -t acme webhooks rotate-secret <id>";
+
 /// The gateway's command-line client.
 #[derive(Debug, Parser)]
 #[command(name = "gwctl", version, after_help = EXAMPLES)]
@@ -94,7 +138,7 @@ enum Command {
     #[command(subcommand)]
     Tenants(TenantCmd),
     /// API keys of a tenant, or (with --platform) admin and worker keys.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = KEYS_HELP)]
     Keys(KeyCmd),
     /// Virtual machines.
     #[command(
@@ -132,12 +176,13 @@ enum Command {
     #[command(subcommand)]
     Types(TypesCmd),
     /// Operations: get, list, wait, cancel.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = OPS_HELP)]
     Ops(OpsCmd),
-    /// A live view of the tenant's operations as they change.
+    /// A live view of the tenant's operations as they change (-o json: a line each).
+    #[command(after_help = WATCH_HELP)]
     Watch(WatchArgs),
     /// A tenant's quota limits and usage.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = QUOTAS_HELP)]
     Quotas(QuotaCmd),
     /// The zones.
     Zones,
@@ -149,9 +194,10 @@ enum Command {
     /// The audit log (admins; owners see their tenant's).
     Audit(AuditArgs),
     /// The tenant's events (CloudEvents), oldest first; --follow keeps printing new ones.
+    #[command(after_help = EVENTS_HELP)]
     Events(EventArgs),
     /// The tenant's webhook endpoints and their delivery logs (owners).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = WEBHOOKS_HELP)]
     Webhooks(WebhookCmd),
     /// Prints a shell completion script.
     Completion {
@@ -220,7 +266,7 @@ struct WaitArgs {
     /// Follow the operation until it ends; print the resulting resource.
     #[arg(short, long)]
     wait: bool,
-    /// How long --wait waits: 500ms, 30s, 5m, 1h.
+    /// How long --wait waits: 500ms, 30s, 5m, 1h (at most 8760h).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     timeout: Duration,
 }
@@ -244,6 +290,9 @@ enum ResourceCmd {
         wait: WaitArgs,
     },
     /// Shows one.
+    ///
+    /// With -o json or -o yaml it has an `etag` field the API's body does not have: the
+    /// ETag header's value, for --if-match.
     Get {
         /// Its ID.
         id: Uuid,
@@ -259,7 +308,7 @@ enum ResourceCmd {
         /// A label selector: k=v,k2=v2.
         #[arg(short, long)]
         label: Option<String>,
-        /// Only those changed since (RFC 3339).
+        /// Only those created at or after this instant (RFC 3339).
         #[arg(long)]
         since: Option<chrono::DateTime<chrono::Utc>>,
         #[command(flatten)]
@@ -275,7 +324,7 @@ enum ResourceCmd {
         /// key=value sets a label, key- removes it (repeatable).
         #[arg(short, long = "label", value_parser = parse_label_change)]
         labels: Vec<(String, Option<String>)>,
-        /// Only if the resource's ETag is still this.
+        /// Only if the resource's ETag is still this (`get -o json` shows it as `etag`).
         #[arg(long)]
         if_match: Option<String>,
         #[command(flatten)]
@@ -285,7 +334,7 @@ enum ResourceCmd {
     Delete {
         /// Its ID.
         id: Uuid,
-        /// Only if the resource's ETag is still this.
+        /// Only if the resource's ETag is still this (`get -o json` shows it as `etag`).
         #[arg(long)]
         if_match: Option<String>,
         #[command(flatten)]
@@ -300,7 +349,7 @@ enum ResourceCmd {
         /// The action's input as JSON, or @file.
         #[arg(long, value_parser = parse_json)]
         input: Option<Value>,
-        /// Only if the resource's ETag is still this.
+        /// Only if the resource's ETag is still this (`get -o json` shows it as `etag`).
         #[arg(long)]
         if_match: Option<String>,
         #[command(flatten)]
@@ -361,7 +410,7 @@ enum OpsCmd {
         /// Only this resource's.
         #[arg(long)]
         resource: Option<Uuid>,
-        /// Only those submitted since (RFC 3339).
+        /// Only those submitted at or after this instant (RFC 3339).
         #[arg(long)]
         since: Option<chrono::DateTime<chrono::Utc>>,
         #[command(flatten)]
@@ -371,11 +420,14 @@ enum OpsCmd {
     Wait {
         /// Its ID.
         id: Uuid,
-        /// How long to wait: 500ms, 30s, 5m, 1h.
+        /// How long to wait: 500ms, 30s, 5m, 1h (at most 8760h).
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         timeout: Duration,
     },
-    /// Cancels an operation.
+    /// Cancels an operation; with --wait, exits 0 only if it ended cancelled.
+    ///
+    /// With --wait, follows the operation until it ends: exit 0 if it ended cancelled,
+    /// 1 if it succeeded first (the cancel came too late) or failed.
     Cancel {
         /// Its ID.
         id: Uuid,
@@ -389,7 +441,7 @@ struct WatchArgs {
     /// How often to look for new operations.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     interval: Duration,
-    /// Stop after this long (default: until interrupted).
+    /// Stop after this long, at most 8760h (default: until interrupted).
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
 }
@@ -414,7 +466,8 @@ struct EventArgs {
     /// After this cursor (default: the oldest event kept).
     #[arg(long)]
     after: Option<String>,
-    /// Keep printing new events (polling every --interval) until interrupted.
+    /// Keep printing new events (polling every --interval) until interrupted; without
+    /// it, every event after --after is printed, page after page, and gwctl ends.
     #[arg(long, short = 'f')]
     follow: bool,
     /// How often --follow looks for new events.
@@ -484,10 +537,16 @@ enum QuotaCmd {
     /// Shows the tenant's limits and usage.
     Get,
     /// Replaces the tenant's limits (admins): `DIMENSION[:KIND[:ZONE]]=LIMIT`, `*` for any.
+    ///
+    /// Limits not given are removed; --clear (instead of limits) removes them all.
+    #[command(group(clap::ArgGroup::new("new_limits").required(true).args(["limits", "clear"])))]
     Set {
         /// For example vcpus=64, count:vm=10, storage_gb:volume:zone-a=500.
         #[arg(value_parser = parse_limit)]
         limits: Vec<QuotaLimit>,
+        /// Remove every limit (the tenant is then limited by nothing).
+        #[arg(long)]
+        clear: bool,
     },
 }
 
@@ -499,7 +558,7 @@ struct AuditArgs {
     /// Only this outcome.
     #[arg(long)]
     outcome: Option<String>,
-    /// Only entries since (RFC 3339).
+    /// Only entries at or after this instant (RFC 3339).
     #[arg(long)]
     since: Option<chrono::DateTime<chrono::Utc>>,
     #[command(flatten)]
@@ -562,7 +621,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Outcome {
     if let Command::Completion { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "gwctl", &mut std::io::stdout());
+        // Into memory first: `generate` panics when it cannot write.
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "gwctl", &mut script);
+        output::emit(script);
         return Ok(());
     }
     let settings = config::Settings::resolve(cli.url, cli.key, cli.tenant).map_err(usage)?;
@@ -668,6 +730,7 @@ impl Ctx {
                     .map_err(|e| usage(format!("{}: {e}", file.display())))?;
                 let def: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| usage(format!("{}: not JSON: {e}", file.display())))?;
+                check_definition(&def).map_err(|e| usage(format!("{}: {e}", file.display())))?;
                 output::one(&gw.put_resource_type(&def).await?, self.format);
             }
             TypesCmd::Delete { kind } => gw.delete_resource_type(&kind).await?,
@@ -778,16 +841,7 @@ impl Ctx {
     /// Prints a finished operation; exit 1 unless it succeeded.
     fn finished(&self, op: Operation) -> Outcome {
         output::one(&op, self.format);
-        match op.state {
-            OperationState::Succeeded => Ok(()),
-            state => {
-                let (code, message) = op
-                    .error
-                    .map(|e| (e.code, e.message))
-                    .unwrap_or_else(|| (state.to_string(), String::new()));
-                Err(Fail(1, format!("operation {state}: {code}: {message}")))
-            }
-        }
+        verdict(&op)
     }
 
     /// Waits for an operation, showing progress on stderr: one line rewritten in place
@@ -869,11 +923,8 @@ impl Ctx {
                     return Ok(());
                 }
                 let done = self.follow(op.id, wait.timeout).await?;
-                // Cancelling is what was asked for: a cancelled operation is success here.
                 output::one(&done, self.format);
-                if done.state == OperationState::Failed {
-                    return self.finished(done);
-                }
+                return cancel_verdict(&done);
             }
         }
         Ok(())
@@ -883,13 +934,14 @@ impl Ctx {
         let t = self.tenant()?;
         let q = match cmd {
             QuotaCmd::Get => self.gw.get_quotas(t).await?,
-            QuotaCmd::Set { limits } => self.gw.set_quotas(t, &limits).await?,
+            QuotaCmd::Set { limits, .. } => self.gw.set_quotas(t, &limits).await?,
         };
         output::one(&q, self.format);
         Ok(())
     }
 
-    /// Prints the tenant's events; with `--follow`, polls for new ones with the cursor.
+    /// Prints the tenant's events, page after page until the cursor stops moving (the
+    /// newest event read); with `--follow`, then polls for new ones with the cursor.
     async fn events(&self, args: EventArgs) -> Outcome {
         let t = self.tenant()?.to_owned();
         let mut query = EventQuery {
@@ -901,23 +953,26 @@ impl Ctx {
             after: args.after,
             limit: Some(500),
         };
+        // Types, resource and operation are filtered from what the gateway read.
+        let filtered = !query.types.is_empty() || query.resource.is_some();
+        let filtered = filtered || query.operation.is_some();
         let mut header = self.format == Format::Table;
         loop {
             let page = self.gw.events(&t, &query).await?;
             if header {
-                println!("{}", output::table_header::<gateway_client::CloudEvent>());
+                output::emit_line(&output::table_header::<gateway_client::CloudEvent>());
                 header = false;
             }
             for e in &page.items {
                 output::line(e, self.format);
             }
             let moved = query.after.as_deref() != Some(page.next_cursor.as_str());
+            let empty = page.items.is_empty();
             query.after = Some(page.next_cursor);
-            if !args.follow {
-                return Ok(());
-            }
-            if !moved || page.items.is_empty() {
-                tokio::time::sleep(args.interval).await;
+            match after_page(moved, empty, filtered, args.follow) {
+                Next::Page => {}
+                Next::Wait => tokio::time::sleep(args.interval).await,
+                Next::Stop => return Ok(()),
             }
         }
     }
@@ -988,17 +1043,28 @@ impl Ctx {
     /// Prints each change of the tenant's operations as a line (a JSON line with
     /// `-o json`): operations submitted since the watch began, and those unfinished
     /// when it began. Between looks it long-polls an unfinished operation, so changes
-    /// show at once; with none it sleeps `interval`.
+    /// show at once; with none it sleeps `interval`. With `--timeout` it ends then
+    /// (exit 0), even in the middle of a request the gateway does not answer.
     async fn watch(&self, args: WatchArgs) -> Outcome {
         let t = self.tenant()?.to_owned();
+        let watching = self.watch_changes(&t, args.interval);
+        match args.timeout {
+            Some(timeout) => tokio::time::timeout(timeout, watching)
+                .await
+                .unwrap_or(Ok(())),
+            None => watching.await,
+        }
+    }
+
+    /// [`Ctx::watch`]'s loop: it ends only on an error.
+    async fn watch_changes(&self, t: &str, interval: Duration) -> Outcome {
         let started = chrono::Utc::now();
-        let stop = args.timeout.map(|d| Instant::now() + d);
         let mut seen: HashMap<Uuid, (OperationState, i32)> = HashMap::new();
         let mut tracked: BTreeSet<Uuid> = BTreeSet::new();
         // The first look lists the unfinished operations of before the watch.
         let mut first = true;
         if self.format == Format::Table {
-            println!("{}", watch_header());
+            output::emit_line(&watch_header());
         }
         loop {
             let mut ops = Vec::new();
@@ -1007,7 +1073,7 @@ impl Ctx {
                 limit: Some(500),
                 ..Default::default()
             };
-            let page = self.gw.list_operations(&t, &query).await?;
+            let page = self.gw.list_operations(t, &query).await?;
             ops.extend(page.items.into_iter().filter(|o| !first || !o.done));
             for id in &tracked {
                 if !ops.iter().any(|o| o.id == *id) {
@@ -1027,36 +1093,79 @@ impl Ctx {
                     tracked.insert(op.id);
                 }
             }
-            let mut pause = args.interval;
-            if let Some(stop) = stop {
-                let left = stop.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Ok(());
-                }
-                pause = pause.min(left);
-            }
             let unfinished = seen
                 .iter()
                 .find(|(_, (state, _))| !state.is_terminal())
                 .map(|(id, _)| *id);
             match unfinished {
                 Some(id) => {
-                    self.gw.poll_operation(id, pause).await?;
+                    self.gw.poll_operation(id, interval).await?;
                 }
-                None => tokio::time::sleep(pause).await,
+                None => tokio::time::sleep(interval).await,
             }
         }
     }
 
     fn watch_line(&self, op: &Operation) {
         match self.format {
-            Format::Table => println!("{}", watch_row(op)),
-            Format::Json => println!("{}", serde_json::to_string(op).expect("serializes")),
-            Format::Yaml => print!(
-                "---\n{}",
-                output::yaml(&serde_json::to_value(op).expect("serializes"))
-            ),
+            Format::Table => output::emit_line(&watch_row(op)),
+            _ => output::line(op, self.format),
         }
+    }
+}
+
+/// What `events` does after a page.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Asks for the next page at once.
+    Page,
+    /// Asks again after `--interval`.
+    Wait,
+    /// Ends: every event is printed.
+    Stop,
+}
+
+/// What `events` does after a page: whether the cursor `moved`, the page was `empty`,
+/// the events read were `filtered` (by type, resource or operation) and it `follow`s.
+///
+/// A page may be short, even empty, while the cursor moves on: filters drop events of
+/// a full page. So the end is a cursor that stays put, or an empty page where nothing
+/// was filtered out (its cursor may still move past other tenants' events, and on a
+/// busy gateway never stop). Following, an empty page waits too, not to spin there.
+fn after_page(moved: bool, empty: bool, filtered: bool, follow: bool) -> Next {
+    let end = !moved || (empty && !filtered);
+    match follow {
+        false if end => Next::Stop,
+        true if !moved || empty => Next::Wait,
+        _ => Next::Page,
+    }
+}
+
+/// A finished operation's exit: 0 if it succeeded, else 1 with its error.
+fn verdict(op: &Operation) -> Outcome {
+    match op.state {
+        OperationState::Succeeded => Ok(()),
+        state => {
+            let (code, message) = op
+                .error
+                .as_ref()
+                .map(|e| (e.code.clone(), e.message.clone()))
+                .unwrap_or_else(|| (state.to_string(), String::new()));
+            Err(Fail(1, format!("operation {state}: {code}: {message}")))
+        }
+    }
+}
+
+/// A cancelled operation's exit, once it has ended: 0 if it ended cancelled (what was
+/// asked for), else 1: too late if it succeeded, its error if it failed.
+fn cancel_verdict(op: &Operation) -> Outcome {
+    match op.state {
+        OperationState::Cancelled => Ok(()),
+        OperationState::Failed => verdict(op),
+        state => Err(Fail(
+            1,
+            format!("operation {state}: the cancel came too late"),
+        )),
     }
 }
 
@@ -1115,6 +1224,11 @@ fn progress_line(op: &Operation, elapsed: Duration) -> String {
     line
 }
 
+/// The longest duration a flag takes: a year (8760h).
+const LONGEST: Duration = Duration::from_secs(8760 * 3600);
+
+/// A duration flag: a whole number and a unit (`ms`, `s` or none, `m`, `h`), a year
+/// (8760h) at most.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -1124,14 +1238,31 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = n
         .parse()
         .map_err(|_| format!("not a duration: {text:?} (try 30s, 5m)"))?;
-    let secs = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
+    let millis_per_unit: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         _ => return Err(format!("unknown unit {unit:?} (ms, s, m, h)")),
     };
-    Ok(Duration::from_secs(secs))
+    let duration = n
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .filter(|d| *d <= LONGEST);
+    duration.ok_or_else(|| format!("longer than a year: {text:?} (at most 8760h)"))
+}
+
+/// Whether a resource type's definition names its kind (a non-empty string), which
+/// goes in the URL it is sent to.
+fn check_definition(def: &Value) -> Result<(), String> {
+    if !def.is_object() {
+        return Err("the definition must be a JSON object".into());
+    }
+    match def.get("kind") {
+        Some(Value::String(kind)) if !kind.is_empty() => Ok(()),
+        None => Err("the definition has no `kind` field".into()),
+        Some(_) => Err("`kind` must be a non-empty string, such as \"load_balancer\"".into()),
+    }
 }
 
 fn parse_json(text: &str) -> Result<Value, String> {
@@ -1156,20 +1287,29 @@ fn parse_label_change(text: &str) -> Result<(String, Option<String>), String> {
     }
 }
 
+/// A quota limit flag: `DIMENSION[:KIND[:ZONE]]=LIMIT`, `*` (or nothing) for any kind
+/// or zone.
 fn parse_limit(text: &str) -> Result<QuotaLimit, String> {
-    let (scope, limit) = text
-        .split_once('=')
-        .ok_or_else(|| format!("expected DIMENSION[:KIND[:ZONE]]=LIMIT, got {text:?}"))?;
+    let expected = || format!("expected DIMENSION[:KIND[:ZONE]]=LIMIT, got {text:?}");
+    let (scope, limit) = text.split_once('=').ok_or_else(expected)?;
     let limit = limit
         .parse()
         .map_err(|_| format!("not a number: {limit:?}"))?;
-    let mut parts = scope.split(':');
-    let dimension = parts.next().unwrap_or_default().to_owned();
-    let any = |p: Option<&str>| p.filter(|p| *p != "*" && !p.is_empty()).map(str::to_owned);
-    let kind = any(parts.next())
+    let parts: Vec<&str> = scope.split(':').collect();
+    if parts.len() > 3 || parts[0].is_empty() {
+        return Err(expected());
+    }
+    let any = |i: usize| {
+        parts
+            .get(i)
+            .filter(|p| **p != "*" && !p.is_empty())
+            .map(|p| p.to_string())
+    };
+    let dimension = parts[0].to_owned();
+    let kind = any(1)
         .map(|k| k.parse::<Kind>().map_err(|e| e.to_string()))
         .transpose()?;
-    let zone = any(parts.next());
+    let zone = any(2);
     Ok(QuotaLimit {
         dimension,
         kind,
@@ -1188,6 +1328,19 @@ mod tests {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration("8760h"), Ok(LONGEST));
+        assert_eq!(parse_duration("525600m"), Ok(LONGEST));
+        for huge in [
+            "8761h",
+            "31536000001ms",
+            "307445734561825861m",
+            "18446744073709551615s",
+            "9999999999999h",
+        ] {
+            let err = parse_duration(huge).unwrap_err();
+            assert!(err.contains("longer than a year"), "{huge}: {err}");
+        }
+        assert!(parse_duration("18446744073709551616s").is_err(), "past u64");
         assert_eq!(parse_label_change("team-"), Ok(("team".into(), None)));
         assert_eq!(
             parse_label_change("env=a-"),
@@ -1205,6 +1358,186 @@ mod tests {
         );
         let l = parse_limit("vcpus:*:zone-b=8").unwrap();
         assert_eq!((l.kind, l.zone.as_deref()), (None, Some("zone-b")));
+        for wrong in ["count:vm:zone-a:typo=5", "=5", ":vm=5", "count", "count=x"] {
+            assert!(parse_limit(wrong).is_err(), "{wrong}");
+        }
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn events_page_on_until_the_end() {
+        // Without --follow: on past short and empty pages while the cursor moves, if a
+        // filter may have emptied them.
+        assert_eq!(after_page(true, false, false, false), Next::Page);
+        assert_eq!(after_page(true, false, true, false), Next::Page);
+        assert_eq!(after_page(true, true, true, false), Next::Page);
+        assert_eq!(after_page(true, true, false, false), Next::Stop);
+        assert_eq!(after_page(false, true, true, false), Next::Stop);
+        assert_eq!(after_page(false, false, false, false), Next::Stop);
+        // With --follow: never stops; waits at the end and after an empty page.
+        assert_eq!(after_page(true, false, true, true), Next::Page);
+        assert_eq!(after_page(true, true, true, true), Next::Wait);
+        assert_eq!(after_page(true, true, false, true), Next::Wait);
+        assert_eq!(after_page(false, false, false, true), Next::Wait);
+    }
+
+    /// Whether `args` (after `gwctl`) are refused as a usage error (exit 2).
+    fn refused(args: &[&str]) -> bool {
+        let args = std::iter::once("gwctl").chain(args.iter().copied());
+        Cli::try_parse_from(args).is_err_and(|e| e.exit_code() == 2)
+    }
+
+    #[test]
+    fn usage_errors_are_caught_by_the_parser() {
+        assert!(refused(&["quotas", "set"]), "no limits and no --clear");
+        assert!(refused(&["quotas", "set", "--clear", "vcpus=1"]));
+        assert!(refused(&["quotas", "set", "count:vm:zone-a:typo=5"]));
+        assert!(!refused(&["quotas", "set", "--clear"]));
+        assert!(!refused(&["quotas", "set", "vcpus=1", "count:vm=2"]));
+        let id = Uuid::nil().to_string();
+        assert!(refused(&[
+            "ops",
+            "wait",
+            &id,
+            "--timeout",
+            "307445734561825861m"
+        ]));
+        assert!(refused(&[
+            "ops",
+            "wait",
+            &id,
+            "--timeout",
+            "18446744073709551615s"
+        ]));
+        assert!(refused(&["watch", "--timeout", "9999999999999h"]));
+        assert!(!refused(&["ops", "wait", &id, "--timeout", "8760h"]));
+    }
+
+    /// The example commands of a help text: lines that start with `gwctl` (joined over
+    /// `\` line ends), placeholders filled in, split as a shell would (single quotes),
+    /// up to a pipe, a redirection or a comment.
+    fn examples(help: &str) -> Vec<Vec<String>> {
+        help.replace("\\\n", " ")
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("gwctl "))
+            .map(|l| shell_words(&fill(l)))
+            .collect()
+    }
+
+    /// `line` with each `<placeholder>` replaced by a value of its kind.
+    fn fill(line: &str) -> String {
+        let mut out = String::new();
+        let mut rest = line;
+        while let Some(start) = rest.find('<') {
+            let end = start + rest[start..].find('>').expect("a closed placeholder");
+            let value = match &rest[start + 1..end] {
+                "cursor" => "1".to_owned(),
+                "your endpoint" => "hooks.example/gw".to_owned(),
+                name if name.ends_with("id") => Uuid::nil().to_string(),
+                name => panic!("an unknown placeholder <{name}> in {line:?}"),
+            };
+            out.push_str(&rest[..start]);
+            out.push_str(&value);
+            rest = &rest[end + 1..];
+        }
+        out + rest
+    }
+
+    /// `line`'s words, as a shell splits them (single quotes only), up to `|`, `>` or `#`.
+    fn shell_words(line: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        let mut word: Option<String> = None;
+        let mut quoted = false;
+        for c in line.chars() {
+            match c {
+                '\'' => {
+                    quoted = !quoted;
+                    word.get_or_insert_with(String::new);
+                }
+                _ if quoted => word.get_or_insert_with(String::new).push(c),
+                '|' | '>' | '#' if word.is_none() => break,
+                c if c.is_whitespace() => words.extend(word.take()),
+                c => word.get_or_insert_with(String::new).push(c),
+            }
+        }
+        words.extend(word);
+        words
+    }
+
+    #[test]
+    fn every_example_in_the_help_parses() {
+        let helps = [
+            EXAMPLES,
+            VMS_HELP,
+            BARE_METAL_HELP,
+            CLUSTERS_HELP,
+            VOLUMES_HELP,
+            KEYS_HELP,
+            OPS_HELP,
+            WATCH_HELP,
+            QUOTAS_HELP,
+            EVENTS_HELP,
+            WEBHOOKS_HELP,
+        ];
+        for help in helps {
+            let commands = examples(help);
+            assert!(!commands.is_empty(), "no examples in {help}");
+            for args in commands {
+                if let Err(e) = Cli::try_parse_from(&args) {
+                    panic!("{args:?}: {e}");
+                }
+            }
+        }
+        let jq = shell_words("gwctl watch -o json | jq -c 'select(.a == \"b\")'");
+        assert_eq!(jq, ["gwctl", "watch", "-o", "json"]);
+        let spec = shell_words("gwctl x --spec '{\"a\": 1}' # note");
+        assert_eq!(spec, ["gwctl", "x", "--spec", "{\"a\": 1}"]);
+    }
+
+    /// An operation that ended in `state`.
+    fn ended(state: &str, error: Option<&str>) -> Operation {
+        let at = "2026-01-01T00:00:00Z";
+        let error = error.map(|code| serde_json::json!({"code": code, "message": "m"}));
+        serde_json::from_value(serde_json::json!({
+            "id": Uuid::nil(), "tenant": "acme", "resource_id": Uuid::nil(), "kind": "vm",
+            "zone": "zone-a", "action": "create", "state": state, "done": true,
+            "attempt": 1, "target_generation": 1, "cancel_requested": true,
+            "request_id": "r", "created_at": at, "updated_at": at, "deadline": at,
+            "error": error,
+        }))
+        .expect("an operation")
+    }
+
+    #[test]
+    fn a_cancel_succeeds_only_if_the_operation_ended_cancelled() {
+        assert!(cancel_verdict(&ended("cancelled", None)).is_ok());
+        let Err(Fail(code, message)) = cancel_verdict(&ended("succeeded", None)) else {
+            panic!("a cancel that came too late is no success");
+        };
+        assert_eq!(code, 1);
+        assert_eq!(message, "operation succeeded: the cancel came too late");
+        let Err(Fail(code, message)) = cancel_verdict(&ended("failed", Some("boom"))) else {
+            panic!("a failed operation is no success");
+        };
+        assert_eq!((code, message.as_str()), (1, "operation failed: boom: m"));
+    }
+
+    #[test]
+    fn a_type_definition_must_name_its_kind() {
+        assert!(check_definition(&serde_json::json!({"kind": "lb", "plural": "lbs"})).is_ok());
+        for def in [
+            serde_json::json!({"plural": "x"}),
+            serde_json::json!({"kind": "", "plural": "x"}),
+            serde_json::json!({"kind": 3}),
+            serde_json::json!({"kind": null}),
+            serde_json::json!(["kind"]),
+        ] {
+            let err = check_definition(&def).unwrap_err();
+            assert!(
+                err.contains("kind") || err.contains("object"),
+                "{def}: {err}"
+            );
+        }
     }
 }

@@ -1,5 +1,8 @@
 //! How `gwctl` prints things: aligned tables, JSON, or YAML.
 //!
+//! Everything for stdout goes through [`emit`]: a reader that stops early (`gwctl … |
+//! head -1`) ends `gwctl` quietly with exit code 0, as it does `grep` or `rg`.
+//!
 //! YAML comes from a small emitter over `serde_json::Value` (below) rather than a YAML
 //! crate: the output is a plain tree of maps, lists and scalars, and the maintained YAML
 //! crates either pull a libyaml port or are unmaintained (`serde_yaml` is archived).
@@ -18,9 +21,9 @@ use std::fmt::Write;
 pub enum Format {
     /// Aligned columns.
     Table,
-    /// Pretty JSON, the API's own shapes.
+    /// Pretty JSON, the API's own shapes (`events` and `watch`: one object per line).
     Json,
-    /// YAML, the API's own shapes.
+    /// YAML, the API's own shapes (`events` and `watch`: one document per item).
     Yaml,
 }
 
@@ -32,15 +35,54 @@ pub trait Tabular: Serialize {
     fn rows(&self) -> Vec<Vec<String>>;
 }
 
+/// What became of output written to stdout.
+#[derive(Debug)]
+enum Written {
+    /// All of it is out.
+    Out,
+    /// The reader went away (`EPIPE`): nothing more will be read.
+    Closed,
+    /// Writing failed another way.
+    Failed(std::io::Error),
+}
+
+/// Writes `bytes` to `out` and flushes them.
+fn write_out(out: &mut impl std::io::Write, bytes: &[u8]) -> Written {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Written::Out,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Written::Closed,
+        Err(e) => Written::Failed(e),
+    }
+}
+
+/// Writes `text` to stdout. When the reader has gone away (`gwctl … | head -1`), the
+/// process ends at once with exit code 0 and no message; when stdout cannot be
+/// written otherwise (a full disk), with a message and exit code 3.
+pub fn emit(text: impl AsRef<[u8]>) {
+    match write_out(&mut std::io::stdout().lock(), text.as_ref()) {
+        Written::Out => {}
+        Written::Closed => std::process::exit(0),
+        Written::Failed(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            std::process::exit(3);
+        }
+    }
+}
+
+/// Writes `text` and a line break to stdout ([`emit`]).
+pub fn emit_line(text: &str) {
+    emit(format!("{text}\n"));
+}
+
 /// Prints one item.
 pub fn one<T: Tabular>(item: &T, format: Format) {
-    print!("{}", render(item, &item.rows(), T::HEADERS, format));
+    emit(render(item, &item.rows(), T::HEADERS, format));
 }
 
 /// Prints a list.
 pub fn many<T: Tabular>(items: &[T], format: Format) {
     let rows = items.iter().flat_map(Tabular::rows).collect::<Vec<_>>();
-    print!("{}", render(&items, &rows, T::HEADERS, format));
+    emit(render(&items, &rows, T::HEADERS, format));
 }
 
 /// The column headers of `T`, for rows printed one at a time ([`line()`]).
@@ -53,14 +95,14 @@ pub fn line<T: Tabular>(item: &T, format: Format) {
     match format {
         Format::Table => {
             for row in item.rows() {
-                println!("{}", row.join("\t"));
+                emit_line(&row.join("\t"));
             }
         }
-        Format::Json => println!("{}", serde_json::to_string(item).expect("serializes")),
-        Format::Yaml => print!(
+        Format::Json => emit_line(&serde_json::to_string(item).expect("serializes")),
+        Format::Yaml => emit(format!(
             "---\n{}",
             yaml(&serde_json::to_value(item).expect("serializes"))
-        ),
+        )),
     }
 }
 
@@ -72,7 +114,7 @@ pub fn page<T: Tabular>(page: &Page<T>, format: Format) {
             eprintln!("more: --cursor {c}");
         }
     } else {
-        print!("{}", render(page, &[], &[], format));
+        emit(render(page, &[], &[], format));
     }
 }
 
@@ -184,22 +226,38 @@ fn yaml_scalar(v: &Value) -> String {
     }
 }
 
+/// A string as a YAML scalar: plain only where no YAML parser (1.1 or 1.2) reads it as
+/// anything but a string, else double-quoted.
 fn yaml_str(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./@+".contains(c))
-        && !s.starts_with(['-', '.', '@'])
-        && !matches!(
-            s.to_ascii_lowercase().as_str(),
-            "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n" | "~"
-        )
-        && s.parse::<f64>().is_err();
-    if plain {
+    if plain_yaml(s) || is_uuid(s) {
         s.to_owned()
     } else {
         // A JSON string is a valid double-quoted YAML scalar.
         serde_json::to_string(s).expect("strings serialize")
     }
+}
+
+/// Whether `s` reads as the same string written plain: it starts with a letter (so is
+/// no number, date, time or `.inf`), has only letters, digits and `-_./@+`, and is no
+/// YAML 1.1 keyword.
+fn plain_yaml(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./@+".contains(c))
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n"
+        )
+}
+
+/// Whether `s` is a UUID as the API writes them (8-4-4-4-12 hex digits), which no YAML
+/// parser reads as a number or date.
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 fn time(t: &DateTime<Utc>) -> String {
@@ -468,6 +526,92 @@ mod tests {
             ],
         );
         assert_eq!(t, "ID  NAME\n1   web\n22  db\n");
+    }
+
+    #[test]
+    fn yaml_quotes_every_string_a_parser_would_read_as_something_else() {
+        let quoted = [
+            "",
+            "2026-01-01",
+            "2026-01-01T00:00:00Z",
+            "0x1f",
+            "0o17",
+            "1_000",
+            "1:20",
+            "10",
+            "-1",
+            "+1",
+            "1e3",
+            ".5",
+            ".inf",
+            "-.inf",
+            ".NaN",
+            "~",
+            "null",
+            "Null",
+            "NULL",
+            "true",
+            "False",
+            "yes",
+            "No",
+            "ON",
+            "off",
+            "y",
+            "N",
+            "a: b",
+            "a b",
+            "a#b",
+            "-a",
+            "@a",
+            "é",
+            "10.0.0.1",
+            "0193abcd-0000-7000-8000-00000000000",
+            "x\ny",
+        ];
+        for s in quoted {
+            let y = yaml_str(s);
+            assert_eq!(y, serde_json::to_string(s).unwrap(), "{s:?} must be quoted");
+        }
+        let plain = [
+            "abc",
+            "web-1",
+            "debian-12",
+            "m1.small",
+            "zone-a",
+            "a@b.c",
+            "a+b",
+            "a_b/c",
+            "inf",
+            "nan",
+            "e5",
+            "yes2",
+            "onion",
+            "0193abcd-0000-7000-8000-000000000000",
+            "0193ABCD-0000-7000-8000-000000000000",
+        ];
+        for s in plain {
+            assert_eq!(yaml_str(s), s, "{s:?} may stay plain");
+        }
+    }
+
+    #[test]
+    fn a_reader_that_went_away_is_told_apart_from_other_write_errors() {
+        struct Failing(std::io::ErrorKind);
+        impl std::io::Write for Failing {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(self.0.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let closed = write_out(&mut Failing(std::io::ErrorKind::BrokenPipe), b"x\n");
+        assert!(matches!(closed, Written::Closed), "{closed:?}");
+        let full = write_out(&mut Failing(std::io::ErrorKind::StorageFull), b"x\n");
+        assert!(matches!(full, Written::Failed(_)), "{full:?}");
+        let mut out = Vec::new();
+        assert!(matches!(write_out(&mut out, b"x\n"), Written::Out));
+        assert_eq!(out, b"x\n");
     }
 
     #[test]
