@@ -120,7 +120,9 @@ impl PrivateBroker {
         };
         let conf = dir.join("nats-server.conf");
         let store = dir.join("store");
-        std::fs::write(&conf, server_conf(port, &store, names, region))
+        let pid_file = dir.join(PID_FILE);
+        stop_left_over(&pid_file, &conf, &bin).await;
+        std::fs::write(&conf, server_conf(port, &store, &pid_file, names, region))
             .with_context(|| format!("cannot write {}", conf.display()))?;
         let log = std::fs::File::create(dir.join("nats-server.log"))?;
         let child = tokio::process::Command::new(&bin)
@@ -188,6 +190,47 @@ impl PrivateBroker {
     }
 }
 
+/// Where the private server writes its process ID.
+const PID_FILE: &str = "nats-server.pid";
+
+/// Stops the server an earlier `up` started with `conf` and could not stop (it was
+/// killed with `SIGKILL`), which would otherwise keep the port, or share the JetStream
+/// store with the new one. Only a process whose command line names `conf` (read from
+/// `/proc`) is stopped: a process ID may have been given to another program since.
+async fn stop_left_over(pid_file: &Path, conf: &Path, bin: &Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let alive = || {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*conf.to_string_lossy()))
+    };
+    if !alive() {
+        return;
+    }
+    tracing::warn!(
+        pid,
+        "stopping the private nats-server an earlier `up` left running"
+    );
+    for signal in ["quit", "kill"] {
+        let _ = tokio::process::Command::new(bin)
+            .arg("--signal")
+            .arg(format!("{signal}={pid}"))
+            .status()
+            .await;
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        while alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !alive() {
+            return;
+        }
+    }
+}
+
 /// A TCP port nobody listens on right now.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -200,6 +243,7 @@ fn free_port() -> anyhow::Result<u16> {
 fn server_conf(
     port: u16,
     store: &Path,
+    pid_file: &Path,
     names: &NatsNames,
     region: Option<&RegionSettings>,
 ) -> String {
@@ -207,8 +251,10 @@ fn server_conf(
     let mut conf = format!(
         "# Written by `gateway up` for its private broker; rewritten at every start.\n\
          listen: 127.0.0.1:{port}\n\
+         pid_file: \"{pid_file}\"\n\
          jetstream {{\n  store_dir: \"{store}\"\n{domain}}}\n\
          include \"{auth}\"\n",
+        pid_file = pid_file.display(),
         store = store.display(),
         auth = credentials::AUTH_CONF,
     );

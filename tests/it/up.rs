@@ -8,6 +8,22 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Reads `child`'s output until it says it is up (60 s at most); returns what it printed.
+fn until_up(child: &mut std::process::Child) -> String {
+    let mut out = String::new();
+    let started = Instant::now();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Some(Ok(line)) = lines.next() {
+        out.push_str(&line);
+        out.push('\n');
+        if line.contains("OpenAPI:") || started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+    }
+    assert!(out.contains("Gateway is up"), "{out}");
+    out
+}
+
 /// Runs `gateway up` on a deployment's database and stream until it says it is up; returns what it printed.
 fn up_output(env: &GatewayEnv, admin_key: Option<&str>) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
@@ -25,19 +41,9 @@ fn up_output(env: &GatewayEnv, admin_key: Option<&str>) -> String {
         cmd.env("GATEWAY_ADMIN_KEY", key);
     }
     let mut child = cmd.spawn().unwrap();
-    let mut out = String::new();
-    let started = Instant::now();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while let Some(Ok(line)) = lines.next() {
-        out.push_str(&line);
-        out.push('\n');
-        if line.contains("OpenAPI:") || started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-    }
+    let out = until_up(&mut child);
     let _ = child.kill();
     let _ = child.wait();
-    assert!(out.contains("Gateway is up"), "{out}");
     out
 }
 
@@ -85,4 +91,62 @@ async fn migrate_never_prints_a_supplied_admin_key() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains(&d.env.admin_key), "{text}");
+}
+
+/// Whether process `pid` runs with `needle` on its command line.
+fn runs(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+}
+
+#[tokio::test]
+async fn up_stops_the_broker_a_killed_up_left_running() {
+    let _heavy = heavy().await;
+    let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
+    let dir = crate::common::TempDir::new("gwtest-up-orphan");
+    let up = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("up")
+            .env("DATABASE_URL", &d.env.database_url)
+            .env_remove("NATS_URL")
+            .env("GATEWAY_DATA_DIR", dir.path())
+            .env("GATEWAY_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("GATEWAY_ADMIN_KEY", &d.env.admin_key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        until_up(&mut child);
+        child
+    };
+    let pid = || -> u32 {
+        let file = dir.path().join("nats/nats-server.pid");
+        std::fs::read_to_string(file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let conf = dir.path().join("nats/nats-server.conf");
+    let conf = conf.to_string_lossy().into_owned();
+    let mut first = up();
+    let orphan = pid();
+    // `SIGKILL`: `up` cannot stop its broker, which goes on running.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(runs(orphan, &conf), "the broker outlives a killed `up`");
+    let mut second = up();
+    let (left, now) = (runs(orphan, &conf), pid());
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let _ = Command::new("kill").arg("-9").arg(now.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-9")
+        .arg(orphan.to_string())
+        .status();
+    assert!(
+        !left,
+        "the broker the first `up` left still runs beside the new one"
+    );
+    assert_ne!(now, orphan);
 }
