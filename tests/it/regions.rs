@@ -1177,3 +1177,46 @@ async fn a_regions_database_takes_no_process_without_its_region_and_no_zone_of_a
     config.region = Some(leaf("r9", None, None));
     assert!(gateway::app::same_region(&config, &app.pool).await.is_err());
 }
+
+#[tokio::test]
+async fn only_what_is_stored_is_logged_for_the_other_regions() {
+    let app = crate::common::spawn_with(crate::common::Options::api_only()).await;
+    let configure = || {
+        let pool = app.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let zones = ["zone-a".to_owned()];
+            gateway::store::replication::configure(&mut conn, "r1", "http://r1", &zones, &[])
+                .await
+                .unwrap();
+        }
+    };
+    configure().await;
+    let logged = || async {
+        sqlx::query_as::<_, (String, Option<Value>)>(
+            "SELECT tbl, row FROM replication_log WHERE tbl = 'zones' AND key = '{\"name\": \"zone-a\"}'
+             ORDER BY seq",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap()
+    };
+    let before = logged().await;
+    // Configuring again proposes the same zone; the stored row stays as it was, so
+    // nothing new may go to the other regions (an `INSERT … ON CONFLICT` proposing a row
+    // with an empty description was logged, and replaced the zone's description there).
+    configure().await;
+    assert_eq!(logged().await, before);
+    let stored: Value = sqlx::query_scalar(
+        "SELECT replication_project(to_jsonb(z), '{name,description,region,created_at}') FROM zones z WHERE name = 'zone-a'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let last = before.last().and_then(|(_, row)| row.clone());
+    assert_eq!(
+        last.as_ref(),
+        Some(&stored),
+        "the log's newest is the stored row"
+    );
+}
