@@ -265,8 +265,23 @@ pub(crate) fn page_size(limit: i64) -> i64 {
 /// Begins a transaction on `pool`, on a connection the database has not ended
 /// ([`again_if_ended`]): `BEGIN` is what fails on an ended one, before anything of the
 /// caller's ran.
+///
+/// The begin runs in a task of its own, to its end whatever becomes of the caller: sqlx
+/// (0.8.6; launchbadge/sqlx#4393) counts a transaction only once `BEGIN`'s answer is
+/// read, so a begin cancelled before that (a client gone, a request's deadline) left
+/// the connection inside a transaction that nothing rolled back, and the pool handed it
+/// to the next request, whose writes ran in it, were answered, and were never committed.
+/// Finished in its task, a begin whose caller is gone is a transaction dropped: rolled
+/// back before the connection is used again.
 pub async fn begin(pool: &PgPool) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-    again_if_ended(pool, || pool.begin_with(BEGIN)).await
+    let pool = pool.clone();
+    let begun = tokio::spawn(async move { again_if_ended(&pool, || pool.begin_with(BEGIN)).await });
+    match begun.await {
+        Ok(tx) => tx,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(sqlx::Error::PoolClosed),
+    }
 }
 
 /// How [`begin`] begins, in one round trip: every statement of the transactions that

@@ -327,10 +327,14 @@ async fn record_acks(conn: &mut PgConnection, peer: &str, beat: &Heartbeat) -> s
     .bind(&hlcs)
     .execute(&mut *conn)
     .await?;
-    // A tombstone goes once every other peer has applied its origin up to it.
+    // A tombstone goes once every other peer has applied its origin up to it; this
+    // region's own stay. Its deletions are in no stream it reads, so if it ever reads a
+    // peer's stream from the start again (its copy lost, or made anew), only its own
+    // tombstone tells the peer's older version of the row from a row it never had.
     sqlx::query(
         "DELETE FROM replication_tombstones t
-          WHERE NOT EXISTS (
+          WHERE t.origin IS DISTINCT FROM (SELECT region FROM replication_clock)
+            AND NOT EXISTS (
                 SELECT 1 FROM replication_peers p
                  WHERE p.region <> t.origin
                    AND coalesce((SELECT a.hlc FROM replication_acks a

@@ -855,3 +855,74 @@ async fn a_vm(app: &common::TestApp, name: &str) -> (String, Value) {
         .await;
     (tenant, op)
 }
+
+/// A proxy to PostgreSQL on `127.0.0.1:5432` that holds each answer 5 ms: a slow
+/// database, so a request can be given up while its statement's answer is on its way.
+async fn slow_answers() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", 5432))
+                .await
+                .unwrap();
+            let (mut from_client, mut to_client) = tokio::io::split(client);
+            let (mut from_server, mut to_server) = tokio::io::split(server);
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = from_server.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_begin_cancelled_midway_leaves_no_transaction_on_the_pooled_connection() {
+    let app = common::spawn_with(common::Options::api_only()).await;
+    let port = slow_answers().await;
+    let url = app
+        .config
+        .database_url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{port}"));
+    let url = match url.contains('?') {
+        true => format!("{url}&sslmode=disable"),
+        false => format!("{url}?sslmode=disable"),
+    };
+    assert!(url.contains(&format!(":{port}/")), "{url}");
+    // One connection, so every begin and the check below use the same session.
+    let pool = gateway::store::connect(&url, 1).await.unwrap();
+    // Inside one transaction `now()` stands still; statements of their own move it.
+    let in_one_transaction = || async {
+        let now = "SELECT now()";
+        let first: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar(now).fetch_one(&pool).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar(now).fetch_one(&pool).await.unwrap();
+        first == second
+    };
+    assert!(!in_one_transaction().await, "the check itself");
+    // Begins given up while their `BEGIN`'s answer is on its way (a client gone, a
+    // request's deadline): the window sqlx 0.8.6 leaks a transaction in.
+    for _ in 0..10 {
+        let begin = gateway::store::begin(&pool);
+        let _ = tokio::time::timeout(Duration::from_millis(2), begin).await;
+    }
+    assert!(
+        !in_one_transaction().await,
+        "a cancelled begin left its connection inside a transaction"
+    );
+}

@@ -1220,3 +1220,55 @@ async fn only_what_is_stored_is_logged_for_the_other_regions() {
         "the log's newest is the stored row"
     );
 }
+
+#[tokio::test]
+async fn a_row_this_region_deleted_never_comes_back_from_a_peers_older_copy() {
+    use gateway::domain::region::{Change, HEARTBEAT};
+    use gateway::store::replication::{apply, configure, Applied};
+    let app = crate::common::spawn_with(crate::common::Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    configure(&mut conn, "r1", "http://r1", &[], &["r2".to_owned()])
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO quotas (tenant, limits) VALUES ($1, '[]')")
+        .bind(&tenant)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT hlc FROM quotas WHERE tenant = $1")
+        .bind(&tenant)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM quotas WHERE tenant = $1")
+        .bind(&tenant)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    // The peer says it has applied everything of this region's: tombstones may go.
+    let beat = Change {
+        table: HEARTBEAT.into(),
+        key: json!({}),
+        row: Some(json!({"applied": {"r1": i64::MAX / 2}})),
+        hlc: 1,
+        origin: "r2".into(),
+    };
+    apply(&mut conn, &beat).await.unwrap();
+    // This region reads the peer's stream from its start again (its copy of the peer's
+    // stream was lost): the peer's last version of the row, older than the delete.
+    let old = Change {
+        table: "quotas".into(),
+        key: json!({"tenant": tenant}),
+        row: Some(json!({"tenant": tenant, "limits": [], "updated_at": "2026-01-01T00:00:00Z"})),
+        hlc: stored - 1,
+        origin: "r2".into(),
+    };
+    assert_eq!(apply(&mut conn, &old).await.unwrap(), Applied::Stale);
+    let back: i64 = sqlx::query_scalar("SELECT count(*) FROM quotas WHERE tenant = $1")
+        .bind(&tenant)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(back, 0, "the deleted row came back");
+}
