@@ -356,6 +356,12 @@ fn print_welcome(url: &str, generated_key: Option<&str>, broker: Option<&str>, c
         ),
         None => "and zone".to_owned(),
     };
+    // A region's example uses a zone of its own (another's would answer `307`).
+    let zone = config
+        .region
+        .as_ref()
+        .and_then(|r| r.zones.first())
+        .map_or("zone-a", String::as_str);
     println!(
         r#"
 Gateway is up at {url}
@@ -369,7 +375,7 @@ Gateway is up at {url}
          -H 'Content-Type: application/json' -d '{{"id": "acme"}}'
     curl -s -X POST $GW/v1/tenants/acme/vms -H "Authorization: Bearer $KEY" \
          -H 'Content-Type: application/json' \
-         -d '{{"name": "web-1", "zone": "zone-a", "spec": {{"flavor": "m1.small", "image": "debian-12"}}}}'
+         -d '{{"name": "web-1", "zone": "{zone}", "spec": {{"flavor": "m1.small", "image": "debian-12"}}}}'
     curl -s $GW/v1/operations/<id from the answer> -H "Authorization: Bearer $KEY"
     curl -sN $GW/v1/tenants/acme/events -H "Authorization: Bearer $KEY" -H 'Accept: text/event-stream'
 
