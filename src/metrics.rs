@@ -63,7 +63,7 @@
 //! | `gateway_replication_changes_total` | counter | peer, result | changes from a peer region: `applied`, `stale` (a newer version was here), `parked` (retried later) |
 //! | `gateway_replication_pending` | gauge | | this region's changes not yet published to its replication stream |
 //! | `gateway_replication_parked` | gauge | | peer changes waiting for a parent row or a unique name |
-//! | `gateway_replication_tombstones` | gauge | | deleted rows remembered until every region has seen the deletion |
+//! | `gateway_replication_tombstones` | gauge | | deleted rows remembered: until every region has seen the deletion, and for good those this region deleted |
 //! | `gateway_quota_usage_ratio` | histogram | dimension | how full each quota limit a write grows is once the write is accepted (used / limit); no tenant label |
 
 use crate::domain::quota::Dimension;
