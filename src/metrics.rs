@@ -423,7 +423,7 @@ impl Inner {
         );
         r.register(
             "replication_tombstones",
-            "Deleted rows remembered until every region has seen the deletion",
+            "Deleted rows remembered: until every region has seen the deletion, and for good those this region deleted",
             self.replication_tombstones.clone(),
         );
     }
