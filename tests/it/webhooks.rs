@@ -228,22 +228,33 @@ async fn settled_log(app: &TestApp, log: &str) -> common::Answer {
     }
 }
 
-/// A gateway with the dispatcher, short retries, loopback receivers allowed.
-async fn app_with_webhooks() -> TestApp {
+/// A gateway with the dispatcher, configured by `tweak` after [`loopback_receivers`].
+async fn app_with_dispatcher(tweak: fn(&mut gateway::config::Config)) -> TestApp {
     spawn_with(Options {
         database_port: None,
         parts: gateway::app::Parts {
             webhooks: true,
             ..Options::default().parts
         },
-        tweak: |c| {
-            c.webhooks.policy.allow_http = true;
-            c.webhooks.policy.allow_private = true;
-            c.webhooks.schedule = vec![Duration::from_millis(200); 4];
-            c.webhooks.timeout = Duration::from_millis(1500);
-            c.webhooks.disable_after = 6;
-            c.webhooks.secret_keys = Some(SealKeys::new([42; 32], None));
-        },
+        tweak,
+    })
+    .await
+}
+
+/// Loopback receivers allowed, retries 200 ms apart.
+fn loopback_receivers(c: &mut gateway::config::Config) {
+    c.webhooks.policy.allow_http = true;
+    c.webhooks.policy.allow_private = true;
+    c.webhooks.schedule = vec![Duration::from_millis(200); 4];
+}
+
+/// A gateway with the dispatcher, short retries, loopback receivers allowed.
+async fn app_with_webhooks() -> TestApp {
+    app_with_dispatcher(|c| {
+        loopback_receivers(c);
+        c.webhooks.timeout = Duration::from_millis(1500);
+        c.webhooks.disable_after = 6;
+        c.webhooks.secret_keys = Some(SealKeys::new([42; 32], None));
     })
     .await
 }
@@ -891,21 +902,12 @@ async fn events_that_happen_while_an_endpoint_is_disabled_wait_for_it() {
 /// A gateway whose one dispatcher sends 4 deliveries at once, at most 2 of a tenant's,
 /// giving up on an answer after 4 s.
 async fn app_with_few_slots() -> TestApp {
-    spawn_with(Options {
-        database_port: None,
-        parts: gateway::app::Parts {
-            webhooks: true,
-            ..Options::default().parts
-        },
-        tweak: |c| {
-            c.webhooks.policy.allow_http = true;
-            c.webhooks.policy.allow_private = true;
-            c.webhooks.schedule = vec![Duration::from_millis(200); 4];
-            c.webhooks.timeout = Duration::from_secs(4);
-            c.webhooks.concurrency = 4;
-            c.webhooks.per_endpoint = 4;
-            c.webhooks.per_tenant = 2;
-        },
+    app_with_dispatcher(|c| {
+        loopback_receivers(c);
+        c.webhooks.timeout = Duration::from_secs(4);
+        c.webhooks.concurrency = 4;
+        c.webhooks.per_endpoint = 4;
+        c.webhooks.per_tenant = 2;
     })
     .await
 }
