@@ -241,6 +241,9 @@ async fn apply_row(
         }
         Err(e) if is_constraint(&e) => {
             savepoint.rollback().await?;
+            if let Some(settled) = settle_name_clash(conn, change, &e).await? {
+                return Box::pin(apply_row(conn, &settled, parked)).await;
+            }
             if parked.is_none() {
                 sqlx::query(
                     "INSERT INTO replication_parked (tbl, key, row, hlc, origin, error)
@@ -259,6 +262,62 @@ async fn apply_row(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Two API keys made with one name in two regions while they were cut off: the one
+/// made first (by clock, then region) keeps the name; the other is renamed
+/// `{name}~{first 8 hex digits of its ID}`, in every region the same. Returns the change
+/// to apply instead: the incoming key renamed, or (after this region's key was renamed,
+/// a change of its own that the other regions receive) the incoming one as it came.
+/// `None` when `e` is not such a clash.
+async fn settle_name_clash(
+    conn: &mut PgConnection,
+    change: &Change,
+    e: &sqlx::Error,
+) -> sqlx::Result<Option<Change>> {
+    let clash = e
+        .as_database_error()
+        .and_then(|d| d.constraint())
+        .is_some_and(|c| c == "principals_name_per_tenant");
+    let Some(row) = change.row.as_ref().filter(|_| clash) else {
+        return Ok(None);
+    };
+    let (Some(id), Some(name)) = (row["id"].as_str(), row["name"].as_str()) else {
+        return Ok(None);
+    };
+    let tenant = row["tenant"].as_str();
+    let local: Option<(uuid::Uuid, i64, String)> = sqlx::query_as(
+        "SELECT id, hlc, origin FROM principals
+         WHERE COALESCE(tenant, '') = COALESCE($1, '') AND name = $2 AND id::text <> $3",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((local_id, hlc, origin)) = local else {
+        return Ok(None);
+    };
+    let renamed = |id: &str| format!("{name}~{}", id.replace('-', "").get(..8).unwrap_or(id));
+    if (change.hlc, change.origin.as_str()) > (hlc, origin.as_str()) {
+        let mut row = row.clone();
+        row["name"] = serde_json::json!(renamed(id));
+        return Ok(Some(Change {
+            row: Some(row),
+            ..change.clone()
+        }));
+    }
+    // This region's key came later: renamed here as a change of this region's own (the
+    // applier's transaction says it is replicating; this one is not).
+    sqlx::query("SELECT set_config('gateway.replicating', 'off', true)")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE principals SET name = $2 WHERE id = $1")
+        .bind(local_id)
+        .bind(renamed(&local_id.to_string()))
+        .execute(&mut *conn)
+        .await?;
+    Ok(Some(change.clone()))
 }
 
 /// Class 23 (integrity constraint violation).

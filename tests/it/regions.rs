@@ -1287,3 +1287,87 @@ async fn a_row_this_region_deleted_never_comes_back_from_a_peers_older_copy() {
         .unwrap();
     assert_eq!(back, 0, "the deleted row came back");
 }
+
+#[tokio::test]
+async fn two_keys_made_with_one_name_while_cut_off_both_stay_the_first_keeps_it() {
+    use gateway::domain::region::Change;
+    use gateway::store::replication::{apply, configure, Applied};
+    let app = crate::common::spawn_with(crate::common::Options::api_only()).await;
+    let tenant = app.tenant().await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    configure(&mut conn, "r1", "http://r1", &[], &["r2".to_owned()])
+        .await
+        .unwrap();
+    let make = |name: &str| {
+        let (app, tenant, name) = (&app, tenant.clone(), name.to_owned());
+        async move {
+            let a = app
+                .post(
+                    &format!("/v1/tenants/{tenant}/keys"),
+                    json!({"name": name, "role": "reader"}),
+                )
+                .await;
+            assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+            a.body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (early, late) = (make("early").await, make("late").await);
+    let stamp = |id: String| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT hlc FROM principals WHERE id = $1::uuid")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // Region 2's keys of the same names, one made after "early", one before "late".
+    let theirs = |name: &str, hlc: i64, id: uuid::Uuid| Change {
+        table: "principals".into(),
+        key: json!({"id": id}),
+        row: Some(json!({
+            "id": id, "name": name, "role": "reader", "tenant": tenant,
+            "key_hash": format!("\\x{}", id.simple().to_string().repeat(2)),
+            "service": null, "zone": null, "created_at": "2026-11-29T00:00:00Z",
+            "expires_at": null, "revoked_at": null,
+        })),
+        hlc,
+        origin: "r2".into(),
+    };
+    let (after, before) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let early_at = stamp(early.clone()).await;
+    let late_at = stamp(late.clone()).await;
+    let a = apply(&mut conn, &theirs("early", early_at + 1, after)).await;
+    assert_eq!(a.unwrap(), Applied::Applied);
+    let a = apply(&mut conn, &theirs("late", late_at - 1, before)).await;
+    assert_eq!(a.unwrap(), Applied::Applied);
+    let names: Vec<(String, String)> =
+        sqlx::query_as("SELECT id::text, name FROM principals WHERE tenant = $1 ORDER BY name")
+            .bind(&tenant)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    let short = |id: &str| id.replace('-', "")[..8].to_owned();
+    let want = |id: &str, name: &str| (id.to_owned(), name.to_owned());
+    let mut expected = vec![
+        want(&early, "early"),
+        want(
+            &after.to_string(),
+            &format!("early~{}", short(&after.to_string())),
+        ),
+        want(&before.to_string(), "late"),
+        want(&late, &format!("late~{}", short(&late))),
+    ];
+    expected.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(names, expected);
+    // This region's key renamed is a change of its own, for the other regions.
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM replication_log WHERE tbl = 'principals' AND row->>'name' = $1",
+    )
+    .bind(format!("late~{}", short(&late)))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(logged, 1);
+}
