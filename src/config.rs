@@ -195,13 +195,14 @@ pub struct WebhookSettings {
     pub secret_grace: Duration,
     /// `WEBHOOK_TIMEOUT_MS`: longest wait for an endpoint's answer (default 10 s).
     pub timeout: Duration,
-    /// `WEBHOOK_CONCURRENCY`: deliveries in flight per dispatcher (default 32).
+    /// `WEBHOOK_CONCURRENCY`: deliveries in flight per dispatcher (default 128: each is
+    /// an HTTP request waiting on a receiver, cheap to hold).
     pub concurrency: usize,
     /// `WEBHOOK_PER_ENDPOINT`: deliveries in flight per endpoint across dispatchers
     /// (default 4), so one slow endpoint never holds up the others.
     pub per_endpoint: i64,
     /// `WEBHOOK_PER_TENANT`: deliveries in flight to one tenant's endpoints together,
-    /// across dispatchers (default 8), so one tenant's slow endpoints hold at most that
+    /// across dispatchers (default 32), so one tenant's slow endpoints hold at most that
     /// many of a dispatcher's `WEBHOOK_CONCURRENCY` slots.
     pub per_tenant: i64,
     /// `WEBHOOK_SECRET_KEY` (32 bytes, base64 or 64 hex digits) and
@@ -223,9 +224,9 @@ impl WebhookSettings {
             disable_after: env.positive("WEBHOOK_DISABLE_AFTER", 50i32)?,
             secret_grace: env.secs("WEBHOOK_SECRET_GRACE_SECONDS", 86_400)?,
             timeout: env.millis("WEBHOOK_TIMEOUT_MS", 10_000)?,
-            concurrency: env.positive("WEBHOOK_CONCURRENCY", 32usize)?,
+            concurrency: env.positive("WEBHOOK_CONCURRENCY", 128usize)?,
             per_endpoint: env.positive("WEBHOOK_PER_ENDPOINT", 4i64)?,
-            per_tenant: env.positive("WEBHOOK_PER_TENANT", 8i64)?,
+            per_tenant: env.positive("WEBHOOK_PER_TENANT", 32i64)?,
             secret_keys: seal_keys(env)?,
         })
     }
@@ -259,9 +260,9 @@ impl Default for WebhookSettings {
             disable_after: 50,
             secret_grace: Duration::from_secs(86_400),
             timeout: Duration::from_secs(10),
-            concurrency: 32,
+            concurrency: 128,
             per_endpoint: 4,
-            per_tenant: 8,
+            per_tenant: 32,
             secret_keys: None,
         }
     }
@@ -490,6 +491,9 @@ impl RegionSettings {
         for zone in &zones {
             crate::domain::names::validate_label("GATEWAY_REGION_ZONES", zone)
                 .map_err(|e| anyhow!("{e}"))?;
+            if zones.iter().filter(|z| *z == zone).count() > 1 {
+                return Err(anyhow!("GATEWAY_REGION_ZONES: names {zone:?} twice"));
+            }
         }
         Ok(Some(Self {
             name,
@@ -899,6 +903,13 @@ mod tests {
             (
                 vec![("GATEWAY_REGION_ZONES", "zone-a")],
                 "without GATEWAY_REGION",
+            ),
+            (
+                vec![
+                    ("GATEWAY_REGION", "r1"),
+                    ("GATEWAY_REGION_ZONES", "zone-a,zone-a"),
+                ],
+                "twice",
             ),
             (
                 vec![("GATEWAY_REGION_PEERS", "r2")],

@@ -190,6 +190,8 @@ fn resume_point(headers: &HeaderMap, after: Option<&str>) -> Result<Option<u64>,
     };
     let header = headers
         .get("last-event-id")
+        // An empty one says nothing (an `EventSource` that got no `id` yet).
+        .filter(|v| !v.is_empty())
         .map(|v| {
             v.to_str()
                 .map_err(|_| invalid_cursor("Last-Event-ID: not a cursor".into()))

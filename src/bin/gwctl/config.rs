@@ -73,11 +73,15 @@ fn given(value: Option<String>) -> Option<String> {
 }
 
 /// Whether `url` can be the gateway's: an absolute `http` or `https` URL with a host,
-/// and no query or fragment (the API's paths are added to its end).
+/// no user name or password (the key is the credential; reqwest would send them as a
+/// second `Authorization`), and no query or fragment (the API's paths are added to its
+/// end).
 fn check_url(url: &str) -> Result<(), String> {
     let usable = url::Url::parse(url).is_ok_and(|u| {
         matches!(u.scheme(), "http" | "https")
             && u.has_host()
+            && u.username().is_empty()
+            && u.password().is_none()
             && u.query().is_none()
             && u.fragment().is_none()
     });
@@ -198,6 +202,8 @@ mod tests {
             "ftp://gw",
             "http://",
             "http://gw/?a=1",
+            "http://u:p@gw/",
+            "http://u@gw/",
             " ",
         ] {
             let err = settings([Some(url), Some("k"), None], &[], &[]).unwrap_err();

@@ -232,8 +232,14 @@ fn yaml_str(s: &str) -> String {
     if plain_yaml(s) || is_uuid(s) {
         s.to_owned()
     } else {
-        // A JSON string is a valid double-quoted YAML scalar.
-        serde_json::to_string(s).expect("strings serialize")
+        // A JSON string is a valid double-quoted YAML scalar, but for the line breaks
+        // YAML has and JSON does not (NEL, LS, PS), which JSON leaves raw and a YAML
+        // parser would read as a space: YAML's own escapes for them.
+        serde_json::to_string(s)
+            .expect("strings serialize")
+            .replace('\u{85}', "\\N")
+            .replace('\u{2028}', "\\L")
+            .replace('\u{2029}', "\\P")
     }
 }
 
@@ -592,6 +598,8 @@ mod tests {
         for s in plain {
             assert_eq!(yaml_str(s), s, "{s:?} may stay plain");
         }
+        // YAML's line breaks that JSON does not escape get YAML's escapes.
+        assert_eq!(yaml_str("\u{85}x\u{2028}y\u{2029}"), r#""\Nx\Ly\P""#);
     }
 
     #[test]
