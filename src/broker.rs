@@ -159,14 +159,23 @@ impl PrivateBroker {
             .await
             .is_err()
         {
-            if let Some(status) = self.child.try_wait()? {
-                let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
-                anyhow::bail!("nats-server exited ({status}):\n{log}");
-            }
+            self.still_running(dir)?;
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!("nats-server did not listen on port {port} within {START_TIMEOUT:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Something listens; that it is this server and not one left on the port (which
+        // makes this one exit, unable to bind) shows a moment later.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.still_running(dir)
+    }
+
+    /// An error with the server's log if it has exited.
+    fn still_running(&mut self, dir: &Path) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
+            anyhow::bail!("nats-server exited ({status}):\n{log}");
         }
         Ok(())
     }
@@ -204,10 +213,7 @@ async fn stop_left_over(pid_file: &Path, conf: &Path, bin: &Path) {
     else {
         return;
     };
-    let alive = || {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*conf.to_string_lossy()))
-    };
+    let alive = || runs_with(pid, conf);
     if !alive() {
         return;
     }
@@ -228,6 +234,27 @@ async fn stop_left_over(pid_file: &Path, conf: &Path, bin: &Path) {
         if !alive() {
             return;
         }
+    }
+}
+
+/// Whether process `pid` is a server started with the configuration file `conf`: its
+/// `-c` argument (from `/proc`), resolved against its working directory, is the same
+/// file however either was written (relative or absolute, through links).
+fn runs_with(pid: u32, conf: &Path) -> bool {
+    let (Ok(cmdline), Ok(cwd)) = (
+        std::fs::read(format!("/proc/{pid}/cmdline")),
+        std::fs::read_link(format!("/proc/{pid}/cwd")),
+    ) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let Some(given) = args.windows(2).find(|w| w[0] == b"-c").map(|w| w[1]) else {
+        return false;
+    };
+    let given = cwd.join(String::from_utf8_lossy(given).as_ref());
+    match (std::fs::canonicalize(given), std::fs::canonicalize(conf)) {
+        (Ok(theirs), Ok(ours)) => theirs == ours,
+        _ => false,
     }
 }
 

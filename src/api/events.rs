@@ -82,7 +82,7 @@ pub struct EventPage {
     get, path = "/v1/tenants/{tenant}/events", tag = "events",
     params(
         ("tenant" = String, Path, description = "Tenant ID"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this cursor (as `after`)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this cursor (as `after`, which it wins over); empty: none"),
         EventQuery,
     ),
     responses(

@@ -384,7 +384,8 @@ fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
     // The shared headers are added below, by reference; a handler's own stay.
     params.retain(|p| p["in"] != "header" || p["name"] == "Last-Event-ID");
     for p in params.iter_mut().filter(|p| p["name"] == "Last-Event-ID") {
-        p["schema"] = json!({"type": "string", "pattern": r"^[0-9]{1,19}$"});
+        // Empty: no resume point (an `EventSource` that has not had an `id` yet).
+        p["schema"] = json!({"type": "string", "pattern": r"^([0-9]{1,19})?$"});
     }
     for p in params.iter_mut() {
         if p["in"] == "path" {

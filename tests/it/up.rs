@@ -104,12 +104,21 @@ async fn up_stops_the_broker_a_killed_up_left_running() {
     let _heavy = heavy().await;
     let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
     let dir = crate::common::TempDir::new("gwtest-up-orphan");
-    let up = || {
+    // The first names the directory relative to where it runs, the second absolute.
+    let up = |relative: bool| {
+        let (cwd, data) = match relative {
+            true => (
+                dir.path().parent().unwrap(),
+                dir.path().file_name().unwrap(),
+            ),
+            false => (std::path::Path::new("/"), dir.path().as_os_str()),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
             .arg("up")
+            .current_dir(cwd)
             .env("DATABASE_URL", &d.env.database_url)
             .env_remove("NATS_URL")
-            .env("GATEWAY_DATA_DIR", dir.path())
+            .env("GATEWAY_DATA_DIR", data)
             .env("GATEWAY_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("GATEWAY_ADMIN_KEY", &d.env.admin_key)
             .stdout(Stdio::piped())
@@ -127,15 +136,14 @@ async fn up_stops_the_broker_a_killed_up_left_running() {
             .parse()
             .unwrap()
     };
-    let conf = dir.path().join("nats/nats-server.conf");
-    let conf = conf.to_string_lossy().into_owned();
-    let mut first = up();
+    let conf = "nats/nats-server.conf";
+    let mut first = up(true);
     let orphan = pid();
     // `SIGKILL`: `up` cannot stop its broker, which goes on running.
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(runs(orphan, &conf), "the broker outlives a killed `up`");
-    let mut second = up();
+    let mut second = up(false);
     let (left, now) = (runs(orphan, &conf), pid());
     second.kill().unwrap();
     second.wait().unwrap();
