@@ -142,9 +142,9 @@ async fn up_stops_the_broker_a_killed_up_left_running() {
     // `SIGKILL`: `up` cannot stop its broker, which goes on running.
     first.kill().unwrap();
     first.wait().unwrap();
-    assert!(runs(orphan, &conf), "the broker outlives a killed `up`");
+    assert!(runs(orphan, conf), "the broker outlives a killed `up`");
     let mut second = up(false);
-    let (left, now) = (runs(orphan, &conf), pid());
+    let (left, now) = (runs(orphan, conf), pid());
     second.kill().unwrap();
     second.wait().unwrap();
     let _ = Command::new("kill").arg("-9").arg(now.to_string()).status();
