@@ -329,6 +329,16 @@ fn shared_components(components: &mut Map<String, Value>) {
 /// The reads answered through the read cache (`readcache`), which take `Cache-Control`.
 const READ_CACHED: [&str; 2] = ["/v1/operations/{id}", "/v1/tenants/{tenant}/{kind}/{id}"];
 
+/// The header parameters defined once (`components/parameters`) and referenced by the
+/// operations that take them ([`shared_headers`]).
+const SHARED_HEADERS: [&str; 5] = [
+    "X-Request-Id",
+    "Cache-Control",
+    "If-None-Match",
+    "Idempotency-Key",
+    "If-Match",
+];
+
 /// The shared header parameters (`components/parameters`) an operation takes.
 fn shared_headers(path: &str, method: &str, api: bool, operation_write: bool) -> Vec<&'static str> {
     let mut names = Vec::new();
@@ -382,7 +392,10 @@ fn parameters(path: &str, method: &str, op: &mut Value) -> Shape {
     }
     let mut params: Vec<Value> = op["parameters"].as_array().cloned().unwrap_or_default();
     // The shared headers are added below, by reference; a handler's own stay.
-    params.retain(|p| p["in"] != "header" || p["name"] == "Last-Event-ID");
+    params.retain(|p| {
+        let name = p["name"].as_str().unwrap_or_default();
+        p["in"] != "header" || !SHARED_HEADERS.iter().any(|s| s.eq_ignore_ascii_case(name))
+    });
     for p in params.iter_mut().filter(|p| p["name"] == "Last-Event-ID") {
         // Empty: no resume point (an `EventSource` that has not had an `id` yet).
         p["schema"] = json!({"type": "string", "pattern": r"^([0-9]{1,19})?$"});
