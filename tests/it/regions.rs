@@ -1236,16 +1236,24 @@ async fn only_what_is_stored_is_logged_for_the_other_regions() {
     );
 }
 
-#[tokio::test]
-async fn a_row_this_region_deleted_never_comes_back_from_a_peers_older_copy() {
-    use gateway::domain::region::{Change, HEARTBEAT};
-    use gateway::store::replication::{apply, configure, Applied};
+/// A gateway whose database is region `r1`'s, with peer `r2`, and a tenant of it: for
+/// applying region 2's changes by hand.
+async fn region_r1_with_peer_r2() -> (crate::common::TestApp, String) {
     let app = crate::common::spawn_with(crate::common::Options::api_only()).await;
     let tenant = app.tenant().await;
     let mut conn = app.pool.acquire().await.unwrap();
-    configure(&mut conn, "r1", "http://r1", &[], &["r2".to_owned()])
+    gateway::store::replication::configure(&mut conn, "r1", "http://r1", &[], &["r2".to_owned()])
         .await
         .unwrap();
+    (app, tenant)
+}
+
+#[tokio::test]
+async fn a_row_this_region_deleted_never_comes_back_from_a_peers_older_copy() {
+    use gateway::domain::region::{Change, HEARTBEAT};
+    use gateway::store::replication::{apply, Applied};
+    let (app, tenant) = region_r1_with_peer_r2().await;
+    let mut conn = app.pool.acquire().await.unwrap();
     sqlx::query("INSERT INTO quotas (tenant, limits) VALUES ($1, '[]')")
         .bind(&tenant)
         .execute(&mut *conn)
@@ -1291,13 +1299,9 @@ async fn a_row_this_region_deleted_never_comes_back_from_a_peers_older_copy() {
 #[tokio::test]
 async fn two_keys_made_with_one_name_while_cut_off_both_stay_the_first_keeps_it() {
     use gateway::domain::region::Change;
-    use gateway::store::replication::{apply, configure, Applied};
-    let app = crate::common::spawn_with(crate::common::Options::api_only()).await;
-    let tenant = app.tenant().await;
+    use gateway::store::replication::{apply, Applied};
+    let (app, tenant) = region_r1_with_peer_r2().await;
     let mut conn = app.pool.acquire().await.unwrap();
-    configure(&mut conn, "r1", "http://r1", &[], &["r2".to_owned()])
-        .await
-        .unwrap();
     let make = |name: &str| {
         let (app, tenant, name) = (&app, tenant.clone(), name.to_owned());
         async move {
