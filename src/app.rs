@@ -285,19 +285,14 @@ impl Running {
     }
 }
 
-/// Refuses to run a process without `GATEWAY_REGION` on a region's database (it would
-/// take writes for other regions' zones, storing them here), or with another region's
-/// name.
+/// Refuses to run a process on a database of another region than its own, or of a
+/// region when it has none ([`crate::domain::region::mismatch`]).
 pub async fn same_region(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
     let stored = store::replication::region(pool).await?;
-    match (stored, config.region.as_ref().map(|r| r.name.as_str())) {
-        (Some(r), None) => Err(anyhow::anyhow!(
-            "GATEWAY_REGION: unset, but this database is region {r:?}'s; set GATEWAY_REGION={r}"
-        )),
-        (Some(r), Some(mine)) if r != mine => Err(anyhow::anyhow!(
-            "GATEWAY_REGION: this database belongs to region {r:?}, not {mine:?}"
-        )),
-        _ => Ok(()),
+    let mine = config.region.as_ref().map(|r| r.name.as_str());
+    match crate::domain::region::mismatch(stored.as_deref(), mine) {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
     }
 }
 

@@ -32,6 +32,22 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Why a process configured as region `mine` (`None`: no region) may not run on a
+/// database that is region `stored`'s (`None`: no region's yet), if it may not. A
+/// database takes its region's name once (`migrate`); a process without a region on it
+/// would take writes for other regions' zones and store them there.
+pub fn mismatch(stored: Option<&str>, mine: Option<&str>) -> Option<String> {
+    match (stored, mine) {
+        (Some(r), None) => Some(format!(
+            "GATEWAY_REGION: unset, but this database is region {r:?}'s; set GATEWAY_REGION={r}"
+        )),
+        (Some(r), Some(mine)) if r != mine => Some(format!(
+            "GATEWAY_REGION: this database belongs to region {r:?}, not {mine:?}"
+        )),
+        _ => None,
+    }
+}
+
 /// The 12-bit tag of a region in the IDs it makes: FNV-1a of its name, in `1..=4095`
 /// (0 is never a tag). Two regions of one installation must not share a tag; `migrate`
 /// warns when a region it knows of does.
@@ -128,6 +144,19 @@ impl Change {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_runs_only_processes_of_its_region() {
+        assert_eq!(mismatch(None, None), None);
+        assert_eq!(mismatch(None, Some("r1")), None, "migrate names it");
+        assert_eq!(mismatch(Some("r1"), Some("r1")), None);
+        assert!(mismatch(Some("r1"), None)
+            .unwrap()
+            .contains("GATEWAY_REGION=r1"));
+        assert!(mismatch(Some("r1"), Some("r2"))
+            .unwrap()
+            .contains("not \"r2\""));
+    }
 
     #[test]
     fn ids_carry_their_region_tag_and_stay_time_ordered() {

@@ -49,20 +49,17 @@ pub async fn configure(
         sqlx::query_scalar("SELECT region FROM replication_clock FOR UPDATE")
             .fetch_one(&mut *tx)
             .await?;
-    match current.as_deref() {
-        Some(r) if r != region => {
-            anyhow::bail!("GATEWAY_REGION: this database belongs to region {r:?}, not {region:?}")
-        }
-        Some(_) => {}
-        None => {
-            sqlx::query("UPDATE replication_clock SET region = $1")
-                .bind(region)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("SELECT replication_snapshot()")
-                .execute(&mut *tx)
-                .await?;
-        }
+    if let Some(why) = crate::domain::region::mismatch(current.as_deref(), Some(region)) {
+        anyhow::bail!(why);
+    }
+    if current.is_none() {
+        sqlx::query("UPDATE replication_clock SET region = $1")
+            .bind(region)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SELECT replication_snapshot()")
+            .execute(&mut *tx)
+            .await?;
     }
     sqlx::query(
         "INSERT INTO regions (name, url) VALUES ($1, $2)
