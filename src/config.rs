@@ -199,7 +199,7 @@ pub struct WebhookSettings {
     /// an HTTP request waiting on a receiver, cheap to hold).
     pub concurrency: usize,
     /// `WEBHOOK_PER_ENDPOINT`: deliveries in flight per endpoint across dispatchers
-    /// (default 4), so one slow endpoint never holds up the others.
+    /// (default 4), so one slow endpoint holds at most that many slots.
     pub per_endpoint: i64,
     /// `WEBHOOK_PER_TENANT`: deliveries in flight to one tenant's endpoints together,
     /// across dispatchers (default 32), so one tenant's slow endpoints hold at most that

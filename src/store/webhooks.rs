@@ -212,8 +212,8 @@ pub struct LeaseCaps {
 }
 
 /// Leases up to `limit` due deliveries of enabled endpoints for `lease`, oldest first,
-/// within `caps`: so one slow or failing endpoint, or one tenant's many, never holds up
-/// the others. Endpoints are walked one by one (those with pending deliveries, through
+/// within `caps`: so one slow or failing endpoint, or one tenant's many, holds at most
+/// its share of the slots. Endpoints are walked one by one (those with pending deliveries, through
 /// `webhook_deliveries_pending`), each giving its oldest due deliveries, so a backlog
 /// of one never hides another's.
 pub async fn lease(
