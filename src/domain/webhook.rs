@@ -170,14 +170,16 @@ pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, String> {
                 .ok_or_else(|| format!("{one:?} has no unit (ms, s, m, h)"))?;
             let (n, unit) = one.split_at(split);
             let n: u64 = n.parse().map_err(|_| format!("{one:?} is not a delay"))?;
-            let secs = match unit {
+            let per = match unit {
                 "ms" => return Ok(Duration::from_millis(n)),
-                "s" => n,
-                "m" => n * 60,
-                "h" => n * 3600,
+                "s" => 1,
+                "m" => 60,
+                "h" => 3600,
                 _ => return Err(format!("{one:?}: unit must be ms, s, m or h")),
             };
-            Ok(Duration::from_secs(secs))
+            n.checked_mul(per)
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("{one:?} is too long"))
         })
         .collect()
 }
@@ -294,6 +296,7 @@ mod tests {
         assert_eq!(s[4], Duration::from_millis(100));
         assert!(parse_schedule("5").is_err());
         assert!(parse_schedule("5d").is_err());
+        assert!(parse_schedule("18446744073709551615h").is_err(), "no wrap");
         assert_eq!(next_delay(&s, 1, 1.0), Some(Duration::from_secs(5)));
         assert_eq!(
             next_delay(&s, 1, 5.0),
