@@ -565,6 +565,8 @@ impl<'c> Assembly<'c> {
             heartbeat: region.heartbeat,
             poll: std::time::Duration::from_millis(100),
             metrics: self.engine.metrics.clone(),
+            region: region.clone(),
+            replicas: self.config.stream_replicas,
         };
         self.tasks.spawn(publisher.run(self.shutdown.clone()));
         let applier = crate::replication::apply::Applier {

@@ -121,11 +121,7 @@ pub async fn region(db: impl PgExecutor<'_>) -> sqlx::Result<Option<String>> {
 /// Claims up to `limit` of the oldest logged changes, in order, if no other relay is
 /// publishing (one publisher at a time keeps the clock order on the stream).
 pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Option<Vec<LogRow>>> {
-    let mine: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('gateway.replication'))")
-            .fetch_one(&mut *conn)
-            .await?;
-    if !mine {
+    if !lock_publisher(conn).await? {
         return Ok(None);
     }
     sqlx::query_as(
@@ -135,6 +131,54 @@ pub async fn claim(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Option<V
     .fetch_all(conn)
     .await
     .map(Some)
+}
+
+/// Takes the publisher's lock for the transaction, if no other relay holds it.
+async fn lock_publisher(conn: &mut PgConnection) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('gateway.replication'))")
+        .fetch_one(conn)
+        .await
+}
+
+/// What the database knows of this region's outbound stream: the highest sequence it
+/// acknowledged, and when the stream was made (nanoseconds since the epoch; `None`
+/// before a relay first looked). `None` altogether while another relay publishes.
+pub async fn outbound_mark(conn: &mut PgConnection) -> sqlx::Result<Option<(u64, Option<i64>)>> {
+    if !lock_publisher(conn).await? {
+        return Ok(None);
+    }
+    let (seq, created): (i64, Option<i64>) =
+        sqlx::query_as("SELECT published_seq, outbound_created FROM replication_clock")
+            .fetch_one(conn)
+            .await?;
+    Ok(Some((seq as u64, created)))
+}
+
+/// Records when the outbound stream the relay publishes to was made.
+pub async fn set_outbound_created(conn: &mut PgConnection, created: i64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE replication_clock SET outbound_created = $1")
+        .bind(created)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records, in the publishing transaction, that the outbound stream acknowledged up to
+/// `seq`.
+pub async fn record_published(conn: &mut PgConnection, seq: u64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE replication_clock SET published_seq = greatest(published_seq, $1)")
+        .bind(seq as i64)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Logs every row this region made, and its own tombstones, again (migration 0025);
+/// returns how many.
+pub async fn relog(conn: &mut PgConnection) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT replication_relog()")
+        .fetch_one(conn)
+        .await
 }
 
 /// Removes published changes: exactly those claimed, by `seq`. Not "everything up to

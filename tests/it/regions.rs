@@ -718,6 +718,80 @@ async fn a_region_that_crashes_mid_replication_loses_nothing() {
     assert_eq!(left, 0, "region 1 published its whole log");
 }
 
+/// A region whose NATS store is lost (a disk replaced) while it is down sends its peer
+/// every change it makes afterwards, and its older rows again. Its outbound stream,
+/// made anew, numbered its messages from 1, and the peer's sourcing, which asks for the
+/// sequence after the last one it had, skipped them until the new stream caught up.
+#[tokio::test]
+async fn a_region_that_loses_its_nats_store_still_sends_every_change() {
+    let _heavy = heavy_alone().await;
+    let (mut r1, r2, _link) = two_regions().await;
+    let prefix = format!("s-{}", &unique()[..6]);
+    let make = |r: &Region, from: usize, to: usize| {
+        let (client, prefix) = (r.client.clone(), prefix.clone());
+        async move {
+            for i in from..to {
+                let body = json!({"id": format!("{prefix}-{i}")});
+                let a = client
+                    .request(Method::POST, "/v1/tenants", Some(ADMIN), Some(&body))
+                    .await;
+                assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+            }
+        }
+    };
+    // Enough changes that the old stream's sequences stay ahead of the new one's for
+    // longer than the test waits (heartbeats add five a second).
+    make(&r1, 0, 150).await;
+    within(
+        "region 2 has region 1's 150 tenants",
+        Duration::from_secs(30),
+        || async { r2.tenants_like(&prefix).await == 150 },
+    )
+    .await;
+    // The store is lost: the gateway and its NATS server stop, the store is deleted, and
+    // both start again (the server with an empty store, `up` making the streams anew).
+    r1.up.kill();
+    r1._nats.kill();
+    std::fs::remove_dir_all(r1._dir.path().join("js")).unwrap();
+    r1._nats.resume();
+    r1.up = Gateway::up(&r1.env, r1.port).await;
+    make(&r1, 150, 155).await;
+    let started = Instant::now();
+    while r2.tenants_like(&prefix).await != 155 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "region 2 has {} of 155 tenants 15 s after region 1 lost its store; \
+             inbound: {}\n{}",
+            r2.tenants_like(&prefix).await,
+            r2.link_state().await,
+            r1.up.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The new stream holds region 1's older rows too, for a region added later.
+    use futures::TryStreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(r1._nats.url()).await.unwrap());
+    within(
+        "region 1's stream holds its 155 tenants",
+        Duration::from_secs(15),
+        || {
+            let js = js.clone();
+            async move {
+                let stream = js.get_stream("REPLICATION-r1").await.unwrap();
+                let subjects: Vec<(String, usize)> = stream
+                    .info_with_subjects("replication.r1.tenants.>")
+                    .await
+                    .unwrap()
+                    .try_collect()
+                    .await
+                    .unwrap();
+                subjects.len() >= 155
+            }
+        },
+    )
+    .await;
+}
+
 /// A region whose database goes away (a crash, or a failover's gap) while the other's
 /// changes keep coming applies every one of them once it is back, and its own changes
 /// made before the crash still reach the other region.
