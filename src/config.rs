@@ -205,6 +205,10 @@ pub struct WebhookSettings {
     /// across dispatchers (default 32), so one tenant's slow endpoints hold at most that
     /// many of a dispatcher's `WEBHOOK_CONCURRENCY` slots.
     pub per_tenant: i64,
+    /// `WEBHOOK_RETENTION_SECONDS`: how long a delivery and its attempts are kept
+    /// once over, and how long one waits for a disabled endpoint (default 2592000: 30
+    /// days). Older ones are deleted in the background.
+    pub retention: Duration,
     /// `WEBHOOK_SECRET_KEY` (32 bytes, base64 or 64 hex digits) and
     /// `WEBHOOK_SECRET_KEY_PREVIOUS`: seal the endpoints' signing secrets in the
     /// database (AES-256-GCM); without a key they are stored as they are.
@@ -227,6 +231,7 @@ impl WebhookSettings {
             concurrency: env.positive("WEBHOOK_CONCURRENCY", 128usize)?,
             per_endpoint: env.positive("WEBHOOK_PER_ENDPOINT", 4i64)?,
             per_tenant: env.positive("WEBHOOK_PER_TENANT", 32i64)?,
+            retention: env.secs("WEBHOOK_RETENTION_SECONDS", 30 * 86_400)?,
             secret_keys: seal_keys(env)?,
         })
     }
@@ -263,6 +268,7 @@ impl Default for WebhookSettings {
             concurrency: 128,
             per_endpoint: 4,
             per_tenant: 32,
+            retention: Duration::from_secs(30 * 86_400),
             secret_keys: None,
         }
     }

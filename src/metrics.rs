@@ -41,6 +41,7 @@
 //! | `gateway_webhook_attempts_total` | counter | outcome | delivery attempts: `delivered`, `retrying`, `failed` (the schedule is spent) |
 //! | `gateway_webhook_attempt_duration_seconds` | histogram | | time to an endpoint's answer (or failure) |
 //! | `gateway_webhook_endpoints_disabled_total` | counter | | endpoints disabled for failing |
+//! | `gateway_webhook_deliveries_expired_total` | counter | | deliveries deleted, with their attempts, past `WEBHOOK_RETENTION_SECONDS` (over, or waiting for a disabled endpoint) |
 //! | `gateway_webhook_backlog` | gauge | | deliveries waiting (due or scheduled) for enabled endpoints |
 //! | `gateway_webhook_oldest_due_seconds` | gauge | | how long the oldest due delivery has waited |
 //! | `gateway_jetstream_consumer_pending` | gauge | service, zone | messages not yet delivered |
@@ -339,6 +340,8 @@ pub struct Inner {
     /// See the table in the module docs.
     pub webhook_disabled: Counter,
     /// See the table in the module docs.
+    pub webhook_expired: Counter,
+    /// See the table in the module docs.
     pub webhook_backlog: Gauge,
     /// See the table in the module docs.
     pub webhook_oldest_due: Gauge<f64, AtomicU64>,
@@ -542,6 +545,11 @@ impl Inner {
             "webhook_endpoints_disabled",
             "Webhook endpoints disabled for failing",
             self.webhook_disabled.clone(),
+        );
+        r.register(
+            "webhook_deliveries_expired",
+            "Webhook deliveries deleted past the retention",
+            self.webhook_expired.clone(),
         );
         r.register(
             "webhook_backlog",
@@ -760,6 +768,7 @@ impl Metrics {
             webhook_attempts: Family::default(),
             webhook_latency: latency(),
             webhook_disabled: Counter::default(),
+            webhook_expired: Counter::default(),
             webhook_backlog: Gauge::default(),
             webhook_oldest_due: Gauge::default(),
             consumer_pending: Family::default(),

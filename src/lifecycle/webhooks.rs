@@ -211,16 +211,23 @@ pub async fn retry(
 /// An event to fan out: its tenant, ID, type, body and time.
 pub type FanOut<'a> = (&'a str, Uuid, EventType, &'a Value, DateTime<Utc>);
 
-/// Creates, in one transaction, the deliveries of `events` to their tenants' endpoints;
+/// Creates, in one statement, the deliveries of `events` to their tenants' endpoints;
 /// returns how many.
 pub async fn fan_out(engine: &Engine, events: &[FanOut<'_>]) -> sqlx::Result<u64> {
-    let mut tx = crate::store::begin(&engine.pool).await?;
-    let mut n = 0;
-    for (tenant, id, event_type, event, time) in events {
-        n += store::fan_out(&mut tx, tenant, *id, event_type.as_str(), event, *time).await?;
-    }
-    tx.commit().await?;
-    Ok(n)
+    let rows: Vec<_> = events
+        .iter()
+        .map(|(tenant, id, event_type, event, time)| {
+            (*tenant, *id, event_type.as_str(), *event, *time)
+        })
+        .collect();
+    let mut conn = engine.pool.acquire().await?;
+    store::fan_out(&mut conn, &rows).await
+}
+
+/// Forgets up to `limit` deliveries made before `before` (with their attempts) that are
+/// over or wait for a disabled endpoint (`WEBHOOK_RETENTION_SECONDS`); returns how many.
+pub async fn expire(engine: &Engine, before: DateTime<Utc>, limit: i64) -> sqlx::Result<u64> {
+    store::expire(&engine.pool, before, limit).await
 }
 
 /// What became of a delivery after an attempt.

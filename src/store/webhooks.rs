@@ -152,30 +152,34 @@ pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// Creates the deliveries of one event (which happened at `time`) for every endpoint of
-/// its tenant that existed then and wants its type, enabled or not (a disabled one's
-/// wait until it is enabled again); an event already fanned out to an endpoint is not
-/// again. Returns how many were created.
+/// Creates the deliveries of `events` (tenant, ID, type, body, time), one for every
+/// endpoint of its tenant that existed when it happened and wants its type, enabled or
+/// not (a disabled one's wait until it is enabled again), all in one statement: an
+/// event of a tenant without endpoints costs nothing more. An event already fanned out
+/// to an endpoint is not again. Returns how many were created.
 pub async fn fan_out(
     conn: &mut PgConnection,
-    tenant: &str,
-    event_id: Uuid,
-    event_type: &str,
-    event: &Value,
-    time: DateTime<Utc>,
+    events: &[(&str, Uuid, &str, &Value, DateTime<Utc>)],
 ) -> sqlx::Result<u64> {
+    let tenants: Vec<&str> = events.iter().map(|e| e.0).collect();
+    let ids: Vec<Uuid> = events.iter().map(|e| e.1).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.2).collect();
+    let bodies: Vec<&Value> = events.iter().map(|e| e.3).collect();
+    let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.4).collect();
     Ok(sqlx::query(
         "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, event, state)
-         SELECT gen_random_uuid(), w.id, $2, $3, $4, 'pending' FROM webhooks w
-         WHERE w.tenant = $1
-           AND (cardinality(w.types) = 0 OR $3 = ANY (w.types)) AND w.created_at <= $5
+         SELECT gen_random_uuid(), w.id, e.id, e.type, e.body, 'pending'
+           FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::jsonb[], $5::timestamptz[])
+                AS e(tenant, id, type, body, at)
+           JOIN webhooks w ON w.tenant = e.tenant
+          WHERE (cardinality(w.types) = 0 OR e.type = ANY (w.types)) AND w.created_at <= e.at
          ON CONFLICT (webhook_id, event_id) DO NOTHING",
     )
-    .bind(tenant)
-    .bind(event_id)
-    .bind(event_type)
-    .bind(event)
-    .bind(time)
+    .bind(&tenants)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&bodies)
+    .bind(&times)
     .execute(conn)
     .await?
     .rows_affected())
@@ -457,4 +461,30 @@ pub async fn backlog(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
     )
     .fetch_one(db)
     .await
+}
+
+/// Deletes, with their attempts, up to `limit` deliveries made before `before` that are
+/// over (delivered, or failed with the schedule spent) or wait for a disabled endpoint;
+/// returns how many. Pending deliveries of enabled endpoints stay until they end. Walks
+/// each endpoint's log index (`webhook_deliveries_log`), oldest first.
+pub async fn expire(
+    db: impl PgExecutor<'_>,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM webhook_deliveries WHERE id IN (
+             SELECT old.id FROM webhooks w
+             CROSS JOIN LATERAL (
+                 SELECT d.id FROM webhook_deliveries d
+                  WHERE d.webhook_id = w.id AND d.created_at < $1
+                    AND (d.state <> 'pending' OR w.disabled_at IS NOT NULL)
+                  ORDER BY d.created_at LIMIT $2) old
+             LIMIT $2)",
+    )
+    .bind(before)
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
 }

@@ -14,6 +14,11 @@
 //!   records the attempt, scheduling the next by `WEBHOOK_RETRY_SCHEDULE` with jitter.
 //!   A lease outlives the request's timeout; if a dispatcher dies mid-send, the lease
 //!   expires and another sends again (at least once: receivers dedupe by `webhook-id`).
+//!
+//! And a third, **retention**: deliveries older than `WEBHOOK_RETENTION_SECONDS` that
+//! are over, or still wait for a disabled endpoint, are deleted with their attempts, so
+//! the delivery log does not grow without end (every dispatcher runs it; the deletes
+//! are idempotent).
 
 pub mod target;
 
@@ -36,6 +41,11 @@ const FAN_OUT_BATCH: usize = 256;
 const PULL_WAIT: Duration = Duration::from_secs(1);
 /// How often due deliveries are looked for without a wake-up (retries come due).
 const POLL: Duration = Duration::from_millis(250);
+/// Deliveries deleted per statement by the retention loop.
+const EXPIRE_BATCH: i64 = 1000;
+/// The longest pause between two passes of the retention loop (a tenth of the
+/// retention when that is shorter).
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// A webhook dispatcher.
 #[derive(Clone)]
@@ -69,7 +79,43 @@ impl Dispatcher {
 
     /// Runs both loops until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        tokio::join!(self.fan_out(shutdown.clone()), self.deliver(shutdown));
+        tokio::join!(
+            self.fan_out(shutdown.clone()),
+            self.forget(shutdown.clone()),
+            self.deliver(shutdown)
+        );
+    }
+
+    /// The retention loop: a pass at start and then every [`EXPIRE_EVERY`] (or a tenth
+    /// of the retention), each deleting in batches until nothing old is left.
+    async fn forget(&self, shutdown: CancellationToken) {
+        let retention = self.settings.retention;
+        let every = EXPIRE_EVERY
+            .min(retention / 10)
+            .max(Duration::from_millis(100));
+        loop {
+            let before = chrono::Duration::from_std(retention)
+                .ok()
+                .and_then(|r| chrono::Utc::now().checked_sub_signed(r));
+            while let Some(before) = before {
+                match lifecycle::expire(&self.engine, before, EXPIRE_BATCH).await {
+                    Ok(n) => {
+                        self.engine.metrics.webhook_expired.inc_by(n);
+                        if n < EXPIRE_BATCH as u64 || shutdown.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "webhooks: old deliveries not deleted; retrying");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
     }
 
     async fn consumer(&self) -> anyhow::Result<PullConsumer> {

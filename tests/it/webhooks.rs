@@ -986,3 +986,108 @@ async fn a_retry_of_a_delivery_being_sent_keeps_the_in_flight_caps() {
         "a retry sent a delivery beside the attempt under way"
     );
 }
+
+/// Deliveries do not pile up for ever: past `WEBHOOK_RETENTION_SECONDS`, those that are
+/// over and those waiting for a disabled endpoint are deleted with their attempts; one
+/// an enabled endpoint is still being tried with stays until it ends.
+#[tokio::test]
+async fn old_deliveries_are_forgotten_but_not_while_they_are_still_being_tried() {
+    let app = app_with_dispatcher(|c| {
+        loopback_receivers(c);
+        c.webhooks.timeout = Duration::from_millis(1500);
+        c.webhooks.retention = Duration::from_secs(2);
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let ok = Receiver::start(Mode::Ok).await;
+    let hang = Receiver::start(Mode::Hang).await;
+    let types = json!(["resource.created"]);
+    let (delivered, _) = register(&app, &tenant, &ok.url(), types.clone()).await;
+    let (paused, _) = register(&app, &tenant, &ok.url(), types.clone()).await;
+    let (trying, _) = register(&app, &tenant, &hang.url(), types).await;
+    set_enabled(&app, &tenant, &paused, false).await;
+    app.create(&tenant, "vms", "web", "zone-a", example_spec("vms"))
+        .await;
+    let log = |id: &str| format!("/v1/tenants/{tenant}/webhooks/{id}/deliveries");
+    let one = |b: &Value| b["items"].as_array().unwrap().len() == 1;
+    let sent = poll_until(&app, &log(&delivered), |b| {
+        one(b) && b["items"][0]["state"] == "succeeded"
+    })
+    .await;
+    let sent_id: uuid::Uuid = sent["items"][0]["id"].as_str().unwrap().parse().unwrap();
+    let attempts = |id: uuid::Uuid| {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM webhook_attempts WHERE delivery_id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+    };
+    assert_eq!(attempts(sent_id).await.unwrap(), 1);
+    poll_until(&app, &log(&paused), one).await;
+    poll_until(&app, &log(&trying), one).await;
+    // Two seconds on: the delivered one and the one waiting for the disabled endpoint
+    // are gone, attempts and all. The one being retried (each attempt hangs until the
+    // 1.5 s timeout, five attempts 200 ms apart) is still there.
+    let none = |b: &Value| b["items"].as_array().unwrap().is_empty();
+    poll_until(&app, &log(&delivered), none).await;
+    poll_until(&app, &log(&paused), none).await;
+    assert_eq!(attempts(sent_id).await.unwrap(), 0);
+    let still = app.get(&log(&trying)).await.body;
+    assert!(one(&still), "{still}");
+    assert_eq!(still["items"][0]["state"], "pending", "{still}");
+    assert!(
+        crate::common::metric(&app.url, "gateway_webhook_deliveries_expired_total").await >= 2.0
+    );
+    // Once its schedule is spent, it goes too.
+    poll_until(&app, &log(&trying), none).await;
+}
+
+/// A batch of events is fanned out in one statement: each event to every endpoint of
+/// its own tenant that wants its type and existed when it happened, once, whatever the
+/// other events of the batch (or the same event twice in it).
+#[tokio::test]
+async fn a_batch_fans_each_event_out_to_its_own_tenants_endpoints_that_want_it() {
+    let app = app_with_dispatcher(loopback_receivers).await;
+    let (a, b) = (app.tenant().await, app.tenant().await);
+    let url = "http://127.0.0.1:9/hook";
+    let (all_a, _) = register(&app, &a, url, json!([])).await;
+    let (created_a, _) = register(&app, &a, url, json!(["resource.created"])).await;
+    let (all_b, _) = register(&app, &b, url, json!([])).await;
+    let before = chrono::Utc::now() - chrono::Duration::hours(1);
+    let now = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let ids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::new_v4()).collect();
+    let body = json!({"a": 1});
+    let events = [
+        (a.as_str(), ids[0], "resource.created", &body, now),
+        (a.as_str(), ids[1], "operation.succeeded", &body, now),
+        (b.as_str(), ids[2], "resource.created", &body, now),
+        // Before any endpoint existed: nobody's.
+        (a.as_str(), ids[3], "resource.created", &body, before),
+        // The first one again.
+        (a.as_str(), ids[0], "resource.created", &body, now),
+    ];
+    let mut conn = app.pool.acquire().await.unwrap();
+    let created = gateway::store::webhooks::fan_out(&mut conn, &events)
+        .await
+        .unwrap();
+    assert_eq!(created, 4);
+    let mut got: Vec<(String, uuid::Uuid)> = sqlx::query_as(
+        "SELECT webhook_id::text, event_id FROM webhook_deliveries WHERE event_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    got.sort();
+    let mut want = vec![
+        (all_a.clone(), ids[0]),
+        (all_a, ids[1]),
+        (created_a, ids[0]),
+        (all_b, ids[2]),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // Fanned out again (a redelivered batch): nothing new.
+    let again = gateway::store::webhooks::fan_out(&mut conn, &events)
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+}
