@@ -486,3 +486,43 @@ async fn events_and_webhooks_through_the_client_and_the_cli() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(gw.list_webhooks(&t).await.unwrap().is_empty());
 }
+
+/// `--timeout` with `--wait` bounds the whole command, the write's own request
+/// included: against a gateway that takes the connection and never answers, `gwctl`
+/// gives up at the timeout (exit 4), not at the HTTP client's 90 s.
+#[tokio::test]
+async fn a_write_with_wait_gives_up_at_its_timeout_when_the_gateway_never_answers() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let id = uuid::Uuid::new_v4().to_string();
+    let writes: [&[&str]; 3] = [
+        &[
+            "vms", "create", "web", "--zone", "zone-a", "--spec", VM_SPEC,
+        ],
+        &["vms", "delete", &id],
+        &["ops", "cancel", &id],
+    ];
+    for write in writes {
+        let started = std::time::Instant::now();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gwctl"))
+            .args(["--url", &url, "--key", "k", "-t", "acme"])
+            .args(write)
+            .args(["--wait", "--timeout", "1s"])
+            .env("GWCTL_CONFIG", "/nonexistent/gwctl-config")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{write:?}: {stderr}");
+        assert!(stderr.contains("timed out"), "{write:?}: {stderr}");
+        assert!(took < Duration::from_secs(10), "{write:?} took {took:?}");
+    }
+}

@@ -271,6 +271,26 @@ struct WaitArgs {
     timeout: Duration,
 }
 
+impl WaitArgs {
+    /// Runs `write`; with `--wait`, within `--timeout`, which is the whole command's (a
+    /// gateway that takes the request and never answers must not hold it for the HTTP
+    /// client's 90 s), and leaves what remains of it for the wait.
+    async fn bounded<T>(
+        &mut self,
+        write: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        if !self.wait {
+            return write.await;
+        }
+        let started = Instant::now();
+        let done = tokio::time::timeout(self.timeout, write)
+            .await
+            .map_err(|_| Error::TimedOut)?;
+        self.timeout = self.timeout.saturating_sub(started.elapsed());
+        done
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum ResourceCmd {
     /// Creates one; prints the operation.
@@ -769,7 +789,7 @@ impl Ctx {
                 zone,
                 spec,
                 labels,
-                wait,
+                mut wait,
             } => {
                 let new = NewResource {
                     name,
@@ -777,14 +797,14 @@ impl Ctx {
                     spec,
                     labels: labels.into_iter().collect(),
                 };
-                (gw.create_resource(t, kind, &new).await?, wait)
+                (wait.bounded(gw.create_resource(t, kind, &new)).await?, wait)
             }
             ResourceCmd::Patch {
                 id,
                 spec,
                 labels,
                 if_match,
-                wait,
+                mut wait,
             } => {
                 if spec.is_none() && labels.is_empty() {
                     return Err(usage("patch needs --spec, --label or both"));
@@ -793,13 +813,18 @@ impl Ctx {
                     spec,
                     labels: (!labels.is_empty()).then(|| labels.into_iter().collect()),
                 };
-                let op = gw
-                    .patch_resource(t, kind, id, &patch, if_match.as_deref())
+                let op = wait
+                    .bounded(gw.patch_resource(t, kind, id, &patch, if_match.as_deref()))
                     .await?;
                 (op, wait)
             }
-            ResourceCmd::Delete { id, if_match, wait } => (
-                gw.delete_resource(t, kind, id, if_match.as_deref()).await?,
+            ResourceCmd::Delete {
+                id,
+                if_match,
+                mut wait,
+            } => (
+                wait.bounded(gw.delete_resource(t, kind, id, if_match.as_deref()))
+                    .await?,
                 wait,
             ),
             ResourceCmd::Action {
@@ -807,11 +832,11 @@ impl Ctx {
                 action,
                 input,
                 if_match,
-                wait,
+                mut wait,
             } => {
                 let input = input.unwrap_or_else(|| serde_json::json!({}));
-                let op = gw
-                    .action(t, kind, id, action, &input, if_match.as_deref())
+                let op = wait
+                    .bounded(gw.action(t, kind, id, action, &input, if_match.as_deref()))
                     .await?;
                 (op, wait)
             }
@@ -916,8 +941,8 @@ impl Ctx {
                 let done = self.follow(id, timeout).await?;
                 return self.finished(done);
             }
-            OpsCmd::Cancel { id, wait } => {
-                let op = self.gw.cancel_operation(id).await?;
+            OpsCmd::Cancel { id, mut wait } => {
+                let op = wait.bounded(self.gw.cancel_operation(id)).await?;
                 if !wait.wait {
                     output::one(&op, self.format);
                     return Ok(());
