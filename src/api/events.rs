@@ -178,14 +178,13 @@ fn invalid_cursor(message: String) -> ApiError {
 /// and says in the header how far it got.
 fn resume_point(headers: &HeaderMap, after: Option<&str>) -> Result<Option<u64>, ApiError> {
     let parse = |what: &str, v: &str| {
-        // Past the largest sequence a stream can have is past its newest event: the
-        // `422` for that, not a `400` for a number the contract allows (19 digits).
-        // Digits only, as the contract's pattern says (`u64::from_str` takes a `+`).
+        // Any number the contract allows (19 digits) fits a `u64`; one past the newest
+        // event is the reader's `422`, quoting it as given. Digits only, as the
+        // contract's pattern says (`u64::from_str` takes a `+`).
         let digits = (1..=19).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit());
         digits
             .then(|| v.parse::<u64>().ok())
             .flatten()
-            .map(|n| n.min(i64::MAX as u64))
             .ok_or_else(|| invalid_cursor(format!("{what}: not a cursor: {v:?}")))
     };
     let header = headers

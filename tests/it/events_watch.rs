@@ -371,6 +371,10 @@ async fn bad_filters_and_cursors_get_clear_errors() {
             (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"),
             "a well-formed cursor past the newest event: {after}"
         );
+        // The message quotes the cursor as given (it quoted 9223372036854775807 for
+        // every larger one).
+        let message = a.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(after), "{after}: {message}");
     }
     let a = app
         .request(

@@ -112,6 +112,46 @@ Examples:
   gwctl -t acme webhooks retry <id> <delivery id>
   gwctl -t acme webhooks rotate-secret <id>";
 
+const TENANTS_HELP: &str = "\
+Examples:
+  gwctl tenants create acme --display-name 'Acme Corp'   # admins
+  gwctl tenants list
+  gwctl tenants get acme -o yaml";
+
+const RESOURCES_HELP: &str = r#"Examples:
+  gwctl types list                                # the plurals
+  gwctl -t acme resources load-balancers create front --zone zone-a \
+      --spec '{"vm": "<vm id>", "port": 443}' --wait
+  gwctl -t acme resources load-balancers list -o json"#;
+
+const TYPES_HELP: &str = "\
+Examples:
+  gwctl types list
+  gwctl types get vm -o json
+  gwctl types apply -f examples/resource-types/loadbalancer.json   # admins
+  gwctl types delete loadbalancer";
+
+const ZONES_HELP: &str = "\
+Examples:
+  gwctl zones
+  gwctl zones -o json";
+
+const CATALOG_HELP: &str = "\
+Examples:
+  gwctl catalog flavor
+  gwctl catalog image -o json";
+
+const AUDIT_HELP: &str = "\
+Examples:
+  gwctl audit --since 2026-01-01T00:00:00Z
+  gwctl -t acme audit --outcome denied -o json
+  gwctl audit --principal <key id> --limit 50";
+
+const COMPLETION_HELP: &str = "\
+Examples:
+  gwctl completion bash > /etc/bash_completion.d/gwctl
+  gwctl completion zsh > ~/.zfunc/_gwctl";
+
 /// The gateway's command-line client.
 #[derive(Debug, Parser)]
 #[command(name = "gwctl", version, after_help = EXAMPLES)]
@@ -135,7 +175,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Tenants: create (admins), list, get.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = TENANTS_HELP)]
     Tenants(TenantCmd),
     /// API keys of a tenant, or (with --platform) admin and worker keys.
     #[command(subcommand, after_help = KEYS_HELP)]
@@ -166,6 +206,7 @@ enum Command {
     )]
     Volumes(ResourceCmd),
     /// Resources of any registered kind, by its plural: `gwctl resources load-balancers list`.
+    #[command(after_help = RESOURCES_HELP)]
     Resources {
         /// The kind's plural (`gwctl types list` shows them).
         plural: String,
@@ -173,7 +214,7 @@ enum Command {
         cmd: ResourceCmd,
     },
     /// Resource types: list, get, apply (register or change), delete.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = TYPES_HELP)]
     Types(TypesCmd),
     /// Operations: get, list, wait, cancel.
     #[command(subcommand, after_help = OPS_HELP)]
@@ -185,13 +226,16 @@ enum Command {
     #[command(subcommand, after_help = QUOTAS_HELP)]
     Quotas(QuotaCmd),
     /// The zones.
+    #[command(after_help = ZONES_HELP)]
     Zones,
     /// A catalog category: flavor, image, machine_class, k8s_version, storage_class.
+    #[command(after_help = CATALOG_HELP)]
     Catalog {
         /// The category.
         category: String,
     },
     /// The audit log (admins; owners see their tenant's).
+    #[command(after_help = AUDIT_HELP)]
     Audit(AuditArgs),
     /// The tenant's events (CloudEvents), oldest first; --follow keeps printing new ones.
     #[command(after_help = EVENTS_HELP)]
@@ -200,6 +244,7 @@ enum Command {
     #[command(subcommand, after_help = WEBHOOKS_HELP)]
     Webhooks(WebhookCmd),
     /// Prints a shell completion script.
+    #[command(after_help = COMPLETION_HELP)]
     Completion {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -1504,6 +1549,13 @@ mod tests {
             QUOTAS_HELP,
             EVENTS_HELP,
             WEBHOOKS_HELP,
+            TENANTS_HELP,
+            RESOURCES_HELP,
+            TYPES_HELP,
+            ZONES_HELP,
+            CATALOG_HELP,
+            AUDIT_HELP,
+            COMPLETION_HELP,
         ];
         for help in helps {
             let commands = examples(help);
@@ -1518,6 +1570,21 @@ mod tests {
         assert_eq!(jq, ["gwctl", "watch", "-o", "json"]);
         let spec = shell_words("gwctl x --spec '{\"a\": 1}' # note");
         assert_eq!(spec, ["gwctl", "x", "--spec", "{\"a\": 1}"]);
+    }
+
+    #[test]
+    fn every_command_has_examples() {
+        for command in Cli::command().get_subcommands() {
+            if command.get_name() == "help" {
+                continue;
+            }
+            let help = command.get_after_help().map(|h| h.to_string());
+            assert!(
+                help.is_some_and(|h| h.contains("Examples:")),
+                "gwctl {} has no examples in its help",
+                command.get_name()
+            );
+        }
     }
 
     /// An operation that ended in `state`.
