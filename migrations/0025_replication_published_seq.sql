@@ -13,9 +13,15 @@
 -- `published_seq`: the highest sequence `REPLICATION-{region}` acknowledged;
 -- `outbound_created`: when that stream was made (nanoseconds since the epoch, as
 -- JetStream reports it; NULL until a relay of this version first looked).
+-- `inbound_created`: when the `REPLICATION-IN` that `applied_seq` counts in was made.
+-- The applier read a stream made anew from the start only if `applied_seq` was past
+-- its end; but sourcing fills a new stream quickly, and one already past that point
+-- was read from `applied_seq + 1`, its first messages (changes the peers made while
+-- this region was down) skipped for good.
 ALTER TABLE replication_clock
     ADD COLUMN published_seq bigint NOT NULL DEFAULT 0,
-    ADD COLUMN outbound_created bigint;
+    ADD COLUMN outbound_created bigint,
+    ADD COLUMN inbound_created bigint;
 
 -- Logs every row this region made (and its own tombstones) with the clock it was stored
 -- with: applying one again elsewhere changes nothing, last writer wins by clock.

@@ -343,6 +343,7 @@ mod tests {
 
     #[test]
     fn only_the_relay_publishes_operations_and_no_one_deletes_or_purges_streams() {
+        // Without regions; with them, see the next test.
         for u in users(&names(), &zones(), &services()).unwrap() {
             let publishes_ops = u.publish.iter().any(|s| s.starts_with("t1.ops."));
             assert_eq!(publishes_ops, u.name == "relay", "{u:?}");
@@ -374,6 +375,30 @@ mod tests {
             .publish
             .iter()
             .all(|s| s.contains("T1-EVENTS")));
+    }
+
+    /// In a region, the relay may also purge its own replication stream (to move the
+    /// first sequence of one made anew past the old one), and nothing else: it can
+    /// already publish any change there, so the purge gives it no more power; the
+    /// operations, events, advisories and audit streams stay unpurgeable by anyone.
+    #[test]
+    fn in_a_region_the_relay_purges_only_its_own_replication_stream() {
+        let names = NatsNames {
+            region: Some("r1".into()),
+            ..names()
+        };
+        for u in users(&names, &zones(), &services()).unwrap() {
+            let purges: Vec<&String> = u
+                .publish
+                .iter()
+                .filter(|s| s.contains("STREAM.PURGE") || s.contains("STREAM.DELETE"))
+                .collect();
+            if u.name == "relay" {
+                assert_eq!(purges, ["$JS.API.STREAM.PURGE.REPLICATION-r1"], "{u:?}");
+            } else {
+                assert!(purges.is_empty(), "{u:?}");
+            }
+        }
     }
 
     #[test]

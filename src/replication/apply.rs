@@ -64,10 +64,22 @@ impl Applier {
             }
         }
         let mut stream = self.js.get_stream(super::INBOUND_STREAM).await?;
-        let last = stream.info().await?.state.last_sequence;
-        let mut applied = replication::applied_seq(&mut conn).await?;
-        if applied > last {
-            // The stream was made anew: read it all again (applying is idempotent).
+        let info = stream.info().await?;
+        let (last, created) = (
+            info.state.last_sequence,
+            info.created.unix_timestamp_nanos() as i64,
+        );
+        let (mut applied, recorded) = replication::applied_seq(&mut conn).await?;
+        // A stream made anew (its NATS store lost) is read from its start again
+        // (applying is idempotent): `applied` counts in the old one, and sourcing may
+        // already have filled the new one past it. Before the creation time was
+        // recorded, only a position past the end told.
+        let made_anew = recorded.map_or(applied > last, |r| r != created);
+        if made_anew {
+            tracing::info!(
+                applied,
+                "replication: REPLICATION-IN was made anew; reading it from the start"
+            );
             applied = 0;
         }
         let consumer = stream
@@ -98,15 +110,17 @@ impl Applier {
                     _ => break,
                 }
             }
-            self.apply_batch(&mut conn, &messages).await?;
+            self.apply_batch(&mut conn, &messages, created).await?;
         }
     }
 
-    /// Applies `messages` in one transaction, then retries parked changes if any landed.
+    /// Applies `messages` (of the stream made at `created`) in one transaction, then
+    /// retries parked changes if any landed.
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
         messages: &[jetstream::Message],
+        created: i64,
     ) -> anyhow::Result<()> {
         let mut tx = conn.begin().await?;
         let mut counts: Vec<(String, Applied)> = Vec::with_capacity(messages.len());
@@ -138,7 +152,7 @@ impl Applier {
             .and_then(|m| m.info().ok())
             .map(|i| i.stream_sequence)
         {
-            replication::set_applied_seq(&mut tx, seq).await?;
+            replication::set_applied_seq(&mut tx, seq, created).await?;
         }
         tx.commit().await?;
         for (peer, applied) in counts {

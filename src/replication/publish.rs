@@ -18,6 +18,7 @@
 use crate::config::RegionSettings;
 use crate::domain::region::Change;
 use crate::store::replication::{self, LogRow};
+use anyhow::Context as _;
 use async_nats::jetstream;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
@@ -156,7 +157,13 @@ impl Publisher {
                 "replication: the outbound stream was made anew (its NATS store lost?); \
                  moving its first sequence past the old one and sending this region's rows again"
             );
-            stream.purge().sequence(first).await?;
+            stream.purge().sequence(first).await.with_context(|| {
+                format!(
+                    "moving {} to sequence {first} (its NATS user needs \
+                     $JS.API.STREAM.PURGE.{0}, as `gateway nats-config` grants)",
+                    info.config.name
+                )
+            })?;
         }
         if behind || recorded.is_some() {
             // The rows the old stream held are logged again whether or not it was behind:

@@ -307,7 +307,11 @@ async fn apply_row(
 
 /// Two API keys made with one name in two regions while they were cut off: the one
 /// made first (by clock, then region) keeps the name; the other is renamed
-/// `{name}~{first 8 hex digits of its ID}`, in every region the same. Returns the change
+/// `{name}~{its ID's 32 hex digits}`, in every region the same. No other key can hold
+/// that name (a key's own name is a DNS label, without `~`, and IDs are unique), so a
+/// rename never clashes again: with 8 digits, the start of a UUIDv7 (its time, which
+/// keys made within the same minute share), three keys of one name renamed two to the
+/// same name, and renamed one of them twice (`ci~0192f3a4~0192f3a4`). Returns the change
 /// to apply instead: the incoming key renamed, or (after this region's key was renamed,
 /// a change of its own that the other regions receive) the incoming one as it came.
 /// `None` when `e` is not such a clash.
@@ -339,7 +343,7 @@ async fn settle_name_clash(
     let Some((local_id, hlc, origin)) = local else {
         return Ok(None);
     };
-    let renamed = |id: &str| format!("{name}~{}", id.replace('-', "").get(..8).unwrap_or(id));
+    let renamed = |id: &str| format!("{name}~{}", id.replace('-', ""));
     if (change.hlc, change.origin.as_str()) > (hlc, origin.as_str()) {
         let mut row = row.clone();
         row["name"] = serde_json::json!(renamed(id));
@@ -483,18 +487,23 @@ pub async fn try_lock_applier(conn: &mut PgConnection) -> sqlx::Result<bool> {
         .await
 }
 
-/// How far this region has applied `REPLICATION-IN` (its stream sequence).
-pub async fn applied_seq(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
-    let seq: i64 = sqlx::query_scalar("SELECT applied_seq FROM replication_clock")
-        .fetch_one(db)
-        .await?;
-    Ok(seq as u64)
+/// How far this region has applied `REPLICATION-IN` (its stream sequence), and when
+/// the stream that sequence counts in was made (nanoseconds since the epoch; `None`
+/// before an applier of this version recorded it).
+pub async fn applied_seq(db: impl PgExecutor<'_>) -> sqlx::Result<(u64, Option<i64>)> {
+    let (seq, created): (i64, Option<i64>) =
+        sqlx::query_as("SELECT applied_seq, inbound_created FROM replication_clock")
+            .fetch_one(db)
+            .await?;
+    Ok((seq as u64, created))
 }
 
-/// Records, in the applying transaction, how far `REPLICATION-IN` has been applied.
-pub async fn set_applied_seq(conn: &mut PgConnection, seq: u64) -> sqlx::Result<()> {
-    sqlx::query("UPDATE replication_clock SET applied_seq = $1")
+/// Records, in the applying transaction, how far `REPLICATION-IN` (made at `created`)
+/// has been applied.
+pub async fn set_applied_seq(conn: &mut PgConnection, seq: u64, created: i64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE replication_clock SET applied_seq = $1, inbound_created = $2")
         .bind(seq as i64)
+        .bind(created)
         .execute(conn)
         .await?;
     Ok(())
