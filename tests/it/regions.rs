@@ -310,6 +310,18 @@ async fn finished(r: &Region, location: &str, key: &str) -> String {
     }
 }
 
+/// Creates tenants `{prefix}-{from}` up to `{prefix}-{to}` (excluded) in `r`.
+async fn make_tenants(r: &Region, prefix: &str, from: usize, to: usize) {
+    for i in from..to {
+        let body = json!({"id": format!("{prefix}-{i}")});
+        let a = r
+            .client
+            .request(Method::POST, "/v1/tenants", Some(ADMIN), Some(&body))
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    }
+}
+
 async fn metric(r: &Region, series: &str) -> f64 {
     crate::common::metric(&r.client.url, series).await
 }
@@ -658,23 +670,11 @@ async fn a_region_that_crashes_mid_replication_loses_nothing() {
     let _heavy = heavy_alone().await;
     let (mut r1, mut r2, _link) = two_regions().await;
     let prefix = format!("c-{}", &unique()[..6]);
-    let make = |r: &Region, from: usize, to: usize| {
-        let (client, prefix) = (r.client.clone(), prefix.clone());
-        async move {
-            for i in from..to {
-                let body = json!({"id": format!("{prefix}-{i}")});
-                let a = client
-                    .request(Method::POST, "/v1/tenants", Some(ADMIN), Some(&body))
-                    .await;
-                assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
-            }
-        }
-    };
     // Region 1 crashes right after making 40 tenants, its relay publishing them.
-    make(&r1, 0, 40).await;
+    make_tenants(&r1, &prefix, 0, 40).await;
     r1.crash_and_restart().await;
     // Region 2 crashes while the next 40 arrive, its relay applying them.
-    make(&r1, 40, 80).await;
+    make_tenants(&r1, &prefix, 40, 80).await;
     r2.crash_and_restart().await;
     for r in [&r1, &r2] {
         let started = Instant::now();
@@ -727,21 +727,9 @@ async fn a_region_that_loses_its_nats_store_still_sends_every_change() {
     let _heavy = heavy_alone().await;
     let (mut r1, r2, _link) = two_regions().await;
     let prefix = format!("s-{}", &unique()[..6]);
-    let make = |r: &Region, from: usize, to: usize| {
-        let (client, prefix) = (r.client.clone(), prefix.clone());
-        async move {
-            for i in from..to {
-                let body = json!({"id": format!("{prefix}-{i}")});
-                let a = client
-                    .request(Method::POST, "/v1/tenants", Some(ADMIN), Some(&body))
-                    .await;
-                assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
-            }
-        }
-    };
     // Enough changes that the old stream's sequences stay ahead of the new one's for
     // longer than the test waits (heartbeats add five a second).
-    make(&r1, 0, 150).await;
+    make_tenants(&r1, &prefix, 0, 150).await;
     within(
         "region 2 has region 1's 150 tenants",
         Duration::from_secs(30),
@@ -755,7 +743,7 @@ async fn a_region_that_loses_its_nats_store_still_sends_every_change() {
     std::fs::remove_dir_all(r1._dir.path().join("js")).unwrap();
     r1._nats.resume();
     r1.up = Gateway::up(&r1.env, r1.port).await;
-    make(&r1, 150, 155).await;
+    make_tenants(&r1, &prefix, 150, 155).await;
     let started = Instant::now();
     while r2.tenants_like(&prefix).await != 155 {
         assert!(
@@ -792,6 +780,120 @@ async fn a_region_that_loses_its_nats_store_still_sends_every_change() {
     .await;
 }
 
+/// A region that loses its NATS store while it is down gets every change its peer made
+/// meanwhile. Its `REPLICATION-IN`, made anew, fills from the peer's stream at once; the
+/// applier went on from the position it had in the old stream whenever the new one was
+/// already past it, and the changes before that position were skipped for good.
+#[tokio::test]
+async fn a_region_that_loses_its_nats_store_while_down_gets_every_change_made_meanwhile() {
+    let _heavy = heavy_alone().await;
+    let (r1, mut r2, _link) = two_regions().await;
+    let prefix = format!("w-{}", &unique()[..6]);
+    make_tenants(&r1, &prefix, 0, 10).await;
+    within(
+        "region 2 has the first 10 tenants",
+        Duration::from_secs(30),
+        || async { r2.tenants_like(&prefix).await == 10 },
+    )
+    .await;
+    r2.up.kill();
+    r2._nats.kill();
+    std::fs::remove_dir_all(r2._dir.path().join("js")).unwrap();
+    // More changes than region 2 had applied messages, so the new stream is past that
+    // position as soon as it has sourced them.
+    make_tenants(&r1, &prefix, 10, 200).await;
+    r2._nats.resume();
+    r2.up = Gateway::up(&r2.env, r2.port).await;
+    let started = Instant::now();
+    while r2.tenants_like(&prefix).await != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "region 2 has {} of 200 tenants 30 s after it came back with a new store; \
+             inbound: {}\n{}",
+            r2.tenants_like(&prefix).await,
+            r2.link_state().await,
+            r2.up.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The same loss under `up`'s own authenticated broker, whose users have the
+/// permissions every deployment gets from `gateway nats-config`: the relay may purge
+/// its own replication stream to move its first sequence (it could not, the check
+/// failed for good, and the region never published again; an outside probe found it).
+#[tokio::test]
+async fn a_region_mends_its_stream_after_losing_its_store_under_the_brokers_permissions() {
+    let _heavy = heavy_alone().await;
+    let sandbox = Sandbox::new(&pg_base(), &nats_url());
+    let dir = TempDir::new("gwtest-region-store");
+    let port = free_port();
+    let up = || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"));
+        cmd.arg("up")
+            .env("DATABASE_URL", sandbox.database_url())
+            .env_remove("NATS_URL")
+            .env("GATEWAY_DATA_DIR", dir.path())
+            .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("GATEWAY_ADMIN_KEY", ADMIN)
+            .env("GATEWAY_REGION", "r1")
+            .env("GATEWAY_REGION_ZONES", "zone-a")
+            .env("GATEWAY_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
+            .env("GATEWAY_REPLICATION_HEARTBEAT_MS", "200")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd.spawn().unwrap()
+    };
+    let pool = sqlx::PgPool::connect_lazy(&sandbox.database_url()).unwrap();
+    let published = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT published_seq FROM replication_clock")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0)
+        }
+    };
+    let mut first = up();
+    within("the region publishes", Duration::from_secs(60), || async {
+        published().await > 0
+    })
+    .await;
+    // The store is lost: `up` and its broker die, the store goes.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let pid_file = dir.path().join("nats/nats-server.pid");
+    let broker = std::fs::read_to_string(&pid_file).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", broker.trim()])
+        .status();
+    within("the broker is gone", Duration::from_secs(10), || async {
+        !std::path::Path::new(&format!("/proc/{}", broker.trim())).exists()
+    })
+    .await;
+    let before = published().await;
+    std::fs::remove_dir_all(dir.path().join("nats/store")).unwrap();
+    let mut second = up();
+    let moved = tokio::time::timeout(Duration::from_secs(60), async {
+        while published().await < before + (1 << 20) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    if let Ok(broker) = std::fs::read_to_string(&pid_file) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", broker.trim()])
+            .status();
+    }
+    assert!(
+        moved.is_ok(),
+        "the new stream's sequences never passed the old one's ({before}): {}",
+        published().await
+    );
+}
+
 /// A region whose database goes away (a crash, or a failover's gap) while the other's
 /// changes keep coming applies every one of them once it is back, and its own changes
 /// made before the crash still reach the other region.
@@ -800,21 +902,9 @@ async fn a_region_whose_database_goes_away_catches_up_when_it_is_back() {
     let _heavy = heavy_alone().await;
     let (r1, mut r2, _link) = two_regions_with(Some(Postgres::start())).await;
     let prefix = format!("d-{}", &unique()[..6]);
-    let make = |r: &Region, i: usize| {
-        let (client, id) = (r.client.clone(), format!("{prefix}-{i}"));
-        async move {
-            let body = json!({"id": id});
-            let a = client
-                .request(Method::POST, "/v1/tenants", Some(ADMIN), Some(&body))
-                .await;
-            assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
-        }
-    };
-    make(&r2, 0).await;
+    make_tenants(&r2, &prefix, 0, 1).await;
     r2.pg.as_mut().unwrap().crash();
-    for i in 1..=10 {
-        make(&r1, i).await;
-    }
+    make_tenants(&r1, &prefix, 1, 11).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     r2.pg.as_mut().unwrap().resume();
     for r in [&r1, &r2] {
@@ -1370,6 +1460,71 @@ async fn a_row_this_region_deleted_never_comes_back_from_a_peers_older_copy() {
     assert_eq!(back, 0, "the deleted row came back");
 }
 
+/// Three keys of one name from three regions, made within the same minute (so their
+/// UUIDv7 IDs share their first 8 hex digits, the time): each gets a name of its own,
+/// renamed once. With the first 8 digits as the suffix, two were renamed to the same
+/// name and this region's key renamed twice (`ci~…~…`).
+#[tokio::test]
+async fn three_keys_of_one_name_made_in_the_same_minute_get_three_names() {
+    use gateway::domain::region::Change;
+    use gateway::store::replication::{apply, Applied};
+    let (app, tenant) = region_r1_with_peer_r2().await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let a = app
+        .post(
+            &format!("/v1/tenants/{tenant}/keys"),
+            json!({"name": "ci", "role": "reader"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    let mine: uuid::Uuid = a.body["id"].as_str().unwrap().parse().unwrap();
+    let mine_at: i64 = sqlx::query_scalar("SELECT hlc FROM principals WHERE id = $1")
+        .bind(mine)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    // Another region's key with an ID starting as this one's (made the same minute).
+    let sibling = || {
+        let mut bytes = *uuid::Uuid::new_v4().as_bytes();
+        bytes[..4].copy_from_slice(&mine.as_bytes()[..4]);
+        uuid::Uuid::from_bytes(bytes)
+    };
+    let theirs = |hlc: i64, id: uuid::Uuid, origin: &str| Change {
+        table: "principals".into(),
+        key: json!({"id": id}),
+        row: Some(json!({
+            "id": id, "name": "ci", "role": "reader", "tenant": tenant,
+            "key_hash": format!("\\x{}", id.simple().to_string().repeat(2)),
+            "service": null, "zone": null, "created_at": "2026-11-29T00:00:00Z",
+            "expires_at": null, "revoked_at": null,
+        })),
+        hlc,
+        origin: origin.into(),
+    };
+    // Region 2's is the oldest, region 3's next, this region's the newest.
+    let (oldest, middle) = (sibling(), sibling());
+    for change in [
+        theirs(mine_at - 2, oldest, "r2"),
+        theirs(mine_at - 1, middle, "r3"),
+    ] {
+        assert_eq!(apply(&mut conn, &change).await.unwrap(), Applied::Applied);
+    }
+    let mut names: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT id, name FROM principals WHERE tenant = $1")
+            .bind(&tenant)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    names.sort();
+    let mut want = vec![
+        (oldest, "ci".to_owned()),
+        (middle, format!("ci~{}", middle.simple())),
+        (mine, format!("ci~{}", mine.simple())),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+}
+
 #[tokio::test]
 async fn two_keys_made_with_one_name_while_cut_off_both_stay_the_first_keeps_it() {
     use gateway::domain::region::Change;
@@ -1426,7 +1581,7 @@ async fn two_keys_made_with_one_name_while_cut_off_both_stay_the_first_keeps_it(
             .fetch_all(&mut *conn)
             .await
             .unwrap();
-    let short = |id: &str| id.replace('-', "")[..8].to_owned();
+    let short = |id: &str| id.replace('-', "");
     let want = |id: &str, name: &str| (id.to_owned(), name.to_owned());
     let mut expected = vec![
         want(&early, "early"),
