@@ -463,10 +463,12 @@ pub async fn backlog(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
     .await
 }
 
-/// Deletes, with their attempts, up to `limit` deliveries made before `before` that are
-/// over (delivered, or failed with the schedule spent) or wait for a disabled endpoint;
-/// returns how many. Pending deliveries of enabled endpoints stay until they end. Walks
-/// each endpoint's log index (`webhook_deliveries_log`), oldest first.
+/// Deletes, with their attempts, up to `limit` deliveries untouched since `before` that
+/// are over (delivered, or failed with the schedule spent: counted from their end, a
+/// retry asked for starting it afresh) or wait for a disabled endpoint (counted from
+/// their last attempt, or their making); returns how many. Pending deliveries of enabled
+/// endpoints stay until they end. Walks each endpoint's log index
+/// (`webhook_deliveries_log`), oldest first.
 pub async fn expire(
     db: impl PgExecutor<'_>,
     before: DateTime<Utc>,
@@ -477,7 +479,7 @@ pub async fn expire(
              SELECT old.id FROM webhooks w
              CROSS JOIN LATERAL (
                  SELECT d.id FROM webhook_deliveries d
-                  WHERE d.webhook_id = w.id AND d.created_at < $1
+                  WHERE d.webhook_id = w.id AND d.updated_at < $1
                     AND (d.state <> 'pending' OR w.disabled_at IS NOT NULL)
                   ORDER BY d.created_at LIMIT $2) old
              LIMIT $2)",

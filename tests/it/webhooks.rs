@@ -987,9 +987,10 @@ async fn a_retry_of_a_delivery_being_sent_keeps_the_in_flight_caps() {
     );
 }
 
-/// Deliveries do not pile up for ever: past `WEBHOOK_RETENTION_SECONDS`, those that are
-/// over and those waiting for a disabled endpoint are deleted with their attempts; one
-/// an enabled endpoint is still being tried with stays until it ends.
+/// Deliveries do not pile up for ever: `WEBHOOK_RETENTION_SECONDS` after they ended,
+/// or after they were made for a disabled endpoint, they are deleted with their
+/// attempts; one an enabled endpoint is still being tried with stays until it ends, and
+/// the retention after that.
 #[tokio::test]
 async fn old_deliveries_are_forgotten_but_not_while_they_are_still_being_tried() {
     let app = app_with_dispatcher(|c| {
@@ -1036,7 +1037,15 @@ async fn old_deliveries_are_forgotten_but_not_while_they_are_still_being_tried()
     assert!(
         crate::common::metric(&app.url, "gateway_webhook_deliveries_expired_total").await >= 2.0
     );
-    // Once its schedule is spent, it goes too.
+    // Once its schedule is spent it is kept the retention again, counted from its end
+    // (it vanished at once, being older than that since its making), then goes too.
+    poll_until(&app, &log(&trying), |b| {
+        one(b) && b["items"][0]["state"] == "failed"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed = app.get(&log(&trying)).await.body;
+    assert!(one(&failed), "gone right after it ended: {failed}");
     poll_until(&app, &log(&trying), none).await;
 }
 
