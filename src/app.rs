@@ -545,6 +545,18 @@ impl<'c> Assembly<'c> {
             .await?;
         let (names, zones) = (self.config.nats.clone(), self.zones.clone());
         let (types, stop) = (self.engine.types.clone(), self.shutdown.clone());
+        let defs = crate::jetstream::Definitions::shipped()?
+            .with_replicas(self.config.stream_replicas)
+            .with_event_retention(self.config.events.max_age, self.config.events.max_bytes);
+        let registered = types.clone();
+        self.tasks.spawn(crate::jetstream::keep_definitions(
+            js.clone(),
+            names.clone(),
+            zones.clone(),
+            move || registered.snapshot().services(),
+            defs,
+            stop.clone(),
+        ));
         self.tasks
             .spawn(consumers_follow_registry(js, names, zones, types, stop));
         self.spawn_replication().await

@@ -349,6 +349,70 @@ pub async fn apply_definitions(
     Ok(())
 }
 
+/// How often [`keep_definitions`] looks whether the deployment's streams still exist.
+pub const MEND_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether every stream of the deployment named `names` exists; a server that does not
+/// answer is an error, not a missing stream.
+pub async fn streams_exist(js: &jetstream::Context, names: &NatsNames) -> anyhow::Result<bool> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    for name in stream_names(names)? {
+        match js.get_stream(&name).await {
+            Ok(_) => {}
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    return Ok(false)
+                }
+                _ => return Err(anyhow::Error::new(e).context(format!("stream {name}"))),
+            },
+        }
+    }
+    Ok(true)
+}
+
+/// Makes the deployment's streams and consumers again whenever one is missing (a NATS
+/// server that lost its store, or a stream deleted by hand), looking every
+/// [`MEND_EVERY`] until `shutdown`: without it, nothing was published (operations stayed
+/// `pending`) until a `gateway migrate` or a restart of `up`. `services` answers the
+/// registered services when it is needed. Messages the lost store held are the
+/// reconciler's to send again (README, "Delivery guarantees").
+pub async fn keep_definitions(
+    js: jetstream::Context,
+    names: NatsNames,
+    zones: Vec<String>,
+    services: impl Fn() -> Vec<Service>,
+    defs: Definitions,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(MEND_EVERY) => {}
+        }
+        if js.client().connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
+        match streams_exist(&js, &names).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot look at the JetStream streams");
+                continue;
+            }
+        }
+        tracing::warn!("a JetStream stream of this deployment is missing (its NATS store lost?); making the streams and consumers again");
+        match apply_definitions(&js, &names, &zones, &services(), &defs).await {
+            Ok(()) => tracing::info!("JetStream streams and consumers made again"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make the JetStream streams again; retrying")
+            }
+        }
+    }
+}
+
 /// Every stream the shipped definitions make for the deployment named `names`: what
 /// removing a deployment (a test's, a benchmark's) deletes.
 pub fn stream_names(names: &NatsNames) -> anyhow::Result<Vec<String>> {

@@ -254,3 +254,43 @@ async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A NATS server that lost its store (a disk replaced) comes back empty: the relay makes
+/// the deployment's streams and consumers again within seconds, and operations go on.
+/// Nothing was published (new operations stayed `pending`) until a `gateway migrate`
+/// or a restart of `up` (found by an outside probe).
+#[tokio::test]
+async fn a_nats_server_that_lost_its_store_gets_its_streams_back_and_work_goes_on() {
+    let _heavy = heavy().await;
+    let mut nats = Nats::start();
+    let d = Deployment::new(
+        &pg_base(),
+        &nats.url(),
+        &[("NATS_PUBLISH_TIMEOUT_MS", "1000")],
+    )
+    .await;
+    let api = Gateway::serve(&d.env).await;
+    let _relay = Gateway::relay(&d.env);
+    let driver = SimDriver::new(fast_sim());
+    let _workers = d
+        .workers(&[api.url()], driver.clone(), &all_pools(), 1, 5)
+        .await;
+    let tenant = d.tenant(&api.url()).await;
+    let before = id_of(
+        &d.create(&api.url(), &tenant, "vms", "before", "zone-a")
+            .await,
+    );
+    assert_eq!(
+        d.wait_terminal(before, Duration::from_secs(30)).await.0,
+        "succeeded"
+    );
+    nats.kill();
+    std::fs::remove_dir_all(nats.store()).unwrap();
+    nats.resume();
+    let after = id_of(
+        &d.create(&api.url(), &tenant, "vms", "after", "zone-a")
+            .await,
+    );
+    let (state, ..) = d.wait_terminal(after, Duration::from_secs(60)).await;
+    assert_eq!(state, "succeeded");
+}

@@ -197,6 +197,11 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Its JetStream store (of a server started without a configuration file).
+    pub fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
     /// Kills the server (`SIGKILL`: a crash, not a shutdown) and waits until its port is
     /// closed.
     pub fn kill(&mut self) {
