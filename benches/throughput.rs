@@ -1708,6 +1708,7 @@ async fn main() {
         ops()
     );
 
+    let e2e_only = std::env::var("BENCH_E2E_ONLY").is_ok();
     // 1. Submit vs raw inserts, at 8 clients and at CONCURRENCY.
     let b = start_with(
         Parts {
@@ -1721,7 +1722,13 @@ async fn main() {
     let pool = b.running.backends.pool.clone();
     let mut through = Duration::ZERO;
     let mut raw_rate = 0.0;
-    for clients in [8, CONCURRENCY] {
+    if e2e_only {
+        let tenant = b.tenant().await;
+        let raw = raw_inserts(&pool, CONCURRENCY, &tenant, "raw-only-", ops()).await;
+        raw_rate = rate(ops(), raw);
+        println!("raw submit {raw_rate:.0} ops/s (BENCH_E2E_ONLY: the burst phases skipped)");
+    }
+    for clients in [8, CONCURRENCY].into_iter().filter(|_| !e2e_only) {
         let (mut raw, mut took, mut lat) = (Duration::ZERO, Duration::ZERO, Vec::new());
         let (mut raw_cpu, mut gateway_cpu) = (Cpu::default(), Cpu::default());
         let answered_before = request_times(&b.http, &b.url).await;
@@ -1767,10 +1774,11 @@ async fn main() {
         through = took;
         raw_rate = rate(ops(), raw);
     }
-    reads(&b, &tenant).await;
-    validation(&b, through / ops() as u32).await;
-
-    relay_vs_raw(&b).await;
+    if !e2e_only {
+        reads(&b, &tenant).await;
+        validation(&b, through / ops() as u32).await;
+        relay_vs_raw(&b).await;
+    }
     if std::env::var("BENCH_OVERLOAD").is_ok() {
         overload(&b).await;
     }
