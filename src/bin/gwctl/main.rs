@@ -829,6 +829,22 @@ impl Ctx {
                 output::page(&gw.list_resources(t, kind, &q).await?, self.format);
                 return Ok(());
             }
+            write => self.write(t, kind, write).await?,
+        };
+        self.submitted(op, wait, kind).await
+    }
+
+    /// A write of a resource (create, patch, delete, action): its operation, and how to
+    /// wait for it (`--timeout` bounding the request too).
+    async fn write(
+        &self,
+        t: &str,
+        kind: &str,
+        cmd: ResourceCmd,
+    ) -> Result<(Operation, WaitArgs), Fail> {
+        let gw = &self.gw;
+        Ok(match cmd {
+            ResourceCmd::Get { .. } | ResourceCmd::List { .. } => return Err(usage("not a write")),
             ResourceCmd::Create {
                 name,
                 zone,
@@ -885,8 +901,7 @@ impl Ctx {
                     .await?;
                 (op, wait)
             }
-        };
-        self.submitted(op, wait, kind).await
+        })
     }
 
     /// After a write: print the operation, or with --wait follow it and print the
