@@ -311,8 +311,8 @@ struct WaitArgs {
     /// Follow the operation until it ends; print the resulting resource.
     #[arg(short, long)]
     wait: bool,
-    /// How long --wait waits: 500ms, 30s, 5m, 1h (at most 8760h).
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    /// How long --wait waits: 500ms, 30s, 5m, 1h (at most 8760h); with --wait only.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, requires = "wait")]
     timeout: Duration,
 }
 
@@ -1496,6 +1496,11 @@ mod tests {
         ]));
         assert!(refused(&["watch", "--timeout", "9999999999999h"]));
         assert!(!refused(&["ops", "wait", &id, "--timeout", "8760h"]));
+        // A write's --timeout bounds its --wait: alone it would be ignored.
+        assert!(refused(&["vms", "delete", &id, "--timeout", "2s"]));
+        assert!(refused(&["ops", "cancel", &id, "--timeout", "2s"]));
+        assert!(!refused(&["vms", "delete", &id, "--wait", "--timeout", "2s"]));
+        assert!(!refused(&["vms", "delete", &id]));
     }
 
     /// The example commands of a help text: lines that start with `gwctl` (joined over
