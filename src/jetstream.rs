@@ -339,12 +339,26 @@ pub async fn apply_definitions(
     }
     let advisories = create_or_update_stream(js, defs.advisory_stream_config(names)?).await?;
     create_or_update_consumer(&advisories, defs.dead_letter_consumer_config(names)).await?;
-    let events = create_or_update_stream(js, defs.events_stream_config(names)?).await?;
-    create_or_update_consumer(
-        &events,
-        consumer_config(&defs.webhook_consumer, names, None),
-    )
-    .await?;
+    let mut events = create_or_update_stream(js, defs.events_stream_config(names)?).await?;
+    let mut webhooks = consumer_config(&defs.webhook_consumer, names, None);
+    // A consumer made with the stream (none yet, no event yet) takes every event: the
+    // stream made again beside a running relay (`keep_definitions`) may get one before
+    // the consumer exists, which "new events only" would skip. Made for a stream that
+    // already has events, it starts with the next one, as the definition says.
+    // (The policy of a consumer that exists stays: the server cannot change it.)
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    webhooks.deliver_policy = match events.consumer_info(WEBHOOK_CONSUMER).await {
+        Ok(existing) => existing.config.deliver_policy,
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            if events.info().await?.state.messages == 0 {
+                consumer::DeliverPolicy::All
+            } else {
+                webhooks.deliver_policy
+            }
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("the webhook consumer")),
+    };
+    create_or_update_consumer(&events, webhooks).await?;
     create_or_update_stream(js, defs.audit_stream_config(names)?).await?;
     Ok(())
 }

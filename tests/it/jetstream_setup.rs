@@ -54,3 +54,54 @@ async fn setting_up_streams_survives_other_deployments_deleting_theirs() {
     }
     churn.abort_all();
 }
+
+/// The webhook dispatchers' consumer made with its (empty) events stream takes every
+/// event, so one published between the two (the streams made again beside a running
+/// relay, after a NATS server lost its store) is not skipped; made for a stream that
+/// already has events, it starts with the next one; and one that exists keeps its policy
+/// (the server cannot change it).
+#[tokio::test]
+async fn the_webhook_consumer_made_with_its_stream_misses_no_event() {
+    use async_nats::jetstream::consumer::DeliverPolicy;
+    let nats = Nats::start();
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let (zones, services) = (["zone-a".to_string()], [Service::named("vm")]);
+    let names = names(0);
+    let policy = || {
+        let js = js.clone();
+        let stream = names.events_stream();
+        async move {
+            js.get_stream(stream)
+                .await
+                .unwrap()
+                .consumer_info(gateway::jetstream::WEBHOOK_CONSUMER)
+                .await
+                .unwrap()
+                .config
+                .deliver_policy
+        }
+    };
+    gateway::jetstream::apply(&js, &names, &zones, &services)
+        .await
+        .unwrap();
+    assert_eq!(policy().await, DeliverPolicy::All);
+    gateway::jetstream::apply(&js, &names, &zones, &services)
+        .await
+        .unwrap();
+    assert_eq!(policy().await, DeliverPolicy::All, "kept");
+    // A stream with events and no consumer (one added to a running deployment).
+    let events = js.get_stream(names.events_stream()).await.unwrap();
+    events
+        .delete_consumer(gateway::jetstream::WEBHOOK_CONSUMER)
+        .await
+        .unwrap();
+    js.publish(format!("{}.t.vm.zone-a", names.events_prefix), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    gateway::jetstream::apply(&js, &names, &zones, &services)
+        .await
+        .unwrap();
+    assert_eq!(policy().await, DeliverPolicy::New);
+}

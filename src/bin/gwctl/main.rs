@@ -1499,7 +1499,14 @@ mod tests {
         // A write's --timeout bounds its --wait: alone it would be ignored.
         assert!(refused(&["vms", "delete", &id, "--timeout", "2s"]));
         assert!(refused(&["ops", "cancel", &id, "--timeout", "2s"]));
-        assert!(!refused(&["vms", "delete", &id, "--wait", "--timeout", "2s"]));
+        assert!(!refused(&[
+            "vms",
+            "delete",
+            &id,
+            "--wait",
+            "--timeout",
+            "2s"
+        ]));
         assert!(!refused(&["vms", "delete", &id]));
     }
 
