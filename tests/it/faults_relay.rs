@@ -136,28 +136,15 @@ async fn a_relay_killed_between_publish_and_delete_loses_nothing_and_runs_nothin
 async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
     let _heavy = heavy().await;
     let mut nats = Nats::start();
-    let d = Deployment::new(
-        &pg_base(),
-        &nats.url(),
-        &[
-            ("NATS_PUBLISH_TIMEOUT_MS", "1000"),
-            ("METRICS_REFRESH_MS", "100"),
-        ],
-    )
-    .await;
-    let api = Gateway::serve(&d.env).await;
-    let relay = Gateway::relay(&d.env);
-    let driver = SimDriver::new(fast_sim());
-    let _workers = d
-        .workers(&[api.url()], driver.clone(), &all_pools(), 1, 5)
-        .await;
-    let tenant = d.tenant(&api.url()).await;
-    let before = id_of(
-        &d.create(&api.url(), &tenant, "vms", "before", "zone-a")
-            .await,
-    );
-    let (state, ..) = d.wait_terminal(before, Duration::from_secs(30)).await;
-    assert_eq!(state, "succeeded");
+    let Running {
+        d,
+        api,
+        relay,
+        _workers,
+        tenant,
+        driver,
+        before,
+    } = Running::start(&nats, &[("METRICS_REFRESH_MS", "100")]).await;
 
     nats.kill();
     let outage = tokio::time::Instant::now();
@@ -263,27 +250,14 @@ async fn nats_down_for_twenty_seconds_delays_operations_but_loses_none() {
 async fn a_nats_server_that_lost_its_store_gets_its_streams_back_and_work_goes_on() {
     let _heavy = heavy().await;
     let mut nats = Nats::start();
-    let d = Deployment::new(
-        &pg_base(),
-        &nats.url(),
-        &[("NATS_PUBLISH_TIMEOUT_MS", "1000")],
-    )
-    .await;
-    let api = Gateway::serve(&d.env).await;
-    let _relay = Gateway::relay(&d.env);
-    let driver = SimDriver::new(fast_sim());
-    let _workers = d
-        .workers(&[api.url()], driver.clone(), &all_pools(), 1, 5)
-        .await;
-    let tenant = d.tenant(&api.url()).await;
-    let before = id_of(
-        &d.create(&api.url(), &tenant, "vms", "before", "zone-a")
-            .await,
-    );
-    assert_eq!(
-        d.wait_terminal(before, Duration::from_secs(30)).await.0,
-        "succeeded"
-    );
+    let Running {
+        d,
+        api,
+        relay: _relay,
+        _workers,
+        tenant,
+        ..
+    } = Running::start(&nats, &[]).await;
     nats.kill();
     std::fs::remove_dir_all(nats.store()).unwrap();
     nats.resume();
@@ -293,4 +267,48 @@ async fn a_nats_server_that_lost_its_store_gets_its_streams_back_and_work_goes_o
     );
     let (state, ..) = d.wait_terminal(after, Duration::from_secs(60)).await;
     assert_eq!(state, "succeeded");
+}
+
+/// A deployment on `nats` (publishes time out after 1 s; `extra` settings too): `gateway
+/// serve`, `gateway relay`, workers for every pool (their driver), and a tenant whose
+/// first VM was made (`before`, its operation).
+struct Running {
+    d: Deployment,
+    api: Gateway,
+    relay: Gateway,
+    _workers: crate::common::Workers,
+    tenant: String,
+    driver: SimDriver,
+    before: uuid::Uuid,
+}
+
+impl Running {
+    async fn start(nats: &Nats, extra: &[(&str, &str)]) -> Self {
+        let settings: Vec<(&str, &str)> = std::iter::once(("NATS_PUBLISH_TIMEOUT_MS", "1000"))
+            .chain(extra.iter().copied())
+            .collect();
+        let d = Deployment::new(&pg_base(), &nats.url(), &settings).await;
+        let api = Gateway::serve(&d.env).await;
+        let relay = Gateway::relay(&d.env);
+        let driver = SimDriver::new(fast_sim());
+        let workers = d
+            .workers(&[api.url()], driver.clone(), &all_pools(), 1, 5)
+            .await;
+        let tenant = d.tenant(&api.url()).await;
+        let before = id_of(
+            &d.create(&api.url(), &tenant, "vms", "before", "zone-a")
+                .await,
+        );
+        let (state, ..) = d.wait_terminal(before, Duration::from_secs(30)).await;
+        assert_eq!(state, "succeeded");
+        Self {
+            d,
+            api,
+            relay,
+            _workers: workers,
+            tenant,
+            driver,
+            before,
+        }
+    }
 }

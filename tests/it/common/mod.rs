@@ -27,7 +27,9 @@ pub mod schema;
 mod servers;
 pub mod tls;
 
-pub use servers::{all_pools, free_port, Deployment, Gateway, GatewayEnv, Nats, Postgres, TempDir};
+pub use servers::{
+    all_pools, free_port, Deployment, Gateway, GatewayEnv, Nats, Postgres, TempDir, Workers,
+};
 
 /// The events waiting in the events outbox, one row each, as the relay publishes them
 /// (`events::cloud_events`): a row of an operation inserted in a state other than
