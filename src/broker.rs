@@ -180,6 +180,20 @@ impl PrivateBroker {
         Ok(())
     }
 
+    /// Waits until the server exits (it was killed, or crashed), and says so: `up`
+    /// cannot work without it, and the exit, reaped, leaves no zombie process behind.
+    /// Clients reconnect by themselves if it is started again.
+    pub async fn watch(&mut self) {
+        let status = self.child.wait().await;
+        let log = self.logins.dir.join("nats-server.log");
+        tracing::error!(
+            status = ?status,
+            log = %log.display(),
+            "the private NATS server exited: operations, events and replication wait until \
+             one runs again on its port (restart `up`)"
+        );
+    }
+
     /// Stops the server gracefully (`nats-server --signal quit`), killing it if it has
     /// not stopped within a few seconds.
     pub async fn stop(mut self) {

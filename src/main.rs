@@ -197,19 +197,22 @@ fn sim_config(min_ms: u64, max_ms: u64, failure_rate: f64) -> anyhow::Result<wor
 async fn up(mut config: Config, sim: workers::SimConfig) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
     app::cancel_on_signal(stop.clone());
-    let (backends, broker) = app::connect_for_up(&mut config).await?;
+    let (backends, mut broker) = app::connect_for_up(&mut config).await?;
     if config.dispatch_signing_key.is_none() {
         let (key, _) = credentials::dispatch_key(&config.data_dir, false)?;
         config.dispatch_signing_key = Some(key);
     }
-    let ran = run_up(
-        &config,
-        backends,
-        sim,
-        broker.as_ref().map(|b| b.url.as_str()),
-        stop,
-    )
-    .await;
+    let url = broker.as_ref().map(|b| b.url.clone());
+    let running = run_up(&config, backends, sim, url.as_deref(), stop);
+    tokio::pin!(running);
+    // A broker that dies meanwhile is said so at once (and reaped); `up` goes on.
+    let ran = match broker.as_mut() {
+        Some(b) => tokio::select! {
+            ran = &mut running => ran,
+            () = b.watch() => running.await,
+        },
+        None => running.await,
+    };
     if let Some(broker) = broker {
         broker.stop().await;
     }

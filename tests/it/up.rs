@@ -158,3 +158,57 @@ async fn up_stops_the_broker_a_killed_up_left_running() {
     );
     assert_ne!(now, orphan);
 }
+
+/// A private broker that dies while `up` runs is said so in `up`'s log at once, and
+/// reaped: it stayed a zombie process, and nothing told why operations stopped.
+#[tokio::test]
+async fn up_says_so_when_its_broker_dies_and_leaves_no_zombie() {
+    let _heavy = heavy().await;
+    let d = Deployment::new(&pg_base(), &nats_url(), &[]).await;
+    let dir = crate::common::TempDir::new("gwtest-up-broker-dies");
+    let log = dir.path().join("up.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("up")
+        .env("DATABASE_URL", &d.env.database_url)
+        .env_remove("NATS_URL")
+        .env("GATEWAY_DATA_DIR", dir.path().join("data"))
+        .env("GATEWAY_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("GATEWAY_ADMIN_KEY", &d.env.admin_key)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("OpenAPI:")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "`up` did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = std::fs::read_to_string(dir.path().join("data/nats/nats-server.pid")).unwrap();
+    let pid = pid.trim().to_owned();
+    let _ = Command::new("kill").args(["-9", &pid]).status();
+    let started = Instant::now();
+    let said = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if text.contains("the private NATS server exited") && gone {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        said,
+        "no word of the broker's exit, or it is a zombie:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
