@@ -220,12 +220,12 @@ pub async fn fan_out(engine: &Engine, events: &[FanOut<'_>]) -> sqlx::Result<u64
             (*tenant, *id, event_type.as_str(), *event, *time)
         })
         .collect();
-    let mut conn = engine.pool.acquire().await?;
-    store::fan_out(&mut conn, &rows).await
+    store::fan_out(&engine.pool, &rows).await
 }
 
-/// Forgets up to `limit` deliveries made before `before` (with their attempts) that are
-/// over or wait for a disabled endpoint (`WEBHOOK_RETENTION_SECONDS`); returns how many.
+/// Forgets up to `limit` deliveries untouched since `before` (with their attempts) that
+/// are over or wait for a disabled endpoint (`WEBHOOK_RETENTION_SECONDS`); returns how
+/// many.
 pub async fn expire(engine: &Engine, before: DateTime<Utc>, limit: i64) -> sqlx::Result<u64> {
     store::expire(&engine.pool, before, limit).await
 }

@@ -158,7 +158,7 @@ pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
 /// event of a tenant without endpoints costs nothing more. An event already fanned out
 /// to an endpoint is not again. Returns how many were created.
 pub async fn fan_out(
-    conn: &mut PgConnection,
+    db: impl PgExecutor<'_>,
     events: &[(&str, Uuid, &str, &Value, DateTime<Utc>)],
 ) -> sqlx::Result<u64> {
     let tenants: Vec<&str> = events.iter().map(|e| e.0).collect();
@@ -180,7 +180,7 @@ pub async fn fan_out(
     .bind(&types)
     .bind(&bodies)
     .bind(&times)
-    .execute(conn)
+    .execute(db)
     .await?
     .rows_affected())
 }

@@ -15,8 +15,9 @@
 //!   A lease outlives the request's timeout; if a dispatcher dies mid-send, the lease
 //!   expires and another sends again (at least once: receivers dedupe by `webhook-id`).
 //!
-//! And a third, **retention**: deliveries older than `WEBHOOK_RETENTION_SECONDS` that
-//! are over, or still wait for a disabled endpoint, are deleted with their attempts, so
+//! And a third, **retention**: deliveries over (delivered, or failed with the schedule
+//! spent) or waiting for a disabled endpoint, untouched for `WEBHOOK_RETENTION_SECONDS`
+//! (since they ended, or since their last attempt), are deleted with their attempts, so
 //! the delivery log does not grow without end (every dispatcher runs it; the deletes
 //! are idempotent).
 
@@ -77,7 +78,7 @@ impl Dispatcher {
         }
     }
 
-    /// Runs both loops until `shutdown`.
+    /// Runs the three loops until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         tokio::join!(
             self.fan_out(shutdown.clone()),
@@ -97,23 +98,35 @@ impl Dispatcher {
             let before = chrono::Duration::from_std(retention)
                 .ok()
                 .and_then(|r| chrono::Utc::now().checked_sub_signed(r));
-            while let Some(before) = before {
-                match lifecycle::expire(&self.engine, before, EXPIRE_BATCH).await {
-                    Ok(n) => {
-                        self.engine.metrics.webhook_expired.inc_by(n);
-                        if n < EXPIRE_BATCH as u64 || shutdown.is_cancelled() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "webhooks: old deliveries not deleted; retrying");
-                        break;
-                    }
-                }
+            if let Some(before) = before {
+                self.forget_before(before, &shutdown).await;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Deletes what is untouched since `before`, a batch at a time, until a batch comes
+    /// short (or fails, or `shutdown`).
+    async fn forget_before(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            match lifecycle::expire(&self.engine, before, EXPIRE_BATCH).await {
+                Ok(n) => {
+                    self.engine.metrics.webhook_expired.inc_by(n);
+                    if n < EXPIRE_BATCH as u64 || shutdown.is_cancelled() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhooks: old deliveries not deleted; retrying");
+                    return;
+                }
             }
         }
     }

@@ -1073,8 +1073,7 @@ async fn a_batch_fans_each_event_out_to_its_own_tenants_endpoints_that_want_it()
         // The first one again.
         (a.as_str(), ids[0], "resource.created", &body, now),
     ];
-    let mut conn = app.pool.acquire().await.unwrap();
-    let created = gateway::store::webhooks::fan_out(&mut conn, &events)
+    let created = gateway::store::webhooks::fan_out(&app.pool, &events)
         .await
         .unwrap();
     assert_eq!(created, 4);
@@ -1095,7 +1094,7 @@ async fn a_batch_fans_each_event_out_to_its_own_tenants_endpoints_that_want_it()
     want.sort();
     assert_eq!(got, want);
     // Fanned out again (a redelivered batch): nothing new.
-    let again = gateway::store::webhooks::fan_out(&mut conn, &events)
+    let again = gateway::store::webhooks::fan_out(&app.pool, &events)
         .await
         .unwrap();
     assert_eq!(again, 0);
