@@ -206,8 +206,9 @@ pub struct WebhookSettings {
     /// many of a dispatcher's `WEBHOOK_CONCURRENCY` slots.
     pub per_tenant: i64,
     /// `WEBHOOK_RETENTION_SECONDS`: how long a delivery and its attempts are kept
-    /// once over, and how long one waits for a disabled endpoint (default 2592000: 30
-    /// days). Older ones are deleted in the background.
+    /// once over (counted from its end), and how long one waits for a disabled endpoint
+    /// (from its last attempt, or its making); default 2592000, 30 days. Then they are
+    /// deleted in the background.
     pub retention: Duration,
     /// `WEBHOOK_SECRET_KEY` (32 bytes, base64 or 64 hex digits) and
     /// `WEBHOOK_SECRET_KEY_PREVIOUS`: seal the endpoints' signing secrets in the
